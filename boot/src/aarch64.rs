@@ -1,0 +1,1 @@
+//! aarch64 entry path: the arm64 Linux Image header.

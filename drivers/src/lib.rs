@@ -1,0 +1,6 @@
+//! Drivers for the devices the hypervisor itself uses. Register access goes through
+//! [`iommu::hw::Mmio`] (and a port-I/O trait on x86) so the logic is testable on the host.
+#![no_std]
+
+#[cfg(test)]
+extern crate std;

@@ -1,0 +1,1 @@
+//! Arm SMMUv3 (Arm IHI 0070, System Memory Management Unit Architecture v3).

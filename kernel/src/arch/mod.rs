@@ -1,0 +1,24 @@
+//! Architecture layer. Each architecture module provides the same small interface, used by the
+//! architecture-neutral rest of the hypervisor:
+//!
+//! ```text
+//! fn init_cpu(info: &BootInfo)              // exception vectors, GDT/IDT, CPU features
+//! fn console_init(info: &BootInfo)          // the boot console (16550 / PL011)
+//! fn console_write(bytes: &[u8])            // polled console output, usable from exception context
+//! fn init_direct_map(info: &BootInfo, frames: &mut dyn FrameSource) // map all RAM and MMIO
+//! fn phys_to_virt(pa: u64) -> usize         // address of `pa` in the direct map
+//! fn exit(status: u32) -> !                 // QEMU: report status and power off; hardware: halt
+//! fn halt() -> !                            // stop this CPU for good
+//! ```
+//!
+//! All inline assembly lives below this module, each block with a `SAFETY:` comment.
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::*;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub use self::aarch64::*;
