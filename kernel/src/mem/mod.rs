@@ -1,0 +1,26 @@
+//! Memory: the frame allocator, the heap, and the physical-access edge.
+
+pub mod frame;
+pub mod heap;
+pub mod phys;
+
+use boot::BootInfo;
+
+/// Heap size: 1/16 of free RAM, between 1 MiB and 64 MiB.
+fn heap_size(free: u64) -> u64 {
+    (free / 16).clamp(1 << 20, 64 << 20) & !(frame::PAGE_SIZE - 1)
+}
+
+/// Brings up the frame allocator and the heap. The direct map must already cover RAM.
+pub fn init(info: &BootInfo, dtb_len: u64) -> Result<(), &'static str> {
+    frame::init(info, dtb_len);
+    let free = frame::FRAMES.lock().free_bytes();
+    let size = heap_size(free);
+    let pa = frame::FRAMES
+        .lock()
+        .alloc(size / frame::PAGE_SIZE, 2 << 20, u64::MAX)
+        .ok_or("no physical memory for the heap")?;
+    let bytes = phys::frame_bytes_mut(pa, size).map_err(|_| "heap outside the direct map")?;
+    heap::init(bytes.as_mut_ptr() as usize, bytes.len());
+    Ok(())
+}

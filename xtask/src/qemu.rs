@@ -1,0 +1,248 @@
+//! Booting the hypervisor under QEMU: command lines, console capture, timeouts, and turning
+//! QEMU's exit code back into the hypervisor's own status.
+
+use crate::build::{Image, build, target_dir};
+use crate::scenario::{Boot, Scenario};
+use crate::util::{Result, run};
+use crate::{Arch, scenario};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The default machines, as the project documents them.
+pub const X86_MACHINE: &str = "q35";
+pub const ARM_MACHINE: &str = "virt-10.0,virtualization=on,iommu=smmuv3,gic-version=3";
+
+fn default_devices(arch: Arch) -> Vec<String> {
+    let d: &[&str] = match arch {
+        Arch::X86_64 => &["-device", "intel-iommu", "-device", "edu"],
+        Arch::Aarch64 => &["-device", "edu"],
+    };
+    d.iter().map(|s| s.to_string()).collect()
+}
+
+/// The isa-debug-exit device turns a write of `v` into QEMU exit code `(v << 1) | 1`; the
+/// hypervisor writes `0x10 + status` so that no hypervisor status collides with QEMU's own
+/// failure codes (1) or a plain power-off (0).
+const X86_EXIT_BIAS: i32 = 0x10;
+
+pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Result<Command> {
+    let mut cmd;
+    let mut cmdline = s.cmdline.clone();
+    match s.arch {
+        Arch::X86_64 => {
+            cmd = Command::new("qemu-system-x86_64");
+            cmd.args(["-M", s.machine.as_deref().unwrap_or(X86_MACHINE), "-cpu", "max"]);
+            cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+            cmdline = format!("exit=qemu {cmdline}");
+        }
+        Arch::Aarch64 => {
+            cmd = Command::new("qemu-system-aarch64");
+            cmd.args(["-M", s.machine.as_deref().unwrap_or(ARM_MACHINE), "-cpu", "max"]);
+            cmd.args(["-semihosting-config", "enable=on,target=native"]);
+            cmdline = format!("semihosting {cmdline}");
+        }
+    }
+    // edu DMA completes on a virtual-clock timer; icount makes that instant (see docs).
+    cmd.args(["-m", &s.memory, "-display", "none", "-no-reboot", "-serial", "stdio"]);
+    cmd.args(["-icount", "shift=10,sleep=off"]);
+    cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
+    cmd.args(&s.qemu_args);
+    let cmdline = cmdline.trim().to_string();
+    match s.boot {
+        Boot::Kernel => {
+            cmd.arg("-kernel").arg(&image.elf).args(["-append", &cmdline]);
+        }
+        Boot::Image => {
+            let raw = image.raw.as_ref().ok_or("no raw Image was built")?;
+            cmd.arg("-kernel").arg(raw).args(["-append", &cmdline]);
+        }
+        Boot::Grub => {
+            let iso = grub_iso(&s.name, &image.elf, &cmdline)?;
+            cmd.arg("-cdrom").arg(iso).args(["-boot", "d"]);
+        }
+    }
+    if gdb {
+        cmd.args(["-s", "-S"]);
+    }
+    cmd.args(extra);
+    Ok(cmd)
+}
+
+/// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test
+/// server's GRUB or iPXE would.
+fn grub_iso(name: &str, elf: &Path, cmdline: &str) -> Result<PathBuf> {
+    let dir = target_dir().join("xtask/grub").join(name);
+    let iso_root = dir.join("iso");
+    let grub_dir = iso_root.join("boot/grub");
+    std::fs::create_dir_all(&grub_dir).map_err(|e| format!("{}: {e}", grub_dir.display()))?;
+    std::fs::copy(elf, iso_root.join("boot/hypervisor")).map_err(|e| format!("copy image: {e}"))?;
+    let cfg = format!(
+        "set timeout=0\nset default=0\nserial --unit=0 --speed=115200\nterminal_output serial\n\
+         menuentry \"IOMMU hypervisor\" {{\n    multiboot2 /boot/hypervisor {cmdline}\n    boot\n}}\n"
+    );
+    std::fs::write(grub_dir.join("grub.cfg"), cfg).map_err(|e| format!("grub.cfg: {e}"))?;
+    let iso = dir.join("hypervisor.iso");
+    let out = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(&iso)
+        .arg(&iso_root)
+        .output()
+        .map_err(|e| format!("grub-mkrescue: {e} (run `cargo xtask setup`)"))?;
+    if !out.status.success() {
+        return Err(format!("grub-mkrescue failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(iso)
+}
+
+/// What one QEMU run produced.
+pub struct Outcome {
+    pub lines: Vec<String>,
+    pub stderr: String,
+    pub qemu_rc: Option<i32>,
+    pub timed_out: bool,
+    pub elapsed: Duration,
+}
+
+/// Runs QEMU to completion (or `timeout`), optionally echoing the console as it arrives.
+pub fn execute(mut cmd: Command, timeout: Option<Duration>, echo: bool) -> Result<Outcome> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start QEMU ({cmd:?}): {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        // Split on '\n' ourselves: the console may emit bytes that are not UTF-8.
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            if tx.send(line).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut lines = Vec::new();
+    let mut timed_out = false;
+    let status = loop {
+        while let Ok(line) = rx.try_recv() {
+            if echo {
+                println!("{line}");
+            }
+            lines.push(line);
+        }
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break Some(st);
+        }
+        if timeout.is_some_and(|t| start.elapsed() > t) {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = reader.join();
+    for line in rx.try_iter() {
+        if echo {
+            println!("{line}");
+        }
+        lines.push(line);
+    }
+    let stderr = err_reader.join().unwrap_or_default();
+    if echo && !stderr.is_empty() {
+        eprint!("{stderr}");
+    }
+    Ok(Outcome { lines, stderr, qemu_rc: status.and_then(|s| s.code()), timed_out, elapsed: start.elapsed() })
+}
+
+/// The status the hypervisor reported: its console line `hypervisor: exit status N` and QEMU's
+/// exit code must agree, so neither a crash that happens to exit 0 nor a stray line passes.
+pub fn hypervisor_status(arch: Arch, o: &Outcome, timeout: Option<Duration>) -> std::result::Result<u32, String> {
+    if o.timed_out {
+        return Err(format!("timed out after {} s", timeout.map_or(0, |t| t.as_secs())));
+    }
+    let printed = o
+        .lines
+        .iter()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("hypervisor: exit status ").and_then(|v| v.trim().parse::<u32>().ok()));
+    let rc = o.qemu_rc.ok_or("QEMU was killed by a signal")?;
+    let from_rc = match arch {
+        Arch::X86_64 if rc >= (X86_EXIT_BIAS << 1) | 1 && rc % 2 == 1 => Some(((rc >> 1) - X86_EXIT_BIAS) as u32),
+        // PSCI SYSTEM_OFF exits 0; semihosting SYS_EXIT carries the status itself.
+        Arch::Aarch64 => Some(rc as u32),
+        _ => None,
+    };
+    match (from_rc, printed) {
+        (Some(a), Some(b)) if a == b => Ok(a),
+        (Some(a), Some(b)) => Err(format!("QEMU exit code {rc} means status {a}, but the console said {b}")),
+        (_, None) => Err(format!("QEMU exited with code {rc} and the hypervisor printed no exit status")),
+        (None, Some(b)) => Err(format!("console said status {b} but QEMU exited with code {rc} (no debug-exit)")),
+    }
+}
+
+pub fn run_command(
+    arch: Arch,
+    release: bool,
+    gdb: bool,
+    scenario_name: Option<&str>,
+    extra: &[String],
+) -> Result<ExitCode> {
+    crate::setup::setup(crate::setup::Needs::all())?;
+    let s = match scenario_name {
+        Some(name) => scenario::find(name)?,
+        None => Scenario::default_for(arch),
+    };
+    let image = build(s.arch, release)?;
+    let cmd = command(&s, &image, gdb, extra)?;
+    if gdb {
+        eprintln!("xtask: QEMU waits for gdb: `gdb {} -ex 'target remote :1234'`", image.elf.display());
+        run(&mut { cmd })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("xtask: {}", render(&cmd));
+    let timeout = Some(Duration::from_secs(s.timeout_secs));
+    let outcome = execute(cmd, timeout, true)?;
+    let status = hypervisor_status(s.arch, &outcome, timeout);
+    if scenario_name.is_some() {
+        let problems = scenario::check(&s, &outcome.lines, status.clone());
+        for p in &problems {
+            eprintln!("xtask: scenario {}: {p}", s.name);
+        }
+        if !problems.is_empty() {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    match status {
+        Ok(st) => {
+            eprintln!("xtask: hypervisor exit status {st}");
+            Ok(ExitCode::from(st.min(255) as u8))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A shell-pasteable rendering of a command line, for logs.
+pub fn render(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        let a = a.to_string_lossy();
+        if a.contains([' ', '"', '\'']) || a.is_empty() {
+            s.push_str(&format!(" '{a}'"));
+        } else {
+            s.push(' ');
+            s.push_str(&a);
+        }
+    }
+    s
+}

@@ -1,0 +1,150 @@
+//! QEMU scenarios: one TOML file each in `tests/scenarios/`. A scenario names the machine, the
+//! devices, the hypervisor command line, and what the console must (and must not) show.
+//!
+//! Expectations are facts about the *machine* as configured on the QEMU command line (a device
+//! placed with `addr=05.0` must be reported at 00:05.0 with requester ID 0x0028), so the
+//! hypervisor's report is checked against QEMU, not against itself.
+
+use crate::Arch;
+use crate::util::{Result, root};
+use serde::Deserialize;
+use std::path::Path;
+
+/// How the image reaches the machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Boot {
+    /// QEMU `-kernel` with the ELF: PVH on x86_64, the arm64 Image header on aarch64.
+    #[default]
+    Kernel,
+    /// aarch64: QEMU `-kernel` with the raw `Image` (what U-Boot `booti` loads); DTB in x0.
+    Image,
+    /// x86_64: a GRUB rescue ISO that loads the ELF with `multiboot2`, as on a test server.
+    Grub,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    #[serde(skip)]
+    pub name: String,
+    pub description: String,
+    pub arch: Arch,
+    #[serde(default)]
+    pub boot: Boot,
+    /// `-M` value; default: `q35` / `virt-10.0,virtualization=on,iommu=smmuv3,gic-version=3`.
+    pub machine: Option<String>,
+    /// Device arguments replacing the architecture's default devices.
+    pub devices: Option<Vec<String>>,
+    /// Further QEMU arguments appended after the devices.
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
+    /// The hypervisor command line (xtask adds `exit=qemu` / `semihosting`).
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Regular expressions that must each match at least one console line.
+    #[serde(default)]
+    pub expect: Vec<String>,
+    /// Regular expressions that must match no console line.
+    #[serde(default)]
+    pub reject: Vec<String>,
+    /// The hypervisor's expected exit status.
+    #[serde(default)]
+    pub status: u32,
+}
+
+fn default_memory() -> String {
+    "256M".into()
+}
+
+fn default_timeout() -> u64 {
+    60
+}
+
+impl Scenario {
+    /// The scenario `cargo xtask run` boots when none is named: the boot report with the default
+    /// machine and devices.
+    pub fn default_for(arch: Arch) -> Scenario {
+        Scenario {
+            name: format!("{}-default", arch.name()),
+            description: "boot report on the default machine".into(),
+            arch,
+            boot: Boot::Kernel,
+            machine: None,
+            devices: None,
+            qemu_args: Vec::new(),
+            cmdline: String::new(),
+            memory: default_memory(),
+            timeout_secs: default_timeout(),
+            expect: Vec::new(),
+            reject: Vec::new(),
+            status: 0,
+        }
+    }
+}
+
+pub fn scenario_dir() -> std::path::PathBuf {
+    root().join("tests/scenarios")
+}
+
+pub fn load(path: &Path) -> Result<Scenario> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut s: Scenario = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    s.name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    for re in s.expect.iter().chain(&s.reject) {
+        regex::Regex::new(re).map_err(|e| format!("{}: bad regex {re:?}: {e}", path.display()))?;
+    }
+    if s.boot == Boot::Grub && s.arch != Arch::X86_64 || s.boot == Boot::Image && s.arch != Arch::Aarch64 {
+        return Err(format!("{}: boot {:?} does not exist on {}", path.display(), s.boot, s.arch.name()));
+    }
+    Ok(s)
+}
+
+pub fn load_all() -> Result<Vec<Scenario>> {
+    let dir = scenario_dir();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let path = e.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            out.push(load(&path)?);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+pub fn find(name: &str) -> Result<Scenario> {
+    let path = scenario_dir().join(format!("{name}.toml"));
+    if !path.exists() {
+        let known: Vec<_> = load_all()?.into_iter().map(|s| s.name).collect();
+        return Err(format!("no scenario {name:?}; known: {}", known.join(", ")));
+    }
+    load(&path)
+}
+
+/// Checks a finished run against the scenario's expectations; returns every violation.
+pub fn check(s: &Scenario, lines: &[String], status: std::result::Result<u32, String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    match status {
+        Ok(st) if st == s.status => {}
+        Ok(st) => problems.push(format!("hypervisor exit status {st}, expected {}", s.status)),
+        Err(e) => problems.push(e),
+    }
+    for re in &s.expect {
+        let r = regex::Regex::new(re).expect("validated at load");
+        if !lines.iter().any(|l| r.is_match(l)) {
+            problems.push(format!("expected a console line matching /{re}/"));
+        }
+    }
+    for re in &s.reject {
+        let r = regex::Regex::new(re).expect("validated at load");
+        if let Some(l) = lines.iter().find(|l| r.is_match(l)) {
+            problems.push(format!("console line {l:?} matches rejected /{re}/"));
+        }
+    }
+    problems
+}

@@ -1,0 +1,145 @@
+//! `cargo xtask test`: host unit tests, then every QEMU scenario, then one summary line.
+
+use crate::build::{Image, build};
+use crate::qemu::{command, execute, hypervisor_status, render};
+use crate::scenario::{self, Scenario};
+use crate::util::{Result, cargo};
+use crate::Arch;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+pub fn test(arch: Option<Arch>, filter: Option<&str>, no_host: bool, release: bool) -> Result<ExitCode> {
+    crate::setup::setup(crate::setup::Needs::all())?;
+    let mut tally = Tally::default();
+    if !no_host {
+        host_tests(filter, &mut tally)?;
+    }
+    let scenarios: Vec<Scenario> = scenario::load_all()?
+        .into_iter()
+        .filter(|s| arch.is_none_or(|a| a == s.arch))
+        .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
+        .collect();
+    let mut images: HashMap<&'static str, Image> = HashMap::new();
+    for s in &scenarios {
+        if !images.contains_key(s.arch.name()) {
+            match build(s.arch, release) {
+                Ok(img) => {
+                    images.insert(s.arch.name(), img);
+                }
+                Err(e) => {
+                    println!("FAIL build {}: {e}", s.arch.name());
+                    tally.failed += 1;
+                    tally.failures.push(format!("build {}", s.arch.name()));
+                    continue;
+                }
+            }
+        }
+    }
+    for s in &scenarios {
+        let Some(image) = images.get(s.arch.name()) else {
+            tally.failed += 1;
+            tally.failures.push(format!("scenario {} (no image)", s.name));
+            continue;
+        };
+        run_scenario(s, image, &mut tally);
+    }
+    if !tally.failures.is_empty() {
+        println!("\nfailed:");
+        for f in &tally.failures {
+            println!("    {f}");
+        }
+    }
+    println!("\n{} passed, {} failed", tally.passed, tally.failed);
+    Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Runs the workspace's host tests, echoing cargo's output and adding up libtest's counts.
+fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
+    println!("== host unit tests ==");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "kernel"]);
+    if let Some(f) = filter {
+        cmd.args(["--", f]);
+    }
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("cargo test: {e}"))?;
+    let out = child.stdout.take().expect("piped");
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+        println!("{line}");
+        // "test result: ok. 12 passed; 0 failed; 0 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| -> usize {
+                rest.split(';')
+                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(key))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    tally.passed += passed;
+    tally.failed += failed;
+    if !status.success() {
+        if failed == 0 {
+            // A build error or a crashed test binary: count it, never let it look green.
+            tally.failed += 1;
+        }
+        tally.failures.push("host unit tests".into());
+    }
+    println!("host unit tests: {passed} passed, {failed} failed");
+    Ok(())
+}
+
+fn run_scenario(s: &Scenario, image: &Image, tally: &mut Tally) {
+    let timeout = Some(Duration::from_secs(s.timeout_secs));
+    let result = command(s, image, false, &[]).and_then(|cmd| {
+        let rendered = render(&cmd);
+        execute(cmd, timeout, false).map(|o| (o, rendered))
+    });
+    let (outcome, rendered) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            println!("FAIL {:<28} {e}", s.name);
+            tally.failed += 1;
+            tally.failures.push(format!("scenario {}", s.name));
+            return;
+        }
+    };
+    let status = hypervisor_status(s.arch, &outcome, timeout);
+    let problems = scenario::check(s, &outcome.lines, status);
+    let secs = outcome.elapsed.as_secs_f64();
+    if problems.is_empty() {
+        println!("PASS {:<28} {secs:6.2} s  {}", s.name, s.description);
+        tally.passed += 1;
+    } else {
+        println!("FAIL {:<28} {secs:6.2} s  {}", s.name, s.description);
+        println!("  command: {rendered}");
+        for p in &problems {
+            println!("  - {p}");
+        }
+        println!("  console (last 40 lines):");
+        for l in outcome.lines.iter().rev().take(40).collect::<Vec<_>>().into_iter().rev() {
+            println!("  | {l}");
+        }
+        if !outcome.stderr.trim().is_empty() {
+            println!("  QEMU stderr:");
+            for l in outcome.stderr.lines().take(20) {
+                println!("  ! {l}");
+            }
+        }
+        tally.failed += 1;
+        tally.failures.push(format!("scenario {}", s.name));
+    }
+}
