@@ -14,18 +14,32 @@ pub struct Image {
 
 pub fn build(arch: Arch, release: bool) -> Result<Image> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "kernel", "--bin", "hypervisor", "--target", arch.triple()]);
+    cmd.args([
+        "build",
+        "--package",
+        "kernel",
+        "--bin",
+        "hypervisor",
+        "--target",
+        arch.triple(),
+    ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
     let profile = if release { "release" } else { "debug" };
-    let elf = target_dir().join(arch.triple()).join(profile).join("hypervisor");
+    let elf = target_dir()
+        .join(arch.triple())
+        .join(profile)
+        .join("hypervisor");
     let raw = match arch {
         Arch::X86_64 => None,
         Arch::Aarch64 => {
             let out = elf.with_file_name("Image");
-            run(Command::new(objcopy()?).args(["-O", "binary"]).arg(&elf).arg(&out))?;
+            run(Command::new(objcopy()?)
+                .args(["-O", "binary"])
+                .arg(&elf)
+                .arg(&out))?;
             Some(out)
         }
     };
@@ -34,7 +48,9 @@ pub fn build(arch: Arch, release: bool) -> Result<Image> {
 }
 
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 /// `llvm-objcopy` from the toolchain's `llvm-tools` component (installed by `setup`).
@@ -51,10 +67,16 @@ fn objcopy() -> Result<PathBuf> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|_| "x86_64-unknown-linux-gnu".into());
-    let path = sysroot.join("lib/rustlib").join(host).join("bin/llvm-objcopy");
+    let path = sysroot
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin/llvm-objcopy");
     if path.exists() {
         Ok(path)
     } else {
-        Err(format!("{} missing: run `cargo xtask setup` (llvm-tools component)", path.display()))
+        Err(format!(
+            "{} missing: run `cargo xtask setup` (llvm-tools component)",
+            path.display()
+        ))
     }
 }

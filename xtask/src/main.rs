@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run and test the IOMMU hypervisor", version)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test the IOMMU hypervisor",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -118,14 +122,24 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup { fuzz } => setup::setup(setup::Needs { fuzz, ..setup::Needs::all() }),
+        Command::Setup { fuzz } => setup::setup(setup::Needs {
+            fuzz,
+            ..setup::Needs::all()
+        }),
         Command::Build { arch, release } => build::build(arch, release).map(|_| ExitCode::SUCCESS),
-        Command::Run { arch, release, gdb, scenario, qemu_args } => {
-            qemu::run_command(arch, release, gdb, scenario.as_deref(), &qemu_args)
-        }
-        Command::Test { arch, filter, no_host, release } => {
-            test::test(arch, filter.as_deref(), no_host, release)
-        }
+        Command::Run {
+            arch,
+            release,
+            gdb,
+            scenario,
+            qemu_args,
+        } => qemu::run_command(arch, release, gdb, scenario.as_deref(), &qemu_args),
+        Command::Test {
+            arch,
+            filter,
+            no_host,
+            release,
+        } => test::test(arch, filter.as_deref(), no_host, release),
         Command::Fuzz { target, seconds } => util::fuzz(&target, seconds),
         Command::DecodeTable { files } => Ok(decode::decode_tables(&files)),
         Command::Bench { suite } => util::bench(&suite),

@@ -34,26 +34,46 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     match s.arch {
         Arch::X86_64 => {
             cmd = Command::new("qemu-system-x86_64");
-            cmd.args(["-M", s.machine.as_deref().unwrap_or(X86_MACHINE), "-cpu", "max"]);
+            cmd.args([
+                "-M",
+                s.machine.as_deref().unwrap_or(X86_MACHINE),
+                "-cpu",
+                "max",
+            ]);
             cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
             cmdline = format!("exit=qemu {cmdline}");
         }
         Arch::Aarch64 => {
             cmd = Command::new("qemu-system-aarch64");
-            cmd.args(["-M", s.machine.as_deref().unwrap_or(ARM_MACHINE), "-cpu", "max"]);
+            cmd.args([
+                "-M",
+                s.machine.as_deref().unwrap_or(ARM_MACHINE),
+                "-cpu",
+                "max",
+            ]);
             cmd.args(["-semihosting-config", "enable=on,target=native"]);
             cmdline = format!("semihosting {cmdline}");
         }
     }
     // edu DMA completes on a virtual-clock timer; icount makes that instant (see docs).
-    cmd.args(["-m", &s.memory, "-display", "none", "-no-reboot", "-serial", "stdio"]);
+    cmd.args([
+        "-m",
+        &s.memory,
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]);
     cmd.args(["-icount", "shift=10,sleep=off"]);
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
     cmd.args(&s.qemu_args);
     let cmdline = cmdline.trim().to_string();
     match s.boot {
         Boot::Kernel => {
-            cmd.arg("-kernel").arg(&image.elf).args(["-append", &cmdline]);
+            cmd.arg("-kernel")
+                .arg(&image.elf)
+                .args(["-append", &cmdline]);
         }
         Boot::Image => {
             let raw = image.raw.as_ref().ok_or("no raw Image was built")?;
@@ -92,7 +112,10 @@ fn grub_iso(name: &str, elf: &Path, cmdline: &str) -> Result<PathBuf> {
         .output()
         .map_err(|e| format!("grub-mkrescue: {e} (run `cargo xtask setup`)"))?;
     if !out.status.success() {
-        return Err(format!("grub-mkrescue failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "grub-mkrescue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(iso)
 }
@@ -108,9 +131,13 @@ pub struct Outcome {
 
 /// Runs QEMU to completion (or `timeout`), optionally echoing the console as it arrives.
 pub fn execute(mut cmd: Command, timeout: Option<Duration>, echo: bool) -> Result<Outcome> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start QEMU ({cmd:?}): {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start QEMU ({cmd:?}): {e}"))?;
     let stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel::<String>();
@@ -119,7 +146,9 @@ pub fn execute(mut cmd: Command, timeout: Option<Duration>, echo: bool) -> Resul
         let mut buf = Vec::new();
         // Split on '\n' ourselves: the console may emit bytes that are not UTF-8.
         while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
             if tx.send(line).is_err() {
                 break;
             }
@@ -162,32 +191,53 @@ pub fn execute(mut cmd: Command, timeout: Option<Duration>, echo: bool) -> Resul
     if echo && !stderr.is_empty() {
         eprint!("{stderr}");
     }
-    Ok(Outcome { lines, stderr, qemu_rc: status.and_then(|s| s.code()), timed_out, elapsed: start.elapsed() })
+    Ok(Outcome {
+        lines,
+        stderr,
+        qemu_rc: status.and_then(|s| s.code()),
+        timed_out,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// The status the hypervisor reported: its console line `hypervisor: exit status N` and QEMU's
 /// exit code must agree, so neither a crash that happens to exit 0 nor a stray line passes.
-pub fn hypervisor_status(arch: Arch, o: &Outcome, timeout: Option<Duration>) -> std::result::Result<u32, String> {
+pub fn hypervisor_status(
+    arch: Arch,
+    o: &Outcome,
+    timeout: Option<Duration>,
+) -> std::result::Result<u32, String> {
     if o.timed_out {
-        return Err(format!("timed out after {} s", timeout.map_or(0, |t| t.as_secs())));
+        return Err(format!(
+            "timed out after {} s",
+            timeout.map_or(0, |t| t.as_secs())
+        ));
     }
-    let printed = o
-        .lines
-        .iter()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("hypervisor: exit status ").and_then(|v| v.trim().parse::<u32>().ok()));
+    let printed = o.lines.iter().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix("hypervisor: exit status ")
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    });
     let rc = o.qemu_rc.ok_or("QEMU was killed by a signal")?;
     let from_rc = match arch {
-        Arch::X86_64 if rc >= (X86_EXIT_BIAS << 1) | 1 && rc % 2 == 1 => Some(((rc >> 1) - X86_EXIT_BIAS) as u32),
+        Arch::X86_64 if rc >= (X86_EXIT_BIAS << 1) | 1 && rc % 2 == 1 => {
+            Some(((rc >> 1) - X86_EXIT_BIAS) as u32)
+        }
         // PSCI SYSTEM_OFF exits 0; semihosting SYS_EXIT carries the status itself.
         Arch::Aarch64 => Some(rc as u32),
         _ => None,
     };
     match (from_rc, printed) {
         (Some(a), Some(b)) if a == b => Ok(a),
-        (Some(a), Some(b)) => Err(format!("QEMU exit code {rc} means status {a}, but the console said {b}")),
-        (_, None) => Err(format!("QEMU exited with code {rc} and the hypervisor printed no exit status")),
-        (None, Some(b)) => Err(format!("console said status {b} but QEMU exited with code {rc} (no debug-exit)")),
+        (Some(a), Some(b)) => Err(format!(
+            "QEMU exit code {rc} means status {a}, but the console said {b}"
+        )),
+        (_, None) => Err(format!(
+            "QEMU exited with code {rc} and the hypervisor printed no exit status"
+        )),
+        (None, Some(b)) => Err(format!(
+            "console said status {b} but QEMU exited with code {rc} (no debug-exit)"
+        )),
     }
 }
 
@@ -206,7 +256,10 @@ pub fn run_command(
     let image = build(s.arch, release)?;
     let cmd = command(&s, &image, gdb, extra)?;
     if gdb {
-        eprintln!("xtask: QEMU waits for gdb: `gdb {} -ex 'target remote :1234'`", image.elf.display());
+        eprintln!(
+            "xtask: QEMU waits for gdb: `gdb {} -ex 'target remote :1234'`",
+            image.elf.display()
+        );
         run(&mut { cmd })?;
         return Ok(ExitCode::SUCCESS);
     }

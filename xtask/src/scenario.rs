@@ -94,12 +94,23 @@ pub fn scenario_dir() -> std::path::PathBuf {
 pub fn load(path: &Path) -> Result<Scenario> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut s: Scenario = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    s.name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    s.name = path
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     for re in s.expect.iter().chain(&s.reject) {
         regex::Regex::new(re).map_err(|e| format!("{}: bad regex {re:?}: {e}", path.display()))?;
     }
-    if s.boot == Boot::Grub && s.arch != Arch::X86_64 || s.boot == Boot::Image && s.arch != Arch::Aarch64 {
-        return Err(format!("{}: boot {:?} does not exist on {}", path.display(), s.boot, s.arch.name()));
+    if s.boot == Boot::Grub && s.arch != Arch::X86_64
+        || s.boot == Boot::Image && s.arch != Arch::Aarch64
+    {
+        return Err(format!(
+            "{}: boot {:?} does not exist on {}",
+            path.display(),
+            s.boot,
+            s.arch.name()
+        ));
     }
     Ok(s)
 }
@@ -127,11 +138,18 @@ pub fn find(name: &str) -> Result<Scenario> {
 }
 
 /// Checks a finished run against the scenario's expectations; returns every violation.
-pub fn check(s: &Scenario, lines: &[String], status: std::result::Result<u32, String>) -> Vec<String> {
+pub fn check(
+    s: &Scenario,
+    lines: &[String],
+    status: std::result::Result<u32, String>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     match status {
         Ok(st) if st == s.status => {}
-        Ok(st) => problems.push(format!("hypervisor exit status {st}, expected {}", s.status)),
+        Ok(st) => problems.push(format!(
+            "hypervisor exit status {st}, expected {}",
+            s.status
+        )),
         Err(e) => problems.push(e),
     }
     for re in &s.expect {

@@ -19,10 +19,20 @@ pub struct Needs {
 
 impl Needs {
     pub fn all() -> Self {
-        Needs { rust: true, qemu: true, grub: true, fuzz: false }
+        Needs {
+            rust: true,
+            qemu: true,
+            grub: true,
+            fuzz: false,
+        }
     }
     pub fn none() -> Self {
-        Needs { rust: false, qemu: false, grub: false, fuzz: false }
+        Needs {
+            rust: false,
+            qemu: false,
+            grub: false,
+            fuzz: false,
+        }
     }
 }
 
@@ -56,7 +66,10 @@ pub fn setup(needs: Needs) -> Result<ExitCode> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 fn rust(_todo: &mut Vec<String>) -> Result<()> {
@@ -70,22 +83,33 @@ fn rust(_todo: &mut Vec<String>) -> Result<()> {
             .unwrap_or_default()
     };
     let targets = installed("target");
-    let missing: Vec<_> = TARGETS.iter().filter(|t| !targets.lines().any(|l| l == **t)).collect();
+    let missing: Vec<_> = TARGETS
+        .iter()
+        .filter(|t| !targets.lines().any(|l| l == **t))
+        .collect();
     if !missing.is_empty() {
         eprintln!("xtask setup: rustup target add {missing:?}");
         let mut cmd = Command::new("rustup");
-        cmd.current_dir(crate::util::root()).args(["target", "add"]).args(missing.iter().map(|s| **s));
+        cmd.current_dir(crate::util::root())
+            .args(["target", "add"])
+            .args(missing.iter().map(|s| **s));
         run(&mut cmd)?;
     }
     let components = installed("component");
     let missing: Vec<_> = COMPONENTS
         .iter()
-        .filter(|c| !components.lines().any(|l| l.starts_with(&format!("{c}-")) || l == **c))
+        .filter(|c| {
+            !components
+                .lines()
+                .any(|l| l.starts_with(&format!("{c}-")) || l == **c)
+        })
         .collect();
     if !missing.is_empty() {
         eprintln!("xtask setup: rustup component add {missing:?}");
         let mut cmd = Command::new("rustup");
-        cmd.current_dir(crate::util::root()).args(["component", "add"]).args(missing.iter().map(|s| **s));
+        cmd.current_dir(crate::util::root())
+            .args(["component", "add"])
+            .args(missing.iter().map(|s| **s));
         run(&mut cmd)?;
     }
     Ok(())
@@ -137,7 +161,10 @@ fn parse_apt_sources(text: &str, deb822: bool) -> Vec<AptSource> {
                 continue;
             }
             let words = |v: Option<String>| -> Vec<String> {
-                v.unwrap_or_default().split_whitespace().map(String::from).collect()
+                v.unwrap_or_default()
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
             };
             let suites = words(field("Suites"));
             let components = words(field("Components"));
@@ -153,7 +180,9 @@ fn parse_apt_sources(text: &str, deb822: bool) -> Vec<AptSource> {
         }
     } else {
         for line in text.lines().map(str::trim) {
-            let Some(rest) = line.strip_prefix("deb ") else { continue };
+            let Some(rest) = line.strip_prefix("deb ") else {
+                continue;
+            };
             let mut rest = rest.trim();
             let mut signed_by = None;
             if let Some(opts) = rest.strip_prefix('[') {
@@ -165,7 +194,9 @@ fn parse_apt_sources(text: &str, deb822: bool) -> Vec<AptSource> {
                 rest = after.trim();
             }
             let mut words = rest.split_whitespace();
-            let (Some(uri), Some(suite)) = (words.next(), words.next()) else { continue };
+            let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+                continue;
+            };
             out.push(AptSource {
                 uri: uri.to_string(),
                 suites: vec![suite.to_string()],
@@ -186,7 +217,9 @@ fn all_apt_sources() -> Vec<AptSource> {
         let mut paths: Vec<_> = dir.flatten().map(|e| e.path()).collect();
         paths.sort();
         for p in paths {
-            let Ok(t) = fs::read_to_string(&p) else { continue };
+            let Ok(t) = fs::read_to_string(&p) else {
+                continue;
+            };
             match p.extension().and_then(|e| e.to_str()) {
                 Some("list") => sources.extend(parse_apt_sources(&t, false)),
                 Some("sources") => sources.extend(parse_apt_sources(&t, true)),
@@ -205,10 +238,18 @@ fn backports_stanza(sources: &[AptSource], codename: &str) -> Result<Option<Stri
     }
     let base = sources
         .iter()
-        .find(|s| s.suites.iter().any(|x| x == codename) && s.components.iter().any(|c| c == "main"))
-        .ok_or_else(|| format!("no apt source serves `{codename} main`; cannot derive a mirror for {backports}"))?;
-    let mut stanza =
-        format!("Types: deb\nURIs: {}\nSuites: {backports}\nComponents: main\n", base.uri);
+        .find(|s| {
+            s.suites.iter().any(|x| x == codename) && s.components.iter().any(|c| c == "main")
+        })
+        .ok_or_else(|| {
+            format!(
+                "no apt source serves `{codename} main`; cannot derive a mirror for {backports}"
+            )
+        })?;
+    let mut stanza = format!(
+        "Types: deb\nURIs: {}\nSuites: {backports}\nComponents: main\n",
+        base.uri
+    );
     if let Some(key) = &base.signed_by {
         stanza.push_str(&format!("Signed-By: {key}\n"));
     }
@@ -240,7 +281,10 @@ fn qemu(todo: &mut Vec<String>) -> Result<()> {
 
     if !is_root() {
         if let Some(s) = &stanza {
-            todo.push(format!("printf '{}' | sudo tee {BACKPORTS_FILE}", s.replace('\n', "\\n")));
+            todo.push(format!(
+                "printf '{}' | sudo tee {BACKPORTS_FILE}",
+                s.replace('\n', "\\n")
+            ));
         }
         todo.extend(commands.iter().map(|c| format!("sudo {}", c.join(" "))));
         return Ok(());
@@ -251,10 +295,15 @@ fn qemu(todo: &mut Vec<String>) -> Result<()> {
     }
     for c in &commands {
         eprintln!("xtask setup: {}", c.join(" "));
-        run(Command::new(&c[0]).args(&c[1..]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new(&c[0])
+            .args(&c[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     if !qemu_ok() {
-        return Err(format!("QEMU >= {}.{} still missing after installing", QEMU_MIN.0, QEMU_MIN.1));
+        return Err(format!(
+            "QEMU >= {}.{} still missing after installing",
+            QEMU_MIN.0, QEMU_MIN.1
+        ));
     }
     Ok(())
 }
@@ -274,9 +323,15 @@ fn grub(todo: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask setup: {}", cmd.join(" "));
-    if run(Command::new(&cmd[0]).args(&cmd[1..]).env("DEBIAN_FRONTEND", "noninteractive")).is_err() {
+    if run(Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .is_err()
+    {
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new(&cmd[0]).args(&cmd[1..]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
 }
@@ -287,7 +342,13 @@ fn fuzz(_todo: &mut Vec<String>) -> Result<()> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !nightly {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let fuzz_ok = Command::new("cargo")
         .args(["+nightly", "fuzz", "--version"])
@@ -295,7 +356,9 @@ fn fuzz(_todo: &mut Vec<String>) -> Result<()> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !fuzz_ok {
-        run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]).env_remove("RUSTUP_TOOLCHAIN"))?;
+        run(Command::new("cargo")
+            .args(["install", "--locked", "cargo-fuzz"])
+            .env_remove("RUSTUP_TOOLCHAIN"))?;
     }
     Ok(())
 }
@@ -322,9 +385,23 @@ mod tests {
         let sources = parse_apt_sources(text, false);
         assert_eq!(sources[0].uri, "http://m.example/debian");
         assert_eq!(sources[0].signed_by.as_deref(), Some("/k.gpg"));
-        assert!(backports_stanza(&sources, "bookworm").unwrap().unwrap().contains("URIs: http://m.example/debian\n"));
-        let with_bpo = parse_apt_sources("deb http://m.example/debian bookworm-backports main\n", false);
+        assert!(
+            backports_stanza(&sources, "bookworm")
+                .unwrap()
+                .unwrap()
+                .contains("URIs: http://m.example/debian\n")
+        );
+        let with_bpo = parse_apt_sources(
+            "deb http://m.example/debian bookworm-backports main\n",
+            false,
+        );
         assert_eq!(backports_stanza(&with_bpo, "bookworm").unwrap(), None);
-        assert!(backports_stanza(&parse_apt_sources("deb http://n/ubuntu jammy main\n", false), "bookworm").is_err());
+        assert!(
+            backports_stanza(
+                &parse_apt_sources("deb http://n/ubuntu jammy main\n", false),
+                "bookworm"
+            )
+            .is_err()
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! `cargo xtask test`: host unit tests, then every QEMU scenario, then one summary line.
 
+use crate::Arch;
 use crate::build::{Image, build};
 use crate::qemu::{command, execute, hypervisor_status, render};
 use crate::scenario::{self, Scenario};
 use crate::util::{Result, cargo};
-use crate::Arch;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{ExitCode, Stdio};
@@ -17,7 +17,12 @@ struct Tally {
     failures: Vec<String>,
 }
 
-pub fn test(arch: Option<Arch>, filter: Option<&str>, no_host: bool, release: bool) -> Result<ExitCode> {
+pub fn test(
+    arch: Option<Arch>,
+    filter: Option<&str>,
+    no_host: bool,
+    release: bool,
+) -> Result<ExitCode> {
     crate::setup::setup(crate::setup::Needs::all())?;
     let mut tally = Tally::default();
     if !no_host {
@@ -47,7 +52,9 @@ pub fn test(arch: Option<Arch>, filter: Option<&str>, no_host: bool, release: bo
     for s in &scenarios {
         let Some(image) = images.get(s.arch.name()) else {
             tally.failed += 1;
-            tally.failures.push(format!("scenario {} (no image)", s.name));
+            tally
+                .failures
+                .push(format!("scenario {} (no image)", s.name));
             continue;
         };
         run_scenario(s, image, &mut tally);
@@ -59,7 +66,11 @@ pub fn test(arch: Option<Arch>, filter: Option<&str>, no_host: bool, release: bo
         }
     }
     println!("\n{} passed, {} failed", tally.passed, tally.failed);
-    Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if tally.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Runs the workspace's host tests, echoing cargo's output and adding up libtest's counts.
@@ -80,7 +91,12 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let num = |key: &str| -> usize {
                 rest.split(';')
-                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(key))
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(key)
+                    })
                     .and_then(|n| n.trim().parse().ok())
                     .unwrap_or(0)
             };
@@ -130,7 +146,15 @@ fn run_scenario(s: &Scenario, image: &Image, tally: &mut Tally) {
             println!("  - {p}");
         }
         println!("  console (last 40 lines):");
-        for l in outcome.lines.iter().rev().take(40).collect::<Vec<_>>().into_iter().rev() {
+        for l in outcome
+            .lines
+            .iter()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
             println!("  | {l}");
         }
         if !outcome.stderr.trim().is_empty() {

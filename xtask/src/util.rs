@@ -7,7 +7,10 @@ pub type Result<T> = std::result::Result<T, String>;
 
 /// The workspace root (the parent of `xtask/`).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// The `cargo` that invoked us (keeps the toolchain pinned by rust-toolchain.toml).
@@ -19,8 +22,14 @@ pub fn cargo() -> Command {
 
 /// Runs `cmd`, failing with a message naming it if it cannot start or exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
 }
 
 /// Whether `program --version` runs successfully.
@@ -35,7 +44,9 @@ pub fn have(program: &str) -> bool {
 
 /// The shared data directory beside the repository (`../shared`), overridable with `HV_SHARED`.
 pub fn shared_dir() -> PathBuf {
-    std::env::var_os("HV_SHARED").map(PathBuf::from).unwrap_or_else(|| root().join("../shared"))
+    std::env::var_os("HV_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared"))
 }
 
 /// `cargo xtask fuzz TARGET`: runs a cargo-fuzz target of `iommu/fuzz` for a bounded time,
@@ -43,9 +54,15 @@ pub fn shared_dir() -> PathBuf {
 pub fn fuzz(target: &str, seconds: u64) -> Result<ExitCode> {
     const TARGETS: [&str; 2] = ["dmar", "iort"];
     if !TARGETS.contains(&target) {
-        return Err(format!("unknown fuzz target {target:?}; known: {}", TARGETS.join(", ")));
+        return Err(format!(
+            "unknown fuzz target {target:?}; known: {}",
+            TARGETS.join(", ")
+        ));
     }
-    crate::setup::setup(crate::setup::Needs { fuzz: true, ..crate::setup::Needs::none() })?;
+    crate::setup::setup(crate::setup::Needs {
+        fuzz: true,
+        ..crate::setup::Needs::none()
+    })?;
     let fuzz_dir = root().join("iommu/fuzz");
     let corpus = fuzz_dir.join("corpus").join(target);
     std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
@@ -62,7 +79,14 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<ExitCode> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&fuzz_dir)
         .env_remove("RUSTUP_TOOLCHAIN")
-        .args(["+nightly", "fuzz", "run", target, corpus.to_str().unwrap(), "--"])
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            corpus.to_str().unwrap(),
+            "--",
+        ])
         .arg(format!("-max_total_time={seconds}"))
         .arg("-rss_limit_mb=2048");
     run(&mut cmd)?;

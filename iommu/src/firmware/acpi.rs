@@ -33,13 +33,12 @@ impl fmt::Display for TableError {
             TableError::LengthMismatch { header, available } => {
                 write!(f, "header length {header} but {available} bytes available")
             }
-            TableError::BadChecksum { sum } => write!(f, "bad checksum: bytes sum to {sum:#04x}, not 0"),
-            TableError::WrongSignature { found, expected } => write!(
-                f,
-                "signature {:?} is not {:?}",
-                Sig(found),
-                Sig(expected)
-            ),
+            TableError::BadChecksum { sum } => {
+                write!(f, "bad checksum: bytes sum to {sum:#04x}, not 0")
+            }
+            TableError::WrongSignature { found, expected } => {
+                write!(f, "signature {:?} is not {:?}", Sig(found), Sig(expected))
+            }
             TableError::Structure { offset, what } => write!(f, "at offset {offset:#x}: {what}"),
         }
     }
@@ -102,15 +101,24 @@ pub fn validate_table<'a>(
     expected: &[u8; 4],
 ) -> Result<(SdtHeader, &'a [u8]), TableError> {
     if bytes.len() < SDT_HEADER_LEN {
-        return Err(TableError::Truncated { needed: SDT_HEADER_LEN, available: bytes.len() });
+        return Err(TableError::Truncated {
+            needed: SDT_HEADER_LEN,
+            available: bytes.len(),
+        });
     }
     let header = SdtHeader::parse(bytes)?;
     if &header.signature != expected {
-        return Err(TableError::WrongSignature { found: header.signature, expected: *expected });
+        return Err(TableError::WrongSignature {
+            found: header.signature,
+            expected: *expected,
+        });
     }
     let len = header.length as usize;
     if len < SDT_HEADER_LEN || len > bytes.len() {
-        return Err(TableError::LengthMismatch { header: header.length, available: bytes.len() });
+        return Err(TableError::LengthMismatch {
+            header: header.length,
+            available: bytes.len(),
+        });
     }
     let table = &bytes[..len];
     let sum = checksum(table);
@@ -207,15 +215,30 @@ mod tests {
     #[test]
     fn every_header_defect_is_a_typed_error() {
         let t = table(b"IORT", &[0; 8]);
-        assert!(matches!(validate_table(&t[..20], b"IORT"), Err(TableError::Truncated { .. })));
-        assert!(matches!(validate_table(&t, b"DMAR"), Err(TableError::WrongSignature { .. })));
-        assert!(matches!(validate_table(&t[..40], b"IORT"), Err(TableError::LengthMismatch { .. })));
+        assert!(matches!(
+            validate_table(&t[..20], b"IORT"),
+            Err(TableError::Truncated { .. })
+        ));
+        assert!(matches!(
+            validate_table(&t, b"DMAR"),
+            Err(TableError::WrongSignature { .. })
+        ));
+        assert!(matches!(
+            validate_table(&t[..40], b"IORT"),
+            Err(TableError::LengthMismatch { .. })
+        ));
         let mut bad = t.clone();
         bad[40] ^= 1;
-        assert_eq!(validate_table(&bad, b"IORT"), Err(TableError::BadChecksum { sum: 1 }));
+        assert_eq!(
+            validate_table(&bad, b"IORT"),
+            Err(TableError::BadChecksum { sum: 1 })
+        );
         let mut short = t.clone();
         short[4..8].copy_from_slice(&10u32.to_le_bytes());
-        assert!(matches!(validate_table(&short, b"IORT"), Err(TableError::LengthMismatch { .. })));
+        assert!(matches!(
+            validate_table(&short, b"IORT"),
+            Err(TableError::LengthMismatch { .. })
+        ));
     }
 
     #[test]
