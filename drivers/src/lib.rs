@@ -4,3 +4,4 @@
 
 #[cfg(test)]
 extern crate std;
+pub mod uart16550;

@@ -1,1 +1,0 @@
-//! x86_64 entry paths: PVH and Multiboot2.

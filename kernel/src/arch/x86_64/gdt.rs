@@ -1,0 +1,105 @@
+//! The hypervisor's GDT and TSS (Intel SDM vol 3 §3.4.5, §8.7 "Task Management in 64-bit Mode").
+//!
+//! In 64-bit mode the TSS holds no task state, only stack pointers: RSP0-2 for privilege changes
+//! (unused: the hypervisor runs at CPL 0 only) and the seven Interrupt Stack Table entries. The
+//! IST gives #DF, NMI and #MC known-good stacks, so that e.g. a kernel stack overflow (a #PF that
+//! cannot push its frame, escalating to #DF) still produces a report (SDM §6.14.5).
+//!
+//! Boot CPU only for now; application processors will need their own TSS and IST stacks.
+
+use core::cell::UnsafeCell;
+
+use ::x86_64::VirtAddr;
+use ::x86_64::instructions::segmentation::{CS, DS, ES, SS, Segment};
+use ::x86_64::instructions::tables::load_tss;
+use ::x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use ::x86_64::structures::tss::TaskStateSegment;
+use spin::Once;
+
+/// IST slots (1-based, as the IDT gate's IST field counts them; 0 means "no stack switch").
+pub const IST_DOUBLE_FAULT: u8 = 1;
+pub const IST_NMI: u8 = 2;
+pub const IST_MACHINE_CHECK: u8 = 3;
+
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+/// A stack the CPU switches to; only ever accessed by hardware and the exception stubs.
+#[repr(C, align(16))]
+struct IstStack(UnsafeCell<[u8; IST_STACK_SIZE]>);
+
+// SAFETY: Rust code never reads or writes the array; only its address is taken, and the CPU uses
+// the memory as a stack for one exception at a time per slot.
+unsafe impl Sync for IstStack {}
+
+impl IstStack {
+    const fn new() -> Self {
+        Self(UnsafeCell::new([0; IST_STACK_SIZE]))
+    }
+
+    /// The initial RSP: one past the highest byte, 16-byte aligned (the CPU aligns RSP to 16
+    /// before pushing an interrupt frame anyway, SDM §6.14.2).
+    fn top(&self) -> VirtAddr {
+        VirtAddr::new(self.0.get() as u64 + IST_STACK_SIZE as u64)
+    }
+}
+
+static DOUBLE_FAULT_STACK: IstStack = IstStack::new();
+static NMI_STACK: IstStack = IstStack::new();
+static MACHINE_CHECK_STACK: IstStack = IstStack::new();
+
+static TSS: Once<TaskStateSegment> = Once::new();
+
+pub struct Selectors {
+    pub code: SegmentSelector,
+    pub data: SegmentSelector,
+    pub tss: SegmentSelector,
+}
+
+static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
+
+/// Builds and loads the GDT and TSS on the calling CPU; returns the kernel code selector for
+/// the IDT gates.
+pub fn init() -> SegmentSelector {
+    let tss = TSS.call_once(|| {
+        let mut tss = TaskStateSegment::new();
+        tss.interrupt_stack_table[usize::from(IST_DOUBLE_FAULT - 1)] = DOUBLE_FAULT_STACK.top();
+        tss.interrupt_stack_table[usize::from(IST_NMI - 1)] = NMI_STACK.top();
+        tss.interrupt_stack_table[usize::from(IST_MACHINE_CHECK - 1)] = MACHINE_CHECK_STACK.top();
+        tss
+    });
+    let (gdt, sel) = GDT.call_once(|| {
+        let mut gdt = GlobalDescriptorTable::new();
+        let code = gdt.append(Descriptor::kernel_code_segment());
+        let data = gdt.append(Descriptor::kernel_data_segment());
+        let tss = gdt.append(Descriptor::tss_segment(tss));
+        (gdt, Selectors { code, data, tss })
+    });
+    gdt.load();
+    // SAFETY: the selectors index descriptors of the GDT just loaded, which is 'static: a
+    // 64-bit code segment for CS, a flat data segment for the others, and an available 64-bit TSS
+    // (loading it marks it busy, so this runs once per TSS, i.e. once on the boot CPU).
+    unsafe {
+        CS::set_reg(sel.code);
+        SS::set_reg(sel.data);
+        DS::set_reg(sel.data);
+        ES::set_reg(sel.data);
+        load_tss(sel.tss);
+    }
+    sel.code
+}
+
+/// The IST stack ranges, for the exception report ("which stack was I on").
+pub fn ist_stacks() -> [(u8, u64, u64); 3] {
+    let range = |n: u8, s: &IstStack| {
+        (
+            n,
+            s.top().as_u64() - IST_STACK_SIZE as u64,
+            s.top().as_u64(),
+        )
+    };
+    [
+        range(IST_DOUBLE_FAULT, &DOUBLE_FAULT_STACK),
+        range(IST_NMI, &NMI_STACK),
+        range(IST_MACHINE_CHECK, &MACHINE_CHECK_STACK),
+    ]
+}
