@@ -87,7 +87,9 @@ fn cells_value(bytes: &[u8], first: usize, count: u32) -> Option<u64> {
     match count {
         0 => Some(0),
         1 => cell(bytes, first).map(u64::from),
-        2 => Some(u64::from(cell(bytes, first)?) << 32 | u64::from(cell(bytes, first + 1)?)),
+        2 => Some(
+            u64::from(cell(bytes, first)?) << 32 | u64::from(cell(bytes, first.checked_add(1)?)?),
+        ),
         _ => None,
     }
 }
@@ -314,7 +316,8 @@ pub fn reg_entry(
         len: reg.len(),
     };
     let base = cells_value(reg, first, address_cells).ok_or(bad)?;
-    let size = cells_value(reg, first + address_cells as usize, size_cells).ok_or(bad)?;
+    let size_at = first.checked_add(address_cells as usize).ok_or(bad)?;
+    let size = cells_value(reg, size_at, size_cells).ok_or(bad)?;
     Ok(MmioRegion { base, size })
 }
 
@@ -1073,6 +1076,50 @@ mod tests {
         assert!(reg_entry(&raw, 2, 2, 1).is_err());
         assert!(reg_entry(&raw, 3, 1, 0).is_err());
         assert!(reg_entry(&raw, 2, 2, usize::MAX).is_err());
+        assert!(reg_entry(&raw, 1, 0, usize::MAX).is_err());
+        assert!(reg_entry(&raw, 2, 2, usize::MAX / 4).is_err());
+    }
+
+    proptest::proptest! {
+        /// The raw-property decoders take any bytes and any cell counts without panicking.
+        #[test]
+        fn property_decoders_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            rid in proptest::prelude::any::<u32>(),
+            mask in proptest::prelude::any::<u32>(),
+            ac in 0u32..5,
+            sc in 0u32..5,
+            n in proptest::prelude::any::<usize>(),
+            cells in proptest::prelude::any::<u32>(),
+        ) {
+            if let Ok(map) = IdMap::from_cells(&bytes) {
+                let _ = map.with_mask(mask).resolve(rid);
+                proptest::prop_assert_eq!(map.entries().count(), bytes.len() / 16);
+            }
+            let _ = IdMap::mask_from_cells(&bytes);
+            let _ = parse_iommus(&bytes, |p| Some(p % 4)).take(100).count();
+            let _ = parse_iommus(&bytes, |_| Some(cells)).take(100).count();
+            let _ = reg_entry(&bytes, ac, sc, n);
+            let _ = reg_entry(&bytes, ac, sc, n % 8);
+            if let Ok(r) = PciRanges::from_cells(&bytes, ac, sc) {
+                let _ = r.count();
+            }
+            let _ = StrList { bytes: &bytes }.count();
+            let spec = SmmuV3Node {
+                name: "",
+                phandle: None,
+                base: 0,
+                size: 0,
+                dma_coherent: false,
+                iommu_cells: None,
+                interrupt_cells: Some(cells),
+                interrupts: &bytes,
+                interrupt_names: &bytes,
+            };
+            let _ = spec.interrupt(n).map(|i| i.gic_intid());
+            let _ = spec.interrupt(n % 8).map(|i| i.gic_intid());
+            let _ = spec.interrupt_by_name("eventq");
+        }
     }
 
     #[test]
