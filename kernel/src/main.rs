@@ -3,9 +3,15 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod arch;
 mod console;
+mod discovery;
+mod firmware;
+mod mem;
 mod panic;
+mod pci;
 
 use boot::BootInfo;
 
@@ -18,11 +24,29 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     arch::console_init(info);
     console::init_logger(info.cmdline_value("loglevel"));
     arch::init_cpu(info);
+    arch::init_direct_map(info);
+    if let Some(test) = info.cmdline_value("selftest") {
+        arch::selftest(test);
+    }
     println!("hypervisor: booted via {:?}, cmdline {:?}", info.protocol, info.cmdline);
     for r in info.memory_regions() {
-        println!("  mem {:#014x}-{:#014x} {:?}", r.start, r.end(), r.kind);
+        log::debug!("mem {:#014x}-{:#014x} {:?}", r.start, r.end(), r.kind);
     }
-    finish(EXIT_SUCCESS)
+    if let Err(e) = mem::init(info, firmware::dtb_len(info)) {
+        log::error!("memory: {e}");
+        finish(EXIT_FAILURE);
+    }
+    let scenario = info.cmdline_value("scenario").unwrap_or("boot-report");
+    let _platform = discovery::discover_and_report(info);
+    let status = match scenario {
+        "boot-report" => EXIT_SUCCESS,
+        other => {
+            log::error!("unknown scenario {other:?}");
+            EXIT_FAILURE
+        }
+    };
+    println!("report: done");
+    finish(status)
 }
 
 /// Prints the status line `cargo xtask` checks and leaves through the architecture's exit path.

@@ -220,12 +220,13 @@ boot_pdpt:
     .skip 4096
 boot_pd:
     .skip 4 * 4096
-    /* The boot CPU's stack, used until the hypervisor switches to its own. 64 KiB: debug
-     * builds are stack-hungry and exception handlers run on it too (except the IST vectors). */
+    /* The boot CPU's stack, used until the hypervisor switches to its own. 256 KiB: debug
+     * builds are stack-hungry (large values are built on the stack before being moved) and
+     * exception handlers run on it too (except the IST vectors). */
     .balign 16
     .global boot_stack_bottom, boot_stack_top
 boot_stack_bottom:
-    .skip 65536
+    .skip 262144
 boot_stack_top:
 boot_protocol:
     .skip 4

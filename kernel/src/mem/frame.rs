@@ -29,7 +29,13 @@ pub struct FrameAllocator {
 
 impl FrameAllocator {
     pub const fn new() -> Self {
-        Self { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], count: 0, dropped: 0, total: 0, allocated: 0 }
+        Self {
+            ranges: [Range { start: 0, end: 0 }; MAX_RANGES],
+            count: 0,
+            dropped: 0,
+            total: 0,
+            allocated: 0,
+        }
     }
 
     /// Adds `[start, end)` shrunk to page boundaries, merging with neighbours.
@@ -86,11 +92,17 @@ impl FrameAllocator {
             self.total -= r.end.min(end) - r.start.max(start);
             self.remove_at(i);
             if r.start < start {
-                self.insert(Range { start: r.start, end: start });
+                self.insert(Range {
+                    start: r.start,
+                    end: start,
+                });
                 i += 1;
             }
             if r.end > end {
-                self.insert(Range { start: end, end: r.end });
+                self.insert(Range {
+                    start: end,
+                    end: r.end,
+                });
                 i += 1;
             }
         }
@@ -111,10 +123,16 @@ impl FrameAllocator {
             if end <= r.end && end <= limit {
                 self.remove_at(i);
                 if r.start < start {
-                    self.insert(Range { start: r.start, end: start });
+                    self.insert(Range {
+                        start: r.start,
+                        end: start,
+                    });
                 }
                 if end < r.end {
-                    self.insert(Range { start: end, end: r.end });
+                    self.insert(Range {
+                        start: end,
+                        end: r.end,
+                    });
                 }
                 self.total -= size;
                 self.allocated += size;
@@ -128,7 +146,10 @@ impl FrameAllocator {
         let size = pages * PAGE_SIZE;
         self.allocated = self.allocated.saturating_sub(size);
         self.total += size;
-        self.insert(Range { start, end: start + size });
+        self.insert(Range {
+            start,
+            end: start + size,
+        });
     }
 
     pub fn free_bytes(&self) -> u64 {
@@ -148,10 +169,18 @@ pub static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::new());
 /// modules and the first MiB (BIOS data, real-mode IVT, PVH start info live there on x86).
 pub fn init(info: &BootInfo, dtb_len: u64) {
     let mut f = FRAMES.lock();
-    for r in info.memory_regions().iter().filter(|r| r.kind == MemoryKind::Usable) {
+    for r in info
+        .memory_regions()
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Usable)
+    {
         f.add(r.start, r.end());
     }
-    for r in info.memory_regions().iter().filter(|r| r.kind != MemoryKind::Usable) {
+    for r in info
+        .memory_regions()
+        .iter()
+        .filter(|r| r.kind != MemoryKind::Usable)
+    {
         f.reserve(r.start, r.end());
     }
     f.reserve(0, 0x10_0000);

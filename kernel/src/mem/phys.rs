@@ -16,14 +16,19 @@ impl core::fmt::Display for PhysError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             PhysError::NotMapped { pa, len } => {
-                write!(f, "physical range {pa:#x}+{len:#x} is outside the direct map")
+                write!(
+                    f,
+                    "physical range {pa:#x}+{len:#x} is outside the direct map"
+                )
             }
         }
     }
 }
 
 fn virt(pa: u64, len: u64) -> Result<usize, PhysError> {
-    let end = pa.checked_add(len).ok_or(PhysError::NotMapped { pa, len })?;
+    let end = pa
+        .checked_add(len)
+        .ok_or(PhysError::NotMapped { pa, len })?;
     if end > arch::direct_map_limit() {
         return Err(PhysError::NotMapped { pa, len });
     }
@@ -61,7 +66,11 @@ pub struct MmioRegion {
 
 impl MmioRegion {
     pub fn new(pa: u64, size: u64) -> Result<Self, PhysError> {
-        Ok(Self { base: virt(pa, size)?, size: size as usize, phys: pa })
+        Ok(Self {
+            base: virt(pa, size)?,
+            size: size as usize,
+            phys: pa,
+        })
     }
 
     fn addr(&self, offset: usize, width: usize) -> usize {
