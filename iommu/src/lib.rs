@@ -11,5 +11,6 @@ extern crate std;
 
 pub mod firmware;
 pub mod hw;
+pub mod pgtable;
 pub mod smmuv3;
 pub mod vtd;

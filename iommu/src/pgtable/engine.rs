@@ -1,0 +1,1131 @@
+//! The page-table engine: one algorithm for every [`Format`].
+//!
+//! Every operation is a recursive walk over the part of the tree its IOVA range covers, visiting
+//! each table once per call (a 256-page map touches the root-to-leaf path once, then runs along
+//! one leaf table), so batched calls cost close to the entry writes themselves.
+
+use super::format::{Concurrency, Config, Format, Geometry};
+use super::gather::Gather;
+use super::mem::TableMemory;
+use super::sync::{
+    AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+    PteAtomic,
+};
+use super::{ConfigError, IovaRange, MapError, PhysAddr, Prot, UnmapError};
+use core::fmt;
+use core::marker::PhantomData;
+
+/// One IO page table of format `F`.
+///
+/// The table holds the physical address of its root and its configuration; the table pages
+/// themselves live in the [`TableMemory`] passed to each call, which must be the same pool (or a
+/// per-CPU view of the same pool) every time. Share it between CPUs by reference: every operation
+/// takes `&self` (see the concurrency contract in the [module docs](super)).
+///
+/// Dropping a `PageTable` leaks its pages; call [`destroy`](Self::destroy).
+pub struct PageTable<F: Format> {
+    root: PhysAddr,
+    geo: Geometry,
+    cfg: Config,
+    /// Bit `l`: leaves may be placed at level `l` (format ∩ hardware).
+    leaf_levels: u32,
+    /// Bit `l`: contiguous runs are used at level `l`.
+    cont_levels: u32,
+    /// Largest leaf span (superpage × contiguous run), for the unmap boundary check.
+    max_leaf_span: u64,
+    /// Table pages linked into the tree, root included. Touched only when a table is installed or
+    /// unlinked, never per leaf, so CPUs mapping disjoint ranges do not share a hot cache line.
+    tables: AtomicUsize,
+    _format: PhantomData<fn() -> F>,
+}
+
+/// The result of a lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Output address of the looked-up IOVA (not of the page).
+    pub pa: PhysAddr,
+    /// Level of the leaf (0 = granule).
+    pub level: u32,
+    /// Size of the leaf entry.
+    pub page_size: u64,
+    /// IOVA range of the leaf as an unmap sees it: the entry, or its whole contiguous run.
+    pub leaf: IovaRange,
+    /// The raw leaf descriptor.
+    pub pte: u64,
+}
+
+/// What a table contains, by level (index = level, 0 = granule).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Table pages at each level (the root counts once, at the top level, even if concatenated).
+    pub tables: [usize; 5],
+    /// Leaf entries at each level.
+    pub leaves: [u64; 5],
+    /// Of those, leaf entries carrying the contiguous hint.
+    pub contiguous: [u64; 5],
+    /// Bytes mapped.
+    pub mapped: u64,
+}
+
+impl Census {
+    /// Table pages in the tree, root included.
+    pub fn table_pages(&self) -> usize {
+        self.tables.iter().sum()
+    }
+}
+
+/// How to point the hardware at a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootInfo {
+    /// Physical address of the root (VT-d SLPTPTR / FLPTPTR, Arm TTB / S2TTB).
+    pub pa: PhysAddr,
+    pub levels: u32,
+    pub root_entries: usize,
+    pub root_bytes: usize,
+    pub granule_shift: u32,
+    pub ias: u32,
+    pub oas: u32,
+}
+
+impl RootInfo {
+    /// VT-d context-entry AW / PASID-entry AW field: 1 = 3 levels, 2 = 4 levels, 3 = 5 levels.
+    pub fn vtd_aw(&self) -> u32 {
+        self.levels.saturating_sub(2)
+    }
+    /// Arm initial lookup level (architectural numbering, 0..=3).
+    pub fn arm_start_level(&self) -> u32 {
+        4 - self.levels
+    }
+    /// Arm TnSZ (CD.T0SZ, STE.S2T0SZ, VTCR_EL2.T0SZ).
+    pub fn arm_t0sz(&self) -> u32 {
+        64 - self.ias
+    }
+    /// Arm stage-2 SL0 encoding for the initial lookup level (STE.S2SL0, VTCR_EL2.SL0), or `None`
+    /// if the level needs FEAT_TTST / FEAT_LPA2 encodings.
+    pub fn arm_sl0(&self) -> Option<u32> {
+        let start = self.arm_start_level();
+        match self.granule_shift {
+            12 => 2u32.checked_sub(start),
+            14 | 16 => 3u32.checked_sub(start).filter(|_| start >= 1),
+            _ => None,
+        }
+    }
+    /// Number of granule-sized tables concatenated at the root (1 when not concatenated).
+    pub fn concatenated_tables(&self) -> usize {
+        (self.root_bytes >> self.granule_shift).max(1)
+    }
+}
+
+/// Leaf descriptors minus the output address, computed once per `map` call.
+struct Templates {
+    page: u64,
+    block: u64,
+}
+
+#[derive(Clone, Copy)]
+enum FailKind {
+    Overlap,
+    NoMemory,
+}
+
+/// A map stopped at `at`: everything in `[start, at)` was installed by this call.
+struct Fail {
+    at: u64,
+    kind: FailKind,
+}
+
+/// Accounting of one unmap walk.
+struct UnmapState {
+    /// The request, for the split check.
+    start: u64,
+    end: u64,
+    /// Rolling back a failed map: clear leaves only, no split check, keep tables.
+    rollback: bool,
+    bytes: u64,
+    leaves: u64,
+    min_shift: u32,
+    /// Hull of what was actually cleared or unlinked.
+    lo: u64,
+    hi: u64,
+}
+
+impl UnmapState {
+    fn new(start: u64, end: u64, rollback: bool) -> Self {
+        UnmapState {
+            start,
+            end,
+            rollback,
+            bytes: 0,
+            leaves: 0,
+            min_shift: u32::MAX,
+            lo: u64::MAX,
+            hi: 0,
+        }
+    }
+    #[inline(always)]
+    fn cover(&mut self, start: u64, end: u64) {
+        self.lo = self.lo.min(start);
+        self.hi = self.hi.max(end);
+    }
+    #[inline(always)]
+    fn leaf(&mut self, shift: u32) {
+        self.leaves += 1;
+        self.bytes += 1 << shift;
+        self.min_shift = self.min_shift.min(shift);
+    }
+    fn into_gather(self, g: &mut Gather) -> u64 {
+        g.add_range(self.lo, self.hi);
+        if self.leaves != 0 {
+            g.add_leaves(self.leaves, self.min_shift);
+        }
+        self.bytes
+    }
+}
+
+impl<F: Format> PageTable<F> {
+    /// Creates an empty table: validates `cfg` against the format, allocates the root.
+    pub fn new<M: TableMemory>(mem: &M, cfg: Config) -> Result<Self, ConfigError> {
+        let geo = F::geometry(&cfg)?;
+        let mut leaf_levels = 1u32;
+        let mut cont_levels = 0u32;
+        let mut max_leaf_span = 1u64 << F::GRANULE_SHIFT;
+        for level in 0..geo.levels {
+            let shift = Self::shift(level);
+            let allowed = level == 0
+                || (F::LEAF_LEVELS & (1 << level) != 0 && cfg.leaf_sizes & (1u64 << shift) != 0);
+            if !allowed {
+                continue;
+            }
+            leaf_levels |= 1 << level;
+            let mut span = 1u64 << shift;
+            let run = F::contiguous_entries(level);
+            let entries = if level == geo.levels - 1 {
+                geo.root_entries
+            } else {
+                1 << F::BITS_PER_LEVEL
+            };
+            if cfg.contiguous_hint && run > 1 && run <= entries {
+                cont_levels |= 1 << level;
+                span *= run as u64;
+            }
+            max_leaf_span = max_leaf_span.max(span);
+        }
+        let root = mem
+            .alloc_table(geo.root_bytes)
+            .ok_or(ConfigError::NoMemory)?;
+        if !cfg.coherent {
+            mem.clean(root, geo.root_bytes);
+        }
+        Ok(PageTable {
+            root,
+            geo,
+            cfg,
+            leaf_levels,
+            cont_levels,
+            max_leaf_span,
+            tables: AtomicUsize::new(1),
+            _format: PhantomData,
+        })
+    }
+
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Leaf sizes this table will use (bit `n` = 2^n bytes), contiguous runs not included.
+    pub fn leaf_sizes(&self) -> u64 {
+        (0..self.geo.levels)
+            .filter(|l| self.leaf_levels & (1 << l) != 0)
+            .fold(0, |acc, l| acc | 1u64 << Self::shift(l))
+    }
+    /// Everything a driver needs to point the hardware at this table.
+    pub fn root_info(&self) -> RootInfo {
+        RootInfo {
+            pa: self.root,
+            levels: self.geo.levels,
+            root_entries: self.geo.root_entries,
+            root_bytes: self.geo.root_bytes,
+            granule_shift: F::GRANULE_SHIFT,
+            ias: self.geo.ias,
+            oas: self.geo.oas,
+        }
+    }
+    /// Table pages currently linked into the tree, root included.
+    pub fn table_pages(&self) -> usize {
+        // Relaxed: a statistic.
+        self.tables.load(Relaxed)
+    }
+
+    #[inline(always)]
+    const fn shift(level: u32) -> u32 {
+        F::GRANULE_SHIFT + level * F::BITS_PER_LEVEL
+    }
+    #[inline(always)]
+    fn top(&self) -> u32 {
+        self.geo.levels - 1
+    }
+    #[inline(always)]
+    fn entries_at(&self, level: u32) -> usize {
+        if level == self.top() {
+            self.geo.root_entries
+        } else {
+            1 << F::BITS_PER_LEVEL
+        }
+    }
+    #[inline(always)]
+    fn table<'m, M: TableMemory>(&self, mem: &'m M, pa: PhysAddr, level: u32) -> &'m [M::Entry] {
+        let n = self.entries_at(level);
+        // Re-slicing to the exact length lets the compiler drop the bounds checks on indices that
+        // were masked with `n - 1`.
+        &mem.table(pa, n)[..n]
+    }
+    #[inline(always)]
+    fn index(&self, iova: u64, level: u32) -> usize {
+        (iova >> Self::shift(level)) as usize & (self.entries_at(level) - 1)
+    }
+    #[inline(always)]
+    fn input_limit(&self) -> u64 {
+        1u64 << self.geo.ias
+    }
+    #[inline(always)]
+    fn clean_entries<M: TableMemory>(&self, mem: &M, table: PhysAddr, first: usize, count: usize) {
+        if !self.cfg.coherent && count != 0 {
+            mem.clean(table + first as u64 * 8, count * 8);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // map
+    // ---------------------------------------------------------------------------------------
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` with `prot`, using at each point the largest
+    /// leaf that the alignment of `iova` and `pa`, the remaining length, the format and the
+    /// hardware allow, and the Arm contiguous hint on runs of 16 (or 32/128) such leaves.
+    ///
+    /// Fails without changing any translation if any part of the range is mapped (see
+    /// [`MapError`] for the rolled-back range a failure may report). A slot holding an empty table
+    /// left by an earlier partial unmap is reused as a table: the span is then mapped with
+    /// smaller leaves.
+    pub fn map<M: TableMemory>(
+        &self,
+        mem: &M,
+        iova: u64,
+        pa: PhysAddr,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let granule_mask = (1u64 << F::GRANULE_SHIFT) - 1;
+        if len == 0 || (iova | pa | len) & granule_mask != 0 {
+            return Err(MapError::Misaligned);
+        }
+        let end = iova.checked_add(len).ok_or(MapError::OutOfRange)?;
+        let pa_end = pa.checked_add(len).ok_or(MapError::OutOfRange)?;
+        if end > self.input_limit() || pa_end > 1u64 << self.geo.oas {
+            return Err(MapError::OutOfRange);
+        }
+        let t = Templates {
+            page: F::leaf_template(prot, &self.cfg, false)?,
+            block: if self.leaf_levels > 1 {
+                F::leaf_template(prot, &self.cfg, true)?
+            } else {
+                0
+            },
+        };
+        match self.map_level(mem, &t, self.root, self.top(), iova, end, pa) {
+            Ok(()) => Ok(()),
+            Err(fail) => {
+                let rolled_back = IovaRange {
+                    start: iova,
+                    end: fail.at,
+                };
+                if fail.at > iova {
+                    self.rollback(mem, iova, fail.at);
+                }
+                Err(match fail.kind {
+                    FailKind::Overlap => MapError::Overlap {
+                        iova: fail.at,
+                        rolled_back,
+                    },
+                    FailKind::NoMemory => MapError::NoMemory { rolled_back },
+                })
+            }
+        }
+    }
+
+    /// Maps `[iova, end)` → `pa..` within the table at `table` (level `level`).
+    #[allow(clippy::too_many_arguments)]
+    fn map_level<M: TableMemory>(
+        &self,
+        mem: &M,
+        t: &Templates,
+        table: PhysAddr,
+        level: u32,
+        mut iova: u64,
+        end: u64,
+        mut pa: PhysAddr,
+    ) -> Result<(), Fail> {
+        let tbl = self.table(mem, table, level);
+        let n = tbl.len();
+        let shift = Self::shift(level);
+        let size = 1u64 << shift;
+        let leaf_ok = self.leaf_levels & (1 << level) != 0;
+        let mut i = self.index(iova, level);
+        while iova < end {
+            let entry_end = (iova | (size - 1)) + 1;
+            if leaf_ok && (iova | pa) & (size - 1) == 0 && end >= entry_end {
+                // A run of whole entries, all of which can be leaves: `pa` advances by `size`
+                // along with `iova`, so the alignment holds for every one of them.
+                let count = (((end - iova) >> shift) as usize).min(n - i);
+                self.install_leaves(mem, t, table, tbl, level, i, count, iova, pa)?;
+                let bytes = (count as u64) << shift;
+                i += count;
+                iova += bytes;
+                pa += bytes;
+            } else {
+                // Level 0 always takes the branch above: `map` checked granule alignment.
+                debug_assert!(level > 0);
+                let chunk_end = end.min(entry_end);
+                let child = self.child_for_map(mem, table, tbl, level, i, iova)?;
+                self.map_level(mem, t, child, level - 1, iova, chunk_end, pa)?;
+                pa += chunk_end - iova;
+                iova = chunk_end;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next-level table under entry `i`, installing a fresh one if the entry is empty.
+    fn child_for_map<M: TableMemory>(
+        &self,
+        mem: &M,
+        table: PhysAddr,
+        tbl: &[M::Entry],
+        level: u32,
+        i: usize,
+        iova: u64,
+    ) -> Result<PhysAddr, Fail> {
+        let slot = &tbl[i];
+        // Acquire: if this is a table pointer we read through it next, and the zeroes (and every
+        // entry written before the pointer was published) must be visible. Pairs with the Release
+        // of the install CAS below, on whichever CPU won it.
+        let cur = slot.load(Acquire);
+        if cur != 0 {
+            if F::is_table(cur, level) {
+                // Non-coherent walker: the CPU that installed the pointer may not have cleaned it
+                // yet; clean it ourselves so our leaves are reachable when we return.
+                self.clean_entries(mem, table, i, 1);
+                return Ok(F::entry_addr(cur));
+            }
+            return Err(Fail {
+                at: iova,
+                kind: FailKind::Overlap,
+            });
+        }
+        let bytes = self.geo.table_bytes;
+        let new = mem.alloc_table(bytes).ok_or(Fail {
+            at: iova,
+            kind: FailKind::NoMemory,
+        })?;
+        if !self.cfg.coherent {
+            // The walker must find zeroes, not stale lines, once it can reach the table.
+            mem.clean(new, bytes);
+        }
+        let pte = F::table_entry(new, &self.cfg);
+        // Success Release: the zeroed table is visible before the pointer that publishes it, to
+        // every CPU that reads the pointer with Acquire (and, on Arm, to the coherent walker,
+        // which observes stores in order with a store-release).
+        // Failure Acquire: we continue in the winner's table and must see its zeroes.
+        match slot.compare_exchange(0, pte, Release, Acquire) {
+            Ok(_) => {
+                // Relaxed: a statistic.
+                self.tables.fetch_add(1, Relaxed);
+                self.clean_entries(mem, table, i, 1);
+                Ok(new)
+            }
+            Err(won) => {
+                // Lost the race: nobody else ever saw `new`, so it may be reused at once.
+                mem.free_table(new, bytes);
+                if F::is_table(won, level) {
+                    self.clean_entries(mem, table, i, 1);
+                    Ok(F::entry_addr(won))
+                } else {
+                    Err(Fail {
+                        at: iova,
+                        kind: FailKind::Overlap,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Installs `count` leaves at entries `first..` of `tbl` (level `level`), grouping them into
+    /// contiguous runs where the hint is enabled and alignment allows.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn install_leaves<M: TableMemory>(
+        &self,
+        mem: &M,
+        t: &Templates,
+        table: PhysAddr,
+        tbl: &[M::Entry],
+        level: u32,
+        first: usize,
+        count: usize,
+        iova: u64,
+        pa: PhysAddr,
+    ) -> Result<(), Fail> {
+        let shift = Self::shift(level);
+        let tmpl = if level == 0 { t.page } else { t.block };
+        let run = if self.cont_levels & (1 << level) != 0 {
+            F::contiguous_entries(level)
+        } else {
+            0
+        };
+        let end = first + count;
+        let mut i = first;
+        let result = loop {
+            if i == end {
+                break Ok(());
+            }
+            let off = ((i - first) as u64) << shift;
+            let (e_iova, e_pa) = (iova + off, pa + off);
+            // How many entries go in one sweep, and whether they form a contiguous run.
+            let (n, hint) = if run == 0 {
+                (end - i, 0)
+            } else if i % run == 0
+                && end - i >= run
+                && e_pa & (((run as u64) << shift) - 1) == 0
+                // Relaxed: only chooses the contiguous path; the CASes decide.
+                && tbl[i..i + run].iter().all(|s| s.load(Relaxed) == 0)
+            {
+                (run, F::CONT_BIT)
+            } else {
+                // Plain leaves up to the next run boundary.
+                (((i / run + 1) * run).min(end) - i, 0)
+            };
+            match self.put_run(&tbl[i..i + n], tmpl | hint, e_pa, shift) {
+                Ok(()) => i += n,
+                Err((k, cur)) => {
+                    i += k;
+                    let at = e_iova + ((k as u64) << shift);
+                    if hint == 0 && F::is_table(cur, level) {
+                        // An empty table left by a partial unmap: map this entry's span inside it.
+                        let e_pa = e_pa + ((k as u64) << shift);
+                        let child = F::entry_addr(cur);
+                        if let Err(f) =
+                            self.map_level(mem, t, child, level - 1, at, at + (1 << shift), e_pa)
+                        {
+                            break Err(f);
+                        }
+                        i += 1;
+                    } else {
+                        break Err(Fail {
+                            at,
+                            kind: FailKind::Overlap,
+                        });
+                    }
+                }
+            }
+        };
+        self.clean_entries(mem, table, first, i - first);
+        result
+    }
+
+    /// Writes leaves `tmpl | oa(pa + k·size)` into `slots`, each only if the slot is empty.
+    /// Returns the index and current value of the first occupied slot.
+    #[inline(always)]
+    fn put_run<E: PteAtomic>(
+        &self,
+        slots: &[E],
+        tmpl: u64,
+        pa: PhysAddr,
+        shift: u32,
+    ) -> Result<(), (usize, u64)> {
+        match self.cfg.concurrency {
+            Concurrency::Untrusted => {
+                for (k, slot) in slots.iter().enumerate() {
+                    let v = tmpl | F::oa_bits(pa + ((k as u64) << shift));
+                    // Success Relaxed: a leaf carries no CPU-side payload (nothing a reader then
+                    // dereferences), and the CAS's atomicity is what makes "fails on an occupied
+                    // entry" hold against a racing caller. Failure Acquire: the occupant may be a
+                    // table we descend into.
+                    if let Err(cur) = slot.compare_exchange(0, v, Relaxed, Acquire) {
+                        return Err((k, cur));
+                    }
+                }
+            }
+            Concurrency::Cooperative => {
+                for (k, slot) in slots.iter().enumerate() {
+                    // Acquire: as for the CAS failure above.
+                    let cur = slot.load(Acquire);
+                    if cur != 0 {
+                        return Err((k, cur));
+                    }
+                    // Relaxed: as for the CAS success above; the caller guarantees no racer.
+                    slot.store(tmpl | F::oa_bits(pa + ((k as u64) << shift)), Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the leaves a failed map installed in `[start, end)`.
+    fn rollback<M: TableMemory>(&self, mem: &M, start: u64, end: u64) {
+        let mut st = UnmapState::new(start, end, true);
+        let mut g = Gather::new();
+        let _ = self.unmap_level(mem, &mut st, self.root, self.top(), start, end, &mut g);
+        debug_assert_eq!(g.table_pages(), 0);
+        g.complete(mem);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // unmap
+    // ---------------------------------------------------------------------------------------
+
+    /// Unmaps every leaf in `[iova, iova + len)` and returns the bytes unmapped (holes are skipped
+    /// and not counted). The cleared range and every table page whose whole span the request
+    /// covered are added to `gather`; see [`Gather`] for what the caller does next.
+    ///
+    /// A range that cuts through a superpage or contiguous run is rejected with
+    /// [`UnmapError::SplitsLeaf`] before anything changes.
+    pub fn unmap<M: TableMemory>(
+        &self,
+        mem: &M,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        let granule = 1u64 << F::GRANULE_SHIFT;
+        if len == 0 || (iova | len) & (granule - 1) != 0 {
+            return Err(UnmapError::Misaligned);
+        }
+        let end = iova
+            .checked_add(len)
+            .filter(|&e| e <= self.input_limit())
+            .ok_or(UnmapError::OutOfRange)?;
+        // The leaf under the first address is the first leaf the walk meets, so a cut there is
+        // found before anything changes. The leaf under the last address is met last: look it up
+        // first, unless no leaf can straddle `end` or the range is a single granule.
+        if len > granule && end & (self.max_leaf_span - 1) != 0 {
+            if let Some(t) = self.translate(mem, end - 1) {
+                if t.leaf.end > end {
+                    return Err(UnmapError::SplitsLeaf {
+                        leaf: t.leaf,
+                        unmapped: 0,
+                    });
+                }
+            }
+        }
+        let mut st = UnmapState::new(iova, end, false);
+        let r = self.unmap_level(mem, &mut st, self.root, self.top(), iova, end, gather);
+        let bytes = st.into_gather(gather);
+        match r {
+            Ok(()) => Ok(bytes),
+            Err(leaf) => Err(UnmapError::SplitsLeaf {
+                leaf,
+                unmapped: bytes,
+            }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn unmap_level<M: TableMemory>(
+        &self,
+        mem: &M,
+        st: &mut UnmapState,
+        table: PhysAddr,
+        level: u32,
+        mut iova: u64,
+        end: u64,
+        g: &mut Gather,
+    ) -> Result<(), IovaRange> {
+        let tbl = self.table(mem, table, level);
+        let shift = Self::shift(level);
+        let size = 1u64 << shift;
+        let first = self.index(iova, level);
+        let mut i = first;
+        let mut changed = false;
+        let mut result = Ok(());
+        while iova < end {
+            let entry_end = (iova | (size - 1)) + 1;
+            let chunk_end = end.min(entry_end);
+            // Acquire: if this is a table pointer we read the table next (pairs with the Release
+            // of the CAS that installed it).
+            let e = tbl[i].load(Acquire);
+            if F::is_valid(e) {
+                if F::is_table(e, level) {
+                    let whole = iova & (size - 1) == 0 && chunk_end == entry_end;
+                    if whole && !st.rollback {
+                        // The request covers this table's whole span, so under the contract no
+                        // other CPU can be using it: unlink it and free it after the flush.
+                        if let Some(child) = self.take_table(&tbl[i], e, level) {
+                            changed = true;
+                            let freed = self.reap(mem, st, child, level - 1, g);
+                            // Relaxed: a statistic.
+                            self.tables.fetch_sub(freed, Relaxed);
+                            st.cover(iova, entry_end);
+                        }
+                    } else if let Err(leaf) =
+                        self.unmap_level(mem, st, F::entry_addr(e), level - 1, iova, chunk_end, g)
+                    {
+                        result = Err(leaf);
+                        break;
+                    }
+                } else {
+                    let run = if F::CONT_BIT != 0 && e & F::CONT_BIT != 0 {
+                        F::contiguous_entries(level) as u64
+                    } else {
+                        1
+                    };
+                    if !st.rollback && (level > 0 || run > 1) {
+                        let span = size * run;
+                        let leaf_start = iova & !(span - 1);
+                        if leaf_start < st.start || leaf_start + span > st.end {
+                            result = Err(IovaRange {
+                                start: leaf_start,
+                                end: leaf_start + span,
+                            });
+                            break;
+                        }
+                    }
+                    if self.take_leaf(&tbl[i], e, level) {
+                        changed = true;
+                        st.leaf(shift);
+                        st.cover(iova, entry_end);
+                    }
+                }
+            }
+            iova = chunk_end;
+            i += 1;
+        }
+        if changed {
+            self.clean_entries(mem, table, first, i - first);
+        }
+        result
+    }
+
+    /// Clears the leaf `seen` from `slot`. Returns whether this call removed it (exactly one of
+    /// several racing unmaps does, in [`Concurrency::Untrusted`] mode).
+    #[inline(always)]
+    fn take_leaf<E: PteAtomic>(&self, slot: &E, seen: u64, level: u32) -> bool {
+        match self.cfg.concurrency {
+            Concurrency::Cooperative => {
+                // Relaxed: no payload; the caller guarantees no racer.
+                slot.store(0, Relaxed);
+                true
+            }
+            Concurrency::Untrusted => {
+                let mut cur = seen;
+                loop {
+                    // Relaxed: no payload; atomicity alone makes the removal exactly-once.
+                    match slot.compare_exchange(cur, 0, Relaxed, Relaxed) {
+                        Ok(_) => return true,
+                        // The hardware set A/D (AF, or DBM's write permission) since we looked:
+                        // still the same leaf, try again. Bounded: it sets each bit once.
+                        Err(now)
+                            if F::is_valid(now)
+                                && !F::is_table(now, level)
+                                && F::entry_addr(now) == F::entry_addr(cur) =>
+                        {
+                            cur = now
+                        }
+                        // A racing caller removed or replaced it: not ours to remove.
+                        Err(_) => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unlinks the table entry `seen`; returns the table's address if this call unlinked it.
+    #[inline(always)]
+    fn take_table<E: PteAtomic>(&self, slot: &E, seen: u64, level: u32) -> Option<PhysAddr> {
+        match self.cfg.concurrency {
+            Concurrency::Cooperative => {
+                // Relaxed: a reader that sees 0 reads nothing through it. Ordering against reuse
+                // of the page is the grace period's job (`retire_table`), against the hardware
+                // walker the invalidation's.
+                slot.store(0, Relaxed);
+                Some(F::entry_addr(seen))
+            }
+            Concurrency::Untrusted => {
+                let mut cur = seen;
+                loop {
+                    // Relaxed: as above; we already hold Acquire visibility of the table's
+                    // contents from the load that found `seen`.
+                    match slot.compare_exchange(cur, 0, Relaxed, Relaxed) {
+                        Ok(_) => return Some(F::entry_addr(cur)),
+                        // VT-d sets A in non-leaf entries as it walks: same table, try again.
+                        Err(now)
+                            if F::is_table(now, level)
+                                && F::entry_addr(now) == F::entry_addr(cur) =>
+                        {
+                            cur = now
+                        }
+                        Err(_) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Accounts for every leaf under an unlinked table and chains its table pages into `g`.
+    /// Returns the number of table pages chained.
+    fn reap<M: TableMemory>(
+        &self,
+        mem: &M,
+        st: &mut UnmapState,
+        table: PhysAddr,
+        level: u32,
+        g: &mut Gather,
+    ) -> usize {
+        let tbl = self.table(mem, table, level);
+        let shift = Self::shift(level);
+        let mut freed = 1;
+        for slot in tbl {
+            // Acquire: a table pointer found here leads to entries we read next.
+            let e = slot.load(Acquire);
+            if !F::is_valid(e) {
+                continue;
+            }
+            if F::is_table(e, level) {
+                freed += self.reap(mem, st, F::entry_addr(e), level - 1, g);
+            } else {
+                st.leaf(shift);
+            }
+        }
+        // The leaves stay in the unlinked page: after the invalidation nothing can reach them.
+        g.push_table(mem, table, self.geo.table_bytes);
+        freed
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // lookup, dirty bits, introspection
+    // ---------------------------------------------------------------------------------------
+
+    /// The output address `iova` translates to, if mapped.
+    pub fn iova_to_phys<M: TableMemory>(&self, mem: &M, iova: u64) -> Option<PhysAddr> {
+        self.translate(mem, iova).map(|t| t.pa)
+    }
+
+    /// The leaf translating `iova`, if mapped.
+    pub fn translate<M: TableMemory>(&self, mem: &M, iova: u64) -> Option<Translation> {
+        if iova >= self.input_limit() {
+            return None;
+        }
+        let mut table = self.root;
+        let mut level = self.top();
+        loop {
+            let tbl = self.table(mem, table, level);
+            // Acquire: a table pointer leads to entries we read next.
+            let e = tbl[self.index(iova, level)].load(Acquire);
+            if !F::is_valid(e) {
+                return None;
+            }
+            if F::is_table(e, level) {
+                table = F::entry_addr(e);
+                level -= 1;
+                continue;
+            }
+            let size = 1u64 << Self::shift(level);
+            let run = if F::CONT_BIT != 0 && e & F::CONT_BIT != 0 {
+                F::contiguous_entries(level) as u64
+            } else {
+                1
+            };
+            let span = size * run;
+            let start = iova & !(span - 1);
+            return Some(Translation {
+                pa: (F::entry_addr(e) & !(size - 1)) + (iova & (size - 1)),
+                level,
+                page_size: size,
+                leaf: IovaRange {
+                    start,
+                    end: start + span,
+                },
+                pte: e,
+            });
+        }
+    }
+
+    /// Reports, through `report`, every leaf in `[iova, iova + len)` whose dirty state is set
+    /// (a leaf partly inside the range is reported whole; a contiguous run is reported as one
+    /// leaf if any of its entries is dirty, since the hardware may mark any one of them). With
+    /// `clear`, makes them clean again and adds them to `gather`: the hardware marks a page dirty
+    /// again only after the invalidation. Reports nothing for formats or tables without dirty
+    /// tracking.
+    pub fn read_and_clear_dirty<M: TableMemory>(
+        &self,
+        mem: &M,
+        iova: u64,
+        len: u64,
+        clear: bool,
+        gather: &mut Gather,
+        mut report: impl FnMut(IovaRange),
+    ) -> Result<(), UnmapError> {
+        let granule = 1u64 << F::GRANULE_SHIFT;
+        if len == 0 || (iova | len) & (granule - 1) != 0 {
+            return Err(UnmapError::Misaligned);
+        }
+        let end = iova
+            .checked_add(len)
+            .filter(|&e| e <= self.input_limit())
+            .ok_or(UnmapError::OutOfRange)?;
+        if !F::HAS_DIRTY || !self.cfg.dirty_tracking {
+            return Ok(());
+        }
+        self.dirty_level(
+            mem,
+            self.root,
+            self.top(),
+            iova,
+            end,
+            clear,
+            gather,
+            &mut report,
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dirty_level<M: TableMemory>(
+        &self,
+        mem: &M,
+        table: PhysAddr,
+        level: u32,
+        mut iova: u64,
+        end: u64,
+        clear: bool,
+        g: &mut Gather,
+        report: &mut dyn FnMut(IovaRange),
+    ) {
+        let tbl = self.table(mem, table, level);
+        let n = tbl.len();
+        let shift = Self::shift(level);
+        let size = 1u64 << shift;
+        let mut i = self.index(iova, level);
+        let first = i;
+        let mut changed = false;
+        while iova < end && i < n {
+            let entry_end = (iova | (size - 1)) + 1;
+            // Acquire: a table pointer leads to entries we read next.
+            let e = tbl[i].load(Acquire);
+            if !F::is_valid(e) {
+                iova = entry_end;
+                i += 1;
+                continue;
+            }
+            if F::is_table(e, level) {
+                let chunk_end = end.min(entry_end);
+                self.dirty_level(
+                    mem,
+                    F::entry_addr(e),
+                    level - 1,
+                    iova,
+                    chunk_end,
+                    clear,
+                    g,
+                    report,
+                );
+                iova = entry_end;
+                i += 1;
+                continue;
+            }
+            let run = if F::CONT_BIT != 0 && e & F::CONT_BIT != 0 {
+                F::contiguous_entries(level)
+            } else {
+                1
+            };
+            let g0 = i - i % run;
+            let g1 = (g0 + run).min(n);
+            let span = size * run as u64;
+            let start = iova & !(span - 1);
+            let leaf = IovaRange {
+                start,
+                end: start + ((g1 - g0) as u64) * size,
+            };
+            // Relaxed: the dirty bit is state the hardware sets; no CPU data depends on it.
+            let dirty = tbl[g0..g1].iter().any(|s| F::is_dirty(s.load(Relaxed)));
+            if dirty {
+                report(leaf);
+                if clear {
+                    for s in &tbl[g0..g1] {
+                        // Relaxed RMW: atomic, so a concurrent hardware update to the same entry
+                        // is not lost; the invalidation of `g`'s range is what makes the hardware
+                        // see the clean state.
+                        if F::CLEAN_AND != !0 {
+                            s.fetch_and(F::CLEAN_AND, Relaxed);
+                        }
+                        if F::CLEAN_OR != 0 {
+                            s.fetch_or(F::CLEAN_OR, Relaxed);
+                        }
+                    }
+                    g.add_range(leaf.start, leaf.end);
+                    g.add_leaves((g1 - g0) as u64, shift);
+                    changed = true;
+                }
+            }
+            iova = leaf.end;
+            i = g1;
+        }
+        if changed {
+            self.clean_entries(mem, table, first, i - first);
+        }
+    }
+
+    /// Counts tables and leaves per level.
+    pub fn census<M: TableMemory>(&self, mem: &M) -> Census {
+        let mut c = Census::default();
+        self.census_level(mem, self.root, self.top(), &mut c);
+        c
+    }
+
+    fn census_level<M: TableMemory>(&self, mem: &M, table: PhysAddr, level: u32, c: &mut Census) {
+        c.tables[level as usize] += 1;
+        for slot in self.table(mem, table, level) {
+            // Acquire: a table pointer leads to entries we read next.
+            let e = slot.load(Acquire);
+            if !F::is_valid(e) {
+                continue;
+            }
+            if F::is_table(e, level) {
+                self.census_level(mem, F::entry_addr(e), level - 1, c);
+            } else {
+                c.leaves[level as usize] += 1;
+                if F::CONT_BIT != 0 && e & F::CONT_BIT != 0 {
+                    c.contiguous[level as usize] += 1;
+                }
+                c.mapped += 1 << Self::shift(level);
+            }
+        }
+    }
+
+    /// Writes a human-readable dump: the geometry, then every table and every run of leaves with
+    /// consecutive output addresses and identical attributes, one per line.
+    pub fn dump<M: TableMemory>(&self, mem: &M, out: &mut dyn fmt::Write) -> fmt::Result {
+        writeln!(
+            out,
+            "{}: {} levels, ias {} oas {}, root {:#x} ({} entries), {} table pages",
+            F::NAME,
+            self.geo.levels,
+            self.geo.ias,
+            self.geo.oas,
+            self.root,
+            self.geo.root_entries,
+            self.table_pages()
+        )?;
+        self.dump_level(mem, out, self.root, self.top(), 0)
+    }
+
+    fn dump_level<M: TableMemory>(
+        &self,
+        mem: &M,
+        out: &mut dyn fmt::Write,
+        table: PhysAddr,
+        level: u32,
+        base: u64,
+    ) -> fmt::Result {
+        let tbl = self.table(mem, table, level);
+        let size = 1u64 << Self::shift(level);
+        let indent = (self.top() - level) as usize * 2 + 2;
+        let leaf_pa = |e: u64| F::entry_addr(e) & !(size - 1);
+        let mut i = 0;
+        while i < tbl.len() {
+            // Acquire: a table pointer leads to entries we read next.
+            let e = tbl[i].load(Acquire);
+            let start = base + i as u64 * size;
+            if !F::is_valid(e) {
+                i += 1;
+                continue;
+            }
+            if F::is_table(e, level) {
+                writeln!(
+                    out,
+                    "{:indent$}L{level}[{i}] {start:#x}..{:#x} table {:#x}",
+                    "",
+                    start + size,
+                    F::entry_addr(e)
+                )?;
+                self.dump_level(mem, out, F::entry_addr(e), level - 1, start)?;
+                i += 1;
+                continue;
+            }
+            let attrs = e ^ F::oa_bits(leaf_pa(e));
+            let mut j = i + 1;
+            while j < tbl.len() {
+                // Acquire: as above (only to keep every walk uniform; leaves carry no payload).
+                let f = tbl[j].load(Acquire);
+                let next = leaf_pa(e) + (j - i) as u64 * size;
+                if F::is_valid(f)
+                    && !F::is_table(f, level)
+                    && leaf_pa(f) == next
+                    && f ^ F::oa_bits(leaf_pa(f)) == attrs
+                {
+                    j += 1;
+                } else {
+                    break;
+                }
+            }
+            write!(
+                out,
+                "{:indent$}L{level}[{i}..{j}] {start:#x}..{:#x} -> {:#x} ({} x {}) pte {e:#x}: ",
+                "",
+                base + j as u64 * size,
+                leaf_pa(e),
+                j - i,
+                SizeName(size),
+            )?;
+            F::describe(e, level, out)?;
+            out.write_char('\n')?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Frees every table page, root included. The hardware must no longer use the table (the
+    /// domain is detached and the caches invalidated); taking `self` by value proves no CPU still
+    /// does.
+    pub fn destroy<M: TableMemory>(self, mem: &M) {
+        self.free_level(mem, self.root, self.top());
+    }
+
+    fn free_level<M: TableMemory>(&self, mem: &M, table: PhysAddr, level: u32) {
+        for slot in self.table(mem, table, level) {
+            // Acquire: a table pointer leads to entries we read next.
+            let e = slot.load(Acquire);
+            if F::is_valid(e) && F::is_table(e, level) {
+                self.free_level(mem, F::entry_addr(e), level - 1);
+            }
+        }
+        let bytes = if level == self.top() {
+            self.geo.root_bytes
+        } else {
+            self.geo.table_bytes
+        };
+        mem.free_table(table, bytes);
+    }
+}
+
+/// Formats a power-of-two size as 4K / 2M / 1G / ….
+struct SizeName(u64);
+
+impl fmt::Display for SizeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.trailing_zeros();
+        let (v, unit) = match s {
+            0..10 => (self.0, "B"),
+            10..20 => (self.0 >> 10, "K"),
+            20..30 => (self.0 >> 20, "M"),
+            30..40 => (self.0 >> 30, "G"),
+            _ => (self.0 >> 40, "T"),
+        };
+        write!(f, "{v}{unit}")
+    }
+}
