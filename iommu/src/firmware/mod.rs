@@ -10,20 +10,21 @@ pub mod iort;
 /// Decodes any supported table (chosen by its signature) into a human-readable dump, the way
 /// `cargo xtask decode-table` shows it. Malformed input is an error, never a panic.
 pub fn dump_table(bytes: &[u8], out: &mut dyn core::fmt::Write) -> Result<(), DumpError> {
-    let sig = acpi::Reader::new(bytes)
-        .array::<4>(0)
-        .map_err(DumpError::Table)?;
+    let sig = acpi::Reader::new(bytes).array::<4>(0).map_err(|e| DumpError::Dmar(e.into()))?;
     match &sig {
-        _ => Err(DumpError::UnknownSignature(sig)),
+        b"DMAR" => dmar::Dmar::parse(bytes).map_err(DumpError::Dmar)?.dump(out),
+        b"IORT" => iort::Iort::parse(bytes).map_err(DumpError::Iort)?.dump(out),
+        _ => return Err(DumpError::UnknownSignature(sig)),
     }
-    .and_then(|()| out.write_str("").map_err(|_| DumpError::Format))
+    .map_err(|_| DumpError::Format)
 }
 
 /// Why a table could not be dumped.
 #[derive(Debug)]
 pub enum DumpError {
     UnknownSignature([u8; 4]),
-    Table(acpi::TableError),
+    Dmar(dmar::DmarError),
+    Iort(iort::IortError),
     Format,
 }
 
@@ -33,8 +34,24 @@ impl core::fmt::Display for DumpError {
             DumpError::UnknownSignature(s) => {
                 write!(f, "not a DMAR or IORT table (signature {:?})", acpi::Sig(*s))
             }
-            DumpError::Table(e) => write!(f, "malformed table: {e}"),
+            DumpError::Dmar(e) => write!(f, "malformed table: {e}"),
+            DumpError::Iort(e) => write!(f, "malformed table: IORT: {e}"),
             DumpError::Format => f.write_str("output error"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dump_rejects_unknown_and_truncated_tables_with_errors() {
+        let mut s = std::string::String::new();
+        assert!(matches!(dump_table(b"FACP\0\0\0\0", &mut s), Err(DumpError::UnknownSignature(_))));
+        assert!(matches!(dump_table(b"DM", &mut s), Err(DumpError::Dmar(_))));
+        assert!(matches!(dump_table(b"DMAR\x30\0\0\0", &mut s), Err(DumpError::Dmar(_))));
+        assert!(matches!(dump_table(b"IORT\x30\0\0\0", &mut s), Err(DumpError::Iort(_))));
+        assert!(s.is_empty());
     }
 }
