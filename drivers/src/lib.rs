@@ -1,7 +1,11 @@
 //! Drivers for the devices the hypervisor itself uses. Register access goes through
 //! [`iommu::hw::Mmio`] (and a port-I/O trait on x86) so the logic is testable on the host.
 #![no_std]
+#![forbid(unsafe_code)]
 
 #[cfg(test)]
 extern crate std;
 pub mod uart16550;
+pub mod edu;
+pub mod fw_cfg;
+pub mod pci;
