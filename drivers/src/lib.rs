@@ -9,3 +9,4 @@ pub mod uart16550;
 pub mod edu;
 pub mod fw_cfg;
 pub mod pci;
+pub mod pl011;

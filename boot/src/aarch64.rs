@@ -1,1 +1,0 @@
-//! aarch64 entry path: the arm64 Linux Image header.
