@@ -14,11 +14,23 @@ use drivers::pci::{BarKind, Window, WindowKind};
 use iommu::firmware::dmar::Dmar;
 use iommu::vtd::regs::VtdIdRegs;
 
-/// An IOMMU unit found in firmware, with its identification registers.
+/// An IOMMU unit found in firmware, with its identification registers. The drivers (VT-d,
+/// SMMUv3) take their units from here.
+#[allow(dead_code)] // fields are the drivers' input; only the report reads them so far
 pub enum Unit {
-    Vtd { name: String, base: u64, segment: u16, include_pci_all: bool, regs: VtdIdRegs },
-    #[allow(dead_code)]
-    Smmu { name: String, base: u64, source: &'static str, regs: iommu::smmuv3::regs::SmmuIdRegs },
+    Vtd {
+        name: String,
+        base: u64,
+        segment: u16,
+        include_pci_all: bool,
+        regs: VtdIdRegs,
+    },
+    Smmu {
+        name: String,
+        base: u64,
+        source: &'static str,
+        regs: iommu::smmuv3::regs::SmmuIdRegs,
+    },
 }
 
 /// Which unit translates a PCI function, and with what ID.
@@ -29,6 +41,8 @@ pub struct Translation {
     pub id: u32,
 }
 
+/// What discovery found; scenarios and the IOMMU drivers start from it.
+#[allow(dead_code)] // consumed by the driver scenarios that build on discovery
 pub struct Platform {
     pub acpi: Option<Acpi>,
     pub segments: Vec<Segment>,
@@ -47,8 +61,17 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
         }
     });
     if let Some(a) = &acpi {
-        let names: Vec<&str> = a.signatures.iter().map(|s| core::str::from_utf8(s).unwrap_or("????")).collect();
-        println!("report: acpi rsdp={:#x} rev={} tables={}", a.rsdp, a.revision, names.join(","));
+        let names: Vec<&str> = a
+            .signatures
+            .iter()
+            .map(|s| core::str::from_utf8(s).unwrap_or("????"))
+            .collect();
+        println!(
+            "report: acpi rsdp={:#x} rev={} tables={}",
+            a.rsdp,
+            a.revision,
+            names.join(",")
+        );
     } else {
         println!("report: acpi none");
     }
@@ -68,42 +91,84 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
                 .collect()
         })
         .unwrap_or_default();
+    #[cfg(target_arch = "aarch64")]
+    let ecams = if ecams.is_empty() {
+        crate::firmware::devicetree::ecam(info)
+            .into_iter()
+            .collect()
+    } else {
+        ecams
+    };
     let windows = pci_windows(info, &ecams);
-    for e in &ecams {
+    let segments = pci::bring_up(&ecams, &windows);
+    for s in &segments {
+        let resources = match &s.assign {
+            Ok(r) => format!(
+                "bars-kept={} bars-assigned={} bridges-programmed={}",
+                r.kept, r.assigned, r.bridges_programmed
+            ),
+            Err(e) => format!("incomplete ({e:?})"),
+        };
         println!(
-            "report: ecam segment={} base={:#x} buses={:02x}-{:02x} source={:?}",
-            e.segment, e.base, e.bus_start, e.bus_end, e.source
+            "report: ecam segment={} base={:#x} buses={:02x}-{:02x} source={:?} functions={} {resources}",
+            s.segment,
+            s.ecam_base,
+            s.bus_start,
+            s.bus_end,
+            s.source,
+            s.devices.functions().len()
         );
     }
-    let segments = pci::bring_up(&ecams, &windows);
 
     let mut units = Vec::new();
-    let dmar = acpi.as_ref().and_then(|a| a.dmar).and_then(|t| match Dmar::parse(t.bytes) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            log::error!("dmar at {:#x}: {e}", t.phys);
-            None
-        }
-    });
+    let dmar = acpi
+        .as_ref()
+        .and_then(|a| a.dmar)
+        .and_then(|t| match Dmar::parse(t.bytes) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                log::error!("dmar at {:#x}: {e}", t.phys);
+                None
+            }
+        });
     if let Some(d) = &dmar {
         report_dmar(d, &mut units);
     }
+    #[cfg(target_arch = "aarch64")]
+    let arm = arm::Smmus::discover(info, acpi.as_ref(), &mut units);
 
     for s in &segments {
         for f in s.devices.functions() {
+            let bdf = f.bdf;
             let t = dmar.as_ref().and_then(|d| {
-                let bdf = f.bdf;
-                d.unit_for_device(s.segment, bdf.bus, bdf.device, bdf.function, &Topology(&segments)).map(|m| {
-                    Translation { unit: format!("vtd{}", m.index), id_kind: "rid", id: u32::from(bdf.rid()) }
+                d.unit_for_device(
+                    s.segment,
+                    bdf.bus,
+                    bdf.device,
+                    bdf.function,
+                    &Topology(&segments),
+                )
+                .map(|m| Translation {
+                    unit: format!("vtd{}", m.index),
+                    id_kind: "rid",
+                    id: u32::from(bdf.rid()),
                 })
             });
+            #[cfg(target_arch = "aarch64")]
+            let t = t.or_else(|| arm.translate(s.segment, bdf.rid(), &units));
             report_function(s.segment, f, t.as_ref());
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    arm.report_agreement();
     if units.is_empty() {
         println!("report: iommu none");
     }
-    Platform { acpi, segments, units }
+    Platform {
+        acpi,
+        segments,
+        units,
+    }
 }
 
 fn report_memory(info: &BootInfo) {
@@ -150,7 +215,12 @@ fn pci_windows(info: &BootInfo, ecams: &[EcamWindow]) -> Vec<Window> {
     let start = (low_top + 0xfff_ffff) & !0xfff_ffff; // 256 MiB aligned
     let mut cuts: Vec<(u64, u64)> = ecams
         .iter()
-        .map(|e| (e.base, e.base + ((u64::from(e.bus_end - e.bus_start) + 1) << 20)))
+        .map(|e| {
+            (
+                e.base,
+                e.base + ((u64::from(e.bus_end - e.bus_start) + 1) << 20),
+            )
+        })
         .collect();
     cuts.sort();
     let mut windows = Vec::new();
@@ -158,14 +228,26 @@ fn pci_windows(info: &BootInfo, ecams: &[EcamWindow]) -> Vec<Window> {
     let end = 0xfec0_0000;
     for (a, b) in cuts {
         if a > cursor && cursor < end {
-            windows.push(Window { base: cursor, size: a.min(end) - cursor, kind: WindowKind::Mem32 });
+            windows.push(Window {
+                base: cursor,
+                size: a.min(end) - cursor,
+                kind: WindowKind::Mem32,
+            });
         }
         cursor = cursor.max(b);
     }
     if cursor < end {
-        windows.push(Window { base: cursor, size: end - cursor, kind: WindowKind::Mem32 });
+        windows.push(Window {
+            base: cursor,
+            size: end - cursor,
+            kind: WindowKind::Mem32,
+        });
     }
-    windows.push(Window { base: 0xc000, size: 0x4000, kind: WindowKind::Io });
+    windows.push(Window {
+        base: 0xc000,
+        size: 0x4000,
+        kind: WindowKind::Io,
+    });
     windows
 }
 
@@ -194,10 +276,17 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
             "report: iommu {name} base={base:#x} segment={} version={} scope={}",
             drhd.segment(),
             regs.version,
-            if drhd.include_pci_all() { "include-pci-all" } else { "explicit" }
+            if drhd.include_pci_all() {
+                "include-pci-all"
+            } else {
+                "explicit"
+            }
         );
         println!("report: iommu {name} cap={:#018x} {}", regs.cap.0, regs.cap);
-        println!("report: iommu {name} ecap={:#018x} {}", regs.ecap.0, regs.ecap);
+        println!(
+            "report: iommu {name} ecap={:#018x} {}",
+            regs.ecap.0, regs.ecap
+        );
         units.push(Unit::Vtd {
             name,
             base,
@@ -207,14 +296,23 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
         });
     }
     for r in d.rmrrs() {
-        println!("report: rmrr {:#x}-{:#x} segment={}", r.base(), r.limit(), r.segment());
+        println!(
+            "report: rmrr {:#x}-{:#x} segment={}",
+            r.base(),
+            r.limit(),
+            r.segment()
+        );
     }
 }
 
 fn report_function(segment: u16, f: &drivers::pci::PciFunction, t: Option<&Translation>) {
     let mut line = format!(
         "report: pci {}{} {:04x}:{:04x} class={:02x}{:02x}{:02x}",
-        if segment != 0 { format!("{segment:04x}:") } else { String::new() },
+        if segment != 0 {
+            format!("{segment:04x}:")
+        } else {
+            String::new()
+        },
         f.bdf,
         f.vendor_id,
         f.device_id,
@@ -239,4 +337,149 @@ fn report_function(segment: u16, f: &drivers::pci::PciFunction, t: Option<&Trans
         None => line += " iommu=none",
     }
     println!("{line}");
+}
+
+/// SMMUv3 discovery on aarch64: the IORT (from fw_cfg or UEFI) and the device tree describe the
+/// same hardware independently; both are read, merged by register base, and cross-checked for
+/// every PCI function's StreamID.
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{Translation, Unit};
+    use crate::firmware::acpi::Acpi;
+    use crate::mem::phys::MmioRegion;
+    use crate::println;
+    use alloc::format;
+    use alloc::vec::Vec;
+    use boot::BootInfo;
+    use core::cell::Cell;
+    use iommu::firmware::devicetree as dt;
+    use iommu::firmware::iort::{Iort, NodeKind};
+    use iommu::smmuv3::regs::SmmuIdRegs;
+
+    pub struct Smmus {
+        iort: Option<Iort<'static>>,
+        fdt: Option<fdt::Fdt<'static>>,
+        agree: Cell<usize>,
+        disagree: Cell<usize>,
+    }
+
+    impl Smmus {
+        pub fn discover(info: &BootInfo, acpi: Option<&Acpi>, units: &mut Vec<Unit>) -> Smmus {
+            let iort = acpi
+                .and_then(|a| a.iort)
+                .and_then(|t| match Iort::parse(t.bytes) {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        log::error!("iort at {:#x}: {e}", t.phys);
+                        None
+                    }
+                });
+            let fdt = crate::firmware::devicetree::fdt(info);
+            let mut bases: Vec<(u64, bool, bool)> = Vec::new(); // (base, in IORT, in DT)
+            if let Some(i) = &iort {
+                println!("report: iort rev={} nodes={}", i.revision(), i.node_count());
+                for n in i.nodes() {
+                    if let (NodeKind::SmmuV3(_), Some(b)) = (n.kind(), n.smmu_base()) {
+                        bases.push((b, true, false));
+                    }
+                }
+            }
+            if let Some(f) = &fdt {
+                for node in dt::smmuv3_nodes(f).flatten() {
+                    match bases.iter_mut().find(|(b, _, _)| *b == node.base) {
+                        Some(e) => e.2 = true,
+                        None => bases.push((node.base, false, true)),
+                    }
+                }
+            }
+            for (i, (base, in_iort, in_dt)) in bases.iter().enumerate() {
+                let name = format!("smmu{i}");
+                let source = match (in_iort, in_dt) {
+                    (true, true) => "iort+dt",
+                    (true, false) => "iort",
+                    _ => "dt",
+                };
+                // Page 0 holds the ID registers; the architecture defines a 128 KiB frame.
+                let regs = match MmioRegion::new(*base, 0x2_0000) {
+                    Ok(m) => SmmuIdRegs::read(&m),
+                    Err(e) => {
+                        log::error!("{name}: {e}");
+                        continue;
+                    }
+                };
+                println!(
+                    "report: iommu {name} base={base:#x} source={source} version={}",
+                    regs.aidr
+                );
+                println!("report: iommu {name} idr {regs}");
+                units.push(Unit::Smmu {
+                    name,
+                    base: *base,
+                    source,
+                    regs,
+                });
+            }
+            Smmus {
+                iort,
+                fdt,
+                agree: Cell::new(0),
+                disagree: Cell::new(0),
+            }
+        }
+
+        /// The StreamID of `rid` per IORT and per DT; both must agree when both exist.
+        pub fn translate(&self, segment: u16, rid: u16, units: &[Unit]) -> Option<Translation> {
+            let by_iort = self
+                .iort
+                .as_ref()
+                .and_then(|i| i.resolve_rid(segment, u32::from(rid)).ok())
+                .map(|r| (r.base_address, r.stream_id));
+            let by_dt = self
+                .fdt
+                .as_ref()
+                .and_then(|f| dt::resolve_pci_rid(f, u32::from(segment), u32::from(rid)).ok())
+                .map(|r| (r.iommu_base, r.stream_id));
+            if let (Some(a), Some(b)) = (by_iort, by_dt) {
+                if a == b {
+                    self.agree.set(self.agree.get() + 1);
+                } else {
+                    self.disagree.set(self.disagree.get() + 1);
+                    log::error!(
+                        "firmware disagree on RID {rid:#06x}: IORT says SMMU {:#x} SID {:#x}, DT says SMMU {:#x} SID {:#x}",
+                        a.0,
+                        a.1,
+                        b.0,
+                        b.1
+                    );
+                }
+            }
+            let (base, sid) = by_iort.or(by_dt)?;
+            let unit = units.iter().find_map(|u| match u {
+                Unit::Smmu { name, base: b, .. } if *b == base => Some(name.clone()),
+                _ => None,
+            })?;
+            Some(Translation {
+                unit,
+                id_kind: "sid",
+                id: sid,
+            })
+        }
+
+        pub fn report_agreement(&self) {
+            if self.iort.is_some() && self.fdt.is_some() {
+                if self.disagree.get() == 0 {
+                    println!(
+                        "report: firmware iort and devicetree agree on {} devices",
+                        self.agree.get()
+                    );
+                } else {
+                    println!(
+                        "report: firmware iort and devicetree disagree on {} of {} devices",
+                        self.disagree.get(),
+                        self.agree.get() + self.disagree.get()
+                    );
+                }
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@ use drivers::pci::{self, Bdf, ConfigSpace, Ecam, EnumConfig, PciDevices, Window}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EcamSource {
     Mcfg,
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))] // x86 has no device tree
     DeviceTree,
 }
 
@@ -52,25 +53,28 @@ pub fn bring_up(ecams: &[EcamWindow], windows: &[Window]) -> Vec<Segment> {
         // ~120 KiB: copy the empty table straight from .rodata into the heap, never the stack.
         const EMPTY: PciDevices = PciDevices::new();
         let mut devices: Box<PciDevices> = Box::write(Box::new_uninit(), EMPTY);
-        let config = EnumConfig { segment: w.segment, root_bus: w.bus_start, max_bus: w.bus_end, ..EnumConfig::new() };
+        let config = EnumConfig {
+            segment: w.segment,
+            root_bus: w.bus_start,
+            max_bus: w.bus_end,
+            ..EnumConfig::new()
+        };
         pci::enumerate(&ecam, &config, &mut devices);
         for e in devices.errors() {
             log::warn!("pci: {} {:?}", e.bdf, e.kind);
         }
         if devices.dropped_functions() > 0 {
-            log::warn!("pci: {} functions beyond the table capacity were ignored", devices.dropped_functions());
+            log::warn!(
+                "pci: {} functions beyond the table capacity were ignored",
+                devices.dropped_functions()
+            );
         }
         let assign = pci::assign_resources(&ecam, &mut devices, windows);
-        match &assign {
-            Ok(r) => log::info!(
-                "pci: segment {}: {} functions, BARs kept {} assigned {}, bridges programmed {}",
-                w.segment,
-                devices.functions().len(),
-                r.kept,
-                r.assigned,
-                r.bridges_programmed
-            ),
-            Err(e) => log::warn!("pci: segment {}: resource assignment incomplete: {e:?}", w.segment),
+        if let Err(e) = &assign {
+            log::warn!(
+                "pci: segment {}: resource assignment incomplete: {e:?}",
+                w.segment
+            );
         }
         out.push(Segment {
             segment: w.segment,

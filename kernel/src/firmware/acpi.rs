@@ -49,6 +49,7 @@ pub struct Acpi {
     pub revision: u8,
     pub signatures: Vec<[u8; 4]>,
     pub dmar: Option<Table>,
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))] // SMMUs exist on Arm only
     pub iort: Option<Table>,
     pub mcfg: Vec<McfgEntry>,
 }
@@ -143,6 +144,7 @@ pub fn discover(rsdp: u64) -> Result<Acpi, AcpiError> {
     })
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The legacy BIOS search for the RSDP (ACPI 6.5 §5.2.5.1): the first KiB of the EBDA and
 /// 0xE0000–0xFFFFF, on 16-byte boundaries, signature plus a valid 20-byte checksum.
 pub fn find_rsdp_in_bios_area() -> Option<u64> {

@@ -2,6 +2,10 @@
 //! tree, and QEMU's fw_cfg ACPI loader on arm.
 
 pub mod acpi;
+#[cfg(target_arch = "aarch64")]
+pub mod devicetree;
+#[cfg(target_arch = "aarch64")]
+pub mod fw_cfg;
 
 use crate::mem::phys;
 use boot::BootInfo;
@@ -11,7 +15,9 @@ use boot::BootInfo;
 pub fn dtb_len(info: &BootInfo) -> u64 {
     let Some(pa) = info.dtb else { return 0 };
     match phys::firmware_bytes(pa, 8) {
-        Ok(h) if h[..4] == [0xd0, 0x0d, 0xfe, 0xed] => u64::from(u32::from_be_bytes([h[4], h[5], h[6], h[7]])),
+        Ok(h) if h[..4] == [0xd0, 0x0d, 0xfe, 0xed] => {
+            u64::from(u32::from_be_bytes([h[4], h[5], h[6], h[7]]))
+        }
         _ => 0,
     }
 }

@@ -24,4 +24,3 @@ pub fn init(info: &BootInfo, dtb_len: u64) -> Result<(), &'static str> {
     heap::init(bytes.as_mut_ptr() as usize, bytes.len());
     Ok(())
 }
-

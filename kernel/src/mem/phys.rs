@@ -108,3 +108,10 @@ impl iommu::hw::Mmio for MmioRegion {
         unsafe { ptr::write_volatile(self.addr(offset, 8) as *mut u64, value) }
     }
 }
+
+impl drivers::fw_cfg::MmioWrite16 for MmioRegion {
+    fn write16(&self, offset: usize, value: u16) {
+        // SAFETY: as in `read32`: aligned, inside the register window, device memory.
+        unsafe { ptr::write_volatile(self.addr(offset, 2) as *mut u16, value) }
+    }
+}
