@@ -27,7 +27,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Boot stack size. Rust code before the kernel sets up per-CPU stacks runs on it.
-const BOOT_STACK_SIZE: usize = 64 * 1024;
+const BOOT_STACK_SIZE: usize = 256 * 1024;
 
 /// Image header `flags` (booting.rst "Header notes"): bit 0 = 0, little-endian kernel; bits 1-2 =
 /// 0b01, 4 KiB pages; bit 3 = 0, "2MB aligned base should be as close as possible to the base of
