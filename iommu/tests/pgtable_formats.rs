@@ -162,7 +162,7 @@ mod pgtable {
     }
 
     fn vtd_check<const L: u32>(haw: u32) {
-        let pool = HostPool::new(256);
+        let pool = HostPool::new(64);
         let ias = 12 + 9 * L;
         let cfg = Config {
             snoop_control: true,
@@ -256,7 +256,7 @@ mod pgtable {
     #[test]
     fn vtd_hardware_without_superpages_gets_4k_leaves() {
         // CAP.SLLPS = 0b01: 2 MiB only, no 1 GiB.
-        let pool = HostPool::new(1100);
+        let pool = HostPool::new(16);
         let cfg = Config {
             leaf_sizes: M2,
             ..Config::new(48, 46)
@@ -280,7 +280,7 @@ mod pgtable {
     // --------------------------------------------------------------------------------------
 
     fn x86_check<const L: u32>() {
-        let pool = HostPool::new(256);
+        let pool = HostPool::new(64);
         let ias = 12 + 9 * L - 1;
         let cfg = Config {
             execute_control: true,
@@ -446,7 +446,8 @@ mod pgtable {
         cases: &[Case],
         contiguous: &[(u64, bool)],
     ) {
-        let pool = HostPool::new(512);
+        // 64 KiB tables are 16 frames each; a 16-table concatenated root is 256.
+        let pool = HostPool::new(if granule == 16 { 512 } else { 64 });
         let cfg = Config::new(ias, oas);
         let mut regime = None;
         let pt = run::<F>(&pool, cfg, cases, |pt, c, _off, size, probe| {

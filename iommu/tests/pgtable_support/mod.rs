@@ -197,6 +197,16 @@ impl HostPool {
         self.storage[idx].load(Relaxed)
     }
 
+    /// Simulates a hardware update (A/D, AF, DBM) of the descriptor at `pa`: atomic OR / AND.
+    pub fn hw_update(&self, pa: PhysAddr, or: u64, and: u64) {
+        let frame = frame_index(pa & !0xfff);
+        let idx = frame * self.epf + ((pa & 0xfff) / 8) as usize;
+        let e = &self.storage[idx];
+        // Relaxed: hardware updates carry no ordering towards the CPU.
+        e.fetch_or(or, Relaxed);
+        e.fetch_and(and, Relaxed);
+    }
+
     // ---- quiescent states -------------------------------------------------------------------
 
     /// Registers the calling CPU; returns its slot (online).
