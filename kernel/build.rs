@@ -10,6 +10,10 @@ fn main() {
     println!("cargo:rerun-if-changed={}", script.display());
     println!("cargo:rustc-link-arg-bins=-T{}", script.display());
     // Keep the boot crate's entry objects even though nothing in Rust references them.
-    let entry = if arch == "x86_64" { "pvh_start32" } else { "_start" };
+    let entry = if arch == "x86_64" {
+        "pvh_start32"
+    } else {
+        "_start"
+    };
     println!("cargo:rustc-link-arg-bins=--undefined={entry}");
 }

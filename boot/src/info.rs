@@ -64,7 +64,10 @@ pub struct FixedStr<const N: usize> {
 
 impl<const N: usize> FixedStr<N> {
     pub const fn new() -> Self {
-        Self { len: 0, buf: [0; N] }
+        Self {
+            len: 0,
+            buf: [0; N],
+        }
     }
 
     /// Copies `bytes` (stopping at the first NUL), replacing non-ASCII-printable bytes with `?`.
@@ -72,7 +75,11 @@ impl<const N: usize> FixedStr<N> {
     pub fn from_bytes(bytes: &[u8]) -> Self {
         let mut s = Self::new();
         for &b in bytes.iter().take_while(|&&b| b != 0).take(N) {
-            s.buf[s.len] = if (0x20..0x7f).contains(&b) || b == b'\t' { b } else { b'?' };
+            s.buf[s.len] = if (0x20..0x7f).contains(&b) || b == b'\t' {
+                b
+            } else {
+                b'?'
+            };
             s.len += 1;
         }
         s
@@ -129,8 +136,16 @@ pub struct BootInfo {
 
 impl BootInfo {
     pub const fn new(protocol: BootProtocol) -> Self {
-        const EMPTY: MemoryRegion = MemoryRegion { start: 0, len: 0, kind: MemoryKind::Reserved };
-        const NO_MODULE: Module = Module { start: 0, len: 0, cmdline: FixedStr::new() };
+        const EMPTY: MemoryRegion = MemoryRegion {
+            start: 0,
+            len: 0,
+            kind: MemoryKind::Reserved,
+        };
+        const NO_MODULE: Module = Module {
+            start: 0,
+            len: 0,
+            cmdline: FixedStr::new(),
+        };
         Self {
             protocol,
             regions: [EMPTY; MAX_MEMORY_REGIONS],
@@ -197,11 +212,13 @@ impl BootInfo {
 
 /// Finds `key` or `key=value` among the whitespace-separated words of `cmdline`.
 pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_ascii_whitespace().find_map(|word| match word.split_once('=') {
-        Some((k, v)) if k == key => Some(v),
-        None if word == key => Some(""),
-        _ => None,
-    })
+    cmdline
+        .split_ascii_whitespace()
+        .find_map(|word| match word.split_once('=') {
+            Some((k, v)) if k == key => Some(v),
+            None if word == key => Some(""),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
@@ -210,7 +227,10 @@ mod tests {
 
     #[test]
     fn cmdline_lookup() {
-        assert_eq!(cmdline_value("a=1 scenario=boot-report x", "scenario"), Some("boot-report"));
+        assert_eq!(
+            cmdline_value("a=1 scenario=boot-report x", "scenario"),
+            Some("boot-report")
+        );
         assert_eq!(cmdline_value("a=1 x", "x"), Some(""));
         assert_eq!(cmdline_value("ab=1", "a"), None);
     }
@@ -226,7 +246,11 @@ mod tests {
     fn region_table_overflow_is_counted() {
         let mut info = BootInfo::new(BootProtocol::Pvh);
         for i in 0..(MAX_MEMORY_REGIONS as u64 + 3) {
-            info.push_region(MemoryRegion { start: i << 12, len: 4096, kind: MemoryKind::Usable });
+            info.push_region(MemoryRegion {
+                start: i << 12,
+                len: 4096,
+                kind: MemoryKind::Usable,
+            });
         }
         assert_eq!(info.memory_regions().len(), MAX_MEMORY_REGIONS);
         assert_eq!(info.regions_dropped, 3);

@@ -12,8 +12,8 @@
 mod info;
 pub use info::*;
 
-pub mod x86_64;
 pub mod aarch64;
+pub mod x86_64;
 
 #[cfg(target_os = "none")]
 unsafe extern "Rust" {

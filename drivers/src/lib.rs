@@ -5,8 +5,8 @@
 
 #[cfg(test)]
 extern crate std;
-pub mod uart16550;
 pub mod edu;
 pub mod fw_cfg;
 pub mod pci;
 pub mod pl011;
+pub mod uart16550;

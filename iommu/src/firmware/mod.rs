@@ -10,7 +10,9 @@ pub mod iort;
 /// Decodes any supported table (chosen by its signature) into a human-readable dump, the way
 /// `cargo xtask decode-table` shows it. Malformed input is an error, never a panic.
 pub fn dump_table(bytes: &[u8], out: &mut dyn core::fmt::Write) -> Result<(), DumpError> {
-    let sig = acpi::Reader::new(bytes).array::<4>(0).map_err(|e| DumpError::Dmar(e.into()))?;
+    let sig = acpi::Reader::new(bytes)
+        .array::<4>(0)
+        .map_err(|e| DumpError::Dmar(e.into()))?;
     match &sig {
         b"DMAR" => dmar::Dmar::parse(bytes).map_err(DumpError::Dmar)?.dump(out),
         b"IORT" => iort::Iort::parse(bytes).map_err(DumpError::Iort)?.dump(out),
@@ -32,7 +34,11 @@ impl core::fmt::Display for DumpError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             DumpError::UnknownSignature(s) => {
-                write!(f, "not a DMAR or IORT table (signature {:?})", acpi::Sig(*s))
+                write!(
+                    f,
+                    "not a DMAR or IORT table (signature {:?})",
+                    acpi::Sig(*s)
+                )
             }
             DumpError::Dmar(e) => write!(f, "malformed table: {e}"),
             DumpError::Iort(e) => write!(f, "malformed table: IORT: {e}"),
@@ -48,10 +54,19 @@ mod tests {
     #[test]
     fn dump_rejects_unknown_and_truncated_tables_with_errors() {
         let mut s = std::string::String::new();
-        assert!(matches!(dump_table(b"FACP\0\0\0\0", &mut s), Err(DumpError::UnknownSignature(_))));
+        assert!(matches!(
+            dump_table(b"FACP\0\0\0\0", &mut s),
+            Err(DumpError::UnknownSignature(_))
+        ));
         assert!(matches!(dump_table(b"DM", &mut s), Err(DumpError::Dmar(_))));
-        assert!(matches!(dump_table(b"DMAR\x30\0\0\0", &mut s), Err(DumpError::Dmar(_))));
-        assert!(matches!(dump_table(b"IORT\x30\0\0\0", &mut s), Err(DumpError::Iort(_))));
+        assert!(matches!(
+            dump_table(b"DMAR\x30\0\0\0", &mut s),
+            Err(DumpError::Dmar(_))
+        ));
+        assert!(matches!(
+            dump_table(b"IORT\x30\0\0\0", &mut s),
+            Err(DumpError::Iort(_))
+        ));
         assert!(s.is_empty());
     }
 }
