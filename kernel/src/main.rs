@@ -28,7 +28,10 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     if let Some(test) = info.cmdline_value("selftest") {
         arch::selftest(test);
     }
-    println!("hypervisor: booted via {:?}, cmdline {:?}", info.protocol, info.cmdline);
+    println!(
+        "hypervisor: booted via {:?}, cmdline {:?}",
+        info.protocol, info.cmdline
+    );
     for r in info.memory_regions() {
         log::debug!("mem {:#014x}-{:#014x} {:?}", r.start, r.end(), r.kind);
     }
