@@ -5,8 +5,10 @@
 //! fn init_cpu(info: &BootInfo)              // exception vectors, GDT/IDT, CPU features
 //! fn console_init(info: &BootInfo)          // the boot console (16550 / PL011)
 //! fn console_write(bytes: &[u8])            // polled console output, usable from exception context
-//! fn init_direct_map(info: &BootInfo, frames: &mut dyn FrameSource) // map all RAM and MMIO
-//! fn phys_to_virt(pa: u64) -> usize         // address of `pa` in the direct map
+//! fn init_direct_map(info: &BootInfo)       // map all RAM and the low MMIO holes
+//! fn phys_to_virt(pa: u64) -> Option<usize> // address of `pa` in the direct map
+//! fn direct_map_limit() -> u64              // first physical address not mapped
+//! fn selftest(name: &str)                   // raise an exception on purpose (scenarios)
 //! fn exit(status: u32) -> !                 // QEMU: report status and power off; hardware: halt
 //! fn halt() -> !                            // stop this CPU for good
 //! ```
