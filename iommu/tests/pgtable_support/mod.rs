@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicU8, AtomicUsize as StdAtomicUsize, Ordering::*};
 #[cfg(loom)]
 use loom::sync::{
     Mutex,
-    atomic::{AtomicU64 as SyncU64, fence},
+    atomic::{AtomicU64 as SyncU64, AtomicUsize as SyncUsize, fence},
 };
 #[cfg(not(loom))]
 use std::sync::{
     Mutex,
-    atomic::{AtomicU64 as SyncU64, fence},
+    atomic::{AtomicU64 as SyncU64, AtomicUsize as SyncUsize, fence},
 };
 
 /// The entry type handed to the engine.
@@ -124,6 +124,8 @@ pub struct HostPool {
     frames: usize,
     storage: Box<[Entry]>,
     state: Box<[AtomicU8]>,
+    /// Race anchors, one per frame, for loom only (see `touch`).
+    touches: Box<[SyncUsize]>,
     inner: Mutex<Inner>,
     slots: Box<[Slot]>,
     slots_used: StdAtomicUsize,
@@ -150,12 +152,14 @@ impl HostPool {
             .map(|_| new_entry())
             .collect();
         let state = (0..frames).map(|_| AtomicU8::new(FREE)).collect();
+        let touches = (0..frames).map(|_| SyncUsize::new(0)).collect();
         let free = (0..frames as u32).rev().collect();
         HostPool {
             epf: entries_per_frame,
             frames,
             storage,
             state,
+            touches,
             inner: Mutex::new(Inner {
                 free,
                 limbo: Vec::new(),
@@ -184,6 +188,23 @@ impl HostPool {
             .iter()
             .filter(|s| s.load(Relaxed) == RETIRED)
             .count()
+    }
+
+    /// Fills every free frame with garbage that looks like present descriptors, as recycled pages
+    /// would hold. The allocator's zeroing is then observable: a table published without
+    /// `Release` lets another CPU read the garbage (which the loom models would catch).
+    pub fn scribble(&self) {
+        for (f, st) in self.state.iter().enumerate() {
+            if st.load(Relaxed) == FREE {
+                for (k, e) in self.storage[f * self.epf..(f + 1) * self.epf]
+                    .iter()
+                    .enumerate()
+                {
+                    // R|W / P / valid+table bits set, address of a frame far outside the pool.
+                    e.store(0xdead_0000_0003 | (k as u64) << 12, Relaxed);
+                }
+            }
+        }
     }
 
     /// Raw 64-bit read at a fake physical address (for the reference walkers).
@@ -256,6 +277,7 @@ impl HostPool {
             if done {
                 let l = inner.limbo.swap_remove(k);
                 for f in l.first..l.first + l.frames {
+                    self.touch(f);
                     self.state[f].store(FREE, Relaxed);
                     inner.free.push(f as u32);
                 }
@@ -263,6 +285,21 @@ impl HostPool {
             } else {
                 k += 1;
             }
+        }
+    }
+
+    /// loom race anchor: every use of a frame (a table visit, allocation, free, retirement) is an
+    /// RMW on one loom atomic per frame. loom's DPOR remembers only the *last* access to each
+    /// location, and the engine always loads an entry before it CASes it, so a CPU's own load
+    /// hides a reader's earlier load of the same entry from the race detector: the "walker holds
+    /// a stale pointer while the page is freed and reused" interleavings would never be tried.
+    /// Conflicting RMWs at frame granularity make those races visible to DPOR. Outside loom this
+    /// is compiled out.
+    #[inline(always)]
+    fn touch(&self, frame: usize) {
+        if cfg!(loom) {
+            // Relaxed: an anchor for the model checker, no synchronisation intended.
+            self.touches[frame].fetch_add(1, Relaxed);
         }
     }
 
@@ -308,6 +345,7 @@ impl TableMemory for HostPool {
         };
         for f in first..first + n {
             self.state[f].store(LIVE, Relaxed);
+            self.touch(f);
         }
         drop(inner);
         self.zero(first, n);
@@ -360,6 +398,7 @@ impl TableMemory for HostPool {
     #[inline]
     fn table(&self, pa: PhysAddr, entries: usize) -> &[Entry] {
         let f = frame_index(pa);
+        self.touch(f);
         if self.check {
             assert_ne!(
                 self.state[f].load(Relaxed),

@@ -1,0 +1,289 @@
+//! loom models of the lock-free protocol: every interleaving (within the preemption bound) of
+//! the engine's atomic operations on table entries, of the pool's allocator and of its
+//! quiescent-state reclamation.
+//!
+//! Run: `RUSTFLAGS="--cfg loom" cargo test -p iommu --release --test pgtable_loom -- --nocapture`
+//!
+//! Tables are `Narrow<VtdSecondStage<4>, 2, 3>`: genuine VT-d descriptors, 4-entry tables, 3
+//! levels (4 KiB pages, 16 KiB and 64 KiB superpages, 256 KiB of IOVA), so a model has a few dozen
+//! modelled atomics instead of thousands. Every model prints how many executions loom explored.
+#![cfg(loom)]
+
+#[path = "pgtable_support/mod.rs"]
+mod support;
+
+use iommu::pgtable::{
+    Config, Gather, IovaRange, MapError, Narrow, PageTable, Prot, VtdSecondStage,
+};
+use loom::thread;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use support::HostPool;
+
+type Tiny = Narrow<VtdSecondStage<4>, 2, 3>;
+const K4: u64 = 0x1000;
+const RW: Prot = Prot::READ.union(Prot::WRITE);
+
+/// Pool of 10 four-entry frames, two CPU slots, use-after-free checking on, free frames full of
+/// stale descriptors (recycled pages).
+fn setup() -> Arc<(HostPool, PageTable<Tiny>)> {
+    let pool = HostPool::with_geometry(10, 4, 2, true);
+    pool.scribble();
+    let pt = PageTable::<Tiny>::new(&pool, Config::new(18, 46)).unwrap();
+    Arc::new((pool, pt))
+}
+
+/// Runs `f` under loom and reports the number of explored executions.
+fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    let iterations = Arc::new(AtomicUsize::new(0));
+    let counter = iterations.clone();
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = None;
+    b.max_branches = 100_000;
+    b.check(move || {
+        counter.fetch_add(1, Relaxed);
+        f();
+    });
+    let n = iterations.load(Relaxed);
+    println!("loom model {name}: {n} executions explored");
+    assert!(n > 1, "the model explored a single interleaving");
+}
+
+fn teardown(s: Arc<(HostPool, PageTable<Tiny>)>) {
+    let (pool, pt) = Arc::into_inner(s).expect("threads joined");
+    pt.destroy(&pool);
+    pool.reclaim();
+    assert_eq!(pool.frames_in_use(), 0, "every table page came back");
+}
+
+/// Two CPUs map neighbouring pages into an empty table: both need the same level-1 and level-0
+/// tables and race to install them. Exactly one table per level survives, the losers' pages go
+/// back to the pool, both mappings are present.
+#[test]
+fn two_cpus_race_to_install_the_same_table() {
+    model("two_cpus_race_to_install_the_same_table", || {
+        let s = setup();
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || s.1.map(&s.0, K4, 0x10_1000, K4, RW).unwrap())
+        };
+        s.1.map(&s.0, 0, 0x20_0000, K4, RW).unwrap();
+        t.join().unwrap();
+        let (pool, pt) = (&s.0, &s.1);
+        assert_eq!(pt.iova_to_phys(pool, 0), Some(0x20_0000));
+        assert_eq!(pt.iova_to_phys(pool, K4), Some(0x10_1000));
+        assert_eq!(pt.table_pages(), 3);
+        assert_eq!(pt.census(pool).tables, [1, 1, 1, 0, 0]);
+        assert_eq!(pool.frames_in_use(), 3, "the losers returned their pages");
+        teardown(s);
+    });
+}
+
+/// One CPU unmaps a page while another maps its neighbour in the same leaf table.
+#[test]
+fn map_races_unmap_on_neighbouring_ranges() {
+    model("map_races_unmap_on_neighbouring_ranges", || {
+        let s = setup();
+        s.1.map(&s.0, K4, 0x10_1000, K4, RW).unwrap();
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut g = Gather::new();
+                let n = s.1.unmap(&s.0, K4, K4, &mut g).unwrap();
+                assert_eq!(
+                    g.range(),
+                    Some(IovaRange {
+                        start: K4,
+                        end: 2 * K4
+                    })
+                );
+                g.complete(&s.0);
+                n
+            })
+        };
+        s.1.map(&s.0, 0, 0x20_0000, K4, RW).unwrap();
+        assert_eq!(t.join().unwrap(), K4);
+        assert_eq!(s.1.iova_to_phys(&s.0, 0), Some(0x20_0000));
+        assert_eq!(s.1.iova_to_phys(&s.0, K4), None);
+        teardown(s);
+    });
+}
+
+/// The same at a table boundary: the unmap covers its whole leaf table and frees it, the map
+/// installs the neighbouring leaf table under the same parent. No CPU is registered for
+/// quiescent states, so the freed page may be reused at once, even for the neighbour's new
+/// table, which is safe because the neighbour never held it.
+#[test]
+fn map_races_unmap_across_a_table_boundary() {
+    model("map_races_unmap_across_a_table_boundary", || {
+        let s = setup();
+        s.1.map(&s.0, 0, 0x10_1000, 4 * K4, RW).unwrap();
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut g = Gather::new();
+                let n = s.1.unmap(&s.0, 0, 4 * K4, &mut g).unwrap();
+                assert_eq!(
+                    g.range(),
+                    Some(IovaRange {
+                        start: 0,
+                        end: 4 * K4
+                    })
+                );
+                assert_eq!(g.table_pages(), 1);
+                g.complete(&s.0);
+                n
+            })
+        };
+        s.1.map(&s.0, 4 * K4, 0x20_0000, K4, RW).unwrap();
+        assert_eq!(t.join().unwrap(), 4 * K4);
+        assert_eq!(s.1.iova_to_phys(&s.0, 4 * K4), Some(0x20_0000));
+        assert_eq!(s.1.iova_to_phys(&s.0, 3 * K4), None);
+        assert_eq!(s.0.frames_in_use(), 3);
+        teardown(s);
+    });
+}
+
+/// One CPU unmaps the whole span of a leaf table (so the table is unlinked, gathered, and after
+/// `complete` retired) while another CPU maps next to it, installing a new table in the same
+/// parent. The pool panics if any CPU touches a freed page; the retired page may only be reused
+/// after the mapping CPU passes a quiescent state.
+#[test]
+fn unmap_frees_a_table_while_a_neighbour_maps() {
+    model("unmap_frees_a_table_while_a_neighbour_maps", || {
+        let s = setup();
+        // [0, 16 KiB) as four 4 KiB pages (output only 4 KiB aligned): exactly one leaf table.
+        s.1.map(&s.0, 0, 0x10_1000, 4 * K4, RW).unwrap();
+        assert_eq!(s.1.table_pages(), 3);
+        let (a, b) = (s.0.register(), s.0.register());
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut g = Gather::new();
+                assert_eq!(s.1.unmap(&s.0, 0, 4 * K4, &mut g), Ok(4 * K4));
+                assert_eq!(g.table_pages(), 1);
+                // ... the IOTLB invalidation would go here ...
+                g.complete(&s.0);
+                s.0.quiescent(a);
+                s.0.offline(a);
+            })
+        };
+        // The neighbouring 16 KiB span: needs a new leaf table under the same level-1 table.
+        s.1.map(&s.0, 4 * K4, 0x20_1000, K4, RW).unwrap();
+        assert_eq!(s.1.iova_to_phys(&s.0, 4 * K4), Some(0x20_1000));
+        s.0.quiescent(b);
+        s.0.offline(b);
+        t.join().unwrap();
+        assert_eq!(s.1.iova_to_phys(&s.0, 0), None);
+        assert_eq!(s.1.table_pages(), 3);
+        s.0.reclaim();
+        assert_eq!(s.0.frames_in_limbo(), 0);
+        assert_eq!(s.0.frames_in_use(), 3);
+        teardown(s);
+    });
+}
+
+/// A lookup racing the unmap of its own page (allowed: reads may race) while the unmapping CPU
+/// retires the table and allocates again. The grace period keeps the retired page from being
+/// reused under the reader, so the lookup sees the old translation or none, never garbage.
+#[test]
+fn reader_never_sees_a_reused_table() {
+    model("reader_never_sees_a_reused_table", || {
+        let s = setup();
+        s.1.map(&s.0, 0, 0x10_1000, 4 * K4, RW).unwrap();
+        let (a, b) = (s.0.register(), s.0.register());
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut g = Gather::new();
+                s.1.unmap(&s.0, 0, 4 * K4, &mut g).unwrap();
+                g.complete(&s.0);
+                // Allocate a new leaf table and write entry 1 of it, the index the reader looks
+                // at: if the retired frame were reused here before `b` is quiescent, the reader
+                // could see this leaf through its stale pointer.
+                s.1.map(&s.0, 9 * K4, 0x30_1000, K4, RW).unwrap();
+                s.0.offline(a);
+            })
+        };
+        let seen = s.1.iova_to_phys(&s.0, K4);
+        assert!(
+            seen.is_none() || seen == Some(0x10_2000),
+            "lookup saw {seen:?}"
+        );
+        s.0.quiescent(b);
+        s.0.offline(b);
+        t.join().unwrap();
+        teardown(s);
+    });
+}
+
+/// The store-buffering case the quiescent-state fences exist for: the reader passes a quiescent
+/// state and *then* walks. Either the retirer's snapshot saw that quiescent state (so it waits
+/// for the next one, after the walk) or the walk sees the unlink. Without the `SeqCst` fences in
+/// `HostPool::quiescent` / `retire_table` both could miss each other and the walk would read a
+/// reused page.
+#[test]
+fn walk_after_a_quiescent_state_never_sees_a_reused_table() {
+    model(
+        "walk_after_a_quiescent_state_never_sees_a_reused_table",
+        || {
+            let s = setup();
+            s.1.map(&s.0, 0, 0x10_1000, 4 * K4, RW).unwrap();
+            let (a, b) = (s.0.register(), s.0.register());
+            let t = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    let mut g = Gather::new();
+                    s.1.unmap(&s.0, 0, 4 * K4, &mut g).unwrap();
+                    g.complete(&s.0);
+                    s.1.map(&s.0, 9 * K4, 0x30_1000, K4, RW).unwrap();
+                    s.0.offline(a);
+                })
+            };
+            s.0.quiescent(b);
+            let seen = s.1.iova_to_phys(&s.0, K4);
+            assert!(
+                seen.is_none() || seen == Some(0x10_2000),
+                "lookup saw {seen:?}"
+            );
+            s.0.offline(b);
+            t.join().unwrap();
+            teardown(s);
+        },
+    );
+}
+
+/// Two callers that break the contract map overlapping ranges at once. Exactly one succeeds; the
+/// other fails with `Overlap` and leaves none of its entries behind.
+#[test]
+fn racing_overlapping_maps_fail_cleanly() {
+    model("racing_overlapping_maps_fail_cleanly", || {
+        let s = setup();
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || s.1.map(&s.0, K4, 0x30_1000, 2 * K4, RW))
+        };
+        let mine = s.1.map(&s.0, 0, 0x20_0000, 2 * K4, RW);
+        let theirs = t.join().unwrap();
+        let (pool, pt) = (&s.0, &s.1);
+        match (mine, theirs) {
+            (Ok(()), Err(MapError::Overlap { iova, .. })) => {
+                assert_eq!(iova, K4);
+                assert_eq!(pt.iova_to_phys(pool, 0), Some(0x20_0000));
+                assert_eq!(pt.iova_to_phys(pool, K4), Some(0x20_1000));
+                assert_eq!(pt.iova_to_phys(pool, 2 * K4), None);
+            }
+            (Err(MapError::Overlap { iova, .. }), Ok(())) => {
+                assert_eq!(iova, K4);
+                assert_eq!(pt.iova_to_phys(pool, 0), None);
+                assert_eq!(pt.iova_to_phys(pool, K4), Some(0x30_1000));
+                assert_eq!(pt.iova_to_phys(pool, 2 * K4), Some(0x30_2000));
+            }
+            other => panic!("exactly one map must win: {other:?}"),
+        }
+        let mut g = Gather::new();
+        pt.unmap(pool, 0, 16 * K4, &mut g).unwrap();
+        g.complete(pool);
+        teardown(s);
+    });
+}
