@@ -447,7 +447,11 @@ mod pgtable {
         contiguous: &[(u64, bool)],
     ) {
         // 64 KiB tables are 16 frames each; a 16-table concatenated root is 256.
-        let pool = HostPool::new(if granule == 16 { 512 } else { 64 });
+        let pool = HostPool::new(match granule {
+            16 if ias < 48 => 512,
+            16 => 128,
+            _ => 64,
+        });
         let cfg = Config::new(ias, oas);
         let mut regime = None;
         let pt = run::<F>(&pool, cfg, cases, |pt, c, _off, size, probe| {
@@ -473,7 +477,11 @@ mod pgtable {
             assert!(w.af, "AF preset");
             assert_eq!(w.ng, !stage2 && !c.prot.contains(Prot::GLOBAL));
             assert!(!w.dbm);
-            refwalk::arm_check_contiguous(&pool, pt.root(), &r, probe).unwrap();
+            // Each run once, from its first entry (the probes include every leaf's first granule).
+            let run = refwalk::arm_contiguous_entries(granule, w.level) * w.page_size;
+            if w.contiguous && probe % run == 0 {
+                refwalk::arm_check_contiguous(&pool, pt.root(), &r, probe).unwrap();
+            }
         });
         let r = regime.unwrap();
         for &(ia, cont) in contiguous {
@@ -683,7 +691,10 @@ mod pgtable {
         let cont = &[(0x1_0000, false), (0x20_0000, true), (0x4000_0000, false)];
         arm_check::<ArmStage1<16>>(16, 52, 52, false, &cases, cont);
         arm_check::<ArmStage2<16>>(16, 52, 52, true, &cases, cont);
-        arm_check::<ArmStage2<16>>(16, 46, 52, true, &cases, cont); // 16 concatenated level-2 tables
+        if !cfg!(miri) {
+            // 16 concatenated level-2 tables: a 1 MiB root (too slow to set up under miri).
+            arm_check::<ArmStage2<16>>(16, 46, 52, true, &cases, cont);
+        }
     }
 
     #[test]
@@ -704,16 +715,13 @@ mod pgtable {
             let (root, sl0) = if stage2 {
                 let pt = PageTable::<ArmStage2<12>>::new(&pool, cfg).unwrap();
                 pt.map(&pool, c.iova, c.pa, c.len, c.prot).unwrap();
-                let r = (pt.root(), pt.root_info().arm_sl0());
-                std::mem::forget(pt);
-                r
+                (pt.root(), pt.root_info().arm_sl0())
             } else {
                 let pt = PageTable::<ArmStage1<12>>::new(&pool, cfg).unwrap();
                 pt.map(&pool, c.iova, c.pa, c.len, c.prot).unwrap();
-                let r = (pt.root(), None);
-                std::mem::forget(pt);
-                r
+                (pt.root(), None)
             };
+            // (The tables are dropped without `destroy`: the pool goes with them.)
             let r = match sl0 {
                 Some(sl0) => ArmRegime::stage2(12, 48, 48, sl0),
                 None => ArmRegime::stage1(12, 48, 48),

@@ -272,7 +272,7 @@ mod pgtable {
             Err(MapError::OutOfRange)
         );
         assert_eq!(
-            pt.map(&pool, u64::MAX & !0xfff, 0, K4, rw()),
+            pt.map(&pool, !0xfff, 0, K4, rw()),
             Err(MapError::OutOfRange)
         );
         assert_eq!(

@@ -329,6 +329,9 @@ impl<F: Format> PageTable<F> {
         if end > self.input_limit() || pa_end > 1u64 << self.geo.oas {
             return Err(MapError::OutOfRange);
         }
+        if len == granule_mask + 1 {
+            return self.map_one(mem, iova, pa, prot);
+        }
         let t = Templates {
             page: F::leaf_template(prot, &self.cfg, false)?,
             block: if self.leaf_levels > 1 {
@@ -355,6 +358,50 @@ impl<F: Format> PageTable<F> {
                     FailKind::NoMemory => MapError::NoMemory { rolled_back },
                 })
             }
+        }
+    }
+
+    /// One granule: the hypercall-sized case, walked iteratively with no per-level call frame.
+    #[inline]
+    fn map_one<M: TableMemory>(
+        &self,
+        mem: &M,
+        iova: u64,
+        pa: PhysAddr,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let page = F::leaf_template(prot, &self.cfg, false)?;
+        let none = IovaRange {
+            start: iova,
+            end: iova,
+        };
+        let mut table = self.root;
+        let mut level = self.top();
+        while level > 0 {
+            let tbl = self.table(mem, table, level);
+            let i = self.index(iova, level);
+            table = self
+                .child_for_map(mem, table, tbl, level, i, iova)
+                .map_err(|f| match f.kind {
+                    FailKind::Overlap => MapError::Overlap {
+                        iova,
+                        rolled_back: none,
+                    },
+                    FailKind::NoMemory => MapError::NoMemory { rolled_back: none },
+                })?;
+            level -= 1;
+        }
+        let tbl = self.table(mem, table, 0);
+        let i = self.index(iova, 0);
+        match self.put_run(&tbl[i..i + 1], page, pa, F::GRANULE_SHIFT) {
+            Ok(()) => {
+                self.clean_entries(mem, table, i, 1);
+                Ok(())
+            }
+            Err(_) => Err(MapError::Overlap {
+                iova,
+                rolled_back: none,
+            }),
         }
     }
 
@@ -402,6 +449,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// The next-level table under entry `i`, installing a fresh one if the entry is empty.
+    #[inline(always)]
     fn child_for_map<M: TableMemory>(
         &self,
         mem: &M,
@@ -499,7 +547,7 @@ impl<F: Format> PageTable<F> {
             // How many entries go in one sweep, and whether they form a contiguous run.
             let (n, hint) = if run == 0 {
                 (end - i, 0)
-            } else if i % run == 0
+            } else if i.is_multiple_of(run)
                 && end - i >= run
                 && e_pa & (((run as u64) << shift) - 1) == 0
                 // Relaxed: only chooses the contiguous path; the CASes decide.
@@ -562,13 +610,24 @@ impl<F: Format> PageTable<F> {
                 }
             }
             Concurrency::Cooperative => {
+                // Check the whole run first, without a branch per entry (loads issue three per
+                // cycle, the stores below two), then store. Relaxed: nothing is dereferenced on
+                // this path; an occupied run is re-read below with Acquire.
+                let occupied = slots.iter().fold(0, |acc, s| acc | s.load(Relaxed));
+                if occupied == 0 {
+                    for (k, slot) in slots.iter().enumerate() {
+                        // Relaxed: as for the CAS success above; the caller guarantees no racer.
+                        slot.store(tmpl | F::oa_bits(pa + ((k as u64) << shift)), Relaxed);
+                    }
+                    return Ok(());
+                }
                 for (k, slot) in slots.iter().enumerate() {
                     // Acquire: as for the CAS failure above.
                     let cur = slot.load(Acquire);
                     if cur != 0 {
                         return Err((k, cur));
                     }
-                    // Relaxed: as for the CAS success above; the caller guarantees no racer.
+                    // Relaxed: as above.
                     slot.store(tmpl | F::oa_bits(pa + ((k as u64) << shift)), Relaxed);
                 }
             }
@@ -610,18 +669,21 @@ impl<F: Format> PageTable<F> {
             .checked_add(len)
             .filter(|&e| e <= self.input_limit())
             .ok_or(UnmapError::OutOfRange)?;
+        if len == granule {
+            return self.unmap_one(mem, iova, gather);
+        }
         // The leaf under the first address is the first leaf the walk meets, so a cut there is
         // found before anything changes. The leaf under the last address is met last: look it up
         // first, unless no leaf can straddle `end` or the range is a single granule.
-        if len > granule && end & (self.max_leaf_span - 1) != 0 {
-            if let Some(t) = self.translate(mem, end - 1) {
-                if t.leaf.end > end {
-                    return Err(UnmapError::SplitsLeaf {
-                        leaf: t.leaf,
-                        unmapped: 0,
-                    });
-                }
-            }
+        if len > granule
+            && end & (self.max_leaf_span - 1) != 0
+            && let Some(t) = self.translate(mem, end - 1)
+            && t.leaf.end > end
+        {
+            return Err(UnmapError::SplitsLeaf {
+                leaf: t.leaf,
+                unmapped: 0,
+            });
         }
         let mut st = UnmapState::new(iova, end, false);
         let r = self.unmap_level(mem, &mut st, self.root, self.top(), iova, end, gather);
@@ -632,6 +694,91 @@ impl<F: Format> PageTable<F> {
                 leaf,
                 unmapped: bytes,
             }),
+        }
+    }
+
+    /// One granule, iteratively. A single granule never covers a whole table, so no table is
+    /// unlinked; any leaf bigger than a granule is cut by the request and rejected.
+    #[inline]
+    fn unmap_one<M: TableMemory>(
+        &self,
+        mem: &M,
+        iova: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, UnmapError> {
+        let mut table = self.root;
+        let mut level = self.top();
+        loop {
+            let tbl = self.table(mem, table, level);
+            let i = self.index(iova, level);
+            // Acquire: a table pointer leads to entries we read next.
+            let e = tbl[i].load(Acquire);
+            if !F::is_valid(e) {
+                return Ok(0);
+            }
+            if F::is_table(e, level) {
+                table = F::entry_addr(e);
+                level -= 1;
+                continue;
+            }
+            let run = if F::CONT_BIT != 0 && e & F::CONT_BIT != 0 {
+                F::contiguous_entries(level) as u64
+            } else {
+                1
+            };
+            if level > 0 || run > 1 {
+                let span = (1u64 << Self::shift(level)) * run;
+                let start = iova & !(span - 1);
+                return Err(UnmapError::SplitsLeaf {
+                    leaf: IovaRange {
+                        start,
+                        end: start + span,
+                    },
+                    unmapped: 0,
+                });
+            }
+            if !self.take_leaf(&tbl[i], e, 0) {
+                return Ok(0);
+            }
+            self.clean_entries(mem, table, i, 1);
+            let granule = 1u64 << F::GRANULE_SHIFT;
+            gather.add_range(iova, iova + granule);
+            gather.add_leaves(1, F::GRANULE_SHIFT);
+            return Ok(granule);
+        }
+    }
+
+    /// Level 0 of an unmap in a table without contiguous runs: only leaves of one granule, no
+    /// tables, nothing to split, so a tight loop.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn unmap_run0<M: TableMemory>(
+        &self,
+        mem: &M,
+        st: &mut UnmapState,
+        table: PhysAddr,
+        tbl: &[M::Entry],
+        first: usize,
+        last: usize,
+        iova: u64,
+    ) {
+        let (mut lo, mut hi, mut n) = (usize::MAX, 0, 0u64);
+        for (i, slot) in tbl[first..last].iter().enumerate() {
+            // Relaxed: a level-0 entry is never a table pointer, nothing is dereferenced.
+            let e = slot.load(Relaxed);
+            if F::is_valid(e) && self.take_leaf(slot, e, 0) {
+                lo = lo.min(i);
+                hi = i + 1;
+                n += 1;
+            }
+        }
+        if n != 0 {
+            let shift = F::GRANULE_SHIFT;
+            st.leaves += n;
+            st.bytes += n << shift;
+            st.min_shift = st.min_shift.min(shift);
+            st.cover(iova + ((lo as u64) << shift), iova + ((hi as u64) << shift));
+            self.clean_entries(mem, table, first + lo, hi - lo);
         }
     }
 
@@ -650,6 +797,11 @@ impl<F: Format> PageTable<F> {
         let shift = Self::shift(level);
         let size = 1u64 << shift;
         let first = self.index(iova, level);
+        if level == 0 && self.cont_levels & 1 == 0 {
+            let last = first + ((end - iova) >> shift) as usize;
+            self.unmap_run0(mem, st, table, tbl, first, last, iova);
+            return Ok(());
+        }
         let mut i = first;
         let mut changed = false;
         let mut result = Ok(());
