@@ -47,6 +47,15 @@ pub struct Platform {
     pub acpi: Option<Acpi>,
     pub segments: Vec<Segment>,
     pub units: Vec<Unit>,
+    /// Every PCI function with the unit that translates it (same order as the report).
+    pub devices: Vec<Device>,
+}
+
+/// A PCI function and its translation.
+pub struct Device {
+    pub segment: u16,
+    pub bdf: drivers::pci::Bdf,
+    pub translation: Option<Translation>,
 }
 
 /// Runs discovery and prints the boot report. Errors in firmware are reported, never fatal:
@@ -121,6 +130,7 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
     }
 
     let mut units = Vec::new();
+    let mut devices = Vec::new();
     let dmar = acpi
         .as_ref()
         .and_then(|a| a.dmar)
@@ -157,6 +167,7 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
             #[cfg(target_arch = "aarch64")]
             let t = t.or_else(|| arm.translate(s.segment, bdf.rid(), &units));
             report_function(s.segment, f, t.as_ref());
+            devices.push(Device { segment: s.segment, bdf, translation: t });
         }
     }
     #[cfg(target_arch = "aarch64")]

@@ -2,6 +2,7 @@
 
 pub mod frame;
 pub mod heap;
+pub mod iommu_mem;
 pub mod phys;
 
 use boot::BootInfo;

@@ -115,3 +115,16 @@ impl drivers::fw_cfg::MmioWrite16 for MmioRegion {
         unsafe { ptr::write_volatile(self.addr(offset, 2) as *mut u16, value) }
     }
 }
+
+/// A table of `n` 64-bit entries at `pa`, as atomics: how IOMMU tables are read and written.
+pub fn atomic_u64s(pa: u64, n: usize) -> Result<&'static [core::sync::atomic::AtomicU64], PhysError> {
+    let len = (n as u64).checked_mul(8).ok_or(PhysError::NotMapped { pa, len: u64::MAX })?;
+    let va = virt(pa, len)?;
+    if va % 8 != 0 {
+        return Err(PhysError::NotMapped { pa, len });
+    }
+    // SAFETY: the range is mapped read-write (checked by `virt`), 8-byte aligned (checked), and
+    // belongs to frames handed to the IOMMU memory source; every access to it goes through these
+    // atomics (by the engine) or by the IOMMU hardware, so shared references are sound.
+    Ok(unsafe { core::slice::from_raw_parts(va as *const core::sync::atomic::AtomicU64, n) })
+}

@@ -11,6 +11,7 @@
 //! Inline assembly and raw pointers are confined to `exception` (vectors), `mmu` (TTBR switch,
 //! AT), `power` (SMC/HLT/WFE), `mmio` (the UART registers) and `selftest` (fault triggers).
 
+pub mod cache;
 mod exception;
 mod mmio;
 mod mmu;

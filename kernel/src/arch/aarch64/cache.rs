@@ -1,0 +1,27 @@
+//! Cache maintenance for structures a non-coherent SMMU walks (IDR0.COHACC = 0).
+
+/// Smallest data-cache line, from CTR_EL0.DminLine (log2 of words; Arm ARM D23.2.34).
+fn dcache_line() -> usize {
+    let ctr: u64;
+    // SAFETY: CTR_EL0 is readable at EL2 and has no side effects.
+    unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    4 << ((ctr >> 16) & 0xf)
+}
+
+/// Cleans `[va, va + len)` to the point of coherency (DC CVAC) and waits for completion (DSB),
+/// so a walker that does not snoop the caches sees the data.
+pub fn clean(va: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let step = dcache_line();
+    let mut line = va & !(step - 1);
+    while line < va + len {
+        // SAFETY: DC CVAC on a mapped address (the caller's own IOMMU tables in the direct map)
+        // only affects cache state.
+        unsafe { core::arch::asm!("dc cvac, {}", in(reg) line, options(nostack, preserves_flags)) };
+        line += step;
+    }
+    // SAFETY: DSB SY waits for the cleans to complete before later accesses (the SMMU doorbell).
+    unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+}

@@ -1,0 +1,56 @@
+//! Cache maintenance and wide stores for structures a non-coherent IOMMU walks.
+
+/// Cache-line size assumed for CLFLUSH (CPUID.01H:EBX[15:8] × 8 is 64 on every x86-64 part
+/// with VT-d).
+const LINE: usize = 64;
+
+/// Writes back (and invalidates) every cache line of `[va, va + len)` so a walker that does not
+/// snoop the caches (VT-d ECAP.C = 0) sees the data, and waits for that to complete.
+pub fn clean(va: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let mut line = va & !(LINE - 1);
+    while line < va + len {
+        // SAFETY: CLFLUSH only affects cache state of a mapped address (the caller passes direct-
+        // map addresses of its own IOMMU tables); it cannot fault on a mapped, readable line.
+        unsafe { core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
+        line += LINE;
+    }
+    // SAFETY: MFENCE orders the CLFLUSHes before later stores (SDM vol 2 CLFLUSH: "ordered by
+    // MFENCE"), e.g. the register write that tells the IOMMU to look.
+    unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
+}
+
+/// Stores 16 bytes at `va` (16-byte aligned) as one single-copy-atomic write with LOCK
+/// CMPXCHG16B (SDM vol 2), so an IOMMU walking a VT-d context or PASID entry sees the old or the
+/// new entry, never half of each.
+pub fn store128(va: usize, lo: u64, hi: u64) {
+    assert!(va % 16 == 0, "store128 at unaligned {va:#x}");
+    let (mut cur_lo, mut cur_hi) = (0u64, 0u64);
+    loop {
+        let ok: u8;
+        // SAFETY: `va` is a 16-byte aligned direct-map address of an IOMMU table entry owned by
+        // the caller. RBX is reserved by LLVM, so the new low half is swapped into it around the
+        // instruction. On failure CMPXCHG16B loads the current value into RDX:RAX and we retry
+        // with it, so the loop ends after at most one retry unless another CPU keeps writing.
+        unsafe {
+            core::arch::asm!(
+                "xchg {lo}, rbx",
+                "lock cmpxchg16b [{ptr}]",
+                "sete {ok}",
+                "mov rbx, {lo}",
+                ptr = in(reg) va,
+                lo = inout(reg) lo => _,
+                ok = out(reg_byte) ok,
+                inout("rax") cur_lo,
+                inout("rdx") cur_hi,
+                in("rcx") hi,
+                options(nostack),
+            );
+        }
+        if ok != 0 {
+            return;
+        }
+    }
+}
