@@ -433,6 +433,35 @@ fn main() {
     row("map 1G as 4K, Cooperative (us)", mgc / 1e3, "", 0.0);
     row("unmap 1G as 4K, Cooperative (us)", ugc / 1e3, "", 0.0);
 
+    // Table pages per mapping size (root included), by census after mapping into an empty table.
+    println!("\nTable pages per mapping (VT-d 4 levels, root included, 4 KiB each):\n");
+    println!(
+        "| {:<34} | {:>11} | {:>10} |",
+        "mapping", "table pages", "leaves"
+    );
+    println!("|{:-<36}|{:-<13}|{:-<12}|", "", "", "");
+    for (name, len, granule_only) in [
+        ("1x4K", K4, false),
+        ("256x4K", 256 * K4, false),
+        ("2M (one 2 MiB leaf)", M2, false),
+        ("256x2M", 256 * M2, false),
+        ("1G (one 1 GiB leaf)", G1, false),
+        ("1G as 4K pages", G1, true),
+    ] {
+        let pool = pool();
+        let mut c = cfg(u);
+        if granule_only {
+            c = c.granule_only();
+        }
+        let pt = PageTable::<Vtd>::new(&pool, c).unwrap();
+        pt.map(&pool, IOVA, PA, len, RW).unwrap();
+        let census = pt.census(&pool);
+        assert_eq!(census.table_pages(), pt.table_pages());
+        let leaves: u64 = census.leaves.iter().sum();
+        println!("| {name:<34} | {:>11} | {leaves:>10} |", pt.table_pages());
+        pt.destroy(&pool);
+    }
+
     // Threads: alternate 1 and 2 threads, several rounds each, medians.
     println!(
         "\nThroughput, pages mapped+unmapped per microsecond (higher is better); disjoint 2 MiB-aligned"

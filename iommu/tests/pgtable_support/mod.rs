@@ -124,6 +124,9 @@ pub struct HostPool {
     frames: usize,
     storage: Box<[Entry]>,
     state: Box<[AtomicU8]>,
+    /// The frame may hold non-zero entries (it was handed out, or scribbled on). Fresh frames are
+    /// zero already, and zeroing 512 atomics is what dominates table allocation under miri.
+    dirty: Box<[AtomicU8]>,
     /// Race anchors, one per frame, for loom only (see `touch`).
     touches: Box<[SyncUsize]>,
     inner: Mutex<Inner>,
@@ -152,6 +155,7 @@ impl HostPool {
             .map(|_| new_entry())
             .collect();
         let state = (0..frames).map(|_| AtomicU8::new(FREE)).collect();
+        let dirty = (0..frames).map(|_| AtomicU8::new(0)).collect();
         let touches = (0..frames).map(|_| SyncUsize::new(0)).collect();
         let free = (0..frames as u32).rev().collect();
         HostPool {
@@ -159,6 +163,7 @@ impl HostPool {
             frames,
             storage,
             state,
+            dirty,
             touches,
             inner: Mutex::new(Inner {
                 free,
@@ -196,6 +201,7 @@ impl HostPool {
     pub fn scribble(&self) {
         for (f, st) in self.state.iter().enumerate() {
             if st.load(Relaxed) == FREE {
+                self.dirty[f].store(1, Relaxed);
                 for (k, e) in self.storage[f * self.epf..(f + 1) * self.epf]
                     .iter()
                     .enumerate()
@@ -310,9 +316,15 @@ impl HostPool {
     }
 
     fn zero(&self, first: usize, frames: usize) {
-        for e in &self.storage[first * self.epf..(first + frames) * self.epf] {
-            // Relaxed: the engine publishes the table with a Release CAS.
-            e.store(0, Relaxed);
+        for f in first..first + frames {
+            // Once handed out a frame counts as dirty until zeroed at its next allocation.
+            if self.dirty[f].swap(1, Relaxed) == 0 {
+                continue;
+            }
+            for e in &self.storage[f * self.epf..(f + 1) * self.epf] {
+                // Relaxed: the engine publishes the table with a Release CAS.
+                e.store(0, Relaxed);
+            }
         }
     }
 }
