@@ -665,7 +665,10 @@ mod pgtable {
         let threads = 4u64;
         let rounds = if cfg!(miri) { 2 } else { 200 };
         for mode in modes() {
-            let pool = HostPool::new(256);
+            // Each round retires one table, reusable only after every thread has passed a
+            // quiescent state. A descheduled thread holds reclamation back (that is what a grace
+            // period means), so size the pool for every round's table waiting at once.
+            let pool = HostPool::new((threads * rounds) as usize + 64);
             let pt = vtd(&pool, mode);
             std::thread::scope(|s| {
                 for t in 0..threads {

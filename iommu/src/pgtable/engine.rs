@@ -34,6 +34,8 @@ pub struct PageTable<F: Format> {
     cont_levels: u32,
     /// Largest leaf span (superpage × contiguous run), for the unmap boundary check.
     max_leaf_span: u64,
+    /// Index mask (entries − 1) per level; 8 slots so that `level & 7` needs no bounds check.
+    masks: [usize; 8],
     /// Table pages linked into the tree, root included. Touched only when a table is installed or
     /// unlinked, never per leaf, so CPUs mapping disjoint ranges do not share a hot cache line.
     tables: AtomicUsize,
@@ -211,6 +213,14 @@ impl<F: Format> PageTable<F> {
             }
             max_leaf_span = max_leaf_span.max(span);
         }
+        let mut masks = [0usize; 8];
+        for (level, m) in masks.iter_mut().enumerate().take(geo.levels as usize) {
+            *m = if level as u32 == geo.levels - 1 {
+                geo.root_entries - 1
+            } else {
+                (1 << F::BITS_PER_LEVEL) - 1
+            };
+        }
         let root = mem
             .alloc_table(geo.root_bytes)
             .ok_or(ConfigError::NoMemory)?;
@@ -224,6 +234,7 @@ impl<F: Format> PageTable<F> {
             leaf_levels,
             cont_levels,
             max_leaf_span,
+            masks,
             tables: AtomicUsize::new(1),
             _format: PhantomData,
         })
@@ -272,11 +283,7 @@ impl<F: Format> PageTable<F> {
     }
     #[inline(always)]
     fn entries_at(&self, level: u32) -> usize {
-        if level == self.top() {
-            self.geo.root_entries
-        } else {
-            1 << F::BITS_PER_LEVEL
-        }
+        self.masks[(level & 7) as usize] + 1
     }
     #[inline(always)]
     fn table<'m, M: TableMemory>(&self, mem: &'m M, pa: PhysAddr, level: u32) -> &'m [M::Entry] {
@@ -287,7 +294,7 @@ impl<F: Format> PageTable<F> {
     }
     #[inline(always)]
     fn index(&self, iova: u64, level: u32) -> usize {
-        (iova >> Self::shift(level)) as usize & (self.entries_at(level) - 1)
+        (iova >> Self::shift(level)) as usize & self.masks[(level & 7) as usize]
     }
     #[inline(always)]
     fn input_limit(&self) -> u64 {
