@@ -1,3 +1,22 @@
 //! Intel VT-d (Intel Virtualization Technology for Directed I/O, rev 3.4/4.x).
 
 pub mod regs;
+
+pub mod domain;
+pub mod error;
+pub mod fault;
+pub mod invalidation;
+pub mod mem;
+pub mod tables;
+pub mod unit;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+pub use domain::{Domain, DomainConfig, Stage};
+pub use error::{QueueError, VtdError};
+pub use fault::FaultPoll;
+pub use mem::VtdMemory;
+pub use unit::{Counters, TranslationMode, UnitConfig, VtdUnit};

@@ -1,0 +1,1276 @@
+//! One DMA-remapping unit (a DRHD): bring-up, domains, attach/replace/detach, map/unmap with
+//! IOTLB invalidation, fault draining.
+//!
+//! Concurrency: operations that change which domain a device uses (`attach`, `replace`,
+//! `detach`, domain creation and destruction, translation enable, fault draining) take
+//! `&mut self`; `map`, `unmap` and `iova_to_phys` take `&self` and may run on many CPUs at once
+//! under the page-table engine's disjoint-range contract. The invalidation machinery they share
+//! is serialised by a bounded lock inside [`Invalidator`].
+
+use core::sync::atomic::Ordering;
+
+use crate::hw::Mmio;
+use crate::pgtable::{Config, ConfigError, Gather, PhysAddr, Prot};
+
+use super::domain::{Domain, DomainConfig, Stage, Table};
+use super::error::VtdError;
+use super::fault::{self, FaultPoll, FaultStats};
+use super::invalidation::{Drain, Invalidator, Op, Path, Queue, Stats, bump, psi_block};
+use super::mem::{VtdMemory, load_words, load64};
+use super::regs::{
+    FaultRecord, FaultStatus, GlobalCommand, GlobalStatus, InvQueueAddress, RootTableAddress,
+    TranslationTableMode, VtdIdRegs, offset,
+};
+use super::tables::{
+    ADDR, ContextEntry, P, PASID_DIR_ENTRIES, PASID_TABLE_ENTRIES, PASIDS_PER_DIRECTORY,
+    PDTS_ONE_PAGE, PasidEntry, PasidEntryFlags, Pgtt, RootEntry, SM_CONTEXT_ENTRIES,
+    ScalableContextEntry, pasid_dir_entry,
+};
+
+/// Root-table format the unit runs (RTADDR.TTM, §11.4.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TranslationMode {
+    /// Legacy root and context entries (§9.1, §9.3); second-stage domains only, no PASIDs.
+    Legacy,
+    /// Scalable-mode root, context, PASID directory and PASID entries (§9.2, §9.4-9.6);
+    /// needs ECAP.SMTS and ECAP.QI (QEMU `x-scalable-mode=on`).
+    Scalable,
+}
+
+/// How to bring a unit up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnitConfig {
+    pub mode: TranslationMode,
+    /// Iterations of every poll loop (register status, wait descriptor, queue space, the
+    /// invalidation lock) before it gives up with [`VtdError::Timeout`]. Each iteration is one
+    /// register or memory read plus a spin-loop hint.
+    pub poll_budget: u32,
+    /// Physical address bits of the platform (ACPI DMAR "host address width" + 1): the output
+    /// size of every page table.
+    pub host_address_bits: u32,
+    /// Inclusive range of PCI bus numbers this unit remaps (from its DRHD scope); a source id
+    /// outside it is [`VtdError::BadSid`].
+    pub buses: (u8, u8),
+}
+
+impl UnitConfig {
+    /// `mode`, a budget of one million iterations, 48-bit physical addresses (QEMU's default
+    /// `aw-bits`), every bus.
+    pub const fn new(mode: TranslationMode) -> Self {
+        UnitConfig {
+            mode,
+            poll_budget: 1_000_000,
+            host_address_bits: 48,
+            buses: (0, 255),
+        }
+    }
+}
+
+impl Default for UnitConfig {
+    fn default() -> Self {
+        Self::new(TranslationMode::Legacy)
+    }
+}
+
+/// A snapshot of the unit's event counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Invalidation descriptors queued, wait descriptors not included.
+    pub qi_descriptors: u64,
+    /// Wait descriptors queued (one per batch).
+    pub qi_waits: u64,
+    /// Register-based invalidations (CCMD, IOTLB register).
+    pub register_invalidations: u64,
+    /// IOTLB invalidations: page-selective, domain-selective, global.
+    pub iotlb_psi: u64,
+    pub iotlb_dsi: u64,
+    pub iotlb_global: u64,
+    pub context_invalidations: u64,
+    pub pasid_cache_invalidations: u64,
+    /// PASID-based IOTLB invalidations (first-stage domains).
+    pub pasid_iotlb_invalidations: u64,
+    /// GCMD.WBF flushes (CAP.RWBF).
+    pub write_buffer_flushes: u64,
+    /// Invalidation-queue errors handled (IQE, ITE, ICE).
+    pub queue_errors: u64,
+    /// Fault records drained.
+    pub faults: u64,
+    /// Primary fault overflows (FSTS.PFO) seen.
+    pub faults_lost: u64,
+    /// Faults of source ids beyond the per-device counters' capacity.
+    pub faults_untracked: u64,
+}
+
+/// Domain-id allocator over the ids CAP.ND allows; id 0 is never handed out (it is reserved
+/// when CAP.CM = 1, and unused otherwise so that the rule never matters).
+struct DomainIds {
+    bits: [u64; 1024],
+    limit: u32,
+}
+
+impl DomainIds {
+    fn new(limit: u32) -> Self {
+        let mut bits = [0u64; 1024];
+        bits[0] = 1;
+        DomainIds {
+            bits,
+            limit: limit.min(1 << 16),
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u16> {
+        let words = (self.limit as usize).div_ceil(64);
+        for (w, word) in self.bits[..words].iter_mut().enumerate() {
+            if *word == u64::MAX {
+                continue;
+            }
+            let bit = (!*word).trailing_zeros();
+            let id = w as u32 * 64 + bit;
+            if id >= self.limit {
+                return None;
+            }
+            *word |= 1 << bit;
+            return Some(id as u16);
+        }
+        None
+    }
+
+    fn free(&mut self, id: u16) {
+        if id != 0 {
+            self.bits[id as usize / 64] &= !(1 << (id % 64));
+        }
+    }
+}
+
+/// PASIDs through which first-stage domains are attached, with reference counts: PASID-based
+/// IOTLB invalidations are tagged with (DID, PASID), so flushing a first-stage domain means one
+/// descriptor per PASID it may be attached with. The set is unit-wide (over-invalidation across
+/// domains is harmless); past its capacity the driver falls back to a global IOTLB flush.
+struct PasidSet {
+    slots: [(u32, u32); PasidSet::CAPACITY],
+    overflow: u32,
+}
+
+impl PasidSet {
+    const CAPACITY: usize = 16;
+
+    const fn new() -> Self {
+        PasidSet {
+            slots: [(0, 0); Self::CAPACITY],
+            overflow: 0,
+        }
+    }
+
+    fn add(&mut self, pasid: u32) {
+        if let Some(s) = self.slots.iter_mut().find(|s| s.1 != 0 && s.0 == pasid) {
+            s.1 += 1;
+        } else if let Some(s) = self.slots.iter_mut().find(|s| s.1 == 0) {
+            *s = (pasid, 1);
+        } else {
+            self.overflow += 1;
+        }
+    }
+
+    fn remove(&mut self, pasid: u32) {
+        if let Some(s) = self.slots.iter_mut().find(|s| s.1 != 0 && s.0 == pasid) {
+            s.1 -= 1;
+        } else {
+            self.overflow = self.overflow.saturating_sub(1);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots.iter().filter(|s| s.1 != 0).map(|s| s.0)
+    }
+}
+
+/// A short list of invalidation ops built on the stack.
+struct Ops {
+    buf: [Op; Ops::CAPACITY],
+    len: usize,
+}
+
+impl Ops {
+    const CAPACITY: usize = PasidSet::CAPACITY + 4;
+
+    const fn new() -> Self {
+        Ops {
+            buf: [Op::IotlbGlobal; Self::CAPACITY],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, op: Op) {
+        // Callers push at most CAPACITY ops; a full list degrades to a global flush, which
+        // covers anything that did not fit.
+        if self.len < Self::CAPACITY {
+            self.buf[self.len] = op;
+            self.len += 1;
+        } else {
+            self.buf[Self::CAPACITY - 1] = Op::IotlbGlobal;
+        }
+    }
+
+    fn as_slice(&self) -> &[Op] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Where the PASID-table entry of a (SID, PASID) lives in scalable mode.
+#[derive(Clone, Copy)]
+struct PasidLoc {
+    /// The PASID-directory entry pointing at the PASID table.
+    dir_entry: u64,
+    /// The 64-byte PASID-table entry.
+    entry: u64,
+}
+
+/// One DMA-remapping unit.
+pub struct VtdUnit<M: Mmio> {
+    mmio: M,
+    ids: VtdIdRegs,
+    mode: TranslationMode,
+    budget: u32,
+    host_bits: u32,
+    buses: (u8, u8),
+    root: u64,
+    inv: Invalidator,
+    /// ECAP.C: root, context and PASID structures need no cache cleaning.
+    coherent_structures: bool,
+    /// Page-table walks snoop: ECAP.C in legacy mode, ECAP.SMPWCS (with PWSNP set in every
+    /// PASID entry) in scalable mode.
+    coherent_tables: bool,
+    dids: DomainIds,
+    fs_pasids: PasidSet,
+    faults: FaultStats,
+    stats: Stats,
+}
+
+impl<M: Mmio> VtdUnit<M> {
+    /// Brings the unit up with translation disabled (VT-d 4.1 §6 and §11.4):
+    ///
+    /// 1. reads VER/CAP/ECAP and checks the mode (scalable needs ECAP.SMTS and ECAP.QI);
+    /// 2. turns off translation and queued invalidation if a previous owner left them on, and
+    ///    clears stale invalidation-queue errors;
+    /// 3. allocates the root table, programs RTADDR (TTM 00b or 01b) and latches it with
+    ///    GCMD.SRTP, polling GSTS.RTPS;
+    /// 4. with ECAP.QI, sets up the invalidation queue (IQT = 0, IQA, GCMD.QIE; 256-bit
+    ///    descriptors in scalable mode, where the PASID-based descriptors require them);
+    ///    otherwise uses the CCMD and IOTLB registers;
+    /// 5. invalidates the context cache, the PASID cache (scalable) and the IOTLB globally.
+    pub fn new<T: VtdMemory>(mmio: M, mem: &T, cfg: UnitConfig) -> Result<Self, VtdError> {
+        let ids = VtdIdRegs::read(&mmio);
+        let (cap, ecap) = (ids.cap, ids.ecap);
+        let scalable = cfg.mode == TranslationMode::Scalable;
+        if scalable && !(ecap.smts() && ecap.qi()) {
+            return Err(VtdError::ModeUnsupported);
+        }
+        let budget = cfg.poll_budget.max(1);
+        let coherent_structures = ecap.c();
+        let coherent_tables = if scalable { ecap.smpwcs() } else { ecap.c() };
+        let drain = Drain {
+            reads: cap.drd(),
+            writes: cap.dwd(),
+        };
+        let register_path = Path::Register {
+            iva: ecap.iva_offset(),
+            iotlb: ecap.iotlb_offset(),
+        };
+        let mut unit = VtdUnit {
+            mmio,
+            ids,
+            mode: cfg.mode,
+            budget,
+            host_bits: cfg.host_address_bits,
+            buses: cfg.buses,
+            root: 0,
+            inv: Invalidator::new(register_path, drain, coherent_structures, budget),
+            coherent_structures,
+            coherent_tables,
+            dids: DomainIds::new(cap.num_domains().unwrap_or(0)),
+            fs_pasids: PasidSet::new(),
+            faults: FaultStats::new(),
+            stats: Stats::default(),
+        };
+
+        // A previous owner may have left translation or the queue on; the queue registers
+        // must not be reprogrammed while QIE is set (§6.5.2).
+        let gsts = unit.gsts();
+        if gsts.contains(GlobalStatus::TES) {
+            unit.set_persistent(GlobalCommand::TE, false, "GSTS.TES clear")?;
+        }
+        if gsts.contains(GlobalStatus::QIES) {
+            unit.set_persistent(GlobalCommand::QIE, false, "GSTS.QIES clear")?;
+        }
+        // A stale IQE would stop the new queue at its first descriptor.
+        let queue_errors = FaultStatus::IQE | FaultStatus::ICE | FaultStatus::ITE;
+        unit.mmio.write32(offset::FSTS, queue_errors.bits());
+
+        let root = mem.alloc_table(4096).ok_or(VtdError::NoMemory)?;
+        unit.root = root;
+        unit.clean(mem, root, 4096);
+        let rta = RootTableAddress {
+            address: root,
+            mode: if scalable {
+                TranslationTableMode::Scalable
+            } else {
+                TranslationTableMode::Legacy
+            },
+        };
+        unit.mmio.write64(offset::RTADDR, rta.encode());
+        // GSTS.RTPS is cleared by the SRTP write and set when the pointer is latched.
+        unit.one_shot(GlobalCommand::SRTP, GlobalStatus::RTPS, true, "GSTS.RTPS")?;
+
+        if ecap.qi() {
+            let base = mem.alloc_table(4096).ok_or(VtdError::NoMemory)?;
+            let status = mem.alloc_table(4096).ok_or(VtdError::NoMemory)?;
+            unit.clean(mem, base, 4096);
+            let queue = Queue::new(base, status, scalable);
+            unit.mmio.write64(offset::IQT, 0);
+            let iqa = InvQueueAddress {
+                base,
+                wide_descriptors: queue.wide,
+                qs: 0,
+            };
+            unit.mmio.write64(offset::IQA, iqa.encode());
+            unit.inv = Invalidator::new(Path::Queued(queue), drain, coherent_structures, budget);
+            unit.set_persistent(GlobalCommand::QIE, true, "GSTS.QIES")?;
+        }
+
+        let mut ops = Ops::new();
+        ops.push(Op::ContextGlobal);
+        if scalable {
+            ops.push(Op::PasidCacheGlobal);
+        }
+        ops.push(Op::IotlbGlobal);
+        unit.invalidate(mem, &ops)?;
+        Ok(unit)
+    }
+
+    /// Sets GCMD.TE and waits for GSTS.TES, keeping the other persistent bits.
+    pub fn enable_translation(&mut self) -> Result<(), VtdError> {
+        self.set_persistent(GlobalCommand::TE, true, "GSTS.TES")
+    }
+
+    /// Clears GCMD.TE and waits for GSTS.TES to clear.
+    pub fn disable_translation(&mut self) -> Result<(), VtdError> {
+        self.set_persistent(GlobalCommand::TE, false, "GSTS.TES clear")
+    }
+
+    /// VER, CAP and ECAP as read at bring-up.
+    pub fn regs(&self) -> &VtdIdRegs {
+        &self.ids
+    }
+
+    pub fn mode(&self) -> TranslationMode {
+        self.mode
+    }
+
+    /// Physical address of the root table.
+    pub fn root_table(&self) -> u64 {
+        self.root
+    }
+
+    /// The register window.
+    pub fn mmio(&self) -> &M {
+        &self.mmio
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Domains
+    // -----------------------------------------------------------------------------------------
+
+    /// Creates a domain: checks the configuration against the unit, takes a domain id and
+    /// allocates the page-table root.
+    pub fn create_domain<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        cfg: DomainConfig,
+    ) -> Result<Domain, VtdError> {
+        let (cap, ecap) = (self.ids.cap, self.ids.ecap);
+        let scalable = self.mode == TranslationMode::Scalable;
+        let aw = cfg.address_width;
+        let unsupported_aw = VtdError::AddressWidthUnsupported { requested: aw };
+        let (levels, ias, leaf_sizes) = match cfg.stage {
+            Stage::Second => {
+                if scalable && !ecap.slts() {
+                    return Err(VtdError::SecondStageUnsupported);
+                }
+                let levels = match aw {
+                    39 => 3,
+                    48 => 4,
+                    57 => 5,
+                    _ => return Err(unsupported_aw),
+                };
+                if !cap.sagaw().supports(levels as u8) {
+                    return Err(unsupported_aw);
+                }
+                if cfg.dirty_tracking && !(scalable && ecap.slads()) {
+                    return Err(VtdError::DirtyTrackingUnsupported);
+                }
+                let sllps = cap.sllps();
+                let mut sizes = 1u64 << 12;
+                if sllps.contains(super::regs::LargePages::SIZE_2M) {
+                    sizes |= 1 << 21;
+                }
+                if sllps.contains(super::regs::LargePages::SIZE_1G) {
+                    sizes |= 1 << 30;
+                }
+                // Input addresses beyond MGAW fault however deep the table is.
+                (levels, aw.min(cap.mgaw() as u32), sizes)
+            }
+            Stage::First => {
+                if !(scalable && ecap.flts()) {
+                    return Err(VtdError::FirstStageUnsupported);
+                }
+                let levels = match aw {
+                    48 => 4,
+                    57 if cap.fl5lp() => 5,
+                    _ => return Err(unsupported_aw),
+                };
+                let mut sizes = 1u64 << 12 | 1 << 21;
+                if cap.fl1gp() {
+                    sizes |= 1 << 30;
+                }
+                // The lower canonical half.
+                (levels, aw - 1, sizes)
+            }
+        };
+        let pt_cfg = Config {
+            leaf_sizes,
+            coherent: self.coherent_tables,
+            contiguous_hint: false,
+            dirty_tracking: cfg.dirty_tracking,
+            snoop_control: ecap.sc(),
+            ..Config::new(ias, self.host_bits)
+        };
+        let did = self.dids.alloc().ok_or(VtdError::DomainIdsExhausted)?;
+        let table = match Table::new(mem, cfg.stage, levels, pt_cfg) {
+            Ok(t) => t,
+            Err(e) => {
+                self.dids.free(did);
+                return Err(match e {
+                    ConfigError::NoMemory => VtdError::NoMemory,
+                    ConfigError::InputSize => unsupported_aw,
+                    other => VtdError::PageTable(other),
+                });
+            }
+        };
+        Ok(Domain {
+            did,
+            table,
+            cfg,
+            unit: self.root,
+            // Legacy mode enforces snooping per leaf; scalable mode per PASID entry (PGSNP).
+            // Without ECAP.SC the domain can never be attached here, and SNP would be reserved.
+            snoop_leaves: cfg.enforce_cache_coherency
+                && cfg.stage == Stage::Second
+                && !scalable
+                && ecap.sc(),
+        })
+    }
+
+    /// Destroys a domain that nothing is attached to: invalidates whatever the IOTLB may still
+    /// hold under its id, frees the page table and the id. On failure the domain is handed
+    /// back (a large `Err`, but a rare and cold path, and boxing would need `alloc`).
+    #[allow(clippy::result_large_err)]
+    pub fn try_destroy_domain<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        d: Domain,
+    ) -> Result<(), (VtdError, Domain)> {
+        if let Err(e) = d.check_unit(self.root) {
+            return Err((e, d));
+        }
+        let attachments = self.references(mem, d.did);
+        if attachments != 0 {
+            return Err((VtdError::DomainBusy { attachments }, d));
+        }
+        let mut ops = Ops::new();
+        ops.push(Op::IotlbDomain { did: d.did });
+        if let Err(e) = self.invalidate(mem, &ops) {
+            return Err((e, d));
+        }
+        let did = d.did;
+        d.table.destroy(mem);
+        self.dids.free(did);
+        Ok(())
+    }
+
+    /// [`try_destroy_domain`](Self::try_destroy_domain), for callers that cannot use the
+    /// domain back: on failure (for instance [`VtdError::DomainBusy`], still attached) the
+    /// domain is dropped, which leaks its page table and id. That is the safe outcome: a device
+    /// still attached keeps translating through intact tables. Detach first.
+    pub fn destroy_domain<T: VtdMemory>(&mut self, mem: &T, d: Domain) -> Result<(), VtdError> {
+        self.try_destroy_domain(mem, d).map_err(|(e, _leaked)| e)
+    }
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)`. A coherency-enforcing domain in legacy
+    /// mode gets SNP in every leaf. With CAP.CM (caching mode: not-present entries may be
+    /// cached) the new range is invalidated too; with CAP.RWBF the write buffer is flushed.
+    /// When a failed map had installed and removed entries, their range is invalidated before
+    /// the error is returned.
+    pub fn map<T: VtdMemory>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+        pa: PhysAddr,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), VtdError> {
+        d.check_unit(self.root)?;
+        let prot = if d.snoop_leaves {
+            prot | Prot::SNOOP
+        } else {
+            prot
+        };
+        match d.table.map(mem, iova, pa, len, prot) {
+            Ok(()) => {
+                self.flush_write_buffer()?;
+                if self.ids.cap.cm() {
+                    // New tables may have been linked: no invalidation hint.
+                    self.flush_range(mem, d, iova, iova + len, false)?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let rolled_back = match e {
+                    crate::pgtable::MapError::Overlap { rolled_back, .. }
+                    | crate::pgtable::MapError::NoMemory { rolled_back } => rolled_back,
+                    _ => Default::default(),
+                };
+                if !rolled_back.is_empty() {
+                    self.flush_write_buffer()?;
+                    self.flush_range(mem, d, rolled_back.start, rolled_back.end, false)?;
+                }
+                Err(VtdError::Map(e))
+            }
+        }
+    }
+
+    /// Unmaps exactly `[iova, iova + len)` and returns the bytes unmapped. Then invalidates the
+    /// IOTLB for the gathered range with O(1) descriptors: one page-selective invalidation
+    /// whose address mask covers the range rounded out to a naturally aligned power of two,
+    /// when that mask is within CAP.MAMV and CAP.PSI is set, else one domain-selective one
+    /// (first-stage domains: one PASID-based invalidation per attached PASID). Waits for
+    /// completion, then hands unlinked table pages back to `mem`.
+    ///
+    /// If the invalidation fails, the unlinked table pages are leaked rather than reused: the
+    /// hardware may still walk them.
+    pub fn unmap<T: VtdMemory>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+        len: u64,
+    ) -> Result<u64, VtdError> {
+        d.check_unit(self.root)?;
+        let mut gather = Gather::new();
+        let result = d.table.unmap(mem, iova, len, &mut gather);
+        if gather.is_empty() {
+            gather.complete(mem);
+            return result.map_err(VtdError::Unmap);
+        }
+        let flushed = self
+            .flush_write_buffer()
+            .and_then(|()| match gather.range() {
+                Some(r) => self.flush_range(mem, d, r.start, r.end, !gather.frees_tables()),
+                None => self.flush_domain(mem, d),
+            });
+        match flushed {
+            Ok(()) => {
+                gather.complete(mem);
+                result.map_err(VtdError::Unmap)
+            }
+            Err(e) => {
+                core::mem::forget(gather);
+                Err(e)
+            }
+        }
+    }
+
+    /// The physical address `iova` translates to in `d`, if mapped.
+    pub fn iova_to_phys<T: VtdMemory>(&self, mem: &T, d: &Domain, iova: u64) -> Option<u64> {
+        d.check_unit(self.root).ok()?;
+        d.table.translate(mem, iova).map(|t| t.pa)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Attach, replace, detach
+    // -----------------------------------------------------------------------------------------
+
+    /// Points `sid` (legacy: its context entry; scalable: the PASID entry of `pasid`, `None`
+    /// meaning RID_PASID 0) at domain `d`. Fails with [`VtdError::AlreadyAttached`] if it has a
+    /// domain (use [`replace`](Self::replace)); with [`VtdError::SnoopControlUnsupported`] if
+    /// `d` enforces coherency and the unit lacks ECAP.SC. Every check precedes every write.
+    pub fn attach<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sid: u16,
+        pasid: Option<u32>,
+        d: &Domain,
+    ) -> Result<(), VtdError> {
+        self.check_sid(sid)?;
+        let pasid = self.check_pasid(pasid)?;
+        self.check_domain(d)?;
+        match self.mode {
+            TranslationMode::Legacy => {
+                if let Some(slot) = self.context_slot(mem, sid, false)?
+                    && self.read_context(mem, slot).present()
+                {
+                    return Err(VtdError::AlreadyAttached);
+                }
+                let slot = self
+                    .context_slot(mem, sid, true)?
+                    .ok_or(VtdError::NoMemory)?;
+                let ce = ContextEntry::second_stage(d.root(), d.levels(), d.did);
+                mem.store128(slot, ce.lo, ce.hi);
+                self.clean(mem, slot, 16);
+            }
+            TranslationMode::Scalable => {
+                if let Some(loc) = self.pasid_slot(mem, sid, pasid, false)?
+                    && self.read_pasid_entry(mem, loc.entry).present()
+                {
+                    return Err(VtdError::AlreadyAttached);
+                }
+                let loc = self
+                    .pasid_slot(mem, sid, pasid, true)?
+                    .ok_or(VtdError::NoMemory)?;
+                let pe = self.pasid_entry_for(d);
+                // The entry is not present until its low half is written, last.
+                mem.store128(loc.entry + 48, pe.q[6], pe.q[7]);
+                mem.store128(loc.entry + 32, pe.q[4], pe.q[5]);
+                mem.store128(loc.entry + 16, pe.q[2], pe.q[3]);
+                mem.store128(loc.entry, pe.q[0], pe.q[1]);
+                self.clean(mem, loc.entry, 64);
+                if d.stage() == Stage::First {
+                    self.fs_pasids.add(pasid);
+                }
+            }
+        }
+        self.flush_write_buffer()?;
+        if self.ids.cap.cm() {
+            // Caching mode: not-present entries may be cached, tagged with domain id 0
+            // (§6.1); making one present needs an invalidation.
+            let mut ops = Ops::new();
+            ops.push(Op::ContextDevice { did: 0, sid });
+            if self.mode == TranslationMode::Scalable {
+                ops.push(Op::PasidCacheGlobal);
+            }
+            ops.push(Op::IotlbDomain { did: 0 });
+            self.invalidate(mem, &ops)?;
+        }
+        Ok(())
+    }
+
+    /// Moves `sid` (and `pasid`) from its current domain to `d`, make-before-break: at every
+    /// instant the hardware finds either the old entry or the new one, never none and never a
+    /// mix.
+    ///
+    /// * Legacy: the context entry is rewritten with one 128-bit store
+    ///   ([`VtdMemory::store128`]).
+    /// * Scalable, second stage (or pass-through) to second stage: the fields that change
+    ///   (PGTT, AW, SSPTPTR, DID, PGSNP) are all in the PASID entry's low 128 bits, the rest is
+    ///   zero in both; one 128-bit store.
+    /// * Scalable, first stage on either side: the first-stage pointer is in bits 191:140 of
+    ///   the entry, so no single store covers it. The driver copies the whole 4 KiB PASID table
+    ///   (64 entries, the other 63 unchanged), writes the new entry into the copy, and switches
+    ///   the PASID-directory entry to the copy with one 64-bit store; the old table is retired
+    ///   after the invalidation.
+    ///
+    /// Then: context-cache (legacy) or PASID-cache (scalable) invalidation of the old domain id
+    /// for this device, and IOTLB invalidation of the old domain id. On any error before the
+    /// store (snoop rule, bad SID or PASID, not attached, no memory for the copy) nothing
+    /// changes. Replacing with the current domain is a no-op.
+    pub fn replace<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sid: u16,
+        pasid: Option<u32>,
+        d: &Domain,
+    ) -> Result<(), VtdError> {
+        self.check_sid(sid)?;
+        let pasid = self.check_pasid(pasid)?;
+        self.check_domain(d)?;
+        let mut ops = Ops::new();
+        let mut retire = None;
+        match self.mode {
+            TranslationMode::Legacy => {
+                let slot = self
+                    .context_slot(mem, sid, false)?
+                    .ok_or(VtdError::NotAttached)?;
+                let old = self.read_context(mem, slot);
+                if !old.present() {
+                    return Err(VtdError::NotAttached);
+                }
+                let new = ContextEntry::second_stage(d.root(), d.levels(), d.did);
+                if old == new {
+                    return Ok(());
+                }
+                mem.store128(slot, new.lo, new.hi);
+                self.clean(mem, slot, 16);
+                ops.push(Op::ContextDevice {
+                    did: old.did(),
+                    sid,
+                });
+                ops.push(Op::IotlbDomain { did: old.did() });
+            }
+            TranslationMode::Scalable => {
+                let loc = self
+                    .pasid_slot(mem, sid, pasid, false)?
+                    .ok_or(VtdError::NotAttached)?;
+                let old = self.read_pasid_entry(mem, loc.entry);
+                if !old.present() {
+                    return Err(VtdError::NotAttached);
+                }
+                let new = self.pasid_entry_for(d);
+                if old == new {
+                    return Ok(());
+                }
+                if old.upper_is_zero() && new.upper_is_zero() {
+                    mem.store128(loc.entry, new.q[0], new.q[1]);
+                    self.clean(mem, loc.entry, 16);
+                } else {
+                    retire = Some(self.swap_pasid_table(mem, loc, &new)?);
+                }
+                let old_fs = old.pgtt() == Some(Pgtt::FirstStage);
+                if old_fs {
+                    self.fs_pasids.remove(pasid);
+                }
+                if d.stage() == Stage::First {
+                    self.fs_pasids.add(pasid);
+                }
+                ops.push(Op::PasidCachePasid {
+                    did: old.did(),
+                    pasid,
+                });
+                ops.push(if old_fs {
+                    Op::PasidIotlbAll {
+                        did: old.did(),
+                        pasid,
+                    }
+                } else {
+                    Op::IotlbDomain { did: old.did() }
+                });
+            }
+        }
+        self.flush_write_buffer()?;
+        self.invalidate(mem, &ops)?;
+        if let Some(old_table) = retire {
+            // Only now can no walk still be inside the old PASID table.
+            mem.retire_table(old_table, 4096);
+        }
+        Ok(())
+    }
+
+    /// Removes `sid`'s (and `pasid`'s) domain: the entry is made not present (DMA from the
+    /// device then faults), then the context or PASID cache and the IOTLB are invalidated for
+    /// the old domain id.
+    pub fn detach<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sid: u16,
+        pasid: Option<u32>,
+    ) -> Result<(), VtdError> {
+        self.check_sid(sid)?;
+        let pasid = self.check_pasid(pasid)?;
+        let mut ops = Ops::new();
+        let mut clear_rest = None;
+        match self.mode {
+            TranslationMode::Legacy => {
+                let slot = self
+                    .context_slot(mem, sid, false)?
+                    .ok_or(VtdError::NotAttached)?;
+                let old = self.read_context(mem, slot);
+                if !old.present() {
+                    return Err(VtdError::NotAttached);
+                }
+                // P is in the low word: clearing it first makes the entry not present at once.
+                mem.store64(slot, 0);
+                mem.store64(slot + 8, 0);
+                self.clean(mem, slot, 16);
+                ops.push(Op::ContextDevice {
+                    did: old.did(),
+                    sid,
+                });
+                ops.push(Op::IotlbDomain { did: old.did() });
+            }
+            TranslationMode::Scalable => {
+                let loc = self
+                    .pasid_slot(mem, sid, pasid, false)?
+                    .ok_or(VtdError::NotAttached)?;
+                let old = self.read_pasid_entry(mem, loc.entry);
+                if !old.present() {
+                    return Err(VtdError::NotAttached);
+                }
+                mem.store64(loc.entry, 0);
+                self.clean(mem, loc.entry, 8);
+                clear_rest = Some(loc.entry);
+                let old_fs = old.pgtt() == Some(Pgtt::FirstStage);
+                if old_fs {
+                    self.fs_pasids.remove(pasid);
+                }
+                ops.push(Op::PasidCachePasid {
+                    did: old.did(),
+                    pasid,
+                });
+                ops.push(if old_fs {
+                    Op::PasidIotlbAll {
+                        did: old.did(),
+                        pasid,
+                    }
+                } else {
+                    Op::IotlbDomain { did: old.did() }
+                });
+            }
+        }
+        self.flush_write_buffer()?;
+        self.invalidate(mem, &ops)?;
+        if let Some(entry) = clear_rest {
+            // Hygiene once no cached copy can exist: the whole entry reads as zero.
+            for i in 1..8 {
+                mem.store64(entry + 8 * i, 0);
+            }
+            self.clean(mem, entry, 64);
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Faults and counters
+    // -----------------------------------------------------------------------------------------
+
+    /// Drains every fault recording register (from FSTS.FRI, wrapping over CAP.NFR), decodes
+    /// each record, clears it (F is RW1C), counts it per source id and passes it to `sink`;
+    /// then clears FSTS.PFO if set, counting it as lost faults. At most NFR records per call.
+    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&FaultRecord)) -> FaultPoll {
+        fault::drain(&self.mmio, self.ids.cap, &mut self.faults, sink)
+    }
+
+    /// Faults recorded for `sid` (0 for a source id beyond the counters' capacity, see
+    /// [`Counters::faults_untracked`]).
+    pub fn fault_count(&self, sid: u16) -> u64 {
+        self.faults.count(sid)
+    }
+
+    /// Primary fault overflow events (FSTS.PFO) seen.
+    pub fn faults_lost(&self) -> u64 {
+        self.faults.lost
+    }
+
+    pub fn counters(&self) -> Counters {
+        let s = &self.stats;
+        let get = |c: &core::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            qi_descriptors: get(&s.qi_descriptors),
+            qi_waits: get(&s.qi_waits),
+            register_invalidations: get(&s.register_invalidations),
+            iotlb_psi: get(&s.iotlb_psi),
+            iotlb_dsi: get(&s.iotlb_dsi),
+            iotlb_global: get(&s.iotlb_global),
+            context_invalidations: get(&s.context_invalidations),
+            pasid_cache_invalidations: get(&s.pasid_cache_invalidations),
+            pasid_iotlb_invalidations: get(&s.pasid_iotlb_invalidations),
+            write_buffer_flushes: get(&s.write_buffer_flushes),
+            queue_errors: get(&s.queue_errors),
+            faults: self.faults.total,
+            faults_lost: self.faults.lost,
+            faults_untracked: self.faults.untracked,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals: registers
+    // -----------------------------------------------------------------------------------------
+
+    fn gsts(&self) -> GlobalStatus {
+        GlobalStatus::from_bits_retain(self.mmio.read32(offset::GSTS))
+    }
+
+    /// Polls GSTS until `flag` is `on`.
+    fn poll_gsts(&self, flag: GlobalStatus, on: bool, what: &'static str) -> Result<(), VtdError> {
+        for _ in 0..self.budget {
+            if self.gsts().contains(flag) == on {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(VtdError::Timeout { what })
+    }
+
+    /// Turns a persistent GCMD bit on or off. GCMD is write-only and every write is a whole
+    /// command, so the write carries the persistent bits now in effect (§11.4.4).
+    fn set_persistent(
+        &self,
+        bit: GlobalCommand,
+        on: bool,
+        what: &'static str,
+    ) -> Result<(), VtdError> {
+        let current = GlobalCommand::from_status(self.gsts());
+        let cmd = if on { current | bit } else { current - bit };
+        self.mmio.write32(offset::GCMD, cmd.bits());
+        self.poll_gsts(bit.status_flag(), on, what)
+    }
+
+    /// Issues a one-shot GCMD bit and polls `flag` until it equals `done`.
+    fn one_shot(
+        &self,
+        bit: GlobalCommand,
+        flag: GlobalStatus,
+        done: bool,
+        what: &'static str,
+    ) -> Result<(), VtdError> {
+        let cmd = GlobalCommand::from_status(self.gsts()) | bit;
+        self.mmio.write32(offset::GCMD, cmd.bits());
+        self.poll_gsts(flag, done, what)
+    }
+
+    /// CAP.RWBF: flush the write buffer (GCMD.WBF, poll GSTS.WBFS clear) so the hardware sees
+    /// table updates. Serialised with the invalidation path (map/unmap call it concurrently).
+    fn flush_write_buffer(&self) -> Result<(), VtdError> {
+        if !self.ids.cap.rwbf() {
+            return Ok(());
+        }
+        let _guard = self.inv.lock()?;
+        bump(&self.stats.write_buffer_flushes);
+        self.one_shot(GlobalCommand::WBF, GlobalStatus::WBFS, false, "GSTS.WBFS")
+    }
+
+    fn invalidate<T: VtdMemory>(&self, mem: &T, ops: &Ops) -> Result<(), VtdError> {
+        self.inv.run(&self.mmio, mem, ops.as_slice(), &self.stats)
+    }
+
+    /// Invalidates the IOTLB for `[start, end)` of `d` (see [`unmap`](Self::unmap)).
+    fn flush_range<T: VtdMemory>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        start: u64,
+        end: u64,
+        leaf_only: bool,
+    ) -> Result<(), VtdError> {
+        let cap = self.ids.cap;
+        let (addr, am) = psi_block(start, end);
+        let psi = am <= cap.mamv();
+        let mut ops = Ops::new();
+        match d.stage() {
+            Stage::Second => ops.push(if psi && cap.psi() {
+                Op::IotlbPages {
+                    did: d.did,
+                    addr,
+                    am,
+                    leaf_only,
+                }
+            } else {
+                Op::IotlbDomain { did: d.did }
+            }),
+            Stage::First => {
+                if self.fs_pasids.overflow != 0 {
+                    ops.push(Op::IotlbGlobal);
+                } else {
+                    for pasid in self.fs_pasids.iter() {
+                        ops.push(if psi {
+                            Op::PasidIotlbPages {
+                                did: d.did,
+                                pasid,
+                                addr,
+                                am,
+                                leaf_only,
+                            }
+                        } else {
+                            Op::PasidIotlbAll { did: d.did, pasid }
+                        });
+                    }
+                }
+            }
+        }
+        self.invalidate(mem, &ops)
+    }
+
+    /// Invalidates everything cached for `d`.
+    fn flush_domain<T: VtdMemory>(&self, mem: &T, d: &Domain) -> Result<(), VtdError> {
+        self.flush_range(mem, d, 0, u64::MAX, false)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals: structures
+    // -----------------------------------------------------------------------------------------
+
+    fn clean<T: VtdMemory>(&self, mem: &T, pa: u64, bytes: usize) {
+        if !self.coherent_structures {
+            mem.clean(pa, bytes);
+        }
+    }
+
+    /// A zeroed, cleaned structure page.
+    fn new_page<T: VtdMemory>(&self, mem: &T) -> Result<u64, VtdError> {
+        let pa = mem.alloc_table(4096).ok_or(VtdError::NoMemory)?;
+        self.clean(mem, pa, 4096);
+        Ok(pa)
+    }
+
+    fn check_sid(&self, sid: u16) -> Result<(), VtdError> {
+        let bus = (sid >> 8) as u8;
+        if bus < self.buses.0 || bus > self.buses.1 {
+            return Err(VtdError::BadSid { sid });
+        }
+        Ok(())
+    }
+
+    /// The PASID an operation addresses: 0 (RID_PASID) for `None`.
+    fn check_pasid(&self, pasid: Option<u32>) -> Result<u32, VtdError> {
+        match pasid {
+            None | Some(0) => Ok(0),
+            Some(p) => {
+                let ecap = self.ids.ecap;
+                if self.mode == TranslationMode::Legacy || !ecap.pasid() {
+                    return Err(VtdError::PasidUnsupported);
+                }
+                let limit = (1u32 << ecap.pasid_bits().min(20)).min(PASIDS_PER_DIRECTORY);
+                if p >= limit {
+                    return Err(VtdError::PasidOutOfRange { pasid: p, limit });
+                }
+                Ok(p)
+            }
+        }
+    }
+
+    fn check_domain(&self, d: &Domain) -> Result<(), VtdError> {
+        d.check_unit(self.root)?;
+        if d.stage() == Stage::First && self.mode == TranslationMode::Legacy {
+            return Err(VtdError::FirstStageUnsupported);
+        }
+        if d.enforce_cache_coherency() && !self.ids.ecap.sc() {
+            return Err(VtdError::SnoopControlUnsupported);
+        }
+        Ok(())
+    }
+
+    fn read_root<T: VtdMemory>(&self, mem: &T, bus: u8) -> (u64, RootEntry) {
+        let pa = self.root + bus as u64 * 16;
+        let [lo, hi] = load_words::<T, 2>(mem, pa);
+        (pa, RootEntry { lo, hi })
+    }
+
+    fn read_context<T: VtdMemory>(&self, mem: &T, slot: u64) -> ContextEntry {
+        let [lo, hi] = load_words::<T, 2>(mem, slot);
+        ContextEntry { lo, hi }
+    }
+
+    fn read_pasid_entry<T: VtdMemory>(&self, mem: &T, slot: u64) -> PasidEntry {
+        PasidEntry {
+            q: load_words::<T, 8>(mem, slot),
+        }
+    }
+
+    /// Legacy: the context entry of `sid`, creating its context table if `create`.
+    fn context_slot<T: VtdMemory>(
+        &self,
+        mem: &T,
+        sid: u16,
+        create: bool,
+    ) -> Result<Option<u64>, VtdError> {
+        let (bus, devfn) = ((sid >> 8) as u8, sid & 0xff);
+        let (re_pa, re) = self.read_root(mem, bus);
+        let table = if re.present() {
+            re.context_table()
+        } else if create {
+            let t = self.new_page(mem)?;
+            let new = RootEntry::legacy(t);
+            mem.store128(re_pa, new.lo, new.hi);
+            self.clean(mem, re_pa, 16);
+            t
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(table + devfn as u64 * 16))
+    }
+
+    /// Scalable mode: the 32-byte context entry of `sid`, creating its (lower or upper)
+    /// context table if `create`.
+    fn sm_context_slot<T: VtdMemory>(
+        &self,
+        mem: &T,
+        sid: u16,
+        create: bool,
+    ) -> Result<Option<u64>, VtdError> {
+        let (bus, devfn) = ((sid >> 8) as u8, sid & 0xff);
+        let upper = devfn >= SM_CONTEXT_ENTRIES as u16;
+        let (re_pa, re) = self.read_root(mem, bus);
+        let table = if upper { re.upper() } else { re.lower() };
+        let table = match table {
+            Some(t) => t,
+            None if create => {
+                let t = self.new_page(mem)?;
+                // Both halves in one store: the other half keeps its value.
+                let new = if upper {
+                    RootEntry {
+                        lo: re.lo,
+                        hi: (t & ADDR) | P,
+                    }
+                } else {
+                    RootEntry {
+                        lo: (t & ADDR) | P,
+                        hi: re.hi,
+                    }
+                };
+                mem.store128(re_pa, new.lo, new.hi);
+                self.clean(mem, re_pa, 16);
+                t
+            }
+            None => return Ok(None),
+        };
+        Ok(Some(table + (devfn as u64 & 0x7f) * 32))
+    }
+
+    /// Scalable mode: where the PASID entry of (`sid`, `pasid`) lives, creating the context
+    /// entry, PASID directory and PASID table on the way if `create`.
+    fn pasid_slot<T: VtdMemory>(
+        &self,
+        mem: &T,
+        sid: u16,
+        pasid: u32,
+        create: bool,
+    ) -> Result<Option<PasidLoc>, VtdError> {
+        let Some(ctx) = self.sm_context_slot(mem, sid, create)? else {
+            return Ok(None);
+        };
+        let ce = ScalableContextEntry {
+            q: load_words::<T, 4>(mem, ctx),
+        };
+        let dir = if ce.present() {
+            // Written by this driver with a one-page directory; a smaller PDTS (not ours)
+            // would not cover the PASID.
+            if (pasid as usize >> 6) >= ce.pasid_dir_entries().min(PASID_DIR_ENTRIES) {
+                return Err(VtdError::PasidOutOfRange {
+                    pasid,
+                    limit: (ce.pasid_dir_entries().min(PASID_DIR_ENTRIES) * 64) as u32,
+                });
+            }
+            ce.pasid_dir()
+        } else if create {
+            let dir = self.new_page(mem)?;
+            let new = ScalableContextEntry::new(dir, PDTS_ONE_PAGE, self.ids.ecap.pasid());
+            mem.store128(ctx + 16, new.q[2], new.q[3]);
+            mem.store128(ctx, new.q[0], new.q[1]);
+            self.clean(mem, ctx, 32);
+            dir
+        } else {
+            return Ok(None);
+        };
+        let dir_entry = dir + (pasid as u64 >> 6) * 8;
+        let de = load64(mem, dir_entry);
+        let table = if de & P != 0 {
+            de & ADDR
+        } else if create {
+            let t = self.new_page(mem)?;
+            mem.store64(dir_entry, pasid_dir_entry(t));
+            self.clean(mem, dir_entry, 8);
+            t
+        } else {
+            return Ok(None);
+        };
+        let index = pasid as u64 % PASID_TABLE_ENTRIES as u64;
+        Ok(Some(PasidLoc {
+            dir_entry,
+            entry: table + index * 64,
+        }))
+    }
+
+    /// The PASID entry that attaches `d`.
+    fn pasid_entry_for(&self, d: &Domain) -> PasidEntry {
+        let flags = PasidEntryFlags {
+            page_snoop: d.enforce_cache_coherency(),
+            walk_snoop: self.ids.ecap.smpwcs(),
+            ss_access_dirty: d.config().dirty_tracking && d.stage() == Stage::Second,
+        };
+        match d.stage() {
+            Stage::Second => PasidEntry::second_stage(d.root(), d.levels(), d.did, flags),
+            Stage::First => {
+                let aw_levels = self.ids.cap.sagaw().max_levels().unwrap_or(4) as u32;
+                PasidEntry::first_stage(d.root(), d.levels(), aw_levels, d.did, flags)
+            }
+        }
+    }
+
+    /// Replaces the PASID entry at `loc` by `new` through a copy of its PASID table and one
+    /// 64-bit store to the directory entry. Returns the old table, to retire once the caches
+    /// are invalidated. Nothing changes if the copy cannot be allocated.
+    fn swap_pasid_table<T: VtdMemory>(
+        &self,
+        mem: &T,
+        loc: PasidLoc,
+        new: &PasidEntry,
+    ) -> Result<u64, VtdError> {
+        let old_table = loc.entry & ADDR;
+        let copy = mem.alloc_table(4096).ok_or(VtdError::NoMemory)?;
+        // Nobody can reach the copy yet: plain word copies, then the new entry.
+        for i in 0..512u64 {
+            mem.store64(copy + 8 * i, load64(mem, old_table + 8 * i));
+        }
+        let entry = copy + (loc.entry & 0xfff);
+        for (i, &w) in new.q.iter().enumerate() {
+            mem.store64(entry + 8 * i as u64, w);
+        }
+        self.clean(mem, copy, 4096);
+        // The switch: one single-copy-atomic store of the directory entry.
+        mem.store64(loc.dir_entry, pasid_dir_entry(copy));
+        self.clean(mem, loc.dir_entry, 8);
+        Ok(old_table)
+    }
+
+    /// How many context entries (legacy) or PASID entries (scalable) use domain id `did`: a
+    /// walk over every structure the driver built (bounded by the memory it allocated).
+    fn references<T: VtdMemory>(&self, mem: &T, did: u16) -> u32 {
+        let mut n = 0;
+        for bus in 0..=255u8 {
+            let (_, re) = self.read_root(mem, bus);
+            match self.mode {
+                TranslationMode::Legacy => {
+                    if !re.present() {
+                        continue;
+                    }
+                    for devfn in 0..256u64 {
+                        let ce = self.read_context(mem, re.context_table() + devfn * 16);
+                        if ce.present() && ce.did() == did {
+                            n += 1;
+                        }
+                    }
+                }
+                TranslationMode::Scalable => {
+                    for table in [re.lower(), re.upper()].into_iter().flatten() {
+                        for i in 0..SM_CONTEXT_ENTRIES as u64 {
+                            let ce = ScalableContextEntry {
+                                q: load_words::<T, 4>(mem, table + i * 32),
+                            };
+                            if ce.present() {
+                                n += self.references_in_dir(mem, &ce, did);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    fn references_in_dir<T: VtdMemory>(&self, mem: &T, ce: &ScalableContextEntry, did: u16) -> u32 {
+        let mut n = 0;
+        let entries = ce.pasid_dir_entries().min(PASID_DIR_ENTRIES) as u64;
+        for j in 0..entries {
+            let de = load64(mem, ce.pasid_dir() + j * 8);
+            if de & P == 0 {
+                continue;
+            }
+            for k in 0..PASID_TABLE_ENTRIES as u64 {
+                let pe = (de & ADDR) + k * 64;
+                let q0 = load64(mem, pe);
+                if q0 & P != 0 && load64(mem, pe + 8) as u16 == did {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+}
