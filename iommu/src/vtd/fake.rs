@@ -298,7 +298,7 @@ impl<'m> FakeVtd<'m> {
                 ecap,
                 gsts: 0,
                 pending: None,
-                gcmd_latency: 1,
+                gcmd_latency: 3,
                 gcmd_log: Vec::new(),
                 rtaddr: 0,
                 latched_rtaddr: None,

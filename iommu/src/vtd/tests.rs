@@ -1722,3 +1722,86 @@ fn table_memory_of_the_fake_checks_lifetimes() {
     assert!(mem.is_retired(b));
     assert_eq!(mem.live_frames(), 0);
 }
+
+#[test]
+fn bring_up_takes_over_a_unit_left_running() {
+    // Firmware (or a previous kernel) left translation and the queue on, with a stale IQE.
+    let mem = FakeMem::new(32);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    {
+        let mut s = hw.s.borrow_mut();
+        s.gsts = (GlobalStatus::TES | GlobalStatus::QIES | GlobalStatus::RTPS).bits();
+        s.latched_rtaddr = Some(0xdead_0000);
+        s.fsts = FaultStatus::IQE.bits();
+    }
+    let unit = VtdUnit::new(&hw, &mem, legacy()).unwrap();
+    let s = hw.s.borrow();
+    // TE off (keeping QIE), QIE off, SRTP, QIE on again with the new queue.
+    assert_eq!(s.gcmd_log, [1 << 26, 0, 1 << 30, 1 << 26]);
+    assert_eq!(s.latched_rtaddr, Some(unit.root_table()));
+    assert_eq!(s.fsts & FaultStatus::IQE.bits(), 0);
+    assert_eq!(
+        s.processed.len(),
+        3,
+        "global context + IOTLB + wait went through"
+    );
+}
+
+#[test]
+fn a_queue_that_never_drains_runs_out_of_space() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let d = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    hw.s.borrow_mut().stall = true;
+    let mut waits = 0;
+    let err = loop {
+        unit.map(&mem, &d, M2, 0, M2, RW).unwrap();
+        match unit.unmap(&mem, &d, M2, M2) {
+            Err(VtdError::Timeout {
+                what: "invalidation wait",
+            }) => waits += 1,
+            other => break other,
+        }
+        assert!(waits < 200, "the queue has 256 slots");
+    };
+    assert_eq!(
+        err,
+        Err(VtdError::Timeout {
+            what: "invalidation queue space"
+        })
+    );
+    assert_eq!(waits, 127, "255 usable slots, two per batch");
+    hw.unstall();
+    unit.map(&mem, &d, M2, 0, M2, RW).unwrap();
+    assert_eq!(unit.unmap(&mem, &d, M2, M2), Ok(M2));
+}
+
+#[test]
+fn source_ids_outside_the_unit_are_refused() {
+    let mem = FakeMem::new(32);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP_SM);
+    let cfg = UnitConfig {
+        buses: (2, 3),
+        ..scalable()
+    };
+    let mut unit = up(&hw, &mem, cfg);
+    let d = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    for sid in [0x0018, 0x0100, 0x0400, 0xffff] {
+        assert_eq!(
+            unit.attach(&mem, sid, None, &d),
+            Err(VtdError::BadSid { sid })
+        );
+        assert_eq!(unit.detach(&mem, sid, None), Err(VtdError::BadSid { sid }));
+    }
+    unit.attach(&mem, 0x0200, None, &d).unwrap();
+    unit.attach(&mem, 0x03ff, None, &d).unwrap();
+    assert_eq!(
+        walk(&mem, rtaddr(&hw), 0x03ff, None, 0),
+        Err("second-stage entry not present")
+    );
+}
