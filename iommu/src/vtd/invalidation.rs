@@ -394,9 +394,11 @@ impl Invalidator {
         }
     }
 
-    /// Takes the lock, spinning at most `budget` times.
+    /// Takes the lock. The holder may legitimately keep it for a whole batch (a space wait, the
+    /// completion wait and an error recovery, each up to `budget` polls), so a waiter spins up
+    /// to four budgets before giving up.
     pub fn lock(&self) -> Result<Guard<'_>, VtdError> {
-        for _ in 0..self.budget.max(1) {
+        for _ in 0..self.budget.max(1).saturating_mul(4) {
             // Acquire: pairs with the Release in `Guard::drop`.
             if self
                 .lock

@@ -1805,3 +1805,52 @@ fn source_ids_outside_the_unit_are_refused() {
         Err("second-stage entry not present")
     );
 }
+
+#[test]
+fn five_level_tables_walk() {
+    const SAGAW_5: u64 = 1 << 11;
+    const FL5LP: u64 = 1 << 60;
+    let high = 1u64 << 50;
+    // Legacy, 5-level second stage: AW = 011, with MGAW 57.
+    let cap = (QEMU_CAP & !(0x3f << 16)) | 56 << 16 | SAGAW_5;
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, cap, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let d = unit
+        .create_domain(&mem, DomainConfig::second_stage(57))
+        .unwrap();
+    assert_eq!((d.levels(), d.input_bits()), (5, 57));
+    unit.map(&mem, &d, high, 0x3000_0000, K4, RW).unwrap();
+    assert_eq!(
+        unit.map(&mem, &d, 1 << 57, 0, K4, RW),
+        Err(VtdError::Map(MapError::OutOfRange))
+    );
+    unit.attach(&mem, SID, None, &d).unwrap();
+    let hit = walk(&mem, rtaddr(&hw), SID, None, high + 0x10).unwrap();
+    assert_eq!(hit.pa, 0x3000_0010);
+    let ctx = mem.read(unit.root_table()) & !0xfff;
+    assert_eq!(mem.read(ctx + 0x18 * 16 + 8) & 7, 3, "AW = 011");
+    // MGAW caps a deep table: with MGAW 48 a 5-level domain translates 48 bits.
+    let mem2 = FakeMem::new(32);
+    let hw2 = FakeVtd::new(&mem2, QEMU_CAP | SAGAW_5, QEMU_ECAP);
+    let mut u2 = up(&hw2, &mem2, legacy());
+    let d2 = u2
+        .create_domain(&mem2, DomainConfig::second_stage(57))
+        .unwrap();
+    assert_eq!((d2.levels(), d2.input_bits()), (5, 48));
+
+    // Scalable, 5-level first stage: FLPM = 01.
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP | FL5LP, ECAP_FLTS_UNIT);
+    let mut unit = up(&hw, &mem, scalable());
+    let d = unit
+        .create_domain(&mem, DomainConfig::first_stage(57))
+        .unwrap();
+    assert_eq!((d.levels(), d.input_bits()), (5, 56));
+    unit.map(&mem, &d, high, 0x3000_0000, K4, RW).unwrap();
+    unit.attach(&mem, SID, None, &d).unwrap();
+    let hit = walk(&mem, rtaddr(&hw), SID, None, high + 0x10).unwrap();
+    assert_eq!(hit.pa, 0x3000_0010);
+    let pe = pasid_entry_pa(&mem, rtaddr(&hw), SID, 0);
+    assert_eq!((mem.read(pe + 16) >> 2) & 3, 1, "FLPM = 01");
+}
