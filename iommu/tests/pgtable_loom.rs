@@ -79,6 +79,32 @@ fn two_cpus_race_to_install_the_same_table() {
     });
 }
 
+/// The same race on the multi-page path: each CPU builds its level-1 and level-0 tables
+/// privately (plain stores) and publishes them with one CAS at the root. The loser frees its two
+/// unpublished pages and redoes its range in the winner's tables with per-leaf CASes.
+#[test]
+fn two_cpus_race_to_publish_private_subtrees() {
+    model("two_cpus_race_to_publish_private_subtrees", || {
+        let s = setup();
+        let t = {
+            let s = s.clone();
+            thread::spawn(move || s.1.map(&s.0, 2 * K4, 0x10_1000, 2 * K4, RW).unwrap())
+        };
+        s.1.map(&s.0, 0, 0x20_0000, 2 * K4, RW).unwrap();
+        t.join().unwrap();
+        let (pool, pt) = (&s.0, &s.1);
+        assert_eq!(pt.iova_to_phys(pool, K4), Some(0x20_1000));
+        assert_eq!(pt.iova_to_phys(pool, 3 * K4), Some(0x10_2000));
+        assert_eq!(pt.table_pages(), 3);
+        assert_eq!(
+            pool.frames_in_use(),
+            3,
+            "the loser returned its private subtree"
+        );
+        teardown(s);
+    });
+}
+
 /// One CPU unmaps a page while another maps its neighbour in the same leaf table.
 #[test]
 fn map_races_unmap_on_neighbouring_ranges() {

@@ -565,21 +565,28 @@ mod pgtable {
         mem.log.lock().unwrap().clear();
         pt.map(&mem, 0x20_0000, 0x1000, 3 * K4, rw()).unwrap();
         let log = mem.log.lock().unwrap().clone();
-        // Three new tables, each cleaned whole before its pointer is written and cleaned.
+        // The three new tables are built privately and each cleaned whole, children first,
+        // before anything points at them; then the single root entry that publishes the subtree.
         let whole: Vec<_> = log.iter().filter(|c| c.1 == 4096).map(|c| c.0).collect();
         assert_eq!(whole.len(), 3);
-        for (k, &t) in whole.iter().enumerate() {
-            let i = log.iter().position(|c| *c == (t, 4096)).unwrap();
-            let linked = log[i + 1..].iter().any(|c| c.1 == 8);
-            assert!(linked, "pointer to table {k} cleaned after it");
+        assert_eq!(log[..3].iter().map(|c| c.0).collect::<Vec<_>>(), whole);
+        let leaf_table = whole[0];
+        let mut t = pt.root();
+        for l in (2..=4u32).rev() {
+            let idx = (0x20_0000u64 >> (12 + 9 * (l - 1))) & 0x1ff;
+            t = pool.read_phys(t + idx * 8) & 0x000f_ffff_ffff_f000;
         }
-        // The three leaves are cleaned as one run of 24 bytes at entry 0 of the leaf table.
-        assert_eq!(*log.last().unwrap(), (whole[2], 24));
+        assert_eq!(t, leaf_table, "the leaf table is cleaned first");
+        assert_eq!(
+            log[3..],
+            [(pt.root(), 8)],
+            "then the publishing root entry, last"
+        );
         // Unmap cleans the cleared run too.
         mem.log.lock().unwrap().clear();
         let mut g = Gather::new();
         pt.unmap(&mem, 0x20_0000, 3 * K4, &mut g).unwrap();
-        assert_eq!(*mem.log.lock().unwrap(), vec![(whole[2], 24)]);
+        assert_eq!(*mem.log.lock().unwrap(), vec![(leaf_table, 24)]);
         g.complete(&mem);
         // A mapper descending through existing tables cleans the entries it relies on.
         mem.log.lock().unwrap().clear();

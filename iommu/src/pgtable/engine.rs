@@ -347,8 +347,8 @@ impl<F: Format> PageTable<F> {
                 0
             },
         };
-        match self.map_level(mem, &t, self.root, self.top(), iova, end, pa) {
-            Ok(()) => Ok(()),
+        match self.map_level(mem, &t, self.root, self.top(), iova, end, pa, false) {
+            Ok(_) => Ok(()),
             Err(fail) => {
                 let rolled_back = IovaRange {
                     start: iova,
@@ -413,6 +413,10 @@ impl<F: Format> PageTable<F> {
     }
 
     /// Maps `[iova, end)` → `pa..` within the table at `table` (level `level`).
+    ///
+    /// `private`: the table is not published yet (this call allocated it and nobody else can
+    /// reach it), so its entries are written with plain stores and nothing can race. Returns the
+    /// number of private tables created below `table` and not yet counted in `self.tables`.
     #[allow(clippy::too_many_arguments)]
     fn map_level<M: TableMemory>(
         &self,
@@ -423,20 +427,22 @@ impl<F: Format> PageTable<F> {
         mut iova: u64,
         end: u64,
         mut pa: PhysAddr,
-    ) -> Result<(), Fail> {
+        private: bool,
+    ) -> Result<usize, Fail> {
         let tbl = self.table(mem, table, level);
         let n = tbl.len();
         let shift = Self::shift(level);
         let size = 1u64 << shift;
         let leaf_ok = self.leaf_levels & (1 << level) != 0;
         let mut i = self.index(iova, level);
+        let mut new_tables = 0;
         while iova < end {
             let entry_end = (iova | (size - 1)) + 1;
             if leaf_ok && (iova | pa) & (size - 1) == 0 && end >= entry_end {
                 // A run of whole entries, all of which can be leaves: `pa` advances by `size`
                 // along with `iova`, so the alignment holds for every one of them.
                 let count = (((end - iova) >> shift) as usize).min(n - i);
-                self.install_leaves(mem, t, table, tbl, level, i, count, iova, pa)?;
+                self.install_leaves(mem, t, table, tbl, level, i, count, iova, pa, private)?;
                 let bytes = (count as u64) << shift;
                 i += count;
                 iova += bytes;
@@ -445,17 +451,140 @@ impl<F: Format> PageTable<F> {
                 // Level 0 always takes the branch above: `map` checked granule alignment.
                 debug_assert!(level > 0);
                 let chunk_end = end.min(entry_end);
-                let child = self.child_for_map(mem, table, tbl, level, i, iova)?;
-                self.map_level(mem, t, child, level - 1, iova, chunk_end, pa)?;
+                new_tables +=
+                    self.map_below(mem, t, table, tbl, level, i, iova, chunk_end, pa, private)?;
                 pa += chunk_end - iova;
                 iova = chunk_end;
                 i += 1;
             }
         }
-        Ok(())
+        Ok(new_tables)
     }
 
-    /// The next-level table under entry `i`, installing a fresh one if the entry is empty.
+    /// Maps `[iova, end)`, which lies inside the span of entry `i`, one level down.
+    ///
+    /// An empty entry gets a whole new subtree built privately (plain stores, no CAS per leaf:
+    /// nobody else can see it) and published with one compare-and-swap. A present table is
+    /// descended into; anything else is an overlap.
+    #[allow(clippy::too_many_arguments)]
+    fn map_below<M: TableMemory>(
+        &self,
+        mem: &M,
+        t: &Templates,
+        table: PhysAddr,
+        tbl: &[M::Entry],
+        level: u32,
+        i: usize,
+        iova: u64,
+        end: u64,
+        pa: PhysAddr,
+        private: bool,
+    ) -> Result<usize, Fail> {
+        if private {
+            // Our own unpublished table: the slot is empty.
+            let (child, n) = self.private_subtree(mem, t, level - 1, iova, end, pa)?;
+            // Relaxed: the table holding this slot is published (if ever) by a Release CAS,
+            // which orders this store too.
+            tbl[i].store(F::table_entry(child, &self.cfg), Relaxed);
+            return Ok(n);
+        }
+        let slot = &tbl[i];
+        // Acquire: if this is a table pointer we read through it next, and its contents must be
+        // visible. Pairs with the Release of the publishing CAS below, on whichever CPU won it.
+        let cur = slot.load(Acquire);
+        let child = if cur == 0 {
+            let (child, n) = self.private_subtree(mem, t, level - 1, iova, end, pa)?;
+            // Success Release: the whole private subtree (zeroes, leaves, lower tables) is
+            // visible before the pointer that publishes it, to every CPU that reads the pointer
+            // with Acquire (and, on Arm, to the coherent walker, which observes stores in order
+            // with a store-release). Failure Acquire: we continue in the winner's table.
+            match slot.compare_exchange(0, F::table_entry(child, &self.cfg), Release, Acquire) {
+                Ok(_) => {
+                    // Relaxed: a statistic.
+                    self.tables.fetch_add(n, Relaxed);
+                    self.clean_entries(mem, table, i, 1);
+                    return Ok(0);
+                }
+                Err(won) => {
+                    // Lost the race to a neighbour: nobody ever saw our subtree, so its pages
+                    // may be reused at once. Redo the span in the winner's table.
+                    self.free_private(mem, child, level - 1);
+                    won
+                }
+            }
+        } else {
+            cur
+        };
+        if !F::is_table(child, level) {
+            return Err(Fail {
+                at: iova,
+                kind: FailKind::Overlap,
+            });
+        }
+        // Non-coherent walker: the CPU that installed the pointer may not have cleaned it yet;
+        // clean it ourselves so our leaves are reachable when we return.
+        self.clean_entries(mem, table, i, 1);
+        self.map_level(
+            mem,
+            t,
+            F::entry_addr(child),
+            level - 1,
+            iova,
+            end,
+            pa,
+            false,
+        )
+    }
+
+    /// Allocates a table at `level` and maps `[iova, end)` into it, privately. Returns the table
+    /// and the number of tables in the new subtree. On failure nothing was published: the subtree
+    /// is freed and the failure is reported at `iova`.
+    fn private_subtree<M: TableMemory>(
+        &self,
+        mem: &M,
+        t: &Templates,
+        level: u32,
+        iova: u64,
+        end: u64,
+        pa: PhysAddr,
+    ) -> Result<(PhysAddr, usize), Fail> {
+        let bytes = self.geo.table_bytes;
+        let table = mem.alloc_table(bytes).ok_or(Fail {
+            at: iova,
+            kind: FailKind::NoMemory,
+        })?;
+        match self.map_level(mem, t, table, level, iova, end, pa, true) {
+            Ok(n) => {
+                if !self.cfg.coherent {
+                    // Children were cleaned before they were linked here; now this table, before
+                    // its pointer is written anywhere.
+                    mem.clean(table, bytes);
+                }
+                Ok((table, n + 1))
+            }
+            Err(f) => {
+                self.free_private(mem, table, level);
+                Err(Fail { at: iova, ..f })
+            }
+        }
+    }
+
+    /// Frees a subtree that was never published.
+    fn free_private<M: TableMemory>(&self, mem: &M, table: PhysAddr, level: u32) {
+        if level > 0 {
+            for slot in self.table(mem, table, level) {
+                // Relaxed: our own unpublished stores.
+                let e = slot.load(Relaxed);
+                if F::is_valid(e) && F::is_table(e, level) {
+                    self.free_private(mem, F::entry_addr(e), level - 1);
+                }
+            }
+        }
+        mem.free_table(table, self.geo.table_bytes);
+    }
+
+    /// The next-level table under entry `i`, installing a fresh, empty one if the entry is empty
+    /// (the single-granule path: one page does not justify building a subtree privately).
     #[inline(always)]
     fn child_for_map<M: TableMemory>(
         &self,
@@ -535,6 +664,7 @@ impl<F: Format> PageTable<F> {
         count: usize,
         iova: u64,
         pa: PhysAddr,
+        private: bool,
     ) -> Result<(), Fail> {
         let shift = Self::shift(level);
         let tmpl = if level == 0 { t.page } else { t.block };
@@ -558,13 +688,25 @@ impl<F: Format> PageTable<F> {
                 && end - i >= run
                 && e_pa & (((run as u64) << shift) - 1) == 0
                 // Relaxed: only chooses the contiguous path; the CASes decide.
-                && tbl[i..i + run].iter().all(|s| s.load(Relaxed) == 0)
+                && (private || tbl[i..i + run].iter().all(|s| s.load(Relaxed) == 0))
             {
                 (run, F::CONT_BIT)
             } else {
                 // Plain leaves up to the next run boundary.
                 (((i / run + 1) * run).min(end) - i, 0)
             };
+            if private {
+                // Nobody else can see this table, and it was zeroed: no check, no CAS.
+                for (k, slot) in tbl[i..i + n].iter().enumerate() {
+                    // Relaxed: published (if ever) by the Release CAS of an ancestor table.
+                    slot.store(
+                        tmpl | hint | F::oa_bits(e_pa + ((k as u64) << shift)),
+                        Relaxed,
+                    );
+                }
+                i += n;
+                continue;
+            }
             match self.put_run(&tbl[i..i + n], tmpl | hint, e_pa, shift) {
                 Ok(()) => i += n,
                 Err((k, cur)) => {
@@ -574,8 +716,9 @@ impl<F: Format> PageTable<F> {
                         // An empty table left by a partial unmap: map this entry's span inside it.
                         let e_pa = e_pa + ((k as u64) << shift);
                         let child = F::entry_addr(cur);
+                        let span = at + (1 << shift);
                         if let Err(f) =
-                            self.map_level(mem, t, child, level - 1, at, at + (1 << shift), e_pa)
+                            self.map_level(mem, t, child, level - 1, at, span, e_pa, false)
                         {
                             break Err(f);
                         }
@@ -589,7 +732,9 @@ impl<F: Format> PageTable<F> {
                 }
             }
         };
-        self.clean_entries(mem, table, first, i - first);
+        if !private {
+            self.clean_entries(mem, table, first, i - first);
+        }
         result
     }
 
@@ -948,6 +1093,17 @@ impl<F: Format> PageTable<F> {
         let tbl = self.table(mem, table, level);
         let shift = Self::shift(level);
         let mut freed = 1;
+        if level == 0 {
+            // Relaxed: level-0 entries are never table pointers, nothing is dereferenced.
+            let n = tbl.iter().filter(|s| F::is_valid(s.load(Relaxed))).count() as u64;
+            if n != 0 {
+                st.leaves += n;
+                st.bytes += n << shift;
+                st.min_shift = st.min_shift.min(shift);
+            }
+            g.push_table(mem, table, self.geo.table_bytes);
+            return freed;
+        }
         for slot in tbl {
             // Acquire: a table pointer found here leads to entries we read next.
             let e = slot.load(Acquire);
