@@ -167,7 +167,11 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
             #[cfg(target_arch = "aarch64")]
             let t = t.or_else(|| arm.translate(s.segment, bdf.rid(), &units));
             report_function(s.segment, f, t.as_ref());
-            devices.push(Device { segment: s.segment, bdf, translation: t });
+            devices.push(Device {
+                segment: s.segment,
+                bdf,
+                translation: t,
+            });
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -179,6 +183,7 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
         acpi,
         segments,
         units,
+        devices,
     }
 }
 

@@ -12,6 +12,7 @@ mod firmware;
 mod mem;
 mod panic;
 mod pci;
+mod scenarios;
 
 use boot::BootInfo;
 
@@ -40,9 +41,11 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         finish(EXIT_FAILURE);
     }
     let scenario = info.cmdline_value("scenario").unwrap_or("boot-report");
-    let _platform = discovery::discover_and_report(info);
+    let platform = discovery::discover_and_report(info);
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
+        #[cfg(target_arch = "x86_64")]
+        "vtd" => scenarios::vtd::run(info, &platform),
         other => {
             log::error!("unknown scenario {other:?}");
             EXIT_FAILURE

@@ -1,0 +1,82 @@
+//! In-hypervisor scenarios, selected with `scenario=NAME` on the command line. Each prints one
+//! `check: NAME ok` / `check: NAME FAILED: why` line per behaviour it proves, against the
+//! independent implementations QEMU provides (its VT-d model, the edu DMA engine), and returns
+//! the exit status.
+
+#[cfg(target_arch = "x86_64")]
+pub mod vtd;
+
+use crate::discovery::Platform;
+use crate::mem::phys::MmioRegion;
+use crate::println;
+use alloc::string::String;
+use drivers::edu::Edu;
+
+/// Tally of checks.
+#[derive(Default)]
+pub struct Checks {
+    pub passed: u32,
+    pub failed: u32,
+}
+
+impl Checks {
+    pub fn record(&mut self, name: &str, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.passed += 1;
+                println!("check: {name} ok");
+            }
+            Err(why) => {
+                self.failed += 1;
+                println!("check: {name} FAILED: {why}");
+            }
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        println!("checks: {} passed, {} failed", self.passed, self.failed);
+        if self.failed == 0 {
+            crate::EXIT_SUCCESS
+        } else {
+            crate::EXIT_FAILURE
+        }
+    }
+}
+
+/// The first edu device with a live BAR0: its segment index, BDF, and the driver, with bus
+/// mastering enabled (without it the DMA silently goes nowhere).
+pub struct EduDevice {
+    pub segment: u16,
+    pub bdf: drivers::pci::Bdf,
+    pub edu: Edu<MmioRegion>,
+}
+
+pub fn find_edu(platform: &Platform) -> Result<EduDevice, String> {
+    use alloc::format;
+    for s in &platform.segments {
+        for f in s
+            .devices
+            .find(drivers::edu::VENDOR_ID, drivers::edu::DEVICE_ID)
+        {
+            let Some(bar) = f.bars.first().copied().flatten().filter(|b| b.is_live()) else {
+                continue;
+            };
+            let mmio = MmioRegion::new(bar.base, drivers::edu::BAR0_SIZE)
+                .map_err(|e| format!("edu BAR0: {e}"))?;
+            if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
+                return Err(format!("edu {}: cannot enable bus mastering", f.bdf));
+            }
+            let edu = Edu::probe(mmio).map_err(|e| format!("edu {}: {e:?}", f.bdf))?;
+            return Ok(EduDevice {
+                segment: s.segment,
+                bdf: f.bdf,
+                edu,
+            });
+        }
+    }
+    Err("no edu device with an assigned BAR0 (add -device edu)".into())
+}
+
+/// Polls for a DMA to finish: edu completes on a QEMU virtual-clock timer (100 ms virtual, a
+/// few thousand polls under `-icount`), so this bound is generous, never infinite.
+pub const DMA_POLLS: u32 = 50_000_000;
