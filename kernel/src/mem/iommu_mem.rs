@@ -22,7 +22,9 @@ pub struct IommuMemory {
 
 impl IommuMemory {
     pub const fn new() -> Self {
-        Self { live: AtomicU64::new(0) }
+        Self {
+            live: AtomicU64::new(0),
+        }
     }
 
     /// Table bytes currently allocated through this source.
@@ -32,8 +34,9 @@ impl IommuMemory {
 
     fn va(pa: PhysAddr, bytes: usize) -> usize {
         // Only addresses this source handed out reach here; they are RAM in the direct map.
-        super::phys::frame_bytes_mut(pa, bytes as u64).expect("IOMMU table outside the direct map").as_mut_ptr()
-            as usize
+        super::phys::frame_bytes_mut(pa, bytes as u64)
+            .expect("IOMMU table outside the direct map")
+            .as_mut_ptr() as usize
     }
 }
 

@@ -117,8 +117,13 @@ impl drivers::fw_cfg::MmioWrite16 for MmioRegion {
 }
 
 /// A table of `n` 64-bit entries at `pa`, as atomics: how IOMMU tables are read and written.
-pub fn atomic_u64s(pa: u64, n: usize) -> Result<&'static [core::sync::atomic::AtomicU64], PhysError> {
-    let len = (n as u64).checked_mul(8).ok_or(PhysError::NotMapped { pa, len: u64::MAX })?;
+pub fn atomic_u64s(
+    pa: u64,
+    n: usize,
+) -> Result<&'static [core::sync::atomic::AtomicU64], PhysError> {
+    let len = (n as u64)
+        .checked_mul(8)
+        .ok_or(PhysError::NotMapped { pa, len: u64::MAX })?;
     let va = virt(pa, len)?;
     if va % 8 != 0 {
         return Err(PhysError::NotMapped { pa, len });

@@ -4,7 +4,9 @@
 fn dcache_line() -> usize {
     let ctr: u64;
     // SAFETY: CTR_EL0 is readable at EL2 and has no side effects.
-    unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
+    };
     4 << ((ctr >> 16) & 0xf)
 }
 

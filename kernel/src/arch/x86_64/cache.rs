@@ -14,7 +14,9 @@ pub fn clean(va: usize, len: usize) {
     while line < va + len {
         // SAFETY: CLFLUSH only affects cache state of a mapped address (the caller passes direct-
         // map addresses of its own IOMMU tables); it cannot fault on a mapped, readable line.
-        unsafe { core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
+        unsafe {
+            core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
+        };
         line += LINE;
     }
     // SAFETY: MFENCE orders the CLFLUSHes before later stores (SDM vol 2 CLFLUSH: "ordered by
