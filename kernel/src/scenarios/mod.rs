@@ -51,7 +51,9 @@ pub struct EduDevice {
     pub edu: Edu<MmioRegion>,
 }
 
-pub fn find_edu(platform: &Platform) -> Result<EduDevice, String> {
+/// `dma_mask` must match the QEMU device's `dma_mask` property (28 bits by default): the
+/// driver cannot read it from the device.
+pub fn find_edu(platform: &Platform, dma_mask: u64) -> Result<EduDevice, String> {
     use alloc::format;
     for s in &platform.segments {
         for f in s
@@ -66,7 +68,9 @@ pub fn find_edu(platform: &Platform) -> Result<EduDevice, String> {
             if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
                 return Err(format!("edu {}: cannot enable bus mastering", f.bdf));
             }
-            let edu = Edu::probe(mmio).map_err(|e| format!("edu {}: {e:?}", f.bdf))?;
+            let edu = Edu::probe(mmio)
+                .map_err(|e| format!("edu {}: {e:?}", f.bdf))?
+                .with_dma_mask(dma_mask);
             return Ok(EduDevice {
                 segment: s.segment,
                 bdf: f.bdf,

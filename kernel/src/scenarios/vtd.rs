@@ -104,7 +104,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             .parse()
             .map_err(|_| format!("vtd-aw={v}: expected 39 or 48"))?,
     };
-    let dev = find_edu(platform)?;
+    let dev = find_edu(platform, drivers::edu::DEFAULT_DMA_MASK)?;
     let sid = dev.bdf.rid();
     let unit_name = platform
         .devices
