@@ -23,10 +23,11 @@
 //!    `read_and_clear_dirty` and `iova_to_phys` on one table at the same time, provided no two
 //!    concurrent *mutating* calls cover overlapping IOVA ranges. Nothing in the engine blocks or
 //!    spins; every loop is bounded by the size of the request.
-//! 2. **Tables are installed by compare-and-swap.** A CPU that needs a next-level table takes a
-//!    zeroed page from its `TableMemory` and CASes the table entry from 0 to the pointer. If
-//!    another CPU (mapping a neighbouring range under the same entry) won, the loser returns its page
-//!    with [`TableMemory::free_table`] and continues in the winner's table.
+//! 2. **Tables are installed by compare-and-swap.** A CPU that needs a next-level table takes
+//!    zeroed pages from its `TableMemory`, builds the whole new subtree privately (plain stores:
+//!    nothing unpublished can be raced on), and CASes the table entry from 0 to the pointer. If
+//!    another CPU (mapping a neighbouring range under the same entry) won, the loser returns its
+//!    pages with [`TableMemory::free_table`] and redoes its range in the winner's table.
 //! 3. **Leaves are written by compare-and-swap from 0** (with [`Concurrency::Untrusted`], the
 //!    default). A map that meets an occupied entry fails with [`MapError::Overlap`] and rolls back
 //!    exactly the entries it installed, so an overlapping map from an untrusted caller is an error,
@@ -40,12 +41,13 @@
 //!    gathered range and then calls [`Gather::complete`], which hands the pages to
 //!    [`TableMemory::retire_table`]. That method delays reuse for a grace period, so a CPU that is
 //!    still walking the table (possible only for a caller that broke rule 1) never sees it reused.
-//! 5. **Memory ordering.** A new table's zeroes are visible before its pointer: the install CAS
-//!    uses `Release`, and a walker's `Acquire` load of a table entry pairs with it. Leaf entries carry
+//! 5. **Memory ordering.** A new subtree's contents (zeroes, leaves, lower tables) are visible
+//!    before its pointer: the install CAS uses `Release`, and a walker's `Acquire` load of a table
+//!    entry pairs with it. Leaf entries carry
 //!    no CPU-side payload, so leaf writes need no ordering beyond their own atomicity. When the IOMMU
 //!    does not snoop the caches (`Config::coherent == false`), the engine calls
-//!    [`TableMemory::clean`] on a new table before publishing it, and on every run of entries it
-//!    changed before returning. A map is therefore visible to the walker when `map` returns. Making
+//!    [`TableMemory::clean`] on every new table before anything points at it (children first),
+//!    and on every run of published entries it changed before returning. A map is therefore visible to the walker when `map` returns. Making
 //!    it visible before a *device* is told to use it (a DMA write barrier before the doorbell) is the
 //!    driver's job, as with any other DMA descriptor.
 //!
@@ -90,7 +92,7 @@ bitflags::bitflags! {
         const WRITE = 1 << 1;
         /// Instruction fetches allowed (formats and hardware with an execute control).
         const EXEC = 1 << 2;
-        /// Privileged (supervisor) requests only: x86 U/S = 0, Arm stage-1 AP[1] = 0.
+        /// Privileged (supervisor) requests only: x86 U/S = 0, Arm stage-1 AP\[1\] = 0.
         const PRIV = 1 << 3;
         /// VT-d second stage: SNP = 1, snoop the access even if the device asked not to
         /// (requires `Config::snoop_control`, ECAP.SC). Ignored by formats without such a bit.

@@ -3,8 +3,8 @@
 //!
 //! Granules: 4 KiB (levels 0–3, blocks at levels 1 and 2), 16 KiB and 64 KiB (blocks at level 2
 //! only; the 16 KiB level-1 and 64 KiB level-1 blocks need FEAT_LPA2 / FEAT_LPA and are not used).
-//! Output addresses up to 48 bits, or 52 bits with the 64 KiB granule (FEAT_LPA: OA[51:48] in
-//! descriptor bits [15:12]).
+//! Output addresses up to 48 bits, or 52 bits with the 64 KiB granule (FEAT_LPA: OA\[51:48\] in
+//! descriptor bits \[15:12\]).
 //!
 //! Stage 2 may concatenate up to 16 tables at the initial lookup level instead of adding a level
 //! (Arm ARM D8.2.x, "Concatenated translation tables for the initial stage 2 lookup"); this engine
@@ -22,21 +22,21 @@ pub mod bits {
     /// At levels above the last: 1 = table, 0 = block. At the last level: must be 1 (page).
     pub const TABLE: u64 = 1 << 1;
     pub const PAGE: u64 = 1 << 1;
-    /// Stage 1: AttrIndx[2:0], index into MAIR.
+    /// Stage 1: AttrIndx\[2:0\], index into MAIR.
     pub const ATTRIDX_SHIFT: u32 = 2;
     pub const ATTRIDX_MASK: u64 = 7 << ATTRIDX_SHIFT;
-    /// Stage 2: MemAttr[3:0].
+    /// Stage 2: MemAttr\[3:0\].
     pub const MEMATTR_SHIFT: u32 = 2;
     pub const MEMATTR_MASK: u64 = 0xf << MEMATTR_SHIFT;
-    /// Stage 1: AP[1], unprivileged (EL0) access allowed.
+    /// Stage 1: AP\[1\], unprivileged (EL0) access allowed.
     pub const AP_UNPRIV: u64 = 1 << 6;
-    /// Stage 1: AP[2], read-only.
+    /// Stage 1: AP\[2\], read-only.
     pub const AP_RDONLY: u64 = 1 << 7;
-    /// Stage 2: S2AP[0], read allowed.
+    /// Stage 2: S2AP\[0\], read allowed.
     pub const S2AP_R: u64 = 1 << 6;
-    /// Stage 2: S2AP[1], write allowed.
+    /// Stage 2: S2AP\[1\], write allowed.
     pub const S2AP_W: u64 = 1 << 7;
-    /// Shareability SH[1:0].
+    /// Shareability SH\[1:0\].
     pub const SH_SHIFT: u32 = 8;
     pub const SH_MASK: u64 = 3 << SH_SHIFT;
     pub const SH_OUTER: u64 = 2 << SH_SHIFT;
@@ -54,11 +54,11 @@ pub mod bits {
     pub const PXN: u64 = 1 << 53;
     /// Stage 1: unprivileged execute never.
     pub const UXN: u64 = 1 << 54;
-    /// Stage 2: XN[1], execute never at EL1 and EL0.
+    /// Stage 2: XN\[1\], execute never at EL1 and EL0.
     pub const S2XN: u64 = 1 << 54;
-    /// Output address bits [47:12] (granule 4 KiB / 16 KiB).
+    /// Output address bits \[47:12\] (granule 4 KiB / 16 KiB).
     pub const ADDR_48: u64 = 0x0000_ffff_ffff_f000;
-    /// 64 KiB granule: OA[47:16] in place, OA[51:48] in bits [15:12].
+    /// 64 KiB granule: OA\[47:16\] in place, OA\[51:48\] in bits \[15:12\].
     pub const ADDR_64K_LO: u64 = 0x0000_ffff_ffff_0000;
     pub const ADDR_64K_HI: u64 = 0xf000;
 

@@ -33,7 +33,7 @@ pub mod bits {
     pub const D: u64 = 1 << 9;
     /// Snoop behaviour, leaves: the access is snooped regardless of the request (ECAP.SC).
     pub const SNP: u64 = 1 << 11;
-    /// Address field, bits [51:12] (bits at and above the host address width are reserved 0).
+    /// Address field, bits \[51:12\] (bits at and above the host address width are reserved 0).
     pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 }
 use bits::*;

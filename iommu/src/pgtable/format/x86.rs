@@ -33,7 +33,7 @@ pub mod bits {
     pub const PAT_LARGE: u64 = 1 << 12;
     /// Execute disable.
     pub const XD: u64 = 1 << 63;
-    /// Address field, bits [51:12] (up to MAXPHYADDR).
+    /// Address field, bits \[51:12\] (up to MAXPHYADDR).
     pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 }
 use bits::*;
