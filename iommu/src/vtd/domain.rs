@@ -15,6 +15,10 @@ pub enum Stage {
     Second,
     /// x86-64 paging as VT-d first stage (§9.7): scalable mode with PGTT = 001b (ECAP.FLTS).
     First,
+    /// No page table: untranslated requests pass through, IOVA == PA (ECAP.PT). Legacy
+    /// context entry TT = 10b, scalable-mode PASID entry PGTT = 100b. AW still holds a SAGAW
+    /// value (the largest), and addresses above it (or above MGAW) are blocked.
+    PassThrough,
 }
 
 /// How to build a domain.
@@ -41,6 +45,20 @@ impl DomainConfig {
         DomainConfig {
             stage: Stage::Second,
             address_width,
+            enforce_cache_coherency: false,
+            dirty_tracking: false,
+        }
+    }
+
+    /// A pass-through (identity) domain: no page table, `map`/`unmap` refused with
+    /// [`VtdError::PassThroughDomain`]. `address_width` is ignored: the entry's AW is the
+    /// largest the unit's SAGAW supports. Creating it on a unit without ECAP.PT fails with
+    /// [`VtdError::PassThroughUnsupported`]; it can neither enforce cache coherency (no leaves
+    /// to set SNP in) nor track dirty pages.
+    pub const fn pass_through() -> Self {
+        DomainConfig {
+            stage: Stage::PassThrough,
+            address_width: 0,
             enforce_cache_coherency: false,
             dirty_tracking: false,
         }
@@ -153,7 +171,11 @@ impl Table {
 /// through intact tables) but wasteful.
 pub struct Domain {
     pub(crate) did: u16,
-    pub(crate) table: Table,
+    /// `None` for a pass-through domain.
+    pub(crate) table: Option<Table>,
+    /// Pass-through: the depth AW encodes (the largest SAGAW value) and the input bits that
+    /// pass (AGAW capped by MGAW). Unused for a domain with a table.
+    pub(crate) pt_geometry: (u32, u32),
     pub(crate) cfg: DomainConfig,
     /// The owning unit, identified by its root table's address.
     pub(crate) unit: u64,
@@ -179,19 +201,32 @@ impl Domain {
         self.cfg
     }
 
-    /// Page-table depth (3, 4 or 5).
+    /// Page-table depth (3, 4 or 5); for a pass-through domain, the depth its AW field
+    /// encodes.
     pub fn levels(&self) -> u32 {
-        self.table.levels()
+        self.table
+            .as_ref()
+            .map_or(self.pt_geometry.0, Table::levels)
     }
 
-    /// Input address bits the table translates.
+    /// Input address bits the table translates (pass-through: the bits that pass).
     pub fn input_bits(&self) -> u32 {
-        self.table.ias()
+        self.table.as_ref().map_or(self.pt_geometry.1, Table::ias)
     }
 
-    /// Physical address of the page-table root (SLPTPTR / FLPTR).
+    /// Physical address of the page-table root (SLPTPTR / FLPTR); 0 for pass-through.
     pub fn root(&self) -> PhysAddr {
-        self.table.root()
+        self.table.as_ref().map_or(0, Table::root)
+    }
+
+    /// Whether this is a pass-through (identity, no page table) domain.
+    pub fn is_pass_through(&self) -> bool {
+        self.table.is_none()
+    }
+
+    /// The page table, or [`VtdError::PassThroughDomain`].
+    pub(crate) fn table(&self) -> Result<&Table, VtdError> {
+        self.table.as_ref().ok_or(VtdError::PassThroughDomain)
     }
 
     /// Whether every leaf is written with SNP (legacy mode, coherency enforced, ECAP.SC).

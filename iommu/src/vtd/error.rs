@@ -63,6 +63,24 @@ pub enum VtdError {
     DomainBusy { attachments: u32 },
     /// The domain belongs to another remapping unit.
     ForeignDomain,
+    /// Pass-through domains need ECAP.PT (legacy TT = 10b, scalable PGTT = 100b).
+    PassThroughUnsupported,
+    /// `map`/`unmap` on a pass-through domain, which has no page table.
+    PassThroughDomain,
+    /// A device TLB (ATS) was asked for where it cannot work: the unit lacks ECAP.DT or
+    /// queued invalidation (device-TLB invalidations exist only as queue descriptors), or the
+    /// entry would be a legacy pass-through one (TT = 10b blocks translation requests).
+    DeviceTlbUnsupported,
+    /// Scalable mode: the device TLB is enabled per device (context-entry DTE), and another
+    /// PASID of `sid` is attached with the other setting.
+    DeviceTlbMismatch { sid: u16 },
+    /// Every device-TLB tracking slot of the unit is in use.
+    DeviceTlbSlotsExhausted,
+    /// `sid` is held by the unit's RMRR identity domain (VT-d 4.1 §8.4): firmware needs its DMA
+    /// to the reserved ranges to keep working, so it cannot be attached elsewhere or detached.
+    RmrrDevice { sid: u16 },
+    /// [`apply_rmrr`](super::VtdUnit::apply_rmrr) already ran on this unit.
+    RmrrAlreadyApplied,
     /// The page-table engine rejected the configuration.
     PageTable(ConfigError),
     /// The page-table engine rejected a map.
@@ -149,6 +167,29 @@ impl fmt::Display for VtdError {
                 write!(f, "domain still has {attachments} attachments")
             }
             VtdError::ForeignDomain => f.write_str("domain belongs to another remapping unit"),
+            VtdError::PassThroughUnsupported => {
+                f.write_str("pass-through not supported by the unit (ECAP.PT)")
+            }
+            VtdError::PassThroughDomain => f.write_str("a pass-through domain has no page table"),
+            VtdError::DeviceTlbUnsupported => {
+                f.write_str("device TLB (ATS) not available for this attachment")
+            }
+            VtdError::DeviceTlbMismatch { sid } => write!(
+                f,
+                "another PASID of {:02x}:{:02x}.{} is attached with the other device-TLB setting",
+                sid >> 8,
+                (sid >> 3) & 0x1f,
+                sid & 7
+            ),
+            VtdError::DeviceTlbSlotsExhausted => f.write_str("no free device-TLB tracking slot"),
+            VtdError::RmrrDevice { sid } => write!(
+                f,
+                "{:02x}:{:02x}.{} has firmware RMRRs and stays in the identity domain",
+                sid >> 8,
+                (sid >> 3) & 0x1f,
+                sid & 7
+            ),
+            VtdError::RmrrAlreadyApplied => f.write_str("RMRRs already applied to this unit"),
             VtdError::PageTable(e) => write!(f, "page table: {e:?}"),
             VtdError::Map(e) => write!(f, "map: {e}"),
             VtdError::Unmap(e) => write!(f, "unmap: {e}"),

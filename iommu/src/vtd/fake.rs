@@ -53,6 +53,9 @@ pub struct FakeMem {
     pub retires: Cell<usize>,
     /// Allocations fail while set.
     pub fail_allocs: Cell<bool>,
+    /// `Some(n)`: the next `n` allocations succeed, every later one fails (injection point
+    /// for unwinding tests).
+    pub fail_after: Cell<Option<usize>>,
 }
 
 impl FakeMem {
@@ -67,6 +70,7 @@ impl FakeMem {
             frees: Cell::new(0),
             retires: Cell::new(0),
             fail_allocs: Cell::new(false),
+            fail_after: Cell::new(None),
         }
     }
 
@@ -148,6 +152,11 @@ impl TableMemory for FakeMem {
         assert_eq!(bytes, 4096, "VT-d structures and tables are single pages");
         if self.fail_allocs.get() {
             return None;
+        }
+        match self.fail_after.get() {
+            Some(0) => return None,
+            Some(n) => self.fail_after.set(Some(n - 1)),
+            None => {}
         }
         let mut frames = self.frames.borrow_mut();
         let i = frames.iter().position(|f| *f == Frame::Free)?;
@@ -504,7 +513,9 @@ impl<'m> FakeVtd<'m> {
                 let am = (d.hi & 0x3f) as u8;
                 ok_if(g != 0 && d.lo & reserved_lo == 0 && (g != 3 || am <= self.cap().mamv()))
             }
-            3 | 4 => Ok(()),
+            // Device-TLB invalidations are reserved descriptor types without ECAP.DT.
+            3 => ok_if(self.ecap().dt()),
+            4 => Ok(()),
             5 => {
                 let (iflag, sw) = (d.lo & 1 << 4 != 0, d.lo & 1 << 5 != 0);
                 if iflag == sw {
@@ -525,7 +536,7 @@ impl<'m> FakeVtd<'m> {
             // PASID-based descriptors exist only in the 256-bit form.
             6 => ok_if(wide && (g == 2 || g == 3)),
             7 => ok_if(self.ecap().smts() && g != 2),
-            8 => ok_if(wide),
+            8 => ok_if(wide && self.ecap().dt()),
             _ => Err(Stop::Iqe),
         }
     }

@@ -288,6 +288,41 @@ pub(crate) enum Op {
         am: u8,
         leaf_only: bool,
     },
+    /// Device-TLB invalidation (0x3) of requests without PASID from `sid`: the 2^`am` pages at
+    /// `addr`, everything when `am` ≥ 52. The device is its own physical function (PFSID =
+    /// SID) and MIP is 0.
+    DeviceTlb {
+        sid: u16,
+        addr: u64,
+        am: u8,
+    },
+    /// PASID-based device-TLB invalidation (0x8) of `pasid` from `sid`, same range rules.
+    PasidDeviceTlb {
+        sid: u16,
+        pasid: u32,
+        addr: u64,
+        am: u8,
+    },
+    /// A wait descriptor with FN = 1 (status write to a scratch dword): the descriptors after
+    /// it are processed only once every descriptor before it has completed (§6.5.2.8). Put
+    /// between IOTLB and device-TLB invalidations, so that a device cannot refill its TLB from
+    /// a stale IOTLB entry. Nothing on the register path (which is synchronous).
+    Fence,
+}
+
+/// The ATS invalidation address for the naturally aligned block of 2^`am` pages at `addr`
+/// (PCIe ATS "Invalidate Request": with S = 1 the range size is 2^(13 + n) bytes, n being the
+/// number of 1s in the address from bit 12 up to the lowest 0). Returns (ADDR, S). `am` ≥ 52
+/// means the whole 64-bit space: bits 62:12 set, bit 63 clear.
+pub(crate) fn ats_range(addr: u64, am: u8) -> (u64, bool) {
+    match am {
+        0 => (addr & ADDR, false),
+        1..=51 => {
+            let base = addr & ADDR & !((1u64 << (12 + am as u32)) - 1);
+            (base | (((1u64 << (am - 1)) - 1) << 12), true)
+        }
+        _ => (0x7fff_ffff_ffff_f000, true),
+    }
 }
 
 /// Event counters, updated from `&self` paths (map/unmap run concurrently).
@@ -304,6 +339,7 @@ pub(crate) struct Stats {
     pub pasid_iotlb_invalidations: AtomicU64,
     pub write_buffer_flushes: AtomicU64,
     pub queue_errors: AtomicU64,
+    pub device_tlb_invalidations: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -443,7 +479,7 @@ impl Invalidator {
         }
     }
 
-    fn descriptor(&self, op: Op) -> Descriptor {
+    fn descriptor(&self, q: &Queue, op: Op) -> Descriptor {
         match op {
             Op::ContextGlobal => Descriptor::context_global(),
             Op::ContextDevice { did, sid } => Descriptor::context_device(did, sid, 0),
@@ -467,6 +503,20 @@ impl Invalidator {
                 am,
                 leaf_only,
             } => Descriptor::pasid_iotlb_page(did, pasid, addr, am, leaf_only),
+            Op::DeviceTlb { sid, addr, am } => {
+                let (addr, size) = ats_range(addr, am);
+                Descriptor::device_tlb(sid, sid, 0, addr, size)
+            }
+            Op::PasidDeviceTlb {
+                sid,
+                pasid,
+                addr,
+                am,
+            } => {
+                let (addr, size) = ats_range(addr, am);
+                Descriptor::pasid_device_tlb(sid, sid, 0, pasid, addr, size, false)
+            }
+            Op::Fence => Descriptor::wait(q.status_page + SCRATCH_OFFSET, 0, true),
         }
     }
 
@@ -547,7 +597,7 @@ impl Invalidator {
         for op in ops {
             // Room for this descriptor and the closing wait.
             self.wait_space(q, mmio, tail, 2)?;
-            self.write_desc(q, mem, tail, self.descriptor(*op));
+            self.write_desc(q, mem, tail, self.descriptor(q, *op));
             tail = (tail + 1) % q.entries;
             written += 1;
             bump(&stats.qi_descriptors);
@@ -706,12 +756,16 @@ impl Invalidator {
                 }
                 Ok(())
             }
+            // Register invalidations complete before the next one starts.
+            Op::Fence => Ok(()),
             // PASID caches exist only in scalable mode, which the driver runs with queued
-            // invalidation only.
+            // invalidation only; device-TLB invalidations exist only as queue descriptors
+            // (attach refuses a device TLB without ECAP.QI).
             Op::PasidCacheGlobal
             | Op::PasidCachePasid { .. }
             | Op::PasidIotlbAll { .. }
             | Op::PasidIotlbPages { .. } => Err(VtdError::ModeUnsupported),
+            Op::DeviceTlb { .. } | Op::PasidDeviceTlb { .. } => Err(VtdError::DeviceTlbUnsupported),
         }
     }
 
@@ -745,6 +799,8 @@ fn count(op: &Op, s: &Stats) {
         Op::IotlbPages { .. } => bump(&s.iotlb_psi),
         Op::PasidCacheGlobal | Op::PasidCachePasid { .. } => bump(&s.pasid_cache_invalidations),
         Op::PasidIotlbAll { .. } | Op::PasidIotlbPages { .. } => bump(&s.pasid_iotlb_invalidations),
+        Op::DeviceTlb { .. } | Op::PasidDeviceTlb { .. } => bump(&s.device_tlb_invalidations),
+        Op::Fence => {}
     }
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fault;
 pub mod invalidation;
 pub mod mem;
+pub mod rmrr;
 pub mod tables;
 pub mod unit;
 
@@ -19,4 +20,7 @@ pub use domain::{Domain, DomainConfig, Stage};
 pub use error::{QueueError, VtdError};
 pub use fault::FaultPoll;
 pub use mem::VtdMemory;
-pub use unit::{Counters, TranslationMode, UnitConfig, VtdUnit};
+pub use rmrr::{
+    IdentityRange, RmrrDevice, RmrrIssue, RmrrIssueKind, RmrrPlan, RmrrReport, UnitRmrrPlan,
+};
+pub use unit::{AttachOptions, Counters, TranslationMode, UnitConfig, VtdUnit};

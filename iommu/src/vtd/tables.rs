@@ -101,7 +101,7 @@ impl RootEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TranslationType {
     /// 00b: untranslated requests go through the second-stage table; translation requests
-    /// (ATS) and translated requests are blocked. The driver's choice: no device TLBs.
+    /// (ATS) and translated requests are blocked. The driver's default (no device TLB).
     Untranslated = 0,
     /// 01b: all requests through the second-stage table, device TLB allowed (ECAP.DT).
     AllWithDeviceTlb = 1,
@@ -140,6 +140,20 @@ impl ContextEntry {
         ContextEntry {
             lo: (TranslationType::PassThrough as u64) << Self::TT_SHIFT | P,
             hi: aw_field(levels) | (did as u64) << Self::DID_SHIFT,
+        }
+    }
+
+    /// The same entry with TT = 01b: translation requests (ATS) and translated requests are
+    /// allowed, so the device may keep a device TLB (needs ECAP.DT). Only a TT = 00b entry
+    /// changes; pass-through (10b) has no TT with a device TLB, and is returned unchanged.
+    pub const fn with_device_tlb(self) -> Self {
+        let tt = (self.lo >> Self::TT_SHIFT) & 3;
+        if tt != TranslationType::Untranslated as u64 {
+            return self;
+        }
+        ContextEntry {
+            lo: self.lo | (TranslationType::AllWithDeviceTlb as u64) << Self::TT_SHIFT,
+            hi: self.hi,
         }
     }
 
@@ -216,6 +230,22 @@ impl ScalableContextEntry {
             q0 |= Self::PASIDE;
         }
         ScalableContextEntry { q: [q0, 0, 0, 0] }
+    }
+
+    /// The same entry with DTE set or clear: DTE allows translation requests (ATS) from the
+    /// device, i.e. a device TLB (needs ECAP.DT).
+    pub const fn with_device_tlb(self, on: bool) -> Self {
+        let mut q = self.q;
+        if on {
+            q[0] |= Self::DTE;
+        } else {
+            q[0] &= !Self::DTE;
+        }
+        ScalableContextEntry { q }
+    }
+
+    pub const fn device_tlb(self) -> bool {
+        self.q[0] & Self::DTE != 0
     }
 
     pub const fn present(self) -> bool {

@@ -14,6 +14,7 @@ use std::vec::Vec;
 use super::fake::{FAKE_IQEI, FakeMem, FakeVtd, Processed, Store};
 use super::invalidation::{Descriptor, Drain, PasidCacheScope, psi_block};
 use super::regs::{FaultStatus, GlobalStatus, InvQueueAddress, RequestType};
+use super::rmrr::{MAX_RMRR_DEVICES, MAX_RMRR_ISSUES};
 use super::tables::{ContextEntry, PasidEntry, PasidEntryFlags, RootEntry, ScalableContextEntry};
 use super::*;
 use crate::pgtable::{MapError, Prot, TableMemory};
@@ -116,12 +117,15 @@ fn walk(mem: &FakeMem, rtaddr: u64, sid: u16, pasid: Option<u32>, iova: u64) -> 
             if lo & 1 == 0 {
                 return Err("context entry not present");
             }
-            if (lo >> 2) & 3 != 0 {
-                return Err("unexpected translation type");
-            }
             let did = ((hi >> 8) & 0xffff) as u16;
             let levels = (hi & 7) as u32 + 2;
-            ss_walk(mem, lo & !0xfff, levels, iova, did, false)
+            match (lo >> 2) & 3 {
+                // 00b: untranslated requests only; 01b: device TLB too. Both walk SLPTPTR.
+                0 | 1 => ss_walk(mem, lo & !0xfff, levels, iova, did, false),
+                // 10b: pass-through; AW still bounds the input (above 2^AGAW is blocked).
+                2 => pass_through(levels, iova, did, false),
+                _ => Err("reserved translation type"),
+            }
         }
         1 => {
             let half = if devfn < 128 { re_lo } else { re_hi };
@@ -169,6 +173,7 @@ fn walk(mem: &FakeMem, rtaddr: u64, sid: u16, pasid: Option<u32>, iova: u64) -> 
                     did,
                     pgsnp,
                 ),
+                0b100 => pass_through(((e0 >> 2) & 7) as u32 + 2, iova, did, pgsnp),
                 _ => Err("unexpected PGTT"),
             }
         }
@@ -177,6 +182,22 @@ fn walk(mem: &FakeMem, rtaddr: u64, sid: u16, pasid: Option<u32>, iova: u64) -> 
 }
 
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Pass-through: the output is the input, below the AGAW the entry's AW gives.
+fn pass_through(levels: u32, iova: u64, did: u16, pgsnp: bool) -> Walk {
+    if !(3..=5).contains(&levels) {
+        return Err("bad AW");
+    }
+    if iova >> (12 + 9 * levels) != 0 {
+        return Err("address beyond AW");
+    }
+    Ok(Hit {
+        pa: iova,
+        leaf: 0,
+        did,
+        pgsnp,
+    })
+}
 
 fn ss_walk(mem: &FakeMem, mut table: u64, levels: u32, iova: u64, did: u16, pgsnp: bool) -> Walk {
     if !(3..=5).contains(&levels) {
@@ -1853,4 +1874,1237 @@ fn five_level_tables_walk() {
     assert_eq!(hit.pa, 0x3000_0010);
     let pe = pasid_entry_pa(&mem, rtaddr(&hw), SID, 0);
     assert_eq!((mem.read(pe + 16) >> 2) & 3, 1, "FLPM = 01");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass-through domains
+// ---------------------------------------------------------------------------------------------
+
+const ECAP_DT: u64 = 1 << 2;
+const ECAP_PT: u64 = 1 << 6;
+
+fn pas(seen: &RefCell<Vec<Walk>>) -> Vec<Result<u64, &'static str>> {
+    seen.borrow().iter().map(|w| w.map(|h| h.pa)).collect()
+}
+
+#[test]
+fn legacy_pass_through_is_identity() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let pt = unit
+        .create_domain(&mem, DomainConfig::pass_through())
+        .unwrap();
+    assert!(pt.is_pass_through());
+    assert_eq!(
+        (pt.stage(), pt.levels(), pt.input_bits(), pt.root()),
+        (Stage::PassThrough, 4, 48, 0),
+        "AW: the largest SAGAW depth (QEMU: 3 and 4 levels)"
+    );
+    assert_eq!(
+        unit.map(&mem, &pt, 0, 0, K4, RW),
+        Err(VtdError::PassThroughDomain)
+    );
+    assert_eq!(
+        unit.unmap(&mem, &pt, 0, K4),
+        Err(VtdError::PassThroughDomain)
+    );
+    assert_eq!(unit.iova_to_phys(&mem, &pt, 0x1234_5678), Some(0x1234_5678));
+    assert_eq!(unit.iova_to_phys(&mem, &pt, 1 << 48), None);
+
+    unit.attach(&mem, SID, None, &pt).unwrap();
+    let ctx = (mem.read(unit.root_table()) & !0xfff) + 0x18 * 16;
+    assert_eq!(mem.read(ctx), 0b1001, "P, TT = 10b, no SLPTPTR");
+    assert_eq!(
+        mem.read(ctx + 8),
+        (pt.did() as u64) << 8 | 0b010,
+        "DID, AW = 010b"
+    );
+    for iova in [0, 0x1000, 0xdead_b123, (1 << 48) - 1] {
+        let hit = walk(&mem, rtaddr(&hw), SID, None, iova).unwrap();
+        assert_eq!((hit.pa, hit.did), (iova, pt.did()));
+    }
+    assert_eq!(
+        walk(&mem, rtaddr(&hw), SID, None, 1 << 48),
+        Err("address beyond AW")
+    );
+    assert!(hw.take_processed().is_empty());
+
+    // To a second-stage domain and back: one 128-bit store each way; the walk after it is the
+    // new translation, there is nothing in between.
+    let ss = unit
+        .create_domain(&mem, DomainConfig::second_stage(39))
+        .unwrap();
+    unit.map(&mem, &ss, 0x5000, 0x9000_0000, K4, RW).unwrap();
+    let seen = watch(&mem, rtaddr(&hw), SID, None, 0x5010);
+    unit.replace(&mem, SID, None, &ss).unwrap();
+    assert_eq!(pas(&seen), [Ok(0x9000_0010)]);
+    assert!(mem.stores.borrow()[0].hi.is_some(), "a 128-bit store");
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [1, 2, 5]);
+    assert_eq!(p[0].lo >> 16 & 0xffff, pt.did() as u64, "old DID");
+    let seen = watch(&mem, rtaddr(&hw), SID, None, 0x5010);
+    unit.replace(&mem, SID, None, &pt).unwrap();
+    mem.clear_hook();
+    assert_eq!(pas(&seen), [Ok(0x5010)], "identity again, in one store");
+    assert_eq!(mem.stores.borrow().len(), 1);
+    assert_eq!(
+        unit.try_destroy_domain(&mem, pt).unwrap_err().0,
+        VtdError::DomainBusy { attachments: 1 }
+    );
+    unit.detach(&mem, SID, None).unwrap();
+    assert_eq!(
+        walk(&mem, rtaddr(&hw), SID, None, 0),
+        Err("context entry not present")
+    );
+
+    // Unsupported combinations, all refused at creation.
+    let hw2 = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP & !ECAP_PT);
+    let mut u2 = up(&hw2, &mem, legacy());
+    assert_eq!(
+        u2.create_domain(&mem, DomainConfig::pass_through()).err(),
+        Some(VtdError::PassThroughUnsupported)
+    );
+    let coherent = DomainConfig {
+        enforce_cache_coherency: true,
+        ..DomainConfig::pass_through()
+    };
+    assert_eq!(
+        unit.create_domain(&mem, coherent).err(),
+        Some(VtdError::SnoopControlUnsupported)
+    );
+    let dirty = DomainConfig {
+        dirty_tracking: true,
+        ..DomainConfig::pass_through()
+    };
+    assert_eq!(
+        unit.create_domain(&mem, dirty).err(),
+        Some(VtdError::DirtyTrackingUnsupported)
+    );
+}
+
+#[test]
+fn scalable_pass_through_entries_and_replacement() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, ECAP_BOTH);
+    let mut unit = up(&hw, &mem, scalable());
+    let rt = rtaddr(&hw);
+    let pt = unit
+        .create_domain(&mem, DomainConfig::pass_through())
+        .unwrap();
+    unit.attach(&mem, SID, None, &pt).unwrap();
+    unit.attach(&mem, SID, Some(3), &pt).unwrap();
+    let pe = pasid_entry_pa(&mem, rt, SID, 0);
+    assert_eq!(mem.read(pe), 0x109, "PGTT = 100b, AW = 010b, P");
+    assert_eq!(mem.read(pe + 8), pt.did() as u64);
+    assert_eq!((2..8).map(|i| mem.read(pe + 8 * i)).max(), Some(0));
+    for pasid in [None, Some(3)] {
+        let hit = walk(&mem, rt, SID, pasid, 0xabc_d123).unwrap();
+        assert_eq!((hit.pa, hit.did), (0xabc_d123, pt.did()));
+    }
+
+    // Second stage <-> pass-through: one 128-bit store.
+    let ss = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    unit.map(&mem, &ss, 0x5000, 0x9000_0000, K4, RW).unwrap();
+    hw.take_processed();
+    let seen = watch(&mem, rt, SID, None, 0x5010);
+    unit.replace(&mem, SID, None, &ss).unwrap();
+    assert_eq!(pas(&seen), [Ok(0x9000_0010)]);
+    assert_eq!(mem.stores.borrow()[0].pa, pe);
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [7, 2, 5]);
+    assert_eq!(
+        p[0].lo,
+        0x0017 | (pt.did() as u64) << 16,
+        "PASID-selective, old DID"
+    );
+    let seen = watch(&mem, rt, SID, None, 0x5010);
+    unit.replace(&mem, SID, None, &pt).unwrap();
+    assert_eq!(pas(&seen), [Ok(0x5010)]);
+    assert_eq!(mem.stores.borrow().len(), 1);
+
+    // First stage <-> pass-through: through a copy of the PASID table; every walk along the
+    // way is the old translation or the new one.
+    let fs = unit
+        .create_domain(&mem, DomainConfig::first_stage(48))
+        .unwrap();
+    unit.map(&mem, &fs, 0x5000, 0xa000_0000, K4, RW).unwrap();
+    let seen = watch(&mem, rt, SID, Some(3), 0x5010);
+    unit.replace(&mem, SID, Some(3), &fs).unwrap();
+    let walks = pas(&seen);
+    assert_eq!(walks.last(), Some(&Ok(0xa000_0010)));
+    assert!(
+        walks
+            .iter()
+            .all(|w| *w == Ok(0x5010) || *w == Ok(0xa000_0010))
+    );
+    assert_eq!(mem.retires.get(), 1, "the old PASID table is retired");
+    let seen = watch(&mem, rt, SID, Some(3), 0x5010);
+    unit.replace(&mem, SID, Some(3), &pt).unwrap();
+    mem.clear_hook();
+    let walks = pas(&seen);
+    assert_eq!(walks.last(), Some(&Ok(0x5010)));
+    assert!(
+        walks
+            .iter()
+            .all(|w| *w == Ok(0x5010) || *w == Ok(0xa000_0010))
+    );
+    // PASID 0 kept its pass-through entry throughout.
+    assert_eq!(
+        walk(&mem, rt, SID, None, 0x777_7000).unwrap().pa,
+        0x777_7000
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device TLBs (ATS)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ats_invalidation_ranges() {
+    use super::invalidation::ats_range;
+    // S = 0: one page. S = 1: the lowest 0 address bit from 12 up gives the size.
+    assert_eq!(ats_range(0x5000, 0), (0x5000, false));
+    assert_eq!(ats_range(0x4000, 1), (0x4000, true), "8 KiB: bit 12 = 0");
+    assert_eq!(
+        ats_range(0x4000, 2),
+        (0x5000, true),
+        "16 KiB: bit 12 = 1, bit 13 = 0"
+    );
+    assert_eq!(
+        ats_range(M2, 9),
+        (M2 | 0xff000, true),
+        "2 MiB: bits 19:12 set"
+    );
+    assert_eq!(
+        ats_range(0, 52),
+        (0x7fff_ffff_ffff_f000, true),
+        "everything"
+    );
+}
+
+#[test]
+fn legacy_device_tlb_invalidations_follow_the_iotlb() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP | ECAP_DT);
+    let mut unit = up(&hw, &mem, legacy());
+    let rt = rtaddr(&hw);
+    let d = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    unit.map(&mem, &d, M2, 0x4000_0000, M2, RW).unwrap();
+    let ats = AttachOptions { ats: true };
+    unit.attach_with(&mem, SID, None, &d, ats).unwrap();
+    unit.attach(&mem, 0x0020, None, &d).unwrap();
+    assert!(unit.device_tlb_enabled(SID, None));
+    assert!(!unit.device_tlb_enabled(0x0020, None));
+    let ctx = mem.read(unit.root_table()) & !0xfff;
+    assert_eq!(mem.read(ctx + 0x18 * 16) & 0xc, 0b0100, "TT = 01b");
+    assert_eq!(mem.read(ctx + 0x20 * 16) & 0xc, 0, "TT = 00b");
+    assert_eq!(walk(&mem, rt, SID, None, M2 + 8).unwrap().pa, 0x4000_0008);
+    hw.take_processed();
+
+    // Unmap: IOTLB PSI, fence, device TLB of 00:03.0 for the same 2 MiB, wait.
+    unit.unmap(&mem, &d, M2, M2).unwrap();
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [2, 5, 3, 5]);
+    assert_eq!(p[1].lo, 0x65, "wait: SW + FN, status data 0");
+    assert_ne!(p[1].hi, p[3].hi, "the fence writes a scratch dword");
+    // Type 3, PFSID[3:0] = 8 at 15:12, MIP 0, SID 0x18 at 47:32, PFSID[15:4] = 1 at 63:52.
+    assert_eq!(p[2].lo, 0x0010_0018_0000_8003);
+    assert_eq!(p[2].hi, 0x2f_f001, "ADDR 2 MiB with bits 19:12 set, S");
+    assert_eq!(unit.counters().device_tlb_invalidations, 1);
+
+    // Replace keeps TT = 01b and invalidates the whole device TLB after the old DID's IOTLB.
+    let d2 = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    unit.replace(&mem, SID, None, &d2).unwrap();
+    assert_eq!(mem.read(ctx + 0x18 * 16) & 0xc, 0b0100);
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [1, 2, 5, 3, 5]);
+    assert_eq!(p[3].hi, 0x7fff_ffff_ffff_f001);
+    // Unmaps of the old domain no longer reach the device; of the new one they do.
+    unit.map(&mem, &d, M2, 0x4000_0000, M2, RW).unwrap();
+    unit.unmap(&mem, &d, M2, M2).unwrap();
+    assert_eq!(kinds(&hw.take_processed()), [2, 5]);
+    unit.map(&mem, &d2, 0, 0, K4, RW).unwrap();
+    unit.unmap(&mem, &d2, 0, K4).unwrap();
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [2, 5, 3, 5]);
+    assert_eq!(p[2].hi, 0, "one page: S = 0");
+
+    // A device TLB cannot go to a legacy pass-through entry: refused, nothing changes.
+    let pt = unit
+        .create_domain(&mem, DomainConfig::pass_through())
+        .unwrap();
+    let before = mem.snapshot();
+    assert_eq!(
+        unit.replace(&mem, SID, None, &pt),
+        Err(VtdError::DeviceTlbUnsupported)
+    );
+    assert_eq!(
+        unit.attach_with(&mem, 0x0028, None, &pt, ats),
+        Err(VtdError::DeviceTlbUnsupported)
+    );
+    assert_eq!(mem.snapshot(), before);
+    assert!(hw.take_processed().is_empty());
+
+    // Detach: context, IOTLB, fence, device TLB; then the slot is free again.
+    unit.detach(&mem, SID, None).unwrap();
+    assert_eq!(kinds(&hw.take_processed()), [1, 2, 5, 3, 5]);
+    assert!(!unit.device_tlb_enabled(SID, None));
+    unit.unmap(&mem, &d2, 0, K4).unwrap();
+    assert!(hw.take_processed().is_empty(), "nothing mapped");
+
+    // Sixteen device TLBs at most.
+    for f in 0..16u16 {
+        unit.attach_with(&mem, 0x0100 + f, None, &d2, ats).unwrap();
+    }
+    assert_eq!(
+        unit.attach_with(&mem, 0x0110, None, &d2, ats),
+        Err(VtdError::DeviceTlbSlotsExhausted)
+    );
+    unit.map(&mem, &d2, 0, 0, K4, RW).unwrap();
+    unit.unmap(&mem, &d2, 0, K4).unwrap();
+    let p = hw.take_processed();
+    assert_eq!(p.len(), 1 + 1 + 16 + 1, "PSI, fence, 16 device TLBs, wait");
+    let mut sids: Vec<u64> = p[2..18].iter().map(|x| x.lo >> 32 & 0xffff).collect();
+    sids.sort();
+    assert_eq!(sids, (0x100..0x110).collect::<Vec<u64>>());
+
+    // Without ECAP.DT, or without the queue, there is no device TLB.
+    for ecap in [QEMU_ECAP, (QEMU_ECAP | ECAP_DT) & !ECAP_QI] {
+        let mem = FakeMem::new(32);
+        let hw = FakeVtd::new(&mem, QEMU_CAP, ecap);
+        let mut u = up(&hw, &mem, legacy());
+        let d = u
+            .create_domain(&mem, DomainConfig::second_stage(48))
+            .unwrap();
+        assert_eq!(
+            u.attach_with(&mem, SID, None, &d, ats),
+            Err(VtdError::DeviceTlbUnsupported)
+        );
+    }
+}
+
+#[test]
+fn scalable_device_tlb_is_per_device() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, ECAP_BOTH | ECAP_DT);
+    let mut unit = up(&hw, &mem, scalable());
+    let rt = rtaddr(&hw);
+    let ats = AttachOptions { ats: true };
+    let fs = unit
+        .create_domain(&mem, DomainConfig::first_stage(48))
+        .unwrap();
+    unit.map(&mem, &fs, M2, 0x4000_0000, M2, RW).unwrap();
+    unit.attach_with(&mem, SID, None, &fs, ats).unwrap();
+    assert_eq!(mem.read(hw_ctx(&mem, rt, SID)) & 0b100, 0b100, "DTE");
+    // DTE is per device: PASID 5 cannot opt out while PASID 0 has it.
+    assert_eq!(
+        unit.attach(&mem, SID, Some(5), &fs),
+        Err(VtdError::DeviceTlbMismatch { sid: SID })
+    );
+    unit.attach_with(&mem, SID, Some(5), &fs, ats).unwrap();
+    hw.take_processed();
+
+    // Unmap: a PASID-based IOTLB invalidation per PASID, fence, then 0x3 for requests without
+    // PASID (RID_PASID) and 0x8 for PASID 5.
+    unit.unmap(&mem, &fs, M2, M2).unwrap();
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [6, 6, 5, 3, 8, 5]);
+    assert_eq!(p[3].hi, 0x2f_f001);
+    // Type 8, MIP 0, PFSID[3:0] 15:12, SID 31:16, PASID 51:32, PFSID[15:4] 63:52; hi S at 11.
+    assert_eq!(p[4].lo, 0x0010_0005_0018_8008);
+    assert_eq!(p[4].hi, 0x2f_f800);
+    assert_eq!(unit.counters().device_tlb_invalidations, 2);
+
+    // A context entry left from an earlier attachment (nothing present below it) switches its
+    // DTE with one store and a context- and PASID-cache invalidation.
+    let ss = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    unit.attach(&mem, 0x0020, None, &ss).unwrap();
+    unit.detach(&mem, 0x0020, None).unwrap();
+    let ctx = hw_ctx(&mem, rt, 0x0020);
+    assert_eq!(mem.read(ctx) & 0b100, 0);
+    hw.take_processed();
+    mem.stores.borrow_mut().clear();
+    unit.attach_with(&mem, 0x0020, None, &ss, ats).unwrap();
+    assert_eq!(mem.read(ctx) & 0b100, 0b100);
+    assert_eq!(mem.stores.borrow()[0].pa, ctx, "DTE first");
+    assert_eq!(kinds(&hw.take_processed()), [1, 7, 5]);
+    unit.map(&mem, &fs, 0, 0x5000_0000, K4, RW).unwrap();
+    hw.take_processed();
+    unit.replace(&mem, 0x0020, None, &fs).unwrap();
+    let p = hw.take_processed();
+    assert_eq!(kinds(&p), [7, 2, 5, 3, 5]);
+    assert_eq!(walk(&mem, rt, 0x0020, None, 8).unwrap().pa, 0x5000_0008);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMRR: DMAR tables written byte by byte (VT-d 4.1 §8.1, §8.3, §8.4)
+// ---------------------------------------------------------------------------------------------
+
+use crate::firmware::dmar::{Dmar, NoBridges, PciTopology, ResolveError};
+use std::collections::BTreeMap;
+
+/// Device scope: type, length, flags, reserved, enumeration id, start bus, path.
+fn dscope(ty: u8, bus: u8, path: &[(u8, u8)]) -> Vec<u8> {
+    let mut s = vec![ty, (6 + 2 * path.len()) as u8, 0, 0, 0, bus];
+    for &(d, f) in path {
+        s.extend([d, f]);
+    }
+    s
+}
+
+fn ep0(path: &[(u8, u8)]) -> Vec<u8> {
+    dscope(1, 0, path)
+}
+
+fn dstructure(ty: u16, fixed: &[u8], scopes: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = fixed.to_vec();
+    for s in scopes {
+        body.extend(s);
+    }
+    let mut out = ty.to_le_bytes().to_vec();
+    out.extend(u16::try_from(4 + body.len()).unwrap().to_le_bytes());
+    out.extend(body);
+    out
+}
+
+/// DRHD: flags, size, segment 0, register base.
+fn ddrhd(flags: u8, base: u64, scopes: &[Vec<u8>]) -> Vec<u8> {
+    let mut f = vec![flags, 0, 0, 0];
+    f.extend(base.to_le_bytes());
+    dstructure(0, &f, scopes)
+}
+
+/// RMRR: 2 reserved, segment 0, base, limit (inclusive).
+fn drmrr(base: u64, limit: u64, scopes: &[Vec<u8>]) -> Vec<u8> {
+    let mut f = vec![0, 0, 0, 0];
+    f.extend(base.to_le_bytes());
+    f.extend(limit.to_le_bytes());
+    dstructure(1, &f, scopes)
+}
+
+/// ACPI header, HAW field, flags, 10 reserved bytes, structures; length and checksum set.
+fn dmar_table(haw_field: u8, structures: &[Vec<u8>]) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend(b"DMAR");
+    t.extend([0; 4]);
+    t.extend([1, 0]);
+    t.extend(b"OEMID TABLEID ");
+    t.extend([0; 4]);
+    t.extend(b"CRTR");
+    t.extend([0; 4]);
+    t.extend([haw_field, 0]);
+    t.extend([0; 10]);
+    for s in structures {
+        t.extend(s);
+    }
+    let len = u32::try_from(t.len()).unwrap();
+    t[4..8].copy_from_slice(&len.to_le_bytes());
+    let sum = t.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+    t[9] = 0u8.wrapping_sub(sum);
+    t
+}
+
+/// (segment, bus, device, function) of a bridge, and its (secondary, subordinate) buses.
+type Bridge = ((u16, u8, u8, u8), (u8, u8));
+
+struct Bridges(Vec<Bridge>);
+
+impl PciTopology for Bridges {
+    fn bridge_buses(&self, segment: u16, bus: u8, device: u8, function: u8) -> Option<(u8, u8)> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == (segment, bus, device, function))
+            .map(|&(_, v)| v)
+    }
+}
+
+const IGD_UNIT: u64 = 0xfed9_0000;
+const ALL_UNIT: u64 = 0xfed9_1000;
+
+/// Unit IGD_UNIT for 00:02.0, INCLUDE_PCI_ALL unit ALL_UNIT for the rest; RMRRs:
+/// two for 00:14.0 (overlapping, merged) and one apart; one shared by 00:1a.0 and 00:1d.0; one
+/// for 03:00.0 behind root port 00:1c.0; graphics stolen memory for 00:02.0; an unaligned one
+/// for 00:1d.0; and firmware bugs: base 0 limit 0, limit below base, an I/O APIC scope, a
+/// range past the 39-bit host address width.
+fn synthetic_dmar() -> Vec<u8> {
+    dmar_table(
+        38,
+        &[
+            ddrhd(0, IGD_UNIT, &[ep0(&[(2, 0)])]),
+            ddrhd(1, ALL_UNIT, &[]),
+            drmrr(0x7000_0000, 0x7000_3fff, &[ep0(&[(0x14, 0)])]),
+            drmrr(0x7000_2000, 0x7000_5fff, &[ep0(&[(0x14, 0)])]),
+            drmrr(0x7800_0000, 0x7800_0fff, &[ep0(&[(0x14, 0)])]),
+            drmrr(
+                0x7200_0000,
+                0x7200_1fff,
+                &[ep0(&[(0x1a, 0)]), ep0(&[(0x1d, 0)])],
+            ),
+            drmrr(0x7300_0000, 0x7300_0fff, &[ep0(&[(0x1c, 0), (0, 0)])]),
+            drmrr(0x8000_0000, 0x83ff_ffff, &[ep0(&[(2, 0)])]),
+            drmrr(0x7100_0800, 0x7100_17ff, &[ep0(&[(0x1d, 0)])]),
+            drmrr(0, 0, &[ep0(&[(0x1d, 1)])]),
+            drmrr(0x7400_1000, 0x7400_0fff, &[ep0(&[(0x1d, 2)])]),
+            drmrr(0x7500_0000, 0x7500_0fff, &[dscope(3, 0, &[(0x1e, 1)])]),
+            drmrr(1 << 39, (1 << 39) + 0xfff, &[ep0(&[(0x1d, 7)])]),
+        ],
+    )
+}
+
+fn root_port() -> Bridges {
+    Bridges(vec![((0, 0, 0x1c, 0), (3, 3))])
+}
+
+const fn r(start: u64, end: u64) -> IdentityRange {
+    IdentityRange { start, end }
+}
+
+fn sid(bus: u16, dev: u16, func: u16) -> u16 {
+    bus << 8 | dev << 3 | func
+}
+
+fn plan_summary(plan: &RmrrPlan) -> Vec<(u64, u16, Vec<IdentityRange>)> {
+    plan.devices()
+        .iter()
+        .map(|d| (d.unit, d.sid, d.ranges().to_vec()))
+        .collect()
+}
+
+#[test]
+fn rmrr_plan_of_a_synthetic_table() {
+    let bytes = synthetic_dmar();
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &root_port());
+    assert_eq!(
+        plan_summary(&plan),
+        [
+            (IGD_UNIT, sid(0, 2, 0), vec![r(0x8000_0000, 0x8400_0000)]),
+            (
+                ALL_UNIT,
+                sid(0, 0x14, 0),
+                vec![r(0x7000_0000, 0x7000_6000), r(0x7800_0000, 0x7800_1000)]
+            ),
+            (ALL_UNIT, sid(0, 0x1a, 0), vec![r(0x7200_0000, 0x7200_2000)]),
+            (
+                ALL_UNIT,
+                sid(0, 0x1d, 0),
+                vec![r(0x7100_0000, 0x7100_2000), r(0x7200_0000, 0x7200_2000)]
+            ),
+            (ALL_UNIT, sid(3, 0, 0), vec![r(0x7300_0000, 0x7300_1000)]),
+        ]
+    );
+    assert!(plan.devices().iter().all(|d| d.segment == 0));
+    assert_eq!(plan.device(0, sid(3, 0, 0)).unwrap().drhd_index, 1);
+    // Usable ranges: all but base 0, limit < base and the one past the HAW (the I/O APIC
+    // scope's range is fine, its scope is not).
+    assert_eq!(plan.rmrr_counts(), (11, 8));
+    let kinds: Vec<_> = plan.issues().iter().map(|i| i.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            RmrrIssueKind::Unaligned {
+                used: r(0x7100_0000, 0x7100_2000)
+            },
+            RmrrIssueKind::ZeroRange,
+            RmrrIssueKind::LimitBelowBase,
+            RmrrIssueKind::NotAPciDevice(crate::firmware::dmar::ScopeType::IoApic),
+            RmrrIssueKind::BeyondAddressWidth { haw: 39 },
+        ]
+    );
+    assert_eq!(plan.issues()[1].base, 0);
+    assert_eq!(plan.issues()[3].device, None);
+    assert!(plan.issues()[3].scope_offset.is_some());
+    assert!(plan.is_complete());
+    assert_eq!(plan.issues_dropped(), 0);
+    assert!(
+        plan.issues()[1]
+            .to_string()
+            .contains("base 0 limit 0 (firmware bug), skipped")
+    );
+
+    // Per unit, and the union the identity domain maps.
+    let units: Vec<(u64, usize)> = plan
+        .units()
+        .map(|u| (u.register_base(), u.devices().len()))
+        .collect();
+    assert_eq!(units, [(IGD_UNIT, 1), (ALL_UNIT, 4)]);
+    let all = plan.for_unit(ALL_UNIT);
+    assert_eq!(
+        all.identity_ranges().collect::<Vec<_>>(),
+        [
+            r(0x7000_0000, 0x7000_6000),
+            r(0x7100_0000, 0x7100_2000),
+            r(0x7200_0000, 0x7200_2000),
+            r(0x7300_0000, 0x7300_1000),
+            r(0x7800_0000, 0x7800_1000),
+        ]
+    );
+    assert!(plan.for_unit(0xdead_0000).devices().is_empty());
+
+    // Without the bridge, the device behind it does not resolve: skipped and reported.
+    let plan = RmrrPlan::build(&dmar, &NoBridges);
+    assert_eq!(plan.devices().len(), 4);
+    assert!(plan.device(0, sid(3, 0, 0)).is_none());
+    assert!(plan.issues().iter().any(|i| matches!(
+        i.kind,
+        RmrrIssueKind::Unresolved(ResolveError::NotABridge { hop: 0, .. })
+    )));
+}
+
+#[test]
+fn rmrr_plan_merges_and_overflows() {
+    // Nine separate one-page RMRRs for one device: the ninth range does not fit.
+    let mut structures = vec![ddrhd(1, ALL_UNIT, &[])];
+    for i in 0..9u64 {
+        let base = 0x1000_0000 + i * 0x10_0000;
+        structures.push(drmrr(base, base + 0xfff, &[ep0(&[(0x14, 0)])]));
+    }
+    // Adjacent ones merge into one: no overflow from them.
+    for i in 0..20u64 {
+        let base = 0x2000_0000 + i * 0x1000;
+        structures.push(drmrr(base, base + 0xfff, &[ep0(&[(0x1a, 0)])]));
+    }
+    let bytes = dmar_table(38, &structures);
+    let plan = RmrrPlan::build(&Dmar::parse(&bytes).unwrap(), &NoBridges);
+    let usb = plan.device(0, sid(0, 0x14, 0)).unwrap();
+    assert_eq!(usb.ranges().len(), 8);
+    let other = plan.device(0, sid(0, 0x1a, 0)).unwrap();
+    assert_eq!(other.ranges(), [r(0x2000_0000, 0x2001_4000)]);
+    assert_eq!(plan.issues().len(), 1);
+    assert_eq!(plan.issues()[0].kind, RmrrIssueKind::RangeOverflow);
+    assert_eq!(plan.issues()[0].device, Some((0, sid(0, 0x14, 0))));
+    assert!(!plan.is_complete());
+
+    // 70 devices: 64 fit, six are lost.
+    let scopes: Vec<Vec<u8>> = (0..70u8).map(|i| ep0(&[(i / 8, i % 8)])).collect();
+    let bytes = dmar_table(
+        38,
+        &[
+            ddrhd(1, ALL_UNIT, &[]),
+            drmrr(0x3000_0000, 0x3000_0fff, &scopes),
+        ],
+    );
+    let plan = RmrrPlan::build(&Dmar::parse(&bytes).unwrap(), &NoBridges);
+    assert_eq!(plan.devices().len(), MAX_RMRR_DEVICES);
+    let lost: Vec<_> = plan
+        .issues()
+        .iter()
+        .filter(|i| i.kind == RmrrIssueKind::DeviceOverflow)
+        .collect();
+    assert_eq!(lost.len(), 6);
+    assert!(!plan.for_unit(ALL_UNIT).is_complete());
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMRR: applying a plan
+// ---------------------------------------------------------------------------------------------
+
+/// Every page the remapping structures reachable from the root table consist of, by address:
+/// root, context tables, PASID directories and tables, and the page tables of present entries.
+fn structures(mem: &FakeMem, rt: u64) -> BTreeMap<u64, Vec<u64>> {
+    let mut out = BTreeMap::new();
+    let page = |pa: u64| (0..512).map(|i| mem.read(pa + 8 * i)).collect::<Vec<u64>>();
+    fn tables(mem: &FakeMem, out: &mut BTreeMap<u64, Vec<u64>>, pa: u64, level: u32, fs: bool) {
+        let words: Vec<u64> = (0..512).map(|i| mem.read(pa + 8 * i)).collect();
+        for &e in &words {
+            let present = if fs { e & 1 != 0 } else { e & 3 != 0 };
+            if present && level > 1 && e & (1 << 7) == 0 {
+                tables(mem, out, e & PTE_ADDR, level - 1, fs);
+            }
+        }
+        out.insert(pa, words);
+    }
+    let root = rt & !0xfff;
+    out.insert(root, page(root));
+    let scalable = (rt >> 10) & 3 == 1;
+    for bus in 0..256 {
+        let (lo, hi) = (mem.read(root + bus * 16), mem.read(root + bus * 16 + 8));
+        if !scalable {
+            if lo & 1 == 0 {
+                continue;
+            }
+            let ct = lo & !0xfff;
+            out.insert(ct, page(ct));
+            for devfn in 0..256 {
+                let (c0, c1) = (mem.read(ct + devfn * 16), mem.read(ct + devfn * 16 + 8));
+                if c0 & 1 != 0 && (c0 >> 2) & 3 != 2 {
+                    tables(mem, &mut out, c0 & !0xfff, (c1 & 7) as u32 + 2, false);
+                }
+            }
+            continue;
+        }
+        for half in [lo, hi] {
+            if half & 1 == 0 {
+                continue;
+            }
+            let ct = half & !0xfff;
+            out.insert(ct, page(ct));
+            for i in 0..128 {
+                let q0 = mem.read(ct + i * 32);
+                if q0 & 1 == 0 {
+                    continue;
+                }
+                let dir = q0 & !0xfff;
+                out.insert(dir, page(dir));
+                for j in 0..512 {
+                    let de = mem.read(dir + j * 8);
+                    if de & 1 == 0 {
+                        continue;
+                    }
+                    let pt = de & !0xfff;
+                    out.insert(pt, page(pt));
+                    for k in 0..64 {
+                        let (e0, e2) = (mem.read(pt + k * 64), mem.read(pt + k * 64 + 16));
+                        if e0 & 1 == 0 {
+                            continue;
+                        }
+                        match (e0 >> 6) & 7 {
+                            0b010 => tables(
+                                mem,
+                                &mut out,
+                                e0 & !0xfff,
+                                ((e0 >> 2) & 7) as u32 + 2,
+                                false,
+                            ),
+                            0b001 => {
+                                tables(mem, &mut out, e2 & !0xfff, 4 + ((e2 >> 2) & 3) as u32, true)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The leaves of a second-stage table: (iova, size, output address).
+fn ss_leaves(mem: &FakeMem, table: u64, level: u32, base: u64, out: &mut Vec<(u64, u64, u64)>) {
+    for i in 0..512u64 {
+        let e = mem.read(table + i * 8);
+        if e & 3 == 0 {
+            continue;
+        }
+        let size = 1u64 << (12 + 9 * (level - 1));
+        let iova = base + i * size;
+        if level == 1 || e & (1 << 7) != 0 {
+            out.push((iova, size, e & PTE_ADDR & !(size - 1)));
+        } else {
+            ss_leaves(mem, e & PTE_ADDR, level - 1, iova, out);
+        }
+    }
+}
+
+/// The identity domain maps exactly `ranges`, each page to itself, and every SID in `sids`
+/// walks to it through the hardware structures; nothing outside `ranges` translates.
+fn check_identity(
+    mem: &FakeMem,
+    rt: u64,
+    unit_domain: &Domain,
+    sids: &[u16],
+    ranges: &[IdentityRange],
+) {
+    let mut leaves = Vec::new();
+    ss_leaves(
+        mem,
+        unit_domain.root(),
+        unit_domain.levels(),
+        0,
+        &mut leaves,
+    );
+    assert!(
+        leaves.iter().all(|&(iova, _, pa)| iova == pa),
+        "identity leaves only"
+    );
+    let mut covered: Vec<IdentityRange> = Vec::new();
+    for &(iova, size, _) in &leaves {
+        match covered.last_mut() {
+            Some(last) if last.end == iova => last.end += size,
+            _ => covered.push(r(iova, iova + size)),
+        }
+    }
+    assert_eq!(covered, ranges, "the leaves cover exactly the RMRR ranges");
+    for &sid in sids {
+        for range in ranges {
+            for page in (range.start..range.end).step_by(4096) {
+                let hit = walk(mem, rt, sid, None, page + 0x18);
+                assert_eq!(
+                    hit.map(|h| h.pa),
+                    Ok(page + 0x18),
+                    "sid {sid:#x} page {page:#x}"
+                );
+            }
+            for probe in [range.start.wrapping_sub(K4), range.end] {
+                if !ranges.iter().any(|x| x.contains(probe)) {
+                    assert!(
+                        walk(mem, rt, sid, None, probe).is_err(),
+                        "{probe:#x} must fault"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rmrr_apply_legacy_synthetic() {
+    let bytes = synthetic_dmar();
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &root_port());
+    let mem = FakeMem::new(256);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let rt = rtaddr(&hw);
+    let unit_plan = plan.for_unit(ALL_UNIT);
+    let report = unit.apply_rmrr(&mem, &unit_plan).unwrap();
+    let sids = [
+        sid(0, 0x14, 0),
+        sid(0, 0x1a, 0),
+        sid(0, 0x1d, 0),
+        sid(3, 0, 0),
+    ];
+    assert_eq!(
+        report,
+        RmrrReport {
+            domain_id: Some(1),
+            address_width: 39,
+            devices: 4,
+            ranges: 5,
+            bytes: 0x6000 + 0x2000 + 0x2000 + 0x1000 + 0x1000,
+            complete: true,
+        }
+    );
+    assert_eq!(unit.rmrr_devices(), sids);
+    let domain = unit.rmrr_domain().unwrap();
+    assert_eq!((domain.levels(), domain.stage()), (3, Stage::Second));
+    let ranges: Vec<_> = unit_plan.identity_ranges().collect();
+    check_identity(&mem, rt, domain, &sids, &ranges);
+    for s in [sid(0, 0x1d, 1), sid(0, 2, 0), sid(3, 0, 1), sid(0, 0x14, 1)] {
+        assert!(walk(&mem, rt, s, None, 0x7000_0000).is_err());
+        assert!(unit.is_assignable(s));
+    }
+    for &s in &sids {
+        assert!(!unit.is_assignable(s));
+        let d = unit
+            .create_domain(&mem, DomainConfig::second_stage(48))
+            .unwrap();
+        assert_eq!(
+            unit.attach(&mem, s, None, &d),
+            Err(VtdError::RmrrDevice { sid: s })
+        );
+        assert_eq!(
+            unit.replace(&mem, s, None, &d),
+            Err(VtdError::RmrrDevice { sid: s })
+        );
+        assert_eq!(
+            unit.detach(&mem, s, None),
+            Err(VtdError::RmrrDevice { sid: s })
+        );
+        unit.destroy_domain(&mem, d).unwrap();
+    }
+    assert_eq!(
+        unit.apply_rmrr(&mem, &unit_plan),
+        Err(VtdError::RmrrAlreadyApplied)
+    );
+    // The domain is held by its devices.
+    let d = unit.rmrr.domain.take().unwrap();
+    assert!(matches!(
+        unit.try_destroy_domain(&mem, d),
+        Err((VtdError::DomainBusy { attachments: 4 }, _))
+    ));
+
+    // The graphics unit: 64 MiB of stolen memory, in 2 MiB leaves.
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut igd = up(&hw, &mem, legacy());
+    let report = igd.apply_rmrr(&mem, &plan.for_unit(IGD_UNIT)).unwrap();
+    assert_eq!(
+        (report.devices, report.ranges, report.bytes),
+        (1, 1, 64 << 20)
+    );
+    let domain = igd.rmrr_domain().unwrap();
+    check_identity(
+        &mem,
+        rtaddr(&hw),
+        domain,
+        &[sid(0, 2, 0)],
+        &[r(0x8000_0000, 0x8400_0000)],
+    );
+    let mut leaves = Vec::new();
+    ss_leaves(&mem, domain.root(), domain.levels(), 0, &mut leaves);
+    assert_eq!(leaves.len(), 32, "2 MiB leaves");
+
+    // A unit without RMRR devices: no domain, everything assignable.
+    let mem = FakeMem::new(32);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut none = up(&hw, &mem, legacy());
+    let report = none.apply_rmrr(&mem, &plan.for_unit(0xdead_0000)).unwrap();
+    assert_eq!(report.domain_id, None);
+    assert!(none.rmrr_domain().is_none() && none.is_assignable(0));
+}
+
+#[test]
+fn rmrr_apply_scalable_synthetic() {
+    let bytes = synthetic_dmar();
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &root_port());
+    let mem = FakeMem::new(256);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP_SM);
+    let mut unit = up(&hw, &mem, scalable());
+    let unit_plan = plan.for_unit(ALL_UNIT);
+    let live = mem.live_frames();
+    let report = unit.apply_rmrr(&mem, &unit_plan).unwrap();
+    assert_eq!((report.devices, report.ranges), (4, 5));
+    let sids = unit.rmrr_devices().to_vec();
+    let ranges: Vec<_> = unit_plan.identity_ranges().collect();
+    check_identity(
+        &mem,
+        rtaddr(&hw),
+        unit.rmrr_domain().unwrap(),
+        &sids,
+        &ranges,
+    );
+    // Spare reserved pages went back: bus 0 upper half and bus 3 lower half context tables,
+    // a PASID directory and table per device, and the identity domain's tables.
+    let mut leaves = Vec::new();
+    let d = unit.rmrr_domain().unwrap();
+    ss_leaves(&mem, d.root(), d.levels(), 0, &mut leaves);
+    let tables = structures(&mem, rtaddr(&hw)).len() - 1;
+    assert_eq!(mem.live_frames() - live, tables);
+    assert_eq!(tables, 2 + 2 * 4 + (1 + 1 + 5));
+}
+
+#[test]
+fn rmrr_apply_unwinds() {
+    let bytes = synthetic_dmar();
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &root_port());
+    let unit_plan = plan.for_unit(ALL_UNIT);
+    for (ecap, cfg) in [(QEMU_ECAP, legacy()), (QEMU_ECAP_SM, scalable())] {
+        let mem = FakeMem::new(1024);
+        let hw = FakeVtd::new(&mem, QEMU_CAP, ecap);
+        let mut unit = up(&hw, &mem, cfg);
+        let rt = rtaddr(&hw);
+        // Something attached before, so that the structures are not empty.
+        let other = unit
+            .create_domain(&mem, DomainConfig::second_stage(48))
+            .unwrap();
+        unit.map(&mem, &other, 0, 0x9000_0000, K4, RW).unwrap();
+        unit.attach(&mem, sid(0, 0x14, 1), None, &other).unwrap();
+
+        // Allocation failure at every point: the structures stay exactly as they were.
+        let before = structures(&mem, rt);
+        let live = mem.live_frames();
+        let mut n = 0;
+        let needed = loop {
+            mem.fail_after.set(Some(n));
+            let allocs = mem.allocs.get();
+            let result = unit.apply_rmrr(&mem, &unit_plan);
+            mem.fail_after.set(None);
+            match result {
+                Ok(_) => break mem.allocs.get() - allocs,
+                Err(e) => assert!(
+                    matches!(
+                        e,
+                        VtdError::NoMemory | VtdError::Map(MapError::NoMemory { .. })
+                    ),
+                    "after {n} allocations: {e:?}"
+                ),
+            }
+            assert_eq!(structures(&mem, rt), before, "after {n} allocations");
+            assert_eq!(mem.live_frames(), live, "after {n} allocations");
+            assert!(unit.rmrr_domain().is_none() && unit.is_assignable(sid(0, 0x14, 0)));
+            n += 1;
+        };
+        assert_eq!(n, needed, "every allocation point was a failure point once");
+        assert!(n > 5);
+        assert_eq!(unit.rmrr_domain().unwrap().did(), 2, "no domain id leaked");
+        assert_eq!(
+            walk(&mem, rt, sid(0, 0x14, 1), None, 0).unwrap().pa,
+            0x9000_0000
+        );
+    }
+
+    // A failure in the attach phase: the devices attached so far are detached again.
+    let mem = FakeMem::new(256);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let rt = rtaddr(&hw);
+    let other = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    let last = sid(3, 0, 0);
+    unit.attach(&mem, last, None, &other).unwrap();
+    assert_eq!(
+        unit.apply_rmrr(&mem, &unit_plan),
+        Err(VtdError::AlreadyAttached)
+    );
+    for s in [sid(0, 0x14, 0), sid(0, 0x1a, 0), sid(0, 0x1d, 0)] {
+        assert_eq!(
+            walk(&mem, rt, s, None, 0x7000_0000),
+            Err("context entry not present")
+        );
+        assert!(unit.is_assignable(s));
+    }
+    assert!(unit.rmrr_devices().is_empty() && unit.rmrr_domain().is_none());
+    unit.detach(&mem, last, None).unwrap();
+    let report = unit.apply_rmrr(&mem, &unit_plan).unwrap();
+    assert_eq!(
+        report.domain_id,
+        Some(2),
+        "the failed attempt's domain id was freed"
+    );
+
+    // A SID outside the unit's buses: refused before any change.
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let cfg = UnitConfig {
+        buses: (0, 0),
+        ..legacy()
+    };
+    let mut unit = up(&hw, &mem, cfg);
+    let before = mem.snapshot();
+    assert_eq!(
+        unit.apply_rmrr(&mem, &unit_plan),
+        Err(VtdError::BadSid { sid: sid(3, 0, 0) })
+    );
+    assert_eq!(mem.snapshot(), before);
+}
+
+#[test]
+fn rmrr_incomplete_plan_makes_nothing_assignable() {
+    // A sub-hierarchy scope: the bridge is covered, the devices below it cannot be listed.
+    let bytes = dmar_table(
+        38,
+        &[
+            ddrhd(1, ALL_UNIT, &[]),
+            drmrr(0x7000_0000, 0x7000_0fff, &[dscope(2, 0, &[(0x1c, 0)])]),
+        ],
+    );
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &root_port());
+    assert_eq!(plan.issues()[0].kind, RmrrIssueKind::SubHierarchy);
+    assert!(!plan.is_complete());
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let report = unit.apply_rmrr(&mem, &plan.for_unit(ALL_UNIT)).unwrap();
+    assert!(!report.complete);
+    assert_eq!(unit.rmrr_devices(), [sid(0, 0x1c, 0)]);
+    assert!(!unit.is_assignable(sid(3, 0, 0)) && !unit.is_assignable(sid(9, 0, 0)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMRR: real firmware tables (shared/acpi-tables, see its README.md)
+// ---------------------------------------------------------------------------------------------
+
+/// A real DMAR from `IOMMU_ACPI_TABLES`, else `shared/acpi-tables` beside the repository.
+fn real_dmar(name: &str) -> Vec<u8> {
+    let dir = match std::env::var_os("IOMMU_ACPI_TABLES") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/acpi-tables"
+        )),
+    };
+    let path = dir.join(name);
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read real DMAR {}: {e}. The RMRR tests need the shared ACPI table collection \
+             (shared/acpi-tables beside the repository); set IOMMU_ACPI_TABLES to its directory",
+            path.display()
+        )
+    })
+}
+
+#[test]
+fn rmrr_hp_compaq_6730b_zero_range_is_skipped() {
+    // README: "BUGGY: RMRR with base 0 and limit 0 ... for 8 USB controllers". The other RMRR
+    // (0xbbc00000-0xbfffffff) is graphics stolen memory for 00:02.0 and 00:02.1, both in the
+    // scope of the DRHD at 0xfeb01000.
+    let bytes = real_dmar("hp-compaq-6730b-dmar.bin");
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &NoBridges);
+    assert_eq!(plan.rmrr_counts(), (2, 1));
+    let stolen = vec![r(0xbbc0_0000, 0xc000_0000)];
+    assert_eq!(
+        plan_summary(&plan),
+        [
+            (0xfeb0_1000, sid(0, 2, 0), stolen.clone()),
+            (0xfeb0_1000, sid(0, 2, 1), stolen.clone()),
+        ]
+    );
+    assert_eq!(plan.issues().len(), 1);
+    let issue = plan.issues()[0];
+    assert_eq!(
+        (issue.kind, issue.base, issue.limit),
+        (RmrrIssueKind::ZeroRange, 0, 0)
+    );
+    assert!(plan.is_complete());
+    assert!(
+        plan.for_unit(0xfeb0_2000).devices().is_empty(),
+        "USB: nothing to map"
+    );
+
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let report = unit.apply_rmrr(&mem, &plan.for_unit(0xfeb0_1000)).unwrap();
+    assert_eq!(
+        (
+            report.devices,
+            report.ranges,
+            report.bytes,
+            report.address_width
+        ),
+        (2, 1, 0x440_0000, 39)
+    );
+    let igd = [sid(0, 2, 0), sid(0, 2, 1)];
+    check_identity(
+        &mem,
+        rtaddr(&hw),
+        unit.rmrr_domain().unwrap(),
+        &igd,
+        &stolen,
+    );
+    assert!(igd.iter().all(|&s| !unit.is_assignable(s)));
+    for usb in [sid(0, 0x1d, 0), sid(0, 0x1a, 7)] {
+        assert!(unit.is_assignable(usb));
+        assert!(walk(&mem, rtaddr(&hw), usb, None, 0).is_err());
+    }
+}
+
+/// The DL380e Gen8's RMRR devices, with the root ports and bridges of its 2-hop paths on buses
+/// 1, 2, 3 and 5.
+fn dl380e_topology() -> Bridges {
+    Bridges(vec![
+        ((0, 0, 0x01, 0), (1, 1)),
+        ((0, 0, 0x01, 1), (2, 2)),
+        ((0, 0, 0x1c, 4), (3, 3)),
+        ((0, 0, 0x1c, 7), (5, 5)),
+    ])
+}
+
+#[test]
+fn rmrr_hp_proliant_dl380e_plan() {
+    // Nine RMRRs (README), read from the table: 00:1d.0 + 00:1a.0 share 0x7dffd000-0x7dffffff;
+    // 1c.7/00.{0,2,4} share 0x7dff6000-0x7dffcfff; seven RMRRs (0x7df83000-0x7df84fff,
+    // 0x7df7f000-0x7df82fff, 0x7df6f000-0x7df7efff, 0x79f6f000-0x7df6efff,
+    // 0x75f6f000-0x79f6efff, 0xf4000-0xf4fff, 0xe8000-0xe8fff) each list the same ten devices
+    // 01.1/00.0, 1c.7/00.0, 1c.7/00.2, 01.0/00.0, 1f.2, 1f.5, 1c.4/00.{0,1,2,3}. The first
+    // five of those seven are contiguous: one range 0x75f6f000-0x7df84fff.
+    let bytes = real_dmar("hp-proliant-dl380e-gen8-dmar.bin");
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &dl380e_topology());
+    assert_eq!(plan.rmrr_counts(), (9, 9));
+    assert!(plan.issues().is_empty() && plan.is_complete());
+    let usb = r(0x7dff_d000, 0x7e00_0000);
+    let ilo = r(0x7dff_6000, 0x7dff_d000);
+    let shared = [
+        r(0xe8000, 0xe9000),
+        r(0xf4000, 0xf5000),
+        r(0x75f6_f000, 0x7df8_5000),
+    ];
+    let with_ilo = [shared[0], shared[1], shared[2], ilo];
+    let unit = 0xbeff_e000; // INCLUDE_PCI_ALL: the other DRHD covers bus 0x20 only
+    let expected: Vec<(u64, u16, Vec<IdentityRange>)> = [
+        (sid(0, 0x1a, 0), vec![usb]),
+        (sid(0, 0x1d, 0), vec![usb]),
+        (sid(0, 0x1f, 2), shared.to_vec()),
+        (sid(0, 0x1f, 5), shared.to_vec()),
+        (sid(1, 0, 0), shared.to_vec()),
+        (sid(2, 0, 0), shared.to_vec()),
+        (sid(3, 0, 0), shared.to_vec()),
+        (sid(3, 0, 1), shared.to_vec()),
+        (sid(3, 0, 2), shared.to_vec()),
+        (sid(3, 0, 3), shared.to_vec()),
+        (sid(5, 0, 0), with_ilo.to_vec()),
+        (sid(5, 0, 2), with_ilo.to_vec()),
+        (sid(5, 0, 4), vec![ilo]),
+    ]
+    .into_iter()
+    .map(|(s, ranges)| (unit, s, ranges))
+    .collect();
+    assert_eq!(plan_summary(&plan), expected);
+    assert_eq!(plan.devices().len(), 13);
+    let ranges: usize = plan.devices().iter().map(|d| d.ranges().len()).sum();
+    assert_eq!(ranges, 35);
+    assert!(plan.for_unit(0xfbef_e000).devices().is_empty());
+    assert_eq!(
+        plan.for_unit(unit).identity_ranges().collect::<Vec<_>>(),
+        [shared[0], shared[1], shared[2], r(0x7dff_6000, 0x7e00_0000)]
+    );
+
+    // Without the bridges, the 59 two-hop scopes do not resolve (the README's 59 multi-hop
+    // paths are all in RMRRs): 32 issues kept, 27 counted; the four bus-0 devices remain.
+    let plan = RmrrPlan::build(&dmar, &NoBridges);
+    assert_eq!(plan.devices().len(), 4);
+    assert_eq!(plan.issues().len(), MAX_RMRR_ISSUES);
+    assert_eq!(plan.issues().len() + plan.issues_dropped(), 59);
+    assert!(plan.is_complete(), "absent devices need nothing");
+}
+
+#[test]
+fn rmrr_hp_proliant_dl380e_apply() {
+    let bytes = real_dmar("hp-proliant-dl380e-gen8-dmar.bin");
+    let dmar = Dmar::parse(&bytes).unwrap();
+    let plan = RmrrPlan::build(&dmar, &dl380e_topology());
+    let unit_plan = plan.for_unit(0xbeff_e000);
+    let ranges: Vec<_> = unit_plan.identity_ranges().collect();
+    let sids: Vec<u16> = unit_plan.devices().iter().map(|d| d.sid).collect();
+    for (ecap, cfg) in [(QEMU_ECAP, legacy()), (QEMU_ECAP_SM, scalable())] {
+        let mem = FakeMem::new(256);
+        let hw = FakeVtd::new(&mem, QEMU_CAP, ecap);
+        let mut unit = up(&hw, &mem, cfg);
+        let report = unit.apply_rmrr(&mem, &unit_plan).unwrap();
+        assert_eq!(
+            (report.devices, report.ranges, report.address_width),
+            (13, 4, 39)
+        );
+        assert_eq!(report.bytes, 0x2000 + (0x7df8_5000 - 0x75f6_f000) + 0xa000);
+        assert_eq!(unit.rmrr_devices(), sids);
+        check_identity(
+            &mem,
+            rtaddr(&hw),
+            unit.rmrr_domain().unwrap(),
+            &sids,
+            &ranges,
+        );
+        for &s in &sids {
+            assert!(!unit.is_assignable(s));
+        }
+        for s in [sid(5, 0, 1), sid(0x20, 4, 0), sid(0, 0x1d, 1)] {
+            assert!(unit.is_assignable(s));
+            assert!(walk(&mem, rtaddr(&hw), s, None, 0x7dff_d000).is_err());
+        }
+    }
+}
+
+#[test]
+fn new_errors_display() {
+    assert!(
+        VtdError::RmrrDevice { sid: 0x00e8 }
+            .to_string()
+            .contains("00:1d.0")
+    );
+    assert!(
+        VtdError::PassThroughUnsupported
+            .to_string()
+            .contains("ECAP.PT")
+    );
+    assert!(
+        VtdError::DeviceTlbMismatch { sid: 0x18 }
+            .to_string()
+            .contains("00:03.0")
+    );
 }

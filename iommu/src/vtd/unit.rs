@@ -21,6 +21,7 @@ use super::regs::{
     FaultRecord, FaultStatus, GlobalCommand, GlobalStatus, InvQueueAddress, RootTableAddress,
     TranslationTableMode, VtdIdRegs, offset,
 };
+use super::rmrr::RmrrState;
 use super::tables::{
     ADDR, ContextEntry, P, PASID_DIR_ENTRIES, PASID_TABLE_ENTRIES, PASIDS_PER_DIRECTORY,
     PDTS_ONE_PAGE, PasidEntry, PasidEntryFlags, Pgtt, RootEntry, SM_CONTEXT_ENTRIES,
@@ -93,6 +94,8 @@ pub struct Counters {
     pub write_buffer_flushes: u64,
     /// Invalidation-queue errors handled (IQE, ITE, ICE).
     pub queue_errors: u64,
+    /// Device-TLB invalidations (0x3 and PASID-based 0x8) for devices attached with ATS.
+    pub device_tlb_invalidations: u64,
     /// Fault records drained.
     pub faults: u64,
     /// Primary fault overflows (FSTS.PFO) seen.
@@ -191,7 +194,9 @@ struct Ops {
 }
 
 impl Ops {
-    const CAPACITY: usize = PasidSet::CAPACITY + 4;
+    /// The longest list: one IOTLB op per tracked PASID (or one global), a fence, one
+    /// device-TLB op per tracked device TLB; or a replace/detach's four. Never overflows.
+    const CAPACITY: usize = PasidSet::CAPACITY + AtsTable::CAPACITY + 4;
 
     const fn new() -> Self {
         Ops {
@@ -215,6 +220,104 @@ impl Ops {
         &self.buf[..self.len]
     }
 }
+
+/// How to attach a device ([`VtdUnit::attach_with`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachOptions {
+    /// The device has PCIe ATS enabled (a device TLB). The entry allows translation requests
+    /// (legacy TT = 01b; scalable mode DTE in the context entry, per device), which needs
+    /// ECAP.DT and queued invalidation; every IOTLB invalidation that covers the attachment is
+    /// followed by a fence and a device-TLB invalidation for the SID (0x3, or PASID-based 0x8
+    /// for a PASID other than 0). The device is taken to be its own physical function (PFSID
+    /// = SID) and MIP = 0.
+    pub ats: bool,
+}
+
+/// One attachment of a device with a device TLB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AtsSlot {
+    sid: u16,
+    pasid: u32,
+    did: u16,
+}
+
+/// The attachments whose device has a device TLB: which SIDs to send device-TLB
+/// invalidations to when a domain's mappings or a device's entry change.
+struct AtsTable {
+    slots: [Option<AtsSlot>; AtsTable::CAPACITY],
+}
+
+impl AtsTable {
+    const CAPACITY: usize = 16;
+
+    const fn new() -> Self {
+        AtsTable {
+            slots: [None; Self::CAPACITY],
+        }
+    }
+
+    fn position(&self, sid: u16, pasid: u32) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| matches!(s, Some(a) if a.sid == sid && a.pasid == pasid))
+    }
+
+    fn get(&self, sid: u16, pasid: u32) -> Option<AtsSlot> {
+        self.position(sid, pasid).and_then(|i| self.slots[i])
+    }
+
+    fn has_room(&self) -> bool {
+        self.slots.iter().any(Option::is_none)
+    }
+
+    /// Callers check [`has_room`](Self::has_room) first.
+    fn insert(&mut self, slot: AtsSlot) {
+        if let Some(free) = self.slots.iter_mut().find(|s| s.is_none()) {
+            *free = Some(slot);
+        }
+    }
+
+    fn set_did(&mut self, sid: u16, pasid: u32, did: u16) {
+        if let Some(i) = self.position(sid, pasid) {
+            self.slots[i] = Some(AtsSlot { sid, pasid, did });
+        }
+    }
+
+    fn remove(&mut self, sid: u16, pasid: u32) {
+        if let Some(i) = self.position(sid, pasid) {
+            self.slots[i] = None;
+        }
+    }
+
+    fn for_domain(&self, did: u16) -> impl Iterator<Item = AtsSlot> + '_ {
+        self.slots
+            .iter()
+            .flatten()
+            .copied()
+            .filter(move |a| a.did == did)
+    }
+}
+
+/// The device-TLB invalidation of `slot` for the 2^`am` pages at `addr`.
+fn device_tlb_op(slot: AtsSlot, addr: u64, am: u8) -> Op {
+    if slot.pasid == 0 {
+        Op::DeviceTlb {
+            sid: slot.sid,
+            addr,
+            am,
+        }
+    } else {
+        Op::PasidDeviceTlb {
+            sid: slot.sid,
+            pasid: slot.pasid,
+            addr,
+            am,
+        }
+    }
+}
+
+/// `am` that makes a device-TLB invalidation cover everything.
+const DEVICE_TLB_ALL: u8 = 52;
 
 /// Where the PASID-table entry of a (SID, PASID) lives in scalable mode.
 #[derive(Clone, Copy)]
@@ -242,6 +345,9 @@ pub struct VtdUnit<M: Mmio> {
     coherent_tables: bool,
     dids: DomainIds,
     fs_pasids: PasidSet,
+    ats: AtsTable,
+    /// The RMRR identity domain and the devices it holds ([`apply_rmrr`](Self::apply_rmrr)).
+    pub(super) rmrr: RmrrState,
     faults: FaultStats,
     stats: Stats,
 }
@@ -289,6 +395,8 @@ impl<M: Mmio> VtdUnit<M> {
             coherent_tables,
             dids: DomainIds::new(cap.num_domains().unwrap_or(0)),
             fs_pasids: PasidSet::new(),
+            ats: AtsTable::new(),
+            rmrr: RmrrState::new(),
             faults: FaultStats::new(),
             stats: Stats::default(),
         };
@@ -435,6 +543,7 @@ impl<M: Mmio> VtdUnit<M> {
                 // The lower canonical half.
                 (levels, aw - 1, sizes)
             }
+            Stage::PassThrough => return self.create_pass_through(cfg),
         };
         let pt_cfg = Config {
             leaf_sizes,
@@ -458,7 +567,8 @@ impl<M: Mmio> VtdUnit<M> {
         };
         Ok(Domain {
             did,
-            table,
+            table: Some(table),
+            pt_geometry: (0, 0),
             cfg,
             unit: self.root,
             // Legacy mode enforces snooping per leaf; scalable mode per PASID entry (PGSNP).
@@ -467,6 +577,35 @@ impl<M: Mmio> VtdUnit<M> {
                 && cfg.stage == Stage::Second
                 && !scalable
                 && ecap.sc(),
+        })
+    }
+
+    /// A pass-through domain: a domain id, no table. AW is the largest SAGAW depth (VT-d 4.1
+    /// §9.3: pass-through entries must still hold a supported AW).
+    fn create_pass_through(&mut self, cfg: DomainConfig) -> Result<Domain, VtdError> {
+        let (cap, ecap) = (self.ids.cap, self.ids.ecap);
+        if !ecap.pt() {
+            return Err(VtdError::PassThroughUnsupported);
+        }
+        if cfg.enforce_cache_coherency {
+            return Err(VtdError::SnoopControlUnsupported);
+        }
+        if cfg.dirty_tracking {
+            return Err(VtdError::DirtyTrackingUnsupported);
+        }
+        let levels = cap
+            .sagaw()
+            .max_levels()
+            .ok_or(VtdError::AddressWidthUnsupported { requested: 0 })?;
+        let bits = (super::regs::Sagaw::address_width(levels) as u32).min(cap.mgaw() as u32);
+        let did = self.dids.alloc().ok_or(VtdError::DomainIdsExhausted)?;
+        Ok(Domain {
+            did,
+            table: None,
+            pt_geometry: (levels as u32, bits),
+            cfg,
+            unit: self.root,
+            snoop_leaves: false,
         })
     }
 
@@ -492,7 +631,9 @@ impl<M: Mmio> VtdUnit<M> {
             return Err((e, d));
         }
         let did = d.did;
-        d.table.destroy(mem);
+        if let Some(table) = d.table {
+            table.destroy(mem);
+        }
         self.dids.free(did);
         Ok(())
     }
@@ -520,12 +661,13 @@ impl<M: Mmio> VtdUnit<M> {
         prot: Prot,
     ) -> Result<(), VtdError> {
         d.check_unit(self.root)?;
+        let table = d.table()?;
         let prot = if d.snoop_leaves {
             prot | Prot::SNOOP
         } else {
             prot
         };
-        match d.table.map(mem, iova, pa, len, prot) {
+        match table.map(mem, iova, pa, len, prot) {
             Ok(()) => {
                 self.flush_write_buffer()?;
                 if self.ids.cap.cm() {
@@ -566,8 +708,9 @@ impl<M: Mmio> VtdUnit<M> {
         len: u64,
     ) -> Result<u64, VtdError> {
         d.check_unit(self.root)?;
+        let table = d.table()?;
         let mut gather = Gather::new();
-        let result = d.table.unmap(mem, iova, len, &mut gather);
+        let result = table.unmap(mem, iova, len, &mut gather);
         if gather.is_empty() {
             gather.complete(mem);
             return result.map_err(VtdError::Unmap);
@@ -590,10 +733,14 @@ impl<M: Mmio> VtdUnit<M> {
         }
     }
 
-    /// The physical address `iova` translates to in `d`, if mapped.
+    /// The physical address `iova` translates to in `d`, if mapped (a pass-through domain:
+    /// `iova` itself, below its input width).
     pub fn iova_to_phys<T: VtdMemory>(&self, mem: &T, d: &Domain, iova: u64) -> Option<u64> {
         d.check_unit(self.root).ok()?;
-        d.table.translate(mem, iova).map(|t| t.pa)
+        match &d.table {
+            Some(t) => t.translate(mem, iova).map(|t| t.pa),
+            None => (d.input_bits() >= 64 || iova >> d.input_bits() == 0).then_some(iova),
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -603,7 +750,8 @@ impl<M: Mmio> VtdUnit<M> {
     /// Points `sid` (legacy: its context entry; scalable: the PASID entry of `pasid`, `None`
     /// meaning RID_PASID 0) at domain `d`. Fails with [`VtdError::AlreadyAttached`] if it has a
     /// domain (use [`replace`](Self::replace)); with [`VtdError::SnoopControlUnsupported`] if
-    /// `d` enforces coherency and the unit lacks ECAP.SC. Every check precedes every write.
+    /// `d` enforces coherency and the unit lacks ECAP.SC; with [`VtdError::RmrrDevice`] if the
+    /// device is held by the RMRR identity domain. Every check precedes every write.
     pub fn attach<T: VtdMemory>(
         &mut self,
         mem: &T,
@@ -611,9 +759,34 @@ impl<M: Mmio> VtdUnit<M> {
         pasid: Option<u32>,
         d: &Domain,
     ) -> Result<(), VtdError> {
+        self.attach_with(mem, sid, pasid, d, AttachOptions::default())
+    }
+
+    /// [`attach`](Self::attach) with options: `opts.ats` marks a device with a device TLB
+    /// (see [`AttachOptions`]). Legacy mode writes TT = 01b (a pass-through domain cannot be
+    /// combined with it: TT = 10b blocks translation requests). Scalable mode sets DTE in the
+    /// device's context entry; as DTE is per device, attaching another PASID of the same SID
+    /// with the other setting fails with [`VtdError::DeviceTlbMismatch`], and a context entry
+    /// left from earlier attachments (none present now) is switched with one 64-bit store and
+    /// a context-cache and PASID-cache invalidation.
+    pub fn attach_with<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sid: u16,
+        pasid: Option<u32>,
+        d: &Domain,
+        opts: AttachOptions,
+    ) -> Result<(), VtdError> {
         self.check_sid(sid)?;
+        self.check_not_rmrr(sid)?;
         let pasid = self.check_pasid(pasid)?;
         self.check_domain(d)?;
+        if opts.ats {
+            self.check_device_tlb(d)?;
+            if !self.ats.has_room() {
+                return Err(VtdError::DeviceTlbSlotsExhausted);
+            }
+        }
         match self.mode {
             TranslationMode::Legacy => {
                 if let Some(slot) = self.context_slot(mem, sid, false)?
@@ -624,18 +797,34 @@ impl<M: Mmio> VtdUnit<M> {
                 let slot = self
                     .context_slot(mem, sid, true)?
                     .ok_or(VtdError::NoMemory)?;
-                let ce = ContextEntry::second_stage(d.root(), d.levels(), d.did);
+                let mut ce = self.context_entry_for(d);
+                if opts.ats {
+                    ce = ce.with_device_tlb();
+                }
                 mem.store128(slot, ce.lo, ce.hi);
                 self.clean(mem, slot, 16);
             }
             TranslationMode::Scalable => {
-                if let Some(loc) = self.pasid_slot(mem, sid, pasid, false)?
+                if let Some(loc) = self.pasid_slot(mem, sid, pasid, false, false)?
                     && self.read_pasid_entry(mem, loc.entry).present()
                 {
                     return Err(VtdError::AlreadyAttached);
                 }
+                if let Some(ctx) = self.dte_change(mem, sid, opts.ats)? {
+                    // No PASID of the device is present: switch DTE (in the first 64 bits, with
+                    // P and the directory pointer) and drop cached copies before any entry
+                    // below it becomes present.
+                    let q0 = load64(mem, ctx) ^ ScalableContextEntry::DTE;
+                    mem.store64(ctx, q0);
+                    self.clean(mem, ctx, 8);
+                    self.flush_write_buffer()?;
+                    let mut ops = Ops::new();
+                    ops.push(Op::ContextGlobal);
+                    ops.push(Op::PasidCacheGlobal);
+                    self.invalidate(mem, &ops)?;
+                }
                 let loc = self
-                    .pasid_slot(mem, sid, pasid, true)?
+                    .pasid_slot(mem, sid, pasid, true, opts.ats)?
                     .ok_or(VtdError::NoMemory)?;
                 let pe = self.pasid_entry_for(d);
                 // The entry is not present until its low half is written, last.
@@ -648,6 +837,13 @@ impl<M: Mmio> VtdUnit<M> {
                     self.fs_pasids.add(pasid);
                 }
             }
+        }
+        if opts.ats {
+            self.ats.insert(AtsSlot {
+                sid,
+                pasid,
+                did: d.did,
+            });
         }
         self.flush_write_buffer()?;
         if self.ids.cap.cm() {
@@ -669,10 +865,11 @@ impl<M: Mmio> VtdUnit<M> {
     /// mix.
     ///
     /// * Legacy: the context entry is rewritten with one 128-bit store
-    ///   ([`VtdMemory::store128`]).
-    /// * Scalable, second stage (or pass-through) to second stage: the fields that change
-    ///   (PGTT, AW, SSPTPTR, DID, PGSNP) are all in the PASID entry's low 128 bits, the rest is
-    ///   zero in both; one 128-bit store.
+    ///   ([`VtdMemory::store128`]); this covers second stage ⇄ pass-through (TT 00b/01b ⇄
+    ///   10b) too.
+    /// * Scalable, second stage or pass-through to second stage or pass-through: the fields
+    ///   that change (PGTT, AW, SSPTPTR, DID, PGSNP) are all in the PASID entry's low 128 bits,
+    ///   the rest is zero in both; one 128-bit store.
     /// * Scalable, first stage on either side: the first-stage pointer is in bits 191:140 of
     ///   the entry, so no single store covers it. The driver copies the whole 4 KiB PASID table
     ///   (64 entries, the other 63 unchanged), writes the new entry into the copy, and switches
@@ -680,9 +877,12 @@ impl<M: Mmio> VtdUnit<M> {
     ///   after the invalidation.
     ///
     /// Then: context-cache (legacy) or PASID-cache (scalable) invalidation of the old domain id
-    /// for this device, and IOTLB invalidation of the old domain id. On any error before the
-    /// store (snoop rule, bad SID or PASID, not attached, no memory for the copy) nothing
-    /// changes. Replacing with the current domain is a no-op.
+    /// for this device, IOTLB invalidation of the old domain id, and for a device attached with
+    /// ATS a fence and a device-TLB invalidation of everything. The device-TLB setting is kept
+    /// (legacy: a device-TLB attachment cannot move to pass-through,
+    /// [`VtdError::DeviceTlbUnsupported`]). On any error before the store (snoop rule, bad SID
+    /// or PASID, not attached, RMRR device, no memory for the copy) nothing changes. Replacing
+    /// with the current domain is a no-op.
     pub fn replace<T: VtdMemory>(
         &mut self,
         mem: &T,
@@ -691,8 +891,13 @@ impl<M: Mmio> VtdUnit<M> {
         d: &Domain,
     ) -> Result<(), VtdError> {
         self.check_sid(sid)?;
+        self.check_not_rmrr(sid)?;
         let pasid = self.check_pasid(pasid)?;
         self.check_domain(d)?;
+        let ats = self.ats.get(sid, pasid);
+        if ats.is_some() {
+            self.check_device_tlb(d)?;
+        }
         let mut ops = Ops::new();
         let mut retire = None;
         match self.mode {
@@ -704,7 +909,10 @@ impl<M: Mmio> VtdUnit<M> {
                 if !old.present() {
                     return Err(VtdError::NotAttached);
                 }
-                let new = ContextEntry::second_stage(d.root(), d.levels(), d.did);
+                let mut new = self.context_entry_for(d);
+                if ats.is_some() {
+                    new = new.with_device_tlb();
+                }
                 if old == new {
                     return Ok(());
                 }
@@ -718,7 +926,7 @@ impl<M: Mmio> VtdUnit<M> {
             }
             TranslationMode::Scalable => {
                 let loc = self
-                    .pasid_slot(mem, sid, pasid, false)?
+                    .pasid_slot(mem, sid, pasid, false, false)?
                     .ok_or(VtdError::NotAttached)?;
                 let old = self.read_pasid_entry(mem, loc.entry);
                 if !old.present() {
@@ -755,6 +963,11 @@ impl<M: Mmio> VtdUnit<M> {
                 });
             }
         }
+        if let Some(slot) = ats {
+            ops.push(Op::Fence);
+            ops.push(device_tlb_op(slot, 0, DEVICE_TLB_ALL));
+            self.ats.set_did(sid, pasid, d.did);
+        }
         self.flush_write_buffer()?;
         self.invalidate(mem, &ops)?;
         if let Some(old_table) = retire {
@@ -766,8 +979,21 @@ impl<M: Mmio> VtdUnit<M> {
 
     /// Removes `sid`'s (and `pasid`'s) domain: the entry is made not present (DMA from the
     /// device then faults), then the context or PASID cache and the IOTLB are invalidated for
-    /// the old domain id.
+    /// the old domain id, and for a device attached with ATS its device TLB (after a fence).
+    /// An RMRR device is refused ([`VtdError::RmrrDevice`]).
     pub fn detach<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sid: u16,
+        pasid: Option<u32>,
+    ) -> Result<(), VtdError> {
+        self.check_sid(sid)?;
+        self.check_not_rmrr(sid)?;
+        self.detach_unchecked(mem, sid, pasid)
+    }
+
+    /// [`detach`](Self::detach) without the RMRR guard (RMRR unwinding).
+    pub(super) fn detach_unchecked<T: VtdMemory>(
         &mut self,
         mem: &T,
         sid: u16,
@@ -798,7 +1024,7 @@ impl<M: Mmio> VtdUnit<M> {
             }
             TranslationMode::Scalable => {
                 let loc = self
-                    .pasid_slot(mem, sid, pasid, false)?
+                    .pasid_slot(mem, sid, pasid, false, false)?
                     .ok_or(VtdError::NotAttached)?;
                 let old = self.read_pasid_entry(mem, loc.entry);
                 if !old.present() {
@@ -825,6 +1051,11 @@ impl<M: Mmio> VtdUnit<M> {
                 });
             }
         }
+        if let Some(slot) = self.ats.get(sid, pasid) {
+            ops.push(Op::Fence);
+            ops.push(device_tlb_op(slot, 0, DEVICE_TLB_ALL));
+            self.ats.remove(sid, pasid);
+        }
         self.flush_write_buffer()?;
         self.invalidate(mem, &ops)?;
         if let Some(entry) = clear_rest {
@@ -835,6 +1066,12 @@ impl<M: Mmio> VtdUnit<M> {
             self.clean(mem, entry, 64);
         }
         Ok(())
+    }
+
+    /// Whether `sid` has a device TLB (was attached with [`AttachOptions::ats`]) through
+    /// `pasid` (`None`: RID_PASID).
+    pub fn device_tlb_enabled(&self, sid: u16, pasid: Option<u32>) -> bool {
+        self.ats.get(sid, pasid.unwrap_or(0)).is_some()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -874,6 +1111,7 @@ impl<M: Mmio> VtdUnit<M> {
             pasid_iotlb_invalidations: get(&s.pasid_iotlb_invalidations),
             write_buffer_flushes: get(&s.write_buffer_flushes),
             queue_errors: get(&s.queue_errors),
+            device_tlb_invalidations: get(&s.device_tlb_invalidations),
             faults: self.faults.total,
             faults_lost: self.faults.lost,
             faults_untracked: self.faults.untracked,
@@ -965,6 +1203,8 @@ impl<M: Mmio> VtdUnit<M> {
             } else {
                 Op::IotlbDomain { did: d.did }
             }),
+            // Nothing is cached from a table that does not exist.
+            Stage::PassThrough => {}
             Stage::First => {
                 if self.fs_pasids.overflow != 0 {
                     ops.push(Op::IotlbGlobal);
@@ -983,6 +1223,14 @@ impl<M: Mmio> VtdUnit<M> {
                         });
                     }
                 }
+            }
+        }
+        // Device TLBs refill from the IOTLB: only after the IOTLB invalidation has completed.
+        let mut devices = self.ats.for_domain(d.did).peekable();
+        if devices.peek().is_some() {
+            ops.push(Op::Fence);
+            for slot in devices {
+                ops.push(device_tlb_op(slot, addr, am));
             }
         }
         self.invalidate(mem, &ops)
@@ -1010,7 +1258,7 @@ impl<M: Mmio> VtdUnit<M> {
         Ok(pa)
     }
 
-    fn check_sid(&self, sid: u16) -> Result<(), VtdError> {
+    pub(super) fn check_sid(&self, sid: u16) -> Result<(), VtdError> {
         let bus = (sid >> 8) as u8;
         if bus < self.buses.0 || bus > self.buses.1 {
             return Err(VtdError::BadSid { sid });
@@ -1034,6 +1282,48 @@ impl<M: Mmio> VtdUnit<M> {
                 Ok(p)
             }
         }
+    }
+
+    fn check_not_rmrr(&self, sid: u16) -> Result<(), VtdError> {
+        if self.rmrr.holds(sid) {
+            return Err(VtdError::RmrrDevice { sid });
+        }
+        Ok(())
+    }
+
+    /// A device TLB needs ECAP.DT and the queue (device-TLB invalidations are queue
+    /// descriptors only); a legacy pass-through entry (TT = 10b) blocks translation requests.
+    fn check_device_tlb(&self, d: &Domain) -> Result<(), VtdError> {
+        let ecap = self.ids.ecap;
+        let legacy_pt = self.mode == TranslationMode::Legacy && d.is_pass_through();
+        if !(ecap.dt() && ecap.qi()) || legacy_pt {
+            return Err(VtdError::DeviceTlbUnsupported);
+        }
+        Ok(())
+    }
+
+    /// Scalable mode: the context entry of `sid` if it exists with DTE ≠ `want` and may be
+    /// switched (no PASID entry of the device is present); [`VtdError::DeviceTlbMismatch`] if
+    /// one is.
+    fn dte_change<T: VtdMemory>(
+        &self,
+        mem: &T,
+        sid: u16,
+        want: bool,
+    ) -> Result<Option<u64>, VtdError> {
+        let Some(ctx) = self.sm_context_slot(mem, sid, false)? else {
+            return Ok(None);
+        };
+        let ce = ScalableContextEntry {
+            q: load_words::<T, 4>(mem, ctx),
+        };
+        if !ce.present() || ce.device_tlb() == want {
+            return Ok(None);
+        }
+        if self.pasid_entries_in_dir(mem, &ce, None) != 0 {
+            return Err(VtdError::DeviceTlbMismatch { sid });
+        }
+        Ok(Some(ctx))
     }
 
     fn check_domain(&self, d: &Domain) -> Result<(), VtdError> {
@@ -1125,13 +1415,14 @@ impl<M: Mmio> VtdUnit<M> {
     }
 
     /// Scalable mode: where the PASID entry of (`sid`, `pasid`) lives, creating the context
-    /// entry, PASID directory and PASID table on the way if `create`.
+    /// entry (with DTE = `dte`), PASID directory and PASID table on the way if `create`.
     fn pasid_slot<T: VtdMemory>(
         &self,
         mem: &T,
         sid: u16,
         pasid: u32,
         create: bool,
+        dte: bool,
     ) -> Result<Option<PasidLoc>, VtdError> {
         let Some(ctx) = self.sm_context_slot(mem, sid, create)? else {
             return Ok(None);
@@ -1151,7 +1442,8 @@ impl<M: Mmio> VtdUnit<M> {
             ce.pasid_dir()
         } else if create {
             let dir = self.new_page(mem)?;
-            let new = ScalableContextEntry::new(dir, PDTS_ONE_PAGE, self.ids.ecap.pasid());
+            let new = ScalableContextEntry::new(dir, PDTS_ONE_PAGE, self.ids.ecap.pasid())
+                .with_device_tlb(dte);
             mem.store128(ctx + 16, new.q[2], new.q[3]);
             mem.store128(ctx, new.q[0], new.q[1]);
             self.clean(mem, ctx, 32);
@@ -1178,6 +1470,15 @@ impl<M: Mmio> VtdUnit<M> {
         }))
     }
 
+    /// The legacy context entry that attaches `d` (without device TLB).
+    fn context_entry_for(&self, d: &Domain) -> ContextEntry {
+        if d.is_pass_through() {
+            ContextEntry::pass_through(d.levels(), d.did)
+        } else {
+            ContextEntry::second_stage(d.root(), d.levels(), d.did)
+        }
+    }
+
     /// The PASID entry that attaches `d`.
     fn pasid_entry_for(&self, d: &Domain) -> PasidEntry {
         let flags = PasidEntryFlags {
@@ -1191,6 +1492,7 @@ impl<M: Mmio> VtdUnit<M> {
                 let aw_levels = self.ids.cap.sagaw().max_levels().unwrap_or(4) as u32;
                 PasidEntry::first_stage(d.root(), d.levels(), aw_levels, d.did, flags)
             }
+            Stage::PassThrough => PasidEntry::pass_through(d.levels(), d.did),
         }
     }
 
@@ -1245,7 +1547,7 @@ impl<M: Mmio> VtdUnit<M> {
                                 q: load_words::<T, 4>(mem, table + i * 32),
                             };
                             if ce.present() {
-                                n += self.references_in_dir(mem, &ce, did);
+                                n += self.pasid_entries_in_dir(mem, &ce, Some(did));
                             }
                         }
                     }
@@ -1255,7 +1557,14 @@ impl<M: Mmio> VtdUnit<M> {
         n
     }
 
-    fn references_in_dir<T: VtdMemory>(&self, mem: &T, ce: &ScalableContextEntry, did: u16) -> u32 {
+    /// Present PASID entries under the context entry `ce` with domain id `did` (any, for
+    /// `None`).
+    fn pasid_entries_in_dir<T: VtdMemory>(
+        &self,
+        mem: &T,
+        ce: &ScalableContextEntry,
+        did: Option<u16>,
+    ) -> u32 {
         let mut n = 0;
         let entries = ce.pasid_dir_entries().min(PASID_DIR_ENTRIES) as u64;
         for j in 0..entries {
@@ -1266,7 +1575,7 @@ impl<M: Mmio> VtdUnit<M> {
             for k in 0..PASID_TABLE_ENTRIES as u64 {
                 let pe = (de & ADDR) + k * 64;
                 let q0 = load64(mem, pe);
-                if q0 & P != 0 && load64(mem, pe + 8) as u16 == did {
+                if q0 & P != 0 && did.is_none_or(|did| load64(mem, pe + 8) as u16 == did) {
                     n += 1;
                 }
             }
