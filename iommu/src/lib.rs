@@ -6,11 +6,13 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
 pub mod firmware;
 pub mod hw;
+pub mod iommufd;
 pub mod pgtable;
 pub mod smmuv3;
 pub mod vtd;

@@ -1,0 +1,368 @@
+//! The hypercall entry: `dispatch(fd, guest, mem, op, args_gpa)`, used by the hypervisor's
+//! hypercall handler on every architecture and by host tests.
+//!
+//! Argument handling, for every op (`hvabi` crate docs):
+//!
+//! 1. unknown op: ENOTTY;
+//! 2. read `size` (u32 at `args_gpa`): EFAULT if unreadable;
+//! 3. `size` < the v1 size: EINVAL; `size` > `MAX_ARG_SIZE`: E2BIG;
+//! 4. `[args_gpa, args_gpa + size)` must be writable guest memory: EFAULT;
+//! 5. bytes past the v1 size must be zero: E2BIG;
+//! 6. decode, run, and write the v1 struct back (on success; on failure only for the cases
+//!    `docs/abi.md` lists: DESTROY's blocker, an array's required count, a batch's progress).
+//!
+//! Every failure is recorded for GET_LAST_ERROR.
+
+use hvabi::{
+    AbiStruct, Destroy, DeviceAttach, DeviceDetach, DeviceList, DeviceReservedRanges, GetInfo,
+    HwptAlloc, HwptClone, HwptGetDirtyBitmap, HwptSetDirtyTracking, IoasAlloc, IoasAllowIovas,
+    IoasCopy, IoasIovaRanges, IoasMap, IoasMapBatch, IoasUnmap, IoasUnmapBatch, LastError,
+    MAX_ARG_SIZE, MAX_BATCH, cap, errno, kind, op, reason,
+};
+
+use super::object::{Guest, Object};
+use super::ioas::reserved_nonzero;
+use super::{
+    Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS,
+    MAX_PASIDS_PER_DEVICE, PAGE,
+};
+
+/// Runs one hypercall for `guest`: returns 0 or a negated `hvabi::errno`.
+pub fn dispatch<H: IommuHw>(
+    fd: &mut Iommufd<H>,
+    guest: GuestId,
+    mem: &dyn GuestMemory,
+    op: u32,
+    args_gpa: u64,
+) -> i64 {
+    match fd.call(guest, mem, op, args_gpa) {
+        Ok(()) => 0,
+        Err(e) => -(e.errno as i64),
+    }
+}
+
+impl<H: IommuHw> Iommufd<H> {
+    /// [`dispatch`], with the typed error.
+    pub fn call(
+        &mut self,
+        guest: GuestId,
+        mem: &dyn GuestMemory,
+        op: u32,
+        args_gpa: u64,
+    ) -> Result<(), Error> {
+        let mut cx = self.cx(guest)?;
+        let r = cx.run(mem, op, args_gpa);
+        if let Err(e) = r
+            && op != op::GET_LAST_ERROR
+        {
+            cx.g.last_error = LastError {
+                size: 0,
+                flags: 0,
+                out_op: op,
+                out_errno: e.errno,
+                out_reason: e.reason,
+                out_object_kind: e.kind,
+                out_object_id: e.id,
+                out_index: e.index,
+                out_value: e.value,
+            };
+        }
+        r
+    }
+
+    /// The last error recorded for `guest`.
+    pub fn last_error(&mut self, guest: GuestId) -> Option<LastError> {
+        Some(self.cx(guest).ok()?.g.last_error)
+    }
+}
+
+const BUF: usize = 64;
+
+fn fault() -> Error {
+    Error::new(errno::EFAULT, reason::ARG_FAULT)
+}
+
+/// Handlers whose struct is written back on these errors too.
+fn on_array_error(e: &Error) -> bool {
+    e.errno == errno::EMSGSIZE
+}
+fn always(_: &Error) -> bool {
+    true
+}
+fn never(_: &Error) -> bool {
+    false
+}
+
+impl<H: IommuHw> Cx<'_, H> {
+    fn run(&mut self, mem: &dyn GuestMemory, op: u32, gpa: u64) -> Result<(), Error> {
+        let Some(v1) = op::arg_size(op) else {
+            return Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP));
+        };
+        let mut size = [0u8; 4];
+        mem.read(gpa, &mut size).map_err(|_| fault())?;
+        let size = u32::from_le_bytes(size);
+        if (size as usize) < v1 {
+            return Err(Error::new(errno::EINVAL, reason::ARG_TOO_SHORT));
+        }
+        if size > MAX_ARG_SIZE {
+            return Err(Error::new(errno::E2BIG, reason::ARG_TRAILING_NONZERO));
+        }
+        if gpa.checked_add(size as u64).is_none() || !mem.owns(gpa, size as u64, true) {
+            return Err(fault());
+        }
+        let mut buf = [0u8; BUF];
+        mem.read(gpa, &mut buf[..v1]).map_err(|_| fault())?;
+        let mut off = v1 as u64;
+        // At most MAX_ARG_SIZE / BUF chunks.
+        while off < size as u64 {
+            let n = (size as u64 - off).min(BUF as u64) as usize;
+            let mut tail = [0u8; BUF];
+            mem.read(gpa + off, &mut tail[..n]).map_err(|_| fault())?;
+            if tail[..n].iter().any(|&b| b != 0) {
+                return Err(Error::new(errno::E2BIG, reason::ARG_TRAILING_NONZERO));
+            }
+            off += n as u64;
+        }
+        let b = &buf[..v1];
+        match op {
+            op::GET_INFO => self.with(mem, gpa, b, never, |cx, a: &mut GetInfo| cx.get_info(a)),
+            op::DESTROY => self.with(mem, gpa, b, |e| e.errno == errno::EBUSY, |cx, a| {
+                cx.destroy(a)
+            }),
+            op::GET_LAST_ERROR => self.with(mem, gpa, b, never, |cx, a: &mut LastError| {
+                if a.flags != 0 {
+                    return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
+                }
+                *a = LastError {
+                    size: a.size,
+                    flags: 0,
+                    ..cx.g.last_error
+                };
+                Ok(())
+            }),
+            op::DEVICE_LIST => self.with(mem, gpa, b, on_array_error, |cx, a: &mut DeviceList| {
+                cx.device_list(mem, a)
+            }),
+            op::DEVICE_RESERVED_RANGES => {
+                self.with(mem, gpa, b, on_array_error, |cx, a: &mut DeviceReservedRanges| {
+                    cx.device_reserved_ranges(mem, a)
+                })
+            }
+            op::IOAS_ALLOC => self.with(mem, gpa, b, never, |cx, a: &mut IoasAlloc| {
+                if a.flags != 0 {
+                    return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
+                }
+                if a.reserved != 0 {
+                    return Err(reserved_nonzero());
+                }
+                a.out_ioas_id = cx.ioas_alloc()?;
+                Ok(())
+            }),
+            op::IOAS_MAP => self.with(mem, gpa, b, never, |cx, a: &mut IoasMap| {
+                if a.reserved != 0 {
+                    return Err(reserved_nonzero());
+                }
+                a.iova = cx.map(mem, a.ioas_id, a.flags, a.gpa, a.length, a.iova)?;
+                Ok(())
+            }),
+            op::IOAS_UNMAP => self.with(mem, gpa, b, never, |cx, a: &mut IoasUnmap| {
+                if a.flags != 0 {
+                    return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
+                }
+                if a.reserved != 0 {
+                    return Err(reserved_nonzero());
+                }
+                a.length = cx.unmap(a.ioas_id, a.iova, a.length)?;
+                Ok(())
+            }),
+            op::IOAS_MAP_BATCH => self.with(mem, gpa, b, always, |cx, a: &mut IoasMapBatch| {
+                cx.map_batch(mem, a)
+            }),
+            op::IOAS_UNMAP_BATCH => self.with(mem, gpa, b, always, |cx, a: &mut IoasUnmapBatch| {
+                cx.unmap_batch(mem, a)
+            }),
+            op::IOAS_COPY => self.with(mem, gpa, b, never, |cx, a: &mut IoasCopy| cx.copy(mem, a)),
+            op::IOAS_IOVA_RANGES => {
+                self.with(mem, gpa, b, on_array_error, |cx, a: &mut IoasIovaRanges| {
+                    cx.iova_ranges(mem, a)
+                })
+            }
+            op::IOAS_ALLOW_IOVAS => self.with(mem, gpa, b, never, |cx, a: &mut IoasAllowIovas| {
+                cx.allow_iovas(mem, a)
+            }),
+            op::HWPT_ALLOC => self.with(mem, gpa, b, never, |cx, a: &mut HwptAlloc| {
+                cx.hwpt_alloc(mem, a)
+            }),
+            op::HWPT_CLONE => self.with(mem, gpa, b, never, |cx, a: &mut HwptClone| {
+                cx.hwpt_clone(mem, a)
+            }),
+            op::HWPT_SET_DIRTY_TRACKING => {
+                self.with(mem, gpa, b, never, |cx, a: &mut HwptSetDirtyTracking| {
+                    cx.set_dirty_tracking(a)
+                })
+            }
+            op::HWPT_GET_DIRTY_BITMAP => {
+                self.with(mem, gpa, b, never, |cx, a: &mut HwptGetDirtyBitmap| {
+                    cx.get_dirty_bitmap(mem, a)
+                })
+            }
+            op::DEVICE_ATTACH => self.with(mem, gpa, b, never, |cx, a: &mut DeviceAttach| {
+                cx.device_attach(mem, a, false)
+            }),
+            op::DEVICE_REPLACE => self.with(mem, gpa, b, never, |cx, a: &mut DeviceAttach| {
+                cx.device_attach(mem, a, true)
+            }),
+            op::DEVICE_DETACH => self.with(mem, gpa, b, never, |cx, a: &mut DeviceDetach| {
+                cx.device_detach(a)
+            }),
+            _ => Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP)),
+        }
+    }
+
+    /// Decodes `T`, runs `f`, writes `T` back on success (and on the errors `write_on_err`
+    /// selects).
+    fn with<T: AbiStruct>(
+        &mut self,
+        mem: &dyn GuestMemory,
+        gpa: u64,
+        bytes: &[u8],
+        write_on_err: fn(&Error) -> bool,
+        f: impl FnOnce(&mut Self, &mut T) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut a = T::decode(bytes);
+        let r = f(self, &mut a);
+        let write = match &r {
+            Ok(()) => true,
+            Err(e) => write_on_err(e),
+        };
+        if write {
+            let mut out = [0u8; BUF];
+            let out = &mut out[..T::SIZE.min(BUF)];
+            a.encode(out);
+            // The range was checked writable before the call.
+            mem.write(gpa, out).map_err(|_| fault())?;
+        }
+        r
+    }
+
+    fn get_info(&mut self, a: &mut GetInfo) -> Result<(), Error> {
+        if a.flags != 0 {
+            return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
+        }
+        let mut caps = 0;
+        let mut devices = 0;
+        for (_, o) in self.g.objs.iter() {
+            if let Object::Device(d) = o {
+                devices += 1;
+                if d.info.pasid_bits != 0 {
+                    caps |= cap::PASID;
+                }
+                if d.info.dirty_tracking {
+                    caps |= cap::DIRTY_TRACKING;
+                }
+                if d.info.enforce_cc {
+                    caps |= cap::ENFORCE_CACHE_COHERENCY;
+                }
+            }
+        }
+        if self.hw.nesting_supported() {
+            caps |= cap::NESTING;
+        }
+        *a = GetInfo {
+            size: a.size,
+            flags: 0,
+            out_abi_version: hvabi::ABI_VERSION,
+            out_num_devices: devices,
+            out_capabilities: caps,
+            out_iova_alignment: PAGE,
+            out_max_objects: self.g.objs.max(),
+            out_max_areas_per_ioas: self.limits.max_areas_per_ioas,
+            out_max_batch: MAX_BATCH,
+            out_max_hwpts_per_ioas: MAX_HWPTS_PER_IOAS as u32,
+            out_max_pasids_per_device: MAX_PASIDS_PER_DEVICE as u32,
+            out_max_allowed_iovas: MAX_ALLOWED_IOVAS as u32,
+        };
+        Ok(())
+    }
+
+    /// DESTROY: IOAS and HWPT only; EBUSY names a blocker.
+    fn destroy(&mut self, a: &mut Destroy) -> Result<(), Error> {
+        a.out_blocker_kind = 0;
+        a.out_blocker_id = 0;
+        a.out_blocker_count = 0;
+        if a.reserved != 0 {
+            return Err(reserved_nonzero());
+        }
+        let (blocker, count) = match self.g.kind_of(a.id)? {
+            kind::IOAS => ioas_blockers(self.g, a.id),
+            kind::HWPT => {
+                let users = self.g.hwpt(a.id)?.users;
+                (hwpt_blocker(self.g, a.id), users)
+            }
+            k => {
+                return Err(Error::new(errno::EPERM, reason::NOT_DESTROYABLE).obj(k, a.id));
+            }
+        };
+        if count != 0 {
+            let (k, id) = blocker.unwrap_or((kind::NONE, 0));
+            a.out_blocker_kind = k;
+            a.out_blocker_id = id;
+            a.out_blocker_count = count;
+            return Err(Error::new(errno::EBUSY, reason::BUSY).obj(k, id));
+        }
+        match self.g.kind_of(a.id)? {
+            kind::HWPT => self.destroy_hwpt(a.id),
+            _ => {
+                self.g.objs.remove(a.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One device attached to HWPT `h` (requester ID or PASID).
+fn hwpt_blocker(g: &Guest, h: u32) -> Option<(u32, u32)> {
+    for (id, o) in g.objs.iter() {
+        match o {
+            Object::Group(gr) if gr.rid == Some(h) => {
+                if let Some(&m) = gr.members().iter().find(|&&m| gr.is_attached(m)) {
+                    return Some((kind::DEVICE, m));
+                }
+            }
+            Object::Device(d) if d.pasids.iter().flatten().any(|p| p.hwpt == h) => {
+                return Some((kind::DEVICE, id));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What keeps IOAS `id` alive: manual HWPTs on it (named), automatic HWPTs (their attached
+/// device is named), and attached ACCESS objects.
+fn ioas_blockers(g: &Guest, id: u32) -> (Option<(u32, u32)>, u32) {
+    let Ok(ioas) = g.ioas(id) else {
+        return (None, 0);
+    };
+    let mut first = None;
+    let mut count = 0;
+    for &h in &ioas.hwpts {
+        count += 1;
+        let b = match g.hwpt(h) {
+            Ok(x) if x.auto => hwpt_blocker(g, h).or(Some((kind::HWPT, h))),
+            _ => Some((kind::HWPT, h)),
+        };
+        first = first.or(b);
+    }
+    if ioas.accesses != 0 {
+        for (aid, o) in g.objs.iter() {
+            if let Object::Access(x) = o
+                && x.ioas == Some(id)
+            {
+                count += 1;
+                first = first.or(Some((kind::ACCESS, aid)));
+            }
+        }
+    }
+    (first, count)
+}

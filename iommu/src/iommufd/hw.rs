@@ -1,0 +1,258 @@
+//! The hardware trait the object model drives: enumerate devices, create page tables
+//! (domains), map and unmap them, and move devices (and PASIDs) between them.
+//!
+//! Implemented by the VT-d driver (`vtd_backend.rs`), later the SMMUv3 driver, and the
+//! software model in `sim.rs` that host tests and the fuzzer run against.
+//!
+//! # The attach protocol: prepare / commit / abort
+//!
+//! A group's devices share one translation in hardware, so moving a group is moving every
+//! member. To make that all-or-nothing, every switch of a device (or one PASID of it) from
+//! its current domain (or from blocked) to a new domain is split in three calls:
+//!
+//! 1. [`IommuHw::prepare`]`(dev, pasid, domain)` checks everything that could make the switch
+//!    fail (the device can use the domain: same IOMMU unit, cache-coherency enforcement,
+//!    dirty tracking, PASID width) and allocates everything the switch needs (context
+//!    tables, PASID-table pages, ...). It changes **nothing** the hardware can see. It returns
+//!    a token.
+//! 2. When every member is prepared, the object model calls [`IommuHw::commit`] on each token:
+//!    the switch itself, make-before-break (at every instant the device translates through
+//!    the old domain or the new one, never through none and never through a mix), followed by
+//!    the invalidations the switch needs. A commit cannot fail for a reason the object model
+//!    could have checked; `Err` means the hardware malfunctioned (a time-out), the switch has
+//!    nevertheless been made, and the object model reports `EIO`.
+//! 3. If any prepare fails, the object model calls [`IommuHw::abort`] on every token already
+//!    prepared, which releases what prepare allocated. Nothing changed; the error goes back to
+//!    the guest.
+//!
+//! A token must be committed or aborted before the next call that changes attachments.
+//! Tokens of different devices of one group are independent.
+
+use crate::pgtable::Prot;
+
+/// A device, as the index of [`IommuHw::device_info`] (0 .. [`IommuHw::device_count`]).
+pub type HwDev = u32;
+
+/// A hardware page table (a domain), as a handle the backend hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HwDomain(pub u32);
+
+/// Reserved regions a device may report.
+pub const MAX_RESERVED_PER_DEVICE: usize = 8;
+
+/// An inclusive IOVA range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+pub struct Span {
+    pub start: u64,
+    pub last: u64,
+}
+
+impl Span {
+    pub const FULL: Span = Span {
+        start: 0,
+        last: u64::MAX,
+    };
+
+    pub const fn new(start: u64, last: u64) -> Self {
+        Span { start, last }
+    }
+
+    /// `[start, start + len)`, or `None` for an empty or overflowing range.
+    pub fn from_len(start: u64, len: u64) -> Option<Self> {
+        let last = start.checked_add(len.checked_sub(1)?)?;
+        Some(Span { start, last })
+    }
+
+    pub const fn overlaps(&self, o: &Span) -> bool {
+        self.start <= o.last && o.start <= self.last
+    }
+
+    pub const fn contains(&self, o: &Span) -> bool {
+        self.start <= o.start && o.last <= self.last
+    }
+
+    /// Length in bytes, saturating at `u64::MAX` for the full range.
+    pub const fn len(&self) -> u64 {
+        (self.last - self.start).saturating_add(1)
+    }
+
+    pub const fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// A reserved IOVA region of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HwReserved {
+    pub span: Span,
+    /// `hvabi::resv` kind.
+    pub kind: u32,
+}
+
+/// What the object model needs to know about one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HwDeviceInfo {
+    /// The platform's identity (PCI: segment << 16 | bus << 8 | devfn).
+    pub hw_id: u64,
+    /// The isolation group: devices with equal `group` share one translation.
+    pub group: u32,
+    /// log2 of the number of PASIDs the device supports (0: none).
+    pub pasid_bits: u8,
+    /// The IOMMU in front of the device can force DMA to snoop (VT-d ECAP.SC).
+    pub enforce_cc: bool,
+    /// The IOMMU in front of the device can track dirty pages.
+    pub dirty_tracking: bool,
+    /// The IOVA the device can emit and the IOMMU translate.
+    pub aperture: Span,
+    /// Reserved regions (MSI window, RMRR, ...); the first `nr_reserved` are valid.
+    pub reserved: [HwReserved; MAX_RESERVED_PER_DEVICE],
+    pub nr_reserved: u8,
+}
+
+impl HwDeviceInfo {
+    pub fn reserved(&self) -> &[HwReserved] {
+        let n = (self.nr_reserved as usize).min(MAX_RESERVED_PER_DEVICE);
+        &self.reserved[..n]
+    }
+}
+
+/// How to build a domain. Fixed for the domain's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DomainConfig {
+    /// Every DMA snoops the CPU caches, whatever the device asks.
+    pub enforce_cc: bool,
+    /// Leaves track dirty state.
+    pub dirty_tracking: bool,
+    /// May later serve as the parent of nested (stage-1) tables.
+    pub nest_parent: bool,
+}
+
+/// What a domain translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub aperture: Span,
+    /// Leaf sizes (bit `n`: 2^n bytes).
+    pub page_sizes: u64,
+}
+
+/// A lookup in a domain, for consistency checks and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HwTranslation {
+    /// Output address of the looked-up IOVA.
+    pub pa: u64,
+    /// The leaf's IOVA range.
+    pub leaf: Span,
+    pub read: bool,
+    pub write: bool,
+    /// The leaf forces snooping (VT-d SNP); `None` when the hardware enforces coherency
+    /// elsewhere (a PASID-entry bit) and the leaf cannot tell.
+    pub snoop: Option<bool>,
+}
+
+/// Why a hardware operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HwError {
+    /// Out of memory for a domain, a page-table page or a remapping structure.
+    NoMemory,
+    /// The domain enforces cache coherency and the device's IOMMU cannot.
+    NotCoherent,
+    /// The domain tracks dirty pages and the device's IOMMU cannot.
+    NoDirtyTracking,
+    /// The device cannot use this domain (another IOMMU unit, format, aperture).
+    Incompatible,
+    /// A feature the hardware lacks (PASID, dirty tracking, nesting).
+    Unsupported,
+    /// PASID beyond what the device or IOMMU supports.
+    PasidOutOfRange,
+    /// A bad argument the object model should have caught (a misaligned range, an unknown
+    /// handle). Reported as `EINVAL`.
+    Invalid,
+    /// The hardware malfunctioned (a time-out); reported as `EIO`.
+    Fault,
+}
+
+/// The IOMMU hardware, as the object model sees it. See the module docs for the attach
+/// protocol.
+pub trait IommuHw {
+    /// A prepared switch of one device (or PASID), to commit or abort.
+    type Prepared;
+
+    /// Devices behind this IOMMU (or these IOMMUs).
+    fn device_count(&self) -> u32;
+    fn device_info(&self, dev: HwDev) -> Option<HwDeviceInfo>;
+    /// Nested page tables (stage 1 over a nest-parent stage 2) can be built.
+    fn nesting_supported(&self) -> bool {
+        false
+    }
+
+    /// Creates an empty domain usable by `dev` (and by every device [`compatible`] with it).
+    ///
+    /// [`compatible`]: Self::compatible
+    fn domain_alloc(&mut self, dev: HwDev, cfg: DomainConfig) -> Result<HwDomain, HwError>;
+    /// Frees a domain no device uses (tables included).
+    fn domain_free(&mut self, d: HwDomain);
+    fn domain_info(&self, d: HwDomain) -> Option<DomainInfo>;
+    /// Whether `dev` could use `d`, without preparing anything: the checks of
+    /// [`prepare`](Self::prepare) that do not allocate.
+    fn compatible(&self, dev: HwDev, d: HwDomain) -> Result<(), HwError>;
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)`, all or nothing; invalidates what the
+    /// hardware needs (caching mode, write buffers).
+    fn map(&mut self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot)
+    -> Result<(), HwError>;
+    /// Unmaps `[iova, iova + len)` (whole mappings only), invalidates the IOTLB, and returns
+    /// the bytes unmapped.
+    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError>;
+
+    /// Step 1 of a switch of `dev` (`pasid`: `None` for the requester ID itself) to `d`.
+    fn prepare(
+        &mut self,
+        dev: HwDev,
+        pasid: Option<u32>,
+        d: HwDomain,
+    ) -> Result<Self::Prepared, HwError>;
+    /// Step 2: make the switch.
+    fn commit(&mut self, p: Self::Prepared) -> Result<(), HwError>;
+    /// Step 2 on failure: forget a prepared switch.
+    fn abort(&mut self, p: Self::Prepared);
+    /// Blocks DMA of `dev` (`pasid`): the entry becomes not present. Nothing to check, nothing
+    /// to allocate; `Err` only for a hardware malfunction (the entry is cleared anyway).
+    fn detach(&mut self, dev: HwDev, pasid: Option<u32>) -> Result<(), HwError>;
+
+    /// Turns dirty tracking of a domain created with `dirty_tracking` on (clearing every dirty
+    /// bit first) or off.
+    fn set_dirty_tracking(&mut self, d: HwDomain, enable: bool) -> Result<(), HwError> {
+        let _ = (d, enable);
+        Err(HwError::Unsupported)
+    }
+    /// Reports (`report(iova, len)`) every dirty leaf in `[iova, iova + len)` and, with
+    /// `clear`, cleans it (invalidating the IOTLB so the hardware marks it again).
+    fn read_dirty(
+        &mut self,
+        d: HwDomain,
+        iova: u64,
+        len: u64,
+        clear: bool,
+        report: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), HwError> {
+        let _ = (d, iova, len, clear, report);
+        Err(HwError::Unsupported)
+    }
+
+    // Introspection, for the consistency checker and tests.
+
+    /// The leaf translating `iova` in `d`.
+    fn translate(&self, d: HwDomain, iova: u64) -> Option<HwTranslation>;
+    /// Bytes mapped in `d`.
+    fn mapped_bytes(&self, d: HwDomain) -> u64;
+    /// The domain `dev` (`pasid`) translates through now, `None` when blocked.
+    fn device_domain(&self, dev: HwDev, pasid: Option<u32>) -> Option<HwDomain>;
+    /// Domains alive, if the backend counts them.
+    fn live_domains(&self) -> Option<u32> {
+        None
+    }
+    /// Prepared switches neither committed nor aborted, if the backend counts them.
+    fn outstanding_prepared(&self) -> Option<u32> {
+        None
+    }
+}

@@ -1,0 +1,489 @@
+//! The iommufd-like object model guests drive through hypercalls (ABI v1, crate `hvabi`,
+//! `docs/abi.md`).
+//!
+//! # Objects
+//!
+//! Per guest, in one ID table ([`table`]): **IOAS** (an IOVA → guest-physical map),
+//! **HWPT** (a hardware page table mirroring one IOAS; automatic or guest-allocated),
+//! **DEVICE** and **GROUP** (assigned by the hypervisor; a group is the unit of isolation and
+//! its members share one translation), **ACCESS** (an in-hypervisor emulated DMA user reading
+//! and writing through an IOAS). References are explicit counters checked by
+//! [`check`](check::check): HWPT → IOAS (`Ioas::hwpts`), attachment → HWPT (`Hwpt::users`),
+//! ACCESS → IOAS (`Ioas::accesses`), pins → area.
+//!
+//! # Rules every operation follows
+//!
+//! * Guests are untrusted: every argument is validated before anything changes; an error
+//!   leaves every object, page table and hardware entry as it was (checked by the fail-nth
+//!   sweep in the tests); nothing panics; every loop is bounded by a table size or by the
+//!   request's length in pages.
+//! * The map path never allocates from the general heap: an IOAS's mapping table is allocated
+//!   once, at IOAS_ALLOC, with a fixed capacity; page-table pages come from the backend's
+//!   `TableMemory`. Object creation allocates (the ID table, an IOAS's tables) through
+//!   fallible `try_reserve`, gated by the fault injector [`FailNth`].
+//! * Hardware is reached only through [`hw::IommuHw`]; attach, replace and detach of a group
+//!   use its prepare/commit/abort protocol so that a group moves all at once or not at all.
+//!
+//! # Concurrency
+//!
+//! Every operation takes `&mut Iommufd`: the hypervisor serialises calls (one lock, or one
+//! `Iommufd` per IOMMU domain of ownership). An ACCESS's IOAS is switched by one assignment
+//! inside such a call, so an emulated device's DMA (which goes through the same lock) sees the
+//! old IOAS or the new one, never none.
+
+pub mod access;
+pub mod check;
+pub mod client;
+pub mod device;
+pub mod dispatch;
+pub mod group;
+pub mod hw;
+pub mod hwpt;
+pub mod ioas;
+mod object;
+pub mod sim;
+pub mod table;
+
+#[cfg(test)]
+mod tests;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use hvabi::{errno, kind, reason};
+
+pub use dispatch::dispatch;
+pub use hw::{HwDev, HwDeviceInfo, HwDomain, HwError, IommuHw, Span};
+
+use object::{Guest, Object};
+use table::Table;
+
+/// A guest, as the hypervisor numbers them for this object model.
+pub type GuestId = u32;
+
+/// The page granule of every IOVA, guest-physical address and length.
+pub const PAGE: u64 = hvabi::PAGE_SIZE;
+/// HWPTs one IOAS can carry.
+pub const MAX_HWPTS_PER_IOAS: usize = 8;
+/// Ranges in an IOAS's allowed list.
+pub const MAX_ALLOWED_IOVAS: usize = 16;
+/// Devices in one group.
+pub const MAX_GROUP_MEMBERS: usize = 8;
+/// PASIDs one device can have attached at once.
+pub const MAX_PASIDS_PER_DEVICE: usize = 8;
+/// Pins one ACCESS can hold at once.
+pub const MAX_PINS_PER_ACCESS: usize = 8;
+
+/// Why a call failed: the errno the guest sees and the detail GET_LAST_ERROR reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// Positive `hvabi::errno` value.
+    pub errno: u32,
+    /// `hvabi::reason` code.
+    pub reason: u32,
+    /// The object the reason names (`hvabi::kind`), if any.
+    pub kind: u32,
+    pub id: u32,
+    /// Batch or array index.
+    pub index: u32,
+    /// An address the reason names.
+    pub value: u64,
+}
+
+impl Error {
+    pub const fn new(errno: u32, reason: u32) -> Self {
+        Error {
+            errno,
+            reason,
+            kind: kind::NONE,
+            id: 0,
+            index: 0,
+            value: 0,
+        }
+    }
+    pub const fn nomem() -> Self {
+        Error::new(errno::ENOMEM, reason::NO_MEMORY)
+    }
+    pub const fn obj(mut self, kind: u32, id: u32) -> Self {
+        self.kind = kind;
+        self.id = id;
+        self
+    }
+    pub const fn at(mut self, value: u64) -> Self {
+        self.value = value;
+        self
+    }
+    pub const fn index(mut self, index: u32) -> Self {
+        self.index = index;
+        self
+    }
+}
+
+pub(crate) const fn inval(r: u32) -> Error {
+    Error::new(errno::EINVAL, r)
+}
+
+/// The errno and reason for a hardware error.
+pub(crate) fn hw_err(e: HwError) -> Error {
+    match e {
+        HwError::NoMemory => Error::nomem(),
+        HwError::NotCoherent => Error::new(errno::EMEDIUMTYPE, reason::CC_UNSUPPORTED_BY_DEVICE),
+        HwError::NoDirtyTracking => inval(reason::DIRTY_UNSUPPORTED_BY_DEVICE),
+        HwError::Incompatible => inval(reason::HW_INCOMPATIBLE),
+        HwError::Unsupported => Error::new(errno::EOPNOTSUPP, reason::NONE),
+        HwError::PasidOutOfRange => Error::new(errno::ERANGE, reason::PASID_OUT_OF_RANGE),
+        HwError::Invalid => inval(reason::NONE),
+        HwError::Fault => Error::new(errno::EIO, reason::HW_FAULT),
+    }
+}
+
+/// A guest-physical access the guest-memory backend refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemFault;
+
+/// Where guest-physical memory is: `[gpa, gpa + len)` is host-physical `[hpa, hpa + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRun {
+    pub hpa: u64,
+    pub len: u64,
+}
+
+/// A guest's memory, as the hypervisor (its stage-2 and ownership tables) or a host test
+/// (a `Vec`) provides it.
+///
+/// Contract: within one call, `owns(gpa, len, write)` true implies that `read` (and with
+/// `write`, `write`) of any part of the range succeeds, and `translate` of every page in it
+/// returns `Some`. The hypervisor keeps a guest's memory owned, and its translation fixed,
+/// while any of it is mapped in an IOAS (the IOMMU may DMA to it at any time).
+pub trait GuestMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemFault>;
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemFault>;
+    /// The whole range belongs to the guest (and is writable by it, with `write`). Memory the
+    /// guest may hand to a device: RAM, or a BAR of a device assigned to it.
+    fn owns(&self, gpa: u64, len: u64, write: bool) -> bool;
+    /// The host-physical address of `gpa` and how many bytes from `gpa` on are contiguous in
+    /// host memory (at least to the end of `gpa`'s page).
+    fn translate(&self, gpa: u64) -> Option<HostRun>;
+}
+
+/// Limits of one object model instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Objects per guest (at most 65535).
+    pub max_objects: u32,
+    /// Mappings per IOAS (the capacity allocated at IOAS_ALLOC).
+    pub max_areas_per_ioas: u32,
+    /// Guests.
+    pub max_guests: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_objects: 1024,
+            max_areas_per_ioas: 512,
+            max_guests: 16,
+        }
+    }
+}
+
+/// Fault injection: fail the `n`-th allocation (object-model `try_reserve`s and every
+/// allocation of a backend that shares the injector: domains, table pages, prepared switches).
+#[derive(Debug, Default)]
+pub struct FailNth {
+    count: AtomicU64,
+    nth: AtomicU64,
+    fired: AtomicU64,
+}
+
+impl FailNth {
+    pub const fn new() -> Self {
+        FailNth {
+            count: AtomicU64::new(0),
+            nth: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+        }
+    }
+    /// Fail the `n`-th allocation from now (1-based); 0 disarms.
+    pub fn arm(&self, n: u64) {
+        self.count.store(0, Relaxed);
+        self.fired.store(0, Relaxed);
+        self.nth.store(n, Relaxed);
+    }
+    pub fn disarm(&self) {
+        self.nth.store(0, Relaxed);
+    }
+    /// Whether the armed failure happened.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Relaxed) != 0
+    }
+    /// Allocations counted since `arm`.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+    /// Called before an allocation: `true` means "fail it".
+    pub fn hit(&self) -> bool {
+        let c = self.count.fetch_add(1, Relaxed) + 1;
+        let n = self.nth.load(Relaxed);
+        if n != 0 && c == n {
+            self.fired.store(1, Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One hardware device and who owns it.
+pub(crate) struct DevSlot {
+    pub info: HwDeviceInfo,
+    pub owner: Option<GuestId>,
+}
+
+/// The object model: the hardware, the assigned devices and every guest's objects.
+pub struct Iommufd<H: IommuHw> {
+    pub(crate) hw: H,
+    pub(crate) devs: Vec<DevSlot>,
+    pub(crate) guests: Vec<Option<Guest>>,
+    pub(crate) limits: Limits,
+    pub(crate) fail: Option<Arc<FailNth>>,
+}
+
+/// One call's context: the hardware and one guest.
+pub(crate) struct Cx<'a, H: IommuHw> {
+    pub hw: &'a mut H,
+    pub g: &'a mut Guest,
+    pub limits: &'a Limits,
+    pub fail: Option<&'a FailNth>,
+}
+
+/// Makes a vector with room for exactly `n` elements, fallibly.
+pub(crate) fn try_vec<T>(n: usize, alloc_ok: bool) -> Result<Vec<T>, Error> {
+    if !alloc_ok {
+        return Err(Error::nomem());
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::nomem())?;
+    Ok(v)
+}
+
+impl<H: IommuHw> Iommufd<H> {
+    /// Takes over `hw` and its devices (none assigned yet).
+    pub fn new(hw: H, limits: Limits) -> Result<Self, Error> {
+        let n = hw.device_count();
+        let mut devs = try_vec(n as usize, true)?;
+        for d in 0..n {
+            let info = hw
+                .device_info(d)
+                .ok_or(Error::new(errno::EIO, reason::HW_FAULT))?;
+            devs.push(DevSlot { info, owner: None });
+        }
+        Ok(Iommufd {
+            hw,
+            devs,
+            guests: Vec::new(),
+            limits,
+            fail: None,
+        })
+    }
+
+    /// Shares a fault injector with the object model (the backend gets its own handle).
+    pub fn set_fault_injector(&mut self, f: Option<Arc<FailNth>>) {
+        self.fail = f;
+    }
+
+    pub fn hw(&self) -> &H {
+        &self.hw
+    }
+
+    /// The hardware, for tests that inject faults or inspect the model.
+    pub fn hw_mut(&mut self) -> &mut H {
+        &mut self.hw
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub(crate) fn cx(&mut self, gid: GuestId) -> Result<Cx<'_, H>, Error> {
+        let g = self
+            .guests
+            .get_mut(gid as usize)
+            .and_then(Option::as_mut)
+            .ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?;
+        Ok(Cx {
+            hw: &mut self.hw,
+            g,
+            limits: &self.limits,
+            fail: self.fail.as_deref(),
+        })
+    }
+
+    /// Creates a guest context (empty object table).
+    pub fn create_guest(&mut self) -> Result<GuestId, Error> {
+        let g = Guest {
+            objs: Table::new(self.limits.max_objects),
+            last_error: hvabi::LastError::default(),
+        };
+        if let Some(i) = self.guests.iter().position(Option::is_none) {
+            self.guests[i] = Some(g);
+            return Ok(i as GuestId);
+        }
+        if self.guests.len() as u32 >= self.limits.max_guests {
+            return Err(Error::new(errno::ENOSPC, reason::OBJECT_TABLE_FULL));
+        }
+        self.guests
+            .try_reserve(1)
+            .map_err(|_| Error::nomem())?;
+        self.guests.push(Some(g));
+        Ok((self.guests.len() - 1) as GuestId)
+    }
+
+    /// Destroys a guest context and everything in it, as closing an iommufd does: detaches
+    /// every device and PASID (DMA blocked), frees every page table, gives the devices back.
+    pub fn destroy_guest(&mut self, gid: GuestId) -> Result<(), Error> {
+        let Some(g) = self.guests.get_mut(gid as usize).and_then(Option::take) else {
+            return Err(Error::new(errno::ENOENT, reason::BAD_ID));
+        };
+        let mut hw_failed = false;
+        for (_, o) in g.objs.iter() {
+            match o {
+                Object::Group(gr) if gr.rid.is_some() => {
+                    for &m in gr.members() {
+                        if let Ok(d) = g.device(m) {
+                            hw_failed |= self.hw.detach(d.hw, None).is_err();
+                        }
+                    }
+                }
+                Object::Device(d) => {
+                    for p in d.pasids.iter().flatten() {
+                        hw_failed |= self.hw.detach(d.hw, Some(p.pasid)).is_err();
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (_, o) in g.objs.iter() {
+            if let Object::Hwpt(h) = o {
+                self.hw.domain_free(h.domain);
+            }
+        }
+        for d in self.devs.iter_mut() {
+            if d.owner == Some(gid) {
+                d.owner = None;
+            }
+        }
+        if hw_failed {
+            return Err(Error::new(errno::EIO, reason::HW_FAULT));
+        }
+        Ok(())
+    }
+
+    /// Guests that exist.
+    pub fn guest_ids(&self) -> impl Iterator<Item = GuestId> + '_ {
+        self.guests
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.is_some())
+            .map(|(i, _)| i as GuestId)
+    }
+
+    /// Hardware devices.
+    pub fn device_count(&self) -> u32 {
+        self.devs.len() as u32
+    }
+
+    pub fn device_owner(&self, dev: HwDev) -> Option<GuestId> {
+        self.devs.get(dev as usize).and_then(|d| d.owner)
+    }
+
+    /// Assigns `dev`'s whole group to `gid` (a group is owned by one guest or none): creates
+    /// the GROUP object and a DEVICE object per member. Returns `dev`'s DEVICE ID.
+    /// EBUSY if another guest owns the group.
+    pub fn assign_device(&mut self, gid: GuestId, dev: HwDev) -> Result<u32, Error> {
+        let info = self
+            .devs
+            .get(dev as usize)
+            .ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?
+            .info;
+        match self.devs[dev as usize].owner {
+            Some(o) if o == gid => {
+                let g = self.cx(gid)?.g;
+                return device::find_device(g, dev)
+                    .ok_or(Error::new(errno::EIO, reason::HW_FAULT));
+            }
+            Some(_) => return Err(Error::new(errno::EBUSY, reason::BUSY)),
+            None => {}
+        }
+        let mut members = [0 as HwDev; MAX_GROUP_MEMBERS];
+        let mut n = 0;
+        for (i, d) in self.devs.iter().enumerate() {
+            if d.info.group != info.group {
+                continue;
+            }
+            if d.owner.is_some() {
+                return Err(Error::new(errno::EBUSY, reason::BUSY));
+            }
+            if n == MAX_GROUP_MEMBERS {
+                return Err(inval(reason::TOO_MANY));
+            }
+            members[n] = i as HwDev;
+            n += 1;
+        }
+        let infos: [HwDeviceInfo; MAX_GROUP_MEMBERS] =
+            core::array::from_fn(|i| self.devs[members[i.min(n - 1)] as usize].info);
+        let cx = self.cx(gid)?;
+        let ids = group::create_group(cx, info.group, &members[..n], &infos[..n])?;
+        for &m in &members[..n] {
+            self.devs[m as usize].owner = Some(gid);
+        }
+        let i = members[..n].iter().position(|&m| m == dev).unwrap_or(0);
+        Ok(ids[i])
+    }
+
+    /// Takes `dev`'s group back from `gid`. EBUSY while any member (or PASID) is attached.
+    pub fn unassign_device(&mut self, gid: GuestId, dev: HwDev) -> Result<(), Error> {
+        if self.device_owner(dev) != Some(gid) {
+            return Err(Error::new(errno::ENOENT, reason::BAD_ID));
+        }
+        let members = {
+            let cx = self.cx(gid)?;
+            group::destroy_group(cx, dev)?
+        };
+        for m in members.into_iter().flatten() {
+            if let Some(d) = self.devs.get_mut(m as usize) {
+                d.owner = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The DEVICE ID `gid` knows `dev` by.
+    pub fn device_id(&mut self, gid: GuestId, dev: HwDev) -> Option<u32> {
+        let cx = self.cx(gid).ok()?;
+        device::find_device(cx.g, dev)
+    }
+
+    /// The hardware device behind DEVICE `id` of `gid`.
+    pub fn device_hw(&mut self, gid: GuestId, id: u32) -> Option<HwDev> {
+        let cx = self.cx(gid).ok()?;
+        cx.g.device(id).ok().map(|d| d.hw)
+    }
+
+    /// The HWPT's hardware domain (for tests and the in-hypervisor checks).
+    pub fn hwpt_domain(&mut self, gid: GuestId, id: u32) -> Option<HwDomain> {
+        let cx = self.cx(gid).ok()?;
+        cx.g.hwpt(id).ok().map(|h| h.domain)
+    }
+
+    /// Objects `gid` has.
+    pub fn object_count(&mut self, gid: GuestId) -> u32 {
+        self.cx(gid).map(|c| c.g.objs.live()).unwrap_or(0)
+    }
+
+    /// The kind (`hvabi::kind`) of object `id` of `gid`.
+    pub fn object_kind(&mut self, gid: GuestId, id: u32) -> Option<u32> {
+        self.cx(gid).ok()?.g.kind_of(id).ok()
+    }
+}
