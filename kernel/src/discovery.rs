@@ -49,6 +49,10 @@ pub struct Platform {
     pub units: Vec<Unit>,
     /// Every PCI function with the unit that translates it (same order as the report).
     pub devices: Vec<Device>,
+    /// Devices firmware requires to keep DMA to reserved memory (DMAR RMRRs): identity-mapped
+    /// by the VT-d units and never assignable to a guest (VT-d 4.1 §8.4).
+    #[cfg(target_arch = "x86_64")]
+    pub rmrr: Option<alloc::boxed::Box<iommu::vtd::rmrr::RmrrPlan>>,
 }
 
 /// A PCI function and its translation.
@@ -144,6 +148,13 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
     if let Some(d) = &dmar {
         report_dmar(d, &mut units);
     }
+    #[cfg(target_arch = "x86_64")]
+    let rmrr = dmar.as_ref().map(|d| {
+        let plan =
+            alloc::boxed::Box::new(iommu::vtd::rmrr::RmrrPlan::build(d, &Topology(&segments)));
+        report_rmrr(&plan);
+        plan
+    });
     #[cfg(target_arch = "aarch64")]
     let arm = arm::Smmus::discover(info, acpi.as_ref(), &mut units);
 
@@ -166,7 +177,13 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
             });
             #[cfg(target_arch = "aarch64")]
             let t = t.or_else(|| arm.translate(s.segment, bdf.rid(), &units));
-            report_function(s.segment, f, t.as_ref());
+            #[cfg(target_arch = "x86_64")]
+            let host_owned = rmrr
+                .as_ref()
+                .is_some_and(|p| p.device(s.segment, bdf.rid()).is_some());
+            #[cfg(not(target_arch = "x86_64"))]
+            let host_owned = false;
+            report_function(s.segment, f, t.as_ref(), host_owned);
             devices.push(Device {
                 segment: s.segment,
                 bdf,
@@ -184,6 +201,35 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
         segments,
         units,
         devices,
+        #[cfg(target_arch = "x86_64")]
+        rmrr,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn report_rmrr(plan: &iommu::vtd::rmrr::RmrrPlan) {
+    println!(
+        "report: rmrr devices={} issues={} complete={}",
+        plan.devices().len(),
+        plan.issues().len() + plan.issues_dropped(),
+        if plan.is_complete() { "yes" } else { "no" }
+    );
+    for d in plan.devices() {
+        let ranges: Vec<String> = d
+            .ranges()
+            .iter()
+            .map(|r| format!("{:#x}-{:#x}", r.start, r.end - 1))
+            .collect();
+        println!(
+            "report: rmrr {:04x}:{} vtd{} identity={} assignable=no",
+            d.segment,
+            drivers::pci::Bdf::from_rid(d.sid),
+            d.drhd_index,
+            ranges.join(",")
+        );
+    }
+    for i in plan.issues() {
+        log::warn!("rmrr: {i}");
     }
 }
 
@@ -321,7 +367,12 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
     }
 }
 
-fn report_function(segment: u16, f: &drivers::pci::PciFunction, t: Option<&Translation>) {
+fn report_function(
+    segment: u16,
+    f: &drivers::pci::PciFunction,
+    t: Option<&Translation>,
+    host_owned: bool,
+) {
     let mut line = format!(
         "report: pci {}{} {:04x}:{:04x} class={:02x}{:02x}{:02x}",
         if segment != 0 {
@@ -351,6 +402,9 @@ fn report_function(segment: u16, f: &drivers::pci::PciFunction, t: Option<&Trans
     match t {
         Some(t) => line += &format!(" iommu={} {}={:#06x}", t.unit, t.id_kind, t.id),
         None => line += " iommu=none",
+    }
+    if host_owned {
+        line += " assignable=no(rmrr)";
     }
     println!("{line}");
 }

@@ -137,6 +137,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         },
     )
     .map_err(e)?;
+    if let Some(plan) = &platform.rmrr {
+        let r = unit.apply_rmrr(mem, &plan.for_unit(base)).map_err(e)?;
+        println!("vtd: rmrr: {r:?}");
+    }
     unit.enable_translation().map_err(e)?;
     let sc = unit.regs().ecap.sc();
     let domain_cfg = DomainConfig {
