@@ -794,7 +794,10 @@ mod tests {
         m.encode(&mut b);
         assert_eq!(&b[0..4], &[40, 0, 0, 0]);
         assert_eq!(&b[8..12], &[4, 3, 2, 1]);
-        assert_eq!(&b[16..24], &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(
+            &b[16..24],
+            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
+        );
         assert_eq!(IoasMap::decode(&b), m);
         // Short input: missing fields read as zero; short output: truncated, no panic.
         let d = IoasMap::decode(&b[..12]);

@@ -18,9 +18,7 @@ use hvabi::{errno, kind, reason};
 use super::hw::Span;
 use super::ioas::{PROT_READ, PROT_WRITE};
 use super::object::Object;
-use super::{
-    Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_PINS_PER_ACCESS, PAGE, inval,
-};
+use super::{Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_PINS_PER_ACCESS, PAGE, inval};
 
 pub struct Access {
     pub(crate) ioas: Option<u32>,
@@ -116,12 +114,16 @@ impl<H: IommuHw> Cx<'_, H> {
             Ok(())
         })?;
         ioas.covered(span, |_, a, piece| {
-            f(a.gpa + (piece.start - a.iova), piece.start - iova, piece.len())
+            f(
+                a.gpa + (piece.start - a.iova),
+                piece.start - iova,
+                piece.len(),
+            )
         })
     }
 
     pub(crate) fn access_pin(&mut self, id: u32, iova: u64, len: u64) -> Result<(), Error> {
-        if iova % PAGE != 0 || len % PAGE != 0 {
+        if !iova.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(inval(reason::MISALIGNED));
         }
         self.access_walk(id, iova, len, 0, |_, _, _| Ok(()))?;
@@ -213,7 +215,13 @@ impl<H: IommuHw> Iommufd<H> {
     }
 
     /// Releases a pin made with exactly this range.
-    pub fn access_unpin(&mut self, gid: GuestId, id: u32, iova: u64, len: u64) -> Result<(), Error> {
+    pub fn access_unpin(
+        &mut self,
+        gid: GuestId,
+        id: u32,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), Error> {
         self.cx(gid)?.access_unpin(id, iova, len)
     }
 

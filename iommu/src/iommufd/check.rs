@@ -135,7 +135,12 @@ fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     }
     for w in ioas.allowed.windows(2) {
         if w[0].last >= w[1].start {
-            return Err(v("allowed list unsorted or overlapping", gid, id, w[1].start));
+            return Err(v(
+                "allowed list unsorted or overlapping",
+                gid,
+                id,
+                w[1].start,
+            ));
         }
     }
     for (i, &h) in ioas.hwpts.iter().enumerate() {
@@ -186,7 +191,12 @@ fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
             return Err(v("mapping inside the reserved set", gid, id, a.iova));
         }
         if let Some(al) = ioas.allowed.iter().find(|al| al.overlaps(r)) {
-            return Err(v("allowed range inside the reserved set", gid, id, al.start));
+            return Err(v(
+                "allowed range inside the reserved set",
+                gid,
+                id,
+                al.start,
+            ));
         }
     }
     Ok(())
@@ -217,9 +227,9 @@ fn check_hwpt<H: IommuHw>(
     if h.auto && h.users == 0 {
         return Err(v("unused automatic HWPT", gid, id, 0));
     }
-    let info = hw
-        .domain_info(h.domain)
-        .ok_or(v("HWPT without a domain", gid, id, h.domain.0 as u64))?;
+    let info =
+        hw.domain_info(h.domain)
+            .ok_or(v("HWPT without a domain", gid, id, h.domain.0 as u64))?;
     if info.aperture != h.aperture {
         return Err(v("HWPT aperture", gid, id, info.aperture.last));
     }
@@ -234,9 +244,12 @@ fn check_hwpt<H: IommuHw>(
             if cursor > a.last() {
                 break;
             }
-            let t = hw
-                .translate(h.domain, cursor)
-                .ok_or(v("IOAS mapping missing in domain", gid, id, cursor))?;
+            let t = hw.translate(h.domain, cursor).ok_or(v(
+                "IOAS mapping missing in domain",
+                gid,
+                id,
+                cursor,
+            ))?;
             if t.leaf.start != cursor || t.leaf.last > a.last() {
                 return Err(v("domain leaf crosses a mapping", gid, id, cursor));
             }
@@ -248,9 +261,12 @@ fn check_hwpt<H: IommuHw>(
             }
             if let Some(mem) = mem {
                 let gpa = a.gpa + (cursor - a.iova);
-                let run = mem
-                    .translate(gpa)
-                    .ok_or(v("mapped guest memory has no host address", gid, id, gpa))?;
+                let run = mem.translate(gpa).ok_or(v(
+                    "mapped guest memory has no host address",
+                    gid,
+                    id,
+                    gpa,
+                ))?;
                 if run.hpa != t.pa || run.len < t.leaf.len() {
                     return Err(v("domain leaf output address", gid, id, cursor));
                 }
@@ -297,10 +313,20 @@ fn check_group<H: IommuHw>(hw: &H, g: &Guest, gid: GuestId, id: u32) -> Result<(
         }
         if let Some(x) = target {
             if x.cc() && !d.info.enforce_cc {
-                return Err(v("non-coherent device in a coherent HWPT", gid, id, m as u64));
+                return Err(v(
+                    "non-coherent device in a coherent HWPT",
+                    gid,
+                    id,
+                    m as u64,
+                ));
             }
             if x.dirty() && !d.info.dirty_tracking {
-                return Err(v("device without dirty tracking in a dirty HWPT", gid, id, m as u64));
+                return Err(v(
+                    "device without dirty tracking in a dirty HWPT",
+                    gid,
+                    id,
+                    m as u64,
+                ));
             }
         }
     }
@@ -322,7 +348,12 @@ fn check_device<H: IommuHw>(hw: &H, g: &Guest, gid: GuestId, id: u32) -> Result<
             return Err(v("PASID attached twice", gid, id, p.pasid as u64));
         }
         if p.pasid == 0 || bits == 0 || p.pasid >= 1 << bits {
-            return Err(v("PASID outside the device's width", gid, id, p.pasid as u64));
+            return Err(v(
+                "PASID outside the device's width",
+                gid,
+                id,
+                p.pasid as u64,
+            ));
         }
         if gr.members().len() != 1 {
             return Err(v("PASID in a multi-device group", gid, id, p.pasid as u64));
@@ -334,7 +365,12 @@ fn check_device<H: IommuHw>(hw: &H, g: &Guest, gid: GuestId, id: u32) -> Result<
             return Err(v("PASID not on its HWPT's domain", gid, id, p.pasid as u64));
         }
         if x.cc() && !d.info.enforce_cc {
-            return Err(v("non-coherent device PASID in a coherent HWPT", gid, id, 0));
+            return Err(v(
+                "non-coherent device PASID in a coherent HWPT",
+                gid,
+                id,
+                0,
+            ));
         }
     }
     Ok(())
@@ -386,7 +422,10 @@ pub fn snapshot<H: IommuHw>(fd: &Iommufd<H>) -> Vec<u64> {
                 }
                 Object::Device(d) => {
                     s.push(d.hw as u64);
-                    s.push(hw.device_domain(d.hw, None).map_or(u64::MAX, |x| x.0 as u64));
+                    s.push(
+                        hw.device_domain(d.hw, None)
+                            .map_or(u64::MAX, |x| x.0 as u64),
+                    );
                     for p in d.pasids() {
                         s.extend([p.pasid as u64, p.hwpt as u64]);
                         let dom = hw.device_domain(d.hw, Some(p.pasid));
@@ -404,7 +443,10 @@ pub fn snapshot<H: IommuHw>(fd: &Iommufd<H>) -> Vec<u64> {
     }
     for (i, d) in fd.devs.iter().enumerate() {
         s.push(d.owner.map_or(u64::MAX, |o| o as u64));
-        s.push(hw.device_domain(i as u32, None).map_or(u64::MAX, |x| x.0 as u64));
+        s.push(
+            hw.device_domain(i as u32, None)
+                .map_or(u64::MAX, |x| x.0 as u64),
+        );
     }
     s.push(hw.live_domains().map_or(u64::MAX, |n| n as u64));
     s

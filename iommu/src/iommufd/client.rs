@@ -8,11 +8,11 @@
 use alloc::vec::Vec;
 
 use hvabi::{
-    AbiStruct, ATTACH_PASID, Destroy, DeviceAttach, DeviceDetach, DeviceEntry, DeviceList,
-    DeviceReservedRanges, GetInfo, HwptAlloc, HwptClone, HwptGetDirtyBitmap,
-    HwptSetDirtyTracking, IoasAlloc, IoasAllowIovas, IoasCopy, IoasIovaRanges, IoasMap,
-    IoasMapBatch, IoasUnmap, IoasUnmapBatch, IovaRange, LastError, MAP_FIXED_IOVA, MAP_READABLE,
-    MAP_WRITEABLE, MapEntry, ReservedRange, UnmapEntry, op,
+    ATTACH_PASID, AbiStruct, Destroy, DeviceAttach, DeviceDetach, DeviceEntry, DeviceList,
+    DeviceReservedRanges, GetInfo, HwptAlloc, HwptClone, HwptGetDirtyBitmap, HwptSetDirtyTracking,
+    IoasAlloc, IoasAllowIovas, IoasCopy, IoasIovaRanges, IoasMap, IoasMapBatch, IoasUnmap,
+    IoasUnmapBatch, IovaRange, LastError, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, MapEntry,
+    ReservedRange, UnmapEntry, op,
 };
 
 use super::{GuestId, GuestMemory, IommuHw, Iommufd, dispatch};
@@ -69,7 +69,11 @@ impl<'a, H: IommuHw> Client<'a, H> {
         let r = self.raw(op, self.scratch);
         let _ = self.mem.read(self.scratch, b);
         let out = T::decode(b);
-        if r == 0 { Ok(out) } else { Err(((-r) as u32, out)) }
+        if r == 0 {
+            Ok(out)
+        } else {
+            Err(((-r) as u32, out))
+        }
     }
 
     pub fn write_array<T: AbiStruct>(&self, at: u64, items: &[T]) {
@@ -84,14 +88,17 @@ impl<'a, H: IommuHw> Client<'a, H> {
         (0..n)
             .map(|i| {
                 let mut buf = [0u8; 64];
-                let _ = self.mem.read(at + (i * T::SIZE) as u64, &mut buf[..T::SIZE]);
+                let _ = self
+                    .mem
+                    .read(at + (i * T::SIZE) as u64, &mut buf[..T::SIZE]);
                 T::decode(&buf[..T::SIZE])
             })
             .collect()
     }
 
     pub fn get_info(&mut self) -> Result<GetInfo, u32> {
-        self.call(op::GET_INFO, &GetInfo::default()).map_err(|e| e.0)
+        self.call(op::GET_INFO, &GetInfo::default())
+            .map_err(|e| e.0)
     }
 
     pub fn last_error(&mut self) -> LastError {
@@ -129,7 +136,14 @@ impl<'a, H: IommuHw> Client<'a, H> {
     }
 
     /// IOAS_MAP with `flags` (add [`MAP_FIXED_IOVA`] to use `iova`).
-    pub fn map(&mut self, ioas: u32, gpa: u64, len: u64, flags: u32, iova: u64) -> Result<u64, u32> {
+    pub fn map(
+        &mut self,
+        ioas: u32,
+        gpa: u64,
+        len: u64,
+        flags: u32,
+        iova: u64,
+    ) -> Result<u64, u32> {
         let a = IoasMap {
             flags,
             ioas_id: ioas,
@@ -158,11 +172,18 @@ impl<'a, H: IommuHw> Client<'a, H> {
             length: len,
             ..Default::default()
         };
-        self.call(op::IOAS_UNMAP, &a).map(|a| a.length).map_err(|e| e.0)
+        self.call(op::IOAS_UNMAP, &a)
+            .map(|a| a.length)
+            .map_err(|e| e.0)
     }
 
     /// IOAS_MAP_BATCH: returns (errno or 0, done, entries as written back).
-    pub fn map_batch(&mut self, ioas: u32, flags: u32, e: &[MapEntry]) -> (u32, u32, Vec<MapEntry>) {
+    pub fn map_batch(
+        &mut self,
+        ioas: u32,
+        flags: u32,
+        e: &[MapEntry],
+    ) -> (u32, u32, Vec<MapEntry>) {
         let at = self.array();
         self.write_array(at, e);
         let a = IoasMapBatch {
@@ -219,7 +240,9 @@ impl<'a, H: IommuHw> Client<'a, H> {
             src_iova,
             ..Default::default()
         };
-        self.call(op::IOAS_COPY, &a).map(|a| a.dst_iova).map_err(|e| e.0)
+        self.call(op::IOAS_COPY, &a)
+            .map(|a| a.dst_iova)
+            .map_err(|e| e.0)
     }
 
     /// IOAS_IOVA_RANGES with room for `cap` ranges: (errno or 0, reported count, ranges read).
@@ -264,7 +287,9 @@ impl<'a, H: IommuHw> Client<'a, H> {
             ranges_gpa: at,
             ..Default::default()
         };
-        self.call(op::IOAS_ALLOW_IOVAS, &a).map(|_| ()).map_err(|e| e.0)
+        self.call(op::IOAS_ALLOW_IOVAS, &a)
+            .map(|_| ())
+            .map_err(|e| e.0)
     }
 
     pub fn hwpt_alloc(&mut self, dev: u32, pt: u32, flags: u32) -> Result<u32, u32> {
@@ -324,7 +349,9 @@ impl<'a, H: IommuHw> Client<'a, H> {
             dev_id: dev,
             ..Default::default()
         };
-        self.call(op::DEVICE_DETACH, &a).map(|_| ()).map_err(|e| e.0)
+        self.call(op::DEVICE_DETACH, &a)
+            .map(|_| ())
+            .map_err(|e| e.0)
     }
 
     pub fn detach_pasid(&mut self, dev: u32, pasid: u32) -> Result<(), u32> {
@@ -334,7 +361,9 @@ impl<'a, H: IommuHw> Client<'a, H> {
             pasid,
             ..Default::default()
         };
-        self.call(op::DEVICE_DETACH, &a).map(|_| ()).map_err(|e| e.0)
+        self.call(op::DEVICE_DETACH, &a)
+            .map(|_| ())
+            .map_err(|e| e.0)
     }
 
     pub fn destroy(&mut self, id: u32) -> Result<(), Fail<Destroy>> {

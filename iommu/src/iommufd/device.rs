@@ -87,7 +87,6 @@ impl<H: IommuHw> Cx<'_, H> {
         Ok(())
     }
 
-
     /// Drops an automatic HWPT nothing uses any more.
     pub(crate) fn release_if_auto(&mut self, h: u32) {
         if self.g.hwpt(h).is_ok_and(|x| x.auto && x.users == 0) {
@@ -185,11 +184,8 @@ impl<H: IommuHw> Cx<'_, H> {
                             Target::Ioas(i) => self.g.hwpt(h)?.ioas == i,
                         };
                         if !same {
-                            return Err(Error::new(
-                                errno::EXDEV,
-                                reason::GROUP_ATTACHED_ELSEWHERE,
-                            )
-                            .obj(kind::HWPT, h));
+                            return Err(Error::new(errno::EXDEV, reason::GROUP_ATTACHED_ELSEWHERE)
+                                .obj(kind::HWPT, h));
                         }
                         // The group already translates through `h`: bookkeeping only.
                         self.g.group_mut(group_id)?.attached |= bit;

@@ -4,7 +4,7 @@
 //! Argument handling, for every op (`hvabi` crate docs):
 //!
 //! 1. unknown op: ENOTTY;
-//! 2. read `size` (u32 at `args_gpa`): EFAULT if unreadable;
+//! 2. read `size` (u32 at `args_gpa`): EFAULT unless it is writable guest memory;
 //! 3. `size` < the v1 size: EINVAL; `size` > `MAX_ARG_SIZE`: E2BIG;
 //! 4. `[args_gpa, args_gpa + size)` must be writable guest memory: EFAULT;
 //! 5. bytes past the v1 size must be zero: E2BIG;
@@ -20,8 +20,8 @@ use hvabi::{
     MAX_ARG_SIZE, MAX_BATCH, cap, errno, kind, op, reason,
 };
 
-use super::object::{Guest, Object};
 use super::ioas::reserved_nonzero;
+use super::object::{Guest, Object};
 use super::{
     Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS,
     MAX_PASIDS_PER_DEVICE, PAGE,
@@ -99,6 +99,9 @@ impl<H: IommuHw> Cx<'_, H> {
             return Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP));
         };
         let mut size = [0u8; 4];
+        if !mem.owns(gpa, 4, true) {
+            return Err(fault());
+        }
         mem.read(gpa, &mut size).map_err(|_| fault())?;
         let size = u32::from_le_bytes(size);
         if (size as usize) < v1 {
@@ -126,9 +129,13 @@ impl<H: IommuHw> Cx<'_, H> {
         let b = &buf[..v1];
         match op {
             op::GET_INFO => self.with(mem, gpa, b, never, |cx, a: &mut GetInfo| cx.get_info(a)),
-            op::DESTROY => self.with(mem, gpa, b, |e| e.errno == errno::EBUSY, |cx, a| {
-                cx.destroy(a)
-            }),
+            op::DESTROY => self.with(
+                mem,
+                gpa,
+                b,
+                |e| e.errno == errno::EBUSY,
+                |cx, a| cx.destroy(a),
+            ),
             op::GET_LAST_ERROR => self.with(mem, gpa, b, never, |cx, a: &mut LastError| {
                 if a.flags != 0 {
                     return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
@@ -143,11 +150,13 @@ impl<H: IommuHw> Cx<'_, H> {
             op::DEVICE_LIST => self.with(mem, gpa, b, on_array_error, |cx, a: &mut DeviceList| {
                 cx.device_list(mem, a)
             }),
-            op::DEVICE_RESERVED_RANGES => {
-                self.with(mem, gpa, b, on_array_error, |cx, a: &mut DeviceReservedRanges| {
-                    cx.device_reserved_ranges(mem, a)
-                })
-            }
+            op::DEVICE_RESERVED_RANGES => self.with(
+                mem,
+                gpa,
+                b,
+                on_array_error,
+                |cx, a: &mut DeviceReservedRanges| cx.device_reserved_ranges(mem, a),
+            ),
             op::IOAS_ALLOC => self.with(mem, gpa, b, never, |cx, a: &mut IoasAlloc| {
                 if a.flags != 0 {
                     return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));

@@ -134,8 +134,8 @@ pub(crate) fn destroy_group<H: IommuHw>(
     hw_dev: HwDev,
 ) -> Result<[Option<HwDev>; MAX_GROUP_MEMBERS], Error> {
     let g = cx.g;
-    let dev_id = super::device::find_device(g, hw_dev)
-        .ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?;
+    let dev_id =
+        super::device::find_device(g, hw_dev).ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?;
     let gid = g.device(dev_id)?.group;
     let gr = g.group(gid)?;
     if let Some(h) = gr.rid {
@@ -244,8 +244,7 @@ impl<H: IommuHw> Cx<'_, H> {
         pasid: Option<u32>,
         d: HwDomain,
     ) -> Result<bool, Error> {
-        let mut prepared: [Option<H::Prepared>; MAX_GROUP_MEMBERS] =
-            core::array::from_fn(|_| None);
+        let mut prepared: [Option<H::Prepared>; MAX_GROUP_MEMBERS] = core::array::from_fn(|_| None);
         for (i, &dev) in hws.iter().enumerate() {
             match self.hw.prepare(dev, pasid, d) {
                 Ok(p) => prepared[i] = Some(p),

@@ -134,13 +134,16 @@ impl<H: IommuHw> Cx<'_, H> {
             .domain_info(d)
             .ok_or(Error::new(errno::EIO, reason::HW_FAULT))?;
         let ioas = self.g.ioas(ioas_id)?;
-        if let Some(a) = ioas.areas.iter().find(|a| !info.aperture.contains(&a.span())) {
-            return Err(
-                Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(a.iova),
-            );
+        if let Some(a) = ioas
+            .areas
+            .iter()
+            .find(|a| !info.aperture.contains(&a.span()))
+        {
+            return Err(Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(a.iova));
         }
         let outside = |s: &Span| {
-            (info.aperture.start > 0 && s.start < info.aperture.start) || s.last > info.aperture.last
+            (info.aperture.start > 0 && s.start < info.aperture.start)
+                || s.last > info.aperture.last
         };
         if let Some(s) = ioas.allowed.iter().find(|s| outside(s)) {
             return Err(Error::new(errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED).at(s.start));
@@ -199,7 +202,11 @@ impl<H: IommuHw> Cx<'_, H> {
     }
 
     /// HWPT_ALLOC.
-    pub(crate) fn hwpt_alloc(&mut self, mem: &dyn GuestMemory, a: &mut HwptAlloc) -> Result<(), Error> {
+    pub(crate) fn hwpt_alloc(
+        &mut self,
+        mem: &dyn GuestMemory,
+        a: &mut HwptAlloc,
+    ) -> Result<(), Error> {
         if a.flags & !HWPT_FLAGS != 0 {
             return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
         }
@@ -227,7 +234,11 @@ impl<H: IommuHw> Cx<'_, H> {
     }
 
     /// HWPT_CLONE.
-    pub(crate) fn hwpt_clone(&mut self, mem: &dyn GuestMemory, a: &mut HwptClone) -> Result<(), Error> {
+    pub(crate) fn hwpt_clone(
+        &mut self,
+        mem: &dyn GuestMemory,
+        a: &mut HwptClone,
+    ) -> Result<(), Error> {
         if a.flags & !HWPT_FLAGS != 0 {
             return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
         }
@@ -250,7 +261,10 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         let h = self.g.hwpt(a.hwpt_id)?;
         if !h.dirty() {
-            return Err(Error::new(errno::EOPNOTSUPP, reason::DIRTY_NOT_SUPPORTED_BY_HWPT));
+            return Err(Error::new(
+                errno::EOPNOTSUPP,
+                reason::DIRTY_NOT_SUPPORTED_BY_HWPT,
+            ));
         }
         let enable = a.flags & DIRTY_TRACKING_ENABLE != 0;
         self.hw
@@ -274,7 +288,10 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         let h = self.g.hwpt(a.hwpt_id)?;
         if !h.dirty() {
-            return Err(Error::new(errno::EOPNOTSUPP, reason::DIRTY_NOT_SUPPORTED_BY_HWPT));
+            return Err(Error::new(
+                errno::EOPNOTSUPP,
+                reason::DIRTY_NOT_SUPPORTED_BY_HWPT,
+            ));
         }
         let ps = a.page_size;
         if ps < PAGE || !ps.is_power_of_two() {
@@ -283,11 +300,11 @@ impl<H: IommuHw> Cx<'_, H> {
         if a.length == 0 {
             return Err(inval(reason::ZERO_LENGTH));
         }
-        if a.iova % ps != 0 || a.length % ps != 0 {
+        if !a.iova.is_multiple_of(ps) || !a.length.is_multiple_of(ps) {
             return Err(inval(reason::MISALIGNED));
         }
-        let span =
-            Span::from_len(a.iova, a.length).ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))?;
+        let span = Span::from_len(a.iova, a.length)
+            .ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))?;
         let bits = a.length / ps;
         if bits > MAX_DIRTY_BITMAP_BITS {
             return Err(inval(reason::BITMAP_TOO_LARGE));
@@ -295,7 +312,10 @@ impl<H: IommuHw> Cx<'_, H> {
         self.g
             .ioas(h.ioas)?
             .covered(span, |_, _, _| Ok(()))
-            .map_err(|e| Error { errno: errno::EINVAL, ..e })?;
+            .map_err(|e| Error {
+                errno: errno::EINVAL,
+                ..e
+            })?;
         let bytes = bits.div_ceil(8);
         if !owns_array(mem, a.bitmap_gpa, bytes) {
             return Err(Error::new(errno::EFAULT, reason::ARRAY_FAULT));

@@ -238,7 +238,7 @@ pub(crate) fn auto_align(gpa: u64, len: u64) -> u64 {
     } else {
         1u64 << gpa.trailing_zeros()
     };
-    by_len.min(by_gpa).min(1 << 30).max(PAGE)
+    by_len.min(by_gpa).clamp(PAGE, 1 << 30)
 }
 
 /// First fit of `len` bytes aligned to `align` in `ioas`, outside `resv`, inside the allowed
@@ -308,7 +308,7 @@ fn check_range(base: u64, len: u64, addrs: &[u64]) -> Result<Span, Error> {
     if len == 0 {
         return Err(inval(reason::ZERO_LENGTH));
     }
-    if len % PAGE != 0 || addrs.iter().any(|a| a % PAGE != 0) {
+    if !len.is_multiple_of(PAGE) || addrs.iter().any(|a| !a.is_multiple_of(PAGE)) {
         return Err(inval(reason::MISALIGNED));
     }
     for &a in addrs {
@@ -396,10 +396,13 @@ pub(crate) fn ioas_reserved(
                     }
                 }
             }
-            Object::Device(d) => {
-                if d.pasids.iter().flatten().any(|p| ioas.hwpts.contains(&p.hwpt)) {
-                    buf.add_device(&d.info)?;
-                }
+            Object::Device(d)
+                if d.pasids
+                    .iter()
+                    .flatten()
+                    .any(|p| ioas.hwpts.contains(&p.hwpt)) =>
+            {
+                buf.add_device(&d.info)?;
             }
             _ => {}
         }
@@ -685,7 +688,8 @@ impl<H: IommuHw> Cx<'_, H> {
             // each other (disjoint), so that no entry's unmap can change another's outcome.
             let mut spans = [Span::default(); MAX_BATCH as usize];
             for i in 0..n {
-                let e = read_struct::<UnmapEntry>(mem, entry_at(i)).map_err(|e| e.index(i as u32))?;
+                let e =
+                    read_struct::<UnmapEntry>(mem, entry_at(i)).map_err(|e| e.index(i as u32))?;
                 self.plan_unmap(a.ioas_id, e.iova, e.length)
                     .map_err(|e| e.index(i as u32))?;
                 let s = if e.iova == 0 && e.length == u64::MAX {

@@ -333,9 +333,7 @@ impl<H: IommuHw> Iommufd<H> {
         if self.guests.len() as u32 >= self.limits.max_guests {
             return Err(Error::new(errno::ENOSPC, reason::OBJECT_TABLE_FULL));
         }
-        self.guests
-            .try_reserve(1)
-            .map_err(|_| Error::nomem())?;
+        self.guests.try_reserve(1).map_err(|_| Error::nomem())?;
         self.guests.push(Some(g));
         Ok((self.guests.len() - 1) as GuestId)
     }
@@ -410,8 +408,7 @@ impl<H: IommuHw> Iommufd<H> {
         match self.devs[dev as usize].owner {
             Some(o) if o == gid => {
                 let g = self.cx(gid)?.g;
-                return device::find_device(g, dev)
-                    .ok_or(Error::new(errno::EIO, reason::HW_FAULT));
+                return device::find_device(g, dev).ok_or(Error::new(errno::EIO, reason::HW_FAULT));
             }
             Some(_) => return Err(Error::new(errno::EBUSY, reason::BUSY)),
             None => {}

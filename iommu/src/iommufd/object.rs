@@ -72,6 +72,9 @@ impl Guest {
 
     /// The kind of `id`, or ENOENT.
     pub fn kind_of(&self, id: u32) -> Result<u32, Error> {
-        self.objs.get(id).map(Object::kind).ok_or_else(|| missing(id))
+        self.objs
+            .get(id)
+            .map(Object::kind)
+            .ok_or_else(|| missing(id))
     }
 }

@@ -22,7 +22,9 @@ use super::hw::{
 };
 use super::{FailNth, GuestMemory, HostRun, MemFault, PAGE};
 use crate::pgtable::format::vtd_bits;
-use crate::pgtable::{Config, Gather, MapError, PageTable, PhysAddr, Prot, TableMemory, VtdSecondStage};
+use crate::pgtable::{
+    Config, Gather, MapError, PageTable, PhysAddr, Prot, TableMemory, VtdSecondStage,
+};
 
 /// Fake physical address of frame 0 of the table pool.
 const POOL_BASE: u64 = 0x1000;
@@ -53,7 +55,7 @@ impl SimMem {
 
     fn index(&self, pa: PhysAddr) -> Option<usize> {
         let i = (pa.checked_sub(POOL_BASE)? / 4096) as usize;
-        (pa % 4096 == 0 && i < self.live.borrow().len()).then_some(i)
+        (pa.is_multiple_of(4096) && i < self.live.borrow().len()).then_some(i)
     }
 
     fn release(&self, pa: PhysAddr) {
@@ -327,9 +329,7 @@ impl IommuHw for SimHw {
         let slot = match self.domains.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
-                self.domains
-                    .try_reserve(1)
-                    .map_err(|_| HwError::NoMemory)?;
+                self.domains.try_reserve(1).map_err(|_| HwError::NoMemory)?;
                 self.domains.push(None);
                 self.domains.len() - 1
             }
@@ -388,10 +388,12 @@ impl IommuHw for SimHw {
         } else {
             prot
         };
-        dom.pt.map(&self.mem, iova, pa, len, prot).map_err(|e| match e {
-            MapError::NoMemory { .. } => HwError::NoMemory,
-            _ => HwError::Invalid,
-        })
+        dom.pt
+            .map(&self.mem, iova, pa, len, prot)
+            .map_err(|e| match e {
+                MapError::NoMemory { .. } => HwError::NoMemory,
+                _ => HwError::Invalid,
+            })
     }
 
     fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {

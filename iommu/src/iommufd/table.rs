@@ -85,10 +85,7 @@ impl Table {
                 .try_reserve_exact(want.max(1))
                 .map_err(|_| Error::nomem())?;
         }
-        self.slots.push(Slot {
-            gen_: 0,
-            obj: None,
-        });
+        self.slots.push(Slot { gen_: 0, obj: None });
         Ok(self.slots.len() - 1)
     }
 
