@@ -199,7 +199,7 @@ pub enum FaultClass {
 ///
 /// Layout (§7.3): word 0: type 7:0, SSV 11, SubstreamID 31:12, StreamID 63:32; word 1: STAG
 /// 15:0, Stall 31, PnU 33, InD 34, RnW 35, S2 39, CLASS 41:40; word 2: InputAddr; word 3:
-/// IPA[51:12] (translation faults with S2 = 1) or FetchAddr[51:3] (fetch aborts).
+/// IPA\[51:12\] (translation faults with S2 = 1) or FetchAddr\[51:3\] (fetch aborts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventType,
@@ -331,7 +331,7 @@ pub struct EventPoll {
 }
 
 /// StreamIDs whose events are counted individually; events of further StreamIDs share
-/// [`EventStats::untracked`].
+/// `Counters::events_untracked`.
 pub const EVENT_SID_SLOTS: usize = 64;
 
 /// Event counters, fixed size.

@@ -912,6 +912,14 @@ fn bring_up_rejects_unusable_smmus_and_times_out_on_a_dead_one() {
 }
 
 #[test]
+#[should_panic(expected = "64-bit read of a 32-bit register")]
+fn the_fake_rejects_64bit_access_to_32bit_registers() {
+    let mem = FakeMem::new(1);
+    let hw = FakeSmmu::qemu(&mem);
+    (&hw).read64(offset::IDR0);
+}
+
+#[test]
 fn small_stream_tables_are_linear_and_all_abort() {
     for (idr1, bits, want) in [
         (QEMU_IDR1 & !0x3f | 5, None, 5),

@@ -599,7 +599,9 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                 let len = w.bytes() as u64 - 4096;
                 if let Err(e) = ptable.map(mem, first, first, len, Prot::READ) {
                     self.flush_rolled_back(mem, parent, &e)?;
-                    mem.free_table(w.base, w.bytes());
+                    // Entries pointing into it may have been installed and rolled back (and
+                    // were invalidated just now): reuse only after a grace period.
+                    mem.retire_table(w.base, w.bytes());
                     return Err(SmmuError::Map(e));
                 }
                 pwin.store(w.pack(), Ordering::Release);
