@@ -53,6 +53,8 @@ use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use hvabi::{errno, kind, reason};
 
+/// The ABI crate, re-exported for users of this crate (the fuzzer, the hypervisor).
+pub use hvabi as abi;
 pub use dispatch::dispatch;
 pub use hw::{HwDev, HwDeviceInfo, HwDomain, HwError, IommuHw, Span};
 
@@ -477,6 +479,14 @@ impl<H: IommuHw> Iommufd<H> {
     /// Objects `gid` has.
     pub fn object_count(&mut self, gid: GuestId) -> u32 {
         self.cx(gid).map(|c| c.g.objs.live()).unwrap_or(0)
+    }
+
+    /// Every object ID of `gid`, in table order.
+    pub fn object_ids(&mut self, gid: GuestId) -> Vec<u32> {
+        match self.cx(gid) {
+            Ok(cx) => cx.g.objs.iter().map(|(id, _)| id).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The kind (`hvabi::kind`) of object `id` of `gid`.

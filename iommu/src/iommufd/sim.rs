@@ -175,6 +175,45 @@ impl SimDevice {
     }
 }
 
+/// A direct-mapped (RMRR-like) region of device 8 of [`demo_platform`].
+pub const DEMO_RMRR: (u64, u64) = (0x8000_0000, 0x80ff_ffff);
+/// A reserved region of device 11 of [`demo_platform`] only.
+pub const DEMO_L_RESV: (u64, u64) = (0x4000_0000, 0x400f_ffff);
+
+/// The platform host tests and the fuzzer use (index = `HwDev`):
+///
+/// | dev | group | notes |
+/// |---|---|---|
+/// | 0 A | 1 | coherent, no PASID |
+/// | 1 B | 2 | cannot enforce coherency |
+/// | 2 C | 3 | coherent, 8 PASID bits, dirty tracking |
+/// | 3 D, 4 E | 4 | two-device group |
+/// | 5 F, 6 G | 5 | two-device group, G cannot enforce coherency |
+/// | 7 H | 6 | behind IOMMU unit 1 |
+/// | 8 I | 7 | 39-bit aperture, direct-mapped region [`DEMO_RMRR`] |
+/// | 9 J | 8 | dirty tracking, not coherent |
+/// | 10 K, 11 L | 9 | two-device group, 4 PASID bits; L reserves [`DEMO_L_RESV`] |
+pub fn demo_platform() -> Vec<SimDevice> {
+    vec![
+        SimDevice::new(0x0008, 1),
+        SimDevice::new(0x0010, 2).no_cc(),
+        SimDevice::new(0x0018, 3).pasid(8).dirty(),
+        SimDevice::new(0x0100, 4),
+        SimDevice::new(0x0101, 4),
+        SimDevice::new(0x0200, 5),
+        SimDevice::new(0x0201, 5).no_cc(),
+        SimDevice::new(0x0300, 6).unit(1),
+        SimDevice::new(0x0400, 7)
+            .aperture_bits(39)
+            .reserve(DEMO_RMRR.0, DEMO_RMRR.1, hvabi::resv::DIRECT),
+        SimDevice::new(0x0500, 8).dirty().no_cc(),
+        SimDevice::new(0x0600, 9).pasid(4),
+        SimDevice::new(0x0601, 9)
+            .pasid(4)
+            .reserve(DEMO_L_RESV.0, DEMO_L_RESV.1, hvabi::resv::RESERVED),
+    ]
+}
+
 struct SimDomain {
     pt: PageTable<VtdSecondStage<4>>,
     cfg: DomainConfig,

@@ -45,29 +45,11 @@ pub mod dev {
     pub const L: u32 = 11;
 }
 
-pub const RMRR: (u64, u64) = (0x8000_0000, 0x80ff_ffff);
-/// A reserved region of L only.
-pub const L_RESV: (u64, u64) = (0x4000_0000, 0x400f_ffff);
+pub use super::sim::DEMO_L_RESV as L_RESV;
+pub use super::sim::DEMO_RMRR as RMRR;
 
 pub fn platform() -> Vec<SimDevice> {
-    std::vec![
-        SimDevice::new(0x0008, 1),
-        SimDevice::new(0x0010, 2).no_cc(),
-        SimDevice::new(0x0018, 3).pasid(8).dirty(),
-        SimDevice::new(0x0100, 4),
-        SimDevice::new(0x0101, 4),
-        SimDevice::new(0x0200, 5),
-        SimDevice::new(0x0201, 5).no_cc(),
-        SimDevice::new(0x0300, 6).unit(1),
-        SimDevice::new(0x0400, 7)
-            .aperture_bits(39)
-            .reserve(RMRR.0, RMRR.1, hvabi::resv::DIRECT),
-        SimDevice::new(0x0500, 8).dirty().no_cc(),
-        SimDevice::new(0x0600, 9).pasid(4),
-        SimDevice::new(0x0601, 9)
-            .pasid(4)
-            .reserve(L_RESV.0, L_RESV.1, hvabi::resv::RESERVED),
-    ]
+    super::sim::demo_platform()
 }
 
 /// Scratch window for argument structs (in guest RAM).
