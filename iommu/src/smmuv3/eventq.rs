@@ -321,8 +321,9 @@ impl fmt::Display for Event {
 pub struct EventPoll {
     /// Records drained (and passed to the sink).
     pub recorded: u32,
-    /// EVENTQ_PROD.OVFLG differed from our OVACKFLG: events were dropped since the last drain.
-    /// Counted in [`events_lost`](super::SmmuUnit::events_lost), one per overflow (the SMMU
+    /// Events were dropped since the last drain: EVENTQ_PROD.OVFLG differed from our
+    /// OVACKFLG, or GERROR.EVENTQ_ABT_ERR was active (QEMU 10 reports a full queue that way).
+    /// Counted in [`events_lost`](super::SmmuUnit::events_lost), one per occurrence (the SMMU
     /// does not say how many).
     pub overflowed: bool,
     /// Global errors that were active (GERROR ≠ GERRORN) and have been acknowledged, raw

@@ -1834,16 +1834,22 @@ fn global_errors_are_reported_and_acknowledged() {
     let mem = new_mem();
     let hw = FakeSmmu::qemu(&mem);
     let mut unit = up(&hw, &mem, cfg());
-    hw.raise_gerror((Gerror::EVENTQ_ABT_ERR | Gerror::SFM_ERR).bits());
+    hw.raise_gerror((Gerror::MSI_GERROR_ABT_ERR | Gerror::SFM_ERR).bits());
     let poll = unit.poll_events(&mut |_| {});
-    assert_eq!(poll.global_errors, 0x104);
+    assert_eq!((poll.global_errors, poll.overflowed), (0x180, false));
     assert!(gerr(&hw).is_empty());
     assert_eq!(unit.counters().global_errors, 2);
     assert_eq!(unit.poll_events(&mut |_| {}).global_errors, 0);
+    // An aborted event write (QEMU's report of a full queue) is a loss, like an overflow.
+    hw.raise_gerror(Gerror::EVENTQ_ABT_ERR.bits());
+    let poll = unit.poll_events(&mut |_| {});
+    assert_eq!((poll.global_errors, poll.overflowed), (4, true));
+    assert_eq!(unit.events_lost(), 1);
     // Toggled again (the second occurrence): active again.
     hw.raise_gerror(Gerror::EVENTQ_ABT_ERR.bits());
     assert_eq!(unit.poll_events(&mut |_| {}).global_errors, 4);
-    assert_eq!(unit.counters().global_errors, 3);
+    let c = unit.counters();
+    assert_eq!((c.global_errors, c.events_lost), (4, 2));
 }
 
 // ---------------------------------------------------------------------------------------------

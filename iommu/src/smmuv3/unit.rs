@@ -105,7 +105,7 @@ pub struct Counters {
     pub ste_breaks: u64,
     /// Event records drained.
     pub events: u64,
-    /// Event queue overflows seen.
+    /// Event losses seen (overflows and aborted event writes).
     pub events_lost: u64,
     /// Events of StreamIDs beyond the per-StreamID counters' capacity.
     pub events_untracked: u64,
@@ -853,7 +853,8 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// copied to EVENTQ_CONS.OVACKFLG), counting it in [`events_lost`](Self::events_lost).
     /// Then checks GERROR against GERRORN: a stuck command queue error is recovered as in
     /// `submit`, every other active global error is acknowledged, counted and reported in
-    /// [`EventPoll::global_errors`].
+    /// [`EventPoll::global_errors`]. GERROR.EVENTQ_ABT_ERR (an event write aborted: QEMU's way
+    /// of reporting a full queue) also counts as a loss and sets [`EventPoll::overflowed`].
     pub fn poll_events(&mut self, sink: &mut dyn FnMut(&Event)) -> EventPoll {
         let (recorded, overflowed) = self
             .evtq
@@ -867,14 +868,20 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
             self.cmdq
                 .recover(&self.mmio, self.mem, self.cmdq.prod(), &self.stats);
         }
-        let others = active.difference(Gerror::CMDQ_ERR).bits();
-        if others != 0 {
-            self.mmio.write32(offset::GERRORN, gerrorn ^ others);
-            self.events.global_errors += others.count_ones() as u64;
+        let others = active.difference(Gerror::CMDQ_ERR);
+        if !others.is_empty() {
+            self.mmio.write32(offset::GERRORN, gerrorn ^ others.bits());
+            self.events.global_errors += others.bits().count_ones() as u64;
+        }
+        // An aborted event queue write lost an event too. QEMU 10 reports a full queue this way
+        // (GERROR.EVENTQ_ABT_ERR), never through EVENTQ_PROD.OVFLG.
+        let aborted = others.contains(Gerror::EVENTQ_ABT_ERR);
+        if aborted {
+            self.events.lost = self.events.lost.saturating_add(1);
         }
         EventPoll {
             recorded,
-            overflowed,
+            overflowed: overflowed || aborted,
             global_errors: active.bits(),
         }
     }
@@ -885,7 +892,8 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         self.events.count(sid)
     }
 
-    /// Event queue overflows seen (one per overflow: the SMMU does not say how many events).
+    /// Event losses seen: queue overflows (EVENTQ_PROD.OVFLG) and aborted event writes
+    /// (GERROR.EVENTQ_ABT_ERR), one per occurrence (the SMMU does not say how many events).
     pub fn events_lost(&self) -> u64 {
         self.events.lost
     }
