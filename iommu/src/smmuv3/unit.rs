@@ -447,7 +447,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
 
     /// The STE currently in memory for `sid`; `None` when `sid` is out of range or its
     /// level-2 table does not exist yet (the SMMU treats it as C_BAD_STREAMID).
-    pub fn ste<T: TableMemory>(&self, mem: &T, sid: u32) -> Option<Ste> {
+    pub fn ste<T: TableMemory<Entry = E>>(&self, mem: &T, sid: u32) -> Option<Ste> {
         self.check_sid(sid).ok()?;
         self.strtab.ste_pa(mem, sid).map(|pa| load_ste(mem, pa))
     }
@@ -460,7 +460,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// input size (see [`DomainConfig::input_bits`]), takes an ASID or VMID, allocates the
     /// page-table root and, for stage 1, writes the domain's CD (see [`Cd::new`]).
     /// [`Stage::Nested`] needs [`create_nested_domain`](Self::create_nested_domain).
-    pub fn create_domain<T: TableMemory>(
+    pub fn create_domain<T: TableMemory<Entry = E>>(
         &mut self,
         mem: &T,
         cfg: DomainConfig,
@@ -553,7 +553,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// first nested domain creates and maps read-only into the parent at IPA == PA (see
     /// [`domain`](super::domain)); that map fails with an overlap if the parent already uses
     /// those IPAs. Map the parent for the IPAs the stage-1 tables output.
-    pub fn create_nested_domain<T: TableMemory>(
+    pub fn create_nested_domain<T: TableMemory<Entry = E>>(
         &mut self,
         mem: &T,
         parent: &Domain,
@@ -654,7 +654,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// is handed back (a large `Err`, but a rare and cold path, and boxing would need
     /// `alloc`).
     #[allow(clippy::result_large_err)]
-    pub fn try_destroy_domain<T: TableMemory>(
+    pub fn try_destroy_domain<T: TableMemory<Entry = E>>(
         &mut self,
         mem: &T,
         d: Domain,
@@ -717,7 +717,11 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// back: on failure (for instance [`SmmuError::DomainBusy`]) the domain is dropped, which
     /// leaks its tables and ids. That is the safe outcome: a stream still attached keeps
     /// translating through intact tables. Detach first.
-    pub fn destroy_domain<T: TableMemory>(&mut self, mem: &T, d: Domain) -> Result<(), SmmuError> {
+    pub fn destroy_domain<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        d: Domain,
+    ) -> Result<(), SmmuError> {
         self.try_destroy_domain(mem, d).map_err(|(e, _leaked)| e)
     }
 
@@ -725,7 +729,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// table; map the parent for IPA → PA). No invalidation is needed: the SMMU caches no
     /// invalid entries. When a failed map had installed and removed entries, their range is
     /// invalidated before the error is returned.
-    pub fn map<T: TableMemory>(
+    pub fn map<T: TableMemory<Entry = E>>(
         &self,
         mem: &T,
         d: &Domain,
@@ -762,7 +766,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     ///
     /// Unlinked table pages are retired only after the SYNC completed; if the invalidation
     /// fails they are leaked, never reused.
-    pub fn unmap<T: TableMemory>(
+    pub fn unmap<T: TableMemory<Entry = E>>(
         &self,
         mem: &T,
         d: &Domain,
@@ -800,7 +804,12 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
 
     /// What `iova` translates to in `d`'s own table: the PA (stage 1, stage 2) or the IPA
     /// (nested; translate it through the parent for the PA).
-    pub fn iova_to_phys<T: TableMemory>(&self, mem: &T, d: &Domain, iova: u64) -> Option<u64> {
+    pub fn iova_to_phys<T: TableMemory<Entry = E>>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+    ) -> Option<u64> {
         d.check_unit(self.strtab.base).ok()?;
         d.translate(mem, iova).map(|t| t.pa)
     }
@@ -816,7 +825,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// is involved) and CMD_SYNC. Fault recording is on (STE.S2R, CD.R). No TLB invalidation is
     /// needed: TLB entries are tagged with the ASID/VMID of the domain they came from, which
     /// this stream no longer uses. Allocates `sid`'s level-2 stream table on first use.
-    pub fn attach<T: TableMemory>(
+    pub fn attach<T: TableMemory<Entry = E>>(
         &mut self,
         mem: &T,
         sid: u32,
@@ -833,13 +842,21 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     }
 
     /// Makes `sid` bypass translation (STE.Config = bypass, incoming attributes kept).
-    pub fn set_bypass<T: TableMemory>(&mut self, mem: &T, sid: u32) -> Result<(), SmmuError> {
+    pub fn set_bypass<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sid: u32,
+    ) -> Result<(), SmmuError> {
         self.check_sid(sid)?;
         self.update_ste(mem, sid, Ste::bypass())
     }
 
     /// Makes `sid` abort all traffic (STE.Config = abort, V = 1): detach.
-    pub fn set_abort<T: TableMemory>(&mut self, mem: &T, sid: u32) -> Result<(), SmmuError> {
+    pub fn set_abort<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sid: u32,
+    ) -> Result<(), SmmuError> {
         self.check_sid(sid)?;
         self.update_ste(mem, sid, Ste::abort())
     }
@@ -953,7 +970,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         }
     }
 
-    fn write_cd<T: TableMemory>(&self, mem: &T, page: u64, f: &CdFields) {
+    fn write_cd<T: TableMemory<Entry = E>>(&self, mem: &T, page: u64, f: &CdFields) {
         let cd = Cd::new(f, self.attrs);
         // Not reachable yet (no STE points at it): order does not matter.
         for (i, &w) in cd.0.iter().enumerate() {
@@ -965,7 +982,12 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     }
 
     /// Changes `sid`'s STE to `new` following [`plan_update`].
-    fn update_ste<T: TableMemory>(&mut self, mem: &T, sid: u32, new: Ste) -> Result<(), SmmuError> {
+    fn update_ste<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sid: u32,
+        new: Ste,
+    ) -> Result<(), SmmuError> {
         let fresh = self.strtab.ste_pa(mem, sid).is_none();
         let pa = self.strtab.ensure(mem, sid)?;
         let cur = load_ste(mem, pa);
@@ -998,7 +1020,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     }
 
     /// StreamIDs whose STE uses `d`, plus (stage 2) the nested domains on it.
-    fn references<T: TableMemory>(&self, mem: &T, d: &Domain) -> u32 {
+    fn references<T: TableMemory<Entry = E>>(&self, mem: &T, d: &Domain) -> u32 {
         let mut n = 0;
         let (cd, s2root) = match &d.kind {
             Kind::S1 { cd, .. } | Kind::Nested { cd, .. } => (Some(*cd), None),
@@ -1024,7 +1046,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     }
 
     /// Invalidates the range a failed map installed and removed again, if any.
-    fn flush_rolled_back<T: TableMemory>(
+    fn flush_rolled_back<T: TableMemory<Entry = E>>(
         &self,
         _mem: &T,
         d: &Domain,
