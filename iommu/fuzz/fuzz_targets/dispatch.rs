@@ -174,7 +174,10 @@ fn run(data: &[u8]) {
                 // The hypervisor's side: emulated devices.
                 let k = inp.u8() as usize;
                 let id = ids.get(k % ids.len().max(1)).copied().unwrap_or(0);
-                let other = ids.get(inp.u8() as usize % ids.len().max(1)).copied().unwrap_or(0);
+                let other = ids
+                    .get(inp.u8() as usize % ids.len().max(1))
+                    .copied()
+                    .unwrap_or(0);
                 let iova = (inp.u8() as u64) << 12 | (inp.u8() as u64 & 0xf);
                 let len = ((inp.u8() as u64 % 8) + 1) << 12;
                 match action % 8 {

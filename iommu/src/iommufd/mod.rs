@@ -43,6 +43,7 @@ pub mod ioas;
 mod object;
 pub mod sim;
 pub mod table;
+pub mod vtd_backend;
 
 #[cfg(test)]
 mod tests;
@@ -53,9 +54,9 @@ use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use hvabi::{errno, kind, reason};
 
+pub use dispatch::dispatch;
 /// The ABI crate, re-exported for users of this crate (the fuzzer, the hypervisor).
 pub use hvabi as abi;
-pub use dispatch::dispatch;
 pub use hw::{HwDev, HwDeviceInfo, HwDomain, HwError, IommuHw, Span};
 
 use object::{Guest, Object};

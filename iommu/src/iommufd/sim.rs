@@ -102,6 +102,18 @@ impl TableMemory for SimMem {
     }
 }
 
+/// The VT-d driver's memory: its structures are single pages from the same pool.
+impl crate::vtd::VtdMemory for SimMem {
+    fn store128(&self, pa: u64, lo: u64, hi: u64) {
+        let page = self.table(pa & !0xfff, 512);
+        let i = ((pa & 0xfff) / 8) as usize;
+        if let (Some(h), Some(l)) = (page.get(i + 1), page.get(i)) {
+            h.store(hi, Relaxed);
+            l.store(lo, Relaxed);
+        }
+    }
+}
+
 /// How to build one simulated device.
 #[derive(Clone, Copy, Debug)]
 pub struct SimDevice {
@@ -203,14 +215,18 @@ pub fn demo_platform() -> Vec<SimDevice> {
         SimDevice::new(0x0200, 5),
         SimDevice::new(0x0201, 5).no_cc(),
         SimDevice::new(0x0300, 6).unit(1),
-        SimDevice::new(0x0400, 7)
-            .aperture_bits(39)
-            .reserve(DEMO_RMRR.0, DEMO_RMRR.1, hvabi::resv::DIRECT),
+        SimDevice::new(0x0400, 7).aperture_bits(39).reserve(
+            DEMO_RMRR.0,
+            DEMO_RMRR.1,
+            hvabi::resv::DIRECT,
+        ),
         SimDevice::new(0x0500, 8).dirty().no_cc(),
         SimDevice::new(0x0600, 9).pasid(4),
-        SimDevice::new(0x0601, 9)
-            .pasid(4)
-            .reserve(DEMO_L_RESV.0, DEMO_L_RESV.1, hvabi::resv::RESERVED),
+        SimDevice::new(0x0601, 9).pasid(4).reserve(
+            DEMO_L_RESV.0,
+            DEMO_L_RESV.1,
+            hvabi::resv::RESERVED,
+        ),
     ]
 }
 

@@ -11,6 +11,7 @@ mod fail_nth;
 mod group;
 mod hwpt;
 mod ioas;
+mod vtd;
 
 use std::sync::Arc;
 use std::vec::Vec;

@@ -1,0 +1,289 @@
+//! The object model over the real VT-d driver (`VtdBackend`), against a minimal register model
+//! (legacy mode, register-based invalidation, snoop control): what the hardware walks — root
+//! and context entries, second-stage tables — is checked after attach, group replace, detach,
+//! and under allocation-failure injection.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::vec::Vec;
+
+use hvabi::{HWPT_ENFORCE_CACHE_COHERENCY, errno};
+
+use super::super::check::{check, snapshot};
+use super::super::client::Client;
+use super::super::hw::IommuHw;
+use super::super::sim::{SimMem, VecGuestMemory};
+use super::super::vtd_backend::{VtdBackend, VtdDevice, device_info};
+use super::super::{FailNth, GuestId, Iommufd, Limits};
+use super::{PG, SCRATCH};
+use crate::hw::Mmio;
+use crate::pgtable::TableMemory;
+use crate::vtd::{TranslationMode, UnitConfig, VtdUnit};
+
+/// CAP: ND = 2 (256 domain ids), SAGAW = 4 levels, MGAW = 48, 2 MiB leaves.
+const CAP: u64 = 2 | 1 << 10 | 47 << 16 | 1 << 34;
+/// ECAP: coherent walks (C), snoop control (SC), IOTLB registers at 0x200, no QI.
+const ECAP: u64 = 1 | 1 << 7 | 0x20 << 8;
+const IOTLB_REG: usize = 0x208;
+
+#[derive(Default)]
+struct State {
+    gsts: u32,
+    regs: std::collections::BTreeMap<usize, u64>,
+}
+
+/// Just enough of a VT-d unit for the driver: GCMD/GSTS handshakes complete at once, context
+/// and IOTLB invalidations complete at once with the granularity requested.
+#[derive(Clone, Default)]
+struct MiniVtd(Rc<RefCell<State>>);
+
+impl Mmio for MiniVtd {
+    fn read32(&self, off: usize) -> u32 {
+        match off {
+            0x00 => 0x10,
+            0x1c => self.0.borrow().gsts,
+            _ => self.read64(off & !7) as u32,
+        }
+    }
+    fn write32(&self, off: usize, v: u32) {
+        if off == 0x18 {
+            // Persistent commands (TE, QIE, IRE, CFI) show in GSTS; SRTP and SIRTP latch at
+            // once; WBF completes at once.
+            let persistent = v & (1 << 31 | 1 << 26 | 1 << 25 | 1 << 23);
+            let latched = v & (1 << 30 | 1 << 24);
+            self.0.borrow_mut().gsts = persistent | latched;
+        }
+    }
+    fn read64(&self, off: usize) -> u64 {
+        match off {
+            0x08 => CAP,
+            0x10 => ECAP,
+            _ => self.0.borrow().regs.get(&off).copied().unwrap_or(0),
+        }
+    }
+    fn write64(&self, off: usize, v: u64) {
+        let v = match off {
+            // CCMD: ICC clears, CAIG = CIRG.
+            0x28 if v >> 63 != 0 => (v & !(1 << 63)) | ((v >> 61) & 3) << 59,
+            // IOTLB: IVT clears, IAIG = IIRG.
+            IOTLB_REG if v >> 63 != 0 => (v & !(1 << 63)) | ((v >> 60) & 3) << 57,
+            _ => v,
+        };
+        self.0.borrow_mut().regs.insert(off, v);
+    }
+}
+
+type Backend = VtdBackend<MiniVtd, SimMem>;
+
+struct VEnv {
+    fd: Iommufd<Backend>,
+    mem: VecGuestMemory,
+    g: GuestId,
+    fail: Arc<FailNth>,
+    root: u64,
+    /// Table pages the unit itself holds (root table, context tables are counted live).
+    base_frames: usize,
+}
+
+/// Requester IDs: 00:01.0 alone; 00:02.0 and 00:02.1 in one group; 00:03.0 alone and
+/// (pretending) unable to enforce coherency.
+const SIDS: [u16; 4] = [0x0008, 0x0010, 0x0011, 0x0018];
+
+fn venv() -> VEnv {
+    let fail = Arc::new(FailNth::new());
+    let mem = SimMem::new(256, Some(fail.clone()));
+    let mut unit = VtdUnit::new(
+        MiniVtd::default(),
+        &mem,
+        UnitConfig::new(TranslationMode::Legacy),
+    )
+    .unwrap();
+    unit.enable_translation().unwrap();
+    let root = unit.root_table();
+    let groups = [1, 2, 2, 3];
+    let devices: Vec<_> = SIDS
+        .iter()
+        .zip(groups)
+        .map(|(&sid, g)| {
+            let mut info = device_info(&unit, sid, g, 0);
+            if sid == 0x0018 {
+                info.enforce_cc = false;
+            }
+            VtdDevice { info, unit: 0, sid }
+        })
+        .collect();
+    let base_frames = mem.frames_in_use();
+    let backend = VtdBackend::new(std::vec![unit], mem, devices);
+    let mut fd = Iommufd::new(backend, Limits::default()).unwrap();
+    fd.set_fault_injector(Some(fail.clone()));
+    let g = fd.create_guest().unwrap();
+    for d in 0..4 {
+        fd.assign_device(g, d).unwrap();
+    }
+    VEnv {
+        fd,
+        mem: VecGuestMemory::standard(),
+        g,
+        fail,
+        root,
+        base_frames,
+    }
+}
+
+impl VEnv {
+    fn c(&mut self) -> Client<'_, Backend> {
+        Client::new(&mut self.fd, self.g, &self.mem, SCRATCH)
+    }
+    fn id(&mut self, hw: u32) -> u32 {
+        self.fd.device_id(self.g, hw).unwrap()
+    }
+    fn check(&self) {
+        check(&self.fd, &[(self.g, &self.mem)]).unwrap();
+    }
+    /// The context entry of `sid` as the hardware finds it: (SLPTPTR, DID), if present.
+    fn context(&self, sid: u16) -> Option<(u64, u16)> {
+        let mem = self.fd.hw().mem();
+        let word = |pa: u64| mem.table(pa & !0xfff, 512)[((pa & 0xfff) / 8) as usize].load(Relaxed);
+        let re = word(self.root + (sid >> 8) as u64 * 16);
+        if re & 1 == 0 {
+            return None;
+        }
+        let ce = (re & !0xfff) + (sid & 0xff) as u64 * 16;
+        let (lo, hi) = (word(ce), word(ce + 8));
+        (lo & 1 != 0).then_some((lo & 0x000f_ffff_ffff_f000, (hi >> 8) as u16))
+    }
+    /// The (root, DID) of HWPT `h`'s domain.
+    fn hwpt_root(&mut self, h: u32) -> (u64, u16) {
+        let d = self.fd.hwpt_domain(self.g, h).unwrap();
+        let dom = self.fd.hw().domain(d).unwrap();
+        (dom.root(), dom.did())
+    }
+}
+
+#[test]
+fn vtd_attach_map_replace_detach() {
+    let mut env = venv();
+    let (a, d1, d2, nc) = (env.id(0), env.id(1), env.id(2), env.id(3));
+    let mut c = env.c();
+    let ioas = c.ioas_alloc().unwrap();
+    let ioas2 = c.ioas_alloc().unwrap();
+    c.map_fixed(ioas, 0x10_0000, 0, 4 * PG).unwrap();
+    c.map_fixed(ioas2, 0x10_0000, 64 * PG, 4 * PG).unwrap();
+    // Coherent HWPT for the coherent device; the "non-coherent" one gets its own.
+    let ha = c.attach(a, ioas).unwrap();
+    let hn = c.attach(nc, ioas).unwrap();
+    assert_ne!(ha, hn);
+    assert_eq!(
+        c.hwpt_alloc(nc, ioas, HWPT_ENFORCE_CACHE_COHERENCY),
+        Err(errno::EMEDIUMTYPE)
+    );
+    // The two-function group: one attach, both context entries.
+    let hg = c.attach(d1, ioas).unwrap();
+    assert_eq!(hg, ha);
+    env.check();
+    let want = env.hwpt_root(ha);
+    for sid in [0x0008, 0x0010, 0x0011] {
+        assert_eq!(env.context(sid), Some(want), "sid {sid:#x}");
+    }
+    assert_eq!(env.context(0x0018), Some(env.hwpt_root(hn)));
+    // Leaves carry SNP in the coherent domain only (legacy snoop control).
+    let dom = env.fd.hwpt_domain(env.g, ha).unwrap();
+    assert_eq!(
+        env.fd.hw().translate(dom, 0x10_0000).unwrap().snoop,
+        Some(true)
+    );
+    let dom = env.fd.hwpt_domain(env.g, hn).unwrap();
+    assert_eq!(
+        env.fd.hw().translate(dom, 0x10_0000).unwrap().snoop,
+        Some(false)
+    );
+    // Group replace by the member that did not attach first: both functions switch.
+    env.c().attach(d2, ioas).unwrap();
+    let h2 = env.c().replace(d2, ioas2).unwrap();
+    env.check();
+    let want2 = env.hwpt_root(h2);
+    assert_eq!(env.context(0x0010), Some(want2));
+    assert_eq!(env.context(0x0011), Some(want2));
+    assert_eq!(env.context(0x0008), Some(want));
+    // Injected failure during a group replace to a new IOAS: nothing moves.
+    let ioas3 = env.c().ioas_alloc().unwrap();
+    env.c().map_fixed(ioas3, 0x10_0000, 0, 4 * PG).unwrap();
+    let snap = snapshot(&env.fd);
+    env.fail.arm(1);
+    assert_eq!(env.c().replace(d1, ioas3), Err(errno::ENOMEM));
+    env.fail.disarm();
+    assert_eq!(snapshot(&env.fd), snap);
+    assert_eq!(env.context(0x0010), Some(want2));
+    // Detach: the last attached member blocks both functions.
+    env.c().detach(d1).unwrap();
+    assert_eq!(env.context(0x0011), Some(want2));
+    env.c().detach(d2).unwrap();
+    assert_eq!(env.context(0x0010), None);
+    assert_eq!(env.context(0x0011), None);
+    env.check();
+    let base = env.base_frames;
+    env.fd.destroy_guest(env.g).unwrap();
+    assert_eq!(env.context(0x0008), None);
+    assert_eq!(env.fd.hw().live_domains(), Some(0));
+    // What is left are the unit's root table and the context table of bus 0.
+    assert_eq!(env.fd.hw().mem().frames_in_use(), base + 1);
+}
+
+#[test]
+fn vtd_fail_nth() {
+    // Every allocation of attach (domain, page tables, context table), map and replace, failed
+    // in turn, over the real driver.
+    let mut total = 0;
+    for step in 0..4 {
+        for n in 1.. {
+            let mut env = venv();
+            let (a, d1) = (env.id(0), env.id(1));
+            let ioas = env.c().ioas_alloc().unwrap();
+            let ioas2 = env.c().ioas_alloc().unwrap();
+            env.c().map_fixed(ioas2, 0x40_0000, 0, 2 << 20).unwrap();
+            if step > 0 {
+                env.c().attach(a, ioas).unwrap();
+            }
+            if step > 1 {
+                env.c().map_fixed(ioas, 0x10_0000, 0, 16 * PG).unwrap();
+                env.c().attach(d1, ioas).unwrap();
+            }
+            let src = env_hwpt(&mut env, ioas);
+            let snap = snapshot(&env.fd);
+            env.fail.arm(n);
+            let r = match step {
+                0 => env.c().attach(a, ioas).map(|_| ()),
+                1 => env
+                    .c()
+                    .map_fixed(ioas, 0x7fff_0000_0000, 0, 2 << 20)
+                    .map(|_| ()),
+                2 => env.c().replace(d1, ioas2).map(|_| ()),
+                _ => env.c().hwpt_clone(src, a, 0).map(|_| ()),
+            };
+            env.fail.disarm();
+            env.check();
+            if !env.fail.fired() {
+                r.unwrap();
+                break;
+            }
+            assert_eq!(r, Err(errno::ENOMEM), "step {step} n {n}");
+            assert_eq!(snapshot(&env.fd), snap, "step {step} n {n}");
+            total += 1;
+        }
+    }
+    assert!(total >= 4);
+}
+
+fn env_hwpt(env: &mut VEnv, ioas: u32) -> u32 {
+    let a = env.id(0);
+    env.c()
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.dev_id == a)
+        .map(|d| d.attached_hwpt)
+        .filter(|&h| h != 0)
+        .unwrap_or(ioas)
+}
