@@ -41,6 +41,7 @@ pub mod hw;
 pub mod hwpt;
 pub mod ioas;
 mod object;
+pub mod selftest;
 pub mod sim;
 pub mod table;
 pub mod vtd_backend;

@@ -121,10 +121,11 @@ pub struct VtdPrepared {
     attached_now: bool,
 }
 
-/// The VT-d backend.
-pub struct VtdBackend<M: Mmio, T: VtdMemory> {
+/// The VT-d backend. `mem` is where the units' structures and every domain's tables live
+/// (the hypervisor's IOMMU frame source).
+pub struct VtdBackend<'m, M: Mmio, T: VtdMemory> {
     units: Vec<VtdUnit<M>>,
-    mem: T,
+    mem: &'m T,
     devices: Vec<VtdDevice>,
     domains: Vec<Option<VtdDom>>,
     attached: BTreeMap<(HwDev, Option<u32>), HwDomain>,
@@ -147,10 +148,10 @@ fn err(e: VtdError) -> HwError {
     }
 }
 
-impl<M: Mmio, T: VtdMemory> VtdBackend<M, T> {
+impl<'m, M: Mmio, T: VtdMemory> VtdBackend<'m, M, T> {
     /// Units (brought up, translation enabled or not: the caller's choice), the memory their
     /// structures come from, and the devices to offer.
-    pub fn new(units: Vec<VtdUnit<M>>, mem: T, devices: Vec<VtdDevice>) -> Self {
+    pub fn new(units: Vec<VtdUnit<M>>, mem: &'m T, devices: Vec<VtdDevice>) -> Self {
         VtdBackend {
             units,
             mem,
@@ -169,8 +170,8 @@ impl<M: Mmio, T: VtdMemory> VtdBackend<M, T> {
         &mut self.units
     }
 
-    pub fn mem(&self) -> &T {
-        &self.mem
+    pub fn mem(&self) -> &'m T {
+        self.mem
     }
 
     /// The driver's domain behind a handle (for inspection).
@@ -215,7 +216,7 @@ impl<M: Mmio, T: VtdMemory> VtdBackend<M, T> {
     }
 }
 
-impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
+impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
     type Prepared = VtdPrepared;
 
     fn device_count(&self) -> u32 {
@@ -245,7 +246,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
                 self.domains.len() - 1
             }
         };
-        let domain = unit.create_domain(&self.mem, dc).map_err(err)?;
+        let domain = unit.create_domain(self.mem, dc).map_err(err)?;
         self.domains[slot] = Some(VtdDom {
             unit: vd.unit,
             domain,
@@ -261,7 +262,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
         if let Some(unit) = self.units.get_mut(x.unit) {
             // Busy (still attached) cannot happen through the object model; the driver then
             // leaks the table rather than free it under a device.
-            let _ = unit.destroy_domain(&self.mem, x.domain);
+            let _ = unit.destroy_domain(self.mem, x.domain);
         }
     }
 
@@ -296,14 +297,14 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
     ) -> Result<(), HwError> {
         let x = self.dom(d).ok_or(HwError::Invalid)?;
         let unit = self.units.get(x.unit).ok_or(HwError::Invalid)?;
-        unit.map(&self.mem, &x.domain, iova, pa, len, prot)
+        unit.map(self.mem, &x.domain, iova, pa, len, prot)
             .map_err(err)
     }
 
     fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
         let x = self.dom(d).ok_or(HwError::Invalid)?;
         let unit = self.units.get(x.unit).ok_or(HwError::Invalid)?;
-        unit.unmap(&self.mem, &x.domain, iova, len).map_err(err)
+        unit.unmap(self.mem, &x.domain, iova, len).map_err(err)
     }
 
     fn prepare(
@@ -319,7 +320,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
                 .as_ref()
                 .ok_or(HwError::Invalid)?;
             let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
-            match unit.attach(&self.mem, vd.sid, pasid, &x.domain) {
+            match unit.attach(self.mem, vd.sid, pasid, &x.domain) {
                 Ok(()) => {}
                 // The entry was written; only the invalidation after it failed.
                 Err(e) if err(e) == HwError::Fault => {}
@@ -346,7 +347,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
             .as_ref()
             .ok_or(HwError::Invalid)?;
         let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
-        let r = unit.replace(&self.mem, vd.sid, p.pasid, &x.domain);
+        let r = unit.replace(self.mem, vd.sid, p.pasid, &x.domain);
         self.attached.insert((p.dev, p.pasid), p.d);
         r.map_err(|_| HwError::Fault)
     }
@@ -364,7 +365,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
             return Ok(());
         }
         let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
-        match unit.detach(&self.mem, vd.sid, pasid) {
+        match unit.detach(self.mem, vd.sid, pasid) {
             Ok(()) | Err(VtdError::NotAttached) => Ok(()),
             Err(_) => Err(HwError::Fault),
         }
@@ -372,7 +373,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
 
     fn translate(&self, d: HwDomain, iova: u64) -> Option<HwTranslation> {
         let x = self.dom(d)?;
-        let t = x.domain.table.as_ref()?.translate(&self.mem, iova)?;
+        let t = x.domain.table.as_ref()?.translate(self.mem, iova)?;
         let snoop = if x.domain.snoops_leaves() || !x.domain.enforce_cache_coherency() {
             Some(t.pte & vtd_bits::SNP != 0)
         } else {
@@ -392,7 +393,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<M, T> {
         let Some(table) = self.dom(d).and_then(|x| x.domain.table.as_ref()) else {
             return 0;
         };
-        let m = &self.mem;
+        let m = self.mem;
         match table {
             Table::Ss3(t) => t.census(m).mapped,
             Table::Ss4(t) => t.census(m).mapped,
