@@ -94,6 +94,9 @@ impl iommu::hw::Mmio for MmioRegion {
     }
 
     fn write32(&self, offset: usize, value: u32) {
+        // Register writes are doorbells for memory the device reads (queues, tables): order
+        // earlier stores first, like Linux's writel.
+        crate::arch::cache::dma_wmb();
         // SAFETY: as in `read32`.
         unsafe { ptr::write_volatile(self.addr(offset, 4) as *mut u32, value) }
     }
@@ -104,6 +107,7 @@ impl iommu::hw::Mmio for MmioRegion {
     }
 
     fn write64(&self, offset: usize, value: u64) {
+        crate::arch::cache::dma_wmb();
         // SAFETY: as in `read32`.
         unsafe { ptr::write_volatile(self.addr(offset, 8) as *mut u64, value) }
     }

@@ -27,3 +27,12 @@ pub fn clean(va: usize, len: usize) {
     // SAFETY: DSB SY waits for the cleans to complete before later accesses (the SMMU doorbell).
     unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
 }
+
+/// Orders this CPU's earlier stores to memory before a later store to a device register, as
+/// seen by a DMA master in the outer-shareable domain (DMB OSHST; Arm ARM B2.3.11): the
+/// command-queue entries must be visible before the PROD doorbell that announces them.
+#[inline(always)]
+pub fn dma_wmb() {
+    // SAFETY: a barrier has no memory-safety effect.
+    unsafe { core::arch::asm!("dmb oshst", options(nostack, preserves_flags)) };
+}

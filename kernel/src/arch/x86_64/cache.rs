@@ -56,3 +56,11 @@ pub fn store128(va: usize, lo: u64, hi: u64) {
         }
     }
 }
+
+/// Orders earlier stores before a later device-register store. x86 keeps stores in program
+/// order and UC MMIO stores are not reordered with earlier write-back stores (SDM vol 3
+/// §10.2.2), so only the compiler must be stopped from reordering.
+#[inline(always)]
+pub fn dma_wmb() {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+}
