@@ -7,6 +7,33 @@
 //! the device to a second IOAS with DEVICE_REPLACE and checks that its DMA now lands in another
 //! page, unmaps, detaches and destroys everything. [`SliceMemory`] is a guest memory made of
 //! one host-contiguous byte slice (a buffer the hypervisor owns), and [`DmaEngine`] is the device.
+//!
+//! The hypervisor side of a QEMU scenario is a few lines (verified with QEMU's intel-iommu in
+//! legacy mode with and without snoop control, and in scalable mode, with edu at 00:05.0):
+//!
+//! ```ignore
+//! struct EduDma<'a>(&'a EduDevice);
+//! impl<H: IommuHw> DmaEngine<H> for EduDma<'_> {
+//!     fn memory_to_device(&mut self, _: &H, iova: u64, len: usize) -> Result<(), &'static str> {
+//!         self.0.edu.dma_to_device(iova, len).map_err(|_| "edu")?;
+//!         self.0.edu.wait_dma(DMA_POLLS).map_err(|_| "edu timed out")
+//!     }
+//!     fn device_to_memory(&mut self, _: &H, iova: u64, len: usize) -> Result<(), &'static str> {
+//!         self.0.edu.dma_from_device(iova, len).map_err(|_| "edu")?;
+//!         self.0.edu.wait_dma(DMA_POLLS).map_err(|_| "edu timed out")
+//!     }
+//! }
+//! // unit: a VtdUnit brought up (RMRRs applied) with translation enabled; sid: edu's RID.
+//! let info = vtd_backend::device_info(&unit, sid, 1, 0);
+//! let backend = VtdBackend::new(vec![unit], &IOMMU_MEMORY, vec![VtdDevice { info, unit: 0, sid }]);
+//! let mut fd = Iommufd::new(backend, Limits::default())?;
+//! let g = fd.create_guest()?;
+//! fd.assign_device(g, 0)?;
+//! let pa = FRAMES.lock().alloc(FLOW_MEMORY / PAGE_SIZE, PAGE_SIZE, u64::MAX)?;
+//! let gm = SliceMemory::new(pa, pa, phys::frame_bytes_mut(pa, FLOW_MEMORY)?);
+//! dma_flow(&mut fd, g, &gm, sid as u64, &mut EduDma(&dev), &mut |l| println!("{l}"))?;
+//! fd.destroy_guest(g)?;
+//! ```
 
 use core::cell::RefCell;
 
