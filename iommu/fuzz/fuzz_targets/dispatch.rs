@@ -17,8 +17,9 @@
 
 use std::sync::Arc;
 
-use iommu::iommufd::abi::{BATCH_ATOMIC, errno, op};
+use iommu::iommufd::abi::{self, BATCH_ATOMIC, errno, op};
 use iommu::iommufd::check::{check, snapshot};
+use iommu::iommufd::client::{self, Client};
 use iommu::iommufd::sim::{SimHw, VecGuestMemory, demo_platform};
 use iommu::iommufd::{FailNth, GuestMemory, Iommufd, Limits};
 use libfuzzer_sys::fuzz_target;
@@ -92,6 +93,107 @@ fn fill(inp: &mut Input, ids: &[u32], buf: &mut [u8]) {
     }
 }
 
+/// One well-formed hypercall through the guest-side client: its result, and whether partial
+/// progress on failure is allowed (a batch without BATCH_ATOMIC).
+fn structured(
+    inp: &mut Input,
+    fd: &mut Iommufd<SimHw>,
+    gid: u32,
+    mem: &VecGuestMemory,
+    ids: &[u32],
+    action: u8,
+) -> (Result<(), u32>, bool) {
+    let pick = |inp: &mut Input| {
+        ids.get(inp.u8() as usize % ids.len().max(1))
+            .copied()
+            .unwrap_or(0)
+    };
+    let page = |inp: &mut Input| (inp.u8() as u64 % 64) << 12;
+    let len = |inp: &mut Input| ((inp.u8() as u64 % 16) + 1) << 12;
+    let flags = |inp: &mut Input| match inp.u8() % 4 {
+        0 => client::RW,
+        1 => abi::MAP_READABLE,
+        2 => abi::MAP_WRITEABLE,
+        _ => client::RW | abi::MAP_FIXED_IOVA,
+    };
+    let mut c = Client::new(fd, gid, mem, SCRATCH);
+    let (a, b) = (pick(inp), pick(inp));
+    let unit = |r: Result<u32, u32>| r.map(|_| ());
+    let r = match action % 16 {
+        0 => unit(c.ioas_alloc()),
+        1 => {
+            let gpa = page(inp) + (inp.u8() as u64 % 4) * (2 << 20);
+            let (l, f, iova) = (len(inp), flags(inp), page(inp));
+            c.map(a, gpa, l, f, iova).map(|_| ())
+        }
+        2 => {
+            let (iova, l) = (page(inp), len(inp) * (1 + inp.u8() as u64 % 8));
+            c.unmap(a, iova, l).map(|_| ())
+        }
+        3 => unit(c.attach(a, b)),
+        4 => unit(c.replace(a, b)),
+        5 => c.detach(a),
+        6 => {
+            let p = inp.u8() as u32 % 20;
+            unit(c.attach_pasid(a, p, b))
+        }
+        7 => {
+            let p = inp.u8() as u32 % 20;
+            unit(c.replace_pasid(a, p, b))
+        }
+        8 => {
+            let p = inp.u8() as u32 % 20;
+            c.detach_pasid(a, p)
+        }
+        9 => {
+            let f = inp.u8() as u32 % 8;
+            unit(c.hwpt_alloc(a, b, f))
+        }
+        10 => {
+            let f = inp.u8() as u32 % 8;
+            unit(c.hwpt_clone(a, b, f))
+        }
+        11 => c.destroy(a).map_err(|e| e.0),
+        12 => {
+            let (src, l, f, dst) = (page(inp), len(inp), flags(inp), page(inp));
+            c.copy(a, b, src, l, f, dst).map(|_| ())
+        }
+        13 => {
+            let s = page(inp) << 8;
+            let l = len(inp) * 64;
+            c.allow_iovas(a, &[(s, s + l - 1)])
+        }
+        14 => {
+            let atomic = (inp.u8() & 1) as u32;
+            let n = inp.u8() as usize % 6;
+            let entries: Vec<_> = (0..n)
+                .map(|_| abi::MapEntry {
+                    flags: flags(inp),
+                    reserved: 0,
+                    gpa: page(inp),
+                    length: len(inp),
+                    iova: page(inp),
+                })
+                .collect();
+            let (e, _, _) = c.map_batch(a, atomic, &entries);
+            return (if e == 0 { Ok(()) } else { Err(e) }, atomic == 0);
+        }
+        _ => {
+            let atomic = (inp.u8() & 1) as u32;
+            let n = inp.u8() as usize % 6;
+            let entries: Vec<_> = (0..n)
+                .map(|_| abi::UnmapEntry {
+                    iova: page(inp),
+                    length: len(inp),
+                })
+                .collect();
+            let (e, _, _) = c.unmap_batch(a, atomic, &entries);
+            return (if e == 0 { Ok(()) } else { Err(e) }, atomic == 0);
+        }
+    };
+    (r, false)
+}
+
 fuzz_target!(|data: &[u8]| run(data));
 
 fn run(data: &[u8]) {
@@ -125,7 +227,7 @@ fn run(data: &[u8]) {
             fail.arm(1 + (inp.u8() % 12) as u64);
         }
         let result: Result<(), u32> = match action & 0x7f {
-            0..=99 => {
+            0..=69 => {
                 // A guest hypercall.
                 let op = op::ALL[(action as usize) % op::ALL.len()];
                 let size = op::arg_size(op).unwrap();
@@ -156,6 +258,12 @@ fn run(data: &[u8]) {
                 assert!(r <= 0);
                 assert!(KNOWN.contains(&((-r) as u32)), "op {op:#x} returned {r}");
                 if r == 0 { Ok(()) } else { Err((-r) as u32) }
+            }
+            70..=99 => {
+                // A well-formed call with plausible values (reaches deep states quickly).
+                let (r, p) = structured(&mut inp, &mut fd, gid, mem, &ids, action);
+                partial_ok = p;
+                r
             }
             100..=104 => {
                 // A raw op number on raw bytes.

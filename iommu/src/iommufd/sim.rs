@@ -489,7 +489,7 @@ impl IommuHw for SimHw {
     }
 
     fn commit(&mut self, p: SimPrepared) -> Result<(), HwError> {
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         self.commits += 1;
         self.attach.insert((p.dev, p.pasid), p.d);
         if self.fault_commit == Some(p.dev) {
@@ -500,7 +500,7 @@ impl IommuHw for SimHw {
     }
 
     fn abort(&mut self, _p: SimPrepared) {
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         self.aborts += 1;
     }
 

@@ -338,7 +338,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
     }
 
     fn commit(&mut self, p: VtdPrepared) -> Result<(), HwError> {
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         if p.attached_now {
             return Ok(());
         }
@@ -353,7 +353,7 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
     }
 
     fn abort(&mut self, p: VtdPrepared) {
-        self.outstanding -= 1;
+        self.outstanding = self.outstanding.saturating_sub(1);
         if p.attached_now {
             let _ = self.detach(p.dev, p.pasid);
         }
