@@ -94,9 +94,12 @@ enum Command {
         /// Only host tests and scenarios whose name contains PATTERN.
         #[arg(long)]
         filter: Option<String>,
-        /// Skip the host unit tests.
+        /// Skip the host unit tests (and the loom models).
         #[arg(long)]
         no_host: bool,
+        /// Skip the loom models of the page-table engine (about two minutes).
+        #[arg(long)]
+        no_loom: bool,
         /// Build the hypervisor in release mode for the scenarios.
         #[arg(long)]
         release: bool,
@@ -111,6 +114,12 @@ enum Command {
     DecodeTable {
         #[arg(required = true)]
         files: Vec<std::path::PathBuf>,
+    },
+    /// The page-table engine's concurrency checks: loom models, and with `--miri` its tests
+    /// under miri (nightly; slow: tens of minutes on two cores).
+    Verify {
+        #[arg(long)]
+        miri: bool,
     },
     /// Host benchmarks (see docs/perf.md): `pgtable`.
     Bench {
@@ -138,8 +147,10 @@ fn main() -> ExitCode {
             arch,
             filter,
             no_host,
+            no_loom,
             release,
-        } => test::test(arch, filter.as_deref(), no_host, release),
+        } => test::test(arch, filter.as_deref(), no_host, no_loom, release),
+        Command::Verify { miri } => util::verify(miri),
         Command::Fuzz { target, seconds } => util::fuzz(&target, seconds),
         Command::DecodeTable { files } => Ok(decode::decode_tables(&files)),
         Command::Bench { suite } => util::bench(&suite),

@@ -11,9 +11,9 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 #[derive(Default)]
-struct Tally {
-    passed: usize,
-    failed: usize,
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
     failures: Vec<String>,
 }
 
@@ -21,12 +21,16 @@ pub fn test(
     arch: Option<Arch>,
     filter: Option<&str>,
     no_host: bool,
+    no_loom: bool,
     release: bool,
 ) -> Result<ExitCode> {
     crate::setup::setup(crate::setup::Needs::all())?;
     let mut tally = Tally::default();
     if !no_host {
         host_tests(filter, &mut tally)?;
+        if !no_loom && filter.is_none() {
+            loom_models(&mut tally)?;
+        }
     }
     let scenarios: Vec<Scenario> = scenario::load_all()?
         .into_iter()
@@ -81,6 +85,32 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }
+    run_libtest(cmd, "host unit tests", tally)
+}
+
+/// The loom models of the page-table engine's lock-free protocols (exhaustive interleavings;
+/// each prints how many executions it explored). A separate target directory keeps the
+/// `--cfg loom` build from invalidating the normal one.
+pub fn loom_models(tally: &mut Tally) -> Result<()> {
+    println!("== loom models (iommu/tests/pgtable_loom.rs) ==");
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "iommu",
+        "--release",
+        "--test",
+        "pgtable_loom",
+        "--",
+        "--nocapture",
+    ])
+    .env("RUSTFLAGS", "--cfg loom")
+    .env("CARGO_TARGET_DIR", crate::build::target_dir().join("loom"));
+    run_libtest(cmd, "loom models", tally)
+}
+
+/// Runs a libtest-based command, echoing its output and adding its counts to `tally`.
+fn run_libtest(mut cmd: std::process::Command, what: &str, tally: &mut Tally) -> Result<()> {
     cmd.stdout(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("cargo test: {e}"))?;
     let out = child.stdout.take().expect("piped");
@@ -112,9 +142,9 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
             // A build error or a crashed test binary: count it, never let it look green.
             tally.failed += 1;
         }
-        tally.failures.push("host unit tests".into());
+        tally.failures.push(what.into());
     }
-    println!("host unit tests: {passed} passed, {failed} failed");
+    println!("{what}: {passed} passed, {failed} failed");
     Ok(())
 }
 

@@ -104,3 +104,47 @@ pub fn bench(suite: &str) -> Result<ExitCode> {
         other => Err(format!("unknown bench suite {other:?}; known: pgtable")),
     }
 }
+
+/// `cargo xtask verify [--miri]`.
+pub fn verify(miri: bool) -> Result<ExitCode> {
+    let mut tally = crate::test::Tally::default();
+    crate::test::loom_models(&mut tally)?;
+    if miri {
+        let nightly_miri = Command::new("rustup")
+            .args(["component", "add", "miri", "--toolchain", "nightly"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !nightly_miri {
+            return Err("cannot install miri for the nightly toolchain".into());
+        }
+        println!("== miri (page-table engine tests) ==");
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env("MIRIFLAGS", "-Zmiri-disable-isolation")
+            .env("CARGO_TARGET_DIR", crate::build::target_dir().join("miri"))
+            .args([
+                "+nightly",
+                "miri",
+                "test",
+                "-p",
+                "iommu",
+                "--lib",
+                "--test",
+                "pgtable_ops",
+                "--",
+                "pgtable",
+            ]);
+        run(&mut cmd)?;
+    }
+    println!("verify: done");
+    Ok(if tally_ok(&tally) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn tally_ok(t: &crate::test::Tally) -> bool {
+    t.failed == 0
+}
