@@ -43,6 +43,7 @@ pub mod ioas;
 mod object;
 pub mod selftest;
 pub mod sim;
+pub mod smmu_backend;
 pub mod table;
 pub mod vtd_backend;
 
