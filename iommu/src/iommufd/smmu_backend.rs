@@ -374,3 +374,344 @@ where
         Some(self.outstanding)
     }
 }
+
+// The SMMUv3 register model and recording memory of the driver's tests (private to `smmuv3`),
+// compiled once more for these tests; its `super::cmdq` and `super::regs` resolve through the
+// imports below.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../smmuv3/fake.rs"]
+mod smmu_fake;
+#[cfg(test)]
+use crate::smmuv3::{cmdq, regs};
+
+#[cfg(test)]
+mod tests {
+    use std::boxed::Box;
+    use std::vec;
+    use std::vec::Vec;
+
+    use hvabi::{HWPT_ENFORCE_CACHE_COHERENCY, errno};
+
+    use super::super::check::check;
+    use super::super::client::Client;
+    use super::super::selftest::{DmaEngine, FLOW_MEMORY, SliceMemory, dma_flow};
+    use super::super::sim::VecGuestMemory;
+    use super::super::{GuestId, Iommufd, Limits};
+    use super::smmu_fake::{FakeMem, FakeSmmu, Word};
+    use super::*;
+    use crate::smmuv3::{Ste, StreamConfig, UnitConfig};
+
+    type Unit<'a> = SmmuUnit<'a, &'a FakeSmmu<'a>, Word>;
+    type Backend<'a> = SmmuBackend<'a, &'a FakeSmmu<'a>, FakeMem>;
+
+    const PG: u64 = 0x1000;
+    /// (StreamID, group): a two-stream group whose streams sit in different level-2 stream
+    /// tables, and a stream of its own (the flow's device).
+    const DEVS: [(u32, u32); 3] = [(0x08, 1), (0x1008, 1), (0x10, 2)];
+
+    fn up<'a>(hw: &'a FakeSmmu<'a>, mem: &'a FakeMem) -> Unit<'a> {
+        let cfg = UnitConfig {
+            poll_budget: 1000,
+            ..UnitConfig::new()
+        };
+        let unit = SmmuUnit::new(hw, mem, cfg).unwrap();
+        hw.take_commands();
+        unit
+    }
+
+    fn backend<'a>(hw: &'a FakeSmmu<'a>, mem: &'a FakeMem) -> Backend<'a> {
+        let unit = up(hw, mem);
+        let devices = DEVS
+            .iter()
+            .map(|&(sid, group)| SmmuDevice {
+                info: device_info(&unit, sid, group, 0),
+                unit: 0,
+                sid,
+            })
+            .collect();
+        SmmuBackend::new(vec![unit], mem, devices)
+    }
+
+    fn fd<'a>(hw: &'a FakeSmmu<'a>, mem: &'a FakeMem) -> (Iommufd<Backend<'a>>, GuestId) {
+        let mut fd = Iommufd::new(backend(hw, mem), Limits::default()).unwrap();
+        let g = fd.create_guest().unwrap();
+        for d in 0..DEVS.len() as u32 {
+            fd.assign_device(g, d).unwrap();
+        }
+        (fd, g)
+    }
+
+    fn ste(fd: &Iommufd<Backend<'_>>, sid: u32) -> Option<Ste> {
+        let b = fd.hw();
+        b.units()[0].ste(b.mem(), sid)
+    }
+
+    /// What a DMA of `sid` at `iova` reaches, walked from the fake's registers: the stream
+    /// table (linear or 2-level, STRTAB_BASE_CFG), the STE (V, Config = stage 2 only, S2T0SZ,
+    /// S2SL0, S2TTB), then the VMSAv8-64 stage-2 tables (4 KiB granule, concatenated root),
+    /// S2AP for the permission. Not the driver's decoders.
+    fn walk(
+        hw: &FakeSmmu<'_>,
+        mem: &FakeMem,
+        sid: u32,
+        iova: u64,
+        write: bool,
+    ) -> Result<u64, &'static str> {
+        let (base, cfg, cr0) = {
+            let s = hw.hw();
+            (
+                s.strtab_base & 0x000f_ffff_ffff_ffc0,
+                s.strtab_base_cfg,
+                s.cr0,
+            )
+        };
+        if cr0 & 1 == 0 {
+            return Err("SMMU disabled");
+        }
+        let (log2size, split) = (cfg & 0x3f, (cfg >> 6) & 0x1f);
+        if (sid as u64) >> log2size != 0 {
+            return Err("C_BAD_STREAMID");
+        }
+        let ste = if (cfg >> 16) & 3 == 1 {
+            let l1 = mem.read(base + (sid >> split) as u64 * 8);
+            let idx = (sid & ((1 << split) - 1)) as u64;
+            if l1 & 0x1f == 0 || idx >= 1 << ((l1 & 0x1f) - 1) {
+                return Err("C_BAD_STREAMID");
+            }
+            (l1 & 0x000f_ffff_ffff_ffc0) + idx * 64
+        } else {
+            base + sid as u64 * 64
+        };
+        let w: [u64; 4] = core::array::from_fn(|i| mem.read(ste + 8 * i as u64));
+        if w[0] & 1 == 0 {
+            return Err("C_BAD_STE");
+        }
+        match (w[0] >> 1) & 7 {
+            0 => return Err("abort"),
+            6 => {}
+            _ => return Err("not a stage-2-only STE"),
+        }
+        let ias = 64 - ((w[2] >> 32) & 0x3f);
+        let mut level = 2 - ((w[2] >> 38) & 3);
+        if iova >> ias != 0 {
+            return Err("translation fault (input size)");
+        }
+        let mut table = w[3] & 0x000f_ffff_ffff_fff0;
+        let mut root = true;
+        loop {
+            let shift = 12 + 9 * (3 - level);
+            let idx = if root {
+                iova >> shift
+            } else {
+                (iova >> shift) & 511
+            };
+            root = false;
+            let desc = mem.read(table + idx * 8);
+            if desc & 1 == 0 {
+                return Err("translation fault");
+            }
+            let out = desc & 0x0000_ffff_ffff_f000;
+            if level < 3 && desc & 2 != 0 {
+                table = out;
+                level += 1;
+                continue;
+            }
+            if level == 3 && desc & 2 == 0 {
+                return Err("translation fault (reserved descriptor)");
+            }
+            let need = if write { 1 << 7 } else { 1 << 6 };
+            if desc & need == 0 {
+                return Err("permission fault");
+            }
+            let size = 1u64 << shift;
+            return Ok((out & !(size - 1)) | (iova & (size - 1)));
+        }
+    }
+
+    /// The flow's device: DMA through the fake SMMU's stream table and stage-2 tables.
+    struct Walker<'a> {
+        hw: &'a FakeSmmu<'a>,
+        fake: &'a FakeMem,
+        mem: &'a SliceMemory<'a>,
+        sid: u32,
+        buf: [u8; PG as usize],
+    }
+
+    impl<H: IommuHw> DmaEngine<H> for Walker<'_> {
+        fn memory_to_device(&mut self, _: &H, iova: u64, len: usize) -> Result<(), &'static str> {
+            for off in (0..len as u64).step_by(PG as usize) {
+                let pa = walk(self.hw, self.fake, self.sid, iova + off, false)?;
+                let n = (len as u64 - off).min(PG - (pa & (PG - 1))) as usize;
+                let o = off as usize;
+                self.mem
+                    .read_hpa(pa, &mut self.buf[o..o + n])
+                    .map_err(|_| "DMA outside the buffer")?;
+            }
+            Ok(())
+        }
+        fn device_to_memory(&mut self, _: &H, iova: u64, len: usize) -> Result<(), &'static str> {
+            for off in (0..len as u64).step_by(PG as usize) {
+                let pa = walk(self.hw, self.fake, self.sid, iova + off, true)?;
+                let n = (len as u64 - off).min(PG - (pa & (PG - 1))) as usize;
+                let o = off as usize;
+                self.mem
+                    .write_hpa(pa, &self.buf[o..o + n])
+                    .map_err(|_| "DMA outside the buffer")?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn smmu_device_info() {
+        let mem = FakeMem::new(256);
+        let hw = FakeSmmu::qemu(&mem);
+        let unit = up(&hw, &mem);
+        let info = device_info(&unit, 0x10, 7, 20);
+        // QEMU: IDR0.COHACC, IDR5.OAS = 44 bits, no substreams.
+        assert!(info.enforce_cc && !info.dirty_tracking);
+        assert_eq!(info.aperture, Span::new(0, (1 << 44) - 1));
+        assert_eq!((info.hw_id, info.group, info.pasid_bits), (0x10, 7, 0));
+        assert!(info.reserved().is_empty());
+        let mut info = info;
+        assert!(with_reserved(
+            &mut info,
+            QEMU_VIRT_ITS_WINDOW,
+            hvabi::resv::MSI
+        ));
+        assert_eq!(info.reserved()[0].span.start, 0x0808_0000);
+    }
+
+    #[test]
+    fn smmu_dma_flow() {
+        let mem = FakeMem::new(2048);
+        let hw = FakeSmmu::qemu(&mem);
+        let (mut fd, g) = fd(&hw, &mem);
+        let bytes = Box::leak(vec![0u8; FLOW_MEMORY as usize].into_boxed_slice());
+        let gm = SliceMemory::new(0x8000_0000, 0x8000_0000, bytes);
+        let mut dma = Walker {
+            hw: &hw,
+            fake: &mem,
+            mem: &gm,
+            sid: 0x10,
+            buf: [0; PG as usize],
+        };
+        let mut lines = 0;
+        dma_flow(&mut fd, g, &gm, 0x10, &mut dma, &mut |_| lines += 1).unwrap();
+        assert_eq!(lines, 5);
+        check(&fd, &[(g, &gm)]).unwrap();
+        // Detached: abort STE, DMA blocked.
+        assert_eq!(ste(&fd, 0x10).unwrap().config(), StreamConfig::Abort);
+        assert_eq!(walk(&hw, &mem, 0x10, 0x10_0000, false), Err("abort"));
+        // The two-stream group: the flow moves both streams.
+        let mut dma = Walker { sid: 0x1008, ..dma };
+        dma_flow(&mut fd, g, &gm, 0x08, &mut dma, &mut |_| {}).unwrap();
+        check(&fd, &[(g, &gm)]).unwrap();
+        assert_eq!(fd.hw().live_domains(), Some(0));
+        assert_eq!(fd.hw().outstanding_prepared(), Some(0));
+        fd.destroy_guest(g).unwrap();
+    }
+
+    #[test]
+    fn smmu_prepare_abort_leaves_stes() {
+        let mem = FakeMem::new(2048);
+        let hw = FakeSmmu::qemu(&mem);
+        let mut b = backend(&hw, &mem);
+        let d1 = b.domain_alloc(0, DomainConfig::default()).unwrap();
+        let d2 = b.domain_alloc(0, DomainConfig::default()).unwrap();
+        b.map(d1, 0x10_0000, 0x8000_0000, PG, Prot::READ).unwrap();
+        // Blocked streams: prepare creates a level-2 table at most, abort keeps it abort.
+        let before: Vec<_> = [0x08, 0x1008].map(|s| b.units()[0].ste(&mem, s)).to_vec();
+        let p = b.prepare(0, None, d1).unwrap();
+        assert_eq!(b.outstanding_prepared(), Some(1));
+        b.abort(p);
+        assert_eq!(b.outstanding_prepared(), Some(0));
+        let ste0 = b.units()[0].ste(&mem, 0x08).unwrap();
+        assert_eq!(ste0.config(), StreamConfig::Abort);
+        assert!(before[0].is_none_or(|s| s.0 == ste0.0));
+        assert_eq!(b.device_domain(0, None), None);
+        // Attached streams: prepare and abort of a REPLACE change no STE word.
+        for dev in [0, 1] {
+            let p = b.prepare(dev, None, d1).unwrap();
+            b.commit(p).unwrap();
+        }
+        assert_eq!(walk(&hw, &mem, 0x1008, 0x10_0000, false), Ok(0x8000_0000));
+        let stes: Vec<_> = [0x08, 0x1008]
+            .map(|s| b.units()[0].ste(&mem, s).unwrap().0)
+            .to_vec();
+        let updates = b.units()[0].counters().ste_updates;
+        hw.take_commands();
+        let p0 = b.prepare(0, None, d2).unwrap();
+        // The second member fails (here: a PASID, which this backend does not offer); the
+        // first is aborted.
+        assert_eq!(b.prepare(1, Some(1), d2).unwrap_err(), HwError::Unsupported);
+        b.abort(p0);
+        let after: Vec<_> = [0x08, 0x1008]
+            .map(|s| b.units()[0].ste(&mem, s).unwrap().0)
+            .to_vec();
+        assert_eq!(stes, after);
+        assert_eq!(b.units()[0].counters().ste_updates, updates);
+        assert!(hw.take_commands().is_empty());
+        assert_eq!(b.device_domain(0, None), Some(d1));
+        assert_eq!(b.device_domain(1, None), Some(d1));
+        assert_eq!(b.outstanding_prepared(), Some(0));
+        // Refused up front: another unit's rules (coherency is fine on QEMU), dirty tracking,
+        // PASIDs.
+        let dirty = DomainConfig {
+            dirty_tracking: true,
+            ..DomainConfig::default()
+        };
+        assert_eq!(b.domain_alloc(0, dirty), Err(HwError::NoDirtyTracking));
+        assert_eq!(b.prepare(0, Some(1), d2).unwrap_err(), HwError::Unsupported);
+        for dev in [0, 1] {
+            b.detach(dev, None).unwrap();
+        }
+        assert_eq!(walk(&hw, &mem, 0x08, 0x10_0000, false), Err("abort"));
+        b.domain_free(d1);
+        b.domain_free(d2);
+        assert_eq!(b.live_domains(), Some(0));
+    }
+
+    /// A group attach whose second member's prepare fails (its level-2 stream table cannot be
+    /// allocated) aborts the first member: ENOMEM, nothing attached, no STE changed.
+    #[test]
+    fn smmu_group_attach_rolls_back() {
+        let mem = FakeMem::new(2048);
+        let hw = FakeSmmu::qemu(&mem);
+        let (mut fd, g) = fd(&hw, &mem);
+        let gm = VecGuestMemory::standard();
+        // Stream 0x10 attached first: the level-2 table of 0x00-0xff (0x08 too) exists.
+        let (dev0, dev2) = (fd.device_id(g, 0).unwrap(), fd.device_id(g, 2).unwrap());
+        let mut c = Client::new(&mut fd, g, &gm, super::super::tests::SCRATCH);
+        let ioas = c.ioas_alloc().unwrap();
+        c.attach(dev2, ioas).unwrap();
+        let hwpt = c
+            .hwpt_alloc(dev0, ioas, HWPT_ENFORCE_CACHE_COHERENCY)
+            .unwrap();
+        let ste08 = ste(&fd, 0x08).unwrap();
+        assert!(ste(&fd, 0x1008).is_none());
+        mem.fail_allocs
+            .store(true, core::sync::atomic::Ordering::Relaxed);
+        let mut c = Client::new(&mut fd, g, &gm, super::super::tests::SCRATCH);
+        assert_eq!(c.attach(dev0, hwpt).unwrap_err(), errno::ENOMEM);
+        mem.fail_allocs
+            .store(false, core::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ste(&fd, 0x08).unwrap().0, ste08.0);
+        assert!(ste(&fd, 0x1008).is_none());
+        assert_eq!(fd.hw().device_domain(0, None), None);
+        assert_eq!(fd.hw().device_domain(1, None), None);
+        assert_eq!(fd.hw().outstanding_prepared(), Some(0));
+        check(&fd, &[(g, &gm)]).unwrap();
+        // With memory, the same attach moves both streams.
+        let mut c = Client::new(&mut fd, g, &gm, super::super::tests::SCRATCH);
+        c.attach(dev0, hwpt).unwrap();
+        let d = fd.hwpt_domain(g, hwpt).unwrap();
+        assert_eq!(fd.hw().device_domain(0, None), Some(d));
+        assert_eq!(fd.hw().device_domain(1, None), Some(d));
+        assert_eq!(ste(&fd, 0x1008).unwrap().config(), StreamConfig::S2);
+        check(&fd, &[(g, &gm)]).unwrap();
+        fd.destroy_guest(g).unwrap();
+        assert_eq!(fd.hw().live_domains(), Some(0));
+    }
+}
