@@ -77,7 +77,7 @@ impl MmioRegion {
         // A bad offset is a driver bug, not guest input: stop loudly rather than touch memory
         // outside the device.
         assert!(
-            offset % width == 0 && offset + width <= self.size,
+            offset.is_multiple_of(width) && offset + width <= self.size,
             "MMIO access at {offset:#x} (width {width}) outside {:#x}+{:#x}",
             self.phys,
             self.size

@@ -28,7 +28,7 @@ pub fn clean(va: usize, len: usize) {
 /// CMPXCHG16B (SDM vol 2), so an IOMMU walking a VT-d context or PASID entry sees the old or the
 /// new entry, never half of each.
 pub fn store128(va: usize, lo: u64, hi: u64) {
-    assert!(va % 16 == 0, "store128 at unaligned {va:#x}");
+    assert!(va.is_multiple_of(16), "store128 at unaligned {va:#x}");
     let (mut cur_lo, mut cur_hi) = (0u64, 0u64);
     loop {
         let ok: u8;
