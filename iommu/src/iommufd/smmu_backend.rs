@@ -377,9 +377,9 @@ where
 
 // The SMMUv3 register model and recording memory of the driver's tests (private to `smmuv3`),
 // compiled once more for these tests; its `super::cmdq` and `super::regs` resolve through the
-// imports below.
+// imports below. (Once `smmuv3` exports it as `pub(crate) mod fake`, a `use` replaces this.)
 #[cfg(test)]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::duplicate_mod)]
 #[path = "../smmuv3/fake.rs"]
 mod smmu_fake;
 #[cfg(test)]
