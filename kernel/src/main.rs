@@ -46,7 +46,6 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "boot-report" => EXIT_SUCCESS,
         #[cfg(target_arch = "x86_64")]
         "vtd" => scenarios::vtd::run(info, &platform),
-        #[cfg(target_arch = "x86_64")]
         "abi" => scenarios::abi::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, &platform),

@@ -126,3 +126,22 @@ fn flow(_info: &BootInfo, platform: &Platform) -> Result<(), String> {
     println!("abi: VT-d backend, edu {} sid={sid:#06x}", dev.bdf);
     run_flow(backend, &dev, u64::from(sid))
 }
+
+#[cfg(target_arch = "aarch64")]
+fn flow(_info: &BootInfo, platform: &Platform) -> Result<(), String> {
+    use iommu::iommufd::smmu_backend::{self, SmmuBackend, SmmuDevice};
+    use iommu::smmuv3::{SmmuUnit, UnitConfig};
+    let dev = find_edu(platform, drivers::edu::DEFAULT_DMA_MASK)?;
+    let (base, sid) = unit_base(platform, &dev)?;
+    let mmio = MmioRegion::new(base, 0x2_0000).map_err(|e| format!("{e}"))?;
+    let unit =
+        SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default()).map_err(|e| format!("{e}"))?;
+    let info = smmu_backend::device_info(&unit, sid, 1, 0);
+    let backend = SmmuBackend::new(
+        vec![unit],
+        &IOMMU_MEMORY,
+        vec![SmmuDevice { info, unit: 0, sid }],
+    );
+    println!("abi: SMMUv3 backend, edu {} sid={sid:#06x}", dev.bdf);
+    run_flow(backend, &dev, u64::from(sid))
+}

@@ -3,7 +3,6 @@
 //! independent implementations QEMU provides (its VT-d model, the edu DMA engine), and returns
 //! the exit status.
 
-#[cfg(target_arch = "x86_64")]
 pub mod abi;
 #[cfg(target_arch = "aarch64")]
 pub mod smmu;
