@@ -104,7 +104,7 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Run a fuzz target (nightly cargo-fuzz, installed on demand): dmar, iort.
+    /// Run a fuzz target (nightly cargo-fuzz, installed on demand): dmar, iort, dispatch.
     Fuzz {
         target: String,
         #[arg(long, default_value_t = 60)]

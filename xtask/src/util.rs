@@ -52,7 +52,7 @@ pub fn shared_dir() -> PathBuf {
 /// `cargo xtask fuzz TARGET`: runs a cargo-fuzz target of `iommu/fuzz` for a bounded time,
 /// seeded with the real firmware tables.
 pub fn fuzz(target: &str, seconds: u64) -> Result<ExitCode> {
-    const TARGETS: [&str; 2] = ["dmar", "iort"];
+    const TARGETS: [&str; 3] = ["dmar", "iort", "dispatch"];
     if !TARGETS.contains(&target) {
         return Err(format!(
             "unknown fuzz target {target:?}; known: {}",
