@@ -87,3 +87,47 @@ pub fn find_edu(platform: &Platform, dma_mask: u64) -> Result<EduDevice, String>
 /// Polls for a DMA to finish: edu completes on a QEMU virtual-clock timer (100 ms virtual, a
 /// few thousand polls under `-icount`), so this bound is generous, never infinite.
 pub const DMA_POLLS: u32 = 50_000_000;
+
+/// A physically contiguous DMA buffer from the frame allocator, zeroed.
+pub struct Buffer {
+    pub pa: u64,
+    pub bytes: &'static mut [u8],
+}
+
+pub fn buffer(len: u64, align: u64) -> Result<Buffer, String> {
+    use crate::mem::frame::{FRAMES, PAGE_SIZE};
+    let pa = FRAMES
+        .lock()
+        .alloc(len.div_ceil(PAGE_SIZE), align, u64::MAX)
+        .ok_or("out of frames")?;
+    let bytes = crate::mem::phys::frame_bytes_mut(pa, len).map_err(|e| alloc::format!("{e}"))?;
+    bytes.fill(0);
+    Ok(Buffer { pa, bytes })
+}
+
+/// A recognisable byte pattern, different per seed.
+pub fn pattern(seed: u8, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = seed.wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8;
+    }
+}
+
+/// edu reads `len` bytes at `iova` into its buffer, and the transfer completes.
+pub fn dma_to_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), String> {
+    d.edu
+        .dma_to_device(iova, len)
+        .map_err(|e| alloc::format!("edu: {e:?}"))?;
+    d.edu
+        .wait_dma(DMA_POLLS)
+        .map_err(|e| alloc::format!("edu: {e:?}"))
+}
+
+/// edu writes `len` bytes of its buffer at `iova`, and the transfer completes.
+pub fn dma_from_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), String> {
+    d.edu
+        .dma_from_device(iova, len)
+        .map_err(|e| alloc::format!("edu: {e:?}"))?;
+    d.edu
+        .wait_dma(DMA_POLLS)
+        .map_err(|e| alloc::format!("edu: {e:?}"))
+}

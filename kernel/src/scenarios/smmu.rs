@@ -6,11 +6,13 @@
 //! Every check is against the model's observable behaviour: bytes that arrive (or not) in memory,
 //! and the event records it writes.
 
-use super::{Checks, DMA_POLLS, EduDevice, find_edu};
+use super::{
+    Buffer, Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern,
+};
 use crate::discovery::{Platform, Unit};
-use crate::mem::frame::{FRAMES, PAGE_SIZE};
+use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
-use crate::mem::phys::{self, MmioRegion};
+use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
@@ -27,41 +29,6 @@ const IOVA_RO: u64 = 0x0020_0000;
 const IOVA_SUPER: u64 = 0x0040_0000;
 const IOVA_CONT: u64 = 0x0080_0000;
 const IOVA_UNMAPPED: u64 = 0x0def_0000;
-
-struct Buffer {
-    pa: u64,
-    bytes: &'static mut [u8],
-}
-
-fn buffer(len: u64, align: u64) -> Result<Buffer, String> {
-    let pa = FRAMES
-        .lock()
-        .alloc(len.div_ceil(PAGE_SIZE), align, u64::MAX)
-        .ok_or("out of frames")?;
-    let bytes = phys::frame_bytes_mut(pa, len).map_err(|e| format!("{e}"))?;
-    bytes.fill(0);
-    Ok(Buffer { pa, bytes })
-}
-
-fn pattern(seed: u8, out: &mut [u8]) {
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = seed.wrapping_add((i as u8).wrapping_mul(13)) ^ (i >> 8) as u8;
-    }
-}
-
-fn dma_to_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), String> {
-    d.edu
-        .dma_to_device(iova, len)
-        .map_err(|e| format!("edu: {e:?}"))?;
-    d.edu.wait_dma(DMA_POLLS).map_err(|e| format!("edu: {e:?}"))
-}
-
-fn dma_from_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), String> {
-    d.edu
-        .dma_from_device(iova, len)
-        .map_err(|e| format!("edu: {e:?}"))?;
-    d.edu.wait_dma(DMA_POLLS).map_err(|e| format!("edu: {e:?}"))
-}
 
 fn e(err: SmmuError) -> String {
     format!("{err}")

@@ -9,9 +9,11 @@
 //! Every check is against the hardware model's observable behaviour: bytes that arrive (or not)
 //! in guest-physical memory, and fault records the model writes.
 
-use super::{Checks, DMA_POLLS, EduDevice, find_edu};
+use super::{
+    Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern,
+};
 use crate::discovery::{Platform, Unit};
-use crate::mem::frame::{FRAMES, PAGE_SIZE};
+use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::{IOMMU_MEMORY, IommuMemory};
 use crate::mem::phys::{self, MmioRegion};
 use crate::println;
@@ -36,42 +38,6 @@ impl iommu::vtd::VtdMemory for IommuMemory {
             .as_mut_ptr();
         crate::arch::cache::store128(va as usize, lo, hi);
     }
-}
-
-/// A physically contiguous DMA buffer from the frame allocator.
-struct Buffer {
-    pa: u64,
-    bytes: &'static mut [u8],
-}
-
-fn buffer(len: u64, align: u64) -> Result<Buffer, String> {
-    let pa = FRAMES
-        .lock()
-        .alloc(len.div_ceil(PAGE_SIZE), align, u64::MAX)
-        .ok_or("out of frames")?;
-    let bytes = phys::frame_bytes_mut(pa, len).map_err(|e| format!("{e}"))?;
-    bytes.fill(0);
-    Ok(Buffer { pa, bytes })
-}
-
-fn pattern(seed: u8, out: &mut [u8]) {
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = seed.wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8;
-    }
-}
-
-fn dma_to_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), String> {
-    d.edu
-        .dma_to_device(iova, len)
-        .map_err(|e| format!("edu: {e:?}"))?;
-    d.edu.wait_dma(DMA_POLLS).map_err(|e| format!("edu: {e:?}"))
-}
-
-fn dma_from_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), String> {
-    d.edu
-        .dma_from_device(iova, len)
-        .map_err(|e| format!("edu: {e:?}"))?;
-    d.edu.wait_dma(DMA_POLLS).map_err(|e| format!("edu: {e:?}"))
 }
 
 fn e(err: VtdError) -> String {
