@@ -6,9 +6,7 @@
 //! Every check is against the model's observable behaviour: bytes that arrive (or not) in memory,
 //! and the event records it writes.
 
-use super::{
-    Buffer, Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern,
-};
+use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern};
 use crate::discovery::{Platform, Unit};
 use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
@@ -18,8 +16,11 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use boot::BootInfo;
-use iommu::pgtable::Prot;
-use iommu::smmuv3::{DomainConfig, Event, SmmuError, SmmuUnit, UnitConfig};
+use core::sync::atomic::Ordering;
+use iommu::hw::Mmio;
+use iommu::pgtable::{Prot, TableMemory};
+use iommu::smmuv3::regs::offset;
+use iommu::smmuv3::{DomainConfig, Event, EventType, FaultClass, SmmuError, SmmuUnit, UnitConfig};
 
 const M2: u64 = 2 << 20;
 const K64: u64 = 64 << 10;
@@ -115,58 +116,117 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     // 2. Faults: unmapped IOVA → translation fault; read-only → permission fault on write.
     checks.record(
         "unmapped-iova-faults",
-        expect_event(&mut unit, &dev, sid, IOVA_UNMAPPED, true, "Translation"),
+        expect_event(
+            &mut unit,
+            &dev,
+            sid,
+            IOVA_UNMAPPED,
+            true,
+            EventType::Translation,
+        )
+        .map(drop),
     );
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
     pattern(0x11, b.bytes);
-    let before = b.bytes[0];
+    let untouched = b.bytes.to_vec();
     unit.map(mem, &s2, IOVA_RO, b.pa, PAGE_SIZE, Prot::READ)
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
-        expect_event(&mut unit, &dev, sid, IOVA_RO, true, "Permission").and_then(|()| {
-            if b.bytes[0] == before {
-                Ok(())
-            } else {
-                Err("the write landed in read-only memory".into())
-            }
+        expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Permission).and_then(|_| {
+            whole_buffer_eq(b.bytes, &untouched)
+                .map_err(|d| format!("the write reached read-only memory: {d}"))
         }),
     );
 
-    // 4. A 2 MiB block and a 64 KiB contiguous-hint run.
-    checks.record(
+    // 4. A 2 MiB block and a 64 KiB contiguous-hint run. A DMA round trip alone would pass
+    //    with 4 KiB pages too, so the leaves are read back from the stage-2 table the STE in
+    //    the programmed stream table points to.
+    record_observed(
+        checks,
         "block-2m",
         (|| {
             let mut big = buffer(M2, M2)?;
             unit.map(mem, &s2, IOVA_SUPER, big.pa, M2, Prot::READ | Prot::WRITE)
                 .map_err(e)?;
-            if unit.iova_to_phys(mem, &s2, IOVA_SUPER + 0x1_2340) != Some(big.pa + 0x1_2340) {
-                return Err("iova_to_phys does not see the block".into());
+            let leaf = hw_s2_leaf(&unit, sid, IOVA_SUPER + 0x1_2340)?;
+            let last = hw_s2_leaf(&unit, sid, IOVA_SUPER + M2 - 1)?;
+            let observed = format!(
+                "leaf={} level={} desc={:#x}",
+                leaf.size_name(),
+                leaf.level,
+                leaf.desc
+            );
+            // A level-2 block: bits 1:0 = 0b01.
+            if leaf.level != 2 || leaf.desc & 3 != 1 {
+                return Err(format!("the SMMU walks to {observed}, not a 2 MiB block"));
+            }
+            if leaf.base != big.pa {
+                return Err(format!(
+                    "{observed} maps {:#x}, the buffer is at {:#x}",
+                    leaf.base, big.pa
+                ));
+            }
+            // S2AP, bits 7:6: 0b11 = read/write.
+            if (leaf.desc >> 6) & 3 != 3 {
+                return Err(format!("{observed} is not read/write (S2AP)"));
+            }
+            if (last.level, last.desc) != (leaf.level, leaf.desc) {
+                return Err(format!(
+                    "the end of the range walks to level {} desc {:#x}, not the same block",
+                    last.level, last.desc
+                ));
             }
             round_trip(&dev, &mut big, IOVA_SUPER, M2 - 0x1000, 128, 0x44)?;
             no_new_event(&mut unit)?;
             let n = unit.unmap(mem, &s2, IOVA_SUPER, M2).map_err(e)?;
             if n != M2 {
-                Err(format!("unmap returned {n:#x}"))
-            } else {
-                Ok(())
+                return Err(format!("unmap returned {n:#x}"));
             }
+            Ok(format!(
+                "{observed}, read from the stage-2 table S2TTB points to"
+            ))
         })(),
     );
-    checks.record(
+    record_observed(
+        checks,
         "contiguous-64k",
         (|| {
             let mut run = buffer(K64, K64)?;
             unit.map(mem, &s2, IOVA_CONT, run.pa, K64, Prot::READ | Prot::WRITE)
                 .map_err(e)?;
+            // 4 KiB granule: a contiguous run is 16 level-3 entries, 16-entry aligned in the
+            // table and in the output (Arm ARM D8.6.1), each with the Contiguous bit.
+            if !IOVA_CONT.is_multiple_of(K64) || !run.pa.is_multiple_of(K64) {
+                return Err("the run is not 64 KiB aligned".into());
+            }
+            for k in 0..K64 / PAGE_SIZE {
+                let leaf = hw_s2_leaf(&unit, sid, IOVA_CONT + k * PAGE_SIZE)?;
+                if leaf.level != 3 || !leaf.contiguous() || leaf.base != run.pa + k * PAGE_SIZE {
+                    return Err(format!(
+                        "page {k} of the run walks to leaf={} level={} desc={:#x}: not a 4 KiB page with Contiguous=1 at {:#x}",
+                        leaf.size_name(),
+                        leaf.level,
+                        leaf.desc,
+                        run.pa + k * PAGE_SIZE
+                    ));
+                }
+            }
+            // The bit belongs to the run: the lone read-only page beside it has none.
+            let lone = hw_s2_leaf(&unit, sid, IOVA_RO)?;
+            if lone.level != 3 || lone.contiguous() {
+                return Err(format!(
+                    "the lone page at {IOVA_RO:#x} walks to level {} desc {:#x}",
+                    lone.level, lone.desc
+                ));
+            }
             round_trip(&dev, &mut run, IOVA_CONT, K64 - 0x100, 64, 0x55)?;
             no_new_event(&mut unit)?;
             let n = unit.unmap(mem, &s2, IOVA_CONT, K64).map_err(e)?;
             if n != K64 {
-                Err(format!("unmap returned {n:#x}"))
-            } else {
-                Ok(())
+                return Err(format!("unmap returned {n:#x}"));
             }
+            Ok("leaf=4K level=3 Contiguous=1 on all 16 entries of the run, 0 on a lone page, read from the stage-2 table S2TTB points to".into())
         })(),
     );
 
@@ -180,7 +240,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if n != PAGE_SIZE {
                 return Err(format!("unmap returned {n:#x}"));
             }
-            expect_event(&mut unit, &dev, sid, IOVA_RW, false, "Translation")
+            expect_event(&mut unit, &dev, sid, IOVA_RW, false, EventType::Translation).map(drop)
         })(),
     );
 
@@ -198,7 +258,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     );
 
     // 1c. Nested: stage 1 (IOVA → IPA) over stage 2 (IPA → PA).
-    checks.record(
+    record_observed(
+        checks,
         "dma-nested",
         (|| {
             const IPA: u64 = 0x0300_0000;
@@ -219,24 +280,46 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             unit.attach(mem, sid, &nested).map_err(e)?;
             round_trip(&dev, &mut n, IOVA_RW, 0x200, 64, 0x77)?;
             no_new_event(&mut unit)?;
-            // A hole in stage 2 under a valid stage-1 mapping is a stage-2 fault.
+            // A hole in stage 2 under a valid stage-1 mapping is a stage-2 fault on the input
+            // transaction (§7.3.12: S2 = 1, CLASS = IN) that reports the IPA stage 1 produced.
+            const HOLE: u64 = IPA + 0x10_0000;
             unit.map(
                 mem,
                 &nested,
                 IOVA_RO,
-                IPA + 0x10_0000,
+                HOLE,
                 PAGE_SIZE,
                 Prot::READ | Prot::WRITE,
             )
             .map_err(e)?;
-            expect_event(&mut unit, &dev, sid, IOVA_RO, true, "Translation")?;
-            unit.attach(mem, sid, &s1).map_err(e)
+            let ev = expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Translation)?;
+            if !ev.stage2 {
+                return Err(format!("{ev}: a stage-1 fault, expected stage 2"));
+            }
+            if ev.class != FaultClass::Input {
+                return Err(format!(
+                    "{ev}: CLASS {:?}, expected the input (IN)",
+                    ev.class
+                ));
+            }
+            if ev.ipa != HOLE {
+                return Err(format!("{ev}: IPA {:#x}, expected {HOLE:#x}", ev.ipa));
+            }
+            unit.attach(mem, sid, &s1).map_err(e)?;
+            Ok(format!(
+                "F_TRANSLATION S2=1 CLASS=IN ipa={:#x} for iova={:#x}",
+                ev.ipa, ev.input_addr
+            ))
         })(),
     );
 
     // 3b. Bypass then abort: with bypass, a DMA to a physical address lands there; after
-    //     switching to abort, the same DMA changes nothing (and raises no translation fault).
-    checks.record(
+    //    switching to abort, the same DMA changes no byte of the buffer and records no event:
+    //    STE.Config = 0b000 aborts without an event (IHI 0070 §5.2, STE.Config), and QEMU
+    //    records none (hw/arm/smmuv3.c, smmuv3_translate: "no event is recorded on abort").
+    //    The STE the SMMU walks is read back before each DMA, so the abort is the STE's.
+    record_observed(
+        checks,
         "switch-bypass-to-abort",
         (|| {
             let mut p = buffer(PAGE_SIZE, PAGE_SIZE)?;
@@ -248,45 +331,90 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 ));
             }
             unit.set_bypass(mem, sid).map_err(e)?;
+            let config = ste_config(&hw_ste(&unit, sid)?)?;
+            if config != 0b100 {
+                return Err(format!("bypass wrote STE.Config {config:#05b}"));
+            }
             let pa = p.pa;
             round_trip(&dev, &mut p, pa, 0x100, 32, 0x12)?;
+            no_new_event(&mut unit)?;
             unit.set_abort(mem, sid).map_err(e)?;
-            p.bytes[0x300..0x320].fill(0);
-            dma_from_device(&dev, p.pa + 0x300, 32)?;
-            if p.bytes[0x300..0x320].iter().any(|&x| x != 0) {
-                return Err("DMA reached memory with the stream set to abort".into());
+            let config = ste_config(&hw_ste(&unit, sid)?)?;
+            if config != 0b000 {
+                return Err(format!("abort wrote STE.Config {config:#05b}"));
             }
-            unit.poll_events(&mut |_| {});
-            unit.attach(mem, sid, &s1).map_err(e)
+            let untouched = p.bytes.to_vec();
+            let before = unit.event_count(sid);
+            dma_from_device(&dev, p.pa + 0x300, 32)?;
+            whole_buffer_eq(p.bytes, &untouched)
+                .map_err(|d| format!("DMA reached memory with the stream set to abort: {d}"))?;
+            let mut events = 0u32;
+            let poll = unit.poll_events(&mut |ev| {
+                events += 1;
+                println!("smmu: event after abort: {ev}");
+            });
+            if events != 0 || poll.overflowed || unit.event_count(sid) != before {
+                return Err(format!(
+                    "{events} event(s) for a DMA to an abort STE, which records none"
+                ));
+            }
+            unit.attach(mem, sid, &s1).map_err(e)?;
+            Ok("STE.Config 0b100 then 0b000 read back; the aborted DMA changed no byte and recorded 0 events".into())
         })(),
     );
 
-    // 5. 1000 faulting DMAs, draining every 100: every one counted, or lost through an event
-    //    queue overflow. 4-byte DMAs: QEMU's edu moves larger transfers in 4-byte accesses, and
-    //    the SMMU model reports each faulting access.
-    checks.record(
+    // 5. 1000 faulting DMAs, draining every 100. 4-byte DMAs: QEMU's edu moves larger
+    //    transfers in 4-byte accesses and the SMMU model reports each faulting access, so each
+    //    DMA is one event, and at most 100 are pending in the 128-entry queue: no overflow may
+    //    occur. Exactly 1000 F_TRANSLATION events, for our StreamID, in order, and none lost.
+    record_observed(
+        checks,
         "fault-storm",
         (|| {
             let base = unit.event_count(sid);
             let lost = unit.events_lost();
+            // SMMU_EVENTQ_BASE.LOG2SIZE, bits 4:0 (§6.3.26), as programmed.
+            let entries = 1u32 << (unit.mmio().read32(offset::EVENTQ_BASE) & 0x1f);
+            if entries <= 100 {
+                return Err(format!(
+                    "a {entries}-entry event queue cannot hold 100 events between drains"
+                ));
+            }
+            let mut seen = 0u64;
+            let mut strays = 0u32;
+            let mut global_errors = 0u32;
+            let mut drain = |unit: &mut SmmuUnit<MmioRegion>| {
+                let poll = unit.poll_events(&mut |ev| {
+                    let page = IOVA_UNMAPPED + (seen % 16) * PAGE_SIZE;
+                    if ev.kind != EventType::Translation
+                        || ev.stream_id != sid
+                        || ev.input_addr & !0xfff != page
+                        || ev.read
+                    {
+                        strays += 1;
+                    }
+                    seen += 1;
+                });
+                global_errors |= poll.global_errors;
+            };
             for i in 0..1000u64 {
-                dev.edu
-                    .dma_from_device(IOVA_UNMAPPED + (i % 16) * PAGE_SIZE, 4)
-                    .map_err(|e| format!("{e:?}"))?;
-                dev.edu.wait_dma(DMA_POLLS).map_err(|e| format!("{e:?}"))?;
+                dma_from_device(&dev, IOVA_UNMAPPED + (i % 16) * PAGE_SIZE, 4)?;
                 if i % 100 == 99 {
-                    unit.poll_events(&mut |_| {});
+                    drain(&mut unit);
                 }
             }
-            unit.poll_events(&mut |_| {});
+            drain(&mut unit);
             let got = unit.event_count(sid) - base;
             let lost = unit.events_lost() - lost;
             println!("smmu: fault storm: {got} of 1000 events recorded, {lost} overflow(s)");
-            if got == 1000 || (got < 1000 && lost > 0) {
-                Ok(())
-            } else {
-                Err(format!("{got} events, {lost} overflows"))
+            if got != 1000 || seen != 1000 || lost != 0 || strays != 0 || global_errors != 0 {
+                return Err(format!(
+                    "{got} events counted ({seen} drained, {strays} not the expected F_TRANSLATION), {lost} overflow(s), GERROR {global_errors:#x}; expected exactly 1000 and none lost"
+                ));
             }
+            Ok(format!(
+                "exactly 1000 F_TRANSLATION events for 1000 DMAs, in order, 0 lost ({entries}-entry queue drained every 100)"
+            ))
         })(),
     );
     let c = unit.counters();
@@ -306,16 +434,16 @@ fn no_new_event(unit: &mut SmmuUnit<MmioRegion>) -> Result<(), String> {
     }
 }
 
-/// Makes edu write (`write`) or read `iova`; expects an event of `kind` for our StreamID at the
-/// page of `iova` with the right direction.
+/// Makes edu write (`write`) or read `iova`; expects an event of type `kind` for our StreamID
+/// at the page of `iova` with the right direction, and returns it for further checks.
 fn expect_event(
     unit: &mut SmmuUnit<MmioRegion>,
     dev: &EduDevice,
     sid: u32,
     iova: u64,
     write: bool,
-    kind: &str,
-) -> Result<(), String> {
+    kind: EventType,
+) -> Result<Event, String> {
     if write {
         dma_from_device(dev, iova, 64)?;
     } else {
@@ -327,8 +455,8 @@ fn expect_event(
         .first()
         .ok_or_else(|| format!("no event for a DMA to {iova:#x}"))?;
     println!("smmu: event: {ev}");
-    if !format!("{:?}", ev.kind).contains(kind) {
-        return Err(format!("event {:?}, expected {kind}", ev.kind));
+    if ev.kind != kind {
+        return Err(format!("event {ev}, expected {}", kind.name()));
     }
     if ev.stream_id != sid {
         return Err(format!(
@@ -350,5 +478,171 @@ fn expect_event(
             if write { "wrote" } else { "read" }
         ));
     }
-    Ok(())
+    Ok(*ev)
+}
+
+/// Records a check whose success carries what it observed, printed on the check line
+/// (`check: NAME ok: OBSERVED`), so the scenario's expected lines can pin the observation.
+fn record_observed(checks: &mut Checks, name: &str, result: Result<String, String>) {
+    match result {
+        Ok(observed) => {
+            checks.passed += 1;
+            println!("check: {name} ok: {observed}");
+        }
+        Err(why) => checks.record(name, Err(why)),
+    }
+}
+
+/// Compares the whole of `buf` with `expected`; on a difference, names the first differing
+/// offset (a check of one byte would miss a DMA that landed anywhere else).
+fn whole_buffer_eq(buf: &[u8], expected: &[u8]) -> Result<(), String> {
+    if buf.len() != expected.len() {
+        return Err(format!(
+            "buffer is {:#x} bytes, expected {:#x}",
+            buf.len(),
+            expected.len()
+        ));
+    }
+    match buf.iter().zip(expected).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(off) => Err(format!(
+            "byte {off:#x} of {:#x} is {:#04x}, expected {:#04x}",
+            buf.len(),
+            buf[off],
+            expected[off]
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading back what the SMMU walks
+// ---------------------------------------------------------------------------------------------
+
+/// One 64-bit word of table memory at `pa` (8-byte aligned), as the SMMU would fetch it.
+fn table_word(pa: u64) -> u64 {
+    let page = IOMMU_MEMORY.table(pa & !0xfff, 512);
+    page[((pa & 0xfff) / 8) as usize].load(Ordering::Acquire)
+}
+
+/// The STE the SMMU uses for `sid`, found from the stream table it was programmed with
+/// (SMMU_STRTAB_BASE and _CFG read back from the registers, 32 bits at a time as QEMU
+/// requires), with the layouts of IHI 0070 §6.3.23-6.3.24, §5.1 and §5.2 written out here
+/// rather than through the driver's decoders.
+fn hw_ste(unit: &SmmuUnit<MmioRegion>, sid: u32) -> Result<[u64; 8], String> {
+    const ADDR_51_6: u64 = 0x000f_ffff_ffff_ffc0;
+    let mmio = unit.mmio();
+    let base = u64::from(mmio.read32(offset::STRTAB_BASE))
+        | u64::from(mmio.read32(offset::STRTAB_BASE + 4)) << 32;
+    let cfg = mmio.read32(offset::STRTAB_BASE_CFG);
+    // LOG2SIZE 5:0, SPLIT 10:6, FMT 17:16 (0 linear, 1 two-level).
+    let (log2size, split, fmt) = (cfg & 0x3f, (cfg >> 6) & 0x1f, (cfg >> 16) & 3);
+    if u64::from(sid) >> log2size != 0 {
+        return Err(format!("StreamID {sid:#x} beyond LOG2SIZE {log2size}"));
+    }
+    let ste = match fmt {
+        0 => (base & ADDR_51_6) + u64::from(sid) * 64,
+        1 => {
+            // Level-1 descriptor: Span 4:0 (2^(Span-1) STEs), L2Ptr 51:6.
+            let d = table_word((base & ADDR_51_6) + u64::from(sid >> split) * 8);
+            let span = d & 0x1f;
+            let idx = u64::from(sid & ((1 << split) - 1));
+            if span == 0 || idx >= 1 << (span - 1) {
+                return Err(format!(
+                    "no level-2 STE for StreamID {sid:#x} (Span {span})"
+                ));
+            }
+            (d & ADDR_51_6) + idx * 64
+        }
+        f => return Err(format!("STRTAB_BASE_CFG.FMT {f}")),
+    };
+    Ok(core::array::from_fn(|i| table_word(ste + 8 * i as u64)))
+}
+
+/// STE.Config (word 0, bits 3:1) of a valid STE (V, bit 0).
+fn ste_config(ste: &[u64; 8]) -> Result<u64, String> {
+    if ste[0] & 1 == 0 {
+        return Err("the STE is not valid".into());
+    }
+    Ok((ste[0] >> 1) & 7)
+}
+
+/// A stage-2 leaf descriptor the SMMU reaches for one IPA.
+struct S2Leaf {
+    /// Lookup level: 3 = 4 KiB page, 2 = 2 MiB block, 1 = 1 GiB block.
+    level: u32,
+    desc: u64,
+    /// Output address of the leaf's first byte.
+    base: u64,
+}
+
+impl S2Leaf {
+    /// Contiguous hint, descriptor bit 52 (Arm ARM D8.3.2).
+    fn contiguous(&self) -> bool {
+        self.desc & (1 << 52) != 0
+    }
+
+    fn size_name(&self) -> &'static str {
+        match self.level {
+            3 => "4K",
+            2 => "2M",
+            1 => "1G",
+            _ => "?",
+        }
+    }
+}
+
+/// Walks the stage-2 table of `sid`'s STE (Config 0b110 or 0b111) to the leaf for `ipa`:
+/// word 2 holds S2T0SZ 37:32, S2SL0 39:38 and S2TG 47:46, word 3 S2TTB 51:4 (§5.2); the
+/// descriptors are VMSAv8-64 with a 4 KiB granule (Arm ARM D8.3): bit 0 valid, bit 1 table
+/// (levels 0-2) or page (level 3), 0b01 a block at levels 1-2, OA 47:12.
+fn hw_s2_leaf(unit: &SmmuUnit<MmioRegion>, sid: u32, ipa: u64) -> Result<S2Leaf, String> {
+    const OA_47_12: u64 = 0x0000_ffff_ffff_f000;
+    let ste = hw_ste(unit, sid)?;
+    let config = ste_config(&ste)?;
+    if config & 0b110 != 0b110 {
+        return Err(format!("STE.Config {config:#05b} has no stage 2"));
+    }
+    let (t0sz, sl0, tg) = (
+        (ste[2] >> 32) & 0x3f,
+        (ste[2] >> 38) & 3,
+        (ste[2] >> 46) & 3,
+    );
+    if tg != 0 || sl0 == 3 {
+        return Err(format!("S2TG {tg} / S2SL0 {sl0}: not a 4 KiB-granule walk"));
+    }
+    if ipa >> (64 - t0sz) != 0 {
+        return Err(format!("IPA {ipa:#x} beyond S2T0SZ {t0sz}"));
+    }
+    // 4 KiB granule: SL0 0, 1, 2 start at level 2, 1, 0. The start level may concatenate
+    // tables, so its index is not masked to 9 bits.
+    let start = 2 - sl0 as u32;
+    let mut table = ste[3] & 0x000f_ffff_ffff_fff0;
+    for level in start..=3 {
+        let shift = 12 + 9 * (3 - level);
+        let index = if level == start {
+            ipa >> shift
+        } else {
+            (ipa >> shift) & 511
+        };
+        let d = table_word(table + index * 8);
+        if d & 1 == 0 {
+            return Err(format!("no valid descriptor for {ipa:#x} at level {level}"));
+        }
+        let leaf = match (level, d & 2 != 0) {
+            (3, true) => true,
+            (3, false) => return Err(format!("reserved level-3 descriptor {d:#x}")),
+            (1 | 2, false) => true,
+            (0, false) => return Err(format!("block descriptor {d:#x} at level 0")),
+            _ => false,
+        };
+        if leaf {
+            return Ok(S2Leaf {
+                level,
+                desc: d,
+                base: d & OA_47_12 & !((1 << shift) - 1),
+            });
+        }
+        table = d & OA_47_12;
+    }
+    Err("stage-2 walk found no leaf".into())
 }
