@@ -245,8 +245,19 @@ mod tests {
     fn reader_never_reads_out_of_bounds() {
         let r = Reader::new(&[1, 2, 3]);
         assert_eq!(r.u16(1).unwrap(), 0x0302);
-        assert!(r.u32(0).is_err());
-        assert!(r.u8(usize::MAX).is_err());
-        assert!(r.bytes(usize::MAX, 2).is_err());
+        assert_eq!(
+            r.u32(0),
+            Err(TableError::Truncated {
+                needed: 4,
+                available: 3
+            })
+        );
+        // An end that overflows is reported as needing usize::MAX bytes, not wrapped round.
+        let overflow = TableError::Truncated {
+            needed: usize::MAX,
+            available: 3,
+        };
+        assert_eq!(r.u8(usize::MAX), Err(overflow));
+        assert_eq!(r.bytes(usize::MAX, 2), Err(overflow));
     }
 }

@@ -920,7 +920,13 @@ mod tests {
         assert_eq!(map.resolve(0x000f), Some((0x20, 0x808)));
         assert_eq!(map.resolve(0x0107), Some((0x20, 0x900)));
         assert_eq!(map.resolve(0x1_0009), Some((0x20, 0x808)));
-        assert!(IdMap::mask_from_cells(&[0, 0, 0xff]).is_err());
+        assert_eq!(
+            IdMap::mask_from_cells(&[0, 0, 0xff]),
+            Err(DtError::BadLength {
+                property: "iommu-map-mask",
+                len: 3
+            })
+        );
     }
 
     #[test]
@@ -1052,8 +1058,21 @@ mod tests {
                 },
             ]
         );
-        assert!(PciRanges::from_cells(&raw[..20], 2, 2).is_err());
-        assert!(PciRanges::from_cells(&raw, 3, 2).is_err());
+        // 20 bytes are not a whole number of 28-byte entries (3 + 2 + 2 cells).
+        assert_eq!(
+            PciRanges::from_cells(&raw[..20], 2, 2).err(),
+            Some(DtError::BadLength {
+                property: "ranges",
+                len: 20
+            })
+        );
+        assert_eq!(
+            PciRanges::from_cells(&raw, 3, 2).err(),
+            Some(DtError::UnsupportedCells {
+                property: "#address-cells",
+                cells: 3
+            })
+        );
     }
 
     #[test]
@@ -1073,11 +1092,23 @@ mod tests {
                 size: 0x1000_0000
             })
         );
-        assert!(reg_entry(&raw, 2, 2, 1).is_err());
-        assert!(reg_entry(&raw, 3, 1, 0).is_err());
-        assert!(reg_entry(&raw, 2, 2, usize::MAX).is_err());
-        assert!(reg_entry(&raw, 1, 0, usize::MAX).is_err());
-        assert!(reg_entry(&raw, 2, 2, usize::MAX / 4).is_err());
+        // Past the one 16-byte entry; an index whose cell offset overflows; an index whose
+        // offset fits but lands far past the end: all the same length error, never a panic.
+        let short = Err(DtError::BadLength {
+            property: "reg",
+            len: 16,
+        });
+        assert_eq!(reg_entry(&raw, 2, 2, 1), short);
+        assert_eq!(
+            reg_entry(&raw, 3, 1, 0),
+            Err(DtError::UnsupportedCells {
+                property: "#address-cells",
+                cells: 3
+            })
+        );
+        assert_eq!(reg_entry(&raw, 2, 2, usize::MAX), short);
+        assert_eq!(reg_entry(&raw, 1, 0, usize::MAX), short);
+        assert_eq!(reg_entry(&raw, 2, 2, usize::MAX / 4), short);
     }
 
     proptest::proptest! {

@@ -18,6 +18,8 @@ pub mod unit;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod spec_values;
+#[cfg(test)]
 mod tests;
 
 pub use cmdq::{Command, SyncSignal, TlbiRange};

@@ -1655,7 +1655,10 @@ fn a_stuck_queue_times_out_and_recovers_later() {
     // A queue stuck on an error nobody waits for is recovered by poll_events.
     hw.hw().illegal.push(op::CFGI_STE);
     hw.hw().stall = true;
-    assert!(unit.set_abort(&mem, SID).is_err());
+    assert_eq!(
+        unit.set_abort(&mem, SID),
+        Err(SmmuError::Timeout { what: "CMD_SYNC" })
+    );
     hw.hw().stall = false;
     // Let the fake run into the illegal command.
     let p = hw.hw().cmdq_prod;

@@ -14,6 +14,8 @@ pub mod unit;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod spec_values;
+#[cfg(test)]
 mod tests;
 
 pub use domain::{Domain, DomainConfig, Stage};

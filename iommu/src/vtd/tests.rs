@@ -996,7 +996,10 @@ fn failing_replace_changes_nothing() {
     ];
     for (sid, d, err) in cases {
         assert_eq!(unit.replace(&mem, sid, None, d), Err(err));
-        assert!(unit.attach(&mem, 0x2018, None, d).is_err());
+        assert_eq!(
+            unit.attach(&mem, 0x2018, None, d),
+            Err(VtdError::BadSid { sid: 0x2018 })
+        );
     }
     assert_eq!(mem.snapshot(), before);
     assert!(mem.stores.borrow().is_empty());
@@ -2646,8 +2649,9 @@ fn check_identity(
             }
             for probe in [range.start.wrapping_sub(K4), range.end] {
                 if !ranges.iter().any(|x| x.contains(probe)) {
-                    assert!(
-                        walk(mem, rt, sid, None, probe).is_err(),
+                    assert_eq!(
+                        walk(mem, rt, sid, None, probe).map(|h| h.pa),
+                        Err("second-stage entry not present"),
                         "{probe:#x} must fault"
                     );
                 }
@@ -2690,7 +2694,10 @@ fn rmrr_apply_legacy_synthetic() {
     let ranges: Vec<_> = unit_plan.identity_ranges().collect();
     check_identity(&mem, rt, domain, &sids, &ranges);
     for s in [sid(0, 0x1d, 1), sid(0, 2, 0), sid(3, 0, 1), sid(0, 0x14, 1)] {
-        assert!(walk(&mem, rt, s, None, 0x7000_0000).is_err());
+        assert_eq!(
+            walk(&mem, rt, s, None, 0x7000_0000).map(|h| h.pa),
+            Err("context entry not present")
+        );
         assert!(unit.is_assignable(s));
     }
     for &s in &sids {
@@ -2980,7 +2987,10 @@ fn rmrr_hp_compaq_6730b_zero_range_is_skipped() {
     assert!(igd.iter().all(|&s| !unit.is_assignable(s)));
     for usb in [sid(0, 0x1d, 0), sid(0, 0x1a, 7)] {
         assert!(unit.is_assignable(usb));
-        assert!(walk(&mem, rtaddr(&hw), usb, None, 0).is_err());
+        assert_eq!(
+            walk(&mem, rtaddr(&hw), usb, None, 0).map(|h| h.pa),
+            Err("context entry not present")
+        );
     }
 }
 
@@ -3083,9 +3093,18 @@ fn rmrr_hp_proliant_dl380e_apply() {
         for &s in &sids {
             assert!(!unit.is_assignable(s));
         }
-        for s in [sid(5, 0, 1), sid(0x20, 4, 0), sid(0, 0x1d, 1)] {
+        // Buses 0 and 5 hold RMRR devices, so their root entries are present and only the
+        // function's context entry is missing; nothing on bus 0x20 has an RMRR.
+        for (s, fault) in [
+            (sid(5, 0, 1), "context entry not present"),
+            (sid(0x20, 4, 0), "root entry not present"),
+            (sid(0, 0x1d, 1), "context entry not present"),
+        ] {
             assert!(unit.is_assignable(s));
-            assert!(walk(&mem, rtaddr(&hw), s, None, 0x7dff_d000).is_err());
+            assert_eq!(
+                walk(&mem, rtaddr(&hw), s, None, 0x7dff_d000).map(|h| h.pa),
+                Err(fault)
+            );
         }
     }
 }

@@ -92,6 +92,9 @@ pub enum DmarError {
     },
     /// A device scope of a defined type with no path entries (so naming no device).
     ScopeEmptyPath { offset: usize, ty: u8 },
+    /// An ANDD whose ACPI object name has no NUL terminator inside the structure (§8.7 defines
+    /// the field as a null-terminated string; see `decode_structure` for why this is an error).
+    AnddNameUnterminated { offset: usize },
 }
 
 impl DmarError {
@@ -109,7 +112,8 @@ impl DmarError {
             | Self::ScopeTooShort { offset, .. }
             | Self::ScopeOddLength { offset, .. }
             | Self::ScopePastStructure { offset, .. }
-            | Self::ScopeEmptyPath { offset, .. } => Some(offset),
+            | Self::ScopeEmptyPath { offset, .. }
+            | Self::AnddNameUnterminated { offset } => Some(offset),
         }
     }
 
@@ -122,11 +126,12 @@ impl DmarError {
             Self::StructurePastEnd { .. } => "remapping structure runs past the table",
             Self::StructureTooShort { .. } => "remapping structure shorter than its fixed part",
             Self::ScopeTruncated { .. } => "device scope truncated",
-            Self::ScopeZeroLength { .. } => "device scope length 0",
+            Self::ScopeZeroLength { .. } => "device scope length 0, below its 6-byte header",
             Self::ScopeTooShort { .. } => "device scope shorter than 6 bytes",
             Self::ScopeOddLength { .. } => "device scope length not 6 + 2n",
             Self::ScopePastStructure { .. } => "device scope runs past its structure",
             Self::ScopeEmptyPath { .. } => "device scope has no path entries",
+            Self::AnddNameUnterminated { .. } => "ANDD object name not NUL-terminated",
         }
     }
 }
@@ -186,9 +191,14 @@ impl fmt::Display for DmarError {
                 f,
                 "DMAR at {offset:#x}: device scope header needs 2 bytes, {remaining} left"
             ),
-            Self::ScopeZeroLength { offset } => {
-                write!(f, "DMAR at {offset:#x}: device scope length 0")
-            }
+            // Why it is wrong, not only what: a scope is at least its 6-byte header (type,
+            // length, flags, reserved, enumeration ID, start bus; VT-d 4.1 §8.3.1), and a
+            // length of 0 could not even advance the walk to the next scope.
+            Self::ScopeZeroLength { offset } => write!(
+                f,
+                "DMAR at {offset:#x}: device scope length 0, but a scope is at least its 6-byte \
+                 header (VT-d 4.1 §8.3.1)"
+            ),
             Self::ScopeTooShort { offset, length } => {
                 write!(
                     f,
@@ -211,6 +221,10 @@ impl fmt::Display for DmarError {
             Self::ScopeEmptyPath { offset, ty } => {
                 write!(f, "DMAR at {offset:#x}: device scope type {ty} has no path")
             }
+            Self::AnddNameUnterminated { offset } => write!(
+                f,
+                "DMAR at {offset:#x}: ANDD object name has no NUL terminator within the structure"
+            ),
         }
     }
 }

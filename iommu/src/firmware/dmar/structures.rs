@@ -258,7 +258,7 @@ impl<'a> Andd<'a> {
     pub const fn name_field(&self) -> &'a [u8] {
         self.name_field
     }
-    /// The object name up to (not including) the first NUL; the whole field if there is none.
+    /// The object name up to (not including) the first NUL (parsing guarantees there is one).
     pub fn object_name_bytes(&self) -> &'a [u8] {
         let end = self
             .name_field
@@ -477,12 +477,24 @@ pub(super) fn decode_structure(
             register_base: r.u64(8).map_err(short)?,
             proximity_domain: r.u32(16).map_err(short)?,
         }),
-        structure_type::ANDD => RemappingStructure::Andd(Andd {
-            offset,
-            length,
-            device_number: r.u8(7).map_err(short)?,
-            name_field: bytes.get(8..).unwrap_or(&[]),
-        }),
+        structure_type::ANDD => {
+            // VT-d 4.1 §8.7 (Table 8-12) defines "ACPI Object Name" as a "Null-terminated ASCII
+            // string", exactly as DEN 0049 defines a named component's "Device object name"
+            // ("Null terminated ASCII string"), and the IORT parser rejects a name without its
+            // NUL. The two parsers treat the same defect alike: a name that runs to the end of
+            // the structure means the length field is wrong (the name may be cut short), so the
+            // OS could match the wrong ACPI device; the table is rejected rather than guessed.
+            let name_field = bytes.get(8..).unwrap_or(&[]);
+            if !name_field.contains(&0) {
+                return Err(DmarError::AnddNameUnterminated { offset });
+            }
+            RemappingStructure::Andd(Andd {
+                offset,
+                length,
+                device_number: r.u8(7).map_err(short)?,
+                name_field,
+            })
+        }
         structure_type::SATC => RemappingStructure::Satc(Satc {
             offset,
             length,

@@ -783,6 +783,50 @@ fn scope_defects() {
     assert!(Dmar::parse(&reserved).is_ok());
 }
 
+/// VT-d 4.1 §8.7: the ACPI object name is a null-terminated string. A name that runs to the end
+/// of its structure is rejected, as the IORT parser rejects a named component's name without
+/// its NUL (`iort::tests::malformed`), so both tables treat the defect alike.
+#[test]
+fn andd_name_without_nul_is_rejected() {
+    let ok = table(38, 1, &[andd(1, b"\\_SB.I2C0\0")]);
+    let d = Dmar::parse(&ok).unwrap();
+    assert_eq!(d.andds().next().unwrap().object_name(), Some("\\_SB.I2C0"));
+    // Name and padding after the NUL are fine; the NUL may be the last byte.
+    let padded = table(38, 1, &[andd(1, b"\\_SB.I2C0\0\0\0")]);
+    assert!(Dmar::parse(&padded).is_ok());
+    // The same name with its NUL replaced: the ANDD sits right after the 48-byte header.
+    let unterminated = table(
+        38,
+        1,
+        &[drhd(1, 0, 0, 0x1000, &[]), andd(1, b"\\_SB.I2C0X")],
+    );
+    assert_eq!(
+        parse_err(&unterminated),
+        DmarError::AnddNameUnterminated { offset: 48 + 16 }
+    );
+    // An ANDD of only its fixed 8 bytes has no name at all, so no terminator either.
+    let empty = table(38, 1, &[andd(1, b"")]);
+    assert_eq!(
+        parse_err(&empty),
+        DmarError::AnddNameUnterminated { offset: 48 }
+    );
+    assert_eq!(
+        std::format!("{}", DmarError::AnddNameUnterminated { offset: 48 }),
+        "DMAR at 0x30: ANDD object name has no NUL terminator within the structure"
+    );
+}
+
+/// The message says why length 0 is wrong, not only that it is 0.
+#[test]
+fn zero_length_scope_message_says_why() {
+    let e = DmarError::ScopeZeroLength { offset: 72 };
+    assert_eq!(
+        std::format!("{e}"),
+        "DMAR at 0x48: device scope length 0, but a scope is at least its 6-byte header \
+         (VT-d 4.1 §8.3.1)"
+    );
+}
+
 #[test]
 fn errors_map_to_table_error() {
     let e = DmarError::ScopeZeroLength { offset: 72 };
@@ -790,7 +834,7 @@ fn errors_map_to_table_error() {
         TableError::from(e),
         TableError::Structure {
             offset: 72,
-            what: "device scope length 0"
+            what: "device scope length 0, below its 6-byte header"
         }
     );
     let inner = TableError::BadChecksum { sum: 3 };

@@ -7,13 +7,16 @@
 //!
 //! [`Iort::parse`] validates the whole table eagerly: header and checksum, the node array, every
 //! node's length against its type and revision, every array a node references, and every output
-//! reference. Afterwards nothing that reads the table can fail for a structural reason; only the
-//! questions asked of it can (an ID no mapping covers, a cycle of mappings).
+//! reference, and that the output references form no loop. Afterwards nothing that reads the
+//! table can fail for a structural reason; only the questions asked of it can (an ID no mapping
+//! covers, a chain longer than [`MAX_HOPS`]).
 //!
 //! Translation ([`Iort::translate`], [`Iort::resolve_rid`], ...) follows mappings node by node.
-//! Firmware can describe cycles, so every walk is bounded by [`MAX_HOPS`] and detects revisits.
+//! Every walk is bounded by [`MAX_HOPS`] and still detects revisits, so it would end even on a
+//! loop `parse` had missed.
 
 mod dump;
+mod loops;
 mod node;
 mod resolve;
 #[cfg(test)]
@@ -104,6 +107,15 @@ pub enum IortError {
     NotBehindSmmu { node: u32, node_type: NodeType },
     /// The walk came back to a node it had already passed.
     MappingCycle { node: u32 },
+    /// Found by `parse`: mapping `index` of `node` references `reference`, from which output
+    /// references lead back to `node` (`reference == node` for a node mapping to itself).
+    MappingLoop {
+        node: u32,
+        index: u32,
+        reference: u32,
+    },
+    /// No memory for the loop check's per-node state (one byte and one offset per node).
+    NoMemoryForLoopCheck { nodes: u32 },
     /// The walk went through more than [`MAX_HOPS`] nodes.
     TooManyHops { node: u32 },
 }
@@ -210,6 +222,27 @@ impl fmt::Display for IortError {
             IortError::MappingCycle { node } => {
                 write!(f, "IORT: ID mappings loop back to the node at {node:#x}")
             }
+            IortError::MappingLoop {
+                node,
+                index,
+                reference,
+            } if node == reference => write!(
+                f,
+                "IORT node at {node:#x}: ID mapping {index} references the node itself (a loop)"
+            ),
+            IortError::MappingLoop {
+                node,
+                index,
+                reference,
+            } => write!(
+                f,
+                "IORT node at {node:#x}: ID mapping {index} references the node at \
+                 {reference:#x}, whose mappings lead back (a loop)"
+            ),
+            IortError::NoMemoryForLoopCheck { nodes } => write!(
+                f,
+                "IORT: no memory to check the ID mappings of {nodes} nodes for loops"
+            ),
             IortError::TooManyHops { node } => {
                 write!(
                     f,
@@ -300,6 +333,8 @@ impl<'a> Iort<'a> {
             }
             node.check_device_id_index()?;
         }
+        // Pass 3: the references, now known to name nodes, must not loop.
+        iort.check_no_mapping_loops()?;
         Ok(iort)
     }
 

@@ -905,6 +905,10 @@ fn decode_kind<'a>(
         }
         NodeType::NamedComponent => {
             // The name runs from offset 29 to its NUL; padding may follow up to the ID array.
+            // DEN 0049 defines "Device object name" as a "Null terminated ASCII string"; a name
+            // with no NUL before the ID array means the node's fields disagree (the name may be
+            // cut short), so the table is rejected. The DMAR parser rejects an ANDD object name
+            // without its NUL (VT-d 4.1 §8.7, "Null-terminated ASCII string") the same way.
             let region = bytes.get(29..data_end).unwrap_or(&[]);
             let nul = region
                 .iter()

@@ -259,8 +259,10 @@ fn node_count_larger_than_fits() {
     );
 }
 
+/// Loops of output references are parse errors (`iort::loops`), found wherever they are, not
+/// only when a resolver happens to walk them.
 #[test]
-fn mapping_cycles_are_errors() {
+fn mapping_loops_are_parse_errors() {
     // Root complex -> unknown node A -> unknown node B -> A: a loop that never reaches an SMMU.
     let mut a = NodeSpec::new(0x80, 0, std::vec![]);
     a.maps = std::vec![map(0, 0xffff, 0, 2)];
@@ -275,19 +277,13 @@ fn mapping_cycles_are_errors() {
         ],
     };
     let offs = t.offsets();
-    let bytes = t.build();
-    let iort = Iort::parse(&bytes).expect("a cycle is structurally valid; asking is what fails");
     assert_eq!(
-        iort.resolve_rid(0, 1),
-        Err(IortError::MappingCycle { node: offs[1] })
-    );
-    assert_eq!(
-        iort.resolve_msi(0, 1),
-        Err(IortError::MappingCycle { node: offs[1] })
-    );
-    assert_eq!(
-        iort.translate(offs[2], 7),
-        Err(IortError::MappingCycle { node: offs[2] })
+        Iort::parse(&t.build()).unwrap_err(),
+        IortError::MappingLoop {
+            node: offs[2],
+            index: 0,
+            reference: offs[1]
+        }
     );
 
     // A named component that maps to itself.
@@ -297,14 +293,22 @@ fn mapping_cycles_are_errors() {
         revision: 0,
         nodes: std::vec![nc],
     };
-    let bytes = t.build();
-    let iort = Iort::parse(&bytes).unwrap();
+    let e = Iort::parse(&t.build()).unwrap_err();
     assert_eq!(
-        iort.resolve_named_component("\\_SB_.LOOP"),
-        Err(IortError::MappingCycle { node: 48 })
+        e,
+        IortError::MappingLoop {
+            node: 48,
+            index: 0,
+            reference: 48
+        }
+    );
+    assert_eq!(
+        std::format!("{e}"),
+        "IORT node at 0x30: ID mapping 0 references the node itself (a loop)"
     );
 
-    // Two SMMUs sending StreamIDs to each other: the walk to an ITS must end too.
+    // Two SMMUs sending StreamIDs to each other. DMA from the root complex would still resolve
+    // (the walk stops at the first SMMU), but MSIs would go round: the table is refused.
     let t = Table {
         revision: 0,
         nodes: std::vec![
@@ -313,13 +317,60 @@ fn mapping_cycles_are_errors() {
             root_complex(0, 0, 0, 0, 0).maps(&[map(0, 0xffff, 0, 0)]),
         ],
     };
+    let offs = t.offsets();
+    let e = Iort::parse(&t.build()).unwrap_err();
+    assert_eq!(
+        e,
+        IortError::MappingLoop {
+            node: offs[1],
+            index: 0,
+            reference: offs[0]
+        }
+    );
+    assert_eq!(
+        std::format!("{e}"),
+        std::format!(
+            "IORT node at {:#x}: ID mapping 0 references the node at {:#x}, whose mappings lead \
+             back (a loop)",
+            offs[1],
+            offs[0]
+        )
+    );
+
+    // The loop is found in a later mapping and away from the first node too: an ITS-bound
+    // root complex first, then a named component whose second mapping points at itself.
+    let mut nc = named_component(0, 0, "\\_SB_.LATE", 12);
+    nc.maps = std::vec![map(0, 0xff, 0, 0), map(0x100, 0xff, 0, 2)];
+    let t = Table {
+        revision: 0,
+        nodes: std::vec![
+            its_group(&[0]),
+            root_complex(0, 0, 0, 0, 0).maps(&[map(0, 0xffff, 0, 0)]),
+            nc,
+        ],
+    };
+    let offs = t.offsets();
+    assert_eq!(
+        Iort::parse(&t.build()).unwrap_err(),
+        IortError::MappingLoop {
+            node: offs[2],
+            index: 1,
+            reference: offs[2]
+        }
+    );
+
+    // A diamond (two paths to the same SMMU) is not a loop.
+    let t = Table {
+        revision: 0,
+        nodes: std::vec![
+            its_group(&[0]),
+            smmu_v3(0, 0x1000, 0, [1, 2, 3, 4], 0, 0).maps(&[map(0, 0xffff, 0, 0)]),
+            root_complex(0, 0, 0, 0, 0).maps(&[map(0, 0xff, 0, 1), map(0x100, 0xff, 0x100, 1)]),
+        ],
+    };
     let bytes = t.build();
     let iort = Iort::parse(&bytes).unwrap();
-    assert_eq!(iort.resolve_rid(0, 3).unwrap().base_address, 0x1000);
-    assert!(matches!(
-        iort.resolve_msi(0, 3),
-        Err(IortError::MappingCycle { .. })
-    ));
+    assert_eq!(iort.resolve_rid(0, 0x101).unwrap().base_address, 0x1000);
 }
 
 #[test]
