@@ -375,16 +375,6 @@ where
     }
 }
 
-// The SMMUv3 register model and recording memory of the driver's tests (private to `smmuv3`),
-// compiled once more for these tests; its `super::cmdq` and `super::regs` resolve through the
-// imports below. (Once `smmuv3` exports it as `pub(crate) mod fake`, a `use` replaces this.)
-#[cfg(test)]
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "../smmuv3/fake.rs"]
-mod smmu_fake;
-#[cfg(test)]
-use crate::smmuv3::{cmdq, regs};
-
 #[cfg(test)]
 mod tests {
     use std::boxed::Box;
@@ -398,8 +388,8 @@ mod tests {
     use super::super::selftest::{DmaEngine, FLOW_MEMORY, SliceMemory, dma_flow};
     use super::super::sim::VecGuestMemory;
     use super::super::{GuestId, Iommufd, Limits};
-    use super::smmu_fake::{FakeMem, FakeSmmu, Word};
     use super::*;
+    use crate::smmuv3::fake::{FakeMem, FakeSmmu, Word};
     use crate::smmuv3::{Ste, StreamConfig, UnitConfig};
 
     type Unit<'a> = SmmuUnit<'a, &'a FakeSmmu<'a>, Word>;
