@@ -32,6 +32,7 @@
 //! old IOAS or the new one, never none.
 
 pub mod access;
+pub mod backend;
 #[cfg(any(test, feature = "testing"))]
 pub mod check;
 #[cfg(any(test, feature = "testing"))]
