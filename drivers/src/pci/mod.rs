@@ -39,6 +39,7 @@ mod bar;
 mod caps;
 mod config;
 mod enumerate;
+mod idmap;
 mod topology;
 
 #[cfg(test)]
@@ -62,6 +63,7 @@ pub use enumerate::{
     BridgeInfo, BusPolicy, EnumConfig, MAX_ERRORS, MAX_FUNCTIONS, PciDevices, PciError,
     PciErrorKind, PciFunction, enumerate,
 };
+pub use idmap::{IdAgreement, IommuTarget};
 pub use topology::{
     ALIAS_QUIRKS, AliasQuirk, DmaAliases, GroupReasons, MAX_ALIASES, QuirkKind, Topology,
     enable_acs,
