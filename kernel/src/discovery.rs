@@ -56,10 +56,20 @@ pub struct Platform {
 }
 
 /// A PCI function and its translation.
+#[allow(dead_code)] // the attach paths of the driver scenarios read the ids
 pub struct Device {
     pub segment: u16,
     pub bdf: drivers::pci::Bdf,
     pub translation: Option<Translation>,
+    /// The IDs the translating unit sees for this function's DMA, one per DMA alias, its own
+    /// first: VT-d source-ids, or SMMU StreamIDs mapped through the IORT/DT. Every one must be
+    /// programmed when the device is attached. Empty without a translating unit.
+    pub ids: Vec<u32>,
+    /// Every alias is in `ids` (none truncated, none mapped elsewhere). A device without this
+    /// cannot be isolated and must not be given to a guest.
+    pub aliases_complete: bool,
+    /// Its IOMMU group (numbered across segments, as in the report).
+    pub group: usize,
 }
 
 /// Runs discovery and prints the boot report. Errors in firmware are reported, never fatal:
@@ -158,8 +168,9 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
     #[cfg(target_arch = "aarch64")]
     let arm = arm::Smmus::discover(info, acpi.as_ref(), &mut units);
 
+    let mut group_base = 0;
     for s in &segments {
-        for f in s.devices.functions() {
+        for (index, f) in s.devices.functions().iter().enumerate() {
             let bdf = f.bdf;
             let t = dmar.as_ref().and_then(|d| {
                 d.unit_for_device(
@@ -176,23 +187,68 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
                 })
             });
             #[cfg(target_arch = "aarch64")]
-            let t = t.or_else(|| arm.translate(s.segment, bdf.rid(), &units));
+            let t = t.or_else(|| arm.translate(s.segment, bdf.rid(), &units, true));
+            let aliases = s.topology.aliases(index);
+            // The IDs the unit sees for each alias: the requester ID itself for VT-d (its
+            // source-id), the IORT/DT-mapped StreamID for an SMMU. An alias that the firmware
+            // maps to another unit (or not at all) cannot be programmed with the device.
+            let ids: Vec<u32> = match &t {
+                None => Vec::new(),
+                Some(t) => aliases
+                    .map(|a| a.as_slice())
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|&rid| {
+                        #[cfg(target_arch = "aarch64")]
+                        let mapped = arm
+                            .translate(s.segment, rid, &units, false)
+                            .filter(|m| m.unit == t.unit)
+                            .map(|m| m.id);
+                        #[cfg(not(target_arch = "aarch64"))]
+                        let mapped = Some(u32::from(rid));
+                        if mapped.is_none() {
+                            log::warn!(
+                                "pci {bdf}: DMA alias {} is not translated by {}",
+                                drivers::pci::Bdf::from_rid(rid),
+                                t.unit
+                            );
+                        }
+                        mapped
+                    })
+                    .collect(),
+            };
+            let complete = aliases.is_some_and(|a| !a.truncated())
+                && ids.len() == aliases.map_or(0, |a| a.as_slice().len());
+            if t.is_some() && !complete {
+                log::warn!("pci {bdf}: not every DMA alias can be translated: not assignable");
+            }
+            let group = group_base + s.topology.group_of(index).unwrap_or(0);
             #[cfg(target_arch = "x86_64")]
             let host_owned = rmrr
                 .as_ref()
                 .is_some_and(|p| p.device(s.segment, bdf.rid()).is_some());
             #[cfg(not(target_arch = "x86_64"))]
             let host_owned = false;
-            report_function(s.segment, f, t.as_ref(), host_owned);
+            report_function(s.segment, f, t.as_ref(), &ids, group, host_owned);
             devices.push(Device {
                 segment: s.segment,
                 bdf,
                 translation: t,
+                ids,
+                aliases_complete: complete,
+                group,
             });
         }
+        report_groups(s, group_base);
+        group_base += s.topology.group_count();
     }
     #[cfg(target_arch = "aarch64")]
-    arm.report_agreement();
+    if !arm.report_agreement() {
+        println!(
+            "report: boot refused: the IORT and the device tree map requester IDs to different SMMU StreamIDs"
+        );
+        crate::finish(crate::EXIT_FAILURE);
+    }
     if units.is_empty() {
         println!("report: iommu none");
     }
@@ -367,19 +423,44 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
     }
 }
 
+fn segment_prefix(segment: u16) -> String {
+    if segment != 0 {
+        format!("{segment:04x}:")
+    } else {
+        String::new()
+    }
+}
+
+/// One line per IOMMU group of the segment, with why its members are together.
+fn report_groups(s: &Segment, group_base: usize) {
+    let fns = s.devices.functions();
+    for g in 0..s.topology.group_count() {
+        let members: Vec<String> = s
+            .topology
+            .members(g)
+            .filter_map(|i| fns.get(i))
+            .map(|f| format!("{}{}", segment_prefix(s.segment), f.bdf))
+            .collect();
+        println!(
+            "report: group {} members={} reason={}",
+            group_base + g,
+            members.join(","),
+            s.topology.reasons(g)
+        );
+    }
+}
+
 fn report_function(
     segment: u16,
     f: &drivers::pci::PciFunction,
     t: Option<&Translation>,
+    ids: &[u32],
+    group: usize,
     host_owned: bool,
 ) {
     let mut line = format!(
         "report: pci {}{} {:04x}:{:04x} class={:02x}{:02x}{:02x}",
-        if segment != 0 {
-            format!("{segment:04x}:")
-        } else {
-            String::new()
-        },
+        segment_prefix(segment),
         f.bdf,
         f.vendor_id,
         f.device_id,
@@ -399,10 +480,18 @@ fn report_function(
         let pf = if b.prefetchable { " pref" } else { "" };
         line += &format!(" bar{}={:#x}/{} {kind}{pf}", b.index, b.base, Size(b.size));
     }
+    if let Some(acs) = f.caps.acs {
+        line += &format!(" acs=cap:{:#x},ctl:{:#x}", acs.capability, acs.control);
+    }
     match t {
         Some(t) => line += &format!(" iommu={} {}={:#06x}", t.unit, t.id_kind, t.id),
         None => line += " iommu=none",
     }
+    if let (Some(t), true) = (t, ids.len() > 1) {
+        let list: Vec<String> = ids.iter().map(|id| format!("{id:#06x}")).collect();
+        line += &format!(" aliases={}:{}", t.id_kind, list.join(","));
+    }
+    line += &format!(" group={group}");
     if host_owned {
         line += " assignable=no(rmrr)";
     }
@@ -422,6 +511,7 @@ mod arm {
     use alloc::vec::Vec;
     use boot::BootInfo;
     use core::cell::Cell;
+    use drivers::pci::IdAgreement;
     use iommu::firmware::devicetree as dt;
     use iommu::firmware::iort::{Iort, NodeKind};
     use iommu::smmuv3::regs::SmmuIdRegs;
@@ -497,8 +587,18 @@ mod arm {
             }
         }
 
-        /// The StreamID of `rid` per IORT and per DT; both must agree when both exist.
-        pub fn translate(&self, segment: u16, rid: u16, units: &[Unit]) -> Option<Translation> {
+        /// The StreamID of `rid` per IORT and per DT; both must agree when both exist
+        /// ([`IdAgreement`]). A conflict is logged, counted (it fails the boot once every ID
+        /// was looked at, see [`report_agreement`](Self::report_agreement)) and translates to
+        /// nothing. `device` counts an agreement towards the per-device total of the report
+        /// (DMA aliases of a device are checked without counting).
+        pub fn translate(
+            &self,
+            segment: u16,
+            rid: u16,
+            units: &[Unit],
+            device: bool,
+        ) -> Option<Translation> {
             let by_iort = self
                 .iort
                 .as_ref()
@@ -509,21 +609,24 @@ mod arm {
                 .as_ref()
                 .and_then(|f| dt::resolve_pci_rid(f, u32::from(segment), u32::from(rid)).ok())
                 .map(|r| (r.iommu_base, r.stream_id));
-            if let (Some(a), Some(b)) = (by_iort, by_dt) {
-                if a == b {
-                    self.agree.set(self.agree.get() + 1);
-                } else {
+            let agreement = IdAgreement::reconcile(by_iort, by_dt);
+            if device && agreement.is_agreement() {
+                self.agree.set(self.agree.get() + 1);
+            }
+            let (base, sid) = match agreement.target() {
+                Ok(t) => t?,
+                Err((iort, dt)) => {
                     self.disagree.set(self.disagree.get() + 1);
                     log::error!(
                         "firmware disagree on RID {rid:#06x}: IORT says SMMU {:#x} SID {:#x}, DT says SMMU {:#x} SID {:#x}",
-                        a.0,
-                        a.1,
-                        b.0,
-                        b.1
+                        iort.0,
+                        iort.1,
+                        dt.0,
+                        dt.1
                     );
+                    return None;
                 }
-            }
-            let (base, sid) = by_iort.or(by_dt)?;
+            };
             let unit = units.iter().find_map(|u| match u {
                 Unit::Smmu { name, base: b, .. } if *b == base => Some(name.clone()),
                 _ => None,
@@ -535,20 +638,24 @@ mod arm {
             })
         }
 
-        pub fn report_agreement(&self) {
-            if self.iort.is_some() && self.fdt.is_some() {
-                if self.disagree.get() == 0 {
-                    println!(
-                        "report: firmware iort and devicetree agree on {} devices",
-                        self.agree.get()
-                    );
-                } else {
-                    println!(
-                        "report: firmware iort and devicetree disagree on {} of {} devices",
-                        self.disagree.get(),
-                        self.agree.get() + self.disagree.get()
-                    );
-                }
+        /// Prints the cross-check result; `false` if any requester ID was mapped differently
+        /// by the two descriptions (the caller refuses the boot, as the README documents).
+        pub fn report_agreement(&self) -> bool {
+            if self.iort.is_none() || self.fdt.is_none() {
+                return true;
+            }
+            if self.disagree.get() == 0 {
+                println!(
+                    "report: firmware iort and devicetree agree on {} devices",
+                    self.agree.get()
+                );
+                true
+            } else {
+                println!(
+                    "report: firmware iort and devicetree disagree on {} requester IDs",
+                    self.disagree.get()
+                );
+                false
             }
         }
     }

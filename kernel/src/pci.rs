@@ -23,6 +23,8 @@ pub struct Segment {
     pub source: EcamSource,
     pub ecam: Ecam<MmioRegion>,
     pub devices: Box<PciDevices>,
+    /// DMA aliases and IOMMU groups of `devices` (same indices).
+    pub topology: Box<pci::Topology>,
     pub assign: Result<pci::AssignReport, pci::AssignError>,
 }
 
@@ -69,6 +71,16 @@ pub fn bring_up(ecams: &[EcamWindow], windows: &[Window]) -> Vec<Segment> {
                 devices.dropped_functions()
             );
         }
+        // Isolation first: ACS controls must be on before any device is trusted to be alone in
+        // its IOMMU group, and the groups are computed from what the ports kept.
+        let isolating = pci::enable_acs(&ecam, &mut devices);
+        log::debug!(
+            "pci: segment {}: {isolating} functions isolate with ACS",
+            w.segment
+        );
+        const NO_TOPOLOGY: pci::Topology = pci::Topology::new();
+        let mut topology: Box<pci::Topology> = Box::write(Box::new_uninit(), NO_TOPOLOGY);
+        pci::Topology::analyze(&devices, &mut topology);
         let assign = pci::assign_resources(&ecam, &mut devices, windows);
         if let Err(e) = &assign {
             log::warn!(
@@ -84,6 +96,7 @@ pub fn bring_up(ecams: &[EcamWindow], windows: &[Window]) -> Vec<Segment> {
             source: w.source,
             ecam,
             devices,
+            topology,
             assign,
         });
     }

@@ -14,6 +14,8 @@ pub mod id {
     pub const EXT_ATS: u16 = 0x000f;
     pub const EXT_PRI: u16 = 0x0013;
     pub const EXT_PASID: u16 = 0x001b;
+    /// Access Control Services (PCIe Base 5.0 §7.7.8).
+    pub const EXT_ACS: u16 = 0x000d;
 }
 
 /// The PCI Express capability (PCIe Base 5.0 §7.5.3).
@@ -28,8 +30,17 @@ pub struct PcieCap {
 }
 
 impl PcieCap {
+    pub const TYPE_ENDPOINT: u8 = 0x0;
+    pub const TYPE_LEGACY_ENDPOINT: u8 = 0x1;
     pub const TYPE_ROOT_PORT: u8 = 0x4;
+    pub const TYPE_UPSTREAM_PORT: u8 = 0x5;
     pub const TYPE_DOWNSTREAM_PORT: u8 = 0x6;
+    /// PCI Express to PCI/PCI-X bridge: its secondary side is a conventional bus.
+    pub const TYPE_PCIE_TO_PCI_BRIDGE: u8 = 0x7;
+    /// PCI/PCI-X to PCI Express bridge ("reverse bridge"): its primary side is conventional.
+    pub const TYPE_PCI_TO_PCIE_BRIDGE: u8 = 0x8;
+    pub const TYPE_RC_INTEGRATED_ENDPOINT: u8 = 0x9;
+    pub const TYPE_RC_EVENT_COLLECTOR: u8 = 0xa;
 
     /// A root port or switch downstream port: its link carries exactly one device, number 0
     /// (unless ARI forwarding is enabled; PCIe Base 5.0 §7.3.1).
@@ -87,6 +98,48 @@ pub struct PasidCap {
     pub privileged_mode: bool,
 }
 
+/// Access Control Services (PCIe Base 5.0 §7.7.8): the ACS Capability register (offset +4)
+/// says which controls exist, the ACS Control register (offset +6) which are enabled; both use
+/// the bit positions of [`AcsCap::SV`] and friends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcsCap {
+    pub offset: u16,
+    pub capability: u16,
+    pub control: u16,
+}
+
+impl AcsCap {
+    /// Source Validation: the port checks the bus number of upstream requests against its
+    /// secondary..subordinate range (§6.12.1.1).
+    pub const SV: u16 = 1 << 0;
+    /// Translation Blocking.
+    pub const TB: u16 = 1 << 1;
+    /// P2P Request Redirect: peer-to-peer requests go upstream (to the IOMMU) instead.
+    pub const RR: u16 = 1 << 2;
+    /// P2P Completion Redirect.
+    pub const CR: u16 = 1 << 3;
+    /// Upstream Forwarding: requests arriving at a downstream port that target its own
+    /// upstream side are forwarded upstream rather than decoded locally.
+    pub const UF: u16 = 1 << 4;
+    /// P2P Egress Control.
+    pub const EC: u16 = 1 << 5;
+    /// Direct Translated P2P.
+    pub const DT: u16 = 1 << 6;
+    /// The controls whose enabling makes a port or function keep DMA away from its peers so it
+    /// reaches the IOMMU: the set Linux requires (`REQ_ACS_FLAGS`) before it trusts a port to
+    /// split IOMMU groups.
+    pub const ISOLATION: u16 = Self::SV | Self::RR | Self::CR | Self::UF;
+
+    /// Whether the isolation controls are on. A control absent from the Capability register is
+    /// treated as hard-wired on: per §7.7.8.2 a component implements a control unless it cannot
+    /// do what the control governs (no peer-to-peer between its functions or ports, say), which
+    /// is the reading Linux's `pci_acs_flags_enabled` takes. Egress Control is not required.
+    pub const fn isolates(&self) -> bool {
+        let needed = Self::ISOLATION & self.capability;
+        self.control & needed == needed
+    }
+}
+
 /// The capabilities the IOMMU code cares about. Each field holds the first instance found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -96,6 +149,7 @@ pub struct Capabilities {
     pub ats: Option<AtsCap>,
     pub pri: Option<PriCap>,
     pub pasid: Option<PasidCap>,
+    pub acs: Option<AcsCap>,
 }
 
 impl Capabilities {
@@ -106,6 +160,7 @@ impl Capabilities {
         ats: None,
         pri: None,
         pasid: None,
+        acs: None,
     };
 }
 
@@ -242,6 +297,14 @@ fn walk_extended<C: ConfigSpace + ?Sized>(
                     max_width: ((cap >> 8) & 0x1f) as u8,
                     execute_permission: cap & (1 << 1) != 0,
                     privileged_mode: cap & (1 << 2) != 0,
+                });
+            }
+            id::EXT_ACS if caps.acs.is_none() => {
+                let regs = cfg.read32(bdf, off + 4);
+                caps.acs = Some(AcsCap {
+                    offset: off,
+                    capability: regs as u16,
+                    control: (regs >> 16) as u16,
                 });
             }
             _ => {}

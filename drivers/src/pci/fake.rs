@@ -160,6 +160,22 @@ impl FakeFn {
         self.cap(0x10, &[0x2 | (port_type << 4), 0, 0, 0, 0, 0])
     }
 
+    /// An ACS extended capability (PCIe Base 5.0 §7.7.8) whose Control register keeps writes
+    /// to the bits the Capability register offers, like QEMU's and real ports.
+    pub fn acs(self, capability: u16, control: u16) -> Self {
+        self.acs_with_wmask(capability, control, capability)
+    }
+
+    /// An ACS capability whose Control register keeps only the bits of `writable`.
+    pub fn acs_with_wmask(self, capability: u16, control: u16, writable: u16) -> Self {
+        let c = capability.to_le_bytes();
+        let k = control.to_le_bytes();
+        let mut f = self.ext_cap(0x000d, &[c[0], c[1], k[0], k[1]]);
+        let off = usize::from(f.last_ext.unwrap());
+        f.wmask[off + 6..off + 8].copy_from_slice(&writable.to_le_bytes());
+        f
+    }
+
     pub fn ext_cap(mut self, id: u16, body: &[u8]) -> Self {
         let off = self.next_ext;
         match self.last_ext {

@@ -39,11 +39,15 @@ mod bar;
 mod caps;
 mod config;
 mod enumerate;
+mod idmap;
+mod topology;
 
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod topology_tests;
 
 pub use assign::{
     AssignError, AssignReport, MAX_WINDOWS, Resource, Window, WindowKind, assign_resources,
@@ -51,12 +55,18 @@ pub use assign::{
 };
 pub use bar::{Bar, BarError, BarKind, BarState};
 pub use caps::{
-    AtsCap, CapError, Capabilities, MsiCap, MsixCap, PasidCap, PcieCap, PriCap, id as cap_id,
+    AcsCap, AtsCap, CapError, Capabilities, MsiCap, MsixCap, PasidCap, PcieCap, PriCap,
+    id as cap_id,
 };
 pub use config::{Bdf, CONFIG_SPACE_SIZE, ConfigSpace, Ecam, reg};
 pub use enumerate::{
     BridgeInfo, BusPolicy, EnumConfig, MAX_ERRORS, MAX_FUNCTIONS, PciDevices, PciError,
     PciErrorKind, PciFunction, enumerate,
+};
+pub use idmap::{IdAgreement, IommuTarget};
+pub use topology::{
+    ALIAS_QUIRKS, AliasQuirk, DmaAliases, GroupReasons, MAX_ALIASES, QuirkKind, Topology,
+    enable_acs,
 };
 
 /// Class code 06h / subclass 04h: PCI-to-PCI bridge (PCI Code and ID Assignment Spec).
