@@ -25,7 +25,7 @@
 //! IOMMU-blocked DMA is dropped silently by the device (no error bit): check the IOMMU's fault
 //! record, not this driver.
 
-use iommu::hw::Mmio;
+use mmio::Mmio;
 
 pub const VENDOR_ID: u16 = 0x1234;
 pub const DEVICE_ID: u16 = 0x11e8;
@@ -206,6 +206,10 @@ impl<M: Mmio> Edu<M> {
     pub fn wait_dma(&self, max_polls: u32) -> Result<(), EduError> {
         for _ in 0..max_polls {
             if !self.dma_busy() {
+                // The command register saying "done" is the only signal that the device's
+                // writes to memory (a device-to-RAM transfer) have landed: the caller's reads
+                // of that memory are ordered after this register read.
+                self.mmio.dma_rmb();
                 return Ok(());
             }
             core::hint::spin_loop();

@@ -1,5 +1,5 @@
 //! Drivers for the devices the hypervisor itself uses. Register access goes through
-//! [`iommu::hw::Mmio`] (and a port-I/O trait on x86) so the logic is testable on the host.
+//! [`mmio::Mmio`] (and a port-I/O trait on x86) so the logic is testable on the host.
 #![no_std]
 #![forbid(unsafe_code)]
 

@@ -10,7 +10,7 @@
 //! (the console polls), and waits for FIFO space with a bounded spin so that an absent or wedged
 //! UART cannot hang the hypervisor.
 
-use iommu::hw::Mmio;
+use mmio::Mmio;
 
 /// Data register: a write queues one character.
 pub const DR: usize = 0x000;

@@ -19,7 +19,7 @@
 
 use core::ops::ControlFlow;
 
-use iommu::hw::Mmio;
+use mmio::Mmio;
 
 pub mod loader;
 
@@ -59,7 +59,7 @@ pub const FILE_NAME_LEN: usize = 56;
 /// architecture flag), so a directory cannot list more files than this.
 pub const MAX_FILES: u32 = 0x4000 - KEY_FILE_FIRST as u32;
 
-/// The 16-bit MMIO store the fw_cfg selector needs: [`iommu::hw::Mmio`] only has 32- and 64-bit
+/// The 16-bit MMIO store the fw_cfg selector needs: [`mmio::Mmio`] only has 32- and 64-bit
 /// accesses, and QEMU accepts only 2-byte accesses to the selector register. The kernel
 /// implements this next to its `Mmio` (a volatile `u16` store).
 pub trait MmioWrite16 {

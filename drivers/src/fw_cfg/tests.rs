@@ -7,7 +7,7 @@ use std::string::String;
 use std::vec;
 use std::vec::Vec;
 
-use iommu::hw::Mmio;
+use mmio::Mmio;
 
 use super::loader::COMMAND_SIZE;
 use super::*;

@@ -426,8 +426,10 @@ impl EventQueue {
         let prod_raw = mmio.read32(offset::EVENTQ_PROD);
         let prod = prod_raw & self.counter_mask();
         let ovflg = prod_raw & QUEUE_OVERFLOW;
-        // The records the SMMU wrote before advancing PROD are read after it.
-        fence(Ordering::Acquire);
+        // The records the SMMU wrote before advancing PROD are read after it: an MMIO read is
+        // not an atomic the CPU's acquire fences pair with, so the ordering against the
+        // device's DMA writes is the read-side DMA barrier (`dmb oshld` on aarch64).
+        mmio.dma_rmb();
         let q = mem.table(self.base, self.entries() as usize * 4);
         let mut cons = self.cons;
         let mut n = 0;
@@ -458,5 +460,103 @@ impl EventQueue {
             self.ovack = ovflg;
         }
         (n, overflowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::cell::RefCell;
+    use core::sync::atomic::AtomicU64;
+    use std::vec::Vec;
+
+    /// What the drain did, in order: register reads, the read barrier, queue-memory reads.
+    #[derive(Debug, PartialEq, Eq, Clone, Copy)]
+    enum Step {
+        ReadProd,
+        Rmb,
+        ReadQueue,
+        WriteCons(u32),
+    }
+
+    struct Log(RefCell<Vec<Step>>);
+
+    /// EVENTQ_PROD says two records (index 2, no wrap) are ready.
+    struct Regs<'a>(&'a Log);
+
+    impl Mmio for Regs<'_> {
+        fn read32(&self, offset: usize) -> u32 {
+            assert_eq!(offset, offset::EVENTQ_PROD);
+            self.0.0.borrow_mut().push(Step::ReadProd);
+            2
+        }
+        fn write32(&self, offset: usize, value: u32) {
+            assert_eq!(offset, offset::EVENTQ_CONS);
+            self.0.0.borrow_mut().push(Step::WriteCons(value));
+        }
+        fn read64(&self, _: usize) -> u64 {
+            unreachable!()
+        }
+        fn write64(&self, _: usize, _: u64) {
+            unreachable!()
+        }
+        fn dma_rmb(&self) {
+            self.0.0.borrow_mut().push(Step::Rmb);
+        }
+    }
+
+    struct Queue<'a> {
+        log: &'a Log,
+        words: std::vec::Vec<AtomicU64>,
+    }
+
+    impl TableMemory for Queue<'_> {
+        type Entry = AtomicU64;
+        fn alloc_table(&self, _: usize) -> Option<u64> {
+            unreachable!()
+        }
+        fn free_table(&self, _: u64, _: usize) {
+            unreachable!()
+        }
+        fn retire_table(&self, _: u64, _: usize) {
+            unreachable!()
+        }
+        fn table(&self, pa: u64, entries: usize) -> &[AtomicU64] {
+            assert_eq!(pa, 0x1000);
+            self.log.0.borrow_mut().push(Step::ReadQueue);
+            &self.words[..entries]
+        }
+    }
+
+    /// The records are read only after the read-side DMA barrier that follows the EVENTQ_PROD
+    /// read (without it an Arm CPU may return record words loaded before PROD moved).
+    #[test]
+    fn records_are_read_after_the_prod_read_and_a_dma_read_barrier() {
+        let log = Log(RefCell::new(Vec::new()));
+        let words: Vec<AtomicU64> = (0..32u64).map(|_| AtomicU64::new(0)).collect();
+        // Two F_TRANSLATION records from StreamIDs 7 and 9 (type in bits 7:0, SID in 63:32).
+        words[0].store(0x10 | 7 << 32, Ordering::Relaxed);
+        words[4].store(0x10 | 9 << 32, Ordering::Relaxed);
+        let mem = Queue { log: &log, words };
+        let mut q = EventQueue::new(0x1000, 3);
+        let mut stats = EventStats::new();
+        let mut seen = Vec::new();
+        let (n, overflowed) = q.drain(&Regs(&log), &mem, &mut stats, &mut |e| {
+            seen.push((e.kind, e.stream_id))
+        });
+        assert_eq!((n, overflowed), (2, false));
+        assert_eq!(
+            seen,
+            [(EventType::Translation, 7), (EventType::Translation, 9)]
+        );
+        assert_eq!(
+            *log.0.borrow(),
+            [
+                Step::ReadProd,
+                Step::Rmb,
+                Step::ReadQueue,
+                Step::WriteCons(2)
+            ]
+        );
     }
 }

@@ -623,6 +623,9 @@ impl Invalidator {
 
         for _ in 0..self.budget.max(1) {
             if self.status(q, mem) == seq {
+                // The status write is the device's last write for this batch; whatever the
+                // caller reads next that the hardware wrote (or stopped writing) is read after it.
+                mmio.dma_rmb();
                 return Ok(());
             }
             let fsts = FaultStatus::from_bits_retain(mmio.read32(offset::FSTS));

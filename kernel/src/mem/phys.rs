@@ -111,6 +111,10 @@ impl iommu::hw::Mmio for MmioRegion {
         // SAFETY: as in `read32`.
         unsafe { ptr::write_volatile(self.addr(offset, 8) as *mut u64, value) }
     }
+
+    fn dma_rmb(&self) {
+        crate::arch::cache::dma_rmb();
+    }
 }
 
 impl drivers::fw_cfg::MmioWrite16 for MmioRegion {

@@ -36,3 +36,13 @@ pub fn dma_wmb() {
     // SAFETY: a barrier has no memory-safety effect.
     unsafe { core::arch::asm!("dmb oshst", options(nostack, preserves_flags)) };
 }
+
+/// Orders this CPU's earlier reads (e.g. of a queue's PROD register) before its later reads of
+/// memory a DMA master in the outer-shareable domain wrote (DMB OSHLD; Arm ARM B2.3.11): the
+/// event records the SMMU wrote before advancing EVENTQ_PROD must not be read speculatively
+/// from before the PROD read.
+#[inline(always)]
+pub fn dma_rmb() {
+    // SAFETY: a barrier has no memory-safety effect.
+    unsafe { core::arch::asm!("dmb oshld", options(nostack, preserves_flags)) };
+}

@@ -64,3 +64,13 @@ pub fn store128(va: usize, lo: u64, hi: u64) {
 pub fn dma_wmb() {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
 }
+
+/// Orders earlier reads before later reads of DMA-written memory. x86 does not reorder loads
+/// with other loads, and a UC register read is not passed by later WB loads (SDM vol 3
+/// §10.2.2, "reads are not reordered with other reads"), and DMA writes are snooped into the
+/// coherent caches; so only the compiler must be stopped from moving the memory reads above
+/// the register read.
+#[inline(always)]
+pub fn dma_rmb() {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Acquire);
+}
