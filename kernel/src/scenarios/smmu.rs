@@ -4,7 +4,10 @@
 //! bypassed stream can be observed hitting physical memory directly.
 //!
 //! Every check is against the model's observable behaviour: bytes that arrive (or not) in memory,
-//! and the event records it writes.
+//! and the event records it writes, matched by `EventType`. Where DMA cannot tell two encodings
+//! apart (a 2 MiB block or a contiguous run from plain 4 KiB pages), the check reads the
+//! descriptors back from the stage-2 table the SMMU walks, found from the stream table base read
+//! back from its registers (see `hw_ste`, `hw_s2_leaf`).
 
 use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern};
 use crate::discovery::{Platform, Unit};
