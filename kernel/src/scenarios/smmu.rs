@@ -4,7 +4,10 @@
 //! bypassed stream can be observed hitting physical memory directly.
 //!
 //! Every check is against the model's observable behaviour: bytes that arrive (or not) in memory,
-//! and the event records it writes.
+//! and the event records it writes, matched by `EventType`. Where DMA cannot tell two encodings
+//! apart (a 2 MiB block or a contiguous run from plain 4 KiB pages), the check reads the
+//! descriptors back from the stage-2 table the SMMU walks, found from the stream table base read
+//! back from its registers (see `hw_ste`, `hw_s2_leaf`).
 
 use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern};
 use crate::discovery::{Platform, Unit};
@@ -124,7 +127,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             true,
             EventType::Translation,
         )
-        .map(drop),
+        .and_then(|ev| stage2_at(&ev, IOVA_UNMAPPED)),
     );
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
     pattern(0x11, b.bytes);
@@ -133,7 +136,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
-        expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Permission).and_then(|_| {
+        expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Permission).and_then(|ev| {
+            stage2_at(&ev, IOVA_RO)?;
             whole_buffer_eq(b.bytes, &untouched)
                 .map_err(|d| format!("the write reached read-only memory: {d}"))
         }),
@@ -240,7 +244,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if n != PAGE_SIZE {
                 return Err(format!("unmap returned {n:#x}"));
             }
-            expect_event(&mut unit, &dev, sid, IOVA_RW, false, EventType::Translation).map(drop)
+            expect_event(&mut unit, &dev, sid, IOVA_RW, false, EventType::Translation)
+                .and_then(|ev| stage2_at(&ev, IOVA_RW))
         })(),
     );
 
@@ -432,6 +437,18 @@ fn no_new_event(unit: &mut SmmuUnit<MmioRegion>) -> Result<(), String> {
         None => Ok(()),
         Some(ev) => Err(format!("unexpected event: {ev}")),
     }
+}
+
+/// On a stage-2-only stream the IPA is the IOVA: a fault must come from stage 2 (S2 = 1) and
+/// report the IOVA's page as its IPA (§7.3.12).
+fn stage2_at(ev: &Event, iova: u64) -> Result<(), String> {
+    if !ev.stage2 || ev.ipa != iova & !0xfff {
+        return Err(format!(
+            "{ev}: expected a stage-2 fault at IPA {:#x}",
+            iova & !0xfff
+        ));
+    }
+    Ok(())
 }
 
 /// Makes edu write (`write`) or read `iova`; expects an event of type `kind` for our StreamID

@@ -7,7 +7,10 @@
 //! - `vtd-snoop=expect-ok|expect-refused` (default: decided by ECAP.SC, and checked).
 //!
 //! Every check is against the hardware model's observable behaviour: bytes that arrive (or not)
-//! in guest-physical memory, and fault records the model writes.
+//! in guest-physical memory, and fault records the model writes. Where DMA cannot tell two
+//! encodings apart (a 2 MiB leaf from 512 4 KiB ones; a snooped entry on a model that does not
+//! model snooping), the check reads the entry back from table memory along the path the unit
+//! walks, starting from the root-table pointer read back from RTADDR_REG (see `hw_walk`).
 
 use super::{Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern};
 use crate::discovery::{Platform, Unit};
