@@ -18,7 +18,8 @@ use hvabi::{
 };
 
 use super::hw::{DomainConfig, HwDev, HwDomain, Span};
-use super::ioas::{hw_map_range, owns_array, reserved_nonzero};
+use super::ioas::hw_map_range;
+use super::marshal::{owns_array, reserved_nonzero};
 use super::object::Object;
 use super::{Cx, Error, GuestMemory, IommuHw, MAX_HWPTS_PER_IOAS, PAGE, hw_err, inval};
 
