@@ -162,7 +162,8 @@ pub(crate) struct ResvBuf {
 }
 
 impl ResvBuf {
-    pub const CAP: usize = 128;
+    /// The ABI's documented limit (docs/abi.md §7).
+    pub const CAP: usize = hvabi::MAX_RESERVED_RANGES_PER_IOAS as usize;
 
     pub fn new() -> Self {
         ResvBuf {

@@ -6,8 +6,9 @@
 //! and which error wins.
 
 use hvabi::{
-    DeviceAttach, DeviceDetach, DeviceList, HWPT_DIRTY_TRACKING, HwptAlloc, HwptGetDirtyBitmap,
-    HwptSetDirtyTracking, IoasCopy, IoasMap, IoasUnmap, MAP_FIXED_IOVA, errno, kind, op, reason,
+    DeviceAttach, DeviceDetach, DeviceList, DeviceReservedRanges, HWPT_DIRTY_TRACKING, HwptAlloc,
+    HwptClone, HwptGetDirtyBitmap, HwptSetDirtyTracking, IoasAllowIovas, IoasCopy, IoasIovaRanges,
+    IoasMap, IoasMapBatch, IoasUnmap, MAP_FIXED_IOVA, errno, kind, op, reason,
 };
 
 use super::super::Limits;
@@ -398,6 +399,77 @@ fn unknown_flags_win() {
             &DeviceDetach {
                 flags: 1 << 9,
                 dev_id: bad,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.0);
+    r(&mut c, e);
+    let e = c
+        .call(
+            op::HWPT_CLONE,
+            &HwptClone {
+                flags: 1 << 9,
+                src_hwpt_id: bad,
+                dev_id: bad,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.0);
+    r(&mut c, e);
+    for o in [op::IOAS_MAP_BATCH, op::IOAS_UNMAP_BATCH] {
+        let e = c
+            .call(
+                o,
+                &IoasMapBatch {
+                    flags: 1 << 9,
+                    ioas_id: bad,
+                    num_entries: 1000,
+                    entries_gpa: u64::MAX,
+                    ..Default::default()
+                },
+            )
+            .map(|_| ())
+            .map_err(|e| e.0);
+        r(&mut c, e);
+    }
+    let e = c
+        .call(
+            op::IOAS_ALLOW_IOVAS,
+            &IoasAllowIovas {
+                ioas_id: bad,
+                num_iovas: 1000,
+                reserved: 1,
+                ranges_gpa: u64::MAX,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.0);
+    r(&mut c, e);
+    let e = c
+        .call(
+            op::IOAS_IOVA_RANGES,
+            &IoasIovaRanges {
+                ioas_id: bad,
+                num_iovas: 1000,
+                reserved: 1,
+                ranges_gpa: u64::MAX,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.0);
+    r(&mut c, e);
+    let e = c
+        .call(
+            op::DEVICE_RESERVED_RANGES,
+            &DeviceReservedRanges {
+                dev_id: bad,
+                num_ranges: 1000,
+                flags: 1,
+                ranges_gpa: u64::MAX,
                 ..Default::default()
             },
         )
