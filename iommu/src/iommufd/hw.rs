@@ -221,7 +221,8 @@ pub trait IommuHw {
     fn detach(&mut self, dev: HwDev, pasid: Option<u32>) -> Result<(), HwError>;
 
     /// Turns dirty tracking of a domain created with `dirty_tracking` on (clearing every dirty
-    /// bit first) or off.
+    /// bit first) or off (keeping every dirty bit: `read_dirty` still reports, and clears,
+    /// what was recorded while it was on; nothing new is recorded).
     fn set_dirty_tracking(&mut self, d: HwDomain, enable: bool) -> Result<(), HwError> {
         let _ = (d, enable);
         Err(HwError::Unsupported)

@@ -43,6 +43,7 @@ pub mod group;
 pub mod hw;
 pub mod hwpt;
 pub mod ioas;
+mod marshal;
 mod object;
 #[cfg(any(test, feature = "testing"))]
 pub mod selftest;

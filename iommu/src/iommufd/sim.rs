@@ -448,7 +448,11 @@ impl DriverOps for SimOps {
         if !x.cfg.dirty_tracking {
             return Err(HwError::Unsupported);
         }
-        x.domain.dirty.clear();
+        // Enabling starts a clean snapshot; disabling keeps what was recorded, so a read after
+        // tracking stopped still returns the last writes (docs/abi.md §5).
+        if enable {
+            x.domain.dirty.clear();
+        }
         x.domain.dirty_enabled = enable;
         Ok(())
     }

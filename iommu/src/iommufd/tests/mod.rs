@@ -6,6 +6,7 @@
 //! `s3_coverage` below; each test names the behaviour(s) it covers.
 
 mod abi;
+mod abi_rules;
 mod access;
 mod alias;
 mod fail_nth;
