@@ -2206,6 +2206,6 @@ fn every_alias_stream_translates_and_its_events_count_for_the_device() {
     for sid in EDU_BEHIND_BRIDGE {
         assert_eq!(walk(&mem, &hw, sid, 0x10_0123, true), Ok(Outcome::Abort));
     }
-    assert_eq!(unit.owner_of(0x0100), 0x0100);
+    assert_eq!(unit.owner_of(0x0100), 0x0108, "still the edu's alias");
     assert_eq!(unit.attach_streams(&mem, &[], &d), Ok(()));
 }

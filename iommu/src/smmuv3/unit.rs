@@ -912,14 +912,15 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         }
         for &alias in &sids[1..] {
             if alias != own {
-                self.alias_owner.entry(alias).or_insert(own);
+                self.alias_owner.insert(alias, own);
             }
         }
         Ok(())
     }
 
     /// Makes every StreamID of `sids` abort (detach a device with its aliases). Pass only
-    /// aliases no other attached device shares: an alias is one STE for all its users.
+    /// aliases no other attached device shares: an alias is one STE for all its users. Events
+    /// on the aliases stay attributed to the device.
     pub fn set_abort_streams<T: TableMemory<Entry = E>>(
         &mut self,
         mem: &T,
@@ -936,14 +937,33 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                 self.set_abort(mem, sid)?;
             }
         }
-        if let Some(&own) = sids.first() {
-            self.alias_owner.retain(|_, owner| *owner != own);
+        // Events on the aliases keep being attributed to the device: its DMA now aborts.
+        Ok(())
+    }
+
+    /// Makes every StreamID of `sids` bypass translation (all checked first).
+    pub fn set_bypass_streams<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sids: &[u32],
+    ) -> Result<(), SmmuError> {
+        if sids.len() > MAX_ALIAS_STREAMS {
+            return Err(SmmuError::StreamIdOutOfRange);
+        }
+        for &sid in sids {
+            self.check_sid(sid)?;
+        }
+        for (i, &sid) in sids.iter().enumerate() {
+            if !sids[..i].contains(&sid) {
+                self.set_bypass(mem, sid)?;
+            }
         }
         Ok(())
     }
 
-    /// The device an event on `sid` concerns: the device whose StreamIDs (given to
-    /// [`attach_streams`](Self::attach_streams)) included it, else `sid` itself.
+    /// The device an event on `sid` concerns: the device whose StreamIDs were last given to
+    /// [`attach_streams`](Self::attach_streams) with it (devices sharing an alias are one IOMMU
+    /// group), else `sid` itself.
     pub fn owner_of(&self, sid: u32) -> u32 {
         self.alias_owner.get(&sid).copied().unwrap_or(sid)
     }

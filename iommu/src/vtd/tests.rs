@@ -3155,6 +3155,15 @@ fn aliases_attach_replace_detach_legacy() {
         walk(&mem, rt, 0x0110, None, 0x10_0123),
         Err("context entry not present")
     );
+    // A fault on the bridge alias counts for the device it was attached for.
+    assert!(hw.inject_fault(0x0def_0000, fault_hi(0x0100, 2, false)));
+    let mut got = Vec::new();
+    unit.poll_faults(&mut |r| got.push(r.source_id));
+    assert_eq!(got, [0x0100]);
+    assert_eq!(unit.owner_of(0x0100), 0x0108);
+    assert_eq!(unit.owner_of(0x0110), 0x0110);
+    assert_eq!(unit.fault_count(0x0108), 1);
+
     // The peer behind the same bridge: its shared aliases already point at d1, fine; at d2
     // the shared ones conflict and nothing is written.
     assert_eq!(
@@ -3173,15 +3182,6 @@ fn aliases_attach_replace_detach_legacy() {
     unit.attach_aliases(&mem, &PEER_BEHIND_BRIDGE, None, &d1)
         .unwrap();
     assert_eq!(strip(walk(&mem, rt, 0x0110, None, 0x10_0123)), hit);
-
-    // A fault on the bridge alias counts for the device it was attached for.
-    assert!(hw.inject_fault(0x0def_0000, fault_hi(0x0100, 2, false)));
-    let mut got = Vec::new();
-    unit.poll_faults(&mut |r| got.push(r.source_id));
-    assert_eq!(got, [0x0100]);
-    assert_eq!(unit.owner_of(0x0100), 0x0108);
-    assert_eq!(unit.owner_of(0x0110), 0x0110);
-    assert_eq!(unit.fault_count(0x0108), 1);
 
     // Replace moves every ID of the device (shared ones included) to d2.
     unit.replace_aliases(&mem, &EDU_BEHIND_BRIDGE, None, &d2)
@@ -3206,7 +3206,11 @@ fn aliases_attach_replace_detach_legacy() {
     for w in alias_walks(&mem, rt, &[0x0108, 0x0110, 0x0100, 0x00f0], None, 0x10_0123) {
         assert_eq!(w, Err("context entry not present"));
     }
-    assert_eq!(unit.owner_of(0x0100), 0x0100);
+    assert_eq!(
+        unit.owner_of(0x00f0),
+        0x0110,
+        "attribution outlives the attachment"
+    );
     assert_eq!(
         unit.detach_aliases(&mem, &EDU_BEHIND_BRIDGE, None),
         Err(VtdError::NotAttached)

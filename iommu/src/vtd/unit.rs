@@ -1172,7 +1172,7 @@ impl<M: Mmio> VtdUnit<M> {
         }
         for &alias in &sids[1..] {
             if alias != own {
-                self.alias_owner.entry(alias).or_insert(own);
+                self.alias_owner.insert(alias, own);
             }
         }
         Ok(())
@@ -1209,7 +1209,8 @@ impl<M: Mmio> VtdUnit<M> {
 
     /// Detaches every attached ID of `sids` (own ID first; [`VtdError::NotAttached`] if that one
     /// is not attached, before anything changes). Pass only the aliases no other attached
-    /// device shares: an alias is one context entry for all of its users.
+    /// device shares: an alias is one context entry for all of its users. Faults on the
+    /// aliases keep being attributed to the device (DMA it still issues faults now).
     pub fn detach_aliases<T: VtdMemory>(
         &mut self,
         mem: &T,
@@ -1229,12 +1230,12 @@ impl<M: Mmio> VtdUnit<M> {
                 self.detach_unchecked(mem, sid, pasid)?;
             }
         }
-        self.alias_owner.retain(|_, owner| *owner != own);
         Ok(())
     }
 
-    /// The device a fault on `sid` concerns: the device whose alias set (given to
-    /// [`attach_aliases`](Self::attach_aliases)) included it, else `sid` itself.
+    /// The device a fault on `sid` concerns: the device whose alias set was last given to
+    /// [`attach_aliases`](Self::attach_aliases) with it (devices sharing an alias are one
+    /// IOMMU group, so any of them names the group), else `sid` itself.
     pub fn owner_of(&self, sid: u16) -> u16 {
         self.alias_owner.get(&sid).copied().unwrap_or(sid)
     }
