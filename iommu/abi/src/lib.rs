@@ -170,7 +170,7 @@ pub mod errno {
     /// Unknown operation number.
     pub const ENOTTY: u32 = 25;
     /// No IOVA hole fits, or a fixed-capacity table (objects, areas, HWPTs per IOAS, PASIDs per
-    /// device) is full.
+    /// device, pins per ACCESS, the 128 ranges of an IOAS's reserved set) is full.
     pub const ENOSPC: u32 = 28;
     /// PASID outside the device's PASID width.
     pub const ERANGE: u32 = 34;
@@ -225,7 +225,9 @@ pub mod reason {
     pub const AREA_TABLE_FULL: u32 = 29;
     /// EINVAL: ranges in one request overlap each other.
     pub const RANGES_OVERLAP: u32 = 30;
-    /// EINVAL: more array entries than the limit.
+    /// EINVAL: more array entries than the limit. EMSGSIZE: an output array too small.
+    /// ENOSPC: an IOAS's reserved set would need more than
+    /// [`MAX_RESERVED_RANGES_PER_IOAS`](super::MAX_RESERVED_RANGES_PER_IOAS) disjoint ranges.
     pub const TOO_MANY: u32 = 31;
     /// EBUSY: pinned by the ACCESS named in `out_object_id`.
     pub const PINNED: u32 = 32;
@@ -272,7 +274,8 @@ pub mod reason {
     pub const DATA_TYPE_UNSUPPORTED: u32 = 63;
     /// EINVAL: an ACCESS attaches only to an IOAS, without PASID.
     pub const ACCESS_TARGET: u32 = 64;
-    /// EINVAL: a page table would not cover an existing mapping (its aperture).
+    /// EADDRINUSE: a new page table would not cover the existing mapping at `out_value` (it
+    /// lies outside the page table's aperture).
     pub const MAPPING_OUTSIDE_APERTURE: u32 = 65;
     /// ENOMEM.
     pub const NO_MEMORY: u32 = 70;
@@ -328,9 +331,18 @@ pub const HWPT_ENFORCE_CACHE_COHERENCY: u32 = 1 << 2;
 pub const HWPT_DATA_NONE: u32 = 0;
 
 /// [`DeviceAttach::flags`] / [`DeviceDetach::flags`]: the `pasid` field is meaningful.
+/// Without it `pasid` is a reserved field: non-zero is `EOPNOTSUPP`
+/// ([`reason::ARG_RESERVED_NONZERO`]).
 pub const ATTACH_PASID: u32 = 1 << 0;
 
-/// [`HwptSetDirtyTracking::flags`].
+/// Disjoint ranges an IOAS's reserved set can hold (after merging overlapping and adjacent
+/// ones); an attach or HWPT creation needing more fails with `ENOSPC`
+/// ([`reason::TOO_MANY`]).
+pub const MAX_RESERVED_RANGES_PER_IOAS: u32 = 128;
+
+/// [`HwptSetDirtyTracking::flags`]: set to enable (clearing every dirty bit first), clear
+/// to disable (the bits recorded so far are kept for GET_DIRTY_BITMAP; nothing new is
+/// recorded).
 pub const DIRTY_TRACKING_ENABLE: u32 = 1 << 0;
 /// [`HwptGetDirtyBitmap::flags`]: read without clearing.
 pub const DIRTY_BITMAP_NO_CLEAR: u32 = 1 << 0;

@@ -339,5 +339,5 @@ fn run(data: &[u8]) {
     let hw = fd.hw();
     assert_eq!(hw.frames_in_use(), 0, "table pages leaked");
     assert_eq!(hw.attachments().count(), 0);
-    assert_eq!(hw.bad_frees, 0);
+    assert_eq!(hw.bad_frees(), 0);
 }

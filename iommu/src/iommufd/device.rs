@@ -13,7 +13,7 @@ use hvabi::{
 
 use super::group::{Group, Target};
 use super::hw::{HwDev, HwDeviceInfo};
-use super::ioas::{owns_array, reserved_nonzero, write_struct};
+use super::marshal::{owns_array, reserved_nonzero, write_struct};
 use super::object::{Guest, Object};
 use super::{Cx, Error, GuestMemory, IommuHw, MAX_GROUP_MEMBERS, MAX_PASIDS_PER_DEVICE, inval};
 

@@ -20,7 +20,7 @@ use hvabi::{
     MAX_ARG_SIZE, MAX_BATCH, cap, errno, kind, op, reason,
 };
 
-use super::ioas::reserved_nonzero;
+use super::marshal::reserved_nonzero;
 use super::object::{Guest, Object};
 use super::{
     Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS,

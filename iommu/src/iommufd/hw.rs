@@ -1,8 +1,9 @@
 //! The hardware trait the object model drives: enumerate devices, create page tables
 //! (domains), map and unmap them, and move devices (and PASIDs) between them.
 //!
-//! Implemented by the VT-d driver (`vtd_backend.rs`), later the SMMUv3 driver, and the
-//! software model in `sim.rs` that host tests and the fuzzer run against.
+//! Implemented once, by the generic skeleton in `backend.rs`, over three drivers: the VT-d
+//! driver (`vtd_backend.rs`), the SMMUv3 driver (`smmu_backend.rs`) and the software model in
+//! `sim.rs` that host tests and the fuzzer run against (test support).
 //!
 //! # The attach protocol: prepare / commit / abort
 //!
@@ -220,7 +221,8 @@ pub trait IommuHw {
     fn detach(&mut self, dev: HwDev, pasid: Option<u32>) -> Result<(), HwError>;
 
     /// Turns dirty tracking of a domain created with `dirty_tracking` on (clearing every dirty
-    /// bit first) or off.
+    /// bit first) or off (keeping every dirty bit: `read_dirty` still reports, and clears,
+    /// what was recorded while it was on; nothing new is recorded).
     fn set_dirty_tracking(&mut self, d: HwDomain, enable: bool) -> Result<(), HwError> {
         let _ = (d, enable);
         Err(HwError::Unsupported)

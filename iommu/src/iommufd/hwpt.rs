@@ -18,7 +18,8 @@ use hvabi::{
 };
 
 use super::hw::{DomainConfig, HwDev, HwDomain, Span};
-use super::ioas::{hw_map_range, owns_array, reserved_nonzero};
+use super::ioas::hw_map_range;
+use super::marshal::{owns_array, reserved_nonzero};
 use super::object::Object;
 use super::{Cx, Error, GuestMemory, IommuHw, MAX_HWPTS_PER_IOAS, PAGE, hw_err, inval};
 
@@ -141,12 +142,16 @@ impl<H: IommuHw> Cx<'_, H> {
         {
             return Err(Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(a.iova));
         }
-        let outside = |s: &Span| {
-            (info.aperture.start > 0 && s.start < info.aperture.start)
-                || s.last > info.aperture.last
-        };
-        if let Some(s) = ioas.allowed.iter().find(|s| outside(s)) {
-            return Err(Error::new(errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED).at(s.start));
+        // The HWPT reserves the IOVA below and above its aperture; report the start of the
+        // reserved range an allowed range falls in (hvabi `RESERVED_IN_ALLOWED`), not the
+        // allowed range's.
+        let below = (info.aperture.start > 0).then(|| Span::new(0, info.aperture.start - 1));
+        let above =
+            (info.aperture.last < u64::MAX).then(|| Span::new(info.aperture.last + 1, u64::MAX));
+        for r in [below, above].into_iter().flatten() {
+            if ioas.allowed.iter().any(|s| s.overlaps(&r)) {
+                return Err(Error::new(errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED).at(r.start));
+            }
         }
         for a in &ioas.areas {
             hw_map_range(self.hw, mem, d, a.iova, a.gpa, a.len, a.hw_prot())?;

@@ -15,12 +15,13 @@
 use alloc::vec::Vec;
 
 use hvabi::{
-    AbiStruct, BATCH_ATOMIC, IoasAllowIovas, IoasCopy, IoasIovaRanges, IoasMapBatch,
-    IoasUnmapBatch, IovaRange, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, MAX_BATCH, MapEntry,
-    UnmapEntry, errno, kind, reason,
+    BATCH_ATOMIC, IoasAllowIovas, IoasCopy, IoasIovaRanges, IoasMapBatch, IoasUnmapBatch,
+    IovaRange, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, MAX_BATCH, MapEntry, UnmapEntry, errno,
+    kind, reason,
 };
 
 use super::hw::{HwDeviceInfo, HwDomain, Span};
+use super::marshal::{owns_array, read_struct, reserved_nonzero, unknown_flags, write_struct};
 use super::object::{Guest, Object};
 use super::{
     Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, hw_err, inval,
@@ -161,7 +162,8 @@ pub(crate) struct ResvBuf {
 }
 
 impl ResvBuf {
-    pub const CAP: usize = 128;
+    /// The ABI's documented limit (docs/abi.md §7).
+    pub const CAP: usize = hvabi::MAX_RESERVED_RANGES_PER_IOAS as usize;
 
     pub fn new() -> Self {
         ResvBuf {
@@ -294,14 +296,6 @@ pub(crate) fn check_prot(flags: u32) -> Result<u8, Error> {
 }
 
 const MAP_FLAGS: u32 = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
-
-fn unknown_flags() -> Error {
-    Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS)
-}
-
-pub(crate) fn reserved_nonzero() -> Error {
-    Error::new(errno::EOPNOTSUPP, reason::ARG_RESERVED_NONZERO)
-}
 
 /// Checks `len` and the alignment of `addrs` and `len`; returns the span at `base`.
 fn check_range(base: u64, len: u64, addrs: &[u64]) -> Result<Span, Error> {
@@ -900,31 +894,4 @@ impl<H: IommuHw> Cx<'_, H> {
         ioas.allowed.extend_from_slice(list);
         Ok(())
     }
-}
-
-/// `[gpa, gpa + bytes)` is writable guest memory.
-pub(crate) fn owns_array(mem: &dyn GuestMemory, gpa: u64, bytes: u64) -> bool {
-    gpa.checked_add(bytes).is_some() && mem.owns(gpa, bytes, true)
-}
-
-/// Reads an array element or other fixed-size struct from guest memory.
-pub(crate) fn read_struct<T: AbiStruct>(mem: &dyn GuestMemory, gpa: u64) -> Result<T, Error> {
-    let mut buf = [0u8; 64];
-    let b = &mut buf[..T::SIZE.min(64)];
-    mem.read(gpa, b)
-        .map_err(|_| Error::new(errno::EFAULT, reason::ARRAY_FAULT))?;
-    Ok(T::decode(b))
-}
-
-/// Writes an array element or other fixed-size struct to guest memory.
-pub(crate) fn write_struct<T: AbiStruct>(
-    mem: &dyn GuestMemory,
-    gpa: u64,
-    v: &T,
-) -> Result<(), Error> {
-    let mut buf = [0u8; 64];
-    let b = &mut buf[..T::SIZE.min(64)];
-    v.encode(b);
-    mem.write(gpa, b)
-        .map_err(|_| Error::new(errno::EFAULT, reason::ARRAY_FAULT))
 }

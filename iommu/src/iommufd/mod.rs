@@ -7,9 +7,9 @@
 //! **HWPT** (a hardware page table mirroring one IOAS; automatic or guest-allocated),
 //! **DEVICE** and **GROUP** (assigned by the hypervisor; a group is the unit of isolation and
 //! its members share one translation), **ACCESS** (an in-hypervisor emulated DMA user reading
-//! and writing through an IOAS). References are explicit counters checked by
-//! [`check`](check::check): HWPT → IOAS (`Ioas::hwpts`), attachment → HWPT (`Hwpt::users`),
-//! ACCESS → IOAS (`Ioas::accesses`), pins → area.
+//! and writing through an IOAS). References are explicit counters checked by the
+//! consistency checker (`check`, test support): HWPT → IOAS (`Ioas::hwpts`), attachment →
+//! HWPT (`Hwpt::users`), ACCESS → IOAS (`Ioas::accesses`), pins → area.
 //!
 //! # Rules every operation follows
 //!
@@ -32,7 +32,10 @@
 //! old IOAS or the new one, never none.
 
 pub mod access;
+pub mod backend;
+#[cfg(any(test, feature = "testing"))]
 pub mod check;
+#[cfg(any(test, feature = "testing"))]
 pub mod client;
 pub mod device;
 pub mod dispatch;
@@ -40,12 +43,19 @@ pub mod group;
 pub mod hw;
 pub mod hwpt;
 pub mod ioas;
+mod marshal;
 mod object;
+#[cfg(any(test, feature = "testing"))]
 pub mod selftest;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim;
 pub mod smmu_backend;
 pub mod table;
 pub mod vtd_backend;
+
+// `check`, `client`, `selftest` and `sim` are test support: the host tests, the fuzzer and the
+// hypervisor's in-VM scenarios enable them with the crate's `testing` feature; the product's
+// object model never uses them.
 
 #[cfg(test)]
 mod tests;

@@ -16,9 +16,10 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids};
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwReserved, HwTranslation,
-    IommuHw, MAX_RESERVED_PER_DEVICE, Span,
+    MAX_RESERVED_PER_DEVICE, Span,
 };
 use super::{FailNth, GuestMemory, HostRun, MemFault, PAGE};
 use crate::pgtable::format::vtd_bits;
@@ -122,6 +123,8 @@ pub struct SimDevice {
     pub unit: u32,
     /// Input address bits of domains built for it (aperture `[0, 2^bits)`), 39..=48.
     pub aperture_bits: u32,
+    /// Requester IDs its DMA carries: `hw_id` and any DMA alias.
+    pub ids: Ids<u32>,
 }
 
 /// The usual MSI window.
@@ -149,7 +152,14 @@ impl SimDevice {
             },
             unit: 0,
             aperture_bits: 48,
+            ids: Ids::one(hw_id as u32),
         }
+    }
+    /// Adds a DMA alias: the device's DMA may also carry requester ID `id` (ignored past the
+    /// list's capacity).
+    pub fn alias(mut self, id: u32) -> Self {
+        let _ = self.ids.push(id);
+        self
     }
     pub fn pasid(mut self, bits: u8) -> Self {
         self.info.pasid_bits = bits;
@@ -230,21 +240,12 @@ pub fn demo_platform() -> Vec<SimDevice> {
     ]
 }
 
-struct SimDomain {
+/// A domain of the model: a page table and its dirty record.
+pub struct SimDomain {
     pt: PageTable<VtdSecondStage<4>>,
-    cfg: DomainConfig,
-    unit: u32,
     aperture: Span,
     dirty_enabled: bool,
     dirty: BTreeSet<u64>,
-}
-
-/// A prepared switch.
-#[derive(Debug)]
-pub struct SimPrepared {
-    dev: HwDev,
-    pasid: Option<u32>,
-    d: HwDomain,
 }
 
 /// Why an emulated DMA failed.
@@ -256,194 +257,101 @@ pub enum DmaFault {
     Permission,
 }
 
-/// The software IOMMU.
-pub struct SimHw {
+/// The software model under the [`Backend`] skeleton: the table pool, the per-ID "hardware"
+/// entries (what a requester ID, or a PASID of it, translates through) and the fault
+/// injection.
+pub struct SimOps {
     mem: SimMem,
-    devices: Vec<SimDevice>,
-    domains: Vec<Option<SimDomain>>,
-    attach: BTreeMap<(HwDev, Option<u32>), HwDomain>,
+    aperture_bits: Vec<u32>,
+    /// The model's device-context entries, per requester ID: what its DMA translates
+    /// through. Written by commit and detach only.
+    entries: BTreeMap<(u32, Option<u32>), HwDomain>,
     fail: Option<Arc<FailNth>>,
-    outstanding: u32,
     fail_prepare: Option<HwDev>,
+    fail_prepare_id: Option<u32>,
     fault_commit: Option<HwDev>,
-    /// Domains freed while a device still used them (an object-model bug).
-    pub bad_frees: u32,
-    pub commits: u64,
-    pub aborts: u64,
+    bad_frees: u32,
+    commits: u64,
+    aborts: u64,
 }
 
-impl SimHw {
-    /// `devices` in that order (device `i` is `HwDev` `i`), `frames` table pages.
-    pub fn new(devices: &[SimDevice], frames: usize, fail: Option<Arc<FailNth>>) -> Self {
-        SimHw {
-            mem: SimMem::new(frames, fail.clone()),
-            devices: devices.to_vec(),
-            domains: Vec::new(),
-            attach: BTreeMap::new(),
-            fail,
-            outstanding: 0,
-            fail_prepare: None,
-            fault_commit: None,
-            bad_frees: 0,
-            commits: 0,
-            aborts: 0,
-        }
-    }
+/// The software IOMMU.
+pub type SimHw = Backend<SimOps>;
 
-    pub fn frames_in_use(&self) -> usize {
-        self.mem.frames_in_use()
-    }
-
-    /// The next prepare for `dev` fails with `NoMemory`.
-    pub fn fail_next_prepare(&mut self, dev: HwDev) {
-        self.fail_prepare = Some(dev);
-    }
-
-    /// The next commit for `dev` switches and then reports a hardware fault.
-    pub fn fault_next_commit(&mut self, dev: HwDev) {
-        self.fault_commit = Some(dev);
-    }
-
+impl SimOps {
     fn hit(&self) -> bool {
         self.fail.as_ref().is_some_and(|f| f.hit())
     }
-
-    fn dom(&self, d: HwDomain) -> Option<&SimDomain> {
-        self.domains.get(d.0 as usize)?.as_ref()
-    }
-
-    fn dom_mut(&mut self, d: HwDomain) -> Option<&mut SimDomain> {
-        self.domains.get_mut(d.0 as usize)?.as_mut()
-    }
-
-    /// Emulated DMA by `dev` (`pasid`) at `iova`: the physical address reached. A write to a
-    /// domain tracking dirty pages marks the page dirty.
-    pub fn dma(
-        &mut self,
-        dev: HwDev,
-        pasid: Option<u32>,
-        iova: u64,
-        write: bool,
-    ) -> Result<u64, DmaFault> {
-        let d = *self.attach.get(&(dev, pasid)).ok_or(DmaFault::Blocked)?;
-        let mem = &self.mem;
-        let dom = self
-            .domains
-            .get_mut(d.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(DmaFault::Blocked)?;
-        let t = dom.pt.translate(mem, iova).ok_or(DmaFault::NotMapped)?;
-        let need = if write { vtd_bits::W } else { vtd_bits::R };
-        if t.pte & need == 0 {
-            return Err(DmaFault::Permission);
-        }
-        if write && dom.dirty_enabled {
-            dom.dirty.insert(iova & !(PAGE - 1));
-        }
-        Ok(t.pa)
-    }
-
-    fn check_compat(&self, dev: HwDev, d: HwDomain) -> Result<(), HwError> {
-        let sd = self.devices.get(dev as usize).ok_or(HwError::Invalid)?;
-        let dom = self.dom(d).ok_or(HwError::Invalid)?;
-        if sd.unit != dom.unit {
-            return Err(HwError::Incompatible);
-        }
-        if dom.cfg.enforce_cc && !sd.info.enforce_cc {
-            return Err(HwError::NotCoherent);
-        }
-        if dom.cfg.dirty_tracking && !sd.info.dirty_tracking {
-            return Err(HwError::NoDirtyTracking);
-        }
-        Ok(())
-    }
 }
 
-impl IommuHw for SimHw {
-    type Prepared = SimPrepared;
+impl DriverOps for SimOps {
+    /// A requester ID.
+    type Id = u32;
+    type Domain = SimDomain;
+    const PASIDS: bool = true;
+    const SWITCHES_BLOCKED_AT_PREPARE: bool = false;
 
-    fn device_count(&self) -> u32 {
-        self.devices.len() as u32
-    }
-
-    fn device_info(&self, dev: HwDev) -> Option<HwDeviceInfo> {
-        self.devices.get(dev as usize).map(|d| d.info)
-    }
-
-    fn domain_alloc(&mut self, dev: HwDev, cfg: DomainConfig) -> Result<HwDomain, HwError> {
-        let sd = *self.devices.get(dev as usize).ok_or(HwError::Invalid)?;
-        if cfg.enforce_cc && !sd.info.enforce_cc {
+    fn domain_alloc(
+        &mut self,
+        dev: HwDev,
+        rec: &BackendDevice<u32>,
+        cfg: DomainConfig,
+    ) -> Result<SimDomain, HwError> {
+        if cfg.enforce_cc && !rec.info.enforce_cc {
             return Err(HwError::NotCoherent);
         }
-        if cfg.dirty_tracking && !sd.info.dirty_tracking {
+        if cfg.dirty_tracking && !rec.info.dirty_tracking {
             return Err(HwError::NoDirtyTracking);
         }
         if self.hit() {
             return Err(HwError::NoMemory);
         }
-        let slot = match self.domains.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.domains.try_reserve(1).map_err(|_| HwError::NoMemory)?;
-                self.domains.push(None);
-                self.domains.len() - 1
-            }
-        };
+        let bits = self.aperture_bits.get(dev as usize).copied().unwrap_or(48);
         let pt_cfg = Config {
             leaf_sizes: 1 << 12 | 1 << 21 | 1 << 30,
             contiguous_hint: false,
             dirty_tracking: cfg.dirty_tracking,
             snoop_control: true,
-            ..Config::new(sd.aperture_bits, 48)
+            ..Config::new(bits, 48)
         };
         let pt = PageTable::new(&self.mem, pt_cfg).map_err(|_| HwError::NoMemory)?;
-        self.domains[slot] = Some(SimDomain {
+        Ok(SimDomain {
             pt,
-            cfg,
-            unit: sd.unit,
-            aperture: Span::new(0, (1u64 << sd.aperture_bits) - 1),
+            aperture: Span::new(0, (1u64 << bits) - 1),
             dirty_enabled: false,
             dirty: BTreeSet::new(),
-        });
-        Ok(HwDomain(slot as u32))
-    }
-
-    fn domain_free(&mut self, d: HwDomain) {
-        if self.attach.values().any(|&x| x == d) {
-            self.bad_frees += 1;
-        }
-        if let Some(dom) = self.domains.get_mut(d.0 as usize).and_then(Option::take) {
-            dom.pt.destroy(&self.mem);
-        }
-    }
-
-    fn domain_info(&self, d: HwDomain) -> Option<DomainInfo> {
-        let dom = self.dom(d)?;
-        Some(DomainInfo {
-            aperture: dom.aperture,
-            page_sizes: dom.pt.leaf_sizes(),
         })
     }
 
-    fn compatible(&self, dev: HwDev, d: HwDomain) -> Result<(), HwError> {
-        self.check_compat(dev, d)
+    fn domain_free(&mut self, _unit: usize, domain: SimDomain, in_use: bool) {
+        if in_use {
+            self.bad_frees += 1;
+        }
+        domain.pt.destroy(&self.mem);
+    }
+
+    fn domain_info(&self, x: &DomainSlot<SimDomain>) -> Option<DomainInfo> {
+        Some(DomainInfo {
+            aperture: x.domain.aperture,
+            page_sizes: x.domain.pt.leaf_sizes(),
+        })
     }
 
     fn map(
         &mut self,
-        d: HwDomain,
+        x: &DomainSlot<SimDomain>,
         iova: u64,
         pa: u64,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError> {
-        let dom = self.dom(d).ok_or(HwError::Invalid)?;
-        let prot = if dom.cfg.enforce_cc {
+        let prot = if x.cfg.enforce_cc {
             prot | Prot::SNOOP
         } else {
             prot
         };
-        dom.pt
+        x.domain
+            .pt
             .map(&self.mem, iova, pa, len, prot)
             .map_err(|e| match e {
                 MapError::NoMemory { .. } => HwError::NoMemory,
@@ -451,86 +359,116 @@ impl IommuHw for SimHw {
             })
     }
 
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
-        let dom = self.dom(d).ok_or(HwError::Invalid)?;
+    fn unmap(&mut self, x: &DomainSlot<SimDomain>, iova: u64, len: u64) -> Result<u64, HwError> {
         let mut g = Gather::new();
-        let r = dom.pt.unmap(&self.mem, iova, len, &mut g);
+        let r = x.domain.pt.unmap(&self.mem, iova, len, &mut g);
         g.complete(&self.mem);
         r.map_err(|_| HwError::Invalid)
     }
 
-    fn prepare(
+    fn translate(&self, x: &DomainSlot<SimDomain>, iova: u64) -> Option<HwTranslation> {
+        let t = x.domain.pt.translate(&self.mem, iova)?;
+        Some(HwTranslation {
+            pa: t.pa,
+            leaf: Span::new(t.leaf.start, t.leaf.end - 1),
+            read: t.pte & vtd_bits::R != 0,
+            write: t.pte & vtd_bits::W != 0,
+            snoop: Some(t.pte & vtd_bits::SNP != 0),
+        })
+    }
+
+    fn mapped_bytes(&self, x: &DomainSlot<SimDomain>) -> u64 {
+        x.domain.pt.census(&self.mem).mapped
+    }
+
+    fn prepare_id(
         &mut self,
         dev: HwDev,
-        pasid: Option<u32>,
-        d: HwDomain,
-    ) -> Result<SimPrepared, HwError> {
-        self.check_compat(dev, d)?;
-        let sd = &self.devices[dev as usize];
-        if let Some(p) = pasid {
-            let bits = sd.info.pasid_bits.min(20);
-            if bits == 0 {
-                return Err(HwError::Unsupported);
-            }
-            if p == 0 || p >= 1 << bits {
-                return Err(HwError::PasidOutOfRange);
-            }
-        }
+        _rec: &BackendDevice<u32>,
+        id: u32,
+        _pasid: Option<u32>,
+        _d: HwDomain,
+        _x: &DomainSlot<SimDomain>,
+        _blocked: bool,
+    ) -> Result<(), HwError> {
         if self.fail_prepare == Some(dev) {
             self.fail_prepare = None;
+            return Err(HwError::NoMemory);
+        }
+        if self.fail_prepare_id == Some(id) {
+            self.fail_prepare_id = None;
             return Err(HwError::NoMemory);
         }
         // Models the context/PASID-table pages a real IOMMU may need.
         if self.hit() {
             return Err(HwError::NoMemory);
         }
-        self.outstanding += 1;
-        Ok(SimPrepared { dev, pasid, d })
+        Ok(())
     }
 
-    fn commit(&mut self, p: SimPrepared) -> Result<(), HwError> {
-        self.outstanding = self.outstanding.saturating_sub(1);
+    fn commit_id(
+        &mut self,
+        dev: HwDev,
+        _rec: &BackendDevice<u32>,
+        id: u32,
+        pasid: Option<u32>,
+        d: HwDomain,
+        _x: &DomainSlot<SimDomain>,
+        _blocked: bool,
+    ) -> Result<(), HwError> {
         self.commits += 1;
-        self.attach.insert((p.dev, p.pasid), p.d);
-        if self.fault_commit == Some(p.dev) {
+        self.entries.insert((id, pasid), d);
+        if self.fault_commit == Some(dev) {
             self.fault_commit = None;
             return Err(HwError::Fault);
         }
         Ok(())
     }
 
-    fn abort(&mut self, _p: SimPrepared) {
-        self.outstanding = self.outstanding.saturating_sub(1);
+    fn abort_id(&mut self, _: HwDev, _: &BackendDevice<u32>, _: u32, _: Option<u32>, _: bool) {
         self.aborts += 1;
     }
 
-    fn detach(&mut self, dev: HwDev, pasid: Option<u32>) -> Result<(), HwError> {
-        self.attach.remove(&(dev, pasid));
+    fn detach_id(
+        &mut self,
+        _dev: HwDev,
+        _rec: &BackendDevice<u32>,
+        id: u32,
+        pasid: Option<u32>,
+    ) -> Result<(), HwError> {
+        self.entries.remove(&(id, pasid));
         Ok(())
     }
 
-    fn set_dirty_tracking(&mut self, d: HwDomain, enable: bool) -> Result<(), HwError> {
-        let dom = self.dom_mut(d).ok_or(HwError::Invalid)?;
-        if !dom.cfg.dirty_tracking {
+    fn set_dirty_tracking(
+        &mut self,
+        x: &mut DomainSlot<SimDomain>,
+        enable: bool,
+    ) -> Result<(), HwError> {
+        if !x.cfg.dirty_tracking {
             return Err(HwError::Unsupported);
         }
-        dom.dirty.clear();
-        dom.dirty_enabled = enable;
+        // Enabling starts a clean snapshot; disabling keeps what was recorded, so a read after
+        // tracking stopped still returns the last writes (docs/abi.md §5).
+        if enable {
+            x.domain.dirty.clear();
+        }
+        x.domain.dirty_enabled = enable;
         Ok(())
     }
 
     fn read_dirty(
         &mut self,
-        d: HwDomain,
+        x: &mut DomainSlot<SimDomain>,
         iova: u64,
         len: u64,
         clear: bool,
         report: &mut dyn FnMut(u64, u64),
     ) -> Result<(), HwError> {
-        let dom = self.dom_mut(d).ok_or(HwError::Invalid)?;
-        if !dom.cfg.dirty_tracking {
+        if !x.cfg.dirty_tracking {
             return Err(HwError::Unsupported);
         }
+        let dom = &mut x.domain;
         let last = Span::from_len(iova, len).ok_or(HwError::Invalid)?.last;
         let pages: Vec<u64> = dom.dirty.range(iova..=last).copied().collect();
         for p in pages {
@@ -541,41 +479,120 @@ impl IommuHw for SimHw {
         }
         Ok(())
     }
-
-    fn translate(&self, d: HwDomain, iova: u64) -> Option<HwTranslation> {
-        let t = self.dom(d)?.pt.translate(&self.mem, iova)?;
-        Some(HwTranslation {
-            pa: t.pa,
-            leaf: Span::new(t.leaf.start, t.leaf.end - 1),
-            read: t.pte & vtd_bits::R != 0,
-            write: t.pte & vtd_bits::W != 0,
-            snoop: Some(t.pte & vtd_bits::SNP != 0),
-        })
-    }
-
-    fn mapped_bytes(&self, d: HwDomain) -> u64 {
-        self.dom(d)
-            .map(|x| x.pt.census(&self.mem).mapped)
-            .unwrap_or(0)
-    }
-
-    fn device_domain(&self, dev: HwDev, pasid: Option<u32>) -> Option<HwDomain> {
-        self.attach.get(&(dev, pasid)).copied()
-    }
-
-    fn live_domains(&self) -> Option<u32> {
-        Some(self.domains.iter().filter(|d| d.is_some()).count() as u32)
-    }
-
-    fn outstanding_prepared(&self) -> Option<u32> {
-        Some(self.outstanding)
-    }
 }
 
-impl SimHw {
-    /// Every (device, PASID) with a domain.
-    pub fn attachments(&self) -> impl Iterator<Item = (HwDev, Option<u32>, HwDomain)> + '_ {
-        self.attach.iter().map(|(&(d, p), &x)| (d, p, x))
+impl Backend<SimOps> {
+    /// `devices` in that order (device `i` is `HwDev` `i`), `frames` table pages.
+    pub fn new(devices: &[SimDevice], frames: usize, fail: Option<Arc<FailNth>>) -> Self {
+        let ops = SimOps {
+            mem: SimMem::new(frames, fail.clone()),
+            aperture_bits: devices.iter().map(|d| d.aperture_bits).collect(),
+            entries: BTreeMap::new(),
+            fail,
+            fail_prepare: None,
+            fail_prepare_id: None,
+            fault_commit: None,
+            bad_frees: 0,
+            commits: 0,
+            aborts: 0,
+        };
+        let devices = devices
+            .iter()
+            .map(|d| BackendDevice {
+                info: d.info,
+                unit: d.unit as usize,
+                ids: d.ids,
+            })
+            .collect();
+        Backend::with_driver(ops, devices)
+    }
+
+    pub fn frames_in_use(&self) -> usize {
+        self.drv.mem.frames_in_use()
+    }
+
+    /// The next prepare for `dev` fails with `NoMemory`.
+    pub fn fail_next_prepare(&mut self, dev: HwDev) {
+        self.drv.fail_prepare = Some(dev);
+    }
+
+    /// The next prepare of requester ID `id` (of whichever device) fails with `NoMemory`.
+    pub fn fail_next_prepare_id(&mut self, id: u32) {
+        self.drv.fail_prepare_id = Some(id);
+    }
+
+    /// The next commit for `dev` switches and then reports a hardware fault.
+    pub fn fault_next_commit(&mut self, dev: HwDev) {
+        self.drv.fault_commit = Some(dev);
+    }
+
+    /// Domains freed while a device still used them (an object-model bug).
+    pub fn bad_frees(&self) -> u32 {
+        self.drv.bad_frees
+    }
+
+    /// Requester IDs committed (one per ID of every committed switch).
+    pub fn commits(&self) -> u64 {
+        self.drv.commits
+    }
+
+    /// Requester IDs aborted (one per ID of every aborted switch).
+    pub fn aborts(&self) -> u64 {
+        self.drv.aborts
+    }
+
+    /// Emulated DMA by `dev` (`pasid`) at `iova`, under the device's own requester ID: the
+    /// physical address reached. A write to a domain tracking dirty pages marks the page
+    /// dirty.
+    pub fn dma(
+        &mut self,
+        dev: HwDev,
+        pasid: Option<u32>,
+        iova: u64,
+        write: bool,
+    ) -> Result<u64, DmaFault> {
+        let id = self.device(dev).ok_or(DmaFault::Blocked)?.ids.primary();
+        self.dma_as(id, pasid, iova, write)
+    }
+
+    /// Emulated DMA carrying requester ID `id` (a device's own or one of its aliases),
+    /// translated through the model's entry for `id`, as the hardware would.
+    pub fn dma_as(
+        &mut self,
+        id: u32,
+        pasid: Option<u32>,
+        iova: u64,
+        write: bool,
+    ) -> Result<u64, DmaFault> {
+        let d = *self
+            .drv
+            .entries
+            .get(&(id, pasid))
+            .ok_or(DmaFault::Blocked)?;
+        let mem = &self.drv.mem;
+        let dom = self
+            .domains
+            .get_mut(d.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(DmaFault::Blocked)?;
+        let t = dom
+            .domain
+            .pt
+            .translate(mem, iova)
+            .ok_or(DmaFault::NotMapped)?;
+        let need = if write { vtd_bits::W } else { vtd_bits::R };
+        if t.pte & need == 0 {
+            return Err(DmaFault::Permission);
+        }
+        if write && dom.domain.dirty_enabled {
+            dom.domain.dirty.insert(iova & !(PAGE - 1));
+        }
+        Ok(t.pa)
+    }
+
+    /// What requester ID `id` (`pasid`) translates through in the model's entries.
+    pub fn entry(&self, id: u32, pasid: Option<u32>) -> Option<HwDomain> {
+        self.drv.entries.get(&(id, pasid)).copied()
     }
 
     /// Table pages held by live domains (a leak check: the pool holds nothing else).
@@ -583,7 +600,7 @@ impl SimHw {
         self.domains
             .iter()
             .flatten()
-            .map(|d| d.pt.census(&self.mem).table_pages())
+            .map(|d| d.domain.pt.census(&self.drv.mem).table_pages())
             .sum()
     }
 }

@@ -36,12 +36,12 @@
 //!   like any write; a platform that lets assigned devices raise MSIs reserves the doorbell's
 //!   window with [`with_reserved`] (QEMU virt: [`QEMU_VIRT_ITS_WINDOW`]).
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids};
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwReserved, HwTranslation,
-    IommuHw, MAX_RESERVED_PER_DEVICE, Span,
+    MAX_RESERVED_PER_DEVICE, Span,
 };
 use crate::hw::Mmio;
 use crate::pgtable::format::arm_bits;
@@ -97,31 +97,28 @@ pub fn device_info<M: Mmio, E: crate::pgtable::sync::PteAtomic>(
     }
 }
 
-struct SmmuDom {
-    unit: usize,
-    domain: Domain,
-    cfg: DomainConfig,
-}
-
-/// A prepared switch.
-#[derive(Debug)]
-pub struct SmmuPrepared {
-    dev: HwDev,
-    d: HwDomain,
-}
-
-/// The SMMUv3 backend. `mem` is where the units' structures and every domain's tables live
-/// (the hypervisor's IOMMU frame source, the one the units were brought up with).
-pub struct SmmuBackend<'m, M: Mmio, T: TableMemory + Sync>
+/// The SMMUv3 driver under the [`Backend`] skeleton: the units (brought up with `mem`) and the
+/// memory their structures and every domain's tables come from (the hypervisor's IOMMU frame
+/// source).
+pub struct SmmuOps<'m, M: Mmio, T: TableMemory + Sync>
 where
     T::Entry: 'static,
 {
     units: Vec<SmmuUnit<'m, M, T::Entry>>,
     mem: &'m T,
-    devices: Vec<SmmuDevice>,
-    domains: Vec<Option<SmmuDom>>,
-    attached: BTreeMap<HwDev, HwDomain>,
-    outstanding: u32,
+}
+
+/// The SMMUv3 backend.
+pub type SmmuBackend<'m, M, T> = Backend<SmmuOps<'m, M, T>>;
+
+impl From<SmmuDevice> for BackendDevice<u32> {
+    fn from(d: SmmuDevice) -> Self {
+        BackendDevice {
+            info: d.info,
+            unit: d.unit,
+            ids: Ids::one(d.sid),
+        }
+    }
 }
 
 fn err(e: SmmuError) -> HwError {
@@ -137,135 +134,90 @@ fn err(e: SmmuError) -> HwError {
     }
 }
 
-impl<'m, M: Mmio, T: TableMemory + Sync> SmmuBackend<'m, M, T>
+impl<'m, M: Mmio, T: TableMemory + Sync> Backend<SmmuOps<'m, M, T>>
 where
     T::Entry: 'static,
 {
     /// Units (brought up with `mem`), the memory their structures come from, and the devices
-    /// to offer. Touches no STE: a device starts as the unit left it (abort after bring-up).
-    pub fn new(
+    /// to offer (a [`SmmuDevice`] or, for a device with several StreamIDs, a
+    /// [`BackendDevice`] listing them). Touches no STE: a device starts as the unit left it
+    /// (abort after bring-up).
+    pub fn new<X: Into<BackendDevice<u32>>>(
         units: Vec<SmmuUnit<'m, M, T::Entry>>,
         mem: &'m T,
-        devices: Vec<SmmuDevice>,
+        devices: Vec<X>,
     ) -> Self {
-        SmmuBackend {
-            units,
-            mem,
-            devices,
-            domains: Vec::new(),
-            attached: BTreeMap::new(),
-            outstanding: 0,
-        }
+        let devices = devices.into_iter().map(Into::into).collect();
+        Backend::with_driver(SmmuOps { units, mem }, devices)
     }
 
     pub fn units(&self) -> &[SmmuUnit<'m, M, T::Entry>] {
-        &self.units
+        &self.drv.units
     }
 
     pub fn units_mut(&mut self) -> &mut [SmmuUnit<'m, M, T::Entry>] {
-        &mut self.units
+        &mut self.drv.units
     }
 
     pub fn mem(&self) -> &'m T {
-        self.mem
-    }
-
-    /// The driver's domain behind a handle (for inspection).
-    pub fn domain(&self, d: HwDomain) -> Option<&Domain> {
-        self.dom(d).map(|x| &x.domain)
-    }
-
-    fn dom(&self, d: HwDomain) -> Option<&SmmuDom> {
-        self.domains.get(d.0 as usize)?.as_ref()
-    }
-
-    fn dev(&self, dev: HwDev) -> Result<SmmuDevice, HwError> {
-        self.devices
-            .get(dev as usize)
-            .copied()
-            .ok_or(HwError::Invalid)
-    }
-
-    fn check(&self, dev: HwDev, pasid: Option<u32>, d: HwDomain) -> Result<SmmuDevice, HwError> {
-        let sd = self.dev(dev)?;
-        let dom = self.dom(d).ok_or(HwError::Invalid)?;
-        if dom.unit != sd.unit {
-            return Err(HwError::Incompatible);
-        }
-        let unit = self.units.get(sd.unit).ok_or(HwError::Invalid)?;
-        if (sd.sid as u64) >> unit.stream_id_bits() != 0 {
-            return Err(HwError::Incompatible);
-        }
-        if dom.cfg.enforce_cc && !(sd.info.enforce_cc && unit.coherent()) {
-            return Err(HwError::NotCoherent);
-        }
-        if dom.cfg.dirty_tracking {
-            return Err(HwError::NoDirtyTracking);
-        }
-        if pasid.is_some() {
-            return Err(HwError::Unsupported);
-        }
-        Ok(sd)
+        self.drv.mem
     }
 }
 
-impl<M: Mmio, T: TableMemory + Sync> IommuHw for SmmuBackend<'_, M, T>
+impl<'m, M: Mmio, T: TableMemory + Sync> SmmuOps<'m, M, T>
 where
     T::Entry: 'static,
 {
-    type Prepared = SmmuPrepared;
-
-    fn device_count(&self) -> u32 {
-        self.devices.len() as u32
+    fn unit(&self, i: usize) -> Result<&SmmuUnit<'m, M, T::Entry>, HwError> {
+        self.units.get(i).ok_or(HwError::Invalid)
     }
 
-    fn device_info(&self, dev: HwDev) -> Option<HwDeviceInfo> {
-        self.devices.get(dev as usize).map(|d| d.info)
+    fn unit_mut(&mut self, i: usize) -> Result<&mut SmmuUnit<'m, M, T::Entry>, HwError> {
+        self.units.get_mut(i).ok_or(HwError::Invalid)
     }
+}
 
-    fn domain_alloc(&mut self, dev: HwDev, cfg: DomainConfig) -> Result<HwDomain, HwError> {
-        let sd = self.dev(dev)?;
+impl<M: Mmio, T: TableMemory + Sync> DriverOps for SmmuOps<'_, M, T>
+where
+    T::Entry: 'static,
+{
+    type Id = u32;
+    type Domain = Domain;
+    // One-CD tables: no substreams.
+    const PASIDS: bool = false;
+    const SWITCHES_BLOCKED_AT_PREPARE: bool = false;
+
+    fn domain_alloc(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u32>,
+        cfg: DomainConfig,
+    ) -> Result<Domain, HwError> {
         if cfg.dirty_tracking {
             return Err(HwError::NoDirtyTracking);
         }
-        let unit = self.units.get_mut(sd.unit).ok_or(HwError::Invalid)?;
-        if cfg.enforce_cc && !(sd.info.enforce_cc && unit.coherent()) {
+        let mem = self.mem;
+        let unit = self.unit_mut(rec.unit)?;
+        if cfg.enforce_cc && !(rec.info.enforce_cc && unit.coherent()) {
             return Err(HwError::NotCoherent);
         }
         if cfg.nest_parent && !(unit.regs().idr0.s1p() && unit.regs().idr0.s2p()) {
             return Err(HwError::Unsupported);
         }
-        let slot = match self.domains.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.domains.try_reserve(1).map_err(|_| HwError::NoMemory)?;
-                self.domains.push(None);
-                self.domains.len() - 1
-            }
-        };
         let dc = crate::smmuv3::DomainConfig::stage2(domain_width(unit));
-        let domain = unit.create_domain(self.mem, dc).map_err(err)?;
-        self.domains[slot] = Some(SmmuDom {
-            unit: sd.unit,
-            domain,
-            cfg,
-        });
-        Ok(HwDomain(slot as u32))
+        unit.create_domain(mem, dc).map_err(err)
     }
 
-    fn domain_free(&mut self, d: HwDomain) {
-        let Some(x) = self.domains.get_mut(d.0 as usize).and_then(Option::take) else {
-            return;
-        };
-        if let Some(unit) = self.units.get_mut(x.unit) {
+    fn domain_free(&mut self, unit: usize, domain: Domain, _in_use: bool) {
+        let mem = self.mem;
+        if let Some(unit) = self.units.get_mut(unit) {
             // Busy (still attached) cannot happen through the object model; the driver then
             // leaks the tables rather than free them under a stream.
-            let _ = unit.destroy_domain(self.mem, x.domain);
+            let _ = unit.destroy_domain(mem, domain);
         }
     }
 
-    fn domain_info(&self, d: HwDomain) -> Option<DomainInfo> {
-        let x = self.dom(d)?;
+    fn domain_info(&self, x: &DomainSlot<Domain>) -> Option<DomainInfo> {
         let bits = x.domain.input_bits().min(63);
         Some(DomainInfo {
             aperture: Span::new(0, (1u64 << bits) - 1),
@@ -273,75 +225,26 @@ where
         })
     }
 
-    fn compatible(&self, dev: HwDev, d: HwDomain) -> Result<(), HwError> {
-        self.check(dev, None, d).map(|_| ())
-    }
-
     fn map(
         &mut self,
-        d: HwDomain,
+        x: &DomainSlot<Domain>,
         iova: u64,
         pa: u64,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError> {
-        let x = self.dom(d).ok_or(HwError::Invalid)?;
-        let unit = self.units.get(x.unit).ok_or(HwError::Invalid)?;
-        unit.map(self.mem, &x.domain, iova, pa, len, prot)
+        self.unit(x.unit)?
+            .map(self.mem, &x.domain, iova, pa, len, prot)
             .map_err(err)
     }
 
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
-        let x = self.dom(d).ok_or(HwError::Invalid)?;
-        let unit = self.units.get(x.unit).ok_or(HwError::Invalid)?;
-        unit.unmap(self.mem, &x.domain, iova, len).map_err(err)
+    fn unmap(&mut self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
+        self.unit(x.unit)?
+            .unmap(self.mem, &x.domain, iova, len)
+            .map_err(err)
     }
 
-    fn prepare(
-        &mut self,
-        dev: HwDev,
-        pasid: Option<u32>,
-        d: HwDomain,
-    ) -> Result<SmmuPrepared, HwError> {
-        let sd = self.check(dev, pasid, d)?;
-        let unit = self.units.get_mut(sd.unit).ok_or(HwError::Invalid)?;
-        if unit.ste(self.mem, sd.sid).is_none() {
-            // First use of a StreamID whose level-2 table does not exist: create it (abort
-            // STEs), so that commit allocates nothing. The stream stays blocked.
-            unit.set_abort(self.mem, sd.sid).map_err(err)?;
-        }
-        self.outstanding += 1;
-        Ok(SmmuPrepared { dev, d })
-    }
-
-    fn commit(&mut self, p: SmmuPrepared) -> Result<(), HwError> {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        let sd = self.dev(p.dev)?;
-        let x = self.domains[p.d.0 as usize]
-            .as_ref()
-            .ok_or(HwError::Invalid)?;
-        let unit = self.units.get_mut(sd.unit).ok_or(HwError::Invalid)?;
-        let r = unit.attach(self.mem, sd.sid, &x.domain);
-        self.attached.insert(p.dev, p.d);
-        r.map_err(|_| HwError::Fault)
-    }
-
-    fn abort(&mut self, p: SmmuPrepared) {
-        let _ = p;
-        self.outstanding = self.outstanding.saturating_sub(1);
-    }
-
-    fn detach(&mut self, dev: HwDev, pasid: Option<u32>) -> Result<(), HwError> {
-        let sd = self.dev(dev)?;
-        if pasid.is_some() || self.attached.remove(&dev).is_none() {
-            return Ok(());
-        }
-        let unit = self.units.get_mut(sd.unit).ok_or(HwError::Invalid)?;
-        unit.set_abort(self.mem, sd.sid).map_err(|_| HwError::Fault)
-    }
-
-    fn translate(&self, d: HwDomain, iova: u64) -> Option<HwTranslation> {
-        let x = self.dom(d)?;
+    fn translate(&self, x: &DomainSlot<Domain>, iova: u64) -> Option<HwTranslation> {
         let t = x.domain.translate(self.mem, iova)?;
         Some(HwTranslation {
             pa: t.pa,
@@ -352,38 +255,84 @@ where
         })
     }
 
-    fn mapped_bytes(&self, d: HwDomain) -> u64 {
-        match self.dom(d).map(|x| &x.domain.kind) {
-            Some(Kind::S2 { table, .. }) => table.census(self.mem).mapped,
+    fn mapped_bytes(&self, x: &DomainSlot<Domain>) -> u64 {
+        match &x.domain.kind {
+            Kind::S2 { table, .. } => table.census(self.mem).mapped,
             _ => 0,
         }
     }
 
-    fn device_domain(&self, dev: HwDev, pasid: Option<u32>) -> Option<HwDomain> {
-        match pasid {
-            None => self.attached.get(&dev).copied(),
-            Some(_) => None,
+    /// Every StreamID of the device within the unit's StreamID range.
+    fn check(&self, rec: &BackendDevice<u32>, _x: &DomainSlot<Domain>) -> Result<(), HwError> {
+        let unit = self.unit(rec.unit)?;
+        if rec
+            .ids
+            .as_slice()
+            .iter()
+            .any(|&sid| (sid as u64) >> unit.stream_id_bits() != 0)
+        {
+            return Err(HwError::Incompatible);
         }
+        Ok(())
     }
 
-    fn live_domains(&self) -> Option<u32> {
-        Some(self.domains.iter().flatten().count() as u32)
+    fn unit_coherent(&self, unit: usize) -> bool {
+        self.units.get(unit).is_some_and(|u| u.coherent())
     }
 
-    fn outstanding_prepared(&self) -> Option<u32> {
-        Some(self.outstanding)
+    fn prepare_id(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u32>,
+        sid: u32,
+        _pasid: Option<u32>,
+        _d: HwDomain,
+        _x: &DomainSlot<Domain>,
+        _blocked: bool,
+    ) -> Result<(), HwError> {
+        let mem = self.mem;
+        let unit = self.unit_mut(rec.unit)?;
+        if unit.ste(mem, sid).is_none() {
+            // First use of a StreamID whose level-2 table does not exist: create it (abort
+            // STEs), so that commit allocates nothing. The stream stays blocked.
+            unit.set_abort(mem, sid).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn commit_id(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u32>,
+        sid: u32,
+        _pasid: Option<u32>,
+        _d: HwDomain,
+        x: &DomainSlot<Domain>,
+        _blocked: bool,
+    ) -> Result<(), HwError> {
+        let mem = self.mem;
+        self.unit_mut(rec.unit)?
+            .attach(mem, sid, &x.domain)
+            .map_err(|_| HwError::Fault)
+    }
+
+    /// Nothing to release: a level-2 stream table prepare created stays (abort STEs), as the
+    /// driver keeps every level-2 table.
+    fn abort_id(&mut self, _: HwDev, _: &BackendDevice<u32>, _: u32, _: Option<u32>, _: bool) {}
+
+    fn detach_id(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u32>,
+        sid: u32,
+        _pasid: Option<u32>,
+    ) -> Result<(), HwError> {
+        let mem = self.mem;
+        self.unit_mut(rec.unit)?
+            .set_abort(mem, sid)
+            .map_err(|_| HwError::Fault)
     }
 }
-
-// The SMMUv3 register model and recording memory of the driver's tests (private to `smmuv3`),
-// compiled once more for these tests; its `super::cmdq` and `super::regs` resolve through the
-// imports below. (Once `smmuv3` exports it as `pub(crate) mod fake`, a `use` replaces this.)
-#[cfg(test)]
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "../smmuv3/fake.rs"]
-mod smmu_fake;
-#[cfg(test)]
-use crate::smmuv3::{cmdq, regs};
 
 #[cfg(test)]
 mod tests {
@@ -395,11 +344,12 @@ mod tests {
 
     use super::super::check::check;
     use super::super::client::Client;
+    use super::super::hw::IommuHw;
     use super::super::selftest::{DmaEngine, FLOW_MEMORY, SliceMemory, dma_flow};
     use super::super::sim::VecGuestMemory;
     use super::super::{GuestId, Iommufd, Limits};
-    use super::smmu_fake::{FakeMem, FakeSmmu, Word};
     use super::*;
+    use crate::smmuv3::fake::{FakeMem, FakeSmmu, Word};
     use crate::smmuv3::{Ste, StreamConfig, UnitConfig};
 
     type Unit<'a> = SmmuUnit<'a, &'a FakeSmmu<'a>, Word>;

@@ -131,7 +131,8 @@ impl Table {
             .filter_map(|(i, s)| s.obj.as_ref().map(|o| (make_id(i, s.gen_), o)))
     }
 
-    /// Generations of every slot (for snapshots).
+    /// Generations of every slot (for the test support's snapshots).
+    #[cfg(any(test, feature = "testing"))]
     pub fn generations(&self) -> impl Iterator<Item = u16> + '_ {
         self.slots.iter().map(|s| s.gen_)
     }

@@ -21,12 +21,12 @@
 //!   devices report no dirty capability and the dirty operations return `Unsupported`.
 //! * Nesting is not offered.
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids};
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwReserved, HwTranslation,
-    IommuHw, MAX_RESERVED_PER_DEVICE, Span,
+    MAX_RESERVED_PER_DEVICE, Span,
 };
 use crate::hw::Mmio;
 use crate::pgtable::format::vtd_bits;
@@ -105,31 +105,24 @@ pub fn with_reserved(info: &mut HwDeviceInfo, span: Span, kind: u32) -> bool {
     true
 }
 
-struct VtdDom {
-    unit: usize,
-    domain: Domain,
-    cfg: DomainConfig,
-}
-
-/// A prepared switch.
-#[derive(Debug)]
-pub struct VtdPrepared {
-    dev: HwDev,
-    pasid: Option<u32>,
-    d: HwDomain,
-    /// The device was blocked and prepare attached it.
-    attached_now: bool,
-}
-
-/// The VT-d backend. `mem` is where the units' structures and every domain's tables live
-/// (the hypervisor's IOMMU frame source).
-pub struct VtdBackend<'m, M: Mmio, T: VtdMemory> {
+/// The VT-d driver under the [`Backend`] skeleton: the units and the memory their
+/// structures and every domain's tables come from (the hypervisor's IOMMU frame source).
+pub struct VtdOps<'m, M: Mmio, T: VtdMemory> {
     units: Vec<VtdUnit<M>>,
     mem: &'m T,
-    devices: Vec<VtdDevice>,
-    domains: Vec<Option<VtdDom>>,
-    attached: BTreeMap<(HwDev, Option<u32>), HwDomain>,
-    outstanding: u32,
+}
+
+/// The VT-d backend.
+pub type VtdBackend<'m, M, T> = Backend<VtdOps<'m, M, T>>;
+
+impl From<VtdDevice> for BackendDevice<u16> {
+    fn from(d: VtdDevice) -> Self {
+        BackendDevice {
+            info: d.info,
+            unit: d.unit,
+            ids: Ids::one(d.sid),
+        }
+    }
 }
 
 fn err(e: VtdError) -> HwError {
@@ -148,126 +141,79 @@ fn err(e: VtdError) -> HwError {
     }
 }
 
-impl<'m, M: Mmio, T: VtdMemory> VtdBackend<'m, M, T> {
+impl<'m, M: Mmio, T: VtdMemory> Backend<VtdOps<'m, M, T>> {
     /// Units (brought up, translation enabled or not: the caller's choice), the memory their
-    /// structures come from, and the devices to offer.
-    pub fn new(units: Vec<VtdUnit<M>>, mem: &'m T, devices: Vec<VtdDevice>) -> Self {
-        VtdBackend {
-            units,
-            mem,
-            devices,
-            domains: Vec::new(),
-            attached: BTreeMap::new(),
-            outstanding: 0,
-        }
+    /// structures come from, and the devices to offer (a [`VtdDevice`] or, for a device with
+    /// DMA aliases, a [`BackendDevice`] listing every requester ID).
+    pub fn new<X: Into<BackendDevice<u16>>>(
+        units: Vec<VtdUnit<M>>,
+        mem: &'m T,
+        devices: Vec<X>,
+    ) -> Self {
+        let devices = devices.into_iter().map(Into::into).collect();
+        Backend::with_driver(VtdOps { units, mem }, devices)
     }
 
     pub fn units(&self) -> &[VtdUnit<M>] {
-        &self.units
+        &self.drv.units
     }
 
     pub fn units_mut(&mut self) -> &mut [VtdUnit<M>] {
-        &mut self.units
+        &mut self.drv.units
     }
 
     pub fn mem(&self) -> &'m T {
-        self.mem
-    }
-
-    /// The driver's domain behind a handle (for inspection).
-    pub fn domain(&self, d: HwDomain) -> Option<&Domain> {
-        self.dom(d).map(|x| &x.domain)
-    }
-
-    fn dom(&self, d: HwDomain) -> Option<&VtdDom> {
-        self.domains.get(d.0 as usize)?.as_ref()
-    }
-
-    fn dev(&self, dev: HwDev) -> Result<VtdDevice, HwError> {
-        self.devices
-            .get(dev as usize)
-            .copied()
-            .ok_or(HwError::Invalid)
-    }
-
-    fn check(&self, dev: HwDev, pasid: Option<u32>, d: HwDomain) -> Result<VtdDevice, HwError> {
-        let vd = self.dev(dev)?;
-        let dom = self.dom(d).ok_or(HwError::Invalid)?;
-        if dom.unit != vd.unit {
-            return Err(HwError::Incompatible);
-        }
-        let unit = self.units.get(vd.unit).ok_or(HwError::Invalid)?;
-        if dom.cfg.enforce_cc && !(vd.info.enforce_cc && unit.regs().ecap.sc()) {
-            return Err(HwError::NotCoherent);
-        }
-        if dom.cfg.dirty_tracking && !vd.info.dirty_tracking {
-            return Err(HwError::NoDirtyTracking);
-        }
-        if let Some(p) = pasid {
-            let bits = vd.info.pasid_bits.min(20);
-            if bits == 0 {
-                return Err(HwError::Unsupported);
-            }
-            if p == 0 || p >= 1 << bits {
-                return Err(HwError::PasidOutOfRange);
-            }
-        }
-        Ok(vd)
+        self.drv.mem
     }
 }
 
-impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
-    type Prepared = VtdPrepared;
-
-    fn device_count(&self) -> u32 {
-        self.devices.len() as u32
+impl<M: Mmio, T: VtdMemory> VtdOps<'_, M, T> {
+    fn unit(&self, i: usize) -> Result<&VtdUnit<M>, HwError> {
+        self.units.get(i).ok_or(HwError::Invalid)
     }
 
-    fn device_info(&self, dev: HwDev) -> Option<HwDeviceInfo> {
-        self.devices.get(dev as usize).map(|d| d.info)
+    fn unit_mut(&mut self, i: usize) -> Result<&mut VtdUnit<M>, HwError> {
+        self.units.get_mut(i).ok_or(HwError::Invalid)
     }
+}
 
-    fn domain_alloc(&mut self, dev: HwDev, cfg: DomainConfig) -> Result<HwDomain, HwError> {
-        let vd = self.dev(dev)?;
+impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
+    type Id = u16;
+    type Domain = Domain;
+    const PASIDS: bool = true;
+    // The driver's `attach` of a blocked requester ID allocates (context table, PASID
+    // directory and table) and writes the entry in one call.
+    const SWITCHES_BLOCKED_AT_PREPARE: bool = true;
+
+    fn domain_alloc(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u16>,
+        cfg: DomainConfig,
+    ) -> Result<Domain, HwError> {
         if cfg.dirty_tracking {
             return Err(HwError::NoDirtyTracking);
         }
-        if cfg.enforce_cc && !vd.info.enforce_cc {
+        if cfg.enforce_cc && !rec.info.enforce_cc {
             return Err(HwError::NotCoherent);
         }
-        let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
+        let mem = self.mem;
+        let unit = self.unit_mut(rec.unit)?;
         let mut dc = crate::vtd::DomainConfig::second_stage(domain_width(unit));
         dc.enforce_cache_coherency = cfg.enforce_cc;
-        let slot = match self.domains.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.domains.try_reserve(1).map_err(|_| HwError::NoMemory)?;
-                self.domains.push(None);
-                self.domains.len() - 1
-            }
-        };
-        let domain = unit.create_domain(self.mem, dc).map_err(err)?;
-        self.domains[slot] = Some(VtdDom {
-            unit: vd.unit,
-            domain,
-            cfg,
-        });
-        Ok(HwDomain(slot as u32))
+        unit.create_domain(mem, dc).map_err(err)
     }
 
-    fn domain_free(&mut self, d: HwDomain) {
-        let Some(x) = self.domains.get_mut(d.0 as usize).and_then(Option::take) else {
-            return;
-        };
-        if let Some(unit) = self.units.get_mut(x.unit) {
+    fn domain_free(&mut self, unit: usize, domain: Domain, _in_use: bool) {
+        let mem = self.mem;
+        if let Some(unit) = self.units.get_mut(unit) {
             // Busy (still attached) cannot happen through the object model; the driver then
             // leaks the table rather than free it under a device.
-            let _ = unit.destroy_domain(self.mem, x.domain);
+            let _ = unit.destroy_domain(mem, domain);
         }
     }
 
-    fn domain_info(&self, d: HwDomain) -> Option<DomainInfo> {
-        let x = self.dom(d)?;
+    fn domain_info(&self, x: &DomainSlot<Domain>) -> Option<DomainInfo> {
         let bits = x.domain.input_bits().min(63);
         let sllps = self.units.get(x.unit)?.regs().cap.sllps();
         let mut sizes = 1 << 12;
@@ -283,96 +229,26 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
         })
     }
 
-    fn compatible(&self, dev: HwDev, d: HwDomain) -> Result<(), HwError> {
-        self.check(dev, None, d).map(|_| ())
-    }
-
     fn map(
         &mut self,
-        d: HwDomain,
+        x: &DomainSlot<Domain>,
         iova: u64,
         pa: u64,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError> {
-        let x = self.dom(d).ok_or(HwError::Invalid)?;
-        let unit = self.units.get(x.unit).ok_or(HwError::Invalid)?;
-        unit.map(self.mem, &x.domain, iova, pa, len, prot)
+        self.unit(x.unit)?
+            .map(self.mem, &x.domain, iova, pa, len, prot)
             .map_err(err)
     }
 
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
-        let x = self.dom(d).ok_or(HwError::Invalid)?;
-        let unit = self.units.get(x.unit).ok_or(HwError::Invalid)?;
-        unit.unmap(self.mem, &x.domain, iova, len).map_err(err)
+    fn unmap(&mut self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
+        self.unit(x.unit)?
+            .unmap(self.mem, &x.domain, iova, len)
+            .map_err(err)
     }
 
-    fn prepare(
-        &mut self,
-        dev: HwDev,
-        pasid: Option<u32>,
-        d: HwDomain,
-    ) -> Result<VtdPrepared, HwError> {
-        let vd = self.check(dev, pasid, d)?;
-        let attached_now = !self.attached.contains_key(&(dev, pasid));
-        if attached_now {
-            let x = self.domains[d.0 as usize]
-                .as_ref()
-                .ok_or(HwError::Invalid)?;
-            let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
-            match unit.attach(self.mem, vd.sid, pasid, &x.domain) {
-                Ok(()) => {}
-                // The entry was written; only the invalidation after it failed.
-                Err(e) if err(e) == HwError::Fault => {}
-                Err(e) => return Err(err(e)),
-            }
-            self.attached.insert((dev, pasid), d);
-        }
-        self.outstanding += 1;
-        Ok(VtdPrepared {
-            dev,
-            pasid,
-            d,
-            attached_now,
-        })
-    }
-
-    fn commit(&mut self, p: VtdPrepared) -> Result<(), HwError> {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        if p.attached_now {
-            return Ok(());
-        }
-        let vd = self.dev(p.dev)?;
-        let x = self.domains[p.d.0 as usize]
-            .as_ref()
-            .ok_or(HwError::Invalid)?;
-        let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
-        let r = unit.replace(self.mem, vd.sid, p.pasid, &x.domain);
-        self.attached.insert((p.dev, p.pasid), p.d);
-        r.map_err(|_| HwError::Fault)
-    }
-
-    fn abort(&mut self, p: VtdPrepared) {
-        self.outstanding = self.outstanding.saturating_sub(1);
-        if p.attached_now {
-            let _ = self.detach(p.dev, p.pasid);
-        }
-    }
-
-    fn detach(&mut self, dev: HwDev, pasid: Option<u32>) -> Result<(), HwError> {
-        let vd = self.dev(dev)?;
-        if self.attached.remove(&(dev, pasid)).is_none() {
-            return Ok(());
-        }
-        let unit = self.units.get_mut(vd.unit).ok_or(HwError::Invalid)?;
-        match unit.detach(self.mem, vd.sid, pasid) {
-            Ok(()) | Err(VtdError::NotAttached) => Ok(()),
-            Err(_) => Err(HwError::Fault),
-        }
-    }
-
-    fn translate(&self, d: HwDomain, iova: u64) -> Option<HwTranslation> {
-        let x = self.dom(d)?;
+    fn translate(&self, x: &DomainSlot<Domain>, iova: u64) -> Option<HwTranslation> {
         let t = x.domain.table.as_ref()?.translate(self.mem, iova)?;
         let snoop = if x.domain.snoops_leaves() || !x.domain.enforce_cache_coherency() {
             Some(t.pte & vtd_bits::SNP != 0)
@@ -389,8 +265,8 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
         })
     }
 
-    fn mapped_bytes(&self, d: HwDomain) -> u64 {
-        let Some(table) = self.dom(d).and_then(|x| x.domain.table.as_ref()) else {
+    fn mapped_bytes(&self, x: &DomainSlot<Domain>) -> u64 {
+        let Some(table) = x.domain.table.as_ref() else {
             return 0;
         };
         let m = self.mem;
@@ -403,15 +279,76 @@ impl<M: Mmio, T: VtdMemory> IommuHw for VtdBackend<'_, M, T> {
         }
     }
 
-    fn device_domain(&self, dev: HwDev, pasid: Option<u32>) -> Option<HwDomain> {
-        self.attached.get(&(dev, pasid)).copied()
+    fn unit_coherent(&self, unit: usize) -> bool {
+        self.units.get(unit).is_some_and(|u| u.regs().ecap.sc())
     }
 
-    fn live_domains(&self) -> Option<u32> {
-        Some(self.domains.iter().flatten().count() as u32)
+    fn prepare_id(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u16>,
+        sid: u16,
+        pasid: Option<u32>,
+        _d: HwDomain,
+        x: &DomainSlot<Domain>,
+        blocked: bool,
+    ) -> Result<(), HwError> {
+        if !blocked {
+            // A replace is one 128-bit store preceded by the checks already made.
+            return Ok(());
+        }
+        let mem = self.mem;
+        match self.unit_mut(rec.unit)?.attach(mem, sid, pasid, &x.domain) {
+            // The entry was written; only the invalidation after it failed.
+            Ok(()) => Ok(()),
+            Err(e) if err(e) == HwError::Fault => Ok(()),
+            Err(e) => Err(err(e)),
+        }
     }
 
-    fn outstanding_prepared(&self) -> Option<u32> {
-        Some(self.outstanding)
+    fn commit_id(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u16>,
+        sid: u16,
+        pasid: Option<u32>,
+        _d: HwDomain,
+        x: &DomainSlot<Domain>,
+        blocked: bool,
+    ) -> Result<(), HwError> {
+        if blocked {
+            return Ok(());
+        }
+        let mem = self.mem;
+        self.unit_mut(rec.unit)?
+            .replace(mem, sid, pasid, &x.domain)
+            .map_err(|_| HwError::Fault)
+    }
+
+    fn abort_id(
+        &mut self,
+        dev: HwDev,
+        rec: &BackendDevice<u16>,
+        sid: u16,
+        pasid: Option<u32>,
+        blocked: bool,
+    ) {
+        if blocked {
+            let _ = self.detach_id(dev, rec, sid, pasid);
+        }
+    }
+
+    fn detach_id(
+        &mut self,
+        _dev: HwDev,
+        rec: &BackendDevice<u16>,
+        sid: u16,
+        pasid: Option<u32>,
+    ) -> Result<(), HwError> {
+        let mem = self.mem;
+        match self.unit_mut(rec.unit)?.detach(mem, sid, pasid) {
+            Ok(()) | Err(VtdError::NotAttached) => Ok(()),
+            Err(_) => Err(HwError::Fault),
+        }
     }
 }

@@ -16,7 +16,7 @@ pub mod stream_table;
 pub mod unit;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -12,7 +12,7 @@ pub mod tables;
 pub mod unit;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -27,13 +27,13 @@ fn same_hwpt() {
     assert_ne!(entry(&mut env, e).flags & DEVICE_GROUP_ATTACHED, 0);
     assert_eq!(entry(&mut env, e).attached_hwpt, 0);
     // E attaching to the same IOAS (or to the HWPT by ID) joins without touching hardware.
-    let commits = env.fd.hw().commits;
+    let commits = env.fd.hw().commits();
     assert_eq!(env.c().attach(e, ioas), Ok(h));
-    assert_eq!(env.fd.hw().commits, commits);
+    assert_eq!(env.fd.hw().commits(), commits);
     assert_eq!(entry(&mut env, e).attached_hwpt, h);
     env.c().detach(e).unwrap();
     assert_eq!(env.c().attach(e, h), Ok(h));
-    assert_eq!(env.fd.hw().commits, commits);
+    assert_eq!(env.fd.hw().commits(), commits);
     env.check();
     // Attaching a member twice: EBUSY.
     assert_eq!(env.c().attach(e, h), Err(errno::EBUSY));
@@ -135,9 +135,9 @@ fn replace_rollback() {
     // changed, including the automatic HWPT that was made for the new IOAS.
     for target in [ioas2, manual] {
         env.fd.hw_mut().fail_next_prepare(dev::E);
-        let aborts = env.fd.hw().aborts;
+        let aborts = env.fd.hw().aborts();
         assert_eq!(env.c().replace(d, target), Err(errno::ENOMEM));
-        assert_eq!(env.fd.hw().aborts, aborts + 1);
+        assert_eq!(env.fd.hw().aborts(), aborts + 1);
         assert_eq!(env.c().last_error().out_object_id, e);
         assert_eq!(env.snapshot(), snap);
         env.check();
@@ -153,9 +153,9 @@ fn replace_rollback() {
     let mut c = env.c();
     c.map_fixed(ioas2, 0xfee0_0000, 0, PG).unwrap();
     let snap = env.snapshot();
-    let prepares = env.fd.hw().commits + env.fd.hw().aborts;
+    let prepares = env.fd.hw().commits() + env.fd.hw().aborts();
     assert_eq!(env.c().replace(d, ioas2), Err(errno::EADDRINUSE));
-    assert_eq!(env.fd.hw().commits + env.fd.hw().aborts, prepares);
+    assert_eq!(env.fd.hw().commits() + env.fd.hw().aborts(), prepares);
     assert_eq!(env.snapshot(), snap);
     env.c().unmap(ioas2, 0xfee0_0000, PG).unwrap();
     // And with every failure behind us, the same replace works for the whole group.

@@ -6,7 +6,9 @@
 //! `s3_coverage` below; each test names the behaviour(s) it covers.
 
 mod abi;
+mod abi_rules;
 mod access;
+mod alias;
 mod fail_nth;
 mod group;
 mod hwpt;
@@ -139,7 +141,7 @@ impl Env {
         assert_eq!(hw.frames_in_use(), 0, "table pages leaked");
         assert_eq!(hw.live_domains_count(), 0, "domains leaked");
         assert_eq!(hw.attachments().count(), 0, "attachments left");
-        assert_eq!(hw.bad_frees, 0, "domain freed while attached");
+        assert_eq!(hw.bad_frees(), 0, "domain freed while attached");
     }
 }
 

@@ -1,7 +1,9 @@
 //! The object model over the real VT-d driver (`VtdBackend`), against a minimal register model
 //! (legacy mode, register-based invalidation, snoop control): what the hardware walks — root
 //! and context entries, second-stage tables — is checked after attach, group replace, detach,
-//! and under allocation-failure injection.
+//! and under allocation-failure injection. The DMA flows' device walks those structures from
+//! the root-table pointer the register model latched (legacy, and scalable on the driver
+//! tests' register model), with hand-written VT-d layouts.
 
 use std::boxed::Box;
 use std::cell::RefCell;
@@ -34,12 +36,26 @@ const IOTLB_REG: usize = 0x208;
 struct State {
     gsts: u32,
     regs: std::collections::BTreeMap<usize, u64>,
+    /// RTADDR_REG as latched by the last SRTP: the root-table pointer the hardware walks.
+    latched_rtaddr: Option<u64>,
 }
 
 /// Just enough of a VT-d unit for the driver: GCMD/GSTS handshakes complete at once, context
 /// and IOTLB invalidations complete at once with the granularity requested.
 #[derive(Clone, Default)]
 struct MiniVtd(Rc<RefCell<State>>);
+
+impl MiniVtd {
+    /// The root-table pointer the unit translates with: RTADDR latched by SRTP, while
+    /// GSTS.TES is set.
+    fn translating_root(&self) -> Option<u64> {
+        let s = self.0.borrow();
+        if s.gsts & 1 << 31 == 0 {
+            return None;
+        }
+        s.latched_rtaddr
+    }
+}
 
 impl Mmio for MiniVtd {
     fn read32(&self, off: usize) -> u32 {
@@ -55,7 +71,11 @@ impl Mmio for MiniVtd {
             // once; WBF completes at once.
             let persistent = v & (1 << 31 | 1 << 26 | 1 << 25 | 1 << 23);
             let latched = v & (1 << 30 | 1 << 24);
-            self.0.borrow_mut().gsts = persistent | latched;
+            let mut s = self.0.borrow_mut();
+            if v & 1 << 30 != 0 {
+                s.latched_rtaddr = Some(s.regs.get(&0x20).copied().unwrap_or(0));
+            }
+            s.gsts = persistent | latched;
         }
     }
     fn read64(&self, off: usize) -> u64 {
@@ -84,7 +104,8 @@ struct VEnv {
     mem: VecGuestMemory,
     g: GuestId,
     fail: Arc<FailNth>,
-    root: u64,
+    /// The register model the unit drives (shared state).
+    regs: MiniVtd,
     /// Table pages the unit itself holds (root table, context tables are counted live).
     base_frames: usize,
 }
@@ -97,14 +118,10 @@ fn venv() -> VEnv {
     let fail = Arc::new(FailNth::new());
     // Leaked per test: the backend borrows its memory for the life of the object model.
     let mem: &'static SimMem = Box::leak(Box::new(SimMem::new(256, Some(fail.clone()))));
-    let mut unit = VtdUnit::new(
-        MiniVtd::default(),
-        mem,
-        UnitConfig::new(TranslationMode::Legacy),
-    )
-    .unwrap();
+    let regs = MiniVtd::default();
+    let mut unit =
+        VtdUnit::new(regs.clone(), mem, UnitConfig::new(TranslationMode::Legacy)).unwrap();
     unit.enable_translation().unwrap();
-    let root = unit.root_table();
     let groups = [1, 2, 2, 3];
     let devices: Vec<_> = SIDS
         .iter()
@@ -130,7 +147,7 @@ fn venv() -> VEnv {
         mem: VecGuestMemory::standard(),
         g,
         fail,
-        root,
+        regs,
         base_frames,
     }
 }
@@ -145,11 +162,12 @@ impl VEnv {
     fn check(&self) {
         check(&self.fd, &[(self.g, &self.mem)]).unwrap();
     }
-    /// The context entry of `sid` as the hardware finds it: (SLPTPTR, DID), if present.
+    /// The context entry of `sid` as the hardware finds it from the root-table pointer it
+    /// latched: (SLPTPTR, DID), if present.
     fn context(&self, sid: u16) -> Option<(u64, u16)> {
-        let mem = self.fd.hw().mem();
-        let word = |pa: u64| mem.table(pa & !0xfff, 512)[((pa & 0xfff) / 8) as usize].load(Relaxed);
-        let re = word(self.root + (sid >> 8) as u64 * 16);
+        let word = sim_word(self.fd.hw().mem());
+        let root = self.regs.translating_root().expect("translation enabled") & !0xfff;
+        let re = word(root + (sid >> 8) as u64 * 16);
         if re & 1 == 0 {
             return None;
         }
@@ -291,33 +309,148 @@ fn env_hwpt(env: &mut VEnv, ioas: u32) -> u32 {
         .unwrap_or(ioas)
 }
 
-/// A DMA engine that walks the backend's real page tables, like the device would.
+/// A 64-bit word of the table pool, read as the remapping hardware reads memory.
+fn sim_word(mem: &SimMem) -> impl Fn(u64) -> u64 + '_ {
+    |pa: u64| mem.table(pa & !0xfff, 512)[((pa & 0xfff) / 8) as usize].load(Relaxed)
+}
+
+/// Bits 51:12 of a table pointer or an entry's output address.
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Second-stage levels for an address-width field (AW of a legacy context entry, VT-d 4.1
+/// §9.3; of a scalable-mode PASID entry, §9.6): 001b 39-bit, 010b 48-bit, 011b 57-bit.
+fn aw_levels(aw: u64) -> Result<u32, &'static str> {
+    match aw {
+        1 => Ok(3),
+        2 => Ok(4),
+        3 => Ok(5),
+        _ => Err("reserved AW"),
+    }
+}
+
+/// Where a DMA without PASID of requester `sid` at `iova` lands, walked as the remapping
+/// hardware walks it from the root-table pointer it latched (`rtaddr`: RTADDR_REG, TTM in bits
+/// 11:10). Legacy (TTM 00b): root entry → context entry → second-stage tables (§3.4.2, §9.1,
+/// §9.3). Scalable (TTM 01b): scalable root entry (lower or upper context table by devfn) →
+/// scalable context entry → PASID directory → PASID table, at the context entry's RID_PASID
+/// → second-stage tables (§3.4.3, §9.2, §9.4-§9.6). Second-stage entries per §9.8: R (bit
+/// 0) and W (bit 1) at every level, PS (bit 7) ends the walk at a 2 MiB or 1 GiB leaf.
+/// Hand-written layouts; nothing from the driver.
+fn vtd_walk(
+    word: &dyn Fn(u64) -> u64,
+    rtaddr: u64,
+    sid: u16,
+    iova: u64,
+    write: bool,
+) -> Result<u64, &'static str> {
+    let (bus, devfn) = ((sid >> 8) as u64, (sid & 0xff) as u64);
+    let root = rtaddr & ADDR;
+    let (mut table, levels) = match (rtaddr >> 10) & 3 {
+        0 => {
+            let re = word(root + bus * 16);
+            if re & 1 == 0 {
+                return Err("root entry not present");
+            }
+            let ce = (re & ADDR) + devfn * 16;
+            let (lo, hi) = (word(ce), word(ce + 8));
+            if lo & 1 == 0 {
+                return Err("context entry not present");
+            }
+            match (lo >> 2) & 3 {
+                0 | 1 => {}
+                2 => return Err("pass-through context entry"),
+                _ => return Err("reserved TT"),
+            }
+            (lo & ADDR, aw_levels(hi & 7)?)
+        }
+        1 => {
+            let half = if devfn >= 128 { 8 } else { 0 };
+            let re = word(root + bus * 16 + half);
+            if re & 1 == 0 {
+                return Err("scalable root entry: context table not present");
+            }
+            let ce = (re & ADDR) + (devfn & 0x7f) * 32;
+            let (q0, q1) = (word(ce), word(ce + 8));
+            if q0 & 1 == 0 {
+                return Err("scalable context entry not present");
+            }
+            let pasid = q1 & 0xf_ffff;
+            let pdts = (q0 >> 9) & 7;
+            if pasid >> 6 >= 1 << (pdts + 7) {
+                return Err("RID_PASID beyond the PASID directory");
+            }
+            let de = word((q0 & ADDR) + (pasid >> 6) * 8);
+            if de & 1 == 0 {
+                return Err("PASID directory entry not present");
+            }
+            let pe = word((de & ADDR) + (pasid & 0x3f) * 64);
+            if pe & 1 == 0 {
+                return Err("PASID entry not present");
+            }
+            if (pe >> 6) & 7 != 2 {
+                return Err("PASID entry is not second-stage only (PGTT)");
+            }
+            (pe & ADDR, aw_levels((pe >> 2) & 7)?)
+        }
+        _ => return Err("reserved TTM"),
+    };
+    let bits = 12 + 9 * levels;
+    if iova >> bits != 0 {
+        return Err("input address beyond the AGAW");
+    }
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let e = word(table + ((iova >> shift) & 511) * 8);
+        if e & 3 == 0 {
+            return Err("second-stage entry not present");
+        }
+        if e & if write { 2 } else { 1 } == 0 {
+            return Err("permission fault");
+        }
+        if level == 1 || e & 1 << 7 != 0 {
+            let size = 1u64 << shift;
+            return Ok((e & ADDR & !(size - 1)) | (iova & (size - 1)));
+        }
+        table = e & ADDR;
+    }
+    Err("no leaf")
+}
+
+/// The flow's device: DMA of requester `sid` through the tables the VT-d unit walks, from
+/// the root-table pointer the register model latched (`root`, `None` when translation is
+/// off) over the memory `word` reads.
 struct TableWalker<'a> {
+    word: &'a dyn Fn(u64) -> u64,
+    root: &'a dyn Fn() -> Option<u64>,
     mem: &'a SliceMemory<'a>,
-    dev: u32,
+    sid: u16,
     buf: [u8; PG as usize],
 }
 
-impl<H: IommuHw> DmaEngine<H> for TableWalker<'_> {
-    fn memory_to_device(&mut self, hw: &H, iova: u64, len: usize) -> Result<(), &'static str> {
-        let d = hw.device_domain(self.dev, None).ok_or("blocked")?;
-        let t = hw.translate(d, iova).ok_or("translation fault")?;
-        if !t.read {
-            return Err("read not permitted");
+impl TableWalker<'_> {
+    fn dma(&mut self, iova: u64, len: usize, write: bool) -> Result<(), &'static str> {
+        let root = (self.root)().ok_or("translation disabled")?;
+        for off in (0..len as u64).step_by(PG as usize) {
+            let pa = vtd_walk(self.word, root, self.sid, iova + off, write)?;
+            let n = (len as u64 - off).min(PG - (pa & (PG - 1))) as usize;
+            let o = off as usize;
+            let r = if write {
+                self.mem.write_hpa(pa, &self.buf[o..o + n])
+            } else {
+                self.mem.read_hpa(pa, &mut self.buf[o..o + n])
+            };
+            r.map_err(|_| "DMA outside the buffer")?;
         }
-        self.mem
-            .read_hpa(t.pa, &mut self.buf[..len])
-            .map_err(|_| "DMA outside the buffer")
+        Ok(())
     }
-    fn device_to_memory(&mut self, hw: &H, iova: u64, len: usize) -> Result<(), &'static str> {
-        let d = hw.device_domain(self.dev, None).ok_or("blocked")?;
-        let t = hw.translate(d, iova).ok_or("translation fault")?;
-        if !t.write {
-            return Err("write not permitted");
-        }
-        self.mem
-            .write_hpa(t.pa, &self.buf[..len])
-            .map_err(|_| "DMA outside the buffer")
+}
+
+impl<H: IommuHw> DmaEngine<H> for TableWalker<'_> {
+    fn memory_to_device(&mut self, _: &H, iova: u64, len: usize) -> Result<(), &'static str> {
+        self.dma(iova, len, false)
+    }
+    fn device_to_memory(&mut self, _: &H, iova: u64, len: usize) -> Result<(), &'static str> {
+        self.dma(iova, len, true)
     }
 }
 
@@ -326,9 +459,15 @@ fn vtd_dma_flow() {
     let mut env = venv();
     let bytes = Box::leak(std::vec![0u8; FLOW_MEMORY as usize].into_boxed_slice());
     let mem = SliceMemory::new(0x2000_0000, 0x2000_0000, bytes);
+    let pool: &'static SimMem = env.fd.hw().mem();
+    let word = sim_word(pool);
+    let regs = env.regs.clone();
+    let root = move || regs.translating_root();
     let mut dma = TableWalker {
+        word: &word,
+        root: &root,
         mem: &mem,
-        dev: 0,
+        sid: 0x0008,
         buf: [0; PG as usize],
     };
     let mut lines = 0;
@@ -338,13 +477,69 @@ fn vtd_dma_flow() {
     .unwrap();
     assert_eq!(lines, 5);
     env.check();
-    // A device of the two-function group: the flow moves both functions.
-    let mut dma = TableWalker {
-        mem: &mem,
-        dev: 2,
-        buf: [0; PG as usize],
-    };
+    // Detached: the context entry is gone, the walk faults.
+    assert_eq!(
+        vtd_walk(&word, root().unwrap(), 0x0008, 0x10_0000, false),
+        Err("context entry not present")
+    );
+    // A device of the two-function group: the flow moves both functions; DMA by the
+    // function the flow did not name goes through the same tables.
+    let mut dma = TableWalker { sid: 0x0011, ..dma };
     dma_flow(&mut env.fd, env.g, &mem, 0x0011, &mut dma, &mut |_| {}).unwrap();
     env.check();
     assert_eq!(env.fd.hw().live_domains(), Some(0));
+}
+
+/// The same flow on a scalable-mode unit (the register model of the VT-d driver's tests, with
+/// QEMU's `x-scalable-mode=on` CAP/ECAP and queued invalidation): the walk goes through the
+/// scalable context entry, the PASID directory and the RID_PASID entry.
+#[test]
+fn vtd_scalable_dma_flow() {
+    use crate::vtd::fake::{FakeMem, FakeVtd};
+    /// QEMU intel-iommu, `x-scalable-mode=on`: CAP and ECAP as the device model reports them.
+    const QEMU_CAP: u64 = 0x00d2_008c_222f_0606;
+    const QEMU_ECAP_SM: u64 = 0x4800_80f0_0f4a;
+    let pool = FakeMem::new(512);
+    let regs = FakeVtd::new(&pool, QEMU_CAP, QEMU_ECAP_SM);
+    let cfg = UnitConfig {
+        poll_budget: 1000,
+        ..UnitConfig::new(TranslationMode::Scalable)
+    };
+    let mut unit = VtdUnit::new(&regs, &pool, cfg).unwrap();
+    unit.enable_translation().unwrap();
+    let sid = 0x0018;
+    let info = device_info(&unit, sid, 1, 0);
+    let backend = VtdBackend::new(
+        std::vec![unit],
+        &pool,
+        std::vec![VtdDevice { info, unit: 0, sid }],
+    );
+    let mut fd = Iommufd::new(backend, Limits::default()).unwrap();
+    let g = fd.create_guest().unwrap();
+    fd.assign_device(g, 0).unwrap();
+    let bytes = Box::leak(std::vec![0u8; FLOW_MEMORY as usize].into_boxed_slice());
+    let mem = SliceMemory::new(0x2000_0000, 0x2000_0000, bytes);
+    let word = |pa: u64| pool.read(pa);
+    let root = || {
+        let s = regs.s.borrow();
+        (s.gsts & 1 << 31 != 0)
+            .then_some(s.latched_rtaddr)
+            .flatten()
+    };
+    assert_eq!((root().unwrap() >> 10) & 3, 1, "scalable-mode root table");
+    let mut dma = TableWalker {
+        word: &word,
+        root: &root,
+        mem: &mem,
+        sid,
+        buf: [0; PG as usize],
+    };
+    dma_flow(&mut fd, g, &mem, sid as u64, &mut dma, &mut |_| {}).unwrap();
+    check(&fd, &[(g, &mem)]).unwrap();
+    assert_eq!(
+        vtd_walk(&word, root().unwrap(), sid, 0x10_0000, false),
+        Err("PASID entry not present")
+    );
+    fd.destroy_guest(g).unwrap();
+    assert_eq!(fd.hw().live_domains(), Some(0));
 }

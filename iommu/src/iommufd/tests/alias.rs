@@ -1,0 +1,152 @@
+//! Devices with DMA aliases on the software model: every requester ID of a device translates
+//! through the device's domain after attach and replace, none after detach, and a switch that
+//! fails on one alias leaves every alias where it was. DMA is emulated per requester ID from
+//! the model's own per-ID entries, not from the backend's per-device record.
+
+use std::sync::Arc;
+
+use hvabi::errno;
+
+use super::super::backend::MAX_IDS_PER_DEVICE;
+use super::super::check::{check, snapshot};
+use super::super::client::Client;
+use super::super::hw::IommuHw;
+use super::super::sim::{DmaFault, SimDevice, SimHw, VecGuestMemory};
+use super::super::{FailNth, Iommufd, Limits};
+use super::{PG, SCRATCH};
+
+/// 00:01.0 with the alias 00:1e.0 (a bridge's requester ID); 00:02.0 alone.
+const OWN: u32 = 0x0008;
+const ALIAS: u32 = 0x00f0;
+const OTHER: u32 = 0x0010;
+
+fn fd() -> (Iommufd<SimHw>, u32, VecGuestMemory, [u32; 2]) {
+    let devices = [
+        SimDevice::new(OWN as u64, 1).alias(ALIAS),
+        SimDevice::new(OTHER as u64, 2),
+    ];
+    let fail = Arc::new(FailNth::new());
+    let mut fd = Iommufd::new(SimHw::new(&devices, 256, Some(fail)), Limits::default()).unwrap();
+    let g = fd.create_guest().unwrap();
+    let ids = [
+        fd.assign_device(g, 0).unwrap(),
+        fd.assign_device(g, 1).unwrap(),
+    ];
+    (fd, g, VecGuestMemory::standard(), ids)
+}
+
+fn dma(fd: &mut Iommufd<SimHw>, id: u32, iova: u64) -> Result<u64, DmaFault> {
+    fd.hw_mut().dma_as(id, None, iova, false)
+}
+
+#[test]
+fn every_alias_follows_attach_replace_detach() {
+    let (mut fd, g, mem, [dev, other]) = fd();
+    assert_eq!(fd.hw().device(0).unwrap().ids.as_slice(), &[OWN, ALIAS]);
+    let mut c = Client::new(&mut fd, g, &mem, SCRATCH);
+    let ioas = c.ioas_alloc().unwrap();
+    let ioas2 = c.ioas_alloc().unwrap();
+    c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+    c.map_fixed(ioas2, 0x10_0000, 8 * PG, PG).unwrap();
+    c.attach(dev, ioas).unwrap();
+    c.attach(other, ioas2).unwrap();
+    let hpa = |gpa: u64| mem.hpa(gpa).unwrap();
+    for id in [OWN, ALIAS] {
+        assert_eq!(dma(&mut fd, id, 0x10_0000), Ok(hpa(0)), "id {id:#x}");
+    }
+    // Two IDs committed for the device, one for the other.
+    assert_eq!(fd.hw().commits(), 3);
+    check(&fd, &[(g, &mem)]).unwrap();
+
+    Client::new(&mut fd, g, &mem, SCRATCH)
+        .replace(dev, ioas2)
+        .unwrap();
+    for id in [OWN, ALIAS] {
+        assert_eq!(dma(&mut fd, id, 0x10_0000), Ok(hpa(8 * PG)), "id {id:#x}");
+    }
+    assert_eq!(
+        fd.hw().entry(OWN, None),
+        fd.hw().entry(ALIAS, None),
+        "aliases split"
+    );
+
+    Client::new(&mut fd, g, &mem, SCRATCH).detach(dev).unwrap();
+    for id in [OWN, ALIAS] {
+        assert_eq!(dma(&mut fd, id, 0x10_0000), Err(DmaFault::Blocked));
+    }
+    assert_eq!(dma(&mut fd, OTHER, 0x10_0000), Ok(hpa(8 * PG)));
+    check(&fd, &[(g, &mem)]).unwrap();
+    fd.destroy_guest(g).unwrap();
+    assert_eq!(fd.hw().frames_in_use(), 0);
+}
+
+/// A replace whose prepare fails on the alias (the second ID) aborts the first ID: the error
+/// reaches the guest and both IDs still translate through the old domain.
+#[test]
+fn failure_on_one_alias_moves_none() {
+    let (mut fd, g, mem, [dev, _]) = fd();
+    let mut c = Client::new(&mut fd, g, &mem, SCRATCH);
+    let ioas = c.ioas_alloc().unwrap();
+    let ioas2 = c.ioas_alloc().unwrap();
+    c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+    c.map_fixed(ioas2, 0x10_0000, 8 * PG, PG).unwrap();
+    c.attach(dev, ioas).unwrap();
+    let before = snapshot(&fd);
+    let old = fd.hw().entry(OWN, None);
+    let aborts = fd.hw().aborts();
+    fd.hw_mut().fail_next_prepare_id(ALIAS);
+    assert_eq!(
+        Client::new(&mut fd, g, &mem, SCRATCH).replace(dev, ioas2),
+        Err(errno::ENOMEM)
+    );
+    // The first ID was prepared and is aborted; the alias failed and needs no abort.
+    assert_eq!(fd.hw().aborts(), aborts + 1);
+    assert_eq!(fd.hw().outstanding_prepared(), Some(0));
+    assert_eq!(snapshot(&fd), before);
+    for id in [OWN, ALIAS] {
+        assert_eq!(fd.hw().entry(id, None), old);
+        assert_eq!(dma(&mut fd, id, 0x10_0000), Ok(mem.hpa(0).unwrap()));
+    }
+    // A first attach failing on the alias leaves both blocked.
+    Client::new(&mut fd, g, &mem, SCRATCH).detach(dev).unwrap();
+    fd.hw_mut().fail_next_prepare_id(ALIAS);
+    assert_eq!(
+        Client::new(&mut fd, g, &mem, SCRATCH).attach(dev, ioas2),
+        Err(errno::ENOMEM)
+    );
+    for id in [OWN, ALIAS] {
+        assert_eq!(dma(&mut fd, id, 0x10_0000), Err(DmaFault::Blocked));
+    }
+    check(&fd, &[(g, &mem)]).unwrap();
+    fd.destroy_guest(g).unwrap();
+}
+
+/// A commit that faults on the first ID still switches the alias (the hardware made the
+/// switch for the first one; a device must never be split across domains).
+#[test]
+fn commit_fault_still_moves_every_alias() {
+    let (mut fd, g, mem, [dev, _]) = fd();
+    let mut c = Client::new(&mut fd, g, &mem, SCRATCH);
+    let ioas = c.ioas_alloc().unwrap();
+    c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+    fd.hw_mut().fault_next_commit(0);
+    assert_eq!(
+        Client::new(&mut fd, g, &mem, SCRATCH).attach(dev, ioas),
+        Err(errno::EIO)
+    );
+    let d = fd.hw().entry(OWN, None);
+    assert!(d.is_some());
+    assert_eq!(fd.hw().entry(ALIAS, None), d);
+    fd.destroy_guest(g).unwrap();
+}
+
+#[test]
+fn alias_list_is_bounded_and_deduplicated() {
+    let mut d = SimDevice::new(1, 1).alias(1).alias(2);
+    assert_eq!(d.ids.as_slice(), &[1, 2]);
+    for i in 3..100 {
+        d = d.alias(i);
+    }
+    assert_eq!(d.ids.as_slice().len(), MAX_IDS_PER_DEVICE);
+    assert_eq!(d.ids.primary(), 1);
+}
