@@ -2168,3 +2168,47 @@ fn error_messages() {
     assert_eq!(texts.len(), all.len());
     assert_eq!(all[0].to_string(), "timed out waiting for CMD_SYNC");
 }
+
+/// edu 01:01.0 behind a PCIe-to-PCI bridge 00:1e.0 (secondary bus 1), StreamID = RID as on
+/// QEMU virt: own 0x0108, the bridge alias (01, 00.0) 0x0100 and the bridge's 0x00f0.
+const EDU_BEHIND_BRIDGE: [u32; 3] = [0x0108, 0x0100, 0x00f0];
+
+#[test]
+fn every_alias_stream_translates_and_its_events_count_for_the_device() {
+    let mem = new_mem();
+    let hw = FakeSmmu::qemu(&mem);
+    let mut unit = up(&hw, &mem, cfg());
+    let d = unit.create_domain(&mem, DomainConfig::stage2(48)).unwrap();
+    unit.map(&mem, &d, 0x10_0000, BUF, K4, RW).unwrap();
+    unit.attach_streams(&mem, &EDU_BEHIND_BRIDGE, &d).unwrap();
+    for sid in EDU_BEHIND_BRIDGE {
+        assert_eq!(
+            walk(&mem, &hw, sid, 0x10_0123, true),
+            Ok(Outcome::To(BUF + 0x123)),
+            "StreamID {sid:#x}"
+        );
+    }
+    assert_eq!(walk(&mem, &hw, 0x0110, 0x10_0123, true), Ok(Outcome::Abort));
+    assert!(hw.inject_event(translation_fault(0x0100, 0xdef_0000, true)));
+    let mut seen = Vec::new();
+    unit.poll_events(&mut |e| seen.push(e.stream_id));
+    assert_eq!(seen, [0x0100]);
+    assert_eq!(unit.owner_of(0x0100), 0x0108);
+    assert_eq!(unit.event_count(0x0108), 1);
+    assert_eq!(unit.event_count(0x0100), 1, "the alias's own counter too");
+
+    // One StreamID beyond the table refuses the set before any STE changes.
+    let bad = [0x0110, 1 << 20];
+    assert_eq!(
+        unit.attach_streams(&mem, &bad, &d),
+        Err(SmmuError::StreamIdOutOfRange)
+    );
+    assert_eq!(walk(&mem, &hw, 0x0110, 0x10_0123, true), Ok(Outcome::Abort));
+
+    unit.set_abort_streams(&mem, &EDU_BEHIND_BRIDGE).unwrap();
+    for sid in EDU_BEHIND_BRIDGE {
+        assert_eq!(walk(&mem, &hw, sid, 0x10_0123, true), Ok(Outcome::Abort));
+    }
+    assert_eq!(unit.owner_of(0x0100), 0x0108, "still the edu's alias");
+    assert_eq!(unit.attach_streams(&mem, &[], &d), Ok(()));
+}

@@ -9,6 +9,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering, fence};
 
+use alloc::collections::BTreeMap;
+
 use crate::hw::Mmio;
 use crate::pgtable::format::ARM_S1_MAIR;
 use crate::pgtable::sync::PteAtomic;
@@ -220,7 +222,13 @@ pub struct SmmuUnit<'m, M: Mmio, E: PteAtomic + 'static = core::sync::atomic::At
     stats: Stats,
     ste_updates: u64,
     ste_breaks: u64,
+    /// DMA alias StreamID -> the StreamID of the device it was attached for
+    /// ([`attach_streams`](Self::attach_streams)), so its events count for the device.
+    alias_owner: BTreeMap<u32, u32>,
 }
+
+/// Most StreamIDs one [`SmmuUnit::attach_streams`] call takes.
+pub const MAX_ALIAS_STREAMS: usize = 64;
 
 impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     /// Brings the SMMU up (IHI 0070 §6.3, and the initialisation sequence of §3.x):
@@ -361,6 +369,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
             stats: Stats::default(),
             ste_updates: 0,
             ste_breaks: 0,
+            alias_owner: BTreeMap::new(),
         };
 
         // 5. Attributes and bases (CR0 is 0: CR1, CR2 and the bases are writable).
@@ -861,6 +870,104 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         self.update_ste(mem, sid, Ste::abort())
     }
 
+    /// Points the STE of every StreamID one device's DMA may carry at `d`: `sids[0]` is the
+    /// device's own (the IORT/DT mapping of its requester ID), the rest its DMA aliases mapped
+    /// the same way (a conventional device behind a PCIe-to-PCI bridge reaches the SMMU with the
+    /// bridge's `(secondary bus, 00.0)` ID). Each STE is written as [`attach`](Self::attach)
+    /// writes it. Every StreamID is checked before any STE changes; if an update fails part-way,
+    /// the STEs this call changed get their previous contents back. Events on an alias count
+    /// for the device afterwards ([`event_count`](Self::event_count),
+    /// [`owner_of`](Self::owner_of)). An empty list changes nothing.
+    pub fn attach_streams<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sids: &[u32],
+        d: &Domain,
+    ) -> Result<(), SmmuError> {
+        let Some(&own) = sids.first() else {
+            return Ok(());
+        };
+        if sids.len() > MAX_ALIAS_STREAMS {
+            return Err(SmmuError::StreamIdOutOfRange);
+        }
+        for &sid in sids {
+            self.check_sid(sid)?;
+        }
+        d.check_unit(self.strtab.base)?;
+        let mut before: [Option<Ste>; MAX_ALIAS_STREAMS] = [None; MAX_ALIAS_STREAMS];
+        for (i, &sid) in sids.iter().enumerate() {
+            if sids[..i].contains(&sid) {
+                continue;
+            }
+            before[i] = self.ste(mem, sid);
+            if let Err(err) = self.attach(mem, sid, d) {
+                for (j, &undo) in sids[..i].iter().enumerate() {
+                    if let Some(old) = before[j] {
+                        // Best effort: the same failure is being reported.
+                        let _ = self.update_ste(mem, undo, old);
+                    }
+                }
+                return Err(err);
+            }
+        }
+        for &alias in &sids[1..] {
+            if alias != own {
+                self.alias_owner.insert(alias, own);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every StreamID of `sids` abort (detach a device with its aliases). Pass only
+    /// aliases no other attached device shares: an alias is one STE for all its users. Events
+    /// on the aliases stay attributed to the device.
+    pub fn set_abort_streams<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sids: &[u32],
+    ) -> Result<(), SmmuError> {
+        if sids.len() > MAX_ALIAS_STREAMS {
+            return Err(SmmuError::StreamIdOutOfRange);
+        }
+        for &sid in sids {
+            self.check_sid(sid)?;
+        }
+        for (i, &sid) in sids.iter().enumerate() {
+            if !sids[..i].contains(&sid) {
+                self.set_abort(mem, sid)?;
+            }
+        }
+        // Events on the aliases keep being attributed to the device: its DMA now aborts.
+        Ok(())
+    }
+
+    /// Makes every StreamID of `sids` bypass translation (all checked first).
+    pub fn set_bypass_streams<T: TableMemory<Entry = E>>(
+        &mut self,
+        mem: &T,
+        sids: &[u32],
+    ) -> Result<(), SmmuError> {
+        if sids.len() > MAX_ALIAS_STREAMS {
+            return Err(SmmuError::StreamIdOutOfRange);
+        }
+        for &sid in sids {
+            self.check_sid(sid)?;
+        }
+        for (i, &sid) in sids.iter().enumerate() {
+            if !sids[..i].contains(&sid) {
+                self.set_bypass(mem, sid)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device an event on `sid` concerns: the device whose StreamIDs were last given to
+    /// [`attach_streams`](Self::attach_streams) with it (devices sharing an alias are one IOMMU
+    /// group), else `sid` itself.
+    pub fn owner_of(&self, sid: u32) -> u32 {
+        self.alias_owner.get(&sid).copied().unwrap_or(sid)
+    }
+
     // -----------------------------------------------------------------------------------------
     // Events and counters
     // -----------------------------------------------------------------------------------------
@@ -903,10 +1010,17 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         }
     }
 
-    /// Events recorded for `sid` (0 for a StreamID beyond the counters' capacity, see
-    /// [`Counters::events_untracked`]).
+    /// Events recorded for `sid` and for the DMA-alias StreamIDs attached for it with
+    /// [`attach_streams`](Self::attach_streams) (0 for a StreamID beyond the counters'
+    /// capacity, see [`Counters::events_untracked`]).
     pub fn event_count(&self, sid: u32) -> u64 {
-        self.events.count(sid)
+        let on_aliases: u64 = self
+            .alias_owner
+            .iter()
+            .filter(|&(_, &owner)| owner == sid)
+            .map(|(&alias, _)| self.events.count(alias))
+            .sum();
+        self.events.count(sid) + on_aliases
     }
 
     /// Event losses seen: queue overflows (EVENTQ_PROD.OVFLG) and aborted event writes

@@ -3127,3 +3127,138 @@ fn new_errors_display() {
             .contains("00:03.0")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// DMA aliases: every requester ID of a device behind a PCIe-to-PCI bridge
+// ---------------------------------------------------------------------------------------------
+
+/// edu 01:01.0 behind a PCIe-to-PCI bridge 00:1e.0 with secondary bus 1: own ID, (01, 00.0),
+/// and the bridge's ID. A second conventional device 01:02.0 shares the last two.
+const EDU_BEHIND_BRIDGE: [u16; 3] = [0x0108, 0x0100, 0x00f0];
+const PEER_BEHIND_BRIDGE: [u16; 3] = [0x0110, 0x0100, 0x00f0];
+
+fn alias_walks(mem: &FakeMem, rt: u64, sids: &[u16], pasid: Option<u32>, iova: u64) -> Vec<Walk> {
+    sids.iter()
+        .map(|&sid| walk(mem, rt, sid, pasid, iova))
+        .collect()
+}
+
+#[test]
+fn aliases_attach_replace_detach_legacy() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP);
+    let mut unit = up(&hw, &mem, legacy());
+    let d1 = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    let d2 = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    unit.map(&mem, &d1, 0x10_0000, 0x5000_0000, K4, RW).unwrap();
+    unit.map(&mem, &d2, 0x10_0000, 0x6000_0000, K4, RW).unwrap();
+    let rt = rtaddr(&hw);
+
+    unit.attach_aliases(&mem, &EDU_BEHIND_BRIDGE, None, &d1)
+        .unwrap();
+    let hit = Ok(Hit {
+        pa: 0x5000_0123,
+        leaf: 0,
+        did: d1.did(),
+        pgsnp: false,
+    });
+    let strip = |w: Walk| w.map(|h| Hit { leaf: 0, ..h });
+    for w in alias_walks(&mem, rt, &EDU_BEHIND_BRIDGE, None, 0x10_0123) {
+        assert_eq!(strip(w), hit, "every alias translates through the domain");
+    }
+    assert_eq!(
+        walk(&mem, rt, 0x0110, None, 0x10_0123),
+        Err("context entry not present")
+    );
+    // A fault on the bridge alias counts for the device it was attached for.
+    assert!(hw.inject_fault(0x0def_0000, fault_hi(0x0100, 2, false)));
+    let mut got = Vec::new();
+    unit.poll_faults(&mut |r| got.push(r.source_id));
+    assert_eq!(got, [0x0100]);
+    assert_eq!(unit.owner_of(0x0100), 0x0108);
+    assert_eq!(unit.owner_of(0x0110), 0x0110);
+    assert_eq!(unit.fault_count(0x0108), 1);
+
+    // The peer behind the same bridge: its shared aliases already point at d1, fine; at d2
+    // the shared ones conflict and nothing is written.
+    assert_eq!(
+        unit.attach_aliases(&mem, &PEER_BEHIND_BRIDGE, None, &d2),
+        Err(VtdError::AlreadyAttached)
+    );
+    assert_eq!(
+        walk(&mem, rt, 0x0110, None, 0x10_0123),
+        Err("context entry not present")
+    );
+    assert_eq!(
+        unit.attach_aliases(&mem, &EDU_BEHIND_BRIDGE, None, &d1),
+        Err(VtdError::AlreadyAttached),
+        "the device's own ID is attached"
+    );
+    unit.attach_aliases(&mem, &PEER_BEHIND_BRIDGE, None, &d1)
+        .unwrap();
+    assert_eq!(strip(walk(&mem, rt, 0x0110, None, 0x10_0123)), hit);
+
+    // Replace moves every ID of the device (shared ones included) to d2.
+    unit.replace_aliases(&mem, &EDU_BEHIND_BRIDGE, None, &d2)
+        .unwrap();
+    for w in alias_walks(&mem, rt, &EDU_BEHIND_BRIDGE, None, 0x10_0123) {
+        assert_eq!(strip(w).map(|h| (h.pa, h.did)), Ok((0x6000_0123, d2.did())));
+    }
+    assert_eq!(
+        unit.replace_aliases(&mem, &[0x0108, 0x0118], None, &d1),
+        Err(VtdError::NotAttached),
+        "an unattached ID refuses the whole set"
+    );
+    assert_eq!(
+        walk(&mem, rt, 0x0108, None, 0x10_0123).map(|h| h.did),
+        Ok(d2.did())
+    );
+
+    // Detach the peer's own ID only (its aliases are shared), then the device with its aliases.
+    unit.detach_aliases(&mem, &PEER_BEHIND_BRIDGE[..1], None)
+        .unwrap();
+    unit.detach_aliases(&mem, &EDU_BEHIND_BRIDGE, None).unwrap();
+    for w in alias_walks(&mem, rt, &[0x0108, 0x0110, 0x0100, 0x00f0], None, 0x10_0123) {
+        assert_eq!(w, Err("context entry not present"));
+    }
+    assert_eq!(
+        unit.owner_of(0x00f0),
+        0x0110,
+        "attribution outlives the attachment"
+    );
+    assert_eq!(
+        unit.detach_aliases(&mem, &EDU_BEHIND_BRIDGE, None),
+        Err(VtdError::NotAttached)
+    );
+    let too_many = [0x0108u16; super::unit::MAX_ALIAS_SIDS + 1];
+    assert!(matches!(
+        unit.attach_aliases(&mem, &too_many, None, &d1),
+        Err(VtdError::BadSid { .. })
+    ));
+    assert_eq!(unit.attach_aliases(&mem, &[], None, &d1), Ok(()));
+}
+
+#[test]
+fn aliases_attach_scalable() {
+    let mem = FakeMem::new(64);
+    let hw = FakeVtd::new(&mem, QEMU_CAP, QEMU_ECAP_SM);
+    let mut unit = up(&hw, &mem, scalable());
+    let d = unit
+        .create_domain(&mem, DomainConfig::second_stage(48))
+        .unwrap();
+    unit.map(&mem, &d, 0x10_0000, 0x5000_0000, K4, RW).unwrap();
+    unit.attach_aliases(&mem, &EDU_BEHIND_BRIDGE, None, &d)
+        .unwrap();
+    let rt = rtaddr(&hw);
+    for w in alias_walks(&mem, rt, &EDU_BEHIND_BRIDGE, None, 0x10_0123) {
+        assert_eq!(w.map(|h| (h.pa, h.did)), Ok((0x5000_0123, d.did())));
+    }
+    unit.detach_aliases(&mem, &EDU_BEHIND_BRIDGE, None).unwrap();
+    for w in alias_walks(&mem, rt, &EDU_BEHIND_BRIDGE, None, 0x10_0123) {
+        assert!(w.is_err());
+    }
+}

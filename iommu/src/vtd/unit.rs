@@ -9,6 +9,8 @@
 
 use core::sync::atomic::Ordering;
 
+use alloc::collections::BTreeMap;
+
 use crate::hw::Mmio;
 use crate::pgtable::{Config, ConfigError, Gather, PhysAddr, Prot};
 
@@ -350,7 +352,14 @@ pub struct VtdUnit<M: Mmio> {
     pub(super) rmrr: RmrrState,
     faults: FaultStats,
     stats: Stats,
+    /// DMA alias source-id -> the source-id of the device it was attached for
+    /// ([`attach_aliases`](Self::attach_aliases)), so faults on the alias count for the device.
+    alias_owner: BTreeMap<u16, u16>,
 }
+
+/// Most source-ids one [`VtdUnit::attach_aliases`] call takes (a device's alias set is far
+/// smaller: its own ID and two per PCIe-to-PCI bridge above it).
+pub const MAX_ALIAS_SIDS: usize = 64;
 
 impl<M: Mmio> VtdUnit<M> {
     /// Brings the unit up with translation disabled (VT-d 4.1 §6 and §11.4):
@@ -399,6 +408,7 @@ impl<M: Mmio> VtdUnit<M> {
             rmrr: RmrrState::new(),
             faults: FaultStats::new(),
             stats: Stats::default(),
+            alias_owner: BTreeMap::new(),
         };
 
         // A previous owner may have left translation or the queue on; the queue registers
@@ -1068,6 +1078,168 @@ impl<M: Mmio> VtdUnit<M> {
         Ok(())
     }
 
+    // -----------------------------------------------------------------------------------------
+    // Every requester ID of one device: DMA aliases
+    // -----------------------------------------------------------------------------------------
+
+    /// The domain id `sid` (and PASID `pasid`) points at now, if any.
+    fn attached_did<T: VtdMemory>(
+        &self,
+        mem: &T,
+        sid: u16,
+        pasid: u32,
+    ) -> Result<Option<u16>, VtdError> {
+        Ok(match self.mode {
+            TranslationMode::Legacy => self
+                .context_slot(mem, sid, false)?
+                .map(|slot| self.read_context(mem, slot))
+                .filter(|ce| ce.present())
+                .map(|ce| ce.did()),
+            TranslationMode::Scalable => self
+                .pasid_slot(mem, sid, pasid, false, false)?
+                .map(|loc| self.read_pasid_entry(mem, loc.entry))
+                .filter(|pe| pe.present())
+                .map(|pe| pe.did()),
+        })
+    }
+
+    /// Checks every ID of an alias set before anything is written: in range, not held by the
+    /// RMRR identity domain, at most [`MAX_ALIAS_SIDS`].
+    fn check_alias_set(&self, sids: &[u16]) -> Result<(), VtdError> {
+        if let Some(&sid) = sids.get(MAX_ALIAS_SIDS) {
+            return Err(VtdError::BadSid { sid });
+        }
+        for &sid in sids {
+            self.check_sid(sid)?;
+            self.check_not_rmrr(sid)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches every source-id one device's DMA may carry to `d`: `sids[0]` is the device's own
+    /// requester ID, the rest its DMA aliases (a conventional device behind a PCIe-to-PCI bridge
+    /// reaches the unit as `(secondary bus, 00.0)` or as the bridge, PCIe-to-PCI/PCI-X Bridge
+    /// Spec §2.3), each getting a context entry (legacy) or PASID entry (scalable) like
+    /// [`attach`](Self::attach) writes.
+    ///
+    /// An alias already pointing at `d` is left as it is: devices of one IOMMU group share
+    /// aliases, and attaching the second to the group's domain finds them there. The device's
+    /// own ID must not be attached, and no alias may point at another domain
+    /// ([`VtdError::AlreadyAttached`]). All checks precede all writes; if an attach fails
+    /// part-way (no memory, a timeout), the IDs this call attached are detached again. Faults on
+    /// an alias count for the device afterwards ([`fault_count`](Self::fault_count),
+    /// [`owner_of`](Self::owner_of)). An empty list attaches nothing.
+    pub fn attach_aliases<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sids: &[u16],
+        pasid: Option<u32>,
+        d: &Domain,
+    ) -> Result<(), VtdError> {
+        let Some(&own) = sids.first() else {
+            return Ok(());
+        };
+        self.check_alias_set(sids)?;
+        let p = self.check_pasid(pasid)?;
+        self.check_domain(d)?;
+        if self.attached_did(mem, own, p)?.is_some() {
+            return Err(VtdError::AlreadyAttached);
+        }
+        for &sid in &sids[1..] {
+            if self
+                .attached_did(mem, sid, p)?
+                .is_some_and(|did| did != d.did)
+            {
+                return Err(VtdError::AlreadyAttached);
+            }
+        }
+        let mut attached = 0u64;
+        for (i, &sid) in sids.iter().enumerate() {
+            if sids[..i].contains(&sid) || self.attached_did(mem, sid, p)?.is_some() {
+                continue;
+            }
+            if let Err(err) = self.attach(mem, sid, pasid, d) {
+                for (j, &undo) in sids[..i].iter().enumerate() {
+                    if attached & (1 << j) != 0 {
+                        // Best effort: the entry was written by this call; a failure here
+                        // would be the same hardware failure already being reported.
+                        let _ = self.detach_unchecked(mem, undo, pasid);
+                    }
+                }
+                return Err(err);
+            }
+            attached |= 1 << i;
+        }
+        for &alias in &sids[1..] {
+            if alias != own {
+                self.alias_owner.insert(alias, own);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every ID of `sids` (own ID first, then aliases, as given to
+    /// [`attach_aliases`](Self::attach_aliases)) to `d`, each make-before-break as
+    /// [`replace`](Self::replace) does. All must be attached (else [`VtdError::NotAttached`]
+    /// before anything changes). The IDs move one after the other: until the last has moved,
+    /// DMA carrying a later alias still uses the old domain. An error part-way leaves the IDs
+    /// before it on `d` and the rest on their old domain.
+    pub fn replace_aliases<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sids: &[u16],
+        pasid: Option<u32>,
+        d: &Domain,
+    ) -> Result<(), VtdError> {
+        self.check_alias_set(sids)?;
+        let p = self.check_pasid(pasid)?;
+        self.check_domain(d)?;
+        for &sid in sids {
+            if self.attached_did(mem, sid, p)?.is_none() {
+                return Err(VtdError::NotAttached);
+            }
+        }
+        for (i, &sid) in sids.iter().enumerate() {
+            if !sids[..i].contains(&sid) {
+                self.replace(mem, sid, pasid, d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches every attached ID of `sids` (own ID first; [`VtdError::NotAttached`] if that one
+    /// is not attached, before anything changes). Pass only the aliases no other attached
+    /// device shares: an alias is one context entry for all of its users. Faults on the
+    /// aliases keep being attributed to the device (DMA it still issues faults now).
+    pub fn detach_aliases<T: VtdMemory>(
+        &mut self,
+        mem: &T,
+        sids: &[u16],
+        pasid: Option<u32>,
+    ) -> Result<(), VtdError> {
+        let Some(&own) = sids.first() else {
+            return Ok(());
+        };
+        self.check_alias_set(sids)?;
+        let p = self.check_pasid(pasid)?;
+        if self.attached_did(mem, own, p)?.is_none() {
+            return Err(VtdError::NotAttached);
+        }
+        for (i, &sid) in sids.iter().enumerate() {
+            if !sids[..i].contains(&sid) && self.attached_did(mem, sid, p)?.is_some() {
+                self.detach_unchecked(mem, sid, pasid)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device a fault on `sid` concerns: the device whose alias set was last given to
+    /// [`attach_aliases`](Self::attach_aliases) with it (devices sharing an alias are one
+    /// IOMMU group, so any of them names the group), else `sid` itself.
+    pub fn owner_of(&self, sid: u16) -> u16 {
+        self.alias_owner.get(&sid).copied().unwrap_or(sid)
+    }
+
     /// Whether `sid` has a device TLB (was attached with [`AttachOptions::ats`]) through
     /// `pasid` (`None`: RID_PASID).
     pub fn device_tlb_enabled(&self, sid: u16, pasid: Option<u32>) -> bool {
@@ -1085,10 +1257,18 @@ impl<M: Mmio> VtdUnit<M> {
         fault::drain(&self.mmio, self.ids.cap, &mut self.faults, sink)
     }
 
-    /// Faults recorded for `sid` (0 for a source id beyond the counters' capacity, see
-    /// [`Counters::faults_untracked`]).
+    /// Faults recorded for `sid` and for the DMA aliases attached for it with
+    /// [`attach_aliases`](Self::attach_aliases) (0 for a source id beyond the counters'
+    /// capacity, see [`Counters::faults_untracked`]).
     pub fn fault_count(&self, sid: u16) -> u64 {
-        self.faults.count(sid)
+        // Faults on a DMA alias attached for this device are the device's.
+        let on_aliases: u64 = self
+            .alias_owner
+            .iter()
+            .filter(|&(_, &owner)| owner == sid)
+            .map(|(&alias, _)| self.faults.count(alias))
+            .sum();
+        self.faults.count(sid) + on_aliases
     }
 
     /// Primary fault overflow events (FSTS.PFO) seen.
