@@ -69,6 +69,16 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
     cmd.args(&s.qemu_args);
     let cmdline = cmdline.trim().to_string();
+    if !s.guests.is_empty() {
+        if s.boot != Boot::Kernel {
+            return Err(format!(
+                "scenario {}: guests are passed with -initrd, which needs boot = \"kernel\"",
+                s.name
+            ));
+        }
+        let archive = crate::guests::prepare(s.arch, &s.name, &s.guests)?;
+        cmd.arg("-initrd").arg(archive);
+    }
     match s.boot {
         Boot::Kernel => {
             cmd.arg("-kernel")

@@ -1,0 +1,133 @@
+//! The test guest (docs/guests.md). Its command line picks the variant:
+//!
+//! - `hello`: prints through the console call and exits with status 0;
+//! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
+//! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
+//! - `triple`: triple-faults.
+//!
+//! Everything but the hypercall instruction is architecture-neutral; `arch_x86_64.rs` is the
+//! only shim.
+#![no_std]
+#![no_main]
+
+#[cfg(target_arch = "x86_64")]
+mod arch_x86_64;
+#[cfg(target_arch = "x86_64")]
+use arch_x86_64 as arch;
+
+use hvabi::{platform, start_info as si};
+
+fn print(s: &str) {
+    let _ = arch::hypercall(
+        platform::CONSOLE_WRITE,
+        s.as_ptr() as u64,
+        s.len() as u64,
+        0,
+    );
+}
+
+fn exit(status: u32) -> ! {
+    arch::hypercall(platform::EXIT, u64::from(status), 0, 0);
+    // EXIT does not return; if it did, spinning is the only safe thing left.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// A small fixed buffer for formatting lines without an allocator.
+struct Line {
+    buf: [u8; 200],
+    len: usize,
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        let mut l = Line { buf: [0; 200], len: 0 };
+        let _ = core::fmt::Write::write_fmt(&mut l, format_args!($($arg)*));
+        let _ = core::fmt::Write::write_str(&mut l, "\n");
+        print(core::str::from_utf8(&l.buf[..l.len]).unwrap_or("?\n"));
+    }};
+}
+
+fn u64_at(page: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&page[off..off + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Entered as `guest_entry(start_info)` per docs/guests.md: 64-bit mode, paging on, RSP at the
+/// top of RAM as after a `call`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.entry")]
+pub extern "C" fn guest_entry(start_info: u64) -> ! {
+    let mut page = [0u8; 40];
+    arch::read_bytes(start_info, &mut page);
+    let magic = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
+    if magic != si::MAGIC {
+        print("testguest: bad start-info magic\n");
+        exit(2);
+    }
+    let mem = u64_at(&page, si::OFF_MEM_BYTES);
+    let cmd_gpa = u64_at(&page, si::OFF_CMDLINE_GPA);
+    let cmd_len = (u64_at(&page, si::OFF_CMDLINE_LEN) as usize).min(si::CMDLINE_MAX);
+    let mut cmd = [0u8; si::CMDLINE_MAX];
+    arch::read_bytes(cmd_gpa, &mut cmd[..cmd_len]);
+    let cmdline = core::str::from_utf8(&cmd[..cmd_len]).unwrap_or("");
+    let mut words = cmdline.split([' ', ',']).filter(|w| !w.is_empty());
+    let variant = words.next().unwrap_or("hello");
+    println!("testguest: {variant}, {} KiB of RAM", mem >> 10);
+    match variant {
+        "hello" => {
+            // An unknown op must fail cleanly with ENOTTY, and the call must return.
+            let r = arch::hypercall(0xdead, 0, 0, 0);
+            println!("testguest: unknown op returned {r}");
+            println!("testguest: hello, exiting with status 0");
+            exit(0)
+        }
+        "spin" => {
+            println!("testguest: spinning forever");
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        "wild" => {
+            let gpa = words
+                .find_map(|w| w.strip_prefix("gpa=").and_then(parse_u64))
+                .unwrap_or(0x4000_0000);
+            println!("testguest: reading gpa {gpa:#x}");
+            let v = arch::wild_read(gpa);
+            println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+            exit(1)
+        }
+        "triple" => {
+            println!("testguest: triple-faulting");
+            arch::triple_fault()
+        }
+        other => {
+            println!("testguest: unknown variant {other:?}");
+            exit(3)
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    print("testguest: panic\n");
+    exit(101)
+}
