@@ -37,8 +37,66 @@ testguest_wild_load:
 "#
 );
 
+// Instructions a guest may not execute, each at its own symbol so the scenario can expect the
+// exact RIP of the stop report. None of them returns when the hypervisor is correct.
+global_asm!(
+    r#"
+    .pushsection .text.testguest_forbidden, "ax"
+    .global testguest_rdmsr
+testguest_rdmsr:
+    mov ecx, 0x1b
+    .global testguest_rdmsr_insn
+testguest_rdmsr_insn:
+    rdmsr
+    ret
+    .global testguest_out
+testguest_out:
+    mov al, 0x41
+    .global testguest_out_insn
+testguest_out_insn:
+    out 0x80, al
+    ret
+    .global testguest_vmrun
+testguest_vmrun:
+    xor eax, eax
+    .global testguest_vmrun_insn
+testguest_vmrun_insn:
+    vmrun rax
+    ret
+    .global testguest_hlt
+testguest_hlt:
+    cli
+    .global testguest_hlt_insn
+testguest_hlt_insn:
+    hlt
+    ret
+    .popsection
+"#
+);
+
 unsafe extern "C" {
     fn testguest_wild_load(addr: u64) -> u64;
+    fn testguest_rdmsr();
+    fn testguest_out();
+    fn testguest_vmrun();
+    fn testguest_hlt();
+}
+
+/// Runs one of the forbidden instructions: `msr` (RDMSR of IA32_APIC_BASE), `io` (OUT to port
+/// 0x80), `vmrun` (VMRUN on guest-physical 0), `hlt` (CLI; HLT: nothing can wake it).
+pub fn forbidden(what: &str) -> bool {
+    // SAFETY: each stub only executes its instruction; the hypervisor intercepts all of them
+    // and stops the guest, so nothing the instruction would do on hardware happens.
+    unsafe {
+        match what {
+            "msr" => testguest_rdmsr(),
+            "io" => testguest_out(),
+            "vmrun" => testguest_vmrun(),
+            "hlt" => testguest_hlt(),
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Reads the 8 bytes at `addr` (identity-mapped by the boot page tables up to 4 GiB).

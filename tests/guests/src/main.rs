@@ -3,7 +3,9 @@
 //! - `hello`: prints through the console call and exits with status 0;
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
 //! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
-//! - `triple`: triple-faults.
+//! - `triple`: triple-faults;
+//! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
+//!   or one that can never finish (HLT with interrupts off).
 //!
 //! Everything but the hypercall instruction is architecture-neutral; `arch_x86_64.rs` is the
 //! only shim.
@@ -118,6 +120,12 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
         "triple" => {
             println!("testguest: triple-faulting");
             arch::triple_fault()
+        }
+        "msr" | "io" | "vmrun" | "hlt" => {
+            println!("testguest: executing forbidden {variant}");
+            arch::forbidden(variant);
+            println!("testguest: {variant} returned: the hypervisor let it through");
+            exit(1)
         }
         other => {
             println!("testguest: unknown variant {other:?}");
