@@ -44,7 +44,13 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         log::error!("memory: {e}");
         finish(EXIT_FAILURE);
     }
-    let scenario = info.cmdline_value("scenario").unwrap_or("boot-report");
+    // With guests configured and no scenario named, the hypervisor's job is to run them.
+    let default = if info.cmdline_value("guest").is_some() {
+        "guests"
+    } else {
+        "boot-report"
+    };
+    let scenario = info.cmdline_value("scenario").unwrap_or(default);
     let platform = discovery::discover_and_report(info);
     #[cfg(target_arch = "x86_64")]
     guest::report_backend();
