@@ -31,11 +31,7 @@ const PS: u64 = 1 << 7;
 const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
 
 /// Writes everything into `mem` and returns the entry state, or why the image does not fit.
-pub fn load(
-    mem: &mut GuestMemory,
-    elf: &ElfImage,
-    cmdline: &str,
-) -> Result<EntryState, &'static str> {
+pub fn load(mem: &GuestMemory, elf: &ElfImage, cmdline: &str) -> Result<EntryState, &'static str> {
     let size = mem.size();
     let stack_floor = size
         .checked_sub(STACK_BYTES)

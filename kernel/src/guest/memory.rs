@@ -8,24 +8,33 @@
 //! builds its second-stage table from [`GuestMemory::regions`]; the object model's IOAS_MAP will
 //! check GPAs against the same map.
 
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use crate::mem::frame::{FRAMES, PAGE_SIZE};
 use crate::mem::phys;
 
-/// A run of contiguous, zeroed frames owned by one object; freed on drop.
+/// A run of contiguous, zeroed frames owned by one object; freed (scrubbed) on drop.
+///
+/// The contents are reached as 64-bit atomics, never as `&mut [u8]`: guest RAM is written by the
+/// guest (and, later, by its devices' DMA and other CPUs) while the hypervisor holds this object,
+/// so the hypervisor's view must tolerate concurrent writers. Relaxed ordering is enough: the
+/// hypervisor only copies bytes in and out and orders nothing else against them (a vCPU is
+/// stopped while its exit is handled; VMRUN/#VMEXIT are serializing).
 pub struct Frames {
     pa: u64,
     pages: u64,
-    bytes: &'static mut [u8],
+    words: &'static [AtomicU64],
 }
 
 impl Frames {
     /// `pages` zeroed frames aligned to `align` bytes, or `None` when memory is short.
     pub fn alloc(pages: u64, align: u64) -> Option<Frames> {
         let pa = FRAMES.lock().alloc(pages, align, u64::MAX)?;
-        match phys::frame_bytes_mut(pa, pages * PAGE_SIZE) {
-            Ok(bytes) => {
-                bytes.fill(0);
-                Some(Frames { pa, pages, bytes })
+        match phys::atomic_u64s(pa, (pages * PAGE_SIZE / 8) as usize) {
+            Ok(words) => {
+                let f = Frames { pa, pages, words };
+                f.fill(0);
+                Some(f)
             }
             Err(_) => {
                 FRAMES.lock().free(pa, pages);
@@ -42,12 +51,50 @@ impl Frames {
         self.pages * PAGE_SIZE
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        self.bytes
+    /// Sets every byte to `byte`.
+    pub fn fill_bytes(&self, byte: u8) {
+        self.fill(u64::from_ne_bytes([byte; 8]));
     }
 
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        self.bytes
+    fn fill(&self, word: u64) {
+        for w in self.words {
+            w.store(word, Relaxed);
+        }
+    }
+
+    /// Copies `out.len()` bytes from offset `off` (bounds checked by the caller).
+    pub fn read(&self, off: usize, out: &mut [u8]) {
+        for (i, b) in out.iter_mut().enumerate() {
+            let at = off + i;
+            *b = (self.words[at / 8].load(Relaxed) >> (8 * (at % 8))) as u8;
+        }
+    }
+
+    /// Copies `data` to offset `off` (bounds checked by the caller). Whole words are stored;
+    /// partial words are merged with compare-and-swap so that a concurrent writer of the other
+    /// bytes of the word is never undone.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        let mut i = 0;
+        while i < data.len() {
+            let at = off + i;
+            let (word, shift) = (at / 8, at % 8);
+            let n = (8 - shift).min(data.len() - i);
+            if n == 8 {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&data[i..i + 8]);
+                self.words[word].store(u64::from_le_bytes(v), Relaxed);
+            } else {
+                let mut mask = 0u64;
+                let mut bits = 0u64;
+                for k in 0..n {
+                    mask |= 0xff << (8 * (shift + k));
+                    bits |= u64::from(data[i + k]) << (8 * (shift + k));
+                }
+                let _ =
+                    self.words[word].fetch_update(Relaxed, Relaxed, |old| Some(old & !mask | bits));
+            }
+            i += n;
+        }
     }
 }
 
@@ -55,7 +102,7 @@ impl Drop for Frames {
     fn drop(&mut self) {
         // Scrub before the frames go back: the next owner may be another guest's RAM or a table
         // a device walks, and nothing of this owner's data may leak there.
-        self.bytes.fill(0);
+        self.fill(0);
         FRAMES.lock().free(self.pa, self.pages);
     }
 }
@@ -142,30 +189,59 @@ impl GuestMemory {
 
     /// Copies guest memory at `gpa` into `out`.
     ///
-    /// The guest is not running while the hypervisor handles its exit (one CPU runs it), so a
-    /// plain copy sees a stable snapshot; with SMP guests this becomes a racy-copy primitive.
+    /// The guest is not running while the hypervisor handles its exit (one CPU runs it), so the
+    /// copy is a stable snapshot; once guests have several vCPUs or DMA, it is a racy copy
+    /// (each byte is some value that was written), which is all a hypervisor may assume about
+    /// memory a guest controls: callers copy first, then validate the copy.
     pub fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), GuestMemoryError> {
         let err = GuestMemoryError {
             gpa,
             len: out.len() as u64,
         };
         let (i, off) = self.locate(gpa, out.len() as u64).ok_or(err)?;
-        out.copy_from_slice(&self.regions[i].frames.bytes()[off..off + out.len()]);
+        self.regions[i].frames.read(off, out);
         Ok(())
     }
 
     /// Copies `data` into guest memory at `gpa`.
-    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
         let err = GuestMemoryError {
             gpa,
             len: data.len() as u64,
         };
         let (i, off) = self.locate(gpa, data.len() as u64).ok_or(err)?;
-        self.regions[i].frames.bytes_mut()[off..off + data.len()].copy_from_slice(data);
+        self.regions[i].frames.write(off, data);
         Ok(())
     }
 
-    pub fn write_u64(&mut self, gpa: u64, v: u64) -> Result<(), GuestMemoryError> {
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), GuestMemoryError> {
         self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+/// The object model's view of a guest's memory (`iommu::iommufd::GuestMemory`): IOAS_MAP of a
+/// GPA the guest does not own fails, and the host-physical runs it maps stay valid for as long
+/// as the guest exists (its RAM is freed only after its vCPU and VM are destroyed).
+impl iommu::iommufd::GuestMemory for GuestMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), iommu::iommufd::MemFault> {
+        GuestMemory::read(self, gpa, buf).map_err(|_| iommu::iommufd::MemFault)
+    }
+
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), iommu::iommufd::MemFault> {
+        GuestMemory::write(self, gpa, buf).map_err(|_| iommu::iommufd::MemFault)
+    }
+
+    fn owns(&self, gpa: u64, len: u64, _write: bool) -> bool {
+        self.contains(gpa, len)
+    }
+
+    fn translate(&self, gpa: u64) -> Option<iommu::iommufd::HostRun> {
+        self.regions.iter().find_map(|r| {
+            let off = gpa.checked_sub(r.gpa)?;
+            (off < r.len()).then(|| iommu::iommufd::HostRun {
+                hpa: r.pa() + off,
+                len: r.len() - off,
+            })
+        })
     }
 }

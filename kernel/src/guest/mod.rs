@@ -219,8 +219,8 @@ fn create(
         .ok_or_else(|| "image: missing".to_string())?;
     let elf = ElfImage::parse(image.bytes, EM_X86_64)
         .map_err(|e| alloc::format!("image {}: {e}", c.image))?;
-    let mut memory = GuestMemory::new(c.mem).map_err(|e| alloc::format!("mem: {e}"))?;
-    let entry = loader::load(&mut memory, &elf, c.cmdline)
+    let memory = GuestMemory::new(c.mem).map_err(|e| alloc::format!("mem: {e}"))?;
+    let entry = loader::load(&memory, &elf, c.cmdline)
         .map_err(|e| alloc::format!("image {}: {e}", c.image))?;
     let vm = backend
         .create_vm(&memory)

@@ -101,20 +101,21 @@ impl Vmcb {
     }
 
     fn r64(&self, off: usize) -> u64 {
-        let b = &self.page.bytes()[off..off + 8];
-        u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
+        let mut b = [0u8; 8];
+        self.page.read(off, &mut b);
+        u64::from_le_bytes(b)
     }
 
     fn w64(&mut self, off: usize, v: u64) {
-        self.page.bytes_mut()[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        self.page.write(off, &v.to_le_bytes());
     }
 
     fn w32(&mut self, off: usize, v: u32) {
-        self.page.bytes_mut()[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        self.page.write(off, &v.to_le_bytes());
     }
 
     fn w16(&mut self, off: usize, v: u16) {
-        self.page.bytes_mut()[off..off + 2].copy_from_slice(&v.to_le_bytes());
+        self.page.write(off, &v.to_le_bytes());
     }
 
     pub fn set_intercepts(&mut self, exceptions: u32, misc1: u32, misc2: u32) {
@@ -132,7 +133,7 @@ impl Vmcb {
     /// control byte (0 = nothing, 1 = flush everything on this VMRUN).
     pub fn set_asid(&mut self, asid: u32, flush_all: bool) {
         self.w32(ctl::GUEST_ASID, asid);
-        self.page.bytes_mut()[ctl::TLB_CONTROL] = u8::from(flush_all);
+        self.page.write(ctl::TLB_CONTROL, &[u8::from(flush_all)]);
     }
 
     /// V_INTR_MASKING (bit 24 of offset 0x60): physical interrupts are masked by the host's
@@ -271,10 +272,10 @@ pub struct PermissionMaps {
 
 impl PermissionMaps {
     pub fn new() -> Option<PermissionMaps> {
-        let mut iopm = Frames::alloc(3, 4096)?;
-        let mut msrpm = Frames::alloc(2, 4096)?;
-        iopm.bytes_mut().fill(0xff);
-        msrpm.bytes_mut().fill(0xff);
+        let iopm = Frames::alloc(3, 4096)?;
+        let msrpm = Frames::alloc(2, 4096)?;
+        iopm.fill_bytes(0xff);
+        msrpm.fill_bytes(0xff);
         Some(PermissionMaps { iopm, msrpm })
     }
 }
