@@ -96,9 +96,22 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
     println!("testguest: {variant}, {} KiB of RAM", mem >> 10);
     match variant {
         "hello" => {
-            // An unknown op must fail cleanly with ENOTTY, and the call must return.
+            // Calls that must fail cleanly and return: an unknown op (ENOTTY), a console write
+            // from memory that is not the guest's (EFAULT) or too long (EINVAL), and an IOMMU
+            // op that is not wired to guests yet (EOPNOTSUPP).
             let r = arch::hypercall(0xdead, 0, 0, 0);
             println!("testguest: unknown op returned {r}");
+            let r = arch::hypercall(platform::CONSOLE_WRITE, mem - 4, 8, 0);
+            println!("testguest: console write across the end of RAM returned {r}");
+            let r = arch::hypercall(
+                platform::CONSOLE_WRITE,
+                0x1000,
+                platform::CONSOLE_WRITE_MAX + 1,
+                0,
+            );
+            println!("testguest: console write of 4097 bytes returned {r}");
+            let r = arch::hypercall(hvabi::op::GET_INFO, 0x1000, 0, 0);
+            println!("testguest: GET_INFO returned {r}");
             println!("testguest: hello, exiting with status 0");
             exit(0)
         }
