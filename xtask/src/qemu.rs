@@ -284,6 +284,11 @@ pub fn run_command(
 ) -> Result<ExitCode> {
     crate::setup::setup(crate::setup::Needs::all())?;
     let s = match scenario_name {
+        // `--scenario guests`: the guest demo of the chosen architecture.
+        Some("guests") => scenario::find(match arch {
+            Arch::X86_64 => "x86-guests-contained",
+            Arch::Aarch64 => "arm-guests-contained",
+        })?,
         Some(name) => scenario::find(name)?,
         None => Scenario::default_for(arch),
     };

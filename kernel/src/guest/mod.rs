@@ -31,7 +31,7 @@ pub const MAX_GUESTS: usize = 8;
 pub fn report_backend() {
     use core::arch::x86_64::__cpuid;
     let ext = __cpuid(0x8000_0000).eax;
-    if ext >= 0x8000_000a && __cpuid(0x8000_0001).ecx & (1 << 2) != 0 {
+    if ext >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 2) != 0 && ext >= 0x8000_000a {
         let l = __cpuid(0x8000_000a);
         println!(
             "report: vcpu backend=svm asids={} npt={} nrips={}",

@@ -96,11 +96,12 @@ pub struct SvmVcpu {
 impl Svm {
     /// Brings SVM up on the calling CPU, or says why this machine has no SVM backend.
     pub fn probe() -> Result<Svm, &'static str> {
-        if __cpuid(0x8000_0000).eax < 0x8000_000a {
-            return Err("CPUID has no SVM leaf 8000_000Ah");
-        }
-        if __cpuid(0x8000_0001).ecx & (1 << 2) == 0 {
+        let max_ext = __cpuid(0x8000_0000).eax;
+        if max_ext < 0x8000_0001 || __cpuid(0x8000_0001).ecx & (1 << 2) == 0 {
             return Err("CPU has no SVM (CPUID 8000_0001h ECX.SVM = 0)");
+        }
+        if max_ext < 0x8000_000a {
+            return Err("CPUID has no SVM leaf 8000_000Ah");
         }
         let svm = __cpuid(0x8000_000a);
         if svm.edx & 1 == 0 {
