@@ -8,6 +8,7 @@
 //! time slice, so a guest that spins costs the others one slice per round and, with `slices=N`,
 //! is stopped when its budget is used up. A stopped guest's VM, vCPU and RAM are freed at once.
 
+mod iommu;
 pub mod loader;
 pub mod memory;
 
@@ -20,6 +21,7 @@ use crate::mem::{frame::FRAMES, phys};
 use crate::vcpu::svm::Svm;
 use crate::vcpu::{Backend, Event, Exit};
 use crate::{EXIT_FAILURE, EXIT_SUCCESS, arch, println};
+use iommu::GuestIommu;
 use memory::GuestMemory;
 
 /// One time slice: 10 ms of the APIC timer at QEMU's 1 GHz APIC clock (divide by 1).
@@ -77,6 +79,8 @@ enum State {
 
 struct Guest<B: Backend> {
     name: &'static str,
+    /// This guest in the IOMMU object model, if there is one.
+    iommu_guest: Option<::iommu::iommufd::GuestId>,
     memory: Option<GuestMemory>,
     vm: Option<B::Vm>,
     vcpu: Option<B::Vcpu>,
@@ -89,7 +93,7 @@ struct Guest<B: Backend> {
 
 /// Parses the `guest=` items, loads and runs the guests until every one has exited or been
 /// stopped. Returns the hypervisor's status: failure only if the configuration was refused.
-pub fn run(info: &'static BootInfo) -> u32 {
+pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u32 {
     let items: Vec<&'static str> = info
         .cmdline
         .as_str()
@@ -149,6 +153,23 @@ pub fn run(info: &'static BootInfo) -> u32 {
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
     }
+    let mut iommu = match GuestIommu::bring_up(platform) {
+        Ok(Some(i)) => {
+            println!(
+                "guests: IOMMU ABI v1 on {} VT-d unit(s), legacy mode",
+                i.units()
+            );
+            Some(i)
+        }
+        Ok(None) => {
+            println!("guests: no IOMMU: the ABI v1 ops return EOPNOTSUPP");
+            None
+        }
+        Err(e) => {
+            println!("guests: refused: IOMMU bring-up: {e}");
+            return EXIT_FAILURE;
+        }
+    };
     println!(
         "guests: backend {} with {} ASIDs, {} guests, slice {} ms",
         backend.name(),
@@ -159,7 +180,7 @@ pub fn run(info: &'static BootInfo) -> u32 {
     let free_before = FRAMES.lock().free_bytes();
     let mut guests: Vec<Guest<Svm>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
-        match create(&mut backend, c, &images) {
+        match create(&mut backend, &mut iommu, c, &images) {
             Ok(g) => {
                 println!(
                     "guest {} started: image {}, {} MiB, cmdline {:?}",
@@ -177,14 +198,14 @@ pub fn run(info: &'static BootInfo) -> u32 {
                     items[i]
                 );
                 for g in guests.iter_mut() {
-                    teardown(&mut backend, g, false);
+                    teardown(&mut backend, &mut iommu, g, false);
                 }
                 return EXIT_FAILURE;
             }
         }
     }
     let ticks = arch::apic::ticks();
-    schedule(&mut backend, &mut guests);
+    schedule(&mut backend, &mut iommu, &mut guests);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
         arch::apic::ticks() - ticks
@@ -209,6 +230,7 @@ pub fn run(info: &'static BootInfo) -> u32 {
 
 fn create(
     backend: &mut Svm,
+    iommu: &mut Option<GuestIommu>,
     c: &GuestConfig<'static>,
     images: &[Image],
 ) -> Result<Guest<Svm>, alloc::string::String> {
@@ -232,8 +254,17 @@ fn create(
             return Err(alloc::format!("vcpu: {e}"));
         }
     };
+    let iommu_guest = match iommu.as_mut().map(GuestIommu::create_guest).transpose() {
+        Ok(g) => g,
+        Err(e) => {
+            backend.destroy_vcpu(vcpu);
+            backend.destroy_vm(vm);
+            return Err(e);
+        }
+    };
     Ok(Guest {
         name: c.name,
+        iommu_guest,
         memory: Some(memory),
         vm: Some(vm),
         vcpu: Some(vcpu),
@@ -246,8 +277,21 @@ fn create(
 }
 
 /// Frees a guest's vCPU, VM and RAM (in that order: nothing may point at RAM that is gone).
-fn teardown<B: Backend>(backend: &mut B, g: &mut Guest<B>, report: bool) {
+fn teardown<B: Backend>(
+    backend: &mut B,
+    iommu: &mut Option<GuestIommu>,
+    g: &mut Guest<B>,
+    report: bool,
+) {
     flush_line(g);
+    // Its IOMMU objects go first: no device may keep a mapping of RAM that is about to be freed.
+    if let (Some(fd), Some(id)) = (iommu.as_mut(), g.iommu_guest.take()) {
+        match fd.destroy_guest(id) {
+            Ok(()) if report => println!("guest {}: its IOMMU objects destroyed", g.name),
+            Ok(()) => {}
+            Err(e) => println!("guest {}: destroying its IOMMU objects failed: {e}", g.name),
+        }
+    }
     if let Some(v) = g.vcpu.take() {
         backend.destroy_vcpu(v);
     }
@@ -267,10 +311,16 @@ fn teardown<B: Backend>(backend: &mut B, g: &mut Guest<B>, report: bool) {
     g.state = State::Done;
 }
 
-fn stop<B: Backend>(backend: &mut B, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
+/// Per-run context the exit handlers need besides the guest itself.
+struct Cx<'a, B: Backend> {
+    backend: &'a mut B,
+    iommu: &'a mut Option<GuestIommu>,
+}
+
+fn stop<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
     flush_line(g);
     println!("guest {} stopped: {why}, rip={pc:#x}", g.name);
-    teardown(backend, g, true);
+    teardown(cx.backend, cx.iommu, g, true);
 }
 
 /// What the scheduler does after an exit.
@@ -280,7 +330,8 @@ enum Next {
 }
 
 /// Round robin over the runnable guests until none is left.
-fn schedule<B: Backend>(backend: &mut B, guests: &mut [Guest<B>]) {
+fn schedule<B: Backend>(backend: &mut B, iommu: &mut Option<GuestIommu>, guests: &mut [Guest<B>]) {
+    let mut cx = Cx { backend, iommu };
     let mut current = 0;
     while let Some(i) = (0..guests.len())
         .map(|k| (current + k) % guests.len())
@@ -290,8 +341,8 @@ fn schedule<B: Backend>(backend: &mut B, guests: &mut [Guest<B>]) {
         let g = &mut guests[i];
         arch::apic::arm_timer(SLICE_TICKS);
         while let (Some(vm), Some(vcpu)) = (g.vm.as_ref(), g.vcpu.as_mut()) {
-            let exit = backend.run(vm, vcpu);
-            match handle(backend, g, exit) {
+            let exit = cx.backend.run(vm, vcpu);
+            match handle(&mut cx, g, exit) {
                 Next::Resume => {}
                 Next::Reschedule => break,
             }
@@ -304,14 +355,14 @@ fn errno_result(e: u32) -> u64 {
     (-i64::from(e)) as u64
 }
 
-fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
+fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next {
     let pc = exit.pc;
     match exit.event {
         Event::Preempted => {
             g.slices += 1;
             if let Some(budget) = g.budget.filter(|&b| g.slices >= b) {
                 stop(
-                    backend,
+                    cx,
                     g,
                     pc,
                     format_args!("CPU budget of {budget} time slices used up"),
@@ -326,16 +377,21 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
                 platform::EXIT => {
                     flush_line(g);
                     println!("guest {} exited: status {}", g.name, regs.args[0] as u32);
-                    teardown(backend, g, true);
+                    teardown(cx.backend, cx.iommu, g, true);
                     return Next::Reschedule;
                 }
-                // The IOMMU ops of ABI v1 are not wired to guests yet (issue 9 part 1/7): a
-                // valid op the caller cannot use yet is EOPNOTSUPP, an unknown one ENOTTY.
-                o if op::ALL.contains(&o) => errno_result(errno::EOPNOTSUPP),
+                // ABI v1 (docs/abi.md): the guest's own objects, its own memory. Without an
+                // IOMMU on the machine a valid op is EOPNOTSUPP; an unknown op is ENOTTY.
+                o if op::ALL.contains(&o) => {
+                    match (cx.iommu.as_mut(), g.iommu_guest, g.memory.as_ref()) {
+                        (Some(fd), Some(id), Some(mem)) => fd.call(id, mem, o, regs.args[0]) as u64,
+                        _ => errno_result(errno::EOPNOTSUPP),
+                    }
+                }
                 _ => errno_result(errno::ENOTTY),
             };
             if let Some(vcpu) = g.vcpu.as_mut() {
-                backend.complete_hypercall(vcpu, result);
+                cx.backend.complete_hypercall(vcpu, result);
             }
             Next::Resume
         }
@@ -348,7 +404,7 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
                 "read"
             };
             stop(
-                backend,
+                cx,
                 g,
                 pc,
                 format_args!("nested page fault at gpa={gpa:#x} ({kind}): not guest memory"),
@@ -360,7 +416,7 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
         } => {
             let dir = if write { "out" } else { "in" };
             stop(
-                backend,
+                cx,
                 g,
                 pc,
                 format_args!("forbidden port I/O: {dir} port {port:#x} ({size} bytes)"),
@@ -369,7 +425,7 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
         }
         Event::Halt => {
             stop(
-                backend,
+                cx,
                 g,
                 pc,
                 format_args!("hlt with no interrupt source (guests get no interrupts)"),
@@ -377,12 +433,12 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
             Next::Reschedule
         }
         Event::TripleFault => {
-            stop(backend, g, pc, format_args!("triple fault (shutdown)"));
+            stop(cx, g, pc, format_args!("triple fault (shutdown)"));
             Next::Reschedule
         }
         Event::UnexpectedException { vector, error_code } => {
             stop(
-                backend,
+                cx,
                 g,
                 pc,
                 format_args!("intercepted exception {vector} (error code {error_code:#x})"),
@@ -391,7 +447,7 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
         }
         Event::Forbidden { what, detail } => {
             stop(
-                backend,
+                cx,
                 g,
                 pc,
                 format_args!("forbidden instruction {what} ({detail:#x})"),
@@ -400,7 +456,7 @@ fn handle<B: Backend>(backend: &mut B, g: &mut Guest<B>, exit: Exit) -> Next {
         }
         Event::Invalid(code) => {
             stop(
-                backend,
+                cx,
                 g,
                 pc,
                 format_args!("unhandled exit code {code:#x} (invalid guest state)"),

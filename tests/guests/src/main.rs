@@ -4,6 +4,8 @@
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
 //! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
 //! - `triple`: triple-faults;
+//! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
+//!   ones that must fail; exits with the number of failed checks;
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
 //!   or one that can never finish (HLT with interrupts off).
 //!
@@ -17,7 +19,7 @@ mod arch_x86_64;
 #[cfg(target_arch = "x86_64")]
 use arch_x86_64 as arch;
 
-use hvabi::{platform, start_info as si};
+use hvabi::{AbiStruct, platform, start_info as si};
 
 fn print(s: &str) {
     let _ = arch::hypercall(
@@ -97,8 +99,7 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
     match variant {
         "hello" => {
             // Calls that must fail cleanly and return: an unknown op (ENOTTY), a console write
-            // from memory that is not the guest's (EFAULT) or too long (EINVAL), and an IOMMU
-            // op that is not wired to guests yet (EOPNOTSUPP).
+            // from memory that is not the guest's (EFAULT) or too long (EINVAL).
             let r = arch::hypercall(0xdead, 0, 0, 0);
             println!("testguest: unknown op returned {r}");
             let r = arch::hypercall(platform::CONSOLE_WRITE, mem - 4, 8, 0);
@@ -110,8 +111,6 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
                 0,
             );
             println!("testguest: console write of 4097 bytes returned {r}");
-            let r = arch::hypercall(hvabi::op::GET_INFO, 0x1000, 0, 0);
-            println!("testguest: GET_INFO returned {r}");
             println!("testguest: hello, exiting with status 0");
             exit(0)
         }
@@ -134,6 +133,11 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             println!("testguest: triple-faulting");
             arch::triple_fault()
         }
+        "abi" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            let failed = abi_checks(mem, free);
+            exit(failed)
+        }
         "msr" | "io" | "vmrun" | "hlt" => {
             println!("testguest: executing forbidden {variant}");
             arch::forbidden(variant);
@@ -145,6 +149,112 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             exit(3)
         }
     }
+}
+
+/// Issues ABI v1 call `op` with `arg` encoded in a buffer on this stack (identity-mapped, so
+/// its address is its guest-physical address); returns the result and the struct as written back.
+fn call<T: AbiStruct>(op: u32, arg: T) -> (i64, T) {
+    let mut buf = [0u8; 128];
+    arg.encode(&mut buf[..T::SIZE]);
+    let r = arch::hypercall(op, buf.as_ptr() as u64, 0, 0);
+    (r, T::decode(&buf[..T::SIZE]))
+}
+
+/// Reports one check; returns 1 if it failed.
+fn check(name: &str, got: i64, want: i64) -> u32 {
+    if got == want {
+        println!("testguest: check {name}: ok");
+        0
+    } else {
+        println!("testguest: check {name}: FAILED (got {got}, want {want})");
+        1
+    }
+}
+
+/// The `abi` variant: ABI v1 calls on the guest's own memory and objects, and the calls that must
+/// fail: memory that is not the guest's, an argument struct outside its RAM, a destroyed object.
+/// Leaves one IOAS with a mapping behind for the hypervisor to clean up at exit.
+fn abi_checks(mem: u64, free: u64) -> u32 {
+    use hvabi::*;
+    let mut failed = 0;
+    let (r, info) = call(
+        op::GET_INFO,
+        GetInfo {
+            size: GetInfo::SIZE as u32,
+            ..GetInfo::default()
+        },
+    );
+    failed += check("get-info", r, 0);
+    failed += check(
+        "abi-version",
+        info.out_abi_version.into(),
+        ABI_VERSION.into(),
+    );
+    failed += check("no-devices", info.out_num_devices.into(), 0);
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    failed += check("ioas-alloc", r, 0);
+    let id = ioas.out_ioas_id;
+    let map = |gpa: u64, iova: u64| IoasMap {
+        size: IoasMap::SIZE as u32,
+        flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+        ioas_id: id,
+        reserved: 0,
+        gpa,
+        length: PAGE_SIZE,
+        iova,
+    };
+    let (r, _) = call(op::IOAS_MAP, map(free, 0x10_0000));
+    failed += check("map-own-page", r, 0);
+    let (r, _) = call(op::IOAS_MAP, map(mem, 0x20_0000));
+    failed += check("map-beyond-ram-eperm", r, -i64::from(errno::EPERM));
+    let r = arch::hypercall(op::IOAS_MAP, mem + PAGE_SIZE, 0, 0);
+    failed += check("args-beyond-ram-efault", r, -i64::from(errno::EFAULT));
+    let (r, _) = call(
+        op::IOAS_UNMAP,
+        IoasUnmap {
+            size: IoasUnmap::SIZE as u32,
+            flags: 0,
+            ioas_id: id,
+            reserved: 0,
+            iova: 0x10_0000,
+            length: PAGE_SIZE,
+        },
+    );
+    failed += check("unmap", r, 0);
+    let destroy = Destroy {
+        size: Destroy::SIZE as u32,
+        id,
+        ..Destroy::default()
+    };
+    let (r, _) = call(op::DESTROY, destroy);
+    failed += check("destroy", r, 0);
+    let (r, _) = call(op::DESTROY, destroy);
+    failed += check("destroy-again-enoent", r, -i64::from(errno::ENOENT));
+    // Left behind on purpose: the hypervisor must destroy it when the guest exits.
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    failed += check("ioas-alloc-2", r, 0);
+    let (r, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            ioas_id: ioas.out_ioas_id,
+            ..map(free, 0x30_0000)
+        },
+    );
+    failed += check("map-left-behind", r, 0);
+    println!("testguest: abi checks: {failed} failed");
+    failed
 }
 
 #[panic_handler]
