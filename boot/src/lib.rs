@@ -9,6 +9,7 @@
 //! are `unsafe`, and they live in the per-architecture `entry` modules.
 #![no_std]
 
+pub mod guests;
 mod info;
 pub use info::*;
 

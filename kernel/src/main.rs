@@ -9,10 +9,14 @@ mod arch;
 mod console;
 mod discovery;
 mod firmware;
+#[cfg(target_arch = "x86_64")]
+mod guest;
 mod mem;
 mod panic;
 mod pci;
 mod scenarios;
+#[cfg(target_arch = "x86_64")]
+mod vcpu;
 
 use boot::BootInfo;
 
@@ -40,13 +44,23 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         log::error!("memory: {e}");
         finish(EXIT_FAILURE);
     }
-    let scenario = info.cmdline_value("scenario").unwrap_or("boot-report");
+    // With guests configured and no scenario named, the hypervisor's job is to run them.
+    let default = if info.cmdline_value("guest").is_some() {
+        "guests"
+    } else {
+        "boot-report"
+    };
+    let scenario = info.cmdline_value("scenario").unwrap_or(default);
     let platform = discovery::discover_and_report(info);
+    #[cfg(target_arch = "x86_64")]
+    guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
         #[cfg(target_arch = "x86_64")]
         "vtd" => scenarios::vtd::run(info, &platform),
         "abi" => scenarios::abi::run(info, &platform),
+        #[cfg(target_arch = "x86_64")]
+        "guests" => guest::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, &platform),
         other => {

@@ -5,6 +5,7 @@
 
 mod build;
 mod decode;
+mod guests;
 mod qemu;
 mod scenario;
 mod setup;

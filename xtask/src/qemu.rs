@@ -69,6 +69,28 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
     cmd.args(&s.qemu_args);
     let cmdline = cmdline.trim().to_string();
+    // Guests: one archive through -initrd (PVH has a single module), or under GRUB one
+    // `module2` per image, as a server's GRUB would load them.
+    let mut grub_modules = Vec::new();
+    if !s.guests.is_empty() {
+        match s.boot {
+            Boot::Kernel => {
+                let archive = crate::guests::prepare(s.arch, &s.name, &s.guests)?;
+                cmd.arg("-initrd").arg(archive);
+            }
+            Boot::Grub => {
+                for name in &s.guests {
+                    grub_modules.push((name.clone(), crate::guests::build_image(s.arch, name)?));
+                }
+            }
+            Boot::Image => {
+                return Err(format!(
+                    "scenario {}: guests cannot be passed to a raw Image yet",
+                    s.name
+                ));
+            }
+        }
+    }
     match s.boot {
         Boot::Kernel => {
             cmd.arg("-kernel")
@@ -80,7 +102,7 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
             cmd.arg("-kernel").arg(raw).args(["-append", &cmdline]);
         }
         Boot::Grub => {
-            let iso = grub_iso(&s.name, &image.elf, &cmdline)?;
+            let iso = grub_iso(&s.name, &image.elf, &cmdline, &grub_modules)?;
             cmd.arg("-cdrom").arg(iso).args(["-boot", "d"]);
         }
     }
@@ -93,15 +115,27 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
 
 /// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test
 /// server's GRUB or iPXE would.
-fn grub_iso(name: &str, elf: &Path, cmdline: &str) -> Result<PathBuf> {
+fn grub_iso(
+    name: &str,
+    elf: &Path,
+    cmdline: &str,
+    modules: &[(String, PathBuf)],
+) -> Result<PathBuf> {
     let dir = target_dir().join("xtask/grub").join(name);
     let iso_root = dir.join("iso");
     let grub_dir = iso_root.join("boot/grub");
     std::fs::create_dir_all(&grub_dir).map_err(|e| format!("{}: {e}", grub_dir.display()))?;
     std::fs::copy(elf, iso_root.join("boot/hypervisor")).map_err(|e| format!("copy image: {e}"))?;
+    // Each guest image is a module whose command line is the image's name (docs/guests.md).
+    let mut module_lines = String::new();
+    for (image, path) in modules {
+        let file = format!("boot/{image}.elf");
+        std::fs::copy(path, iso_root.join(&file)).map_err(|e| format!("copy {image}: {e}"))?;
+        module_lines.push_str(&format!("    module2 /{file} {image}\n"));
+    }
     let cfg = format!(
         "set timeout=0\nset default=0\nserial --unit=0 --speed=115200\nterminal_output serial\n\
-         menuentry \"IOMMU hypervisor\" {{\n    multiboot2 /boot/hypervisor {cmdline}\n    boot\n}}\n"
+         menuentry \"IOMMU hypervisor\" {{\n    multiboot2 /boot/hypervisor {cmdline}\n{module_lines}    boot\n}}\n"
     );
     std::fs::write(grub_dir.join("grub.cfg"), cfg).map_err(|e| format!("grub.cfg: {e}"))?;
     let iso = dir.join("hypervisor.iso");
@@ -250,6 +284,11 @@ pub fn run_command(
 ) -> Result<ExitCode> {
     crate::setup::setup(crate::setup::Needs::all())?;
     let s = match scenario_name {
+        // `--scenario guests`: the guest demo of the chosen architecture.
+        Some("guests") => scenario::find(match arch {
+            Arch::X86_64 => "x86-guests-contained",
+            Arch::Aarch64 => "arm-guests-contained",
+        })?,
         Some(name) => scenario::find(name)?,
         None => Scenario::default_for(arch),
     };

@@ -55,6 +55,10 @@ pub struct Scenario {
     /// The hypervisor's expected exit status.
     #[serde(default)]
     pub status: u32,
+    /// Guest images to build and pass in a guest-image archive (`-initrd`); expectations may
+    /// name their symbols as `{sym:NAME}` (see `guests.rs`).
+    #[serde(default)]
+    pub guests: Vec<String>,
 }
 
 fn default_memory() -> String {
@@ -83,6 +87,7 @@ impl Scenario {
             expect: Vec::new(),
             reject: Vec::new(),
             status: 0,
+            guests: Vec::new(),
         }
     }
 }
@@ -100,6 +105,7 @@ pub fn load(path: &Path) -> Result<Scenario> {
         .to_string_lossy()
         .into_owned();
     for re in s.expect.iter().chain(&s.reject) {
+        let re = &crate::guests::substitute(re, |_| Some(0))?;
         regex::Regex::new(re).map_err(|e| format!("{}: bad regex {re:?}: {e}", path.display()))?;
     }
     if s.boot == Boot::Grub && s.arch != Arch::X86_64
@@ -152,13 +158,20 @@ pub fn check(
         )),
         Err(e) => problems.push(e),
     }
+    let resolve = |re: &String| match crate::guests::resolve(s.arch, &s.guests, re) {
+        Ok(re) => re,
+        // An unresolvable symbol can match nothing: the expectation fails and says why.
+        Err(e) => format!("^unresolved guest symbol: {}$", regex::escape(&e)),
+    };
     for re in &s.expect {
+        let re = &resolve(re);
         let r = regex::Regex::new(re).expect("validated at load");
         if !lines.iter().any(|l| r.is_match(l)) {
             problems.push(format!("expected a console line matching /{re}/"));
         }
     }
     for re in &s.reject {
+        let re = &resolve(re);
         let r = regex::Regex::new(re).expect("validated at load");
         if let Some(l) = lines.iter().find(|l| r.is_match(l)) {
             problems.push(format!("console line {l:?} matches rejected /{re}/"));

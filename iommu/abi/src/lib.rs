@@ -755,6 +755,44 @@ abi_struct! {
     }
 }
 
+/// Platform calls: the guest's console and exit, in the same op-number space as [`op`] (the
+/// range 0xF0-0xFF is reserved for them, so no IOMMU op will ever take these numbers). They take
+/// their arguments in registers, not in an argument struct (docs/abi.md §2.1); they are not in
+/// [`op::ALL`].
+pub mod platform {
+    /// Write `arg1` bytes at guest-physical `arg0` to the guest's console. Returns the number of
+    /// bytes written, `-EFAULT` if the range is not the guest's RAM, `-EINVAL` above
+    /// [`CONSOLE_WRITE_MAX`].
+    pub const CONSOLE_WRITE: u32 = 0xF0;
+    /// End the calling guest with exit status `arg0` (low 32 bits). Does not return.
+    pub const EXIT: u32 = 0xF1;
+    /// The most bytes one CONSOLE_WRITE accepts.
+    pub const CONSOLE_WRITE_MAX: u64 = 4096;
+}
+
+/// The start-info page a guest finds at entry (docs/guests.md "Entry state"): its address is in
+/// the first argument register (x86_64 RDI, aarch64 x0). All fields little-endian.
+pub mod start_info {
+    /// `u32` at offset 0: [`MAGIC`].
+    pub const OFF_MAGIC: usize = 0;
+    /// `u32` at offset 4: [`VERSION`].
+    pub const OFF_VERSION: usize = 4;
+    /// `u64`: bytes of guest RAM, starting at guest-physical 0.
+    pub const OFF_MEM_BYTES: usize = 8;
+    /// `u64`: guest-physical address of the guest's command line (UTF-8, not NUL-terminated).
+    pub const OFF_CMDLINE_GPA: usize = 16;
+    /// `u64`: length of the command line in bytes.
+    pub const OFF_CMDLINE_LEN: usize = 24;
+    /// `u64`: first guest-physical byte not used by the loader (image end, page aligned); free
+    /// RAM is from here to the stack.
+    pub const OFF_FREE_START: usize = 32;
+    /// "HVSI".
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"HVSI");
+    pub const VERSION: u32 = 1;
+    /// The most command-line bytes the hypervisor passes.
+    pub const CMDLINE_MAX: usize = 1024;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,6 +219,9 @@ pub fn init(cs: SegmentSelector) {
         for (vector, (gate, &stub)) in gates.iter_mut().zip(stubs.iter()).enumerate() {
             *gate = Gate::interrupt(stub, cs, ist_for(vector));
         }
+        for (vector, stub) in super::apic::interrupt_gates() {
+            gates[usize::from(vector)] = Gate::interrupt(stub, cs, 0);
+        }
         Idt(gates)
     });
     let pointer = DescriptorTablePointer {

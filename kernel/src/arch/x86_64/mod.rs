@@ -8,6 +8,7 @@
 //! `unsafe` lives in [`pio`] (port I/O), [`gdt`]/[`exceptions`] (descriptor tables, stubs,
 //! backtrace reads), [`paging`] (page tables, CR3, PAT) and [`selftest`] (fault triggers).
 
+pub mod apic;
 pub mod cache;
 mod exceptions;
 mod gdt;

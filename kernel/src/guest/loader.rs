@@ -1,0 +1,91 @@
+//! Builds a guest's initial memory image (docs/guests.md "Memory map" and "Entry state"): the
+//! start-info page, the command line, a GDT, page tables identity-mapping the first 4 GiB, and
+//! the ELF image's `PT_LOAD` segments.
+
+use boot::guests::{ElfImage, Segment};
+use hvabi::start_info as si;
+
+use super::memory::GuestMemory;
+use crate::vcpu::EntryState;
+
+/// Guest-physical layout of what the loader writes (all below [`IMAGE_MIN`]).
+pub const START_INFO: u64 = 0x1000;
+pub const GDT: u64 = 0x2000;
+pub const PML4: u64 = 0x3000;
+pub const PDPT: u64 = 0x4000;
+/// Four page directories, 0x5000-0x8fff: 4 GiB in 2 MiB pages.
+pub const PD0: u64 = 0x5000;
+pub const CMDLINE: u64 = 0x9000;
+/// Lowest address an image segment may use.
+pub const IMAGE_MIN: u64 = 0x10000;
+/// Bytes at the top of RAM kept for the initial stack.
+pub const STACK_BYTES: u64 = 0x10000;
+
+// x86-64 paging bits (SDM vol 3 §4.5): present, writable, page size.
+const P: u64 = 1;
+const RW: u64 = 2;
+const PS: u64 = 1 << 7;
+
+/// Flat GDT: null, 64-bit code (selector 0x08), data (0x10); the descriptors SDM §3.4.5 and the
+/// VMCB segment attributes the backend loads describe the same segments.
+const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
+
+/// Writes everything into `mem` and returns the entry state, or why the image does not fit.
+pub fn load(mem: &GuestMemory, elf: &ElfImage, cmdline: &str) -> Result<EntryState, &'static str> {
+    let size = mem.size();
+    let stack_floor = size
+        .checked_sub(STACK_BYTES)
+        .ok_or("guest RAM is smaller than the stack")?;
+    let mut free_start = IMAGE_MIN;
+    for Segment { paddr, memsz, file } in elf.segments() {
+        let end = paddr + memsz; // cannot overflow: checked by ElfImage::parse
+        if paddr < IMAGE_MIN || end > stack_floor {
+            return Err("image segment outside guest RAM [0x10000, RAM - 64 KiB)");
+        }
+        mem.write(paddr, file)
+            .map_err(|_| "image segment outside guest RAM")?;
+        // The rest up to memsz is .bss: guest RAM is zeroed when allocated.
+        free_start = free_start.max(end.next_multiple_of(4096));
+    }
+    if elf.entry < IMAGE_MIN || elf.entry >= stack_floor {
+        return Err("image entry point outside the loaded image range");
+    }
+    if cmdline.len() > si::CMDLINE_MAX {
+        return Err("guest command line longer than 1024 bytes");
+    }
+    let err = |_| "guest RAM too small for the boot structures";
+    mem.write(CMDLINE, cmdline.as_bytes()).map_err(err)?;
+    for (i, d) in GDT_ENTRIES.iter().enumerate() {
+        mem.write_u64(GDT + 8 * i as u64, *d).map_err(err)?;
+    }
+    mem.write_u64(PML4, PDPT | P | RW).map_err(err)?;
+    for gib in 0..4u64 {
+        let pd = PD0 + gib * 0x1000;
+        mem.write_u64(PDPT + 8 * gib, pd | P | RW).map_err(err)?;
+        for j in 0..512u64 {
+            let pa = (gib << 30) | (j << 21);
+            mem.write_u64(pd + 8 * j, pa | P | RW | PS).map_err(err)?;
+        }
+    }
+    let mut info = [0u8; 40];
+    info[si::OFF_MAGIC..si::OFF_MAGIC + 4].copy_from_slice(&si::MAGIC.to_le_bytes());
+    info[si::OFF_VERSION..si::OFF_VERSION + 4].copy_from_slice(&si::VERSION.to_le_bytes());
+    let fields = [
+        (si::OFF_MEM_BYTES, size),
+        (si::OFF_CMDLINE_GPA, CMDLINE),
+        (si::OFF_CMDLINE_LEN, cmdline.len() as u64),
+        (si::OFF_FREE_START, free_start),
+    ];
+    for (off, v) in fields {
+        info[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    mem.write(START_INFO, &info).map_err(err)?;
+    Ok(EntryState {
+        entry: elf.entry,
+        // As if `call entry` had pushed a return address: the SysV ABI's alignment at entry.
+        stack: size - 8,
+        arg: START_INFO,
+        page_table: PML4,
+        gdt: (GDT, (GDT_ENTRIES.len() * 8 - 1) as u16),
+    })
+}

@@ -1,0 +1,133 @@
+//! The vCPU backend interface: what the architecture-neutral guest code (`guest/`) needs from a
+//! hardware virtualization extension, and nothing more.
+//!
+//! One [`Backend`] per machine, chosen at boot from the CPU's features ([`svm`] on AMD today; Intel
+//! VMX (issue 14) and the aarch64 EL1 backend (issue 10) implement the same trait). A backend
+//! creates a [`Backend::Vm`] from a guest's memory map (it builds its own second-stage table in
+//! the format its hardware walks: SVM nested paging and VMX EPT use x86 formats, EL2 stage 2 the
+//! Arm one) and vCPUs inside it; [`Backend::run`] enters the guest and returns at the next exit
+//! the backend cannot finish by itself, decoded into an [`Event`].
+//!
+//! Exits a backend finishes internally never surface here (on SVM: CPUID emulation, `#VMEXIT`s
+//! that only resume). Everything a guest does that the hypervisor must decide about does: a
+//! hypercall, a port access, a fault on guest-physical memory it does not own, halting,
+//! shutting down, an exception the hypervisor intercepts, or the end of its time slice.
+
+pub mod svm;
+
+use crate::guest::memory::GuestMemory;
+
+/// The registers that carry a hypercall (docs/abi.md §2): on x86_64 RAX = op, RBX/RCX/RDX =
+/// arguments; on aarch64 (SMCCC) the function ID in x0 maps to `op`, x1-x3 to the arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HypercallRegs {
+    pub op: u64,
+    pub args: [u64; 3],
+}
+
+/// Why a vCPU left the guest, in architecture-neutral terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The guest made a hypercall (VMMCALL / VMCALL / HVC). Finish it with
+    /// [`Backend::complete_hypercall`], which writes the result and steps past the instruction.
+    Hypercall(HypercallRegs),
+    /// Port I/O (x86 only). `value` holds the data for a write.
+    PortIo {
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    },
+    /// An access to guest-physical memory the guest has no mapping for (SVM NPF, VMX EPT
+    /// violation, Arm stage-2 abort): the candidate for MMIO emulation, or a wild access.
+    MmioFault { gpa: u64, write: bool, fetch: bool },
+    /// The guest halted (HLT / WFI) with nothing to wake it.
+    Halt,
+    /// The guest shut itself down the hard way: a triple fault (SVM SHUTDOWN, VMX exit 2).
+    TripleFault,
+    /// An exception the backend intercepts because the hypervisor must see it (#MC, and #DB/#AC
+    /// which could otherwise loop forever inside event delivery).
+    UnexpectedException { vector: u8, error_code: u64 },
+    /// The guest executed something it may not (a virtualization instruction, an MSR access,
+    /// an instruction the backend does not emulate); `what` names it, `detail` is e.g. the MSR.
+    Forbidden { what: &'static str, detail: u64 },
+    /// A physical interrupt arrived (the preemption timer): the time slice is over.
+    Preempted,
+    /// Anything else, with the hardware's own exit code (SVM EXITCODE, VMX exit reason, ESR).
+    Invalid(u64),
+}
+
+/// One exit: the event and where the guest was (RIP / ELR) when it happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub pc: u64,
+    pub event: Event,
+}
+
+/// The architectural state a vCPU starts in (docs/guests.md, "Entry state"): 64-bit mode with
+/// paging on (x86_64: long mode with `page_table` in CR3; aarch64: EL1h with the MMU off or on
+/// per the protocol), `entry` in RIP/PC, `stack` in RSP/SP and `arg` in the first argument
+/// register (RDI / x0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryState {
+    pub entry: u64,
+    pub stack: u64,
+    pub arg: u64,
+    /// Guest-physical address of the guest's own top-level page table (x86 CR3), built by the
+    /// hypervisor inside guest RAM.
+    pub page_table: u64,
+    /// Guest-physical address and limit of the descriptor table the hypervisor built (x86 GDT).
+    pub gdt: (u64, u16),
+}
+
+/// Errors creating VMs and vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuError {
+    /// No frames for control structures or second-stage tables.
+    NoMemory,
+    /// All address-space identifiers (ASIDs / VPIDs / VMIDs) are in use.
+    NoAsid,
+    /// The second-stage table could not map the guest's memory (engine error).
+    Map,
+}
+
+impl core::fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            VcpuError::NoMemory => "out of memory for virtualization structures",
+            VcpuError::NoAsid => "no free address-space identifier",
+            VcpuError::Map => "cannot map guest memory in the second-stage table",
+        })
+    }
+}
+
+/// A hardware virtualization backend. All methods run on the CPU the backend was brought up on
+/// (the boot CPU today); a vCPU is only ever run by one CPU at a time.
+pub trait Backend {
+    /// One guest's address-space state: second-stage table, ASID/VMID.
+    type Vm;
+    /// One virtual CPU: its control block (VMCB / VMCS / saved EL1 state) and registers.
+    type Vcpu;
+
+    /// Short name for the boot report (`svm`, `vmx`, `el2`).
+    fn name(&self) -> &'static str;
+
+    /// Creates a VM whose second stage maps exactly `memory`'s RAM regions; every other
+    /// guest-physical address faults to the hypervisor ([`Event::MmioFault`]).
+    fn create_vm(&mut self, memory: &GuestMemory) -> Result<Self::Vm, VcpuError>;
+
+    /// Creates a vCPU of `vm` in `state`.
+    fn create_vcpu(&mut self, vm: &Self::Vm, state: &EntryState) -> Result<Self::Vcpu, VcpuError>;
+
+    /// Runs `vcpu` until the next exit the hypervisor must handle.
+    fn run(&mut self, vm: &Self::Vm, vcpu: &mut Self::Vcpu) -> Exit;
+
+    /// Finishes a [`Event::Hypercall`]: `result` into the result register, past the instruction.
+    fn complete_hypercall(&mut self, vcpu: &mut Self::Vcpu, result: u64);
+
+    /// Frees the VM's second-stage table and identifier. The vCPUs must be destroyed first.
+    fn destroy_vm(&mut self, vm: Self::Vm);
+
+    /// Frees the vCPU's control structures.
+    fn destroy_vcpu(&mut self, vcpu: Self::Vcpu);
+}

@@ -1,0 +1,402 @@
+//! The AMD SVM backend of the vCPU interface (AMD64 APM vol 2 chapter 15), with nested paging.
+//!
+//! - Bring-up ([`Svm::probe`]): CPUID 8000_0001h ECX.SVM, 8000_000Ah (EBX = number of ASIDs,
+//!   EDX.NP), VM_CR.SVMDIS, then EFER.SVME and VM_HSAVE_PA ([`asm::enable`]).
+//! - One ASID per VM, from 1 to N-1 (ASID 0 is the host's; VMRUN refuses it, §15.16). A vCPU's
+//!   first VMRUN flushes the whole TLB (TLB_CONTROL = 1), so an ASID reused after a guest was
+//!   destroyed never sees the old guest's translations; QEMU implements only control values 0/1.
+//! - Nested page tables built by the page-table engine's x86-64 format ([`X86FirstStage`]):
+//!   nested walks are user-mode accesses (§15.25.5), which the format's leaves grant (U/S = 1).
+//! - Intercepts: VMRUN (required by VMRUN itself), VMMCALL (the hypercall), every port (IOPM all
+//!   ones) and every MSR (MSRPM all ones), HLT, SHUTDOWN (triple fault), CPUID (emulated here),
+//!   INTR (preemption), and the instructions a guest must not execute on host state: VMLOAD,
+//!   VMSAVE (they take a *host*-physical address without virtual VMLOAD/VMSAVE), STGI, CLGI,
+//!   SKINIT, INVLPGA, INVD, XSETBV (XCR0 is not switched), MONITOR/MWAIT, ICEBP, task switches.
+//!   Exceptions: #DB and #AC (a guest can make their delivery loop forever without ever
+//!   reaching an interruptible point, CVE-2015-8104 / CVE-2015-5307) and #MC.
+//! - QEMU TCG has no NRIPS (CPUID 8000_000Ah EDX bit 3 clear, nRIP stays 0), so the backend
+//!   advances RIP itself: VMMCALL is 3 bytes, CPUID 2.
+
+pub mod asm;
+pub mod vmcb;
+
+use core::arch::x86_64::{__cpuid, __cpuid_count};
+
+use iommu::pgtable::{Config, PageTable, Prot, X86FirstStage};
+
+use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
+use crate::guest::memory::GuestMemory;
+use crate::mem::iommu_mem::IOMMU_MEMORY;
+use asm::{GuestGprs, SvmEnabled};
+use vmcb::{HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
+
+/// Exit codes (APM vol 2 Appendix C).
+mod exit {
+    pub const EXCP_BASE: u64 = 0x40;
+    pub const INTR: u64 = 0x60;
+    pub const NMI: u64 = 0x61;
+    pub const CPUID: u64 = 0x72;
+    pub const INVD: u64 = 0x76;
+    pub const HLT: u64 = 0x78;
+    pub const INVLPGA: u64 = 0x7a;
+    pub const IOIO: u64 = 0x7b;
+    pub const MSR: u64 = 0x7c;
+    pub const TASK_SWITCH: u64 = 0x7d;
+    pub const SHUTDOWN: u64 = 0x7f;
+    pub const VMRUN: u64 = 0x80;
+    pub const VMMCALL: u64 = 0x81;
+    pub const VMLOAD: u64 = 0x82;
+    pub const VMSAVE: u64 = 0x83;
+    pub const STGI: u64 = 0x84;
+    pub const CLGI: u64 = 0x85;
+    pub const SKINIT: u64 = 0x86;
+    pub const ICEBP: u64 = 0x88;
+    pub const MONITOR: u64 = 0x8a;
+    pub const MWAIT: u64 = 0x8b;
+    pub const XSETBV: u64 = 0x8d;
+    pub const NPF: u64 = 0x400;
+}
+
+/// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
+const EXCEPTION_INTERCEPTS: u32 = 1 << 1 | 1 << 17 | 1 << 18;
+
+/// Most ASIDs tracked (the bitmap size); CPUs with more simply use the first 256.
+const MAX_ASIDS: u32 = 256;
+
+/// Guest control state at entry (docs/guests.md): CR0 = PG|WP|NE|ET|MP|PE, CR4 = PAE|OSFXSR|
+/// OSXMMEXCPT, EFER = SVME|NXE|LMA|LME (SVME is required in the guest's EFER, APM §15.5.1).
+const GUEST_CR0: u64 = 1 << 31 | 1 << 16 | 1 << 5 | 1 << 4 | 1 << 1 | 1;
+const GUEST_CR4: u64 = 1 << 5 | 1 << 9 | 1 << 10;
+const GUEST_EFER: u64 = 1 << 12 | 1 << 11 | 1 << 10 | 1 << 8;
+/// The PAT power-on value (WB, WT, UC-, UC, ...), as the guest's G_PAT.
+const GUEST_PAT: u64 = 0x0007_0406_0007_0406;
+
+/// The backend: SVM switched on for the boot CPU.
+pub struct Svm {
+    cpu: SvmEnabled,
+    maps: PermissionMaps,
+    asid_count: u32,
+    asids_used: [u64; (MAX_ASIDS / 64) as usize],
+    phys_bits: u32,
+}
+
+/// A VM: its nested page table and ASID.
+pub struct SvmVm {
+    npt: PageTable<X86FirstStage<4>>,
+    asid: u32,
+}
+
+/// A vCPU: its VMCB and the registers VMRUN does not switch.
+pub struct SvmVcpu {
+    vmcb: Vmcb,
+    gprs: GuestGprs,
+    first_run: bool,
+}
+
+impl Svm {
+    /// Brings SVM up on the calling CPU, or says why this machine has no SVM backend.
+    pub fn probe() -> Result<Svm, &'static str> {
+        let max_ext = __cpuid(0x8000_0000).eax;
+        if max_ext < 0x8000_0001 || __cpuid(0x8000_0001).ecx & (1 << 2) == 0 {
+            return Err("CPU has no SVM (CPUID 8000_0001h ECX.SVM = 0)");
+        }
+        if max_ext < 0x8000_000a {
+            return Err("CPUID has no SVM leaf 8000_000Ah");
+        }
+        let svm = __cpuid(0x8000_000a);
+        if svm.edx & 1 == 0 {
+            return Err("SVM without nested paging (CPUID 8000_000Ah EDX.NP = 0)");
+        }
+        if svm.ebx < 2 {
+            return Err("SVM reports fewer than 2 ASIDs");
+        }
+        let phys_bits = if __cpuid(0x8000_0000).eax >= 0x8000_0008 {
+            __cpuid(0x8000_0008).eax & 0xff
+        } else {
+            36
+        };
+        let no_mem = "out of memory for SVM structures";
+        let maps = PermissionMaps::new().ok_or(no_mem)?;
+        let hsave = HostSaveArea::new().ok_or(no_mem)?;
+        let host_block = Vmcb::new().ok_or(no_mem)?;
+        let cpu = asm::enable(hsave, host_block)?;
+        Ok(Svm {
+            cpu,
+            maps,
+            asid_count: svm.ebx.min(MAX_ASIDS),
+            asids_used: [1, 0, 0, 0], // ASID 0: the host
+            phys_bits,
+        })
+    }
+
+    /// Number of ASIDs the CPU provides (ASID 0 included).
+    pub fn asids(&self) -> u32 {
+        self.asid_count
+    }
+
+    fn alloc_asid(&mut self) -> Option<u32> {
+        let asid = (1..self.asid_count)
+            .find(|&a| self.asids_used[(a / 64) as usize] & (1 << (a % 64)) == 0)?;
+        self.asids_used[(asid / 64) as usize] |= 1 << (asid % 64);
+        Some(asid)
+    }
+
+    fn free_asid(&mut self, asid: u32) {
+        if asid != 0 && asid < self.asid_count {
+            self.asids_used[(asid / 64) as usize] &= !(1 << (asid % 64));
+        }
+    }
+
+    /// CPUID as the guest sees it: the host's, with the hypervisor-present bit set and the
+    /// features the guest cannot use hidden (SVM and VMX, x2APIC: its MSRs all exit).
+    fn emulate_cpuid(vcpu: &mut SvmVcpu) {
+        let leaf = vcpu.vmcb.rax() as u32;
+        let sub = vcpu.gprs.rcx as u32;
+        let mut r = if (0x4000_0000..0x5000_0000).contains(&leaf) {
+            core::arch::x86_64::CpuidResult {
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            }
+        } else {
+            __cpuid_count(leaf, sub)
+        };
+        match leaf {
+            1 => r.ecx = (r.ecx | 1 << 31) & !(1 << 5 | 1 << 21),
+            0x8000_0001 => r.ecx &= !(1 << 2),
+            0x8000_000a => {
+                r = core::arch::x86_64::CpuidResult {
+                    eax: 0,
+                    ebx: 0,
+                    ecx: 0,
+                    edx: 0,
+                }
+            }
+            _ => {}
+        }
+        vcpu.vmcb.set_rax(r.eax.into());
+        vcpu.gprs.rbx = r.ebx.into();
+        vcpu.gprs.rcx = r.ecx.into();
+        vcpu.gprs.rdx = r.edx.into();
+        let rip = vcpu.vmcb.rip();
+        vcpu.vmcb.set_rip(rip.wrapping_add(2));
+    }
+
+    fn decode(vcpu: &SvmVcpu) -> Event {
+        let v = &vcpu.vmcb;
+        let code = v.exit_code();
+        let (info1, info2) = (v.exit_info1(), v.exit_info2());
+        let forbidden = |what| Event::Forbidden { what, detail: 0 };
+        match code {
+            exit::INTR | exit::NMI => Event::Preempted,
+            exit::VMMCALL => Event::Hypercall(HypercallRegs {
+                op: v.rax(),
+                args: [vcpu.gprs.rbx, vcpu.gprs.rcx, vcpu.gprs.rdx],
+            }),
+            // EXITINFO1 (§15.10.2): bit 0 = IN, bits 4-6 = size 1/2/4, bits 31:16 = port.
+            exit::IOIO => {
+                let size = match (info1 >> 4) & 7 {
+                    1 => 1,
+                    2 => 2,
+                    _ => 4,
+                };
+                let mask = if size == 4 {
+                    u64::from(u32::MAX)
+                } else {
+                    (1u64 << (8 * size)) - 1
+                };
+                Event::PortIo {
+                    port: (info1 >> 16) as u16,
+                    size,
+                    write: info1 & 1 == 0,
+                    value: (v.rax() & mask) as u32,
+                }
+            }
+            // EXITINFO1 = the #PF-style error code (§15.25.6): bit 1 write, bit 4 fetch.
+            exit::NPF => Event::MmioFault {
+                gpa: info2,
+                write: info1 & 2 != 0,
+                fetch: info1 & 16 != 0,
+            },
+            exit::HLT => Event::Halt,
+            exit::SHUTDOWN => Event::TripleFault,
+            exit::MSR => Event::Forbidden {
+                what: if info1 & 1 == 0 { "rdmsr" } else { "wrmsr" },
+                detail: vcpu.gprs.rcx & 0xffff_ffff,
+            },
+            exit::VMRUN => forbidden("vmrun"),
+            exit::VMLOAD => forbidden("vmload"),
+            exit::VMSAVE => forbidden("vmsave"),
+            exit::STGI => forbidden("stgi"),
+            exit::CLGI => forbidden("clgi"),
+            exit::SKINIT => forbidden("skinit"),
+            exit::INVLPGA => forbidden("invlpga"),
+            exit::INVD => forbidden("invd"),
+            exit::XSETBV => forbidden("xsetbv"),
+            exit::MONITOR => forbidden("monitor"),
+            exit::MWAIT => forbidden("mwait"),
+            exit::ICEBP => forbidden("icebp"),
+            exit::TASK_SWITCH => forbidden("task switch"),
+            c if (exit::EXCP_BASE..exit::EXCP_BASE + 32).contains(&c) => {
+                Event::UnexpectedException {
+                    vector: (c - exit::EXCP_BASE) as u8,
+                    error_code: info1,
+                }
+            }
+            other => Event::Invalid(other),
+        }
+    }
+}
+
+impl Backend for Svm {
+    type Vm = SvmVm;
+    type Vcpu = SvmVcpu;
+
+    fn name(&self) -> &'static str {
+        "svm"
+    }
+
+    fn create_vm(&mut self, memory: &GuestMemory) -> Result<SvmVm, VcpuError> {
+        // 47 input bits: the format models the lower canonical half, and guest RAM is far
+        // below 128 TiB (nested page tables themselves would take 48 bits, APM §15.25.5).
+        let mut cfg = Config::new(47, self.phys_bits);
+        cfg.execute_control = true;
+        let npt = PageTable::<X86FirstStage<4>>::new(&IOMMU_MEMORY, cfg)
+            .map_err(|_| VcpuError::NoMemory)?;
+        for r in memory.regions() {
+            if npt
+                .map(
+                    &IOMMU_MEMORY,
+                    r.gpa,
+                    r.pa(),
+                    r.len(),
+                    Prot::READ | Prot::WRITE | Prot::EXEC,
+                )
+                .is_err()
+            {
+                npt.destroy(&IOMMU_MEMORY);
+                return Err(VcpuError::Map);
+            }
+        }
+        let Some(asid) = self.alloc_asid() else {
+            npt.destroy(&IOMMU_MEMORY);
+            return Err(VcpuError::NoAsid);
+        };
+        Ok(SvmVm { npt, asid })
+    }
+
+    fn create_vcpu(&mut self, vm: &SvmVm, s: &EntryState) -> Result<SvmVcpu, VcpuError> {
+        let mut v = Vmcb::new().ok_or(VcpuError::NoMemory)?;
+        v.set_intercepts(
+            EXCEPTION_INTERCEPTS,
+            intercept::INTR
+                | intercept::CPUID
+                | intercept::INVD
+                | intercept::HLT
+                | intercept::INVLPGA
+                | intercept::IOIO_PROT
+                | intercept::MSR_PROT
+                | intercept::TASK_SWITCH
+                | intercept::SHUTDOWN,
+            intercept::VMRUN
+                | intercept::VMMCALL
+                | intercept::VMLOAD
+                | intercept::VMSAVE
+                | intercept::STGI
+                | intercept::CLGI
+                | intercept::SKINIT
+                | intercept::ICEBP
+                | intercept::MONITOR
+                | intercept::MWAIT
+                | intercept::XSETBV,
+        );
+        v.set_permission_maps(&self.maps);
+        v.set_asid(vm.asid, true);
+        v.set_virtual_interrupt_masking();
+        v.set_nested_paging(vm.npt.root());
+        // Flat 64-bit segments matching the GDT the loader wrote (selector 0x08 code, 0x10 data):
+        // attributes in VMCB format (§15.5.1): code P|S|type 0xB|L|G, data P|S|type 3|D/B|G.
+        v.set_segments(
+            Segment {
+                selector: 0x08,
+                attrib: 0xa9b,
+                limit: 0xffff_ffff,
+                base: 0,
+            },
+            Segment {
+                selector: 0x10,
+                attrib: 0xc93,
+                limit: 0xffff_ffff,
+                base: 0,
+            },
+        );
+        // A busy 64-bit TSS and an empty LDT: never used by a guest that stays at CPL 0
+        // without IST, but VMRUN loads them and they must be well-formed.
+        v.set_tr(Segment {
+            selector: 0,
+            attrib: 0x08b,
+            limit: 0x67,
+            base: 0,
+        });
+        v.set_ldtr(Segment {
+            selector: 0,
+            attrib: 0x082,
+            limit: 0,
+            base: 0,
+        });
+        v.set_gdtr(s.gdt.0, s.gdt.1);
+        v.set_idtr(0, 0);
+        v.set_control_registers(GUEST_CR0, s.page_table, GUEST_CR4, GUEST_EFER);
+        v.set_debug_registers(0xffff_0ff0, 0x400);
+        v.set_guest_pat(GUEST_PAT);
+        v.set_rflags(0x2);
+        v.set_rip(s.entry);
+        v.set_rsp(s.stack);
+        v.set_rax(0);
+        Ok(SvmVcpu {
+            vmcb: v,
+            gprs: GuestGprs {
+                rdi: s.arg,
+                ..GuestGprs::default()
+            },
+            first_run: true,
+        })
+    }
+
+    fn run(&mut self, vm: &SvmVm, vcpu: &mut SvmVcpu) -> Exit {
+        loop {
+            vcpu.vmcb.set_asid(vm.asid, vcpu.first_run);
+            vcpu.first_run = false;
+            asm::vmrun(&self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
+            if vcpu.vmcb.exit_code() == exit::CPUID {
+                Self::emulate_cpuid(vcpu);
+                continue;
+            }
+            // An exit while the guest's own event delivery was interrupted would need
+            // EXITINTINFO re-injected; no event is ever injected today, and the guest has no
+            // interrupts, so only exceptions can be pending: those end the guest anyway.
+            let _ = vcpu.vmcb.exit_int_info();
+            return Exit {
+                pc: vcpu.vmcb.rip(),
+                event: Self::decode(vcpu),
+            };
+        }
+    }
+
+    fn complete_hypercall(&mut self, vcpu: &mut SvmVcpu, result: u64) {
+        vcpu.vmcb.set_rax(result);
+        // No NRIPS on QEMU TCG: VMMCALL (0F 01 D9) is 3 bytes.
+        let rip = vcpu.vmcb.rip();
+        vcpu.vmcb.set_rip(rip.wrapping_add(3));
+    }
+
+    fn destroy_vm(&mut self, vm: SvmVm) {
+        self.free_asid(vm.asid);
+        vm.npt.destroy(&IOMMU_MEMORY);
+    }
+
+    fn destroy_vcpu(&mut self, vcpu: SvmVcpu) {
+        drop(vcpu);
+    }
+}

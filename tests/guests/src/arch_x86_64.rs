@@ -1,0 +1,126 @@
+//! The x86_64 shim: the hypercall instruction and the two things only `triple` needs. The
+//! aarch64 build replaces this file with an HVC shim (docs/abi.md §2).
+
+use core::arch::{asm, global_asm};
+
+/// VMMCALL with RAX = op, RBX/RCX/RDX = arguments; the result comes back in RAX
+/// (docs/abi.md §2.1). Every other register is preserved by the hypervisor.
+pub fn hypercall(op: u32, a0: u64, a1: u64, a2: u64) -> i64 {
+    let ret: u64;
+    // SAFETY: VMMCALL traps to the hypervisor, which changes only RAX (the result) and RIP;
+    // RBX is callee-saved in the SysV ABI, so it is saved around the call by hand.
+    unsafe {
+        asm!(
+            "xchg rbx, {a0}",
+            "vmmcall",
+            "xchg rbx, {a0}",
+            a0 = inout(reg) a0 => _,
+            inout("rax") u64::from(op) => ret,
+            in("rcx") a1,
+            in("rdx") a2,
+            options(nostack),
+        );
+    }
+    ret as i64
+}
+
+// The load that the `wild` variant aims at unmapped guest-physical memory, as its own symbol so
+// the scenario can expect the RIP the hypervisor reports (xtask resolves `{sym:...}`).
+global_asm!(
+    r#"
+    .pushsection .text.testguest_wild_load, "ax"
+    .global testguest_wild_load
+testguest_wild_load:
+    mov rax, [rdi]
+    ret
+    .popsection
+"#
+);
+
+// Instructions a guest may not execute, each at its own symbol so the scenario can expect the
+// exact RIP of the stop report. None of them returns when the hypervisor is correct.
+global_asm!(
+    r#"
+    .pushsection .text.testguest_forbidden, "ax"
+    .global testguest_rdmsr
+testguest_rdmsr:
+    mov ecx, 0x1b
+    .global testguest_rdmsr_insn
+testguest_rdmsr_insn:
+    rdmsr
+    ret
+    .global testguest_out
+testguest_out:
+    mov al, 0x41
+    .global testguest_out_insn
+testguest_out_insn:
+    out 0x80, al
+    ret
+    .global testguest_vmrun
+testguest_vmrun:
+    xor eax, eax
+    .global testguest_vmrun_insn
+testguest_vmrun_insn:
+    vmrun rax
+    ret
+    .global testguest_hlt
+testguest_hlt:
+    cli
+    .global testguest_hlt_insn
+testguest_hlt_insn:
+    hlt
+    ret
+    .popsection
+"#
+);
+
+unsafe extern "C" {
+    fn testguest_wild_load(addr: u64) -> u64;
+    fn testguest_rdmsr();
+    fn testguest_out();
+    fn testguest_vmrun();
+    fn testguest_hlt();
+}
+
+/// Runs one of the forbidden instructions: `msr` (RDMSR of IA32_APIC_BASE), `io` (OUT to port
+/// 0x80), `vmrun` (VMRUN on guest-physical 0), `hlt` (CLI; HLT: nothing can wake it).
+pub fn forbidden(what: &str) -> bool {
+    // SAFETY: each stub only executes its instruction; the hypervisor intercepts all of them
+    // and stops the guest, so nothing the instruction would do on hardware happens.
+    unsafe {
+        match what {
+            "msr" => testguest_rdmsr(),
+            "io" => testguest_out(),
+            "vmrun" => testguest_vmrun(),
+            "hlt" => testguest_hlt(),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Reads the 8 bytes at `addr` (identity-mapped by the boot page tables up to 4 GiB).
+pub fn wild_read(addr: u64) -> u64 {
+    // SAFETY: the point of the `wild` variant: the load reaches the hypervisor as a nested page
+    // fault when `addr` is not guest RAM, and the guest never runs again.
+    unsafe { testguest_wild_load(addr) }
+}
+
+/// Loads an empty IDT and raises #UD: #UD cannot be delivered (#GP), nor can the #GP (#DF),
+/// nor the #DF: a triple fault.
+pub fn triple_fault() -> ! {
+    let idtr = [0u16; 5];
+    // SAFETY: deliberately ends this guest; nothing after the `ud2` runs.
+    unsafe {
+        asm!("lidt [{}]", "ud2", in(reg) idtr.as_ptr(), options(noreturn, nostack));
+    }
+}
+
+/// Reads guest-physical memory the hypervisor's loader wrote (start-info page, command line).
+pub fn read_bytes(gpa: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: the boot page tables identity-map guest RAM, and the start-info page and the
+        // command line lie in it (docs/guests.md); byte reads need no alignment.
+        *b = unsafe { core::ptr::read_volatile((gpa + i as u64) as *const u8) };
+    }
+}
