@@ -36,6 +36,7 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     for r in info.memory_regions() {
         log::debug!("mem {:#014x}-{:#014x} {:?}", r.start, r.end(), r.kind);
     }
+    mem::phys::init(info);
     if let Err(e) = mem::init(info, firmware::dtb_len(info)) {
         log::error!("memory: {e}");
         finish(EXIT_FAILURE);

@@ -7,7 +7,7 @@
 //! and the event records it writes.
 
 use super::{
-    Buffer, Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern,
+    Buffer, Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu,
 };
 use crate::discovery::{Platform, Unit};
 use crate::mem::frame::PAGE_SIZE;
@@ -52,11 +52,11 @@ fn round_trip(
     len: usize,
     seed: u8,
 ) -> Result<(), String> {
-    pattern(seed, &mut buf.bytes[..len]);
-    buf.bytes[back as usize..back as usize + len].fill(0);
+    buf.fill_pattern(0..len, seed);
+    buf.fill(back as usize..back as usize + len, 0);
     dma_to_device(dev, iova, len)?;
     dma_from_device(dev, iova + back, len)?;
-    if buf.bytes[back as usize..back as usize + len] != buf.bytes[..len] {
+    if !buf.same(back as usize, 0, len) {
         return Err(format!("bytes written back through {iova:#x} differ"));
     }
     Ok(())
@@ -118,14 +118,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         expect_event(&mut unit, &dev, sid, IOVA_UNMAPPED, true, "Translation"),
     );
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
-    pattern(0x11, b.bytes);
-    let before = b.bytes[0];
+    b.fill_pattern(0..b.len(), 0x11);
+    let before = b.read_u8(0);
     unit.map(mem, &s2, IOVA_RO, b.pa, PAGE_SIZE, Prot::READ)
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
         expect_event(&mut unit, &dev, sid, IOVA_RO, true, "Permission").and_then(|()| {
-            if b.bytes[0] == before {
+            if b.read_u8(0) == before {
                 Ok(())
             } else {
                 Err("the write landed in read-only memory".into())
@@ -251,9 +251,9 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             let pa = p.pa;
             round_trip(&dev, &mut p, pa, 0x100, 32, 0x12)?;
             unit.set_abort(mem, sid).map_err(e)?;
-            p.bytes[0x300..0x320].fill(0);
+            p.fill(0x300..0x320, 0);
             dma_from_device(&dev, p.pa + 0x300, 32)?;
-            if p.bytes[0x300..0x320].iter().any(|&x| x != 0) {
+            if !p.all(0x300..0x320, 0) {
                 return Err("DMA reached memory with the stream set to abort".into());
             }
             unit.poll_events(&mut |_| {});

@@ -9,13 +9,11 @@
 //! Every check is against the hardware model's observable behaviour: bytes that arrive (or not)
 //! in guest-physical memory, and fault records the model writes.
 
-use super::{
-    Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern,
-};
+use super::{Checks, DMA_POLLS, EduDevice, buffer, dma_from_device, dma_to_device, find_edu};
 use crate::discovery::{Platform, Unit};
 use crate::mem::frame::PAGE_SIZE;
-use crate::mem::iommu_mem::{IOMMU_MEMORY, IommuMemory};
-use crate::mem::phys::{self, MmioRegion};
+use crate::mem::iommu_mem::IOMMU_MEMORY;
+use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
@@ -30,15 +28,6 @@ const IOVA_RW: u64 = 0x0010_0000;
 const IOVA_RO: u64 = 0x0020_0000;
 const IOVA_SUPER: u64 = 0x0040_0000;
 const IOVA_UNMAPPED: u64 = 0x0def_0000;
-
-impl iommu::vtd::VtdMemory for IommuMemory {
-    fn store128(&self, pa: u64, lo: u64, hi: u64) {
-        let va = phys::frame_bytes_mut(pa, 16)
-            .expect("context entry outside the direct map")
-            .as_mut_ptr();
-        crate::arch::cache::store128(va as usize, lo, hi);
-    }
-}
 
 fn e(err: VtdError) -> String {
     format!("{err}")
@@ -122,13 +111,13 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     unit.map(mem, &d1, IOVA_RW, a.pa, PAGE_SIZE, Prot::READ | Prot::WRITE)
         .map_err(e)?;
     unit.attach(mem, sid, None, &d1).map_err(e)?;
-    pattern(0x5a, &mut a.bytes[..256]);
+    a.fill_pattern(0..256, 0x5a);
     checks.record(
         "dma-both-directions",
         (|| {
             dma_to_device(&dev, IOVA_RW, 256)?;
             dma_from_device(&dev, IOVA_RW + 0x800, 256)?;
-            if a.bytes[0x800..0x900] != a.bytes[..256] {
+            if !a.same(0x800, 0, 256) {
                 return Err("bytes read back through the IOVA differ from what was written".into());
             }
             Ok(())
@@ -144,14 +133,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
 
     // 3. A read-only mapping makes a device write fault, and memory is untouched.
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
-    pattern(0x11, b.bytes);
-    let before = b.bytes[0];
+    b.fill_pattern(0..b.len(), 0x11);
+    let before = b.read_u8(0);
     unit.map(mem, &d1, IOVA_RO, b.pa, PAGE_SIZE, Prot::READ)
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
         expect_fault(&mut unit, &dev, sid, IOVA_RO, true).and_then(|()| {
-            if b.bytes[0] == before {
+            if b.read_u8(0) == before {
                 Ok(())
             } else {
                 Err("the write landed in read-only memory".into())
@@ -195,14 +184,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if unit.iova_to_phys(mem, &d1, IOVA_SUPER + off) != Some(big.pa + off) {
                 return Err("iova_to_phys does not see the superpage".into());
             }
-            pattern(0x77, &mut a.bytes[..128]);
+            a.fill_pattern(0..128, 0x77);
             // Fill the device buffer from `a` via its own IOVA? `a` is unmapped now: use the
             // superpage itself as source, then write back elsewhere inside it.
-            pattern(0x33, &mut big.bytes[off as usize..off as usize + 128]);
+            big.fill_pattern(off as usize..off as usize + 128, 0x33);
             dma_to_device(&dev, IOVA_SUPER + off, 128)?;
             dma_from_device(&dev, IOVA_SUPER + M2 - 0x1000, 128)?;
             let end = (M2 - 0x1000) as usize;
-            if big.bytes[end..end + 128] != big.bytes[off as usize..off as usize + 128] {
+            if !big.same(end, off as usize, 128) {
                 return Err("superpage DMA did not land where expected".into());
             }
             no_new_fault(&mut unit)?;
@@ -225,15 +214,15 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "replace-moves-dma",
         (|| {
             unit.replace(mem, sid, None, &d2).map_err(e)?;
-            a.bytes.fill(0);
-            pattern(0x42, &mut c.bytes[..64]);
+            a.fill(0..a.len(), 0);
+            c.fill_pattern(0..64, 0x42);
             dma_to_device(&dev, IOVA_RW, 64)?;
             dma_from_device(&dev, IOVA_RW + 0x100, 64)?;
             no_new_fault(&mut unit)?;
-            if c.bytes[0x100..0x140] != c.bytes[..64] {
+            if !c.same(0x100, 0, 64) {
                 return Err("DMA did not land in the new domain".into());
             }
-            if a.bytes.iter().any(|&x| x != 0) {
+            if !a.all(0..a.len(), 0) {
                 return Err("DMA reached the old domain's memory".into());
             }
             Ok(())
@@ -265,10 +254,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 .map_err(e)?;
             match (sc, unit.replace(mem, sid, None, &d3)) {
                 (true, Ok(())) => {
-                    pattern(0x99, &mut d.bytes[..32]);
+                    d.fill_pattern(0..32, 0x99);
                     dma_to_device(&dev, IOVA_RW, 32)?;
                     dma_from_device(&dev, IOVA_RW + 0x200, 32)?;
-                    if d.bytes[0x200..0x220] != d.bytes[..32] {
+                    if !d.same(0x200, 0, 32) {
                         return Err("DMA through the coherent domain failed".into());
                     }
                     println!("vtd: coherent domain attached and used (ECAP.SC=1)");
@@ -276,9 +265,9 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 }
                 (false, Err(VtdError::SnoopControlUnsupported)) => {
                     // Nothing changed: DMA still lands in d2.
-                    c.bytes[0x300..0x310].fill(0);
+                    c.fill(0x300..0x310, 0);
                     dma_from_device(&dev, IOVA_RW + 0x300, 16)?;
-                    if c.bytes[0x300..0x310] != c.bytes[..16] {
+                    if !c.same(0x300, 0, 16) {
                         return Err("the refused replace changed the device's domain".into());
                     }
                     println!(
