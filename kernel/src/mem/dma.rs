@@ -13,7 +13,6 @@
 use super::frame::PAGE_SIZE;
 use super::phys::Frames;
 use core::ops::Range;
-use core::ptr;
 
 /// A physically contiguous, zeroed buffer a device may DMA into or out of.
 #[derive(Debug)]
@@ -50,15 +49,23 @@ impl DmaBuffer {
         self.len == 0
     }
 
-    /// A bounds-checked pointer to byte `offset`. Offsets come from the scenario code, never
-    /// from a guest: out of range is a bug, so stop loudly.
-    fn at(&self, offset: usize) -> *mut u8 {
+    /// Byte `offset` (out of range is a bug in the scenario code, never guest input: panics).
+    pub fn read_u8(&self, offset: usize) -> u8 {
         assert!(
             offset < self.len,
-            "DMA buffer access at {offset:#x} of {:#x}",
+            "DMA buffer read at {offset:#x} of {:#x}",
             self.len
         );
-        self.frames.as_ptr().wrapping_add(offset)
+        self.frames.read_volatile(offset)
+    }
+
+    pub fn write_u8(&self, offset: usize, value: u8) {
+        assert!(
+            offset < self.len,
+            "DMA buffer write at {offset:#x} of {:#x}",
+            self.len
+        );
+        self.frames.write_volatile(offset, value)
     }
 
     fn check(&self, r: &Range<usize>) {
@@ -67,19 +74,6 @@ impl DmaBuffer {
             "DMA buffer range {r:?} outside {:#x}",
             self.len
         );
-    }
-
-    pub fn read_u8(&self, offset: usize) -> u8 {
-        // SAFETY: `at` keeps the address inside the frames this buffer owns (`Frames`: exclusive,
-        // mapped read-write); a volatile byte load creates no reference, so a concurrent device
-        // write is not a data race in the Rust sense, only an unknown value.
-        unsafe { ptr::read_volatile(self.at(offset)) }
-    }
-
-    pub fn write_u8(&self, offset: usize, value: u8) {
-        // SAFETY: as in `read_u8`; the buffer owns the frames, nothing else in the hypervisor
-        // holds a reference to them.
-        unsafe { ptr::write_volatile(self.at(offset), value) }
     }
 
     /// Copies `src` into the buffer at `offset`.

@@ -326,10 +326,22 @@ impl Frames {
         unsafe { core::slice::from_raw_parts_mut(self.va() as *mut u8, self.len() as usize) }
     }
 
-    /// Raw access for owners that must not create references (memory a device writes). The
-    /// pointer is valid for `len()` bytes while the token lives.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.va() as *mut u8
+    /// Byte `offset` read with a volatile load, never through a reference: for memory a device
+    /// writes behind the compiler's back (`mem::dma`). Out of range is a caller bug: panics.
+    pub fn read_volatile(&self, offset: usize) -> u8 {
+        assert!((offset as u64) < self.len(), "frame access out of range");
+        // SAFETY: inside the frames this token owns (checked), mapped read-write by the direct
+        // map; a volatile byte load creates no reference, so a concurrent device write yields an
+        // unknown value, not undefined behaviour.
+        unsafe { ptr::read_volatile((self.va() + offset) as *const u8) }
+    }
+
+    /// Byte `offset` written with a volatile store, never through a reference.
+    pub fn write_volatile(&self, offset: usize, value: u8) {
+        assert!((offset as u64) < self.len(), "frame access out of range");
+        // SAFETY: as in `read_volatile`; the token owns the frames, so no Rust reference to them
+        // exists while `&self` is borrowed without `bytes_mut`.
+        unsafe { ptr::write_volatile((self.va() + offset) as *mut u8, value) }
     }
 
     /// Gives the frames back to the allocator.
