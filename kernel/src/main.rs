@@ -26,7 +26,9 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     console::init_logger(info.cmdline_value("loglevel"));
     arch::init_cpu(info);
     arch::init_direct_map(info);
-    if let Some(test) = info.cmdline_value("selftest") {
+    if let Some(test) = info.cmdline_value("selftest")
+        && test != "phys"
+    {
         arch::selftest(test);
     }
     println!(
@@ -40,6 +42,15 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     if let Err(e) = mem::init(info, firmware::dtb_len(info)) {
         log::error!("memory: {e}");
         finish(EXIT_FAILURE);
+    }
+    if info.cmdline_value("selftest") == Some("phys") {
+        match mem::phys::selftest() {
+            Ok(()) => println!("hypervisor: selftest phys: ok"),
+            Err(e) => {
+                log::error!("selftest phys: FAILED: {e}");
+                finish(EXIT_FAILURE);
+            }
+        }
     }
     let scenario = info.cmdline_value("scenario").unwrap_or("boot-report");
     let platform = discovery::discover_and_report(info);

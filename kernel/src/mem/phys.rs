@@ -570,3 +570,64 @@ pub fn store128_atomic(pa: u64, lo: u64, hi: u64) -> Result<(), PhysError> {
     unsafe { arch::cache::store128(va as *mut u8, lo, hi) };
     Ok(())
 }
+
+/// `selftest=phys`: the edge refuses every view that would be unsound and grants the ones
+/// discovery needs. Run after `mem::init`, before discovery claims anything.
+pub fn selftest() -> Result<(), &'static str> {
+    use super::frame::PAGE_SIZE;
+    // Allocatable RAM (a frame from the allocator): never MMIO, firmware, or atomic-only.
+    let frames = Frames::alloc(1, PAGE_SIZE, u64::MAX).ok_or("no frames")?;
+    let ram = frames.pa();
+    let ram_refused = MmioRegion::new(ram, PAGE_SIZE).is_err()
+        && firmware_bytes(ram, 16).is_err()
+        && atomic_u64s(ram, 512).is_err()
+        && clean_atomic(ram, 64).is_err();
+    frames.free();
+    if !ram_refused {
+        return Err("a view of allocatable RAM was granted");
+    }
+    // The image (a static in it): never MMIO or firmware.
+    static PROBE: u8 = 0;
+    let image = arch::virt_to_phys(&raw const PROBE as usize).ok_or("image not mapped")?;
+    if MmioRegion::new(image & !(PAGE_SIZE - 1), PAGE_SIZE).is_ok()
+        || firmware_bytes(image, 1).is_ok()
+    {
+        return Err("a view of the hypervisor image was granted");
+    }
+    // Firmware data carved out of RAM (x86: the BIOS area; aarch64: the DTB): readable as
+    // firmware, never MMIO.
+    let carve = LEDGER.lock().firmware().first().copied();
+    if let Some(f) = carve {
+        if firmware_bytes(f.start, 16).is_err() {
+            return Err("the firmware carve-out is not readable as firmware");
+        }
+        if MmioRegion::new(f.start & !(PAGE_SIZE - 1), PAGE_SIZE).is_ok() {
+            return Err("an MMIO window over firmware data was granted");
+        }
+    }
+    // A range outside RAM becomes MMIO, and from then on never firmware.
+    let hole = arch::direct_map_limit() - PAGE_SIZE;
+    if LEDGER.lock().ram().iter().any(|r| r.end > hole) {
+        return Err("RAM reaches the top of the direct map: no hole to probe");
+    }
+    MmioRegion::new(hole, PAGE_SIZE).map_err(|_| "an MMIO window outside RAM was refused")?;
+    if firmware_bytes(hole, 16).is_ok() {
+        return Err("a firmware view over an MMIO window was granted");
+    }
+    // Atomic-only frames: the whole frame as atomics, nothing else.
+    let atomic = Frames::alloc(1, PAGE_SIZE, u64::MAX)
+        .ok_or("no frames")?
+        .into_atomic()
+        .map_err(|_| "into_atomic failed")?;
+    let words = atomic_u64s(atomic, 512).map_err(|_| "atomic-only frame refused")?;
+    if words.iter().any(|w| w.load(Ordering::Relaxed) != 0) {
+        return Err("atomic-only frame not zeroed");
+    }
+    if atomic_u64s(atomic + 4, 1).is_ok() || atomic_u64s(u64::MAX - 7, 1).is_ok() {
+        return Err("a misaligned or wrapping atomic view was granted");
+    }
+    if MmioRegion::new(atomic, PAGE_SIZE).is_ok() || firmware_bytes(atomic, 16).is_ok() {
+        return Err("an MMIO or firmware view of IOMMU memory was granted");
+    }
+    Ok(())
+}
