@@ -21,7 +21,9 @@ pub fn init(info: &BootInfo, dtb_len: u64) -> Result<(), &'static str> {
     let bytes = phys::Frames::alloc(size / frame::PAGE_SIZE, 2 << 20, u64::MAX)
         .ok_or("no physical memory for the heap")?
         .leak();
-    heap::init(bytes.as_mut_ptr() as usize, bytes.len());
+    if !heap::init(bytes) {
+        return Err("heap initialised twice");
+    }
     let ram_end = info
         .memory_regions()
         .iter()

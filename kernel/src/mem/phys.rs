@@ -230,6 +230,20 @@ pub fn init(info: &BootInfo) {
     if let Some(dtb) = info.dtb {
         firmware(dtb, dtb.saturating_add(dtb_size(dtb)), &mut l);
     }
+    // The console was set up before the ledger; its registers are MMIO, never firmware data.
+    if let Some((base, size)) = arch::console_mmio() {
+        let Ledger {
+            mmio, mmio_count, ..
+        } = &mut *l;
+        let _ = Ledger::push(
+            mmio,
+            mmio_count,
+            Span {
+                start: base,
+                end: base.saturating_add(size),
+            },
+        );
+    }
     l.ready = true;
 }
 
@@ -604,6 +618,12 @@ pub fn selftest() -> Result<(), &'static str> {
         if MmioRegion::new(f.start & !(PAGE_SIZE - 1), PAGE_SIZE).is_ok() {
             return Err("an MMIO window over firmware data was granted");
         }
+    }
+    // The console's registers (claimed at `init`): never firmware.
+    if let Some((base, _)) = arch::console_mmio()
+        && firmware_bytes(base, 16).is_ok()
+    {
+        return Err("a firmware view over the console's registers was granted");
     }
     // A range outside RAM becomes MMIO, and from then on never firmware.
     let hole = arch::direct_map_limit() - PAGE_SIZE;

@@ -175,6 +175,11 @@ pub fn init_direct_map(info: &BootInfo) {
     }
 }
 
+/// The console's register window, for the physical-memory ledger: none (COM1 is port I/O).
+pub fn console_mmio() -> Option<(u64, u64)> {
+    None
+}
+
 /// Every stack's guard page (unmapped by `init_direct_map`): which stack, and the page address.
 pub fn stack_guards() -> [(&'static str, u64); 4] {
     let [(_, df), (_, nmi), (_, mc)] = gdt::ist_guards();
