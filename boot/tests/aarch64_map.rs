@@ -319,3 +319,42 @@ fn random_maps_match_a_reference_model() {
         }
     }
 }
+
+/// Guard pages under the stacks: the page itself is invalid, its neighbours stay Normal (as
+/// 4 KiB pages: the 2 MiB block around the guard is split), and the rest of RAM keeps blocks.
+#[test]
+fn guard_pages_are_unmapped_and_only_they() {
+    let info = qemu_virt();
+    let normal = normal_of(&info);
+    let image = 0x4020_0000..0x4029_8000;
+    let guards = [0x4024_0000u64, 0x4028_1000];
+    let mut tables = vec![Table::EMPTY; 64];
+    let limit = map::limit_for(&normal, 48);
+    let stats =
+        map::build_with_guards(&normal, limit, image, &guards, &mut tables, TABLES_PA).unwrap();
+    let b = Built {
+        tables,
+        limit,
+        stats,
+    };
+    assert_eq!(
+        b.stats.tables_used, 5,
+        "one level-3 table for the image's 2 MiB"
+    );
+    for g in guards {
+        assert_eq!(lookup(&b, g), None, "guard {g:#x} unmapped");
+        assert_eq!(lookup(&b, g + 0xfff), None, "the whole guard page");
+        assert_eq!(lookup(&b, g - 1), Some(("normal", 3)), "below {g:#x}");
+        assert_eq!(lookup(&b, g + 0x1000), Some(("normal", 3)), "above {g:#x}");
+    }
+    assert_eq!(
+        lookup(&b, 0x4040_0000),
+        Some(("normal", 2)),
+        "other blocks stay"
+    );
+    assert_eq!(
+        b.stats.normal_bytes,
+        (256 << 20) - 2 * 4096,
+        "everything but the guards is Normal"
+    );
+}

@@ -30,7 +30,9 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     console::init_logger(info.cmdline_value("loglevel"));
     arch::init_cpu(info);
     arch::init_direct_map(info);
-    if let Some(test) = info.cmdline_value("selftest") {
+    if let Some(test) = info.cmdline_value("selftest")
+        && test != "phys"
+    {
         arch::selftest(test);
     }
     println!(
@@ -40,9 +42,19 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     for r in info.memory_regions() {
         log::debug!("mem {:#014x}-{:#014x} {:?}", r.start, r.end(), r.kind);
     }
+    mem::phys::init(info);
     if let Err(e) = mem::init(info, firmware::dtb_len(info)) {
         log::error!("memory: {e}");
         finish(EXIT_FAILURE);
+    }
+    if info.cmdline_value("selftest") == Some("phys") {
+        match mem::phys::selftest() {
+            Ok(()) => println!("hypervisor: selftest phys: ok"),
+            Err(e) => {
+                log::error!("selftest phys: FAILED: {e}");
+                finish(EXIT_FAILURE);
+            }
+        }
     }
     // With guests configured and no scenario named, the hypervisor's job is to run them.
     let default = if info.cmdline_value("guest").is_some() {

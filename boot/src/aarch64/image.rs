@@ -11,7 +11,8 @@
 //!    boot page table and turns the MMU and caches on. At EL1/EL3 it only un-traps FP/SIMD and
 //!    leaves the MMU off, so that Rust can report the error;
 //! 3. zeroes `.bss` (with the caches already on at EL2, so no stale line can hide the zeroes),
-//!    sets SP to the boot stack, and calls [`rust_entry`] with the DTB pointer and the EL.
+//!    points SP_ELx at the exception stack, switches to SP_EL0 (SPSel = 0) on the boot stack, and
+//!    calls [`rust_entry`] with the DTB pointer and the EL.
 //!
 //! The boot page table is one level-1 table (T0SZ = 25, 512 × 1 GiB blocks, identity). The
 //! 1 GiB block(s) holding the image are Normal Write-Back; everything else is Device-nGnRnE and
@@ -27,7 +28,12 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Boot stack size. Rust code before the kernel sets up per-CPU stacks runs on it.
+/// A multiple of 4 KiB, so the exception stack's guard page above it is page-aligned.
 const BOOT_STACK_SIZE: usize = 256 * 1024;
+/// The exception stack (SP_EL2): the fatal-exception report runs on it.
+const EXCEPTION_STACK_SIZE: usize = 64 * 1024;
+const _: () =
+    assert!(BOOT_STACK_SIZE.is_multiple_of(4096) && EXCEPTION_STACK_SIZE.is_multiple_of(4096));
 
 /// Image header `flags` (booting.rst "Header notes"): bit 0 = 0, little-endian kernel; bits 1-2 =
 /// 0b01, 4 KiB pages; bit 3 = 0, "2MB aligned base should be as close as possible to the base of
@@ -163,7 +169,15 @@ core::arch::global_asm!(
     "    b.hs    10f",
     "    stp     xzr, xzr, [x9], #16",
     "    b       8b",
-    "10: adrp    x9, __boot_stack_top",
+    // SPSel = 1 at entry, so this sets SP_ELx: the exception stack. Every exception taken to
+    // this EL switches to it (PSTATE.SP = 1 on entry), so an overflow of the boot stack is
+    // reported from a stack that still works.
+    "10: adrp    x9, __exception_stack_top",
+    "    add     x9, x9, :lo12:__exception_stack_top",
+    "    mov     sp, x9",
+    // From here on the hypervisor runs on SP_EL0 (EL2t): the boot stack.
+    "    msr     spsel, #0",
+    "    adrp    x9, __boot_stack_top",
     "    add     x9, x9, :lo12:__boot_stack_top",
     "    mov     sp, x9",
     "    mov     x29, xzr",           // terminate frame-pointer chains
@@ -183,10 +197,18 @@ core::arch::global_asm!(
     "__boot_l1:",
     "    .space  4096",
     ".popsection",
+    // Each stack sits directly above a guard page that the kernel's map leaves unmapped
+    // (`stack_guards`), so running off its end faults instead of overwriting what lies below.
     ".pushsection .bss.boot_stack, \"aw\", %nobits",
-    ".balign 16",
+    ".balign 4096",
+    "__boot_stack_guard:",
+    "    .space  4096",
     "    .space  {stack_size}",
     "__boot_stack_top:",
+    "__exception_stack_guard:",
+    "    .space  4096",
+    "    .space  {exception_stack_size}",
+    "__exception_stack_top:",
     ".popsection",
     text_offset = const TEXT_OFFSET,
     flags = const IMAGE_FLAGS,
@@ -201,6 +223,7 @@ core::arch::global_asm!(
     ps_shift = const map::TCR_PS_SHIFT,
     sctlr = const map::SCTLR_EL2,
     stack_size = const BOOT_STACK_SIZE,
+    exception_stack_size = const EXCEPTION_STACK_SIZE,
     rust_entry = sym rust_entry,
 );
 
@@ -208,6 +231,19 @@ unsafe extern "C" {
     // Defined by `linker/aarch64.ld`; only their addresses are used.
     static __image_start: u8;
     static __image_end: u8;
+    // Defined by the assembly above; only their addresses are used.
+    static __boot_stack_guard: u8;
+    static __exception_stack_guard: u8;
+}
+
+/// The 4 KiB guard page under each stack, which the kernel's map leaves unmapped: the boot
+/// stack (SP_EL0, everything but exception handlers) and the exception stack (SP_EL2).
+/// Identity-mapped, so these are also physical addresses.
+pub fn stack_guards() -> [(&'static str, u64); 2] {
+    [
+        ("boot", (&raw const __boot_stack_guard) as u64),
+        ("exception", (&raw const __exception_stack_guard) as u64),
+    ]
 }
 
 /// What the entry hands to the kernel: written once by [`rust_entry`] on the boot CPU before

@@ -311,10 +311,25 @@ pub fn build(
     tables: &mut [Table],
     tables_pa: u64,
 ) -> Result<MapStats, MapError> {
+    build_with_guards(normal, limit, image, &[], tables, tables_pa)
+}
+
+/// [`build`], leaving the 4 KiB pages at `guards` (page-aligned addresses, normally inside the
+/// image: the guard page under each stack) unmapped, so that running off the end of a stack
+/// faults instead of overwriting what lies below it.
+pub fn build_with_guards(
+    normal: &[Range<u64>],
+    limit: u64,
+    image: Range<u64>,
+    guards: &[u64],
+    tables: &mut [Table],
+    tables_pa: u64,
+) -> Result<MapStats, MapError> {
     let mut b = Builder {
         normal,
         limit,
         image,
+        guards,
         pool: tables,
         pool_pa: tables_pa,
         used: 0,
@@ -357,6 +372,7 @@ struct Builder<'n, 't> {
     normal: &'n [Range<u64>],
     limit: u64,
     image: Range<u64>,
+    guards: &'n [u64],
     pool: &'t mut [Table],
     pool_pa: u64,
     used: usize,
@@ -376,6 +392,10 @@ enum Class {
 
 impl Builder<'_, '_> {
     fn classify(&self, start: u64, end: u64) -> Class {
+        // A block holding a guard page must be split down to pages.
+        if end - start > PAGE_SIZE && self.guards.iter().any(|&g| start <= g && g < end) {
+            return Class::Mixed;
+        }
         let i = self.normal.partition_point(|r| r.end <= start);
         match self.normal.get(i) {
             Some(r) if r.start <= start && r.end >= end => Class::Normal,
@@ -423,6 +443,8 @@ impl Builder<'_, '_> {
             };
             let leaf = if level == 3 { DESC_PAGE } else { DESC_BLOCK };
             let desc = match (class, level) {
+                // A guard page: invalid, so any access takes a translation fault.
+                (_, 3) if self.guards.contains(&start) => 0,
                 // Level 0 cannot hold blocks with the 4 KiB granule (without FEAT_LPA2).
                 (Class::Normal, 1..=3) => {
                     self.stats.normal_bytes += size;

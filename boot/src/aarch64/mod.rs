@@ -19,7 +19,7 @@ pub mod map;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 mod image;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
-pub use image::{boot_info, device_tree, entry_el, entry_error};
+pub use image::{boot_info, device_tree, entry_el, entry_error, stack_guards};
 
 /// booting.rst "Call the kernel image": the image is placed `text_offset` bytes above a 2 MiB
 /// aligned base. 2 MiB keeps the first 2 MiB of RAM free for what QEMU puts there for an ELF

@@ -223,7 +223,12 @@ boot_pd:
     /* The boot CPU's stack, used until the hypervisor switches to its own. 256 KiB: debug
      * builds are stack-hungry (large values are built on the stack before being moved) and
      * exception handlers run on it too (except the IST vectors). */
-    .balign 16
+    /* One page the hypervisor's page tables leave unmapped, so that overflowing the boot
+     * stack faults instead of running into the page tables above (docs/boot-x86_64.md). */
+    .balign 4096
+    .global boot_stack_guard
+boot_stack_guard:
+    .skip 4096
     .global boot_stack_bottom, boot_stack_top
 boot_stack_bottom:
     .skip 262144
@@ -262,6 +267,19 @@ unsafe extern "C" {
     // Defined by linker/x86_64.ld; only their addresses are used.
     static __image_start: u8;
     static __image_end: u8;
+    // Defined by the assembly above; only their addresses are used.
+    static boot_stack_guard: u8;
+    static boot_stack_top: u8;
+}
+
+/// The boot stack, as `(guard, top)`: the 4 KiB guard page directly below the stack (the kernel's
+/// page tables leave it unmapped) and one past the stack's highest byte. Identity-mapped, so
+/// virtual and physical addresses are equal.
+pub fn boot_stack() -> (u64, u64) {
+    (
+        (&raw const boot_stack_guard) as u64,
+        (&raw const boot_stack_top) as u64,
+    )
 }
 
 fn image_range() -> (u64, u64) {

@@ -19,7 +19,7 @@ pub use rsdp::{RSDP_V1_LEN, RSDP_V2_LEN, find_rsdp_in_bios_area, rsdp_revision};
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
 mod entry;
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
-pub use entry::boot_notes;
+pub use entry::{boot_notes, boot_stack};
 
 use crate::{BootInfo, FixedStr, MemoryKind, MemoryRegion};
 

@@ -822,3 +822,103 @@ pub(crate) fn psi_block(start: u64, end: u64) -> (u64, u8) {
     let base = if am >= 64 { 0 } else { (first >> am) << am };
     (base << 12, am as u8)
 }
+
+#[cfg(test)]
+mod read_barrier_tests {
+    use super::*;
+    use crate::pgtable::TableMemory;
+    use core::cell::{Cell, RefCell};
+    use std::vec::Vec;
+
+    const QUEUE: u64 = 0x1000;
+    const STATUS: u64 = 0x2000;
+
+    /// The queue page and the status page, as atomics.
+    struct Pages(Vec<AtomicU64>);
+
+    impl TableMemory for Pages {
+        type Entry = AtomicU64;
+        fn alloc_table(&self, _: usize) -> Option<u64> {
+            unreachable!()
+        }
+        fn free_table(&self, _: u64, _: usize) {
+            unreachable!()
+        }
+        fn retire_table(&self, _: u64, _: usize) {
+            unreachable!()
+        }
+        fn table(&self, pa: u64, entries: usize) -> &[AtomicU64] {
+            &self.0[((pa - QUEUE) / 8) as usize..][..entries]
+        }
+    }
+
+    impl VtdMemory for Pages {
+        fn store128(&self, _: u64, _: u64, _: u64) {
+            unreachable!()
+        }
+    }
+
+    /// Completes a batch at the IQT write the way the hardware does: it executes the wait
+    /// descriptor just before the new tail (VT-d 4.1 §6.5.2.8, hand-decoded: type 5 in bits 3:0,
+    /// SW bit 5, status data in 63:32, status address in the high qword 63:2) by writing the
+    /// status data, and moves IQH to the tail. Logs the register writes and read barriers.
+    struct Hw<'a> {
+        pages: &'a Pages,
+        head: Cell<u64>,
+        log: RefCell<Vec<&'static str>>,
+    }
+
+    impl Mmio for Hw<'_> {
+        fn read32(&self, offset: usize) -> u32 {
+            assert_eq!(offset, offset::FSTS);
+            0
+        }
+        fn write32(&self, _: usize, _: u32) {
+            unreachable!()
+        }
+        fn read64(&self, offset: usize) -> u64 {
+            assert_eq!(offset, offset::IQH);
+            self.head.get()
+        }
+        fn write64(&self, offset: usize, value: u64) {
+            assert_eq!(offset, offset::IQT);
+            self.log.borrow_mut().push("IQT");
+            // 128-bit descriptors: the tail index is IQT bits 18:4.
+            let tail = (value >> 4) & 0x7fff;
+            let wait = (tail + 255) % 256;
+            let lo = self.pages.0[(wait * 2) as usize].load(Ordering::Relaxed);
+            let hi = self.pages.0[(wait * 2 + 1) as usize].load(Ordering::Relaxed);
+            assert_eq!(lo & 0xf, 5, "the batch ends with a wait descriptor");
+            assert_ne!(lo & 1 << 5, 0, "status write requested");
+            let status = self.pages.table(hi & !3, 1);
+            status[0].store(lo >> 32, Ordering::Relaxed);
+            self.head.set(value);
+        }
+        fn dma_rmb(&self) {
+            self.log.borrow_mut().push("rmb");
+        }
+    }
+
+    /// Once the wait's status write is seen, the driver issues the read-side DMA barrier before
+    /// returning, so whatever its caller reads next is ordered after the device's completion.
+    #[test]
+    fn completion_is_followed_by_a_dma_read_barrier() {
+        let pages = Pages((0..1024).map(|_| AtomicU64::new(0)).collect());
+        let hw = Hw {
+            pages: &pages,
+            head: Cell::new(0),
+            log: RefCell::new(Vec::new()),
+        };
+        let inv = Invalidator::new(
+            Path::Queued(Queue::new(QUEUE, STATUS, false)),
+            Drain::default(),
+            true,
+            100,
+        );
+        let stats = Stats::default();
+        inv.run(&hw, &pages, &[Op::IotlbGlobal], &stats).unwrap();
+        assert_eq!(*hw.log.borrow(), ["IQT", "rmb"]);
+        inv.run(&hw, &pages, &[Op::ContextGlobal], &stats).unwrap();
+        assert_eq!(*hw.log.borrow(), ["IQT", "rmb", "IQT", "rmb"]);
+    }
+}

@@ -24,3 +24,19 @@ pub use self::x86_64::*;
 mod aarch64;
 #[cfg(target_arch = "aarch64")]
 pub use self::aarch64::*;
+
+/// `selftest=stack-overflow`: recurses with a 1 KiB frame until the stack runs into its guard
+/// page. The fault is taken on a separate stack (x86: the #PF cannot be delivered, so #DF on
+/// IST1; aarch64: the abort is taken on SP_EL2 while the hypervisor runs on SP_EL0), whose
+/// handler reports "stack overflow" and exits with a failure status. Never returns normally.
+#[inline(never)]
+pub fn overflow_stack(depth: u64) -> u64 {
+    let mut frame = [0u8; 1024];
+    // black_box: the frame must really be on the stack and written, and the recursion must not
+    // be turned into a loop.
+    core::hint::black_box(&mut frame)[0] = depth as u8;
+    if core::hint::black_box(depth) == u64::MAX {
+        return 0;
+    }
+    overflow_stack(depth + 1).wrapping_add(u64::from(core::hint::black_box(&frame)[1]))
+}

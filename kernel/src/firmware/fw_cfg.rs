@@ -2,8 +2,8 @@
 //! unpatched pointers and checksums; running QEMU's `etc/table-loader` script (as UEFI or
 //! SeaBIOS would) lays them out in memory we own and fixes them up.
 
-use crate::mem::frame::{FRAMES, PAGE_SIZE};
-use crate::mem::phys::{self, MmioRegion};
+use crate::mem::frame::PAGE_SIZE;
+use crate::mem::phys::{Frames, MmioRegion};
 use alloc::vec;
 use boot::BootInfo;
 use drivers::fw_cfg::{FwCfg, MmioTransport, load_acpi_tables};
@@ -31,13 +31,14 @@ pub fn load_acpi(info: &BootInfo) -> Option<u64> {
     };
     let script_size = fw.find_file("etc/table-loader").map(|f| f.size as usize)?;
     let mut script = vec![0u8; script_size];
-    let pa = FRAMES
-        .lock()
-        .alloc(ARENA_BYTES / PAGE_SIZE, PAGE_SIZE, u64::MAX)?;
-    let arena = phys::frame_bytes_mut(pa, ARENA_BYTES).ok()?;
+    let mut frames = Frames::alloc(ARENA_BYTES / PAGE_SIZE, PAGE_SIZE, u64::MAX)?;
+    let pa = frames.pa();
+    let arena = frames.bytes_mut();
     arena.fill(0);
     match load_acpi_tables(&mut fw, &mut script, arena, pa) {
         Ok(t) => {
+            // From now on the tables are firmware data: read-only, found by physical address.
+            frames.into_firmware();
             log::info!(
                 "fw_cfg: ACPI tables loaded at {pa:#x}: {} blobs, {} pointers, {} checksums",
                 t.allocations,
@@ -48,7 +49,7 @@ pub fn load_acpi(info: &BootInfo) -> Option<u64> {
         }
         Err(e) => {
             log::warn!("fw_cfg: table loader: {e:?}");
-            FRAMES.lock().free(pa, ARENA_BYTES / PAGE_SIZE);
+            frames.free();
             None
         }
     }

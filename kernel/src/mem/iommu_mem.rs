@@ -1,29 +1,48 @@
 //! Memory the IOMMUs walk: page-table pages, context/PASID tables, invalidation queues.
 //!
-//! Frames come from the frame allocator, never from the general heap, and are reached through
-//! the direct map as arrays of `AtomicU64` (the only view the IOMMU code gets).
+//! Frames come from the frame allocator, never from the general heap, and are converted for good
+//! into atomic-only memory ([`phys::Frames::into_atomic`]): the only view anyone gets of them is
+//! `&[AtomicU64]`, and cache cleaning and the VT-d 128-bit store reach them by address, never
+//! through a `&mut [u8]` alias. Freed tables go to this source's own free list, not back to the
+//! frame allocator, so a stale `&[AtomicU64]` can never alias a later owner's `&mut`.
+//!
+//! # Memory the IOMMU writes: atomics, not volatile
+//!
+//! Some of this memory is written by the device behind the CPU's back: the VT-d invalidation
+//! wait status dword, SMMUv3 event-queue records, Access/Dirty bits. Atomics are enough there
+//! (a volatile type is not needed): no `&mut` to it exists, so the compiler may not assume it
+//! unchanged; an atomic load may not be torn, and the device's writes are naturally aligned
+//! single-copy-atomic stores; and although the language lets adjacent relaxed loads be merged,
+//! it may not hoist a load out of a polling loop forever (atomic stores must become visible to
+//! loads "within a reasonable amount of time", C++ [atomics.order]), and every poll loop here
+//! also performs a volatile register read. What atomics do not give is ordering against the
+//! device; that comes from `Mmio::dma_rmb` after the register that announces the write.
 //!
 //! Reclamation: [`TableMemory::retire_table`] must delay reuse until no CPU can still be inside
 //! an engine call that saw the table. Today exactly one CPU runs IOMMU code (the boot CPU; vCPUs
 //! arrive with the guest issue), so once the caller's invalidation has completed no walker
-//! remains and the frame goes straight back. When secondary CPUs exist this becomes a per-CPU
-//! deferred list released at each CPU's next quiescent point (VM entry).
+//! remains and the frame goes straight back to the free list. When secondary CPUs exist this
+//! becomes a per-CPU deferred list released at each CPU's next quiescent point (VM entry).
 
-use super::frame::{FRAMES, PAGE_SIZE};
-use crate::arch;
+use super::frame::{FrameAllocator, PAGE_SIZE};
+use super::phys::{self, Frames};
 use core::sync::atomic::{AtomicU64, Ordering};
 use iommu::pgtable::{PhysAddr, TableMemory};
+use spin::Mutex;
 
 /// Frame-backed IOMMU memory.
 pub struct IommuMemory {
-    /// Table pages currently handed out (for leak checks in scenarios).
+    /// Table bytes currently handed out (for leak checks in scenarios).
     live: AtomicU64,
+    /// Atomic-only frames freed by the IOMMU code, reused before new frames are converted.
+    free: Mutex<FrameAllocator>,
 }
 
 impl IommuMemory {
     pub const fn new() -> Self {
         Self {
             live: AtomicU64::new(0),
+            free: Mutex::new(FrameAllocator::new()),
         }
     }
 
@@ -32,11 +51,17 @@ impl IommuMemory {
         self.live.load(Ordering::Relaxed)
     }
 
-    fn va(pa: PhysAddr, bytes: usize) -> usize {
-        // Only addresses this source handed out reach here; they are RAM in the direct map.
-        super::phys::frame_bytes_mut(pa, bytes as u64)
-            .expect("IOMMU table outside the direct map")
-            .as_mut_ptr() as usize
+    fn zero(pa: PhysAddr, bytes: u64) -> Option<()> {
+        for w in phys::atomic_u64s(pa, (bytes / 8) as usize).ok()? {
+            w.store(0, Ordering::Relaxed);
+        }
+        Some(())
+    }
+}
+
+impl Default for IommuMemory {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -48,8 +73,16 @@ impl TableMemory for IommuMemory {
         if !bytes.is_power_of_two() {
             return None;
         }
-        let pa = FRAMES.lock().alloc(bytes / PAGE_SIZE, bytes, u64::MAX)?;
-        super::phys::frame_bytes_mut(pa, bytes).ok()?.fill(0);
+        let reused = self.free.lock().alloc(bytes / PAGE_SIZE, bytes, u64::MAX);
+        let pa = match reused {
+            Some(pa) => {
+                Self::zero(pa, bytes)?;
+                pa
+            }
+            None => Frames::alloc(bytes / PAGE_SIZE, bytes, u64::MAX)?
+                .into_atomic()
+                .ok()?,
+        };
         self.live.fetch_add(bytes, Ordering::Relaxed);
         Some(pa)
     }
@@ -57,7 +90,7 @@ impl TableMemory for IommuMemory {
     fn free_table(&self, pa: PhysAddr, bytes: usize) {
         let bytes = (bytes as u64).max(PAGE_SIZE);
         self.live.fetch_sub(bytes, Ordering::Relaxed);
-        FRAMES.lock().free(pa, bytes / PAGE_SIZE);
+        self.free.lock().free(pa, bytes / PAGE_SIZE);
     }
 
     fn retire_table(&self, pa: PhysAddr, bytes: usize) {
@@ -66,11 +99,18 @@ impl TableMemory for IommuMemory {
     }
 
     fn table(&self, pa: PhysAddr, entries: usize) -> &[AtomicU64] {
-        super::phys::atomic_u64s(pa, entries).expect("IOMMU table outside the direct map")
+        phys::atomic_u64s(pa, entries).expect("IOMMU table outside atomic-only memory")
     }
 
     fn clean(&self, pa: PhysAddr, bytes: usize) {
-        arch::cache::clean(Self::va(pa, bytes), bytes);
+        phys::clean_atomic(pa, bytes as u64).expect("IOMMU table outside atomic-only memory");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl iommu::vtd::VtdMemory for IommuMemory {
+    fn store128(&self, pa: u64, lo: u64, hi: u64) {
+        phys::store128_atomic(pa, lo, hi).expect("VT-d entry outside atomic-only memory");
     }
 }
 

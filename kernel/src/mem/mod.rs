@@ -1,5 +1,6 @@
 //! Memory: the frame allocator, the heap, and the physical-access edge.
 
+pub mod dma;
 pub mod frame;
 pub mod heap;
 pub mod iommu_mem;
@@ -17,11 +18,20 @@ pub fn init(info: &BootInfo, dtb_len: u64) -> Result<(), &'static str> {
     frame::init(info, dtb_len);
     let free = frame::FRAMES.lock().free_bytes();
     let size = heap_size(free);
-    let pa = frame::FRAMES
-        .lock()
-        .alloc(size / frame::PAGE_SIZE, 2 << 20, u64::MAX)
-        .ok_or("no physical memory for the heap")?;
-    let bytes = phys::frame_bytes_mut(pa, size).map_err(|_| "heap outside the direct map")?;
-    heap::init(bytes.as_mut_ptr() as usize, bytes.len());
+    let bytes = phys::Frames::alloc(size / frame::PAGE_SIZE, 2 << 20, u64::MAX)
+        .ok_or("no physical memory for the heap")?
+        .leak();
+    if !heap::init(bytes) {
+        return Err("heap initialised twice");
+    }
+    let ram_end = info
+        .memory_regions()
+        .iter()
+        .filter(|r| r.kind == boot::MemoryKind::Usable)
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0)
+        .min(crate::arch::direct_map_limit());
+    phys::init_atomic(ram_end).map_err(|_| "no physical memory for the IOMMU-memory bitmap")?;
     Ok(())
 }

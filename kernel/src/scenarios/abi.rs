@@ -6,9 +6,9 @@
 
 use super::{Checks, DMA_POLLS, EduDevice, find_edu};
 use crate::discovery::{Platform, Unit};
-use crate::mem::frame::{FRAMES, PAGE_SIZE};
+use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
-use crate::mem::phys::{self, MmioRegion};
+use crate::mem::phys::{Frames, MmioRegion};
 use crate::println;
 use alloc::format;
 use alloc::string::String;
@@ -74,11 +74,10 @@ fn run_flow<H: IommuHw>(backend: H, dev: &EduDevice, hw_id: u64) -> Result<(), S
         .map_err(|e| format!("create_guest: {e:?}"))?;
     fd.assign_device(g, 0)
         .map_err(|e| format!("assign_device: {e:?}"))?;
-    let pa = FRAMES
-        .lock()
-        .alloc(FLOW_MEMORY.div_ceil(PAGE_SIZE), PAGE_SIZE, u64::MAX)
+    let mut frames = Frames::alloc(FLOW_MEMORY.div_ceil(PAGE_SIZE), PAGE_SIZE, u64::MAX)
         .ok_or("out of frames")?;
-    let bytes = phys::frame_bytes_mut(pa, FLOW_MEMORY).map_err(|e| format!("{e}"))?;
+    let pa = frames.pa();
+    let bytes = &mut frames.bytes_mut()[..FLOW_MEMORY as usize];
     // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this buffer.
     let gm = SliceMemory::new(pa, pa, bytes);
     dma_flow(&mut fd, g, &gm, hw_id, &mut EduDma(dev), &mut |l| {
@@ -87,7 +86,7 @@ fn run_flow<H: IommuHw>(backend: H, dev: &EduDevice, hw_id: u64) -> Result<(), S
     .map_err(|e| format!("step {:?} failed with errno {}", e.step, e.errno))?;
     fd.destroy_guest(g)
         .map_err(|e| format!("destroy_guest: {e:?}"))?;
-    FRAMES.lock().free(pa, FLOW_MEMORY.div_ceil(PAGE_SIZE));
+    frames.free();
     Ok(())
 }
 

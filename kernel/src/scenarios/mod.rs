@@ -88,27 +88,20 @@ pub fn find_edu(platform: &Platform, dma_mask: u64) -> Result<EduDevice, String>
 /// few thousand polls under `-icount`), so this bound is generous, never infinite.
 pub const DMA_POLLS: u32 = 50_000_000;
 
-/// A physically contiguous DMA buffer from the frame allocator, zeroed.
-pub struct Buffer {
-    pub pa: u64,
-    pub bytes: &'static mut [u8],
-}
+/// A physically contiguous DMA buffer from the frame allocator, zeroed: the device writes it,
+/// so it is only reached through volatile accessors (see `mem::dma`).
+pub type Buffer = crate::mem::dma::DmaBuffer;
 
 pub fn buffer(len: u64, align: u64) -> Result<Buffer, String> {
-    use crate::mem::frame::{FRAMES, PAGE_SIZE};
-    let pa = FRAMES
-        .lock()
-        .alloc(len.div_ceil(PAGE_SIZE), align, u64::MAX)
-        .ok_or("out of frames")?;
-    let bytes = crate::mem::phys::frame_bytes_mut(pa, len).map_err(|e| alloc::format!("{e}"))?;
-    bytes.fill(0);
-    Ok(Buffer { pa, bytes })
+    Buffer::alloc(len, align).ok_or_else(|| "out of frames".into())
 }
 
-/// A recognisable byte pattern, different per seed.
+/// A recognisable byte pattern, different per seed, into ordinary memory (DMA buffers have
+/// [`Buffer::fill_pattern`], which writes the same bytes).
+#[allow(dead_code, reason = "for scenarios that fill plain memory")]
 pub fn pattern(seed: u8, out: &mut [u8]) {
     for (i, b) in out.iter_mut().enumerate() {
-        *b = seed.wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8;
+        *b = crate::mem::dma::pattern_byte(seed, i);
     }
 }
 

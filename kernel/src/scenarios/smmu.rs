@@ -9,7 +9,7 @@
 //! descriptors back from the stage-2 table the SMMU walks, found from the stream table base read
 //! back from its registers (see `hw_ste`, `hw_s2_leaf`).
 
-use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern};
+use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu};
 use crate::discovery::{Platform, Unit};
 use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
@@ -56,11 +56,11 @@ fn round_trip(
     len: usize,
     seed: u8,
 ) -> Result<(), String> {
-    pattern(seed, &mut buf.bytes[..len]);
-    buf.bytes[back as usize..back as usize + len].fill(0);
+    buf.fill_pattern(0..len, seed);
+    buf.fill(back as usize..back as usize + len, 0);
     dma_to_device(dev, iova, len)?;
     dma_from_device(dev, iova + back, len)?;
-    if buf.bytes[back as usize..back as usize + len] != buf.bytes[..len] {
+    if !buf.same(back as usize, 0, len) {
         return Err(format!("bytes written back through {iova:#x} differ"));
     }
     Ok(())
@@ -140,15 +140,15 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         .and_then(|ev| stage2_at(&ev, IOVA_UNMAPPED)),
     );
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
-    pattern(0x11, b.bytes);
-    let untouched = b.bytes.to_vec();
+    b.fill_pattern(0..b.len(), 0x11);
+    let untouched = snapshot(&b);
     unit.map(mem, &s2, IOVA_RO, b.pa, PAGE_SIZE, Prot::READ)
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
         expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Permission).and_then(|ev| {
             stage2_at(&ev, IOVA_RO)?;
-            whole_buffer_eq(b.bytes, &untouched)
+            whole_buffer_eq(&b, &untouched)
                 .map_err(|d| format!("the write reached read-only memory: {d}"))
         }),
     );
@@ -358,10 +358,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if config != 0b000 {
                 return Err(format!("abort wrote STE.Config {config:#05b}"));
             }
-            let untouched = p.bytes.to_vec();
+            let untouched = snapshot(&p);
             let before = unit.event_count(sid);
             dma_from_device(&dev, p.pa + 0x300, 32)?;
-            whole_buffer_eq(p.bytes, &untouched)
+            whole_buffer_eq(&p, &untouched)
                 .map_err(|d| format!("DMA reached memory with the stream set to abort: {d}"))?;
             let mut events = 0u32;
             let poll = unit.poll_events(&mut |ev| {
@@ -528,7 +528,7 @@ fn record_observed(checks: &mut Checks, name: &str, result: Result<String, Strin
 
 /// Compares the whole of `buf` with `expected`; on a difference, names the first differing
 /// offset (a check of one byte would miss a DMA that landed anywhere else).
-fn whole_buffer_eq(buf: &[u8], expected: &[u8]) -> Result<(), String> {
+fn whole_buffer_eq(buf: &Buffer, expected: &[u8]) -> Result<(), String> {
     if buf.len() != expected.len() {
         return Err(format!(
             "buffer is {:#x} bytes, expected {:#x}",
@@ -536,15 +536,22 @@ fn whole_buffer_eq(buf: &[u8], expected: &[u8]) -> Result<(), String> {
             expected.len()
         ));
     }
-    match buf.iter().zip(expected).position(|(a, b)| a != b) {
+    match buf.mismatch(0..buf.len(), |i| expected[i]) {
         None => Ok(()),
         Some(off) => Err(format!(
             "byte {off:#x} of {:#x} is {:#04x}, expected {:#04x}",
             buf.len(),
-            buf[off],
+            buf.read_u8(off),
             expected[off]
         )),
     }
+}
+
+/// A copy of the whole buffer, read through its volatile accessors.
+fn snapshot(buf: &Buffer) -> alloc::vec::Vec<u8> {
+    let mut v = alloc::vec![0; buf.len()];
+    buf.read(0, &mut v);
+    v
 }
 
 // ---------------------------------------------------------------------------------------------

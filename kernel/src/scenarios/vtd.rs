@@ -12,11 +12,11 @@
 //! model snooping), the check reads the entry back from table memory along the path the unit
 //! walks, starting from the root-table pointer read back from RTADDR_REG (see `hw_walk`).
 
-use super::{Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, pattern};
+use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu};
 use crate::discovery::{Platform, Unit};
 use crate::mem::frame::PAGE_SIZE;
-use crate::mem::iommu_mem::{IOMMU_MEMORY, IommuMemory};
-use crate::mem::phys::{self, MmioRegion};
+use crate::mem::iommu_mem::IOMMU_MEMORY;
+use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
@@ -35,15 +35,6 @@ const IOVA_RW: u64 = 0x0010_0000;
 const IOVA_RO: u64 = 0x0020_0000;
 const IOVA_SUPER: u64 = 0x0040_0000;
 const IOVA_UNMAPPED: u64 = 0x0def_0000;
-
-impl iommu::vtd::VtdMemory for IommuMemory {
-    fn store128(&self, pa: u64, lo: u64, hi: u64) {
-        let va = phys::frame_bytes_mut(pa, 16)
-            .expect("context entry outside the direct map")
-            .as_mut_ptr();
-        crate::arch::cache::store128(va as usize, lo, hi);
-    }
-}
 
 fn e(err: VtdError) -> String {
     format!("{err}")
@@ -137,13 +128,13 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     unit.map(mem, &d1, IOVA_RW, a.pa, PAGE_SIZE, Prot::READ | Prot::WRITE)
         .map_err(e)?;
     unit.attach_aliases(mem, &sids, None, &d1).map_err(e)?;
-    pattern(0x5a, &mut a.bytes[..256]);
+    a.fill_pattern(0..256, 0x5a);
     checks.record(
         "dma-both-directions",
         (|| {
             dma_to_device(&dev, IOVA_RW, 256)?;
             dma_from_device(&dev, IOVA_RW + 0x800, 256)?;
-            if a.bytes[0x800..0x900] != a.bytes[..256] {
+            if !a.same(0x800, 0, 256) {
                 return Err("bytes read back through the IOVA differ from what was written".into());
             }
             Ok(())
@@ -159,14 +150,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
 
     // 3. A read-only mapping makes a device write fault, and not one byte of the page changes.
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
-    pattern(0x11, b.bytes);
-    let untouched = b.bytes.to_vec();
+    b.fill_pattern(0..b.len(), 0x11);
+    let untouched = snapshot(&b);
     unit.map(mem, &d1, IOVA_RO, b.pa, PAGE_SIZE, Prot::READ)
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
         expect_fault(&mut unit, &dev, sid, IOVA_RO, true).and_then(|()| {
-            whole_buffer_eq(b.bytes, &untouched)
+            whole_buffer_eq(&b, &untouched)
                 .map_err(|d| format!("the write reached read-only memory: {d}"))
         }),
     );
@@ -238,11 +229,11 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                     last.level, last.entry
                 ));
             }
-            pattern(0x33, &mut big.bytes[off as usize..off as usize + 128]);
+            big.fill_pattern(off as usize..off as usize + 128, 0x33);
             dma_to_device(&dev, IOVA_SUPER + off, 128)?;
             dma_from_device(&dev, IOVA_SUPER + M2 - 0x1000, 128)?;
             let end = (M2 - 0x1000) as usize;
-            if big.bytes[end..end + 128] != big.bytes[off as usize..off as usize + 128] {
+            if !big.same(end, off as usize, 128) {
                 return Err("superpage DMA did not land where expected".into());
             }
             no_new_fault(&mut unit)?;
@@ -264,15 +255,15 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "replace-moves-dma",
         (|| {
             unit.replace_aliases(mem, &sids, None, &d2).map_err(e)?;
-            a.bytes.fill(0);
-            pattern(0x42, &mut c.bytes[..64]);
+            a.fill(0..a.len(), 0);
+            c.fill_pattern(0..64, 0x42);
             dma_to_device(&dev, IOVA_RW, 64)?;
             dma_from_device(&dev, IOVA_RW + 0x100, 64)?;
             no_new_fault(&mut unit)?;
-            if c.bytes[0x100..0x140] != c.bytes[..64] {
+            if !c.same(0x100, 0, 64) {
                 return Err("DMA did not land in the new domain".into());
             }
-            whole_buffer_eq(a.bytes, &vec![0; a.bytes.len()])
+            whole_buffer_eq(&a, &vec![0; a.len()])
                 .map_err(|d| format!("DMA reached the old domain's memory: {d}"))
         })(),
     );
@@ -326,10 +317,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                             leaf.entry
                         ));
                     }
-                    pattern(0x99, &mut d.bytes[..32]);
+                    d.fill_pattern(0..32, 0x99);
                     dma_to_device(&dev, IOVA_RW, 32)?;
                     dma_from_device(&dev, IOVA_RW + 0x200, 32)?;
-                    if d.bytes[0x200..0x220] != d.bytes[..32] {
+                    if !d.same(0x200, 0, 32) {
                         return Err("DMA through the coherent domain failed".into());
                     }
                     unit.replace_aliases(mem, &sids, None, &d2).map_err(e)?;
@@ -356,9 +347,9 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                             u8::from(set)
                         ));
                     }
-                    c.bytes[0x300..0x310].fill(0);
+                    c.fill(0x300..0x310, 0);
                     dma_from_device(&dev, IOVA_RW + 0x300, 16)?;
-                    if c.bytes[0x300..0x310] != c.bytes[..16] {
+                    if !c.same(0x300, 0, 16) {
                         return Err("the refused replace changed the device's domain".into());
                     }
                     Ok(format!(
@@ -536,7 +527,7 @@ fn record_observed(checks: &mut Checks, name: &str, result: Result<String, Strin
 
 /// Compares the whole of `buf` with `expected`; on a difference, names the first differing
 /// offset (a check of one byte would miss a DMA that landed anywhere else).
-fn whole_buffer_eq(buf: &[u8], expected: &[u8]) -> Result<(), String> {
+fn whole_buffer_eq(buf: &Buffer, expected: &[u8]) -> Result<(), String> {
     if buf.len() != expected.len() {
         return Err(format!(
             "buffer is {:#x} bytes, expected {:#x}",
@@ -544,15 +535,22 @@ fn whole_buffer_eq(buf: &[u8], expected: &[u8]) -> Result<(), String> {
             expected.len()
         ));
     }
-    match buf.iter().zip(expected).position(|(a, b)| a != b) {
+    match buf.mismatch(0..buf.len(), |i| expected[i]) {
         None => Ok(()),
         Some(off) => Err(format!(
             "byte {off:#x} of {:#x} is {:#04x}, expected {:#04x}",
             buf.len(),
-            buf[off],
+            buf.read_u8(off),
             expected[off]
         )),
     }
+}
+
+/// A copy of the whole buffer, read through its volatile accessors.
+fn snapshot(buf: &Buffer) -> alloc::vec::Vec<u8> {
+    let mut v = alloc::vec![0; buf.len()];
+    buf.read(0, &mut v);
+    v
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,15 +12,19 @@ fn dcache_line() -> usize {
 
 /// Cleans `[va, va + len)` to the point of coherency (DC CVAC) and waits for completion (DSB),
 /// so a walker that does not snoop the caches sees the data.
-pub fn clean(va: usize, len: usize) {
+///
+/// # Safety
+/// `[va, va + len)` must be mapped memory. DC CVAC does not change memory contents, so no
+/// reference to the range is needed or created; an unmapped line would fault.
+pub unsafe fn clean(va: *const u8, len: usize) {
     if len == 0 {
         return;
     }
+    let va = va as usize;
     let step = dcache_line();
     let mut line = va & !(step - 1);
     while line < va + len {
-        // SAFETY: DC CVAC on a mapped address (the caller's own IOMMU tables in the direct map)
-        // only affects cache state.
+        // SAFETY: DC CVAC on a mapped address (the caller's contract) only affects cache state.
         unsafe { core::arch::asm!("dc cvac, {}", in(reg) line, options(nostack, preserves_flags)) };
         line += step;
     }

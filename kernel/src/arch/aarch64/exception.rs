@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 pub struct ExceptionFrame {
     /// x0-x30 at the time of the exception.
     x: [u64; 31],
-    /// SP_EL2 before the exception pushed this frame.
+    /// SP_EL2 before the exception pushed this frame (the exception stack).
     sp: u64,
     elr: u64,
     spsr: u64,
@@ -23,7 +23,9 @@ pub struct ExceptionFrame {
     far: u64,
     /// Index 0-15 of the vector taken.
     vector: u64,
-    _pad: u64,
+    /// SP_EL0: the interrupted code's stack when it ran with SPSel = 0 (vectors 0-3), which is
+    /// how the hypervisor normally runs (the boot stack; see `boot::aarch64`).
+    sp_el0: u64,
 }
 
 const FRAME_SIZE: usize = core::mem::size_of::<ExceptionFrame>();
@@ -85,7 +87,8 @@ global_asm!(
     "    mrs     x1, esr_el2",
     "    mrs     x2, far_el2",
     "    stp     x1, x2, [sp, #272]",
-    "    str     x0, [sp, #288]",
+    "    mrs     x1, sp_el0",
+    "    stp     x0, x1, [sp, #288]",
     "    mov     x0, sp",
     "    bl      {handler}",
     "1:  wfe",
@@ -164,7 +167,23 @@ extern "C" fn el2_exception(frame: &ExceptionFrame) -> ! {
         }
         print(format_args!("\n"));
     }
-    print(format_args!("  SP       {:#018x}\n", frame.sp));
+    // Vectors 0-3 ("current EL with SP_EL0") interrupted code running on SP_EL0.
+    let interrupted_sp = if frame.vector < 4 {
+        frame.sp_el0
+    } else {
+        frame.sp
+    };
+    print(format_args!("  SP       {interrupted_sp:#018x}\n"));
+    // A data abort in a guard page (or with SP inside one) is a stack overflow: say which.
+    let guard = boot::aarch64::stack_guards().into_iter().find(|&(_, g)| {
+        let page = g..g + 4096;
+        (far_valid(ec, iss) && page.contains(&frame.far)) || page.contains(&interrupted_sp)
+    });
+    if let Some((stack, g)) = guard {
+        print(format_args!(
+            "hypervisor: stack overflow: the {stack} stack ran into its guard page at {g:#x}\n"
+        ));
+    }
     print(format_args!(
         "hypervisor: exit status {}\n",
         crate::EXIT_FAILURE

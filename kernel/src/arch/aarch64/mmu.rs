@@ -61,10 +61,12 @@ pub fn init_direct_map(info: &BootInfo) {
     // TTBR0_EL2 still points at the boot table, so the MMU is not reading the pool yet.
     let tables = unsafe { &mut *POOL.0.get() };
     let tables_pa = tables.as_ptr() as u64;
-    let stats = map::build(
+    let guards = boot::aarch64::stack_guards().map(|(_, g)| g);
+    let stats = map::build_with_guards(
         normal,
         limit,
         info.image_start..info.image_end,
+        &guards,
         tables,
         tables_pa,
     )
@@ -91,9 +93,11 @@ pub fn init_direct_map(info: &BootInfo) {
         ));
     }
     log::info!(
-        "aarch64: direct map 0..{limit:#x} identity, {} MiB Normal in {n} ranges, {} tables{}",
+        "aarch64: direct map 0..{limit:#x} identity, {} MiB Normal in {n} ranges, {} tables, {} stack guard pages unmapped{}",
         stats.normal_bytes >> 20,
         stats.tables_used,
+        // Checked through the live tables, not taken from the request.
+        guards.iter().filter(|&&g| attributes(g).is_none()).count(),
         if stats.degraded_blocks > 0 {
             " (some 2 MiB RAM blocks mapped Device: table pool full)"
         } else {

@@ -38,6 +38,12 @@ pub fn console_init(info: &BootInfo) {
     uart::init(info);
 }
 
+/// The console's register window (physical = identity address, size), for the physical-memory
+/// ledger: it is MMIO the console writes without going through `mem::phys`.
+pub fn console_mmio() -> Option<(u64, u64)> {
+    uart::base().map(|b| (b, 0x1000))
+}
+
 /// Writes bytes to the boot console (polled; safe from exception context).
 pub fn console_write(bytes: &[u8]) {
     uart::write(bytes);

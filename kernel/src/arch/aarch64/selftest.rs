@@ -10,6 +10,7 @@
 //! | `undef`     | UDF (permanently undefined): EC 0x00 "Unknown reason"                       |
 //! | `dabort`    | load from `direct_map_limit()`: EC 0x25, translation fault, FAR = address   |
 //! | `panic`     | the panic path rather than an exception                                     |
+//! | `stack-overflow` | recursion into the boot stack's guard page: reported as a stack overflow |
 //! | `directmap` | `phys_to_virt` bounds; the MMU sees the image Normal and the UART/top Device |
 
 use core::arch::asm;
@@ -23,7 +24,7 @@ pub fn selftest(name: &str) {
             crate::finish(crate::EXIT_FAILURE)
         }
         None => log::warn!(
-            "selftest: unknown test {name:?} (known: brk, undef, dabort, panic, directmap)"
+            "selftest: unknown test {name:?} (known: brk, undef, dabort, panic, stack-overflow, directmap)"
         ),
     }
 }
@@ -44,6 +45,9 @@ fn run(name: &str) -> Option<Result<(), &'static str>> {
             unsafe { asm!("ldr {0}, [{0}]", inout(reg) va => _, options(nostack, readonly)) };
         }
         "panic" => panic!("selftest: deliberate panic"),
+        "stack-overflow" => {
+            crate::arch::overflow_stack(0);
+        }
         "directmap" => return Some(direct_map()),
         _ => return None,
     }

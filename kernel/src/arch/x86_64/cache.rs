@@ -6,14 +6,19 @@ const LINE: usize = 64;
 
 /// Writes back (and invalidates) every cache line of `[va, va + len)` so a walker that does not
 /// snoop the caches (VT-d ECAP.C = 0) sees the data, and waits for that to complete.
-pub fn clean(va: usize, len: usize) {
+///
+/// # Safety
+/// `[va, va + len)` must be mapped memory. CLFLUSH does not change memory contents, so no
+/// reference to the range is needed or created; an unmapped line would fault.
+pub unsafe fn clean(va: *const u8, len: usize) {
     if len == 0 {
         return;
     }
+    let va = va as usize;
     let mut line = va & !(LINE - 1);
     while line < va + len {
-        // SAFETY: CLFLUSH only affects cache state of a mapped address (the caller passes direct-
-        // map addresses of its own IOMMU tables); it cannot fault on a mapped, readable line.
+        // SAFETY: CLFLUSH only affects the cache state of a mapped line (the caller's contract);
+        // it cannot fault on a mapped, readable line.
         unsafe {
             core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
         };
@@ -27,13 +32,19 @@ pub fn clean(va: usize, len: usize) {
 /// Stores 16 bytes at `va` (16-byte aligned) as one single-copy-atomic write with LOCK
 /// CMPXCHG16B (SDM vol 2), so an IOMMU walking a VT-d context or PASID entry sees the old or the
 /// new entry, never half of each.
-pub fn store128(va: usize, lo: u64, hi: u64) {
+///
+/// # Safety
+/// `dst` must be a 16-byte aligned, mapped, writable address of memory that is only ever
+/// accessed atomically (an IOMMU table entry), so this atomic read-modify-write cannot race with
+/// a non-atomic access or alias a `&mut`.
+pub unsafe fn store128(dst: *mut u8, lo: u64, hi: u64) {
+    let va = dst as usize;
     assert!(va.is_multiple_of(16), "store128 at unaligned {va:#x}");
     let (mut cur_lo, mut cur_hi) = (0u64, 0u64);
     loop {
         let ok: u8;
-        // SAFETY: `va` is a 16-byte aligned direct-map address of an IOMMU table entry owned by
-        // the caller. RBX is reserved by LLVM, so the new low half is swapped into it around the
+        // SAFETY: the caller's contract: `va` is a 16-byte aligned, mapped address of atomic-only
+        // memory. RBX is reserved by LLVM, so the new low half is swapped into it around the
         // instruction. On failure CMPXCHG16B loads the current value into RDX:RAX and we retry
         // with it, so the loop ends after at most one retry unless another CPU keeps writing.
         unsafe {

@@ -328,6 +328,20 @@ fn report(f: &TrapFrame) {
         out!("  (handler on IST{n})");
     }
     out!("\n");
+    // A #PF on a guard page, or a #DF because the #PF could not even push its frame there (SDM
+    // §6.15 Table 6-5), is a stack overflow: say which stack.
+    if vector == 14 || vector == 8 {
+        let cr2 = Cr2::read_raw();
+        let guard = super::stack_guards().into_iter().find(|&(_, g)| {
+            let page = g..g + super::gdt::GUARD_SIZE as u64;
+            page.contains(&cr2) || page.contains(&f.rsp)
+        });
+        if let Some((stack, g)) = guard {
+            out!(
+                "*** stack overflow: the {stack} stack ran into its guard page at {g:#x} (CR2 {cr2:#x})\n"
+            );
+        }
+    }
     let regs = [
         ("RAX", f.rax),
         ("RBX", f.rbx),

@@ -22,24 +22,32 @@ pub const IST_NMI: u8 = 2;
 pub const IST_MACHINE_CHECK: u8 = 3;
 
 const IST_STACK_SIZE: usize = 16 * 1024;
+/// One 4 KiB page below every stack that `paging` leaves unmapped, so an overflow faults.
+pub const GUARD_SIZE: usize = 4096;
 
-/// A stack the CPU switches to; only ever accessed by hardware and the exception stubs.
-#[repr(C, align(16))]
-struct IstStack(UnsafeCell<[u8; IST_STACK_SIZE]>);
+/// A guard page followed by a stack the CPU switches to; only ever accessed by hardware and the
+/// exception stubs. Page-aligned so the guard is exactly one page `paging` can unmap.
+#[repr(C, align(4096))]
+struct IstStack(UnsafeCell<([u8; GUARD_SIZE], [u8; IST_STACK_SIZE])>);
 
-// SAFETY: Rust code never reads or writes the array; only its address is taken, and the CPU uses
-// the memory as a stack for one exception at a time per slot.
+// SAFETY: Rust code never reads or writes the arrays; only their addresses are taken, and the CPU
+// uses the memory as a stack for one exception at a time per slot (the guard not at all).
 unsafe impl Sync for IstStack {}
 
 impl IstStack {
     const fn new() -> Self {
-        Self(UnsafeCell::new([0; IST_STACK_SIZE]))
+        Self(UnsafeCell::new(([0; GUARD_SIZE], [0; IST_STACK_SIZE])))
+    }
+
+    /// The guard page's address (the lowest page of the object).
+    fn guard(&self) -> u64 {
+        self.0.get() as u64
     }
 
     /// The initial RSP: one past the highest byte, 16-byte aligned (the CPU aligns RSP to 16
     /// before pushing an interrupt frame anyway, SDM §6.14.2).
     fn top(&self) -> VirtAddr {
-        VirtAddr::new(self.0.get() as u64 + IST_STACK_SIZE as u64)
+        VirtAddr::new(self.0.get() as u64 + (GUARD_SIZE + IST_STACK_SIZE) as u64)
     }
 }
 
@@ -89,6 +97,15 @@ pub fn init() -> SegmentSelector {
 }
 
 /// The IST stack ranges, for the exception report ("which stack was I on").
+/// The guard page under each IST stack: (IST index, guard address).
+pub fn ist_guards() -> [(u8, u64); 3] {
+    [
+        (IST_DOUBLE_FAULT, DOUBLE_FAULT_STACK.guard()),
+        (IST_NMI, NMI_STACK.guard()),
+        (IST_MACHINE_CHECK, MACHINE_CHECK_STACK.guard()),
+    ]
+}
+
 pub fn ist_stacks() -> [(u8, u64, u64); 3] {
     let range = |n: u8, s: &IstStack| {
         (

@@ -133,10 +133,20 @@ fn log_boot_notes(info: &BootInfo) {
 /// Builds the hypervisor's page tables (identity 0-4 GiB + direct map, see [`paging`]) and
 /// switches to them. Call once, after `init_cpu`, before [`phys_to_virt`] is used.
 pub fn init_direct_map(info: &BootInfo) {
-    let Some(r) = paging::init(info, has_1g_pages()) else {
+    let guards = stack_guards().map(|(_, g)| g);
+    let Some(r) = paging::init(info, has_1g_pages(), &guards) else {
         log::warn!("x86_64: init_direct_map called twice; ignored");
         return;
     };
+    if r.guards_unmapped == guards.len() {
+        log::info!("x86_64: {} stack guard pages unmapped", r.guards_unmapped);
+    } else {
+        log::warn!(
+            "x86_64: only {} of {} stack guard pages could be unmapped",
+            r.guards_unmapped,
+            guards.len()
+        );
+    }
     log::info!(
         "x86_64: direct map [0, {:#x}) at {:#x} (memory map ends at {:#x}) with {} pages ({} page directories, {} UC granules), NX {}",
         r.limit,
@@ -164,6 +174,22 @@ pub fn init_direct_map(info: &BootInfo) {
             "x86_64: page-directory pool exhausted; some mixed GiBs mapped write-back as 1 GiB pages"
         );
     }
+}
+
+/// The console's register window, for the physical-memory ledger: none (COM1 is port I/O).
+pub fn console_mmio() -> Option<(u64, u64)> {
+    None
+}
+
+/// Every stack's guard page (unmapped by `init_direct_map`): which stack, and the page address.
+pub fn stack_guards() -> [(&'static str, u64); 4] {
+    let [(_, df), (_, nmi), (_, mc)] = gdt::ist_guards();
+    [
+        ("boot", boot::x86_64::boot_stack().0),
+        ("IST1 (#DF)", df),
+        ("IST2 (NMI)", nmi),
+        ("IST3 (#MC)", mc),
+    ]
 }
 
 /// End (exclusive) of the physical range the direct map covers; 0 before `init_direct_map`.

@@ -68,7 +68,17 @@ struct Tables {
     /// 4 KiB pages for the first 2 MiB.
     low_pt: Table,
     pds: [Table; POOL_PDS],
+    /// 4 KiB page tables for 2 MiB pages split around a stack guard page.
+    guard_pts: [Table; GUARD_PTS],
 }
+
+/// Page tables for splitting 2 MiB pages that hold stack guard pages (the boot stack and the
+/// three IST stacks live in the image, at most a few 2 MiB pages).
+const GUARD_PTS: usize = 4;
+
+/// Address bits of a 2 MiB leaf (SDM Table 4-17) and of a table pointer or 4 KiB leaf.
+const ADDR_2M: u64 = 0x000f_ffff_ffe0_0000;
+const ADDR_4K: u64 = 0x000f_ffff_ffff_f000;
 
 struct TableStore(UnsafeCell<Tables>);
 
@@ -83,6 +93,7 @@ static TABLES: TableStore = TableStore(UnsafeCell::new(Tables {
     direct_pdpt: EMPTY,
     low_pt: EMPTY,
     pds: [EMPTY; POOL_PDS],
+    guard_pts: [EMPTY; GUARD_PTS],
 }));
 
 /// End (exclusive) of the direct map; 0 until [`init`] ran.
@@ -172,6 +183,8 @@ pub struct Report {
     pub pds_used: usize,
     pub uc_granules: usize,
     pub pool_exhausted: bool,
+    /// Stack guard pages left unmapped (of those asked for).
+    pub guards_unmapped: usize,
 }
 
 /// End of the highest RAM-like region, at least 4 GiB so the MMIO below 4 GiB (LAPIC, IOAPIC,
@@ -196,7 +209,7 @@ pub fn memory_map_end(info: &BootInfo) -> u64 {
 }
 
 /// Builds the identity and direct maps and switches CR3 to them. Returns `None` if already done.
-pub fn init(info: &BootInfo, huge_1g: bool) -> Option<Report> {
+pub fn init(info: &BootInfo, huge_1g: bool, guards: &[u64]) -> Option<Report> {
     if limit() != 0 {
         return None;
     }
@@ -223,6 +236,7 @@ pub fn init(info: &BootInfo, huge_1g: bool) -> Option<Report> {
         pds_used: 0,
         uc_granules: 0,
         pool_exhausted: false,
+        guards_unmapped: 0,
     };
 
     for gib in 0..limit / GIB {
@@ -256,6 +270,12 @@ pub fn init(info: &BootInfo, huge_1g: bool) -> Option<Report> {
         }
     }
     report.limit = limit;
+    let mut guard_pts_used = 0;
+    for &guard in guards {
+        if unmap_guard(t, guard, &mut guard_pts_used) {
+            report.guards_unmapped += 1;
+        }
+    }
     t.pml4.0[0] = table_address(&t.identity_pdpt) | P | RW;
     t.pml4.0[(DIRECT_MAP_BASE >> 39) & 511] = table_address(&t.direct_pdpt) | P | RW | xd;
 
@@ -292,6 +312,62 @@ fn fill_pd(pd: &mut Table, low_pt: &mut Table, base: u64, ram: &RamRanges, repor
         }
         report.uc_granules += usize::from(class == Class::NoRam);
         *entry = pa | P | RW | PS | memory_type(class);
+    }
+}
+
+/// The table at physical address `pa` among the ones this module owns (a page directory or a
+/// 4 KiB page table).
+fn table_at(t: &mut Tables, pa: u64) -> Option<&mut Table> {
+    core::iter::once(&mut t.low_pt)
+        .chain(t.pds.iter_mut())
+        .chain(t.guard_pts.iter_mut())
+        .find(|table| table_address(table) == pa)
+}
+
+/// Leaves the 4 KiB page at `va` (an identity-mapped image address below 4 GiB) unmapped, splitting
+/// its 2 MiB page into 4 KiB pages first; the direct map shares these page directories, so the
+/// page is unmapped there too (nothing but a stack overflow ever touches it). Returns whether it
+/// worked: it cannot under a 1 GiB leaf or once the split tables run out.
+fn unmap_guard(t: &mut Tables, va: u64, pts_used: &mut usize) -> bool {
+    if va >= 4 * GIB || !va.is_multiple_of(KIB4) {
+        return false;
+    }
+    let pdpte = t.identity_pdpt.0[(va / GIB) as usize];
+    if pdpte & P == 0 || pdpte & PS != 0 {
+        return false;
+    }
+    let pd_index = ((va / MIB2) % 512) as usize;
+    let Some(pd) = table_at(t, pdpte & ADDR_4K) else {
+        return false;
+    };
+    let pde = pd.0[pd_index];
+    if pde & P == 0 {
+        return false;
+    }
+    let pt_pa = if pde & PS != 0 {
+        let Some(pt) = t.guard_pts.get_mut(*pts_used) else {
+            return false;
+        };
+        *pts_used += 1;
+        // Same frames, same memory type (PCD/PWT; the PAT bit is not used), 4 KiB at a time.
+        let flags = pde & (P | RW | PWT | PCD);
+        for (j, pte) in pt.0.iter_mut().enumerate() {
+            *pte = ((pde & ADDR_2M) + j as u64 * KIB4) | flags;
+        }
+        let pt_pa = table_address(pt);
+        if let Some(pd) = table_at(t, pdpte & ADDR_4K) {
+            pd.0[pd_index] = pt_pa | P | RW;
+        }
+        pt_pa
+    } else {
+        pde & ADDR_4K
+    };
+    match table_at(t, pt_pa) {
+        Some(pt) => {
+            pt.0[((va / KIB4) % 512) as usize] = 0;
+            true
+        }
+        None => false,
     }
 }
 

@@ -14,6 +14,7 @@
 //! | `df`        | #DF on its IST stack: a #PF that cannot push its frame (dead stack)       |
 //! | `nmi`, `mc` | the NMI / #MC gates and their IST stacks (via `int 2` / `int 18`)         |
 //! | `panic`     | the panic path rather than an exception                                   |
+//! | `stack-overflow` | recursion into the boot stack's guard page: #DF reports "stack overflow" |
 //! | `directmap` | direct-map reads match the identity map; bounds of `phys_to_virt`         |
 
 use core::arch::asm;
@@ -30,7 +31,7 @@ pub fn selftest(name: &str) {
             crate::finish(crate::EXIT_FAILURE)
         }
         None => log::warn!(
-            "selftest: unknown test {name:?} (known: ud2, int3, de, gp, pf, df, nmi, mc, panic, directmap)"
+            "selftest: unknown test {name:?} (known: ud2, int3, de, gp, pf, df, nmi, mc, panic, stack-overflow, directmap)"
         ),
     }
 }
@@ -62,6 +63,9 @@ fn run(name: &str) -> Option<Result<(), &'static str>> {
         // SAFETY: a software interrupt through the #MC gate (IST3); no memory effect.
         "mc" => unsafe { asm!("int 18", options(nomem, nostack)) },
         "panic" => panic!("selftest: deliberate panic"),
+        "stack-overflow" => {
+            crate::arch::overflow_stack(0);
+        }
         "directmap" => return Some(direct_map()),
         _ => return None,
     }
