@@ -230,6 +230,11 @@ pub fn init(info: &BootInfo) {
     if let Some(dtb) = info.dtb {
         firmware(dtb, dtb.saturating_add(dtb_size(dtb)), &mut l);
     }
+    // Boot modules (guest images) are loader-provided data the hypervisor only reads; the frame
+    // allocator never hands them out (they are in-use RAM), so they may be viewed as firmware.
+    for m in info.modules() {
+        firmware(m.start, m.start.saturating_add(m.len), &mut l);
+    }
     // The console was set up before the ledger; its registers are MMIO, never firmware data.
     if let Some((base, size)) = arch::console_mmio() {
         let Ledger {

@@ -402,7 +402,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 let poll = unit.poll_events(&mut |ev| {
                     let page = IOVA_UNMAPPED + (seen % 16) * PAGE_SIZE;
                     if ev.kind != EventType::Translation
-                        || ev.stream_id != sid
+                        || !sids.contains(&ev.stream_id)
                         || ev.input_addr & !0xfff != page
                         || ev.read
                     {

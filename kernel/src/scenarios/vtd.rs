@@ -379,7 +379,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 let page = IOVA_UNMAPPED + (i % 16) * PAGE_SIZE;
                 dma_from_device(&dev, page, 8)?;
                 unit.poll_faults(&mut |r| {
-                    if r.source_id != sid || r.fault_info & !0xfff != page {
+                    // Behind a PCIe-to-PCI bridge the record carries the alias the bridge
+                    // used; it must still be one of the edu's (and `fault_count` below, which
+                    // counts by owner, proves the attribution).
+                    if !sids.contains(&r.source_id) || r.fault_info & !0xfff != page {
                         strays += 1;
                     }
                 });
@@ -414,7 +417,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 ));
             }
             let first = first.ok_or("no record drained")?;
-            if first.source_id != sid || first.fault_info & !0xfff != IOVA_UNMAPPED {
+            if !sids.contains(&first.source_id) || first.fault_info & !0xfff != IOVA_UNMAPPED {
                 return Err(format!("the one record is not the first fault: {first}"));
             }
             // The unit still works after the storm.
