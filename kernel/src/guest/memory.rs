@@ -10,7 +10,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::mem::frame::{FRAMES, PAGE_SIZE};
+use crate::mem::frame::PAGE_SIZE;
 use crate::mem::phys;
 
 /// A run of contiguous, zeroed frames owned by one object; freed (scrubbed) on drop.
@@ -21,34 +21,34 @@ use crate::mem::phys;
 /// hypervisor only copies bytes in and out and orders nothing else against them (a vCPU is
 /// stopped while its exit is handled; VMRUN/#VMEXIT are serializing).
 pub struct Frames {
-    pa: u64,
-    pages: u64,
-    words: &'static [AtomicU64],
+    /// `Some` until drop hands the token back to the allocator.
+    frames: Option<phys::Frames>,
 }
 
 impl Frames {
     /// `pages` zeroed frames aligned to `align` bytes, or `None` when memory is short.
     pub fn alloc(pages: u64, align: u64) -> Option<Frames> {
-        let pa = FRAMES.lock().alloc(pages, align, u64::MAX)?;
-        match phys::atomic_u64s(pa, (pages * PAGE_SIZE / 8) as usize) {
-            Ok(words) => {
-                let f = Frames { pa, pages, words };
-                f.fill(0);
-                Some(f)
-            }
-            Err(_) => {
-                FRAMES.lock().free(pa, pages);
-                None
-            }
-        }
+        let f = Frames {
+            frames: Some(phys::Frames::alloc(pages, align, u64::MAX)?),
+        };
+        f.fill(0);
+        Some(f)
+    }
+
+    fn token(&self) -> &phys::Frames {
+        self.frames.as_ref().expect("guest frames used after drop")
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        self.token().words()
     }
 
     pub fn pa(&self) -> u64 {
-        self.pa
+        self.token().pa()
     }
 
     pub fn len(&self) -> u64 {
-        self.pages * PAGE_SIZE
+        self.token().len()
     }
 
     /// Sets every byte to `byte`.
@@ -57,7 +57,7 @@ impl Frames {
     }
 
     fn fill(&self, word: u64) {
-        for w in self.words {
+        for w in self.words() {
             w.store(word, Relaxed);
         }
     }
@@ -66,7 +66,7 @@ impl Frames {
     pub fn read(&self, off: usize, out: &mut [u8]) {
         for (i, b) in out.iter_mut().enumerate() {
             let at = off + i;
-            *b = (self.words[at / 8].load(Relaxed) >> (8 * (at % 8))) as u8;
+            *b = (self.words()[at / 8].load(Relaxed) >> (8 * (at % 8))) as u8;
         }
     }
 
@@ -82,7 +82,7 @@ impl Frames {
             if n == 8 {
                 let mut v = [0u8; 8];
                 v.copy_from_slice(&data[i..i + 8]);
-                self.words[word].store(u64::from_le_bytes(v), Relaxed);
+                self.words()[word].store(u64::from_le_bytes(v), Relaxed);
             } else {
                 let mut mask = 0u64;
                 let mut bits = 0u64;
@@ -90,8 +90,8 @@ impl Frames {
                     mask |= 0xff << (8 * (shift + k));
                     bits |= u64::from(data[i + k]) << (8 * (shift + k));
                 }
-                let _ =
-                    self.words[word].fetch_update(Relaxed, Relaxed, |old| Some(old & !mask | bits));
+                let _ = self.words()[word]
+                    .fetch_update(Relaxed, Relaxed, |old| Some(old & !mask | bits));
             }
             i += n;
         }
@@ -103,7 +103,9 @@ impl Drop for Frames {
         // Scrub before the frames go back: the next owner may be another guest's RAM or a table
         // a device walks, and nothing of this owner's data may leak there.
         self.fill(0);
-        FRAMES.lock().free(self.pa, self.pages);
+        if let Some(f) = self.frames.take() {
+            f.free();
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use boot::BootInfo;
 use boot::guests::{Archive, EM_X86_64, ElfImage, GuestConfig};
 use hvabi::{errno, op, platform};
 
-use crate::mem::{frame::FRAMES, phys};
+use crate::mem::{frame::FRAMES, iommu_mem::IOMMU_MEMORY, phys};
 use crate::vcpu::svm::Svm;
 use crate::vcpu::{Backend, Event, Exit};
 use crate::{EXIT_FAILURE, EXIT_SUCCESS, arch, println};
@@ -177,7 +177,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         configs.len(),
         SLICE_TICKS / 1_000_000
     );
-    let free_before = FRAMES.lock().free_bytes();
+    let free_before = FRAMES.lock().free_bytes() + IOMMU_MEMORY.pooled_bytes();
     let mut guests: Vec<Guest<Svm>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
         match create(&mut backend, &mut iommu, c, &images) {
@@ -210,7 +210,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         "guests: {} preemption timer interrupts while guests ran",
         arch::apic::ticks() - ticks
     );
-    let free_after = FRAMES.lock().free_bytes();
+    let free_after = FRAMES.lock().free_bytes() + IOMMU_MEMORY.pooled_bytes();
     let exited = guests.len();
     if free_after == free_before {
         println!(

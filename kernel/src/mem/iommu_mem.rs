@@ -51,6 +51,12 @@ impl IommuMemory {
         self.live.load(Ordering::Relaxed)
     }
 
+    /// Atomic-only bytes waiting in this source's free list: memory that is free, but only for
+    /// IOMMU (and nested-paging) tables, so leak checks count it with the frame allocator's.
+    pub fn pooled_bytes(&self) -> u64 {
+        self.free.lock().free_bytes()
+    }
+
     fn zero(pa: PhysAddr, bytes: u64) -> Option<()> {
         for w in phys::atomic_u64s(pa, (bytes / 8) as usize).ok()? {
             w.store(0, Ordering::Relaxed);

@@ -363,6 +363,18 @@ impl Frames {
         unsafe { ptr::write_volatile((self.va() + offset) as *mut u8, value) }
     }
 
+    /// The frames as 64-bit atomics, for as long as the token is borrowed: the view for memory
+    /// that others write concurrently (a running guest's RAM, its control blocks).
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the token owns the frames (page aligned, so 8-byte aligned) and the direct map
+        // maps them read-write. The slice borrows the token, so it cannot outlive the ownership
+        // (`free` consumes the token) and cannot coexist with `bytes_mut`'s `&mut`; atomics
+        // tolerate the other shared accessors and concurrent writers.
+        unsafe {
+            core::slice::from_raw_parts(self.va() as *const AtomicU64, (self.len() / 8) as usize)
+        }
+    }
+
     /// Gives the frames back to the allocator.
     pub fn free(self) {
         super::frame::FRAMES.lock().free(self.pa, self.pages);
