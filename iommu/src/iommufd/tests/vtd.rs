@@ -543,3 +543,30 @@ fn vtd_scalable_dma_flow() {
     fd.destroy_guest(g).unwrap();
     assert_eq!(fd.hw().live_domains(), Some(0));
 }
+
+/// The consistency checker reads a device's translation from the unit's structures, not from
+/// the backend's record: a context entry cleared behind the object model's back is a
+/// violation (the backend's record still says attached).
+#[test]
+fn vtd_checker_reads_the_context_entries() {
+    let mut env = venv();
+    let a = env.id(0);
+    let mut c = env.c();
+    let ioas = c.ioas_alloc().unwrap();
+    c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+    c.attach(a, ioas).unwrap();
+    env.check();
+    let mem = env.fd.hw().mem();
+    env.fd.hw_mut().units_mut()[0]
+        .detach(mem, 0x0008, None)
+        .unwrap();
+    assert_eq!(
+        env.fd.hw().attachments().count(),
+        1,
+        "the record is unchanged"
+    );
+    let v = check(&env.fd, &[(env.g, &env.mem)]).unwrap_err();
+    assert_eq!(v.what, "member not on the group's domain");
+    assert_eq!(env.fd.hw().device_domain(0, None), None);
+    env.fd.destroy_guest(env.g).unwrap();
+}
