@@ -1,4 +1,4 @@
-//! [`IommuHw`] over the VT-d driver: one or more [`VtdUnit`]s, the devices behind them, and
+//! [`IommuHw`](super::hw::IommuHw) over the VT-d driver: one or more [`VtdUnit`]s, the devices behind them, and
 //! second-stage domains.
 //!
 //! * `domain_alloc`: a second-stage domain on the device's unit, 48-bit (4 levels) where
@@ -17,6 +17,9 @@
 //!     leaves every member blocked, as before. Between the two the device translates through
 //!     the new domain, which its guest asked for; no other guest's memory is reachable.
 //!     Commit of such a token has nothing left to do.
+//! * A device is a unit and its requester IDs: a [`VtdDevice`] has one; a
+//!   [`BackendDevice`] lists DMA aliases too, and every switch programs the context (or PASID)
+//!   entry of each, in the skeleton's order (`backend.rs`).
 //! * Dirty tracking is not offered yet (the driver has no harvest-and-invalidate entry point):
 //!   devices report no dirty capability and the dirty operations return `Unsupported`.
 //! * Nesting is not offered.
