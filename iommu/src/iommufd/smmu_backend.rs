@@ -1,5 +1,5 @@
-//! [`IommuHw`](super::hw::IommuHw) over the SMMUv3 driver: one or more [`SmmuUnit`]s, the streams (devices) behind
-//! them, and stage-2 domains.
+//! [`IommuHw`](super::hw::IommuHw) over the SMMUv3 driver: one or more [`SmmuUnit`]s, the
+//! streams (devices) behind them, and stage-2 domains.
 //!
 //! * A device is (unit index, StreamIDs): a [`SmmuDevice`] has one; a [`BackendDevice`] lists
 //!   every StreamID the device's DMA may carry, and every switch writes the STE of each. A domain is a stage-2 domain (IPA → PA: the guest's

@@ -1,5 +1,5 @@
-//! [`IommuHw`](super::hw::IommuHw) over the VT-d driver: one or more [`VtdUnit`]s, the devices behind them, and
-//! second-stage domains.
+//! [`IommuHw`](super::hw::IommuHw) over the VT-d driver: one or more [`VtdUnit`]s, the
+//! devices behind them, and second-stage domains.
 //!
 //! * `domain_alloc`: a second-stage domain on the device's unit, 48-bit (4 levels) where
 //!   CAP.SAGAW allows it, else 39-bit or 57-bit; `enforce_cc` becomes the driver's snoop
