@@ -291,9 +291,9 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
         x.domain.root()
     }
 
-    /// From RTADDR_REG (TTM selects the format): legacy root → context entry (VT-d 4.1 §9.1,
-    /// §9.3); scalable root → scalable context entry → PASID directory → PASID-table entry at
-    /// `pasid` or the context entry's RID_PASID (§9.2, §9.4-§9.6).
+    /// From RTADDR_REG (TTM selects the format): legacy root → context entry (VT-d 4.1
+    /// §9.1, §9.3); scalable root → scalable context entry → PASID directory → PASID-table
+    /// entry at `pasid` or the context entry's RID_PASID (§9.2, §9.4-§9.6).
     fn programmed(&self, rec: &BackendDevice<u16>, sid: u16, pasid: Option<u32>) -> Programmed {
         let Some(unit) = self.units.get(rec.unit) else {
             return Programmed::Other;
