@@ -65,6 +65,31 @@ fn unit_base(platform: &Platform, dev: &EduDevice) -> Result<(u64, u32), String>
     Ok((base, t.id))
 }
 
+/// The IDs the edu's DMA carries as its unit sees them (own first, then its DMA aliases, e.g.
+/// a PCIe-to-PCI bridge's) and its IOMMU group, from discovery.
+fn edu_ids_and_group(platform: &Platform, dev: &EduDevice) -> (alloc::vec::Vec<u32>, u32) {
+    platform
+        .devices
+        .iter()
+        .find(|d| d.segment == dev.segment && d.bdf == dev.bdf)
+        .map(|d| (d.ids.clone(), d.group as u32))
+        .unwrap_or_default()
+}
+
+/// The backend's ID list: `own`, then every further alias in `ids`.
+fn backend_ids<I: Copy + Default + PartialEq>(
+    own: I,
+    ids: &[u32],
+    conv: impl Fn(u32) -> I,
+) -> Result<iommu::iommufd::backend::Ids<I>, String> {
+    let mut list = iommu::iommufd::backend::Ids::one(own);
+    for &id in ids.iter().skip(1) {
+        list.push(conv(id))
+            .map_err(|_| String::from("edu has more DMA aliases than the backend holds"))?;
+    }
+    Ok(list)
+}
+
 /// Runs the flow on an `Iommufd` over `backend`, with one guest owning a frame-backed buffer.
 fn run_flow<H: IommuHw>(backend: H, dev: &EduDevice, hw_id: u64) -> Result<(), String> {
     let mut fd =
@@ -93,7 +118,8 @@ fn run_flow<H: IommuHw>(backend: H, dev: &EduDevice, hw_id: u64) -> Result<(), S
 
 #[cfg(target_arch = "x86_64")]
 fn flow(_info: &BootInfo, platform: &Platform) -> Result<(), String> {
-    use iommu::iommufd::vtd_backend::{self, VtdBackend, VtdDevice};
+    use iommu::iommufd::backend::BackendDevice;
+    use iommu::iommufd::vtd_backend::{self, VtdBackend};
     use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
     let mode = match _info.cmdline_value("vtd-mode") {
         Some("scalable") => TranslationMode::Scalable,
@@ -117,31 +143,44 @@ fn flow(_info: &BootInfo, platform: &Platform) -> Result<(), String> {
             .map_err(|e| format!("{e}"))?;
     }
     unit.enable_translation().map_err(|e| format!("{e}"))?;
-    let info = vtd_backend::device_info(&unit, sid, 1, 0);
+    let (aliases, group) = edu_ids_and_group(platform, &dev);
+    let info = vtd_backend::device_info(&unit, sid, group, 0);
+    let ids = backend_ids(sid, &aliases, |id| id as u16)?;
     let backend = VtdBackend::new(
         vec![unit],
         &IOMMU_MEMORY,
-        vec![VtdDevice { info, unit: 0, sid }],
+        vec![BackendDevice { info, unit: 0, ids }],
     );
-    println!("abi: VT-d backend, edu {} sid={sid:#06x}", dev.bdf);
+    println!(
+        "abi: VT-d backend, edu {} sid={sid:#06x} ids={:04x?}",
+        dev.bdf,
+        ids.as_slice()
+    );
     run_flow(backend, &dev, u64::from(sid))
 }
 
 #[cfg(target_arch = "aarch64")]
 fn flow(_info: &BootInfo, platform: &Platform) -> Result<(), String> {
-    use iommu::iommufd::smmu_backend::{self, SmmuBackend, SmmuDevice};
+    use iommu::iommufd::backend::BackendDevice;
+    use iommu::iommufd::smmu_backend::{self, SmmuBackend};
     use iommu::smmuv3::{SmmuUnit, UnitConfig};
     let dev = find_edu(platform, drivers::edu::DEFAULT_DMA_MASK)?;
     let (base, sid) = unit_base(platform, &dev)?;
     let mmio = MmioRegion::new(base, 0x2_0000).map_err(|e| format!("{e}"))?;
     let unit =
         SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default()).map_err(|e| format!("{e}"))?;
-    let info = smmu_backend::device_info(&unit, sid, 1, 0);
+    let (aliases, group) = edu_ids_and_group(platform, &dev);
+    let info = smmu_backend::device_info(&unit, sid, group, 0);
+    let ids = backend_ids(sid, &aliases, |id| id)?;
     let backend = SmmuBackend::new(
         vec![unit],
         &IOMMU_MEMORY,
-        vec![SmmuDevice { info, unit: 0, sid }],
+        vec![BackendDevice { info, unit: 0, ids }],
     );
-    println!("abi: SMMUv3 backend, edu {} sid={sid:#06x}", dev.bdf);
+    println!(
+        "abi: SMMUv3 backend, edu {} sid={sid:#06x} ids={:x?}",
+        dev.bdf,
+        ids.as_slice()
+    );
     run_flow(backend, &dev, u64::from(sid))
 }
