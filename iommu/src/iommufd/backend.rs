@@ -85,6 +85,18 @@ pub struct BackendDevice<I> {
     pub ids: Ids<I>,
 }
 
+/// What one hardware ID (or a PASID of it) translates through, as read back from the
+/// hardware's own structures (context / PASID entry, STE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Programmed {
+    /// DMA is blocked (no entry, entry not present, abort).
+    Blocked,
+    /// Translated by the page table rooted here.
+    Table(u64),
+    /// Neither: bypass, pass-through, another stage or format.
+    Other,
+}
+
 /// One live domain: which unit it was built on, how, and the driver's domain.
 pub struct DomainSlot<Dm> {
     pub unit: usize,
@@ -136,6 +148,18 @@ pub trait DriverOps {
     ) -> Result<u64, HwError>;
     fn translate(&self, dom: &DomainSlot<Self::Domain>, iova: u64) -> Option<HwTranslation>;
     fn mapped_bytes(&self, dom: &DomainSlot<Self::Domain>) -> u64;
+    /// The table root the hardware's entries hold for `dom` (what [`Self::programmed`]
+    /// reports for an ID attached to it).
+    fn domain_root(&self, dom: &DomainSlot<Self::Domain>) -> u64;
+    /// What `id` (`pasid`) of a device behind `rec.unit` translates through, read from the
+    /// hardware's structures (for the consistency checker and tests: a device's state is then
+    /// never taken from the skeleton's own record).
+    fn programmed(
+        &self,
+        rec: &BackendDevice<Self::Id>,
+        id: Self::Id,
+        pasid: Option<u32>,
+    ) -> Programmed;
 
     /// Checks of a switch of `rec` to `dom` of the driver's own, run after the unit check and
     /// before the coherency, dirty-tracking and PASID checks. Allocates nothing.
@@ -496,8 +520,30 @@ impl<D: DriverOps> IommuHw for Backend<D> {
         self.slot(d).map_or(0, |x| self.drv.mapped_bytes(x))
     }
 
+    /// Read back from the hardware: every ID of the device must translate through the same
+    /// live domain ([`HwDomain::UNKNOWN`] when an ID's entry points at no live domain, is
+    /// not a translation the object model makes, or when the IDs disagree), or all be
+    /// blocked (`None`).
     fn device_domain(&self, dev: HwDev, pasid: Option<u32>) -> Option<HwDomain> {
-        self.attached.get(&(dev, pasid)).copied()
+        let rec = self.devices.get(dev as usize)?;
+        let mut seen: Option<Option<HwDomain>> = None;
+        for &id in rec.ids.as_slice() {
+            let now = match self.drv.programmed(rec, id, pasid) {
+                Programmed::Blocked => None,
+                Programmed::Other => Some(HwDomain::UNKNOWN),
+                Programmed::Table(root) => Some(
+                    self.domains
+                        .iter()
+                        .position(|s| s.as_ref().is_some_and(|s| self.drv.domain_root(s) == root))
+                        .map_or(HwDomain::UNKNOWN, |i| HwDomain(i as u32)),
+                ),
+            };
+            match seen {
+                Some(prev) if prev != now => return Some(HwDomain::UNKNOWN),
+                _ => seen = Some(now),
+            }
+        }
+        seen.flatten()
     }
 
     fn live_domains(&self) -> Option<u32> {

@@ -38,6 +38,13 @@ pub type HwDev = u32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HwDomain(pub u32);
 
+impl HwDomain {
+    /// Never a live domain: what [`IommuHw::device_domain`] reports for a device the
+    /// hardware translates through something else (a stale or foreign table, bypass, or
+    /// aliases that disagree).
+    pub const UNKNOWN: HwDomain = HwDomain(u32::MAX);
+}
+
 /// Reserved regions a device may report.
 pub const MAX_RESERVED_PER_DEVICE: usize = 8;
 
@@ -247,7 +254,9 @@ pub trait IommuHw {
     fn translate(&self, d: HwDomain, iova: u64) -> Option<HwTranslation>;
     /// Bytes mapped in `d`.
     fn mapped_bytes(&self, d: HwDomain) -> u64;
-    /// The domain `dev` (`pasid`) translates through now, `None` when blocked.
+    /// The domain `dev` (`pasid`) translates through now, `None` when blocked. Backends read
+    /// it back from the hardware's structures (`backend.rs`), so the consistency checker
+    /// compares the object model with what the IOMMU walks.
     fn device_domain(&self, dev: HwDev, pasid: Option<u32>) -> Option<HwDomain>;
     /// Domains alive, if the backend counts them.
     fn live_domains(&self) -> Option<u32> {

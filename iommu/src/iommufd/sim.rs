@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids};
+use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids, Programmed};
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwReserved, HwTranslation,
     MAX_RESERVED_PER_DEVICE, Span,
@@ -263,9 +263,10 @@ pub enum DmaFault {
 pub struct SimOps {
     mem: SimMem,
     aperture_bits: Vec<u32>,
-    /// The model's device-context entries, per requester ID: what its DMA translates
-    /// through. Written by commit and detach only.
-    entries: BTreeMap<(u32, Option<u32>), HwDomain>,
+    /// The model's device-context entries, per requester ID (and PASID): the root of the
+    /// page table its DMA walks, as a hardware entry holds it. Written by commit and detach
+    /// only.
+    entries: BTreeMap<(u32, Option<u32>), PhysAddr>,
     fail: Option<Arc<FailNth>>,
     fail_prepare: Option<HwDev>,
     fail_prepare_id: Option<u32>,
@@ -381,6 +382,16 @@ impl DriverOps for SimOps {
         x.domain.pt.census(&self.mem).mapped
     }
 
+    fn domain_root(&self, x: &DomainSlot<SimDomain>) -> u64 {
+        x.domain.pt.root()
+    }
+
+    fn programmed(&self, _rec: &BackendDevice<u32>, id: u32, pasid: Option<u32>) -> Programmed {
+        self.entries
+            .get(&(id, pasid))
+            .map_or(Programmed::Blocked, |&root| Programmed::Table(root))
+    }
+
     fn prepare_id(
         &mut self,
         dev: HwDev,
@@ -412,12 +423,12 @@ impl DriverOps for SimOps {
         _rec: &BackendDevice<u32>,
         id: u32,
         pasid: Option<u32>,
-        d: HwDomain,
-        _x: &DomainSlot<SimDomain>,
+        _d: HwDomain,
+        x: &DomainSlot<SimDomain>,
         _blocked: bool,
     ) -> Result<(), HwError> {
         self.commits += 1;
-        self.entries.insert((id, pasid), d);
+        self.entries.insert((id, pasid), x.domain.pt.root());
         if self.fault_commit == Some(dev) {
             self.fault_commit = None;
             return Err(HwError::Fault);
@@ -556,7 +567,8 @@ impl Backend<SimOps> {
     }
 
     /// Emulated DMA carrying requester ID `id` (a device's own or one of its aliases),
-    /// translated through the model's entry for `id`, as the hardware would.
+    /// translated through the table the model's entry for `id` points at, as the hardware
+    /// would.
     pub fn dma_as(
         &mut self,
         id: u32,
@@ -564,16 +576,19 @@ impl Backend<SimOps> {
         iova: u64,
         write: bool,
     ) -> Result<u64, DmaFault> {
-        let d = *self
+        let root = *self
             .drv
             .entries
             .get(&(id, pasid))
             .ok_or(DmaFault::Blocked)?;
         let mem = &self.drv.mem;
+        // A table freed under a live entry would be a use-after-free in hardware; the model
+        // reports it as blocked and the checker as a device on no live domain.
         let dom = self
             .domains
-            .get_mut(d.0 as usize)
-            .and_then(Option::as_mut)
+            .iter_mut()
+            .flatten()
+            .find(|s| s.domain.pt.root() == root)
             .ok_or(DmaFault::Blocked)?;
         let t = dom
             .domain
@@ -590,9 +605,19 @@ impl Backend<SimOps> {
         Ok(t.pa)
     }
 
-    /// What requester ID `id` (`pasid`) translates through in the model's entries.
-    pub fn entry(&self, id: u32, pasid: Option<u32>) -> Option<HwDomain> {
+    /// The table root requester ID `id` (`pasid`) translates through in the model's
+    /// entries.
+    pub fn entry(&self, id: u32, pasid: Option<u32>) -> Option<PhysAddr> {
         self.drv.entries.get(&(id, pasid)).copied()
+    }
+
+    /// Overwrites the model's entry for `id` (`pasid`) behind the object model's back (`None`:
+    /// blocked), as a buggy driver or stray write would: for tests of the checker.
+    pub fn corrupt_entry(&mut self, id: u32, pasid: Option<u32>, root: Option<PhysAddr>) {
+        match root {
+            Some(r) => self.drv.entries.insert((id, pasid), r),
+            None => self.drv.entries.remove(&(id, pasid)),
+        };
     }
 
     /// Table pages held by live domains (a leak check: the pool holds nothing else).

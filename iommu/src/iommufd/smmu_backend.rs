@@ -38,7 +38,7 @@
 
 use alloc::vec::Vec;
 
-use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids};
+use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids, Programmed};
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwReserved, HwTranslation,
     MAX_RESERVED_PER_DEVICE, Span,
@@ -47,6 +47,7 @@ use crate::hw::Mmio;
 use crate::pgtable::format::arm_bits;
 use crate::pgtable::{MapError, Prot, TableMemory};
 use crate::smmuv3::domain::Kind;
+use crate::smmuv3::ste::StreamConfig;
 use crate::smmuv3::{Domain, SmmuError, SmmuUnit};
 
 pub use super::vtd_backend::with_reserved;
@@ -259,6 +260,29 @@ where
         match &x.domain.kind {
             Kind::S2 { table, .. } => table.census(self.mem).mapped,
             _ => 0,
+        }
+    }
+
+    fn domain_root(&self, x: &DomainSlot<Domain>) -> u64 {
+        x.domain.root()
+    }
+
+    /// The STE in the stream table (SMMUv3 §5.2): V and Config, and S2TTB for stage 2.
+    fn programmed(&self, rec: &BackendDevice<u32>, sid: u32, pasid: Option<u32>) -> Programmed {
+        let Some(unit) = self.units.get(rec.unit) else {
+            return Programmed::Other;
+        };
+        if pasid.is_some() {
+            return Programmed::Blocked;
+        }
+        match unit.ste(self.mem, sid) {
+            None => Programmed::Blocked,
+            Some(ste) if !ste.valid() => Programmed::Blocked,
+            Some(ste) => match ste.config() {
+                StreamConfig::Abort => Programmed::Blocked,
+                StreamConfig::S2 => Programmed::Table(ste.s2_ttb()),
+                _ => Programmed::Other,
+            },
         }
     }
 
@@ -663,5 +687,26 @@ mod tests {
         check(&fd, &[(g, &gm)]).unwrap();
         fd.destroy_guest(g).unwrap();
         assert_eq!(fd.hw().live_domains(), Some(0));
+    }
+
+    /// The checker reads the STE: a stream aborted behind the object model's back is a
+    /// violation though the backend's record still says attached.
+    #[test]
+    fn smmu_checker_reads_the_ste() {
+        let mem = FakeMem::new(2048);
+        let hw = FakeSmmu::qemu(&mem);
+        let (mut fd, g) = fd(&hw, &mem);
+        let gm = VecGuestMemory::standard();
+        let dev2 = fd.device_id(g, 2).unwrap();
+        let mut c = Client::new(&mut fd, g, &gm, super::super::tests::SCRATCH);
+        let ioas = c.ioas_alloc().unwrap();
+        c.attach(dev2, ioas).unwrap();
+        check(&fd, &[(g, &gm)]).unwrap();
+        fd.hw_mut().units_mut()[0].set_abort(&mem, 0x10).unwrap();
+        assert_eq!(fd.hw().attachments().count(), 1);
+        assert_eq!(fd.hw().device_domain(2, None), None);
+        let v = check(&fd, &[(g, &gm)]).unwrap_err();
+        assert_eq!(v.what, "member not on the group's domain");
+        fd.destroy_guest(g).unwrap();
     }
 }

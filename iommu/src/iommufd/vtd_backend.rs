@@ -24,7 +24,9 @@
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
-use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids};
+use core::sync::atomic::Ordering::Relaxed;
+
+use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids, Programmed};
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwReserved, HwTranslation,
     MAX_RESERVED_PER_DEVICE, Span,
@@ -34,6 +36,9 @@ use crate::pgtable::format::vtd_bits;
 use crate::pgtable::{MapError, Prot};
 use crate::vtd::domain::Table;
 use crate::vtd::regs::LargePages;
+use crate::vtd::tables::{
+    ContextEntry, PasidEntry, Pgtt, RootEntry, ScalableContextEntry, TranslationType,
+};
 use crate::vtd::{Domain, TranslationMode, VtdError, VtdMemory, VtdUnit};
 
 /// One device behind a unit.
@@ -289,6 +294,84 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
             Table::Ss5(t) => t.census(m).mapped,
             Table::Fs4(t) => t.census(m).mapped,
             Table::Fs5(t) => t.census(m).mapped,
+        }
+    }
+
+    fn domain_root(&self, x: &DomainSlot<Domain>) -> u64 {
+        x.domain.root()
+    }
+
+    /// From RTADDR_REG (TTM selects the format): legacy root → context entry (VT-d 4.1 §9.1,
+    /// §9.3); scalable root → scalable context entry → PASID directory → PASID-table entry at
+    /// `pasid` or the context entry's RID_PASID (§9.2, §9.4-§9.6).
+    fn programmed(&self, rec: &BackendDevice<u16>, sid: u16, pasid: Option<u32>) -> Programmed {
+        let Some(unit) = self.units.get(rec.unit) else {
+            return Programmed::Other;
+        };
+        let word = |pa: u64| -> u64 {
+            self.mem
+                .table(pa & !0xfff, 512)
+                .get(((pa & 0xfff) / 8) as usize)
+                .map_or(0, |w| w.load(Relaxed))
+        };
+        const ADDR: u64 = 0x000f_ffff_ffff_f000;
+        let rtaddr = unit.mmio().read64(crate::vtd::regs::offset::RTADDR);
+        let root = rtaddr & ADDR;
+        let (bus, devfn) = ((sid >> 8) as u64, (sid & 0xff) as u64);
+        let re = RootEntry {
+            lo: word(root + bus * 16),
+            hi: word(root + bus * 16 + 8),
+        };
+        match (rtaddr >> 10) & 3 {
+            0 => {
+                if pasid.is_some() || !re.present() {
+                    return Programmed::Blocked;
+                }
+                let at = re.context_table() + devfn * 16;
+                let ce = ContextEntry {
+                    lo: word(at),
+                    hi: word(at + 8),
+                };
+                if !ce.present() {
+                    Programmed::Blocked
+                } else if ce.translation_type() == TranslationType::PassThrough {
+                    Programmed::Other
+                } else {
+                    Programmed::Table(ce.slptptr())
+                }
+            }
+            1 => {
+                let table = if devfn < 128 { re.lower() } else { re.upper() };
+                let Some(table) = table else {
+                    return Programmed::Blocked;
+                };
+                let at = table + (devfn & 0x7f) * 32;
+                let ce = ScalableContextEntry {
+                    q: core::array::from_fn(|i| word(at + 8 * i as u64)),
+                };
+                if !ce.present() {
+                    return Programmed::Blocked;
+                }
+                let p = pasid.unwrap_or(ce.rid_pasid()) as u64;
+                if (p >> 6) as usize >= ce.pasid_dir_entries() {
+                    return Programmed::Blocked;
+                }
+                // PASID-directory entry (§9.5): bit 0 P, bits 63:12 the PASID table.
+                let de = word(ce.pasid_dir() + (p >> 6) * 8);
+                if de & 1 == 0 {
+                    return Programmed::Blocked;
+                }
+                let at = (de & ADDR) + (p & 0x3f) * 64;
+                let pe = PasidEntry {
+                    q: core::array::from_fn(|i| word(at + 8 * i as u64)),
+                };
+                match (pe.present(), pe.pgtt()) {
+                    (false, _) => Programmed::Blocked,
+                    (true, Some(Pgtt::SecondStage)) => Programmed::Table(pe.ssptptr()),
+                    (true, _) => Programmed::Other,
+                }
+            }
+            _ => Programmed::Other,
         }
     }
 

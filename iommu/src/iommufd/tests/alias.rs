@@ -10,7 +10,7 @@ use hvabi::errno;
 use super::super::backend::MAX_IDS_PER_DEVICE;
 use super::super::check::{check, snapshot};
 use super::super::client::Client;
-use super::super::hw::IommuHw;
+use super::super::hw::{HwDomain, IommuHw};
 use super::super::sim::{DmaFault, SimDevice, SimHw, VecGuestMemory};
 use super::super::{FailNth, Iommufd, Limits};
 use super::{PG, SCRATCH};
@@ -149,4 +149,29 @@ fn alias_list_is_bounded_and_deduplicated() {
     }
     assert_eq!(d.ids.as_slice().len(), MAX_IDS_PER_DEVICE);
     assert_eq!(d.ids.primary(), 1);
+}
+
+/// The checker reads every alias's entry: one alias blocked, or pointing elsewhere, behind the
+/// object model's back is a violation even though the device's own ID is right.
+#[test]
+fn checker_sees_a_split_alias() {
+    let (mut fd, g, mem, [dev, other]) = fd();
+    let mut c = Client::new(&mut fd, g, &mem, SCRATCH);
+    let ioas = c.ioas_alloc().unwrap();
+    let ioas2 = c.ioas_alloc().unwrap();
+    c.attach(dev, ioas).unwrap();
+    c.attach(other, ioas2).unwrap();
+    check(&fd, &[(g, &mem)]).unwrap();
+    let own = fd.hw().entry(OWN, None);
+    let elsewhere = fd.hw().entry(OTHER, None);
+    assert_ne!(own, elsewhere);
+    for corrupt in [None, elsewhere] {
+        fd.hw_mut().corrupt_entry(ALIAS, None, corrupt);
+        assert_eq!(fd.hw().device_domain(0, None), Some(HwDomain::UNKNOWN));
+        let v = check(&fd, &[(g, &mem)]).unwrap_err();
+        assert_eq!(v.what, "member not on the group's domain");
+    }
+    fd.hw_mut().corrupt_entry(ALIAS, None, own);
+    check(&fd, &[(g, &mem)]).unwrap();
+    fd.destroy_guest(g).unwrap();
 }
