@@ -549,4 +549,91 @@ mod alias_tests {
             assert_eq!(context_did(&mem, &hw, sid), None, "{sid:#x}");
         }
     }
+
+    /// The same pair through the object model (docs/abi.md §6.2): the first attach moves the
+    /// whole group (both devices' IDs), the other member attaching elsewhere is EXDEV, joining
+    /// is fine, a REPLACE moves every ID of both devices at once, and detaching the last member
+    /// blocks them all.
+    #[test]
+    fn group_sharing_aliases_through_the_object_model() {
+        use hvabi::errno;
+
+        use super::super::check::check;
+        use super::super::client::Client;
+        use super::super::sim::VecGuestMemory;
+        use super::super::tests::{PG, SCRATCH};
+        use super::super::{Iommufd, Limits};
+
+        let mem: &'static FakeMem =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(FakeMem::new(256)));
+        let hw: &'static FakeVtd<'static> =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(FakeVtd::new(mem, CAP, ECAP)));
+        let mut unit = VtdUnit::new(
+            hw,
+            mem,
+            UnitConfig {
+                poll_budget: 1000,
+                ..UnitConfig::new(TranslationMode::Legacy)
+            },
+        )
+        .unwrap();
+        unit.enable_translation().unwrap();
+        let devices = vec![
+            BackendDevice {
+                info: device_info(&unit, 0x0108, 7, 0),
+                unit: 0,
+                ids: ids(&[0x0108, 0x0100, 0x00f0]),
+            },
+            BackendDevice {
+                info: device_info(&unit, 0x0110, 7, 0),
+                unit: 0,
+                ids: ids(&[0x0110, 0x0100, 0x00f0]),
+            },
+        ];
+        let mut fd =
+            Iommufd::new(VtdBackend::new(vec![unit], mem, devices), Limits::default()).unwrap();
+        let g = fd.create_guest().unwrap();
+        let a = fd.assign_device(g, 0).unwrap();
+        let b = fd.assign_device(g, 1).unwrap();
+        let gm = VecGuestMemory::standard();
+        let all = [0x0108, 0x0110, 0x0100, 0x00f0];
+        let mut c = Client::new(&mut fd, g, &gm, SCRATCH);
+        let ioas = c.ioas_alloc().unwrap();
+        let ioas2 = c.ioas_alloc().unwrap();
+        c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+        c.map_fixed(ioas2, 0x10_0000, 8 * PG, PG).unwrap();
+        c.attach(a, ioas).unwrap();
+        let first = context_did(mem, hw, 0x0108).expect("attached");
+        for sid in all {
+            assert_eq!(
+                context_did(mem, hw, sid),
+                Some(first),
+                "{sid:#x}: the group moved"
+            );
+        }
+        assert_eq!(c.attach(b, ioas2), Err(errno::EXDEV));
+        c.attach(b, ioas).unwrap();
+        c.replace(a, ioas2).unwrap();
+        let second = context_did(mem, hw, 0x0108).expect("attached");
+        assert_ne!(second, first);
+        for sid in all {
+            assert_eq!(
+                context_did(mem, hw, sid),
+                Some(second),
+                "{sid:#x}: replaced"
+            );
+        }
+        c.detach(a).unwrap();
+        assert_eq!(
+            context_did(mem, hw, 0x0110),
+            Some(second),
+            "b still attached"
+        );
+        c.detach(b).unwrap();
+        for sid in all {
+            assert_eq!(context_did(mem, hw, sid), None, "{sid:#x}: blocked");
+        }
+        check(&fd, &[(g, &gm)]).unwrap();
+        fd.destroy_guest(g).unwrap();
+    }
 }
