@@ -20,6 +20,13 @@
 //!
 //! The attachment record (`(device, PASID) → domain`) stays per device: the object model
 //! moves devices, not IDs.
+//!
+//! # What the hardware says
+//!
+//! The record drives the protocol (is the device blocked now?), but introspection does not
+//! trust it: [`IommuHw::device_domain`] reads every ID's entry back from the hardware's own
+//! structures ([`DriverOps::programmed`]) and maps the table root found there to a live
+//! domain, so the consistency checker compares the object model with what the IOMMU walks.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;

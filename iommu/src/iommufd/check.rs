@@ -14,8 +14,8 @@
 //!   HWPT, every member of a detached group and every unassigned device is blocked, every
 //!   attached PASID translates through its HWPT — as the hardware's own entries say (context
 //!   and PASID entries, STEs, for every DMA alias: [`IommuHw::device_domain`] reads them
-//!   back), not as the backend's record of attachments says; a coherent HWPT has only coherent devices;
-//!   PASIDs only in single-device groups and within the device's width;
+//!   back), not as the backend's record of attachments says; a coherent HWPT has only
+//!   coherent devices; PASIDs only in single-device groups and within the device's width;
 //! * leaks: the backend's live domains are exactly the HWPTs, no prepared switch is pending.
 //!
 //! [`snapshot`] serialises the logical state (objects with their generations, mappings,

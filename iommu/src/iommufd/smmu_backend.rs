@@ -1,9 +1,11 @@
-//! [`IommuHw`] over the SMMUv3 driver: one or more [`SmmuUnit`]s, the streams (devices) behind
-//! them, and stage-2 domains.
+//! [`IommuHw`](super::hw::IommuHw) over the SMMUv3 driver: one or more [`SmmuUnit`]s, the
+//! streams (devices) behind them, and stage-2 domains.
 //!
-//! * A device is (unit index, StreamID). A domain is a stage-2 domain (IPA → PA: the guest's
-//!   IOVA → host PA; stage 2 is what a hypervisor owns) on the device's unit, with an input size
-//!   of min(48, IDR5.OAS) bits and 4 KiB granule tables (4 KiB, 2 MiB and 1 GiB leaves).
+//! * A device is (unit index, StreamIDs): a [`SmmuDevice`] has one; a [`BackendDevice`] lists
+//!   every StreamID the device's DMA may carry, and every switch writes the STE of each. A
+//!   domain is a stage-2 domain (IPA → PA: the guest's IOVA → host PA; stage 2 is what a
+//!   hypervisor owns) on the device's unit, with an input size of min(48, IDR5.OAS) bits and
+//!   4 KiB granule tables (4 KiB, 2 MiB and 1 GiB leaves).
 //! * Devices can use a domain of their own unit only. A coherent domain (`enforce_cc`) needs a
 //!   unit driven as coherent (IDR0.COHACC, or the firmware's override in `UnitConfig`): its
 //!   table walks and the attributes programmed in the STE are then cacheable, and the device

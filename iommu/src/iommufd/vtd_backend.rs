@@ -1,5 +1,5 @@
-//! [`IommuHw`] over the VT-d driver: one or more [`VtdUnit`]s, the devices behind them, and
-//! second-stage domains.
+//! [`IommuHw`](super::hw::IommuHw) over the VT-d driver: one or more [`VtdUnit`]s, the
+//! devices behind them, and second-stage domains.
 //!
 //! * `domain_alloc`: a second-stage domain on the device's unit, 48-bit (4 levels) where
 //!   CAP.SAGAW allows it, else 39-bit or 57-bit; `enforce_cc` becomes the driver's snoop
@@ -17,6 +17,9 @@
 //!     leaves every member blocked, as before. Between the two the device translates through
 //!     the new domain, which its guest asked for; no other guest's memory is reachable.
 //!     Commit of such a token has nothing left to do.
+//! * A device is a unit and its requester IDs: a [`VtdDevice`] has one; a
+//!   [`BackendDevice`] lists DMA aliases too, and every switch programs the context (or PASID)
+//!   entry of each, in the skeleton's order (`backend.rs`).
 //! * Dirty tracking is not offered yet (the driver has no harvest-and-invalidate entry point):
 //!   devices report no dirty capability and the dirty operations return `Unsupported`.
 //! * Nesting is not offered.
@@ -301,9 +304,9 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
         x.domain.root()
     }
 
-    /// From RTADDR_REG (TTM selects the format): legacy root → context entry (VT-d 4.1 §9.1,
-    /// §9.3); scalable root → scalable context entry → PASID directory → PASID-table entry at
-    /// `pasid` or the context entry's RID_PASID (§9.2, §9.4-§9.6).
+    /// From RTADDR_REG (TTM selects the format): legacy root → context entry (VT-d 4.1
+    /// §9.1, §9.3); scalable root → scalable context entry → PASID directory → PASID-table
+    /// entry at `pasid` or the context entry's RID_PASID (§9.2, §9.4-§9.6).
     fn programmed(&self, rec: &BackendDevice<u16>, sid: u16, pasid: Option<u32>) -> Programmed {
         let Some(unit) = self.units.get(rec.unit) else {
             return Programmed::Other;

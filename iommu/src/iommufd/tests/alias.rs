@@ -175,3 +175,63 @@ fn checker_sees_a_split_alias() {
     check(&fd, &[(g, &mem)]).unwrap();
     fd.destroy_guest(g).unwrap();
 }
+
+/// Every allocation of an attach and of a replace of the two-ID device (the domain, its table
+/// pages, the per-ID prepare of each requester ID), failed in turn: ENOMEM, and neither ID's
+/// entry nor anything else changed.
+#[test]
+fn alias_fail_nth() {
+    let mut injected = 0;
+    for step in 0..2 {
+        for n in 1.. {
+            let devices = [SimDevice::new(OWN as u64, 1).alias(ALIAS)];
+            let fail = Arc::new(FailNth::new());
+            let hw = SimHw::new(&devices, 256, Some(fail.clone()));
+            let mut fd = Iommufd::new(hw, Limits::default()).unwrap();
+            fd.set_fault_injector(Some(fail.clone()));
+            let g = fd.create_guest().unwrap();
+            let dev = fd.assign_device(g, 0).unwrap();
+            let mem = VecGuestMemory::standard();
+            let mut c = Client::new(&mut fd, g, &mem, SCRATCH);
+            let ioas = c.ioas_alloc().unwrap();
+            let ioas2 = c.ioas_alloc().unwrap();
+            c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+            c.map_fixed(ioas2, 0x10_0000, 8 * PG, PG).unwrap();
+            if step == 1 {
+                c.attach(dev, ioas).unwrap();
+            }
+            let before = snapshot(&fd);
+            let entries = [OWN, ALIAS].map(|id| fd.hw().entry(id, None));
+            fail.arm(n);
+            let mut c = Client::new(&mut fd, g, &mem, SCRATCH);
+            let r = match step {
+                0 => c.attach(dev, ioas),
+                _ => c.replace(dev, ioas2),
+            };
+            fail.disarm();
+            check(&fd, &[(g, &mem)]).unwrap();
+            if !fail.fired() {
+                r.unwrap();
+                let now = fd.hw().entry(OWN, None);
+                assert!(now.is_some());
+                assert_eq!(fd.hw().entry(ALIAS, None), now);
+                fd.destroy_guest(g).unwrap();
+                assert_eq!(fd.hw().frames_in_use(), 0);
+                break;
+            }
+            assert_eq!(r, Err(errno::ENOMEM), "step {step} n {n}");
+            assert_eq!(snapshot(&fd), before, "step {step} n {n}");
+            assert_eq!([OWN, ALIAS].map(|id| fd.hw().entry(id, None)), entries);
+            assert_eq!(fd.hw().outstanding_prepared(), Some(0));
+            fd.destroy_guest(g).unwrap();
+            assert_eq!(
+                fd.hw().frames_in_use(),
+                0,
+                "step {step} n {n}: pages leaked"
+            );
+            injected += 1;
+        }
+    }
+    // At least: the domain and its root table, and each requester ID's prepare, per step.
+    assert!(injected >= 8, "{injected}");
+}
