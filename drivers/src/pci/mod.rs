@@ -65,8 +65,8 @@ pub use enumerate::{
 };
 pub use idmap::{IdAgreement, IommuTarget};
 pub use topology::{
-    ALIAS_QUIRKS, AliasQuirk, DmaAliases, GroupReasons, MAX_ALIASES, QuirkKind, Topology,
-    enable_acs,
+    ALIAS_QUIRKS, AliasQuirk, DmaAliases, GroupReasons, IncompleteGroup, MAX_ALIASES, QuirkKind,
+    Topology, enable_acs,
 };
 
 /// Class code 06h / subclass 04h: PCI-to-PCI bridge (PCI Code and ID Assignment Spec).

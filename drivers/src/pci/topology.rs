@@ -551,6 +551,66 @@ impl Topology {
     }
 }
 
+/// A group given only in part to one owner: some member is unassigned or given to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IncompleteGroup<O> {
+    pub group: usize,
+    /// The owner of the group's first assigned member (enumeration order).
+    pub owner: O,
+    /// How many members (bridges excepted) are not given to `owner`; see
+    /// [`Topology::missing_members`] for which.
+    pub missing: usize,
+}
+
+impl Topology {
+    /// Checks that every IOMMU group is given whole to one owner or not at all: the devices of
+    /// a group cannot be isolated from each other, so splitting one between guests (or between
+    /// a guest and the hypervisor) would let one reach the other's memory. `owner_of(index)`
+    /// says who gets the function at `index` (in [`PciDevices::functions`] order), `None` for
+    /// the hypervisor. Bridges are exempt, as VFIO treats driverless bridges: they stay with
+    /// the hypervisor, which does no DMA through them. Returns the first incomplete group.
+    pub fn check_assignment<O: Copy + PartialEq>(
+        &self,
+        devices: &PciDevices,
+        owner_of: impl Fn(usize) -> Option<O>,
+    ) -> Result<(), IncompleteGroup<O>> {
+        let fns = devices.functions();
+        for group in 0..self.group_count {
+            let counted = || {
+                self.members(group)
+                    .filter(|&i| fns.get(i).is_some_and(|f| !f.is_bridge()))
+            };
+            let Some(owner) = counted().find_map(&owner_of) else {
+                continue;
+            };
+            let missing = counted().filter(|&i| owner_of(i) != Some(owner)).count();
+            if missing > 0 {
+                return Err(IncompleteGroup {
+                    group,
+                    owner,
+                    missing,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The members of `incomplete.group` (bridges excepted) not given to `incomplete.owner`:
+    /// the functions a configuration must add to make the assignment valid.
+    pub fn missing_members<'a, O: Copy + PartialEq + 'a>(
+        &'a self,
+        devices: &'a PciDevices,
+        incomplete: &IncompleteGroup<O>,
+        owner_of: impl Fn(usize) -> Option<O> + 'a,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let owner = incomplete.owner;
+        let fns = devices.functions();
+        self.members(incomplete.group).filter(move |&i| {
+            fns.get(i).is_some_and(|f| !f.is_bridge()) && owner_of(i) != Some(owner)
+        })
+    }
+}
+
 fn aliases_of(fns: &[PciFunction], above: &[Option<u16>; 256], f: &PciFunction) -> DmaAliases {
     let mut a = DmaAliases::EMPTY;
     a.push(f.bdf.rid());

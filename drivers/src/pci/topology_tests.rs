@@ -450,3 +450,65 @@ fn empty_and_reanalysed() {
     assert_eq!(t.group_count(), 0);
     assert!(t.reasons(0).is_empty());
 }
+
+/// Two edu behind one PCIe-to-PCI bridge (one group with the bridge), a multi-function pair
+/// without ACS (one group), and an isolated endpoint.
+fn assignment_topology() -> Analysed {
+    let mut p = FakePci::new();
+    let (_, pci) = p.add_bridge(0, 0x1e, 0, pcie_to_pci_bridge().buses(0, 1, 1));
+    p.add(pci, 1, 0, conventional(1));
+    p.add(pci, 2, 0, conventional(2));
+    p.add(0, 6, 0, conventional(3).multifunction());
+    p.add(0, 6, 1, conventional(4));
+    p.add(0, 7, 0, pcie_endpoint(5));
+    analyse(&p, true)
+}
+
+#[test]
+fn whole_groups_or_nothing() {
+    let a = assignment_topology();
+    let owner = |table: &'static [(&'static str, char)]| {
+        let fns: Vec<String> = a
+            .devices
+            .functions()
+            .iter()
+            .map(|f| format!("{}", f.bdf))
+            .collect();
+        move |i: usize| {
+            table
+                .iter()
+                .find(|(b, _)| fns.get(i).is_some_and(|f| f == b))
+                .map(|&(_, o)| o)
+        }
+    };
+    let t = &a.topology;
+    let d = &a.devices;
+    // Nothing assigned; whole groups (the bridge may stay with the hypervisor).
+    assert_eq!(t.check_assignment(d, owner(&[])), Ok(()));
+    assert_eq!(
+        t.check_assignment(
+            d,
+            owner(&[
+                ("01:01.0", 'A'),
+                ("01:02.0", 'A'),
+                ("00:06.0", 'B'),
+                ("00:06.1", 'B'),
+                ("00:07.0", 'B')
+            ])
+        ),
+        Ok(())
+    );
+    // The two edu behind the bridge given to two guests: refused, naming the other one.
+    let split = owner(&[("01:01.0", 'A'), ("01:02.0", 'B')]);
+    let err = t.check_assignment(d, &split).unwrap_err();
+    assert_eq!((err.owner, err.missing), ('A', 1));
+    assert_eq!(t.group_of(a.index("01:01.0")), Some(err.group));
+    let missing: Vec<usize> = t.missing_members(d, &err, &split).collect();
+    assert_eq!(missing, vec![a.index("01:02.0")]);
+    // One function of the multi-function pair left to the hypervisor: refused.
+    let half = owner(&[("00:06.1", 'B')]);
+    let err = t.check_assignment(d, &half).unwrap_err();
+    assert_eq!((err.owner, err.missing), ('B', 1));
+    let missing: Vec<usize> = t.missing_members(d, &err, &half).collect();
+    assert_eq!(missing, vec![a.index("00:06.0")]);
+}

@@ -24,6 +24,7 @@
 //!   devices report no dirty capability and the dirty operations return `Unsupported`.
 //! * Nesting is not offered.
 
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use core::sync::atomic::Ordering::Relaxed;
@@ -118,6 +119,11 @@ pub fn with_reserved(info: &mut HwDeviceInfo, span: Span, kind: u32) -> bool {
 pub struct VtdOps<'m, M: Mmio, T: VtdMemory> {
     units: Vec<VtdUnit<M>>,
     mem: &'m T,
+    /// (device, requester ID, PASID) of DMA aliases a prepare found already on the target
+    /// domain: devices of one IOMMU group share aliases (a PCIe-to-PCI bridge's ID), and the
+    /// first member to attach put them there. Such an ID belongs to that member's attachment,
+    /// so aborting this prepare must not block it.
+    shared: BTreeSet<(HwDev, u16, u32)>,
 }
 
 /// The VT-d backend.
@@ -159,7 +165,14 @@ impl<'m, M: Mmio, T: VtdMemory> Backend<VtdOps<'m, M, T>> {
         devices: Vec<X>,
     ) -> Self {
         let devices = devices.into_iter().map(Into::into).collect();
-        Backend::with_driver(VtdOps { units, mem }, devices)
+        Backend::with_driver(
+            VtdOps {
+                units,
+                mem,
+                shared: BTreeSet::new(),
+            },
+            devices,
+        )
     }
 
     pub fn units(&self) -> &[VtdUnit<M>] {
@@ -371,7 +384,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
 
     fn prepare_id(
         &mut self,
-        _dev: HwDev,
+        dev: HwDev,
         rec: &BackendDevice<u16>,
         sid: u16,
         pasid: Option<u32>,
@@ -384,7 +397,15 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
             return Ok(());
         }
         let mem = self.mem;
-        match self.unit_mut(rec.unit)?.attach(mem, sid, pasid, &x.domain) {
+        let unit = self.unit_mut(rec.unit)?;
+        if sid != rec.ids.primary()
+            && unit.domain_id_of(mem, sid, pasid).ok().flatten() == Some(x.domain.did())
+        {
+            // A DMA alias a group peer already attached to this domain.
+            self.shared.insert((dev, sid, pasid.unwrap_or(0)));
+            return Ok(());
+        }
+        match unit.attach(mem, sid, pasid, &x.domain) {
             // The entry was written; only the invalidation after it failed.
             Ok(()) => Ok(()),
             Err(e) if err(e) == HwError::Fault => Ok(()),
@@ -394,7 +415,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
 
     fn commit_id(
         &mut self,
-        _dev: HwDev,
+        dev: HwDev,
         rec: &BackendDevice<u16>,
         sid: u16,
         pasid: Option<u32>,
@@ -403,6 +424,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
         blocked: bool,
     ) -> Result<(), HwError> {
         if blocked {
+            self.shared.remove(&(dev, sid, pasid.unwrap_or(0)));
             return Ok(());
         }
         let mem = self.mem;
@@ -419,7 +441,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
         pasid: Option<u32>,
         blocked: bool,
     ) {
-        if blocked {
+        if blocked && !self.shared.remove(&(dev, sid, pasid.unwrap_or(0))) {
             let _ = self.detach_id(dev, rec, sid, pasid);
         }
     }
@@ -436,5 +458,185 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
             Ok(()) | Err(VtdError::NotAttached) => Ok(()),
             Err(_) => Err(HwError::Fault),
         }
+    }
+}
+
+#[cfg(test)]
+mod alias_tests {
+    //! Two conventional devices behind one PCIe-to-PCI bridge (one IOMMU group) share the
+    //! bridge's IDs: the second member's attach finds them on the group's domain, and aborting
+    //! it leaves them there. Checked on the VT-d register and memory model with hand-written
+    //! root/context entry layouts (VT-d 4.1 §9.1, §9.3).
+
+    use alloc::vec;
+
+    use super::super::backend::{BackendDevice, Ids};
+    use super::super::hw::{DomainConfig, IommuHw};
+    use super::{VtdBackend, device_info};
+    use crate::vtd::fake::{FakeMem, FakeVtd};
+    use crate::vtd::{TranslationMode, UnitConfig, VtdUnit};
+
+    /// QEMU 10 q35 intel-iommu CAP and legacy ECAP.
+    const CAP: u64 = 0x00d2_008c_222f_0606;
+    const ECAP: u64 = 0xf0_0f4a;
+
+    /// The DID of `sid`'s present context entry, read from the tables the unit latched.
+    fn context_did(mem: &FakeMem, hw: &FakeVtd<'_>, sid: u16) -> Option<u16> {
+        let rt = hw.s.borrow().latched_rtaddr.unwrap() & !0xfff;
+        let root_lo = mem.read(rt + u64::from(sid >> 8) * 16);
+        if root_lo & 1 == 0 {
+            return None;
+        }
+        let ce = (root_lo & !0xfff) + u64::from(sid & 0xff) * 16;
+        let (lo, hi) = (mem.read(ce), mem.read(ce + 8));
+        (lo & 1 == 1).then_some(((hi >> 8) & 0xffff) as u16)
+    }
+
+    fn ids(list: &[u16]) -> Ids<u16> {
+        let mut ids = Ids::one(list[0]);
+        for &id in &list[1..] {
+            ids.push(id).unwrap();
+        }
+        ids
+    }
+
+    #[test]
+    fn group_peers_share_bridge_aliases() {
+        let mem = FakeMem::new(64);
+        let hw = FakeVtd::new(&mem, CAP, ECAP);
+        let unit = VtdUnit::new(
+            &hw,
+            &mem,
+            UnitConfig {
+                poll_budget: 1000,
+                ..UnitConfig::new(TranslationMode::Legacy)
+            },
+        )
+        .unwrap();
+        let a = BackendDevice {
+            info: device_info(&unit, 0x0108, 7, 0),
+            unit: 0,
+            ids: ids(&[0x0108, 0x0100, 0x00f0]),
+        };
+        let b = BackendDevice {
+            info: device_info(&unit, 0x0110, 7, 0),
+            unit: 0,
+            ids: ids(&[0x0110, 0x0100, 0x00f0]),
+        };
+        let mut be = VtdBackend::new(vec![unit], &mem, vec![a, b]);
+        let d = be.domain_alloc(0, DomainConfig::default()).unwrap();
+        let p = be.prepare(0, None, d).unwrap();
+        be.commit(p).unwrap();
+        let did = context_did(&mem, &hw, 0x0108).expect("own ID attached");
+        for sid in [0x0100, 0x00f0] {
+            assert_eq!(context_did(&mem, &hw, sid), Some(did), "alias {sid:#x}");
+        }
+        // The peer: its shared aliases are already on the domain; an aborted attach must not
+        // take them away from the first member.
+        let p = be.prepare(1, None, d).unwrap();
+        be.abort(p);
+        assert_eq!(context_did(&mem, &hw, 0x0110), None);
+        for sid in [0x0108, 0x0100, 0x00f0] {
+            assert_eq!(context_did(&mem, &hw, sid), Some(did), "{sid:#x} kept");
+        }
+        let p = be.prepare(1, None, d).unwrap();
+        be.commit(p).unwrap();
+        for sid in [0x0108, 0x0110, 0x0100, 0x00f0] {
+            assert_eq!(context_did(&mem, &hw, sid), Some(did), "{sid:#x}");
+        }
+        assert_eq!(be.device_domain(1, None), Some(d));
+        // Detaching the group: every ID blocked.
+        be.detach(0, None).unwrap();
+        be.detach(1, None).unwrap();
+        for sid in [0x0108, 0x0110, 0x0100, 0x00f0] {
+            assert_eq!(context_did(&mem, &hw, sid), None, "{sid:#x}");
+        }
+    }
+
+    /// The same pair through the object model (docs/abi.md §6.2): the first attach moves the
+    /// whole group (both devices' IDs), the other member attaching elsewhere is EXDEV, joining
+    /// is fine, a REPLACE moves every ID of both devices at once, and detaching the last member
+    /// blocks them all.
+    #[test]
+    fn group_sharing_aliases_through_the_object_model() {
+        use hvabi::errno;
+
+        use super::super::check::check;
+        use super::super::client::Client;
+        use super::super::sim::VecGuestMemory;
+        use super::super::tests::{PG, SCRATCH};
+        use super::super::{Iommufd, Limits};
+
+        let mem: &'static FakeMem =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(FakeMem::new(256)));
+        let hw: &'static FakeVtd<'static> =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(FakeVtd::new(mem, CAP, ECAP)));
+        let mut unit = VtdUnit::new(
+            hw,
+            mem,
+            UnitConfig {
+                poll_budget: 1000,
+                ..UnitConfig::new(TranslationMode::Legacy)
+            },
+        )
+        .unwrap();
+        unit.enable_translation().unwrap();
+        let devices = vec![
+            BackendDevice {
+                info: device_info(&unit, 0x0108, 7, 0),
+                unit: 0,
+                ids: ids(&[0x0108, 0x0100, 0x00f0]),
+            },
+            BackendDevice {
+                info: device_info(&unit, 0x0110, 7, 0),
+                unit: 0,
+                ids: ids(&[0x0110, 0x0100, 0x00f0]),
+            },
+        ];
+        let mut fd =
+            Iommufd::new(VtdBackend::new(vec![unit], mem, devices), Limits::default()).unwrap();
+        let g = fd.create_guest().unwrap();
+        let a = fd.assign_device(g, 0).unwrap();
+        let b = fd.assign_device(g, 1).unwrap();
+        let gm = VecGuestMemory::standard();
+        let all = [0x0108, 0x0110, 0x0100, 0x00f0];
+        let mut c = Client::new(&mut fd, g, &gm, SCRATCH);
+        let ioas = c.ioas_alloc().unwrap();
+        let ioas2 = c.ioas_alloc().unwrap();
+        c.map_fixed(ioas, 0x10_0000, 0, PG).unwrap();
+        c.map_fixed(ioas2, 0x10_0000, 8 * PG, PG).unwrap();
+        c.attach(a, ioas).unwrap();
+        let first = context_did(mem, hw, 0x0108).expect("attached");
+        for sid in all {
+            assert_eq!(
+                context_did(mem, hw, sid),
+                Some(first),
+                "{sid:#x}: the group moved"
+            );
+        }
+        assert_eq!(c.attach(b, ioas2), Err(errno::EXDEV));
+        c.attach(b, ioas).unwrap();
+        c.replace(a, ioas2).unwrap();
+        let second = context_did(mem, hw, 0x0108).expect("attached");
+        assert_ne!(second, first);
+        for sid in all {
+            assert_eq!(
+                context_did(mem, hw, sid),
+                Some(second),
+                "{sid:#x}: replaced"
+            );
+        }
+        c.detach(a).unwrap();
+        assert_eq!(
+            context_did(mem, hw, 0x0110),
+            Some(second),
+            "b still attached"
+        );
+        c.detach(b).unwrap();
+        for sid in all {
+            assert_eq!(context_did(mem, hw, sid), None, "{sid:#x}: blocked");
+        }
+        check(&fd, &[(g, &gm)]).unwrap();
+        fd.destroy_guest(g).unwrap();
     }
 }

@@ -1103,6 +1103,20 @@ impl<M: Mmio> VtdUnit<M> {
         })
     }
 
+    /// The domain id `sid` (and `pasid`, `None` meaning RID_PASID 0) translates through now, or
+    /// `None` if it is not attached. Lets a caller tell a DMA alias a group peer already put on
+    /// the right domain from one that points elsewhere.
+    pub fn domain_id_of<T: VtdMemory>(
+        &self,
+        mem: &T,
+        sid: u16,
+        pasid: Option<u32>,
+    ) -> Result<Option<u16>, VtdError> {
+        self.check_sid(sid)?;
+        let p = self.check_pasid(pasid)?;
+        self.attached_did(mem, sid, p)
+    }
+
     /// Checks every ID of an alias set before anything is written: in range, not held by the
     /// RMRR identity domain, at most [`MAX_ALIAS_SIDS`].
     fn check_alias_set(&self, sids: &[u16]) -> Result<(), VtdError> {
