@@ -4,13 +4,14 @@
 //!
 //! This is the interim owner of the units while guests run (issue 9 part 1 makes the kernel own
 //! them once, from boot): each unit is brought up in legacy mode with its RMRR identity domains
-//! applied before translation is enabled, and no device is assigned to any guest yet (`dev=` is
-//! refused), so enabling translation blocks every device's DMA.
+//! applied before translation is enabled. Enabling translation blocks every device's DMA; a
+//! device named by a guest's `dev=` is given to that guest and stays blocked until the guest
+//! attaches it through the ABI.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use iommu::iommufd::vtd_backend::VtdBackend;
+use iommu::iommufd::vtd_backend::{self, VtdBackend, VtdDevice};
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
 use iommu::vtd::{UnitConfig, VtdUnit};
 
@@ -32,13 +33,20 @@ pub struct GuestIommu {
 }
 
 impl GuestIommu {
-    /// Brings up every VT-d unit discovery found; `Ok(None)` when there is none.
-    pub fn bring_up(platform: &Platform) -> Result<Option<GuestIommu>, String> {
+    /// Brings up every VT-d unit discovery found, with `devices` (unit register base, source
+    /// ID) known to the object model as hardware devices `0..devices.len()`, in that order;
+    /// `Ok(None)` when there is no unit.
+    pub fn bring_up(
+        platform: &Platform,
+        devices: &[(u64, u16)],
+    ) -> Result<Option<GuestIommu>, String> {
         let mut units = Vec::new();
+        let mut bases = Vec::new();
         for u in &platform.units {
             let Unit::Vtd { name, base, .. } = u else {
                 continue;
             };
+            bases.push(*base);
             let mmio =
                 MmioRegion::new(*base, VTD_REGS).map_err(|e| alloc::format!("{name}: {e}"))?;
             let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
@@ -55,7 +63,18 @@ impl GuestIommu {
             return Ok(None);
         }
         let count = units.len();
-        let backend = VtdBackend::new(units, &IOMMU_MEMORY, Vec::new());
+        let mut hw_devices = Vec::new();
+        for (i, &(base, sid)) in devices.iter().enumerate() {
+            let unit = bases
+                .iter()
+                .position(|&b| b == base)
+                .ok_or("an assigned device's VT-d unit was not brought up")?;
+            // One group per device: every assignable device is an endpoint with its own
+            // requester ID (bridges and RMRR devices are refused before this point).
+            let info = vtd_backend::device_info(&units[unit], sid, i as u32 + 1, 0);
+            hw_devices.push(VtdDevice { info, unit, sid });
+        }
+        let backend = VtdBackend::new(units, &IOMMU_MEMORY, hw_devices);
         let fd = Iommufd::new(backend, Limits::default())
             .map_err(|e| alloc::format!("object model: {e:?}"))?;
         Ok(Some(GuestIommu { fd, units: count }))
@@ -68,6 +87,14 @@ impl GuestIommu {
     pub fn create_guest(&mut self) -> Result<GuestId, String> {
         self.fd
             .create_guest()
+            .map_err(|e| alloc::format!("object model: {e:?}"))
+    }
+
+    /// Gives hardware device `hw` (an index into `bring_up`'s `devices`) to `guest`; returns the
+    /// `dev_id` the guest names it by. Its DMA stays blocked until the guest attaches it.
+    pub fn assign_device(&mut self, guest: GuestId, hw: usize) -> Result<u32, String> {
+        self.fd
+            .assign_device(guest, hw as iommu::iommufd::HwDev)
             .map_err(|e| alloc::format!("object model: {e:?}"))
     }
 

@@ -116,6 +116,16 @@ pub trait Backend {
     /// guest-physical address faults to the hypervisor ([`Event::MmioFault`]).
     fn create_vm(&mut self, memory: &GuestMemory) -> Result<Self::Vm, VcpuError>;
 
+    /// Maps device memory (an assigned device's BAR) at `[gpa, gpa + len)` of `vm` to host
+    /// `[hpa, hpa + len)`, uncached. Page-aligned; must not overlap what is mapped already.
+    fn map_device_memory(
+        &mut self,
+        vm: &Self::Vm,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+    ) -> Result<(), VcpuError>;
+
     /// Creates a vCPU of `vm` in `state`.
     fn create_vcpu(&mut self, vm: &Self::Vm, state: &EntryState) -> Result<Self::Vcpu, VcpuError>;
 

@@ -4,6 +4,7 @@
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
 //! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
 //! - `triple`: triple-faults;
+//! - `dma`: its assigned edu does DMA both ways through an IOAS it attached it to;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
@@ -133,6 +134,11 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             println!("testguest: triple-faulting");
             arch::triple_fault()
         }
+        "dma" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            let failed = dma_checks(start_info, free);
+            exit(failed)
+        }
         "abi" => {
             let free = u64_at(&page, si::OFF_FREE_START);
             let failed = abi_checks(mem, free);
@@ -254,6 +260,165 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
     );
     failed += check("map-left-behind", r, 0);
     println!("testguest: abi checks: {failed} failed");
+    failed
+}
+
+/// edu (QEMU's educational PCI device) registers in BAR0 and its DMA buffer address.
+mod edu {
+    pub const VENDOR: u16 = 0x1234;
+    pub const DEVICE: u16 = 0x11e8;
+    pub const ID: u64 = 0x00;
+    pub const DMA_SRC: u64 = 0x80;
+    pub const DMA_DST: u64 = 0x88;
+    pub const DMA_COUNT: u64 = 0x90;
+    pub const DMA_CMD: u64 = 0x98;
+    pub const CMD_START: u64 = 1;
+    pub const CMD_TO_RAM: u64 = 2;
+    pub const BUFFER: u64 = 0x40000;
+}
+
+fn mmio_read(addr: u64) -> u64 {
+    // SAFETY: `addr` is in a BAR of a device assigned to this guest (from the start-info page),
+    // which the hypervisor mapped at that guest-physical address; edu accepts 64-bit accesses
+    // from 0x80 up and 32-bit ones below.
+    unsafe {
+        if addr & 0xff < 0x80 {
+            u64::from(core::ptr::read_volatile(addr as *const u32))
+        } else {
+            core::ptr::read_volatile(addr as *const u64)
+        }
+    }
+}
+
+fn mmio_write(addr: u64, v: u64) {
+    // SAFETY: as in `mmio_read`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
+}
+
+/// Runs one edu DMA and waits for it (edu clears CMD_START when done).
+fn edu_dma(bar: u64, src: u64, dst: u64, len: u64, to_ram: bool) -> bool {
+    mmio_write(bar + edu::DMA_SRC, src);
+    mmio_write(bar + edu::DMA_DST, dst);
+    mmio_write(bar + edu::DMA_COUNT, len);
+    let cmd = edu::CMD_START | if to_ram { edu::CMD_TO_RAM } else { 0 };
+    mmio_write(bar + edu::DMA_CMD, cmd);
+    for _ in 0..50_000_000u64 {
+        if mmio_read(bar + edu::DMA_CMD) & edu::CMD_START == 0 {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    false
+}
+
+/// The `dma` variant: finds its edu in the start-info device list, checks its registers through
+/// the mapped BAR, lists its devices, attaches the edu to a fresh IOAS, maps one page of its RAM
+/// and makes the edu copy 256 bytes RAM -> device -> RAM through the IOMMU; every byte checked.
+fn dma_checks(start_info: u64, free: u64) -> u32 {
+    use hvabi::*;
+    let mut failed = 0;
+    let mut count = [0u8; 4];
+    arch::read_bytes(start_info + si::OFF_DEVICE_COUNT as u64, &mut count);
+    let n = (u32::from_le_bytes(count) as usize).min(si::MAX_DEVICES);
+    let mut found = None;
+    for i in 0..n {
+        let mut e = [0u8; si::DEVICE_ENTRY];
+        arch::read_bytes(
+            start_info + (si::OFF_DEVICES + i * si::DEVICE_ENTRY) as u64,
+            &mut e,
+        );
+        let vendor = u16::from_le_bytes([e[4], e[5]]);
+        let device = u16::from_le_bytes([e[6], e[7]]);
+        let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+        let bar0 = u64_at(&e, 16);
+        println!(
+            "testguest: device {:04x}:{:02x}:{:02x}.{} {vendor:04x}:{device:04x} dev_id {dev_id} bar0 {bar0:#x}",
+            u16::from_le_bytes([e[0], e[1]]),
+            e[2],
+            e[3] >> 3,
+            e[3] & 7
+        );
+        if (vendor, device) == (edu::VENDOR, edu::DEVICE) && bar0 != 0 {
+            found = Some((dev_id, bar0));
+        }
+    }
+    let Some((dev_id, bar)) = found else {
+        println!("testguest: check edu-present: FAILED (no edu in the start-info page)");
+        return 1;
+    };
+    failed += check(
+        "edu-id-register",
+        mmio_read(bar + edu::ID) as i64,
+        0x010000ed,
+    );
+    let mut entries = [0u8; 4 * DeviceEntry::SIZE];
+    let (r, list) = call(
+        op::DEVICE_LIST,
+        DeviceList {
+            size: DeviceList::SIZE as u32,
+            num_devices: 4,
+            devices_gpa: entries.as_mut_ptr() as u64,
+            ..DeviceList::default()
+        },
+    );
+    failed += check("device-list", r, 0);
+    failed += check("device-list-count", list.num_devices.into(), n as i64);
+    let first = DeviceEntry::decode(&entries[..DeviceEntry::SIZE]);
+    failed += check("device-list-dev-id", first.dev_id.into(), dev_id.into());
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    failed += check("ioas-alloc", r, 0);
+    let (r, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    failed += check("attach", r, 0);
+    const IOVA: u64 = 0x10_0000;
+    let (r, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova: IOVA,
+        },
+    );
+    failed += check("map", r, 0);
+    let buf = free as *mut u8;
+    for i in 0..256usize {
+        // SAFETY: `free` is the first page after the image in this guest's own RAM (start-info
+        // page), identity-mapped, used by nothing else.
+        unsafe { buf.add(i).write_volatile((i as u8).wrapping_mul(7) ^ 0x5a) };
+        // SAFETY: as above; the second half of the page receives the copy.
+        unsafe { buf.add(0x800 + i).write_volatile(0) };
+    }
+    let ok = edu_dma(bar, IOVA, edu::BUFFER, 256, false);
+    failed += check("dma-to-device", i64::from(ok), 1);
+    let ok = edu_dma(bar, edu::BUFFER, IOVA + 0x800, 256, true);
+    failed += check("dma-to-ram", i64::from(ok), 1);
+    let mut bad = 0;
+    for i in 0..256usize {
+        // SAFETY: as above.
+        let v = unsafe { buf.add(0x800 + i).read_volatile() };
+        if v != (i as u8).wrapping_mul(7) ^ 0x5a {
+            bad += 1;
+        }
+    }
+    failed += check("dma-every-byte", bad, 0);
+    println!("testguest: dma checks: {failed} failed");
     failed
 }
 

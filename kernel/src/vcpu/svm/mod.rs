@@ -26,7 +26,7 @@ use iommu::pgtable::{Config, PageTable, Prot, X86FirstStage};
 
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
-use crate::mem::iommu_mem::IOMMU_MEMORY;
+use crate::mem::iommu_mem::IommuMemory;
 use asm::{GuestGprs, SvmEnabled};
 use vmcb::{HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 
@@ -56,6 +56,10 @@ mod exit {
     pub const XSETBV: u64 = 0x8d;
     pub const NPF: u64 = 0x400;
 }
+
+/// Frames of the nested page tables: a source of their own (frame-backed like the IOMMU
+/// tables), so the guest runner can check that every nested table page came back.
+pub static NPT_MEMORY: IommuMemory = IommuMemory::new();
 
 /// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
 const EXCEPTION_INTERCEPTS: u32 = 1 << 1 | 1 << 17 | 1 << 18;
@@ -262,12 +266,12 @@ impl Backend for Svm {
         // below 128 TiB (nested page tables themselves would take 48 bits, APM §15.25.5).
         let mut cfg = Config::new(47, self.phys_bits);
         cfg.execute_control = true;
-        let npt = PageTable::<X86FirstStage<4>>::new(&IOMMU_MEMORY, cfg)
+        let npt = PageTable::<X86FirstStage<4>>::new(&NPT_MEMORY, cfg)
             .map_err(|_| VcpuError::NoMemory)?;
         for r in memory.regions() {
             if npt
                 .map(
-                    &IOMMU_MEMORY,
+                    &NPT_MEMORY,
                     r.gpa,
                     r.pa(),
                     r.len(),
@@ -275,15 +279,36 @@ impl Backend for Svm {
                 )
                 .is_err()
             {
-                npt.destroy(&IOMMU_MEMORY);
+                npt.destroy(&NPT_MEMORY);
                 return Err(VcpuError::Map);
             }
         }
         let Some(asid) = self.alloc_asid() else {
-            npt.destroy(&IOMMU_MEMORY);
+            npt.destroy(&NPT_MEMORY);
             return Err(VcpuError::NoAsid);
         };
         Ok(SvmVm { npt, asid })
+    }
+
+    fn map_device_memory(
+        &mut self,
+        vm: &SvmVm,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+    ) -> Result<(), VcpuError> {
+        // UC in the nested table (PCD|PWT, PAT entry 3): the combined type with the guest's
+        // own is then UC whatever the guest maps (APM vol 2 §15.25, nested-paging memory types),
+        // as MMIO requires.
+        vm.npt
+            .map(
+                &NPT_MEMORY,
+                gpa,
+                hpa,
+                len,
+                Prot::READ | Prot::WRITE | Prot::DEVICE,
+            )
+            .map_err(|_| VcpuError::Map)
     }
 
     fn create_vcpu(&mut self, vm: &SvmVm, s: &EntryState) -> Result<SvmVcpu, VcpuError> {
@@ -393,7 +418,7 @@ impl Backend for Svm {
 
     fn destroy_vm(&mut self, vm: SvmVm) {
         self.free_asid(vm.asid);
-        vm.npt.destroy(&IOMMU_MEMORY);
+        vm.npt.destroy(&NPT_MEMORY);
     }
 
     fn destroy_vcpu(&mut self, vcpu: SvmVcpu) {
