@@ -339,10 +339,12 @@ fn dma_checks(start_info: u64, free: u64) -> u32 {
             e[3] & 7
         );
         if (vendor, device) == (edu::VENDOR, edu::DEVICE) && bar0 != 0 {
-            found = Some((dev_id, bar0));
+            found = Some((dev_id, bar0, e[3]));
         }
     }
-    let Some((dev_id, bar)) = found else {
+    // The byte pattern depends on the device's devfn, so two guests doing this at once never
+    // write the same bytes: a DMA that reached the other guest's page would fail its check.
+    let Some((dev_id, bar, seed)) = found else {
         println!("testguest: check edu-present: FAILED (no edu in the start-info page)");
         return 1;
     };
@@ -401,7 +403,7 @@ fn dma_checks(start_info: u64, free: u64) -> u32 {
     for i in 0..256usize {
         // SAFETY: `free` is the first page after the image in this guest's own RAM (start-info
         // page), identity-mapped, used by nothing else.
-        unsafe { buf.add(i).write_volatile((i as u8).wrapping_mul(7) ^ 0x5a) };
+        unsafe { buf.add(i).write_volatile((i as u8).wrapping_mul(7) ^ seed) };
         // SAFETY: as above; the second half of the page receives the copy.
         unsafe { buf.add(0x800 + i).write_volatile(0) };
     }
@@ -413,7 +415,7 @@ fn dma_checks(start_info: u64, free: u64) -> u32 {
     for i in 0..256usize {
         // SAFETY: as above.
         let v = unsafe { buf.add(0x800 + i).read_volatile() };
-        if v != (i as u8).wrapping_mul(7) ^ 0x5a {
+        if v != (i as u8).wrapping_mul(7) ^ seed {
             bad += 1;
         }
     }
