@@ -30,6 +30,19 @@ type Backend = VtdBackend<'static, MmioRegion, IommuMemory>;
 pub struct GuestIommu {
     fd: Iommufd<Backend>,
     units: usize,
+    /// (unit index, source ID) of each hardware device, by hardware device index.
+    devices: Vec<(usize, u16)>,
+}
+
+/// A DMA fault the units recorded, attributed to an assigned device when it is one.
+pub struct DmaFault {
+    /// Hardware device index (`bring_up`'s `devices`), or `None` for a device no guest owns.
+    pub device: Option<usize>,
+    pub sid: u16,
+    pub page: u64,
+    pub reason: u8,
+    pub reason_name: &'static str,
+    pub write: bool,
 }
 
 impl GuestIommu {
@@ -64,6 +77,7 @@ impl GuestIommu {
         }
         let count = units.len();
         let mut hw_devices = Vec::new();
+        let mut device_ids = Vec::new();
         for (i, &(base, sid)) in devices.iter().enumerate() {
             let unit = bases
                 .iter()
@@ -73,11 +87,16 @@ impl GuestIommu {
             // requester ID (bridges and RMRR devices are refused before this point).
             let info = vtd_backend::device_info(&units[unit], sid, i as u32 + 1, 0);
             hw_devices.push(VtdDevice { info, unit, sid });
+            device_ids.push((unit, sid));
         }
         let backend = VtdBackend::new(units, &IOMMU_MEMORY, hw_devices);
         let fd = Iommufd::new(backend, Limits::default())
             .map_err(|e| alloc::format!("object model: {e:?}"))?;
-        Ok(Some(GuestIommu { fd, units: count }))
+        Ok(Some(GuestIommu {
+            fd,
+            units: count,
+            devices: device_ids,
+        }))
     }
 
     pub fn units(&self) -> usize {
@@ -96,6 +115,24 @@ impl GuestIommu {
         self.fd
             .assign_device(guest, hw as iommu::iommufd::HwDev)
             .map_err(|e| alloc::format!("object model: {e:?}"))
+    }
+
+    /// Drains every unit's fault recording registers (VT-d 4.1 §7.2.1) and hands each DMA
+    /// fault to `sink`, attributed by (unit, source ID) to the device that raised it.
+    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
+        let devices = &self.devices;
+        for (u, unit) in self.fd.hw_mut().units_mut().iter_mut().enumerate() {
+            unit.poll_faults(&mut |r| {
+                sink(&DmaFault {
+                    device: devices.iter().position(|&d| d == (u, r.source_id)),
+                    sid: r.source_id,
+                    page: r.fault_info,
+                    reason: r.reason,
+                    reason_name: iommu::vtd::regs::fault_reason_name(r.reason),
+                    write: matches!(r.request, iommu::vtd::regs::RequestType::Write),
+                })
+            });
+        }
     }
 
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.

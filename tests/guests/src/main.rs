@@ -4,7 +4,8 @@
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
 //! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
 //! - `triple`: triple-faults;
-//! - `dma`: its assigned edu does DMA both ways through an IOAS it attached it to;
+//! - `dma[,fault]`: its assigned edu does DMA both ways through an IOAS it attached it to (with
+//!   `fault`, then a DMA to the unmapped IOVA, which must be blocked);
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
@@ -136,7 +137,8 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
         }
         "dma" => {
             let free = u64_at(&page, si::OFF_FREE_START);
-            let failed = dma_checks(start_info, free);
+            let fault = words.any(|w| w == "fault");
+            let failed = dma_checks(start_info, free, fault);
             exit(failed)
         }
         "abi" => {
@@ -314,7 +316,10 @@ fn edu_dma(bar: u64, src: u64, dst: u64, len: u64, to_ram: bool) -> bool {
 /// The `dma` variant: finds its edu in the start-info device list, checks its registers through
 /// the mapped BAR, lists its devices, attaches the edu to a fresh IOAS, maps one page of its RAM
 /// and makes the edu copy 256 bytes RAM -> device -> RAM through the IOMMU; every byte checked.
-fn dma_checks(start_info: u64, free: u64) -> u32 {
+///
+/// With `fault`: then unmaps the page and aims one more device-to-RAM DMA at it, which the IOMMU
+/// must block (the hypervisor reports the fault) and which must leave the page unchanged.
+fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
     use hvabi::*;
     let mut failed = 0;
     let mut count = [0u8; 4];
@@ -420,6 +425,35 @@ fn dma_checks(start_info: u64, free: u64) -> u32 {
         }
     }
     failed += check("dma-every-byte", bad, 0);
+    if fault {
+        let (r, _) = call(
+            op::IOAS_UNMAP,
+            IoasUnmap {
+                size: IoasUnmap::SIZE as u32,
+                flags: 0,
+                ioas_id: ioas.out_ioas_id,
+                reserved: 0,
+                iova: IOVA,
+                length: PAGE_SIZE,
+            },
+        );
+        failed += check("unmap", r, 0);
+        for i in 0..256usize {
+            // SAFETY: as above: the guest's own page, no longer mapped for the device.
+            unsafe { buf.add(0x800 + i).write_volatile(0xee) };
+        }
+        println!("testguest: DMA to the unmapped iova {:#x}", IOVA + 0x800);
+        let ok = edu_dma(bar, edu::BUFFER, IOVA + 0x800, 256, true);
+        failed += check("dma-after-unmap-completes", i64::from(ok), 1);
+        let mut changed = 0;
+        for i in 0..256usize {
+            // SAFETY: as above.
+            if unsafe { buf.add(0x800 + i).read_volatile() } != 0xee {
+                changed += 1;
+            }
+        }
+        failed += check("dma-after-unmap-blocked", changed, 0);
+    }
     println!("testguest: dma checks: {failed} failed");
     failed
 }
