@@ -6,6 +6,7 @@
 //! - `triple`: triple-faults;
 //! - `dma[,fault]`: its assigned edu does DMA both ways through an IOAS it attached it to (with
 //!   `fault`, then a DMA to the unmapped IOVA, which must be blocked);
+//! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
@@ -140,6 +141,10 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             let fault = words.any(|w| w == "fault");
             let failed = dma_checks(start_info, free, fault);
             exit(failed)
+        }
+        "hostile" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            hostile(start_info, mem, free)
         }
         "abi" => {
             let free = u64_at(&page, si::OFF_FREE_START);
@@ -456,6 +461,108 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
     }
     println!("testguest: dma checks: {failed} failed");
     failed
+}
+
+/// xorshift64: a fixed sequence, so a failing run can be replayed exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The `hostile` variant: thousands of hypercalls with random ops (every ABI v1 op and random
+/// numbers outside the platform range), random argument bytes and sizes, and argument addresses
+/// in its RAM, across its end, in its device's BAR, far outside and near 2^64; then a read of
+/// unmapped guest-physical memory, which must stop it. It only reports counts: the hypervisor
+/// must survive, and answer every call.
+fn hostile(start_info: u64, mem: u64, free: u64) -> ! {
+    let mut bar0 = 0;
+    let mut count = [0u8; 4];
+    arch::read_bytes(start_info + si::OFF_DEVICE_COUNT as u64, &mut count);
+    if u32::from_le_bytes(count) > 0 {
+        let mut e = [0u8; si::DEVICE_ENTRY];
+        arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+        bar0 = u64_at(&e, 16);
+    }
+    let scratch = free as *mut u8;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    const CALLS: u32 = 3000;
+    let (mut ok, mut errors) = (0u32, 0u32);
+    for _ in 0..CALLS {
+        // Random argument bytes in the guest's scratch page, with a plausible `size` half the
+        // time so calls get past the size check and into the op's own checks.
+        for i in 0..256usize {
+            // SAFETY: the scratch page is the first free page of this guest's own RAM.
+            unsafe { scratch.add(i).write_volatile(rng.next() as u8) };
+        }
+        let op = match rng.next() % 4 {
+            0 => {
+                let r = rng.next() as u32;
+                if (0xf0..=0xff).contains(&r) {
+                    0x7777
+                } else {
+                    r
+                }
+            }
+            _ => hvabi::op::ALL[(rng.next() % hvabi::op::ALL.len() as u64) as usize],
+        };
+        let shape = rng.next() % 3;
+        match shape {
+            // Random bytes with a random small size.
+            0 => {
+                let size = 8 * (rng.next() % 12) as u32;
+                // SAFETY: as above (4-byte aligned: the page is).
+                unsafe { (scratch as *mut u32).write_volatile(size) };
+            }
+            // Plausible: the op's exact size, few flags, small IDs, a page of its own RAM as
+            // gpa, one page as length, a small page-aligned IOVA. Gets calls deep into the ops
+            // (and some succeed).
+            1 => {
+                let mut arg = [0u8; 64];
+                let size = hvabi::op::arg_size(op).unwrap_or(16) as u32;
+                arg[0..4].copy_from_slice(&size.to_le_bytes());
+                arg[4..8].copy_from_slice(&((rng.next() % 8) as u32).to_le_bytes());
+                arg[8..12].copy_from_slice(&((rng.next() % 6) as u32).to_le_bytes());
+                arg[12..16].copy_from_slice(&((rng.next() % 4) as u32).to_le_bytes());
+                arg[16..24].copy_from_slice(&(free + 0x1000).to_le_bytes());
+                arg[24..32].copy_from_slice(&4096u64.to_le_bytes());
+                arg[32..40].copy_from_slice(&((rng.next() % 16) << 12).to_le_bytes());
+                for (i, b) in arg.iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { scratch.add(i).write_volatile(*b) };
+                }
+            }
+            _ => {}
+        }
+        let gpa = match if shape == 1 { 8 } else { rng.next() % 8 } {
+            8 => free,
+            0 => mem - 4 - rng.next() % 64,
+            1 => mem + rng.next() % (1 << 30),
+            2 if bar0 != 0 => bar0 + rng.next() % 0x1000,
+            3 => u64::MAX - rng.next() % 64,
+            4 => rng.next(),
+            _ => free + rng.next() % 192,
+        };
+        let r = arch::hypercall(op, gpa, rng.next(), rng.next());
+        if r == 0 {
+            ok += 1;
+        } else if r < 0 && r >= -4095 {
+            errors += 1;
+        } else {
+            println!("testguest: hostile: op {op:#x} returned {r}, neither 0 nor -errno");
+        }
+    }
+    println!(
+        "testguest: hostile: {CALLS} calls answered ({ok} succeeded, {errors} errors); now reading unmapped memory"
+    );
+    let v = arch::wild_read(mem + 0x10_0000);
+    println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+    exit(1)
 }
 
 #[panic_handler]
