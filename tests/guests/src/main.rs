@@ -551,7 +551,7 @@ fn hostile(start_info: u64, mem: u64, free: u64) -> ! {
         let r = arch::hypercall(op, gpa, rng.next(), rng.next());
         if r == 0 {
             ok += 1;
-        } else if r < 0 && r >= -4095 {
+        } else if (-4095..0).contains(&r) {
             errors += 1;
         } else {
             println!("testguest: hostile: op {op:#x} returned {r}, neither 0 nor -errno");
