@@ -12,6 +12,7 @@ mod devices;
 mod iommu;
 pub mod loader;
 pub mod memory;
+mod pci;
 
 use alloc::vec::Vec;
 use boot::BootInfo;
@@ -81,6 +82,8 @@ enum State {
 
 struct Guest<B: Backend> {
     name: &'static str,
+    /// Its view of PCI configuration space (its own functions only).
+    pci: pci::GuestPci,
     /// This guest in the IOMMU object model, if there is one.
     iommu_guest: Option<::iommu::iommufd::GuestId>,
     memory: Option<GuestMemory>,
@@ -235,7 +238,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             )
         })
         .collect();
-    schedule(&mut backend, &mut iommu, &owners, &mut guests);
+    schedule(&mut backend, &mut iommu, platform, &owners, &mut guests);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
         arch::apic::ticks() - ticks
@@ -297,6 +300,23 @@ fn create(
     match built {
         Ok((memory, vm, vcpu)) => Ok(Guest {
             name: c.name,
+            pci: pci::GuestPci::new(
+                &assigned
+                    .iter()
+                    .filter(|a| a.guest == index)
+                    .map(|a| {
+                        (
+                            a.addr.segment,
+                            drivers::pci::Bdf {
+                                bus: a.addr.bus,
+                                device: a.addr.device,
+                                function: a.addr.function,
+                            },
+                            a.bars.map(|(_, size)| size),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            ),
             iommu_guest,
             memory: Some(memory),
             vm: Some(vm),
@@ -438,6 +458,7 @@ fn teardown<B: Backend>(
 struct Cx<'a, B: Backend> {
     backend: &'a mut B,
     iommu: &'a mut Option<GuestIommu>,
+    platform: &'a crate::discovery::Platform,
 }
 
 fn stop<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
@@ -456,10 +477,15 @@ enum Next {
 fn schedule<B: Backend>(
     backend: &mut B,
     iommu: &mut Option<GuestIommu>,
+    platform: &crate::discovery::Platform,
     owners: &[alloc::string::String],
     guests: &mut [Guest<B>],
 ) {
-    let mut cx = Cx { backend, iommu };
+    let mut cx = Cx {
+        backend,
+        iommu,
+        platform,
+    };
     let mut current = 0;
     while let Some(i) = (0..guests.len())
         .map(|k| (current + k) % guests.len())
@@ -571,8 +597,17 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
             Next::Reschedule
         }
         Event::PortIo {
-            port, size, write, ..
+            port,
+            size,
+            write,
+            value,
         } => {
+            if let pci::Access::Done(read) = g.pci.access(cx.platform, port, size, write, value) {
+                if let Some(vcpu) = g.vcpu.as_mut() {
+                    cx.backend.complete_port_io(vcpu, size, read);
+                }
+                return Next::Resume;
+            }
             let dir = if write { "out" } else { "in" };
             stop(
                 cx,

@@ -135,6 +135,10 @@ pub trait Backend {
     /// Finishes a [`Event::Hypercall`]: `result` into the result register, past the instruction.
     fn complete_hypercall(&mut self, vcpu: &mut Self::Vcpu, result: u64);
 
+    /// Finishes an [`Event::PortIo`] the hypervisor emulated: for a read, `value` goes into the
+    /// low `size` bytes of the data register; the guest continues after the instruction.
+    fn complete_port_io(&mut self, vcpu: &mut Self::Vcpu, size: u8, value: Option<u32>);
+
     /// Frees the VM's second-stage table and identifier. The vCPUs must be destroyed first.
     fn destroy_vm(&mut self, vm: Self::Vm);
 

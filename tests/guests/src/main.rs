@@ -6,6 +6,7 @@
 //! - `triple`: triple-faults;
 //! - `dma[,fault]`: its assigned edu does DMA both ways through an IOAS it attached it to (with
 //!   `fault`, then a DMA to the unmapped IOVA, which must be blocked);
+//! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
 //! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
@@ -142,6 +143,7 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             let failed = dma_checks(start_info, free, fault);
             exit(failed)
         }
+        "pci" => exit(pci_checks(start_info)),
         "hostile" => {
             let free = u64_at(&page, si::OFF_FREE_START);
             hostile(start_info, mem, free)
@@ -460,6 +462,75 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
         failed += check("dma-after-unmap-blocked", changed, 0);
     }
     println!("testguest: dma checks: {failed} failed");
+    failed
+}
+
+fn cfg_address(bus: u8, dev: u8, func: u8, offset: u8) -> u32 {
+    1 << 31
+        | u32::from(bus) << 16
+        | u32::from(dev) << 11
+        | u32::from(func) << 8
+        | u32::from(offset & 0xfc)
+}
+
+/// The `pci` variant: what configuration space shows this guest (its first assigned device must
+/// be an edu): only its own function on bus 0, the real IDs and BAR, BAR sizing, a BAR that does
+/// not move, COMMAND bits it may and may not set, the capability list.
+fn pci_checks(start_info: u64) -> u32 {
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let (bus, dev, func) = (e[2], e[3] >> 3, e[3] & 7);
+    let bar0 = u64_at(&e, 16);
+    let mut failed = 0;
+    let mut visible = 0;
+    for d in 0..32u8 {
+        let id = arch::pci_config_read(cfg_address(0, d, 0, 0));
+        if id & 0xffff != 0xffff {
+            visible += 1;
+            println!("testguest: pci 00:{d:02x}.0 visible, id {id:#010x}");
+        }
+    }
+    failed += check("one-function-visible-on-bus-0", visible, 1);
+    let me = |off| cfg_address(bus, dev, func, off);
+    failed += check("own-id", arch::pci_config_read(me(0)).into(), 0x11e8_1234);
+    failed += check(
+        "host-bridge-invisible",
+        arch::pci_config_read(cfg_address(0, 0, 0, 0)).into(),
+        0xffff_ffff,
+    );
+    let bar = arch::pci_config_read(me(0x10));
+    failed += check("bar0-address", i64::from(bar & !0xf), bar0 as i64);
+    arch::pci_config_write(me(0x10), u32::MAX);
+    let mask = arch::pci_config_read(me(0x10));
+    arch::pci_config_write(me(0x10), bar);
+    failed += check("bar0-sizing-1MiB", i64::from(mask & !0xf), 0xfff0_0000);
+    failed += check(
+        "bar0-restored",
+        arch::pci_config_read(me(0x10)).into(),
+        bar.into(),
+    );
+    arch::pci_config_write(me(0x10), bar.wrapping_add(0x100_0000));
+    failed += check(
+        "bar0-cannot-move",
+        arch::pci_config_read(me(0x10)).into(),
+        bar.into(),
+    );
+    // COMMAND: memory space and bus master are the guest's to set; I/O space (bit 0) is not
+    // the guest's to change (it writes the opposite of what is there; it must stay).
+    let io_before = arch::pci_config_read(me(0x04)) & 1;
+    arch::pci_config_write16(me(0x04), 0, 0b110 | (io_before as u16 ^ 1));
+    let command = arch::pci_config_read(me(0x04)) & 0xffff;
+    failed += check("command-mem-and-master", i64::from(command & 0b110), 0b110);
+    failed += check(
+        "command-io-unchanged",
+        i64::from(command & 1),
+        i64::from(io_before),
+    );
+    let cap = (arch::pci_config_read(me(0x34)) & 0xfc) as u8;
+    let cap_id = arch::pci_config_read(me(cap)) & 0xff;
+    println!("testguest: pci capability list starts at {cap:#x} with id {cap_id:#x}");
+    failed += check("first-capability-is-msi", cap_id.into(), 0x05);
+    println!("testguest: pci checks: {failed} failed");
     failed
 }
 

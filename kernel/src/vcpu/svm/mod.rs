@@ -199,6 +199,12 @@ impl Svm {
                 args: [vcpu.gprs.rbx, vcpu.gprs.rcx, vcpu.gprs.rdx],
             }),
             // EXITINFO1 (§15.10.2): bit 0 = IN, bits 4-6 = size 1/2/4, bits 31:16 = port.
+            // String and REP forms would need the hypervisor to read or write guest memory
+            // through the guest's own page tables: not emulated.
+            exit::IOIO if info1 & (1 << 2 | 1 << 3) != 0 => Event::Forbidden {
+                what: "string port I/O (ins/outs)",
+                detail: info1 >> 16,
+            },
             exit::IOIO => {
                 let size = match (info1 >> 4) & 7 {
                     1 => 1,
@@ -414,6 +420,23 @@ impl Backend for Svm {
         // No NRIPS on QEMU TCG: VMMCALL (0F 01 D9) is 3 bytes.
         let rip = vcpu.vmcb.rip();
         vcpu.vmcb.set_rip(rip.wrapping_add(3));
+    }
+
+    fn complete_port_io(&mut self, vcpu: &mut SvmVcpu, size: u8, value: Option<u32>) {
+        if let Some(v) = value {
+            // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).
+            let rax = vcpu.vmcb.rax();
+            let new = match size {
+                1 => (rax & !0xff) | u64::from(v & 0xff),
+                2 => (rax & !0xffff) | u64::from(v & 0xffff),
+                _ => u64::from(v),
+            };
+            vcpu.vmcb.set_rax(new);
+        }
+        // EXITINFO2 of an IOIO intercept is the next RIP (APM vol 2 §15.10.2), with or without
+        // NRIPS.
+        let next = vcpu.vmcb.exit_info2();
+        vcpu.vmcb.set_rip(next);
     }
 
     fn destroy_vm(&mut self, vm: SvmVm) {
