@@ -6,7 +6,12 @@
 //! intercepted exception, a HLT that nothing will ever wake) stops that guest with a report
 //! naming it, the reason and its RIP; the others keep running. The local APIC timer ends every
 //! time slice, so a guest that spins costs the others one slice per round and, with `slices=N`,
-//! is stopped when its budget is used up. A stopped guest's VM, vCPU and RAM are freed at once.
+//! is stopped when its budget is used up. A stopped guest's IOMMU objects, VM, vCPU and RAM are
+//! freed at once.
+//!
+//! Devices: `devices.rs` decides what a `dev=` may name, `pci.rs` mediates the guest's
+//! configuration space, `iommu.rs` is the object model its ABI v1 hypercalls reach; DMA faults
+//! are drained after every exit and attributed to the guest and device.
 
 mod devices;
 mod iommu;
@@ -74,7 +79,7 @@ fn collect_images(info: &'static BootInfo) -> Result<Vec<Image>, &'static str> {
     Ok(images)
 }
 
-/// How a guest ended.
+/// Whether a guest can still be scheduled.
 enum State {
     Runnable,
     Done,
