@@ -20,6 +20,7 @@ mod ctl {
     pub const EXITINFO2: usize = 0x080;
     pub const EXITINTINFO: usize = 0x088;
     pub const NP_ENABLE: usize = 0x090;
+    pub const EVENTINJ: usize = 0x0a8;
     pub const N_CR3: usize = 0x0b0;
 }
 
@@ -159,6 +160,11 @@ impl Vmcb {
     }
     pub fn exit_int_info(&self) -> u64 {
         self.r64(ctl::EXITINTINFO)
+    }
+
+    /// EVENTINJ (§15.20): an event to deliver to the guest at the next VMRUN (bit 31 valid).
+    pub fn set_event_injection(&mut self, event: u64) {
+        self.w64(ctl::EVENTINJ, event);
     }
 
     fn set_segment(&mut self, off: usize, s: Segment) {
