@@ -7,6 +7,7 @@
 //! - `dma[,fault]`: its assigned edu does DMA both ways through an IOAS it attached it to (with
 //!   `fault`, then a DMA to the unmapped IOVA, which must be blocked);
 //! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
+//! - `bench`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB with the TSC;
 //! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
@@ -144,6 +145,10 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             exit(failed)
         }
         "pci" => exit(pci_checks(start_info)),
+        "bench" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            exit(bench(free))
+        }
         "hostile" => {
             let free = u64_at(&page, si::OFF_FREE_START);
             hostile(start_info, mem, free)
@@ -532,6 +537,73 @@ fn pci_checks(start_info: u64) -> u32 {
     failed += check("first-capability-is-msi", cap_id.into(), 0x05);
     println!("testguest: pci checks: {failed} failed");
     failed
+}
+
+/// The `bench` variant: average time-stamp-counter ticks of a null hypercall (an unknown op: entry,
+/// decode, ENOTTY, return) and of IOAS_MAP / IOAS_UNMAP of 4 KiB, each over `ROUNDS` calls.
+fn bench(free: u64) -> u32 {
+    use hvabi::*;
+    const ROUNDS: u64 = 1000;
+    let t0 = arch::timestamp();
+    for _ in 0..ROUNDS {
+        let _ = arch::hypercall(0x7777, 0, 0, 0);
+    }
+    let null = (arch::timestamp() - t0) / ROUNDS;
+    println!("bench: null-hypercall {ROUNDS} calls, {null} tsc ticks each");
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    if r != 0 {
+        println!("bench: IOAS_ALLOC failed with {r}");
+        return 1;
+    }
+    let mut map = [0u8; IoasMap::SIZE];
+    let mut unmap = [0u8; IoasUnmap::SIZE];
+    let (mut t_map, mut t_unmap, mut errors) = (0u64, 0u64, 0u32);
+    for i in 0..ROUNDS {
+        let iova = 0x1000_0000 + (i % 64) * PAGE_SIZE;
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova,
+        }
+        .encode(&mut map);
+        IoasUnmap {
+            size: IoasUnmap::SIZE as u32,
+            flags: 0,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            iova,
+            length: PAGE_SIZE,
+        }
+        .encode(&mut unmap);
+        let t = arch::timestamp();
+        let r1 = arch::hypercall(op::IOAS_MAP, map.as_ptr() as u64, 0, 0);
+        let t1 = arch::timestamp();
+        let r2 = arch::hypercall(op::IOAS_UNMAP, unmap.as_ptr() as u64, 0, 0);
+        let t2 = arch::timestamp();
+        t_map += t1 - t;
+        t_unmap += t2 - t1;
+        errors += u32::from(r1 != 0) + u32::from(r2 != 0);
+    }
+    println!(
+        "bench: ioas-map-4k {ROUNDS} calls, {} tsc ticks each",
+        t_map / ROUNDS
+    );
+    println!(
+        "bench: ioas-unmap-4k {ROUNDS} calls, {} tsc ticks each",
+        t_unmap / ROUNDS
+    );
+    println!("bench: {errors} calls failed");
+    errors
 }
 
 /// xorshift64: a fixed sequence, so a failing run can be replayed exactly.
