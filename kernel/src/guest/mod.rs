@@ -172,10 +172,18 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         return EXIT_FAILURE;
     }
     let hw: Vec<(u64, u16)> = assigned.iter().map(|a| (a.unit_base, a.sid)).collect();
-    let mut iommu = match GuestIommu::bring_up(platform, &hw) {
+    let (mode, mode_name) = match info.cmdline_value("vtd-mode") {
+        Some("scalable") => (::iommu::vtd::TranslationMode::Scalable, "scalable"),
+        None | Some("legacy") => (::iommu::vtd::TranslationMode::Legacy, "legacy"),
+        Some(other) => {
+            println!("guests: refused: vtd-mode={other}: expected legacy or scalable");
+            return EXIT_FAILURE;
+        }
+    };
+    let mut iommu = match GuestIommu::bring_up(platform, mode, &hw) {
         Ok(Some(i)) => {
             println!(
-                "guests: IOMMU ABI v1 on {} VT-d unit(s), legacy mode",
+                "guests: IOMMU ABI v1 on {} VT-d unit(s), {mode_name} mode",
                 i.units()
             );
             Some(i)
