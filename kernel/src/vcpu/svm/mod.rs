@@ -345,7 +345,7 @@ impl Backend for Svm {
         v.set_permission_maps(&self.maps);
         v.set_asid(vm.asid, true);
         v.set_virtual_interrupt_masking();
-        v.set_nested_paging(vm.npt.root());
+        v.set_nested_paging(&vm.npt);
         // Flat 64-bit segments matching the GDT the loader wrote (selector 0x08 code, 0x10 data):
         // attributes in VMCB format (§15.5.1): code P|S|type 0xB|L|G, data P|S|type 3|D/B|G.
         v.set_segments(
