@@ -6,7 +6,8 @@
 //! - `triple`: triple-faults;
 //! - `dma[,fault][,linger]`: its assigned edu does DMA both ways through an IOAS it attached it to
 //!   (with `fault`, then a DMA to the unmapped IOVA, which must be blocked; with `linger`, it
-//!   keeps its objects a while before exiting);
+//!   keeps its objects a while before exiting; `dma,abandon` starts a DMA and gets itself stopped
+//!   before it completes);
 //! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
 //! - `intruder`: beside a `dma` guest, tries to see, name, map and DMA into what is not its own;
 //! - `bench`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB with the TSC;
@@ -142,10 +143,14 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
         }
         "dma" => {
             let free = u64_at(&page, si::OFF_FREE_START);
-            let (mut fault, mut linger) = (false, false);
+            let (mut fault, mut linger, mut abandon) = (false, false, false);
             for w in words {
                 fault |= w == "fault";
                 linger |= w == "linger";
+                abandon |= w == "abandon";
+            }
+            if abandon {
+                abandon_dma(start_info, free, mem)
             }
             let failed = dma_checks(start_info, free, fault);
             if linger {
@@ -551,6 +556,55 @@ fn pci_checks(start_info: u64) -> u32 {
     failed += check("first-capability-is-msi", cap_id.into(), 0x05);
     println!("testguest: pci checks: {failed} failed");
     failed
+}
+
+/// `dma,abandon`: attaches its edu, maps a page, starts a device-to-RAM DMA into it and, before
+/// the DMA can complete (edu takes 100 ms of virtual time), reads unmapped memory. The hypervisor
+/// stops it and destroys its objects; the DMA that the device then performs must be blocked (and
+/// is reported as this guest's fault): a stopped guest's device cannot write memory that is no
+/// longer its own.
+fn abandon_dma(start_info: u64, free: u64, mem: u64) -> ! {
+    use hvabi::*;
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+    let bar = u64_at(&e, 16);
+    let (_, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    let (r1, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    let (r2, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova: 0x10_0000,
+        },
+    );
+    println!("testguest: attach {r1}, map {r2}; starting a DMA and abandoning it");
+    mmio_write(bar + edu::DMA_SRC, edu::BUFFER);
+    mmio_write(bar + edu::DMA_DST, 0x10_0000);
+    mmio_write(bar + edu::DMA_COUNT, 256);
+    mmio_write(bar + edu::DMA_CMD, edu::CMD_START | edu::CMD_TO_RAM);
+    let v = arch::wild_read(mem + 0x10_0000);
+    println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+    exit(1)
 }
 
 /// The `intruder` variant, run beside a `dma` guest: everything it tries against the other guest
