@@ -317,11 +317,10 @@ fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Resu
     let b = fd
         .assign_device(g, 1)
         .map_err(|e| format!("assign_device: {e:?}"))?;
-    let pa = FRAMES
-        .lock()
-        .alloc(FLOW_MEMORY.div_ceil(PAGE_SIZE), PAGE_SIZE, u64::MAX)
+    let mut frames = Frames::alloc(FLOW_MEMORY.div_ceil(PAGE_SIZE), PAGE_SIZE, u64::MAX)
         .ok_or("out of frames")?;
-    let bytes = phys::frame_bytes_mut(pa, FLOW_MEMORY).map_err(|e| format!("{e}"))?;
+    let pa = frames.pa();
+    let bytes = &mut frames.bytes_mut()[..FLOW_MEMORY as usize];
     let gm = SliceMemory::new(pa, pa, bytes);
     // Scratch for the calls' arguments at the start; the two IOAS' pages after it.
     const IOVA: u64 = 0x0010_0000;
@@ -397,6 +396,6 @@ fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Resu
     );
     fd.destroy_guest(g)
         .map_err(|e| format!("destroy_guest: {e:?}"))?;
-    FRAMES.lock().free(pa, FLOW_MEMORY.div_ceil(PAGE_SIZE));
+    frames.free();
     Ok(())
 }
