@@ -14,5 +14,7 @@ pub mod firmware;
 pub mod hw;
 pub mod iommufd;
 pub mod pgtable;
+mod queue_lock;
+mod regmap;
 pub mod smmuv3;
 pub mod vtd;

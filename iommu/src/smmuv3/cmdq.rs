@@ -4,7 +4,8 @@
 //! # Concurrency
 //!
 //! Several CPUs may submit at once (`map`/`unmap` run on many CPUs). Submitters are serialised
-//! by a **spin lock** (an `AtomicBool`, no allocation, acquisition bounded like every other wait):
+//! by a **spin lock** (`crate::queue_lock`, shared with the VT-d invalidation queue: one
+//! `AtomicBool`, no allocation, acquisition bounded like every other wait):
 //! the holder writes its commands, publishes them with one CMDQ_PROD write (more when the batch
 //! is larger than the free space), and keeps the lock until its closing CMD_SYNC has been
 //! consumed. So the queue is idle whenever the lock is free, a submitter's completion test is
@@ -14,13 +15,14 @@
 //! batch, which is the floor anyway.
 
 use core::hint::spin_loop;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::error::SmmuError;
 use super::regs::{Gerror, cmdq_cons_err, cmdq_error_name, offset};
 use crate::hw::Mmio;
 use crate::pgtable::TableMemory;
 use crate::pgtable::sync::PteAtomic;
+use crate::queue_lock::{QueueGuard, QueueLock};
 
 /// Bytes in one command.
 pub const CMD_BYTES: usize = 16;
@@ -399,20 +401,10 @@ pub(crate) struct CommandQueue {
     /// The SMMU snoops: slots need no cleaning.
     coherent: bool,
     budget: u32,
-    lock: AtomicBool,
+    lock: QueueLock,
     /// Software's PROD (index and wrap bit) as last written to CMDQ_PROD; changed only under
     /// the lock.
     prod: AtomicU32,
-}
-
-/// Holds [`CommandQueue`]'s lock.
-pub(crate) struct Guard<'a>(&'a AtomicBool);
-
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        // Release: queue state written under the lock is seen by the next holder.
-        self.0.store(false, Ordering::Release);
-    }
 }
 
 /// One batch under way.
@@ -431,7 +423,7 @@ impl CommandQueue {
             log2,
             coherent,
             budget: budget.max(1),
-            lock: AtomicBool::new(false),
+            lock: QueueLock::new(),
             prod: AtomicU32::new(0),
         }
     }
@@ -452,21 +444,12 @@ impl CommandQueue {
 
     /// Takes the lock. The holder may keep it for a whole batch (space waits, the SYNC wait and
     /// error recoveries, each up to `budget` polls), so a waiter spins up to four budgets.
-    pub fn lock(&self) -> Result<Guard<'_>, SmmuError> {
-        for _ in 0..self.budget.saturating_mul(4) {
-            // Acquire: pairs with the Release in `Guard::drop`.
-            if self
-                .lock
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                return Ok(Guard(&self.lock));
-            }
-            spin_loop();
-        }
-        Err(SmmuError::Timeout {
-            what: "command queue lock",
-        })
+    pub fn lock(&self) -> Result<QueueGuard<'_>, SmmuError> {
+        self.lock
+            .lock(self.budget.saturating_mul(4))
+            .ok_or(SmmuError::Timeout {
+                what: "command queue lock",
+            })
     }
 
     fn write_slot<T: TableMemory + ?Sized>(&self, mem: &T, counter: u32, cmd: Command) {

@@ -19,6 +19,8 @@
 use core::fmt;
 
 use crate::hw::Mmio;
+use crate::regmap::{Items, reg};
+pub use crate::regmap::{RegInfo, Width};
 
 /// Register offsets from the SMMU base (IHI 0070 §6.1 memory map, §6.3).
 pub mod offset {
@@ -121,39 +123,6 @@ pub mod offset {
     pub const VATOS_SEL: usize = 0x180;
     /// ID register 6: ECMDQ layout (32-bit; present when IDR1.ECMDQ).
     pub const IDR6: usize = 0x190;
-}
-
-/// Width of a register access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Width {
-    W32,
-    W64,
-}
-
-impl Width {
-    /// Size in bytes.
-    pub const fn bytes(self) -> usize {
-        match self {
-            Width::W32 => 4,
-            Width::W64 => 8,
-        }
-    }
-}
-
-/// One register of the map, for dumps and sanity checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RegInfo {
-    pub name: &'static str,
-    pub offset: usize,
-    pub width: Width,
-}
-
-const fn reg(name: &'static str, offset: usize, width: Width) -> RegInfo {
-    RegInfo {
-        name,
-        offset,
-        width,
-    }
 }
 
 /// The Non-secure registers in offset order (IHI 0070 §6.3), page 0 then page 1.
@@ -853,46 +822,6 @@ impl SmmuIdRegs {
     }
 }
 
-/// Writes space-separated `NAME=value` / `NAME` / `NAME=no` items.
-struct Items<'a, 'b> {
-    f: &'a mut fmt::Formatter<'b>,
-    first: bool,
-}
-
-impl<'a, 'b> Items<'a, 'b> {
-    fn new(f: &'a mut fmt::Formatter<'b>) -> Self {
-        Items { f, first: true }
-    }
-
-    fn sep(&mut self) -> fmt::Result {
-        if !self.first {
-            self.f.write_str(" ")?;
-        }
-        self.first = false;
-        Ok(())
-    }
-
-    /// A present feature prints as `NAME`, an absent one as `NAME=no`.
-    fn flag(&mut self, name: &str, on: bool) -> fmt::Result {
-        self.sep()?;
-        if on {
-            self.f.write_str(name)
-        } else {
-            write!(self.f, "{name}=no")
-        }
-    }
-
-    fn val(&mut self, name: &str, value: fmt::Arguments<'_>) -> fmt::Result {
-        self.sep()?;
-        write!(self.f, "{name}={value}")
-    }
-
-    fn word(&mut self, word: fmt::Arguments<'_>) -> fmt::Result {
-        self.sep()?;
-        self.f.write_fmt(word)
-    }
-}
-
 impl fmt::Display for SmmuIdRegs {
     /// One line for the boot report, every IDR field:
     /// `stages=S1,S2 SIDSIZE=16 SSIDSIZE=0 CMDQS=2^19 ... v3.1`.
@@ -926,14 +855,14 @@ impl fmt::Display for SmmuIdRegs {
         for (on, name) in grans {
             if on {
                 if any {
-                    it.f.write_str(",")?;
+                    it.append(",")?;
                 }
-                it.f.write_str(name)?;
+                it.append(name)?;
                 any = true;
             }
         }
         if !any {
-            it.f.write_str("none")?;
+            it.append("none")?;
         }
         it.flag("COHACC", i0.cohacc())?;
         it.flag("MSI", i0.msi())?;

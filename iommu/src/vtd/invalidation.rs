@@ -6,7 +6,7 @@
 //! report becomes a [`VtdError`].
 
 use core::hint::spin_loop;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::error::{QueueError, VtdError};
 use super::mem::{VtdMemory, load64};
@@ -15,6 +15,7 @@ use super::regs::{
     offset,
 };
 use crate::hw::Mmio;
+use crate::queue_lock::{QueueGuard, QueueLock};
 
 /// Descriptor type codes: bits 3:0 of the first word, with bits 11:9 holding type bits 6:4
 /// (all zero for the types defined so far).
@@ -406,17 +407,7 @@ pub(crate) struct Invalidator {
     /// ECAP.C: descriptors need no cache cleaning.
     pub coherent: bool,
     pub budget: u32,
-    lock: AtomicBool,
-}
-
-/// Holds [`Invalidator`]'s lock.
-pub(crate) struct Guard<'a>(&'a AtomicBool);
-
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        // Release: queue state written under the lock is seen by the next holder.
-        self.0.store(false, Ordering::Release);
-    }
+    lock: QueueLock,
 }
 
 impl Invalidator {
@@ -426,28 +417,19 @@ impl Invalidator {
             drain,
             coherent,
             budget,
-            lock: AtomicBool::new(false),
+            lock: QueueLock::new(),
         }
     }
 
     /// Takes the lock. The holder may legitimately keep it for a whole batch (a space wait, the
     /// completion wait and an error recovery, each up to `budget` polls), so a waiter spins up
     /// to four budgets before giving up.
-    pub fn lock(&self) -> Result<Guard<'_>, VtdError> {
-        for _ in 0..self.budget.max(1).saturating_mul(4) {
-            // Acquire: pairs with the Release in `Guard::drop`.
-            if self
-                .lock
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                return Ok(Guard(&self.lock));
-            }
-            spin_loop();
-        }
-        Err(VtdError::Timeout {
-            what: "invalidation lock",
-        })
+    pub fn lock(&self) -> Result<QueueGuard<'_>, VtdError> {
+        self.lock
+            .lock(self.budget.max(1).saturating_mul(4))
+            .ok_or(VtdError::Timeout {
+                what: "invalidation lock",
+            })
     }
 
     /// Carries out `ops` and waits for their completion. With queued invalidation that is one

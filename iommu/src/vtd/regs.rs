@@ -14,6 +14,8 @@
 use core::fmt;
 
 use crate::hw::Mmio;
+use crate::regmap::{Items, reg};
+pub use crate::regmap::{RegInfo, Width};
 
 /// Fixed register offsets (VT-d 4.1 §11.4, "Register Address Map").
 pub mod offset {
@@ -148,39 +150,6 @@ pub mod offset {
     pub const FRCD_STRIDE: usize = 16;
 }
 
-/// Width of a register access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Width {
-    W32,
-    W64,
-}
-
-impl Width {
-    /// Size in bytes.
-    pub const fn bytes(self) -> usize {
-        match self {
-            Width::W32 => 4,
-            Width::W64 => 8,
-        }
-    }
-}
-
-/// One register of the fixed map, for dumps and sanity checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RegInfo {
-    pub name: &'static str,
-    pub offset: usize,
-    pub width: Width,
-}
-
-const fn reg(name: &'static str, offset: usize, width: Width) -> RegInfo {
-    RegInfo {
-        name,
-        offset,
-        width,
-    }
-}
-
 /// The registers at fixed offsets, in offset order (VT-d 4.1 §11.4). The IOTLB and fault
 /// recording blocks are located through ECAP/CAP and are not listed.
 pub const REGISTERS: &[RegInfo] = {
@@ -272,41 +241,6 @@ const fn bit(v: u64, n: u32) -> bool {
 
 const fn bits(v: u64, lo: u32, width: u32) -> u64 {
     (v >> lo) & ((1u64 << width) - 1)
-}
-
-/// Writes space-separated `NAME=value` / `NAME` / `NAME=no` items.
-struct Items<'a, 'b> {
-    f: &'a mut fmt::Formatter<'b>,
-    first: bool,
-}
-
-impl<'a, 'b> Items<'a, 'b> {
-    fn new(f: &'a mut fmt::Formatter<'b>) -> Self {
-        Items { f, first: true }
-    }
-
-    fn sep(&mut self) -> fmt::Result {
-        if !self.first {
-            self.f.write_str(" ")?;
-        }
-        self.first = false;
-        Ok(())
-    }
-
-    /// A present feature prints as `NAME`, an absent one as `NAME=no`.
-    fn flag(&mut self, name: &str, on: bool) -> fmt::Result {
-        self.sep()?;
-        if on {
-            self.f.write_str(name)
-        } else {
-            write!(self.f, "{name}=no")
-        }
-    }
-
-    fn val(&mut self, name: &str, value: fmt::Arguments<'_>) -> fmt::Result {
-        self.sep()?;
-        write!(self.f, "{name}={value}")
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
