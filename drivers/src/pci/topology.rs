@@ -26,7 +26,7 @@
 //! These are the rules of Linux's `pci_device_group`/`pci_acs_path_enabled`, with the switch
 //! rule from the 2025 rework of that code (which fixed peers of a permissive downstream port
 //! getting separate groups). The root bus itself is assumed to deliver everything to the IOMMU,
-//! as Linux and the VT-d/SMMUv3 specifications' treatment of root-complex integrated devices do.
+//! as Linux assumes (the PCIe specification leaves root-complex internals undefined).
 //! Isolation requires ACS Source Validation, P2P Request Redirect, P2P Completion Redirect and
 //! Upstream Forwarding *enabled* — [`enable_acs`] turns on what each function offers, and the
 //! analysis uses the control values read back from the hardware.
