@@ -2,7 +2,7 @@
 //! QEMU's exit code back into the hypervisor's own status.
 
 use crate::build::{Image, build, target_dir};
-use crate::scenario::{Boot, Scenario};
+use crate::scenario::{Boot, Firmware, Scenario};
 use crate::util::{Result, run};
 use crate::{Arch, scenario};
 use std::io::{BufRead, BufReader, Read};
@@ -68,6 +68,9 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     cmd.args(["-icount", "shift=10,sleep=off"]);
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
     cmd.args(&s.qemu_args);
+    if s.firmware == Firmware::Uefi {
+        cmd.args(uefi_pflash(s)?);
+    }
     let cmdline = cmdline.trim().to_string();
     match s.boot {
         Boot::Kernel => {
@@ -89,6 +92,32 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     }
     cmd.args(extra);
     Ok(cmd)
+}
+
+/// The pflash drives for UEFI firmware: the code volume read-only, and a fresh copy of the
+/// variable store per run (the firmware writes boot entries into it; a shared or stale copy would
+/// make runs depend on each other).
+fn uefi_pflash(s: &Scenario) -> Result<Vec<String>> {
+    use crate::setup::{AAVMF_CODE, AAVMF_VARS, OVMF_CODE, OVMF_VARS};
+    let (code, vars) = match s.arch {
+        Arch::X86_64 => (OVMF_CODE, OVMF_VARS),
+        Arch::Aarch64 => (AAVMF_CODE, AAVMF_VARS),
+    };
+    if !Path::new(code).is_file() || !Path::new(vars).is_file() {
+        return Err(format!(
+            "{code} or {vars} missing (run `cargo xtask setup`)"
+        ));
+    }
+    let dir = target_dir().join("xtask/uefi").join(&s.name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let copy = dir.join("vars.fd");
+    std::fs::copy(vars, &copy).map_err(|e| format!("copy {vars}: {e}"))?;
+    Ok(vec![
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", copy.display()),
+    ])
 }
 
 /// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test

@@ -23,6 +23,17 @@ pub enum Boot {
     Grub,
 }
 
+/// The machine's firmware.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Firmware {
+    /// QEMU's default: SeaBIOS on x86_64 (or `-kernel`'s direct boot), none on aarch64 virt.
+    #[default]
+    Default,
+    /// UEFI: OVMF (x86_64) or AAVMF (aarch64) as pflash, with a fresh copy of the variable store.
+    Uefi,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -32,6 +43,8 @@ pub struct Scenario {
     pub arch: Arch,
     #[serde(default)]
     pub boot: Boot,
+    #[serde(default)]
+    pub firmware: Firmware,
     /// `-M` value; default: `q35` / `virt-10.0,virtualization=on,iommu=smmuv3,gic-version=3`.
     pub machine: Option<String>,
     /// Device arguments replacing the architecture's default devices.
@@ -74,6 +87,7 @@ impl Scenario {
             description: "boot report on the default machine".into(),
             arch,
             boot: Boot::Kernel,
+            firmware: Firmware::Default,
             machine: None,
             devices: None,
             qemu_args: Vec::new(),
@@ -110,6 +124,13 @@ pub fn load(path: &Path) -> Result<Scenario> {
             path.display(),
             s.boot,
             s.arch.name()
+        ));
+    }
+    if s.firmware == Firmware::Uefi && s.boot != Boot::Grub {
+        // UEFI firmware cannot be combined with QEMU's -kernel direct boot of our images.
+        return Err(format!(
+            "{}: firmware \"uefi\" needs boot = \"grub\"",
+            path.display()
         ));
     }
     Ok(s)
