@@ -67,7 +67,7 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     ]);
     cmd.args(["-icount", "shift=10,sleep=off"]);
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
-    cmd.args(&s.qemu_args);
+    cmd.args(expand_qemu_args(&s.qemu_args)?);
     if s.firmware == Firmware::Uefi {
         cmd.args(uefi_pflash(s)?);
     }
@@ -92,6 +92,28 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     }
     cmd.args(extra);
     Ok(cmd)
+}
+
+/// Replaces `{acpi-tables}` in scenario arguments with the directory of real firmware tables:
+/// `IOMMU_ACPI_TABLES` if set (as for the host tests), else `acpi-tables` in the shared data
+/// directory beside the repository (`HV_SHARED`, default `../shared`).
+fn expand_qemu_args(args: &[String]) -> Result<Vec<String>> {
+    const TABLES: &str = "{acpi-tables}";
+    if !args.iter().any(|a| a.contains(TABLES)) {
+        return Ok(args.to_vec());
+    }
+    let dir = std::env::var_os("IOMMU_ACPI_TABLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::util::shared_dir().join("acpi-tables"));
+    if !dir.is_dir() {
+        return Err(format!(
+            "{} missing: the real firmware tables live in shared/acpi-tables beside the \
+             repository; set IOMMU_ACPI_TABLES to their directory",
+            dir.display()
+        ));
+    }
+    let dir = dir.to_string_lossy();
+    Ok(args.iter().map(|a| a.replace(TABLES, &dir)).collect())
 }
 
 /// The pflash drives for UEFI firmware: the code volume read-only, and a fresh copy of the
