@@ -5,6 +5,7 @@
 
 mod build;
 mod decode;
+mod image;
 mod qemu;
 mod scenario;
 mod setup;
@@ -68,6 +69,17 @@ enum Command {
         arch: Arch,
         #[arg(long)]
         release: bool,
+    },
+    /// Write a bootable image: a hybrid BIOS + UEFI ISO and an EFI System Partition tree with a
+    /// user-editable GRUB entry (hypervisor and guest command lines). x86_64 only for now.
+    Image {
+        #[arg(long, value_enum, default_value = "x86_64")]
+        arch: Arch,
+        #[arg(long)]
+        release: bool,
+        /// Output directory (default: target/image/ARCH).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Boot the hypervisor under QEMU, stream its console, exit with the hypervisor's status.
     Run {
@@ -136,6 +148,7 @@ fn main() -> ExitCode {
             ..setup::Needs::all()
         }),
         Command::Build { arch, release } => build::build(arch, release).map(|_| ExitCode::SUCCESS),
+        Command::Image { arch, release, out } => image::image_command(arch, release, out),
         Command::Run {
             arch,
             release,

@@ -86,6 +86,12 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
             let iso = grub_iso(&s.name, &image.elf, &cmdline)?;
             cmd.arg("-cdrom").arg(iso).args(["-boot", "d"]);
         }
+        Boot::Esp => {
+            let dir = target_dir().join("xtask/esp").join(&s.name);
+            let esp = crate::image::write_esp(&image.elf, &dir, &cmdline, 0)?;
+            cmd.arg("-drive")
+                .arg(format!("file=fat:rw:{},format=raw", esp.display()));
+        }
     }
     if gdb {
         cmd.args(["-s", "-S"]);

@@ -21,6 +21,9 @@ pub enum Boot {
     Image,
     /// x86_64: a GRUB rescue ISO that loads the ELF with `multiboot2`, as on a test server.
     Grub,
+    /// x86_64 under UEFI: the EFI System Partition tree of `cargo xtask image` (GRUB's
+    /// BOOTX64.EFI, the user-editable entry) as a FAT disk.
+    Esp,
 }
 
 /// The machine's firmware.
@@ -116,7 +119,7 @@ pub fn load(path: &Path) -> Result<Scenario> {
     for re in s.expect.iter().chain(&s.reject) {
         regex::Regex::new(re).map_err(|e| format!("{}: bad regex {re:?}: {e}", path.display()))?;
     }
-    if s.boot == Boot::Grub && s.arch != Arch::X86_64
+    if matches!(s.boot, Boot::Grub | Boot::Esp) && s.arch != Arch::X86_64
         || s.boot == Boot::Image && s.arch != Arch::Aarch64
     {
         return Err(format!(
@@ -126,10 +129,13 @@ pub fn load(path: &Path) -> Result<Scenario> {
             s.arch.name()
         ));
     }
-    if s.firmware == Firmware::Uefi && s.boot != Boot::Grub {
-        // UEFI firmware cannot be combined with QEMU's -kernel direct boot of our images.
+    if (s.firmware == Firmware::Uefi) != matches!(s.boot, Boot::Esp)
+        && !matches!(s.boot, Boot::Grub)
+    {
+        // UEFI cannot be combined with QEMU's -kernel direct boot of our images, and an ESP
+        // needs UEFI firmware.
         return Err(format!(
-            "{}: firmware \"uefi\" needs boot = \"grub\"",
+            "{}: firmware \"uefi\" needs boot = \"grub\" or \"esp\", and \"esp\" needs \"uefi\"",
             path.display()
         ));
     }
