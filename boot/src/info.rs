@@ -12,6 +12,9 @@ pub enum BootProtocol {
     Multiboot2,
     /// arm64 Linux `Image` protocol (QEMU `-kernel`, U-Boot `booti`, UEFI stub later): `x0` = DTB.
     Arm64Image,
+    /// UEFI firmware starting the arm64 Image as an EFI application (its PE/COFF header):
+    /// `x0` = ImageHandle, `x1` = SystemTable; memory map and ACPI come from the firmware.
+    Uefi,
 }
 
 /// What a range of physical memory is.

@@ -264,8 +264,15 @@ fn locate_rsdp(info: &BootInfo) -> Option<u64> {
 /// 0xFEC00000, minus the ECAM windows, and the I/O ports above 0xC000 that PC firmware uses.
 fn pci_windows(info: &BootInfo, ecams: &[EcamWindow]) -> Vec<Window> {
     #[cfg(target_arch = "aarch64")]
-    if let Some(w) = crate::firmware::devicetree::pci_windows(info) {
-        return w;
+    {
+        if let Some(w) = crate::firmware::devicetree::pci_windows(info) {
+            return w;
+        }
+        // Without a device tree (UEFI, ACPI only) the windows are in AML: let PCI bring-up keep
+        // what firmware assigned (see `pci::bring_up`) rather than guess an x86-style hole.
+        if info.dtb.is_none() {
+            return Vec::new();
+        }
     }
     let low_top = info
         .memory_regions()

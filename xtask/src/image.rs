@@ -155,6 +155,33 @@ pub fn write_x86_64(elf: &Path, out: &Path, cmdline: &str, timeout_secs: u32) ->
     Ok(iso)
 }
 
+/// Writes an aarch64 ESP tree under `out/esp` for the raw `image` (which is also a PE/COFF EFI
+/// application). Without a command line, the image is `\EFI\BOOT\BOOTAA64.EFI`, which UEFI
+/// starts from removable media by itself (empty load options: the default boot report). With
+/// one, the image is `\EFI\hypervisor\hypervisor.efi` and `startup.nsh` (the editable
+/// configuration) makes the UEFI shell start it with that command line as its load options.
+pub fn write_arm_esp(image: &Path, out: &Path, cmdline: Option<&str>) -> Result<PathBuf> {
+    let esp = out.join("esp");
+    if esp.exists() {
+        std::fs::remove_dir_all(&esp).map_err(|e| format!("{}: {e}", esp.display()))?;
+    }
+    match cmdline {
+        None => {
+            mkdir(&esp.join("EFI/BOOT"))?;
+            copy(image, &esp.join("EFI/BOOT/BOOTAA64.EFI"))?;
+        }
+        Some(cmdline) => {
+            mkdir(&esp.join("EFI/hypervisor"))?;
+            copy(image, &esp.join("EFI/hypervisor/hypervisor.efi"))?;
+            write(
+                &esp.join("startup.nsh"),
+                &format!("fs0:\\EFI\\hypervisor\\hypervisor.efi {cmdline}\r\n"),
+            )?;
+        }
+    }
+    Ok(esp)
+}
+
 pub fn image_command(arch: Arch, release: bool, out: Option<PathBuf>) -> Result<ExitCode> {
     if arch == Arch::Aarch64 {
         return Err(

@@ -88,9 +88,23 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
         }
         Boot::Esp => {
             let dir = target_dir().join("xtask/esp").join(&s.name);
-            let esp = crate::image::write_esp(&image.elf, &dir, &cmdline, 0)?;
-            cmd.arg("-drive")
-                .arg(format!("file=fat:rw:{},format=raw", esp.display()));
+            let (esp, interface) = match s.arch {
+                Arch::X86_64 => (
+                    crate::image::write_esp(&image.elf, &dir, &cmdline, 0)?,
+                    "ide",
+                ),
+                Arch::Aarch64 => {
+                    let raw = image.raw.as_ref().ok_or("no raw Image was built")?;
+                    // An empty scenario command line tests the firmware's own default boot of
+                    // \EFI\BOOT\BOOTAA64.EFI; otherwise the UEFI shell passes it (startup.nsh).
+                    let with = (!s.cmdline.trim().is_empty()).then_some(cmdline.as_str());
+                    (crate::image::write_arm_esp(raw, &dir, with)?, "virtio")
+                }
+            };
+            cmd.arg("-drive").arg(format!(
+                "file=fat:rw:{},format=raw,if={interface}",
+                esp.display()
+            ));
         }
     }
     if gdb {

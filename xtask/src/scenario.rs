@@ -21,8 +21,9 @@ pub enum Boot {
     Image,
     /// x86_64: a GRUB rescue ISO that loads the ELF with `multiboot2`, as on a test server.
     Grub,
-    /// x86_64 under UEFI: the EFI System Partition tree of `cargo xtask image` (GRUB's
-    /// BOOTX64.EFI, the user-editable entry) as a FAT disk.
+    /// UEFI from a FAT EFI System Partition: on x86_64 the tree of `cargo xtask image` (GRUB's
+    /// BOOTX64.EFI, the user-editable entry); on aarch64 the Image itself as an EFI application
+    /// (BOOTAA64.EFI, or started by the UEFI shell's startup.nsh with the command line).
     Esp,
 }
 
@@ -119,7 +120,7 @@ pub fn load(path: &Path) -> Result<Scenario> {
     for re in s.expect.iter().chain(&s.reject) {
         regex::Regex::new(re).map_err(|e| format!("{}: bad regex {re:?}: {e}", path.display()))?;
     }
-    if matches!(s.boot, Boot::Grub | Boot::Esp) && s.arch != Arch::X86_64
+    if s.boot == Boot::Grub && s.arch != Arch::X86_64
         || s.boot == Boot::Image && s.arch != Arch::Aarch64
     {
         return Err(format!(
