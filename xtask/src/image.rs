@@ -13,8 +13,9 @@
 //! ```
 //!
 //! The ESP tree boots on UEFI machines when copied to a FAT partition (or served over PXE/HTTP
-//! boot with the same layout); the ISO boots on both firmware kinds. aarch64 needs the EFI stub
-//! (PE/COFF header in the Image), which does not exist yet, so `--arch aarch64` is refused.
+//! boot with the same layout); the ISO boots on both firmware kinds. aarch64 (default
+//! `target/image/aarch64/`): `hypervisor-aarch64.iso` (UEFI only) and `esp/` with the Image itself
+//! as the EFI application (its PE/COFF header), see [`write_aarch64`].
 
 use crate::Arch;
 use crate::build::{build, target_dir};
@@ -182,14 +183,73 @@ pub fn write_arm_esp(image: &Path, out: &Path, cmdline: Option<&str>) -> Result<
     Ok(esp)
 }
 
-pub fn image_command(arch: Arch, release: bool, out: Option<PathBuf>) -> Result<ExitCode> {
-    if arch == Arch::Aarch64 {
-        return Err(
-            "aarch64 UEFI images need the EFI stub (a PE/COFF header in the Image), which is \
-             not built yet (issue 13); boot the raw Image with U-Boot `booti` meanwhile"
-                .into(),
-        );
+/// aarch64: the ESP tree (`EFI/BOOT/BOOTAA64.EFI` for the firmware's default boot, the same
+/// binary as `EFI/hypervisor/hypervisor.efi` for a boot entry with a command line, and
+/// `startup.nsh`, the editable command line for the UEFI shell) and a UEFI-bootable ISO whose El
+/// Torito image is a FAT copy of `EFI/BOOT`. Returns the ISO's path.
+pub fn write_aarch64(image: &Path, out: &Path, cmdline: &str) -> Result<PathBuf> {
+    let esp = write_arm_esp(image, out, Some(cmdline))?;
+    mkdir(&esp.join("EFI/BOOT"))?;
+    copy(image, &esp.join("EFI/BOOT/BOOTAA64.EFI"))?;
+    // The El Torito boot image: a FAT file system holding \EFI\BOOT\BOOTAA64.EFI, 2 MiB
+    // larger than the binary.
+    let staging = out.join("iso-root");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
     }
+    mkdir(&staging)?;
+    let fat = staging.join("efi.img");
+    let len = std::fs::metadata(image)
+        .map_err(|e| format!("{}: {e}", image.display()))?
+        .len();
+    let fat_mib = len / (1 << 20) + 2;
+    std::fs::File::create(&fat)
+        .and_then(|f| f.set_len(fat_mib << 20))
+        .map_err(|e| format!("{}: {e}", fat.display()))?;
+    let img = fat.to_string_lossy().into_owned();
+    tool(
+        Command::new("mformat").args(["-i", &img, "-v", "HYPERVISOR", "::"]),
+        "mformat",
+    )?;
+    tool(
+        Command::new("mmd").args(["-i", &img, "::/EFI", "::/EFI/BOOT"]),
+        "mmd",
+    )?;
+    tool(
+        Command::new("mcopy")
+            .args(["-i", &img])
+            .arg(image)
+            .arg("::/EFI/BOOT/BOOTAA64.EFI"),
+        "mcopy",
+    )?;
+    for f in ["EFI", "startup.nsh"] {
+        let (from, to) = (esp.join(f), staging.join(f));
+        if from.is_dir() {
+            tool(Command::new("cp").arg("-r").arg(&from).arg(&to), "cp")?;
+        } else {
+            copy(&from, &to)?;
+        }
+    }
+    let iso = out.join("hypervisor-aarch64.iso");
+    tool(
+        Command::new("xorriso")
+            .args(["-as", "mkisofs", "-R", "-J", "-V", "HYPERVISOR"])
+            .args([
+                "-e",
+                "efi.img",
+                "-no-emul-boot",
+                "-isohybrid-gpt-basdat",
+                "-o",
+            ])
+            .arg(&iso)
+            .arg(&staging),
+        "xorriso",
+    )?;
+    std::fs::remove_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    Ok(iso)
+}
+
+pub fn image_command(arch: Arch, release: bool, out: Option<PathBuf>) -> Result<ExitCode> {
     crate::setup::setup(crate::setup::Needs {
         grub: true,
         ..crate::setup::Needs::none()
@@ -197,10 +257,22 @@ pub fn image_command(arch: Arch, release: bool, out: Option<PathBuf>) -> Result<
     let image = build(arch, release)?;
     let out = out.unwrap_or_else(|| target_dir().join("image").join(arch.name()));
     mkdir(&out)?;
-    let iso = write_x86_64(&image.elf, &out, "loglevel=info", 3)?;
+    let (iso, edit) = match arch {
+        Arch::X86_64 => (
+            write_x86_64(&image.elf, &out, "loglevel=info", 3)?,
+            "boot/grub/hypervisor.cfg",
+        ),
+        Arch::Aarch64 => {
+            let raw = image.raw.as_ref().ok_or("no raw Image was built")?;
+            (
+                write_aarch64(raw, &out, "loglevel=info")?,
+                "startup.nsh, or a boot entry's options",
+            )
+        }
+    };
     println!("xtask: wrote {}", iso.display());
     println!(
-        "xtask: wrote {} (copy to a FAT32 EFI System Partition; edit boot/grub/hypervisor.cfg)",
+        "xtask: wrote {} (copy to a FAT32 EFI System Partition; command line: {edit})",
         out.join("esp").display()
     );
     Ok(ExitCode::SUCCESS)

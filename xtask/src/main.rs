@@ -71,7 +71,7 @@ enum Command {
         release: bool,
     },
     /// Write a bootable image: a hybrid BIOS + UEFI ISO and an EFI System Partition tree with a
-    /// user-editable GRUB entry (hypervisor and guest command lines). x86_64 only for now.
+    /// user-editable command line (x86_64: GRUB entry with guests; aarch64: UEFI, startup.nsh).
     Image {
         #[arg(long, value_enum, default_value = "x86_64")]
         arch: Arch,
