@@ -16,6 +16,8 @@
 //! EFI status; after it, nothing can fail.
 
 use super::super::x86_64::multiboot2::{EFI_ACPI_10_GUID, EFI_ACPI_20_GUID, efi_kind};
+use super::dtb::{Uart, UartKind};
+use crate::x86_64::PhysMem;
 use crate::{BootInfo, FixedStr, MemoryKind, MemoryRegion};
 use core::cell::UnsafeCell;
 
@@ -58,6 +60,9 @@ struct Handoff {
     map_size: u64,
     desc_size: u64,
     cmdline_len: u64,
+    /// The SPCR console: base (0 = none) and 1 = PL011, 2 = SBSA generic UART.
+    uart_base: u64,
+    uart_kind: u64,
     cmdline: [u8; CMDLINE_CAPACITY],
     map: [u8; MAP_CAPACITY],
 }
@@ -77,6 +82,8 @@ static HANDOFF: HandoffCell = HandoffCell(UnsafeCell::new(Handoff {
     map_size: 0,
     desc_size: 0,
     cmdline_len: 0,
+    uart_base: 0,
+    uart_kind: 0,
     cmdline: [0; CMDLINE_CAPACITY],
     map: [0; MAP_CAPACITY],
 }));
@@ -170,6 +177,13 @@ pub unsafe extern "C" fn efi_main(image: u64, st: u64) -> u64 {
         if h.rsdp == 0 {
             h.rsdp = acpi10;
         }
+        // The console the firmware used: SPCR (servers put it anywhere, QEMU virt at 0x0900_0000).
+        if h.rsdp != 0
+            && let Ok(uart) = super::spcr::console_from_spcr(h.rsdp, &FirmwareMemory)
+        {
+            h.uart_base = uart.base;
+            h.uart_kind = if uart.kind == UartKind::Pl011 { 1 } else { 2 };
+        }
 
         // 3. Memory map and ExitBootServices (a failed EBS means the map changed: retry once).
         let get_map: GetMemoryMap = core::mem::transmute(field(bs, off::BS_GET_MEMORY_MAP));
@@ -210,6 +224,37 @@ pub unsafe extern "C" fn efi_main(image: u64, st: u64) -> u64 {
         h.magic = HANDOFF_MAGIC;
         efi_leave()
     }
+}
+
+/// Memory as the firmware maps it while boot services run (identity, all of RAM and the ACPI
+/// tables).
+struct FirmwareMemory;
+
+impl PhysMem for FirmwareMemory {
+    fn read(&self, pa: u64, max_len: usize) -> &[u8] {
+        if pa == 0 {
+            return &[];
+        }
+        // SAFETY: only used from `efi_main` before ExitBootServices, on ACPI table addresses the
+        // firmware published; its identity map covers them and nothing writes them meanwhile.
+        // Callers read only within the lengths the tables declare.
+        unsafe { core::slice::from_raw_parts(pa as *const u8, max_len) }
+    }
+}
+
+/// The console UART SPCR named, when the image was started by UEFI and SPCR had a usable one.
+pub fn efi_console() -> Option<Uart> {
+    let h = handoff()?;
+    let kind = match h.uart_kind {
+        1 => UartKind::Pl011,
+        2 => UartKind::SbsaGeneric,
+        _ => return None,
+    };
+    (h.uart_base != 0).then_some(Uart {
+        base: h.uart_base,
+        size: 0x1000,
+        kind,
+    })
 }
 
 /// The hand-off, if the image was started by UEFI (read by `rust_entry` after `_start`).
