@@ -15,7 +15,7 @@
 //! Before ExitBootServices every failure is printed on ConOut and returned to the firmware as an
 //! EFI status; after it, nothing can fail.
 
-use super::super::x86_64::multiboot2::{EFI_ACPI_10_GUID, EFI_ACPI_20_GUID, efi_kind};
+use super::super::x86_64::multiboot2::{EFI_ACPI_10_GUID, EFI_ACPI_20_GUID};
 use super::dtb::{Uart, UartKind};
 use crate::x86_64::PhysMem;
 use crate::{BootInfo, FixedStr, MemoryKind, MemoryRegion};
@@ -280,7 +280,7 @@ fn fill_from(h: &Handoff, image: (u64, u64), info: &mut BootInfo) {
     info.rsdp = (h.rsdp != 0).then_some(h.rsdp);
     info.cmdline =
         FixedStr::from_bytes(&h.cmdline[..(h.cmdline_len as usize).min(CMDLINE_CAPACITY)]);
-    regions_from_map(
+    super::efi_map::regions_from_map(
         &h.map[..(h.map_size as usize).min(MAP_CAPACITY)],
         h.desc_size as usize,
         info,
@@ -292,22 +292,4 @@ fn fill_from(h: &Handoff, image: (u64, u64), info: &mut BootInfo) {
         len: image.1 - image.0,
         kind: MemoryKind::InUse,
     });
-}
-
-/// EFI_MEMORY_DESCRIPTORs (UEFI 2.10 §7.2) → regions, with the same type rules as the x86
-/// Multiboot2 EFI map. Descriptors shorter than version 1's 40 bytes make the map unusable.
-pub fn regions_from_map(map: &[u8], desc_size: usize, info: &mut BootInfo) {
-    if desc_size < 40 {
-        return;
-    }
-    for d in map.chunks_exact(desc_size) {
-        let word = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().unwrap_or([0; 8]));
-        let ty = (word(0) & 0xffff_ffff) as u32;
-        let (start, pages, attr) = (word(8), word(24), word(32));
-        info.push_region(MemoryRegion {
-            start,
-            len: pages.saturating_mul(4096).min(u64::MAX - start),
-            kind: efi_kind(ty, attr),
-        });
-    }
 }

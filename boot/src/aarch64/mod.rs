@@ -14,6 +14,7 @@
 //! in `image.rs`, compiled for `aarch64-unknown-none` only. See `docs/boot-aarch64.md`.
 
 pub mod dtb;
+pub mod efi_map;
 pub mod map;
 pub mod spcr;
 
