@@ -468,16 +468,22 @@ extern "C" fn rust_entry(x0: u64, state: u64) -> ! {
     rec.info.image_start = image.0;
     rec.info.image_end = image.1;
     // Started by UEFI (the EFI stub left a complete hand-off): ACPI only, no device tree.
+    // (A stale DTB may still sit at the base of RAM; it is not looked for.)
     let from_efi = super::efi::fill_boot_info(image, &mut rec.info);
-    match locate_dtb(x0, image) {
-        _ if from_efi => {}
-        Ok(dt) => {
+    let dtb = if from_efi {
+        None
+    } else {
+        Some(locate_dtb(x0, image))
+    };
+    match dtb {
+        None => {}
+        Some(Ok(dt)) => {
             let pa = dt.bytes().as_ptr() as u64;
             // Unusable `reg` entries are skipped; the kernel sees what remains in the map.
             let _ = dt.fill_boot_info(pa, image, &mut rec.info);
             rec.dt = Some(dt);
         }
-        Err(e) => rec.error = Some(e),
+        Some(Err(e)) => rec.error = Some(e),
     }
     // Exception-level problems come first: with them the MMU is off, whatever the DTB said.
     if rec.el != 2 {
