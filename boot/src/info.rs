@@ -12,6 +12,9 @@ pub enum BootProtocol {
     Multiboot2,
     /// arm64 Linux `Image` protocol (QEMU `-kernel`, U-Boot `booti`, UEFI stub later): `x0` = DTB.
     Arm64Image,
+    /// UEFI firmware starting the arm64 Image as an EFI application (its PE/COFF header):
+    /// `x0` = ImageHandle, `x1` = SystemTable; memory map and ACPI come from the firmware.
+    Uefi,
 }
 
 /// What a range of physical memory is.
@@ -109,6 +112,21 @@ impl<const N: usize> core::fmt::Display for FixedStr<N> {
     }
 }
 
+/// A linear framebuffer the boot loader set up (Multiboot2 tag 8), e.g. the UEFI GOP mode on a
+/// server whose only console is a screen. Recorded so the hypervisor can report it; its memory is
+/// MMIO and is never handed out as RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framebuffer {
+    pub addr: u64,
+    /// Bytes per scan line.
+    pub pitch: u32,
+    pub width: u32,
+    pub height: u32,
+    pub bpp: u8,
+    /// Multiboot2 framebuffer_type: 0 indexed, 1 direct RGB, 2 EGA text.
+    pub kind: u8,
+}
+
 /// Maximum number of memory regions kept; firmware maps on large servers reach ~100 entries.
 pub const MAX_MEMORY_REGIONS: usize = 256;
 /// Maximum number of boot modules kept.
@@ -126,6 +144,11 @@ pub struct BootInfo {
     pub rsdp: Option<u64>,
     /// Physical address of the flattened device tree, when the boot protocol passed one.
     pub dtb: Option<u64>,
+    /// Physical address of the UEFI system table when the machine booted through UEFI (Multiboot2
+    /// tag 12, or x1 of the arm64 EFI stub). Boot services have been exited by then.
+    pub efi_system_table: Option<u64>,
+    /// The boot loader's framebuffer, if it set one up.
+    pub framebuffer: Option<Framebuffer>,
     pub cmdline: FixedStr<512>,
     modules: [Module; MAX_MODULES],
     module_count: usize,
@@ -153,6 +176,8 @@ impl BootInfo {
             regions_dropped: 0,
             rsdp: None,
             dtb: None,
+            efi_system_table: None,
+            framebuffer: None,
             cmdline: FixedStr::new(),
             modules: [NO_MODULE; MAX_MODULES],
             module_count: 0,

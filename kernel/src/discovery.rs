@@ -11,7 +11,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use boot::BootInfo;
 use drivers::pci::{BarKind, Window, WindowKind};
-use iommu::firmware::dmar::Dmar;
+use iommu::firmware::dmar::{DeviceScope, Dmar, ScopeType};
 use iommu::vtd::regs::VtdIdRegs;
 
 /// An IOMMU unit found in firmware, with its identification registers. The drivers (VT-d,
@@ -320,8 +320,15 @@ fn locate_rsdp(info: &BootInfo) -> Option<u64> {
 /// 0xFEC00000, minus the ECAM windows, and the I/O ports above 0xC000 that PC firmware uses.
 fn pci_windows(info: &BootInfo, ecams: &[EcamWindow]) -> Vec<Window> {
     #[cfg(target_arch = "aarch64")]
-    if let Some(w) = crate::firmware::devicetree::pci_windows(info) {
-        return w;
+    {
+        if let Some(w) = crate::firmware::devicetree::pci_windows(info) {
+            return w;
+        }
+        // Without a device tree (UEFI, ACPI only) the windows are in AML: let PCI bring-up keep
+        // what firmware assigned (see `pci::bring_up`) rather than guess an x86-style hole.
+        if info.dtb.is_none() {
+            return Vec::new();
+        }
     }
     let low_top = info
         .memory_regions()
@@ -383,8 +390,9 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
         let name = format!("vtd{i}");
         let base = drhd.register_base();
         let len = drhd.register_set_len().max(0x1000);
-        let regs = match MmioRegion::new(base, len) {
-            Ok(m) => VtdIdRegs::read(&m),
+        // Reading the identification registers has no side effects, even where no unit is.
+        let (regs, absent) = match MmioRegion::new(base, len) {
+            Ok(m) => (VtdIdRegs::read(&m), VtdIdRegs::probe(&m).err()),
             Err(e) => {
                 log::error!("{name}: {e}");
                 continue;
@@ -405,6 +413,13 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
             "report: iommu {name} ecap={:#018x} {}",
             regs.ecap.0, regs.ecap
         );
+        if let Some(why) = absent {
+            // Tables name units a machine lacks; VtdUnit::new refuses them the same way.
+            println!("report: iommu {name} absent ({why}): will not be programmed");
+        }
+        for scope in drhd.scopes() {
+            println!("report: iommu {name} scope {}", scope_text(&scope));
+        }
         units.push(Unit::Vtd {
             name,
             base,
@@ -420,7 +435,63 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
             r.limit(),
             r.segment()
         );
+        for scope in r.scopes() {
+            println!(
+                "report: rmrr {:#x}-{:#x} scope {}",
+                r.base(),
+                r.limit(),
+                scope_text(&scope)
+            );
+        }
     }
+    for (i, a) in d.atsrs().enumerate() {
+        println!(
+            "report: atsr{i} segment={} all-ports={}",
+            a.segment(),
+            if a.all_ports() { "yes" } else { "no" }
+        );
+        for scope in a.scopes() {
+            println!("report: atsr{i} scope {}", scope_text(&scope));
+        }
+    }
+    for (i, a) in d.satcs().enumerate() {
+        println!(
+            "report: satc{i} segment={} atc-required={}",
+            a.segment(),
+            if a.atc_required() { "yes" } else { "no" }
+        );
+        for scope in a.scopes() {
+            println!("report: satc{i} scope {}", scope_text(&scope));
+        }
+    }
+}
+
+/// `ioapic 00:1e.1 enum=8`, `bridge 80:02.0`, `endpoint 00:1c.7/00.0` (start bus, then each
+/// hop of the path, VT-d 4.1 §8.3.1); the enumeration id only where it means something.
+fn scope_text(scope: &DeviceScope<'_>) -> String {
+    let kind = match scope.scope_type() {
+        ScopeType::Endpoint => "endpoint",
+        ScopeType::Bridge => "bridge",
+        ScopeType::IoApic => "ioapic",
+        ScopeType::Hpet => "hpet",
+        ScopeType::AcpiNamespaceDevice => "acpi",
+        ScopeType::Reserved(_) => "reserved",
+    };
+    let mut text = format!("{kind} {:02x}:", scope.start_bus());
+    for (i, hop) in scope.path().enumerate() {
+        if i > 0 {
+            text.push('/');
+        }
+        text.push_str(&format!("{hop}"));
+    }
+    match scope.scope_type() {
+        ScopeType::IoApic | ScopeType::Hpet | ScopeType::AcpiNamespaceDevice => {
+            text.push_str(&format!(" enum={}", scope.enumeration_id()));
+        }
+        ScopeType::Reserved(raw) => text.push_str(&format!(" type={raw}")),
+        _ => {}
+    }
+    text
 }
 
 fn segment_prefix(segment: u16) -> String {

@@ -81,6 +81,21 @@ pub fn bring_up(ecams: &[EcamWindow], windows: &[Window]) -> Vec<Segment> {
         const NO_TOPOLOGY: pci::Topology = pci::Topology::new();
         let mut topology: Box<pci::Topology> = Box::write(Box::new_uninit(), NO_TOPOLOGY);
         pci::Topology::analyze(&devices, &mut topology);
+        // No host-bridge description (ACPI-only machines describe it in AML `_CRS`, which we do
+        // not interpret): trust the firmware, which assigned every BAR before handing over, and
+        // allow only the spans it used.
+        let derived;
+        let windows = if windows.is_empty() {
+            derived = firmware_spans(&devices);
+            log::info!(
+                "pci: segment {}: no host-bridge windows known; keeping firmware assignments within {:x?}",
+                w.segment,
+                derived
+            );
+            &derived[..]
+        } else {
+            windows
+        };
         let assign = pci::assign_resources(&ecam, &mut devices, windows);
         if let Err(e) = &assign {
             log::warn!(
@@ -101,6 +116,42 @@ pub fn bring_up(ecams: &[EcamWindow], windows: &[Window]) -> Vec<Segment> {
         });
     }
     out
+}
+
+/// One window per resource kind spanning the BARs firmware assigned (I/O, memory below 4 GiB,
+/// 64-bit memory above it); kinds firmware did not use get none.
+fn firmware_spans(devices: &PciDevices) -> Vec<Window> {
+    use drivers::pci::{BarKind, WindowKind};
+    let mut spans: [Option<(u64, u64)>; 3] = [None; 3];
+    for f in devices.functions() {
+        for bar in f
+            .bars
+            .iter()
+            .flatten()
+            .filter(|b| b.base != 0 && b.size != 0)
+        {
+            let slot = match bar.kind {
+                BarKind::Io => 0,
+                BarKind::Mem64 if bar.base >= 1 << 32 => 2,
+                _ => 1,
+            };
+            let end = bar.base.saturating_add(bar.size);
+            let span = spans[slot].get_or_insert((bar.base, end));
+            *span = (span.0.min(bar.base), span.1.max(end));
+        }
+    }
+    let kinds = [WindowKind::Io, WindowKind::Mem32, WindowKind::Mem64];
+    spans
+        .iter()
+        .zip(kinds)
+        .filter_map(|(s, kind)| {
+            s.map(|(base, end)| Window {
+                base,
+                size: end - base,
+                kind,
+            })
+        })
+        .collect()
 }
 
 /// The enumerated hierarchy as the DMAR parser's view of bridges.

@@ -6,6 +6,7 @@
 mod build;
 mod decode;
 mod guests;
+mod image;
 mod qemu;
 mod scenario;
 mod setup;
@@ -69,6 +70,17 @@ enum Command {
         arch: Arch,
         #[arg(long)]
         release: bool,
+    },
+    /// Write a bootable image: a hybrid BIOS + UEFI ISO and an EFI System Partition tree with a
+    /// user-editable command line (x86_64: GRUB entry with guests; aarch64: UEFI, startup.nsh).
+    Image {
+        #[arg(long, value_enum, default_value = "x86_64")]
+        arch: Arch,
+        #[arg(long)]
+        release: bool,
+        /// Output directory (default: target/image/ARCH).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Boot the hypervisor under QEMU, stream its console, exit with the hypervisor's status.
     Run {
@@ -137,6 +149,7 @@ fn main() -> ExitCode {
             ..setup::Needs::all()
         }),
         Command::Build { arch, release } => build::build(arch, release).map(|_| ExitCode::SUCCESS),
+        Command::Image { arch, release, out } => image::image_command(arch, release, out),
         Command::Run {
             arch,
             release,

@@ -2,7 +2,7 @@
 //! QEMU's exit code back into the hypervisor's own status.
 
 use crate::build::{Image, build, target_dir};
-use crate::scenario::{Boot, Scenario};
+use crate::scenario::{Boot, Firmware, Scenario};
 use crate::util::{Result, run};
 use crate::{Arch, scenario};
 use std::io::{BufRead, BufReader, Read};
@@ -67,7 +67,10 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     ]);
     cmd.args(["-icount", "shift=10,sleep=off"]);
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
-    cmd.args(&s.qemu_args);
+    cmd.args(expand_qemu_args(&s.qemu_args)?);
+    if s.firmware == Firmware::Uefi {
+        cmd.args(uefi_pflash(s)?);
+    }
     let cmdline = cmdline.trim().to_string();
     // Guests: one archive through -initrd (PVH has a single module), or under GRUB one
     // `module2` per image, as a server's GRUB would load them.
@@ -105,12 +108,80 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
             let iso = grub_iso(&s.name, &image.elf, &cmdline, &grub_modules)?;
             cmd.arg("-cdrom").arg(iso).args(["-boot", "d"]);
         }
+        Boot::Esp => {
+            let dir = target_dir().join("xtask/esp").join(&s.name);
+            let (esp, interface) = match s.arch {
+                Arch::X86_64 => (
+                    crate::image::write_esp(&image.elf, &dir, &cmdline, 0)?,
+                    "ide",
+                ),
+                Arch::Aarch64 => {
+                    let raw = image.raw.as_ref().ok_or("no raw Image was built")?;
+                    // An empty scenario command line tests the firmware's own default boot of
+                    // \EFI\BOOT\BOOTAA64.EFI; otherwise the UEFI shell passes it (startup.nsh).
+                    let with = (!s.cmdline.trim().is_empty()).then_some(cmdline.as_str());
+                    (crate::image::write_arm_esp(raw, &dir, with)?, "virtio")
+                }
+            };
+            cmd.arg("-drive").arg(format!(
+                "file=fat:rw:{},format=raw,if={interface}",
+                esp.display()
+            ));
+        }
     }
     if gdb {
         cmd.args(["-s", "-S"]);
     }
     cmd.args(extra);
     Ok(cmd)
+}
+
+/// Replaces `{acpi-tables}` in scenario arguments with the directory of real firmware tables:
+/// `IOMMU_ACPI_TABLES` if set (as for the host tests), else `acpi-tables` in the shared data
+/// directory beside the repository (`HV_SHARED`, default `../shared`).
+fn expand_qemu_args(args: &[String]) -> Result<Vec<String>> {
+    const TABLES: &str = "{acpi-tables}";
+    if !args.iter().any(|a| a.contains(TABLES)) {
+        return Ok(args.to_vec());
+    }
+    let dir = std::env::var_os("IOMMU_ACPI_TABLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::util::shared_dir().join("acpi-tables"));
+    if !dir.is_dir() {
+        return Err(format!(
+            "{} missing: the real firmware tables live in shared/acpi-tables beside the \
+             repository; set IOMMU_ACPI_TABLES to their directory",
+            dir.display()
+        ));
+    }
+    let dir = dir.to_string_lossy();
+    Ok(args.iter().map(|a| a.replace(TABLES, &dir)).collect())
+}
+
+/// The pflash drives for UEFI firmware: the code volume read-only, and a fresh copy of the
+/// variable store per run (the firmware writes boot entries into it; a shared or stale copy would
+/// make runs depend on each other).
+fn uefi_pflash(s: &Scenario) -> Result<Vec<String>> {
+    use crate::setup::{AAVMF_CODE, AAVMF_VARS, OVMF_CODE, OVMF_VARS};
+    let (code, vars) = match s.arch {
+        Arch::X86_64 => (OVMF_CODE, OVMF_VARS),
+        Arch::Aarch64 => (AAVMF_CODE, AAVMF_VARS),
+    };
+    if !Path::new(code).is_file() || !Path::new(vars).is_file() {
+        return Err(format!(
+            "{code} or {vars} missing (run `cargo xtask setup`)"
+        ));
+    }
+    let dir = target_dir().join("xtask/uefi").join(&s.name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let copy = dir.join("vars.fd");
+    std::fs::copy(vars, &copy).map_err(|e| format!("copy {vars}: {e}"))?;
+    Ok(vec![
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", copy.display()),
+    ])
 }
 
 /// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test

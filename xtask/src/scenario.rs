@@ -21,6 +21,21 @@ pub enum Boot {
     Image,
     /// x86_64: a GRUB rescue ISO that loads the ELF with `multiboot2`, as on a test server.
     Grub,
+    /// UEFI from a FAT EFI System Partition: on x86_64 the tree of `cargo xtask image` (GRUB's
+    /// BOOTX64.EFI, the user-editable entry); on aarch64 the Image itself as an EFI application
+    /// (BOOTAA64.EFI, or started by the UEFI shell's startup.nsh with the command line).
+    Esp,
+}
+
+/// The machine's firmware.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Firmware {
+    /// QEMU's default: SeaBIOS on x86_64 (or `-kernel`'s direct boot), none on aarch64 virt.
+    #[default]
+    Default,
+    /// UEFI: OVMF (x86_64) or AAVMF (aarch64) as pflash, with a fresh copy of the variable store.
+    Uefi,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -32,6 +47,8 @@ pub struct Scenario {
     pub arch: Arch,
     #[serde(default)]
     pub boot: Boot,
+    #[serde(default)]
+    pub firmware: Firmware,
     /// `-M` value; default: `q35` / `virt-10.0,virtualization=on,iommu=smmuv3,gic-version=3`.
     pub machine: Option<String>,
     /// Device arguments replacing the architecture's default devices.
@@ -78,6 +95,7 @@ impl Scenario {
             description: "boot report on the default machine".into(),
             arch,
             boot: Boot::Kernel,
+            firmware: Firmware::Default,
             machine: None,
             devices: None,
             qemu_args: Vec::new(),
@@ -116,6 +134,16 @@ pub fn load(path: &Path) -> Result<Scenario> {
             path.display(),
             s.boot,
             s.arch.name()
+        ));
+    }
+    if (s.firmware == Firmware::Uefi) != matches!(s.boot, Boot::Esp)
+        && !matches!(s.boot, Boot::Grub)
+    {
+        // UEFI cannot be combined with QEMU's -kernel direct boot of our images, and an ESP
+        // needs UEFI firmware.
+        return Err(format!(
+            "{}: firmware \"uefi\" needs boot = \"grub\" or \"esp\", and \"esp\" needs \"uefi\"",
+            path.display()
         ));
     }
     Ok(s)

@@ -39,7 +39,24 @@ impl Needs {
 const TARGETS: [&str; 2] = ["x86_64-unknown-none", "aarch64-unknown-none"];
 const COMPONENTS: [&str; 4] = ["rustfmt", "clippy", "llvm-tools", "rust-src"];
 const QEMU_MIN: (u32, u32) = (10, 0);
-const GRUB_PACKAGES: [&str; 4] = ["grub-pc-bin", "grub-common", "xorriso", "mtools"];
+/// GRUB for both firmware kinds (`grub-mkrescue` makes a hybrid BIOS + UEFI ISO when both module
+/// sets are present), the ISO/FAT tools it calls, and the UEFI firmware QEMU boots it with
+/// (`ovmf`: OVMF_CODE_4M.fd + OVMF_VARS_4M.fd; `qemu-efi-aarch64`: AAVMF_CODE.fd + AAVMF_VARS.fd).
+const GRUB_PACKAGES: [&str; 7] = [
+    "grub-pc-bin",
+    "grub-efi-amd64-bin",
+    "grub-common",
+    "xorriso",
+    "mtools",
+    "ovmf",
+    "qemu-efi-aarch64",
+];
+
+/// Paths whose presence shows that [`GRUB_PACKAGES`] are installed (Debian bookworm layout).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
 
 pub fn setup(needs: Needs) -> Result<ExitCode> {
     let mut todo: Vec<String> = Vec::new();
@@ -312,11 +329,22 @@ fn grub(todo: &mut Vec<String>) -> Result<()> {
     let have_all = have("grub-mkrescue")
         && have("xorriso")
         && Path::new("/usr/lib/grub/i386-pc").is_dir()
+        && Path::new("/usr/lib/grub/x86_64-efi").is_dir()
+        && [OVMF_CODE, OVMF_VARS, AAVMF_CODE, AAVMF_VARS]
+            .iter()
+            .all(|f| Path::new(f).is_file())
         && have("mformat");
     if have_all {
         return Ok(());
     }
-    let mut cmd = vec!["apt-get".to_string(), "install".into(), "-y".into()];
+    // No recommends: grub-efi-amd64-bin recommends the signed GRUB and shim, whose maintainer
+    // scripts want to install a boot loader on this machine.
+    let mut cmd = vec![
+        "apt-get".to_string(),
+        "install".into(),
+        "-y".into(),
+        "--no-install-recommends".into(),
+    ];
     cmd.extend(GRUB_PACKAGES.iter().map(|s| s.to_string()));
     if !is_root() {
         todo.push(format!("sudo {}", cmd.join(" ")));

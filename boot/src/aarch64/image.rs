@@ -52,14 +52,55 @@ core::arch::global_asm!(
     ".global _start",
     ".type _start, %function",
     "_start:",
-    "    b       2f",                 // code0
-    "    .long   0",                  // code1
+    // code0: "MZ" (the DOS signature UEFI's PE loader looks for) is also the instruction
+    // `ccmp x18, #0, #0xd, pl`, which only changes the flags, so Image loaders may execute it.
+    "    .long   0xfa405a4d",
+    "    b       2f",                 // code1
     "    .quad   {text_offset}",      // text_offset
     "    .quad   __image_size",       // image_size: from the linker script, includes .bss
     "    .quad   {flags}",            // flags
     "    .quad   0, 0, 0",            // res2-res4
     "    .long   0x644d5241",         // magic "ARM\x64", little-endian, at offset 0x38
-    "    .long   0",                  // res5: no PE/COFF header (no EFI stub)
+    "    .long   3f - _start",        // res5 = DOS e_lfanew: offset of the PE header
+    // PE/COFF header (Microsoft PE format; UEFI 2.10 §2.1.1): one section, file page 1 to the
+    // end of .data, virtual size up to the end of .bss; no relocations (the stub copies the
+    // image to its link address instead, see efi_pe_entry).
+    "3:  .ascii  \"PE\\0\\0\"",
+    "    .short  0xaa64",             // Machine: IMAGE_FILE_MACHINE_ARM64
+    "    .short  1",                  // NumberOfSections
+    "    .long   0, 0, 0",            // TimeDateStamp, PointerToSymbolTable, NumberOfSymbols
+    "    .short  4f - 1f",            // SizeOfOptionalHeader
+    "    .short  0x0206",             // EXECUTABLE_IMAGE | LINE_NUMS_STRIPPED | DEBUG_STRIPPED
+    "1:  .short  0x20b",              // PE32+
+    "    .byte   0, 0",               // linker version
+    "    .long   __pe_raw_size",      // SizeOfCode
+    "    .long   0, 0",               // SizeOfInitializedData, SizeOfUninitializedData
+    "    .long   efi_pe_entry - _start", // AddressOfEntryPoint (RVA)
+    "    .long   0x1000",             // BaseOfCode
+    "    .quad   __image_start",      // ImageBase: the link address
+    "    .long   0x1000, 0x1000",     // SectionAlignment, FileAlignment
+    "    .short  0, 0, 0, 0, 0, 0",   // OS, image and subsystem versions
+    "    .long   0",                  // Win32VersionValue
+    "    .long   __image_size",       // SizeOfImage
+    "    .long   0x1000",             // SizeOfHeaders
+    "    .long   0",                  // CheckSum
+    "    .short  10",                 // Subsystem: EFI application
+    "    .short  0",                  // DllCharacteristics
+    "    .quad   0, 0, 0, 0",         // stack and heap reserve/commit
+    "    .long   0",                  // LoaderFlags
+    "    .long   6",                  // NumberOfRvaAndSizes
+    "    .quad   0, 0, 0, 0, 0, 0",   // export, import, resource, exception, security, basereloc
+    "4:  .ascii  \".text\\0\\0\\0\"",  // section header
+    "    .long   __pe_virt_size",     // VirtualSize (includes .bss, which the loader zeroes)
+    "    .long   0x1000",             // VirtualAddress
+    "    .long   __pe_raw_size",      // SizeOfRawData
+    "    .long   0x1000",             // PointerToRawData
+    "    .long   0, 0",               // PointerToRelocations, PointerToLinenumbers
+    "    .short  0, 0",               // NumberOfRelocations, NumberOfLinenumbers
+    "    .long   0xe0000060",         // code | initialized data | execute | read | write
+    ".balign 4096",
+    ".global __image_entry",
+    "__image_entry:",
     "2:",
     "    msr     daifset, #0xf",      // booting.rst wants DAIF masked; make sure
     "    mov     x19, x0",            // the DTB pointer (or 0), kept until Rust
@@ -188,6 +229,110 @@ core::arch::global_asm!(
     "9:  wfe",
     "    b       9b",
     ".ltorg",
+    // ---- UEFI entry (PE/COFF AddressOfEntryPoint) ---------------------------------------------
+    // Firmware state: EL2, MMU and caches on with an identity map, x0 = ImageHandle,
+    // x1 = SystemTable, the image loaded at an address of the firmware's choosing. This code is
+    // position-independent (adr, literal-pool constants only): it copies the whole image,
+    // .bss included (zeroed by the loader), to its link address with AllocatePages
+    // (AllocateAddress), makes the copy executable, and calls `efi_main` there.
+    ".global efi_pe_entry",
+    "efi_pe_entry:",
+    "    stp     x29, x30, [sp, #-48]!",
+    "    mov     x29, sp",
+    "    stp     x19, x20, [sp, #16]",
+    "    stp     x21, x22, [sp, #32]",
+    "    mov     x19, x0",
+    "    mov     x20, x1",
+    "    adr     x21, _start",        // where the firmware put us
+    "    ldr     x22, =_start",       // where we are linked
+    "    cmp     x21, x22",
+    "    b.eq    13f",
+    "    ldr     x9, [x20, #96]",     // SystemTable->BootServices
+    "    ldr     x9, [x9, #40]",      // ->AllocatePages
+    "    sub     sp, sp, #16",
+    "    str     x22, [sp]",          // in/out: the address wanted
+    "    mov     x0, #2",             // AllocateAddress
+    "    mov     x1, #2",             // EfiLoaderData
+    "    ldr     x2, =__image_pages",
+    "    mov     x3, sp",
+    "    blr     x9",
+    "    add     sp, sp, #16",
+    "    cbnz    x0, 14f",
+    "    ldr     x2, =__image_size",  // a multiple of 4 KiB
+    "    mov     x3, x21",
+    "    mov     x4, x22",
+    "11: ldp     x5, x6, [x3], #16",
+    "    stp     x5, x6, [x4], #16",
+    "    subs    x2, x2, #16",
+    "    b.hi    11b",
+    // Clean the copy to the point of unification and drop stale instructions (ARM ARM D7.5.9).
+    "    mrs     x5, ctr_el0",
+    "    ubfx    x5, x5, #16, #4",
+    "    mov     x6, #4",
+    "    lsl     x5, x6, x5",
+    "    mov     x3, x22",
+    "    ldr     x2, =__image_size",
+    "    add     x4, x22, x2",
+    "12: dc      cvau, x3",
+    "    add     x3, x3, x5",
+    "    cmp     x3, x4",
+    "    b.lo    12b",
+    "    dsb     ish",
+    "    ic      iallu",
+    "    dsb     ish",
+    "    isb",
+    "13: ldr     x9, ={efi_main}",
+    "    mov     x0, x19",
+    "    mov     x1, x20",
+    "    blr     x9",                 // returns only with an error status, boot services alive
+    "    b       15f",
+    "14: mov     x21, x0",            // AllocatePages failed: say so on ConOut, return its status
+    "    ldr     x9, [x20, #64]",     // SystemTable->ConOut
+    "    ldr     x10, [x9, #8]",      // ->OutputString
+    "    mov     x0, x9",
+    "    adr     x1, 16f",
+    "    blr     x10",
+    "    mov     x0, x21",
+    "15: ldp     x21, x22, [sp, #32]",
+    "    ldp     x19, x20, [sp, #16]",
+    "    ldp     x29, x30, [sp], #48",
+    "    ret",
+    ".ltorg",
+    ".balign 2",
+    "16: .short 104, 121, 112, 101, 114, 118, 105, 115, 111, 114, 58, 32, 99, 97, 110, 110, 111, 116",
+    "    .short 32, 97, 108, 108, 111, 99, 97, 116, 101, 32, 105, 116, 115, 32, 108, 105, 110, 107",
+    "    .short 32, 97, 100, 100, 114, 101, 115, 115, 13, 10, 0", // \"hypervisor: cannot allocate its link address\"
+    ".balign 4",
+    // Boot services are gone (efi_main called ExitBootServices) and interrupts are masked: make
+    // the image and the hand-off in .data visible without caches, turn the MMU off, and enter the
+    // Image path at _start as an Image loader would (x0 = 0; the hand-off says it is UEFI).
+    ".global efi_leave",
+    "efi_leave:",
+    "    msr     daifset, #0xf",
+    "    mrs     x5, ctr_el0",
+    "    ubfx    x5, x5, #16, #4",
+    "    mov     x6, #4",
+    "    lsl     x5, x6, x5",
+    "    adrp    x3, __image_start",
+    "    add     x3, x3, :lo12:__image_start",
+    "    adrp    x4, __image_end",
+    "    add     x4, x4, :lo12:__image_end",
+    "17: dc      civac, x3",
+    "    add     x3, x3, x5",
+    "    cmp     x3, x4",
+    "    b.lo    17b",
+    "    dsb     sy",
+    "    mrs     x9, sctlr_el2",
+    "    bic     x9, x9, #1",         // M
+    "    bic     x9, x9, #4",         // C
+    "    msr     sctlr_el2, x9",
+    "    isb",
+    "    ic      iallu",
+    "    tlbi    alle2",
+    "    dsb     sy",
+    "    isb",
+    "    mov     x0, #0",
+    "    b       _start",
     ".size _start, . - _start",
     ".popsection",
     // Outside the zeroed .bss range (the linker script places .bss.boot_page_table first): the
@@ -225,6 +370,7 @@ core::arch::global_asm!(
     stack_size = const BOOT_STACK_SIZE,
     exception_stack_size = const EXCEPTION_STACK_SIZE,
     rust_entry = sym rust_entry,
+    efi_main = sym super::efi::efi_main,
 );
 
 unsafe extern "C" {
@@ -357,14 +503,23 @@ extern "C" fn rust_entry(x0: u64, state: u64) -> ! {
     rec.el = ((state >> 2) & 3) as u8;
     rec.info.image_start = image.0;
     rec.info.image_end = image.1;
-    match locate_dtb(x0, image) {
-        Ok(dt) => {
+    // Started by UEFI (the EFI stub left a complete hand-off): ACPI only, no device tree.
+    // (A stale DTB may still sit at the base of RAM; it is not looked for.)
+    let from_efi = super::efi::fill_boot_info(image, &mut rec.info);
+    let dtb = if from_efi {
+        None
+    } else {
+        Some(locate_dtb(x0, image))
+    };
+    match dtb {
+        None => {}
+        Some(Ok(dt)) => {
             let pa = dt.bytes().as_ptr() as u64;
             // Unusable `reg` entries are skipped; the kernel sees what remains in the map.
             let _ = dt.fill_boot_info(pa, image, &mut rec.info);
             rec.dt = Some(dt);
         }
-        Err(e) => rec.error = Some(e),
+        Some(Err(e)) => rec.error = Some(e),
     }
     // Exception-level problems come first: with them the MMU is off, whatever the DTB said.
     if rec.el != 2 {

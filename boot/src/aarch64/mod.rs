@@ -14,10 +14,16 @@
 //! in `image.rs`, compiled for `aarch64-unknown-none` only. See `docs/boot-aarch64.md`.
 
 pub mod dtb;
+pub mod efi_map;
 pub mod map;
+pub mod spcr;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
+mod efi;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
 mod image;
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub use efi::efi_console;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub use image::{boot_info, device_tree, entry_el, entry_error, stack_guards};
 

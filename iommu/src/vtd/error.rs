@@ -81,6 +81,11 @@ pub enum VtdError {
     RmrrDevice { sid: u16 },
     /// [`apply_rmrr`](super::VtdUnit::apply_rmrr) already ran on this unit.
     RmrrAlreadyApplied,
+    /// Nothing that behaves like a remapping unit answers at the DRHD's register base: VER, CAP
+    /// and ECAP read as all-ones (nothing decodes the address) or as zero, or VER has its
+    /// reserved bits set. Real tables name units a machine does not have (a socket not
+    /// populated, a table copied from another board); programming one would only time out.
+    UnitAbsent { why: &'static str },
     /// The page-table engine rejected the configuration.
     PageTable(ConfigError),
     /// The page-table engine rejected a map.
@@ -190,6 +195,12 @@ impl fmt::Display for VtdError {
                 sid & 7
             ),
             VtdError::RmrrAlreadyApplied => f.write_str("RMRRs already applied to this unit"),
+            VtdError::UnitAbsent { why } => {
+                write!(
+                    f,
+                    "no remapping unit at this address ({why}); not programmed"
+                )
+            }
             VtdError::PageTable(e) => write!(f, "page table: {e:?}"),
             VtdError::Map(e) => write!(f, "map: {e}"),
             VtdError::Unmap(e) => write!(f, "unmap: {e}"),

@@ -779,6 +779,46 @@ impl VtdIdRegs {
             ecap: ExtCapability(mmio.read64(offset::ECAP)),
         }
     }
+
+    /// Reads the identification registers and refuses an address where no unit answers (see
+    /// [`unit_absent`]). Only reads: nothing is written to a unit that may not exist.
+    pub fn probe<M: Mmio + ?Sized>(mmio: &M) -> Result<Self, &'static str> {
+        let ver = mmio.read32(offset::VER);
+        let (cap, ecap) = (mmio.read64(offset::CAP), mmio.read64(offset::ECAP));
+        match unit_absent(ver, cap, ecap) {
+            Some(why) => Err(why),
+            None => Ok(VtdIdRegs {
+                version: Version::from_raw(ver),
+                cap: Capability(cap),
+                ecap: ExtCapability(ecap),
+            }),
+        }
+    }
+}
+
+/// Why raw VER/CAP/ECAP values cannot come from a remapping unit, or `None` if they can.
+///
+/// VER_REG (§11.4.1) has bits 31:8 reserved as zero and a major version of at least 1; CAP_REG
+/// (§11.4.2) of any real unit has non-zero fields (ND, SAGAW or FL support, MGAW, NFR), and
+/// neither CAP nor ECAP (§11.4.3) can be all-ones since both have reserved bits. An address
+/// nothing decodes reads all-ones on PCI-style fabrics (and in QEMU's ECAM window) or zero
+/// (QEMU's unassigned memory); both are caught here.
+pub fn unit_absent(ver: u32, cap: u64, ecap: u64) -> Option<&'static str> {
+    if ver == u32::MAX && cap == u64::MAX && ecap == u64::MAX {
+        Some("VER/CAP/ECAP read all-ones")
+    } else if ver == 0 && cap == 0 && ecap == 0 {
+        Some("VER/CAP/ECAP read zero")
+    } else if ver & !0xff != 0 {
+        Some("VER reserved bits 31:8 set")
+    } else if Version::from_raw(ver).major == 0 {
+        Some("VER major version 0")
+    } else if cap == 0 || cap == u64::MAX {
+        Some("CAP reads zero or all-ones")
+    } else if ecap == u64::MAX {
+        Some("ECAP reads all-ones")
+    } else {
+        None
+    }
 }
 
 impl fmt::Display for VtdIdRegs {
@@ -2070,5 +2110,62 @@ mod tests {
         assert_eq!(lines[0], "VER 1.0");
         assert!(lines[1].starts_with("CAP 0x00d2008c222f0606 SAGAW=3,4-level MGAW=48 ND=65536"));
         assert!(lines[2].starts_with("ECAP 0x0000000000f00f4a QI IR EIM=no PT"));
+    }
+
+    /// An address with no unit behind it: every read returns `fill` (all-ones where nothing
+    /// decodes on a PCI-style fabric, zero for QEMU's unassigned memory). Writes are a bug.
+    struct Floating {
+        ver: u32,
+        cap: u64,
+        ecap: u64,
+    }
+
+    impl Mmio for Floating {
+        fn read32(&self, _: usize) -> u32 {
+            self.ver
+        }
+        fn write32(&self, offset: usize, _: u32) {
+            panic!("probe wrote {offset:#x}");
+        }
+        fn read64(&self, offset: usize) -> u64 {
+            if offset == offset::CAP {
+                self.cap
+            } else {
+                self.ecap
+            }
+        }
+        fn write64(&self, offset: usize, _: u64) {
+            panic!("probe wrote {offset:#x}");
+        }
+    }
+
+    #[test]
+    fn probe_refuses_addresses_where_no_unit_answers() {
+        let probe = |ver, cap, ecap| VtdIdRegs::probe(&Floating { ver, cap, ecap });
+        assert_eq!(
+            probe(u32::MAX, u64::MAX, u64::MAX),
+            Err("VER/CAP/ECAP read all-ones")
+        );
+        assert_eq!(probe(0, 0, 0), Err("VER/CAP/ECAP read zero"));
+        // VER_REG bits 31:8 are reserved (§11.4.1); major version 0 does not exist.
+        assert_eq!(
+            probe(0x110, QEMU_CAP, QEMU_ECAP_TCG),
+            Err("VER reserved bits 31:8 set")
+        );
+        assert_eq!(
+            probe(0x01, QEMU_CAP, QEMU_ECAP_TCG),
+            Err("VER major version 0")
+        );
+        assert_eq!(
+            probe(0x10, 0, QEMU_ECAP_TCG),
+            Err("CAP reads zero or all-ones")
+        );
+        assert_eq!(probe(0x10, QEMU_CAP, u64::MAX), Err("ECAP reads all-ones"));
+        // QEMU's unit (VER 1.0) and a VT-d 4.x one (VER 7.0 = 0x70) are accepted; ECAP may be 0
+        // on a minimal unit.
+        let ok = probe(0x10, QEMU_CAP, QEMU_ECAP_TCG).unwrap();
+        assert_eq!(ok.version, Version { major: 1, minor: 0 });
+        assert_eq!(ok.cap, Capability(QEMU_CAP));
+        assert!(probe(0x70, QEMU_CAP, 0).is_ok());
     }
 }

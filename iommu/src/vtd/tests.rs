@@ -3260,5 +3260,53 @@ fn aliases_attach_scalable() {
     unit.detach_aliases(&mem, &EDU_BEHIND_BRIDGE, None).unwrap();
     for w in alias_walks(&mem, rt, &EDU_BEHIND_BRIDGE, None, 0x10_0123) {
         assert!(w.is_err());
+// A DRHD naming a unit the machine does not have
+// ---------------------------------------------------------------------------------------------
+
+/// Register space with nothing behind it: reads return `fill`, writes are recorded.
+struct NoUnit {
+    fill: u64,
+    writes: RefCell<Vec<usize>>,
+}
+
+impl crate::hw::Mmio for &NoUnit {
+    fn read32(&self, _: usize) -> u32 {
+        self.fill as u32
+    }
+    fn write32(&self, offset: usize, _: u32) {
+        self.writes.borrow_mut().push(offset);
+    }
+    fn read64(&self, _: usize) -> u64 {
+        self.fill
+    }
+    fn write64(&self, offset: usize, _: u64) {
+        self.writes.borrow_mut().push(offset);
+    }
+}
+
+#[test]
+fn bring_up_refuses_an_absent_unit_without_writing_to_it() {
+    for (fill, why) in [
+        (u64::MAX, "VER/CAP/ECAP read all-ones"),
+        (0, "VER/CAP/ECAP read zero"),
+    ] {
+        let mem = FakeMem::new(16);
+        let mmio = NoUnit {
+            fill,
+            writes: RefCell::new(Vec::new()),
+        };
+        let err = VtdUnit::new(&mmio, &mem, UnitConfig::default()).err();
+        assert_eq!(err, Some(VtdError::UnitAbsent { why }));
+        assert!(
+            mmio.writes.borrow().is_empty(),
+            "wrote {:?}",
+            mmio.writes.borrow()
+        );
+        assert_eq!(mem.live_frames(), 0, "no root table allocated");
+        assert!(
+            VtdError::UnitAbsent { why }
+                .to_string()
+                .contains("no remapping unit at this address")
+        );
     }
 }

@@ -364,7 +364,9 @@ pub const MAX_ALIAS_SIDS: usize = 64;
 impl<M: Mmio> VtdUnit<M> {
     /// Brings the unit up with translation disabled (VT-d 4.1 §6 and §11.4):
     ///
-    /// 1. reads VER/CAP/ECAP and checks the mode (scalable needs ECAP.SMTS and ECAP.QI);
+    /// 1. reads VER/CAP/ECAP, refuses an address where no unit answers
+    ///    ([`VtdError::UnitAbsent`], before any write), and checks the mode (scalable needs
+    ///    ECAP.SMTS and ECAP.QI);
     /// 2. turns off translation and queued invalidation if a previous owner left them on, and
     ///    clears stale invalidation-queue errors;
     /// 3. allocates the root table, programs RTADDR (TTM 00b or 01b) and latches it with
@@ -374,7 +376,9 @@ impl<M: Mmio> VtdUnit<M> {
     ///    otherwise uses the CCMD and IOTLB registers;
     /// 5. invalidates the context cache, the PASID cache (scalable) and the IOTLB globally.
     pub fn new<T: VtdMemory>(mmio: M, mem: &T, cfg: UnitConfig) -> Result<Self, VtdError> {
-        let ids = VtdIdRegs::read(&mmio);
+        // A DRHD may name a unit the machine does not have; refuse it before the first write
+        // instead of timing out on its status registers.
+        let ids = VtdIdRegs::probe(&mmio).map_err(|why| VtdError::UnitAbsent { why })?;
         let (cap, ecap) = (ids.cap, ids.ecap);
         let scalable = cfg.mode == TranslationMode::Scalable;
         if scalable && !(ecap.smts() && ecap.qi()) {

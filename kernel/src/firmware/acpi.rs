@@ -52,6 +52,10 @@ pub struct Acpi {
     #[cfg_attr(target_arch = "x86_64", allow(dead_code))] // SMMUs exist on Arm only
     pub iort: Option<Table>,
     pub mcfg: Vec<McfgEntry>,
+    /// FADT ARM_BOOT_ARCH (ACPI 6.5 §5.2.9, Table 5.10, offset 129): bit 0 PSCI_COMPLIANT,
+    /// bit 1 PSCI_USE_HVC. `None` without a FADT long enough to hold it.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub arm_boot_flags: Option<u16>,
 }
 
 /// One ECAM window from the MCFG (PCI Firmware 3.3 §4.1.2).
@@ -82,6 +86,7 @@ macro_rules! raw_table {
 
 raw_table!(RawDmar, DMAR);
 raw_table!(RawIort, IORT);
+raw_table!(RawFadt, FADT);
 
 fn raw<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<DirectMap>) -> Option<Table> {
     let m = tables.find_table::<T>().ok()?;
@@ -141,6 +146,9 @@ pub fn discover(rsdp: u64) -> Result<Acpi, AcpiError> {
         dmar: raw::<RawDmar>(&tables),
         iort: raw::<RawIort>(&tables),
         mcfg,
+        arm_boot_flags: raw::<RawFadt>(&tables)
+            .and_then(|t| t.bytes.get(129..131))
+            .map(|b| u16::from_le_bytes([b[0], b[1]])),
     })
 }
 

@@ -38,7 +38,7 @@ pub fn exit(status: u32) -> ! {
     if first && status != 0 && semihosting_requested() {
         semihosting_exit(status);
     }
-    if let Some(conduit) = psci_conduit() {
+    if let Some(conduit) = psci_conduit().or_else(acpi_psci_conduit) {
         psci_system_off(conduit);
     }
     halt()
@@ -79,6 +79,22 @@ fn psci_conduit() -> Option<Conduit> {
     match CurrentEL.read(CurrentEL::EL) {
         2 => Some(Conduit::Smc),
         1 => Some(psci.conduit),
+        _ => None,
+    }
+}
+
+/// ACPI-only machines (UEFI boot, no device tree) announce PSCI in the FADT's ARM_BOOT_ARCH
+/// flags (ACPI 6.5 §5.2.9): PSCI_COMPLIANT, and PSCI_USE_HVC for an EL1 OS; at EL2 it is SMC.
+fn acpi_psci_conduit() -> Option<Conduit> {
+    let rsdp = boot::aarch64::boot_info()?.rsdp?;
+    let flags = crate::firmware::acpi::discover(rsdp).ok()?.arm_boot_flags?;
+    if flags & 1 == 0 {
+        return None;
+    }
+    match CurrentEL.read(CurrentEL::EL) {
+        2 => Some(Conduit::Smc),
+        1 if flags & 2 != 0 => Some(Conduit::Hvc),
+        1 => Some(Conduit::Smc),
         _ => None,
     }
 }

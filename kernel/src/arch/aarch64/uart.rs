@@ -1,7 +1,8 @@
 //! The boot console: a PL011 (or SBSA generic UART) found through the device tree.
 //!
 //! Choice of UART: `/chosen/stdout-path`, else the first enabled `arm,pl011`/`arm,sbsa-uart`
-//! node, else QEMU `virt`'s PL011 at 0x0900_0000 (hw/arm/virt.c `VIRT_UART`). A base that lies in
+//! node, else QEMU `virt`'s PL011 at 0x0900_0000 (hw/arm/virt.c `VIRT_UART`); under UEFI (ACPI
+//! only) the SPCR table's UART and nothing else. A base that lies in
 //! RAM or outside the boot map is refused (the console then stays silent rather than scribble
 //! over memory because of a bad DTB).
 
@@ -26,7 +27,13 @@ static STALLED: AtomicBool = AtomicBool::new(false);
 
 pub fn init(info: &BootInfo) {
     let dt_uart = boot::aarch64::device_tree().and_then(|dt| dt.console_uart());
-    let Some(uart) = [dt_uart, Some(QEMU_VIRT_UART)]
+    // Under UEFI the machine is described by ACPI alone: only SPCR's UART, never a guess.
+    let candidates = if info.protocol == boot::BootProtocol::Uefi {
+        [boot::aarch64::efi_console(), None]
+    } else {
+        [dt_uart, Some(QEMU_VIRT_UART)]
+    };
+    let Some(uart) = candidates
         .into_iter()
         .flatten()
         .find(|u| plausible(u, info))

@@ -113,6 +113,18 @@ fn log_boot_notes(info: &BootInfo) {
         ),
         None => log::warn!("x86_64: no ACPI RSDP found"),
     }
+    if let Some(st) = info.efi_system_table {
+        log::info!("x86_64: booted through UEFI, system table at {st:#x}");
+    }
+    if let Some(fb) = info.framebuffer {
+        log::info!(
+            "x86_64: boot framebuffer {}x{}x{} at {:#x} (not used as console)",
+            fb.width,
+            fb.height,
+            fb.bpp,
+            fb.addr
+        );
+    }
     for issue in notes.issues() {
         log::warn!("boot: {} ({:#x})", issue.what, issue.value);
     }
