@@ -86,9 +86,9 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
                     grub_modules.push((name.clone(), crate::guests::build_image(s.arch, name)?));
                 }
             }
-            Boot::Image => {
+            Boot::Image | Boot::Esp => {
                 return Err(format!(
-                    "scenario {}: guests cannot be passed to a raw Image yet",
+                    "scenario {}: guests cannot be passed to a raw Image or an ESP yet",
                     s.name
                 ));
             }

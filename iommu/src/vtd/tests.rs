@@ -3260,6 +3260,10 @@ fn aliases_attach_scalable() {
     unit.detach_aliases(&mem, &EDU_BEHIND_BRIDGE, None).unwrap();
     for w in alias_walks(&mem, rt, &EDU_BEHIND_BRIDGE, None, 0x10_0123) {
         assert!(w.is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // A DRHD naming a unit the machine does not have
 // ---------------------------------------------------------------------------------------------
 
