@@ -30,7 +30,8 @@
 //! let g = fd.create_guest()?;
 //! fd.assign_device(g, 0)?;
 //! let pa = FRAMES.lock().alloc(FLOW_MEMORY / PAGE_SIZE, PAGE_SIZE, u64::MAX)?;
-//! let gm = SliceMemory::new(pa, pa, phys::frame_bytes_mut(pa, FLOW_MEMORY)?);
+//! let buf = DmaBuffer::alloc(FLOW_MEMORY, PAGE_SIZE)?; // device-written: volatile accessors
+//! let gm = DmaGuestMemory::new(&buf);                   // a `FlowMemory` over it
 //! dma_flow(&mut fd, g, &gm, sid as u64, &mut EduDma(&dev), &mut |l| println!("{l}"))?;
 //! fd.destroy_guest(g)?;
 //! ```
@@ -120,6 +121,29 @@ impl GuestMemory for SliceMemory<'_> {
     }
 }
 
+/// The guest memory a flow runs in: one guest-physical run starting at [`gpa`](Self::gpa).
+/// [`SliceMemory`] is one (host tests); the hypervisor's is a DMA buffer with volatile accessors,
+/// since the device writes it behind the compiler's back.
+pub trait FlowMemory: GuestMemory {
+    /// Guest-physical address of the first byte.
+    fn gpa(&self) -> u64;
+    /// Bytes in the run.
+    fn len(&self) -> u64;
+    fn as_guest_memory(&self) -> &dyn GuestMemory;
+}
+
+impl FlowMemory for SliceMemory<'_> {
+    fn gpa(&self) -> u64 {
+        SliceMemory::gpa(self)
+    }
+    fn len(&self) -> u64 {
+        SliceMemory::len(self)
+    }
+    fn as_guest_memory(&self) -> &dyn GuestMemory {
+        self
+    }
+}
+
 /// A DMA-capable device with an internal buffer (QEMU's edu has 4 KiB).
 pub trait DmaEngine<H: IommuHw> {
     /// The device reads `len` bytes at `iova` into its buffer.
@@ -164,7 +188,7 @@ fn pattern(seed: u8, out: &mut [u8]) {
 pub fn dma_flow<H: IommuHw>(
     fd: &mut Iommufd<H>,
     guest: GuestId,
-    mem: &SliceMemory<'_>,
+    mem: &dyn FlowMemory,
     hw_id: u64,
     dma: &mut dyn DmaEngine<H>,
     log: &mut dyn FnMut(&str),
@@ -172,6 +196,7 @@ pub fn dma_flow<H: IommuHw>(
     check(mem.len() >= FLOW_MEMORY, "guest memory too small")?;
     let objects = fd.object_count(guest);
     let base = mem.gpa();
+    let mem: &dyn GuestMemory = mem.as_guest_memory();
     let (src, dst1, dst2) = (base + 0x10000, base + 0x11000, base + 0x12000);
     let mut c = Client::new(fd, guest, mem, base);
 

@@ -152,3 +152,65 @@ impl DmaBuffer {
 pub fn pattern_byte(seed: u8, i: usize) -> u8 {
     seed.wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8
 }
+
+/// A [`DmaBuffer`] seen as one guest's memory, for the in-hypervisor ABI scenarios: the
+/// "guest" is the hypervisor itself, its guest-physical addresses are the buffer's host-physical
+/// ones, and every access goes through the buffer's volatile accessors, because the device
+/// writes this memory by DMA while the object model reads it.
+pub struct DmaGuestMemory<'a> {
+    buf: &'a DmaBuffer,
+}
+
+impl<'a> DmaGuestMemory<'a> {
+    pub fn new(buf: &'a DmaBuffer) -> Self {
+        DmaGuestMemory { buf }
+    }
+
+    fn range(&self, gpa: u64, len: usize) -> Option<usize> {
+        let off = gpa.checked_sub(self.buf.pa)?;
+        let end = off.checked_add(len as u64)?;
+        (end <= self.buf.len() as u64).then_some(off as usize)
+    }
+}
+
+impl iommu::iommufd::GuestMemory for DmaGuestMemory<'_> {
+    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), iommu::iommufd::MemFault> {
+        let off = self.range(gpa, out.len()).ok_or(iommu::iommufd::MemFault)?;
+        self.buf.read(off, out);
+        Ok(())
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), iommu::iommufd::MemFault> {
+        let off = self
+            .range(gpa, data.len())
+            .ok_or(iommu::iommufd::MemFault)?;
+        self.buf.write(off, data);
+        Ok(())
+    }
+
+    fn owns(&self, gpa: u64, len: u64, _write: bool) -> bool {
+        usize::try_from(len).is_ok_and(|len| self.range(gpa, len).is_some())
+    }
+
+    fn translate(&self, gpa: u64) -> Option<iommu::iommufd::HostRun> {
+        let off = self.range(gpa, 1)? as u64;
+        Some(iommu::iommufd::HostRun {
+            hpa: self.buf.pa + off,
+            len: self.buf.len() as u64 - off,
+        })
+    }
+}
+
+impl iommu::iommufd::selftest::FlowMemory for DmaGuestMemory<'_> {
+    fn gpa(&self) -> u64 {
+        self.buf.pa
+    }
+
+    fn len(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    fn as_guest_memory(&self) -> &dyn iommu::iommufd::GuestMemory {
+        self
+    }
+}

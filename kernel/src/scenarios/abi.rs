@@ -4,17 +4,18 @@
 //! ALLOW_IOVAS, DEVICE_ATTACH, IOAS_MAP, DMA, DEVICE_REPLACE to a second IOAS, DMA again,
 //! UNMAP, DETACH, DESTROY — and at the end no object is left.
 
-use super::{Checks, DMA_POLLS, EduDevice, find_edu};
+use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu};
 use crate::discovery::{Platform, Unit};
+use crate::mem::dma::DmaGuestMemory;
 use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
-use crate::mem::phys::{Frames, MmioRegion};
+use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use boot::BootInfo;
-use iommu::iommufd::selftest::{DmaEngine, FLOW_MEMORY, SliceMemory, dma_flow};
+use iommu::iommufd::selftest::{DmaEngine, FLOW_MEMORY, dma_flow};
 use iommu::iommufd::{IommuHw, Iommufd, Limits};
 
 /// edu as the flow's DMA engine.
@@ -105,19 +106,17 @@ fn run_flow<H: IommuHw>(backend: H, dev: &EduDevice, hw_id: u64) -> Result<(), S
         .map_err(|e| format!("create_guest: {e:?}"))?;
     fd.assign_device(g, 0)
         .map_err(|e| format!("assign_device: {e:?}"))?;
-    let mut frames = Frames::alloc(FLOW_MEMORY.div_ceil(PAGE_SIZE), PAGE_SIZE, u64::MAX)
-        .ok_or("out of frames")?;
-    let pa = frames.pa();
-    let bytes = &mut frames.bytes_mut()[..FLOW_MEMORY as usize];
-    // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this buffer.
-    let gm = SliceMemory::new(pa, pa, bytes);
+    // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this buffer,
+    // which edu writes by DMA, so it is reached only through volatile accessors.
+    let buf = buffer(FLOW_MEMORY, PAGE_SIZE)?;
+    let gm = DmaGuestMemory::new(&buf);
     dma_flow(&mut fd, g, &gm, hw_id, &mut EduDma(dev), &mut |l| {
         println!("{l}")
     })
     .map_err(|e| format!("step {:?} failed with errno {}", e.step, e.errno))?;
     fd.destroy_guest(g)
         .map_err(|e| format!("destroy_guest: {e:?}"))?;
-    frames.free();
+    buf.free();
     Ok(())
 }
 
@@ -317,11 +316,9 @@ fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Resu
     let b = fd
         .assign_device(g, 1)
         .map_err(|e| format!("assign_device: {e:?}"))?;
-    let mut frames = Frames::alloc(FLOW_MEMORY.div_ceil(PAGE_SIZE), PAGE_SIZE, u64::MAX)
-        .ok_or("out of frames")?;
-    let pa = frames.pa();
-    let bytes = &mut frames.bytes_mut()[..FLOW_MEMORY as usize];
-    let gm = SliceMemory::new(pa, pa, bytes);
+    let buf = buffer(FLOW_MEMORY, PAGE_SIZE)?;
+    let pa = buf.pa;
+    let gm = DmaGuestMemory::new(&buf);
     // Scratch for the calls' arguments at the start; the two IOAS' pages after it.
     const IOVA: u64 = 0x0010_0000;
     let (page1, page2) = (pa + 0x10000, pa + 0x11000);
@@ -396,6 +393,6 @@ fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Resu
     );
     fd.destroy_guest(g)
         .map_err(|e| format!("destroy_guest: {e:?}"))?;
-    frames.free();
+    buf.free();
     Ok(())
 }
