@@ -129,6 +129,9 @@ pub trait FlowMemory: GuestMemory {
     fn gpa(&self) -> u64;
     /// Bytes in the run.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn as_guest_memory(&self) -> &dyn GuestMemory;
 }
 
