@@ -10,9 +10,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use iommu::iommufd::vtd_backend::VtdBackend;
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
-use iommu::vtd::{UnitConfig, VtdUnit};
 
 use super::memory::GuestMemory;
 use crate::discovery::{Platform, Unit};
@@ -21,9 +19,16 @@ use crate::mem::phys::MmioRegion;
 
 /// Bytes of VT-d register space mapped per unit: the architectural register file plus the fault
 /// recording and IOTLB registers, which QEMU and current hardware place in the first page.
+#[cfg(target_arch = "x86_64")]
 const VTD_REGS: u64 = 0x1000;
+/// SMMUv3 register space: pages 0 and 1 (SMMUv3 §6.1), 128 KiB.
+#[cfg(target_arch = "aarch64")]
+const SMMU_REGS: u64 = 0x2_0000;
 
-type Backend = VtdBackend<'static, MmioRegion, IommuMemory>;
+#[cfg(target_arch = "x86_64")]
+type Backend = iommu::iommufd::vtd_backend::VtdBackend<'static, MmioRegion, IommuMemory>;
+#[cfg(target_arch = "aarch64")]
+type Backend = iommu::iommufd::smmu_backend::SmmuBackend<'static, MmioRegion, IommuMemory>;
 
 /// The object model the guests call into.
 pub struct GuestIommu {
@@ -33,7 +38,10 @@ pub struct GuestIommu {
 
 impl GuestIommu {
     /// Brings up every VT-d unit discovery found; `Ok(None)` when there is none.
+    #[cfg(target_arch = "x86_64")]
     pub fn bring_up(platform: &Platform) -> Result<Option<GuestIommu>, String> {
+        use iommu::iommufd::vtd_backend::VtdBackend;
+        use iommu::vtd::{UnitConfig, VtdUnit};
         let mut units = Vec::new();
         for u in &platform.units {
             let Unit::Vtd { name, base, .. } = u else {
@@ -56,9 +64,38 @@ impl GuestIommu {
         }
         let count = units.len();
         let backend = VtdBackend::new(units, &IOMMU_MEMORY, Vec::new());
+        Self::over(backend, count)
+    }
+
+    /// Brings up every SMMUv3 discovery found (stream table in place, every stream aborting
+    /// until a device is attached); `Ok(None)` when there is none.
+    #[cfg(target_arch = "aarch64")]
+    pub fn bring_up(platform: &Platform) -> Result<Option<GuestIommu>, String> {
+        use iommu::iommufd::smmu_backend::SmmuBackend;
+        use iommu::smmuv3::{SmmuUnit, UnitConfig};
+        let mut units = Vec::new();
+        for u in &platform.units {
+            let Unit::Smmu { name, base, .. } = u else {
+                continue;
+            };
+            let mmio =
+                MmioRegion::new(*base, SMMU_REGS).map_err(|e| alloc::format!("{name}: {e}"))?;
+            let unit = SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
+                .map_err(|e| alloc::format!("{name}: {e}"))?;
+            units.push(unit);
+        }
+        if units.is_empty() {
+            return Ok(None);
+        }
+        let count = units.len();
+        let backend = SmmuBackend::new(units, &IOMMU_MEMORY, Vec::new());
+        Self::over(backend, count)
+    }
+
+    fn over(backend: Backend, units: usize) -> Result<Option<GuestIommu>, String> {
         let fd = Iommufd::new(backend, Limits::default())
             .map_err(|e| alloc::format!("object model: {e:?}"))?;
-        Ok(Some(GuestIommu { fd, units: count }))
+        Ok(Some(GuestIommu { fd, units }))
     }
 
     pub fn units(&self) -> usize {

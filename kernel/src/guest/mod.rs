@@ -14,22 +14,63 @@ pub mod memory;
 
 use alloc::vec::Vec;
 use boot::BootInfo;
-use boot::guests::{Archive, EM_X86_64, ElfImage, GuestConfig};
+use boot::guests::{Archive, ElfImage, GuestConfig};
 use hvabi::{errno, op, platform};
 
 use crate::mem::{frame::FRAMES, phys};
-use crate::vcpu::svm::Svm;
-use crate::vcpu::{Backend, Event, Exit};
-use crate::{EXIT_FAILURE, EXIT_SUCCESS, arch, println};
+use crate::vcpu::{Backend, Event, Exit, Native};
+use crate::{EXIT_FAILURE, EXIT_SUCCESS, println};
 use iommu::GuestIommu;
 use memory::GuestMemory;
 
-/// One time slice: 10 ms of the APIC timer at QEMU's 1 GHz APIC clock (divide by 1).
+/// One time slice: 10 ms (x86_64: APIC timer ticks at QEMU's 1 GHz APIC clock, divide by 1;
+/// aarch64: nanoseconds, converted at CNTFRQ).
 pub const SLICE_TICKS: u32 = 10_000_000;
 /// Most guests configured at once.
 pub const MAX_GUESTS: usize = 8;
 
+/// The architecture's preemption timer (x86_64: the local APIC timer; aarch64: the EL2 physical
+/// timer through the GICv3) and its words for the reports.
+#[cfg(target_arch = "x86_64")]
+mod native {
+    pub use crate::arch::apic::{arm_timer, ticks};
+    pub fn init_timer(_: &boot::BootInfo) -> Result<(), &'static str> {
+        crate::arch::apic::init_timer()
+    }
+    pub const ELF_MACHINE: u16 = boot::guests::EM_X86_64;
+    pub const PC: &str = "rip";
+    pub const STAGE2_FAULT: &str = "nested page fault";
+    pub const CONTROL: &str = "its VMCB and nested page tables";
+    pub const HALT: &str = "hlt";
+    pub const IOMMU_UNITS: &str = "VT-d unit(s), legacy mode";
+}
+#[cfg(target_arch = "aarch64")]
+mod native {
+    pub use crate::arch::preempt::{arm_timer, ticks};
+    pub fn init_timer(info: &boot::BootInfo) -> Result<(), &'static str> {
+        crate::arch::preempt::init_timer(info)
+    }
+    pub const ELF_MACHINE: u16 = boot::guests::EM_AARCH64;
+    pub const PC: &str = "pc";
+    pub const STAGE2_FAULT: &str = "stage-2 fault";
+    pub const CONTROL: &str = "its vCPU state and stage-2 tables";
+    pub const HALT: &str = "wfi";
+    pub const IOMMU_UNITS: &str = "SMMUv3 unit(s)";
+}
+
+/// Prints the vCPU backend line of the boot report (ID registers only; nothing is switched on).
+#[cfg(target_arch = "aarch64")]
+pub fn report_backend() {
+    match crate::vcpu::el1::El1::check() {
+        Ok((ipa_bits, vmids)) => {
+            println!("report: vcpu backend=el1 vmids={vmids} stage2=4k ipa-bits={ipa_bits}")
+        }
+        Err(e) => println!("report: vcpu backend=none reason=\"{e}\""),
+    }
+}
+
 /// Prints the vCPU backend line of the boot report (CPUID only; nothing is switched on).
+#[cfg(target_arch = "x86_64")]
 pub fn report_backend() {
     use core::arch::x86_64::__cpuid;
     let ext = __cpuid(0x8000_0000).eax;
@@ -142,22 +183,23 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         }
         configs.push(c);
     }
-    let mut backend = match Svm::probe() {
+    let mut backend = match Native::probe() {
         Ok(b) => b,
         Err(e) => {
             println!("guests: refused: no vCPU backend: {e}");
             return EXIT_FAILURE;
         }
     };
-    if let Err(e) = arch::apic::init_timer() {
+    if let Err(e) = native::init_timer(info) {
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
     }
     let mut iommu = match GuestIommu::bring_up(platform) {
         Ok(Some(i)) => {
             println!(
-                "guests: IOMMU ABI v1 on {} VT-d unit(s), legacy mode",
-                i.units()
+                "guests: IOMMU ABI v1 on {} {}",
+                i.units(),
+                native::IOMMU_UNITS
             );
             Some(i)
         }
@@ -178,7 +220,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         SLICE_TICKS / 1_000_000
     );
     let free_before = FRAMES.lock().free_bytes();
-    let mut guests: Vec<Guest<Svm>> = Vec::new();
+    let mut guests: Vec<Guest<Native>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
         match create(&mut backend, &mut iommu, c, &images) {
             Ok(g) => {
@@ -204,11 +246,11 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             }
         }
     }
-    let ticks = arch::apic::ticks();
+    let ticks = native::ticks();
     schedule(&mut backend, &mut iommu, &mut guests);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
-        arch::apic::ticks() - ticks
+        native::ticks() - ticks
     );
     let free_after = FRAMES.lock().free_bytes();
     let exited = guests.len();
@@ -229,17 +271,17 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
 }
 
 fn create(
-    backend: &mut Svm,
+    backend: &mut Native,
     iommu: &mut Option<GuestIommu>,
     c: &GuestConfig<'static>,
     images: &[Image],
-) -> Result<Guest<Svm>, alloc::string::String> {
+) -> Result<Guest<Native>, alloc::string::String> {
     use alloc::string::ToString;
     let image = images
         .iter()
         .find(|im| im.name == c.image)
         .ok_or_else(|| "image: missing".to_string())?;
-    let elf = ElfImage::parse(image.bytes, EM_X86_64)
+    let elf = ElfImage::parse(image.bytes, native::ELF_MACHINE)
         .map_err(|e| alloc::format!("image {}: {e}", c.image))?;
     let memory = GuestMemory::new(c.mem).map_err(|e| alloc::format!("mem: {e}"))?;
     let entry = loader::load(&memory, &elf, c.cmdline)
@@ -303,8 +345,9 @@ fn teardown<B: Backend>(
         drop(m);
         if report {
             println!(
-                "guest {}: {kib} KiB of RAM, its VMCB and nested page tables freed",
-                g.name
+                "guest {}: {kib} KiB of RAM, {} freed",
+                g.name,
+                native::CONTROL
             );
         }
     }
@@ -319,7 +362,7 @@ struct Cx<'a, B: Backend> {
 
 fn stop<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
     flush_line(g);
-    println!("guest {} stopped: {why}, rip={pc:#x}", g.name);
+    println!("guest {} stopped: {why}, {}={pc:#x}", g.name, native::PC);
     teardown(cx.backend, cx.iommu, g, true);
 }
 
@@ -339,7 +382,7 @@ fn schedule<B: Backend>(backend: &mut B, iommu: &mut Option<GuestIommu>, guests:
     {
         current = i + 1;
         let g = &mut guests[i];
-        arch::apic::arm_timer(SLICE_TICKS);
+        native::arm_timer(SLICE_TICKS);
         while let (Some(vm), Some(vcpu)) = (g.vm.as_ref(), g.vcpu.as_mut()) {
             let exit = cx.backend.run(vm, vcpu);
             match handle(&mut cx, g, exit) {
@@ -348,7 +391,7 @@ fn schedule<B: Backend>(backend: &mut B, iommu: &mut Option<GuestIommu>, guests:
             }
         }
     }
-    arch::apic::arm_timer(0);
+    native::arm_timer(0);
 }
 
 fn errno_result(e: u32) -> u64 {
@@ -407,7 +450,10 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
                 cx,
                 g,
                 pc,
-                format_args!("nested page fault at gpa={gpa:#x} ({kind}): not guest memory"),
+                format_args!(
+                    "{} at gpa={gpa:#x} ({kind}): not guest memory",
+                    native::STAGE2_FAULT
+                ),
             );
             Next::Reschedule
         }
@@ -428,7 +474,10 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
                 cx,
                 g,
                 pc,
-                format_args!("hlt with no interrupt source (guests get no interrupts)"),
+                format_args!(
+                    "{} with no interrupt source (guests get no interrupts)",
+                    native::HALT
+                ),
             );
             Next::Reschedule
         }

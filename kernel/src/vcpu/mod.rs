@@ -13,7 +13,16 @@
 //! hypercall, a port access, a fault on guest-physical memory it does not own, halting,
 //! shutting down, an exception the hypervisor intercepts, or the end of its time slice.
 
+#[cfg(target_arch = "aarch64")]
+pub mod el1;
+#[cfg(target_arch = "x86_64")]
 pub mod svm;
+
+/// The backend of this architecture (the one `guest::run` drives).
+#[cfg(target_arch = "aarch64")]
+pub type Native = el1::El1;
+#[cfg(target_arch = "x86_64")]
+pub type Native = svm::Svm;
 
 use crate::guest::memory::GuestMemory;
 
@@ -32,6 +41,7 @@ pub enum Event {
     /// [`Backend::complete_hypercall`], which writes the result and steps past the instruction.
     Hypercall(HypercallRegs),
     /// Port I/O (x86 only). `value` holds the data for a write.
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code, reason = "x86 only"))]
     PortIo {
         port: u16,
         size: u8,
@@ -44,6 +54,7 @@ pub enum Event {
     /// The guest halted (HLT / WFI) with nothing to wake it.
     Halt,
     /// The guest shut itself down the hard way: a triple fault (SVM SHUTDOWN, VMX exit 2).
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code, reason = "x86 only"))]
     TripleFault,
     /// An exception the backend intercepts because the hypervisor must see it (#MC, and #DB/#AC
     /// which could otherwise loop forever inside event delivery).

@@ -9,8 +9,9 @@
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
 //!   or one that can never finish (HLT with interrupts off).
 //!
-//! Everything but the hypercall instruction is architecture-neutral; `arch_x86_64.rs` is the
-//! only shim.
+//! Everything but the hypercall instruction is architecture-neutral; `arch_x86_64.rs` and
+//! `arch_aarch64.rs` are the only shims (VMMCALL / HVC, and the instructions the containment
+//! variants execute).
 #![no_std]
 #![no_main]
 
@@ -18,6 +19,10 @@
 mod arch_x86_64;
 #[cfg(target_arch = "x86_64")]
 use arch_x86_64 as arch;
+#[cfg(target_arch = "aarch64")]
+mod arch_aarch64;
+#[cfg(target_arch = "aarch64")]
+use arch_aarch64 as arch;
 
 use hvabi::{AbiStruct, platform, start_info as si};
 
@@ -111,6 +116,8 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
                 0,
             );
             println!("testguest: console write of 4097 bytes returned {r}");
+            #[cfg(target_arch = "aarch64")]
+            smccc_queries();
             println!("testguest: hello, exiting with status 0");
             exit(0)
         }
@@ -138,7 +145,7 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             let failed = abi_checks(mem, free);
             exit(failed)
         }
-        "msr" | "io" | "vmrun" | "hlt" => {
+        "msr" | "io" | "vmrun" | "hlt" | "smc" => {
             println!("testguest: executing forbidden {variant}");
             arch::forbidden(variant);
             println!("testguest: {variant} returned: the hypervisor let it through");
@@ -149,6 +156,21 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             exit(3)
         }
     }
+}
+
+/// The SMCCC queries of the hypervisor's service (docs/abi.md §2.2), and a function ID outside
+/// it (PSCI_VERSION, which a guest would normally send to firmware).
+#[cfg(target_arch = "aarch64")]
+fn smccc_queries() {
+    let uid = arch::smccc(0xc600_ff01);
+    println!(
+        "testguest: smccc uid {:08x} {:08x} {:08x} {:08x}",
+        uid[0], uid[1], uid[2], uid[3]
+    );
+    let rev = arch::smccc(0xc600_ff03);
+    println!("testguest: smccc revision {}.{}", rev[0], rev[1]);
+    let r = arch::smccc(0x8400_0000)[0] as i64;
+    println!("testguest: smccc psci-version over hvc returned {r}");
 }
 
 /// Issues ABI v1 call `op` with `arg` encoded in a buffer on this stack (identity-mapped, so

@@ -1,0 +1,145 @@
+//! The aarch64 shim: the hypercall instruction (HVC with the SMCCC register convention) and the
+//! instructions only the containment variants need.
+
+use core::arch::{asm, global_asm};
+
+/// SMCCC fast call, SMC64, owner 6 (vendor-specific hypervisor service): the function ID is
+/// this base plus the op (docs/abi.md §2.2).
+const HV_SMC64_BASE: u64 = 0xc600_0000;
+
+/// `hvc #0` with x0 = function ID (base + op), x1-x3 = arguments; the result comes back in x0
+/// (docs/abi.md §2.2). SMCCC lets the callee change x0-x17; the hypervisor changes only x0, but
+/// the shim declares the SMCCC clobbers so it stays correct under any conforming hypervisor.
+pub fn hypercall(op: u32, a0: u64, a1: u64, a2: u64) -> i64 {
+    let ret: u64;
+    // SAFETY: HVC traps to the hypervisor, which writes only the result registers and resumes
+    // after the instruction; every register SMCCC allows it to change is declared clobbered.
+    unsafe {
+        asm!(
+            "hvc #0",
+            inout("x0") HV_SMC64_BASE | u64::from(op) => ret,
+            inout("x1") a0 => _,
+            inout("x2") a1 => _,
+            inout("x3") a2 => _,
+            out("x4") _, out("x5") _, out("x6") _, out("x7") _,
+            out("x8") _, out("x9") _, out("x10") _, out("x11") _,
+            out("x12") _, out("x13") _, out("x14") _, out("x15") _,
+            out("x16") _, out("x17") _,
+            options(nostack),
+        );
+    }
+    ret as i64
+}
+
+/// A raw SMCCC call (`hvc #0` with the function ID as given), returning x0-x3: for the UID and
+/// revision queries of the service.
+pub fn smccc(fid: u64) -> [u64; 4] {
+    let (r0, r1, r2, r3): (u64, u64, u64, u64);
+    // SAFETY: as in `hypercall`.
+    unsafe {
+        asm!(
+            "hvc #0",
+            inout("x0") fid => r0,
+            inout("x1") 0u64 => r1,
+            inout("x2") 0u64 => r2,
+            inout("x3") 0u64 => r3,
+            out("x4") _, out("x5") _, out("x6") _, out("x7") _,
+            out("x8") _, out("x9") _, out("x10") _, out("x11") _,
+            out("x12") _, out("x13") _, out("x14") _, out("x15") _,
+            out("x16") _, out("x17") _,
+            options(nostack),
+        );
+    }
+    [r0, r1, r2, r3]
+}
+
+// The load that the `wild` variant aims at unmapped guest-physical memory, as its own symbol so
+// the scenario can expect the PC the hypervisor reports (xtask resolves `{sym:...}`).
+global_asm!(
+    r#"
+    .pushsection .text.testguest_wild_load, "ax"
+    .global testguest_wild_load
+testguest_wild_load:
+    ldr x0, [x0]
+    ret
+    .popsection
+"#
+);
+
+// Instructions a guest may not execute (or that never finish), each at its own symbol so the
+// scenario can expect the exact PC of the stop report. None returns when the hypervisor is
+// correct.
+global_asm!(
+    r#"
+    .pushsection .text.testguest_forbidden, "ax"
+    .global testguest_msr_insn
+testguest_msr_insn:
+    mrs x0, actlr_el1
+    ret
+    .global testguest_smc_insn
+testguest_smc_insn:
+    smc #0
+    ret
+    .global testguest_hlt_insn
+testguest_hlt_insn:
+    wfi
+    ret
+    .popsection
+"#
+);
+
+unsafe extern "C" {
+    fn testguest_wild_load(addr: u64) -> u64;
+    fn testguest_msr_insn();
+    fn testguest_smc_insn();
+    fn testguest_hlt_insn();
+}
+
+/// Runs one of the forbidden instructions: `msr` (MRS of ACTLR_EL1, trapped by HCR_EL2.TACR),
+/// `smc` (SMC #0: firmware is not the guest's to call), `hlt` (WFI with interrupts masked:
+/// nothing can wake it). `io` and `vmrun` have no aarch64 counterpart.
+pub fn forbidden(what: &str) -> bool {
+    // SAFETY: each stub only executes its instruction; the hypervisor traps all of them and
+    // stops the guest, so nothing the instruction would do on hardware happens.
+    unsafe {
+        match what {
+            "msr" => testguest_msr_insn(),
+            "smc" => testguest_smc_insn(),
+            "hlt" => testguest_hlt_insn(),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Reads the 8 bytes at `addr` (identity-mapped by the boot page tables up to 4 GiB).
+pub fn wild_read(addr: u64) -> u64 {
+    // SAFETY: the point of the `wild` variant: the load reaches the hypervisor as a stage-2
+    // data abort when `addr` is not guest RAM, and the guest never runs again.
+    unsafe { testguest_wild_load(addr) }
+}
+
+/// The aarch64 counterpart of a triple fault: an exception whose delivery itself fails. VBAR_EL1
+/// is pointed at guest-physical memory that is not RAM (the boot map covers it, stage 2 does
+/// not), then `udf` raises an exception: fetching its vector is a stage-2 instruction abort.
+pub fn triple_fault() -> ! {
+    // SAFETY: deliberately ends this guest; nothing after the `udf` runs.
+    unsafe {
+        asm!(
+            "msr vbar_el1, {v}",
+            "isb",
+            "udf #0",
+            v = in(reg) 0x3000_0000u64,
+            options(noreturn, nostack),
+        );
+    }
+}
+
+/// Reads guest-physical memory the hypervisor's loader wrote (start-info page, command line).
+pub fn read_bytes(gpa: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: the boot page tables identity-map guest RAM, and the start-info page and the
+        // command line lie in it (docs/guests.md); byte reads need no alignment.
+        *b = unsafe { core::ptr::read_volatile((gpa + i as u64) as *const u8) };
+    }
+}
