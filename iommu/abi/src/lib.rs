@@ -774,6 +774,16 @@ pub mod start_info {
     /// `u64`: first guest-physical byte not used by the loader (image end, page aligned); free
     /// RAM is from here to the stack.
     pub const OFF_FREE_START: usize = 32;
+    /// `u32`: number of devices assigned to the guest (entries at [`OFF_DEVICES`]).
+    pub const OFF_DEVICE_COUNT: usize = 40;
+    /// The device entries, [`DEVICE_ENTRY`] bytes each, at most [`MAX_DEVICES`]:
+    /// `u16` PCI segment, `u8` bus, `u8` devfn (device << 3 | function), `u16` vendor ID,
+    /// `u16` device ID, `u32` the device's ABI `dev_id` (DEVICE_ATTACH), `u32` reserved, then
+    /// for BARs 0-5 a `u64` guest-physical address and a `u64` size each (0, 0 for a BAR that
+    /// is absent, an I/O BAR, or the upper half of a 64-bit BAR).
+    pub const OFF_DEVICES: usize = 48;
+    pub const DEVICE_ENTRY: usize = 112;
+    pub const MAX_DEVICES: usize = 8;
     /// "HVSI".
     pub const MAGIC: u32 = u32::from_le_bytes(*b"HVSI");
     pub const VERSION: u32 = 1;

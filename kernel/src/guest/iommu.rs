@@ -3,14 +3,18 @@
 //! own [`GuestMemory`](super::memory::GuestMemory) and can name only its own objects.
 //!
 //! This is the interim owner of the units while guests run (issue 9 part 1 makes the kernel own
-//! them once, from boot): each unit is brought up in legacy mode with its RMRR identity domains
-//! applied before translation is enabled, and no device is assigned to any guest yet (`dev=` is
-//! refused), so enabling translation blocks every device's DMA.
+//! them once, from boot): each unit is brought up in legacy mode (or scalable mode with
+//! `vtd-mode=scalable` on the command line) with its RMRR identity domains
+//! applied before translation is enabled. Enabling translation blocks every device's DMA; a
+//! device named by a guest's `dev=` is given to that guest and stays blocked until the guest
+//! attaches it through the ABI.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use iommu::iommufd::vtd_backend::{self, VtdBackend, VtdDevice};
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
+use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
 
 use super::memory::GuestMemory;
 use crate::discovery::{Platform, Unit};
@@ -19,37 +23,48 @@ use crate::mem::phys::MmioRegion;
 
 /// Bytes of VT-d register space mapped per unit: the architectural register file plus the fault
 /// recording and IOTLB registers, which QEMU and current hardware place in the first page.
-#[cfg(target_arch = "x86_64")]
 const VTD_REGS: u64 = 0x1000;
-/// SMMUv3 register space: pages 0 and 1 (SMMUv3 §6.1), 128 KiB.
-#[cfg(target_arch = "aarch64")]
-const SMMU_REGS: u64 = 0x2_0000;
 
-#[cfg(target_arch = "x86_64")]
-type Backend = iommu::iommufd::vtd_backend::VtdBackend<'static, MmioRegion, IommuMemory>;
-#[cfg(target_arch = "aarch64")]
-type Backend = iommu::iommufd::smmu_backend::SmmuBackend<'static, MmioRegion, IommuMemory>;
+type Backend = VtdBackend<'static, MmioRegion, IommuMemory>;
 
 /// The object model the guests call into.
 pub struct GuestIommu {
     fd: Iommufd<Backend>,
     units: usize,
+    /// (unit index, source ID) of each hardware device, by hardware device index.
+    devices: Vec<(usize, u16)>,
+}
+
+/// A DMA fault the units recorded, attributed to an assigned device when it is one.
+pub struct DmaFault {
+    /// Hardware device index (`bring_up`'s `devices`), or `None` for a device no guest owns.
+    pub device: Option<usize>,
+    pub sid: u16,
+    pub page: u64,
+    pub reason: u8,
+    pub reason_name: &'static str,
+    pub write: bool,
 }
 
 impl GuestIommu {
-    /// Brings up every VT-d unit discovery found; `Ok(None)` when there is none.
-    #[cfg(target_arch = "x86_64")]
-    pub fn bring_up(platform: &Platform) -> Result<Option<GuestIommu>, String> {
-        use iommu::iommufd::vtd_backend::VtdBackend;
-        use iommu::vtd::{UnitConfig, VtdUnit};
+    /// Brings up every VT-d unit discovery found, with `devices` (unit register base, source
+    /// ID) known to the object model as hardware devices `0..devices.len()`, in that order;
+    /// `Ok(None)` when there is no unit.
+    pub fn bring_up(
+        platform: &Platform,
+        mode: TranslationMode,
+        devices: &[(u64, u16)],
+    ) -> Result<Option<GuestIommu>, String> {
         let mut units = Vec::new();
+        let mut bases = Vec::new();
         for u in &platform.units {
             let Unit::Vtd { name, base, .. } = u else {
                 continue;
             };
+            bases.push(*base);
             let mmio =
                 MmioRegion::new(*base, VTD_REGS).map_err(|e| alloc::format!("{name}: {e}"))?;
-            let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
+            let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::new(mode))
                 .map_err(|e| alloc::format!("{name}: {e}"))?;
             if let Some(plan) = &platform.rmrr {
                 unit.apply_rmrr(&IOMMU_MEMORY, &plan.for_unit(*base))
@@ -63,39 +78,27 @@ impl GuestIommu {
             return Ok(None);
         }
         let count = units.len();
-        let backend = VtdBackend::new(units, &IOMMU_MEMORY, Vec::new());
-        Self::over(backend, count)
-    }
-
-    /// Brings up every SMMUv3 discovery found (stream table in place, every stream aborting
-    /// until a device is attached); `Ok(None)` when there is none.
-    #[cfg(target_arch = "aarch64")]
-    pub fn bring_up(platform: &Platform) -> Result<Option<GuestIommu>, String> {
-        use iommu::iommufd::smmu_backend::SmmuBackend;
-        use iommu::smmuv3::{SmmuUnit, UnitConfig};
-        let mut units = Vec::new();
-        for u in &platform.units {
-            let Unit::Smmu { name, base, .. } = u else {
-                continue;
-            };
-            let mmio =
-                MmioRegion::new(*base, SMMU_REGS).map_err(|e| alloc::format!("{name}: {e}"))?;
-            let unit = SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
-                .map_err(|e| alloc::format!("{name}: {e}"))?;
-            units.push(unit);
+        let mut hw_devices = Vec::new();
+        let mut device_ids = Vec::new();
+        for (i, &(base, sid)) in devices.iter().enumerate() {
+            let unit = bases
+                .iter()
+                .position(|&b| b == base)
+                .ok_or("an assigned device's VT-d unit was not brought up")?;
+            // One group per device: every assignable device is an endpoint with its own
+            // requester ID (bridges and RMRR devices are refused before this point).
+            let info = vtd_backend::device_info(&units[unit], sid, i as u32 + 1, 0);
+            hw_devices.push(VtdDevice { info, unit, sid });
+            device_ids.push((unit, sid));
         }
-        if units.is_empty() {
-            return Ok(None);
-        }
-        let count = units.len();
-        let backend = SmmuBackend::new(units, &IOMMU_MEMORY, Vec::new());
-        Self::over(backend, count)
-    }
-
-    fn over(backend: Backend, units: usize) -> Result<Option<GuestIommu>, String> {
+        let backend = VtdBackend::new(units, &IOMMU_MEMORY, hw_devices);
         let fd = Iommufd::new(backend, Limits::default())
             .map_err(|e| alloc::format!("object model: {e:?}"))?;
-        Ok(Some(GuestIommu { fd, units }))
+        Ok(Some(GuestIommu {
+            fd,
+            units: count,
+            devices: device_ids,
+        }))
     }
 
     pub fn units(&self) -> usize {
@@ -106,6 +109,32 @@ impl GuestIommu {
         self.fd
             .create_guest()
             .map_err(|e| alloc::format!("object model: {e:?}"))
+    }
+
+    /// Gives hardware device `hw` (an index into `bring_up`'s `devices`) to `guest`; returns the
+    /// `dev_id` the guest names it by. Its DMA stays blocked until the guest attaches it.
+    pub fn assign_device(&mut self, guest: GuestId, hw: usize) -> Result<u32, String> {
+        self.fd
+            .assign_device(guest, hw as iommu::iommufd::HwDev)
+            .map_err(|e| alloc::format!("object model: {e:?}"))
+    }
+
+    /// Drains every unit's fault recording registers (VT-d 4.1 §7.2.1) and hands each DMA
+    /// fault to `sink`, attributed by (unit, source ID) to the device that raised it.
+    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
+        let devices = &self.devices;
+        for (u, unit) in self.fd.hw_mut().units_mut().iter_mut().enumerate() {
+            unit.poll_faults(&mut |r| {
+                sink(&DmaFault {
+                    device: devices.iter().position(|&d| d == (u, r.source_id)),
+                    sid: r.source_id,
+                    page: r.fault_info,
+                    reason: r.reason,
+                    reason_name: iommu::vtd::regs::fault_reason_name(r.reason),
+                    write: matches!(r.request, iommu::vtd::regs::RequestType::Write),
+                })
+            });
+        }
     }
 
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.

@@ -35,8 +35,44 @@ const PS: u64 = 1 << 7;
 /// VMCB segment attributes the backend loads describe the same segments.
 const GDT_ENTRIES: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
 
+/// One assigned device as the start-info page describes it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartDevice {
+    pub segment: u16,
+    pub bus: u8,
+    pub devfn: u8,
+    pub vendor: u16,
+    pub device: u16,
+    pub dev_id: u32,
+    /// (guest-physical address, size) per BAR; (0, 0) when not mapped.
+    pub bars: [(u64, u64); 6],
+}
+
+impl StartDevice {
+    fn encode(&self) -> [u8; si::DEVICE_ENTRY] {
+        let mut e = [0u8; si::DEVICE_ENTRY];
+        e[0..2].copy_from_slice(&self.segment.to_le_bytes());
+        e[2] = self.bus;
+        e[3] = self.devfn;
+        e[4..6].copy_from_slice(&self.vendor.to_le_bytes());
+        e[6..8].copy_from_slice(&self.device.to_le_bytes());
+        e[8..12].copy_from_slice(&self.dev_id.to_le_bytes());
+        for (i, (gpa, size)) in self.bars.iter().enumerate() {
+            let o = 16 + 16 * i;
+            e[o..o + 8].copy_from_slice(&gpa.to_le_bytes());
+            e[o + 8..o + 16].copy_from_slice(&size.to_le_bytes());
+        }
+        e
+    }
+}
+
 /// Writes everything into `mem` and returns the entry state, or why the image does not fit.
-pub fn load(mem: &GuestMemory, elf: &ElfImage, cmdline: &str) -> Result<EntryState, &'static str> {
+pub fn load(
+    mem: &GuestMemory,
+    elf: &ElfImage,
+    cmdline: &str,
+    devices: &[StartDevice],
+) -> Result<EntryState, &'static str> {
     let size = mem.size();
     let stack_floor = size
         .checked_sub(STACK_BYTES)
@@ -77,6 +113,18 @@ pub fn load(mem: &GuestMemory, elf: &ElfImage, cmdline: &str) -> Result<EntrySta
         info[off..off + 8].copy_from_slice(&v.to_le_bytes());
     }
     mem.write(START_INFO, &info).map_err(err)?;
+    if devices.len() > si::MAX_DEVICES {
+        return Err("more devices than the start-info page describes");
+    }
+    mem.write(
+        START_INFO + si::OFF_DEVICE_COUNT as u64,
+        &(devices.len() as u32).to_le_bytes(),
+    )
+    .map_err(err)?;
+    for (i, d) in devices.iter().enumerate() {
+        let at = START_INFO + (si::OFF_DEVICES + i * si::DEVICE_ENTRY) as u64;
+        mem.write(at, &d.encode()).map_err(err)?;
+    }
     Ok(EntryState {
         entry: elf.entry,
         // x86_64: as if `call entry` had pushed a return address (the SysV ABI's alignment at

@@ -8,6 +8,17 @@
 //! Arm one) and vCPUs inside it; [`Backend::run`] enters the guest and returns at the next exit
 //! the backend cannot finish by itself, decoded into an [`Event`].
 //!
+//! How the other backends map onto it: VMX (issue 14) creates its VM with an EPT built by the
+//! engine, decodes exit reasons 18 (VMCALL -> [`Event::Hypercall`]), 30 (I/O -> `PortIo`, the
+//! qualification has port/size/direction), 48 (EPT violation -> `MmioFault`), 12 (HLT), 2 (triple
+//! fault) and the preemption timer or external interrupt (`Preempted`). The EL1 backend (issue 10)
+//! builds the VM's stage 2 with the engine's Arm format and decodes ESR_EL2: EC 0x16 (HVC ->
+//! `Hypercall`, SMCCC function ID `0xC600_0000 + op` in x0, x1-x3 = args), EC 0x24/0x20
+//! (stage-2 abort -> `MmioFault`, IPA from HPFAR_EL2), WFI (`Halt`), WFE and IRQ (`Preempted`),
+//! SMC and trapped system registers (`Forbidden`); it never reports `PortIo`, so its
+//! `complete_port_io` is never called. `EntryState::gdt` is x86 entry state; on aarch64
+//! `page_table` is TTBR0_EL1 (EL1 enters with its MMU on, docs/guests.md).
+//!
 //! Exits a backend finishes internally never surface here (on SVM: CPUID emulation, `#VMEXIT`s
 //! that only resume). Everything a guest does that the hypervisor must decide about does: a
 //! hypercall, a port access, a fault on guest-physical memory it does not own, halting,
@@ -127,6 +138,16 @@ pub trait Backend {
     /// guest-physical address faults to the hypervisor ([`Event::MmioFault`]).
     fn create_vm(&mut self, memory: &GuestMemory) -> Result<Self::Vm, VcpuError>;
 
+    /// Maps device memory (an assigned device's BAR) at `[gpa, gpa + len)` of `vm` to host
+    /// `[hpa, hpa + len)`, uncached. Page-aligned; must not overlap what is mapped already.
+    fn map_device_memory(
+        &mut self,
+        vm: &Self::Vm,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+    ) -> Result<(), VcpuError>;
+
     /// Creates a vCPU of `vm` in `state`.
     fn create_vcpu(&mut self, vm: &Self::Vm, state: &EntryState) -> Result<Self::Vcpu, VcpuError>;
 
@@ -135,6 +156,10 @@ pub trait Backend {
 
     /// Finishes a [`Event::Hypercall`]: `result` into the result register, past the instruction.
     fn complete_hypercall(&mut self, vcpu: &mut Self::Vcpu, result: u64);
+
+    /// Finishes an [`Event::PortIo`] the hypervisor emulated: for a read, `value` goes into the
+    /// low `size` bytes of the data register; the guest continues after the instruction.
+    fn complete_port_io(&mut self, vcpu: &mut Self::Vcpu, size: u8, value: Option<u32>);
 
     /// Frees the VM's second-stage table and identifier. The vCPUs must be destroyed first.
     fn destroy_vm(&mut self, vm: Self::Vm);

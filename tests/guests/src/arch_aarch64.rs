@@ -143,3 +143,26 @@ pub fn read_bytes(gpa: u64, out: &mut [u8]) {
         *b = unsafe { core::ptr::read_volatile((gpa + i as u64) as *const u8) };
     }
 }
+
+/// PCI configuration reads: aarch64 guests have no configuration-space window yet (the emulated
+/// ECAM comes with device assignment on aarch64), so every function reads as absent (all ones),
+/// which is what the PCI specification returns for a function that does not exist.
+pub fn pci_config_read(_address: u32) -> u32 {
+    u32::MAX
+}
+
+/// PCI configuration writes: nothing to write to yet (see [`pci_config_read`]).
+pub fn pci_config_write(_address: u32, _value: u32) {}
+
+/// A 16-bit configuration write: nothing to write to yet (see [`pci_config_read`]).
+pub fn pci_config_write16(_address: u32, _byte: u16, _value: u16) {}
+
+/// The virtual counter CNTVCT_EL0 (CNTVOFF_EL2 = 0: the host's physical count), for timing.
+pub fn timestamp() -> u64 {
+    let t: u64;
+    // SAFETY: reading CNTVCT_EL0 has no side effects; `isb` keeps it from being read early.
+    unsafe {
+        asm!("isb", "mrs {}, cntvct_el0", out(reg) t, options(nomem, nostack, preserves_flags))
+    };
+    t
+}

@@ -124,3 +124,43 @@ pub fn read_bytes(gpa: u64, out: &mut [u8]) {
         *b = unsafe { core::ptr::read_volatile((gpa + i as u64) as *const u8) };
     }
 }
+
+/// PCI configuration mechanism #1: address to 0xCF8, data at 0xCFC (+ byte offset). The
+/// hypervisor emulates these ports and shows the guest its own functions only.
+pub fn pci_config_read(address: u32) -> u32 {
+    let v: u32;
+    // SAFETY: port I/O to the configuration ports, which the hypervisor intercepts; no memory
+    // is touched.
+    unsafe {
+        asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") address, options(nomem, nostack, preserves_flags));
+        asm!("in eax, dx", in("dx") 0xcfcu16, out("eax") v, options(nomem, nostack, preserves_flags));
+    }
+    v
+}
+
+pub fn pci_config_write(address: u32, value: u32) {
+    // SAFETY: as in `pci_config_read`.
+    unsafe {
+        asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") address, options(nomem, nostack, preserves_flags));
+        asm!("out dx, eax", in("dx") 0xcfcu16, in("eax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// A 16-bit write at `address` (dword-aligned) + `byte` (0 or 2).
+pub fn pci_config_write16(address: u32, byte: u16, value: u16) {
+    // SAFETY: as in `pci_config_read`.
+    unsafe {
+        asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") address, options(nomem, nostack, preserves_flags));
+        asm!("out dx, ax", in("dx") 0xcfcu16 + byte, in("ax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// The time-stamp counter (not intercepted: the guest reads the host's TSC, offset 0).
+pub fn timestamp() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC only reads the counter.
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}

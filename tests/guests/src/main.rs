@@ -4,6 +4,14 @@
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
 //! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
 //! - `triple`: triple-faults;
+//! - `dma[,fault][,linger]`: its assigned edu does DMA both ways through an IOAS it attached it to
+//!   (with `fault`, then a DMA to the unmapped IOVA, which must be blocked; with `linger`, it
+//!   keeps its objects a while before exiting; `dma,abandon` starts a DMA and gets itself stopped
+//!   before it completes);
+//! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
+//! - `intruder`: beside a `dma` guest, tries to see, name, map and DMA into what is not its own;
+//! - `bench`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB with the TSC;
+//! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
@@ -139,6 +147,37 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
         "triple" => {
             println!("testguest: triple-faulting");
             arch::triple_fault()
+        }
+        "dma" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            let (mut fault, mut linger, mut abandon) = (false, false, false);
+            for w in words {
+                fault |= w == "fault";
+                linger |= w == "linger";
+                abandon |= w == "abandon";
+            }
+            if abandon {
+                abandon_dma(start_info, free, mem)
+            }
+            let failed = dma_checks(start_info, free, fault);
+            if linger {
+                // Keep its objects alive a while longer (a neighbour's test aims at them).
+                for _ in 0..3000 {
+                    let _ = arch::hypercall(0x7777, 0, 0, 0);
+                }
+                println!("testguest: done lingering");
+            }
+            exit(failed)
+        }
+        "pci" => exit(pci_checks(start_info)),
+        "intruder" => exit(intruder(start_info, mem)),
+        "bench" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            exit(bench(free))
+        }
+        "hostile" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            hostile(start_info, mem, free)
         }
         "abi" => {
             let free = u64_at(&page, si::OFF_FREE_START);
@@ -277,6 +316,580 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
     failed += check("map-left-behind", r, 0);
     println!("testguest: abi checks: {failed} failed");
     failed
+}
+
+/// edu (QEMU's educational PCI device) registers in BAR0 and its DMA buffer address.
+mod edu {
+    pub const VENDOR: u16 = 0x1234;
+    pub const DEVICE: u16 = 0x11e8;
+    pub const ID: u64 = 0x00;
+    pub const DMA_SRC: u64 = 0x80;
+    pub const DMA_DST: u64 = 0x88;
+    pub const DMA_COUNT: u64 = 0x90;
+    pub const DMA_CMD: u64 = 0x98;
+    pub const CMD_START: u64 = 1;
+    pub const CMD_TO_RAM: u64 = 2;
+    pub const BUFFER: u64 = 0x40000;
+}
+
+fn mmio_read(addr: u64) -> u64 {
+    // SAFETY: `addr` is in a BAR of a device assigned to this guest (from the start-info page),
+    // which the hypervisor mapped at that guest-physical address; edu accepts 64-bit accesses
+    // from 0x80 up and 32-bit ones below.
+    unsafe {
+        if addr & 0xff < 0x80 {
+            u64::from(core::ptr::read_volatile(addr as *const u32))
+        } else {
+            core::ptr::read_volatile(addr as *const u64)
+        }
+    }
+}
+
+fn mmio_write(addr: u64, v: u64) {
+    // SAFETY: as in `mmio_read`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
+}
+
+/// Runs one edu DMA and waits for it (edu clears CMD_START when done).
+fn edu_dma(bar: u64, src: u64, dst: u64, len: u64, to_ram: bool) -> bool {
+    mmio_write(bar + edu::DMA_SRC, src);
+    mmio_write(bar + edu::DMA_DST, dst);
+    mmio_write(bar + edu::DMA_COUNT, len);
+    let cmd = edu::CMD_START | if to_ram { edu::CMD_TO_RAM } else { 0 };
+    mmio_write(bar + edu::DMA_CMD, cmd);
+    for _ in 0..50_000_000u64 {
+        if mmio_read(bar + edu::DMA_CMD) & edu::CMD_START == 0 {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    false
+}
+
+/// The `dma` variant: finds its edu in the start-info device list, checks its registers through
+/// the mapped BAR, lists its devices, attaches the edu to a fresh IOAS, maps one page of its RAM
+/// and makes the edu copy 256 bytes RAM -> device -> RAM through the IOMMU; every byte checked.
+///
+/// With `fault`: then unmaps the page and aims one more device-to-RAM DMA at it, which the IOMMU
+/// must block (the hypervisor reports the fault) and which must leave the page unchanged.
+fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
+    use hvabi::*;
+    let mut failed = 0;
+    let mut count = [0u8; 4];
+    arch::read_bytes(start_info + si::OFF_DEVICE_COUNT as u64, &mut count);
+    let n = (u32::from_le_bytes(count) as usize).min(si::MAX_DEVICES);
+    let mut found = None;
+    for i in 0..n {
+        let mut e = [0u8; si::DEVICE_ENTRY];
+        arch::read_bytes(
+            start_info + (si::OFF_DEVICES + i * si::DEVICE_ENTRY) as u64,
+            &mut e,
+        );
+        let vendor = u16::from_le_bytes([e[4], e[5]]);
+        let device = u16::from_le_bytes([e[6], e[7]]);
+        let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+        let bar0 = u64_at(&e, 16);
+        println!(
+            "testguest: device {:04x}:{:02x}:{:02x}.{} {vendor:04x}:{device:04x} dev_id {dev_id} bar0 {bar0:#x}",
+            u16::from_le_bytes([e[0], e[1]]),
+            e[2],
+            e[3] >> 3,
+            e[3] & 7
+        );
+        if (vendor, device) == (edu::VENDOR, edu::DEVICE) && bar0 != 0 {
+            found = Some((dev_id, bar0, e[3]));
+        }
+    }
+    // The byte pattern depends on the device's devfn, so two guests doing this at once never
+    // write the same bytes: a DMA that reached the other guest's page would fail its check.
+    let Some((dev_id, bar, seed)) = found else {
+        println!("testguest: check edu-present: FAILED (no edu in the start-info page)");
+        return 1;
+    };
+    failed += check(
+        "edu-id-register",
+        mmio_read(bar + edu::ID) as i64,
+        0x010000ed,
+    );
+    let mut entries = [0u8; 4 * DeviceEntry::SIZE];
+    let (r, list) = call(
+        op::DEVICE_LIST,
+        DeviceList {
+            size: DeviceList::SIZE as u32,
+            num_devices: 4,
+            devices_gpa: entries.as_mut_ptr() as u64,
+            ..DeviceList::default()
+        },
+    );
+    failed += check("device-list", r, 0);
+    failed += check("device-list-count", list.num_devices.into(), n as i64);
+    let first = DeviceEntry::decode(&entries[..DeviceEntry::SIZE]);
+    failed += check("device-list-dev-id", first.dev_id.into(), dev_id.into());
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    failed += check("ioas-alloc", r, 0);
+    let (r, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    failed += check("attach", r, 0);
+    const IOVA: u64 = 0x10_0000;
+    let (r, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova: IOVA,
+        },
+    );
+    failed += check("map", r, 0);
+    let buf = free as *mut u8;
+    for i in 0..256usize {
+        // SAFETY: `free` is the first page after the image in this guest's own RAM (start-info
+        // page), identity-mapped, used by nothing else.
+        unsafe { buf.add(i).write_volatile((i as u8).wrapping_mul(7) ^ seed) };
+        // SAFETY: as above; the second half of the page receives the copy.
+        unsafe { buf.add(0x800 + i).write_volatile(0) };
+    }
+    let ok = edu_dma(bar, IOVA, edu::BUFFER, 256, false);
+    failed += check("dma-to-device", i64::from(ok), 1);
+    let ok = edu_dma(bar, edu::BUFFER, IOVA + 0x800, 256, true);
+    failed += check("dma-to-ram", i64::from(ok), 1);
+    let mut bad = 0;
+    for i in 0..256usize {
+        // SAFETY: as above.
+        let v = unsafe { buf.add(0x800 + i).read_volatile() };
+        if v != (i as u8).wrapping_mul(7) ^ seed {
+            bad += 1;
+        }
+    }
+    failed += check("dma-every-byte", bad, 0);
+    if fault {
+        let (r, _) = call(
+            op::IOAS_UNMAP,
+            IoasUnmap {
+                size: IoasUnmap::SIZE as u32,
+                flags: 0,
+                ioas_id: ioas.out_ioas_id,
+                reserved: 0,
+                iova: IOVA,
+                length: PAGE_SIZE,
+            },
+        );
+        failed += check("unmap", r, 0);
+        for i in 0..256usize {
+            // SAFETY: as above: the guest's own page, no longer mapped for the device.
+            unsafe { buf.add(0x800 + i).write_volatile(0xee) };
+        }
+        println!("testguest: DMA to the unmapped iova {:#x}", IOVA + 0x800);
+        let ok = edu_dma(bar, edu::BUFFER, IOVA + 0x800, 256, true);
+        failed += check("dma-after-unmap-completes", i64::from(ok), 1);
+        let mut changed = 0;
+        for i in 0..256usize {
+            // SAFETY: as above.
+            if unsafe { buf.add(0x800 + i).read_volatile() } != 0xee {
+                changed += 1;
+            }
+        }
+        failed += check("dma-after-unmap-blocked", changed, 0);
+    }
+    println!("testguest: dma checks: {failed} failed");
+    failed
+}
+
+fn cfg_address(bus: u8, dev: u8, func: u8, offset: u8) -> u32 {
+    1 << 31
+        | u32::from(bus) << 16
+        | u32::from(dev) << 11
+        | u32::from(func) << 8
+        | u32::from(offset & 0xfc)
+}
+
+/// The `pci` variant: what configuration space shows this guest (its first assigned device must
+/// be an edu): only its own function on bus 0, the real IDs and BAR, BAR sizing, a BAR that does
+/// not move, COMMAND bits it may and may not set, the capability list.
+fn pci_checks(start_info: u64) -> u32 {
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let (bus, dev, func) = (e[2], e[3] >> 3, e[3] & 7);
+    let bar0 = u64_at(&e, 16);
+    let mut failed = 0;
+    let mut visible = 0;
+    for d in 0..32u8 {
+        let id = arch::pci_config_read(cfg_address(0, d, 0, 0));
+        if id & 0xffff != 0xffff {
+            visible += 1;
+            println!("testguest: pci 00:{d:02x}.0 visible, id {id:#010x}");
+        }
+    }
+    failed += check("one-function-visible-on-bus-0", visible, 1);
+    let me = |off| cfg_address(bus, dev, func, off);
+    failed += check("own-id", arch::pci_config_read(me(0)).into(), 0x11e8_1234);
+    failed += check(
+        "host-bridge-invisible",
+        arch::pci_config_read(cfg_address(0, 0, 0, 0)).into(),
+        0xffff_ffff,
+    );
+    let bar = arch::pci_config_read(me(0x10));
+    failed += check("bar0-address", i64::from(bar & !0xf), bar0 as i64);
+    arch::pci_config_write(me(0x10), u32::MAX);
+    let mask = arch::pci_config_read(me(0x10));
+    arch::pci_config_write(me(0x10), bar);
+    failed += check("bar0-sizing-1MiB", i64::from(mask & !0xf), 0xfff0_0000);
+    failed += check(
+        "bar0-restored",
+        arch::pci_config_read(me(0x10)).into(),
+        bar.into(),
+    );
+    arch::pci_config_write(me(0x10), bar.wrapping_add(0x100_0000));
+    failed += check(
+        "bar0-cannot-move",
+        arch::pci_config_read(me(0x10)).into(),
+        bar.into(),
+    );
+    // COMMAND: memory space and bus master are the guest's to set; I/O space (bit 0) is not
+    // the guest's to change (it writes the opposite of what is there; it must stay).
+    let io_before = arch::pci_config_read(me(0x04)) & 1;
+    arch::pci_config_write16(me(0x04), 0, 0b110 | (io_before as u16 ^ 1));
+    let command = arch::pci_config_read(me(0x04)) & 0xffff;
+    failed += check("command-mem-and-master", i64::from(command & 0b110), 0b110);
+    failed += check(
+        "command-io-unchanged",
+        i64::from(command & 1),
+        i64::from(io_before),
+    );
+    let cap = (arch::pci_config_read(me(0x34)) & 0xfc) as u8;
+    let cap_id = arch::pci_config_read(me(cap)) & 0xff;
+    println!("testguest: pci capability list starts at {cap:#x} with id {cap_id:#x}");
+    failed += check("first-capability-is-msi", cap_id.into(), 0x05);
+    println!("testguest: pci checks: {failed} failed");
+    failed
+}
+
+/// `dma,abandon`: attaches its edu, maps a page, starts a device-to-RAM DMA into it and, before
+/// the DMA can complete (edu takes 100 ms of virtual time), reads unmapped memory. The hypervisor
+/// stops it and destroys its objects; the DMA that the device then performs must be blocked (and
+/// is reported as this guest's fault): a stopped guest's device cannot write memory that is no
+/// longer its own.
+fn abandon_dma(start_info: u64, free: u64, mem: u64) -> ! {
+    use hvabi::*;
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+    let bar = u64_at(&e, 16);
+    let (_, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    let (r1, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    let (r2, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova: 0x10_0000,
+        },
+    );
+    println!("testguest: attach {r1}, map {r2}; starting a DMA and abandoning it");
+    mmio_write(bar + edu::DMA_SRC, edu::BUFFER);
+    mmio_write(bar + edu::DMA_DST, 0x10_0000);
+    mmio_write(bar + edu::DMA_COUNT, 256);
+    mmio_write(bar + edu::DMA_CMD, edu::CMD_START | edu::CMD_TO_RAM);
+    let v = arch::wild_read(mem + 0x10_0000);
+    println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+    exit(1)
+}
+
+/// The `intruder` variant, run beside a `dma` guest: everything it tries against the other guest
+/// must fail. It sees one device (its own) in DEVICE_LIST and in configuration space, cannot map
+/// memory beyond its RAM, cannot name object IDs it did not create (the other guest's IOAS among
+/// them), and a DMA its own edu aims at the IOVA the other guest uses is blocked (the hypervisor
+/// reports the fault as this guest's).
+fn intruder(start_info: u64, mem: u64) -> u32 {
+    use hvabi::*;
+    let mut failed = 0;
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+    let bar = u64_at(&e, 16);
+    let mut entries = [0u8; 8 * DeviceEntry::SIZE];
+    let (r, list) = call(
+        op::DEVICE_LIST,
+        DeviceList {
+            size: DeviceList::SIZE as u32,
+            num_devices: 8,
+            devices_gpa: entries.as_mut_ptr() as u64,
+            ..DeviceList::default()
+        },
+    );
+    failed += check("device-list", r, 0);
+    failed += check("device-list-only-own", list.num_devices.into(), 1);
+    // First (while the other guest is still setting up and using its IOVA): its own edu,
+    // attached to its own empty IOAS, aims a DMA at the IOVA the other guest maps.
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    failed += check("ioas-alloc", r, 0);
+    let (r, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    failed += check("attach-own", r, 0);
+    println!("testguest: aiming a DMA at iova 0x100800, the other guest's IOVA");
+    let done = edu_dma(bar, edu::BUFFER, 0x10_0800, 256, true);
+    failed += check("aimed-dma-completes", i64::from(done), 1);
+    let (r, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: mem,
+            length: PAGE_SIZE,
+            iova: 0x20_0000,
+        },
+    );
+    failed += check("map-beyond-own-ram-eperm", r, -i64::from(errno::EPERM));
+    let mut visible = 0;
+    for d in 0..32u8 {
+        if arch::pci_config_read(cfg_address(0, d, 0, 0)) & 0xffff != 0xffff {
+            visible += 1;
+        }
+    }
+    failed += check("config-space-only-own", visible, 1);
+    // Object IDs it never created: the other guest's are among these numbers in its own table.
+    let mut named = 0;
+    for id in 1..=64u32 {
+        if id == dev_id || id == ioas.out_ioas_id {
+            continue;
+        }
+        let (r, _) = call(
+            op::IOAS_MAP,
+            IoasMap {
+                size: IoasMap::SIZE as u32,
+                flags: MAP_READABLE,
+                ioas_id: id,
+                reserved: 0,
+                gpa: 0x10000,
+                length: PAGE_SIZE,
+                iova: 0,
+            },
+        );
+        if r != -i64::from(errno::ENOENT) {
+            named += 1;
+        }
+    }
+    failed += check("foreign-ids-enoent", named, 0);
+    println!("testguest: intruder checks: {failed} failed");
+    failed
+}
+
+/// The `bench` variant: average time-stamp-counter ticks of a null hypercall (an unknown op: entry,
+/// decode, ENOTTY, return) and of IOAS_MAP / IOAS_UNMAP of 4 KiB, each over `ROUNDS` calls.
+fn bench(free: u64) -> u32 {
+    use hvabi::*;
+    const ROUNDS: u64 = 1000;
+    let t0 = arch::timestamp();
+    for _ in 0..ROUNDS {
+        let _ = arch::hypercall(0x7777, 0, 0, 0);
+    }
+    let null = (arch::timestamp() - t0) / ROUNDS;
+    println!("bench: null-hypercall {ROUNDS} calls, {null} tsc ticks each");
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    if r != 0 {
+        println!("bench: IOAS_ALLOC failed with {r}");
+        return 1;
+    }
+    let mut map = [0u8; IoasMap::SIZE];
+    let mut unmap = [0u8; IoasUnmap::SIZE];
+    let (mut t_map, mut t_unmap, mut errors) = (0u64, 0u64, 0u32);
+    for i in 0..ROUNDS {
+        let iova = 0x1000_0000 + (i % 64) * PAGE_SIZE;
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova,
+        }
+        .encode(&mut map);
+        IoasUnmap {
+            size: IoasUnmap::SIZE as u32,
+            flags: 0,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            iova,
+            length: PAGE_SIZE,
+        }
+        .encode(&mut unmap);
+        let t = arch::timestamp();
+        let r1 = arch::hypercall(op::IOAS_MAP, map.as_ptr() as u64, 0, 0);
+        let t1 = arch::timestamp();
+        let r2 = arch::hypercall(op::IOAS_UNMAP, unmap.as_ptr() as u64, 0, 0);
+        let t2 = arch::timestamp();
+        t_map += t1 - t;
+        t_unmap += t2 - t1;
+        errors += u32::from(r1 != 0) + u32::from(r2 != 0);
+    }
+    println!(
+        "bench: ioas-map-4k {ROUNDS} calls, {} tsc ticks each",
+        t_map / ROUNDS
+    );
+    println!(
+        "bench: ioas-unmap-4k {ROUNDS} calls, {} tsc ticks each",
+        t_unmap / ROUNDS
+    );
+    println!("bench: {errors} calls failed");
+    errors
+}
+
+/// xorshift64: a fixed sequence, so a failing run can be replayed exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The `hostile` variant: thousands of hypercalls with random ops (every ABI v1 op and random
+/// numbers outside the platform range), random argument bytes and sizes, and argument addresses
+/// in its RAM, across its end, in its device's BAR, far outside and near 2^64; then a read of
+/// unmapped guest-physical memory, which must stop it. It only reports counts: the hypervisor
+/// must survive, and answer every call.
+fn hostile(start_info: u64, mem: u64, free: u64) -> ! {
+    let mut bar0 = 0;
+    let mut count = [0u8; 4];
+    arch::read_bytes(start_info + si::OFF_DEVICE_COUNT as u64, &mut count);
+    if u32::from_le_bytes(count) > 0 {
+        let mut e = [0u8; si::DEVICE_ENTRY];
+        arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+        bar0 = u64_at(&e, 16);
+    }
+    let scratch = free as *mut u8;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    const CALLS: u32 = 3000;
+    let (mut ok, mut errors) = (0u32, 0u32);
+    for _ in 0..CALLS {
+        // Random argument bytes in the guest's scratch page, with a plausible `size` half the
+        // time so calls get past the size check and into the op's own checks.
+        for i in 0..256usize {
+            // SAFETY: the scratch page is the first free page of this guest's own RAM.
+            unsafe { scratch.add(i).write_volatile(rng.next() as u8) };
+        }
+        let op = match rng.next() % 4 {
+            0 => {
+                let r = rng.next() as u32;
+                if (0xf0..=0xff).contains(&r) {
+                    0x7777
+                } else {
+                    r
+                }
+            }
+            _ => hvabi::op::ALL[(rng.next() % hvabi::op::ALL.len() as u64) as usize],
+        };
+        let shape = rng.next() % 3;
+        match shape {
+            // Random bytes with a random small size.
+            0 => {
+                let size = 8 * (rng.next() % 12) as u32;
+                // SAFETY: as above (4-byte aligned: the page is).
+                unsafe { (scratch as *mut u32).write_volatile(size) };
+            }
+            // Plausible: the op's exact size, few flags, small IDs, a page of its own RAM as
+            // gpa, one page as length, a small page-aligned IOVA. Gets calls deep into the ops
+            // (and some succeed).
+            1 => {
+                let mut arg = [0u8; 64];
+                let size = hvabi::op::arg_size(op).unwrap_or(16) as u32;
+                arg[0..4].copy_from_slice(&size.to_le_bytes());
+                arg[4..8].copy_from_slice(&((rng.next() % 8) as u32).to_le_bytes());
+                arg[8..12].copy_from_slice(&((rng.next() % 6) as u32).to_le_bytes());
+                arg[12..16].copy_from_slice(&((rng.next() % 4) as u32).to_le_bytes());
+                arg[16..24].copy_from_slice(&(free + 0x1000).to_le_bytes());
+                arg[24..32].copy_from_slice(&4096u64.to_le_bytes());
+                arg[32..40].copy_from_slice(&((rng.next() % 16) << 12).to_le_bytes());
+                for (i, b) in arg.iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { scratch.add(i).write_volatile(*b) };
+                }
+            }
+            _ => {}
+        }
+        let gpa = match if shape == 1 { 8 } else { rng.next() % 8 } {
+            8 => free,
+            0 => mem - 4 - rng.next() % 64,
+            1 => mem + rng.next() % (1 << 30),
+            2 if bar0 != 0 => bar0 + rng.next() % 0x1000,
+            3 => u64::MAX - rng.next() % 64,
+            4 => rng.next(),
+            _ => free + rng.next() % 192,
+        };
+        let r = arch::hypercall(op, gpa, rng.next(), rng.next());
+        if r == 0 {
+            ok += 1;
+        } else if (-4095..0).contains(&r) {
+            errors += 1;
+        } else {
+            println!("testguest: hostile: op {op:#x} returned {r}, neither 0 nor -errno");
+        }
+    }
+    println!(
+        "testguest: hostile: {CALLS} calls answered ({ok} succeeded, {errors} errors); now reading unmapped memory"
+    );
+    let v = arch::wild_read(mem + 0x10_0000);
+    println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+    exit(1)
 }
 
 #[panic_handler]

@@ -31,8 +31,12 @@ use iommu::pgtable::{ArmStage2, Config, PageTable, Prot, RootInfo};
 
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
-use crate::mem::iommu_mem::IOMMU_MEMORY;
+use crate::mem::iommu_mem::IommuMemory;
 use asm::{Context, El1Regs, El2Ready};
+
+/// Where stage-2 tables come from: their own frame source, so the runner can check that every
+/// table page of a destroyed VM went back (none may be left when all guests are gone).
+pub static STAGE2_MEMORY: IommuMemory = IommuMemory::new();
 
 /// HCR_EL2 bits (DDI 0487, D23 "HCR_EL2").
 mod hcr {
@@ -175,7 +179,7 @@ impl El1 {
         // configuration; VTCR_EL2 is programmed from it.
         let probe = Self::new_table(ias, pa_bits).map_err(|_| "cannot allocate a stage-2 table")?;
         let ri = probe.root_info();
-        probe.destroy(&IOMMU_MEMORY);
+        probe.destroy(&STAGE2_MEMORY);
         let vtcr = Self::vtcr_for(&ri, parange.min(5))?;
         let el2 = asm::prepare_el2(vtcr);
         log::info!(
@@ -214,7 +218,7 @@ impl El1 {
         // The stage-2 walker is coherent: VTCR_EL2 declares write-back inner-shareable walks.
         let mut cfg = Config::new(ias, oas);
         cfg.execute_control = true;
-        PageTable::<ArmStage2<12>>::new(&IOMMU_MEMORY, cfg)
+        PageTable::<ArmStage2<12>>::new(&STAGE2_MEMORY, cfg)
     }
 
     /// VTCR_EL2 (DDI 0487, D23 "VTCR_EL2") for a table of geometry `ri`: T0SZ and SL0 from the
@@ -364,13 +368,13 @@ impl Backend for El1 {
         if (ri.arm_t0sz(), ri.levels, ri.granule_shift) != self.shape {
             // Cannot happen with one configuration, but VTCR_EL2 is shared: never run a table
             // of another shape under it.
-            stage2.destroy(&IOMMU_MEMORY);
+            stage2.destroy(&STAGE2_MEMORY);
             return Err(VcpuError::Map);
         }
         for r in memory.regions() {
             if stage2
                 .map(
-                    &IOMMU_MEMORY,
+                    &STAGE2_MEMORY,
                     r.gpa,
                     r.pa(),
                     r.len(),
@@ -378,17 +382,46 @@ impl Backend for El1 {
                 )
                 .is_err()
             {
-                stage2.destroy(&IOMMU_MEMORY);
+                stage2.destroy(&STAGE2_MEMORY);
                 return Err(VcpuError::Map);
             }
         }
         let Some(vmid) = self.alloc_vmid() else {
-            stage2.destroy(&IOMMU_MEMORY);
+            stage2.destroy(&STAGE2_MEMORY);
             return Err(VcpuError::NoAsid);
         };
         let vm = El1Vm { stage2, vmid };
         asm::flush_vmid(&self.el2, vm.vttbr());
         Ok(vm)
+    }
+
+    fn map_device_memory(
+        &mut self,
+        vm: &El1Vm,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+    ) -> Result<(), VcpuError> {
+        // Device-nGnRE in stage 2 (MemAttr 0b0001), never executable: the combination with
+        // the guest's stage-1 attributes can only be as strong or stronger (DDI 0487, D8.5.5).
+        vm.stage2
+            .map(
+                &STAGE2_MEMORY,
+                gpa,
+                hpa,
+                len,
+                Prot::READ | Prot::WRITE | Prot::DEVICE,
+            )
+            .map_err(|_| VcpuError::Map)?;
+        // New mappings only (the range was unmapped): no stale translation can exist, but the
+        // walk caches may hold the invalid entries; flush this VMID like any stage-2 change.
+        asm::flush_vmid(&self.el2, vm.vttbr());
+        Ok(())
+    }
+
+    fn complete_port_io(&mut self, _vcpu: &mut El1Vcpu, _size: u8, _value: Option<u32>) {
+        // aarch64 has no port I/O: `run` never returns `Event::PortIo`, so there is nothing to
+        // complete.
     }
 
     fn create_vcpu(&mut self, _vm: &El1Vm, s: &EntryState) -> Result<El1Vcpu, VcpuError> {
@@ -433,7 +466,7 @@ impl Backend for El1 {
     fn destroy_vm(&mut self, vm: El1Vm) {
         asm::flush_vmid(&self.el2, vm.vttbr());
         self.free_vmid(vm.vmid);
-        vm.stage2.destroy(&IOMMU_MEMORY);
+        vm.stage2.destroy(&STAGE2_MEMORY);
     }
 
     fn destroy_vcpu(&mut self, vcpu: El1Vcpu) {

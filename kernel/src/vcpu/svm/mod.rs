@@ -26,7 +26,7 @@ use iommu::pgtable::{Config, PageTable, Prot, X86FirstStage};
 
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
-use crate::mem::iommu_mem::IOMMU_MEMORY;
+use crate::mem::iommu_mem::IommuMemory;
 use asm::{GuestGprs, SvmEnabled};
 use vmcb::{HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 
@@ -56,6 +56,10 @@ mod exit {
     pub const XSETBV: u64 = 0x8d;
     pub const NPF: u64 = 0x400;
 }
+
+/// Frames of the nested page tables: a source of their own (frame-backed like the IOMMU
+/// tables), so the guest runner can check that every nested table page came back.
+pub static NPT_MEMORY: IommuMemory = IommuMemory::new();
 
 /// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
 const EXCEPTION_INTERCEPTS: u32 = 1 << 1 | 1 << 17 | 1 << 18;
@@ -195,6 +199,12 @@ impl Svm {
                 args: [vcpu.gprs.rbx, vcpu.gprs.rcx, vcpu.gprs.rdx],
             }),
             // EXITINFO1 (§15.10.2): bit 0 = IN, bits 4-6 = size 1/2/4, bits 31:16 = port.
+            // String and REP forms would need the hypervisor to read or write guest memory
+            // through the guest's own page tables: not emulated.
+            exit::IOIO if info1 & (1 << 2 | 1 << 3) != 0 => Event::Forbidden {
+                what: "string port I/O (ins/outs)",
+                detail: info1 >> 16,
+            },
             exit::IOIO => {
                 let size = match (info1 >> 4) & 7 {
                     1 => 1,
@@ -262,12 +272,12 @@ impl Backend for Svm {
         // below 128 TiB (nested page tables themselves would take 48 bits, APM §15.25.5).
         let mut cfg = Config::new(47, self.phys_bits);
         cfg.execute_control = true;
-        let npt = PageTable::<X86FirstStage<4>>::new(&IOMMU_MEMORY, cfg)
+        let npt = PageTable::<X86FirstStage<4>>::new(&NPT_MEMORY, cfg)
             .map_err(|_| VcpuError::NoMemory)?;
         for r in memory.regions() {
             if npt
                 .map(
-                    &IOMMU_MEMORY,
+                    &NPT_MEMORY,
                     r.gpa,
                     r.pa(),
                     r.len(),
@@ -275,15 +285,36 @@ impl Backend for Svm {
                 )
                 .is_err()
             {
-                npt.destroy(&IOMMU_MEMORY);
+                npt.destroy(&NPT_MEMORY);
                 return Err(VcpuError::Map);
             }
         }
         let Some(asid) = self.alloc_asid() else {
-            npt.destroy(&IOMMU_MEMORY);
+            npt.destroy(&NPT_MEMORY);
             return Err(VcpuError::NoAsid);
         };
         Ok(SvmVm { npt, asid })
+    }
+
+    fn map_device_memory(
+        &mut self,
+        vm: &SvmVm,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+    ) -> Result<(), VcpuError> {
+        // UC in the nested table (PCD|PWT, PAT entry 3): the combined type with the guest's
+        // own is then UC whatever the guest maps (APM vol 2 §15.25, nested-paging memory types),
+        // as MMIO requires.
+        vm.npt
+            .map(
+                &NPT_MEMORY,
+                gpa,
+                hpa,
+                len,
+                Prot::READ | Prot::WRITE | Prot::DEVICE,
+            )
+            .map_err(|_| VcpuError::Map)
     }
 
     fn create_vcpu(&mut self, vm: &SvmVm, s: &EntryState) -> Result<SvmVcpu, VcpuError> {
@@ -314,7 +345,7 @@ impl Backend for Svm {
         v.set_permission_maps(&self.maps);
         v.set_asid(vm.asid, true);
         v.set_virtual_interrupt_masking();
-        v.set_nested_paging(vm.npt.root());
+        v.set_nested_paging(&vm.npt);
         // Flat 64-bit segments matching the GDT the loader wrote (selector 0x08 code, 0x10 data):
         // attributes in VMCB format (§15.5.1): code P|S|type 0xB|L|G, data P|S|type 3|D/B|G.
         v.set_segments(
@@ -373,10 +404,15 @@ impl Backend for Svm {
                 Self::emulate_cpuid(vcpu);
                 continue;
             }
-            // An exit while the guest's own event delivery was interrupted would need
-            // EXITINTINFO re-injected; no event is ever injected today, and the guest has no
-            // interrupts, so only exceptions can be pending: those end the guest anyway.
-            let _ = vcpu.vmcb.exit_int_info();
+            // An exit in the middle of delivering an event to the guest (an exception or a
+            // software interrupt through its IDT) leaves the event in EXITINTINFO; it is lost
+            // unless re-injected at the next VMRUN (APM vol 2 §15.7.2). EXITINTINFO has
+            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared so an
+            // event is never injected twice. (QEMU does not inject the error code, §15.20's
+            // EV bit: svm_helper.c in QEMU 10.)
+            let pending = vcpu.vmcb.exit_int_info();
+            vcpu.vmcb
+                .set_event_injection(if pending & (1 << 31) != 0 { pending } else { 0 });
             return Exit {
                 pc: vcpu.vmcb.rip(),
                 event: Self::decode(vcpu),
@@ -391,9 +427,26 @@ impl Backend for Svm {
         vcpu.vmcb.set_rip(rip.wrapping_add(3));
     }
 
+    fn complete_port_io(&mut self, vcpu: &mut SvmVcpu, size: u8, value: Option<u32>) {
+        if let Some(v) = value {
+            // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).
+            let rax = vcpu.vmcb.rax();
+            let new = match size {
+                1 => (rax & !0xff) | u64::from(v & 0xff),
+                2 => (rax & !0xffff) | u64::from(v & 0xffff),
+                _ => u64::from(v),
+            };
+            vcpu.vmcb.set_rax(new);
+        }
+        // EXITINFO2 of an IOIO intercept is the next RIP (APM vol 2 §15.10.2), with or without
+        // NRIPS.
+        let next = vcpu.vmcb.exit_info2();
+        vcpu.vmcb.set_rip(next);
+    }
+
     fn destroy_vm(&mut self, vm: SvmVm) {
         self.free_asid(vm.asid);
-        vm.npt.destroy(&IOMMU_MEMORY);
+        vm.npt.destroy(&NPT_MEMORY);
     }
 
     fn destroy_vcpu(&mut self, vcpu: SvmVcpu) {

@@ -1,0 +1,140 @@
+//! Device assignment (docs/guests.md "Devices"): which PCI functions a `dev=` item may name, and
+//! what the guest gets for one: its memory BARs mapped into its second stage at their bus
+//! addresses, an ABI `dev_id`, and Bus Master Enable (its DMA is still blocked by the IOMMU until
+//! the guest attaches it through the ABI).
+//!
+//! Refused: functions that do not exist, bridges, functions behind no VT-d unit, functions that
+//! firmware needs for DMA to reserved memory (RMRR: they keep an identity domain owned by the
+//! hypervisor, VT-d 4.1 §8.4), a function named twice, and BARs the guest could not use safely
+//! (smaller than a page, so it would share the page with another device's registers; above
+//! 4 GiB, outside the guest's boot page tables). The hypervisor's own devices (console UART,
+//! IOMMU registers) are not PCI functions and cannot be named.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use boot::guests::{GuestConfig, PciAddress};
+use drivers::pci::{BarKind, Bdf};
+
+use crate::discovery::{Platform, Unit};
+
+/// One device given to one guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Assigned {
+    /// Index of the guest's configuration item.
+    pub guest: usize,
+    pub addr: PciAddress,
+    pub unit_base: u64,
+    pub sid: u16,
+    pub vendor: u16,
+    pub device: u16,
+    /// (bus address = GPA, size) of each memory BAR; (0, 0) for the others.
+    pub bars: [(u64, u64); 6],
+}
+
+fn bdf(a: PciAddress) -> Bdf {
+    Bdf {
+        bus: a.bus,
+        device: a.device,
+        function: a.function,
+    }
+}
+
+/// Checks every `dev=` of every configuration; `Err((item index, message))` for the first bad one.
+pub fn resolve(
+    platform: &Platform,
+    configs: &[GuestConfig<'_>],
+) -> Result<Vec<Assigned>, (usize, String)> {
+    let mut out: Vec<Assigned> = Vec::new();
+    for (gi, c) in configs.iter().enumerate() {
+        for &a in c.devices() {
+            let name = format!(
+                "{:04x}:{:02x}:{:02x}.{}",
+                a.segment, a.bus, a.device, a.function
+            );
+            let refuse = |why: &str| (gi, format!("dev={name}: {why}"));
+            let seg = platform
+                .segments
+                .iter()
+                .find(|s| s.segment == a.segment)
+                .ok_or_else(|| refuse("no such PCI segment"))?;
+            let f = seg
+                .devices
+                .get(bdf(a))
+                .ok_or_else(|| refuse("no such PCI function"))?;
+            if f.header_type != 0 {
+                return Err(refuse("not an endpoint (bridges cannot be assigned)"));
+            }
+            let t = platform
+                .devices
+                .iter()
+                .find(|d| d.segment == a.segment && d.bdf == bdf(a))
+                .and_then(|d| d.translation.as_ref())
+                .ok_or_else(|| refuse("not behind an IOMMU: its DMA could not be contained"))?;
+            let unit_base = platform
+                .units
+                .iter()
+                .find_map(|u| match u {
+                    Unit::Vtd { name, base, .. } if *name == t.unit => Some(*base),
+                    _ => None,
+                })
+                .ok_or_else(|| refuse("not behind a VT-d unit"))?;
+            let sid = t.id as u16;
+            // RMRRs are VT-d's (aarch64 has no such table; and no `dev=` reaches here there).
+            #[cfg(target_arch = "x86_64")]
+            if platform.rmrr.as_ref().is_some_and(|p| {
+                p.devices()
+                    .iter()
+                    .any(|r| r.segment == a.segment && r.sid == sid)
+            }) {
+                return Err(refuse(
+                    "firmware needs it for DMA to reserved memory (RMRR); the hypervisor keeps it",
+                ));
+            }
+            if let Some(other) = out.iter().find(|o| o.addr == a) {
+                return Err(refuse(&format!(
+                    "already assigned to guest {}",
+                    configs[other.guest].name
+                )));
+            }
+            let mut bars = [(0, 0); 6];
+            for (i, bar) in f.bars.iter().enumerate() {
+                let Some(bar) = bar.filter(|b| b.is_live() && b.kind != BarKind::Io) else {
+                    continue;
+                };
+                if bar.size < 4096 {
+                    return Err(refuse(&format!(
+                        "BAR{i} is smaller than a page and would share it with other registers"
+                    )));
+                }
+                if bar.base.checked_add(bar.size).is_none_or(|e| e > 1 << 32) {
+                    return Err(refuse(&format!(
+                        "BAR{i} lies above 4 GiB, outside the guest's boot page tables"
+                    )));
+                }
+                bars[i] = (bar.base, bar.size);
+            }
+            out.push(Assigned {
+                guest: gi,
+                addr: a,
+                unit_base,
+                sid,
+                vendor: f.vendor_id,
+                device: f.device_id,
+                bars,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Sets Bus Master Enable (and on the bridges above): the device's DMA now reaches the IOMMU,
+/// which blocks it until the guest attaches the device.
+pub fn enable_dma(platform: &Platform, a: &Assigned) -> bool {
+    platform
+        .segments
+        .iter()
+        .find(|s| s.segment == a.addr.segment)
+        .is_some_and(|s| drivers::pci::enable_bus_master(&s.ecam, &s.devices, bdf(a.addr)))
+}

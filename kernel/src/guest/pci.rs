@@ -1,0 +1,169 @@
+//! A guest's view of PCI configuration space through configuration mechanism #1 (ports 0xCF8 /
+//! 0xCFC-0xCFF, PCI Local Bus 3.0 §3.2.2.3.2), mediated by the hypervisor:
+//!
+//! - only the guest's own functions exist; every other address reads all ones and ignores
+//!   writes, so the guest cannot see or reach another guest's (or the hypervisor's) devices;
+//! - reads of its functions return the real registers (IDs, class, capabilities, BARs), except
+//!   that a BAR being sized (all ones written) returns its size mask, and the expansion ROM BAR
+//!   reads 0 (no ROM is mapped);
+//! - writes: COMMAND may change Memory Space, Bus Master and INTx Disable only; a BAR accepts
+//!   only the sizing pattern and its own current address (it cannot be moved, so it can never
+//!   overlap memory the guest does not own); everything else is ignored for now (MSI and the
+//!   other capabilities come with interrupt delivery).
+//!
+//! Only segment 0 is reachable this way (the mechanism has no segment field).
+
+use alloc::vec::Vec;
+
+use drivers::pci::{Bdf, ConfigSpace, reg};
+
+use crate::discovery::Platform;
+
+/// COMMAND bits a guest may change: Memory Space, Bus Master, INTx Disable (PCIe 5.0 §7.5.1.1.3).
+const GUEST_COMMAND_BITS: u32 = 1 << 1 | 1 << 2 | 1 << 10;
+const EXPANSION_ROM: u16 = 0x30;
+
+/// One function of the guest.
+struct Function {
+    bdf: Bdf,
+    /// Size of each memory BAR (0: none / I/O / upper half).
+    bar_sizes: [u64; 6],
+    /// The guest wrote all ones to this BAR register and has not written anything else since.
+    sizing: [bool; 6],
+}
+
+/// The guest's configuration-space state: the address latch and its functions.
+pub struct GuestPci {
+    latch: u32,
+    functions: Vec<Function>,
+}
+
+/// What the guest's port access did.
+pub enum Access {
+    /// Not a configuration-mechanism port: the guest may not touch it.
+    NotConfig,
+    /// Handled; for a read, the value.
+    Done(Option<u32>),
+}
+
+impl GuestPci {
+    /// `functions`: (segment, BDF, BAR sizes) of the guest's devices. Functions outside segment 0
+    /// are unreachable through this mechanism.
+    pub fn new(functions: &[(u16, Bdf, [u64; 6])]) -> GuestPci {
+        GuestPci {
+            latch: 0,
+            functions: functions
+                .iter()
+                .filter(|(seg, _, _)| *seg == 0)
+                .map(|&(_, bdf, bar_sizes)| Function {
+                    bdf,
+                    bar_sizes,
+                    sizing: [false; 6],
+                })
+                .collect(),
+        }
+    }
+
+    /// One port access of `size` bytes.
+    pub fn access(
+        &mut self,
+        platform: &Platform,
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    ) -> Access {
+        match (port, size) {
+            (0xcf8, 4) => {
+                if write {
+                    self.latch = value;
+                    return Access::Done(None);
+                }
+                return Access::Done(Some(self.latch));
+            }
+            (0xcfc..=0xcff, _) if u16::from(size) <= 4 - (port - 0xcfc) => {}
+            _ => return Access::NotConfig,
+        }
+        let byte = u32::from(port - 0xcfc);
+        let mask = if size == 4 {
+            u32::MAX
+        } else {
+            (1u32 << (8 * u32::from(size))) - 1
+        };
+        let l = self.latch;
+        let bdf = Bdf {
+            bus: (l >> 16) as u8,
+            device: ((l >> 11) & 0x1f) as u8,
+            function: ((l >> 8) & 7) as u8,
+        };
+        let offset = (l & 0xfc) as u16;
+        let Some(seg) = platform.segments.iter().find(|s| s.segment == 0) else {
+            return Access::Done((!write).then_some(mask));
+        };
+        let found = self.functions.iter_mut().find(|f| f.bdf == bdf);
+        let (Some(f), true) = (found, l & (1 << 31) != 0) else {
+            // Not the guest's: absent.
+            return Access::Done((!write).then_some(mask));
+        };
+        let current = read(f, &seg.ecam, offset);
+        if !write {
+            return Access::Done(Some((current >> (8 * byte)) & mask));
+        }
+        // Merge the written bytes into the dword, then apply the rules to the whole register.
+        let shifted = (value & mask) << (8 * byte);
+        let merged = (current & !(mask << (8 * byte))) | shifted;
+        write_reg(f, &seg.ecam, offset, merged, mask << (8 * byte));
+        Access::Done(None)
+    }
+}
+
+fn bar_index(offset: u16) -> Option<usize> {
+    (0x10..0x28)
+        .contains(&offset)
+        .then(|| usize::from((offset - reg::BAR0) / 4))
+}
+
+fn read(f: &Function, cfg: &impl ConfigSpace, offset: u16) -> u32 {
+    if offset == EXPANSION_ROM {
+        return 0;
+    }
+    if let Some(i) = bar_index(offset)
+        && f.sizing[i]
+    {
+        return sizing_value(f, cfg, i);
+    }
+    cfg.read32(f.bdf, offset)
+}
+
+/// What a BAR register reads while it is being sized: the size mask over the type bits
+/// (PCI 3.0 §6.2.5.1); for the upper half of a 64-bit BAR, the upper 32 bits of the mask.
+fn sizing_value(f: &Function, cfg: &impl ConfigSpace, i: usize) -> u32 {
+    let real = cfg.read32(f.bdf, reg::BAR0 + 4 * i as u16);
+    if f.bar_sizes[i] != 0 {
+        let mask = !(f.bar_sizes[i] - 1);
+        return (mask as u32 & !0xf) | (real & 0xf);
+    }
+    // The upper half of a 64-bit BAR whose lower half is `i - 1`.
+    if i > 0 && f.bar_sizes[i - 1] != 0 {
+        let lower = cfg.read32(f.bdf, reg::BAR0 + 4 * (i as u16 - 1));
+        if lower & 0b110 == 0b100 {
+            return (!(f.bar_sizes[i - 1] - 1) >> 32) as u32;
+        }
+    }
+    0
+}
+
+fn write_reg(f: &mut Function, cfg: &impl ConfigSpace, offset: u16, value: u32, written: u32) {
+    if offset == reg::COMMAND && written & 0xffff != 0 {
+        let real = cfg.read32(f.bdf, offset) & 0xffff;
+        let command = (real & !GUEST_COMMAND_BITS) | (value & GUEST_COMMAND_BITS);
+        if command != real {
+            cfg.write16(f.bdf, offset, command as u16);
+        }
+        return;
+    }
+    if let Some(i) = bar_index(offset) {
+        // All ones starts sizing; anything else ends it. The register itself never changes.
+        f.sizing[i] = value == u32::MAX;
+    }
+}
