@@ -293,7 +293,7 @@ mod tests {
         // INTID 26 is byte 2 of IPRIORITYR word 6 (offset 24).
         assert_eq!(r.read32(gicr::IPRIORITYR + 24), 0x80 << 16);
         // PPI 10 (INTID 26) config bits [21:20] cleared: level-sensitive; others untouched.
-        assert_eq!(r.read32(gicr::ICFGR1), 0xffff_ffff & !(3 << 20));
+        assert_eq!(r.read32(gicr::ICFGR1), !(3 << 20));
         assert_eq!(enable_ppi(&r, 0, 40, 0), Err(GicError::NotPpi(40)));
     }
 }
