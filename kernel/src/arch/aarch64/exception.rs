@@ -1,5 +1,7 @@
-//! EL2 exception vectors: every exception the hypervisor takes is fatal for now. The handler
-//! dumps the syndrome and all general-purpose registers and exits with status 1.
+//! EL2 exception vectors: every exception the hypervisor takes from EL2 itself is fatal. The
+//! handler dumps the syndrome and all general-purpose registers and exits with status 1.
+//! Exceptions from a lower EL are guest exits while a guest runs (`vcpu::el1::asm`, found through
+//! TPIDR_EL2) and fatal otherwise.
 //!
 //! Vector table layout (DDI 0487, D1 "The AArch64 Exception Model", "Exception vectors"): 16
 //! entries of 0x80 bytes, in four groups (current EL with SP_EL0, current EL with SP_ELx, lower EL
