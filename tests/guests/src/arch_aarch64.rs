@@ -157,6 +157,9 @@ pub fn pci_config_write(_address: u32, _value: u32) {}
 /// A 16-bit configuration write: nothing to write to yet (see [`pci_config_read`]).
 pub fn pci_config_write16(_address: u32, _byte: u16, _value: u16) {}
 
+/// What [`timestamp`] counts, for the bench output.
+pub const TIMESTAMP_NAME: &str = "cntvct";
+
 /// The virtual counter CNTVCT_EL0 (CNTVOFF_EL2 = 0: the host's physical count), for timing.
 pub fn timestamp() -> u64 {
     let t: u64;

@@ -733,7 +733,10 @@ fn bench(free: u64) -> u32 {
         let _ = arch::hypercall(0x7777, 0, 0, 0);
     }
     let null = (arch::timestamp() - t0) / ROUNDS;
-    println!("bench: null-hypercall {ROUNDS} calls, {null} tsc ticks each");
+    println!(
+        "bench: null-hypercall {ROUNDS} calls, {null} {} ticks each",
+        arch::TIMESTAMP_NAME
+    );
     let (r, ioas) = call(
         op::IOAS_ALLOC,
         IoasAlloc {
@@ -779,12 +782,14 @@ fn bench(free: u64) -> u32 {
         errors += u32::from(r1 != 0) + u32::from(r2 != 0);
     }
     println!(
-        "bench: ioas-map-4k {ROUNDS} calls, {} tsc ticks each",
-        t_map / ROUNDS
+        "bench: ioas-map-4k {ROUNDS} calls, {} {} ticks each",
+        t_map / ROUNDS,
+        arch::TIMESTAMP_NAME
     );
     println!(
-        "bench: ioas-unmap-4k {ROUNDS} calls, {} tsc ticks each",
-        t_unmap / ROUNDS
+        "bench: ioas-unmap-4k {ROUNDS} calls, {} {} ticks each",
+        t_unmap / ROUNDS,
+        arch::TIMESTAMP_NAME
     );
     println!("bench: {errors} calls failed");
     errors
