@@ -88,7 +88,20 @@ testguest_hlt_insn:
 "#
 );
 
+// An A32 `b .` (0xEAFFFFFE): the code the `aarch32` variant runs at EL0 in AArch32 state.
+global_asm!(
+    r#"
+    .pushsection .text.testguest_a32, "ax"
+    .balign 4
+    .global testguest_a32_spin
+testguest_a32_spin:
+    .word 0xeafffffe
+    .popsection
+"#
+);
+
 unsafe extern "C" {
+    static testguest_a32_spin: u32;
     fn testguest_wild_load(addr: u64) -> u64;
     fn testguest_msr_insn();
     fn testguest_smc_insn();
@@ -168,4 +181,23 @@ pub fn timestamp() -> u64 {
         asm!("isb", "mrs {}, cntvct_el0", out(reg) t, options(nomem, nostack, preserves_flags))
     };
     t
+}
+
+/// Drops to EL0 in AArch32 state (SPSR_EL1.M = 0b10000, User) at an A32 `b .`: a guest spinning
+/// where the hypervisor's exits arrive through the lower-EL AArch32 vectors. It never returns:
+/// only preemption and the CPU budget end it.
+pub fn spin_in_aarch32_el0() -> ! {
+    // SAFETY: ends this guest's AArch64 execution for good: ELR_EL1/SPSR_EL1 describe the
+    // AArch32 loop, which touches no memory; the loop is in the identity map, executable at EL0.
+    unsafe {
+        asm!(
+            "msr elr_el1, {pc}",
+            "msr spsr_el1, {spsr}",
+            "isb",
+            "eret",
+            pc = in(reg) core::ptr::addr_of!(testguest_a32_spin) as u64,
+            spsr = in(reg) 0x10u64,
+            options(noreturn, nostack),
+        );
+    }
 }

@@ -184,6 +184,11 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             let failed = abi_checks(mem, free);
             exit(failed)
         }
+        #[cfg(target_arch = "aarch64")]
+        "aarch32" => {
+            println!("testguest: spinning at EL0 in AArch32 state");
+            arch::spin_in_aarch32_el0()
+        }
         "msr" | "io" | "vmrun" | "hlt" | "smc" => {
             println!("testguest: executing forbidden {variant}");
             arch::forbidden(variant);

@@ -77,7 +77,10 @@ mod ec {
     pub const DABT_LOWER: u64 = 0x24;
 }
 
-/// Vector indices of `arch::aarch64::exception` for exceptions from a lower EL in AArch64.
+/// Vector indices of `arch::aarch64::exception` for exceptions from a lower EL in AArch64. The
+/// group is chosen by the execution state of the EL just below EL2 (DDI 0487, D1.3.1 "Exception
+/// vectors"), which HCR_EL2.RW makes AArch64: a guest's AArch32 EL0 also exits through these
+/// (scenario arm-guests-aarch32), and the AArch32 group (12-15) is never used.
 mod vector {
     pub const SYNC: u64 = 8;
     pub const IRQ: u64 = 9;
