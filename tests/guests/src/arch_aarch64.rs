@@ -3,10 +3,6 @@
 
 use core::arch::{asm, global_asm};
 
-/// SMCCC fast call, SMC64, owner 6 (vendor-specific hypervisor service): the function ID is
-/// this base plus the op (docs/abi.md §2.2).
-const HV_SMC64_BASE: u64 = 0xc600_0000;
-
 /// `hvc #0` with x0 = function ID (base + op), x1-x3 = arguments; the result comes back in x0
 /// (docs/abi.md §2.2). SMCCC lets the callee change x0-x17; the hypervisor changes only x0, but
 /// the shim declares the SMCCC clobbers so it stays correct under any conforming hypervisor.
@@ -17,7 +13,7 @@ pub fn hypercall(op: u32, a0: u64, a1: u64, a2: u64) -> i64 {
     unsafe {
         asm!(
             "hvc #0",
-            inout("x0") HV_SMC64_BASE | u64::from(op) => ret,
+            inout("x0") hvabi::smccc::function_id(op) => ret,
             inout("x1") a0 => _,
             inout("x2") a1 => _,
             inout("x3") a2 => _,

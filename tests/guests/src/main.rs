@@ -206,12 +206,13 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
 /// it (PSCI_VERSION, which a guest would normally send to firmware).
 #[cfg(target_arch = "aarch64")]
 fn smccc_queries() {
-    let uid = arch::smccc(0xc600_ff01);
+    use hvabi::smccc::{FN_CALL_UID, FN_REVISION, HV_SMC64_BASE};
+    let uid = arch::smccc(u64::from(HV_SMC64_BASE | FN_CALL_UID));
     println!(
         "testguest: smccc uid {:08x} {:08x} {:08x} {:08x}",
         uid[0], uid[1], uid[2], uid[3]
     );
-    let rev = arch::smccc(0xc600_ff03);
+    let rev = arch::smccc(u64::from(HV_SMC64_BASE | FN_REVISION));
     println!("testguest: smccc revision {}.{}", rev[0], rev[1]);
     let r = arch::smccc(0x8400_0000)[0] as i64;
     println!("testguest: smccc psci-version over hvc returned {r}");

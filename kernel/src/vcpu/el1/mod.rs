@@ -102,24 +102,6 @@ const GUEST_CPACR: u64 = 3 << 20;
 /// Stage-2 input size: 40 bits (1 TiB of IPA space) or the physical size if smaller.
 const IPA_BITS: u32 = 40;
 
-/// SMCCC (DEN0028) values for the hypercall entry (docs/abi.md §2.2).
-pub mod smccc {
-    /// Fast call, SMC64, owner 6 (vendor-specific hypervisor service), function number 0.
-    pub const HV_BASE64: u32 = 0xc600_0000;
-    /// The same owner with the SMC32 convention.
-    pub const HV_BASE32: u32 = 0x8600_0000;
-    /// Service queries every owner range defines (function numbers 0xFF00-0xFFFF).
-    pub const FN_CALL_COUNT: u32 = 0xff00;
-    pub const FN_CALL_UID: u32 = 0xff01;
-    pub const FN_REVISION: u32 = 0xff03;
-    pub const NOT_SUPPORTED: u64 = -1i64 as u64;
-    /// The UID of this hypervisor's service, as the four 32-bit words x0-x3 return
-    /// (a random UUID, 5c3b8d8e-6f1a-4c52-9a0e-2b7d41f09e63).
-    pub const UID: [u32; 4] = [0x8e8d_3b5c, 0x524c_1a6f, 0x7d2b_0e9a, 0x639e_f041];
-    /// Revision 1.0 of the service.
-    pub const REVISION: (u32, u32) = (1, 0);
-}
-
 /// The backend: the EL2 controls every guest shares.
 pub struct El1 {
     el2: El2Ready,
@@ -256,29 +238,19 @@ impl El1 {
         }
     }
 
-    /// Answers the SMCCC calls that are not ABI calls: the service queries and unknown function
-    /// IDs. Returns `Some(x0..x3)` if handled here, `None` for an ABI/platform call.
-    fn smccc_builtin(fid: u64, imm: u64) -> Option<[u64; 4]> {
-        let ns = [smccc::NOT_SUPPORTED, 0, 0, 0];
-        // SMCCC: HVC #0 only; bits 63:32 of the function ID must be zero.
-        if imm != 0 || fid >> 32 != 0 {
-            return Some(ns);
-        }
-        let fid = fid as u32;
-        let owner_fn = fid & 0xffff;
-        let base = fid & !0xffff;
-        if base != smccc::HV_BASE64 && base != smccc::HV_BASE32 {
-            return Some(ns);
-        }
-        match owner_fn {
-            smccc::FN_CALL_UID => Some(smccc::UID.map(u64::from)),
-            smccc::FN_REVISION => Some([smccc::REVISION.0.into(), smccc::REVISION.1.into(), 0, 0]),
-            smccc::FN_CALL_COUNT => Some([(hvabi::op::ALL.len() + 2) as u64, 0, 0, 0]),
-            n if n >= 0xff00 => Some(ns),
-            // ABI and platform calls use SMC64 only.
-            _ if base == smccc::HV_BASE32 => Some(ns),
-            _ => None,
-        }
+    /// Answers the SMCCC calls that are not ABI calls (docs/abi.md §2.2): the service queries
+    /// and everything that is not this service. Returns `Some(x0..x3)` if handled here, `None`
+    /// for an ABI or platform call.
+    fn smccc_builtin(x0: u64, imm: u16) -> Option<[u64; 4]> {
+        use hvabi::smccc::{self, Call};
+        Some(match smccc::classify(x0, imm) {
+            Call::Op(_) => return None,
+            Call::CallUid => smccc::UID.map(u64::from),
+            Call::Revision => [smccc::REVISION.0.into(), smccc::REVISION.1.into(), 0, 0],
+            // The ABI ops, the two platform calls and the three queries.
+            Call::CallCount => [(hvabi::op::ALL.len() + 5) as u64, 0, 0, 0],
+            Call::NotSupported => [smccc::NOT_SUPPORTED as u64, 0, 0, 0],
+        })
     }
 
     fn decode(vcpu: &mut El1Vcpu) -> Option<Event> {
@@ -302,7 +274,7 @@ impl El1 {
         Some(match esr >> 26 & 0x3f {
             ec::HVC64 => {
                 let regs = [c.x[0], c.x[1], c.x[2], c.x[3]];
-                if let Some(out) = Self::smccc_builtin(regs[0], iss & 0xffff) {
+                if let Some(out) = Self::smccc_builtin(regs[0], (iss & 0xffff) as u16) {
                     vcpu.ctx.x[..4].copy_from_slice(&out);
                     return None;
                 }
