@@ -4,15 +4,15 @@
 //! objects. The same interface as the VT-d version (`iommu.rs`), so the runner is shared.
 //!
 //! Each unit is brought up with its stream table in place and every stream aborting (SMMUv3
-//! §6.3.9 STRTAB_BASE, STE.Config = abort) until a device is attached. Device assignment is not
-//! implemented on aarch64 yet (`dev=` is refused before bring-up), so no hardware device is known
-//! to the object model, and there is no guest DMA whose faults could be attributed:
-//! [`GuestIommu::poll_faults`] reports nothing until assignment lands.
+//! §6.3.9 STRTAB_BASE, STE.Config = abort) until a device is attached. Assigned devices are the
+//! object model's hardware devices, one group each (an endpoint with its own StreamID); their
+//! DMA faults are read from the units' event queues (SMMUv3 §7.3) after every exit and
+//! attributed by (unit, StreamID).
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use iommu::iommufd::smmu_backend::SmmuBackend;
+use iommu::iommufd::smmu_backend::{self, SmmuBackend, SmmuDevice};
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
 use iommu::smmuv3::{SmmuUnit, UnitConfig};
 
@@ -30,10 +30,12 @@ type Backend = SmmuBackend<'static, MmioRegion, IommuMemory>;
 pub struct GuestIommu {
     fd: Iommufd<Backend>,
     units: usize,
+    /// (unit index, StreamID) of each hardware device, by hardware device index.
+    devices: Vec<(usize, u32)>,
 }
 
-/// A DMA fault attributed to an assigned device (the VT-d version's shape; see the module
-/// comment for why none is produced yet).
+/// A DMA fault an SMMU recorded (an event record), attributed to an assigned device when it is
+/// one. `reason` is the event type (SMMUv3 §7.3, e.g. 0x10 F_TRANSLATION).
 pub struct DmaFault {
     pub device: Option<usize>,
     pub sid: u16,
@@ -44,16 +46,15 @@ pub struct DmaFault {
 }
 
 impl GuestIommu {
-    /// Brings up every SMMUv3 unit discovery found; `Ok(None)` when there is none. `devices`
-    /// must be empty (no assignment on aarch64 yet).
+    /// Brings up every SMMUv3 unit discovery found, with `devices` (unit register base,
+    /// StreamID) known to the object model as hardware devices `0..devices.len()`, in that order;
+    /// `Ok(None)` when there is no unit.
     pub fn bring_up(
         platform: &Platform,
         devices: &[(u64, u16)],
     ) -> Result<Option<GuestIommu>, String> {
-        if !devices.is_empty() {
-            return Err("device assignment is not implemented on aarch64".into());
-        }
         let mut units = Vec::new();
+        let mut bases = Vec::new();
         for u in &platform.units {
             let Unit::Smmu { name, base, .. } = u else {
                 continue;
@@ -63,15 +64,32 @@ impl GuestIommu {
             let unit = SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
                 .map_err(|e| alloc::format!("{name}: {e}"))?;
             units.push(unit);
+            bases.push(*base);
         }
         if units.is_empty() {
             return Ok(None);
         }
         let count = units.len();
-        let backend = SmmuBackend::new(units, &IOMMU_MEMORY, Vec::new());
+        let mut hw_devices = Vec::new();
+        let mut device_ids = Vec::new();
+        for (i, &(base, sid)) in devices.iter().enumerate() {
+            let unit = bases
+                .iter()
+                .position(|&b| b == base)
+                .ok_or("an assigned device's SMMU was not brought up")?;
+            let sid = u32::from(sid);
+            let info = smmu_backend::device_info(&units[unit], sid, i as u32 + 1, 0);
+            hw_devices.push(SmmuDevice { info, unit, sid });
+            device_ids.push((unit, sid));
+        }
+        let backend = SmmuBackend::new(units, &IOMMU_MEMORY, hw_devices);
         let fd = Iommufd::new(backend, Limits::default())
             .map_err(|e| alloc::format!("object model: {e:?}"))?;
-        Ok(Some(GuestIommu { fd, units: count }))
+        Ok(Some(GuestIommu {
+            fd,
+            units: count,
+            devices: device_ids,
+        }))
     }
 
     pub fn units(&self) -> usize {
@@ -84,15 +102,31 @@ impl GuestIommu {
             .map_err(|e| alloc::format!("object model: {e:?}"))
     }
 
-    /// Never called on aarch64 (no device is assigned); kept for the shared runner.
+    /// Gives hardware device `hw` (an index into `bring_up`'s `devices`) to `guest`; returns the
+    /// `dev_id` the guest names it by. Its DMA stays blocked until the guest attaches it.
     pub fn assign_device(&mut self, guest: GuestId, hw: usize) -> Result<u32, String> {
         self.fd
             .assign_device(guest, hw as iommu::iommufd::HwDev)
             .map_err(|e| alloc::format!("object model: {e:?}"))
     }
 
-    /// No assigned device, so no guest DMA fault to attribute (module comment).
-    pub fn poll_faults(&mut self, _sink: &mut dyn FnMut(&DmaFault)) {}
+    /// Drains every unit's event queue and hands each fault record to `sink`, attributed by
+    /// (unit, StreamID) to the device that raised it.
+    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
+        let devices = &self.devices;
+        for (u, unit) in self.fd.hw_mut().units_mut().iter_mut().enumerate() {
+            let _ = unit.poll_events(&mut |e| {
+                sink(&DmaFault {
+                    device: devices.iter().position(|&d| d == (u, e.stream_id)),
+                    sid: e.stream_id as u16,
+                    page: e.input_addr & !0xfff,
+                    reason: e.kind.code(),
+                    reason_name: e.kind.name(),
+                    write: !e.read,
+                })
+            });
+        }
+    }
 
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.
     pub fn call(&mut self, guest: GuestId, mem: &GuestMemory, op: u32, args_gpa: u64) -> i64 {

@@ -18,6 +18,11 @@ pub const PDPT: u64 = 0x4000;
 #[cfg(target_arch = "x86_64")]
 pub const PD0: u64 = 0x5000;
 pub const CMDLINE: u64 = 0x9000;
+/// aarch64: the guest's emulated PCI configuration space (ECAM, PCIe 5.0 §7.2.2, buses 0-255 of
+/// segment 0) in the Device part of the boot map; accesses trap to the hypervisor (stage 2 maps
+/// nothing here) and are mediated (`pci.rs`).
+pub const ECAM: u64 = 0x4000_0000;
+pub const ECAM_SIZE: u64 = 0x1000_0000;
 /// Lowest address an image segment may use.
 pub const IMAGE_MIN: u64 = 0x10000;
 /// Bytes at the top of RAM kept for the initial stack.

@@ -195,16 +195,6 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         }
         configs.push(c);
     }
-    // Device assignment on aarch64 (emulated ECAM, SMMUv3 streams) is not built yet.
-    #[cfg(target_arch = "aarch64")]
-    if let Some(i) = configs.iter().position(|c| !c.devices().is_empty()) {
-        println!(
-            "guests: refused guest item {} (guest={}): dev: device assignment is not implemented on aarch64 yet",
-            i + 1,
-            items[i]
-        );
-        return EXIT_FAILURE;
-    }
     let assigned = match devices::resolve(platform, &configs) {
         Ok(a) => a,
         Err((i, why)) => {
@@ -667,6 +657,39 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
             } else {
                 "read"
             };
+            stop(
+                cx,
+                g,
+                pc,
+                format_args!(
+                    "{} at gpa={gpa:#x} ({kind}): not guest memory",
+                    native::STAGE2_FAULT
+                ),
+            );
+            Next::Reschedule
+        }
+        Event::MmioAccess {
+            gpa,
+            write,
+            size,
+            value,
+        } => {
+            // The guest's emulated ECAM window (aarch64, docs/guests.md): its configuration
+            // space, mediated like the port mechanism. Anything else is a wild access.
+            let emulated = gpa
+                .checked_sub(loader::ECAM)
+                .filter(|&off| off < loader::ECAM_SIZE)
+                .and_then(|off| {
+                    g.pci
+                        .ecam_access(cx.platform, off, size, write, value as u32)
+                });
+            if let Some(read) = emulated {
+                if let Some(vcpu) = g.vcpu.as_mut() {
+                    cx.backend.complete_mmio(vcpu, read.map(u64::from));
+                }
+                return Next::Resume;
+            }
+            let kind = if write { "write" } else { "read" };
             stop(
                 cx,
                 g,

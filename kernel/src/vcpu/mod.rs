@@ -62,6 +62,20 @@ pub enum Event {
     /// An access to guest-physical memory the guest has no mapping for (SVM NPF, VMX EPT
     /// violation, Arm stage-2 abort): the candidate for MMIO emulation, or a wild access.
     MmioFault { gpa: u64, write: bool, fetch: bool },
+    /// A data access to guest-physical memory the guest has no mapping for, decoded by the
+    /// hardware (Arm ESR_EL2.ISV: size, direction and register without instruction decoding):
+    /// `value` is the data of a write. If the hypervisor emulates it, it finishes the access
+    /// with [`Backend::complete_mmio`]; otherwise it is a wild access like `MmioFault`.
+    #[cfg_attr(
+        target_arch = "x86_64",
+        allow(dead_code, reason = "no decode assists on SVM")
+    )]
+    MmioAccess {
+        gpa: u64,
+        write: bool,
+        size: u8,
+        value: u64,
+    },
     /// The guest halted (HLT / WFI) with nothing to wake it.
     Halt,
     /// The guest shut itself down the hard way: a triple fault (SVM SHUTDOWN, VMX exit 2).
@@ -160,6 +174,11 @@ pub trait Backend {
     /// Finishes an [`Event::PortIo`] the hypervisor emulated: for a read, `value` goes into the
     /// low `size` bytes of the data register; the guest continues after the instruction.
     fn complete_port_io(&mut self, vcpu: &mut Self::Vcpu, size: u8, value: Option<u32>);
+
+    /// Finishes an [`Event::MmioAccess`] the hypervisor emulated: for a read, `value` goes into
+    /// the access's register (extended as the instruction says); the guest continues after the
+    /// instruction.
+    fn complete_mmio(&mut self, vcpu: &mut Self::Vcpu, value: Option<u64>);
 
     /// Frees the VM's second-stage table and identifier. The vCPUs must be destroyed first.
     fn destroy_vm(&mut self, vm: Self::Vm);

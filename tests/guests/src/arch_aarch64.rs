@@ -153,18 +153,36 @@ pub fn read_bytes(gpa: u64, out: &mut [u8]) {
     }
 }
 
-/// PCI configuration reads: aarch64 guests have no configuration-space window yet (the emulated
-/// ECAM comes with device assignment on aarch64), so every function reads as absent (all ones),
-/// which is what the PCI specification returns for a function that does not exist.
-pub fn pci_config_read(_address: u32) -> u32 {
-    u32::MAX
+/// The guest's ECAM window (docs/guests.md "Memory map": GPA 0x4000_0000, buses 0-255), mapped
+/// Device by the boot page tables; the hypervisor emulates every access.
+const ECAM: u64 = 0x4000_0000;
+
+/// The ECAM address of a configuration-mechanism-#1 address (the shared code's format: bus in
+/// bits 23:16, device 15:11, function 10:8, register 7:2).
+fn ecam(address: u32) -> u64 {
+    let bus = u64::from(address >> 16 & 0xff);
+    let devfn = u64::from(address >> 8 & 0xff);
+    ECAM + (bus << 20 | devfn << 12 | u64::from(address & 0xfc))
 }
 
-/// PCI configuration writes: nothing to write to yet (see [`pci_config_read`]).
-pub fn pci_config_write(_address: u32, _value: u32) {}
+/// A 32-bit configuration read through the ECAM window.
+pub fn pci_config_read(address: u32) -> u32 {
+    // SAFETY: an aligned 32-bit load from the ECAM window, which the hypervisor emulates (stage
+    // 2 maps nothing there); no guest memory is touched.
+    unsafe { core::ptr::read_volatile(ecam(address) as *const u32) }
+}
 
-/// A 16-bit configuration write: nothing to write to yet (see [`pci_config_read`]).
-pub fn pci_config_write16(_address: u32, _byte: u16, _value: u16) {}
+/// A 32-bit configuration write through the ECAM window.
+pub fn pci_config_write(address: u32, value: u32) {
+    // SAFETY: as in `pci_config_read`.
+    unsafe { core::ptr::write_volatile(ecam(address) as *mut u32, value) }
+}
+
+/// A 16-bit write at `address` (dword-aligned) + `byte` (0 or 2).
+pub fn pci_config_write16(address: u32, byte: u16, value: u16) {
+    // SAFETY: as in `pci_config_read`; `byte` keeps the access 2-byte aligned.
+    unsafe { core::ptr::write_volatile((ecam(address) + u64::from(byte)) as *mut u16, value) }
+}
 
 /// What [`timestamp`] counts, for the bench output.
 pub const TIMESTAMP_NAME: &str = "cntvct";

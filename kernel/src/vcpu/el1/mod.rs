@@ -137,6 +137,8 @@ pub struct MmioAccess {
     /// Sign-extend a load (SSE) to 64 (SF = 1) or 32 bits.
     pub sign_extend: bool,
     pub sixty_four: bool,
+    /// Length of the faulting instruction (ESR_EL2.IL: 4, or 2 for a 16-bit T32 one).
+    pub insn_bytes: u8,
 }
 
 /// A vCPU: its registers and EL1 state.
@@ -285,18 +287,43 @@ impl El1 {
             }
             ec::DABT_LOWER => {
                 let write = iss & (1 << 6) != 0;
-                vcpu.last_mmio = (iss & (1 << 24) != 0).then_some(MmioAccess {
+                // ISV (bit 24) with S1PTW (bit 7) clear: a load/store of one register to this
+                // IPA, described by SAS/SSE/SRT/SF; a fault on the guest's own table walk
+                // (S1PTW) or an access without a syndrome is not emulable.
+                let access = (iss & (1 << 24) != 0 && iss & (1 << 7) == 0).then_some(MmioAccess {
                     ipa,
                     write,
                     size: 1 << ((iss >> 22) & 3),
                     reg: ((iss >> 16) & 0x1f) as u8,
                     sign_extend: iss & (1 << 21) != 0,
                     sixty_four: iss & (1 << 15) != 0,
+                    insn_bytes: if esr & (1 << 25) != 0 { 4 } else { 2 },
                 });
-                Event::MmioFault {
-                    gpa: ipa,
-                    write,
-                    fetch: false,
+                vcpu.last_mmio = access;
+                match access {
+                    Some(a) => {
+                        let data = if a.reg == 31 {
+                            0
+                        } else {
+                            vcpu.ctx.x[usize::from(a.reg)]
+                        };
+                        let mask = if a.size == 8 {
+                            u64::MAX
+                        } else {
+                            (1u64 << (8 * a.size)) - 1
+                        };
+                        Event::MmioAccess {
+                            gpa: ipa,
+                            write,
+                            size: a.size,
+                            value: data & mask,
+                        }
+                    }
+                    None => Event::MmioFault {
+                        gpa: ipa,
+                        write,
+                        fetch: false,
+                    },
                 }
             }
             ec::IABT_LOWER => Event::MmioFault {
@@ -392,6 +419,32 @@ impl Backend for El1 {
         // walk caches may hold the invalid entries; flush this VMID like any stage-2 change.
         asm::flush_vmid(&self.el2, vm.vttbr());
         Ok(())
+    }
+
+    fn complete_mmio(&mut self, vcpu: &mut El1Vcpu, value: Option<u64>) {
+        let Some(a) = vcpu.last_mmio.take() else {
+            return;
+        };
+        if let (Some(v), false, true) = (value, a.write, a.reg < 31) {
+            // Zero- or sign-extend the loaded bytes into Wt (SF = 0, upper half cleared) or Xt
+            // (ESR_EL2 ISS: SSE, SF).
+            let bits = 8 * u32::from(a.size);
+            let mut x = if bits == 64 {
+                v
+            } else {
+                v & ((1u64 << bits) - 1)
+            };
+            if a.sign_extend && bits < 64 {
+                let shift = 64 - bits;
+                x = (((x << shift) as i64) >> shift) as u64;
+            }
+            if !a.sixty_four {
+                x &= u64::from(u32::MAX);
+            }
+            vcpu.ctx.x[usize::from(a.reg)] = x;
+        }
+        // A data abort's preferred return is the faulting instruction: step over it.
+        vcpu.ctx.pc = vcpu.ctx.pc.wrapping_add(a.insn_bytes.into());
     }
 
     fn complete_port_io(&mut self, _vcpu: &mut El1Vcpu, _size: u8, _value: Option<u32>) {
