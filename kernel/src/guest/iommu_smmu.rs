@@ -111,11 +111,21 @@ impl GuestIommu {
     }
 
     /// Drains every unit's event queue and hands each fault record to `sink`, attributed by
-    /// (unit, StreamID) to the device that raised it.
+    /// (unit, StreamID) to the device that raised it. QEMU's SMMU records one event per faulting
+    /// transaction (a 256-byte edu DMA is dozens), so consecutive identical records (same
+    /// StreamID, page, type and direction) are reported once and the rest counted in the log.
     pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
         let devices = &self.devices;
         for (u, unit) in self.fd.hw_mut().units_mut().iter_mut().enumerate() {
+            let mut last = None;
+            let mut repeats = 0u64;
             let _ = unit.poll_events(&mut |e| {
+                let key = (e.stream_id, e.input_addr & !0xfff, e.kind.code(), e.read);
+                if last == Some(key) {
+                    repeats += 1;
+                    return;
+                }
+                last = Some(key);
                 sink(&DmaFault {
                     device: devices.iter().position(|&d| d == (u, e.stream_id)),
                     sid: e.stream_id as u16,
@@ -125,6 +135,9 @@ impl GuestIommu {
                     write: !e.read,
                 })
             });
+            if repeats > 0 {
+                log::info!("smmu{u}: {repeats} repeated event records coalesced");
+            }
         }
     }
 
