@@ -13,8 +13,9 @@
 //! qualification has port/size/direction), 48 (EPT violation -> `MmioFault`), 12 (HLT), 2 (triple
 //! fault) and the preemption timer or external interrupt (`Preempted`). The EL1 backend (issue 10)
 //! builds the VM's stage 2 with the engine's Arm format and decodes ESR_EL2: EC 0x16 (HVC ->
-//! `Hypercall`, SMCCC function ID `0xC600_0000 + op` in x0, x1-x3 = args), EC 0x24/0x20
-//! (stage-2 abort -> `MmioFault`, IPA from HPFAR_EL2), WFI (`Halt`), WFE and IRQ (`Preempted`),
+//! `Hypercall`, SMCCC function ID `0xC600_0000 + op` in x0, x1-x3 = args), EC 0x24 (stage-2
+//! data abort, IPA from HPFAR_EL2: `MmioAccess` when ESR.ISV describes the access, completed by
+//! `complete_mmio`, else `MmioFault`), EC 0x20 (instruction abort -> `MmioFault`), WFI (`Halt`), WFE and IRQ (`Preempted`),
 //! SMC and trapped system registers (`Forbidden`); it never reports `PortIo`, so its
 //! `complete_port_io` is never called. `EntryState::gdt` is x86 entry state; on aarch64
 //! `page_table` is TTBR0_EL1 (EL1 enters with its MMU on, docs/guests.md).
