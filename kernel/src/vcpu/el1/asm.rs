@@ -20,6 +20,42 @@
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
 
+use iommu::pgtable::{ArmStage2, PageTable, RootInfo};
+
+/// A VM's stage-2 table, as the engine built it.
+pub type Stage2 = PageTable<ArmStage2<12>>;
+
+/// HCR_EL2 bits (DDI 0487, D23 "HCR_EL2").
+mod hcr {
+    pub const VM: u64 = 1 << 0;
+    pub const SWIO: u64 = 1 << 1;
+    pub const FMO: u64 = 1 << 3;
+    pub const IMO: u64 = 1 << 4;
+    pub const AMO: u64 = 1 << 5;
+    pub const TWI: u64 = 1 << 13;
+    pub const TWE: u64 = 1 << 14;
+    pub const TSC: u64 = 1 << 19;
+    pub const TIDCP: u64 = 1 << 20;
+    pub const TACR: u64 = 1 << 21;
+    pub const TSW: u64 = 1 << 22;
+    pub const RW: u64 = 1 << 31;
+}
+
+/// The traps every guest runs with (see the module comment of `vcpu::el1`); VM and RW are
+/// what make the world switch sound, so they are fixed here rather than passed in.
+const GUEST_HCR: u64 = hcr::VM
+    | hcr::SWIO
+    | hcr::FMO
+    | hcr::IMO
+    | hcr::AMO
+    | hcr::TWI
+    | hcr::TWE
+    | hcr::TSC
+    | hcr::TIDCP
+    | hcr::TACR
+    | hcr::TSW
+    | hcr::RW;
+
 /// A guest's general-purpose and SIMD&FP registers plus the exit syndrome. Offsets are used by
 /// the assembly below (checked at compile time).
 #[repr(C)]
@@ -318,14 +354,45 @@ sysregs!(
 );
 
 /// Proof that the CPU runs at non-VHE EL2 and the guest-wide EL2 controls are programmed: the
-/// only way to reach [`run`].
-pub struct El2Ready(());
+/// only way to reach [`run`]. It records the stage-2 shape VTCR_EL2 describes.
+pub struct El2Ready {
+    /// (T0SZ, levels, granule shift) of the tables VTCR_EL2 was programmed for.
+    shape: (u32, u32, u32),
+}
 
-/// Programs what every guest shares: VTCR_EL2 (the stage-2 geometry all VMs' tables use),
-/// VPIDR/VMPIDR_EL2 (the MIDR/MPIDR a guest reads: the host's MIDR, a uniprocessor MPIDR),
-/// CNTHCTL_EL2 (EL1 may read the physical counter but not program the physical timer) and
-/// CNTVOFF_EL2 = 0. The caller checked CurrentEL = 2 and HCR_EL2.E2H = 0.
-pub fn prepare_el2(vtcr: u64) -> El2Ready {
+fn shape(ri: &RootInfo) -> (u32, u32, u32) {
+    (ri.arm_t0sz(), ri.levels, ri.granule_shift)
+}
+
+/// VTCR_EL2 (DDI 0487, D23 "VTCR_EL2") for a table of geometry `ri`: T0SZ and SL0 from the
+/// engine, TG0 = 4 KiB, inner-shareable write-back walks, PS = `parange`, 8-bit VMIDs, and
+/// bit 31 (RES1).
+fn vtcr_for(ri: &RootInfo, parange: u64) -> Result<u64, &'static str> {
+    if ri.granule_shift != 12 {
+        return Err("stage 2 needs the 4 KiB granule");
+    }
+    let sl0 = ri
+        .arm_sl0()
+        .ok_or("stage-2 start level has no SL0 encoding")?;
+    Ok(u64::from(ri.arm_t0sz())
+        | u64::from(sl0) << 6
+        | 1 << 8
+        | 1 << 10
+        | 3 << 12
+        | parange << 16
+        | 1 << 31)
+}
+
+/// Programs what every guest shares: VTCR_EL2 for tables shaped like `probe` (T0SZ, SL0 from the
+/// engine's geometry, PS = `parange`), VPIDR/VMPIDR_EL2 (the MIDR/MPIDR a guest reads: the
+/// host's MIDR, a uniprocessor MPIDR), CNTHCTL_EL2 (EL1 may read the physical counter but not
+/// program the physical timer) and CNTVOFF_EL2 = 0. Returns the proof and the VTCR_EL2 value.
+pub fn prepare_el2(probe: &Stage2, parange: u64) -> Result<(El2Ready, u64), &'static str> {
+    if current_el() != 2 || boot::aarch64::entry_error().is_some() {
+        return Err("not running at non-VHE EL2");
+    }
+    let ri = probe.root_info();
+    let vtcr = vtcr_for(&ri, parange & 7)?;
     // SAFETY: these registers only configure the EL1&0 regime of guests, none of which is
     // running; EL2's own translation and execution are unaffected.
     unsafe {
@@ -347,7 +414,7 @@ pub fn prepare_el2(vtcr: u64) -> El2Ready {
             options(nostack, preserves_flags),
         );
     }
-    El2Ready(())
+    Ok((El2Ready { shape: shape(&ri) }, vtcr))
 }
 
 /// CurrentEL\[3:2\].
@@ -368,10 +435,11 @@ pub fn id_registers() -> (u64, u64) {
     (mmfr0 & 0xf, (mmfr1 >> 4) & 0xf)
 }
 
-/// Invalidates every stage-1 and stage-2 TLB entry of the VMID in `vttbr` (Inner Shareable),
-/// after the table writes the walker must see. Used when a VMID is handed out and when its
-/// tables are freed, so a reused VMID never hits the previous guest's translations.
-pub fn flush_vmid(_: &El2Ready, vttbr: u64) {
+/// Invalidates every stage-1 and stage-2 TLB entry of `vmid` (Inner Shareable), after the
+/// table writes the walker must see. Used when a VMID is handed out, after a stage-2 change, and
+/// when its tables are freed, so a reused VMID never hits the previous guest's translations.
+pub fn flush_vmid(_: &El2Ready, table: &Stage2, vmid: u16) {
+    let vttbr = table.root() | u64::from(vmid) << 48;
     // SAFETY: TLBI VMALLS12E1IS acts on the VMID currently in VTTBR_EL2, which is set for the
     // duration of the sequence and cleared afterwards (no guest runs in between: one CPU).
     // `dsb ishst` orders the table updates before the invalidation, `dsb ish` completes it.
@@ -390,13 +458,31 @@ pub fn flush_vmid(_: &El2Ready, vttbr: u64) {
     }
 }
 
-/// Runs the guest: loads its stage 2 (`vttbr`), traps (`hcr`) and EL1 registers, enters it, and
-/// saves its state when it exits. The exit syndrome is in `ctx`.
-pub fn run(_: &El2Ready, hcr: u64, vttbr: u64, el1: &mut El1Regs, ctx: &mut Context) {
+/// Runs the guest: loads its stage 2 (`table`, `vmid`), the traps and its EL1 registers, enters
+/// it, and saves its state when it exits; the exit syndrome is in `ctx`. Returns `false`
+/// without entering when `table` is not of the shape VTCR_EL2 describes.
+pub fn run(
+    ready: &El2Ready,
+    table: &Stage2,
+    vmid: u16,
+    el1: &mut El1Regs,
+    ctx: &mut Context,
+) -> bool {
+    if shape(&table.root_info()) != ready.shape {
+        return false;
+    }
+    let vttbr = table.root() | u64::from(vmid) << 48;
+    // The guest returns to EL1 or EL0, never to EL2: an AArch64 SPSR naming EL2 or EL3 (M[4] = 0,
+    // M[3:2] >= 2) becomes EL1h.
+    if ctx.pstate & 0x10 == 0 && (ctx.pstate >> 2) & 3 >= 2 {
+        ctx.pstate = (ctx.pstate & !0xf) | 0x5;
+    }
+    let hcr = GUEST_HCR;
     load_el1(el1);
-    // SAFETY: `vttbr` names a stage-2 table that maps only this guest's own frames (built by the
-    // backend from its `GuestMemory`) and its VMID; `hcr` always has VM = 1 and RW = 1 with the
-    // traps the backend requires, so the guest cannot reach host memory or EL2 state. The world
+    // SAFETY: `vttbr` names a stage-2 table the page-table engine built, of the shape VTCR_EL2
+    // describes, so the walker reads it as the engine wrote it; HCR_EL2 has VM = 1 and RW = 1
+    // with the traps above, and SPSR_EL2 names EL1 or EL0, so the guest runs below EL2 with
+    // every access translated by that table. The world
     // switch preserves every callee-saved register, returns on the caller's stack with the same
     // stack selection, and writes only `ctx` (exclusively borrowed) and the stack below SP_EL2.
     unsafe {
@@ -417,4 +503,5 @@ pub fn run(_: &El2Ready, hcr: u64, vttbr: u64, el1: &mut El1Regs, ctx: &mut Cont
         );
     }
     save_el1(el1);
+    true
 }

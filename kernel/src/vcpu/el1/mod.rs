@@ -27,7 +27,7 @@
 
 pub mod asm;
 
-use iommu::pgtable::{ArmStage2, Config, PageTable, Prot, RootInfo};
+use iommu::pgtable::{ArmStage2, Config, PageTable, Prot};
 
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
@@ -37,35 +37,6 @@ use asm::{Context, El1Regs, El2Ready};
 /// Where stage-2 tables come from: their own frame source, so the runner can check that every
 /// table page of a destroyed VM went back (none may be left when all guests are gone).
 pub static STAGE2_MEMORY: IommuMemory = IommuMemory::new();
-
-/// HCR_EL2 bits (DDI 0487, D23 "HCR_EL2").
-mod hcr {
-    pub const VM: u64 = 1 << 0;
-    pub const SWIO: u64 = 1 << 1;
-    pub const FMO: u64 = 1 << 3;
-    pub const IMO: u64 = 1 << 4;
-    pub const AMO: u64 = 1 << 5;
-    pub const TWI: u64 = 1 << 13;
-    pub const TWE: u64 = 1 << 14;
-    pub const TSC: u64 = 1 << 19;
-    pub const TIDCP: u64 = 1 << 20;
-    pub const TACR: u64 = 1 << 21;
-    pub const TSW: u64 = 1 << 22;
-    pub const RW: u64 = 1 << 31;
-}
-
-const GUEST_HCR: u64 = hcr::VM
-    | hcr::SWIO
-    | hcr::FMO
-    | hcr::IMO
-    | hcr::AMO
-    | hcr::TWI
-    | hcr::TWE
-    | hcr::TSC
-    | hcr::TIDCP
-    | hcr::TACR
-    | hcr::TSW
-    | hcr::RW;
 
 /// ESR_EL2.EC values (DDI 0487, D23 "ESR_EL2").
 mod ec {
@@ -117,12 +88,6 @@ pub struct El1Vm {
     vmid: u16,
 }
 
-impl El1Vm {
-    fn vttbr(&self) -> u64 {
-        self.stage2.root() | u64::from(self.vmid) << 48
-    }
-}
-
 /// A data access the guest made to an IPA it has no mapping for, as ESR_EL2.ISS describes it
 /// when ISV = 1 (DDI 0487, "ISS encoding for an exception from a Data Abort"): enough to emulate
 /// the access without decoding the instruction.
@@ -166,9 +131,9 @@ impl El1 {
         // configuration; VTCR_EL2 is programmed from it.
         let probe = Self::new_table(ias, pa_bits).map_err(|_| "cannot allocate a stage-2 table")?;
         let ri = probe.root_info();
+        let prepared = asm::prepare_el2(&probe, parange.min(5));
         probe.destroy(&STAGE2_MEMORY);
-        let vtcr = Self::vtcr_for(&ri, parange.min(5))?;
-        let el2 = asm::prepare_el2(vtcr);
+        let (el2, vtcr) = prepared?;
         log::info!(
             "el1: VTCR_EL2 {vtcr:#x} (T0SZ {}, start level {}, 4 KiB granule, PARange {parange})",
             ri.arm_t0sz(),
@@ -206,25 +171,6 @@ impl El1 {
         let mut cfg = Config::new(ias, oas);
         cfg.execute_control = true;
         PageTable::<ArmStage2<12>>::new(&STAGE2_MEMORY, cfg)
-    }
-
-    /// VTCR_EL2 (DDI 0487, D23 "VTCR_EL2") for a table of geometry `ri`: T0SZ and SL0 from the
-    /// engine, TG0 = 4 KiB, inner-shareable write-back walks, PS = `parange`, 8-bit VMIDs, and
-    /// bit 31 (RES1).
-    fn vtcr_for(ri: &RootInfo, parange: u64) -> Result<u64, &'static str> {
-        if ri.granule_shift != 12 {
-            return Err("stage 2 needs the 4 KiB granule");
-        }
-        let sl0 = ri
-            .arm_sl0()
-            .ok_or("stage-2 start level has no SL0 encoding")?;
-        Ok(u64::from(ri.arm_t0sz())
-            | u64::from(sl0) << 6
-            | 1 << 8
-            | 1 << 10
-            | 3 << 12
-            | parange << 16
-            | 1 << 31)
     }
 
     fn alloc_vmid(&mut self) -> Option<u16> {
@@ -393,7 +339,7 @@ impl Backend for El1 {
             return Err(VcpuError::NoAsid);
         };
         let vm = El1Vm { stage2, vmid };
-        asm::flush_vmid(&self.el2, vm.vttbr());
+        asm::flush_vmid(&self.el2, &vm.stage2, vm.vmid);
         Ok(vm)
     }
 
@@ -417,7 +363,7 @@ impl Backend for El1 {
             .map_err(|_| VcpuError::Map)?;
         // New mappings only (the range was unmapped): no stale translation can exist, but the
         // walk caches may hold the invalid entries; flush this VMID like any stage-2 change.
-        asm::flush_vmid(&self.el2, vm.vttbr());
+        asm::flush_vmid(&self.el2, &vm.stage2, vm.vmid);
         Ok(())
     }
 
@@ -471,13 +417,13 @@ impl Backend for El1 {
 
     fn run(&mut self, vm: &El1Vm, vcpu: &mut El1Vcpu) -> Exit {
         loop {
-            asm::run(
-                &self.el2,
-                GUEST_HCR,
-                vm.vttbr(),
-                &mut vcpu.el1,
-                &mut vcpu.ctx,
-            );
+            if !asm::run(&self.el2, &vm.stage2, vm.vmid, &mut vcpu.el1, &mut vcpu.ctx) {
+                // A table of another shape than VTCR_EL2 describes: never entered.
+                return Exit {
+                    pc: vcpu.ctx.pc,
+                    event: Event::Invalid(0),
+                };
+            }
             // ELR_EL2 at the exit: the faulting or trapped instruction (after the HVC).
             let pc = vcpu.ctx.pc;
             if let Some(event) = Self::decode(vcpu) {
@@ -492,7 +438,7 @@ impl Backend for El1 {
     }
 
     fn destroy_vm(&mut self, vm: El1Vm) {
-        asm::flush_vmid(&self.el2, vm.vttbr());
+        asm::flush_vmid(&self.el2, &vm.stage2, vm.vmid);
         self.free_vmid(vm.vmid);
         vm.stage2.destroy(&STAGE2_MEMORY);
     }
