@@ -7,6 +7,7 @@
 extern crate std;
 pub mod edu;
 pub mod fw_cfg;
+pub mod gicv3;
 pub mod pci;
 pub mod pl011;
 pub mod uart16550;

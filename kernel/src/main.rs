@@ -9,13 +9,11 @@ mod arch;
 mod console;
 mod discovery;
 mod firmware;
-#[cfg(target_arch = "x86_64")]
 mod guest;
 mod mem;
 mod panic;
 mod pci;
 mod scenarios;
-#[cfg(target_arch = "x86_64")]
 mod vcpu;
 
 use boot::BootInfo;
@@ -64,14 +62,12 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     };
     let scenario = info.cmdline_value("scenario").unwrap_or(default);
     let platform = discovery::discover_and_report(info);
-    #[cfg(target_arch = "x86_64")]
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
         #[cfg(target_arch = "x86_64")]
         "vtd" => scenarios::vtd::run(info, &platform),
         "abi" => scenarios::abi::run(info, &platform),
-        #[cfg(target_arch = "x86_64")]
         "guests" => guest::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, &platform),

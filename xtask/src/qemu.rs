@@ -77,7 +77,15 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     let mut grub_modules = Vec::new();
     if !s.guests.is_empty() {
         match s.boot {
-            Boot::Kernel => {
+            // QEMU loads an initrd (and writes /chosen linux,initrd-start/end on aarch64) only
+            // for a Linux-style kernel: PVH on x86_64, the raw arm64 Image (not an ELF) on arm.
+            Boot::Kernel if s.arch == crate::Arch::Aarch64 => {
+                return Err(format!(
+                    "scenario {}: aarch64 guests need boot = \"image\" (QEMU passes no initrd to an ELF)",
+                    s.name
+                ));
+            }
+            Boot::Kernel | Boot::Image => {
                 let archive = crate::guests::prepare(s.arch, &s.name, &s.guests)?;
                 cmd.arg("-initrd").arg(archive);
             }
@@ -86,9 +94,9 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
                     grub_modules.push((name.clone(), crate::guests::build_image(s.arch, name)?));
                 }
             }
-            Boot::Image | Boot::Esp => {
+            Boot::Esp => {
                 return Err(format!(
-                    "scenario {}: guests cannot be passed to a raw Image or an ESP yet",
+                    "scenario {}: guests cannot be passed to an ESP boot yet",
                     s.name
                 ));
             }

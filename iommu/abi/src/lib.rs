@@ -803,6 +803,65 @@ pub mod start_info {
     pub const CMDLINE_MAX: usize = 1024;
 }
 
+/// The aarch64 hypercall entry (docs/abi.md §2.2): `HVC #0` with an SMC Calling Convention
+/// (Arm DEN0028) function ID in x0, in the vendor-specific hypervisor service range (owner 6).
+/// The guest puts [`function_id`]`(op)` in x0; the hypervisor [`classify`]s what it finds there.
+pub mod smccc {
+    /// Fast call (bit 31), SMC64 (bit 30), owner 6 (bits 29:24), function number 0.
+    pub const HV_SMC64_BASE: u32 = 0xC600_0000;
+    /// The same owner with the SMC32 convention (bit 30 clear).
+    pub const HV_SMC32_BASE: u32 = 0x8600_0000;
+    /// Queries every owner range defines (function numbers 0xFF00-0xFFFF are reserved for them).
+    pub const FN_CALL_COUNT: u32 = 0xFF00;
+    pub const FN_CALL_UID: u32 = 0xFF01;
+    pub const FN_REVISION: u32 = 0xFF03;
+    /// SMCCC's NOT_SUPPORTED, as x0 returns it.
+    pub const NOT_SUPPORTED: i64 = -1;
+    /// The service's UID (5c3b8d8e-6f1a-4c52-9a0e-2b7d41f09e63) as the UID query returns it in
+    /// w0-w3.
+    pub const UID: [u32; 4] = [0x8e8d_3b5c, 0x524c_1a6f, 0x7d2b_0e9a, 0x639e_f041];
+    /// Revision 1.0 of the service (x0 = major, x1 = minor).
+    pub const REVISION: (u32, u32) = (1, 0);
+
+    /// The function ID of ABI op or platform call `op`.
+    pub const fn function_id(op: u32) -> u64 {
+        (HV_SMC64_BASE | (op & 0xFFFF)) as u64
+    }
+
+    /// What an `HVC` is, from x0 and the instruction's immediate.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Call {
+        /// An ABI op or platform call (SMC64, owner 6, function number below 0xFF00).
+        Op(u32),
+        CallCount,
+        CallUid,
+        Revision,
+        /// Anything else: another owner, SMC32 for an op, a reserved query, `HVC` with a
+        /// non-zero immediate, or bits 63:32 of x0 set. Answered with [`NOT_SUPPORTED`].
+        NotSupported,
+    }
+
+    pub const fn classify(x0: u64, hvc_imm: u16) -> Call {
+        if hvc_imm != 0 || x0 >> 32 != 0 {
+            return Call::NotSupported;
+        }
+        let fid = x0 as u32;
+        let base = fid & !0xFFFF;
+        let number = fid & 0xFFFF;
+        if base != HV_SMC64_BASE && base != HV_SMC32_BASE {
+            return Call::NotSupported;
+        }
+        match number {
+            FN_CALL_COUNT => Call::CallCount,
+            FN_CALL_UID => Call::CallUid,
+            FN_REVISION => Call::Revision,
+            n if n >= 0xFF00 => Call::NotSupported,
+            n if base == HV_SMC64_BASE => Call::Op(n),
+            _ => Call::NotSupported,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,5 +924,36 @@ mod tests {
         let mut short = [0u8; 5];
         m.encode(&mut short);
         assert_eq!(short, [40, 0, 0, 0, 4]);
+    }
+
+    #[test]
+    fn smccc_function_ids_follow_den0028() {
+        use smccc::*;
+        // Owner 6 (bits 29:24), fast (31), SMC64 (30).
+        assert_eq!(HV_SMC64_BASE >> 24 & 0x3f, 6);
+        assert_eq!(HV_SMC64_BASE >> 30, 0b11);
+        assert_eq!(HV_SMC32_BASE >> 30, 0b10);
+        assert_eq!(function_id(op::IOAS_MAP), 0xC600_0011);
+        assert_eq!(
+            classify(function_id(op::IOAS_MAP), 0),
+            Call::Op(op::IOAS_MAP)
+        );
+        assert_eq!(
+            classify(function_id(platform::EXIT), 0),
+            Call::Op(platform::EXIT)
+        );
+        // Unknown numbers inside the range are still ops (the ABI answers ENOTTY).
+        assert_eq!(classify(0xC600_DEAD, 0), Call::Op(0xDEAD));
+        assert_eq!(classify(0xC600_FF01, 0), Call::CallUid);
+        assert_eq!(classify(0x8600_FF01, 0), Call::CallUid);
+        assert_eq!(classify(0xC600_FF03, 0), Call::Revision);
+        assert_eq!(classify(0xC600_FF00, 0), Call::CallCount);
+        assert_eq!(classify(0xC600_FF02, 0), Call::NotSupported);
+        assert_eq!(classify(0x8600_0011, 0), Call::NotSupported); // ops are SMC64 only
+        assert_eq!(classify(0x8400_0000, 0), Call::NotSupported); // PSCI_VERSION
+        assert_eq!(classify(0xC500_0011, 0), Call::NotSupported); // owner 5
+        assert_eq!(classify(0xC600_0011, 1), Call::NotSupported); // HVC #1
+        assert_eq!(classify(1 << 32 | 0xC600_0011, 0), Call::NotSupported);
+        assert_eq!(classify(0x4600_0011, 0), Call::NotSupported); // yielding call
     }
 }

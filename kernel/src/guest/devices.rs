@@ -76,11 +76,17 @@ pub fn resolve(
                 .units
                 .iter()
                 .find_map(|u| match u {
-                    Unit::Vtd { name, base, .. } if *name == t.unit => Some(*base),
+                    Unit::Vtd { name, base, .. } | Unit::Smmu { name, base, .. }
+                        if *name == t.unit =>
+                    {
+                        Some(*base)
+                    }
                     _ => None,
                 })
-                .ok_or_else(|| refuse("not behind a VT-d unit"))?;
+                .ok_or_else(|| refuse("not behind an IOMMU unit the hypervisor drives"))?;
             let sid = t.id as u16;
+            // RMRRs are VT-d's (aarch64 has no such table; and no `dev=` reaches here there).
+            #[cfg(target_arch = "x86_64")]
             if platform.rmrr.as_ref().is_some_and(|p| {
                 p.devices()
                     .iter()

@@ -12,18 +12,28 @@ use crate::vcpu::EntryState;
 pub const START_INFO: u64 = 0x1000;
 pub const GDT: u64 = 0x2000;
 pub const PML4: u64 = 0x3000;
+#[cfg(target_arch = "x86_64")]
 pub const PDPT: u64 = 0x4000;
 /// Four page directories, 0x5000-0x8fff: 4 GiB in 2 MiB pages.
+#[cfg(target_arch = "x86_64")]
 pub const PD0: u64 = 0x5000;
 pub const CMDLINE: u64 = 0x9000;
+/// aarch64: the guest's emulated PCI configuration space (ECAM, PCIe 5.0 §7.2.2, buses 0-255 of
+/// segment 0) in the Device part of the boot map; accesses trap to the hypervisor (stage 2 maps
+/// nothing here) and are mediated (`pci.rs`).
+pub const ECAM: u64 = 0x4000_0000;
+pub const ECAM_SIZE: u64 = 0x1000_0000;
 /// Lowest address an image segment may use.
 pub const IMAGE_MIN: u64 = 0x10000;
 /// Bytes at the top of RAM kept for the initial stack.
 pub const STACK_BYTES: u64 = 0x10000;
 
 // x86-64 paging bits (SDM vol 3 §4.5): present, writable, page size.
+#[cfg(target_arch = "x86_64")]
 const P: u64 = 1;
+#[cfg(target_arch = "x86_64")]
 const RW: u64 = 2;
+#[cfg(target_arch = "x86_64")]
 const PS: u64 = 1 << 7;
 
 /// Flat GDT: null, 64-bit code (selector 0x08), data (0x10); the descriptors SDM §3.4.5 and the
@@ -94,15 +104,7 @@ pub fn load(
     for (i, d) in GDT_ENTRIES.iter().enumerate() {
         mem.write_u64(GDT + 8 * i as u64, *d).map_err(err)?;
     }
-    mem.write_u64(PML4, PDPT | P | RW).map_err(err)?;
-    for gib in 0..4u64 {
-        let pd = PD0 + gib * 0x1000;
-        mem.write_u64(PDPT + 8 * gib, pd | P | RW).map_err(err)?;
-        for j in 0..512u64 {
-            let pa = (gib << 30) | (j << 21);
-            mem.write_u64(pd + 8 * j, pa | P | RW | PS).map_err(err)?;
-        }
-    }
+    write_page_tables(mem).map_err(err)?;
     let mut info = [0u8; 40];
     info[si::OFF_MAGIC..si::OFF_MAGIC + 4].copy_from_slice(&si::MAGIC.to_le_bytes());
     info[si::OFF_VERSION..si::OFF_VERSION + 4].copy_from_slice(&si::VERSION.to_le_bytes());
@@ -130,10 +132,48 @@ pub fn load(
     }
     Ok(EntryState {
         entry: elf.entry,
-        // As if `call entry` had pushed a return address: the SysV ABI's alignment at entry.
-        stack: size - 8,
+        // x86_64: as if `call entry` had pushed a return address (the SysV ABI's alignment at
+        // entry); aarch64: SP 16-byte aligned (AAPCS64).
+        stack: if cfg!(target_arch = "x86_64") {
+            size - 8
+        } else {
+            size
+        },
         arg: START_INFO,
         page_table: PML4,
         gdt: (GDT, (GDT_ENTRIES.len() * 8 - 1) as u16),
     })
+}
+
+/// x86_64: PML4 -> PDPT -> four page directories identity-mapping 4 GiB with 2 MiB pages.
+#[cfg(target_arch = "x86_64")]
+fn write_page_tables(mem: &GuestMemory) -> Result<(), super::memory::GuestMemoryError> {
+    mem.write_u64(PML4, PDPT | P | RW)?;
+    for gib in 0..4u64 {
+        let pd = PD0 + gib * 0x1000;
+        mem.write_u64(PDPT + 8 * gib, pd | P | RW)?;
+        for j in 0..512u64 {
+            let pa = (gib << 30) | (j << 21);
+            mem.write_u64(pd + 8 * j, pa | P | RW | PS)?;
+        }
+    }
+    Ok(())
+}
+
+/// aarch64: one level-1 table at [`PML4`] (TCR_EL1.T0SZ = 32, 4 KiB granule: four 1 GiB
+/// blocks, DDI 0487 D8.3) identity-mapping 4 GiB: the first GiB (all guest RAM, at most
+/// [`MAX_GUEST_RAM`](super::memory::MAX_GUEST_RAM)) Normal write-back inner-shareable, the
+/// rest Device-nGnRE and execute-never. MAIR indices are the page-table engine's
+/// (`ARM_S1_MAIR`), which the backend programs into MAIR_EL1.
+#[cfg(target_arch = "aarch64")]
+fn write_page_tables(mem: &GuestMemory) -> Result<(), super::memory::GuestMemoryError> {
+    use iommu::pgtable::format::arm_bits as b;
+    let block = b::VALID | b::AF;
+    let normal = block | (b::MAIR_IDX_WB << b::ATTRIDX_SHIFT) | b::SH_INNER;
+    let device = block | (b::MAIR_IDX_DEVICE << b::ATTRIDX_SHIFT) | b::PXN | b::UXN;
+    for gib in 0..4u64 {
+        let attrs = if gib == 0 { normal } else { device };
+        mem.write_u64(PML4 + 8 * gib, (gib << 30) | attrs)?;
+    }
+    Ok(())
 }

@@ -52,6 +52,10 @@ impl Frames {
     }
 
     /// Sets every byte to `byte`.
+    #[cfg_attr(
+        target_arch = "aarch64",
+        allow(dead_code, reason = "SVM permission maps only")
+    )]
     pub fn fill_bytes(&self, byte: u8) {
         self.fill(u64::from_ne_bytes([byte; 8]));
     }

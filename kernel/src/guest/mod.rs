@@ -14,6 +14,10 @@
 //! are drained after every exit and attributed to the guest and device.
 
 mod devices;
+#[cfg(target_arch = "x86_64")]
+mod iommu;
+#[cfg(target_arch = "aarch64")]
+#[path = "iommu_smmu.rs"]
 mod iommu;
 pub mod loader;
 pub mod memory;
@@ -21,23 +25,65 @@ mod pci;
 
 use alloc::vec::Vec;
 use boot::BootInfo;
-use boot::guests::{Archive, EM_X86_64, ElfImage, GuestConfig};
+use boot::guests::{Archive, ElfImage, GuestConfig};
 use hvabi::{errno, op, platform};
 
 use crate::mem::iommu_mem::IOMMU_MEMORY;
 use crate::mem::{frame::FRAMES, phys};
-use crate::vcpu::svm::{NPT_MEMORY, Svm};
-use crate::vcpu::{Backend, Event, Exit};
-use crate::{EXIT_FAILURE, EXIT_SUCCESS, arch, println};
+use crate::vcpu::{Backend, Event, Exit, Native};
+use crate::{EXIT_FAILURE, EXIT_SUCCESS, println};
 use iommu::GuestIommu;
 use memory::GuestMemory;
+use native::STAGE2_MEMORY;
 
-/// One time slice: 10 ms of the APIC timer at QEMU's 1 GHz APIC clock (divide by 1).
+/// One time slice: 10 ms (x86_64: APIC timer ticks at QEMU's 1 GHz APIC clock, divide by 1;
+/// aarch64: nanoseconds, converted at CNTFRQ).
 pub const SLICE_TICKS: u32 = 10_000_000;
 /// Most guests configured at once.
 pub const MAX_GUESTS: usize = 8;
 
+/// The architecture's preemption timer (x86_64: the local APIC timer; aarch64: the EL2 physical
+/// timer through the GICv3), second-stage table memory, and its words for the reports.
+#[cfg(target_arch = "x86_64")]
+mod native {
+    pub use crate::arch::apic::{arm_timer, ticks};
+    pub use crate::vcpu::svm::NPT_MEMORY as STAGE2_MEMORY;
+    pub fn init_timer(_: &boot::BootInfo) -> Result<(), &'static str> {
+        crate::arch::apic::init_timer()
+    }
+    pub const ELF_MACHINE: u16 = boot::guests::EM_X86_64;
+    pub const PC: &str = "rip";
+    pub const STAGE2_FAULT: &str = "nested page fault";
+    pub const CONTROL: &str = "its VMCB and nested page tables";
+    pub const HALT: &str = "hlt";
+}
+#[cfg(target_arch = "aarch64")]
+mod native {
+    pub use crate::arch::preempt::{arm_timer, ticks};
+    pub use crate::vcpu::el1::STAGE2_MEMORY;
+    pub fn init_timer(info: &boot::BootInfo) -> Result<(), &'static str> {
+        crate::arch::preempt::init_timer(info)
+    }
+    pub const ELF_MACHINE: u16 = boot::guests::EM_AARCH64;
+    pub const PC: &str = "pc";
+    pub const STAGE2_FAULT: &str = "stage-2 fault";
+    pub const CONTROL: &str = "its vCPU state and stage-2 tables";
+    pub const HALT: &str = "wfi";
+}
+
+/// Prints the vCPU backend line of the boot report (ID registers only; nothing is switched on).
+#[cfg(target_arch = "aarch64")]
+pub fn report_backend() {
+    match crate::vcpu::el1::El1::check() {
+        Ok((ipa_bits, vmids)) => {
+            println!("report: vcpu backend=el1 vmids={vmids} stage2=4k ipa-bits={ipa_bits}")
+        }
+        Err(e) => println!("report: vcpu backend=none reason=\"{e}\""),
+    }
+}
+
 /// Prints the vCPU backend line of the boot report (CPUID only; nothing is switched on).
+#[cfg(target_arch = "x86_64")]
 pub fn report_backend() {
     use core::arch::x86_64::__cpuid;
     let ext = __cpuid(0x8000_0000).eax;
@@ -160,18 +206,19 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             return EXIT_FAILURE;
         }
     };
-    let mut backend = match Svm::probe() {
+    let mut backend = match Native::probe() {
         Ok(b) => b,
         Err(e) => {
             println!("guests: refused: no vCPU backend: {e}");
             return EXIT_FAILURE;
         }
     };
-    if let Err(e) = arch::apic::init_timer() {
+    if let Err(e) = native::init_timer(info) {
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
     }
     let hw: Vec<(u64, u16)> = assigned.iter().map(|a| (a.unit_base, a.sid)).collect();
+    #[cfg(target_arch = "x86_64")]
     let (mode, mode_name) = match info.cmdline_value("vtd-mode") {
         Some("scalable") => (::iommu::vtd::TranslationMode::Scalable, "scalable"),
         None | Some("legacy") => (::iommu::vtd::TranslationMode::Legacy, "legacy"),
@@ -180,12 +227,16 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             return EXIT_FAILURE;
         }
     };
-    let mut iommu = match GuestIommu::bring_up(platform, mode, &hw) {
+    #[cfg(target_arch = "x86_64")]
+    let (brought_up, units_kind) = (
+        GuestIommu::bring_up(platform, mode, &hw),
+        alloc::format!("VT-d unit(s), {mode_name} mode"),
+    );
+    #[cfg(target_arch = "aarch64")]
+    let (brought_up, units_kind) = (GuestIommu::bring_up(platform, &hw), "SMMUv3 unit(s)");
+    let mut iommu = match brought_up {
         Ok(Some(i)) => {
-            println!(
-                "guests: IOMMU ABI v1 on {} VT-d unit(s), {mode_name} mode",
-                i.units()
-            );
+            println!("guests: IOMMU ABI v1 on {} {units_kind}", i.units());
             Some(i)
         }
         Ok(None) if assigned.is_empty() => {
@@ -210,7 +261,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
     );
     let free_before = free_frames();
     let units_before = IOMMU_MEMORY.live_bytes();
-    let mut guests: Vec<Guest<Svm>> = Vec::new();
+    let mut guests: Vec<Guest<Native>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
         match create(&mut backend, &mut iommu, c, i, &assigned, platform, &images) {
             Ok(g) => {
@@ -236,7 +287,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             }
         }
     }
-    let ticks = arch::apic::ticks();
+    let ticks = native::ticks();
     // Who owns each hardware device, for fault attribution: "guest NAME device S:B:D.F".
     let owners: Vec<alloc::string::String> = assigned
         .iter()
@@ -254,14 +305,14 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
     schedule(&mut backend, &mut iommu, platform, &owners, &mut guests);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
-        arch::apic::ticks() - ticks
+        native::ticks() - ticks
     );
     // Frame accounting: whatever is not free again must be structures the IOMMU units keep for
     // themselves (a context table made by the first attach on a bus stays with its unit), and no
     // nested page-table page may be left.
     let free_after = free_frames();
     let units_kept = IOMMU_MEMORY.live_bytes().saturating_sub(units_before);
-    let npt_left = NPT_MEMORY.live_bytes();
+    let npt_left = STAGE2_MEMORY.live_bytes();
     let exited = guests.len();
     if free_before.checked_sub(free_after) == Some(units_kept) && npt_left == 0 {
         println!(
@@ -286,14 +337,14 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
 /// Builds guest `index`: its object-model guest and devices, RAM, image, VM (RAM and device
 /// BARs), vCPU. On failure everything built so far is undone.
 fn create(
-    backend: &mut Svm,
+    backend: &mut Native,
     iommu: &mut Option<GuestIommu>,
     c: &GuestConfig<'static>,
     index: usize,
     assigned: &[devices::Assigned],
     platform: &crate::discovery::Platform,
     images: &[Image],
-) -> Result<Guest<Svm>, alloc::string::String> {
+) -> Result<Guest<Native>, alloc::string::String> {
     let iommu_guest = iommu.as_mut().map(GuestIommu::create_guest).transpose()?;
     let undo_iommu = |iommu: &mut Option<GuestIommu>| {
         if let (Some(fd), Some(id)) = (iommu.as_mut(), iommu_guest) {
@@ -347,14 +398,18 @@ fn create(
     }
 }
 
-type Built = (GuestMemory, <Svm as Backend>::Vm, <Svm as Backend>::Vcpu);
+type Built = (
+    GuestMemory,
+    <Native as Backend>::Vm,
+    <Native as Backend>::Vcpu,
+);
 
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; the steps share all of it"
 )]
 fn build(
-    backend: &mut Svm,
+    backend: &mut Native,
     iommu: &mut Option<GuestIommu>,
     iommu_guest: Option<::iommu::iommufd::GuestId>,
     c: &GuestConfig<'static>,
@@ -368,8 +423,8 @@ fn build(
         .iter()
         .find(|im| im.name == c.image)
         .ok_or_else(|| format!("image: no image {:?}", c.image))?;
-    let elf =
-        ElfImage::parse(image.bytes, EM_X86_64).map_err(|e| format!("image {}: {e}", c.image))?;
+    let elf = ElfImage::parse(image.bytes, native::ELF_MACHINE)
+        .map_err(|e| format!("image {}: {e}", c.image))?;
     // Devices: ABI dev_ids first (the start-info page lists them).
     let mut start_devices = Vec::new();
     for (hw, a) in assigned
@@ -459,8 +514,9 @@ fn teardown<B: Backend>(
         drop(m);
         if report {
             println!(
-                "guest {}: {kib} KiB of RAM, its VMCB and nested page tables freed",
-                g.name
+                "guest {}: {kib} KiB of RAM, {} freed",
+                g.name,
+                native::CONTROL
             );
         }
     }
@@ -476,7 +532,7 @@ struct Cx<'a, B: Backend> {
 
 fn stop<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
     flush_line(g);
-    println!("guest {} stopped: {why}, rip={pc:#x}", g.name);
+    println!("guest {} stopped: {why}, {}={pc:#x}", g.name, native::PC);
     teardown(cx.backend, cx.iommu, g, true);
 }
 
@@ -506,7 +562,7 @@ fn schedule<B: Backend>(
     {
         current = i + 1;
         let g = &mut guests[i];
-        arch::apic::arm_timer(SLICE_TICKS);
+        native::arm_timer(SLICE_TICKS);
         while let (Some(vm), Some(vcpu)) = (g.vm.as_ref(), g.vcpu.as_mut()) {
             let exit = cx.backend.run(vm, vcpu);
             let next = handle(&mut cx, g, exit);
@@ -517,7 +573,7 @@ fn schedule<B: Backend>(
             }
         }
     }
-    arch::apic::arm_timer(0);
+    native::arm_timer(0);
 }
 
 /// Reports the DMA faults the IOMMU recorded since the last call, each attributed to the guest
@@ -605,7 +661,43 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
                 cx,
                 g,
                 pc,
-                format_args!("nested page fault at gpa={gpa:#x} ({kind}): not guest memory"),
+                format_args!(
+                    "{} at gpa={gpa:#x} ({kind}): not guest memory",
+                    native::STAGE2_FAULT
+                ),
+            );
+            Next::Reschedule
+        }
+        Event::MmioAccess {
+            gpa,
+            write,
+            size,
+            value,
+        } => {
+            // The guest's emulated ECAM window (aarch64, docs/guests.md): its configuration
+            // space, mediated like the port mechanism. Anything else is a wild access.
+            let emulated = gpa
+                .checked_sub(loader::ECAM)
+                .filter(|&off| off < loader::ECAM_SIZE)
+                .and_then(|off| {
+                    g.pci
+                        .ecam_access(cx.platform, off, size, write, value as u32)
+                });
+            if let Some(read) = emulated {
+                if let Some(vcpu) = g.vcpu.as_mut() {
+                    cx.backend.complete_mmio(vcpu, read.map(u64::from));
+                }
+                return Next::Resume;
+            }
+            let kind = if write { "write" } else { "read" };
+            stop(
+                cx,
+                g,
+                pc,
+                format_args!(
+                    "{} at gpa={gpa:#x} ({kind}): not guest memory",
+                    native::STAGE2_FAULT
+                ),
             );
             Next::Reschedule
         }
@@ -635,7 +727,10 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
                 cx,
                 g,
                 pc,
-                format_args!("hlt with no interrupt source (guests get no interrupts)"),
+                format_args!(
+                    "{} with no interrupt source (guests get no interrupts)",
+                    native::HALT
+                ),
             );
             Next::Reschedule
         }
@@ -721,5 +816,5 @@ fn flush_line<B: Backend>(g: &mut Guest<B>) {
 /// (IOMMU tables, nested page tables) hold on their free lists, which stay atomic-only memory
 /// for good and so never return to the allocator (`mem::iommu_mem`).
 fn free_frames() -> u64 {
-    FRAMES.lock().free_bytes() + IOMMU_MEMORY.pooled_bytes() + NPT_MEMORY.pooled_bytes()
+    FRAMES.lock().free_bytes() + IOMMU_MEMORY.pooled_bytes() + STAGE2_MEMORY.pooled_bytes()
 }

@@ -117,6 +117,49 @@ impl GuestPci {
     }
 }
 
+impl GuestPci {
+    /// One access of `size` bytes at `offset` into the guest's ECAM window (PCIe 5.0 §7.2.2:
+    /// bus << 20 | device << 15 | function << 12 | register), with the same mediation as the
+    /// port mechanism: the access is turned into the equivalent 0xCF8/0xCFC pair (segment 0,
+    /// extended registers above 0xFF read all ones). `None` for an access no configuration
+    /// cycle can express (misaligned, wider than 4 bytes).
+    pub fn ecam_access(
+        &mut self,
+        platform: &Platform,
+        offset: u64,
+        size: u8,
+        write: bool,
+        value: u32,
+    ) -> Option<Option<u32>> {
+        if !matches!(size, 1 | 2 | 4)
+            || !offset.is_multiple_of(u64::from(size))
+            || offset >= 1 << 28
+        {
+            return None;
+        }
+        let reg = offset & 0xfff;
+        if reg > 0xff {
+            let all = if size == 4 {
+                u32::MAX
+            } else {
+                (1 << (8 * u32::from(size))) - 1
+            };
+            return Some((!write).then_some(all));
+        }
+        let saved = self.latch;
+        self.latch = 1 << 31
+            | ((offset >> 20) as u32 & 0xff) << 16
+            | ((offset >> 12) as u32 & 0xff) << 8
+            | reg as u32 & 0xfc;
+        let result = self.access(platform, 0xcfc + (reg as u16 & 3), size, write, value);
+        self.latch = saved;
+        match result {
+            Access::Done(v) => Some(v),
+            Access::NotConfig => None,
+        }
+    }
+}
+
 fn bar_index(offset: u16) -> Option<usize> {
     (0x10..0x28)
         .contains(&offset)

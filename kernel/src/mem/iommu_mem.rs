@@ -53,10 +53,6 @@ impl IommuMemory {
 
     /// Atomic-only bytes waiting in this source's free list: memory that is free, but only for
     /// IOMMU (and nested-paging) tables, so leak checks count it with the frame allocator's.
-    #[cfg_attr(
-        target_arch = "aarch64",
-        allow(dead_code, reason = "used by the guests, x86_64 only so far")
-    )]
     pub fn pooled_bytes(&self) -> u64 {
         self.free.lock().free_bytes()
     }

@@ -365,10 +365,6 @@ impl Frames {
 
     /// The frames as 64-bit atomics, for as long as the token is borrowed: the view for memory
     /// that others write concurrently (a running guest's RAM, its control blocks).
-    #[cfg_attr(
-        target_arch = "aarch64",
-        allow(dead_code, reason = "used by the guests, x86_64 only so far")
-    )]
     pub fn words(&self) -> &[AtomicU64] {
         // SAFETY: the token owns the frames (page aligned, so 8-byte aligned) and the direct map
         // maps them read-write. The slice borrows the token, so it cannot outlive the ownership

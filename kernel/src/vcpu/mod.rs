@@ -13,17 +13,28 @@
 //! qualification has port/size/direction), 48 (EPT violation -> `MmioFault`), 12 (HLT), 2 (triple
 //! fault) and the preemption timer or external interrupt (`Preempted`). The EL1 backend (issue 10)
 //! builds the VM's stage 2 with the engine's Arm format and decodes ESR_EL2: EC 0x16 (HVC ->
-//! `Hypercall`, x0 = op, x1-x3 = args), EC 0x24 (stage-2 abort -> `MmioFault`, IPA from
-//! HPFAR_EL2), WFI/WFE (`Halt`), IRQ (`Preempted`); it never reports `PortIo`, so its
-//! `complete_port_io` is never called. `EntryState::page_table` and `gdt` are x86 entry state;
-//! EL1 enters with the MMU off (docs/guests.md will say so when it lands).
+//! `Hypercall`, SMCCC function ID `0xC600_0000 + op` in x0, x1-x3 = args), EC 0x24 (stage-2
+//! data abort, IPA from HPFAR_EL2: `MmioAccess` when ESR.ISV describes the access, completed by
+//! `complete_mmio`, else `MmioFault`), EC 0x20 (instruction abort -> `MmioFault`), WFI (`Halt`), WFE and IRQ (`Preempted`),
+//! SMC and trapped system registers (`Forbidden`); it never reports `PortIo`, so its
+//! `complete_port_io` is never called. `EntryState::gdt` is x86 entry state; on aarch64
+//! `page_table` is TTBR0_EL1 (EL1 enters with its MMU on, docs/guests.md).
 //!
 //! Exits a backend finishes internally never surface here (on SVM: CPUID emulation, `#VMEXIT`s
 //! that only resume). Everything a guest does that the hypervisor must decide about does: a
 //! hypercall, a port access, a fault on guest-physical memory it does not own, halting,
 //! shutting down, an exception the hypervisor intercepts, or the end of its time slice.
 
+#[cfg(target_arch = "aarch64")]
+pub mod el1;
+#[cfg(target_arch = "x86_64")]
 pub mod svm;
+
+/// The backend of this architecture (the one `guest::run` drives).
+#[cfg(target_arch = "aarch64")]
+pub type Native = el1::El1;
+#[cfg(target_arch = "x86_64")]
+pub type Native = svm::Svm;
 
 use crate::guest::memory::GuestMemory;
 
@@ -42,6 +53,7 @@ pub enum Event {
     /// [`Backend::complete_hypercall`], which writes the result and steps past the instruction.
     Hypercall(HypercallRegs),
     /// Port I/O (x86 only). `value` holds the data for a write.
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code, reason = "x86 only"))]
     PortIo {
         port: u16,
         size: u8,
@@ -51,9 +63,24 @@ pub enum Event {
     /// An access to guest-physical memory the guest has no mapping for (SVM NPF, VMX EPT
     /// violation, Arm stage-2 abort): the candidate for MMIO emulation, or a wild access.
     MmioFault { gpa: u64, write: bool, fetch: bool },
+    /// A data access to guest-physical memory the guest has no mapping for, decoded by the
+    /// hardware (Arm ESR_EL2.ISV: size, direction and register without instruction decoding):
+    /// `value` is the data of a write. If the hypervisor emulates it, it finishes the access
+    /// with [`Backend::complete_mmio`]; otherwise it is a wild access like `MmioFault`.
+    #[cfg_attr(
+        target_arch = "x86_64",
+        allow(dead_code, reason = "no decode assists on SVM")
+    )]
+    MmioAccess {
+        gpa: u64,
+        write: bool,
+        size: u8,
+        value: u64,
+    },
     /// The guest halted (HLT / WFI) with nothing to wake it.
     Halt,
     /// The guest shut itself down the hard way: a triple fault (SVM SHUTDOWN, VMX exit 2).
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code, reason = "x86 only"))]
     TripleFault,
     /// An exception the backend intercepts because the hypervisor must see it (#MC, and #DB/#AC
     /// which could otherwise loop forever inside event delivery).
@@ -148,6 +175,11 @@ pub trait Backend {
     /// Finishes an [`Event::PortIo`] the hypervisor emulated: for a read, `value` goes into the
     /// low `size` bytes of the data register; the guest continues after the instruction.
     fn complete_port_io(&mut self, vcpu: &mut Self::Vcpu, size: u8, value: Option<u32>);
+
+    /// Finishes an [`Event::MmioAccess`] the hypervisor emulated: for a read, `value` goes into
+    /// the access's register (extended as the instruction says); the guest continues after the
+    /// instruction.
+    fn complete_mmio(&mut self, vcpu: &mut Self::Vcpu, value: Option<u64>);
 
     /// Frees the VM's second-stage table and identifier. The vCPUs must be destroyed first.
     fn destroy_vm(&mut self, vm: Self::Vm);

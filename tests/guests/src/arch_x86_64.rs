@@ -155,6 +155,9 @@ pub fn pci_config_write16(address: u32, byte: u16, value: u16) {
     }
 }
 
+/// What [`timestamp`] counts, for the bench output.
+pub const TIMESTAMP_NAME: &str = "tsc";
+
 /// The time-stamp counter (not intercepted: the guest reads the host's TSC, offset 0).
 pub fn timestamp() -> u64 {
     let (lo, hi): (u32, u32);

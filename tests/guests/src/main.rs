@@ -17,8 +17,9 @@
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
 //!   or one that can never finish (HLT with interrupts off).
 //!
-//! Everything but the hypercall instruction is architecture-neutral; `arch_x86_64.rs` is the
-//! only shim.
+//! Everything but the hypercall instruction is architecture-neutral; `arch_x86_64.rs` and
+//! `arch_aarch64.rs` are the only shims (VMMCALL / HVC, and the instructions the containment
+//! variants execute).
 #![no_std]
 #![no_main]
 
@@ -26,6 +27,10 @@
 mod arch_x86_64;
 #[cfg(target_arch = "x86_64")]
 use arch_x86_64 as arch;
+#[cfg(target_arch = "aarch64")]
+mod arch_aarch64;
+#[cfg(target_arch = "aarch64")]
+use arch_aarch64 as arch;
 
 use hvabi::{AbiStruct, platform, start_info as si};
 
@@ -119,6 +124,8 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
                 0,
             );
             println!("testguest: console write of 4097 bytes returned {r}");
+            #[cfg(target_arch = "aarch64")]
+            smccc_queries();
             println!("testguest: hello, exiting with status 0");
             exit(0)
         }
@@ -177,7 +184,12 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             let failed = abi_checks(mem, free);
             exit(failed)
         }
-        "msr" | "io" | "vmrun" | "hlt" => {
+        #[cfg(target_arch = "aarch64")]
+        "aarch32" => {
+            println!("testguest: spinning at EL0 in AArch32 state");
+            arch::spin_in_aarch32_el0()
+        }
+        "msr" | "io" | "vmrun" | "hlt" | "smc" => {
             println!("testguest: executing forbidden {variant}");
             arch::forbidden(variant);
             println!("testguest: {variant} returned: the hypervisor let it through");
@@ -188,6 +200,22 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             exit(3)
         }
     }
+}
+
+/// The SMCCC queries of the hypervisor's service (docs/abi.md §2.2), and a function ID outside
+/// it (PSCI_VERSION, which a guest would normally send to firmware).
+#[cfg(target_arch = "aarch64")]
+fn smccc_queries() {
+    use hvabi::smccc::{FN_CALL_UID, FN_REVISION, HV_SMC64_BASE};
+    let uid = arch::smccc(u64::from(HV_SMC64_BASE | FN_CALL_UID));
+    println!(
+        "testguest: smccc uid {:08x} {:08x} {:08x} {:08x}",
+        uid[0], uid[1], uid[2], uid[3]
+    );
+    let rev = arch::smccc(u64::from(HV_SMC64_BASE | FN_REVISION));
+    println!("testguest: smccc revision {}.{}", rev[0], rev[1]);
+    let r = arch::smccc(0x8400_0000)[0] as i64;
+    println!("testguest: smccc psci-version over hvc returned {r}");
 }
 
 /// Issues ABI v1 call `op` with `arg` encoded in a buffer on this stack (identity-mapped, so
@@ -711,7 +739,10 @@ fn bench(free: u64) -> u32 {
         let _ = arch::hypercall(0x7777, 0, 0, 0);
     }
     let null = (arch::timestamp() - t0) / ROUNDS;
-    println!("bench: null-hypercall {ROUNDS} calls, {null} tsc ticks each");
+    println!(
+        "bench: null-hypercall {ROUNDS} calls, {null} {} ticks each",
+        arch::TIMESTAMP_NAME
+    );
     let (r, ioas) = call(
         op::IOAS_ALLOC,
         IoasAlloc {
@@ -757,12 +788,14 @@ fn bench(free: u64) -> u32 {
         errors += u32::from(r1 != 0) + u32::from(r2 != 0);
     }
     println!(
-        "bench: ioas-map-4k {ROUNDS} calls, {} tsc ticks each",
-        t_map / ROUNDS
+        "bench: ioas-map-4k {ROUNDS} calls, {} {} ticks each",
+        t_map / ROUNDS,
+        arch::TIMESTAMP_NAME
     );
     println!(
-        "bench: ioas-unmap-4k {ROUNDS} calls, {} tsc ticks each",
-        t_unmap / ROUNDS
+        "bench: ioas-unmap-4k {ROUNDS} calls, {} {} ticks each",
+        t_unmap / ROUNDS,
+        arch::TIMESTAMP_NAME
     );
     println!("bench: {errors} calls failed");
     errors

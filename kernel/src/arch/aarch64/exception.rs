@@ -1,5 +1,7 @@
-//! EL2 exception vectors: every exception the hypervisor takes is fatal for now. The handler
-//! dumps the syndrome and all general-purpose registers and exits with status 1.
+//! EL2 exception vectors: every exception the hypervisor takes from EL2 itself is fatal. The
+//! handler dumps the syndrome and all general-purpose registers and exits with status 1.
+//! Exceptions from a lower EL are guest exits while a guest runs (`vcpu::el1::asm`, found through
+//! TPIDR_EL2) and fatal otherwise.
 //!
 //! Vector table layout (DDI 0487, D1 "The AArch64 Exception Model", "Exception vectors"): 16
 //! entries of 0x80 bytes, in four groups (current EL with SP_EL0, current EL with SP_ELx, lower EL
@@ -45,6 +47,22 @@ global_asm!(
     "    mov     x0, #\\index",
     "    b       hv_el2_exception_common",
     ".endm",
+    // Lower-EL entries: while a guest runs, TPIDR_EL2 holds its vCPU context and the exception
+    // is a guest exit (`vcpu::el1::asm`, which saves the guest and returns to the host). With no
+    // guest running nothing executes below EL2, so such an exception is fatal like any other.
+    ".macro HV_GUEST_VENTRY index",
+    ".balign 0x80",
+    "    stp     x0, x1, [sp, #-16]!",
+    "    mrs     x0, tpidr_el2",
+    "    cbz     x0, 1f",
+    "    mov     x1, #\\index",
+    "    b       hv_el1_guest_exit",
+    "1:  ldp     x0, x1, [sp], #16",
+    "    sub     sp, sp, #{frame}",
+    "    stp     x0, x1, [sp, #0]",
+    "    mov     x0, #\\index",
+    "    b       hv_el2_exception_common",
+    ".endm",
     ".balign 2048",
     ".global hv_el2_vectors",
     "hv_el2_vectors:",
@@ -56,10 +74,10 @@ global_asm!(
     "    HV_VENTRY 5",
     "    HV_VENTRY 6",
     "    HV_VENTRY 7",
-    "    HV_VENTRY 8",
-    "    HV_VENTRY 9",
-    "    HV_VENTRY 10",
-    "    HV_VENTRY 11",
+    "    HV_GUEST_VENTRY 8",
+    "    HV_GUEST_VENTRY 9",
+    "    HV_GUEST_VENTRY 10",
+    "    HV_GUEST_VENTRY 11",
     "    HV_VENTRY 12",
     "    HV_VENTRY 13",
     "    HV_VENTRY 14",

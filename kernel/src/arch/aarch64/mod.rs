@@ -16,6 +16,7 @@ mod exception;
 mod mmio;
 mod mmu;
 mod power;
+pub mod preempt;
 mod selftest;
 mod uart;
 

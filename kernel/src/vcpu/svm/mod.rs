@@ -427,6 +427,11 @@ impl Backend for Svm {
         vcpu.vmcb.set_rip(rip.wrapping_add(3));
     }
 
+    fn complete_mmio(&mut self, _vcpu: &mut SvmVcpu, _value: Option<u64>) {
+        // SVM on QEMU has no decode assists: `run` never reports `Event::MmioAccess`, so there
+        // is nothing to complete (an NPF is always `MmioFault`).
+    }
+
     fn complete_port_io(&mut self, vcpu: &mut SvmVcpu, size: u8, value: Option<u32>) {
         if let Some(v) = value {
             // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).

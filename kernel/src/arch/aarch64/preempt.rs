@@ -1,0 +1,157 @@
+//! Preemption of guests: the EL2 physical timer (CNTHP, Arm ARM D12 "The Generic Timer"; its
+//! interrupt is PPI 10 = INTID 26, Arm BSA/SBSA "PPI assignments") delivered through the GICv3
+//! (`drivers::gicv3` for the distributor and redistributor, the `ICC_*` system registers here).
+//!
+//! The interrupt is never taken at EL2 itself: the hypervisor keeps PSTATE.I set, and while a
+//! guest runs HCR_EL2.IMO routes physical IRQs to EL2, so the timer ends the guest's slice with a
+//! lower-EL IRQ exception; the vCPU backend then calls [`take_interrupt`], which acknowledges it
+//! at the CPU interface. `ICC_CTLR_EL1.EOImode` stays 0, so the EOI write both drops the
+//! priority and deactivates (IHI 0069 §4.1.1). CNTHP is level-triggered: the handler stops the
+//! timer before the EOI so the line is low when the interrupt is deactivated.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use boot::BootInfo;
+use drivers::gicv3;
+
+use crate::mem::phys::MmioRegion;
+
+/// INTID of the EL2 physical timer (the fourth `interrupts` entry of the DT `arm,armv8-timer`
+/// node on QEMU virt: PPI 10).
+pub const HYP_TIMER_INTID: u32 = 26;
+/// The GIC returns this INTID when nothing is pending (IHI 0069 §2.2.1).
+const SPURIOUS: u32 = 1023;
+/// GICD frame size (IHI 0069 §12.9: 64 KiB).
+const GICD_SIZE: u64 = 0x1_0000;
+
+static READY: AtomicBool = AtomicBool::new(false);
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static FREQ: AtomicU64 = AtomicU64::new(0);
+
+fn read_cntfrq() -> u64 {
+    let f: u64;
+    // SAFETY: CNTFRQ_EL0 is a read-only identification register.
+    unsafe { asm!("mrs {}, cntfrq_el0", out(reg) f, options(nomem, nostack, preserves_flags)) };
+    f
+}
+
+fn mpidr_affinity() -> u32 {
+    let m: u64;
+    // SAFETY: MPIDR_EL1 is read-only and readable at EL2.
+    unsafe { asm!("mrs {}, mpidr_el1", out(reg) m, options(nomem, nostack, preserves_flags)) };
+    // Aff3 (bits 39:32) above Aff2.Aff1.Aff0 (bits 23:0): GICR_TYPER.Affinity_Value's layout.
+    ((m >> 8) & 0xff00_0000) as u32 | (m & 0x00ff_ffff) as u32
+}
+
+/// Finds the GICv3 in the device tree, brings up the distributor and this CPU's redistributor,
+/// enables the CPU interface for Group 1 and the timer's PPI. The timer stays off until
+/// [`arm_timer`]. Idempotent.
+pub fn init_timer(info: &BootInfo) -> Result<(), &'static str> {
+    if READY.load(Relaxed) {
+        return Ok(());
+    }
+    let fdt = crate::firmware::devicetree::fdt(info).ok_or("no device tree")?;
+    let gic = fdt
+        .find_compatible(&["arm,gic-v3"])
+        .ok_or("no arm,gic-v3 node in the device tree")?;
+    let mut regs = gic.reg().ok_or("GICv3 node without reg")?;
+    let gicd = regs.next().ok_or("GICv3 reg has no distributor")?;
+    let gicr = regs.next().ok_or("GICv3 reg has no redistributor region")?;
+    let gicr_len = gicr.size.ok_or("redistributor region without a size")?;
+    let gicd = MmioRegion::new(gicd.starting_address as u64, GICD_SIZE)
+        .map_err(|_| "GIC distributor outside the direct map")?;
+    let gicr = MmioRegion::new(gicr.starting_address as u64, gicr_len as u64)
+        .map_err(|_| "GIC redistributors outside the direct map")?;
+    let typer = gicv3::init_distributor(&gicd).map_err(gic_error)?;
+    let rd = gicv3::find_redistributor(&gicr, gicr_len, mpidr_affinity()).map_err(gic_error)?;
+    gicv3::enable_ppi(&gicr, rd, HYP_TIMER_INTID, 0x80).map_err(gic_error)?;
+    // SAFETY: ICC_SRE_EL2.SRE|Enable select the system-register CPU interface for EL2 and allow
+    // EL1 to do the same (IHI 0069 §12.7.10); PMR 0xff lets every priority through, BPR1 0
+    // means no preemption grouping, IGRPEN1 enables Group 1 at the CPU interface. The timer is
+    // stopped first so no interrupt is pending when the interface comes up. PSTATE.I stays set:
+    // nothing is taken at EL2.
+    unsafe {
+        asm!(
+            "msr cnthp_ctl_el2, xzr",
+            "mrs {t}, icc_sre_el2",
+            "orr {t}, {t}, #0x1",
+            "orr {t}, {t}, #0x8",
+            "msr icc_sre_el2, {t}",
+            "isb",
+            "mov {t}, #0xff",
+            "msr icc_pmr_el1, {t}",
+            "msr icc_bpr1_el1, xzr",
+            "mov {t}, #1",
+            "msr icc_igrpen1_el1, {t}",
+            "isb",
+            t = out(reg) _,
+            options(nostack, preserves_flags),
+        );
+    }
+    FREQ.store(read_cntfrq().max(1), Relaxed);
+    READY.store(true, Relaxed);
+    log::info!(
+        "gicv3: distributor {:#x} (GICD_TYPER {typer:#x}), redistributor at +{rd:#x}, EL2 timer INTID {HYP_TIMER_INTID}, CNTFRQ {} Hz",
+        gicd.phys,
+        FREQ.load(Relaxed)
+    );
+    Ok(())
+}
+
+fn gic_error(e: gicv3::GicError) -> &'static str {
+    log::error!("gicv3: {e}");
+    match e {
+        gicv3::GicError::NotGicV3 { .. } => "interrupt controller is not a GICv3",
+        gicv3::GicError::NoRedistributor { .. } => "no GICv3 redistributor for the boot CPU",
+        gicv3::GicError::Timeout(_) => "GICv3 did not respond",
+        gicv3::GicError::NotPpi(_) => "timer interrupt is not a PPI",
+    }
+}
+
+/// Starts a one-shot slice of `nanos` nanoseconds (converted at CNTFRQ); 0 stops the timer.
+pub fn arm_timer(nanos: u32) {
+    if !READY.load(Relaxed) {
+        return;
+    }
+    let ticks = (u64::from(nanos) * FREQ.load(Relaxed) / 1_000_000_000).clamp(1, u32::MAX.into());
+    let ctl: u64 = if nanos == 0 { 0 } else { 1 }; // ENABLE, IMASK = 0
+    // SAFETY: CNTHP_TVAL/CTL_EL2 program only the EL2 physical timer, which nothing but this
+    // module uses; its interrupt is taken only as a guest exit (see the module comment).
+    unsafe {
+        asm!(
+            "msr cnthp_tval_el2, {tval}",
+            "msr cnthp_ctl_el2, {ctl}",
+            "isb",
+            tval = in(reg) ticks,
+            ctl = in(reg) ctl,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// Acknowledges the highest-priority pending interrupt at the CPU interface; returns its INTID,
+/// or `None` if there was none (spurious). The timer's interrupt stops the timer and counts a
+/// tick; any other INTID (none is enabled today) is simply completed.
+pub fn take_interrupt() -> Option<u32> {
+    let iar: u64;
+    // SAFETY: reading ICC_IAR1_EL1 acknowledges a Group 1 interrupt (it becomes active); it is
+    // completed below with the EOI of the same INTID.
+    unsafe { asm!("mrs {}, icc_iar1_el1", out(reg) iar, options(nostack, preserves_flags)) };
+    let intid = (iar & 0xff_ffff) as u32;
+    if intid == SPURIOUS {
+        return None;
+    }
+    if intid == HYP_TIMER_INTID {
+        TICKS.fetch_add(1, Relaxed);
+        arm_timer(0);
+    }
+    // SAFETY: EOImode = 0: priority drop and deactivation of the INTID acknowledged above.
+    unsafe { asm!("msr icc_eoir1_el1, {}", "isb", in(reg) iar, options(nostack, preserves_flags)) };
+    Some(intid)
+}
+
+/// Timer interrupts taken so far.
+pub fn ticks() -> u64 {
+    TICKS.load(Relaxed)
+}
