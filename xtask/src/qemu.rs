@@ -115,7 +115,7 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
 
 /// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test
 /// server's GRUB or iPXE would.
-fn grub_iso(
+pub fn grub_iso(
     name: &str,
     elf: &Path,
     cmdline: &str,
@@ -293,6 +293,9 @@ pub fn run_command(
         None => Scenario::default_for(arch),
     };
     let image = build(s.arch, release)?;
+    if let Some(model) = s.bochs_cpu.as_deref() {
+        return crate::bochs::run_command(&s, &image, model, scenario_name.is_some());
+    }
     let cmd = command(&s, &image, gdb, extra)?;
     if gdb {
         eprintln!(

@@ -59,6 +59,9 @@ pub struct Scenario {
     /// name their symbols as `{sym:NAME}` (see `guests.rs`).
     #[serde(default)]
     pub guests: Vec<String>,
+    /// Run under Bochs instead of QEMU with this `cpu: model=` (`bochs.rs`): VMX needs
+    /// `corei7_haswell_4770`. `machine`, `devices` and `qemu_args` do not apply there.
+    pub bochs_cpu: Option<String>,
 }
 
 fn default_memory() -> String {
@@ -88,6 +91,7 @@ impl Scenario {
             reject: Vec::new(),
             status: 0,
             guests: Vec::new(),
+            bochs_cpu: None,
         }
     }
 }
@@ -116,6 +120,12 @@ pub fn load(path: &Path) -> Result<Scenario> {
             path.display(),
             s.boot,
             s.arch.name()
+        ));
+    }
+    if s.bochs_cpu.is_some() && (s.boot != Boot::Grub || s.arch != Arch::X86_64) {
+        return Err(format!(
+            "{}: bochs_cpu needs arch = \"x86_64\" and boot = \"grub\" (Bochs boots a GRUB ISO)",
+            path.display()
         ));
     }
     Ok(s)
