@@ -347,7 +347,8 @@ fn grub(todo: &mut Vec<String>) -> Result<()> {
 }
 
 fn bochs(todo: &mut Vec<String>) -> Result<()> {
-    let have_all = have("bochs")
+    // `bochs --version` starts a simulation; the packages' files and status say enough.
+    let have_all = Path::new("/usr/bin/bochs").is_file()
         && Path::new("/usr/share/bochs/BIOS-bochs-latest").is_file()
         && Path::new("/usr/share/vgabios/vgabios.bin").is_file()
         && Command::new("dpkg-query")

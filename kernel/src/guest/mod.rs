@@ -22,7 +22,8 @@ use hvabi::{errno, op, platform};
 use crate::mem::iommu_mem::IOMMU_MEMORY;
 use crate::mem::{frame::FRAMES, phys};
 use crate::vcpu::svm::{NPT_MEMORY, Svm};
-use crate::vcpu::{Backend, Event, Exit};
+use crate::vcpu::vmx::Vmx;
+use crate::vcpu::{Backend, Event, Exit, Kind};
 use crate::{EXIT_FAILURE, EXIT_SUCCESS, arch, println};
 use iommu::GuestIommu;
 use memory::GuestMemory;
@@ -35,6 +36,28 @@ pub const MAX_GUESTS: usize = 8;
 /// Prints the vCPU backend line of the boot report (CPUID only; nothing is switched on).
 pub fn report_backend() {
     use core::arch::x86_64::__cpuid;
+    if crate::vcpu::kind() == Kind::Vmx {
+        match crate::vcpu::vmx::capabilities() {
+            Ok(c) => println!(
+                "report: vcpu backend=vmx revision={:#x} true-controls={} ept=yes vpid=yes ept-2m={} ept-1g={} unrestricted-guest={}",
+                c.revision,
+                if c.true_controls { "yes" } else { "no" },
+                if c.ept_vpid & (1 << 16) != 0 {
+                    "yes"
+                } else {
+                    "no"
+                },
+                if c.ept_vpid & (1 << 17) != 0 {
+                    "yes"
+                } else {
+                    "no"
+                },
+                if c.unrestricted { "yes" } else { "no" },
+            ),
+            Err(e) => println!("report: vcpu backend=none reason=\"no usable Intel VMX: {e}\""),
+        }
+        return;
+    }
     let ext = __cpuid(0x8000_0000).eax;
     if ext >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 2) != 0 && ext >= 0x8000_000a {
         let l = __cpuid(0x8000_000a);
@@ -155,13 +178,40 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             return EXIT_FAILURE;
         }
     };
-    let mut backend = match Svm::probe() {
-        Ok(b) => b,
-        Err(e) => {
-            println!("guests: refused: no vCPU backend: {e}");
-            return EXIT_FAILURE;
-        }
+    let refuse = |e: &str| {
+        println!("guests: refused: no vCPU backend: {e}");
+        EXIT_FAILURE
     };
+    // The backend the CPU's vendor calls for (vcpu::kind); the rest is the same for both.
+    match crate::vcpu::kind() {
+        Kind::Svm => match Svm::probe() {
+            Ok(b) => {
+                let ids = b.asids();
+                run_on(b, ids, &items, &configs, &assigned, platform, &images)
+            }
+            Err(e) => refuse(e),
+        },
+        Kind::Vmx => match Vmx::probe() {
+            Ok(b) => {
+                let ids = b.asids();
+                run_on(b, ids, &items, &configs, &assigned, platform, &images)
+            }
+            Err(e) => refuse(e),
+        },
+    }
+}
+
+/// Runs the configured guests on `backend` (`asids`: its address-space identifiers, for the
+/// report).
+fn run_on<B: Backend>(
+    mut backend: B,
+    asids: u32,
+    items: &[&'static str],
+    configs: &[GuestConfig<'static>],
+    assigned: &[devices::Assigned],
+    platform: &crate::discovery::Platform,
+    images: &[Image],
+) -> u32 {
     if let Err(e) = arch::apic::init_timer() {
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
@@ -191,15 +241,15 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
     println!(
         "guests: backend {} with {} ASIDs, {} guests, slice {} ms",
         backend.name(),
-        backend.asids(),
+        asids,
         configs.len(),
         SLICE_TICKS / 1_000_000
     );
     let free_before = FRAMES.lock().free_bytes();
     let units_before = IOMMU_MEMORY.live_bytes();
-    let mut guests: Vec<Guest<Svm>> = Vec::new();
+    let mut guests: Vec<Guest<B>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
-        match create(&mut backend, &mut iommu, c, i, &assigned, platform, &images) {
+        match create(&mut backend, &mut iommu, c, i, assigned, platform, images) {
             Ok(g) => {
                 println!(
                     "guest {} started: image {}, {} MiB, cmdline {:?}",
@@ -272,15 +322,15 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
 
 /// Builds guest `index`: its object-model guest and devices, RAM, image, VM (RAM and device
 /// BARs), vCPU. On failure everything built so far is undone.
-fn create(
-    backend: &mut Svm,
+fn create<B: Backend>(
+    backend: &mut B,
     iommu: &mut Option<GuestIommu>,
     c: &GuestConfig<'static>,
     index: usize,
     assigned: &[devices::Assigned],
     platform: &crate::discovery::Platform,
     images: &[Image],
-) -> Result<Guest<Svm>, alloc::string::String> {
+) -> Result<Guest<B>, alloc::string::String> {
     let iommu_guest = iommu.as_mut().map(GuestIommu::create_guest).transpose()?;
     let undo_iommu = |iommu: &mut Option<GuestIommu>| {
         if let (Some(fd), Some(id)) = (iommu.as_mut(), iommu_guest) {
@@ -334,14 +384,14 @@ fn create(
     }
 }
 
-type Built = (GuestMemory, <Svm as Backend>::Vm, <Svm as Backend>::Vcpu);
+type Built<B> = (GuestMemory, <B as Backend>::Vm, <B as Backend>::Vcpu);
 
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; the steps share all of it"
 )]
-fn build(
-    backend: &mut Svm,
+fn build<B: Backend>(
+    backend: &mut B,
     iommu: &mut Option<GuestIommu>,
     iommu_guest: Option<::iommu::iommufd::GuestId>,
     c: &GuestConfig<'static>,
@@ -349,7 +399,7 @@ fn build(
     assigned: &[devices::Assigned],
     platform: &crate::discovery::Platform,
     images: &[Image],
-) -> Result<Built, alloc::string::String> {
+) -> Result<Built<B>, alloc::string::String> {
     use alloc::format;
     let image = images
         .iter()

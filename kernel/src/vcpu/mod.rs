@@ -14,6 +14,7 @@
 //! shutting down, an exception the hypervisor intercepts, or the end of its time slice.
 
 pub mod svm;
+pub mod vmx;
 
 use crate::guest::memory::GuestMemory;
 
@@ -89,6 +90,8 @@ pub enum VcpuError {
     NoAsid,
     /// The second-stage table could not map the guest's memory (engine error).
     Map,
+    /// The processor refused a control structure (a VMCS field VMWRITE rejected, VMPTRLD).
+    Control,
 }
 
 impl core::fmt::Display for VcpuError {
@@ -97,7 +100,26 @@ impl core::fmt::Display for VcpuError {
             VcpuError::NoMemory => "out of memory for virtualization structures",
             VcpuError::NoAsid => "no free address-space identifier",
             VcpuError::Map => "cannot map guest memory in the second-stage table",
+            VcpuError::Control => "the processor refused a virtualization control structure",
         })
+    }
+}
+
+/// Which backend this CPU calls for, from CPUID alone (nothing is switched on): Intel CPUs
+/// (vendor "GenuineIntel") have VMX and never SVM; every other x86 vendor is asked for SVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Svm,
+    Vmx,
+}
+
+/// The backend kind for this CPU's vendor (CPUID leaf 0: EBX, EDX, ECX spell the vendor).
+pub fn kind() -> Kind {
+    let l = core::arch::x86_64::__cpuid(0);
+    if (l.ebx, l.edx, l.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e) {
+        Kind::Vmx
+    } else {
+        Kind::Svm
     }
 }
 

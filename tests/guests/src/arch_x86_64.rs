@@ -3,23 +3,55 @@
 
 use core::arch::{asm, global_asm};
 
-/// VMMCALL with RAX = op, RBX/RCX/RDX = arguments; the result comes back in RAX
-/// (docs/abi.md §2.1). Every other register is preserved by the hypervisor.
+/// Whether the hypercall instruction is Intel's VMCALL (the vendor CPUID reports is
+/// "GenuineIntel": the hypervisor runs this guest with VMX) rather than AMD's VMMCALL (SVM).
+/// Each is #UD under the other extension (docs/abi.md §2.1). CPUID is emulated by the
+/// hypervisor from the host's, so the vendor is the real CPU's.
+fn intel() -> bool {
+    use core::sync::atomic::{AtomicU8, Ordering::Relaxed};
+    static VENDOR: AtomicU8 = AtomicU8::new(0);
+    match VENDOR.load(Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let l = core::arch::x86_64::__cpuid(0);
+            let intel = (l.ebx, l.edx, l.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e);
+            VENDOR.store(if intel { 1 } else { 2 }, Relaxed);
+            intel
+        }
+    }
+}
+
+/// VMMCALL (AMD) or VMCALL (Intel) with RAX = op, RBX/RCX/RDX = arguments; the result comes back
+/// in RAX (docs/abi.md §2.1). Every other register is preserved by the hypervisor.
 pub fn hypercall(op: u32, a0: u64, a1: u64, a2: u64) -> i64 {
     let ret: u64;
-    // SAFETY: VMMCALL traps to the hypervisor, which changes only RAX (the result) and RIP;
-    // RBX is callee-saved in the SysV ABI, so it is saved around the call by hand.
+    // SAFETY: VMMCALL/VMCALL traps to the hypervisor, which changes only RAX (the result) and
+    // RIP; RBX is callee-saved in the SysV ABI, so it is saved around the call by hand.
     unsafe {
-        asm!(
-            "xchg rbx, {a0}",
-            "vmmcall",
-            "xchg rbx, {a0}",
-            a0 = inout(reg) a0 => _,
-            inout("rax") u64::from(op) => ret,
-            in("rcx") a1,
-            in("rdx") a2,
-            options(nostack),
-        );
+        if intel() {
+            asm!(
+                "xchg rbx, {a0}",
+                "vmcall",
+                "xchg rbx, {a0}",
+                a0 = inout(reg) a0 => _,
+                inout("rax") u64::from(op) => ret,
+                in("rcx") a1,
+                in("rdx") a2,
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "xchg rbx, {a0}",
+                "vmmcall",
+                "xchg rbx, {a0}",
+                a0 = inout(reg) a0 => _,
+                inout("rax") u64::from(op) => ret,
+                in("rcx") a1,
+                in("rdx") a2,
+                options(nostack),
+            );
+        }
     }
     ret as i64
 }

@@ -22,8 +22,8 @@ use boot::BootInfo;
 use drivers::uart16550::{COM1, Uart16550};
 use spin::Once;
 
-pub use paging::{DIRECT_MAP_BASE, phys_to_virt, virt_to_phys};
 pub use gdt::tss_base;
+pub use paging::{DIRECT_MAP_BASE, phys_to_virt, virt_to_phys};
 pub use selftest::selftest;
 
 static UART: Uart16550<pio::UartPorts> = Uart16550::new(pio::UartPorts::new(COM1), COM1);
