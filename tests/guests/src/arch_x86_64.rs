@@ -65,6 +65,10 @@ global_asm!(
 testguest_wild_load:
     mov rax, [rdi]
     ret
+    .global testguest_wild_store
+testguest_wild_store:
+    mov [rdi], rsi
+    ret
     .popsection
 "#
 );
@@ -108,6 +112,7 @@ testguest_hlt_insn:
 
 unsafe extern "C" {
     fn testguest_wild_load(addr: u64) -> u64;
+    fn testguest_wild_store(addr: u64, value: u64);
     fn testguest_rdmsr();
     fn testguest_out();
     fn testguest_vmrun();
@@ -136,6 +141,13 @@ pub fn wild_read(addr: u64) -> u64 {
     // SAFETY: the point of the `wild` variant: the load reaches the hypervisor as a nested page
     // fault when `addr` is not guest RAM, and the guest never runs again.
     unsafe { testguest_wild_load(addr) }
+}
+
+/// Writes `value` to the 8 bytes at `addr` (identity-mapped like [`wild_read`]).
+pub fn wild_write(addr: u64, value: u64) {
+    // SAFETY: as in `wild_read`: when `addr` is not guest RAM the store reaches the hypervisor
+    // as a second-stage fault and the guest never runs again.
+    unsafe { testguest_wild_store(addr, value) }
 }
 
 /// Loads an empty IDT and raises #UD: #UD cannot be delivered (#GP), nor can the #GP (#DF),

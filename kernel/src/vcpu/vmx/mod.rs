@@ -68,6 +68,7 @@ mod reason {
     pub const MONITOR: u64 = 39;
     pub const EPT_VIOLATION: u64 = 48;
     pub const INVEPT: u64 = 50;
+    pub const PREEMPTION_TIMER: u64 = 52;
     pub const INVVPID: u64 = 53;
     pub const XSETBV: u64 = 55;
     pub const VMFUNC: u64 = 59;
@@ -79,6 +80,7 @@ mod reason {
 mod ctl {
     pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
     pub const PIN_NMI: u32 = 1 << 3;
+    pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
     pub const PROC_HLT: u32 = 1 << 7;
     pub const PROC_MWAIT: u32 = 1 << 10;
     pub const PROC_RDPMC: u32 = 1 << 11;
@@ -94,6 +96,7 @@ mod ctl {
     pub const EXIT_LOAD_PAT: u32 = 1 << 19;
     pub const EXIT_SAVE_EFER: u32 = 1 << 20;
     pub const EXIT_LOAD_EFER: u32 = 1 << 21;
+    pub const EXIT_SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
     pub const ENTRY_IA32E: u32 = 1 << 9;
     pub const ENTRY_LOAD_PAT: u32 = 1 << 14;
     pub const ENTRY_LOAD_EFER: u32 = 1 << 15;
@@ -106,6 +109,7 @@ mod msr {
     pub const PROCBASED: u32 = 0x482;
     pub const EXIT: u32 = 0x483;
     pub const ENTRY: u32 = 0x484;
+    pub const MISC: u32 = 0x485;
     pub const CR0_FIXED0: u32 = 0x486;
     pub const CR4_FIXED0: u32 = 0x488;
     pub const PROCBASED2: u32 = 0x48b;
@@ -156,6 +160,9 @@ pub struct Caps {
     pub true_controls: bool,
     pub ept_vpid: u64,
     pub unrestricted: bool,
+    /// The VMX-preemption timer counts down every 2^rate TSC ticks (IA32_VMX_MISC 4:0), when
+    /// the CPU has it and can save its value at exit.
+    pub preemption_timer_rate: Option<u32>,
     pin: u32,
     proc: u32,
     proc2: u32,
@@ -205,18 +212,35 @@ pub fn capabilities() -> Result<Caps, &'static str> {
         ctl::PROC2_EPT | ctl::PROC2_VPID,
         "VMX without EPT and VPID (IA32_VMX_PROCBASED_CTLS2)",
     )?;
+    // The VMX-preemption timer as a second end of the time slice, beside the APIC timer: it
+    // counts only while the guest runs and needs no interrupt delivery (Bochs 2.7 does not
+    // turn a pending APIC interrupt into an external-interrupt exit while the guest's RFLAGS.IF
+    // is 0, which hardware does, SDM §26.2). Used when both the pin control and saving its
+    // value at exit are allowed, so a slice keeps counting across hypercall exits.
+    let pin_msr = pick(msr::PINBASED, msr::TRUE_PINBASED);
+    let exit_msr = pick(msr::EXIT, msr::TRUE_EXIT);
+    let allowed1 = |m| rdmsr(m).unwrap_or(0) >> 32;
+    let timer = allowed1(pin_msr) & u64::from(ctl::PIN_PREEMPTION_TIMER) != 0
+        && allowed1(exit_msr) & u64::from(ctl::EXIT_SAVE_PREEMPTION_TIMER) != 0;
     let pin = adjust(
-        pick(msr::PINBASED, msr::TRUE_PINBASED),
-        ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI,
+        pin_msr,
+        ctl::PIN_EXTERNAL_INTERRUPT
+            | ctl::PIN_NMI
+            | if timer { ctl::PIN_PREEMPTION_TIMER } else { 0 },
         "VMX lacks external-interrupt or NMI exiting",
     )?;
     let exit = adjust(
-        pick(msr::EXIT, msr::TRUE_EXIT),
+        exit_msr,
         ctl::EXIT_HOST_64
             | ctl::EXIT_SAVE_PAT
             | ctl::EXIT_LOAD_PAT
             | ctl::EXIT_SAVE_EFER
-            | ctl::EXIT_LOAD_EFER,
+            | ctl::EXIT_LOAD_EFER
+            | if timer {
+                ctl::EXIT_SAVE_PREEMPTION_TIMER
+            } else {
+                0
+            },
         "VMX cannot exit to a 64-bit host with EFER and PAT switched",
     )?;
     if exit & ctl::EXIT_ACK_INTERRUPT != 0 {
@@ -240,6 +264,7 @@ pub fn capabilities() -> Result<Caps, &'static str> {
         true_controls,
         ept_vpid,
         unrestricted: proc2_allowed & (1 << 7) != 0,
+        preemption_timer_rate: timer.then(|| (rdmsr(msr::MISC).unwrap_or(0) & 0x1f) as u32),
         pin,
         proc,
         proc2,
@@ -256,6 +281,8 @@ pub struct Vmx {
     caps: Caps,
     vpids_used: [u64; (MAX_VPIDS / 64) as usize],
     phys_bits: u32,
+    /// The VMCS (by address) that ran last: another vCPU running means a new time slice.
+    last_run: u64,
 }
 
 /// A VM: its EPT table and VPID.
@@ -273,6 +300,8 @@ pub struct VmxVcpu {
     next_rip: u64,
     /// A RIP to write before the next entry (a finished hypercall or port access).
     resume_at: Option<u64>,
+    /// The last exit ended its time slice: the next entry starts a new one.
+    slice_over: bool,
 }
 
 impl Vmx {
@@ -291,6 +320,7 @@ impl Vmx {
             caps,
             vpids_used: [1, 0, 0, 0], // VPID 0: the host
             phys_bits,
+            last_run: 0,
         })
     }
 
@@ -435,7 +465,7 @@ impl Vmx {
         let qual = vmread(cpu, field::EXIT_QUALIFICATION);
         let forbidden = |what| Event::Forbidden { what, detail: 0 };
         match code {
-            reason::EXTERNAL_INTERRUPT => Event::Preempted,
+            reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => Event::Preempted,
             reason::EXCEPTION_NMI => {
                 // Interruption information (§24.9.2): vector 7:0, type 10:8 (2 = NMI).
                 let info = vmread(cpu, field::EXIT_INTERRUPTION_INFO);
@@ -600,12 +630,16 @@ impl Backend for Vmx {
             launched: false,
             next_rip: s.entry,
             resume_at: None,
+            slice_over: true,
         })
     }
 
     fn run(&mut self, _vm: &VmxVm, vcpu: &mut VmxVcpu) -> Exit {
-        let cpu = &self.cpu;
         loop {
+            let new_slice = vcpu.slice_over || self.last_run != vcpu.vmcs.pa();
+            vcpu.slice_over = false;
+            self.last_run = vcpu.vmcs.pa();
+            let cpu = &self.cpu;
             if !asm::vmptrld(cpu, &vcpu.vmcs) {
                 return Exit {
                     pc: vcpu.next_rip,
@@ -617,6 +651,15 @@ impl Backend for Vmx {
             }
             if !vcpu.launched {
                 asm::flush_all_contexts(cpu);
+            }
+            // A new slice: the preemption timer starts from the full slice (the runner's
+            // SLICE_TICKS, read as TSC ticks); within a slice it continues from the value the
+            // last exit saved.
+            if let Some(rate) = self.caps.preemption_timer_rate
+                && new_slice
+            {
+                let ticks = u64::from(crate::guest::SLICE_TICKS >> rate.min(31)).max(1);
+                vmwrite(cpu, field::GUEST_PREEMPTION_TIMER, ticks);
             }
             let entered = asm::vm_run(cpu, &vcpu.vmcs, &mut vcpu.gprs, vcpu.launched);
             let rip = vmread(cpu, field::GUEST_RIP);
@@ -645,7 +688,12 @@ impl Backend for Vmx {
                     vmwrite(cpu, field::GUEST_RIP, vcpu.next_rip);
                     continue;
                 }
-                reason::EXTERNAL_INTERRUPT => asm::take_pending_interrupt(),
+                // Either end of the slice: let the hypervisor's IDT take the APIC timer
+                // interrupt if it is pending (it counts the ticks and sends EOI).
+                reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => {
+                    vcpu.slice_over = true;
+                    asm::take_pending_interrupt();
+                }
                 _ => {}
             }
             return Exit {

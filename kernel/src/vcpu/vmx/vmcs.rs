@@ -47,6 +47,7 @@ pub mod field {
     pub const GUEST_INTERRUPTIBILITY: u32 = 0x4824;
     pub const GUEST_ACTIVITY: u32 = 0x4826;
     pub const GUEST_SYSENTER_CS: u32 = 0x482a;
+    pub const GUEST_PREEMPTION_TIMER: u32 = 0x482e;
     pub const HOST_SYSENTER_CS: u32 = 0x4c00;
     // Natural width.
     pub const CR0_MASK: u32 = 0x6000;
