@@ -123,7 +123,7 @@ enum Command {
         #[arg(long)]
         miri: bool,
     },
-    /// Host benchmarks (see docs/perf.md): `pgtable`.
+    /// Benchmarks (see docs/perf.md): `pgtable` (host), `hypercall` (inside a guest under QEMU).
     Bench {
         #[arg(default_value = "pgtable")]
         suite: String,

@@ -3,7 +3,8 @@
 //! own [`GuestMemory`](super::memory::GuestMemory) and can name only its own objects.
 //!
 //! This is the interim owner of the units while guests run (issue 9 part 1 makes the kernel own
-//! them once, from boot): each unit is brought up in legacy mode with its RMRR identity domains
+//! them once, from boot): each unit is brought up in legacy mode (or scalable mode with
+//! `vtd-mode=scalable` on the command line) with its RMRR identity domains
 //! applied before translation is enabled. Enabling translation blocks every device's DMA; a
 //! device named by a guest's `dev=` is given to that guest and stays blocked until the guest
 //! attaches it through the ABI.
@@ -13,7 +14,7 @@ use alloc::vec::Vec;
 
 use iommu::iommufd::vtd_backend::{self, VtdBackend, VtdDevice};
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
-use iommu::vtd::{UnitConfig, VtdUnit};
+use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
 
 use super::memory::GuestMemory;
 use crate::discovery::{Platform, Unit};
@@ -51,6 +52,7 @@ impl GuestIommu {
     /// `Ok(None)` when there is no unit.
     pub fn bring_up(
         platform: &Platform,
+        mode: TranslationMode,
         devices: &[(u64, u16)],
     ) -> Result<Option<GuestIommu>, String> {
         let mut units = Vec::new();
@@ -62,7 +64,7 @@ impl GuestIommu {
             bases.push(*base);
             let mmio =
                 MmioRegion::new(*base, VTD_REGS).map_err(|e| alloc::format!("{name}: {e}"))?;
-            let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
+            let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::new(mode))
                 .map_err(|e| alloc::format!("{name}: {e}"))?;
             if let Some(plan) = &platform.rmrr {
                 unit.apply_rmrr(&IOMMU_MEMORY, &plan.for_unit(*base))

@@ -8,6 +8,16 @@
 //! Arm one) and vCPUs inside it; [`Backend::run`] enters the guest and returns at the next exit
 //! the backend cannot finish by itself, decoded into an [`Event`].
 //!
+//! How the other backends map onto it: VMX (issue 14) creates its VM with an EPT built by the
+//! engine, decodes exit reasons 18 (VMCALL -> [`Event::Hypercall`]), 30 (I/O -> `PortIo`, the
+//! qualification has port/size/direction), 48 (EPT violation -> `MmioFault`), 12 (HLT), 2 (triple
+//! fault) and the preemption timer or external interrupt (`Preempted`). The EL1 backend (issue 10)
+//! builds the VM's stage 2 with the engine's Arm format and decodes ESR_EL2: EC 0x16 (HVC ->
+//! `Hypercall`, x0 = op, x1-x3 = args), EC 0x24 (stage-2 abort -> `MmioFault`, IPA from
+//! HPFAR_EL2), WFI/WFE (`Halt`), IRQ (`Preempted`); it never reports `PortIo`, so its
+//! `complete_port_io` is never called. `EntryState::page_table` and `gdt` are x86 entry state;
+//! EL1 enters with the MMU off (docs/guests.md will say so when it lands).
+//!
 //! Exits a backend finishes internally never surface here (on SVM: CPUID emulation, `#VMEXIT`s
 //! that only resume). Everything a guest does that the hypervisor must decide about does: a
 //! hypercall, a port access, a fault on guest-physical memory it does not own, halting,

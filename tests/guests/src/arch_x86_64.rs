@@ -198,3 +198,13 @@ pub fn pci_config_write16(address: u32, byte: u16, value: u16) {
         asm!("out dx, ax", in("dx") 0xcfcu16 + byte, in("ax") value, options(nomem, nostack, preserves_flags));
     }
 }
+
+/// The time-stamp counter (not intercepted: the guest reads the host's TSC, offset 0).
+pub fn timestamp() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC only reads the counter.
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}

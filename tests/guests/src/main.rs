@@ -4,9 +4,13 @@
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
 //! - `wild gpa=ADDR [write]`: reads (or writes) guest-physical ADDR, which should not be its memory;
 //! - `triple`: triple-faults;
-//! - `dma[,fault]`: its assigned edu does DMA both ways through an IOAS it attached it to (with
-//!   `fault`, then a DMA to the unmapped IOVA, which must be blocked);
+//! - `dma[,fault][,linger]`: its assigned edu does DMA both ways through an IOAS it attached it to
+//!   (with `fault`, then a DMA to the unmapped IOVA, which must be blocked; with `linger`, it
+//!   keeps its objects a while before exiting; `dma,abandon` starts a DMA and gets itself stopped
+//!   before it completes);
 //! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
+//! - `intruder`: beside a `dma` guest, tries to see, name, map and DMA into what is not its own;
+//! - `bench`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB with the TSC;
 //! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
@@ -150,11 +154,31 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
         }
         "dma" => {
             let free = u64_at(&page, si::OFF_FREE_START);
-            let fault = words.any(|w| w == "fault");
+            let (mut fault, mut linger, mut abandon) = (false, false, false);
+            for w in words {
+                fault |= w == "fault";
+                linger |= w == "linger";
+                abandon |= w == "abandon";
+            }
+            if abandon {
+                abandon_dma(start_info, free, mem)
+            }
             let failed = dma_checks(start_info, free, fault);
+            if linger {
+                // Keep its objects alive a while longer (a neighbour's test aims at them).
+                for _ in 0..3000 {
+                    let _ = arch::hypercall(0x7777, 0, 0, 0);
+                }
+                println!("testguest: done lingering");
+            }
             exit(failed)
         }
         "pci" => exit(pci_checks(start_info)),
+        "intruder" => exit(intruder(start_info, mem)),
+        "bench" => {
+            let free = u64_at(&page, si::OFF_FREE_START);
+            exit(bench(free))
+        }
         "hostile" => {
             let free = u64_at(&page, si::OFF_FREE_START);
             hostile(start_info, mem, free)
@@ -543,6 +567,216 @@ fn pci_checks(start_info: u64) -> u32 {
     failed += check("first-capability-is-msi", cap_id.into(), 0x05);
     println!("testguest: pci checks: {failed} failed");
     failed
+}
+
+/// `dma,abandon`: attaches its edu, maps a page, starts a device-to-RAM DMA into it and, before
+/// the DMA can complete (edu takes 100 ms of virtual time), reads unmapped memory. The hypervisor
+/// stops it and destroys its objects; the DMA that the device then performs must be blocked (and
+/// is reported as this guest's fault): a stopped guest's device cannot write memory that is no
+/// longer its own.
+fn abandon_dma(start_info: u64, free: u64, mem: u64) -> ! {
+    use hvabi::*;
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+    let bar = u64_at(&e, 16);
+    let (_, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    let (r1, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    let (r2, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova: 0x10_0000,
+        },
+    );
+    println!("testguest: attach {r1}, map {r2}; starting a DMA and abandoning it");
+    mmio_write(bar + edu::DMA_SRC, edu::BUFFER);
+    mmio_write(bar + edu::DMA_DST, 0x10_0000);
+    mmio_write(bar + edu::DMA_COUNT, 256);
+    mmio_write(bar + edu::DMA_CMD, edu::CMD_START | edu::CMD_TO_RAM);
+    let v = arch::wild_read(mem + 0x10_0000);
+    println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+    exit(1)
+}
+
+/// The `intruder` variant, run beside a `dma` guest: everything it tries against the other guest
+/// must fail. It sees one device (its own) in DEVICE_LIST and in configuration space, cannot map
+/// memory beyond its RAM, cannot name object IDs it did not create (the other guest's IOAS among
+/// them), and a DMA its own edu aims at the IOVA the other guest uses is blocked (the hypervisor
+/// reports the fault as this guest's).
+fn intruder(start_info: u64, mem: u64) -> u32 {
+    use hvabi::*;
+    let mut failed = 0;
+    let mut e = [0u8; si::DEVICE_ENTRY];
+    arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
+    let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+    let bar = u64_at(&e, 16);
+    let mut entries = [0u8; 8 * DeviceEntry::SIZE];
+    let (r, list) = call(
+        op::DEVICE_LIST,
+        DeviceList {
+            size: DeviceList::SIZE as u32,
+            num_devices: 8,
+            devices_gpa: entries.as_mut_ptr() as u64,
+            ..DeviceList::default()
+        },
+    );
+    failed += check("device-list", r, 0);
+    failed += check("device-list-only-own", list.num_devices.into(), 1);
+    // First (while the other guest is still setting up and using its IOVA): its own edu,
+    // attached to its own empty IOAS, aims a DMA at the IOVA the other guest maps.
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    failed += check("ioas-alloc", r, 0);
+    let (r, _) = call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id: ioas.out_ioas_id,
+            ..DeviceAttach::default()
+        },
+    );
+    failed += check("attach-own", r, 0);
+    println!("testguest: aiming a DMA at iova 0x100800, the other guest's IOVA");
+    let done = edu_dma(bar, edu::BUFFER, 0x10_0800, 256, true);
+    failed += check("aimed-dma-completes", i64::from(done), 1);
+    let (r, _) = call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: mem,
+            length: PAGE_SIZE,
+            iova: 0x20_0000,
+        },
+    );
+    failed += check("map-beyond-own-ram-eperm", r, -i64::from(errno::EPERM));
+    let mut visible = 0;
+    for d in 0..32u8 {
+        if arch::pci_config_read(cfg_address(0, d, 0, 0)) & 0xffff != 0xffff {
+            visible += 1;
+        }
+    }
+    failed += check("config-space-only-own", visible, 1);
+    // Object IDs it never created: the other guest's are among these numbers in its own table.
+    let mut named = 0;
+    for id in 1..=64u32 {
+        if id == dev_id || id == ioas.out_ioas_id {
+            continue;
+        }
+        let (r, _) = call(
+            op::IOAS_MAP,
+            IoasMap {
+                size: IoasMap::SIZE as u32,
+                flags: MAP_READABLE,
+                ioas_id: id,
+                reserved: 0,
+                gpa: 0x10000,
+                length: PAGE_SIZE,
+                iova: 0,
+            },
+        );
+        if r != -i64::from(errno::ENOENT) {
+            named += 1;
+        }
+    }
+    failed += check("foreign-ids-enoent", named, 0);
+    println!("testguest: intruder checks: {failed} failed");
+    failed
+}
+
+/// The `bench` variant: average time-stamp-counter ticks of a null hypercall (an unknown op: entry,
+/// decode, ENOTTY, return) and of IOAS_MAP / IOAS_UNMAP of 4 KiB, each over `ROUNDS` calls.
+fn bench(free: u64) -> u32 {
+    use hvabi::*;
+    const ROUNDS: u64 = 1000;
+    let t0 = arch::timestamp();
+    for _ in 0..ROUNDS {
+        let _ = arch::hypercall(0x7777, 0, 0, 0);
+    }
+    let null = (arch::timestamp() - t0) / ROUNDS;
+    println!("bench: null-hypercall {ROUNDS} calls, {null} tsc ticks each");
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    if r != 0 {
+        println!("bench: IOAS_ALLOC failed with {r}");
+        return 1;
+    }
+    let mut map = [0u8; IoasMap::SIZE];
+    let mut unmap = [0u8; IoasUnmap::SIZE];
+    let (mut t_map, mut t_unmap, mut errors) = (0u64, 0u64, 0u32);
+    for i in 0..ROUNDS {
+        let iova = 0x1000_0000 + (i % 64) * PAGE_SIZE;
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            gpa: free,
+            length: PAGE_SIZE,
+            iova,
+        }
+        .encode(&mut map);
+        IoasUnmap {
+            size: IoasUnmap::SIZE as u32,
+            flags: 0,
+            ioas_id: ioas.out_ioas_id,
+            reserved: 0,
+            iova,
+            length: PAGE_SIZE,
+        }
+        .encode(&mut unmap);
+        let t = arch::timestamp();
+        let r1 = arch::hypercall(op::IOAS_MAP, map.as_ptr() as u64, 0, 0);
+        let t1 = arch::timestamp();
+        let r2 = arch::hypercall(op::IOAS_UNMAP, unmap.as_ptr() as u64, 0, 0);
+        let t2 = arch::timestamp();
+        t_map += t1 - t;
+        t_unmap += t2 - t1;
+        errors += u32::from(r1 != 0) + u32::from(r2 != 0);
+    }
+    println!(
+        "bench: ioas-map-4k {ROUNDS} calls, {} tsc ticks each",
+        t_map / ROUNDS
+    );
+    println!(
+        "bench: ioas-unmap-4k {ROUNDS} calls, {} tsc ticks each",
+        t_unmap / ROUNDS
+    );
+    println!("bench: {errors} calls failed");
+    errors
 }
 
 /// xorshift64: a fixed sequence, so a failing run can be replayed exactly.

@@ -171,7 +171,7 @@ pub fn vmrun(cpu: &SvmEnabled, vmcb: &mut super::vmcb::Vmcb, gprs: &mut GuestGpr
     // SAFETY: `cpu` proves EFER.SVME and VM_HSAVE_PA are set on this CPU. `vmcb` is an owned,
     // 4 KiB-aligned VMCB whose only writers are the safe setters in `vmcb.rs`: its IOPM/MSRPM
     // point at the backend's all-intercepting bitmaps, its nested CR3 at a table that maps only
-    // the guest's own frames, its ASID is non-zero and the VMRUN intercept is set, so the guest
+    // the guest's own frames and the BARs of the devices assigned to it, its ASID is non-zero and the VMRUN intercept is set, so the guest
     // can reach no host memory and the processor rejects (VMEXIT_INVALID) rather than runs a
     // malformed state. The host block is another owned VMCB page. `svm_vmrun` preserves every
     // callee-saved register, restores RSP, returns with IF clear and GIF set, and writes only

@@ -345,7 +345,7 @@ impl Backend for Svm {
         v.set_permission_maps(&self.maps);
         v.set_asid(vm.asid, true);
         v.set_virtual_interrupt_masking();
-        v.set_nested_paging(vm.npt.root());
+        v.set_nested_paging(&vm.npt);
         // Flat 64-bit segments matching the GDT the loader wrote (selector 0x08 code, 0x10 data):
         // attributes in VMCB format (§15.5.1): code P|S|type 0xB|L|G, data P|S|type 3|D/B|G.
         v.set_segments(
@@ -404,10 +404,15 @@ impl Backend for Svm {
                 Self::emulate_cpuid(vcpu);
                 continue;
             }
-            // An exit while the guest's own event delivery was interrupted would need
-            // EXITINTINFO re-injected; no event is ever injected today, and the guest has no
-            // interrupts, so only exceptions can be pending: those end the guest anyway.
-            let _ = vcpu.vmcb.exit_int_info();
+            // An exit in the middle of delivering an event to the guest (an exception or a
+            // software interrupt through its IDT) leaves the event in EXITINTINFO; it is lost
+            // unless re-injected at the next VMRUN (APM vol 2 §15.7.2). EXITINTINFO has
+            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared so an
+            // event is never injected twice. (QEMU does not inject the error code, §15.20's
+            // EV bit: svm_helper.c in QEMU 10.)
+            let pending = vcpu.vmcb.exit_int_info();
+            vcpu.vmcb
+                .set_event_injection(if pending & (1 << 31) != 0 { pending } else { 0 });
             return Exit {
                 pc: vcpu.vmcb.rip(),
                 event: Self::decode(vcpu),

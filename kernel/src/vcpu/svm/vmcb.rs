@@ -3,6 +3,8 @@
 //! through named setters at the offsets of Appendix B (Table B-1 control area, Table B-2 state
 //! save area), so no code outside this file knows an offset.
 
+use iommu::pgtable::{PageTable, X86FirstStage};
+
 use crate::guest::memory::Frames;
 
 /// Control-area offsets (Table B-1).
@@ -20,6 +22,7 @@ mod ctl {
     pub const EXITINFO2: usize = 0x080;
     pub const EXITINTINFO: usize = 0x088;
     pub const NP_ENABLE: usize = 0x090;
+    pub const EVENTINJ: usize = 0x0a8;
     pub const N_CR3: usize = 0x0b0;
 }
 
@@ -142,10 +145,11 @@ impl Vmcb {
         self.w32(ctl::VINTR, 1 << 24);
     }
 
-    /// Nested paging on with `root` as nCR3 (§15.25.3).
-    pub fn set_nested_paging(&mut self, root: u64) {
+    /// Nested paging on with `table` as nCR3 (§15.25.3). Takes the table itself, not an address,
+    /// so the VMCB can only point at a nested table built by the engine.
+    pub fn set_nested_paging(&mut self, table: &PageTable<X86FirstStage<4>>) {
         self.w64(ctl::NP_ENABLE, 1);
-        self.w64(ctl::N_CR3, root);
+        self.w64(ctl::N_CR3, table.root());
     }
 
     pub fn exit_code(&self) -> u64 {
@@ -159,6 +163,11 @@ impl Vmcb {
     }
     pub fn exit_int_info(&self) -> u64 {
         self.r64(ctl::EXITINTINFO)
+    }
+
+    /// EVENTINJ (§15.20): an event to deliver to the guest at the next VMRUN (bit 31 valid).
+    pub fn set_event_injection(&mut self, event: u64) {
+        self.w64(ctl::EVENTINJ, event);
     }
 
     fn set_segment(&mut self, off: usize, s: Segment) {
