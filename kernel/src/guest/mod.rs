@@ -192,14 +192,14 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         Kind::Svm => match Svm::probe() {
             Ok(b) => {
                 let ids = b.asids();
-                run_on(b, ids, &items, &configs, &assigned, platform, &images)
+                run_on(b, ids, info, &items, &configs, &assigned, platform, &images)
             }
             Err(e) => refuse(e),
         },
         Kind::Vmx => match Vmx::probe() {
             Ok(b) => {
                 let ids = b.asids();
-                run_on(b, ids, &items, &configs, &assigned, platform, &images)
+                run_on(b, ids, info, &items, &configs, &assigned, platform, &images)
             }
             Err(e) => refuse(e),
         },
@@ -208,9 +208,14 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
 
 /// Runs the configured guests on `backend` (`asids`: its address-space identifiers, for the
 /// report).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the second half of `run`: one call site per backend"
+)]
 fn run_on<B: Backend>(
     mut backend: B,
     asids: u32,
+    info: &'static BootInfo,
     items: &[&'static str],
     configs: &[GuestConfig<'static>],
     assigned: &[devices::Assigned],
