@@ -83,7 +83,8 @@ impl VmxOn {
 /// if firmware left it unlocked, applies the CR0/CR4 fixed bits (IA32_VMX_CR0/CR4_FIXED0/1,
 /// Appendix A.7-A.8, CR4.VMXE among them), then VMXON with `region` (its first word holds the
 /// VMCS revision identifier already). Fails changing nothing if firmware locked VMX off or the
-/// current CR0 cannot satisfy the fixed bits.
+/// current CR0 cannot satisfy the fixed bits; if VMXON itself fails, CR0/CR4 are put back (a
+/// FEATURE_CONTROL lock this function set stays: the MSR cannot be unlocked before reset).
 pub fn vmxon(region: crate::guest::memory::Frames) -> Result<VmxOn, &'static str> {
     const LOCK: u64 = 1 << 0;
     const VMX_OUTSIDE_SMX: u64 = 1 << 2;
@@ -132,6 +133,12 @@ pub fn vmxon(region: crate::guest::memory::Frames) -> Result<VmxOn, &'static str
         asm!("vmxon [{}]", "setbe {}", in(reg) &pa, out(reg_byte) failed, options(nostack));
     }
     if failed != 0 {
+        // SAFETY: puts back the CR0/CR4 this function found (the hypervisor ran with them until
+        // a moment ago); the processor is not in VMX operation, so clearing VMXE is allowed.
+        unsafe {
+            asm!("mov cr4, {}", in(reg) cr4, options(nostack, preserves_flags));
+            asm!("mov cr0, {}", in(reg) cr0, options(nostack, preserves_flags));
+        }
         return Err("VMXON failed");
     }
     Ok(VmxOn {
