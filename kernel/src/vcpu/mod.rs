@@ -1,14 +1,15 @@
 //! The vCPU backend interface: what the architecture-neutral guest code (`guest/`) needs from a
 //! hardware virtualization extension, and nothing more.
 //!
-//! One [`Backend`] per machine, chosen at boot from the CPU's features ([`svm`] on AMD today; Intel
-//! VMX (issue 14) and the aarch64 EL1 backend (issue 10) implement the same trait). A backend
+//! One [`Backend`] per machine, chosen at boot from the CPU's vendor and features ([`kind`]:
+//! [`svm`] on AMD, [`vmx`] on Intel; the aarch64 EL1 backend (issue 10) implements the same
+//! trait). A backend
 //! creates a [`Backend::Vm`] from a guest's memory map (it builds its own second-stage table in
 //! the format its hardware walks: SVM nested paging and VMX EPT use x86 formats, EL2 stage 2 the
 //! Arm one) and vCPUs inside it; [`Backend::run`] enters the guest and returns at the next exit
 //! the backend cannot finish by itself, decoded into an [`Event`].
 //!
-//! How the other backends map onto it: VMX (issue 14) creates its VM with an EPT built by the
+//! How the other backends map onto it: VMX ([`vmx`]) creates its VM with an EPT built by the
 //! engine, decodes exit reasons 18 (VMCALL -> [`Event::Hypercall`]), 30 (I/O -> `PortIo`, the
 //! qualification has port/size/direction), 48 (EPT violation -> `MmioFault`), 12 (HLT), 2 (triple
 //! fault) and the preemption timer or external interrupt (`Preempted`). The EL1 backend (issue 10)
