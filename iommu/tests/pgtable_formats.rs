@@ -240,6 +240,208 @@ mod pgtable {
         vtd_check::<5>(52);
     }
 
+    // --------------------------------------------------------------------------------------
+    // Intel EPT (SDM vol 3C §29.3.2-29.3.3), which the VMX backend builds with the VT-d
+    // second-stage format: a reference EPT walker written from the SDM's entry tables, checking
+    // what the processor would do with the table, including every EPT-misconfiguration rule.
+    // --------------------------------------------------------------------------------------
+
+    /// What a 4-level EPT walk of a guest-physical address gives.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Ept {
+        /// Translation: output address, page size, R/W/X (AND over the walk), memory type
+        /// (leaf bits 5:3), ignore-PAT (leaf bit 6).
+        Leaf {
+            pa: u64,
+            size: u64,
+            r: bool,
+            w: bool,
+            x: bool,
+            memtype: u64,
+            ipat: bool,
+        },
+        /// Bits 2:0 of an entry are 0 at this level (4 = PML4E ... 1 = PTE): EPT violation.
+        Violation(u32),
+        /// An EPT misconfiguration (§29.3.3.1) at this level: the processor would not walk on.
+        Misconfig(u32, &'static str),
+    }
+
+    /// SDM Tables 29-1..29-6 with MAXPHYADDR `maxphy`, no mode-based execute control.
+    fn ept_walk(pool: &HostPool, pml4: u64, maxphy: u32, gpa: u64) -> Ept {
+        let addr_mask = ((1u64 << maxphy) - 1) & !0xfff;
+        // Bits 51:MAXPHYADDR of every entry are reserved (must be 0).
+        let reserved_high = ((1u64 << 52) - 1) & !((1u64 << maxphy) - 1);
+        let (mut table, mut r, mut w, mut x) = (pml4, true, true, true);
+        for level in (1..=4u32).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let e = pool.read_phys(table + ((gpa >> shift) & 0x1ff) * 8);
+            if e & 0b111 == 0 {
+                return Ept::Violation(level);
+            }
+            // Write without read (010b, 110b) is a misconfiguration (§29.3.3.1).
+            if e & 0b011 == 0b010 {
+                return Ept::Misconfig(level, "write without read");
+            }
+            if e & reserved_high != 0 {
+                return Ept::Misconfig(level, "address bits above MAXPHYADDR");
+            }
+            (r, w, x) = (r && e & 1 != 0, w && e & 2 != 0, x && e & 4 != 0);
+            let leaf = level == 1 || (level <= 3 && e & (1 << 7) != 0);
+            if !leaf {
+                // PML4E bits 7:3 and non-leaf PDPTE/PDE bits 6:3 (with bit 7 = 0) are reserved.
+                if e & 0xf8 != 0 {
+                    return Ept::Misconfig(level, "reserved bits 7:3 in a table entry");
+                }
+                table = e & addr_mask;
+                continue;
+            }
+            let memtype = (e >> 3) & 7;
+            if matches!(memtype, 2 | 3 | 7) {
+                return Ept::Misconfig(level, "reserved memory type");
+            }
+            let size = 1u64 << shift;
+            // A 1 GiB / 2 MiB leaf has bits 29:12 / 20:12 reserved.
+            if e & (size - 1) & !0xfff & addr_mask != 0 {
+                return Ept::Misconfig(level, "reserved low address bits of a large page");
+            }
+            return Ept::Leaf {
+                pa: (e & addr_mask & !(size - 1)) | (gpa & (size - 1)),
+                size,
+                r,
+                w,
+                x,
+                memtype,
+                ipat: e & (1 << 6) != 0,
+            };
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn vtd_second_stage_is_valid_ept_as_the_vmx_backend_configures_it() {
+        // The VMX backend's configuration (kernel/src/vcpu/vmx): 48-bit GPAs (4-level walk),
+        // memory types and execute permission written, 4K/2M/1G leaves, MAXPHYADDR 40.
+        let maxphy = 40;
+        let pool = HostPool::new(64);
+        let cfg = Config {
+            memory_types: true,
+            execute_control: true,
+            leaf_sizes: K4 | M2 | G1,
+            ..Config::new(48, maxphy)
+        };
+        let pt = PageTable::<VtdSecondStage<4>>::new(&pool, cfg).unwrap();
+        let rwx = rw() | Prot::EXEC;
+        // (gpa, hpa, len, prot): guest RAM as 4K pages and a 2M block, a 1G block, a device BAR
+        // (uncacheable), a read-only page.
+        let maps = [
+            (0x0, 0x7_0000_0000, 0x20_0000 - K4, rwx),
+            (0x20_0000, 0x7_4000_0000, M2, rwx),
+            (G1, 0x8_0000_0000, G1, rwx),
+            (0xfebf_0000, 0xfebf_0000, K4, rw() | Prot::DEVICE),
+            (0x1_0000_0000, 0x9_0000_1000, K4, Prot::READ),
+        ];
+        for &(gpa, hpa, len, prot) in &maps {
+            pt.map(&pool, gpa, hpa, len, prot).unwrap();
+        }
+        for &(gpa, hpa, len, prot) in &maps {
+            for probe in [gpa, gpa + len / 2 + 8, gpa + len - 8] {
+                let Ept::Leaf {
+                    pa,
+                    size,
+                    r,
+                    w,
+                    x,
+                    memtype,
+                    ipat,
+                } = ept_walk(&pool, pt.root(), maxphy, probe)
+                else {
+                    panic!(
+                        "{probe:#x}: {:?}",
+                        ept_walk(&pool, pt.root(), maxphy, probe)
+                    );
+                };
+                assert_eq!(pa, hpa + (probe - gpa), "{probe:#x}");
+                let want_size = if len >= G1 {
+                    G1
+                } else if len == M2 && gpa % M2 == 0 {
+                    M2
+                } else {
+                    K4
+                };
+                assert_eq!(size, want_size, "{probe:#x}");
+                assert_eq!(
+                    (r, w, x),
+                    (
+                        prot.contains(Prot::READ),
+                        prot.contains(Prot::WRITE),
+                        prot.contains(Prot::EXEC)
+                    ),
+                    "{probe:#x}"
+                );
+                // Write-back (6) for RAM, uncacheable (0) for device memory; PAT not ignored.
+                let want_type = if prot.contains(Prot::DEVICE) { 0 } else { 6 };
+                assert_eq!(memtype, want_type, "{probe:#x}");
+                assert!(!ipat);
+            }
+        }
+        // Everything else is an EPT violation (never a misconfiguration), at the level where
+        // the walk finds nothing.
+        assert_eq!(
+            ept_walk(&pool, pt.root(), maxphy, 0x40_0000),
+            Ept::Violation(2)
+        );
+        assert_eq!(
+            ept_walk(&pool, pt.root(), maxphy, 0x1234_5678),
+            Ept::Violation(2)
+        );
+        assert_eq!(
+            ept_walk(&pool, pt.root(), maxphy, 0x80_0000_0000),
+            Ept::Violation(4)
+        );
+        assert_eq!(
+            ept_walk(&pool, pt.root(), maxphy, 0x1_0000_2000),
+            Ept::Violation(1)
+        );
+        destroy(&pool, pt);
+    }
+
+    #[test]
+    fn ept_reference_walker_sees_misconfigurations() {
+        // The walker itself: hand-written entries that the SDM calls misconfigured.
+        let pool = HostPool::new(8);
+        let cfg = Config::new(48, 40);
+        let pt = PageTable::<VtdSecondStage<4>>::new(&pool, cfg).unwrap();
+        pt.map(&pool, 0, 0x1000, K4, rw()).unwrap();
+        let root = pt.root();
+        let pml4e = pool.read_phys(root);
+        let pdpt = pml4e & 0x000f_ffff_ffff_f000;
+        let pd = pool.read_phys(pdpt) & 0x000f_ffff_ffff_f000;
+        let pde = pool.read_phys(pd);
+        let pte_addr = pde & 0x000f_ffff_ffff_f000;
+        let pte = pool.read_phys(pte_addr);
+        assert!(matches!(ept_walk(&pool, root, 40, 0), Ept::Leaf { .. }));
+        // Write-only leaf.
+        pool.hw_update(pte_addr, 0, !0b1);
+        assert_eq!(
+            ept_walk(&pool, root, 40, 0),
+            Ept::Misconfig(1, "write without read")
+        );
+        // Memory type 2 (reserved).
+        pool.hw_update(pte_addr, 0b1 | 2 << 3, !0);
+        assert_eq!(
+            ept_walk(&pool, root, 40, 0),
+            Ept::Misconfig(1, "reserved memory type")
+        );
+        // Back to the engine's leaf: valid again.
+        pool.hw_update(pte_addr, pte, pte);
+        assert!(matches!(ept_walk(&pool, root, 40, 0), Ept::Leaf { .. }));
+        // A PML4E with bit 7 set.
+        pool.hw_update(root, 1 << 7, !0);
+        assert!(matches!(ept_walk(&pool, root, 40, 0), Ept::Misconfig(4, _)));
+        pool.hw_update(root, pml4e, pml4e);
+        destroy(&pool, pt);
+    }
+
     #[test]
     fn vtd_without_optional_features_writes_zero_fields() {
         // No SC, no MTS, no execute control: SNP refused, EMT and X left 0 (reserved/ignored).

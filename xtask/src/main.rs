@@ -3,6 +3,7 @@
 //! Every subcommand has `--help`. `run` and `test` call `setup` first when a prerequisite is
 //! missing, so a fresh machine needs nothing but Rust and this repository.
 
+mod bochs;
 mod build;
 mod decode;
 mod guests;

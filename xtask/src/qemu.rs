@@ -194,7 +194,7 @@ fn uefi_pflash(s: &Scenario) -> Result<Vec<String>> {
 
 /// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test
 /// server's GRUB or iPXE would.
-fn grub_iso(
+pub fn grub_iso(
     name: &str,
     elf: &Path,
     cmdline: &str,
@@ -372,6 +372,9 @@ pub fn run_command(
         None => Scenario::default_for(arch),
     };
     let image = build(s.arch, release)?;
+    if let Some(model) = s.bochs_cpu.as_deref() {
+        return crate::bochs::run_command(&s, &image, model, scenario_name.is_some());
+    }
     let cmd = command(&s, &image, gdb, extra)?;
     if gdb {
         eprintln!(

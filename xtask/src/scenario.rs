@@ -76,6 +76,9 @@ pub struct Scenario {
     /// name their symbols as `{sym:NAME}` (see `guests.rs`).
     #[serde(default)]
     pub guests: Vec<String>,
+    /// Run under Bochs instead of QEMU with this `cpu: model=` (`bochs.rs`): VMX needs
+    /// `corei7_haswell_4770`. `machine`, `devices` and `qemu_args` do not apply there.
+    pub bochs_cpu: Option<String>,
 }
 
 fn default_memory() -> String {
@@ -106,6 +109,7 @@ impl Scenario {
             reject: Vec::new(),
             status: 0,
             guests: Vec::new(),
+            bochs_cpu: None,
         }
     }
 }
@@ -143,6 +147,12 @@ pub fn load(path: &Path) -> Result<Scenario> {
         // needs UEFI firmware.
         return Err(format!(
             "{}: firmware \"uefi\" needs boot = \"grub\" or \"esp\", and \"esp\" needs \"uefi\"",
+            path.display()
+        ));
+    }
+    if s.bochs_cpu.is_some() && (s.boot != Boot::Grub || s.arch != Arch::X86_64) {
+        return Err(format!(
+            "{}: bochs_cpu needs arch = \"x86_64\" and boot = \"grub\" (Bochs boots a GRUB ISO)",
             path.display()
         ));
     }

@@ -15,6 +15,8 @@ pub struct Needs {
     pub qemu: bool,
     pub grub: bool,
     pub fuzz: bool,
+    /// Bochs (the VMX scenarios, `bochs.rs`).
+    pub bochs: bool,
 }
 
 impl Needs {
@@ -24,6 +26,7 @@ impl Needs {
             qemu: true,
             grub: true,
             fuzz: false,
+            bochs: true,
         }
     }
     pub fn none() -> Self {
@@ -32,6 +35,7 @@ impl Needs {
             qemu: false,
             grub: false,
             fuzz: false,
+            bochs: false,
         }
     }
 }
@@ -57,6 +61,9 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
 pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+/// Debian's Bochs 2.7 (VMX with EPT), its BIOS and VGA BIOS, and the `term` display plugin (the
+/// build has no `nogui`).
+const BOCHS_PACKAGES: [&str; 4] = ["bochs", "bochsbios", "vgabios", "bochs-term"];
 
 pub fn setup(needs: Needs) -> Result<ExitCode> {
     let mut todo: Vec<String> = Vec::new();
@@ -71,6 +78,9 @@ pub fn setup(needs: Needs) -> Result<ExitCode> {
     }
     if needs.fuzz {
         fuzz(&mut todo)?;
+    }
+    if needs.bochs {
+        bochs(&mut todo)?;
     }
     if todo.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -346,6 +356,38 @@ fn grub(todo: &mut Vec<String>) -> Result<()> {
         "--no-install-recommends".into(),
     ];
     cmd.extend(GRUB_PACKAGES.iter().map(|s| s.to_string()));
+    if !is_root() {
+        todo.push(format!("sudo {}", cmd.join(" ")));
+        return Ok(());
+    }
+    eprintln!("xtask setup: {}", cmd.join(" "));
+    if run(Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .is_err()
+    {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+fn bochs(todo: &mut Vec<String>) -> Result<()> {
+    // `bochs --version` starts a simulation; the packages' files and status say enough.
+    let have_all = Path::new("/usr/bin/bochs").is_file()
+        && Path::new("/usr/share/bochs/BIOS-bochs-latest").is_file()
+        && Path::new("/usr/share/vgabios/vgabios.bin").is_file()
+        && Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", "bochs-term"])
+            .output()
+            .is_ok_and(|o| o.stdout.ends_with(b"install ok installed"));
+    if have_all {
+        return Ok(());
+    }
+    let mut cmd = vec!["apt-get".to_string(), "install".into(), "-y".into()];
+    cmd.extend(BOCHS_PACKAGES.iter().map(|s| s.to_string()));
     if !is_root() {
         todo.push(format!("sudo {}", cmd.join(" ")));
         return Ok(());

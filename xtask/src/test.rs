@@ -150,10 +150,13 @@ fn run_libtest(mut cmd: std::process::Command, what: &str, tally: &mut Tally) ->
 
 fn run_scenario(s: &Scenario, image: &Image, tally: &mut Tally) {
     let timeout = Some(Duration::from_secs(s.timeout_secs));
-    let result = command(s, image, false, &[]).and_then(|cmd| {
-        let rendered = render(&cmd);
-        execute(cmd, timeout, false).map(|o| (o, rendered))
-    });
+    let result = match s.bochs_cpu.as_deref() {
+        Some(model) => crate::bochs::run(s, image, model, timeout, false),
+        None => command(s, image, false, &[]).and_then(|cmd| {
+            let rendered = render(&cmd);
+            execute(cmd, timeout, false).map(|o| (o, rendered))
+        }),
+    };
     let (outcome, rendered) = match result {
         Ok(x) => x,
         Err(e) => {
@@ -163,7 +166,10 @@ fn run_scenario(s: &Scenario, image: &Image, tally: &mut Tally) {
             return;
         }
     };
-    let status = hypervisor_status(s.arch, &outcome, timeout);
+    let status = match s.bochs_cpu {
+        Some(_) => crate::bochs::hypervisor_status(&outcome, timeout),
+        None => hypervisor_status(s.arch, &outcome, timeout),
+    };
     let problems = scenario::check(s, &outcome.lines, status);
     let secs = outcome.elapsed.as_secs_f64();
     if problems.is_empty() {
@@ -188,7 +194,7 @@ fn run_scenario(s: &Scenario, image: &Image, tally: &mut Tally) {
             println!("  | {l}");
         }
         if !outcome.stderr.trim().is_empty() {
-            println!("  QEMU stderr:");
+            println!("  emulator stderr:");
             for l in outcome.stderr.lines().take(20) {
                 println!("  ! {l}");
             }

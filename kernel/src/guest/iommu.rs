@@ -12,6 +12,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use iommu::iommufd::sim::SimHw;
 use iommu::iommufd::vtd_backend::{self, VtdBackend, VtdDevice};
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
 use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
@@ -29,11 +30,24 @@ type Backend = VtdBackend<'static, MmioRegion, IommuMemory>;
 
 /// The object model the guests call into.
 pub struct GuestIommu {
-    fd: Iommufd<Backend>,
+    fd: Fd,
     units: usize,
     /// (unit index, source ID) of each hardware device, by hardware device index.
     devices: Vec<(usize, u16)>,
 }
+
+/// The object model over the VT-d units, or over the software IOMMU model when the machine has
+/// no IOMMU and the command line asks for it (`guest-iommu=model`): the ABI v1 calls then run
+/// against the same object model with page tables in heap memory, and no device can be
+/// assigned (there is nothing to contain its DMA).
+enum Fd {
+    Vtd(Iommufd<Backend>),
+    Model(Iommufd<SimHw>),
+}
+
+/// Table pages of the software model's pool: enough for the domains of a few IOASes (no device
+/// is ever attached, so none is allocated today).
+const MODEL_TABLE_PAGES: usize = 64;
 
 /// A DMA fault the units recorded, attributed to an assigned device when it is one.
 pub struct DmaFault {
@@ -95,10 +109,21 @@ impl GuestIommu {
         let fd = Iommufd::new(backend, Limits::default())
             .map_err(|e| alloc::format!("object model: {e:?}"))?;
         Ok(Some(GuestIommu {
-            fd,
+            fd: Fd::Vtd(fd),
             units: count,
             devices: device_ids,
         }))
+    }
+
+    /// The object model over the software IOMMU model, for machines without an IOMMU (Bochs).
+    pub fn software_model() -> Result<GuestIommu, String> {
+        let fd = Iommufd::new(SimHw::new(&[], MODEL_TABLE_PAGES, None), Limits::default())
+            .map_err(|e| alloc::format!("object model: {e:?}"))?;
+        Ok(GuestIommu {
+            fd: Fd::Model(fd),
+            units: 0,
+            devices: Vec::new(),
+        })
     }
 
     pub fn units(&self) -> usize {
@@ -106,24 +131,31 @@ impl GuestIommu {
     }
 
     pub fn create_guest(&mut self) -> Result<GuestId, String> {
-        self.fd
-            .create_guest()
-            .map_err(|e| alloc::format!("object model: {e:?}"))
+        match &mut self.fd {
+            Fd::Vtd(fd) => fd.create_guest(),
+            Fd::Model(fd) => fd.create_guest(),
+        }
+        .map_err(|e| alloc::format!("object model: {e:?}"))
     }
 
     /// Gives hardware device `hw` (an index into `bring_up`'s `devices`) to `guest`; returns the
     /// `dev_id` the guest names it by. Its DMA stays blocked until the guest attaches it.
     pub fn assign_device(&mut self, guest: GuestId, hw: usize) -> Result<u32, String> {
-        self.fd
-            .assign_device(guest, hw as iommu::iommufd::HwDev)
-            .map_err(|e| alloc::format!("object model: {e:?}"))
+        match &mut self.fd {
+            Fd::Vtd(fd) => fd.assign_device(guest, hw as iommu::iommufd::HwDev),
+            Fd::Model(fd) => fd.assign_device(guest, hw as iommu::iommufd::HwDev),
+        }
+        .map_err(|e| alloc::format!("object model: {e:?}"))
     }
 
     /// Drains every unit's fault recording registers (VT-d 4.1 §7.2.1) and hands each DMA
     /// fault to `sink`, attributed by (unit, source ID) to the device that raised it.
     pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
         let devices = &self.devices;
-        for (u, unit) in self.fd.hw_mut().units_mut().iter_mut().enumerate() {
+        let Fd::Vtd(fd) = &mut self.fd else {
+            return; // the software model makes no DMA
+        };
+        for (u, unit) in fd.hw_mut().units_mut().iter_mut().enumerate() {
             unit.poll_faults(&mut |r| {
                 sink(&DmaFault {
                     device: devices.iter().position(|&d| d == (u, r.source_id)),
@@ -139,14 +171,19 @@ impl GuestIommu {
 
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.
     pub fn call(&mut self, guest: GuestId, mem: &GuestMemory, op: u32, args_gpa: u64) -> i64 {
-        dispatch(&mut self.fd, guest, mem, op, args_gpa)
+        match &mut self.fd {
+            Fd::Vtd(fd) => dispatch(fd, guest, mem, op, args_gpa),
+            Fd::Model(fd) => dispatch(fd, guest, mem, op, args_gpa),
+        }
     }
 
     /// Destroys every object of `guest` (its mappings leave the hardware) before its memory is
     /// freed.
     pub fn destroy_guest(&mut self, guest: GuestId) -> Result<(), String> {
-        self.fd
-            .destroy_guest(guest)
-            .map_err(|e| alloc::format!("object model: {e:?}"))
+        match &mut self.fd {
+            Fd::Vtd(fd) => fd.destroy_guest(guest),
+            Fd::Model(fd) => fd.destroy_guest(guest),
+        }
+        .map_err(|e| alloc::format!("object model: {e:?}"))
     }
 }

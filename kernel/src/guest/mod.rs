@@ -30,7 +30,13 @@ use hvabi::{errno, op, platform};
 
 use crate::mem::iommu_mem::IOMMU_MEMORY;
 use crate::mem::{frame::FRAMES, phys};
-use crate::vcpu::{Backend, Event, Exit, Native};
+#[cfg(target_arch = "x86_64")]
+use crate::vcpu::Kind;
+#[cfg(target_arch = "x86_64")]
+use crate::vcpu::svm::Svm;
+#[cfg(target_arch = "x86_64")]
+use crate::vcpu::vmx::Vmx;
+use crate::vcpu::{Backend, Event, Exit};
 use crate::{EXIT_FAILURE, EXIT_SUCCESS, println};
 use iommu::GuestIommu;
 use memory::GuestMemory;
@@ -86,6 +92,28 @@ pub fn report_backend() {
 #[cfg(target_arch = "x86_64")]
 pub fn report_backend() {
     use core::arch::x86_64::__cpuid;
+    if crate::vcpu::kind() == Kind::Vmx {
+        match crate::vcpu::vmx::capabilities() {
+            Ok(c) => println!(
+                "report: vcpu backend=vmx revision={:#x} true-controls={} ept=yes vpid=yes ept-2m={} ept-1g={} unrestricted-guest={}",
+                c.revision,
+                if c.true_controls { "yes" } else { "no" },
+                if c.ept_vpid & (1 << 16) != 0 {
+                    "yes"
+                } else {
+                    "no"
+                },
+                if c.ept_vpid & (1 << 17) != 0 {
+                    "yes"
+                } else {
+                    "no"
+                },
+                if c.unrestricted { "yes" } else { "no" },
+            ),
+            Err(e) => println!("report: vcpu backend=none reason=\"no usable Intel VMX: {e}\""),
+        }
+        return;
+    }
     let ext = __cpuid(0x8000_0000).eax;
     if ext >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 2) != 0 && ext >= 0x8000_000a {
         let l = __cpuid(0x8000_000a);
@@ -206,13 +234,54 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             return EXIT_FAILURE;
         }
     };
-    let mut backend = match Native::probe() {
-        Ok(b) => b,
-        Err(e) => {
-            println!("guests: refused: no vCPU backend: {e}");
-            return EXIT_FAILURE;
-        }
+    let refuse = |e: &str| {
+        println!("guests: refused: no vCPU backend: {e}");
+        EXIT_FAILURE
     };
+    // The backend the CPU's vendor calls for (vcpu::kind); the rest is the same for all.
+    #[cfg(target_arch = "x86_64")]
+    match crate::vcpu::kind() {
+        Kind::Svm => match Svm::probe() {
+            Ok(b) => {
+                let ids = b.asids();
+                run_on(b, ids, info, &items, &configs, &assigned, platform, &images)
+            }
+            Err(e) => refuse(e),
+        },
+        Kind::Vmx => match Vmx::probe() {
+            Ok(b) => {
+                let ids = b.asids();
+                run_on(b, ids, info, &items, &configs, &assigned, platform, &images)
+            }
+            Err(e) => refuse(e),
+        },
+    }
+    #[cfg(target_arch = "aarch64")]
+    match crate::vcpu::Native::probe() {
+        Ok(b) => {
+            let ids = b.asids();
+            run_on(b, ids, info, &items, &configs, &assigned, platform, &images)
+        }
+        Err(e) => refuse(e),
+    }
+}
+
+/// Runs the configured guests on `backend` (`asids`: its address-space identifiers, for the
+/// report).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the second half of `run`: one call site per backend"
+)]
+fn run_on<B: Backend>(
+    mut backend: B,
+    asids: u32,
+    info: &'static BootInfo,
+    items: &[&'static str],
+    configs: &[GuestConfig<'static>],
+    assigned: &[devices::Assigned],
+    platform: &crate::discovery::Platform,
+    images: &[Image],
+) -> u32 {
     if let Err(e) = native::init_timer(info) {
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
@@ -239,6 +308,23 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             println!("guests: IOMMU ABI v1 on {} {units_kind}", i.units());
             Some(i)
         }
+        // No IOMMU hardware (Bochs): `guest-iommu=model` runs the ABI v1 calls on the software
+        // IOMMU model instead, so the call path is exercised; no device can be assigned then.
+        #[cfg(target_arch = "x86_64")]
+        Ok(None) if assigned.is_empty() && info.cmdline_value("guest-iommu") == Some("model") => {
+            match GuestIommu::software_model() {
+                Ok(i) => {
+                    println!(
+                        "guests: IOMMU ABI v1 on the software IOMMU model (no IOMMU hardware; no device can be assigned)"
+                    );
+                    Some(i)
+                }
+                Err(e) => {
+                    println!("guests: refused: software IOMMU model: {e}");
+                    return EXIT_FAILURE;
+                }
+            }
+        }
         Ok(None) if assigned.is_empty() => {
             println!("guests: no IOMMU: the ABI v1 ops return EOPNOTSUPP");
             None
@@ -255,15 +341,15 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
     println!(
         "guests: backend {} with {} ASIDs, {} guests, slice {} ms",
         backend.name(),
-        backend.asids(),
+        asids,
         configs.len(),
         SLICE_TICKS / 1_000_000
     );
     let free_before = free_frames();
     let units_before = IOMMU_MEMORY.live_bytes();
-    let mut guests: Vec<Guest<Native>> = Vec::new();
+    let mut guests: Vec<Guest<B>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
-        match create(&mut backend, &mut iommu, c, i, &assigned, platform, &images) {
+        match create(&mut backend, &mut iommu, c, i, assigned, platform, images) {
             Ok(g) => {
                 println!(
                     "guest {} started: image {}, {} MiB, cmdline {:?}",
@@ -336,15 +422,15 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
 
 /// Builds guest `index`: its object-model guest and devices, RAM, image, VM (RAM and device
 /// BARs), vCPU. On failure everything built so far is undone.
-fn create(
-    backend: &mut Native,
+fn create<B: Backend>(
+    backend: &mut B,
     iommu: &mut Option<GuestIommu>,
     c: &GuestConfig<'static>,
     index: usize,
     assigned: &[devices::Assigned],
     platform: &crate::discovery::Platform,
     images: &[Image],
-) -> Result<Guest<Native>, alloc::string::String> {
+) -> Result<Guest<B>, alloc::string::String> {
     let iommu_guest = iommu.as_mut().map(GuestIommu::create_guest).transpose()?;
     let undo_iommu = |iommu: &mut Option<GuestIommu>| {
         if let (Some(fd), Some(id)) = (iommu.as_mut(), iommu_guest) {
@@ -398,18 +484,14 @@ fn create(
     }
 }
 
-type Built = (
-    GuestMemory,
-    <Native as Backend>::Vm,
-    <Native as Backend>::Vcpu,
-);
+type Built<B> = (GuestMemory, <B as Backend>::Vm, <B as Backend>::Vcpu);
 
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; the steps share all of it"
 )]
-fn build(
-    backend: &mut Native,
+fn build<B: Backend>(
+    backend: &mut B,
     iommu: &mut Option<GuestIommu>,
     iommu_guest: Option<::iommu::iommufd::GuestId>,
     c: &GuestConfig<'static>,
@@ -417,7 +499,7 @@ fn build(
     assigned: &[devices::Assigned],
     platform: &crate::discovery::Platform,
     images: &[Image],
-) -> Result<Built, alloc::string::String> {
+) -> Result<Built<B>, alloc::string::String> {
     use alloc::format;
     let image = images
         .iter()

@@ -1,14 +1,15 @@
 //! The vCPU backend interface: what the architecture-neutral guest code (`guest/`) needs from a
 //! hardware virtualization extension, and nothing more.
 //!
-//! One [`Backend`] per machine, chosen at boot from the CPU's features ([`svm`] on AMD today; Intel
-//! VMX (issue 14) and the aarch64 EL1 backend (issue 10) implement the same trait). A backend
+//! One [`Backend`] per machine, chosen at boot from the CPU's vendor and features ([`kind`]:
+//! [`svm`] on AMD, [`vmx`] on Intel; the aarch64 EL1 backend (issue 10) implements the same
+//! trait). A backend
 //! creates a [`Backend::Vm`] from a guest's memory map (it builds its own second-stage table in
 //! the format its hardware walks: SVM nested paging and VMX EPT use x86 formats, EL2 stage 2 the
 //! Arm one) and vCPUs inside it; [`Backend::run`] enters the guest and returns at the next exit
 //! the backend cannot finish by itself, decoded into an [`Event`].
 //!
-//! How the other backends map onto it: VMX (issue 14) creates its VM with an EPT built by the
+//! How the other backends map onto it: VMX ([`vmx`]) creates its VM with an EPT built by the
 //! engine, decodes exit reasons 18 (VMCALL -> [`Event::Hypercall`]), 30 (I/O -> `PortIo`, the
 //! qualification has port/size/direction), 48 (EPT violation -> `MmioFault`), 12 (HLT), 2 (triple
 //! fault) and the preemption timer or external interrupt (`Preempted`). The EL1 backend (issue 10)
@@ -29,12 +30,12 @@
 pub mod el1;
 #[cfg(target_arch = "x86_64")]
 pub mod svm;
+#[cfg(target_arch = "x86_64")]
+pub mod vmx;
 
-/// The backend of this architecture (the one `guest::run` drives).
+/// The backend of aarch64 (x86_64 chooses between SVM and VMX at boot: [`kind`]).
 #[cfg(target_arch = "aarch64")]
 pub type Native = el1::El1;
-#[cfg(target_arch = "x86_64")]
-pub type Native = svm::Svm;
 
 use crate::guest::memory::GuestMemory;
 
@@ -126,6 +127,9 @@ pub enum VcpuError {
     NoAsid,
     /// The second-stage table could not map the guest's memory (engine error).
     Map,
+    /// The processor refused a control structure (a VMCS field VMWRITE rejected, VMPTRLD).
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code, reason = "VMX only"))]
+    Control,
 }
 
 impl core::fmt::Display for VcpuError {
@@ -134,7 +138,28 @@ impl core::fmt::Display for VcpuError {
             VcpuError::NoMemory => "out of memory for virtualization structures",
             VcpuError::NoAsid => "no free address-space identifier",
             VcpuError::Map => "cannot map guest memory in the second-stage table",
+            VcpuError::Control => "the processor refused a virtualization control structure",
         })
+    }
+}
+
+/// Which backend this CPU calls for, from CPUID alone (nothing is switched on): Intel CPUs
+/// (vendor "GenuineIntel") have VMX and never SVM; every other x86 vendor is asked for SVM.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Svm,
+    Vmx,
+}
+
+/// The backend kind for this CPU's vendor (CPUID leaf 0: EBX, EDX, ECX spell the vendor).
+#[cfg(target_arch = "x86_64")]
+pub fn kind() -> Kind {
+    let l = core::arch::x86_64::__cpuid(0);
+    if (l.ebx, l.edx, l.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e) {
+        Kind::Vmx
+    } else {
+        Kind::Svm
     }
 }
 

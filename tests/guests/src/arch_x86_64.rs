@@ -3,23 +3,55 @@
 
 use core::arch::{asm, global_asm};
 
-/// VMMCALL with RAX = op, RBX/RCX/RDX = arguments; the result comes back in RAX
-/// (docs/abi.md §2.1). Every other register is preserved by the hypervisor.
+/// Whether the hypercall instruction is Intel's VMCALL (the vendor CPUID reports is
+/// "GenuineIntel": the hypervisor runs this guest with VMX) rather than AMD's VMMCALL (SVM).
+/// Each is #UD under the other extension (docs/abi.md §2.1). CPUID is emulated by the
+/// hypervisor from the host's, so the vendor is the real CPU's.
+fn intel() -> bool {
+    use core::sync::atomic::{AtomicU8, Ordering::Relaxed};
+    static VENDOR: AtomicU8 = AtomicU8::new(0);
+    match VENDOR.load(Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let l = core::arch::x86_64::__cpuid(0);
+            let intel = (l.ebx, l.edx, l.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e);
+            VENDOR.store(if intel { 1 } else { 2 }, Relaxed);
+            intel
+        }
+    }
+}
+
+/// VMMCALL (AMD) or VMCALL (Intel) with RAX = op, RBX/RCX/RDX = arguments; the result comes back
+/// in RAX (docs/abi.md §2.1). Every other register is preserved by the hypervisor.
 pub fn hypercall(op: u32, a0: u64, a1: u64, a2: u64) -> i64 {
     let ret: u64;
-    // SAFETY: VMMCALL traps to the hypervisor, which changes only RAX (the result) and RIP;
-    // RBX is callee-saved in the SysV ABI, so it is saved around the call by hand.
+    // SAFETY: VMMCALL/VMCALL traps to the hypervisor, which changes only RAX (the result) and
+    // RIP; RBX is callee-saved in the SysV ABI, so it is saved around the call by hand.
     unsafe {
-        asm!(
-            "xchg rbx, {a0}",
-            "vmmcall",
-            "xchg rbx, {a0}",
-            a0 = inout(reg) a0 => _,
-            inout("rax") u64::from(op) => ret,
-            in("rcx") a1,
-            in("rdx") a2,
-            options(nostack),
-        );
+        if intel() {
+            asm!(
+                "xchg rbx, {a0}",
+                "vmcall",
+                "xchg rbx, {a0}",
+                a0 = inout(reg) a0 => _,
+                inout("rax") u64::from(op) => ret,
+                in("rcx") a1,
+                in("rdx") a2,
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "xchg rbx, {a0}",
+                "vmmcall",
+                "xchg rbx, {a0}",
+                a0 = inout(reg) a0 => _,
+                inout("rax") u64::from(op) => ret,
+                in("rcx") a1,
+                in("rdx") a2,
+                options(nostack),
+            );
+        }
     }
     ret as i64
 }
@@ -32,6 +64,10 @@ global_asm!(
     .global testguest_wild_load
 testguest_wild_load:
     mov rax, [rdi]
+    ret
+    .global testguest_wild_store
+testguest_wild_store:
+    mov [rdi], rsi
     ret
     .popsection
 "#
@@ -76,6 +112,7 @@ testguest_hlt_insn:
 
 unsafe extern "C" {
     fn testguest_wild_load(addr: u64) -> u64;
+    fn testguest_wild_store(addr: u64, value: u64);
     fn testguest_rdmsr();
     fn testguest_out();
     fn testguest_vmrun();
@@ -104,6 +141,13 @@ pub fn wild_read(addr: u64) -> u64 {
     // SAFETY: the point of the `wild` variant: the load reaches the hypervisor as a nested page
     // fault when `addr` is not guest RAM, and the guest never runs again.
     unsafe { testguest_wild_load(addr) }
+}
+
+/// Writes `value` to the 8 bytes at `addr` (identity-mapped like [`wild_read`]).
+pub fn wild_write(addr: u64, value: u64) {
+    // SAFETY: as in `wild_read`: when `addr` is not guest RAM the store reaches the hypervisor
+    // as a second-stage fault and the guest never runs again.
+    unsafe { testguest_wild_store(addr, value) }
 }
 
 /// Loads an empty IDT and raises #UD: #UD cannot be delivered (#GP), nor can the #GP (#DF),

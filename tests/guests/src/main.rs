@@ -2,7 +2,7 @@
 //!
 //! - `hello`: prints through the console call and exits with status 0;
 //! - `spin`: prints, then loops forever (the hypervisor preempts it and stops it at its budget);
-//! - `wild gpa=ADDR`: reads guest-physical ADDR, which should not be its memory;
+//! - `wild gpa=ADDR [write]`: reads (or writes) guest-physical ADDR, which should not be its memory;
 //! - `triple`: triple-faults;
 //! - `dma[,fault][,linger]`: its assigned edu does DMA both ways through an IOAS it attached it to
 //!   (with `fault`, then a DMA to the unmapped IOVA, which must be blocked; with `linger`, it
@@ -136,9 +136,20 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             }
         }
         "wild" => {
-            let gpa = words
-                .find_map(|w| w.strip_prefix("gpa=").and_then(parse_u64))
-                .unwrap_or(0x4000_0000);
+            let mut gpa = 0x4000_0000;
+            let mut write = false;
+            for w in words {
+                if let Some(g) = w.strip_prefix("gpa=").and_then(parse_u64) {
+                    gpa = g;
+                }
+                write |= w == "write";
+            }
+            if write {
+                println!("testguest: writing gpa {gpa:#x}");
+                arch::wild_write(gpa, 0x5afe_c0de);
+                println!("testguest: wrote {gpa:#x}: the hypervisor let a wild write through");
+                exit(1)
+            }
             println!("testguest: reading gpa {gpa:#x}");
             let v = arch::wild_read(gpa);
             println!("testguest: read {v:#x}: the hypervisor let a wild read through");

@@ -120,3 +120,9 @@ pub fn ist_stacks() -> [(u8, u64, u64); 3] {
         range(IST_MACHINE_CHECK, &MACHINE_CHECK_STACK),
     ]
 }
+
+/// Linear address of the boot CPU's TSS (the host TR base a VMX VM exit restores, SDM §28.5.2),
+/// or `None` before [`init`].
+pub fn tss_base() -> Option<u64> {
+    TSS.get().map(|t| core::ptr::from_ref(t) as u64)
+}

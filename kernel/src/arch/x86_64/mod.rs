@@ -22,6 +22,7 @@ use boot::BootInfo;
 use drivers::uart16550::{COM1, Uart16550};
 use spin::Once;
 
+pub use gdt::tss_base;
 pub use paging::{DIRECT_MAP_BASE, phys_to_virt, virt_to_phys};
 pub use selftest::selftest;
 
@@ -29,6 +30,8 @@ static UART: Uart16550<pio::UartPorts> = Uart16550::new(pio::UartPorts::new(COM1
 
 /// Whether `exit` may use QEMU's isa-debug-exit device (`exit=qemu` on the command line).
 static QEMU_EXIT: AtomicBool = AtomicBool::new(false);
+/// Whether `exit` may use Bochs's shutdown port 0x8900 (`exit=bochs` on the command line).
+static BOCHS_EXIT: AtomicBool = AtomicBool::new(false);
 
 /// Console baud rate; 8N1, no flow control.
 const BAUD: u32 = 115_200;
@@ -38,6 +41,10 @@ const BAUD: u32 = 115_200;
 pub fn console_init(info: &BootInfo) {
     QEMU_EXIT.store(
         info.cmdline_value("exit") == Some("qemu"),
+        Ordering::Relaxed,
+    );
+    BOCHS_EXIT.store(
+        info.cmdline_value("exit") == Some("bochs"),
         Ordering::Relaxed,
     );
     let _ = UART.init(BAUD);
@@ -211,12 +218,17 @@ pub fn direct_map_limit() -> u64 {
 }
 
 /// Leaves the hypervisor: under QEMU with `exit=qemu`, through isa-debug-exit (QEMU's exit status
-/// becomes `((0x10 + status) << 1) | 1`, so 33 for success); otherwise halts this CPU for good.
+/// becomes `((0x10 + status) << 1) | 1`, so 33 for success); under Bochs with `exit=bochs`, through
+/// its shutdown port; otherwise halts this CPU for good.
 pub fn exit(status: u32) -> ! {
     if QEMU_EXIT.load(Ordering::Relaxed) {
         // QEMU 10 only *requests* the shutdown here; the main loop ends the process shortly
         // after, so halt quietly instead of printing while that happens.
         pio::qemu_debug_exit(0x10u32.wrapping_add(status));
+    } else if BOCHS_EXIT.load(Ordering::Relaxed) {
+        // Bochs has no exit-status device: it ends with status 1 whatever the hypervisor's, so
+        // the status line printed before this is the only record (xtask reads it).
+        pio::bochs_shutdown();
     } else {
         crate::console::print_unlocked(format_args!(
             "hypervisor: halted; reset the machine to restart\n"

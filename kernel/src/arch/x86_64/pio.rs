@@ -53,6 +53,20 @@ pub fn qemu_debug_exit(value: u32) {
     unsafe { Port::<u32>::new(QEMU_DEBUG_EXIT_PORT).write(value) }
 }
 
+/// Bochs's shutdown port: writing the bytes of "Shutdown" in order ends the emulator (Bochs
+/// `iodev/unmapped.cc`, the BIOS's shutdown request).
+pub const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
+
+/// Asks Bochs to end the simulation. On other machines the port is unassigned and this returns.
+pub fn bochs_shutdown() {
+    for b in *b"Shutdown" {
+        // SAFETY: port 0x8900 is Bochs's shutdown port when the operator asked for it
+        // (`exit=bochs`) and unassigned on PC hardware otherwise; a byte write has no memory
+        // effect.
+        unsafe { Port::<u8>::new(BOCHS_SHUTDOWN_PORT).write(b) }
+    }
+}
+
 /// PCI configuration mechanism #1 (PCI Local Bus Specification 3.0 §3.2.2.3.2): write the
 /// address to 0xCF8, then access the dword at 0xCFC. Reaches offsets 0-255 only; the extended
 /// space needs ECAM (MCFG). The address/data pair is one critical section.
