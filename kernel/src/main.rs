@@ -11,6 +11,7 @@ mod discovery;
 mod firmware;
 #[cfg(target_arch = "x86_64")]
 mod guest;
+mod iommu_owner;
 mod mem;
 mod panic;
 mod pci;
@@ -64,6 +65,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     };
     let scenario = info.cmdline_value("scenario").unwrap_or(default);
     let platform = discovery::discover_and_report(info);
+    // The one owner of the IOMMUs: every unit brought up once, for the life of the system.
+    iommu_owner::bring_up(info, &platform);
     #[cfg(target_arch = "x86_64")]
     guest::report_backend();
     let status = match scenario {

@@ -176,20 +176,25 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
     }
-    let hw: Vec<(u64, u16)> = assigned.iter().map(|a| (a.unit_base, a.sid)).collect();
-    let (mode, mode_name) = match info.cmdline_value("vtd-mode") {
-        Some("scalable") => (::iommu::vtd::TranslationMode::Scalable, "scalable"),
-        None | Some("legacy") => (::iommu::vtd::TranslationMode::Legacy, "legacy"),
-        Some(other) => {
-            println!("guests: refused: vtd-mode={other}: expected legacy or scalable");
-            return EXIT_FAILURE;
-        }
-    };
-    let mut iommu = match GuestIommu::bring_up(platform, mode, &hw) {
+    let hw: Vec<(u16, drivers::pci::Bdf)> = assigned
+        .iter()
+        .map(|a| {
+            (
+                a.addr.segment,
+                drivers::pci::Bdf {
+                    bus: a.addr.bus,
+                    device: a.addr.device,
+                    function: a.addr.function,
+                },
+            )
+        })
+        .collect();
+    let mut iommu = match GuestIommu::attach(&hw) {
         Ok(Some(i)) => {
             println!(
-                "guests: IOMMU ABI v1 on {} VT-d unit(s), {mode_name} mode",
-                i.units()
+                "guests: IOMMU ABI v1 on {} VT-d unit(s), {} mode",
+                i.units(),
+                i.mode()
             );
             Some(i)
         }
@@ -202,7 +207,7 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             return EXIT_FAILURE;
         }
         Err(e) => {
-            println!("guests: refused: IOMMU bring-up: {e}");
+            println!("guests: refused: IOMMU owner: {e}");
             return EXIT_FAILURE;
         }
     };
