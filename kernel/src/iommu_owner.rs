@@ -135,7 +135,7 @@ pub fn bring_up(info: &BootInfo, platform: &Platform) {
 }
 
 /// Every assignable device: behind a unit the owner holds, all its DMA aliases known, not a
-/// bridge (it forwards others' DMA), and on x86_64 not a device firmware keeps for DMA to
+/// bridge of any kind (PCI class 06h: host, ISA, PCI-to-PCI; they are the platform's), and on x86_64 not a device firmware keeps for DMA to
 /// reserved memory (RMRR).
 fn assignable(platform: &Platform, units: &[OwnedUnit]) -> Vec<OwnedDevice> {
     let mut out = Vec::new();
@@ -154,7 +154,7 @@ fn assignable(platform: &Platform, units: &[OwnedUnit]) -> Vec<OwnedDevice> {
             .iter()
             .find(|s| s.segment == d.segment)
             .and_then(|s| s.devices.functions().iter().find(|f| f.bdf == d.bdf))
-            .is_none_or(|f| f.is_bridge());
+            .is_none_or(|f| f.is_bridge() || f.class == 0x06);
         if bridge {
             continue;
         }
