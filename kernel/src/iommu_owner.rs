@@ -71,9 +71,26 @@ pub struct IommuOwner {
     /// The translation mode every VT-d unit runs in (`vtd-mode=`).
     #[cfg(target_arch = "x86_64")]
     pub mode: iommu::vtd::TranslationMode,
+    /// The domain shape asked for on the command line (`vtd-stage=`, `vtd-aw=`): what the
+    /// VT-d driver suite builds its domains with. Read here so that every IOMMU option is
+    /// checked once, at bring-up.
+    #[cfg(target_arch = "x86_64")]
+    pub stage: iommu::vtd::Stage,
+    #[cfg(target_arch = "x86_64")]
+    pub address_width: u32,
 }
 
 static OWNER: Mutex<Option<IommuOwner>> = Mutex::new(None);
+/// Why bring-up was refused, if it was: users that need an IOMMU refuse to run without one
+/// rather than run uncontained.
+static REFUSED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Why the owner refused to bring the units up (a bad `vtd-*=` option, a unit that would not
+/// come up), or `None` if it did not (there may still be no unit at all).
+#[cfg(target_arch = "x86_64")]
+pub fn refusal() -> Option<String> {
+    REFUSED.lock().clone()
+}
 
 /// The owner, locked; `None` inside when the machine has no IOMMU (or bring-up failed: the boot
 /// report says why).
@@ -130,7 +147,10 @@ pub fn bring_up(info: &BootInfo, platform: &Platform) {
             );
             *owner = Some(o);
         }
-        Err(e) => println!("report: iommu owner: none (bring-up refused: {e})"),
+        Err(e) => {
+            println!("report: iommu owner: none (bring-up refused: {e})");
+            *REFUSED.lock() = Some(e);
+        }
     }
 }
 
@@ -191,12 +211,23 @@ fn ids_of(d: &OwnedDevice) -> Result<Ids<HwId>, String> {
 #[cfg(target_arch = "x86_64")]
 fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, String> {
     use iommu::iommufd::vtd_backend::{self, VtdBackend};
-    use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
+    use iommu::vtd::{Stage, TranslationMode, UnitConfig, VtdUnit};
 
     let mode = match info.cmdline_value("vtd-mode") {
         None | Some("legacy") => TranslationMode::Legacy,
         Some("scalable") => TranslationMode::Scalable,
         Some(other) => return Err(format!("vtd-mode={other}: expected legacy or scalable")),
+    };
+    let stage = match info.cmdline_value("vtd-stage") {
+        None | Some("second") => Stage::Second,
+        Some("first") => Stage::First,
+        Some(other) => return Err(format!("vtd-stage={other}: expected second or first")),
+    };
+    let address_width: u32 = match info.cmdline_value("vtd-aw") {
+        None => 48,
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("vtd-aw={v}: expected 39 or 48"))?,
     };
     let mut units = Vec::new();
     let mut owned = Vec::new();
@@ -259,6 +290,8 @@ fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, Str
         units: owned,
         devices,
         mode,
+        stage,
+        address_width,
     }))
 }
 

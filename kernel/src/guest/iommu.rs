@@ -41,11 +41,14 @@ fn model_err(e: impl core::fmt::Debug) -> String {
 impl GuestIommu {
     /// The owner's object model with `devices` (segment, PCI address) known to the guests as
     /// assignment indices `0..devices.len()`, in that order; `Ok(None)` when the machine has
-    /// no IOMMU owner.
+    /// no IOMMU (an error if the owner refused to bring its units up).
     pub fn attach(devices: &[(u16, drivers::pci::Bdf)]) -> Result<Option<GuestIommu>, String> {
         let owner = iommu_owner::lock();
         let Some(o) = owner.as_ref() else {
-            return Ok(None);
+            return match iommu_owner::refusal() {
+                Some(why) => Err(alloc::format!("its bring-up was refused: {why}")),
+                None => Ok(None),
+            };
         };
         let mut indices = Vec::new();
         for &(segment, bdf) in devices {

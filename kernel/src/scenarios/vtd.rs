@@ -26,7 +26,7 @@ use core::sync::atomic::Ordering;
 use iommu::hw::Mmio;
 use iommu::pgtable::{Prot, TableMemory};
 use iommu::vtd::regs::offset;
-use iommu::vtd::{DomainConfig, Stage, TranslationMode, VtdError, VtdUnit};
+use iommu::vtd::{DomainConfig, VtdError, VtdUnit};
 
 const M2: u64 = 2 << 20;
 
@@ -50,22 +50,14 @@ pub fn run(info: &BootInfo, platform: &Platform) -> u32 {
 }
 
 fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<(), String> {
-    let mode = match info.cmdline_value("vtd-mode") {
-        None | Some("legacy") => TranslationMode::Legacy,
-        Some("scalable") => TranslationMode::Scalable,
-        Some(other) => return Err(format!("vtd-mode={other}: expected legacy or scalable")),
-    };
-    let stage = match info.cmdline_value("vtd-stage") {
-        None | Some("second") => Stage::Second,
-        Some("first") => Stage::First,
-        Some(other) => return Err(format!("vtd-stage={other}: expected second or first")),
-    };
-    let aw: u32 = match info.cmdline_value("vtd-aw") {
-        None => 48,
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("vtd-aw={v}: expected 39 or 48"))?,
-    };
+    // The unit comes from the kernel's IOMMU owner, which brought it up at boot in the mode
+    // `vtd-mode=` names, with the RMRRs applied before translation was enabled; it also read
+    // the domain shape (`vtd-stage=`, `vtd-aw=`) this suite asks of the unit.
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner
+        .as_mut()
+        .ok_or("no IOMMU owner (the boot report says why)")?;
+    let (mode, stage, aw) = (o.mode, o.stage, o.address_width);
     let dev = find_edu(platform, drivers::edu::DEFAULT_DMA_MASK)?;
     let sid = dev.bdf.rid();
     let unit_name = platform
@@ -99,18 +91,6 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     );
 
     let mem = &IOMMU_MEMORY;
-    // The unit comes from the kernel's IOMMU owner, which brought it up at boot in the mode
-    // `vtd-mode=` names, with the RMRRs applied before translation was enabled.
-    let mut owner = crate::iommu_owner::lock();
-    let o = owner
-        .as_mut()
-        .ok_or("no IOMMU owner (the boot report says why)")?;
-    if o.mode != mode {
-        return Err(format!(
-            "the IOMMU owner runs the units in {:?} mode",
-            o.mode
-        ));
-    }
     let index = o
         .unit_index(&unit_name)
         .ok_or_else(|| format!("the IOMMU owner does not hold {unit_name}"))?;
