@@ -501,7 +501,7 @@ struct Cx<'a, B: Backend> {
     device_guest: &'a [usize],
     /// DMA faults raised by each guest's devices so far, by guest index.
     faults: Vec<u64>,
-    /// `guard-tamper`: the hypervisor flips a byte of every guarded range (guard.rs).
+    /// `guard-tamper`: the hypervisor flips one bit of every guarded range (guard.rs).
     tamper: bool,
 }
 
@@ -557,7 +557,7 @@ fn schedule<B: Backend>(
             // Guest i has just ended: whatever it did is done, so every range another guest
             // guards must still hash as it did when the guard was set.
             let after = alloc::format!("after guest {} ended", guests[i].name);
-            for other in guests.iter_mut() {
+            for other in guests.iter() {
                 check_guard(cx, other, &after);
             }
         }
@@ -763,7 +763,9 @@ fn check_guard<B: Backend>(cx: &Cx<'_, B>, g: &Guest<B>, when: &str) {
     let (Some(gd), Some(mem)) = (g.guard.as_ref(), g.memory.as_ref()) else {
         return;
     };
-    let blocked = cx.foreign_faults(g.index) - gd.foreign_faults_at;
+    let blocked = cx
+        .foreign_faults(g.index)
+        .saturating_sub(gd.foreign_faults_at);
     match guard::hash(mem, gd.gpa, gd.len) {
         Some(now) if now == gd.hash => println!(
             "guard: guest {} gpa {:#x}+{:#x} {when}: hash unchanged: {:#018x} == {now:#018x} ({blocked} DMA faults of other guests' devices meanwhile)",
