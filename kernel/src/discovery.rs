@@ -21,6 +21,8 @@ pub enum Unit {
     Vtd {
         name: String,
         base: u64,
+        /// Bytes of register space the DRHD declares (at least one page).
+        regs_len: u64,
         segment: u16,
         include_pci_all: bool,
         regs: VtdIdRegs,
@@ -423,6 +425,7 @@ fn report_dmar(d: &Dmar<'_>, units: &mut Vec<Unit>) {
         units.push(Unit::Vtd {
             name,
             base,
+            regs_len: len,
             segment: drhd.segment(),
             include_pci_all: drhd.include_pci_all(),
             regs,

@@ -10,6 +10,7 @@ mod console;
 mod discovery;
 mod firmware;
 mod guest;
+mod iommu_owner;
 mod mem;
 mod panic;
 mod pci;
@@ -62,6 +63,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     };
     let scenario = info.cmdline_value("scenario").unwrap_or(default);
     let platform = discovery::discover_and_report(info);
+    // The one owner of the IOMMUs: every unit brought up once, for the life of the system.
+    iommu_owner::bring_up(info, &platform);
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,

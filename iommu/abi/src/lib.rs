@@ -766,6 +766,12 @@ pub mod platform {
     pub const CONSOLE_WRITE: u32 = 0xF0;
     /// End the calling guest with exit status `arg0` (low 32 bits). Does not return.
     pub const EXIT: u32 = 0xF1;
+    /// Ask the hypervisor to watch `arg1` bytes of the caller's RAM at guest-physical `arg0`
+    /// (at most 1 MiB) that the caller will not change again: the hypervisor hashes them now and
+    /// again whenever another guest ends and when the caller ends, and reports whether they
+    /// changed (a test of isolation no guest can fake). 0, `-EINVAL` for an empty or too long
+    /// range, `-EFAULT` if it is not all the caller's RAM.
+    pub const GUARD: u32 = 0xF2;
     /// The most bytes one CONSOLE_WRITE accepts.
     pub const CONSOLE_WRITE_MAX: u64 = 4096;
 }

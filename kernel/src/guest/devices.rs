@@ -25,8 +25,6 @@ pub struct Assigned {
     /// Index of the guest's configuration item.
     pub guest: usize,
     pub addr: PciAddress,
-    pub unit_base: u64,
-    pub sid: u16,
     pub vendor: u16,
     pub device: u16,
     /// (bus address = GPA, size) of each memory BAR; (0, 0) for the others.
@@ -72,7 +70,7 @@ pub fn resolve(
                 .find(|d| d.segment == a.segment && d.bdf == bdf(a))
                 .and_then(|d| d.translation.as_ref())
                 .ok_or_else(|| refuse("not behind an IOMMU: its DMA could not be contained"))?;
-            let unit_base = platform
+            platform
                 .units
                 .iter()
                 .find_map(|u| match u {
@@ -84,8 +82,9 @@ pub fn resolve(
                     _ => None,
                 })
                 .ok_or_else(|| refuse("not behind an IOMMU unit the hypervisor drives"))?;
+            // RMRRs are VT-d's (aarch64 has no such table).
+            #[cfg(target_arch = "x86_64")]
             let sid = t.id as u16;
-            // RMRRs are VT-d's (aarch64 has no such table; and no `dev=` reaches here there).
             #[cfg(target_arch = "x86_64")]
             if platform.rmrr.as_ref().is_some_and(|p| {
                 p.devices()
@@ -122,8 +121,6 @@ pub fn resolve(
             out.push(Assigned {
                 guest: gi,
                 addr: a,
-                unit_base,
-                sid,
                 vendor: f.vendor_id,
                 device: f.device_id,
                 bars,

@@ -1,48 +1,31 @@
-//! The guests' side of the IOMMU object model: one [`Iommufd`] over the machine's VT-d units,
-//! with one object-model guest per running guest, so a guest's VMMCALLs reach `dispatch` with its
-//! own [`GuestMemory`](super::memory::GuestMemory) and can name only its own objects.
+//! The guests' side of the IOMMU object model: the kernel's one [`Iommufd`](::iommu::iommufd)
+//! (`iommu_owner.rs`, brought up at boot with every unit and assignable device), with one
+//! object-model guest per running guest, so a guest's VMMCALLs reach `dispatch` with its own
+//! [`GuestMemory`](super::memory::GuestMemory) and can name only its own objects.
 //!
-//! This is the interim owner of the units while guests run (issue 9 part 1 makes the kernel own
-//! them once, from boot): each unit is brought up in legacy mode (or scalable mode with
-//! `vtd-mode=scalable` on the command line) with its RMRR identity domains
-//! applied before translation is enabled. Enabling translation blocks every device's DMA; a
-//! device named by a guest's `dev=` is given to that guest and stays blocked until the guest
-//! attaches it through the ABI.
+//! A device named by a guest's `dev=` is given to that guest and stays blocked (the owner
+//! enabled translation at boot, before any guest existed) until the guest attaches it through
+//! the ABI.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use iommu::iommufd::sim::SimHw;
-use iommu::iommufd::vtd_backend::{self, VtdBackend, VtdDevice};
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
-use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
 
 use super::memory::GuestMemory;
-use crate::discovery::{Platform, Unit};
-use crate::mem::iommu_mem::{IOMMU_MEMORY, IommuMemory};
-use crate::mem::phys::MmioRegion;
+use crate::iommu_owner;
 
-/// Bytes of VT-d register space mapped per unit: the architectural register file plus the fault
-/// recording and IOTLB registers, which QEMU and current hardware place in the first page.
-const VTD_REGS: u64 = 0x1000;
-
-type Backend = VtdBackend<'static, MmioRegion, IommuMemory>;
-
-/// The object model the guests call into.
+/// The guests' handle on the owner: which of the owner's devices the configuration assigns.
 pub struct GuestIommu {
-    fd: Fd,
     units: usize,
-    /// (unit index, source ID) of each hardware device, by hardware device index.
-    devices: Vec<(usize, u16)>,
-}
-
-/// The object model over the VT-d units, or over the software IOMMU model when the machine has
-/// no IOMMU and the command line asks for it (`guest-iommu=model`): the ABI v1 calls then run
-/// against the same object model with page tables in heap memory, and no device can be
-/// assigned (there is nothing to contain its DMA).
-enum Fd {
-    Vtd(Iommufd<Backend>),
-    Model(Iommufd<SimHw>),
+    mode: &'static str,
+    /// The owner's hardware-device index of each assigned device, by assignment index.
+    devices: Vec<usize>,
+    /// With no IOMMU hardware and `guest-iommu=model` (Bochs): the ABI v1 calls run on the
+    /// software IOMMU model instead of the owner's object model, page tables in heap memory;
+    /// no device can be assigned then (nothing would contain its DMA).
+    model: Option<Iommufd<SimHw>>,
 }
 
 /// Table pages of the software model's pool: enough for the domains of a few IOASes (no device
@@ -51,7 +34,7 @@ const MODEL_TABLE_PAGES: usize = 64;
 
 /// A DMA fault the units recorded, attributed to an assigned device when it is one.
 pub struct DmaFault {
-    /// Hardware device index (`bring_up`'s `devices`), or `None` for a device no guest owns.
+    /// Assignment index (`attach`'s `devices`), or `None` for a device no guest owns.
     pub device: Option<usize>,
     pub sid: u16,
     pub page: u64,
@@ -60,69 +43,52 @@ pub struct DmaFault {
     pub write: bool,
 }
 
+fn model_err(e: impl core::fmt::Debug) -> String {
+    alloc::format!("object model: {e:?}")
+}
+
 impl GuestIommu {
-    /// Brings up every VT-d unit discovery found, with `devices` (unit register base, source
-    /// ID) known to the object model as hardware devices `0..devices.len()`, in that order;
-    /// `Ok(None)` when there is no unit.
-    pub fn bring_up(
-        platform: &Platform,
-        mode: TranslationMode,
-        devices: &[(u64, u16)],
-    ) -> Result<Option<GuestIommu>, String> {
-        let mut units = Vec::new();
-        let mut bases = Vec::new();
-        for u in &platform.units {
-            let Unit::Vtd { name, base, .. } = u else {
-                continue;
+    /// The owner's object model with `devices` (segment, PCI address) known to the guests as
+    /// assignment indices `0..devices.len()`, in that order; `Ok(None)` when the machine has
+    /// no IOMMU (an error if the owner refused to bring its units up).
+    pub fn attach(devices: &[(u16, drivers::pci::Bdf)]) -> Result<Option<GuestIommu>, String> {
+        let owner = iommu_owner::lock();
+        let Some(o) = owner.as_ref() else {
+            return match iommu_owner::refusal() {
+                Some(why) => Err(alloc::format!("its bring-up was refused: {why}")),
+                None => Ok(None),
             };
-            bases.push(*base);
-            let mmio =
-                MmioRegion::new(*base, VTD_REGS).map_err(|e| alloc::format!("{name}: {e}"))?;
-            let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::new(mode))
-                .map_err(|e| alloc::format!("{name}: {e}"))?;
-            if let Some(plan) = &platform.rmrr {
-                unit.apply_rmrr(&IOMMU_MEMORY, &plan.for_unit(*base))
-                    .map_err(|e| alloc::format!("{name}: RMRR: {e}"))?;
-            }
-            unit.enable_translation()
-                .map_err(|e| alloc::format!("{name}: {e}"))?;
-            units.push(unit);
+        };
+        let mut indices = Vec::new();
+        for &(segment, bdf) in devices {
+            let i = o.device_index(segment, bdf).ok_or_else(|| {
+                alloc::format!("{segment:04x}:{bdf}: the IOMMU owner does not hold it")
+            })?;
+            indices.push(i);
         }
-        if units.is_empty() {
-            return Ok(None);
-        }
-        let count = units.len();
-        let mut hw_devices = Vec::new();
-        let mut device_ids = Vec::new();
-        for (i, &(base, sid)) in devices.iter().enumerate() {
-            let unit = bases
-                .iter()
-                .position(|&b| b == base)
-                .ok_or("an assigned device's VT-d unit was not brought up")?;
-            // One group per device: every assignable device is an endpoint with its own
-            // requester ID (bridges and RMRR devices are refused before this point).
-            let info = vtd_backend::device_info(&units[unit], sid, i as u32 + 1, 0);
-            hw_devices.push(VtdDevice { info, unit, sid });
-            device_ids.push((unit, sid));
-        }
-        let backend = VtdBackend::new(units, &IOMMU_MEMORY, hw_devices);
-        let fd = Iommufd::new(backend, Limits::default())
-            .map_err(|e| alloc::format!("object model: {e:?}"))?;
         Ok(Some(GuestIommu {
-            fd: Fd::Vtd(fd),
-            units: count,
-            devices: device_ids,
+            units: o.units.len(),
+            #[cfg(target_arch = "x86_64")]
+            mode: match o.mode {
+                ::iommu::vtd::TranslationMode::Legacy => "VT-d unit(s), legacy mode",
+                ::iommu::vtd::TranslationMode::Scalable => "VT-d unit(s), scalable mode",
+            },
+            #[cfg(target_arch = "aarch64")]
+            mode: "SMMUv3 unit(s)",
+            devices: indices,
+            model: None,
         }))
     }
 
-    /// The object model over the software IOMMU model, for machines without an IOMMU (Bochs).
+    /// The software IOMMU model, for a machine without IOMMU hardware (see [`GuestIommu::model`]).
     pub fn software_model() -> Result<GuestIommu, String> {
         let fd = Iommufd::new(SimHw::new(&[], MODEL_TABLE_PAGES, None), Limits::default())
-            .map_err(|e| alloc::format!("object model: {e:?}"))?;
+            .map_err(model_err)?;
         Ok(GuestIommu {
-            fd: Fd::Model(fd),
             units: 0,
+            mode: "software IOMMU model(s)",
             devices: Vec::new(),
+            model: Some(fd),
         })
     }
 
@@ -130,35 +96,50 @@ impl GuestIommu {
         self.units
     }
 
-    pub fn create_guest(&mut self) -> Result<GuestId, String> {
-        match &mut self.fd {
-            Fd::Vtd(fd) => fd.create_guest(),
-            Fd::Model(fd) => fd.create_guest(),
-        }
-        .map_err(|e| alloc::format!("object model: {e:?}"))
+    pub fn mode(&self) -> &'static str {
+        self.mode
     }
 
-    /// Gives hardware device `hw` (an index into `bring_up`'s `devices`) to `guest`; returns the
+    pub fn create_guest(&mut self) -> Result<GuestId, String> {
+        if let Some(fd) = &mut self.model {
+            return fd.create_guest().map_err(model_err);
+        }
+        owned(|o| o.fd.create_guest().map_err(model_err))
+    }
+
+    /// Gives assigned device `hw` (an index into `attach`'s `devices`) to `guest`; returns the
     /// `dev_id` the guest names it by. Its DMA stays blocked until the guest attaches it.
     pub fn assign_device(&mut self, guest: GuestId, hw: usize) -> Result<u32, String> {
-        match &mut self.fd {
-            Fd::Vtd(fd) => fd.assign_device(guest, hw as iommu::iommufd::HwDev),
-            Fd::Model(fd) => fd.assign_device(guest, hw as iommu::iommufd::HwDev),
-        }
-        .map_err(|e| alloc::format!("object model: {e:?}"))
+        let dev = *self.devices.get(hw).ok_or("no such assigned device")?;
+        owned(|o| {
+            o.fd.assign_device(guest, dev as iommu::iommufd::HwDev)
+                .map_err(model_err)
+        })
     }
 
     /// Drains every unit's fault recording registers (VT-d 4.1 §7.2.1) and hands each DMA
-    /// fault to `sink`, attributed by (unit, source ID) to the device that raised it.
+    /// fault to `sink`, attributed by (unit, source ID) to the assigned device that raised it.
+    #[cfg(target_arch = "x86_64")]
     pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
-        let devices = &self.devices;
-        let Fd::Vtd(fd) = &mut self.fd else {
+        if self.model.is_some() {
             return; // the software model makes no DMA
+        }
+        let mut owner = iommu_owner::lock();
+        let Some(o) = owner.as_mut() else {
+            return;
         };
-        for (u, unit) in fd.hw_mut().units_mut().iter_mut().enumerate() {
+        // Every ID the device's DMA may carry (its own and its DMA aliases) is the device's.
+        let ids: Vec<(usize, Vec<u32>)> = self
+            .devices
+            .iter()
+            .map(|&d| (o.devices[d].unit, o.devices[d].ids.clone()))
+            .collect();
+        for (u, unit) in o.fd.hw_mut().units_mut().iter_mut().enumerate() {
             unit.poll_faults(&mut |r| {
                 sink(&DmaFault {
-                    device: devices.iter().position(|&d| d == (u, r.source_id)),
+                    device: ids.iter().position(|(unit, sids)| {
+                        *unit == u && sids.contains(&u32::from(r.source_id))
+                    }),
                     sid: r.source_id,
                     page: r.fault_info,
                     reason: r.reason,
@@ -169,21 +150,76 @@ impl GuestIommu {
         }
     }
 
+    /// Drains every unit's event queue (SMMUv3 §7.3) and hands each fault record to `sink`,
+    /// attributed by (unit, StreamID, or one of its DMA aliases) to the assigned device that
+    /// raised it. QEMU's SMMU records one event per faulting transaction (a 256-byte edu DMA is
+    /// dozens), so consecutive identical records (same StreamID, page, type and direction) are
+    /// reported once and the rest counted in the log.
+    #[cfg(target_arch = "aarch64")]
+    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
+        let mut owner = iommu_owner::lock();
+        let Some(o) = owner.as_mut() else {
+            return;
+        };
+        let ids: Vec<(usize, Vec<u32>)> = self
+            .devices
+            .iter()
+            .map(|&d| (o.devices[d].unit, o.devices[d].ids.clone()))
+            .collect();
+        for (u, unit) in o.fd.hw_mut().units_mut().iter_mut().enumerate() {
+            let mut last = None;
+            let mut repeats = 0u64;
+            let _ = unit.poll_events(&mut |e| {
+                let key = (e.stream_id, e.input_addr & !0xfff, e.kind.code(), e.read);
+                if last == Some(key) {
+                    repeats += 1;
+                    return;
+                }
+                last = Some(key);
+                sink(&DmaFault {
+                    device: ids
+                        .iter()
+                        .position(|(unit, sids)| *unit == u && sids.contains(&e.stream_id)),
+                    sid: e.stream_id as u16,
+                    page: e.input_addr & !0xfff,
+                    reason: e.kind.code(),
+                    reason_name: e.kind.name(),
+                    write: !e.read,
+                })
+            });
+            if repeats > 0 {
+                log::info!("smmu{u}: {repeats} repeated event records coalesced");
+            }
+        }
+    }
+
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.
     pub fn call(&mut self, guest: GuestId, mem: &GuestMemory, op: u32, args_gpa: u64) -> i64 {
-        match &mut self.fd {
-            Fd::Vtd(fd) => dispatch(fd, guest, mem, op, args_gpa),
-            Fd::Model(fd) => dispatch(fd, guest, mem, op, args_gpa),
+        if let Some(fd) = &mut self.model {
+            return dispatch(fd, guest, mem, op, args_gpa);
+        }
+        match iommu_owner::lock().as_mut() {
+            Some(o) => dispatch(&mut o.fd, guest, mem, op, args_gpa),
+            None => -i64::from(hvabi::errno::EOPNOTSUPP),
         }
     }
 
     /// Destroys every object of `guest` (its mappings leave the hardware) before its memory is
     /// freed.
     pub fn destroy_guest(&mut self, guest: GuestId) -> Result<(), String> {
-        match &mut self.fd {
-            Fd::Vtd(fd) => fd.destroy_guest(guest),
-            Fd::Model(fd) => fd.destroy_guest(guest),
+        if let Some(fd) = &mut self.model {
+            return fd.destroy_guest(guest).map_err(model_err);
         }
-        .map_err(|e| alloc::format!("object model: {e:?}"))
+        owned(|o| o.fd.destroy_guest(guest).map_err(model_err))
+    }
+}
+
+/// Runs `f` on the owner; an error if there is none (a `GuestIommu` exists only when there is).
+fn owned<R, E: From<&'static str>>(
+    f: impl FnOnce(&mut iommu_owner::IommuOwner) -> Result<R, E>,
+) -> Result<R, E> {
+    match iommu_owner::lock().as_mut() {
+        Some(o) => f(o),
+        None => Err(E::from("no IOMMU owner")),
     }
 }

@@ -14,10 +14,7 @@
 //! are drained after every exit and attributed to the guest and device.
 
 mod devices;
-#[cfg(target_arch = "x86_64")]
-mod iommu;
-#[cfg(target_arch = "aarch64")]
-#[path = "iommu_smmu.rs"]
+mod guard;
 mod iommu;
 pub mod loader;
 pub mod memory;
@@ -161,6 +158,10 @@ enum State {
 
 struct Guest<B: Backend> {
     name: &'static str,
+    /// Its position in the configuration (`devices::Assigned::guest`).
+    index: usize,
+    /// The range it asked the hypervisor to watch (platform call GUARD).
+    guard: Option<guard::Guard>,
     /// Its view of PCI configuration space (its own functions only).
     pci: pci::GuestPci,
     /// This guest in the IOMMU object model, if there is one.
@@ -286,31 +287,26 @@ fn run_on<B: Backend>(
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
     }
-    let hw: Vec<(u64, u16)> = assigned.iter().map(|a| (a.unit_base, a.sid)).collect();
-    #[cfg(target_arch = "x86_64")]
-    let (mode, mode_name) = match info.cmdline_value("vtd-mode") {
-        Some("scalable") => (::iommu::vtd::TranslationMode::Scalable, "scalable"),
-        None | Some("legacy") => (::iommu::vtd::TranslationMode::Legacy, "legacy"),
-        Some(other) => {
-            println!("guests: refused: vtd-mode={other}: expected legacy or scalable");
-            return EXIT_FAILURE;
-        }
-    };
-    #[cfg(target_arch = "x86_64")]
-    let (brought_up, units_kind) = (
-        GuestIommu::bring_up(platform, mode, &hw),
-        alloc::format!("VT-d unit(s), {mode_name} mode"),
-    );
-    #[cfg(target_arch = "aarch64")]
-    let (brought_up, units_kind) = (GuestIommu::bring_up(platform, &hw), "SMMUv3 unit(s)");
-    let mut iommu = match brought_up {
+    let hw: Vec<(u16, drivers::pci::Bdf)> = assigned
+        .iter()
+        .map(|a| {
+            (
+                a.addr.segment,
+                drivers::pci::Bdf {
+                    bus: a.addr.bus,
+                    device: a.addr.device,
+                    function: a.addr.function,
+                },
+            )
+        })
+        .collect();
+    let mut iommu = match GuestIommu::attach(&hw) {
         Ok(Some(i)) => {
-            println!("guests: IOMMU ABI v1 on {} {units_kind}", i.units());
+            println!("guests: IOMMU ABI v1 on {} {}", i.units(), i.mode());
             Some(i)
         }
         // No IOMMU hardware (Bochs): `guest-iommu=model` runs the ABI v1 calls on the software
         // IOMMU model instead, so the call path is exercised; no device can be assigned then.
-        #[cfg(target_arch = "x86_64")]
         Ok(None) if assigned.is_empty() && info.cmdline_value("guest-iommu") == Some("model") => {
             match GuestIommu::software_model() {
                 Ok(i) => {
@@ -334,7 +330,7 @@ fn run_on<B: Backend>(
             return EXIT_FAILURE;
         }
         Err(e) => {
-            println!("guests: refused: IOMMU bring-up: {e}");
+            println!("guests: refused: IOMMU owner: {e}");
             return EXIT_FAILURE;
         }
     };
@@ -388,7 +384,20 @@ fn run_on<B: Backend>(
             )
         })
         .collect();
-    schedule(&mut backend, &mut iommu, platform, &owners, &mut guests);
+    let device_guest: Vec<usize> = assigned.iter().map(|a| a.guest).collect();
+    let mut cx = Cx {
+        backend: &mut backend,
+        iommu: &mut iommu,
+        platform,
+        device_guest: &device_guest,
+        faults: alloc::vec![0; guests.len()],
+        tamper: info
+            .cmdline
+            .as_str()
+            .split_ascii_whitespace()
+            .any(|w| w == "guard-tamper"),
+    };
+    schedule(&mut cx, &owners, &mut guests);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
         native::ticks() - ticks
@@ -450,6 +459,8 @@ fn create<B: Backend>(
     match built {
         Ok((memory, vm, vcpu)) => Ok(Guest {
             name: c.name,
+            index,
+            guard: None,
             pci: pci::GuestPci::new(
                 &assigned
                     .iter()
@@ -610,11 +621,30 @@ struct Cx<'a, B: Backend> {
     backend: &'a mut B,
     iommu: &'a mut Option<GuestIommu>,
     platform: &'a crate::discovery::Platform,
+    /// The guest index of each hardware device (fault attribution).
+    device_guest: &'a [usize],
+    /// DMA faults raised by each guest's devices so far, by guest index.
+    faults: Vec<u64>,
+    /// `guard-tamper`: the hypervisor flips one bit of every guarded range (guard.rs).
+    tamper: bool,
+}
+
+impl<B: Backend> Cx<'_, B> {
+    /// DMA faults raised so far by the devices of every guest but `index`.
+    fn foreign_faults(&self, index: usize) -> u64 {
+        self.faults
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| k != index)
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 fn stop<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
     flush_line(g);
     println!("guest {} stopped: {why}, {}={pc:#x}", g.name, native::PC);
+    check_guard(cx, g, "at its own end");
     teardown(cx.backend, cx.iommu, g, true);
 }
 
@@ -626,17 +656,10 @@ enum Next {
 
 /// Round robin over the runnable guests until none is left.
 fn schedule<B: Backend>(
-    backend: &mut B,
-    iommu: &mut Option<GuestIommu>,
-    platform: &crate::discovery::Platform,
+    cx: &mut Cx<'_, B>,
     owners: &[alloc::string::String],
     guests: &mut [Guest<B>],
 ) {
-    let mut cx = Cx {
-        backend,
-        iommu,
-        platform,
-    };
     let mut current = 0;
     while let Some(i) = (0..guests.len())
         .map(|k| (current + k) % guests.len())
@@ -647,11 +670,19 @@ fn schedule<B: Backend>(
         native::arm_timer(SLICE_TICKS);
         while let (Some(vm), Some(vcpu)) = (g.vm.as_ref(), g.vcpu.as_mut()) {
             let exit = cx.backend.run(vm, vcpu);
-            let next = handle(&mut cx, g, exit);
-            report_dma_faults(cx.iommu, owners, g);
+            let next = handle(cx, g, exit);
+            report_dma_faults(cx, owners, g);
             match next {
                 Next::Resume => {}
                 Next::Reschedule => break,
+            }
+        }
+        if matches!(guests[i].state, State::Done) {
+            // Guest i has just ended: whatever it did is done, so every range another guest
+            // guards must still hash as it did when the guard was set.
+            let after = alloc::format!("after guest {} ended", guests[i].name);
+            for other in guests.iter() {
+                check_guard(cx, other, &after);
             }
         }
     }
@@ -663,15 +694,23 @@ fn schedule<B: Backend>(
 /// guest started, and the fault registers must be drained before they overflow (VT-d 4.1
 /// §7.2.1; QEMU has one).
 fn report_dma_faults<B: Backend>(
-    iommu: &mut Option<GuestIommu>,
+    cx: &mut Cx<'_, B>,
     owners: &[alloc::string::String],
     g: &mut Guest<B>,
 ) {
-    let Some(fd) = iommu.as_mut() else {
+    let Some(fd) = cx.iommu.as_mut() else {
         return;
     };
+    let (device_guest, faults) = (cx.device_guest, &mut cx.faults);
     fd.poll_faults(&mut |f| {
         flush_line(g);
+        if let Some(n) = f
+            .device
+            .and_then(|d| device_guest.get(d))
+            .and_then(|&k| faults.get_mut(k))
+        {
+            *n += 1;
+        }
         let who = f
             .device
             .and_then(|d| owners.get(d))
@@ -710,9 +749,11 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
             let op = u32::try_from(regs.op).unwrap_or(u32::MAX);
             let result = match op {
                 platform::CONSOLE_WRITE => console_write(g, regs.args[0], regs.args[1]),
+                platform::GUARD => set_guard(cx, g, regs.args[0], regs.args[1]),
                 platform::EXIT => {
                     flush_line(g);
                     println!("guest {} exited: status {}", g.name, regs.args[0] as u32);
+                    check_guard(cx, g, "at its own end");
                     teardown(cx.backend, cx.iommu, g, true);
                     return Next::Reschedule;
                 }
@@ -847,6 +888,60 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
             );
             Next::Reschedule
         }
+    }
+}
+
+/// GUARD: hashes `len` bytes of the guest's RAM at `gpa` (guard.rs). 0, `-EINVAL` for an empty
+/// or too long range, `-EFAULT` if it is not all the guest's RAM; a second GUARD replaces the
+/// first.
+fn set_guard<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, gpa: u64, len: u64) -> u64 {
+    if len == 0 || len > guard::GUARD_MAX {
+        return errno_result(errno::EINVAL);
+    }
+    flush_line(g);
+    let Some(mem) = g.memory.as_ref() else {
+        return errno_result(errno::EFAULT);
+    };
+    let Some(hash) = guard::hash(mem, gpa, len) else {
+        return errno_result(errno::EFAULT);
+    };
+    println!(
+        "guard: guest {} gpa {gpa:#x}+{len:#x}: hash {hash:#018x}",
+        g.name
+    );
+    if cx.tamper && guard::tamper(mem, gpa) {
+        println!("guard: guard-tamper: the hypervisor flipped a bit at gpa {gpa:#x}");
+    }
+    g.guard = Some(guard::Guard {
+        gpa,
+        len,
+        hash,
+        foreign_faults_at: cx.foreign_faults(g.index),
+    });
+    0
+}
+
+/// Re-hashes the range `g` guards, if any, and says whether it is unchanged.
+fn check_guard<B: Backend>(cx: &Cx<'_, B>, g: &Guest<B>, when: &str) {
+    let (Some(gd), Some(mem)) = (g.guard.as_ref(), g.memory.as_ref()) else {
+        return;
+    };
+    let blocked = cx
+        .foreign_faults(g.index)
+        .saturating_sub(gd.foreign_faults_at);
+    match guard::hash(mem, gd.gpa, gd.len) {
+        Some(now) if now == gd.hash => println!(
+            "guard: guest {} gpa {:#x}+{:#x} {when}: hash unchanged: {:#018x} == {now:#018x} ({blocked} DMA faults of other guests' devices meanwhile)",
+            g.name, gd.gpa, gd.len, gd.hash
+        ),
+        Some(now) => println!(
+            "guard: guest {} gpa {:#x}+{:#x} {when}: hash CHANGED: {:#018x} != {now:#018x} ({blocked} DMA faults of other guests' devices meanwhile)",
+            g.name, gd.gpa, gd.len, gd.hash
+        ),
+        None => println!(
+            "guard: guest {} gpa {:#x}+{:#x} {when}: cannot read the range",
+            g.name, gd.gpa, gd.len
+        ),
     }
 }
 

@@ -8,15 +8,14 @@ use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu};
 use crate::discovery::{Platform, Unit};
 use crate::mem::dma::DmaGuestMemory;
 use crate::mem::frame::PAGE_SIZE;
-use crate::mem::iommu_mem::IOMMU_MEMORY;
 use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use boot::BootInfo;
+use iommu::iommufd::IommuHw;
 use iommu::iommufd::selftest::{DmaEngine, FLOW_MEMORY, dma_flow};
-use iommu::iommufd::{IommuHw, Iommufd, Limits};
 
 /// edu as the flow's DMA engine.
 struct EduDma<'a>(&'a EduDevice);
@@ -42,12 +41,12 @@ impl<H: IommuHw> DmaEngine<H> for EduDma<'_> {
 pub fn run(info: &BootInfo, platform: &Platform) -> u32 {
     let mut checks = Checks::default();
     if info.cmdline_value("abi-flow") == Some("group") {
-        if let Err(why) = group_flow(info, platform, &mut checks) {
+        if let Err(why) = group_flow(platform, &mut checks) {
             checks.record("abi-group setup", Err(why));
         }
         return checks.status();
     }
-    let r = flow(info, platform);
+    let r = flow(platform);
     checks.record("abi-dma-flow", r);
     checks.status()
 }
@@ -72,134 +71,80 @@ fn unit_base(platform: &Platform, dev: &EduDevice) -> Result<(u64, u32), String>
     Ok((base, t.id))
 }
 
-/// The IDs the edu's DMA carries as its unit sees them (own first, then its DMA aliases, e.g.
-/// a PCIe-to-PCI bridge's) and its IOMMU group, from discovery.
-fn edu_ids_and_group(platform: &Platform, dev: &EduDevice) -> (alloc::vec::Vec<u32>, u32) {
-    platform
-        .devices
-        .iter()
-        .find(|d| d.segment == dev.segment && d.bdf == dev.bdf)
-        .map(|d| (d.ids.clone(), d.group as u32))
-        .unwrap_or_default()
-}
-
-/// The backend's ID list: `own`, then every further alias in `ids`.
-fn backend_ids<I: Copy + Default + PartialEq>(
-    own: I,
-    ids: &[u32],
-    conv: impl Fn(u32) -> I,
-) -> Result<iommu::iommufd::backend::Ids<I>, String> {
-    let mut list = iommu::iommufd::backend::Ids::one(own);
-    for &id in ids.iter().skip(1) {
-        list.push(conv(id))
-            .map_err(|_| String::from("edu has more DMA aliases than the backend holds"))?;
+/// The owner's hardware-device index of each edu (the owner brought up their unit and holds
+/// them with their DMA aliases and IOMMU groups from discovery), each reported as the backend
+/// sees it.
+fn owned_indices(
+    owner: &crate::iommu_owner::IommuOwner,
+    edus: &[EduDevice],
+) -> Result<alloc::vec::Vec<usize>, String> {
+    #[cfg(target_arch = "x86_64")]
+    let kind = "VT-d";
+    #[cfg(target_arch = "aarch64")]
+    let kind = "SMMUv3";
+    let mut out = vec![];
+    for dev in edus {
+        let i = owner.device_index(dev.segment, dev.bdf).ok_or_else(|| {
+            format!(
+                "edu {} is not an assignable device of the IOMMU owner",
+                dev.bdf
+            )
+        })?;
+        let d = &owner.devices[i];
+        // VT-d source IDs print as 16-bit words, SMMU StreamIDs as they are.
+        #[cfg(target_arch = "x86_64")]
+        let ids = format!(
+            "{:04x?}",
+            d.ids
+                .iter()
+                .map(|&id| id as u16)
+                .collect::<alloc::vec::Vec<_>>()
+        );
+        #[cfg(target_arch = "aarch64")]
+        let ids = format!("{:x?}", d.ids);
+        println!(
+            "abi: {kind} backend, edu {} sid={:#06x} ids={ids} group={} unit={}",
+            dev.bdf, d.ids[0], d.group, owner.units[d.unit].name
+        );
+        out.push(i);
     }
-    Ok(list)
+    Ok(out)
 }
 
-/// Runs the flow on an `Iommufd` over `backend`, with one guest owning a frame-backed buffer.
-fn run_flow<H: IommuHw>(backend: H, dev: &EduDevice, hw_id: u64) -> Result<(), String> {
-    let mut fd =
-        Iommufd::new(backend, Limits::default()).map_err(|e| format!("Iommufd::new: {e:?}"))?;
+/// Runs the flow on the owner's `Iommufd`, with one guest owning a frame-backed buffer and
+/// owned device `hw`.
+fn run_flow(dev: &EduDevice, hw_id: u64) -> Result<(), String> {
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner.as_mut().ok_or("no IOMMU owner")?;
+    let hw = owned_indices(o, core::slice::from_ref(dev))?[0];
+    let fd = &mut o.fd;
     let g = fd
         .create_guest()
         .map_err(|e| format!("create_guest: {e:?}"))?;
-    fd.assign_device(g, 0)
-        .map_err(|e| format!("assign_device: {e:?}"))?;
-    // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this buffer,
-    // which edu writes by DMA, so it is reached only through volatile accessors.
-    let buf = buffer(FLOW_MEMORY, PAGE_SIZE)?;
-    let gm = DmaGuestMemory::new(&buf);
-    dma_flow(&mut fd, g, &gm, hw_id, &mut EduDma(dev), &mut |l| {
-        println!("{l}")
-    })
-    .map_err(|e| format!("step {:?} failed with errno {}", e.step, e.errno))?;
-    fd.destroy_guest(g)
-        .map_err(|e| format!("destroy_guest: {e:?}"))?;
-    buf.free();
-    Ok(())
-}
-
-#[cfg(target_arch = "x86_64")]
-fn backend_for(
-    info: &BootInfo,
-    platform: &Platform,
-    edus: &[EduDevice],
-) -> Result<impl IommuHw, String> {
-    use iommu::iommufd::backend::BackendDevice;
-    use iommu::iommufd::vtd_backend::{self, VtdBackend};
-    use iommu::vtd::{TranslationMode, UnitConfig, VtdUnit};
-    let mode = match info.cmdline_value("vtd-mode") {
-        Some("scalable") => TranslationMode::Scalable,
-        _ => TranslationMode::Legacy,
+    let buf = match buffer(FLOW_MEMORY, PAGE_SIZE) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = fd.destroy_guest(g);
+            return Err(e);
+        }
     };
-    let first = edus.first().ok_or("no edu")?;
-    let (base, _) = unit_base(platform, first)?;
-    let mmio = MmioRegion::new(base, 0x1000).map_err(|e| format!("{e}"))?;
-    let mut unit = VtdUnit::new(
-        mmio,
-        &IOMMU_MEMORY,
-        UnitConfig {
-            mode,
-            ..UnitConfig::default()
-        },
-    )
-    .map_err(|e| format!("{e}"))?;
-    if let Some(plan) = &platform.rmrr {
-        unit.apply_rmrr(&IOMMU_MEMORY, &plan.for_unit(base))
-            .map_err(|e| format!("{e}"))?;
-    }
-    unit.enable_translation().map_err(|e| format!("{e}"))?;
-    let mut devices = vec![];
-    for dev in edus {
-        if unit_base(platform, dev)?.0 != base {
-            return Err(format!("edu {} is behind another unit", dev.bdf));
-        }
-        let sid = dev.bdf.rid();
-        let (aliases, group) = edu_ids_and_group(platform, dev);
-        let info = vtd_backend::device_info(&unit, sid, group, 0);
-        let ids = backend_ids(sid, &aliases, |id| id as u16)?;
-        println!(
-            "abi: VT-d backend, edu {} sid={sid:#06x} ids={:04x?} group={group}",
-            dev.bdf,
-            ids.as_slice()
-        );
-        devices.push(BackendDevice { info, unit: 0, ids });
-    }
-    Ok(VtdBackend::new(vec![unit], &IOMMU_MEMORY, devices))
-}
-
-#[cfg(target_arch = "aarch64")]
-fn backend_for(
-    _info: &BootInfo,
-    platform: &Platform,
-    edus: &[EduDevice],
-) -> Result<impl IommuHw, String> {
-    use iommu::iommufd::backend::BackendDevice;
-    use iommu::iommufd::smmu_backend::{self, SmmuBackend};
-    use iommu::smmuv3::{SmmuUnit, UnitConfig};
-    let first = edus.first().ok_or("no edu")?;
-    let (base, _) = unit_base(platform, first)?;
-    let mmio = MmioRegion::new(base, 0x2_0000).map_err(|e| format!("{e}"))?;
-    let unit =
-        SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default()).map_err(|e| format!("{e}"))?;
-    let mut devices = vec![];
-    for dev in edus {
-        let (unit_base, sid) = unit_base(platform, dev)?;
-        if unit_base != base {
-            return Err(format!("edu {} is behind another unit", dev.bdf));
-        }
-        let (aliases, group) = edu_ids_and_group(platform, dev);
-        let info = smmu_backend::device_info(&unit, sid, group, 0);
-        let ids = backend_ids(sid, &aliases, |id| id)?;
-        println!(
-            "abi: SMMUv3 backend, edu {} sid={sid:#06x} ids={:x?} group={group}",
-            dev.bdf,
-            ids.as_slice()
-        );
-        devices.push(BackendDevice { info, unit: 0, ids });
-    }
-    Ok(SmmuBackend::new(vec![unit], &IOMMU_MEMORY, devices))
+    let r = (|| {
+        fd.assign_device(g, hw as iommu::iommufd::HwDev)
+            .map_err(|e| format!("assign_device: {e:?}"))?;
+        // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this
+        // buffer, which edu writes by DMA, so it is reached only through volatile accessors.
+        let gm = DmaGuestMemory::new(&buf);
+        dma_flow(fd, g, &gm, hw_id, &mut EduDma(dev), &mut |l| {
+            println!("{l}")
+        })
+        .map_err(|e| format!("step {:?} failed with errno {}", e.step, e.errno))
+    })();
+    // Its objects leave the hardware before the buffer is freed, whatever the flow did.
+    let d = fd
+        .destroy_guest(g)
+        .map_err(|e| format!("destroy_guest: {e:?}"));
+    buf.free();
+    r.and(d)
 }
 
 /// The first edu's own ID as the unit sees it: the flow finds the device by it.
@@ -207,11 +152,10 @@ fn own_id(platform: &Platform, dev: &EduDevice) -> Result<u64, String> {
     Ok(u64::from(unit_base(platform, dev)?.1))
 }
 
-fn flow(info: &BootInfo, platform: &Platform) -> Result<(), String> {
+fn flow(platform: &Platform) -> Result<(), String> {
     let dev = find_edu(platform, drivers::edu::DEFAULT_DMA_MASK)?;
     let hw_id = own_id(platform, &dev)?;
-    let backend = backend_for(info, platform, core::slice::from_ref(&dev))?;
-    run_flow(backend, &dev, hw_id)
+    run_flow(&dev, hw_id)
 }
 
 /// Every edu with a live BAR0, bus mastering on (like [`find_edu`], for all of them).
@@ -252,7 +196,7 @@ fn find_edus(platform: &Platform) -> Result<alloc::vec::Vec<EduDevice>, String> 
 /// - attaching the second to another IOAS is `EXDEV`; to the same one, it joins;
 /// - a REPLACE moves both devices' DMA to the other IOAS at once;
 /// - detaching both blocks them.
-fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<(), String> {
+fn group_flow(platform: &Platform, checks: &mut Checks) -> Result<(), String> {
     use iommu::iommufd::GuestMemory;
     use iommu::iommufd::abi::errno;
     use iommu::iommufd::client::Client;
@@ -304,17 +248,18 @@ fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Resu
         },
     );
 
-    let backend = backend_for(info, platform, &edus)?;
-    let mut fd =
-        Iommufd::new(backend, Limits::default()).map_err(|e| format!("Iommufd::new: {e:?}"))?;
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner.as_mut().ok_or("no IOMMU owner")?;
+    let hw = owned_indices(o, &edus)?;
+    let fd = &mut o.fd;
     let g = fd
         .create_guest()
         .map_err(|e| format!("create_guest: {e:?}"))?;
     let a = fd
-        .assign_device(g, 0)
+        .assign_device(g, hw[0] as iommu::iommufd::HwDev)
         .map_err(|e| format!("assign_device: {e:?}"))?;
     let b = fd
-        .assign_device(g, 1)
+        .assign_device(g, hw[1] as iommu::iommufd::HwDev)
         .map_err(|e| format!("assign_device: {e:?}"))?;
     let buf = buffer(FLOW_MEMORY, PAGE_SIZE)?;
     let pa = buf.pa;
@@ -322,7 +267,7 @@ fn group_flow(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Resu
     // Scratch for the calls' arguments at the start; the two IOAS' pages after it.
     const IOVA: u64 = 0x0010_0000;
     let (page1, page2) = (pa + 0x10000, pa + 0x11000);
-    let mut c = Client::new(&mut fd, g, &gm, pa);
+    let mut c = Client::new(fd, g, &gm, pa);
     let e = |what: &'static str| move |errno: u32| format!("{what}: errno {errno}");
     let ioas1 = c.ioas_alloc().map_err(e("IOAS_ALLOC"))?;
     let ioas2 = c.ioas_alloc().map_err(e("IOAS_ALLOC"))?;

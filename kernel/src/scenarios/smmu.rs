@@ -23,7 +23,7 @@ use core::sync::atomic::Ordering;
 use iommu::hw::Mmio;
 use iommu::pgtable::{Prot, TableMemory};
 use iommu::smmuv3::regs::offset;
-use iommu::smmuv3::{DomainConfig, Event, EventType, FaultClass, SmmuError, SmmuUnit, UnitConfig};
+use iommu::smmuv3::{DomainConfig, Event, EventType, FaultClass, SmmuError, SmmuUnit};
 
 const M2: u64 = 2 << 20;
 const K64: u64 = 64 << 10;
@@ -110,8 +110,15 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     );
 
     let mem = &IOMMU_MEMORY;
-    let mmio = MmioRegion::new(base, 0x2_0000).map_err(|e| format!("{e}"))?;
-    let mut unit = SmmuUnit::new(mmio, mem, UnitConfig::default()).map_err(e)?;
+    // The unit comes from the kernel's IOMMU owner, which brought it up at boot.
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner
+        .as_mut()
+        .ok_or("no IOMMU owner (the boot report says why)")?;
+    let index = o
+        .unit_index(&unit_name)
+        .ok_or_else(|| format!("the IOMMU owner does not hold {unit_name}"))?;
+    let unit = &mut o.fd.hw_mut().units_mut()[index];
     let s2_cfg = DomainConfig::stage2(48);
     let s1_cfg = DomainConfig::stage1(48);
 
@@ -123,21 +130,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     unit.attach_streams(mem, &sids, &s2).map_err(e)?;
     checks.record(
         "dma-stage2",
-        round_trip(&dev, &mut a, IOVA_RW, 0x800, 256, 0x21).and_then(|()| no_new_event(&mut unit)),
+        round_trip(&dev, &mut a, IOVA_RW, 0x800, 256, 0x21).and_then(|()| no_new_event(unit)),
     );
 
     // 2. Faults: unmapped IOVA → translation fault; read-only → permission fault on write.
     checks.record(
         "unmapped-iova-faults",
-        expect_event(
-            &mut unit,
-            &dev,
-            sid,
-            IOVA_UNMAPPED,
-            true,
-            EventType::Translation,
-        )
-        .and_then(|ev| stage2_at(&ev, IOVA_UNMAPPED)),
+        expect_event(unit, &dev, sid, IOVA_UNMAPPED, true, EventType::Translation)
+            .and_then(|ev| stage2_at(&ev, IOVA_UNMAPPED)),
     );
     let b = buffer(PAGE_SIZE, PAGE_SIZE)?;
     b.fill_pattern(0..b.len(), 0x11);
@@ -146,7 +146,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
-        expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Permission).and_then(|ev| {
+        expect_event(unit, &dev, sid, IOVA_RO, true, EventType::Permission).and_then(|ev| {
             stage2_at(&ev, IOVA_RO)?;
             whole_buffer_eq(&b, &untouched)
                 .map_err(|d| format!("the write reached read-only memory: {d}"))
@@ -163,8 +163,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             let mut big = buffer(M2, M2)?;
             unit.map(mem, &s2, IOVA_SUPER, big.pa, M2, Prot::READ | Prot::WRITE)
                 .map_err(e)?;
-            let leaf = hw_s2_leaf(&unit, sid, IOVA_SUPER + 0x1_2340)?;
-            let last = hw_s2_leaf(&unit, sid, IOVA_SUPER + M2 - 1)?;
+            let leaf = hw_s2_leaf(unit, sid, IOVA_SUPER + 0x1_2340)?;
+            let last = hw_s2_leaf(unit, sid, IOVA_SUPER + M2 - 1)?;
             let observed = format!(
                 "leaf={} level={} desc={:#x}",
                 leaf.size_name(),
@@ -192,7 +192,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 ));
             }
             round_trip(&dev, &mut big, IOVA_SUPER, M2 - 0x1000, 128, 0x44)?;
-            no_new_event(&mut unit)?;
+            no_new_event(unit)?;
             let n = unit.unmap(mem, &s2, IOVA_SUPER, M2).map_err(e)?;
             if n != M2 {
                 return Err(format!("unmap returned {n:#x}"));
@@ -215,7 +215,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 return Err("the run is not 64 KiB aligned".into());
             }
             for k in 0..K64 / PAGE_SIZE {
-                let leaf = hw_s2_leaf(&unit, sid, IOVA_CONT + k * PAGE_SIZE)?;
+                let leaf = hw_s2_leaf(unit, sid, IOVA_CONT + k * PAGE_SIZE)?;
                 if leaf.level != 3 || !leaf.contiguous() || leaf.base != run.pa + k * PAGE_SIZE {
                     return Err(format!(
                         "page {k} of the run walks to leaf={} level={} desc={:#x}: not a 4 KiB page with Contiguous=1 at {:#x}",
@@ -227,7 +227,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 }
             }
             // The bit belongs to the run: the lone read-only page beside it has none.
-            let lone = hw_s2_leaf(&unit, sid, IOVA_RO)?;
+            let lone = hw_s2_leaf(unit, sid, IOVA_RO)?;
             if lone.level != 3 || lone.contiguous() {
                 return Err(format!(
                     "the lone page at {IOVA_RO:#x} walks to level {} desc {:#x}",
@@ -235,7 +235,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 ));
             }
             round_trip(&dev, &mut run, IOVA_CONT, K64 - 0x100, 64, 0x55)?;
-            no_new_event(&mut unit)?;
+            no_new_event(unit)?;
             let n = unit.unmap(mem, &s2, IOVA_CONT, K64).map_err(e)?;
             if n != K64 {
                 return Err(format!("unmap returned {n:#x}"));
@@ -249,12 +249,12 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "unmap-invalidates",
         (|| {
             dma_to_device(&dev, IOVA_RW, 64)?; // prime the TLB
-            no_new_event(&mut unit)?;
+            no_new_event(unit)?;
             let n = unit.unmap(mem, &s2, IOVA_RW, PAGE_SIZE).map_err(e)?;
             if n != PAGE_SIZE {
                 return Err(format!("unmap returned {n:#x}"));
             }
-            expect_event(&mut unit, &dev, sid, IOVA_RW, false, EventType::Translation)
+            expect_event(unit, &dev, sid, IOVA_RW, false, EventType::Translation)
                 .and_then(|ev| stage2_at(&ev, IOVA_RW))
         })(),
     );
@@ -269,7 +269,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         unit.attach_streams(mem, &sids, &s1)
             .map_err(e)
             .and_then(|()| round_trip(&dev, &mut c, IOVA_RW, 0x400, 128, 0x66))
-            .and_then(|()| no_new_event(&mut unit)),
+            .and_then(|()| no_new_event(unit)),
     );
 
     // 1c. Nested: stage 1 (IOVA → IPA) over stage 2 (IPA → PA).
@@ -294,7 +294,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             .map_err(e)?;
             unit.attach_streams(mem, &sids, &nested).map_err(e)?;
             round_trip(&dev, &mut n, IOVA_RW, 0x200, 64, 0x77)?;
-            no_new_event(&mut unit)?;
+            no_new_event(unit)?;
             // A hole in stage 2 under a valid stage-1 mapping is a stage-2 fault on the input
             // transaction (§7.3.12: S2 = 1, CLASS = IN) that reports the IPA stage 1 produced.
             const HOLE: u64 = IPA + 0x10_0000;
@@ -307,7 +307,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 Prot::READ | Prot::WRITE,
             )
             .map_err(e)?;
-            let ev = expect_event(&mut unit, &dev, sid, IOVA_RO, true, EventType::Translation)?;
+            let ev = expect_event(unit, &dev, sid, IOVA_RO, true, EventType::Translation)?;
             if !ev.stage2 {
                 return Err(format!("{ev}: a stage-1 fault, expected stage 2"));
             }
@@ -346,15 +346,15 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 ));
             }
             unit.set_bypass_streams(mem, &sids).map_err(e)?;
-            let config = ste_config(&hw_ste(&unit, sid)?)?;
+            let config = ste_config(&hw_ste(unit, sid)?)?;
             if config != 0b100 {
                 return Err(format!("bypass wrote STE.Config {config:#05b}"));
             }
             let pa = p.pa;
             round_trip(&dev, &mut p, pa, 0x100, 32, 0x12)?;
-            no_new_event(&mut unit)?;
+            no_new_event(unit)?;
             unit.set_abort_streams(mem, &sids).map_err(e)?;
-            let config = ste_config(&hw_ste(&unit, sid)?)?;
+            let config = ste_config(&hw_ste(unit, sid)?)?;
             if config != 0b000 {
                 return Err(format!("abort wrote STE.Config {config:#05b}"));
             }
@@ -415,10 +415,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             for i in 0..1000u64 {
                 dma_from_device(&dev, IOVA_UNMAPPED + (i % 16) * PAGE_SIZE, 4)?;
                 if i % 100 == 99 {
-                    drain(&mut unit);
+                    drain(unit);
                 }
             }
-            drain(&mut unit);
+            drain(unit);
             let got = unit.event_count(sid) - base;
             let lost = unit.events_lost() - lost;
             println!("smmu: fault storm: {got} of 1000 events recorded, {lost} overflow(s)");

@@ -26,7 +26,7 @@ use core::sync::atomic::Ordering;
 use iommu::hw::Mmio;
 use iommu::pgtable::{Prot, TableMemory};
 use iommu::vtd::regs::offset;
-use iommu::vtd::{DomainConfig, Stage, TranslationMode, UnitConfig, VtdError, VtdUnit};
+use iommu::vtd::{DomainConfig, VtdError, VtdUnit};
 
 const M2: u64 = 2 << 20;
 
@@ -50,22 +50,14 @@ pub fn run(info: &BootInfo, platform: &Platform) -> u32 {
 }
 
 fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<(), String> {
-    let mode = match info.cmdline_value("vtd-mode") {
-        None | Some("legacy") => TranslationMode::Legacy,
-        Some("scalable") => TranslationMode::Scalable,
-        Some(other) => return Err(format!("vtd-mode={other}: expected legacy or scalable")),
-    };
-    let stage = match info.cmdline_value("vtd-stage") {
-        None | Some("second") => Stage::Second,
-        Some("first") => Stage::First,
-        Some(other) => return Err(format!("vtd-stage={other}: expected second or first")),
-    };
-    let aw: u32 = match info.cmdline_value("vtd-aw") {
-        None => 48,
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("vtd-aw={v}: expected 39 or 48"))?,
-    };
+    // The unit comes from the kernel's IOMMU owner, which brought it up at boot in the mode
+    // `vtd-mode=` names, with the RMRRs applied before translation was enabled; it also read
+    // the domain shape (`vtd-stage=`, `vtd-aw=`) this suite asks of the unit.
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner
+        .as_mut()
+        .ok_or("no IOMMU owner (the boot report says why)")?;
+    let (mode, stage, aw) = (o.mode, o.stage, o.address_width);
     let dev = find_edu(platform, drivers::edu::DEFAULT_DMA_MASK)?;
     let sid = dev.bdf.rid();
     let unit_name = platform
@@ -99,21 +91,13 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     );
 
     let mem = &IOMMU_MEMORY;
-    let mmio = MmioRegion::new(base, 0x1000).map_err(|e| format!("{e}"))?;
-    let mut unit = VtdUnit::new(
-        mmio,
-        mem,
-        UnitConfig {
-            mode,
-            ..UnitConfig::default()
-        },
-    )
-    .map_err(e)?;
-    if let Some(plan) = &platform.rmrr {
-        let r = unit.apply_rmrr(mem, &plan.for_unit(base)).map_err(e)?;
-        println!("vtd: rmrr: {r:?}");
+    let index = o
+        .unit_index(&unit_name)
+        .ok_or_else(|| format!("the IOMMU owner does not hold {unit_name}"))?;
+    if let Some(r) = &o.units[index].rmrr {
+        println!("vtd: rmrr: {r}");
     }
-    unit.enable_translation().map_err(e)?;
+    let unit = &mut o.fd.hw_mut().units_mut()[index];
     let sc = unit.regs().ecap.sc();
     let domain_cfg = DomainConfig {
         stage,
@@ -140,12 +124,12 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             Ok(())
         })(),
     );
-    drain_faults(&mut unit);
+    drain_faults(unit);
 
     // 2. DMA to an unmapped IOVA faults with the right source ID, address and type.
     checks.record(
         "unmapped-iova-faults",
-        expect_fault(&mut unit, &dev, sid, IOVA_UNMAPPED, true),
+        expect_fault(unit, &dev, sid, IOVA_UNMAPPED, true),
     );
 
     // 3. A read-only mapping makes a device write fault, and not one byte of the page changes.
@@ -156,14 +140,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
-        expect_fault(&mut unit, &dev, sid, IOVA_RO, true).and_then(|()| {
+        expect_fault(unit, &dev, sid, IOVA_RO, true).and_then(|()| {
             whole_buffer_eq(&b, &untouched)
                 .map_err(|d| format!("the write reached read-only memory: {d}"))
         }),
     );
     checks.record(
         "read-only-read-works",
-        dma_to_device(&dev, IOVA_RO, 64).and_then(|()| no_new_fault(&mut unit)),
+        dma_to_device(&dev, IOVA_RO, 64).and_then(|()| no_new_fault(unit)),
     );
 
     // 4. Unmap, then DMA to the same IOVA faults: QEMU caches translations in its IOTLB, so this
@@ -172,7 +156,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "unmap-invalidates",
         (|| {
             dma_to_device(&dev, IOVA_RW, 64)?;
-            no_new_fault(&mut unit)?;
+            no_new_fault(unit)?;
             let before = unit.counters();
             let n = unit.unmap(mem, &d1, IOVA_RW, PAGE_SIZE).map_err(e)?;
             if n != PAGE_SIZE {
@@ -183,7 +167,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 "vtd: unmap issued {} invalidation descriptors",
                 after.qi_descriptors - before.qi_descriptors
             );
-            expect_fault(&mut unit, &dev, sid, IOVA_RW, false)
+            expect_fault(unit, &dev, sid, IOVA_RW, false)
         })(),
     );
 
@@ -199,8 +183,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             unit.map(mem, &d1, IOVA_SUPER, big.pa, M2, Prot::READ | Prot::WRITE)
                 .map_err(e)?;
             let off = 0x1_2340u64;
-            let leaf = hw_walk(&unit, sid, IOVA_SUPER + off)?;
-            let last = hw_walk(&unit, sid, IOVA_SUPER + M2 - 1)?;
+            let leaf = hw_walk(unit, sid, IOVA_SUPER + off)?;
+            let last = hw_walk(unit, sid, IOVA_SUPER + M2 - 1)?;
             let observed = format!(
                 "leaf={} level={} entry={:#x}",
                 leaf.size_name(),
@@ -236,7 +220,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if !big.same(end, off as usize, 128) {
                 return Err("superpage DMA did not land where expected".into());
             }
-            no_new_fault(&mut unit)?;
+            no_new_fault(unit)?;
             let n = unit.unmap(mem, &d1, IOVA_SUPER, M2).map_err(e)?;
             if n != M2 {
                 return Err(format!("unmap of the superpage returned {n:#x}"));
@@ -259,7 +243,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             c.fill_pattern(0..64, 0x42);
             dma_to_device(&dev, IOVA_RW, 64)?;
             dma_from_device(&dev, IOVA_RW + 0x100, 64)?;
-            no_new_fault(&mut unit)?;
+            no_new_fault(unit)?;
             if !c.same(0x100, 0, 64) {
                 return Err("DMA did not land in the new domain".into());
             }
@@ -303,7 +287,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                     // QEMU accepts SNP / PGSNP with ECAP.SC but does not model snooping (its
                     // DMA is coherent either way), so no DMA can tell the bit's effect: what
                     // is proven is that the entry the unit now walks carries it.
-                    let leaf = hw_walk(&unit, sid, IOVA_RW)?;
+                    let leaf = hw_walk(unit, sid, IOVA_RW)?;
                     let (bit, set) = snoop_of(&leaf);
                     if leaf.base != d.pa {
                         return Err(format!(
@@ -324,7 +308,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                         return Err("DMA through the coherent domain failed".into());
                     }
                     unit.replace_aliases(mem, &sids, None, &d2).map_err(e)?;
-                    let back = hw_walk(&unit, sid, IOVA_RW)?;
+                    let back = hw_walk(unit, sid, IOVA_RW)?;
                     if back.base != c.pa || snoop_of(&back).1 {
                         return Err(format!(
                             "after replacing back the unit walks to {:#x} with {bit}={}",
@@ -338,7 +322,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 }
                 (false, Err(VtdError::SnoopControlUnsupported)) => {
                     // Nothing changed: the unit still walks d2, and DMA still lands there.
-                    let leaf = hw_walk(&unit, sid, IOVA_RW)?;
+                    let leaf = hw_walk(unit, sid, IOVA_RW)?;
                     let (bit, set) = snoop_of(&leaf);
                     if leaf.base != c.pa || set {
                         return Err(format!(
@@ -422,7 +406,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             }
             // The unit still works after the storm.
             dma_to_device(&dev, IOVA_RW, 16)?;
-            no_new_fault(&mut unit)?;
+            no_new_fault(unit)?;
             Ok(format!(
                 "1000 of 1000 faults recorded while draining after each, 0 lost; 50 undrained: exactly 1 record (the first), 0 PFO (NFR={nfr})"
             ))
@@ -444,7 +428,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "detach",
         unit.detach_aliases(mem, &sids, None)
             .map_err(e)
-            .and_then(|()| expect_fault(&mut unit, &dev, sid, IOVA_RW, false)),
+            .and_then(|()| expect_fault(unit, &dev, sid, IOVA_RW, false)),
     );
     Ok(())
 }

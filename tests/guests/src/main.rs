@@ -161,19 +161,28 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
         }
         "dma" => {
             let free = u64_at(&page, si::OFF_FREE_START);
-            let (mut fault, mut linger, mut abandon) = (false, false, false);
+            let (mut fault, mut linger, mut abandon, mut guard) = (false, false, false, false);
             for w in words {
                 fault |= w == "fault";
                 linger |= w == "linger";
                 abandon |= w == "abandon";
+                guard |= w == "guard";
             }
             if abandon {
                 abandon_dma(start_info, free, mem)
             }
-            let failed = dma_checks(start_info, free, fault);
+            let mut failed = dma_checks(start_info, free, fault);
+            if guard {
+                // Its DMA buffer is final: the hypervisor hashes it now and again when the
+                // neighbour ends (platform call GUARD); this guest never touches it again.
+                let r = arch::hypercall(platform::GUARD, free, hvabi::PAGE_SIZE, 0);
+                failed += check("guard-own-buffer", r, 0);
+            }
             if linger {
-                // Keep its objects alive a while longer (a neighbour's test aims at them).
-                for _ in 0..3000 {
+                // Keep its objects alive a while longer (a neighbour's test aims at them); with
+                // `guard`, long enough for the neighbour's last attack to end first.
+                let rounds = if guard { 12_000 } else { 3000 };
+                for _ in 0..rounds {
                     let _ = arch::hypercall(0x7777, 0, 0, 0);
                 }
                 println!("testguest: done lingering");
@@ -736,6 +745,18 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
         }
     }
     failed += check("foreign-ids-enoent", named, 0);
+    // Last, while the other guest lingers with its finished buffer guarded by the hypervisor:
+    // more DMAs at its IOVA, spread out in time, each of which must be blocked.
+    for _ in 0..8 {
+        for _ in 0..400 {
+            let _ = arch::hypercall(0x7777, 0, 0, 0);
+        }
+        failed += check(
+            "aimed-dma-again-completes",
+            i64::from(edu_dma(bar, edu::BUFFER, 0x10_0800, 256, true)),
+            1,
+        );
+    }
     println!("testguest: intruder checks: {failed} failed");
     failed
 }
