@@ -433,19 +433,39 @@ mod tests {
     #[test]
     fn archive_rejects_bad_input() {
         let good = archive(&[("one", b"abc")]);
-        assert!(Archive::parse(&good[..20]).is_err(), "truncated directory");
+        assert_eq!(
+            Archive::parse(&good[..20]).err(),
+            Some("archive directory runs past the end of the module"),
+            "truncated directory"
+        );
         let mut bad = good.clone();
         bad[16 + 32] = 0xff; // offset far past the end
-        assert!(Archive::parse(&bad).is_err());
+        assert_eq!(
+            Archive::parse(&bad).err(),
+            Some("archive image lies outside the module")
+        );
         let mut bad = good.clone();
         bad[16] = b'A'; // upper-case name
-        assert!(Archive::parse(&bad).is_err());
+        assert_eq!(
+            Archive::parse(&bad).err(),
+            Some("archive image name must be 1-32 characters of a-z 0-9 - _")
+        );
         let mut bad = good.clone();
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Archive::parse(&bad).is_err(), "count overflow");
+        assert_eq!(
+            Archive::parse(&bad).err(),
+            Some("archive directory runs past the end of the module"),
+            "count overflow"
+        );
         let dup = archive(&[("x", b"1"), ("x", b"2")]);
-        assert!(Archive::parse(&dup).is_err());
-        assert!(Archive::parse(b"HVGUEST0").is_err());
+        assert_eq!(
+            Archive::parse(&dup).err(),
+            Some("archive holds two images with the same name")
+        );
+        assert_eq!(
+            Archive::parse(b"HVGUEST0").err(),
+            Some("not a guest-image archive (magic HVGUEST1 missing)")
+        );
     }
 
     #[test]
@@ -529,15 +549,33 @@ mod tests {
             (segs[0].paddr, segs[0].memsz, segs[0].file.len()),
             (0x100000, 32, 16)
         );
-        assert!(ElfImage::parse(&e, EM_AARCH64).is_err());
+        assert_eq!(
+            ElfImage::parse(&e, EM_AARCH64).err(),
+            Some("ELF built for another machine")
+        );
         let past_end = elf(&[(1, 120, 0x100000, 17, 32)], 16);
-        assert!(ElfImage::parse(&past_end, EM_X86_64).is_err());
+        assert_eq!(
+            ElfImage::parse(&past_end, EM_X86_64).err(),
+            Some("ELF segment runs past the end of the image")
+        );
         let big_file = elf(&[(1, 120, 0x100000, 16, 8)], 16);
-        assert!(ElfImage::parse(&big_file, EM_X86_64).is_err());
+        assert_eq!(
+            ElfImage::parse(&big_file, EM_X86_64).err(),
+            Some("ELF segment has filesz > memsz")
+        );
         let wrap = elf(&[(1, 120, u64::MAX, 16, 32)], 16);
-        assert!(ElfImage::parse(&wrap, EM_X86_64).is_err());
+        assert_eq!(
+            ElfImage::parse(&wrap, EM_X86_64).err(),
+            Some("ELF segment address overflows")
+        );
         let none = elf(&[(4, 0, 0, 0, 0)], 0);
-        assert!(ElfImage::parse(&none, EM_X86_64).is_err());
-        assert!(ElfImage::parse(&e[..70], EM_X86_64).is_err());
+        assert_eq!(
+            ElfImage::parse(&none, EM_X86_64).err(),
+            Some("ELF has no loadable segment")
+        );
+        assert_eq!(
+            ElfImage::parse(&e[..70], EM_X86_64).err(),
+            Some("ELF program headers run past the end of the image")
+        );
     }
 }
