@@ -251,8 +251,17 @@ fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, Str
             .max(iotlb_end)
             .next_multiple_of(0x1000);
         let mmio = MmioRegion::new(*base, len).map_err(|e| format!("{name}: {e}"))?;
-        let mut unit = VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::new(mode))
-            .map_err(|e| format!("{name}: {e}"))?;
+        let mut unit = match VtdUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::new(mode)) {
+            Ok(u) => u,
+            // A DRHD with no unit behind it (its registers read all-ones or zero): nothing was
+            // written to it; the others are still brought up, and devices in its scope are not
+            // assignable (no unit holds them).
+            Err(e @ iommu::vtd::VtdError::UnitAbsent { .. }) => {
+                println!("report: iommu owner: skipped {name}: {e}");
+                continue;
+            }
+            Err(e) => return Err(format!("{name}: {e}")),
+        };
         let rmrr = match &platform.rmrr {
             Some(plan) => Some(
                 unit.apply_rmrr(&IOMMU_MEMORY, &plan.for_unit(*base))

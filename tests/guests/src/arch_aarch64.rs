@@ -58,6 +58,10 @@ global_asm!(
 testguest_wild_load:
     ldr x0, [x0]
     ret
+    .global testguest_wild_store
+testguest_wild_store:
+    str x1, [x0]
+    ret
     .popsection
 "#
 );
@@ -99,6 +103,7 @@ testguest_a32_spin:
 unsafe extern "C" {
     static testguest_a32_spin: u32;
     fn testguest_wild_load(addr: u64) -> u64;
+    fn testguest_wild_store(addr: u64, value: u64);
     fn testguest_msr_insn();
     fn testguest_smc_insn();
     fn testguest_hlt_insn();
@@ -126,6 +131,13 @@ pub fn wild_read(addr: u64) -> u64 {
     // SAFETY: the point of the `wild` variant: the load reaches the hypervisor as a stage-2
     // data abort when `addr` is not guest RAM, and the guest never runs again.
     unsafe { testguest_wild_load(addr) }
+}
+
+/// Writes `value` to the 8 bytes at `addr` (identity-mapped like [`wild_read`]).
+pub fn wild_write(addr: u64, value: u64) {
+    // SAFETY: as in `wild_read`: when `addr` is not guest RAM the store reaches the hypervisor
+    // as a stage-2 data abort and the guest never runs again.
+    unsafe { testguest_wild_store(addr, value) }
 }
 
 /// The aarch64 counterpart of a triple fault: an exception whose delivery itself fails. VBAR_EL1
