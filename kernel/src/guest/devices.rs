@@ -3,9 +3,10 @@
 //! addresses, an ABI `dev_id`, and Bus Master Enable (its DMA is still blocked by the IOMMU until
 //! the guest attaches it through the ABI).
 //!
-//! Refused: functions that do not exist, bridges, functions behind no VT-d unit, functions that
+//! Refused: functions that do not exist, bridges, functions behind no IOMMU unit, functions that
 //! firmware needs for DMA to reserved memory (RMRR: they keep an identity domain owned by the
-//! hypervisor, VT-d 4.1 §8.4), a function named twice, and BARs the guest could not use safely
+//! hypervisor, VT-d 4.1 §8.4), a function named twice, part of an IOMMU group (the whole group
+//! goes to one guest or none of it goes anywhere), and BARs the guest could not use safely
 //! (smaller than a page, so it would share the page with another device's registers; above
 //! 4 GiB, outside the guest's boot page tables). The hypervisor's own devices (console UART,
 //! IOMMU registers) are not PCI functions and cannot be named.
@@ -127,7 +128,45 @@ pub fn resolve(
             });
         }
     }
+    check_groups(platform, configs, &out)?;
     Ok(out)
+}
+
+/// Every IOMMU group is given whole to one guest or not at all (docs/abi.md §6.2): the members
+/// of a group cannot be isolated from each other by the IOMMU (a shared DMA alias, no ACS), so
+/// a group split between guests, or between a guest and the hypervisor, would let one reach the
+/// other's memory. The refusal names the guest and the members it lacks.
+fn check_groups(
+    platform: &Platform,
+    configs: &[GuestConfig<'_>],
+    out: &[Assigned],
+) -> Result<(), (usize, String)> {
+    for seg in &platform.segments {
+        let fns = seg.devices.functions();
+        let owner_of = |i: usize| {
+            let f = fns.get(i)?;
+            out.iter()
+                .find(|a| a.addr.segment == seg.segment && bdf(a.addr) == f.bdf)
+                .map(|a| a.guest)
+        };
+        if let Err(incomplete) = seg.topology.check_assignment(&seg.devices, owner_of) {
+            let missing: Vec<String> = seg
+                .topology
+                .missing_members(&seg.devices, &incomplete, owner_of)
+                .filter_map(|i| fns.get(i))
+                .map(|f| format!("{:04x}:{}", seg.segment, f.bdf))
+                .collect();
+            return Err((
+                incomplete.owner,
+                format!(
+                    "guest {} gets part of an IOMMU group whose members cannot be isolated from each other; it must also get {} (the whole group, or none of it)",
+                    configs[incomplete.owner].name,
+                    missing.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Sets Bus Master Enable (and on the bridges above): the device's DMA now reaches the IOMMU,
