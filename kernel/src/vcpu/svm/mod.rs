@@ -415,7 +415,12 @@ impl Backend for Svm {
         v.set_control_registers(GUEST_CR0, s.page_table, GUEST_CR4, GUEST_EFER);
         v.set_debug_registers(0xffff_0ff0, 0x400);
         v.set_guest_pat(GUEST_PAT);
-        v.set_rflags(0x2);
+        // IF = 1: with V_INTR_MASKING the guest's IF gates only virtual interrupts, which no
+        // guest is ever given, so physical interrupts still reach the hypervisor as INTR exits
+        // under the host's IF (APM vol 2 §15.21.1). IF = 0 would be just as correct, but Bochs
+        // 2.7 (`ryzen`) then masks the physical interrupt for as long as the guest runs, and a
+        // spinning guest is never preempted there (observed: no INTR exit ever comes).
+        v.set_rflags(0x202);
         v.set_rip(s.entry);
         v.set_rsp(s.stack);
         v.set_rax(0);
