@@ -163,7 +163,8 @@ impl Svm {
     }
 
     /// Moves the guest past the instruction that exited: to nRIP with NRIPS, else `len` bytes
-    /// on (the instruction's fixed length, known from the exit code).
+    /// on (the instruction's length without prefixes, known from the exit code; a guest that
+    /// prefixes it on a CPU without NRIPS lands inside its own instruction, its problem alone).
     fn skip_instruction(&self, vcpu: &mut SvmVcpu, len: u64) {
         let next = if self.nrips {
             vcpu.vmcb.next_rip()
