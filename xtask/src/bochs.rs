@@ -29,7 +29,9 @@ const BOCHS_SHUTDOWN_RC: i32 = 1;
 pub const MODELS: [&str; 2] = [
     // Intel Haswell: VMX with EPT, VPID, unrestricted guest, TRUE controls.
     "corei7_haswell_4770",
-    // AMD Zen: SVM with NPT, NRIPS, flush-by-ASID.
+    // AMD Zen: SVM with NPT, NRIPS (fills nRIP), flush-by-ASID; no x2APIC, so the
+    // hypervisor's preemption timer runs on the xAPIC MMIO page. Runs the SVM guest scenarios
+    // (bochs-svm-*) as a second SVM implementation beside QEMU's.
     "ryzen",
 ];
 

@@ -14,8 +14,10 @@
 //!   SKINIT, INVLPGA, INVD, XSETBV (XCR0 is not switched), MONITOR/MWAIT, ICEBP, task switches.
 //!   Exceptions: #DB and #AC (a guest can make their delivery loop forever without ever
 //!   reaching an interruptible point, CVE-2015-8104 / CVE-2015-5307) and #MC.
-//! - QEMU TCG has no NRIPS (CPUID 8000_000Ah EDX bit 3 clear, nRIP stays 0), so the backend
-//!   advances RIP itself: VMMCALL is 3 bytes, CPUID 2.
+//! - Next RIP after an emulated instruction: with NRIPS (CPUID 8000_000Ah EDX bit 3; Bochs's
+//!   `ryzen` model) the CPU's own nRIP (VMCB 0xC8, APM vol 2 §15.7.1); QEMU TCG has no NRIPS
+//!   (nRIP stays 0), so there the backend advances RIP itself: VMMCALL is 3 bytes, CPUID 2,
+//!   and an IOIO intercept's EXITINFO2 holds the next RIP (§15.10.2).
 
 pub mod asm;
 pub mod vmcb;
@@ -64,6 +66,25 @@ pub static NPT_MEMORY: IommuMemory = IommuMemory::new();
 /// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
 const EXCEPTION_INTERCEPTS: u32 = 1 << 1 | 1 << 17 | 1 << 18;
 
+/// IOIO intercept EXITINFO1 (APM vol 2 §15.10.2, Figure 15-2): bit 0 TYPE (1 = IN), bit 2 STR,
+/// bit 3 REP, bits 6:4 SZ32/SZ16/SZ8 (one-hot operand size), bits 9:7 A64/A32/A16 (address size:
+/// only string forms use it, but Bochs sets A64 for every 64-bit-mode IN/OUT, e.g. 0x03F80210
+/// where QEMU writes 0x03F80010), bits 12:10 SEG, bits 31:16 port.
+mod ioio {
+    pub const IN: u64 = 1 << 0;
+    pub const STR: u64 = 1 << 2;
+    pub const REP: u64 = 1 << 3;
+    pub const SIZE_SHIFT: u32 = 4;
+    pub const SIZE_MASK: u64 = 0b111;
+    pub const PORT_SHIFT: u32 = 16;
+}
+
+/// Whether the CPU saves the next RIP in the VMCB on intercepts (NRIPS, CPUID 8000_000Ah EDX
+/// bit 3): the same CPUID bit the boot report prints as `nrips=`.
+pub fn has_nrips() -> bool {
+    __cpuid(0x8000_0000).eax >= 0x8000_000a && __cpuid(0x8000_000a).edx & (1 << 3) != 0
+}
+
 /// Most ASIDs tracked (the bitmap size); CPUs with more simply use the first 256.
 const MAX_ASIDS: u32 = 256;
 
@@ -82,6 +103,8 @@ pub struct Svm {
     asid_count: u32,
     asids_used: [u64; (MAX_ASIDS / 64) as usize],
     phys_bits: u32,
+    /// The CPU fills nRIP ([`has_nrips`]).
+    nrips: bool,
 }
 
 /// A VM: its nested page table and ASID.
@@ -130,12 +153,25 @@ impl Svm {
             asid_count: svm.ebx.min(MAX_ASIDS),
             asids_used: [1, 0, 0, 0], // ASID 0: the host
             phys_bits,
+            nrips: has_nrips(),
         })
     }
 
     /// Number of ASIDs the CPU provides (ASID 0 included).
     pub fn asids(&self) -> u32 {
         self.asid_count
+    }
+
+    /// Moves the guest past the instruction that exited: to nRIP with NRIPS, else `len` bytes
+    /// on (the instruction's length without prefixes, known from the exit code; a guest that
+    /// prefixes it on a CPU without NRIPS lands inside its own instruction, its problem alone).
+    fn skip_instruction(&self, vcpu: &mut SvmVcpu, len: u64) {
+        let next = if self.nrips {
+            vcpu.vmcb.next_rip()
+        } else {
+            vcpu.vmcb.rip().wrapping_add(len)
+        };
+        vcpu.vmcb.set_rip(next);
     }
 
     fn alloc_asid(&mut self) -> Option<u32> {
@@ -153,7 +189,7 @@ impl Svm {
 
     /// CPUID as the guest sees it: the host's, with the hypervisor-present bit set and the
     /// features the guest cannot use hidden (SVM and VMX, x2APIC: its MSRs all exit).
-    fn emulate_cpuid(vcpu: &mut SvmVcpu) {
+    fn emulate_cpuid(&self, vcpu: &mut SvmVcpu) {
         let leaf = vcpu.vmcb.rax() as u32;
         let sub = vcpu.gprs.rcx as u32;
         let mut r = if (0x4000_0000..0x5000_0000).contains(&leaf) {
@@ -183,8 +219,8 @@ impl Svm {
         vcpu.gprs.rbx = r.ebx.into();
         vcpu.gprs.rcx = r.ecx.into();
         vcpu.gprs.rdx = r.edx.into();
-        let rip = vcpu.vmcb.rip();
-        vcpu.vmcb.set_rip(rip.wrapping_add(2));
+        // CPUID is 0F A2.
+        self.skip_instruction(vcpu, 2);
     }
 
     fn decode(vcpu: &SvmVcpu) -> Event {
@@ -198,28 +234,27 @@ impl Svm {
                 op: v.rax(),
                 args: [vcpu.gprs.rbx, vcpu.gprs.rcx, vcpu.gprs.rdx],
             }),
-            // EXITINFO1 (§15.10.2): bit 0 = IN, bits 4-6 = size 1/2/4, bits 31:16 = port.
             // String and REP forms would need the hypervisor to read or write guest memory
             // through the guest's own page tables: not emulated.
-            exit::IOIO if info1 & (1 << 2 | 1 << 3) != 0 => Event::Forbidden {
+            exit::IOIO if info1 & (ioio::STR | ioio::REP) != 0 => Event::Forbidden {
                 what: "string port I/O (ins/outs)",
-                detail: info1 >> 16,
+                detail: (info1 >> ioio::PORT_SHIFT) & 0xffff,
             },
             exit::IOIO => {
-                let size = match (info1 >> 4) & 7 {
-                    1 => 1,
-                    2 => 2,
-                    _ => 4,
+                // The address-size bits (A64 from Bochs) say nothing about IN/OUT without a
+                // string operand: only the one-hot operand size counts.
+                let size: u8 = match (info1 >> ioio::SIZE_SHIFT) & ioio::SIZE_MASK {
+                    0b001 => 1,
+                    0b010 => 2,
+                    0b100 => 4,
+                    // No or several sizes: not an exit the APM describes.
+                    _ => return Event::Invalid(code),
                 };
-                let mask = if size == 4 {
-                    u64::from(u32::MAX)
-                } else {
-                    (1u64 << (8 * size)) - 1
-                };
+                let mask = (1u64 << (8 * u32::from(size))) - 1;
                 Event::PortIo {
-                    port: (info1 >> 16) as u16,
+                    port: (info1 >> ioio::PORT_SHIFT) as u16,
                     size,
-                    write: info1 & 1 == 0,
+                    write: info1 & ioio::IN == 0,
                     value: (v.rax() & mask) as u32,
                 }
             }
@@ -381,7 +416,12 @@ impl Backend for Svm {
         v.set_control_registers(GUEST_CR0, s.page_table, GUEST_CR4, GUEST_EFER);
         v.set_debug_registers(0xffff_0ff0, 0x400);
         v.set_guest_pat(GUEST_PAT);
-        v.set_rflags(0x2);
+        // IF = 1: with V_INTR_MASKING the guest's IF gates only virtual interrupts, which no
+        // guest is ever given, so physical interrupts still reach the hypervisor as INTR exits
+        // under the host's IF (APM vol 2 §15.21.1). IF = 0 would be just as correct, but Bochs
+        // 2.7 (`ryzen`) then masks the physical interrupt for as long as the guest runs, and a
+        // spinning guest is never preempted there (observed: no INTR exit ever comes).
+        v.set_rflags(0x202);
         v.set_rip(s.entry);
         v.set_rsp(s.stack);
         v.set_rax(0);
@@ -401,7 +441,7 @@ impl Backend for Svm {
             vcpu.first_run = false;
             asm::vmrun(&self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
             if vcpu.vmcb.exit_code() == exit::CPUID {
-                Self::emulate_cpuid(vcpu);
+                self.emulate_cpuid(vcpu);
                 continue;
             }
             // An exit in the middle of delivering an event to the guest (an exception or a
@@ -422,9 +462,8 @@ impl Backend for Svm {
 
     fn complete_hypercall(&mut self, vcpu: &mut SvmVcpu, result: u64) {
         vcpu.vmcb.set_rax(result);
-        // No NRIPS on QEMU TCG: VMMCALL (0F 01 D9) is 3 bytes.
-        let rip = vcpu.vmcb.rip();
-        vcpu.vmcb.set_rip(rip.wrapping_add(3));
+        // VMMCALL is 0F 01 D9.
+        self.skip_instruction(vcpu, 3);
     }
 
     fn complete_mmio(&mut self, _vcpu: &mut SvmVcpu, _value: Option<u64>) {
@@ -443,9 +482,12 @@ impl Backend for Svm {
             };
             vcpu.vmcb.set_rax(new);
         }
-        // EXITINFO2 of an IOIO intercept is the next RIP (APM vol 2 §15.10.2), with or without
-        // NRIPS.
-        let next = vcpu.vmcb.exit_info2();
+        // Without NRIPS, EXITINFO2 of an IOIO intercept is the next RIP (APM vol 2 §15.10.2).
+        let next = if self.nrips {
+            vcpu.vmcb.next_rip()
+        } else {
+            vcpu.vmcb.exit_info2()
+        };
         vcpu.vmcb.set_rip(next);
     }
 

@@ -24,6 +24,7 @@ mod ctl {
     pub const NP_ENABLE: usize = 0x090;
     pub const EVENTINJ: usize = 0x0a8;
     pub const N_CR3: usize = 0x0b0;
+    pub const NRIP: usize = 0x0c8;
 }
 
 /// State-save-area offsets (Table B-2).
@@ -163,6 +164,11 @@ impl Vmcb {
     }
     pub fn exit_int_info(&self) -> u64 {
         self.r64(ctl::EXITINTINFO)
+    }
+    /// nRIP (APM vol 2 §15.7.1): the RIP after the intercepted instruction, written on
+    /// instruction intercepts only by CPUs with NRIPS (CPUID 8000_000Ah EDX bit 3).
+    pub fn next_rip(&self) -> u64 {
+        self.r64(ctl::NRIP)
     }
 
     /// EVENTINJ (§15.20): an event to deliver to the guest at the next VMRUN (bit 31 valid).
