@@ -69,7 +69,7 @@ pub fn find_edu(platform: &Platform, dma_mask: u64) -> Result<EduDevice, String>
             let mmio = MmioRegion::new(bar.base, drivers::edu::BAR0_SIZE)
                 .map_err(|e| format!("edu BAR0: {e}"))?;
             if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
-                return Err(format!("edu {}: cannot enable bus mastering", f.bdf));
+                return Err(alloc::format!("edu {}: cannot enable bus mastering", f.bdf));
             }
             let edu = Edu::probe(mmio)
                 .map_err(|e| format!("edu {}: {e:?}", f.bdf))?
@@ -123,4 +123,44 @@ pub fn dma_from_device(d: &EduDevice, iova: u64, len: usize) -> Result<(), Strin
     d.edu
         .wait_dma(DMA_POLLS)
         .map_err(|e| alloc::format!("edu: {e:?}"))
+}
+
+/// Records a check whose success carries what it observed, printed on the check line
+/// (`check: NAME ok: OBSERVED`), so the scenario's expected lines can pin the observation.
+pub fn record_observed(checks: &mut Checks, name: &str, result: Result<String, String>) {
+    match result {
+        Ok(observed) => {
+            checks.passed += 1;
+            println!("check: {name} ok: {observed}");
+        }
+        Err(why) => checks.record(name, Err(why)),
+    }
+}
+
+/// Compares the whole of `buf` with `expected`; on a difference, names the first differing
+/// offset (a check of one byte would miss a DMA that landed anywhere else).
+pub fn whole_buffer_eq(buf: &Buffer, expected: &[u8]) -> Result<(), String> {
+    if buf.len() != expected.len() {
+        return Err(alloc::format!(
+            "buffer is {:#x} bytes, expected {:#x}",
+            buf.len(),
+            expected.len()
+        ));
+    }
+    match buf.mismatch(0..buf.len(), |i| expected[i]) {
+        None => Ok(()),
+        Some(off) => Err(alloc::format!(
+            "byte {off:#x} of {:#x} is {:#04x}, expected {:#04x}",
+            buf.len(),
+            buf.read_u8(off),
+            expected[off]
+        )),
+    }
+}
+
+/// A copy of the whole buffer, read through its volatile accessors.
+pub fn snapshot(buf: &Buffer) -> alloc::vec::Vec<u8> {
+    let mut v = alloc::vec![0; buf.len()];
+    buf.read(0, &mut v);
+    v
 }

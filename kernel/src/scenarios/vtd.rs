@@ -12,7 +12,10 @@
 //! model snooping), the check reads the entry back from table memory along the path the unit
 //! walks, starting from the root-table pointer read back from RTADDR_REG (see `hw_walk`).
 
-use super::{Buffer, Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu};
+use super::{
+    Checks, EduDevice, buffer, dma_from_device, dma_to_device, find_edu, record_observed, snapshot,
+    whole_buffer_eq,
+};
 use crate::discovery::{Platform, Unit};
 use crate::mem::frame::PAGE_SIZE;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
@@ -498,46 +501,6 @@ fn expect_fault(
         return Err("per-device fault counter did not move".into());
     }
     Ok(())
-}
-
-/// Records a check whose success carries what it observed, printed on the check line
-/// (`check: NAME ok: OBSERVED`), so the scenario's expected lines can pin the observation.
-fn record_observed(checks: &mut Checks, name: &str, result: Result<String, String>) {
-    match result {
-        Ok(observed) => {
-            checks.passed += 1;
-            println!("check: {name} ok: {observed}");
-        }
-        Err(why) => checks.record(name, Err(why)),
-    }
-}
-
-/// Compares the whole of `buf` with `expected`; on a difference, names the first differing
-/// offset (a check of one byte would miss a DMA that landed anywhere else).
-fn whole_buffer_eq(buf: &Buffer, expected: &[u8]) -> Result<(), String> {
-    if buf.len() != expected.len() {
-        return Err(format!(
-            "buffer is {:#x} bytes, expected {:#x}",
-            buf.len(),
-            expected.len()
-        ));
-    }
-    match buf.mismatch(0..buf.len(), |i| expected[i]) {
-        None => Ok(()),
-        Some(off) => Err(format!(
-            "byte {off:#x} of {:#x} is {:#04x}, expected {:#04x}",
-            buf.len(),
-            buf.read_u8(off),
-            expected[off]
-        )),
-    }
-}
-
-/// A copy of the whole buffer, read through its volatile accessors.
-fn snapshot(buf: &Buffer) -> alloc::vec::Vec<u8> {
-    let mut v = alloc::vec![0; buf.len()];
-    buf.read(0, &mut v);
-    v
 }
 
 // ---------------------------------------------------------------------------------------------
