@@ -9,8 +9,10 @@
 //! are `unsafe`, and they live in the per-architecture `entry` modules.
 #![no_std]
 
+pub mod console;
 pub mod guests;
 mod info;
+pub mod spcr;
 pub use info::*;
 
 pub mod aarch64;

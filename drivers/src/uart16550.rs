@@ -111,6 +111,11 @@ impl<P: PortIo> Uart16550<P> {
         Ok(())
     }
 
+    /// The register accessor, for a caller that retargets it before [`init`](Self::init).
+    pub fn io(&self) -> &P {
+        &self.io
+    }
+
     pub fn is_present(&self) -> bool {
         self.present.load(Ordering::Relaxed)
     }

@@ -97,6 +97,8 @@ pub fn discover_and_report(info: &BootInfo) -> Platform {
             a.revision,
             names.join(",")
         );
+        #[cfg(target_arch = "aarch64")]
+        report_arm_acpi(a);
     } else {
         println!("report: acpi none");
     }
@@ -731,6 +733,79 @@ mod arm {
                 );
                 false
             }
+        }
+    }
+}
+
+/// The ACPI-only description of an Arm machine: GIC (MADT), timer interrupts (GTDT) and debug
+/// ports (DBG2). A malformed table is reported and otherwise ignored.
+#[cfg(target_arch = "aarch64")]
+fn report_arm_acpi(a: &acpi_fw::Acpi) {
+    use iommu::firmware::{dbg2, gtdt::Gtdt, madt::Madt};
+    if let Some(t) = a.madt {
+        match Madt::parse(t.bytes) {
+            Ok(m) => {
+                let gicd = m
+                    .gicd
+                    .map_or("none".into(), |(b, v)| alloc::format!("{b:#x} v{v}"));
+                let gicr: Vec<alloc::string::String> = m
+                    .gicr_ranges
+                    .iter()
+                    .map(|(b, l)| alloc::format!("{b:#x}+{l:#x}"))
+                    .collect();
+                let its: Vec<alloc::string::String> =
+                    m.its.iter().map(|b| alloc::format!("{b:#x}")).collect();
+                println!(
+                    "report: madt gicd={gicd} gicr={} its={} cpus={} enabled={}",
+                    if gicr.is_empty() {
+                        "gicc".into()
+                    } else {
+                        gicr.join(",")
+                    },
+                    if its.is_empty() {
+                        "none".into()
+                    } else {
+                        its.join(",")
+                    },
+                    m.cpus.len(),
+                    m.enabled_cpus()
+                );
+            }
+            Err(e) => println!("report: madt malformed: {e}"),
+        }
+    }
+    if let Some(t) = a.gtdt {
+        match Gtdt::parse(t.bytes) {
+            Ok(g) => println!(
+                "report: gtdt el2-timer={} el1-timer={} el1-virt-timer={}{}",
+                g.el2_phys_gsiv,
+                g.el1_phys_gsiv,
+                g.el1_virt_gsiv,
+                if Gtdt::is_ppi(g.el2_phys_gsiv) {
+                    ""
+                } else {
+                    " (EL2 timer is not a PPI)"
+                }
+            ),
+            Err(e) => println!("report: gtdt malformed: {e}"),
+        }
+    }
+    if let Some(t) = a.dbg2 {
+        match dbg2::parse(t.bytes) {
+            Ok(ports) if ports.is_empty() => println!("report: dbg2 no ports"),
+            Ok(ports) => {
+                for (i, p) in ports.iter().enumerate() {
+                    let base = p.base.map_or("none".into(), |(space, b)| {
+                        alloc::format!("{b:#x} ({})", if space == 0 { "memory" } else { "io" })
+                    });
+                    println!(
+                        "report: dbg2 port{i} {} subtype={:#x} base={base}",
+                        p.type_name(),
+                        p.subtype
+                    );
+                }
+            }
+            Err(e) => println!("report: dbg2 malformed: {e}"),
         }
     }
 }

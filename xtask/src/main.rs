@@ -11,6 +11,7 @@ mod image;
 mod qemu;
 mod scenario;
 mod setup;
+mod spcr;
 mod test;
 mod util;
 

@@ -56,15 +56,14 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
         }
     }
     // edu DMA completes on a virtual-clock timer; icount makes that instant (see docs).
-    cmd.args([
-        "-m",
-        &s.memory,
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-    ]);
+    cmd.args(["-m", &s.memory, "-display", "none", "-no-reboot"]);
+    // The console is read from stdio: COM1 (or the PL011) unless the scenario wires the ports.
+    if s.serial.is_empty() {
+        cmd.args(["-serial", "stdio"]);
+    }
+    for backend in &s.serial {
+        cmd.args(["-serial", backend]);
+    }
     cmd.args(["-icount", "shift=10,sleep=off"]);
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
     cmd.args(expand_qemu_args(&s.qemu_args)?);
@@ -144,13 +143,19 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     Ok(cmd)
 }
 
-/// Replaces `{acpi-tables}` in scenario arguments with the directory of real firmware tables:
+/// Replaces `{spcr:KIND:ADDRESS}` in scenario arguments with a built SPCR table's file
+/// (`spcr.rs`), and `{acpi-tables}` with the directory of real firmware tables:
 /// `IOMMU_ACPI_TABLES` if set (as for the host tests), else `acpi-tables` in the shared data
 /// directory beside the repository (`HV_SHARED`, default `../shared`).
 fn expand_qemu_args(args: &[String]) -> Result<Vec<String>> {
     const TABLES: &str = "{acpi-tables}";
+    let spcr_dir = target_dir().join("xtask/acpi");
+    let args = args
+        .iter()
+        .map(|a| crate::spcr::expand(a, &spcr_dir))
+        .collect::<Result<Vec<_>>>()?;
     if !args.iter().any(|a| a.contains(TABLES)) {
-        return Ok(args.to_vec());
+        return Ok(args);
     }
     let dir = std::env::var_os("IOMMU_ACPI_TABLES")
         .map(PathBuf::from)

@@ -53,9 +53,14 @@ pub struct Scenario {
     pub machine: Option<String>,
     /// Device arguments replacing the architecture's default devices.
     pub devices: Option<Vec<String>>,
-    /// Further QEMU arguments appended after the devices.
+    /// Further QEMU arguments appended after the devices. `{acpi-tables}` names the real
+    /// firmware tables' directory, `{spcr:KIND:ADDRESS}` a built SPCR table (`spcr.rs`).
     #[serde(default)]
     pub qemu_args: Vec<String>,
+    /// `-serial` backends in port order (COM1, COM2, ...); the console is read from the one that
+    /// is `stdio`. Default: COM1 (the PL011 on aarch64) on stdio.
+    #[serde(default)]
+    pub serial: Vec<String>,
     /// The hypervisor command line (xtask adds `exit=qemu` / `semihosting`).
     #[serde(default)]
     pub cmdline: String,
@@ -102,6 +107,7 @@ impl Scenario {
             machine: None,
             devices: None,
             qemu_args: Vec::new(),
+            serial: Vec::new(),
             cmdline: String::new(),
             memory: default_memory(),
             timeout_secs: default_timeout(),

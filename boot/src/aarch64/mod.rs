@@ -16,7 +16,7 @@
 pub mod dtb;
 pub mod efi_map;
 pub mod map;
-pub mod spcr;
+pub use crate::spcr;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 mod efi;

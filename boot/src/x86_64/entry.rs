@@ -18,7 +18,10 @@
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
 
-use super::{BootNotes, PhysMem, RSDP_V2_LEN, RsdpCopy, choose_rsdp, mark_in_use, multiboot2, pvh};
+use super::{
+    BootNotes, PhysMem, RSDP_V2_LEN, RsdpCopy, RsdpSource, choose_rsdp, mark_in_use, multiboot2,
+    pvh,
+};
 use crate::{BootInfo, BootProtocol};
 
 /// Protocol numbers passed from the assembly to [`x86_64_boot_main`].
@@ -318,6 +321,23 @@ impl PhysMem for IdentityMap {
     }
 }
 
+/// Boot-loader memory plus the RSDP copy kept in the image, at the address the copy was placed.
+struct WithRsdpCopy<'a> {
+    mem: &'a IdentityMap,
+    at: u64,
+    copy: &'a [u8],
+}
+
+impl PhysMem for WithRsdpCopy<'_> {
+    fn read(&self, pa: u64, max_len: usize) -> &[u8] {
+        if pa == self.at {
+            &self.copy[..max_len.min(self.copy.len())]
+        } else {
+            self.mem.read(pa, max_len)
+        }
+    }
+}
+
 /// The first Rust code, called by the assembly above in 64-bit mode on the boot stack.
 #[unsafe(no_mangle)]
 extern "C" fn x86_64_boot_main(protocol: u32, info_pa: u32, magic: u32) -> ! {
@@ -346,6 +366,19 @@ extern "C" fn x86_64_boot_main(protocol: u32, info_pa: u32, magic: u32) -> ! {
     (info.image_start, info.image_end) = mem.image;
     mark_in_use(info);
     info.rsdp = choose_rsdp(info.rsdp, &mem, notes, place_rsdp_copy);
+    // Under UEFI the RSDP is often only the Multiboot2 copy, which lives in the image (that the
+    // identity-map reader refuses): read it from the notes instead.
+    notes.spcr = info.rsdp.map(|rsdp| match notes.rsdp_copy {
+        Some(copy) if notes.rsdp_source == RsdpSource::ImageCopy => crate::spcr::spcr_uart(
+            rsdp,
+            &WithRsdpCopy {
+                mem: &mem,
+                at: rsdp,
+                copy: copy.as_bytes(),
+            },
+        ),
+        _ => crate::spcr::spcr_uart(rsdp, &mem),
+    });
     let info: &'static BootInfo = info;
     // SAFETY: `hv_main` is defined by the kernel with exactly this signature (boot/src/lib.rs) and
     // its preconditions hold: boot CPU, paging on (identity map of 0-4 GiB), valid stack.

@@ -82,6 +82,10 @@ pub struct BootNotes {
     issue_count: usize,
     /// Issues not stored because the table was full.
     pub issues_dropped: usize,
+    /// The console UART the ACPI SPCR table names, or why it names none usable; `None` when there
+    /// is no RSDP to look in. Read through the boot identity map, before the hypervisor's console
+    /// exists, so that its first line already goes to the port the firmware used.
+    pub spcr: Option<Result<crate::console::ConsoleUart, &'static str>>,
 }
 
 impl BootNotes {
@@ -95,6 +99,7 @@ impl BootNotes {
             issues: [NONE; MAX_ISSUES],
             issue_count: 0,
             issues_dropped: 0,
+            spcr: None,
         }
     }
 

@@ -3,9 +3,12 @@
 //! everywhere, and return typed errors.
 
 pub mod acpi;
+pub mod dbg2;
 pub mod devicetree;
 pub mod dmar;
+pub mod gtdt;
 pub mod iort;
+pub mod madt;
 
 /// Decodes any supported table (chosen by its signature) into a human-readable dump, the way
 /// `cargo xtask decode-table` shows it. Malformed input is an error, never a panic.

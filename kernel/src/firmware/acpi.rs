@@ -56,6 +56,13 @@ pub struct Acpi {
     /// bit 1 PSCI_USE_HVC. `None` without a FADT long enough to hold it.
     #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     pub arm_boot_flags: Option<u16>,
+    /// The MADT ("APIC"), GTDT and DBG2, for the aarch64 boot report (GIC, timers, debug ports).
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub madt: Option<Table>,
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub gtdt: Option<Table>,
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub dbg2: Option<Table>,
 }
 
 /// One ECAM window from the MCFG (PCI Firmware 3.3 §4.1.2).
@@ -87,6 +94,9 @@ macro_rules! raw_table {
 raw_table!(RawDmar, DMAR);
 raw_table!(RawIort, IORT);
 raw_table!(RawFadt, FADT);
+raw_table!(RawMadt, MADT);
+raw_table!(RawGtdt, GTDT);
+raw_table!(RawDbg2, DBG2);
 
 fn raw<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<DirectMap>) -> Option<Table> {
     let m = tables.find_table::<T>().ok()?;
@@ -149,6 +159,9 @@ pub fn discover(rsdp: u64) -> Result<Acpi, AcpiError> {
         arm_boot_flags: raw::<RawFadt>(&tables)
             .and_then(|t| t.bytes.get(129..131))
             .map(|b| u16::from_le_bytes([b[0], b[1]])),
+        madt: raw::<RawMadt>(&tables),
+        gtdt: raw::<RawGtdt>(&tables),
+        dbg2: raw::<RawDbg2>(&tables),
     })
 }
 

@@ -52,11 +52,12 @@ pub fn console_write(bytes: &[u8]) {
 
 /// Stops with a clear message if the entry could not set the CPU up (wrong Exception level, no or
 /// bad DTB), then installs the EL2 exception vectors.
-pub fn init_cpu(_info: &BootInfo) {
+pub fn init_cpu(info: &BootInfo) {
     if let Some(error) = boot::aarch64::entry_error() {
         fatal(format_args!("boot: {error}"));
     }
     exception::install();
+    uart::log_choice(info);
 }
 
 /// Prints `message` and the status line `cargo xtask` checks, then exits with status 1. Uses

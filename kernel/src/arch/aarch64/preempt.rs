@@ -44,24 +44,20 @@ fn mpidr_affinity() -> u32 {
     ((m >> 8) & 0xff00_0000) as u32 | (m & 0x00ff_ffff) as u32
 }
 
-/// Finds the GICv3 in the device tree, brings up the distributor and this CPU's redistributor,
+/// Finds the GICv3 in the device tree (else the ACPI MADT), brings up the distributor and this CPU's redistributor,
 /// enables the CPU interface for Group 1 and the timer's PPI. The timer stays off until
 /// [`arm_timer`]. Idempotent.
 pub fn init_timer(info: &BootInfo) -> Result<(), &'static str> {
     if READY.load(Relaxed) {
         return Ok(());
     }
-    let fdt = crate::firmware::devicetree::fdt(info).ok_or("no device tree")?;
-    let gic = fdt
-        .find_compatible(&["arm,gic-v3"])
-        .ok_or("no arm,gic-v3 node in the device tree")?;
-    let mut regs = gic.reg().ok_or("GICv3 node without reg")?;
-    let gicd = regs.next().ok_or("GICv3 reg has no distributor")?;
-    let gicr = regs.next().ok_or("GICv3 reg has no redistributor region")?;
-    let gicr_len = gicr.size.ok_or("redistributor region without a size")?;
-    let gicd = MmioRegion::new(gicd.starting_address as u64, GICD_SIZE)
-        .map_err(|_| "GIC distributor outside the direct map")?;
-    let gicr = MmioRegion::new(gicr.starting_address as u64, gicr_len as u64)
+    let (gicd, gicr, gicr_len) = match crate::firmware::devicetree::fdt(info) {
+        Some(fdt) => gic_from_device_tree(&fdt)?,
+        None => gic_from_madt(info)?,
+    };
+    let gicd =
+        MmioRegion::new(gicd, GICD_SIZE).map_err(|_| "GIC distributor outside the direct map")?;
+    let gicr = MmioRegion::new(gicr, gicr_len as u64)
         .map_err(|_| "GIC redistributors outside the direct map")?;
     let typer = gicv3::init_distributor(&gicd).map_err(gic_error)?;
     let rd = gicv3::find_redistributor(&gicr, gicr_len, mpidr_affinity()).map_err(gic_error)?;
@@ -97,6 +93,57 @@ pub fn init_timer(info: &BootInfo) -> Result<(), &'static str> {
         FREQ.load(Relaxed)
     );
     Ok(())
+}
+
+/// GICD base, first redistributor region base and its length from the `arm,gic-v3` node.
+fn gic_from_device_tree(fdt: &fdt::Fdt<'_>) -> Result<(u64, u64, usize), &'static str> {
+    let gic = fdt
+        .find_compatible(&["arm,gic-v3"])
+        .ok_or("no arm,gic-v3 node in the device tree")?;
+    let mut regs = gic.reg().ok_or("GICv3 node without reg")?;
+    let gicd = regs.next().ok_or("GICv3 reg has no distributor")?;
+    let gicr = regs.next().ok_or("GICv3 reg has no redistributor region")?;
+    let gicr_len = gicr.size.ok_or("redistributor region without a size")?;
+    Ok((
+        gicd.starting_address as u64,
+        gicr.starting_address as u64,
+        gicr_len,
+    ))
+}
+
+/// The same from the ACPI MADT (ACPI-only machines, UEFI boot): the GICD entry, the first GICR
+/// discovery range or, without one, this CPU's GICC redistributor base (one RD_base + SGI_base
+/// pair, 128 KiB; IHI 0069 §12.10). The GTDT, when present, must name INTID 26 for the EL2
+/// timer, the one the vCPU backend expects.
+fn gic_from_madt(info: &BootInfo) -> Result<(u64, u64, usize), &'static str> {
+    use iommu::firmware::{gtdt::Gtdt, madt::Madt};
+    let rsdp = info.rsdp.ok_or("no device tree and no ACPI RSDP")?;
+    let acpi = crate::firmware::acpi::discover(rsdp).map_err(|_| "ACPI tables unreadable")?;
+    let madt = acpi.madt.ok_or("no device tree and no MADT")?;
+    let madt = Madt::parse(madt.bytes).map_err(|_| "MADT malformed (see the boot report)")?;
+    if let Some(g) = acpi.gtdt.and_then(|t| Gtdt::parse(t.bytes).ok())
+        && g.el2_phys_gsiv != HYP_TIMER_INTID
+    {
+        return Err("GTDT names an EL2 timer interrupt other than INTID 26");
+    }
+    let (gicd, version) = madt.gicd.ok_or("MADT has no GIC distributor")?;
+    // GIC version 0: "probe the hardware"; `init_distributor` checks GICD_PIDR2 anyway.
+    if !matches!(version, 0 | 3 | 4) {
+        return Err("MADT GIC distributor is not a GICv3/GICv4");
+    }
+    if let Some(&(base, len)) = madt.gicr_ranges.first() {
+        return Ok((gicd, base, len as usize));
+    }
+    let me = mpidr_affinity();
+    let cpu = madt
+        .cpus
+        .iter()
+        .find(|c| {
+            let aff = ((c.mpidr >> 8) & 0xff00_0000) as u32 | (c.mpidr & 0x00ff_ffff) as u32;
+            aff == me && c.gicr_base != 0
+        })
+        .ok_or("MADT has no GICR range and no GICC redistributor for the boot CPU")?;
+    Ok((gicd, cpu.gicr_base, 0x2_0000))
 }
 
 fn gic_error(e: gicv3::GicError) -> &'static str {

@@ -1,6 +1,7 @@
 //! The boot console: a PL011 (or SBSA generic UART) found through the device tree.
 //!
-//! Choice of UART: `/chosen/stdout-path`, else the first enabled `arm,pl011`/`arm,sbsa-uart`
+//! Choice of UART: `console=pl011:ADDR` / `console=sbsa:ADDR` ([`boot::console`]), else
+//! `/chosen/stdout-path`, else the first enabled `arm,pl011`/`arm,sbsa-uart`
 //! node, else QEMU `virt`'s PL011 at 0x0900_0000 (hw/arm/virt.c `VIRT_UART`); under UEFI (ACPI
 //! only) the SPCR table's UART and nothing else. A base that lies in
 //! RAM or outside the boot map is refused (the console then stays silent rather than scribble
@@ -8,9 +9,14 @@
 
 use super::mmio::DeviceMmio;
 use boot::aarch64::dtb::{Uart, UartKind};
+use boot::console::{ConsoleArch, ConsoleChoice, ConsoleUart};
 use boot::{BootInfo, MemoryKind};
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use drivers::pl011::{Pl011, Variant};
+use spin::Once;
+
+/// What `init` decided about `console=`, for [`log_choice`] once the logger exists.
+static CHOICE: Once<ConsoleChoice> = Once::new();
 
 /// QEMU `virt`'s first PL011, used when the device tree names none.
 const QEMU_VIRT_UART: Uart = Uart {
@@ -33,11 +39,21 @@ pub fn init(info: &BootInfo) {
     } else {
         [dt_uart, Some(QEMU_VIRT_UART)]
     };
-    let Some(uart) = candidates
+    let firmware = candidates
         .into_iter()
         .flatten()
         .find(|u| plausible(u, info))
-    else {
+        .map(console_uart);
+    // `console=` overrides what firmware described; the SPCR/DT choice above is the default.
+    let choice = boot::console::choose_console(
+        ConsoleArch::Aarch64,
+        info.cmdline_value("console"),
+        None,
+        firmware,
+        |u| uart_of(u).is_some_and(|u| plausible(&u, info)),
+    );
+    CHOICE.call_once(|| choice);
+    let Some(uart) = choice.uart.and_then(|u| uart_of(&u)) else {
         return;
     };
     SBSA.store(
@@ -47,6 +63,44 @@ pub fn init(info: &BootInfo) {
     BASE.store(uart.base as usize, Ordering::Release);
     if let Some(uart) = current() {
         uart.init();
+    }
+}
+
+fn console_uart(u: Uart) -> ConsoleUart {
+    match u.kind {
+        UartKind::Pl011 => ConsoleUart::Pl011 { base: u.base },
+        UartKind::SbsaGeneric => ConsoleUart::SbsaGeneric { base: u.base },
+    }
+}
+
+fn uart_of(u: &ConsoleUart) -> Option<Uart> {
+    let (base, kind) = match *u {
+        ConsoleUart::Pl011 { base } => (base, UartKind::Pl011),
+        ConsoleUart::SbsaGeneric { base } => (base, UartKind::SbsaGeneric),
+        _ => return None,
+    };
+    Some(Uart {
+        base,
+        size: 0x1000,
+        kind,
+    })
+}
+
+/// Reports a refused `console=` and the UART in use, on that UART (needs the logger).
+pub fn log_choice(info: &BootInfo) {
+    let Some(choice) = CHOICE.get() else {
+        return;
+    };
+    if let Some(e) = choice.cmdline_error {
+        log::warn!(
+            "console: ignoring console={:?}: {e}",
+            info.cmdline_value("console").unwrap_or("")
+        );
+    }
+    if choice.source == boot::console::ConsoleSource::CommandLine
+        && let Some(u) = choice.uart
+    {
+        log::info!("console: {u} (from console=)");
     }
 }
 

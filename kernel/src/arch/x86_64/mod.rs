@@ -1,6 +1,7 @@
 //! x86_64 implementation of the architecture interface (see `arch/mod.rs`).
 //!
-//! - console: COM1 16550 at 0x3f8, 115200 8N1, polled ([`drivers::uart16550`]);
+//! - console: a 16550 (`console=`, else the ACPI SPCR table's, else COM1 at 0x3f8), 115200 8N1,
+//!   polled ([`drivers::uart16550`], [`uart`]);
 //! - CPU: GDT + TSS with IST stacks for #DF/NMI/#MC, IDT with reports for all 32 exceptions;
 //! - memory: identity map of 0-4 GiB plus the direct map at [`DIRECT_MAP_BASE`] ([`paging`]);
 //! - exit: QEMU's isa-debug-exit when the command line says `exit=qemu`, else halt.
@@ -15,18 +16,24 @@ mod gdt;
 mod paging;
 pub mod pio;
 mod selftest;
+mod uart;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use boot::BootInfo;
-use drivers::uart16550::{COM1, Uart16550};
+use boot::console::{ConsoleArch, ConsoleChoice, ConsoleSource, ConsoleUart};
+use drivers::uart16550::{COM1, Uart16550, UartError};
 use spin::Once;
 
 pub use gdt::tss_base;
 pub use paging::{DIRECT_MAP_BASE, phys_to_virt, virt_to_phys};
 pub use selftest::selftest;
 
-static UART: Uart16550<pio::UartPorts> = Uart16550::new(pio::UartPorts::new(COM1), COM1);
+/// The console; built with base 0 because [`uart::ConsolePorts`] adds the selected UART's base.
+static UART: Uart16550<uart::ConsolePorts> = Uart16550::new(uart::ConsolePorts::new(), 0);
+
+/// What `console_init` decided, for `log_console` once the logger exists.
+static CONSOLE: Once<(ConsoleChoice, Option<ConsoleUart>)> = Once::new();
 
 /// Whether `exit` may use QEMU's isa-debug-exit device (`exit=qemu` on the command line).
 static QEMU_EXIT: AtomicBool = AtomicBool::new(false);
@@ -36,8 +43,10 @@ static BOCHS_EXIT: AtomicBool = AtomicBool::new(false);
 /// Console baud rate; 8N1, no flow control.
 const BAUD: u32 = 115_200;
 
-/// Programs COM1 and records the exit method from the command line. If no UART answers, output
-/// is dropped silently (a headless server without COM1 still boots).
+/// Chooses and programs the console UART (`console=`, else SPCR's, else COM1; see
+/// [`boot::console`]) and records the exit method from the command line. A chosen UART that does
+/// not answer gives way to COM1; if no UART answers, output is dropped silently (a headless server
+/// without COM1 still boots).
 pub fn console_init(info: &BootInfo) {
     QEMU_EXIT.store(
         info.cmdline_value("exit") == Some("qemu"),
@@ -47,7 +56,52 @@ pub fn console_init(info: &BootInfo) {
         info.cmdline_value("exit") == Some("bochs"),
         Ordering::Relaxed,
     );
-    let _ = UART.init(BAUD);
+    let com1 = ConsoleUart::Io16550 { port: COM1 };
+    let choice = boot::console::choose_console(
+        ConsoleArch::X86_64,
+        info.cmdline_value("console"),
+        boot::x86_64::boot_notes().spcr,
+        Some(com1),
+        |u| uart::usable(u, info),
+    );
+    let mut absent = None;
+    if let Some(chosen) = choice.uart
+        && UART.io().select(&chosen, info)
+        && UART.init(BAUD) == Err(UartError::Absent)
+        && chosen != com1
+    {
+        absent = Some(chosen);
+        UART.io().select(&com1, info);
+        let _ = UART.init(BAUD);
+    }
+    CONSOLE.call_once(|| (choice, absent));
+}
+
+/// Logs which console is in use and why any `console=` or SPCR candidate was passed over, on the
+/// console that is in use.
+fn log_console(info: &BootInfo) {
+    let Some((choice, absent)) = CONSOLE.get() else {
+        return;
+    };
+    if let Some(e) = choice.cmdline_error {
+        log::warn!(
+            "console: ignoring console={:?}: {e}",
+            info.cmdline_value("console").unwrap_or("")
+        );
+    }
+    if let Some(e) = choice.spcr_error {
+        log::info!("console: ACPI SPCR not used: {e}");
+    }
+    if let Some(u) = absent {
+        log::warn!("console: no UART answers at {u}; using COM1");
+    } else if let Some(u) = choice.uart {
+        let from = match choice.source {
+            ConsoleSource::CommandLine => "console=",
+            ConsoleSource::Spcr => "ACPI SPCR",
+            ConsoleSource::Default => "default",
+        };
+        log::info!("console: 16550 {u} (from {from}), {BAUD} 8N1");
+    }
 }
 
 /// Polled output; callable from any context, including exception handlers (no lock).
@@ -63,6 +117,7 @@ pub fn init_cpu(info: &BootInfo) {
         let cs = gdt::init();
         exceptions::init(cs);
     });
+    log_console(info);
     log_cpu();
     log_boot_notes(info);
 }
@@ -195,9 +250,14 @@ pub fn init_direct_map(info: &BootInfo) {
     }
 }
 
-/// The console's register window, for the physical-memory ledger: none (COM1 is port I/O).
+/// The console's register window, for the physical-memory ledger: a memory-mapped 16550's
+/// registers, none for a port-I/O one.
 pub fn console_mmio() -> Option<(u64, u64)> {
-    None
+    let (choice, absent) = CONSOLE.get()?;
+    if absent.is_some() {
+        return None;
+    }
+    choice.uart?.mmio_window()
 }
 
 /// Every stack's guard page (unmapped by `init_direct_map`): which stack, and the page address.

@@ -1,15 +1,19 @@
-//! The console UART of an ACPI-only machine: the Serial Port Console Redirection table (SPCR,
-//! Microsoft "Serial Port Console Redirection Table" rev. 2+, listed in ACPI 6.5 §5.2.6), found
-//! through the RSDP and XSDT (ACPI 6.5 §5.2.5-5.2.8). Safe code over [`PhysMem`]; host-tested.
+//! The console UART of the firmware: the Serial Port Console Redirection table (SPCR, Microsoft
+//! "Serial Port Console Redirection Table" rev. 2+, listed in ACPI 6.5 §5.2.6), found through the
+//! RSDP and XSDT (ACPI 6.5 §5.2.5-5.2.8). Used on aarch64 under UEFI (ACPI-only machines) and on
+//! x86_64 (servers put the serial console on COM2 or on MMIO UARTs). Safe code over [`PhysMem`];
+//! host-tested.
 //!
 //! ```text
 //! RSDP  +0 "RSD PTR "  +15 revision  +16 u32 RsdtAddress  +24 u64 XsdtAddress (revision >= 2)
 //! SDT   +0 signature   +4 u32 length  ... 36-byte header, then entries (u64 XSDT / u32 RSDT)
-//! SPCR  +36 u8 interface type  +40 Generic Address Structure: u8 space id (0 = system memory),
-//!       u8 bit width, u8 bit offset, u8 access size, u64 address
+//! SPCR  +36 u8 interface type  +40 Generic Address Structure (ACPI 6.5 §5.2.3.2): u8 space id
+//!       (0 = system memory, 1 = system I/O), u8 register bit width, u8 bit offset, u8 access
+//!       size (1 byte .. 4 qword), u64 address; the address is 0 when redirection is disabled
 //! ```
 
-use super::dtb::{Uart, UartKind};
+use crate::aarch64::dtb::{Uart, UartKind};
+use crate::console::ConsoleUart;
 use crate::x86_64::{PhysMem, RSDP_V2_LEN, rsdp_revision};
 
 /// Bounds on what firmware may claim: an XSDT lists tens of tables, an SPCR is 80-90 bytes.
@@ -17,11 +21,20 @@ const MAX_SDT_ENTRIES: usize = 256;
 const SDT_HEADER_LEN: usize = 36;
 const SPCR_MIN_LEN: usize = 52;
 
-/// DBG2/SPCR interface types (Microsoft "Debug Port Table 2", Table 3): the PL011 and the SBSA
-/// generic UART (full and 32-bit-access-only variants).
+/// Interface types (SPCR rev. 1: 0 = full 16550, 1 = 16450; rev. 2+: the serial port subtypes
+/// of Microsoft "Debug Port Table 2", Table 3, where 0 and 1 keep those meanings).
+const IF_16550: u8 = 0x00;
+const IF_16450: u8 = 0x01;
 const IF_PL011: u8 = 0x03;
 const IF_SBSA_32BIT: u8 = 0x0d;
 const IF_SBSA_GENERIC: u8 = 0x0e;
+/// "16550-compatible with parameters defined in Generic Address Structure": register width from
+/// the GAS (32-bit registers 4 bytes apart on most SoC UARTs).
+const IF_16550_GAS: u8 = 0x12;
+
+/// GAS address space ids (ACPI 6.5 Table 5.1).
+const SPACE_MEMORY: u8 = 0;
+const SPACE_IO: u8 = 1;
 
 fn u32_at(b: &[u8], o: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
@@ -42,7 +55,7 @@ fn table(mem: &impl PhysMem, pa: u64, max: usize) -> Option<&[u8]> {
 }
 
 /// The UART SPCR names, or why there is none usable.
-pub fn console_from_spcr(rsdp: u64, mem: &impl PhysMem) -> Result<Uart, &'static str> {
+pub fn spcr_uart(rsdp: u64, mem: &impl PhysMem) -> Result<ConsoleUart, &'static str> {
     let r = mem.read(rsdp, RSDP_V2_LEN);
     let revision = rsdp_revision(r).ok_or("no valid RSDP")?;
     let (root, wide) = match (revision >= 2).then(|| u64_at(r, 24)).flatten() {
@@ -67,15 +80,53 @@ pub fn console_from_spcr(rsdp: u64, mem: &impl PhysMem) -> Result<Uart, &'static
     if spcr.len() < SPCR_MIN_LEN {
         return Err("SPCR too short");
     }
-    let kind = match spcr[36] {
-        IF_PL011 => UartKind::Pl011,
-        IF_SBSA_GENERIC | IF_SBSA_32BIT => UartKind::SbsaGeneric,
+    let (space, bit_width, access_size) = (spcr[40], spcr[41], spcr[43]);
+    let base = u64_at(spcr, 44).ok_or("SPCR too short")?;
+    if base == 0 {
+        return Err("SPCR console redirection disabled (base address 0)");
+    }
+    let memory = |base: u64| match space {
+        SPACE_MEMORY => Ok(base),
+        _ => Err("SPCR UART is not in system memory space"),
+    };
+    match spcr[36] {
+        IF_PL011 => Ok(ConsoleUart::Pl011 {
+            base: memory(base)?,
+        }),
+        IF_SBSA_GENERIC | IF_SBSA_32BIT => Ok(ConsoleUart::SbsaGeneric {
+            base: memory(base)?,
+        }),
+        IF_16550 | IF_16450 | IF_16550_GAS => match space {
+            SPACE_IO => match u16::try_from(base) {
+                Ok(port) if port <= 0xfff8 => Ok(ConsoleUart::Io16550 { port }),
+                _ => Err("SPCR I/O port base out of range"),
+            },
+            SPACE_MEMORY => {
+                // 32-bit registers when the GAS says so (bit width 32 or dword access); the
+                // classic layout is one byte per register.
+                let stride = if bit_width == 32 || access_size == 3 {
+                    4
+                } else {
+                    1
+                };
+                if !base.is_multiple_of(u64::from(stride)) {
+                    return Err("SPCR UART base not aligned to its register width");
+                }
+                Ok(ConsoleUart::Mmio16550 { base, stride })
+            }
+            _ => Err("SPCR UART is in neither memory nor I/O space"),
+        },
+        _ => Err("SPCR interface type is not a 16550, PL011 or SBSA UART"),
+    }
+}
+
+/// The PL011/SBSA UART SPCR names (aarch64), or why there is none usable.
+pub fn console_from_spcr(rsdp: u64, mem: &impl PhysMem) -> Result<Uart, &'static str> {
+    let (base, kind) = match spcr_uart(rsdp, mem)? {
+        ConsoleUart::Pl011 { base } => (base, UartKind::Pl011),
+        ConsoleUart::SbsaGeneric { base } => (base, UartKind::SbsaGeneric),
         _ => return Err("SPCR interface type is not a PL011 or SBSA UART"),
     };
-    if spcr[40] != 0 {
-        return Err("SPCR UART is not in system memory space");
-    }
-    let base = u64_at(spcr, 44).ok_or("SPCR too short")?;
     Ok(Uart {
         base,
         size: 0x1000,
@@ -116,11 +167,17 @@ mod tests {
 
     /// SPCR revision 2 as QEMU virt builds it: PL011 (3) at 0x0900_0000, GAS in memory space.
     fn spcr(interface: u8, space: u8, base: u64) -> Vec<u8> {
+        spcr_gas(interface, space, 32, 3, base)
+    }
+
+    /// The GAS bytes as the SPCR page's COM2 example spells them: space 1, width 8, offset 0,
+    /// access 0 (undefined / legacy), address 0x2f8.
+    fn spcr_gas(interface: u8, space: u8, width: u8, access: u8, base: u64) -> Vec<u8> {
         let mut body = std::vec![0u8; 80 - SDT_HEADER_LEN];
         body[0] = interface;
         body[4] = space; // +40
-        body[5] = 32; // bit width
-        body[7] = 3; // dword access
+        body[5] = width; // +41 register bit width
+        body[7] = access; // +43 access size
         body[8..16].copy_from_slice(&base.to_le_bytes()); // +44
         sdt(b"SPCR", &body)
     }
@@ -178,6 +235,59 @@ mod tests {
         assert_eq!(
             console_from_spcr(0x1234, &machine(spcr(3, 0, 1))).unwrap_err(),
             "no valid RSDP"
+        );
+    }
+
+    #[test]
+    fn finds_16550s_in_io_and_memory_space() {
+        let run = |t| spcr_uart(0x5000_0000, &machine(t));
+        // COM2 exactly as the SPCR document's example encodes it: 01 08 00 00 F8 02 00 ...
+        let com2 = spcr_gas(0, 1, 8, 0, 0x2f8);
+        assert_eq!(&com2[40..52], &[1, 8, 0, 0, 0xf8, 2, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(run(com2), Ok(ConsoleUart::Io16550 { port: 0x2f8 }));
+        assert_eq!(
+            run(spcr_gas(1, 1, 8, 1, 0x3f8)),
+            Ok(ConsoleUart::Io16550 { port: 0x3f8 })
+        );
+        // A byte-register MMIO 16550 and a 32-bit-register one (type 0x12, GAS dword).
+        assert_eq!(
+            run(spcr_gas(0, 0, 8, 1, 0xfedc_9000)),
+            Ok(ConsoleUart::Mmio16550 {
+                base: 0xfedc_9000,
+                stride: 1
+            })
+        );
+        assert_eq!(
+            run(spcr_gas(0x12, 0, 32, 3, 0xfe03_0000)),
+            Ok(ConsoleUart::Mmio16550 {
+                base: 0xfe03_0000,
+                stride: 4
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_16550s_it_cannot_address() {
+        let run = |t| spcr_uart(0x5000_0000, &machine(t));
+        assert_eq!(
+            run(spcr_gas(0, 1, 8, 0, 0x1_0000)),
+            Err("SPCR I/O port base out of range")
+        );
+        assert_eq!(
+            run(spcr_gas(0x12, 0, 32, 3, 0xfe03_0002)),
+            Err("SPCR UART base not aligned to its register width")
+        );
+        assert_eq!(
+            run(spcr_gas(0, 2, 8, 1, 0xcf8)),
+            Err("SPCR UART is in neither memory nor I/O space")
+        );
+        assert_eq!(
+            run(spcr_gas(0, 1, 8, 0, 0)),
+            Err("SPCR console redirection disabled (base address 0)")
+        );
+        assert_eq!(
+            run(spcr_gas(0x10, 0, 32, 3, 0xfe20_1000)),
+            Err("SPCR interface type is not a 16550, PL011 or SBSA UART")
         );
     }
 }
