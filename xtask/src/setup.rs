@@ -61,6 +61,14 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
 pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+/// arm64 GRUB's module directory, for `grub-mkrescue -d` (the `arm-uefi-grub` scenario). Debian
+/// installs `grub-efi-arm64-bin` only on arm64, so `setup` downloads the arm64 package through the
+/// machine's own apt sources (after `dpkg --add-architecture arm64`) and unpacks it here with
+/// `dpkg -x`, outside the package database: shared by every checkout on the machine, and nothing
+/// of another architecture is installed into the host system.
+pub const GRUB_ARM64_ROOT: &str = "/var/cache/xtask/grub-arm64";
+pub const GRUB_ARM64_MODULES: &str = "/var/cache/xtask/grub-arm64/usr/lib/grub/arm64-efi";
+const GRUB_ARM64_PACKAGE: &str = "grub-efi-arm64-bin:arm64";
 /// Debian's Bochs 2.7 (VMX with EPT), its BIOS and VGA BIOS, and the `term` display plugin (the
 /// build has no `nogui`).
 const BOCHS_PACKAGES: [&str; 4] = ["bochs", "bochsbios", "vgabios", "bochs-term"];
@@ -75,6 +83,7 @@ pub fn setup(needs: Needs) -> Result<ExitCode> {
     }
     if needs.grub {
         grub(&mut todo)?;
+        grub_arm64(&mut todo)?;
     }
     if needs.fuzz {
         fuzz(&mut todo)?;
@@ -374,6 +383,99 @@ fn grub(todo: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// True once arm64 GRUB's modules are unpacked: `linux.mod` (the command the scenario uses) and
+/// `modinfo.sh` (which `grub-mkrescue -d` reads to learn the platform).
+pub fn grub_arm64_ok() -> bool {
+    let dir = Path::new(GRUB_ARM64_MODULES);
+    dir.join("linux.mod").is_file() && dir.join("modinfo.sh").is_file()
+}
+
+/// The commands that fetch and unpack arm64 GRUB into [`GRUB_ARM64_ROOT`] (run in `download`).
+/// The package is unpacked into `staging`, which is renamed into place only when complete, so an
+/// interrupted run never leaves a half-filled module directory that [`grub_arm64_ok`] accepts.
+fn grub_arm64_commands(add_arch: bool, download: &str, staging: &str) -> Vec<Vec<String>> {
+    let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut commands = Vec::new();
+    if add_arch {
+        commands.push(w(&["dpkg", "--add-architecture", "arm64"]));
+    }
+    // The arm64 package lists exist only after an update with arm64 enabled.
+    commands.push(w(&["apt-get", "update"]));
+    commands.push(w(&["apt-get", "download", GRUB_ARM64_PACKAGE]));
+    commands.push(w(&[
+        "sh",
+        "-c",
+        &format!("dpkg -x {download}/grub-efi-arm64-bin_*_arm64.deb {staging}"),
+    ]));
+    commands
+}
+
+fn grub_arm64(todo: &mut Vec<String>) -> Result<()> {
+    if grub_arm64_ok() {
+        return Ok(());
+    }
+    let add_arch = !Command::new("dpkg")
+        .arg("--print-foreign-architectures")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == "arm64")
+        });
+    let download = format!("{GRUB_ARM64_ROOT}.download");
+    let staging = format!("{GRUB_ARM64_ROOT}.staging");
+    let commands = grub_arm64_commands(add_arch, &download, &staging);
+    if !is_root() {
+        todo.push(format!("sudo mkdir -p {download} {staging}"));
+        for c in &commands {
+            let line = match c[1].as_str() {
+                "download" => format!("(cd {download} && sudo {})", c.join(" ")),
+                _ if c[0] == "sh" => format!("sudo {} '{}'", c[..2].join(" "), c[2]),
+                _ => format!("sudo {}", c.join(" ")),
+            };
+            todo.push(line);
+        }
+        todo.push(format!("sudo mv {staging} {GRUB_ARM64_ROOT}"));
+        return Ok(());
+    }
+    let fail = |what: &str, e: String| -> String {
+        format!(
+            "arm64 GRUB for the arm-uefi-grub scenario: {what} failed: {e}\n    \
+             (Debian ships grub-efi-arm64-bin for arm64 only; setup fetches it with \
+             `apt-get download {GRUB_ARM64_PACKAGE}` from this machine's apt sources and \
+             unpacks it into {GRUB_ARM64_ROOT})"
+        )
+    };
+    for dir in [&download, &staging] {
+        if Path::new(dir).exists() {
+            fs::remove_dir_all(dir).map_err(|e| fail("cleaning up", format!("{dir}: {e}")))?;
+        }
+        fs::create_dir_all(dir).map_err(|e| fail("mkdir", format!("{dir}: {e}")))?;
+    }
+    for c in &commands {
+        eprintln!("xtask setup: {}", c.join(" "));
+        run(Command::new(&c[0])
+            .args(&c[1..])
+            .current_dir(&download)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .map_err(|e| fail(&c.join(" "), e))?;
+    }
+    if Path::new(GRUB_ARM64_ROOT).exists() {
+        fs::remove_dir_all(GRUB_ARM64_ROOT)
+            .map_err(|e| fail("replacing", format!("{GRUB_ARM64_ROOT}: {e}")))?;
+    }
+    fs::rename(&staging, GRUB_ARM64_ROOT)
+        .map_err(|e| fail("rename", format!("{staging} -> {GRUB_ARM64_ROOT}: {e}")))?;
+    let _ = fs::remove_dir_all(&download);
+    if !grub_arm64_ok() {
+        return Err(fail(
+            "unpacking",
+            format!("{GRUB_ARM64_MODULES} has no linux.mod or modinfo.sh"),
+        ));
+    }
+    Ok(())
+}
+
 fn bochs(todo: &mut Vec<String>) -> Result<()> {
     // `bochs --version` starts a simulation; the packages' files and status say enough.
     let have_all = Path::new("/usr/bin/bochs").is_file()
@@ -472,6 +574,29 @@ mod tests {
                 "bookworm"
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn arm64_grub_fetched_through_apt_then_unpacked_into_staging() {
+        let cmds = grub_arm64_commands(true, "/d", "/s");
+        let lines: Vec<String> = cmds.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            lines,
+            [
+                "dpkg --add-architecture arm64",
+                "apt-get update",
+                "apt-get download grub-efi-arm64-bin:arm64",
+                "sh -c dpkg -x /d/grub-efi-arm64-bin_*_arm64.deb /s",
+            ]
+        );
+        // Already enabled: the architecture is not added twice, the rest is unchanged.
+        let again = grub_arm64_commands(false, "/d", "/s");
+        assert_eq!(again[..], cmds[1..]);
+        // The modules land where grub-mkrescue -d is pointed.
+        assert_eq!(
+            Path::new(GRUB_ARM64_ROOT).join("usr/lib/grub/arm64-efi"),
+            Path::new(GRUB_ARM64_MODULES)
         );
     }
 }
