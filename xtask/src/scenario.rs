@@ -19,7 +19,9 @@ pub enum Boot {
     Kernel,
     /// aarch64: QEMU `-kernel` with the raw `Image` (what U-Boot `booti` loads); DTB in x0.
     Image,
-    /// x86_64: a GRUB rescue ISO that loads the ELF with `multiboot2`, as on a test server.
+    /// A GRUB rescue ISO, as on a test server. x86_64: the ELF loaded with `multiboot2`;
+    /// aarch64 (UEFI only; arm64 GRUB has no multiboot2): the Image started by GRUB's `linux`
+    /// command as an EFI application, the command line as its load options.
     Grub,
     /// UEFI from a FAT EFI System Partition: on x86_64 the tree of `cargo xtask image` (GRUB's
     /// BOOTX64.EFI, the user-editable entry); on aarch64 the Image itself as an EFI application
@@ -136,9 +138,13 @@ pub fn load(path: &Path) -> Result<Scenario> {
         let re = &crate::guests::substitute(re, |_| Some(0))?;
         regex::Regex::new(re).map_err(|e| format!("{}: bad regex {re:?}: {e}", path.display()))?;
     }
-    if s.boot == Boot::Grub && s.arch != Arch::X86_64
-        || s.boot == Boot::Image && s.arch != Arch::Aarch64
-    {
+    if s.boot == Boot::Grub && s.arch == Arch::Aarch64 && s.firmware != Firmware::Uefi {
+        return Err(format!(
+            "{}: boot \"grub\" on aarch64 needs firmware = \"uefi\" (arm64 GRUB is an EFI application)",
+            path.display()
+        ));
+    }
+    if s.boot == Boot::Image && s.arch != Arch::Aarch64 {
         return Err(format!(
             "{}: boot {:?} does not exist on {}",
             path.display(),
@@ -222,4 +228,31 @@ pub fn check(
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(name: &str, text: &str) -> Result<Scenario> {
+        let dir = std::env::temp_dir().join(format!("xtask-scenario-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let s = load(&path);
+        let _ = std::fs::remove_file(&path);
+        s
+    }
+
+    #[test]
+    fn arm_grub_needs_uefi() {
+        let base = "description = \"d\"\narch = \"aarch64\"\nboot = \"grub\"\n";
+        let err = load_text("arm-grub-bios", base).unwrap_err();
+        assert!(err.contains("needs firmware = \"uefi\""), "{err}");
+        let s = load_text("arm-grub-uefi", &format!("{base}firmware = \"uefi\"\n")).unwrap();
+        assert_eq!(
+            (s.arch, s.boot, s.firmware),
+            (Arch::Aarch64, Boot::Grub, Firmware::Uefi)
+        );
+    }
 }
