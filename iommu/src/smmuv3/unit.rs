@@ -926,19 +926,8 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         mem: &T,
         sids: &[u32],
     ) -> Result<(), SmmuError> {
-        if sids.len() > MAX_ALIAS_STREAMS {
-            return Err(SmmuError::StreamIdOutOfRange);
-        }
-        for &sid in sids {
-            self.check_sid(sid)?;
-        }
-        for (i, &sid) in sids.iter().enumerate() {
-            if !sids[..i].contains(&sid) {
-                self.set_abort(mem, sid)?;
-            }
-        }
         // Events on the aliases keep being attributed to the device: its DMA now aborts.
-        Ok(())
+        self.each_stream(sids, |unit, sid| unit.set_abort(mem, sid))
     }
 
     /// Makes every StreamID of `sids` bypass translation (all checked first).
@@ -946,6 +935,16 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         &mut self,
         mem: &T,
         sids: &[u32],
+    ) -> Result<(), SmmuError> {
+        self.each_stream(sids, |unit, sid| unit.set_bypass(mem, sid))
+    }
+
+    /// Runs `f` once per distinct StreamID of `sids`, after checking all of them (so a bad ID
+    /// changes nothing).
+    fn each_stream(
+        &mut self,
+        sids: &[u32],
+        mut f: impl FnMut(&mut Self, u32) -> Result<(), SmmuError>,
     ) -> Result<(), SmmuError> {
         if sids.len() > MAX_ALIAS_STREAMS {
             return Err(SmmuError::StreamIdOutOfRange);
@@ -955,7 +954,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         }
         for (i, &sid) in sids.iter().enumerate() {
             if !sids[..i].contains(&sid) {
-                self.set_bypass(mem, sid)?;
+                f(self, sid)?;
             }
         }
         Ok(())
