@@ -1,6 +1,6 @@
 //! Guest configuration and guest images as the boot path delivers them (docs/guests.md):
 //!
-//! - [`GuestConfig::parse`]: one `guest=NAME,image=IMAGE,mem=SIZE[,slices=N][,cmdline=...]` item
+//! - [`GuestConfig::parse`]: one `guest=NAME,image=IMAGE,mem=SIZE[,slices=N][,vcpus=N][,cpus=LIST]...`
 //!   of the hypervisor command line;
 //! - [`Archive`]: the guest-image archive (`HVGUEST1`) that carries several images in one boot
 //!   module (PVH `-initrd` gives exactly one module);
@@ -20,6 +20,10 @@ pub const MAX_IMAGE_NAME: usize = 32;
 pub const MAX_GUEST_NAME: usize = 15;
 /// Most devices one guest item may name.
 pub const MAX_GUEST_DEVICES: usize = 8;
+/// Most vCPUs one guest may have (`vcpus=`).
+pub const MAX_GUEST_VCPUS: usize = 8;
+/// Highest physical CPU number `cpus=` may name (whether it is online is the kernel's check).
+pub const MAX_CPU_NUMBER: u32 = 255;
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
@@ -167,6 +171,11 @@ pub struct GuestConfig<'a> {
     pub cmdline: &'a str,
     pub devices: [PciAddress; MAX_GUEST_DEVICES],
     pub device_count: usize,
+    /// Number of vCPUs, 1 to [`MAX_GUEST_VCPUS`].
+    pub vcpus: usize,
+    /// The physical CPU each vCPU runs on (vCPU i on `cpus[i]`), for `..vcpus`; all 0 (the boot
+    /// CPU, the vCPUs time-sliced there) unless `cpus=` names them.
+    pub cpus: [u32; MAX_GUEST_VCPUS],
 }
 
 /// Why a `guest=` item was refused: the key it concerns and the reason.
@@ -198,7 +207,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 impl<'a> GuestConfig<'a> {
     /// Parses the value of one `guest=` word: `NAME,image=IMAGE,mem=SIZE[,slices=N]
-    /// [,dev=SSSS:BB:DD.F]...[,cmdline=REST]`.
+    /// [,vcpus=N][,cpus=C0,C1,...][,dev=SSSS:BB:DD.F]...[,cmdline=REST]`.
+    ///
+    /// `cpus=` takes a list: the numbers after it, up to the next `key=value`, are its items
+    /// (the item separator is also the list's). Without `vcpus=`, the list's length is the
+    /// number of vCPUs; with it, the two must agree. A CPU may appear once per guest (one vCPU
+    /// of a guest per physical CPU); two guests may share CPUs (time-sliced there).
     pub fn parse(value: &'a str) -> Result<GuestConfig<'a>, ConfigError> {
         let err = |key, why| ConfigError { key, why };
         let (name, mut rest) = value.split_once(',').unwrap_or((value, ""));
@@ -213,8 +227,12 @@ impl<'a> GuestConfig<'a> {
             cmdline: "",
             devices: [PciAddress::default(); MAX_GUEST_DEVICES],
             device_count: 0,
+            vcpus: 1,
+            cpus: [0; MAX_GUEST_VCPUS],
         };
         let mut seen_mem = false;
+        let mut vcpus: Option<usize> = None;
+        let mut cpu_count: Option<usize> = None;
         while !rest.is_empty() {
             if let Some(cmdline) = rest.strip_prefix("cmdline=") {
                 c.cmdline = cmdline;
@@ -255,6 +273,45 @@ impl<'a> GuestConfig<'a> {
                     }
                     c.slices = Some(n);
                 }
+                "vcpus" => {
+                    if vcpus.is_some() {
+                        return Err(err("vcpus", "given twice"));
+                    }
+                    let n: usize = v
+                        .parse()
+                        .map_err(|_| err("vcpus", "not a decimal number"))?;
+                    if n == 0 || n > MAX_GUEST_VCPUS {
+                        return Err(err("vcpus", "must be from 1 to 8"));
+                    }
+                    vcpus = Some(n);
+                }
+                "cpus" => {
+                    if cpu_count.is_some() {
+                        return Err(err("cpus", "given twice"));
+                    }
+                    let mut n = 0;
+                    let mut item = v;
+                    loop {
+                        let cpu: u32 = item
+                            .parse()
+                            .ok()
+                            .filter(|&c| c <= MAX_CPU_NUMBER)
+                            .ok_or(err("cpus", "not a CPU number from 0 to 255"))?;
+                        if c.cpus[..n].contains(&cpu) {
+                            return Err(err("cpus", "CPU named twice (one vCPU per CPU)"));
+                        }
+                        *c.cpus.get_mut(n).ok_or(err("cpus", "more than 8 CPUs"))? = cpu;
+                        n += 1;
+                        // The list goes on over the items that are bare numbers.
+                        let (next, tail) = rest.split_once(',').unwrap_or((rest, ""));
+                        if next.is_empty() || !next.bytes().all(|b| b.is_ascii_digit()) {
+                            break;
+                        }
+                        item = next;
+                        rest = tail;
+                    }
+                    cpu_count = Some(n);
+                }
                 "dev" => {
                     let d =
                         PciAddress::parse(v).ok_or(err("dev", "not a PCI address SSSS:BB:DD.F"))?;
@@ -271,7 +328,7 @@ impl<'a> GuestConfig<'a> {
                 _ => {
                     return Err(err(
                         "option",
-                        "unknown key (image, mem, slices, dev, cmdline)",
+                        "unknown key (image, mem, slices, vcpus, cpus, dev, cmdline)",
                     ));
                 }
             }
@@ -282,11 +339,23 @@ impl<'a> GuestConfig<'a> {
         if !seen_mem {
             return Err(err("mem", "missing"));
         }
+        c.vcpus = match (vcpus, cpu_count) {
+            (Some(n), Some(k)) if n != k => {
+                return Err(err("cpus", "lists a number of CPUs other than vcpus="));
+            }
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => 1,
+        };
         Ok(c)
     }
 
     pub fn devices(&self) -> &[PciAddress] {
         &self.devices[..self.device_count]
+    }
+
+    /// The physical CPU of each vCPU, by vCPU index.
+    pub fn cpus(&self) -> &[u32] {
+        &self.cpus[..self.vcpus]
     }
 }
 
@@ -504,6 +573,70 @@ mod tests {
         assert_eq!(key("a,image=x,mem=2M,dev=0000:00:20.0"), "dev");
         assert_eq!(key("a,image=x,mem=2M,colour=red"), "option");
         assert_eq!(key("a,image=x,mem=2M,junk"), "option");
+    }
+
+    #[test]
+    fn config_vcpus_and_cpus() {
+        let c = GuestConfig::parse("a,image=x,mem=2M").unwrap();
+        assert_eq!((c.vcpus, c.cpus()), (1, &[0][..]));
+        // Several vCPUs, no cpus=: all on the boot CPU.
+        let c = GuestConfig::parse("a,image=x,mem=2M,vcpus=3,cmdline=smp").unwrap();
+        assert_eq!((c.vcpus, c.cpus()), (3, &[0, 0, 0][..]));
+        assert_eq!(c.cmdline, "smp");
+        // The list runs over bare numbers and stops at the next key, in any position.
+        let c = GuestConfig::parse("a,image=x,vcpus=2,cpus=1,0,mem=4M,cmdline=3,4").unwrap();
+        assert_eq!((c.vcpus, c.cpus(), c.mem), (2, &[1, 0][..], 4 << 20));
+        assert_eq!(c.cmdline, "3,4");
+        // cpus= alone sets the number of vCPUs.
+        let c = GuestConfig::parse("a,image=x,mem=2M,cpus=3,1,2").unwrap();
+        assert_eq!((c.vcpus, c.cpus()), (3, &[3, 1, 2][..]));
+        let c = GuestConfig::parse("a,image=x,mem=2M,cpus=1").unwrap();
+        assert_eq!((c.vcpus, c.cpus()), (1, &[1][..]));
+        let c = GuestConfig::parse("a,image=x,mem=2M,vcpus=8,cpus=0,1,2,3,4,5,6,7").unwrap();
+        assert_eq!(c.cpus(), &[0, 1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn config_vcpus_and_cpus_errors() {
+        let e = |s| GuestConfig::parse(s).unwrap_err();
+        let why = |s| e(s).why;
+        assert_eq!(e("a,image=x,mem=2M,vcpus=0").key, "vcpus");
+        assert_eq!(why("a,image=x,mem=2M,vcpus=0"), "must be from 1 to 8");
+        assert_eq!(why("a,image=x,mem=2M,vcpus=9"), "must be from 1 to 8");
+        assert_eq!(why("a,image=x,mem=2M,vcpus=-1"), "not a decimal number");
+        assert_eq!(why("a,image=x,mem=2M,vcpus=2,vcpus=2"), "given twice");
+        assert_eq!(e("a,image=x,mem=2M,vcpus=2,cpus=0").key, "cpus");
+        assert_eq!(
+            why("a,image=x,mem=2M,vcpus=2,cpus=0"),
+            "lists a number of CPUs other than vcpus="
+        );
+        assert_eq!(
+            why("a,image=x,mem=2M,vcpus=1,cpus=0,1"),
+            "lists a number of CPUs other than vcpus="
+        );
+        assert_eq!(
+            why("a,image=x,mem=2M,cpus=1,2,1"),
+            "CPU named twice (one vCPU per CPU)"
+        );
+        assert_eq!(
+            why("a,image=x,mem=2M,cpus=0,1,2,3,4,5,6,7,8"),
+            "more than 8 CPUs"
+        );
+        assert_eq!(
+            why("a,image=x,mem=2M,cpus=256"),
+            "not a CPU number from 0 to 255"
+        );
+        assert_eq!(
+            why("a,image=x,mem=2M,cpus="),
+            "not a CPU number from 0 to 255"
+        );
+        assert_eq!(
+            why("a,image=x,mem=2M,cpus=x"),
+            "not a CPU number from 0 to 255"
+        );
+        assert_eq!(why("a,image=x,mem=2M,cpus=0,cpus=1"), "given twice");
+        // A word that is not a number ends the list and must then be key=value.
+        assert_eq!(e("a,image=x,mem=2M,cpus=0,1x").key, "option");
     }
 
     #[test]
