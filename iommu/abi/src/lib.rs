@@ -794,6 +794,9 @@ pub mod start_info {
     pub const OFF_FREE_START: usize = 32;
     /// `u32`: number of devices assigned to the guest (entries at [`OFF_DEVICES`]).
     pub const OFF_DEVICE_COUNT: usize = 40;
+    /// `u32`: number of vCPUs of the guest (0 from a hypervisor that predates the field: read
+    /// it as 1). See [`smp`](super::smp) for how the other vCPUs start.
+    pub const OFF_VCPU_COUNT: usize = 44;
     /// The device entries, [`DEVICE_ENTRY`] bytes each, at most [`MAX_DEVICES`]:
     /// `u16` PCI segment, `u8` bus, `u8` devfn (device << 3 | function), `u16` vendor ID,
     /// `u16` device ID, `u32` the device's ABI `dev_id` (DEVICE_ATTACH), `u32` reserved, then
@@ -807,6 +810,27 @@ pub mod start_info {
     pub const VERSION: u32 = 1;
     /// The most command-line bytes the hypervisor passes.
     pub const CMDLINE_MAX: usize = 1024;
+}
+
+/// Several vCPUs (docs/guests.md "Several vCPUs"): a guest configured with `vcpus=N` has N
+/// vCPUs, all started at once at the ELF entry point in the state vCPU 0 gets, with two
+/// differences:
+///
+/// * the vCPU index (0 to N-1) is in the second argument register: `entry(start_info, index)`,
+///   RSI on x86_64, x1 on aarch64 (0 for vCPU 0, whose registers are otherwise unchanged from the
+///   single-vCPU protocol);
+/// * vCPUs other than 0 get no stack: RSP / SP is 0, and the guest's entry code loads a stack
+///   of its own choosing, derived from the index, before anything is pushed (a guest that
+///   forgets faults at its first push instead of corrupting vCPU 0's stack).
+///
+/// All vCPUs share the guest's RAM, objects and console; the number of vCPUs is in the start-info
+/// page ([`start_info::OFF_VCPU_COUNT`]); on aarch64 MPIDR_EL1.Aff0 is the index too. Any vCPU's
+/// EXIT ends the whole guest, and a vCPU that is stopped (a wild access, a forbidden
+/// instruction) stops the whole guest: its other vCPUs do not run again.
+pub mod smp {
+    /// The register that carries the vCPU index at entry, by architecture.
+    pub const X86_64_INDEX_REGISTER: &str = "rsi";
+    pub const AARCH64_INDEX_REGISTER: &str = "x1";
 }
 
 /// The aarch64 hypercall entry (docs/abi.md §2.2): `HVC #0` with an SMC Calling Convention

@@ -25,7 +25,7 @@ pub struct GuestIommu {
     /// With no IOMMU hardware and `guest-iommu=model` (Bochs): the ABI v1 calls run on the
     /// software IOMMU model instead of the owner's object model, page tables in heap memory;
     /// no device can be assigned then (nothing would contain its DMA).
-    model: Option<Iommufd<SimHw>>,
+    model: Option<spin::Mutex<Iommufd<SimHw>>>,
 }
 
 /// Table pages of the software model's pool: enough for the domains of a few IOASes (no device
@@ -88,7 +88,7 @@ impl GuestIommu {
             units: 0,
             mode: "software IOMMU model(s)",
             devices: Vec::new(),
-            model: Some(fd),
+            model: Some(spin::Mutex::new(fd)),
         })
     }
 
@@ -100,16 +100,16 @@ impl GuestIommu {
         self.mode
     }
 
-    pub fn create_guest(&mut self) -> Result<GuestId, String> {
-        if let Some(fd) = &mut self.model {
-            return fd.create_guest().map_err(model_err);
+    pub fn create_guest(&self) -> Result<GuestId, String> {
+        if let Some(fd) = &self.model {
+            return fd.lock().create_guest().map_err(model_err);
         }
         owned(|o| o.fd.create_guest().map_err(model_err))
     }
 
     /// Gives assigned device `hw` (an index into `attach`'s `devices`) to `guest`; returns the
     /// `dev_id` the guest names it by. Its DMA stays blocked until the guest attaches it.
-    pub fn assign_device(&mut self, guest: GuestId, hw: usize) -> Result<u32, String> {
+    pub fn assign_device(&self, guest: GuestId, hw: usize) -> Result<u32, String> {
         let dev = *self.devices.get(hw).ok_or("no such assigned device")?;
         owned(|o| {
             o.fd.assign_device(guest, dev as iommu::iommufd::HwDev)
@@ -120,7 +120,7 @@ impl GuestIommu {
     /// Drains every unit's fault recording registers (VT-d 4.1 §7.2.1) and hands each DMA
     /// fault to `sink`, attributed by (unit, source ID) to the assigned device that raised it.
     #[cfg(target_arch = "x86_64")]
-    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
+    pub fn poll_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
         if self.model.is_some() {
             return; // the software model makes no DMA
         }
@@ -156,7 +156,7 @@ impl GuestIommu {
     /// dozens), so consecutive identical records (same StreamID, page, type and direction) are
     /// reported once and the rest counted in the log.
     #[cfg(target_arch = "aarch64")]
-    pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
+    pub fn poll_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
             return;
@@ -193,10 +193,21 @@ impl GuestIommu {
         }
     }
 
-    /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.
-    pub fn call(&mut self, guest: GuestId, mem: &GuestMemory, op: u32, args_gpa: u64) -> i64 {
-        if let Some(fd) = &mut self.model {
-            return dispatch(fd, guest, mem, op, args_gpa);
+    /// One ABI v1 call of `guest` (docs/abi.md §2) made by its vCPU `vcpu` (the index the
+    /// guest's vCPU got at entry): 0 or `-errno`.
+    pub fn call(
+        &self,
+        guest: GuestId,
+        mem: &GuestMemory,
+        op: u32,
+        args_gpa: u64,
+        vcpu: u32,
+    ) -> i64 {
+        // The calling vCPU, for the dispatch that keeps per-vCPU state (issue 11); today's
+        // `dispatch` serialises every call under the owner's lock and needs no index.
+        let _calling_vcpu = vcpu;
+        if let Some(fd) = &self.model {
+            return dispatch(&mut fd.lock(), guest, mem, op, args_gpa);
         }
         match iommu_owner::lock().as_mut() {
             Some(o) => dispatch(&mut o.fd, guest, mem, op, args_gpa),
@@ -206,9 +217,9 @@ impl GuestIommu {
 
     /// Destroys every object of `guest` (its mappings leave the hardware) before its memory is
     /// freed.
-    pub fn destroy_guest(&mut self, guest: GuestId) -> Result<(), String> {
-        if let Some(fd) = &mut self.model {
-            return fd.destroy_guest(guest).map_err(model_err);
+    pub fn destroy_guest(&self, guest: GuestId) -> Result<(), String> {
+        if let Some(fd) = &self.model {
+            return fd.lock().destroy_guest(guest).map_err(model_err);
         }
         owned(|o| o.fd.destroy_guest(guest).map_err(model_err))
     }

@@ -77,6 +77,7 @@ pub fn load(
     elf: &ElfImage,
     cmdline: &str,
     devices: &[StartDevice],
+    vcpu_count: u32,
 ) -> Result<EntryState, &'static str> {
     let size = mem.size();
     let stack_floor = size
@@ -126,6 +127,11 @@ pub fn load(
         &(devices.len() as u32).to_le_bytes(),
     )
     .map_err(err)?;
+    mem.write(
+        START_INFO + si::OFF_VCPU_COUNT as u64,
+        &vcpu_count.to_le_bytes(),
+    )
+    .map_err(err)?;
     for (i, d) in devices.iter().enumerate() {
         let at = START_INFO + (si::OFF_DEVICES + i * si::DEVICE_ENTRY) as u64;
         mem.write(at, &d.encode()).map_err(err)?;
@@ -142,7 +148,22 @@ pub fn load(
         arg: START_INFO,
         page_table: PML4,
         gdt: (GDT, (GDT_ENTRIES.len() * 8 - 1) as u16),
+        vcpu: 0,
+        vcpu_count,
     })
+}
+
+/// The entry state of vCPU `index` of `count` (docs/guests.md "Several vCPUs"): vCPU 0's, with
+/// the index in the second argument register and no stack (RSP/SP = 0): the guest gives each
+/// further vCPU its own stack, so a guest that forgot to faults at its first push instead of
+/// sharing vCPU 0's.
+pub fn secondary_entry(first: &EntryState, index: u32, count: u32) -> EntryState {
+    EntryState {
+        stack: if index == 0 { first.stack } else { 0 },
+        vcpu: index,
+        vcpu_count: count,
+        ..*first
+    }
 }
 
 /// x86_64: PML4 -> PDPT -> four page directories identity-mapping 4 GiB with 2 MiB pages.

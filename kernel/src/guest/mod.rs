@@ -21,6 +21,8 @@ pub mod memory;
 mod pci;
 
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
 use boot::BootInfo;
 use boot::guests::{Archive, ElfImage, GuestConfig};
 use hvabi::{errno, op, platform};
@@ -38,6 +40,7 @@ use crate::{EXIT_FAILURE, EXIT_SUCCESS, println};
 use iommu::GuestIommu;
 use memory::GuestMemory;
 use native::STAGE2_MEMORY;
+use spin::{Mutex, RwLock};
 
 /// One time slice: 10 ms (x86_64: APIC timer ticks at QEMU's 1 GHz APIC clock, divide by 1;
 /// aarch64: nanoseconds, converted at CNTFRQ).
@@ -150,30 +153,62 @@ fn collect_images(info: &'static BootInfo) -> Result<Vec<Image>, &'static str> {
     Ok(images)
 }
 
-/// Whether a guest can still be scheduled.
-enum State {
-    Runnable,
-    Done,
+/// What a guest's vCPUs use while they run and its teardown frees, once: its VM (second-stage
+/// table, ASID/VMID), its RAM and its guest in the IOMMU object model.
+struct Resources<B: Backend> {
+    memory: GuestMemory,
+    vm: B::Vm,
+    iommu_guest: Option<::iommu::iommufd::GuestId>,
 }
 
+/// Guest-wide state its vCPUs change, behind the guest's one lock: the console line being
+/// assembled, the GUARD range, its view of PCI configuration space (one 0xCF8 latch per guest,
+/// as one machine has one) and the time slices its vCPUs have used (the budget is the guest's).
+struct Shared {
+    guard: Option<guard::Guard>,
+    pci: pci::GuestPci,
+    slices: u32,
+    line: [u8; 120],
+    line_len: usize,
+}
+
+/// One guest: a VM and everything its vCPUs share. The scheduled unit is the vCPU ([`Vcpu`]).
 struct Guest<B: Backend> {
     name: &'static str,
     /// Its position in the configuration (`devices::Assigned::guest`).
     index: usize,
-    /// The range it asked the hypervisor to watch (platform call GUARD).
-    guard: Option<guard::Guard>,
-    /// Its view of PCI configuration space (its own functions only).
-    pci: pci::GuestPci,
-    /// This guest in the IOMMU object model, if there is one.
-    iommu_guest: Option<::iommu::iommufd::GuestId>,
-    memory: Option<GuestMemory>,
-    vm: Option<B::Vm>,
-    vcpu: Option<B::Vcpu>,
     budget: Option<u32>,
-    slices: u32,
-    state: State,
-    line: [u8; 120],
-    line_len: usize,
+    /// Number of vCPUs it was configured with.
+    vcpu_count: u32,
+    /// Set once, by whatever ends the guest (one vCPU's offence, EXIT, the budget). Every
+    /// vCPU of the guest leaves at its next exit when it sees it: a scheduler checks it before
+    /// each entry, and the preemption timer bounds how long a vCPU runs before it looks again.
+    /// Release/Acquire: the vCPU that set it wrote its report first.
+    stopping: AtomicBool,
+    /// Its vCPUs that have not left yet; the one that brings this to 0 tears the guest down.
+    live: AtomicU32,
+    /// Read-locked by each of its vCPUs for a time slice; taken (write) by the teardown, when
+    /// no vCPU of it is left, so the VM and RAM are freed exactly once and after every vCPU.
+    res: RwLock<Option<Resources<B>>>,
+    shared: Mutex<Shared>,
+    /// DMA faults raised by its devices so far (GUARD reports count other guests').
+    faults: AtomicU64,
+}
+
+/// One vCPU: the unit a CPU's scheduler runs, pinned to the CPU `cpus=` gave it.
+struct Vcpu<B: Backend> {
+    /// Its guest (index into the guests).
+    guest: usize,
+    /// Its index in the guest (what the guest got in RSI / x1).
+    index: u32,
+    /// The physical CPU it is pinned to.
+    cpu: u32,
+    /// Its backend state; `None` once it has left.
+    state: Option<B::Vcpu>,
+    /// Exits taken, and the physical CPUs its exit path ran on (bit per CPU index): measured
+    /// at every exit, not taken from the configuration.
+    exits: u64,
+    ran_on: u64,
 }
 
 /// Parses the `guest=` items, loads and runs the guests until every one has exited or been
@@ -220,6 +255,12 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
             return refuse(&format_args!(
                 "image: no image {:?} in the boot modules",
                 c.image
+            ));
+        }
+        if let Some(cpu) = c.cpus().iter().find(|&&cpu| !cpu_online(cpu)) {
+            return refuse(&format_args!(
+                "cpus: CPU {cpu} is not online (online: {})",
+                cpu_list(&(0..64).filter(|&k| cpu_online(k)).collect::<Vec<u32>>())
             ));
         }
         configs.push(c);
@@ -300,7 +341,7 @@ fn run_on<B: Backend>(
             )
         })
         .collect();
-    let mut iommu = match GuestIommu::attach(&hw) {
+    let iommu = match GuestIommu::attach(&hw) {
         Ok(Some(i)) => {
             println!("guests: IOMMU ABI v1 on {} {}", i.units(), i.mode());
             Some(i)
@@ -344,9 +385,18 @@ fn run_on<B: Backend>(
     let free_before = free_frames();
     let units_before = IOMMU_MEMORY.live_bytes();
     let mut guests: Vec<Guest<B>> = Vec::new();
+    let mut vcpus: Vec<Vcpu<B>> = Vec::new();
     for (i, c) in configs.iter().enumerate() {
-        match create(&mut backend, &mut iommu, c, i, assigned, platform, images) {
-            Ok(g) => {
+        match create(
+            &mut backend,
+            iommu.as_ref(),
+            c,
+            i,
+            assigned,
+            platform,
+            images,
+        ) {
+            Ok((g, states)) => {
                 println!(
                     "guest {} started: image {}, {} MiB, cmdline {:?}",
                     c.name,
@@ -354,6 +404,24 @@ fn run_on<B: Backend>(
                     c.mem >> 20,
                     c.cmdline
                 );
+                if c.vcpus > 1 {
+                    println!(
+                        "guest {}: {} vCPUs on CPU(s) {}",
+                        c.name,
+                        c.vcpus,
+                        cpu_list(c.cpus())
+                    );
+                }
+                for (k, s) in states.into_iter().enumerate() {
+                    vcpus.push(Vcpu {
+                        guest: i,
+                        index: k as u32,
+                        cpu: c.cpus()[k],
+                        state: Some(s),
+                        exits: 0,
+                        ran_on: 0,
+                    });
+                }
                 guests.push(g);
             }
             Err(e) => {
@@ -362,8 +430,13 @@ fn run_on<B: Backend>(
                     i + 1,
                     items[i]
                 );
-                for g in guests.iter_mut() {
-                    teardown(&mut backend, &mut iommu, g, false);
+                for v in vcpus.iter_mut() {
+                    if let Some(s) = v.state.take() {
+                        backend.destroy_vcpu(s);
+                    }
+                }
+                for g in guests.iter() {
+                    teardown(&mut backend, iommu.as_ref(), g, false);
                 }
                 return EXIT_FAILURE;
             }
@@ -384,20 +457,19 @@ fn run_on<B: Backend>(
             )
         })
         .collect();
-    let device_guest: Vec<usize> = assigned.iter().map(|a| a.guest).collect();
-    let mut cx = Cx {
-        backend: &mut backend,
-        iommu: &mut iommu,
+    let common = Common {
+        guests,
+        iommu,
         platform,
-        device_guest: &device_guest,
-        faults: alloc::vec![0; guests.len()],
+        device_guest: assigned.iter().map(|a| a.guest).collect(),
+        owners,
         tamper: info
             .cmdline
             .as_str()
             .split_ascii_whitespace()
             .any(|w| w == "guard-tamper"),
     };
-    schedule(&mut cx, &owners, &mut guests);
+    schedule(&mut backend, &common, &mut vcpus);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
         native::ticks() - ticks
@@ -408,7 +480,7 @@ fn run_on<B: Backend>(
     let free_after = free_frames();
     let units_kept = IOMMU_MEMORY.live_bytes().saturating_sub(units_before);
     let npt_left = STAGE2_MEMORY.live_bytes();
-    let exited = guests.len();
+    let exited = common.guests.len();
     if free_before.checked_sub(free_after) == Some(units_kept) && npt_left == 0 {
         println!(
             "guests: all {exited} guests done; every guest frame returned ({} KiB free before, {} KiB after: the IOMMU units keep {} KiB of their own tables)",
@@ -429,23 +501,36 @@ fn run_on<B: Backend>(
     EXIT_SUCCESS
 }
 
+/// `0,1,1` for the report.
+fn cpu_list(cpus: &[u32]) -> alloc::string::String {
+    let mut s = alloc::string::String::new();
+    for (i, c) in cpus.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = core::fmt::Write::write_fmt(&mut s, format_args!("{c}"));
+    }
+    s
+}
+
+/// Whether physical CPU `cpu` is online, so that a vCPU may be pinned to it. Only the boot CPU
+/// runs guests until the secondary CPUs are brought up for them.
+fn cpu_online(cpu: u32) -> bool {
+    cpu == 0
+}
+
 /// Builds guest `index`: its object-model guest and devices, RAM, image, VM (RAM and device
-/// BARs), vCPU. On failure everything built so far is undone.
+/// BARs) and its vCPUs. On failure everything built so far is undone.
 fn create<B: Backend>(
     backend: &mut B,
-    iommu: &mut Option<GuestIommu>,
+    iommu: Option<&GuestIommu>,
     c: &GuestConfig<'static>,
     index: usize,
     assigned: &[devices::Assigned],
     platform: &crate::discovery::Platform,
     images: &[Image],
-) -> Result<Guest<B>, alloc::string::String> {
-    let iommu_guest = iommu.as_mut().map(GuestIommu::create_guest).transpose()?;
-    let undo_iommu = |iommu: &mut Option<GuestIommu>| {
-        if let (Some(fd), Some(id)) = (iommu.as_mut(), iommu_guest) {
-            let _ = fd.destroy_guest(id);
-        }
-    };
+) -> Result<(Guest<B>, Vec<B::Vcpu>), alloc::string::String> {
+    let iommu_guest = iommu.map(GuestIommu::create_guest).transpose()?;
     let built = build(
         backend,
         iommu,
@@ -457,45 +542,56 @@ fn create<B: Backend>(
         images,
     );
     match built {
-        Ok((memory, vm, vcpu)) => Ok(Guest {
-            name: c.name,
-            index,
-            guard: None,
-            pci: pci::GuestPci::new(
-                &assigned
-                    .iter()
-                    .filter(|a| a.guest == index)
-                    .map(|a| {
-                        (
-                            a.addr.segment,
-                            drivers::pci::Bdf {
-                                bus: a.addr.bus,
-                                device: a.addr.device,
-                                function: a.addr.function,
-                            },
-                            a.bars.map(|(_, size)| size),
-                        )
-                    })
-                    .collect::<Vec<_>>(),
-            ),
-            iommu_guest,
-            memory: Some(memory),
-            vm: Some(vm),
-            vcpu: Some(vcpu),
-            budget: c.slices,
-            slices: 0,
-            state: State::Runnable,
-            line: [0; 120],
-            line_len: 0,
-        }),
+        Ok((memory, vm, states)) => Ok((
+            Guest {
+                name: c.name,
+                index,
+                budget: c.slices,
+                vcpu_count: c.vcpus as u32,
+                stopping: AtomicBool::new(false),
+                live: AtomicU32::new(c.vcpus as u32),
+                res: RwLock::new(Some(Resources {
+                    memory,
+                    vm,
+                    iommu_guest,
+                })),
+                shared: Mutex::new(Shared {
+                    guard: None,
+                    pci: pci::GuestPci::new(
+                        &assigned
+                            .iter()
+                            .filter(|a| a.guest == index)
+                            .map(|a| {
+                                (
+                                    a.addr.segment,
+                                    drivers::pci::Bdf {
+                                        bus: a.addr.bus,
+                                        device: a.addr.device,
+                                        function: a.addr.function,
+                                    },
+                                    a.bars.map(|(_, size)| size),
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                    slices: 0,
+                    line: [0; 120],
+                    line_len: 0,
+                }),
+                faults: AtomicU64::new(0),
+            },
+            states,
+        )),
         Err(e) => {
-            undo_iommu(iommu);
+            if let (Some(fd), Some(id)) = (iommu, iommu_guest) {
+                let _ = fd.destroy_guest(id);
+            }
             Err(e)
         }
     }
 }
 
-type Built<B> = (GuestMemory, <B as Backend>::Vm, <B as Backend>::Vcpu);
+type Built<B> = (GuestMemory, <B as Backend>::Vm, Vec<<B as Backend>::Vcpu>);
 
 #[allow(
     clippy::too_many_arguments,
@@ -503,7 +599,7 @@ type Built<B> = (GuestMemory, <B as Backend>::Vm, <B as Backend>::Vcpu);
 )]
 fn build<B: Backend>(
     backend: &mut B,
-    iommu: &mut Option<GuestIommu>,
+    iommu: Option<&GuestIommu>,
     iommu_guest: Option<::iommu::iommufd::GuestId>,
     c: &GuestConfig<'static>,
     index: usize,
@@ -525,7 +621,7 @@ fn build<B: Backend>(
         .enumerate()
         .filter(|(_, a)| a.guest == index)
     {
-        let (Some(fd), Some(id)) = (iommu.as_mut(), iommu_guest) else {
+        let (Some(fd), Some(id)) = (iommu, iommu_guest) else {
             return Err("dev: no IOMMU".into());
         };
         let dev_id = fd.assign_device(id, hw)?;
@@ -548,7 +644,7 @@ fn build<B: Backend>(
     {
         return Err("dev: a BAR overlaps the guest's RAM".into());
     }
-    let entry = loader::load(&memory, &elf, c.cmdline, &start_devices)
+    let entry = loader::load(&memory, &elf, c.cmdline, &start_devices, c.vcpus as u32)
         .map_err(|e| format!("image {}: {e}", c.image))?;
     let vm = backend.create_vm(&memory).map_err(|e| format!("vm: {e}"))?;
     for a in assigned.iter().filter(|a| a.guest == index) {
@@ -570,150 +666,210 @@ fn build<B: Backend>(
             return Err("dev: cannot enable bus mastering".into());
         }
     }
-    let vcpu = match backend.create_vcpu(&vm, &entry) {
-        Ok(v) => v,
-        Err(e) => {
-            backend.destroy_vm(vm);
-            return Err(format!("vcpu: {e}"));
+    let count = c.vcpus as u32;
+    let mut states = Vec::new();
+    for k in 0..count {
+        match backend.create_vcpu(&vm, &loader::secondary_entry(&entry, k, count)) {
+            Ok(v) => states.push(v),
+            Err(e) => {
+                for v in states {
+                    backend.destroy_vcpu(v);
+                }
+                backend.destroy_vm(vm);
+                return Err(format!("vcpu {k}: {e}"));
+            }
         }
-    };
-    Ok((memory, vm, vcpu))
+    }
+    Ok((memory, vm, states))
 }
 
-/// Frees a guest's vCPU, VM and RAM (in that order: nothing may point at RAM that is gone).
-fn teardown<B: Backend>(
-    backend: &mut B,
-    iommu: &mut Option<GuestIommu>,
-    g: &mut Guest<B>,
-    report: bool,
-) {
-    flush_line(g);
+/// Frees a guest's IOMMU objects, VM and RAM (in that order: nothing may point at RAM that is
+/// gone). Its vCPUs are gone already; called once, by the last of them to leave.
+fn teardown<B: Backend>(backend: &mut B, iommu: Option<&GuestIommu>, g: &Guest<B>, report: bool) {
+    flush_line(g.name, &mut g.shared.lock());
+    let Some(r) = g.res.write().take() else {
+        return;
+    };
     // Its IOMMU objects go first: no device may keep a mapping of RAM that is about to be freed.
-    if let (Some(fd), Some(id)) = (iommu.as_mut(), g.iommu_guest.take()) {
+    if let (Some(fd), Some(id)) = (iommu, r.iommu_guest) {
         match fd.destroy_guest(id) {
             Ok(()) if report => println!("guest {}: its IOMMU objects destroyed", g.name),
             Ok(()) => {}
             Err(e) => println!("guest {}: destroying its IOMMU objects failed: {e}", g.name),
         }
     }
-    if let Some(v) = g.vcpu.take() {
-        backend.destroy_vcpu(v);
+    backend.destroy_vm(r.vm);
+    let kib = r.memory.size() >> 10;
+    drop(r.memory);
+    if report {
+        println!(
+            "guest {}: {kib} KiB of RAM, {} freed",
+            g.name,
+            native::CONTROL
+        );
     }
-    if let Some(vm) = g.vm.take() {
-        backend.destroy_vm(vm);
-    }
-    if let Some(m) = g.memory.take() {
-        let kib = m.size() >> 10;
-        drop(m);
-        if report {
-            println!(
-                "guest {}: {kib} KiB of RAM, {} freed",
-                g.name,
-                native::CONTROL
-            );
-        }
-    }
-    g.state = State::Done;
 }
 
-/// Per-run context the exit handlers need besides the guest itself.
-struct Cx<'a, B: Backend> {
-    backend: &'a mut B,
-    iommu: &'a mut Option<GuestIommu>,
+/// What every CPU's scheduler shares: the guests and what the exit handlers need.
+struct Common<'a, B: Backend> {
+    guests: Vec<Guest<B>>,
+    iommu: Option<GuestIommu>,
     platform: &'a crate::discovery::Platform,
     /// The guest index of each hardware device (fault attribution).
-    device_guest: &'a [usize],
-    /// DMA faults raised by each guest's devices so far, by guest index.
-    faults: Vec<u64>,
+    device_guest: Vec<usize>,
+    /// Who owns each hardware device, as the fault reports name it.
+    owners: Vec<alloc::string::String>,
     /// `guard-tamper`: the hypervisor flips one bit of every guarded range (guard.rs).
     tamper: bool,
 }
 
-impl<B: Backend> Cx<'_, B> {
+impl<B: Backend> Common<'_, B> {
     /// DMA faults raised so far by the devices of every guest but `index`.
     fn foreign_faults(&self, index: usize) -> u64 {
-        self.faults
+        self.guests
             .iter()
-            .enumerate()
-            .filter(|&(k, _)| k != index)
-            .map(|(_, n)| n)
+            .filter(|g| g.index != index)
+            .map(|g| g.faults.load(Ordering::Relaxed))
             .sum()
     }
 }
 
-fn stop<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, pc: u64, why: core::fmt::Arguments) {
-    flush_line(g);
-    println!("guest {} stopped: {why}, {}={pc:#x}", g.name, native::PC);
-    check_guard(cx, g, "at its own end");
-    teardown(cx.backend, cx.iommu, g, true);
+/// Ends guest `g` because of what its vCPU `vcpu` did: the first reason wins and is reported;
+/// every vCPU of it then leaves (this one at once, the others at their next exit).
+fn stop<B: Backend>(g: &Guest<B>, vcpu: u32, pc: u64, why: core::fmt::Arguments) {
+    let mut s = g.shared.lock();
+    if g.stopping.load(Ordering::Relaxed) {
+        return; // another vCPU of it ended it first; that report stands
+    }
+    flush_line(g.name, &mut s);
+    if g.vcpu_count > 1 {
+        println!(
+            "guest {} stopped: vcpu {vcpu}: {why}, {}={pc:#x}",
+            g.name,
+            native::PC
+        );
+    } else {
+        println!("guest {} stopped: {why}, {}={pc:#x}", g.name, native::PC);
+    }
+    g.stopping.store(true, Ordering::Release);
 }
 
 /// What the scheduler does after an exit.
 enum Next {
+    /// Re-enter the same vCPU.
     Resume,
+    /// Its time slice is over.
     Reschedule,
+    /// The vCPU's guest is ending: the vCPU leaves for good.
+    Leave,
 }
 
-/// Round robin over the runnable guests until none is left.
-fn schedule<B: Backend>(
-    cx: &mut Cx<'_, B>,
-    owners: &[alloc::string::String],
-    guests: &mut [Guest<B>],
-) {
+/// The scheduler of one physical CPU: round robin over the vCPUs pinned to it until none is
+/// left, one time slice each.
+fn schedule<B: Backend>(backend: &mut B, c: &Common<'_, B>, vcpus: &mut [Vcpu<B>]) {
     let mut current = 0;
-    while let Some(i) = (0..guests.len())
-        .map(|k| (current + k) % guests.len())
-        .find(|&k| matches!(guests[k].state, State::Runnable))
+    while let Some(k) = (0..vcpus.len())
+        .map(|k| (current + k) % vcpus.len())
+        .find(|&k| vcpus[k].state.is_some())
     {
-        current = i + 1;
-        let g = &mut guests[i];
+        current = k + 1;
         native::arm_timer(SLICE_TICKS);
-        while let (Some(vm), Some(vcpu)) = (g.vm.as_ref(), g.vcpu.as_mut()) {
-            let exit = cx.backend.run(vm, vcpu);
-            let next = handle(cx, g, exit);
-            report_dma_faults(cx, owners, g);
-            match next {
-                Next::Resume => {}
-                Next::Reschedule => break,
-            }
-        }
-        if matches!(guests[i].state, State::Done) {
-            // Guest i has just ended: whatever it did is done, so every range another guest
-            // guards must still hash as it did when the guard was set.
-            let after = alloc::format!("after guest {} ended", guests[i].name);
-            for other in guests.iter() {
-                check_guard(cx, other, &after);
-            }
+        if run_slice(backend, c, &mut vcpus[k]) {
+            leave(backend, c, &mut vcpus[k]);
         }
     }
     native::arm_timer(0);
+}
+
+/// Runs vCPU `v` for one time slice; `true` when it must leave (its guest is ending).
+fn run_slice<B: Backend>(backend: &mut B, c: &Common<'_, B>, v: &mut Vcpu<B>) -> bool {
+    let g = &c.guests[v.guest];
+    let res = g.res.read();
+    let (Some(r), Some(state)) = (res.as_ref(), v.state.as_mut()) else {
+        return true;
+    };
+    loop {
+        // Acquire: pairs with the Release of `stop`; checked before every entry, so a vCPU of
+        // a guest another CPU has stopped never runs for more than the slice it is in.
+        if g.stopping.load(Ordering::Acquire) {
+            return true;
+        }
+        let exit = backend.run(&r.vm, state);
+        v.exits += 1;
+        v.ran_on |= 1 << (this_cpu() % 64);
+        let next = handle(backend, c, g, r, v.index, state, exit);
+        report_dma_faults(c, g);
+        match next {
+            Next::Resume => {}
+            Next::Reschedule => return false,
+            Next::Leave => return true,
+        }
+    }
+}
+
+/// The physical CPU this code runs on (the exit path's measurement of where a vCPU ran).
+fn this_cpu() -> u32 {
+    0
+}
+
+/// vCPU `v` leaves: its control block is freed here, by the CPU that ran it (a VMCS is
+/// VMCLEARed where it is current); the last vCPU of a guest to leave tears the guest down.
+fn leave<B: Backend>(backend: &mut B, c: &Common<'_, B>, v: &mut Vcpu<B>) {
+    let Some(state) = v.state.take() else {
+        return;
+    };
+    backend.destroy_vcpu(state);
+    let g = &c.guests[v.guest];
+    if g.vcpu_count > 1 {
+        let mut on = alloc::vec::Vec::new();
+        for cpu in 0..64 {
+            if v.ran_on & (1 << cpu) != 0 {
+                on.push(cpu);
+            }
+        }
+        println!(
+            "guest {} vcpu {}: left after {} exits; exits taken on CPU(s) {} (pinned to CPU {})",
+            g.name,
+            v.index,
+            v.exits,
+            cpu_list(&on),
+            v.cpu
+        );
+    }
+    // AcqRel: the last one out sees everything the others did before they left.
+    if g.live.fetch_sub(1, Ordering::AcqRel) != 1 {
+        return;
+    }
+    check_guard(c, g, "at its own end");
+    teardown(backend, c.iommu.as_ref(), g, true);
+    // Guest g has just ended: whatever it did is done, so every range another guest guards
+    // must still hash as it did when the guard was set.
+    let after = alloc::format!("after guest {} ended", g.name);
+    for other in c.guests.iter() {
+        check_guard(c, other, &after);
+    }
 }
 
 /// Reports the DMA faults the IOMMU recorded since the last call, each attributed to the guest
 /// and device that raised it. Called after every exit: an assigned device only runs DMA its
 /// guest started, and the fault registers must be drained before they overflow (VT-d 4.1
 /// §7.2.1; QEMU has one).
-fn report_dma_faults<B: Backend>(
-    cx: &mut Cx<'_, B>,
-    owners: &[alloc::string::String],
-    g: &mut Guest<B>,
-) {
-    let Some(fd) = cx.iommu.as_mut() else {
+fn report_dma_faults<B: Backend>(c: &Common<'_, B>, g: &Guest<B>) {
+    let Some(fd) = c.iommu.as_ref() else {
         return;
     };
-    let (device_guest, faults) = (cx.device_guest, &mut cx.faults);
     fd.poll_faults(&mut |f| {
-        flush_line(g);
-        if let Some(n) = f
+        flush_line(g.name, &mut g.shared.lock());
+        if let Some(owner) = f
             .device
-            .and_then(|d| device_guest.get(d))
-            .and_then(|&k| faults.get_mut(k))
+            .and_then(|d| c.device_guest.get(d))
+            .and_then(|&k| c.guests.get(k))
         {
-            *n += 1;
+            owner.faults.fetch_add(1, Ordering::Relaxed);
         }
         let who = f
             .device
-            .and_then(|d| owners.get(d))
+            .and_then(|d| c.owners.get(d))
             .map_or("no guest's device", |s| s.as_str());
         println!(
             "dma fault: {who} (sid {:#06x}) {} at iova page {:#x}: reason {} ({})",
@@ -730,46 +886,88 @@ fn errno_result(e: u32) -> u64 {
     (-i64::from(e)) as u64
 }
 
-fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next {
+/// A wild access: `... at gpa=... (kind): not guest memory`.
+fn stop_wild<B: Backend>(g: &Guest<B>, vcpu: u32, pc: u64, gpa: u64, kind: &str) -> Next {
+    stop(
+        g,
+        vcpu,
+        pc,
+        format_args!(
+            "{} at gpa={gpa:#x} ({kind}): not guest memory",
+            native::STAGE2_FAULT
+        ),
+    );
+    Next::Leave
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the exit and everything it may touch: backend, guest, its resources, the vCPU"
+)]
+fn handle<B: Backend>(
+    backend: &mut B,
+    c: &Common<'_, B>,
+    g: &Guest<B>,
+    r: &Resources<B>,
+    vcpu: u32,
+    state: &mut B::Vcpu,
+    exit: Exit,
+) -> Next {
     let pc = exit.pc;
+    // Another vCPU ended the guest while this one ran: nothing it did since is acted on (no
+    // hypercall of a stopping guest reaches the object model).
+    if g.stopping.load(Ordering::Acquire) {
+        return Next::Leave;
+    }
     match exit.event {
         Event::Preempted => {
-            g.slices += 1;
-            if let Some(budget) = g.budget.filter(|&b| g.slices >= b) {
+            let used = {
+                let mut s = g.shared.lock();
+                s.slices += 1;
+                s.slices
+            };
+            if let Some(budget) = g.budget.filter(|&b| used >= b) {
                 stop(
-                    cx,
                     g,
+                    vcpu,
                     pc,
                     format_args!("CPU budget of {budget} time slices used up"),
                 );
+                return Next::Leave;
             }
             Next::Reschedule
         }
         Event::Hypercall(regs) => {
             let op = u32::try_from(regs.op).unwrap_or(u32::MAX);
             let result = match op {
-                platform::CONSOLE_WRITE => console_write(g, regs.args[0], regs.args[1]),
-                platform::GUARD => set_guard(cx, g, regs.args[0], regs.args[1]),
+                platform::CONSOLE_WRITE => console_write(g, r, regs.args[0], regs.args[1]),
+                platform::GUARD => set_guard(c, g, r, regs.args[0], regs.args[1]),
                 platform::EXIT => {
-                    flush_line(g);
-                    println!("guest {} exited: status {}", g.name, regs.args[0] as u32);
-                    check_guard(cx, g, "at its own end");
-                    teardown(cx.backend, cx.iommu, g, true);
-                    return Next::Reschedule;
+                    // The whole guest ends, whichever vCPU asks (a power-off, not a CPU off).
+                    let mut s = g.shared.lock();
+                    if !g.stopping.load(Ordering::Relaxed) {
+                        flush_line(g.name, &mut s);
+                        if g.vcpu_count > 1 {
+                            println!(
+                                "guest {} exited: status {} (EXIT from vcpu {vcpu})",
+                                g.name, regs.args[0] as u32
+                            );
+                        } else {
+                            println!("guest {} exited: status {}", g.name, regs.args[0] as u32);
+                        }
+                        g.stopping.store(true, Ordering::Release);
+                    }
+                    return Next::Leave;
                 }
                 // ABI v1 (docs/abi.md): the guest's own objects, its own memory. Without an
                 // IOMMU on the machine a valid op is EOPNOTSUPP; an unknown op is ENOTTY.
-                o if op::ALL.contains(&o) => {
-                    match (cx.iommu.as_mut(), g.iommu_guest, g.memory.as_ref()) {
-                        (Some(fd), Some(id), Some(mem)) => fd.call(id, mem, o, regs.args[0]) as u64,
-                        _ => errno_result(errno::EOPNOTSUPP),
-                    }
-                }
+                o if op::ALL.contains(&o) => match (c.iommu.as_ref(), r.iommu_guest) {
+                    (Some(fd), Some(id)) => fd.call(id, &r.memory, o, regs.args[0], vcpu) as u64,
+                    _ => errno_result(errno::EOPNOTSUPP),
+                },
                 _ => errno_result(errno::ENOTTY),
             };
-            if let Some(vcpu) = g.vcpu.as_mut() {
-                cx.backend.complete_hypercall(vcpu, result);
-            }
+            backend.complete_hypercall(state, result);
             Next::Resume
         }
         Event::MmioFault { gpa, write, fetch } => {
@@ -780,16 +978,7 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
             } else {
                 "read"
             };
-            stop(
-                cx,
-                g,
-                pc,
-                format_args!(
-                    "{} at gpa={gpa:#x} ({kind}): not guest memory",
-                    native::STAGE2_FAULT
-                ),
-            );
-            Next::Reschedule
+            stop_wild(g, vcpu, pc, gpa, kind)
         }
         Event::MmioAccess {
             gpa,
@@ -803,26 +992,16 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
                 .checked_sub(loader::ECAM)
                 .filter(|&off| off < loader::ECAM_SIZE)
                 .and_then(|off| {
-                    g.pci
-                        .ecam_access(cx.platform, off, size, write, value as u32)
+                    g.shared
+                        .lock()
+                        .pci
+                        .ecam_access(c.platform, off, size, write, value as u32)
                 });
             if let Some(read) = emulated {
-                if let Some(vcpu) = g.vcpu.as_mut() {
-                    cx.backend.complete_mmio(vcpu, read.map(u64::from));
-                }
+                backend.complete_mmio(state, read.map(u64::from));
                 return Next::Resume;
             }
-            let kind = if write { "write" } else { "read" };
-            stop(
-                cx,
-                g,
-                pc,
-                format_args!(
-                    "{} at gpa={gpa:#x} ({kind}): not guest memory",
-                    native::STAGE2_FAULT
-                ),
-            );
-            Next::Reschedule
+            stop_wild(g, vcpu, pc, gpa, if write { "write" } else { "read" })
         }
         Event::PortIo {
             port,
@@ -830,63 +1009,66 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
             write,
             value,
         } => {
-            if let pci::Access::Done(read) = g.pci.access(cx.platform, port, size, write, value) {
-                if let Some(vcpu) = g.vcpu.as_mut() {
-                    cx.backend.complete_port_io(vcpu, size, read);
-                }
+            let access = g
+                .shared
+                .lock()
+                .pci
+                .access(c.platform, port, size, write, value);
+            if let pci::Access::Done(read) = access {
+                backend.complete_port_io(state, size, read);
                 return Next::Resume;
             }
             let dir = if write { "out" } else { "in" };
             stop(
-                cx,
                 g,
+                vcpu,
                 pc,
                 format_args!("forbidden port I/O: {dir} port {port:#x} ({size} bytes)"),
             );
-            Next::Reschedule
+            Next::Leave
         }
         Event::Halt => {
             stop(
-                cx,
                 g,
+                vcpu,
                 pc,
                 format_args!(
                     "{} with no interrupt source (guests get no interrupts)",
                     native::HALT
                 ),
             );
-            Next::Reschedule
+            Next::Leave
         }
         Event::TripleFault => {
-            stop(cx, g, pc, format_args!("triple fault (shutdown)"));
-            Next::Reschedule
+            stop(g, vcpu, pc, format_args!("triple fault (shutdown)"));
+            Next::Leave
         }
         Event::UnexpectedException { vector, error_code } => {
             stop(
-                cx,
                 g,
+                vcpu,
                 pc,
                 format_args!("intercepted exception {vector} (error code {error_code:#x})"),
             );
-            Next::Reschedule
+            Next::Leave
         }
         Event::Forbidden { what, detail } => {
             stop(
-                cx,
                 g,
+                vcpu,
                 pc,
                 format_args!("forbidden instruction {what} ({detail:#x})"),
             );
-            Next::Reschedule
+            Next::Leave
         }
         Event::Invalid(code) => {
             stop(
-                cx,
                 g,
+                vcpu,
                 pc,
                 format_args!("unhandled exit code {code:#x} (invalid guest state)"),
             );
-            Next::Reschedule
+            Next::Leave
         }
     }
 }
@@ -894,42 +1076,48 @@ fn handle<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, exit: Exit) -> Next 
 /// GUARD: hashes `len` bytes of the guest's RAM at `gpa` (guard.rs). 0, `-EINVAL` for an empty
 /// or too long range, `-EFAULT` if it is not all the guest's RAM; a second GUARD replaces the
 /// first.
-fn set_guard<B: Backend>(cx: &mut Cx<'_, B>, g: &mut Guest<B>, gpa: u64, len: u64) -> u64 {
+fn set_guard<B: Backend>(
+    c: &Common<'_, B>,
+    g: &Guest<B>,
+    r: &Resources<B>,
+    gpa: u64,
+    len: u64,
+) -> u64 {
     if len == 0 || len > guard::GUARD_MAX {
         return errno_result(errno::EINVAL);
     }
-    flush_line(g);
-    let Some(mem) = g.memory.as_ref() else {
-        return errno_result(errno::EFAULT);
-    };
-    let Some(hash) = guard::hash(mem, gpa, len) else {
+    let mut s = g.shared.lock();
+    flush_line(g.name, &mut s);
+    let Some(hash) = guard::hash(&r.memory, gpa, len) else {
         return errno_result(errno::EFAULT);
     };
     println!(
         "guard: guest {} gpa {gpa:#x}+{len:#x}: hash {hash:#018x}",
         g.name
     );
-    if cx.tamper && guard::tamper(mem, gpa) {
+    if c.tamper && guard::tamper(&r.memory, gpa) {
         println!("guard: guard-tamper: the hypervisor flipped a bit at gpa {gpa:#x}");
     }
-    g.guard = Some(guard::Guard {
+    s.guard = Some(guard::Guard {
         gpa,
         len,
         hash,
-        foreign_faults_at: cx.foreign_faults(g.index),
+        foreign_faults_at: c.foreign_faults(g.index),
     });
     0
 }
 
 /// Re-hashes the range `g` guards, if any, and says whether it is unchanged.
-fn check_guard<B: Backend>(cx: &Cx<'_, B>, g: &Guest<B>, when: &str) {
-    let (Some(gd), Some(mem)) = (g.guard.as_ref(), g.memory.as_ref()) else {
+fn check_guard<B: Backend>(c: &Common<'_, B>, g: &Guest<B>, when: &str) {
+    let res = g.res.read();
+    let s = g.shared.lock();
+    let (Some(gd), Some(r)) = (s.guard.as_ref(), res.as_ref()) else {
         return;
     };
-    let blocked = cx
+    let blocked = c
         .foreign_faults(g.index)
         .saturating_sub(gd.foreign_faults_at);
-    match guard::hash(mem, gd.gpa, gd.len) {
+    match guard::hash(&r.memory, gd.gpa, gd.len) {
         Some(now) if now == gd.hash => println!(
             "guard: guest {} gpa {:#x}+{:#x} {when}: hash unchanged: {:#018x} == {now:#018x} ({blocked} DMA faults of other guests' devices meanwhile)",
             g.name, gd.gpa, gd.len, gd.hash
@@ -946,46 +1134,45 @@ fn check_guard<B: Backend>(cx: &Cx<'_, B>, g: &Guest<B>, when: &str) {
 }
 
 /// CONSOLE_WRITE: copies the bytes out of guest RAM (bounds-checked) and prints whole lines as
-/// `guest NAME: ...`, unprintable bytes as `.`.
-fn console_write<B: Backend>(g: &mut Guest<B>, gpa: u64, len: u64) -> u64 {
+/// `guest NAME: ...`, unprintable bytes as `.`. The line buffer is the guest's (one console),
+/// so a guest whose vCPUs write at once gets their bytes in the order the calls ran.
+fn console_write<B: Backend>(g: &Guest<B>, r: &Resources<B>, gpa: u64, len: u64) -> u64 {
     if len > platform::CONSOLE_WRITE_MAX {
         return errno_result(errno::EINVAL);
     }
-    if !g.memory.as_ref().is_some_and(|m| m.contains(gpa, len)) {
+    if !r.memory.contains(gpa, len) {
         return errno_result(errno::EFAULT);
     }
     let mut chunk = [0u8; 256];
     let mut done = 0u64;
+    let mut s = g.shared.lock();
     while done < len {
         let n = (len - done).min(chunk.len() as u64) as usize;
-        let read = g
-            .memory
-            .as_ref()
-            .map(|m| m.read(gpa + done, &mut chunk[..n]));
-        if !matches!(read, Some(Ok(()))) {
+        if r.memory.read(gpa + done, &mut chunk[..n]).is_err() {
             return errno_result(errno::EFAULT);
         }
         for &b in &chunk[..n] {
             if b == b'\n' {
-                flush_line(g);
+                flush_line(g.name, &mut s);
                 continue;
             }
-            if g.line_len == g.line.len() {
-                flush_line(g);
+            if s.line_len == s.line.len() {
+                flush_line(g.name, &mut s);
             }
-            g.line[g.line_len] = if (0x20..0x7f).contains(&b) { b } else { b'.' };
-            g.line_len += 1;
+            let at = s.line_len;
+            s.line[at] = if (0x20..0x7f).contains(&b) { b } else { b'.' };
+            s.line_len += 1;
         }
         done += n as u64;
     }
     len
 }
 
-fn flush_line<B: Backend>(g: &mut Guest<B>) {
-    if g.line_len > 0 {
-        let text = core::str::from_utf8(&g.line[..g.line_len]).unwrap_or("?");
-        println!("guest {}: {text}", g.name);
-        g.line_len = 0;
+fn flush_line(name: &str, s: &mut Shared) {
+    if s.line_len > 0 {
+        let text = core::str::from_utf8(&s.line[..s.line_len]).unwrap_or("?");
+        println!("guest {name}: {text}");
+        s.line_len = 0;
     }
 }
 

@@ -104,8 +104,8 @@ pub struct Exit {
 
 /// The architectural state a vCPU starts in (docs/guests.md, "Entry state"): 64-bit mode with
 /// paging on (x86_64: long mode with `page_table` in CR3; aarch64: EL1h with the MMU off or on
-/// per the protocol), `entry` in RIP/PC, `stack` in RSP/SP and `arg` in the first argument
-/// register (RDI / x0).
+/// per the protocol), `entry` in RIP/PC, `stack` in RSP/SP, `arg` in the first argument
+/// register (RDI / x0) and `vcpu` in the second (RSI / x1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryState {
     pub entry: u64,
@@ -116,6 +116,10 @@ pub struct EntryState {
     pub page_table: u64,
     /// Guest-physical address and limit of the descriptor table the hypervisor built (x86 GDT).
     pub gdt: (u64, u16),
+    /// This vCPU's index in its VM (0 for the first), and how many the VM has (aarch64: the
+    /// MPIDR_EL1 the guest reads says uniprocessor only when there is one).
+    pub vcpu: u32,
+    pub vcpu_count: u32,
 }
 
 /// Errors creating VMs and vCPUs.
@@ -165,6 +169,14 @@ pub fn kind() -> Kind {
 
 /// A hardware virtualization backend. All methods run on the CPU the backend was brought up on
 /// (the boot CPU today); a vCPU is only ever run by one CPU at a time.
+///
+/// A VM may have several vCPUs ([`Backend::create_vcpu`] once per vCPU): they share its
+/// second-stage table and its address-space identifier (ASID / VPID / VMID), and each has its
+/// own control block and registers. Because the identifier tags the guest's *first*-stage
+/// translations too, and two vCPUs of one VM may run different first-stage tables, a backend
+/// invalidates this CPU's entries of the identifier when it runs a vCPU other than the one of
+/// the same VM that ran there last (SVM TLB_CONTROL, VMX INVVPID, Arm TLBI VMALLE1; KVM does the
+/// same when a CPU switches between vCPUs of one VM).
 pub trait Backend {
     /// One guest's address-space state: second-stage table, ASID/VMID.
     type Vm;

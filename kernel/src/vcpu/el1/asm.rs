@@ -296,6 +296,8 @@ pub struct El1Regs {
     pub mdscr: u64,
     pub cntv_ctl: u64,
     pub cntv_cval: u64,
+    /// VMPIDR_EL2: the MPIDR_EL1 this vCPU reads (EL1 reads of MPIDR_EL1 return it, D19.2).
+    pub vmpidr: u64,
 }
 
 macro_rules! sysregs {
@@ -351,6 +353,7 @@ sysregs!(
     mdscr = "mdscr_el1",
     cntv_ctl = "cntv_ctl_el0",
     cntv_cval = "cntv_cval_el0",
+    vmpidr = "vmpidr_el2",
 );
 
 /// Proof that the CPU runs at non-VHE EL2 and the guest-wide EL2 controls are programmed: the
@@ -450,6 +453,27 @@ pub fn flush_vmid(_: &El2Ready, table: &Stage2, vmid: u16) {
             "isb",
             "tlbi vmalls12e1is",
             "dsb ish",
+            "msr vttbr_el2, xzr",
+            "isb",
+            v = in(reg) vttbr,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// Invalidates this CPU's stage-1 (EL1&0) TLB entries of `vmid` only (TLBI VMALLE1, non-
+/// shareable, with the VMID in VTTBR_EL2: DDI 0487 D8.13): another vCPU of the same VM, with
+/// its own first-stage state, is about to run here.
+pub fn flush_vmid_stage1_local(_: &El2Ready, table: &Stage2, vmid: u16) {
+    let vttbr = table.root() | u64::from(vmid) << 48;
+    // SAFETY: VTTBR_EL2 is this CPU's own and no guest runs on this CPU during the sequence;
+    // the invalidation only drops cached translations, which are refetched from the tables.
+    unsafe {
+        asm!(
+            "msr vttbr_el2, {v}",
+            "isb",
+            "tlbi vmalle1",
+            "dsb nsh",
             "msr vttbr_el2, xzr",
             "isb",
             v = in(reg) vttbr,

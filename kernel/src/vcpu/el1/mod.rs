@@ -80,6 +80,8 @@ pub struct El1 {
     shape: (u32, u32, u32),
     oas: u32,
     vmids_used: [u64; 4],
+    /// By VMID, the vCPU (its context's address) that ran last with it on this CPU.
+    last_vcpu: [usize; 256],
 }
 
 /// A VM: its stage-2 table and VMID.
@@ -144,6 +146,7 @@ impl El1 {
             shape: (ri.arm_t0sz(), ri.levels, ri.granule_shift),
             oas: pa_bits,
             vmids_used: [1, 0, 0, 0], // VMID 0: never a guest's
+            last_vcpu: [0; 256],
         })
     }
 
@@ -399,7 +402,15 @@ impl Backend for El1 {
     }
 
     fn create_vcpu(&mut self, _vm: &El1Vm, s: &EntryState) -> Result<El1Vcpu, VcpuError> {
-        let ctx = alloc::boxed::Box::new(Context::new(s.entry, GUEST_PSTATE, s.arg));
+        let mut ctx = alloc::boxed::Box::new(Context::new(s.entry, GUEST_PSTATE, s.arg));
+        ctx.x[1] = s.vcpu.into();
+        // MPIDR_EL1: bit 31 RES1; U (bit 30) = uniprocessor only when the VM has one vCPU;
+        // Aff0 = the vCPU index (DDI 0487 D19.2 "MPIDR_EL1").
+        let vmpidr = if s.vcpu_count <= 1 {
+            0xc000_0000
+        } else {
+            0x8000_0000 | u64::from(s.vcpu & 0xff)
+        };
         Ok(El1Vcpu {
             ctx,
             el1: El1Regs {
@@ -409,6 +420,7 @@ impl Backend for El1 {
                 tcr: GUEST_TCR,
                 mair: iommu::pgtable::format::ARM_S1_MAIR,
                 sp_el1: s.stack,
+                vmpidr,
                 ..El1Regs::default()
             },
             last_mmio: None,
@@ -416,6 +428,15 @@ impl Backend for El1 {
     }
 
     fn run(&mut self, vm: &El1Vm, vcpu: &mut El1Vcpu) -> Exit {
+        // Another vCPU of this VM ran here since this one did (same VMID, its own EL1 stage 1).
+        let me = core::ptr::from_ref::<Context>(&vcpu.ctx).addr();
+        if self
+            .last_vcpu
+            .get_mut(usize::from(vm.vmid))
+            .is_some_and(|last| core::mem::replace(last, me) != me)
+        {
+            asm::flush_vmid_stage1_local(&self.el2, &vm.stage2, vm.vmid);
+        }
         loop {
             if !asm::run(&self.el2, &vm.stage2, vm.vmid, &mut vcpu.el1, &mut vcpu.ctx) {
                 // A table of another shape than VTCR_EL2 describes: never entered.

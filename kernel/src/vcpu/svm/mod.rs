@@ -105,6 +105,8 @@ pub struct Svm {
     phys_bits: u32,
     /// The CPU fills nRIP ([`has_nrips`]).
     nrips: bool,
+    /// By ASID, the VMCB (physical address) of the vCPU that ran last with it on this CPU.
+    last_vcpu: [u64; MAX_ASIDS as usize],
 }
 
 /// A VM: its nested page table and ASID.
@@ -154,6 +156,7 @@ impl Svm {
             asids_used: [1, 0, 0, 0], // ASID 0: the host
             phys_bits,
             nrips: has_nrips(),
+            last_vcpu: [0; MAX_ASIDS as usize],
         })
     }
 
@@ -429,6 +432,7 @@ impl Backend for Svm {
             vmcb: v,
             gprs: GuestGprs {
                 rdi: s.arg,
+                rsi: s.vcpu.into(),
                 ..GuestGprs::default()
             },
             first_run: true,
@@ -437,7 +441,15 @@ impl Backend for Svm {
 
     fn run(&mut self, vm: &SvmVm, vcpu: &mut SvmVcpu) -> Exit {
         loop {
-            vcpu.vmcb.set_asid(vm.asid, vcpu.first_run);
+            // Another vCPU of this VM ran here since this one did: its guest-linear
+            // translations carry the same ASID, so they go (QEMU implements only TLB_CONTROL
+            // 0 and 1, so this is the whole-TLB flush, as at a first run).
+            let pa = vcpu.vmcb.pa();
+            let switched = self
+                .last_vcpu
+                .get_mut(vm.asid as usize)
+                .is_some_and(|last| core::mem::replace(last, pa) != pa);
+            vcpu.vmcb.set_asid(vm.asid, vcpu.first_run || switched);
             vcpu.first_run = false;
             asm::vmrun(&self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
             if vcpu.vmcb.exit_code() == exit::CPUID {

@@ -283,6 +283,8 @@ pub struct Vmx {
     phys_bits: u32,
     /// The VMCS (by address) that ran last: another vCPU running means a new time slice.
     last_run: u64,
+    /// By VPID, the VMCS (by address) of the vCPU that ran last with it on this CPU.
+    last_vcpu: [u64; MAX_VPIDS as usize],
 }
 
 /// A VM: its EPT table and VPID.
@@ -321,6 +323,7 @@ impl Vmx {
             vpids_used: [1, 0, 0, 0], // VPID 0: the host
             phys_bits,
             last_run: 0,
+            last_vcpu: [0; MAX_VPIDS as usize],
         })
     }
 
@@ -625,6 +628,7 @@ impl Backend for Vmx {
             vmcs,
             gprs: GuestGprs {
                 rdi: s.arg,
+                rsi: s.vcpu.into(),
                 ..GuestGprs::default()
             },
             launched: false,
@@ -634,7 +638,7 @@ impl Backend for Vmx {
         })
     }
 
-    fn run(&mut self, _vm: &VmxVm, vcpu: &mut VmxVcpu) -> Exit {
+    fn run(&mut self, vm: &VmxVm, vcpu: &mut VmxVcpu) -> Exit {
         loop {
             let new_slice = vcpu.slice_over || self.last_run != vcpu.vmcs.pa();
             vcpu.slice_over = false;
@@ -649,7 +653,13 @@ impl Backend for Vmx {
             if let Some(rip) = vcpu.resume_at.take() {
                 vmwrite(cpu, field::GUEST_RIP, rip);
             }
-            if !vcpu.launched {
+            // Another vCPU of this VM (same VPID, its own guest-linear translations) ran here
+            // since this one did, or this VMCS was never entered: invalidate.
+            let switched = self
+                .last_vcpu
+                .get_mut(usize::from(vm.vpid))
+                .is_some_and(|last| core::mem::replace(last, vcpu.vmcs.pa()) != vcpu.vmcs.pa());
+            if !vcpu.launched || switched {
                 asm::flush_all_contexts(cpu);
             }
             // A new slice: the preemption timer starts from the full slice (the runner's
