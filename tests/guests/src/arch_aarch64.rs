@@ -49,6 +49,41 @@ pub fn smccc(fid: u64) -> [u64; 4] {
     [r0, r1, r2, r3]
 }
 
+// The entry point (docs/guests.md "Several vCPUs"): every vCPU starts here with the start-info
+// GPA in x0 and its index in x1. vCPU 0 keeps the stack the hypervisor gave it (SP at the top of
+// RAM); vCPU i > 0 has none (SP = 0) and takes stack i of `testguest_stacks` (its top) before
+// anything is pushed. An index the guest has no stack for waits for an interrupt that never
+// comes, which the hypervisor stops.
+global_asm!(
+    r#"
+    .pushsection .text.entry, "ax"
+    .global guest_entry
+guest_entry:
+    cbz x1, 1f
+    cmp x1, #{max}
+    b.hi 2f
+    adrp x9, testguest_stacks
+    add x9, x9, :lo12:testguest_stacks
+    add x9, x9, x1, lsl #{shift}
+    mov sp, x9
+1:
+    b guest_main
+2:
+    wfi
+    b 2b
+    .popsection
+
+    .pushsection .bss.testguest_stacks, "aw", %nobits
+    .balign 16
+testguest_stacks:
+    .skip {bytes}
+    .popsection
+"#,
+    max = const crate::smp::MAX_VCPUS - 1,
+    shift = const crate::smp::STACK_SHIFT,
+    bytes = const (crate::smp::MAX_VCPUS - 1) << crate::smp::STACK_SHIFT,
+);
+
 // The load that the `wild` variant aims at unmapped guest-physical memory, as its own symbol so
 // the scenario can expect the PC the hypervisor reports (xtask resolves `{sym:...}`).
 global_asm!(

@@ -56,6 +56,42 @@ pub fn hypercall(op: u32, a0: u64, a1: u64, a2: u64) -> i64 {
     ret as i64
 }
 
+// The entry point (docs/guests.md "Several vCPUs"): every vCPU starts here with the start-info
+// GPA in RDI and its index in RSI. vCPU 0 keeps the stack the hypervisor gave it (RSP at the top
+// of RAM, as after a call); vCPU i > 0 has none (RSP = 0) and takes stack i of
+// `testguest_stacks` (its top, minus 8 as after a call) before anything is pushed. An index the
+// guest has no stack for halts, which the hypervisor stops.
+global_asm!(
+    r#"
+    .pushsection .text.entry, "ax"
+    .global guest_entry
+guest_entry:
+    test rsi, rsi
+    jz 1f
+    cmp rsi, {max}
+    ja 2f
+    lea rax, [rip + testguest_stacks]
+    mov rcx, rsi
+    shl rcx, {shift}
+    lea rsp, [rax + rcx - 8]
+1:
+    jmp guest_main
+2:
+    hlt
+    jmp 2b
+    .popsection
+
+    .pushsection .bss.testguest_stacks, "aw", @nobits
+    .balign 16
+testguest_stacks:
+    .skip {bytes}
+    .popsection
+"#,
+    max = const crate::smp::MAX_VCPUS - 1,
+    shift = const crate::smp::STACK_SHIFT,
+    bytes = const (crate::smp::MAX_VCPUS - 1) << crate::smp::STACK_SHIFT,
+);
+
 // The load that the `wild` variant aims at unmapped guest-physical memory, as its own symbol so
 // the scenario can expect the RIP the hypervisor reports (xtask resolves `{sym:...}`).
 global_asm!(

@@ -14,6 +14,11 @@
 //! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
+//! - `smp-map` (several vCPUs): every vCPU maps and unmaps pages of its own IOVA range of one
+//!   shared IOAS in a loop, checking each result; vCPU 0 adds up the counts the others publish
+//!   in shared memory and prints the total;
+//! - `smp-wild` (several vCPUs): vCPU 1 reads unmapped guest-physical memory while vCPU 0 spins:
+//!   the whole guest must be stopped;
 //! - `msr`, `io`, `vmrun`, `hlt`: executes an instruction a guest may not (RDMSR, OUT, VMRUN)
 //!   or one that can never finish (HLT with interrupts off).
 //!
@@ -68,10 +73,10 @@ impl core::fmt::Write for Line {
 
 macro_rules! println {
     ($($arg:tt)*) => {{
-        let mut l = Line { buf: [0; 200], len: 0 };
+        let mut l = $crate::Line { buf: [0; 200], len: 0 };
         let _ = core::fmt::Write::write_fmt(&mut l, format_args!($($arg)*));
         let _ = core::fmt::Write::write_str(&mut l, "\n");
-        print(core::str::from_utf8(&l.buf[..l.len]).unwrap_or("?\n"));
+        $crate::print(core::str::from_utf8(&l.buf[..l.len]).unwrap_or("?\n"));
     }};
 }
 
@@ -88,12 +93,13 @@ fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
-/// Entered as `guest_entry(start_info)` per docs/guests.md: 64-bit mode, paging on, RSP at the
-/// top of RAM as after a `call`.
+mod smp;
+
+/// Entered from `guest_entry` (arch_*.rs) as `guest_main(start_info, vcpu)` per docs/guests.md:
+/// 64-bit mode, paging on, on this vCPU's stack.
 #[unsafe(no_mangle)]
-#[unsafe(link_section = ".text.entry")]
-pub extern "C" fn guest_entry(start_info: u64) -> ! {
-    let mut page = [0u8; 40];
+pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
+    let mut page = [0u8; 48];
     arch::read_bytes(start_info, &mut page);
     let magic = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
     if magic != si::MAGIC {
@@ -108,6 +114,17 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
     let cmdline = core::str::from_utf8(&cmd[..cmd_len]).unwrap_or("");
     let mut words = cmdline.split([' ', ',']).filter(|w| !w.is_empty());
     let variant = words.next().unwrap_or("hello");
+    // 0 from a hypervisor without the field: one vCPU.
+    let vc = si::OFF_VCPU_COUNT;
+    let vcpus = u32::from_le_bytes([page[vc], page[vc + 1], page[vc + 2], page[vc + 3]]).max(1);
+    if vcpu != 0 {
+        smp::secondary(
+            variant,
+            vcpu as u32,
+            vcpus,
+            u64_at(&page, si::OFF_FREE_START),
+        )
+    }
     println!("testguest: {variant}, {} KiB of RAM", mem >> 10);
     match variant {
         "hello" => {
@@ -199,6 +216,8 @@ pub extern "C" fn guest_entry(start_info: u64) -> ! {
             let free = u64_at(&page, si::OFF_FREE_START);
             hostile(start_info, mem, free)
         }
+        "smp-map" => exit(smp::map_unmap(0, vcpus, u64_at(&page, si::OFF_FREE_START))),
+        "smp-wild" => smp::wait_for_stop(vcpus),
         "abi" => {
             let free = u64_at(&page, si::OFF_FREE_START);
             let failed = abi_checks(mem, free);
