@@ -1,1 +1,0 @@
-/work/wt/vcpus/tests/guests/target/x86_64-unknown-none/debug/testguest: /work/wt/vcpus/iommu/abi/src/lib.rs /work/wt/vcpus/tests/guests/build.rs /work/wt/vcpus/tests/guests/linker.ld /work/wt/vcpus/tests/guests/src/arch_x86_64.rs /work/wt/vcpus/tests/guests/src/main.rs /work/wt/vcpus/tests/guests/src/smp.rs
