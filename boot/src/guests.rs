@@ -1,6 +1,6 @@
 //! Guest configuration and guest images as the boot path delivers them (docs/guests.md):
 //!
-//! - [`GuestConfig::parse`]: one `guest=NAME,image=IMAGE,mem=SIZE[,slices=N][,vcpus=N][,cpus=LIST]...`
+//! - [`GuestConfig::parse`]: one `guest=NAME,image=IMAGE,mem=SIZE[,slices=N][,vcpus=N]...` item
 //!   of the hypervisor command line;
 //! - [`Archive`]: the guest-image archive (`HVGUEST1`) that carries several images in one boot
 //!   module (PVH `-initrd` gives exactly one module);

@@ -1,13 +1,20 @@
 //! Guests: configuration from the command line, images from the boot modules, and a round-robin
-//! scheduler over the vCPU backend on the boot CPU (docs/guests.md).
+//! scheduler of vCPUs over the vCPU backend (docs/guests.md).
+//!
+//! A guest is one VM ([`Guest`]: second-stage table, RAM, object-model guest, console, GUARD,
+//! PCI view) with one or more vCPUs ([`Vcpu`], the scheduled unit). Guest-wide state is shared by
+//! its vCPUs: what they only read while running (VM, RAM) behind a read-write lock that the
+//! teardown alone takes for writing, what they change (console line, GUARD, PCI latch, slices)
+//! behind a spin lock, and the `stopping` flag as an atomic.
 //!
 //! Containment: every exit the hypervisor does not expect from a well-behaved guest (an access to
 //! unmapped guest-physical memory, a triple fault, a forbidden instruction or port, an
-//! intercepted exception, a HLT that nothing will ever wake) stops that guest with a report
-//! naming it, the reason and its RIP; the others keep running. The local APIC timer ends every
-//! time slice, so a guest that spins costs the others one slice per round and, with `slices=N`,
-//! is stopped when its budget is used up. A stopped guest's IOMMU objects, VM, vCPU and RAM are
-//! freed at once.
+//! intercepted exception, a HLT that nothing will ever wake) stops that guest, all its vCPUs,
+//! with a report naming it, the vCPU, the reason and its RIP; the others keep running. The
+//! preemption timer ends every time slice, so a guest that spins costs the others one slice per
+//! round and, with `slices=N`, is stopped when its budget is used up; it also bounds how long
+//! another vCPU of a stopping guest runs before it sees the flag. The last vCPU of a stopped
+//! guest to leave frees its IOMMU objects, VM and RAM, once.
 //!
 //! Devices: `devices.rs` decides what a `dev=` may name, `pci.rs` mediates the guest's
 //! configuration space, `iommu.rs` is the object model its ABI v1 hypercalls reach; DMA faults
