@@ -18,9 +18,8 @@
 //! an ID is listed once. IDs 0xFF (type 0) and 0xFFFF_FFFF (type 9) are placeholders some
 //! firmware uses for absent sockets; they are skipped.
 
-/// Offset of the first interrupt controller structure.
-const MADT_ENTRIES: usize = 44;
-const SDT_HEADER_LEN: usize = 36;
+/// Offset of the first interrupt controller structure: the 36-byte header, then two u32s.
+const MADT_ENTRIES: usize = 36 + 8;
 const TYPE_LOCAL_APIC: u8 = 0;
 const TYPE_LOCAL_X2APIC: u8 = 9;
 const FLAG_ENABLED: u32 = 1 << 0;
@@ -81,7 +80,6 @@ pub fn local_apics<const N: usize>(table: &[u8]) -> Result<LocalApics<N>, &'stat
     if table.iter().fold(0u8, |a, &b| a.wrapping_add(b)) != 0 {
         return Err("MADT checksum mismatch");
     }
-    debug_assert!(SDT_HEADER_LEN < MADT_ENTRIES);
     let mut cpus = LocalApics {
         ids: [0; N],
         len: 0,

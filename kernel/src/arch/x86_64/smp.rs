@@ -366,9 +366,9 @@ fn prepare_trampoline(page: &mut [u8], id_leaf: u32) -> Option<()> {
 fn prepare_stacks(cpu: &PerCpu) -> Result<(), &'static str> {
     let frames =
         Frames::alloc(CPU_PAGES, PAGE, 1 << 32).ok_or("no memory below 4 GiB for its stacks")?;
+    // The token is never freed (it has no Drop): the CPU uses the memory as its stacks for good,
+    // and nothing else can obtain it.
     let base = frames.pa();
-    // Leaked on purpose (no Drop): the CPU uses the memory as its stacks for good.
-    drop(frames);
     let main_guard = base;
     let main_top = base + PAGE * (1 + MAIN_STACK_PAGES);
     let mut guards = [main_guard, 0, 0, 0];
@@ -612,8 +612,13 @@ fn observe(arg: usize) {
     o.stack_mapped
         .store(paging::is_mapped(guard + PAGE), Ordering::Relaxed);
     println!(
-        "smp: cpu{index} ran launched work: x2apic_id={} (MSR 0x802) gs_index={index} arg={arg:#x}",
-        o.apic_id.load(Ordering::Relaxed)
+        "smp: cpu{index} ran launched work: apic_id={} (from {}) gs_index={index} arg={arg:#x}",
+        o.apic_id.load(Ordering::Relaxed),
+        if apic::is_x2apic() {
+            "x2APIC MSR 0x802"
+        } else {
+            "xAPIC ID register"
+        }
     );
 }
 
@@ -672,7 +677,11 @@ pub fn scenario() -> u32 {
                 .filter(|&c| c != cpu)
                 .all(|c| OBSERVED[c].hsave.load(Ordering::Relaxed) != hsave)
                 && hsave != rdmsr(VM_HSAVE_PA);
-            if o.svme.load(Ordering::Relaxed) && hsave != 0 && hsave % PAGE == 0 && distinct {
+            if o.svme.load(Ordering::Relaxed)
+                && hsave != 0
+                && hsave.is_multiple_of(PAGE)
+                && distinct
+            {
                 println!("smp: cpu{cpu} EFER.SVME=1 VM_HSAVE_PA={hsave:#x} (its own page)");
             } else {
                 fail(format_args!(
