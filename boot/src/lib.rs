@@ -12,6 +12,7 @@
 pub mod console;
 pub mod guests;
 mod info;
+pub mod smp;
 pub mod spcr;
 pub use info::*;
 

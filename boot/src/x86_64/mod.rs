@@ -10,6 +10,7 @@
 //! Bad boot-loader data is never fatal here: the parsers clamp or skip what they cannot use and
 //! record it in [`BootNotes`], which the hypervisor prints.
 
+pub mod madt;
 pub mod multiboot2;
 pub mod pvh;
 mod rsdp;

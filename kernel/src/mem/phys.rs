@@ -95,6 +95,9 @@ struct Ledger {
     /// Ranges claimed as device registers.
     mmio: [Span; LEDGER_SLOTS],
     mmio_count: usize,
+    /// x86: the real-mode page secondary CPUs start in ([`trampoline_page`]); no view of any
+    /// kind may cover it.
+    trampoline: Option<Span>,
     ready: bool,
 }
 
@@ -107,6 +110,7 @@ impl Ledger {
             firmware_count: 0,
             mmio: [Span { start: 0, end: 0 }; LEDGER_SLOTS],
             mmio_count: 0,
+            trampoline: None,
             ready: false,
         }
     }
@@ -138,7 +142,9 @@ impl Ledger {
     /// Whether a read-only firmware view of `s` is sound: every byte of it is either inside an
     /// earlier firmware claim or outside RAM, and no byte is a device register.
     fn firmware_ok(&self, s: Span) -> bool {
-        if self.mmio().iter().any(|m| m.overlaps(s)) {
+        if self.mmio().iter().any(|m| m.overlaps(s))
+            || self.trampoline.is_some_and(|t| t.overlaps(s))
+        {
             return false;
         }
         let mut cur = s.start;
@@ -226,7 +232,41 @@ pub fn init(info: &BootInfo) {
         let _ = Ledger::push(firmware, firmware_count, Span { start, end });
     };
     #[cfg(target_arch = "x86_64")]
-    firmware(0, 0x10_0000, &mut l);
+    {
+        // The first MiB is firmware data (IVT, BDA, EBDA, BIOS), except the page the secondary
+        // CPUs start in, when the memory map says it is ordinary free RAM.
+        let t = TRAMPOLINE;
+        let free_ram = info
+            .memory_regions()
+            .iter()
+            .any(|r| r.kind == MemoryKind::Usable && r.start <= t.start && t.end <= r.end())
+            && !info.memory_regions().iter().any(|r| {
+                r.kind != MemoryKind::Usable
+                    && (Span {
+                        start: r.start,
+                        end: r.end(),
+                    })
+                    .overlaps(t)
+            })
+            && !(Span {
+                start: info.image_start,
+                end: info.image_end,
+            })
+            .overlaps(t)
+            && !info.modules().iter().any(|m| {
+                t.overlaps(Span {
+                    start: m.start,
+                    end: m.start.saturating_add(m.len),
+                })
+            });
+        if free_ram {
+            l.trampoline = Some(t);
+            firmware(0, t.start, &mut l);
+            firmware(t.end, 0x10_0000, &mut l);
+        } else {
+            firmware(0, 0x10_0000, &mut l);
+        }
+    }
     if let Some(dtb) = info.dtb {
         firmware(dtb, dtb.saturating_add(dtb_size(dtb)), &mut l);
     }
@@ -250,6 +290,42 @@ pub fn init(info: &BootInfo) {
         );
     }
     l.ready = true;
+}
+
+/// The page below 1 MiB where secondary x86 CPUs start in real mode (SIPI vector 0x08: Intel SDM
+/// vol 3 §9.4.4.1 / §11.6.1, the vector is the page number).
+#[cfg(target_arch = "x86_64")]
+pub const TRAMPOLINE_PA: u64 = 0x8000;
+#[cfg(target_arch = "x86_64")]
+const TRAMPOLINE: Span = Span {
+    start: TRAMPOLINE_PA,
+    end: TRAMPOLINE_PA + super::frame::PAGE_SIZE,
+};
+
+/// The secondary-CPU start page ([`TRAMPOLINE_PA`]), writable, once: `None` if the memory map
+/// does not show it as free RAM (then no secondary CPU can be started) or if it was taken before.
+///
+/// Sound because the page is usable RAM the frame allocator never hands out (it reserves the
+/// first MiB), [`init`] carved it out of the first-MiB firmware claim, and the ledger refuses
+/// every firmware or MMIO view overlapping it; the `AtomicBool` makes the `&'static mut` unique.
+#[cfg(target_arch = "x86_64")]
+pub fn trampoline_page() -> Option<&'static mut [u8]> {
+    use core::sync::atomic::AtomicBool;
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let t = {
+        let l = LEDGER.lock();
+        if !l.ready {
+            return None;
+        }
+        l.trampoline?
+    };
+    let va = virt(t.start, t.end - t.start).ok()?;
+    if TAKEN.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    // SAFETY: see the function docs: free RAM in the direct map that no allocator, view or
+    // Rust object covers, handed out exactly once (the swap above), so the slice is unique.
+    Some(unsafe { core::slice::from_raw_parts_mut(va as *mut u8, (t.end - t.start) as usize) })
 }
 
 /// The DTB's `totalsize`, read from its header, bounded by [`DTB_MAX`] (0 if there is no valid

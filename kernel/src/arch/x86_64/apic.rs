@@ -13,7 +13,7 @@
 //! the time slice ended.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use iommu::hw::Mmio;
 use spin::Once;
@@ -35,6 +35,7 @@ const XAPIC_SIZE: u64 = 0x1000;
 /// The registers used, by their xAPIC MMIO offset (SDM Table 11-1); the x2APIC MSR of each is
 /// 0x800 + offset / 16 (SDM Table 11-6, §11.12.1.2).
 mod reg {
+    pub const ID: u32 = 0x20;
     pub const TPR: u32 = 0x80;
     pub const EOI: u32 = 0xb0;
     pub const SVR: u32 = 0xf0;
@@ -42,7 +43,17 @@ mod reg {
     pub const LVT_LINT0: u32 = 0x350;
     pub const TIMER_INIT: u32 = 0x380;
     pub const TIMER_DIV: u32 = 0x3e0;
+    /// Interrupt command register: one 64-bit MSR 0x830 in x2APIC mode, two 32-bit registers
+    /// (low at 0x300, destination at 0x310) in xAPIC mode (SDM §11.6.1, §11.12.9).
+    pub const ICR_LOW: u32 = 0x300;
+    pub const ICR_HIGH: u32 = 0x310;
 }
+/// ICR delivery status (xAPIC only; x2APIC has none, SDM §11.12.9): set while a send is pending.
+const ICR_SEND_PENDING: u32 = 1 << 12;
+/// ICR: delivery mode INIT (0b101 << 8) / Start-up (0b110 << 8), level assert (bit 14),
+/// physical destination, no shorthand (SDM §11.6.1, Figure 11-12).
+const ICR_INIT: u32 = 0x0000_4500;
+const ICR_STARTUP: u32 = 0x0000_4600;
 const fn x2apic_msr(offset: u32) -> u32 {
     0x800 + offset / 16
 }
@@ -62,11 +73,9 @@ static INTERFACE: Once<Interface> = Once::new();
 /// and the ISR's Acquire load pairs with it; interrupts are closed until then anyway.
 static XAPIC_EOI: AtomicUsize = AtomicUsize::new(0);
 
-/// Timer interrupts taken (diagnostics).
-static TICKS: AtomicU64 = AtomicU64::new(0);
-
 // The ISR's EOI: a 32-bit store of 0 to the xAPIC EOI register when `XAPIC_EOI` holds its
-// address (a plain x86 load is an acquire load, TSO), else WRMSR to the x2APIC EOI MSR.
+// address (a plain x86 load is an acquire load, TSO), else WRMSR to the x2APIC EOI MSR. Then it
+// counts the tick in this CPU's `PerCpu` (GS base, set on every CPU before its timer is armed).
 global_asm!(
     r#"
     .pushsection .text.x86_64_apic, "ax"
@@ -87,7 +96,7 @@ x86_64_apic_timer_isr:
     xor edx, edx
     wrmsr
 3:
-    lock inc qword ptr [rip + {ticks}]
+    inc qword ptr gs:[{ticks}]
     pop rdx
     pop rcx
     pop rax
@@ -100,7 +109,7 @@ x86_64_apic_spurious_isr:
 "#,
     eoi = const x2apic_msr(reg::EOI),
     xapic_eoi = sym XAPIC_EOI,
-    ticks = sym TICKS,
+    ticks = const super::smp::TICKS_OFFSET,
 );
 
 unsafe extern "C" {
@@ -121,7 +130,8 @@ pub fn interrupt_gates() -> [(u8, u64); 2] {
 
 fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    // SAFETY: only called for IA32_APIC_BASE, which exists on every x86_64 CPU; no side effects.
+    // SAFETY: only called for IA32_APIC_BASE, which exists on every x86_64 CPU, and the x2APIC
+    // ID register once x2APIC mode is on; reading either has no side effects.
     unsafe {
         asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
     }
@@ -132,7 +142,8 @@ fn rdmsr(msr: u32) -> u64 {
 fn wrmsr(msr: u32, v: u64) {
     // SAFETY: `msr` is IA32_APIC_BASE or an x2APIC register of this CPU's own local APIC, written
     // after x2APIC mode is on; none of them affects memory. The values only route the timer to
-    // a vector with an IDT gate, or mask interrupt sources.
+    // a vector with an IDT gate, or mask interrupt sources, or (ICR) send INIT / start-up IPIs,
+    // which only `smp` sends, to CPUs it is starting and that run nothing yet.
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags));
     }
@@ -144,6 +155,41 @@ impl Interface {
         match self {
             Interface::X2apic => wrmsr(x2apic_msr(offset), v.into()),
             Interface::Xapic(regs) => regs.write32(offset as usize, v),
+        }
+    }
+
+    /// Sends an inter-processor interrupt: `low` is the ICR's low word (vector, delivery mode,
+    /// level), `dest` the physical APIC ID. xAPIC: waits (bounded) until the previous send left.
+    fn send_ipi(&self, dest: u32, low: u32) -> Result<(), &'static str> {
+        match self {
+            Interface::X2apic => {
+                wrmsr(
+                    x2apic_msr(reg::ICR_LOW),
+                    u64::from(dest) << 32 | u64::from(low),
+                );
+                Ok(())
+            }
+            Interface::Xapic(regs) => {
+                if dest > 0xff {
+                    return Err("APIC ID above 255 needs x2APIC");
+                }
+                let idle = || {
+                    (0..1_000_000).any(|_| {
+                        core::hint::spin_loop();
+                        regs.read32(reg::ICR_LOW as usize) & ICR_SEND_PENDING == 0
+                    })
+                };
+                if !idle() {
+                    return Err("xAPIC ICR stays busy");
+                }
+                regs.write32(reg::ICR_HIGH as usize, dest << 24);
+                regs.write32(reg::ICR_LOW as usize, low);
+                if idle() {
+                    Ok(())
+                } else {
+                    Err("xAPIC ICR stays busy")
+                }
+            }
         }
     }
 }
@@ -189,12 +235,75 @@ pub fn init_timer() -> Result<(), &'static str> {
         asm!("out 0x21, al", "out 0xa1, al", in("al") 0xffu8, options(nomem, nostack, preserves_flags));
     }
     let apic = *INTERFACE.try_call_once(bring_up)?;
+    program(apic);
+    Ok(())
+}
+
+/// The local APIC registers every CPU programs alike: interrupts accepted at every priority,
+/// LINT0 masked, software-enabled with the spurious vector, the timer one-shot, divide by 1,
+/// on [`TIMER_VECTOR`], not armed.
+fn program(apic: Interface) {
     apic.write(reg::TPR, 0);
     apic.write(reg::LVT_LINT0, LVT_MASKED);
     apic.write(reg::SVR, 1 << 8 | u32::from(SPURIOUS_VECTOR));
     apic.write(reg::TIMER_DIV, 0b1011); // divide by 1
     apic.write(reg::LVT_TIMER, u32::from(TIMER_VECTOR)); // one-shot, unmasked
+}
+
+/// Brings up a secondary CPU's own local APIC in the mode the boot CPU chose ([`init_timer`]):
+/// IA32_APIC_BASE is per CPU and comes out of INIT in xAPIC mode (SDM §11.4.3, §11.12.5), so
+/// x2APIC is switched on again here; then the same registers as on the boot CPU.
+pub fn init_secondary() -> Result<(), &'static str> {
+    let apic = *INTERFACE
+        .get()
+        .ok_or("boot CPU has no local APIC interface")?;
+    let base = rdmsr(IA32_APIC_BASE);
+    match apic {
+        Interface::X2apic => {
+            wrmsr(IA32_APIC_BASE, base | APIC_BASE_EN);
+            wrmsr(IA32_APIC_BASE, base | APIC_BASE_EN | APIC_BASE_EXTD);
+        }
+        Interface::Xapic(regs) => {
+            if base & APIC_BASE_ADDR != regs.phys {
+                return Err("this CPU's xAPIC page differs from the boot CPU's");
+            }
+            wrmsr(IA32_APIC_BASE, base | APIC_BASE_EN);
+        }
+    }
+    program(apic);
     Ok(())
+}
+
+/// This CPU's local APIC ID: x2APIC ID register (MSR 0x802, 32 bits) or the xAPIC ID register
+/// (bits 31:24, SDM §11.4.6); `None` before [`init_timer`] / [`init_secondary`].
+pub fn id() -> Option<u32> {
+    match INTERFACE.get()? {
+        Interface::X2apic => Some(rdmsr(x2apic_msr(reg::ID)) as u32),
+        Interface::Xapic(regs) => Some(regs.read32(reg::ID as usize) >> 24),
+    }
+}
+
+/// Whether the local APICs run in x2APIC mode (for the report).
+pub fn is_x2apic() -> bool {
+    matches!(INTERFACE.get(), Some(Interface::X2apic))
+}
+
+/// INIT IPI to the CPU with physical APIC ID `dest` (SDM §9.4.4.1: resets it into
+/// wait-for-SIPI).
+pub fn send_init(dest: u32) -> Result<(), &'static str> {
+    INTERFACE
+        .get()
+        .ok_or("no local APIC")?
+        .send_ipi(dest, ICR_INIT)
+}
+
+/// Start-up IPI to `dest`: it starts in real mode at CS:IP = (page << 8):0, i.e. at physical
+/// address `page << 12` (SDM §9.4.4.1, §11.6.1).
+pub fn send_startup(dest: u32, page: u8) -> Result<(), &'static str> {
+    INTERFACE
+        .get()
+        .ok_or("no local APIC")?
+        .send_ipi(dest, ICR_STARTUP | u32::from(page))
 }
 
 /// Starts a one-shot countdown of `ticks` APIC timer ticks (divide by 1: the APIC bus clock;
@@ -206,7 +315,7 @@ pub fn arm_timer(ticks: u32) {
     }
 }
 
-/// Timer interrupts taken since boot.
+/// Timer interrupts taken by the calling CPU since it started.
 pub fn ticks() -> u64 {
-    TICKS.load(Ordering::Relaxed)
+    super::smp::this_cpu_ticks()
 }

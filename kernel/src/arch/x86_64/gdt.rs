@@ -5,7 +5,9 @@
 //! IST gives #DF, NMI and #MC known-good stacks, so that e.g. a kernel stack overflow (a #PF that
 //! cannot push its frame, escalating to #DF) still produces a report (SDM §6.14.5).
 //!
-//! Boot CPU only for now; application processors will need their own TSS and IST stacks.
+//! Every CPU has its own GDT and TSS (the TSS descriptor's busy bit and the IST pointers are per
+//! CPU): the boot CPU's are statics here with IST stacks in the image; each secondary CPU's are
+//! built by [`init_secondary`] with IST stacks that `smp` allocated, guard pages included.
 
 use core::cell::UnsafeCell;
 
@@ -65,6 +67,39 @@ pub struct Selectors {
 
 static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
 
+/// The secondary CPUs' TSS and GDT, by CPU index (slot 0, the boot CPU's, stays unused).
+static AP_TSS: [Once<TaskStateSegment>; super::smp::MAX_CPUS] =
+    [const { Once::new() }; super::smp::MAX_CPUS];
+static AP_GDT: [Once<(GlobalDescriptorTable, Selectors)>; super::smp::MAX_CPUS] =
+    [const { Once::new() }; super::smp::MAX_CPUS];
+
+fn build_gdt(tss: &'static TaskStateSegment) -> (GlobalDescriptorTable, Selectors) {
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss = gdt.append(Descriptor::tss_segment(tss));
+    (gdt, Selectors { code, data, tss })
+}
+
+/// Secondary CPU `index` (1..MAX_CPUS): builds its own TSS, with IST1-3 (#DF, NMI, #MC) at the
+/// stack tops `ist_tops`, and its own GDT, loads them on the calling CPU and returns the code
+/// selector. `None` if `index` is out of range or was already set up (a TSS is loaded once).
+pub fn init_secondary(index: usize, ist_tops: [u64; 3]) -> Option<SegmentSelector> {
+    if index == 0 || AP_TSS.get(index)?.is_completed() {
+        return None;
+    }
+    let tss = AP_TSS[index].call_once(|| {
+        let mut tss = TaskStateSegment::new();
+        tss.interrupt_stack_table[usize::from(IST_DOUBLE_FAULT - 1)] = VirtAddr::new(ist_tops[0]);
+        tss.interrupt_stack_table[usize::from(IST_NMI - 1)] = VirtAddr::new(ist_tops[1]);
+        tss.interrupt_stack_table[usize::from(IST_MACHINE_CHECK - 1)] = VirtAddr::new(ist_tops[2]);
+        tss
+    });
+    let (gdt, sel) = AP_GDT[index].call_once(|| build_gdt(tss));
+    load(gdt, sel);
+    Some(sel.code)
+}
+
 /// Builds and loads the GDT and TSS on the calling CPU; returns the kernel code selector for
 /// the IDT gates.
 pub fn init() -> SegmentSelector {
@@ -75,17 +110,17 @@ pub fn init() -> SegmentSelector {
         tss.interrupt_stack_table[usize::from(IST_MACHINE_CHECK - 1)] = MACHINE_CHECK_STACK.top();
         tss
     });
-    let (gdt, sel) = GDT.call_once(|| {
-        let mut gdt = GlobalDescriptorTable::new();
-        let code = gdt.append(Descriptor::kernel_code_segment());
-        let data = gdt.append(Descriptor::kernel_data_segment());
-        let tss = gdt.append(Descriptor::tss_segment(tss));
-        (gdt, Selectors { code, data, tss })
-    });
+    let (gdt, sel) = GDT.call_once(|| build_gdt(tss));
+    load(gdt, sel);
+    sel.code
+}
+
+fn load(gdt: &'static GlobalDescriptorTable, sel: &Selectors) {
     gdt.load();
     // SAFETY: the selectors index descriptors of the GDT just loaded, which is 'static: a
     // 64-bit code segment for CS, a flat data segment for the others, and an available 64-bit TSS
-    // (loading it marks it busy, so this runs once per TSS, i.e. once on the boot CPU).
+    // (loading it marks it busy, so this runs once per TSS: `init` on the boot CPU, which
+    // `init_cpu` calls once, and `init_secondary` once per secondary CPU slot).
     unsafe {
         CS::set_reg(sel.code);
         SS::set_reg(sel.data);
@@ -93,7 +128,6 @@ pub fn init() -> SegmentSelector {
         ES::set_reg(sel.data);
         load_tss(sel.tss);
     }
-    sel.code
 }
 
 /// The IST stack ranges, for the exception report ("which stack was I on").
@@ -121,8 +155,12 @@ pub fn ist_stacks() -> [(u8, u64, u64); 3] {
     ]
 }
 
-/// Linear address of the boot CPU's TSS (the host TR base a VMX VM exit restores, SDM §28.5.2),
-/// or `None` before [`init`].
+/// Linear address of the calling CPU's TSS (the host TR base a VMX VM exit restores, SDM
+/// §28.5.2), or `None` before [`init`] / [`init_secondary`].
 pub fn tss_base() -> Option<u64> {
-    TSS.get().map(|t| core::ptr::from_ref(t) as u64)
+    let tss = match super::smp::cpu_index() {
+        0 => TSS.get(),
+        i => AP_TSS.get(i)?.get(),
+    };
+    tss.map(|t| core::ptr::from_ref(t) as u64)
 }

@@ -16,6 +16,7 @@ mod gdt;
 mod paging;
 pub mod pio;
 mod selftest;
+pub mod smp;
 mod uart;
 
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -114,6 +115,7 @@ pub fn console_write(bytes: &[u8]) {
 pub fn init_cpu(info: &BootInfo) {
     static DONE: Once<()> = Once::new();
     DONE.call_once(|| {
+        smp::init_boot_cpu();
         let cs = gdt::init();
         exceptions::init(cs);
     });

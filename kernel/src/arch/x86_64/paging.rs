@@ -72,9 +72,10 @@ struct Tables {
     guard_pts: [Table; GUARD_PTS],
 }
 
-/// Page tables for splitting 2 MiB pages that hold stack guard pages (the boot stack and the
-/// three IST stacks live in the image, at most a few 2 MiB pages).
-const GUARD_PTS: usize = 4;
+/// Page tables for splitting 2 MiB pages that hold stack guard pages: the boot stack and the
+/// three IST stacks live in the image (at most a few 2 MiB pages), and each secondary CPU's four
+/// stacks come from one frame allocation ([`unmap_page`]; at most two 2 MiB pages each).
+const GUARD_PTS: usize = 4 + 2 * 16;
 
 /// Address bits of a 2 MiB leaf (SDM Table 4-17) and of a table pointer or 4 KiB leaf.
 const ADDR_2M: u64 = 0x000f_ffff_ffe0_0000;
@@ -82,8 +83,9 @@ const ADDR_4K: u64 = 0x000f_ffff_ffff_f000;
 
 struct TableStore(UnsafeCell<Tables>);
 
-// SAFETY: written only by `init`, once, on the boot CPU before any other CPU runs (guarded by
-// `LIMIT` being 0); afterwards only the MMU reads it.
+// SAFETY: written by `init`, once, on the boot CPU before any other CPU runs (guarded by
+// `LIMIT` being 0); afterwards only by `unmap_page` and read by `is_mapped`, both holding
+// `SPLIT`, and by the MMU.
 unsafe impl Sync for TableStore {}
 
 const EMPTY: Table = Table([0; 512]);
@@ -95,6 +97,10 @@ static TABLES: TableStore = TableStore(UnsafeCell::new(Tables {
     pds: [EMPTY; POOL_PDS],
     guard_pts: [EMPTY; GUARD_PTS],
 }));
+
+/// Split tables used so far (`guard_pts`, `pds`): set by `init`, advanced by [`unmap_page`]. Its
+/// lock also serialises every access to `TABLES` after `init`.
+static SPLIT: spin::Mutex<(usize, usize)> = spin::Mutex::new((0, 0));
 
 /// End (exclusive) of the direct map; 0 until [`init`] ran.
 static LIMIT: AtomicU64 = AtomicU64::new(0);
@@ -276,6 +282,7 @@ pub fn init(info: &BootInfo, huge_1g: bool, guards: &[u64]) -> Option<Report> {
             report.guards_unmapped += 1;
         }
     }
+    *SPLIT.lock() = (guard_pts_used, report.pds_used);
     t.pml4.0[0] = table_address(&t.identity_pdpt) | P | RW;
     t.pml4.0[(DIRECT_MAP_BASE >> 39) & 511] = table_address(&t.direct_pdpt) | P | RW | xd;
 
@@ -369,6 +376,96 @@ fn unmap_guard(t: &mut Tables, va: u64, pts_used: &mut usize) -> bool {
         }
         None => false,
     }
+}
+
+/// After [`init`]: leaves the 4 KiB page at physical address `pa` (below 4 GiB) unmapped in both
+/// the identity map and the direct map, splitting a 1 GiB or 2 MiB page that holds it into the
+/// same translations one level down first. Used for the guard page under each secondary CPU's
+/// stacks, before that CPU starts. Returns whether it worked (the split pools are bounded).
+///
+/// Splitting keeps every other translation identical (address, memory type, permissions), so a
+/// CPU still holding the large-page TLB entry keeps accessing the same memory; only the guard
+/// changes, and the CR3 reload flushes this CPU's entries (no global pages are used). Other CPUs
+/// never touched a guard page that belongs to a CPU not yet started.
+pub fn unmap_page(pa: u64) -> bool {
+    if limit() == 0 || pa >= 4 * GIB || !pa.is_multiple_of(KIB4) {
+        return false;
+    }
+    let mut split = SPLIT.lock();
+    // SAFETY: `init` is over (limit != 0) and every later access to TABLES holds `SPLIT`, so
+    // this is the only reference; the MMU reads the tables concurrently, which is why each
+    // entry is written whole, after the table it points to is complete.
+    let t = unsafe { &mut *TABLES.0.get() };
+    let gib = (pa / GIB) as usize;
+    let pdpte = t.identity_pdpt.0[gib];
+    if pdpte & P == 0 {
+        return false;
+    }
+    if pdpte & PS != 0 {
+        let (_, pds_used) = *split;
+        let Some(pd) = t.pds.get_mut(pds_used) else {
+            return false;
+        };
+        let flags = pdpte & (P | RW | PWT | PCD);
+        for (i, pde) in pd.0.iter_mut().enumerate() {
+            *pde = ((pdpte & ADDR_4K & !(GIB - 1)) + i as u64 * MIB2) | flags | PS;
+        }
+        let pd_pa = table_address(pd);
+        split.1 += 1;
+        let xd = t.direct_pdpt.0[gib] & XD;
+        t.identity_pdpt.0[gib] = pd_pa | P | RW;
+        t.direct_pdpt.0[gib] = pd_pa | P | RW | xd;
+    }
+    let ok = unmap_guard(t, pa, &mut split.0);
+    // SAFETY: reloading CR3 with its current value only flushes this CPU's non-global TLB
+    // entries (SDM §4.10.4.1), so the entries changed above take effect here.
+    unsafe {
+        let (frame, flags) = Cr3::read();
+        Cr3::write(frame, flags);
+    }
+    ok
+}
+
+/// Whether the live page tables map the virtual address `va` (a present translation at every
+/// level): the check that a guard page really is unmapped, walked from CR3, not from any
+/// bookkeeping.
+pub fn is_mapped(va: u64) -> bool {
+    let _lock = SPLIT.lock();
+    let mut table = Cr3::read().0.start_address().as_u64();
+    for level in (0..4).rev() {
+        let index = ((va >> (12 + 9 * level)) & 511) as usize;
+        if table >= 4 * GIB {
+            return false;
+        }
+        // SAFETY: `table` comes from CR3 or a present non-leaf entry: one of this module's
+        // tables, in the image below 4 GiB and identity-mapped; `SPLIT` is held, so nothing
+        // writes the tables meanwhile. A volatile read creates no reference.
+        let entry = unsafe { core::ptr::read_volatile((table as *const u64).add(index)) };
+        if entry & P == 0 {
+            return false;
+        }
+        if level == 0 || (level < 3 && entry & PS != 0) {
+            return true;
+        }
+        table = entry & ADDR_4K;
+    }
+    true
+}
+
+/// The same PAT on a secondary CPU as [`init`] set on the boot CPU (IA32_PAT is per CPU).
+pub fn init_secondary() {
+    // SAFETY: as in `init`: the architectural default only pins down what PCD/PWT mean.
+    unsafe { Msr::new(IA32_PAT).write(PAT_DEFAULT) };
+}
+
+/// The physical address of the hypervisor's PML4 (for secondary CPUs' CR3), 0 before [`init`].
+pub fn root() -> u64 {
+    if limit() == 0 {
+        return 0;
+    }
+    // SAFETY: only the field's address is computed (`&raw`), in bounds of the static; no
+    // reference to the tables is created.
+    (unsafe { &raw const (*TABLES.0.get()).pml4 }) as u64
 }
 
 /// Physical address of a table: the image is identity-mapped, so its virtual address.

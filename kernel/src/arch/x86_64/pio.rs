@@ -67,6 +67,56 @@ pub fn bochs_shutdown() {
     }
 }
 
+/// The 8254 PIT's channel 2 as a delay (ports 0x42/0x43; its gate and output through port 0x61,
+/// the AT "system control port B"): the one timer every PC, QEMU and Bochs has at a known rate
+/// (1.193182 MHz) without calibration. Channel 2 drives only the speaker, which stays off.
+const PIT_HZ: u64 = 1_193_182;
+const PIT_CH2: u16 = 0x42;
+const PIT_MODE: u16 = 0x43;
+const PORT_B: u16 = 0x61;
+
+/// Busy-waits at least `us` microseconds on PIT channel 2 (mode 0, "interrupt on terminal
+/// count": OUT2 rises when the count reaches 0). Returns `false` if OUT2 never rose within a
+/// bounded number of polls (no PIT); the wait is then shorter than asked, never endless.
+pub fn pit_wait_us(us: u64) -> bool {
+    static PIT: Mutex<()> = Mutex::new(());
+    let _pit = PIT.lock();
+    let mut left = us;
+    while left > 0 {
+        let chunk = left.min(50_000);
+        left -= chunk;
+        let count = (chunk * PIT_HZ).div_ceil(1_000_000).clamp(1, 0xffff) as u16;
+        // SAFETY: ports 0x42/0x43/0x61 are the PIT's channel 2 and the speaker gate on every PC
+        // (and unassigned otherwise); channel 2 is used by nothing else in the hypervisor
+        // (serialised by `PIT`), and none of these writes touches memory. Port B bits 0 (gate)
+        // and 1 (speaker data) are the only ones changed; the speaker stays off.
+        let risen = unsafe {
+            let mut port_b = Port::<u8>::new(PORT_B);
+            let b = port_b.read() & !0x03;
+            port_b.write(b); // gate low: stop channel 2, speaker off
+            Port::<u8>::new(PIT_MODE).write(0b1011_0000); // channel 2, lo/hi byte, mode 0, binary
+            let mut ch2 = Port::<u8>::new(PIT_CH2);
+            ch2.write(count as u8);
+            ch2.write((count >> 8) as u8);
+            port_b.write(b | 0x01); // gate high: count down
+            let mut risen = false;
+            for _ in 0..50_000_000u32 {
+                if port_b.read() & 0x20 != 0 {
+                    risen = true;
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+            port_b.write(b);
+            risen
+        };
+        if !risen {
+            return false;
+        }
+    }
+    true
+}
+
 /// PCI configuration mechanism #1 (PCI Local Bus Specification 3.0 §3.2.2.3.2): write the
 /// address to 0xCF8, then access the dword at 0xCFC. Reaches offsets 0-255 only; the extended
 /// space needs ECAM (MCFG). The address/data pair is one critical section.

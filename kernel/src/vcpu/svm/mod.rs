@@ -30,6 +30,7 @@ use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
 use asm::{GuestGprs, SvmEnabled};
+use spin::Once;
 use vmcb::{HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 
 /// Exit codes (APM vol 2 Appendix C).
@@ -85,6 +86,31 @@ pub fn has_nrips() -> bool {
     __cpuid(0x8000_0000).eax >= 0x8000_000a && __cpuid(0x8000_000a).edx & (1 << 3) != 0
 }
 
+/// Each CPU's SVM state by CPU index (`arch::smp::cpu_index`): EFER.SVME is per CPU, and every
+/// CPU that executes VMRUN needs its own VM_HSAVE_PA page (APM vol 2 §15.30.4) and host
+/// VMSAVE block.
+static PER_CPU: [Once<SvmEnabled>; crate::arch::smp::MAX_CPUS] =
+    [const { Once::new() }; crate::arch::smp::MAX_CPUS];
+
+/// Switches SVM on for the calling CPU (once; later calls on the same CPU return the same
+/// proof): CPUID checks, then EFER.SVME and this CPU's own host save area ([`asm::enable`]).
+/// Every CPU that runs guests calls it; `arch::smp` calls it on each secondary CPU at bring-up.
+pub fn enable_this_cpu() -> Result<&'static SvmEnabled, &'static str> {
+    let max_ext = __cpuid(0x8000_0000).eax;
+    if max_ext < 0x8000_0001 || __cpuid(0x8000_0001).ecx & (1 << 2) == 0 {
+        return Err("CPU has no SVM (CPUID 8000_0001h ECX.SVM = 0)");
+    }
+    let slot = PER_CPU
+        .get(crate::arch::smp::cpu_index())
+        .ok_or("CPU index out of range")?;
+    slot.try_call_once(|| {
+        let no_mem = "out of memory for SVM structures";
+        let hsave = HostSaveArea::new().ok_or(no_mem)?;
+        let host_block = Vmcb::new().ok_or(no_mem)?;
+        asm::enable(hsave, host_block)
+    })
+}
+
 /// Most ASIDs tracked (the bitmap size); CPUs with more simply use the first 256.
 const MAX_ASIDS: u32 = 256;
 
@@ -98,7 +124,7 @@ const GUEST_PAT: u64 = 0x0007_0406_0007_0406;
 
 /// The backend: SVM switched on for the boot CPU.
 pub struct Svm {
-    cpu: SvmEnabled,
+    cpu: &'static SvmEnabled,
     maps: PermissionMaps,
     asid_count: u32,
     asids_used: [u64; (MAX_ASIDS / 64) as usize],
@@ -146,9 +172,7 @@ impl Svm {
         };
         let no_mem = "out of memory for SVM structures";
         let maps = PermissionMaps::new().ok_or(no_mem)?;
-        let hsave = HostSaveArea::new().ok_or(no_mem)?;
-        let host_block = Vmcb::new().ok_or(no_mem)?;
-        let cpu = asm::enable(hsave, host_block)?;
+        let cpu = enable_this_cpu()?;
         Ok(Svm {
             cpu,
             maps,
@@ -451,7 +475,7 @@ impl Backend for Svm {
                 .is_some_and(|last| core::mem::replace(last, pa) != pa);
             vcpu.vmcb.set_asid(vm.asid, vcpu.first_run || switched);
             vcpu.first_run = false;
-            asm::vmrun(&self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
+            asm::vmrun(self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
             if vcpu.vmcb.exit_code() == exit::CPUID {
                 self.emulate_cpuid(vcpu);
                 continue;
