@@ -55,6 +55,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
             }
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    arch::smp::start_secondaries(info);
     // With guests configured and no scenario named, the hypervisor's job is to run them.
     let default = if info.cmdline_value("guest").is_some() {
         "guests"
@@ -74,6 +76,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "guests" => guest::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, &platform),
+        #[cfg(target_arch = "aarch64")]
+        "smp" => arch::smp_check::run(info),
         other => {
             log::error!("unknown scenario {other:?}");
             EXIT_FAILURE

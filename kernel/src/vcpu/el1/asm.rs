@@ -5,11 +5,12 @@
 //!
 //! World switch. [`enter`] saves the host's callee-saved state (x19-x30, d8-d15, FPCR/FPSR) on
 //! its own stack and records that stack pointer and PSTATE.SP (the hypervisor may run on SP_EL0
-//! or SP_EL2) in the [`Context`], points TPIDR_EL2 at the context, loads the guest's SP_EL0,
+//! or SP_EL2) in the [`Context`], records the context in this CPU's `arch::smp::PerCpu` (the
+//! first word of what TPIDR_EL2 points at), loads the guest's SP_EL0,
 //! ELR_EL2/SPSR_EL2, V0-V31, FPCR/FPSR and x0-x30, and `ERET`s. A lower-EL exception enters
 //! `hv_el1_guest_exit` from `arch::aarch64::exception`'s vectors (guest x0/x1 pushed on SP_EL2,
 //! x0 = context, x1 = vector index), which stores the guest's registers and the syndrome
-//! (ESR/FAR/HPFAR_EL2) in the context, clears TPIDR_EL2, switches back to the host's stack and
+//! (ESR/FAR/HPFAR_EL2) in the context, clears that word, switches back to the host's stack and
 //! returns from [`enter`]. PSTATE.{D,A,I,F} are all set by the exception, as they were when the
 //! host called [`enter`].
 //!
@@ -138,7 +139,8 @@ hv_el1_enter:
     // From here on SP_EL2 is selected (it is where the exit arrives), so SP_EL0 is free to
     // hold the guest's value even when the host itself runs on SP_EL0.
     msr     spsel, #1
-    msr     tpidr_el2, x0
+    mrs     x9, tpidr_el2
+    str     x0, [x9]
     ldr     x9, [x0, #248]
     msr     sp_el0, x9
     ldp     x9, x10, [x0, #256]
@@ -237,7 +239,8 @@ hv_el1_guest_exit:
     stp     q26, q27, [x2, #416]
     stp     q28, q29, [x2, #448]
     stp     q30, q31, [x2, #480]
-    msr     tpidr_el2, xzr
+    mrs     x2, tpidr_el2
+    str     xzr, [x2]
     ldp     x2, x3, [x0, #304]
     cbz     x3, 2f
     mov     sp, x2
