@@ -20,6 +20,7 @@
 
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use iommu::pgtable::{ArmStage2, PageTable, RootInfo};
 
@@ -361,7 +362,16 @@ sysregs!(
 pub struct El2Ready {
     /// (T0SZ, levels, granule shift) of the tables VTCR_EL2 was programmed for.
     shape: (u32, u32, u32),
+    /// The VTCR_EL2 value every CPU that runs a guest must hold.
+    vtcr: u64,
 }
+
+/// The VTCR_EL2 each CPU (by `arch::smp::cpu_index`) was last given by [`program_el2`], 0 for
+/// none. VTCR/VPIDR/VMPIDR/CNTHCTL/CNTVOFF_EL2 are per-CPU registers, so a CPU programs its
+/// own before it first runs a guest ([`run`]). Each entry is written and read only by its own
+/// CPU: Relaxed.
+static PROGRAMMED: [AtomicU64; crate::arch::smp::MAX_CPUS] =
+    [const { AtomicU64::new(0) }; crate::arch::smp::MAX_CPUS];
 
 fn shape(ri: &RootInfo) -> (u32, u32, u32) {
     (ri.arm_t0sz(), ri.levels, ri.granule_shift)
@@ -396,8 +406,21 @@ pub fn prepare_el2(probe: &Stage2, parange: u64) -> Result<(El2Ready, u64), &'st
     }
     let ri = probe.root_info();
     let vtcr = vtcr_for(&ri, parange & 7)?;
+    program_el2(vtcr);
+    Ok((
+        El2Ready {
+            shape: shape(&ri),
+            vtcr,
+        },
+        vtcr,
+    ))
+}
+
+/// Writes the guest-wide EL2 controls of [`prepare_el2`] on the calling CPU.
+fn program_el2(vtcr: u64) {
     // SAFETY: these registers only configure the EL1&0 regime of guests, none of which is
-    // running; EL2's own translation and execution are unaffected.
+    // running on this CPU (its world switch is not in progress: we are in host code); EL2's own
+    // translation and execution are unaffected.
     unsafe {
         asm!(
             "msr vtcr_el2, {vtcr}",
@@ -417,7 +440,7 @@ pub fn prepare_el2(probe: &Stage2, parange: u64) -> Result<(El2Ready, u64), &'st
             options(nostack, preserves_flags),
         );
     }
-    Ok((El2Ready { shape: shape(&ri) }, vtcr))
+    PROGRAMMED[crate::arch::smp::cpu_index()].store(vtcr, Ordering::Relaxed);
 }
 
 /// CurrentEL\[3:2\].
@@ -473,6 +496,10 @@ pub fn run(
 ) -> bool {
     if shape(&table.root_info()) != ready.shape {
         return false;
+    }
+    // A CPU other than the one `prepare_el2` ran on programs its own EL2 guest controls once.
+    if PROGRAMMED[crate::arch::smp::cpu_index()].load(Ordering::Relaxed) != ready.vtcr {
+        program_el2(ready.vtcr);
     }
     let vttbr = table.root() | u64::from(vmid) << 48;
     // The guest returns to EL1 or EL0, never to EL2: an AArch64 SPSR naming EL2 or EL3 (M[4] = 0,
