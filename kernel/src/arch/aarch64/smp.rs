@@ -49,9 +49,10 @@ pub enum SmpError {
     NotOnline,
 }
 
-/// The stack a secondary runs on, and its exception stack (SP_EL2; the fatal-exception report
-/// and guest exits use it).
-const STACK_SIZE: usize = 128 * 1024;
+/// The stack a secondary runs on (SP_EL0): as large as the boot CPU's boot stack, since a
+/// secondary runs the same code (guests, dispatch).
+const STACK_SIZE: usize = 256 * 1024;
+/// Its exception stack (SP_EL2): the fatal-exception report and guest exits use it.
 const EXCEPTION_STACK_SIZE: usize = 16 * 1024;
 const PAGE: usize = 4096;
 
@@ -137,6 +138,9 @@ const RUNNING: u8 = 6;
 /// The boot CPU stopped waiting for it: if it arrives later, it parks without touching anything.
 const ABANDONED: u8 = 7;
 
+/// Posted work: the function and its argument.
+type Work = (fn(usize), usize);
+
 /// What each CPU owns. TPIDR_EL2 points here; `guest_context` must stay the first field (the
 /// vectors and the world switch load it at offset 0).
 #[repr(C, align(64))]
@@ -150,7 +154,7 @@ pub struct PerCpu {
     state: AtomicU8,
     /// Whether `preempt::init_this_cpu` succeeded on this CPU.
     gic_ok: AtomicBool,
-    work: spin::Mutex<Option<(fn(usize), usize)>>,
+    work: spin::Mutex<Option<Work>>,
 }
 
 const _: () = assert!(offset_of!(PerCpu, guest_context) == 0);

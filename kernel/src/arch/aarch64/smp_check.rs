@@ -141,7 +141,7 @@ pub fn run(info: &boot::BootInfo) -> u32 {
         return crate::EXIT_FAILURE;
     }
 
-    for cpu in 1..n {
+    for (cpu, p) in PROBES.iter().enumerate().take(n).skip(1) {
         if let Err(e) = smp::launch(cpu, probe, cpu) {
             fail(format_args!("launch on cpu {cpu}: {e:?}"));
             continue;
@@ -150,7 +150,6 @@ pub fn run(info: &boot::BootInfo) -> u32 {
             fail(format_args!("cpu {cpu} did not finish its work"));
             continue;
         }
-        let p = &PROBES[cpu];
         let mpidr = p.mpidr.load(Ordering::Relaxed);
         let index = p.index.load(Ordering::Relaxed);
         let el = p.el.load(Ordering::Relaxed);
