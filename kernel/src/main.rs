@@ -57,7 +57,6 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     }
     // Secondary CPUs need memory (their stacks), the exception tables and the physical-memory
     // ledger (the trampoline page); they then idle until work is launched on them.
-    #[cfg(target_arch = "x86_64")]
     arch::smp::start_secondaries(info);
     // With guests configured and no scenario named, the hypervisor's job is to run them.
     let default = if info.cmdline_value("guest").is_some() {
@@ -80,6 +79,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "guests" => guest::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, &platform),
+        #[cfg(target_arch = "aarch64")]
+        "smp" => arch::smp_check::run(info),
         other => {
             log::error!("unknown scenario {other:?}");
             EXIT_FAILURE

@@ -301,6 +301,84 @@ pub struct Psci {
     pub standard_ids: bool,
 }
 
+/// PSCI 0.2+ CPU_ON, SMC64 calling convention (DEN 0022 §5.1.4; SMCCC DEN 0028 function IDs).
+pub const PSCI_CPU_ON_64: u32 = 0xc400_0003;
+
+/// The affinity fields of MPIDR_EL1: Aff3 `[39:32]`, Aff2 `[23:16]`, Aff1 `[15:8]`, Aff0 `[7:0]`.
+pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+/// How PSCI CPU_ON is called, from the `/psci` node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PsciCpuOn {
+    pub conduit: Conduit,
+    pub function_id: u32,
+}
+
+/// Why [`DeviceTree::psci_cpu_on`] found no usable CPU_ON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciCpuOnError {
+    NoPsciNode,
+    /// `method` is neither `"smc"` nor `"hvc"`.
+    UnknownMethod,
+    /// PSCI 0.1 without a `cpu_on` property: no function ID to call.
+    NoCpuOnId,
+    /// `cpu_on` is not one cell.
+    BadCpuOnProperty,
+}
+
+impl core::fmt::Display for PsciCpuOnError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            PsciCpuOnError::NoPsciNode => "no PSCI node in the device tree",
+            PsciCpuOnError::UnknownMethod => "PSCI method is neither smc nor hvc",
+            PsciCpuOnError::NoCpuOnId => "PSCI 0.1 node without a cpu_on function ID",
+            PsciCpuOnError::BadCpuOnProperty => "PSCI cpu_on property is not one cell",
+        })
+    }
+}
+
+/// What [`DeviceTree::cpus`] found besides the list itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuList {
+    /// Entries written to the output.
+    pub count: usize,
+    /// Enabled CPUs that did not fit in the output.
+    pub dropped: usize,
+    /// CPU nodes whose `status` says they are not available.
+    pub disabled: usize,
+    /// CPUs with an `enable-method` other than `"psci"` (spin-table), not listed.
+    pub not_psci: usize,
+}
+
+/// Why the `/cpus` node could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuListError {
+    NoCpusNode,
+    /// `/cpus` `#address-cells` is missing or not 1 or 2.
+    BadAddressCells(u32),
+    /// A CPU's `reg` does not match `#address-cells` or has bits outside the MPIDR affinity.
+    BadReg,
+    /// Two CPUs with the same MPIDR.
+    Duplicate {
+        mpidr: u64,
+    },
+    NoCpus,
+}
+
+impl core::fmt::Display for CpuListError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CpuListError::NoCpusNode => f.write_str("no /cpus node"),
+            CpuListError::BadAddressCells(n) => {
+                write!(f, "/cpus #address-cells is {n}, not 1 or 2")
+            }
+            CpuListError::BadReg => f.write_str("a cpu node's reg is not an MPIDR affinity"),
+            CpuListError::Duplicate { mpidr } => write!(f, "cpu {mpidr:#x} is listed twice"),
+            CpuListError::NoCpus => f.write_str("no enabled cpu node"),
+        }
+    }
+}
+
 /// What [`DeviceTree::fill_boot_info`] could not use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FillReport {
@@ -469,6 +547,106 @@ impl<'a> DeviceTree<'a> {
             conduit,
             standard_ids: has_compatible(node, &IDS[..2]),
         })
+    }
+
+    /// How to start a secondary CPU (PSCI CPU_ON): the `/psci` node's `method` and function ID.
+    /// PSCI 0.1 (`arm,psci` alone) has no standard IDs, so its `cpu_on` property is required;
+    /// 0.2 and later define CPU_ON_64 = 0xC400_0003 (DEN 0022 §5.1.4 "CPU_ON"), which a
+    /// `cpu_on` property, when present, overrides (the binding keeps it for compatibility).
+    pub fn psci_cpu_on(&self) -> Result<PsciCpuOn, PsciCpuOnError> {
+        const IDS: [&str; 3] = ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"];
+        let root = self.root().ok_or(PsciCpuOnError::NoPsciNode)?;
+        let mut ancestors = [root; MAX_DEPTH];
+        let node = self
+            .find_map(root, &mut ancestors, 0, &|n, _| {
+                has_compatible(n, &IDS).then_some(n)
+            })
+            .ok_or(PsciCpuOnError::NoPsciNode)?;
+        let conduit = match node.property("method").and_then(|p| as_str(p.value)) {
+            Some("smc") => Conduit::Smc,
+            Some("hvc") => Conduit::Hvc,
+            _ => return Err(PsciCpuOnError::UnknownMethod),
+        };
+        let function_id = match node.property("cpu_on") {
+            Some(p) => be32(p.value, 0)
+                .filter(|_| p.value.len() == 4)
+                .ok_or(PsciCpuOnError::BadCpuOnProperty)?,
+            None if has_compatible(node, &IDS[..2]) => PSCI_CPU_ON_64,
+            None => return Err(PsciCpuOnError::NoCpuOnId),
+        };
+        Ok(PsciCpuOn {
+            conduit,
+            function_id,
+        })
+    }
+
+    /// The CPUs under `/cpus` (nodes with `device_type = "cpu"` whose `status` is okay), in tree
+    /// order, as MPIDR affinity values (Aff3 in `bits [39:32]`, Aff2.Aff1.Aff0 in `bits [23:0]`,
+    /// the layout of MPIDR_EL1 and of PSCI's `target_cpu`). The `reg` encoding is the Arm CPU
+    /// binding's (`arm/cpus.yaml`): with `#address-cells = <1>` one cell holding `MPIDR[23:0]`,
+    /// with `<2>` two cells holding `MPIDR[39:32]` and `MPIDR[23:0]`; any other bit set is an
+    /// error. CPUs whose `enable-method` is not `"psci"` (spin-table) are skipped and counted.
+    /// Fills `out` up to its length and counts the rest in [`CpuList::dropped`].
+    pub fn cpus(&self, out: &mut [u64]) -> Result<CpuList, CpuListError> {
+        let cpus = self.find_node("/cpus").ok_or(CpuListError::NoCpusNode)?;
+        let cells = match cpus.property("#address-cells").map(|p| p.value) {
+            Some(v) if v.len() == 4 => be32(v, 0).unwrap_or(0),
+            _ => return Err(CpuListError::BadAddressCells(0)),
+        };
+        if !matches!(cells, 1 | 2) {
+            return Err(CpuListError::BadAddressCells(cells));
+        }
+        let mut list = CpuList::default();
+        for node in cpus.children() {
+            let is_cpu = node
+                .property("device_type")
+                .is_some_and(|p| as_str(p.value) == Some("cpu"));
+            if !is_cpu {
+                continue;
+            }
+            if !is_enabled(node) {
+                list.disabled += 1;
+                continue;
+            }
+            let reg = node.property("reg").map(|p| p.value).unwrap_or_default();
+            if reg.len() != 4 * cells as usize {
+                return Err(CpuListError::BadReg);
+            }
+            let mpidr = if cells == 1 {
+                u64::from(be32(reg, 0).unwrap_or(u32::MAX))
+            } else {
+                let high = be32(reg, 0).unwrap_or(u32::MAX);
+                let low = be32(reg, 4).unwrap_or(u32::MAX);
+                if high > 0xff {
+                    return Err(CpuListError::BadReg);
+                }
+                u64::from(high) << 32 | u64::from(low)
+            };
+            if mpidr & !MPIDR_AFFINITY_MASK != 0 {
+                return Err(CpuListError::BadReg);
+            }
+            // QEMU omits `enable-method` with one CPU; a CPU without one is still listed (the
+            // boot CPU needs none, and CPU_ON reports any other). Another method is skipped.
+            let method = node.property("enable-method").and_then(|p| as_str(p.value));
+            if method.is_some_and(|m| m != "psci") {
+                list.not_psci += 1;
+                continue;
+            }
+            if out[..list.count].contains(&mpidr) {
+                return Err(CpuListError::Duplicate { mpidr });
+            }
+            match out.get_mut(list.count) {
+                Some(slot) => {
+                    *slot = mpidr;
+                    list.count += 1;
+                }
+                None => list.dropped += 1,
+            }
+        }
+        if list.count == 0 {
+            return Err(CpuListError::NoCpus);
+        }
+        Ok(list)
     }
 
     /// Fills `info` from the tree: `/memory` → `Usable`; `/memreserve/` entries and

@@ -1,7 +1,7 @@
 //! EL2 exception vectors: every exception the hypervisor takes from EL2 itself is fatal. The
 //! handler dumps the syndrome and all general-purpose registers and exits with status 1.
 //! Exceptions from a lower EL are guest exits while a guest runs (`vcpu::el1::asm`, found through
-//! TPIDR_EL2) and fatal otherwise.
+//! the `smp::PerCpu` TPIDR_EL2 points at) and fatal otherwise.
 //!
 //! Vector table layout (DDI 0487, D1 "The AArch64 Exception Model", "Exception vectors"): 16
 //! entries of 0x80 bytes, in four groups (current EL with SP_EL0, current EL with SP_ELx, lower EL
@@ -47,13 +47,16 @@ global_asm!(
     "    mov     x0, #\\index",
     "    b       hv_el2_exception_common",
     ".endm",
-    // Lower-EL entries: while a guest runs, TPIDR_EL2 holds its vCPU context and the exception
+    // Lower-EL entries: while a guest runs, this CPU's `PerCpu` holds its vCPU context and the exception
     // is a guest exit (`vcpu::el1::asm`, which saves the guest and returns to the host). With no
     // guest running nothing executes below EL2, so such an exception is fatal like any other.
+    // TPIDR_EL2 points at this CPU's `smp::PerCpu` (never 0 once the vectors are installed),
+    // whose first word is the running vCPU context or 0.
     ".macro HV_GUEST_VENTRY index",
     ".balign 0x80",
     "    stp     x0, x1, [sp, #-16]!",
     "    mrs     x0, tpidr_el2",
+    "    ldr     x0, [x0]",
     "    cbz     x0, 1f",
     "    mov     x1, #\\index",
     "    b       hv_el1_guest_exit",
@@ -200,6 +203,13 @@ extern "C" fn el2_exception(frame: &ExceptionFrame) -> ! {
     if let Some((stack, g)) = guard {
         print(format_args!(
             "hypervisor: stack overflow: the {stack} stack ran into its guard page at {g:#x}\n"
+        ));
+    } else if let Some((slot, stack)) = super::smp::guard_owner(frame.far)
+        .filter(|_| far_valid(ec, iss))
+        .or_else(|| super::smp::guard_owner(interrupted_sp))
+    {
+        print(format_args!(
+            "hypervisor: stack overflow: the {stack} stack of CPU slot {slot} ran into its guard page\n"
         ));
     }
     print(format_args!(

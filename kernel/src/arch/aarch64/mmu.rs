@@ -61,7 +61,11 @@ pub fn init_direct_map(info: &BootInfo) {
     // TTBR0_EL2 still points at the boot table, so the MMU is not reading the pool yet.
     let tables = unsafe { &mut *POOL.0.get() };
     let tables_pa = tables.as_ptr() as u64;
-    let guards = boot::aarch64::stack_guards().map(|(_, g)| g);
+    // The boot CPU's two stacks and every secondary's (`smp`): all in the image's .bss.
+    let smp_guards = super::smp::stack_guards();
+    let mut guards = [0u64; 2 + 2 * (super::smp::MAX_CPUS - 1)];
+    guards[..2].copy_from_slice(&boot::aarch64::stack_guards().map(|(_, g)| g));
+    guards[2..].copy_from_slice(&smp_guards);
     let stats = map::build_with_guards(
         normal,
         limit,

@@ -18,6 +18,8 @@ mod mmu;
 mod power;
 pub mod preempt;
 mod selftest;
+pub mod smp;
+pub mod smp_check;
 mod uart;
 
 use boot::BootInfo;
@@ -56,6 +58,8 @@ pub fn init_cpu(info: &BootInfo) {
     if let Some(error) = boot::aarch64::entry_error() {
         fatal(format_args!("boot: {error}"));
     }
+    // TPIDR_EL2 -> this CPU's PerCpu before any vector can look at it.
+    smp::init_boot_cpu();
     exception::install();
     uart::log_choice(info);
 }

@@ -8,13 +8,19 @@
 //! at the CPU interface. `ICC_CTLR_EL1.EOImode` stays 0, so the EOI write both drops the
 //! priority and deactivates (IHI 0069 §4.1.1). CNTHP is level-triggered: the handler stops the
 //! timer before the EOI so the line is low when the interrupt is deactivated.
+//!
+//! Every CPU has its own timer, PPI and redistributor: the boot CPU brings up the distributor
+//! once ([`init_timer`]), each secondary wakes its own redistributor and CPU interface when it
+//! comes up ([`init_this_cpu`], from `smp`), and [`arm_timer`], [`take_interrupt`] and [`ticks`]
+//! act on the calling CPU only.
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use boot::BootInfo;
 use drivers::gicv3;
 
+use super::smp::MAX_CPUS;
 use crate::mem::phys::MmioRegion;
 
 /// INTID of the EL2 physical timer (the fourth `interrupts` entry of the DT `arm,armv8-timer`
@@ -25,9 +31,18 @@ const SPURIOUS: u32 = 1023;
 /// GICD frame size (IHI 0069 §12.9: 64 KiB).
 const GICD_SIZE: u64 = 0x1_0000;
 
-static READY: AtomicBool = AtomicBool::new(false);
-static TICKS: AtomicU64 = AtomicU64::new(0);
+/// The GIC as the boot CPU found it: the distributor is up and this is the redistributor
+/// region, shared by every CPU (each finds its own frame in it by affinity).
+static GICR: spin::Once<(MmioRegion, usize)> = spin::Once::new();
 static FREQ: AtomicU64 = AtomicU64::new(0);
+
+/// Per CPU (indexed by `smp::cpu_index`): whether its redistributor and CPU interface are up,
+/// its redistributor's offset in the region, and the timer interrupts it took. Each entry is
+/// written only by its own CPU, so Relaxed suffices; the boot CPU reads another CPU's entry only
+/// after that CPU's completion was published (`smp::is_idle`, Release/Acquire).
+static READY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static RD_OFFSET: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+static TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 fn read_cntfrq() -> u64 {
     let f: u64;
@@ -44,29 +59,49 @@ fn mpidr_affinity() -> u32 {
     ((m >> 8) & 0xff00_0000) as u32 | (m & 0x00ff_ffff) as u32
 }
 
-/// Finds the GICv3 in the device tree (else the ACPI MADT), brings up the distributor and this CPU's redistributor,
-/// enables the CPU interface for Group 1 and the timer's PPI. The timer stays off until
-/// [`arm_timer`]. Idempotent.
+/// Finds the GICv3 in the device tree (else the ACPI MADT) and brings up the distributor (once,
+/// on the first CPU that calls this: the boot CPU), then this CPU's redistributor and CPU
+/// interface with the timer's PPI enabled ([`init_this_cpu`]). The timer stays off until
+/// [`arm_timer`]. Idempotent per CPU.
 pub fn init_timer(info: &BootInfo) -> Result<(), &'static str> {
-    if READY.load(Relaxed) {
+    if GICR.get().is_none() {
+        let (gicd, gicr, gicr_len) = match crate::firmware::devicetree::fdt(info) {
+            Some(fdt) => gic_from_device_tree(&fdt)?,
+            None => gic_from_madt(info)?,
+        };
+        let gicd = MmioRegion::new(gicd, GICD_SIZE)
+            .map_err(|_| "GIC distributor outside the direct map")?;
+        let region = MmioRegion::new(gicr, gicr_len as u64)
+            .map_err(|_| "GIC redistributors outside the direct map")?;
+        let typer = gicv3::init_distributor(&gicd).map_err(gic_error)?;
+        FREQ.store(read_cntfrq().max(1), Relaxed);
+        GICR.call_once(|| (region, gicr_len));
+        log::info!(
+            "gicv3: distributor {:#x} (GICD_TYPER {typer:#x}), redistributors {:#x}+{gicr_len:#x}, EL2 timer INTID {HYP_TIMER_INTID}, CNTFRQ {} Hz",
+            gicd.phys,
+            region.phys,
+            FREQ.load(Relaxed)
+        );
+    }
+    init_this_cpu()
+}
+
+/// Wakes the calling CPU's redistributor (found by its MPIDR affinity), enables the timer's PPI
+/// there, and enables the CPU interface for Group 1. Needs [`init_timer`] to have run on the
+/// boot CPU first (the distributor); each secondary calls this when it comes up. Idempotent.
+pub fn init_this_cpu() -> Result<(), &'static str> {
+    let cpu = super::smp::cpu_index();
+    if READY[cpu].load(Relaxed) {
         return Ok(());
     }
-    let (gicd, gicr, gicr_len) = match crate::firmware::devicetree::fdt(info) {
-        Some(fdt) => gic_from_device_tree(&fdt)?,
-        None => gic_from_madt(info)?,
-    };
-    let gicd =
-        MmioRegion::new(gicd, GICD_SIZE).map_err(|_| "GIC distributor outside the direct map")?;
-    let gicr = MmioRegion::new(gicr, gicr_len as u64)
-        .map_err(|_| "GIC redistributors outside the direct map")?;
-    let typer = gicv3::init_distributor(&gicd).map_err(gic_error)?;
+    let &(gicr, gicr_len) = GICR.get().ok_or("GIC distributor not initialised")?;
     let rd = gicv3::find_redistributor(&gicr, gicr_len, mpidr_affinity()).map_err(gic_error)?;
     gicv3::enable_ppi(&gicr, rd, HYP_TIMER_INTID, 0x80).map_err(gic_error)?;
     // SAFETY: ICC_SRE_EL2.SRE|Enable select the system-register CPU interface for EL2 and allow
     // EL1 to do the same (IHI 0069 §12.7.10); PMR 0xff lets every priority through, BPR1 0
     // means no preemption grouping, IGRPEN1 enables Group 1 at the CPU interface. The timer is
     // stopped first so no interrupt is pending when the interface comes up. PSTATE.I stays set:
-    // nothing is taken at EL2.
+    // nothing is taken at EL2. All of these registers are this CPU's own.
     unsafe {
         asm!(
             "msr cnthp_ctl_el2, xzr",
@@ -85,14 +120,26 @@ pub fn init_timer(info: &BootInfo) -> Result<(), &'static str> {
             options(nostack, preserves_flags),
         );
     }
-    FREQ.store(read_cntfrq().max(1), Relaxed);
-    READY.store(true, Relaxed);
-    log::info!(
-        "gicv3: distributor {:#x} (GICD_TYPER {typer:#x}), redistributor at +{rd:#x}, EL2 timer INTID {HYP_TIMER_INTID}, CNTFRQ {} Hz",
-        gicd.phys,
-        FREQ.load(Relaxed)
-    );
+    RD_OFFSET[cpu].store(rd, Relaxed);
+    READY[cpu].store(true, Relaxed);
+    log::debug!("gicv3: cpu {cpu} redistributor at +{rd:#x}");
     Ok(())
+}
+
+/// The calling CPU's redistributor as the GIC reports it: (GICR_WAKER, GICR_ISENABLER0), read
+/// from the hardware, or `None` before [`init_this_cpu`].
+pub fn redistributor_state() -> Option<(u32, u32)> {
+    use iommu::hw::Mmio;
+    let cpu = super::smp::cpu_index();
+    if !READY[cpu].load(Relaxed) {
+        return None;
+    }
+    let &(gicr, _) = GICR.get()?;
+    let rd = RD_OFFSET[cpu].load(Relaxed);
+    Some((
+        gicr.read32(rd + gicv3::gicr::WAKER),
+        gicr.read32(rd + gicv3::gicr::ISENABLER0),
+    ))
 }
 
 /// GICD base, first redistributor region base and its length from the `arm,gic-v3` node.
@@ -150,15 +197,16 @@ fn gic_error(e: gicv3::GicError) -> &'static str {
     log::error!("gicv3: {e}");
     match e {
         gicv3::GicError::NotGicV3 { .. } => "interrupt controller is not a GICv3",
-        gicv3::GicError::NoRedistributor { .. } => "no GICv3 redistributor for the boot CPU",
+        gicv3::GicError::NoRedistributor { .. } => "no GICv3 redistributor for this CPU",
         gicv3::GicError::Timeout(_) => "GICv3 did not respond",
         gicv3::GicError::NotPpi(_) => "timer interrupt is not a PPI",
     }
 }
 
-/// Starts a one-shot slice of `nanos` nanoseconds (converted at CNTFRQ); 0 stops the timer.
+/// Starts a one-shot slice of `nanos` nanoseconds (converted at CNTFRQ) on the calling CPU's
+/// timer; 0 stops it.
 pub fn arm_timer(nanos: u32) {
-    if !READY.load(Relaxed) {
+    if !READY[super::smp::cpu_index()].load(Relaxed) {
         return;
     }
     let ticks = (u64::from(nanos) * FREQ.load(Relaxed) / 1_000_000_000).clamp(1, u32::MAX.into());
@@ -190,7 +238,7 @@ pub fn take_interrupt() -> Option<u32> {
         return None;
     }
     if intid == HYP_TIMER_INTID {
-        TICKS.fetch_add(1, Relaxed);
+        TICKS[super::smp::cpu_index()].fetch_add(1, Relaxed);
         arm_timer(0);
     }
     // SAFETY: EOImode = 0: priority drop and deactivation of the INTID acknowledged above.
@@ -198,7 +246,7 @@ pub fn take_interrupt() -> Option<u32> {
     Some(intid)
 }
 
-/// Timer interrupts taken so far.
+/// Timer interrupts taken so far on the calling CPU (each CPU runs its own slices).
 pub fn ticks() -> u64 {
-    TICKS.load(Relaxed)
+    TICKS[super::smp::cpu_index()].load(Relaxed)
 }

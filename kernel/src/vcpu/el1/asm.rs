@@ -5,11 +5,12 @@
 //!
 //! World switch. [`enter`] saves the host's callee-saved state (x19-x30, d8-d15, FPCR/FPSR) on
 //! its own stack and records that stack pointer and PSTATE.SP (the hypervisor may run on SP_EL0
-//! or SP_EL2) in the [`Context`], points TPIDR_EL2 at the context, loads the guest's SP_EL0,
+//! or SP_EL2) in the [`Context`], records the context in this CPU's `arch::smp::PerCpu` (the
+//! first word of what TPIDR_EL2 points at), loads the guest's SP_EL0,
 //! ELR_EL2/SPSR_EL2, V0-V31, FPCR/FPSR and x0-x30, and `ERET`s. A lower-EL exception enters
 //! `hv_el1_guest_exit` from `arch::aarch64::exception`'s vectors (guest x0/x1 pushed on SP_EL2,
 //! x0 = context, x1 = vector index), which stores the guest's registers and the syndrome
-//! (ESR/FAR/HPFAR_EL2) in the context, clears TPIDR_EL2, switches back to the host's stack and
+//! (ESR/FAR/HPFAR_EL2) in the context, clears that word, switches back to the host's stack and
 //! returns from [`enter`]. PSTATE.{D,A,I,F} are all set by the exception, as they were when the
 //! host called [`enter`].
 //!
@@ -19,6 +20,7 @@
 
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use iommu::pgtable::{ArmStage2, PageTable, RootInfo};
 
@@ -138,7 +140,8 @@ hv_el1_enter:
     // From here on SP_EL2 is selected (it is where the exit arrives), so SP_EL0 is free to
     // hold the guest's value even when the host itself runs on SP_EL0.
     msr     spsel, #1
-    msr     tpidr_el2, x0
+    mrs     x9, tpidr_el2
+    str     x0, [x9]
     ldr     x9, [x0, #248]
     msr     sp_el0, x9
     ldp     x9, x10, [x0, #256]
@@ -237,7 +240,8 @@ hv_el1_guest_exit:
     stp     q26, q27, [x2, #416]
     stp     q28, q29, [x2, #448]
     stp     q30, q31, [x2, #480]
-    msr     tpidr_el2, xzr
+    mrs     x2, tpidr_el2
+    str     xzr, [x2]
     ldp     x2, x3, [x0, #304]
     cbz     x3, 2f
     mov     sp, x2
@@ -361,7 +365,16 @@ sysregs!(
 pub struct El2Ready {
     /// (T0SZ, levels, granule shift) of the tables VTCR_EL2 was programmed for.
     shape: (u32, u32, u32),
+    /// The VTCR_EL2 value every CPU that runs a guest must hold.
+    vtcr: u64,
 }
+
+/// The VTCR_EL2 each CPU (by `arch::smp::cpu_index`) was last given by [`program_el2`], 0 for
+/// none. VTCR/VPIDR/VMPIDR/CNTHCTL/CNTVOFF_EL2 are per-CPU registers, so a CPU programs its
+/// own before it first runs a guest ([`run`]). Each entry is written and read only by its own
+/// CPU: Relaxed.
+static PROGRAMMED: [AtomicU64; crate::arch::smp::MAX_CPUS] =
+    [const { AtomicU64::new(0) }; crate::arch::smp::MAX_CPUS];
 
 fn shape(ri: &RootInfo) -> (u32, u32, u32) {
     (ri.arm_t0sz(), ri.levels, ri.granule_shift)
@@ -396,8 +409,21 @@ pub fn prepare_el2(probe: &Stage2, parange: u64) -> Result<(El2Ready, u64), &'st
     }
     let ri = probe.root_info();
     let vtcr = vtcr_for(&ri, parange & 7)?;
+    program_el2(vtcr);
+    Ok((
+        El2Ready {
+            shape: shape(&ri),
+            vtcr,
+        },
+        vtcr,
+    ))
+}
+
+/// Writes the guest-wide EL2 controls of [`prepare_el2`] on the calling CPU.
+fn program_el2(vtcr: u64) {
     // SAFETY: these registers only configure the EL1&0 regime of guests, none of which is
-    // running; EL2's own translation and execution are unaffected.
+    // running on this CPU (its world switch is not in progress: we are in host code); EL2's own
+    // translation and execution are unaffected.
     unsafe {
         asm!(
             "msr vtcr_el2, {vtcr}",
@@ -417,7 +443,7 @@ pub fn prepare_el2(probe: &Stage2, parange: u64) -> Result<(El2Ready, u64), &'st
             options(nostack, preserves_flags),
         );
     }
-    Ok((El2Ready { shape: shape(&ri) }, vtcr))
+    PROGRAMMED[crate::arch::smp::cpu_index()].store(vtcr, Ordering::Relaxed);
 }
 
 /// CurrentEL\[3:2\].
@@ -494,6 +520,10 @@ pub fn run(
 ) -> bool {
     if shape(&table.root_info()) != ready.shape {
         return false;
+    }
+    // A CPU other than the one `prepare_el2` ran on programs its own EL2 guest controls once.
+    if PROGRAMMED[crate::arch::smp::cpu_index()].load(Ordering::Relaxed) != ready.vtcr {
+        program_el2(ready.vtcr);
     }
     let vttbr = table.root() | u64::from(vmid) << 48;
     // The guest returns to EL1 or EL0, never to EL2: an AArch64 SPSR naming EL2 or EL3 (M[4] = 0,
