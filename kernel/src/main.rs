@@ -65,20 +65,23 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "boot-report"
     };
     let scenario = info.cmdline_value("scenario").unwrap_or(default);
-    let platform = discovery::discover_and_report(info);
+    // Leaked: it lives as long as the hypervisor (hv_main never returns), and the guests' schedulers
+    // on secondary CPUs borrow it for good.
+    let platform: &'static discovery::Platform =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(discovery::discover_and_report(info)));
     // The one owner of the IOMMUs: every unit brought up once, for the life of the system.
-    iommu_owner::bring_up(info, &platform);
+    iommu_owner::bring_up(info, platform);
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
         #[cfg(target_arch = "x86_64")]
-        "vtd" => scenarios::vtd::run(info, &platform),
-        "abi" => scenarios::abi::run(info, &platform),
+        "vtd" => scenarios::vtd::run(info, platform),
+        "abi" => scenarios::abi::run(info, platform),
         #[cfg(target_arch = "x86_64")]
         "smp" => arch::smp::scenario(),
-        "guests" => guest::run(info, &platform),
+        "guests" => guest::run(info, platform),
         #[cfg(target_arch = "aarch64")]
-        "smmu" => scenarios::smmu::run(info, &platform),
+        "smmu" => scenarios::smmu::run(info, platform),
         #[cfg(target_arch = "aarch64")]
         "smp" => arch::smp_check::run(info),
         other => {

@@ -27,13 +27,17 @@ pub mod loader;
 pub mod memory;
 mod pci;
 
+use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::any::Any;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use boot::BootInfo;
 use boot::guests::{Archive, ElfImage, GuestConfig};
 use hvabi::{errno, op, platform};
 
+use crate::arch::smp::MAX_CPUS;
 use crate::mem::iommu_mem::IOMMU_MEMORY;
 use crate::mem::{frame::FRAMES, phys};
 #[cfg(target_arch = "x86_64")]
@@ -220,7 +224,7 @@ struct Vcpu<B: Backend> {
 
 /// Parses the `guest=` items, loads and runs the guests until every one has exited or been
 /// stopped. Returns the hypervisor's status: failure only if the configuration was refused.
-pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u32 {
+pub fn run(info: &'static BootInfo, platform: &'static crate::discovery::Platform) -> u32 {
     let items: Vec<&'static str> = info
         .cmdline
         .as_str()
@@ -321,16 +325,29 @@ pub fn run(info: &'static BootInfo, platform: &crate::discovery::Platform) -> u3
     clippy::too_many_arguments,
     reason = "the second half of `run`: one call site per backend"
 )]
-fn run_on<B: Backend>(
+fn run_on<B: Backend + 'static>(
     mut backend: B,
     asids: u32,
     info: &'static BootInfo,
     items: &[&'static str],
     configs: &[GuestConfig<'static>],
     assigned: &[devices::Assigned],
-    platform: &crate::discovery::Platform,
+    platform: &'static crate::discovery::Platform,
     images: &[Image],
 ) -> u32 {
+    if !B::SMP
+        && let Some(i) = configs
+            .iter()
+            .position(|c| c.cpus().iter().any(|&cpu| cpu != 0))
+    {
+        println!(
+            "guests: refused guest item {} (guest={}): cpus: the {} backend runs guests on the boot CPU only",
+            i + 1,
+            items[i],
+            backend.name()
+        );
+        return EXIT_FAILURE;
+    }
     if let Err(e) = native::init_timer(info) {
         println!("guests: refused: no preemption timer: {e}");
         return EXIT_FAILURE;
@@ -464,7 +481,7 @@ fn run_on<B: Backend>(
             )
         })
         .collect();
-    let common = Common {
+    let common = Arc::new(Common {
         guests,
         iommu,
         platform,
@@ -475,8 +492,8 @@ fn run_on<B: Backend>(
             .as_str()
             .split_ascii_whitespace()
             .any(|w| w == "guard-tamper"),
-    };
-    schedule(&mut backend, &common, &mut vcpus);
+    });
+    run_everywhere(&mut backend, &common, vcpus);
     println!(
         "guests: {} preemption timer interrupts while guests ran",
         native::ticks() - ticks
@@ -520,10 +537,10 @@ fn cpu_list(cpus: &[u32]) -> alloc::string::String {
     s
 }
 
-/// Whether physical CPU `cpu` is online, so that a vCPU may be pinned to it. Only the boot CPU
-/// runs guests until the secondary CPUs are brought up for them.
+/// Whether physical CPU `cpu` is online (`arch::smp`: dense indices, the boot CPU is 0), so that
+/// a vCPU may be pinned to it.
 fn cpu_online(cpu: u32) -> bool {
-    cpu == 0
+    usize::try_from(cpu).is_ok_and(|c| c < crate::arch::smp::online())
 }
 
 /// Builds guest `index`: its object-model guest and devices, RAM, image, VM (RAM and device
@@ -718,10 +735,10 @@ fn teardown<B: Backend>(backend: &mut B, iommu: Option<&GuestIommu>, g: &Guest<B
 }
 
 /// What every CPU's scheduler shares: the guests and what the exit handlers need.
-struct Common<'a, B: Backend> {
+struct Common<B: Backend> {
     guests: Vec<Guest<B>>,
     iommu: Option<GuestIommu>,
-    platform: &'a crate::discovery::Platform,
+    platform: &'static crate::discovery::Platform,
     /// The guest index of each hardware device (fault attribution).
     device_guest: Vec<usize>,
     /// Who owns each hardware device, as the fault reports name it.
@@ -730,7 +747,7 @@ struct Common<'a, B: Backend> {
     tamper: bool,
 }
 
-impl<B: Backend> Common<'_, B> {
+impl<B: Backend> Common<B> {
     /// DMA faults raised so far by the devices of every guest but `index`.
     fn foreign_faults(&self, index: usize) -> u64 {
         self.guests
@@ -771,9 +788,93 @@ enum Next {
     Leave,
 }
 
+/// What a secondary CPU's scheduler is handed: the shared state and the vCPUs pinned to it.
+type Work<B> = (Arc<Common<B>>, Vec<Vcpu<B>>);
+
+/// One hand-off slot per CPU: the boot CPU puts a [`Work`] there before it launches the CPU's
+/// scheduler ([`secondary`]), which takes it. `launch` takes only a function and a word, and
+/// the slot keeps the hand-off free of raw pointers: the type is checked when it is taken.
+static HANDOFF: Mutex<[Option<Box<dyn Any + Send>>; MAX_CPUS]> =
+    Mutex::new([const { None }; MAX_CPUS]);
+
+/// Runs every vCPU on the CPU it is pinned to: one scheduler per physical CPU that has vCPUs,
+/// each with its own preemption timer; this (boot) CPU runs its own and then waits for the
+/// others to finish (every vCPU of theirs has left, so every guest is torn down).
+fn run_everywhere<B: Backend + 'static>(
+    backend: &mut B,
+    common: &Arc<Common<B>>,
+    vcpus: Vec<Vcpu<B>>,
+) {
+    let mut by_cpu: Vec<Vec<Vcpu<B>>> = (0..MAX_CPUS).map(|_| Vec::new()).collect();
+    for v in vcpus {
+        // `cpus=` was checked against the CPUs online, which are fewer than MAX_CPUS.
+        let cpu = (v.cpu as usize).min(MAX_CPUS - 1);
+        by_cpu[cpu].push(v);
+    }
+    let mut launched = Vec::new();
+    for (cpu, mine) in by_cpu.iter_mut().enumerate().skip(1) {
+        if mine.is_empty() {
+            continue;
+        }
+        let work: Work<B> = (common.clone(), core::mem::take(mine));
+        HANDOFF.lock()[cpu] = Some(Box::new(work));
+        match crate::arch::smp::launch(cpu, secondary::<B>, cpu) {
+            Ok(()) => launched.push(cpu),
+            Err(e) => {
+                // Its vCPUs never run: their guests are stopped and they leave from here.
+                let back = HANDOFF.lock()[cpu].take();
+                if let Some(Ok(work)) = back.map(|w| w.downcast::<Work<B>>()) {
+                    let (_, mut orphans) = *work;
+                    for v in orphans.iter_mut() {
+                        let why = format_args!("its CPU {cpu} cannot be launched ({e:?})");
+                        stop(&common.guests[v.guest], v.index, 0, why);
+                        leave(backend, common, v);
+                    }
+                }
+            }
+        }
+    }
+    schedule(backend, common, &mut by_cpu[0]);
+    for cpu in launched {
+        while !crate::arch::smp::is_idle(cpu) {
+            core::hint::spin_loop();
+        }
+        // A CPU that could not make a backend handed its vCPUs back, unrun: they leave here.
+        let back = HANDOFF.lock()[cpu].take();
+        if let Some(Ok(work)) = back.map(|w| w.downcast::<Work<B>>()) {
+            let (_, mut orphans) = *work;
+            for v in orphans.iter_mut() {
+                leave(backend, common, v);
+            }
+        }
+    }
+}
+
+/// The scheduler of secondary CPU `cpu`, launched by [`run_everywhere`]: its own backend, then
+/// the same round robin over the vCPUs pinned to it.
+fn secondary<B: Backend + 'static>(cpu: usize) {
+    let Some(work) = HANDOFF.lock().get_mut(cpu).and_then(Option::take) else {
+        return;
+    };
+    let Ok(work) = work.downcast::<Work<B>>() else {
+        return;
+    };
+    let (common, mut vcpus) = *work;
+    match B::for_this_cpu() {
+        Ok(mut backend) => schedule(&mut backend, &common, &mut vcpus),
+        Err(e) => {
+            for v in &vcpus {
+                let why = format_args!("CPU {cpu} cannot run guests: {e}");
+                stop(&common.guests[v.guest], v.index, 0, why);
+            }
+            HANDOFF.lock()[cpu] = Some(Box::new((common, vcpus)));
+        }
+    }
+}
+
 /// The scheduler of one physical CPU: round robin over the vCPUs pinned to it until none is
 /// left, one time slice each.
-fn schedule<B: Backend>(backend: &mut B, c: &Common<'_, B>, vcpus: &mut [Vcpu<B>]) {
+fn schedule<B: Backend>(backend: &mut B, c: &Common<B>, vcpus: &mut [Vcpu<B>]) {
     let mut current = 0;
     while let Some(k) = (0..vcpus.len())
         .map(|k| (current + k) % vcpus.len())
@@ -789,7 +890,7 @@ fn schedule<B: Backend>(backend: &mut B, c: &Common<'_, B>, vcpus: &mut [Vcpu<B>
 }
 
 /// Runs vCPU `v` for one time slice; `true` when it must leave (its guest is ending).
-fn run_slice<B: Backend>(backend: &mut B, c: &Common<'_, B>, v: &mut Vcpu<B>) -> bool {
+fn run_slice<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) -> bool {
     let g = &c.guests[v.guest];
     let res = g.res.read();
     let (Some(r), Some(state)) = (res.as_ref(), v.state.as_mut()) else {
@@ -816,18 +917,18 @@ fn run_slice<B: Backend>(backend: &mut B, c: &Common<'_, B>, v: &mut Vcpu<B>) ->
 
 /// The physical CPU this code runs on (the exit path's measurement of where a vCPU ran).
 fn this_cpu() -> u32 {
-    0
+    crate::arch::smp::cpu_index() as u32
 }
 
 /// vCPU `v` leaves: its control block is freed here, by the CPU that ran it (a VMCS is
 /// VMCLEARed where it is current); the last vCPU of a guest to leave tears the guest down.
-fn leave<B: Backend>(backend: &mut B, c: &Common<'_, B>, v: &mut Vcpu<B>) {
+fn leave<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) {
     let Some(state) = v.state.take() else {
         return;
     };
     backend.destroy_vcpu(state);
     let g = &c.guests[v.guest];
-    if g.vcpu_count > 1 {
+    if g.vcpu_count > 1 || v.cpu != 0 {
         let mut on = alloc::vec::Vec::new();
         for cpu in 0..64 {
             if v.ran_on & (1 << cpu) != 0 {
@@ -861,7 +962,7 @@ fn leave<B: Backend>(backend: &mut B, c: &Common<'_, B>, v: &mut Vcpu<B>) {
 /// and device that raised it. Called after every exit: an assigned device only runs DMA its
 /// guest started, and the fault registers must be drained before they overflow (VT-d 4.1
 /// §7.2.1; QEMU has one).
-fn report_dma_faults<B: Backend>(c: &Common<'_, B>, g: &Guest<B>) {
+fn report_dma_faults<B: Backend>(c: &Common<B>, g: &Guest<B>) {
     let Some(fd) = c.iommu.as_ref() else {
         return;
     };
@@ -913,7 +1014,7 @@ fn stop_wild<B: Backend>(g: &Guest<B>, vcpu: u32, pc: u64, gpa: u64, kind: &str)
 )]
 fn handle<B: Backend>(
     backend: &mut B,
-    c: &Common<'_, B>,
+    c: &Common<B>,
     g: &Guest<B>,
     r: &Resources<B>,
     vcpu: u32,
@@ -1083,13 +1184,7 @@ fn handle<B: Backend>(
 /// GUARD: hashes `len` bytes of the guest's RAM at `gpa` (guard.rs). 0, `-EINVAL` for an empty
 /// or too long range, `-EFAULT` if it is not all the guest's RAM; a second GUARD replaces the
 /// first.
-fn set_guard<B: Backend>(
-    c: &Common<'_, B>,
-    g: &Guest<B>,
-    r: &Resources<B>,
-    gpa: u64,
-    len: u64,
-) -> u64 {
+fn set_guard<B: Backend>(c: &Common<B>, g: &Guest<B>, r: &Resources<B>, gpa: u64, len: u64) -> u64 {
     if len == 0 || len > guard::GUARD_MAX {
         return errno_result(errno::EINVAL);
     }
@@ -1115,7 +1210,7 @@ fn set_guard<B: Backend>(
 }
 
 /// Re-hashes the range `g` guards, if any, and says whether it is unchanged.
-fn check_guard<B: Backend>(c: &Common<'_, B>, g: &Guest<B>, when: &str) {
+fn check_guard<B: Backend>(c: &Common<B>, g: &Guest<B>, when: &str) {
     let res = g.res.read();
     let s = g.shared.lock();
     let (Some(gd), Some(r)) = (s.guard.as_ref(), res.as_ref()) else {

@@ -147,6 +147,45 @@ impl core::fmt::Display for VcpuError {
     }
 }
 
+/// Address-space identifiers 1..256 (ASIDs, VPIDs, VMIDs; 0 is the host's), one set for the
+/// whole machine: a VM's identifier tags its translations on every CPU its vCPUs run on, and the
+/// VM may be created by one CPU's backend and destroyed by another's (the last of its vCPUs to
+/// leave). Each bit is claimed by CAS and released by one `fetch_and`; AcqRel so a claim sees
+/// the release (and the TLB invalidation before it) of the VM that had the identifier last.
+pub struct IdBitmap([core::sync::atomic::AtomicU64; 4]);
+
+impl IdBitmap {
+    pub const fn new() -> IdBitmap {
+        use core::sync::atomic::AtomicU64;
+        IdBitmap([
+            AtomicU64::new(1), // identifier 0: the host's
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+        ])
+    }
+
+    /// The lowest free identifier below `limit` (at most 256), now taken.
+    pub fn alloc(&self, limit: u32) -> Option<u32> {
+        use core::sync::atomic::Ordering;
+        for id in 1..limit.min(256) {
+            let (word, bit) = (&self.0[(id / 64) as usize], 1u64 << (id % 64));
+            if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Gives `id` back (ignores 0 and out-of-range values).
+    pub fn free(&self, id: u32) {
+        if (1..256).contains(&id) {
+            self.0[(id / 64) as usize]
+                .fetch_and(!(1u64 << (id % 64)), core::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
 /// Which backend this CPU calls for, from CPUID alone (nothing is switched on): Intel CPUs
 /// (vendor "GenuineIntel") have VMX and never SVM; every other x86 vendor is asked for SVM.
 #[cfg(target_arch = "x86_64")]
@@ -178,10 +217,22 @@ pub fn kind() -> Kind {
 /// the same VM that ran there last (SVM TLB_CONTROL, VMX INVVPID, Arm TLBI VMALLE1; KVM does the
 /// same when a CPU switches between vCPUs of one VM).
 pub trait Backend {
-    /// One guest's address-space state: second-stage table, ASID/VMID.
-    type Vm;
-    /// One virtual CPU: its control block (VMCB / VMCS / saved EL1 state) and registers.
-    type Vcpu;
+    /// One guest's address-space state: second-stage table, ASID/VMID. Shared by the VM's vCPUs,
+    /// which may run on several CPUs at once (`run` takes it by shared reference).
+    type Vm: Send + Sync;
+    /// One virtual CPU: its control block (VMCB / VMCS / saved EL1 state) and registers. Moved
+    /// to the CPU it is pinned to before it first runs; only that CPU runs it.
+    type Vcpu: Send;
+
+    /// Whether this backend can run guests on secondary CPUs ([`Backend::for_this_cpu`]).
+    const SMP: bool;
+
+    /// The backend of the calling CPU, for a secondary CPU that runs vCPUs: the CPU's own
+    /// virtualization state (SVM's host save area, EL2's per-CPU controls), the machine-wide
+    /// identifiers shared with every other CPU's backend. VMs are created by the boot CPU's.
+    fn for_this_cpu() -> Result<Self, &'static str>
+    where
+        Self: Sized;
 
     /// Short name for the boot report (`svm`, `vmx`, `el2`).
     fn name(&self) -> &'static str;

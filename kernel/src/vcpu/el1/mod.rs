@@ -70,6 +70,9 @@ const GUEST_TCR: u64 = 32 | 1 << 8 | 1 << 10 | 3 << 12 | 1 << 23;
 /// CPACR_EL1.FPEN = 0b11: FP/SIMD does not trap at EL1/EL0 (the compiler uses it freely).
 const GUEST_CPACR: u64 = 3 << 20;
 
+/// The machine's VMIDs (8-bit VMIDs: 1-255; one VM's on every CPU its vCPUs run on).
+static VMIDS: super::IdBitmap = super::IdBitmap::new();
+
 /// Stage-2 input size: 40 bits (1 TiB of IPA space) or the physical size if smaller.
 const IPA_BITS: u32 = 40;
 
@@ -79,7 +82,6 @@ pub struct El1 {
     /// The stage-2 shape VTCR_EL2 describes; every VM's table must have it.
     shape: (u32, u32, u32),
     oas: u32,
-    vmids_used: [u64; 4],
     /// By VMID, the vCPU (its context's address) that ran last with it on this CPU.
     last_vcpu: [usize; 256],
 }
@@ -145,7 +147,6 @@ impl El1 {
             el2,
             shape: (ri.arm_t0sz(), ri.levels, ri.granule_shift),
             oas: pa_bits,
-            vmids_used: [1, 0, 0, 0], // VMID 0: never a guest's
             last_vcpu: [0; 256],
         })
     }
@@ -177,16 +178,11 @@ impl El1 {
     }
 
     fn alloc_vmid(&mut self) -> Option<u16> {
-        let v =
-            (1..256u16).find(|&v| self.vmids_used[usize::from(v / 64)] & (1 << (v % 64)) == 0)?;
-        self.vmids_used[usize::from(v / 64)] |= 1 << (v % 64);
-        Some(v)
+        VMIDS.alloc(256).map(|v| v as u16)
     }
 
     fn free_vmid(&mut self, v: u16) {
-        if v != 0 && v < 256 {
-            self.vmids_used[usize::from(v / 64)] &= !(1 << (v % 64));
-        }
+        VMIDS.free(v.into());
     }
 
     /// Answers the SMCCC calls that are not ABI calls (docs/abi.md §2.2): the service queries
@@ -307,6 +303,13 @@ impl El1 {
 impl Backend for El1 {
     type Vm = El1Vm;
     type Vcpu = El1Vcpu;
+
+    const SMP: bool = true;
+
+    fn for_this_cpu() -> Result<El1, &'static str> {
+        // The EL2 guest controls are per CPU: `probe` programs them on the calling CPU.
+        El1::probe()
+    }
 
     fn name(&self) -> &'static str {
         "el1"

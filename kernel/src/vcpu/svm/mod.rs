@@ -114,6 +114,9 @@ pub fn enable_this_cpu() -> Result<&'static SvmEnabled, &'static str> {
 /// Most ASIDs tracked (the bitmap size); CPUs with more simply use the first 256.
 const MAX_ASIDS: u32 = 256;
 
+/// The machine's ASIDs (one VM's on every CPU its vCPUs run on).
+static ASIDS: super::IdBitmap = super::IdBitmap::new();
+
 /// Guest control state at entry (docs/guests.md): CR0 = PG|WP|NE|ET|MP|PE, CR4 = PAE|OSFXSR|
 /// OSXMMEXCPT, EFER = SVME|NXE|LMA|LME (SVME is required in the guest's EFER, APM §15.5.1).
 const GUEST_CR0: u64 = 1 << 31 | 1 << 16 | 1 << 5 | 1 << 4 | 1 << 1 | 1;
@@ -127,7 +130,6 @@ pub struct Svm {
     cpu: &'static SvmEnabled,
     maps: PermissionMaps,
     asid_count: u32,
-    asids_used: [u64; (MAX_ASIDS / 64) as usize],
     phys_bits: u32,
     /// The CPU fills nRIP ([`has_nrips`]).
     nrips: bool,
@@ -177,7 +179,6 @@ impl Svm {
             cpu,
             maps,
             asid_count: svm.ebx.min(MAX_ASIDS),
-            asids_used: [1, 0, 0, 0], // ASID 0: the host
             phys_bits,
             nrips: has_nrips(),
             last_vcpu: [0; MAX_ASIDS as usize],
@@ -202,16 +203,11 @@ impl Svm {
     }
 
     fn alloc_asid(&mut self) -> Option<u32> {
-        let asid = (1..self.asid_count)
-            .find(|&a| self.asids_used[(a / 64) as usize] & (1 << (a % 64)) == 0)?;
-        self.asids_used[(asid / 64) as usize] |= 1 << (asid % 64);
-        Some(asid)
+        ASIDS.alloc(self.asid_count)
     }
 
     fn free_asid(&mut self, asid: u32) {
-        if asid != 0 && asid < self.asid_count {
-            self.asids_used[(asid / 64) as usize] &= !(1 << (asid % 64));
-        }
+        ASIDS.free(asid);
     }
 
     /// CPUID as the guest sees it: the host's, with the hypervisor-present bit set and the
@@ -324,6 +320,14 @@ impl Svm {
 impl Backend for Svm {
     type Vm = SvmVm;
     type Vcpu = SvmVcpu;
+
+    const SMP: bool = true;
+
+    fn for_this_cpu() -> Result<Svm, &'static str> {
+        // EFER.SVME and the host save area are per CPU (`enable_this_cpu`, done at bring-up);
+        // the permission maps are this backend's own copy, freed when it is dropped.
+        Svm::probe()
+    }
 
     fn name(&self) -> &'static str {
         "svm"

@@ -562,6 +562,13 @@ impl Backend for Vmx {
     type Vm = VmxVm;
     type Vcpu = VmxVcpu;
 
+    // VMXON is done on the boot CPU only (docs/smp.md): guests stay there.
+    const SMP: bool = false;
+
+    fn for_this_cpu() -> Result<Vmx, &'static str> {
+        Err("the VMX backend runs guests on the boot CPU only")
+    }
+
     fn name(&self) -> &'static str {
         "vmx"
     }
