@@ -234,6 +234,14 @@ pub fn pci_config_write16(address: u32, byte: u16, value: u16) {
 /// What [`timestamp`] counts, for the bench output.
 pub const TIMESTAMP_NAME: &str = "cntvct";
 
+/// MPIDR_EL1 as this vCPU reads it (the hypervisor's VMPIDR_EL2 for it).
+pub fn mpidr() -> u64 {
+    let v: u64;
+    // SAFETY: reading MPIDR_EL1 has no side effects.
+    unsafe { asm!("mrs {}, mpidr_el1", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
 /// The virtual counter CNTVCT_EL0 (CNTVOFF_EL2 = 0: the host's physical count), for timing.
 pub fn timestamp() -> u64 {
     let t: u64;

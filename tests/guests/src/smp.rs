@@ -31,6 +31,10 @@ static IOAS_READY: AtomicBool = AtomicBool::new(false);
 static DONE: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 static FAILED: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
 static FINISHED: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
+/// Per vCPU: rounds done so far, updated every round (the others watch it move).
+static PROGRESS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+/// vCPUs at the start line: every loop begins once all have arrived.
+static ARRIVED: AtomicU32 = AtomicU32::new(0);
 /// `smp-wild`: vCPU 0 is in its loop.
 static SPINNING: AtomicBool = AtomicBool::new(false);
 
@@ -132,7 +136,35 @@ pub fn map_unmap(vcpu: u32, vcpus: u32, free: u64) -> u32 {
         length: PAGE_SIZE,
     };
     let (mut done, mut failed) = (0u64, 0u32);
+    // aarch64: MPIDR_EL1 names this vCPU (Aff0 = index; U = 0 with several vCPUs).
+    #[cfg(target_arch = "aarch64")]
+    {
+        let want = if vcpus > 1 {
+            0x8000_0000 | u64::from(vcpu)
+        } else {
+            0xc000_0000
+        };
+        let got = arch::mpidr() & 0xc0ff_ffff;
+        if got != want {
+            println!("testguest: vcpu {vcpu}: MPIDR_EL1 {got:#x}, want {want:#x}: FAILED");
+            failed += 1;
+        }
+    }
+    // Start together, then watch how far the others get while this loop runs: on two CPUs at
+    // once they advance during it (on one CPU too, by time slices).
+    ARRIVED.fetch_add(1, Ordering::AcqRel);
+    while ARRIVED.load(Ordering::Acquire) < vcpus {
+        core::hint::spin_loop();
+    }
+    let others = || -> u64 {
+        (0..vcpus as usize)
+            .filter(|&k| k != me)
+            .map(|k| PROGRESS[k].load(Ordering::Relaxed))
+            .sum()
+    };
+    let others_before = others();
     for round in 0..ROUNDS {
+        PROGRESS[me].store(round, Ordering::Relaxed);
         let iova = base + (round % PAGES) * PAGE_SIZE;
         let (m, _) = call(op::IOAS_MAP, map(iova));
         let (again, _) = call(op::IOAS_MAP, map(iova));
@@ -148,10 +180,14 @@ pub fn map_unmap(vcpu: u32, vcpus: u32, free: u64) -> u32 {
             failed += 1;
         }
     }
+    let overlap = others() - others_before;
     println!(
         "testguest: vcpu {vcpu}: {done} map+unmap pairs in iova {base:#x}+{:#x}, {failed} failed",
         PAGES * PAGE_SIZE
     );
+    if vcpus > 1 {
+        println!("testguest: vcpu {vcpu}: the other vCPUs did {overlap} rounds during its loop");
+    }
     DONE[me].store(done, Ordering::Relaxed);
     FAILED[me].store(failed, Ordering::Relaxed);
     // Release: the counts are visible to whoever sees the flag.
