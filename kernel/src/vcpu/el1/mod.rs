@@ -7,7 +7,9 @@
 //!   VMIDs are used either way: VTCR_EL2.VS = 0).
 //! - One VMID per VM, 1..=255 (0 is never given to a guest). VMALLS12E1IS for the VMID when a VM
 //!   is created (a reused VMID never sees the previous guest's translations) and when it is
-//!   destroyed (no walk-cache entry may point at freed table pages).
+//!   destroyed (no walk-cache entry may point at freed table pages). VMIDs are machine-wide
+//!   (`IdBitmap`); a CPU that switches between two vCPUs of one VM drops that VMID's stage-1
+//!   entries locally (`TLBI VMALLE1`), and each vCPU reads its own MPIDR_EL1 (VMPIDR_EL2).
 //! - Stage 2 built by the page-table engine's Arm format ([`ArmStage2`], 4 KiB granule); the
 //!   VTCR_EL2 the backend programs is derived from the engine's [`RootInfo`] (T0SZ, SL0, TG0 = 4
 //!   KiB, PS from PARange) and every VM's table is checked against it. RAM is Normal write-back,

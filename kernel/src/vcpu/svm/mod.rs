@@ -5,6 +5,9 @@
 //! - One ASID per VM, from 1 to N-1 (ASID 0 is the host's; VMRUN refuses it, §15.16). A vCPU's
 //!   first VMRUN flushes the whole TLB (TLB_CONTROL = 1), so an ASID reused after a guest was
 //!   destroyed never sees the old guest's translations; QEMU implements only control values 0/1.
+//!   ASIDs are machine-wide (`IdBitmap`): a VM's vCPUs use its ASID on every CPU they run on,
+//!   and a CPU that switches from one of them to another flushes again (their guest-linear
+//!   translations differ under the same tag).
 //! - Nested page tables built by the page-table engine's x86-64 format ([`X86FirstStage`]):
 //!   nested walks are user-mode accesses (§15.25.5), which the format's leaves grant (U/S = 1).
 //! - Intercepts: VMRUN (required by VMRUN itself), VMMCALL (the hypercall), every port (IOPM all
@@ -125,7 +128,7 @@ const GUEST_EFER: u64 = 1 << 12 | 1 << 11 | 1 << 10 | 1 << 8;
 /// The PAT power-on value (WB, WT, UC-, UC, ...), as the guest's G_PAT.
 const GUEST_PAT: u64 = 0x0007_0406_0007_0406;
 
-/// The backend: SVM switched on for the boot CPU.
+/// The backend of one CPU: SVM switched on for it (one per CPU that runs vCPUs).
 pub struct Svm {
     cpu: &'static SvmEnabled,
     maps: PermissionMaps,

@@ -8,7 +8,8 @@
 //!   fixed bits and VMXON ([`asm::vmxon`]).
 //! - One VPID per VM (1..=255; 0 is the host's, §28.1). A VMCS's first entry invalidates every
 //!   EPT- and VPID-tagged translation (INVEPT/INVVPID all-context), so a VPID or EPT root reused
-//!   after a guest was destroyed never sees the old guest's translations.
+//!   after a guest was destroyed never sees the old guest's translations; so does running a
+//!   vCPU right after another vCPU of the same VM (same VPID, different guest-linear state).
 //! - EPT tables built by the page-table engine's VT-d second-stage format ([`VtdSecondStage`]):
 //!   EPT entries have the same layout (SDM §29.3.2, Tables 29-1..29-6: R/W/X in bits 0-2, the
 //!   leaf memory type in bits 5:3, ignore-PAT bit 6, PS bit 7, A/D bits 8/9, address in 51:12,
