@@ -309,8 +309,9 @@ macro_rules! sysregs {
         /// Loads every register of `r` into the CPU's EL1 state.
         fn load_el1(r: &El1Regs) {
             $(
-                // SAFETY: EL1 system registers do not affect execution at non-VHE EL2 (see the
-                // module comment); the values take effect only in the guest after ERET.
+                // SAFETY: EL1 system registers (and VMPIDR_EL2, which only sets what EL1 reads as
+                // MPIDR_EL1) do not affect execution at non-VHE EL2 (see the module comment); the
+                // values take effect only in the guest after ERET.
                 unsafe {
                     asm!(concat!("msr ", $reg, ", {}"), in(reg) r.$field, options(nostack, preserves_flags));
                 }
