@@ -172,8 +172,9 @@ impl PerCpu {
     }
 }
 
-/// Slot 0 is the boot CPU; slot `s` ≥ 1 uses stacks `s`. Slots are never reused: a CPU that
-/// was given up on keeps its slot (it may still arrive and park on those stacks).
+/// Slot 0 is the boot CPU; slot `s` ≥ 1 uses stacks `s`. A CPU that was given up on keeps its
+/// slot for good (it may still arrive and park on those stacks); only a slot whose CPU_ON was
+/// refused is given to the next CPU.
 static PERCPU: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
 /// Dense index → slot, valid below [`ONLINE`].
 static SLOT_OF: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
@@ -181,7 +182,8 @@ static SLOT_OF: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CP
 static ONLINE: AtomicUsize = AtomicUsize::new(1);
 static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// Words the secondary reads with its MMU off, one cache line per CPU ([`hv_secondary_entry`]).
+/// Words the secondary reads with its MMU off ([`hv_secondary_entry`]): 128 bytes per CPU,
+/// aligned so that cleaning one CPU's block touches no other data.
 #[repr(C, align(128))]
 struct StartBlock([AtomicU64; START_WORDS]);
 
