@@ -18,13 +18,17 @@
 //! In Rust ([`secondary_main`]) it wakes its GIC redistributor and CPU interface and enables its
 //! EL2 timer PPI (`preempt::init_this_cpu`), announces itself, and waits for work with WFE.
 //!
-//! Work hand-off, per CPU (a state word and a one-entry slot):
-//! - [`launch`] claims an `IDLE` CPU by CAS to `CLAIMED` (so two launchers cannot both post),
-//!   writes the slot, then stores `POSTED` with **Release**, and wakes the CPU (DSB + SEV);
-//! - the CPU loads `POSTED` with **Acquire**, which makes the slot and everything the launcher
-//!   wrote before the Release visible to it, runs the work, and stores `IDLE` with **Release**;
-//! - [`is_idle`] loads `IDLE` with **Acquire**, so whatever the work wrote is visible to the
+//! Work hand-off, per CPU: a [`Mailbox`] (`boot::aarch64::mailbox`, host-tested with threads),
+//! a state word and a one-entry slot:
+//! - [`launch`] claims an idle CPU by CAS (so two launchers cannot both post), writes the slot,
+//!   then publishes it with a **Release** store of POSTED, and wakes the CPU (DSB + SEV);
+//! - the CPU's **Acquire** load of POSTED makes the slot and everything the launcher wrote before
+//!   the Release visible to it; it runs the work and stores IDLE with **Release**;
+//! - [`is_idle`] loads IDLE with **Acquire**, so whatever the work wrote is visible to the
 //!   caller that saw it finish.
+//!
+//! The same word carries the bring-up handshake: the CPU's arrival and the boot CPU's time-out
+//! are both CASes on STARTING, so exactly one of them wins.
 //!
 //! TPIDR_EL2 points at the CPU's [`PerCpu`] for the life of the system; its first word is the
 //! vCPU context running on the CPU (0 when none), which the exception vectors and the EL1
@@ -32,10 +36,11 @@
 
 use core::arch::{asm, global_asm};
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use boot::BootInfo;
 use boot::aarch64::dtb::{Conduit, MPIDR_AFFINITY_MASK, PSCI_CPU_ON_64};
+use boot::aarch64::mailbox::Mailbox;
 
 pub const MAX_CPUS: usize = 16;
 
@@ -125,22 +130,6 @@ pub fn guard_owner(addr: u64) -> Option<(usize, &'static str)> {
         .map(|i| (i / 2 + 1, if i % 2 == 0 { "run" } else { "exception" }))
 }
 
-// Per-CPU state words.
-const OFFLINE: u8 = 0;
-/// CPU_ON succeeded; the CPU has not arrived in Rust yet.
-const STARTING: u8 = 1;
-/// The CPU is in Rust, setting up its GIC.
-const ARRIVED: u8 = 2;
-const IDLE: u8 = 3;
-const CLAIMED: u8 = 4;
-const POSTED: u8 = 5;
-const RUNNING: u8 = 6;
-/// The boot CPU stopped waiting for it: if it arrives later, it parks without touching anything.
-const ABANDONED: u8 = 7;
-
-/// Posted work: the function and its argument.
-type Work = (fn(usize), usize);
-
 /// What each CPU owns. TPIDR_EL2 points here; `guest_context` must stay the first field (the
 /// vectors and the world switch load it at offset 0).
 #[repr(C, align(64))]
@@ -151,10 +140,11 @@ pub struct PerCpu {
     index: AtomicUsize,
     /// MPIDR affinity fields, as the firmware listed the CPU.
     mpidr: AtomicU64,
-    state: AtomicU8,
+    /// Bring-up handshake and work hand-off (`boot::aarch64::mailbox`, which documents the
+    /// orderings and is host-tested with threads).
+    mailbox: Mailbox,
     /// Whether `preempt::init_this_cpu` succeeded on this CPU.
     gic_ok: AtomicBool,
-    work: spin::Mutex<Option<Work>>,
 }
 
 const _: () = assert!(offset_of!(PerCpu, guest_context) == 0);
@@ -165,9 +155,8 @@ impl PerCpu {
             guest_context: AtomicU64::new(0),
             index: AtomicUsize::new(0),
             mpidr: AtomicU64::new(0),
-            state: AtomicU8::new(OFFLINE),
+            mailbox: Mailbox::new(),
             gic_ok: AtomicBool::new(false),
-            work: spin::Mutex::new(None),
         }
     }
 }
@@ -300,7 +289,7 @@ pub(super) fn init_boot_cpu() {
         read_sysreg!("mpidr_el1") & MPIDR_AFFINITY_MASK,
         Ordering::Relaxed,
     );
-    me.state.store(RUNNING, Ordering::Relaxed);
+    me.mailbox.set_running();
     me.gic_ok.store(false, Ordering::Relaxed);
     let tpidr = me as *const PerCpu as u64;
     // SAFETY: TPIDR_EL2 is a software thread-ID register; the vectors and the world switch
@@ -359,15 +348,11 @@ pub fn launch(cpu: usize, f: fn(usize), arg: usize) -> Result<(), SmpError> {
     if cpu == 0 {
         return Err(SmpError::Busy);
     }
-    // Acquire: a previous work's effects (published by the CPU's Release of IDLE) happen
-    // before this launch; the CAS also makes this launcher the only writer of the slot.
-    pc.state
-        .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+    // The mailbox's CAS lets one launcher in; its Release store of POSTED publishes the slot
+    // and everything the caller wrote before `launch` to the CPU.
+    pc.mailbox
+        .post(f as *const () as usize, arg)
         .map_err(|_| SmpError::Busy)?;
-    *pc.work.lock() = Some((f, arg));
-    // Release: the slot and everything the caller wrote before `launch` are visible to the CPU
-    // once it Acquire-loads POSTED.
-    pc.state.store(POSTED, Ordering::Release);
     wake_all();
     Ok(())
 }
@@ -375,8 +360,8 @@ pub fn launch(cpu: usize, f: fn(usize), arg: usize) -> Result<(), SmpError> {
 /// Whether `cpu` finished its last launched work (true for an idle online CPU; false for the
 /// boot CPU, which is never idle, and for CPUs that are not online).
 pub fn is_idle(cpu: usize) -> bool {
-    // Acquire pairs with the CPU's Release of IDLE after the work returned.
-    percpu_of(cpu).is_ok_and(|pc| cpu != 0 && pc.state.load(Ordering::Acquire) == IDLE)
+    // Acquire (in the mailbox) pairs with the CPU's Release of IDLE after the work returned.
+    percpu_of(cpu).is_ok_and(|pc| cpu != 0 && pc.mailbox.is_idle())
 }
 
 /// DSB then SEV: the state store is visible before any CPU waiting in WFE wakes to look.
@@ -426,32 +411,28 @@ extern "C" fn secondary_main(slot: usize) -> ! {
     let Some(me) = PERCPU.get(slot) else {
         super::halt()
     };
-    // Claim arrival first: if the boot CPU already gave up on us (ABANDONED), our index may
+    // Claim arrival first: if the boot CPU already gave up on us (abandoned), our index may
     // belong to another CPU by now, so touch nothing and park.
-    if me
-        .state
-        .compare_exchange(STARTING, ARRIVED, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    if !me.mailbox.arrive() {
         super::halt()
     }
     me.gic_ok
         .store(super::preempt::init_this_cpu().is_ok(), Ordering::Relaxed);
-    // Release: the GIC setup and `gic_ok` are visible to the boot CPU once it sees IDLE.
-    me.state.store(IDLE, Ordering::Release);
+    // Release: the GIC setup and `gic_ok` are visible to the boot CPU once it sees us up.
+    me.mailbox.ready();
     wake_all();
     loop {
-        // Acquire pairs with `launch`'s Release of POSTED.
-        while me.state.load(Ordering::Acquire) != POSTED {
+        // Acquire (in `take`) pairs with `launch`'s Release of the posted work.
+        let Some((func, arg)) = me.mailbox.take() else {
             wait_for_event();
-        }
-        let work = me.work.lock().take();
-        me.state.store(RUNNING, Ordering::Relaxed);
-        if let Some((f, arg)) = work {
-            f(arg);
-        }
-        // Release: the work's effects are visible to whoever Acquire-loads IDLE (`is_idle`).
-        me.state.store(IDLE, Ordering::Release);
+            continue;
+        };
+        // SAFETY: the only writer of a mailbox's function word is `launch`, which stores a
+        // `fn(usize)` converted to its address; converting it back yields that same function.
+        let f = unsafe { core::mem::transmute::<usize, fn(usize)>(func) };
+        f(arg);
+        // Release (in `finish`): the work's effects are visible to whoever sees it idle.
+        me.mailbox.finish();
         wake_all();
     }
 }
@@ -636,7 +617,7 @@ fn start_one(slot: usize, mpidr: u64, on: &CpuOn) -> Result<(), StartError> {
     let index = online();
     pc.index.store(index, Ordering::Relaxed);
     pc.mpidr.store(mpidr, Ordering::Relaxed);
-    pc.state.store(STARTING, Ordering::Relaxed);
+    pc.mailbox.prepare_start();
     let stacks = stacks_base(slot);
     let block = &START[slot].0;
     let set = |w: usize, v: u64| block[w].store(v, Ordering::Relaxed);
@@ -667,25 +648,20 @@ fn start_one(slot: usize, mpidr: u64, on: &CpuOn) -> Result<(), StartError> {
     let entry = hv_secondary_entry as *const () as u64;
     let ret = psci_cpu_on(on.function_id, mpidr, entry, block_pa);
     if ret != 0 {
-        pc.state.store(OFFLINE, Ordering::Relaxed);
+        pc.mailbox.reset();
         log::warn!(
             "smp: CPU_ON of MPIDR {mpidr:#x} failed: {} ({ret}); skipped",
             psci_error(ret)
         );
         return Err(StartError::Skipped);
     }
-    let arrived = wait_until(ARRIVAL_MS, || pc.state.load(Ordering::Acquire) != STARTING);
-    if !arrived
-        && pc
-            .state
-            .compare_exchange(STARTING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    {
+    let arrived = wait_until(ARRIVAL_MS, || pc.mailbox.left_starting());
+    if !arrived && pc.mailbox.abandon() {
         log::warn!("smp: MPIDR {mpidr:#x} did not come up within {ARRIVAL_MS} ms; skipped");
         return Err(StartError::SlotLost);
     }
     // Arrived: its GIC setup is bounded (the GIC driver's polls are), so this wait is too.
-    if !wait_until(ARRIVAL_MS, || pc.state.load(Ordering::Acquire) == IDLE) {
+    if !wait_until(ARRIVAL_MS, || pc.mailbox.is_up()) {
         log::error!(
             "smp: MPIDR {mpidr:#x} arrived but did not finish its setup; no further CPUs are started"
         );
