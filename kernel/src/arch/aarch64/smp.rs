@@ -531,20 +531,8 @@ fn firmware_cpus(
     }
     let madt = acpi.madt.ok_or("no MADT")?;
     let madt = iommu::firmware::madt::Madt::parse(madt.bytes).map_err(|_| "MADT malformed")?;
-    let mut count = 0;
-    let mut total = 0;
-    for cpu in madt.cpus.iter().filter(|c| c.enabled) {
-        let mpidr = cpu.mpidr & MPIDR_AFFINITY_MASK;
-        if out[..count].contains(&mpidr) {
-            log::warn!("smp: MADT lists MPIDR {mpidr:#x} twice; started once");
-            continue;
-        }
-        total += 1;
-        if count < MAX_CPUS {
-            out[count] = mpidr;
-            count += 1;
-        }
-    }
+    let list = boot::aarch64::dtb::acpi_cpus(madt.cpus.iter().map(|c| (c.mpidr, c.enabled)), out);
+    let (count, total) = (list.count, list.count + list.dropped);
     Ok((
         count,
         total,
