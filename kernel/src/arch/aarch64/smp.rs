@@ -249,6 +249,12 @@ global_asm!(
     "    bl      {main}",
     "9:  wfe",
     "    b       9b",
+    // The `smp-park=MPIDR` test knob starts that CPU here: it never arrives in Rust.
+    ".global hv_secondary_park",
+    "hv_secondary_park:",
+    "    msr     daifset, #0xf",
+    "10: wfe",
+    "    b       10b",
     ".popsection",
     hcr = const word::HCR * 8,
     cptr = const word::CPTR * 8,
@@ -268,6 +274,7 @@ global_asm!(
 
 unsafe extern "C" {
     fn hv_secondary_entry();
+    fn hv_secondary_park();
 }
 
 macro_rules! read_sysreg {
@@ -477,6 +484,31 @@ fn psci_cpu_on(function_id: u32, mpidr: u64, entry: u64, context: u64) -> i64 {
     ret as i64
 }
 
+/// CPU_ON of `mpidr` with an entry that parks, as the bring-up would call it; returns the PSCI
+/// status and its name. For `scenario=smp`, which asks for CPUs that are already on or do not
+/// exist: the firmware's answers (ALREADY_ON, INVALID_PARAMETERS) must be decoded, and nothing
+/// starts.
+pub fn cpu_on_status(mpidr: u64) -> Option<(i64, &'static str)> {
+    let on = cpu_on_method()?;
+    let ret = psci_cpu_on(
+        on.function_id,
+        mpidr,
+        hv_secondary_park as *const () as u64,
+        0,
+    );
+    Some((ret, if ret == 0 { "SUCCESS" } else { psci_error(ret) }))
+}
+
+/// CPU_ON's function ID as the bring-up found it.
+fn cpu_on_method() -> Option<CpuOn> {
+    let f = CPU_ON_ID.load(Ordering::Relaxed);
+    (f != 0).then_some(CpuOn {
+        function_id: f as u32,
+    })
+}
+
+static CPU_ON_ID: AtomicU64 = AtomicU64::new(0);
+
 /// The firmware's CPU list (MPIDR affinities) into `out`; returns how many were written, how
 /// many enabled CPUs the firmware lists (more than `MAX_CPUS` are counted, not started), and how
 /// to call CPU_ON.
@@ -557,9 +589,15 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
         super::preempt::redistributor_state().is_some(),
         Ordering::Relaxed,
     );
+    // Test knob (`aarch64-smp-park`): start this CPU at an entry that parks at once, to show
+    // that a CPU which never arrives is reported and skipped, and that indices stay dense.
+    let park = info
+        .cmdline_value("smp-park")
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
     let mut mpidrs = [0u64; MAX_CPUS];
     let (count, total) = match firmware_cpus(info, &mut mpidrs) {
         Ok((count, total, on)) => {
+            CPU_ON_ID.store(on.function_id.into(), Ordering::Relaxed);
             let me = PERCPU[0].mpidr.load(Ordering::Relaxed);
             let mut next_slot = 1;
             for &mpidr in mpidrs[..count].iter().filter(|&&m| m != me) {
@@ -569,7 +607,7 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
                     );
                     break;
                 }
-                match start_one(next_slot, mpidr, &on) {
+                match start_one(next_slot, mpidr, &on, park == Some(mpidr)) {
                     // CPU_ON refused: the slot was never used; try the next CPU in it.
                     Err(StartError::Skipped) => {}
                     Ok(()) | Err(StartError::SlotLost) => next_slot += 1,
@@ -600,7 +638,7 @@ enum StartError {
     Stop,
 }
 
-fn start_one(slot: usize, mpidr: u64, on: &CpuOn) -> Result<(), StartError> {
+fn start_one(slot: usize, mpidr: u64, on: &CpuOn, park: bool) -> Result<(), StartError> {
     let pc = &PERCPU[slot];
     let index = online();
     pc.index.store(index, Ordering::Relaxed);
@@ -633,7 +671,11 @@ fn start_one(slot: usize, mpidr: u64, on: &CpuOn) -> Result<(), StartError> {
     // secondary reads it with its MMU and caches off, from memory (see the module comment).
     // The DSB inside `clean` also orders the PerCpu stores before CPU_ON.
     unsafe { super::cache::clean(block.as_ptr().cast(), size_of::<StartBlock>()) };
-    let entry = hv_secondary_entry as *const () as u64;
+    let entry = if park {
+        hv_secondary_park as *const () as u64
+    } else {
+        hv_secondary_entry as *const () as u64
+    };
     let ret = psci_cpu_on(on.function_id, mpidr, entry, block_pa);
     if ret != 0 {
         pc.mailbox.reset();
