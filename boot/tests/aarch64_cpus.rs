@@ -205,3 +205,34 @@ fn malformed_cpu_on_is_refused() {
     let dt = DeviceTree::new(&blob).unwrap();
     assert_eq!(dt.psci_cpu_on(), Err(PsciCpuOnError::BadCpuOnProperty));
 }
+
+/// The MADT path: QEMU virt's `-smp 4` GICC entries (hw/arm/virt-acpi-build.c: MPIDR =
+/// Aff0 = CPU number, flags Enabled) and hand-made variations.
+#[test]
+fn acpi_gicc_selection() {
+    use boot::aarch64::dtb::acpi_cpus;
+    let mut out = [u64::MAX; 16];
+    let qemu = [(0, true), (1, true), (2, true), (3, true)];
+    let l = acpi_cpus(qemu, &mut out);
+    assert_eq!((l.count, l.dropped, l.disabled), (4, 0, 0));
+    assert_eq!(out[..4], [0, 1, 2, 3]);
+    // Disabled (not enabled, e.g. only Online Capable) and repeated entries are not started;
+    // bits outside the affinity fields are dropped.
+    let mixed = [
+        (0x8000_0000, true),
+        (0x1, false),
+        (0x1_0000_0102, true),
+        (0x102, true),
+        (0x0, true),
+    ];
+    let l = acpi_cpus(mixed, &mut out);
+    assert_eq!((l.count, l.dropped, l.disabled), (3, 0, 2));
+    // Aff3 = 1 (bits 39:32) is a different CPU from Aff3 = 0 with the same Aff1/Aff0.
+    assert_eq!(out[..3], [0, 0x1_0000_0102, 0x102]);
+    // More than fit.
+    let many = (0..20u64).map(|i| (i, true));
+    let mut small = [0u64; 16];
+    let l = acpi_cpus(many, &mut small);
+    assert_eq!((l.count, l.dropped), (16, 4));
+    assert_eq!(small[15], 15);
+}

@@ -350,6 +350,31 @@ pub struct CpuList {
     pub not_psci: usize,
 }
 
+/// The CPUs an ACPI MADT lists, as `(MPIDR, enabled)` per GICC entry in table order, reduced to
+/// what SMP bring-up starts: enabled entries only (ACPI 6.5 §5.2.12.14: a GICC without the
+/// Enabled flag is not usable, even if Online Capable), MPIDR cut to its affinity fields (the
+/// GICC MPIDR field holds only those; other bits are ignored rather than trusted), each MPIDR
+/// once. Fills `out` up to its length; further enabled entries are counted in
+/// [`CpuList::dropped`] (not checked for repeats), disabled and repeated ones in `disabled`.
+pub fn acpi_cpus(gicc: impl IntoIterator<Item = (u64, bool)>, out: &mut [u64]) -> CpuList {
+    let mut list = CpuList::default();
+    for (mpidr, enabled) in gicc {
+        let mpidr = mpidr & MPIDR_AFFINITY_MASK;
+        if !enabled || out[..list.count].contains(&mpidr) {
+            list.disabled += 1;
+            continue;
+        }
+        match out.get_mut(list.count) {
+            Some(slot) => {
+                *slot = mpidr;
+                list.count += 1;
+            }
+            None => list.dropped += 1,
+        }
+    }
+    list
+}
+
 /// Why the `/cpus` node could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuListError {

@@ -15,6 +15,7 @@
 
 pub mod dtb;
 pub mod efi_map;
+pub mod mailbox;
 pub mod map;
 pub use crate::spcr;
 

@@ -18,13 +18,17 @@
 //! In Rust ([`secondary_main`]) it wakes its GIC redistributor and CPU interface and enables its
 //! EL2 timer PPI (`preempt::init_this_cpu`), announces itself, and waits for work with WFE.
 //!
-//! Work hand-off, per CPU (a state word and a one-entry slot):
-//! - [`launch`] claims an `IDLE` CPU by CAS to `CLAIMED` (so two launchers cannot both post),
-//!   writes the slot, then stores `POSTED` with **Release**, and wakes the CPU (DSB + SEV);
-//! - the CPU loads `POSTED` with **Acquire**, which makes the slot and everything the launcher
-//!   wrote before the Release visible to it, runs the work, and stores `IDLE` with **Release**;
-//! - [`is_idle`] loads `IDLE` with **Acquire**, so whatever the work wrote is visible to the
+//! Work hand-off, per CPU: a [`Mailbox`] (`boot::aarch64::mailbox`, host-tested with threads),
+//! a state word and a one-entry slot:
+//! - [`launch`] claims an idle CPU by CAS (so two launchers cannot both post), writes the slot,
+//!   then publishes it with a **Release** store of POSTED, and wakes the CPU (DSB + SEV);
+//! - the CPU's **Acquire** load of POSTED makes the slot and everything the launcher wrote before
+//!   the Release visible to it; it runs the work and stores IDLE with **Release**;
+//! - [`is_idle`] loads IDLE with **Acquire**, so whatever the work wrote is visible to the
 //!   caller that saw it finish.
+//!
+//! The same word carries the bring-up handshake: the CPU's arrival and the boot CPU's time-out
+//! are both CASes on STARTING, so exactly one of them wins.
 //!
 //! TPIDR_EL2 points at the CPU's [`PerCpu`] for the life of the system; its first word is the
 //! vCPU context running on the CPU (0 when none), which the exception vectors and the EL1
@@ -32,10 +36,11 @@
 
 use core::arch::{asm, global_asm};
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use boot::BootInfo;
 use boot::aarch64::dtb::{Conduit, MPIDR_AFFINITY_MASK, PSCI_CPU_ON_64};
+use boot::aarch64::mailbox::Mailbox;
 
 pub const MAX_CPUS: usize = 16;
 
@@ -125,22 +130,6 @@ pub fn guard_owner(addr: u64) -> Option<(usize, &'static str)> {
         .map(|i| (i / 2 + 1, if i % 2 == 0 { "run" } else { "exception" }))
 }
 
-// Per-CPU state words.
-const OFFLINE: u8 = 0;
-/// CPU_ON succeeded; the CPU has not arrived in Rust yet.
-const STARTING: u8 = 1;
-/// The CPU is in Rust, setting up its GIC.
-const ARRIVED: u8 = 2;
-const IDLE: u8 = 3;
-const CLAIMED: u8 = 4;
-const POSTED: u8 = 5;
-const RUNNING: u8 = 6;
-/// The boot CPU stopped waiting for it: if it arrives later, it parks without touching anything.
-const ABANDONED: u8 = 7;
-
-/// Posted work: the function and its argument.
-type Work = (fn(usize), usize);
-
 /// What each CPU owns. TPIDR_EL2 points here; `guest_context` must stay the first field (the
 /// vectors and the world switch load it at offset 0).
 #[repr(C, align(64))]
@@ -151,10 +140,11 @@ pub struct PerCpu {
     index: AtomicUsize,
     /// MPIDR affinity fields, as the firmware listed the CPU.
     mpidr: AtomicU64,
-    state: AtomicU8,
+    /// Bring-up handshake and work hand-off (`boot::aarch64::mailbox`, which documents the
+    /// orderings and is host-tested with threads).
+    mailbox: Mailbox,
     /// Whether `preempt::init_this_cpu` succeeded on this CPU.
     gic_ok: AtomicBool,
-    work: spin::Mutex<Option<Work>>,
 }
 
 const _: () = assert!(offset_of!(PerCpu, guest_context) == 0);
@@ -165,15 +155,15 @@ impl PerCpu {
             guest_context: AtomicU64::new(0),
             index: AtomicUsize::new(0),
             mpidr: AtomicU64::new(0),
-            state: AtomicU8::new(OFFLINE),
+            mailbox: Mailbox::new(),
             gic_ok: AtomicBool::new(false),
-            work: spin::Mutex::new(None),
         }
     }
 }
 
-/// Slot 0 is the boot CPU; slot `s` ≥ 1 uses stacks `s`. Slots are never reused: a CPU that
-/// was given up on keeps its slot (it may still arrive and park on those stacks).
+/// Slot 0 is the boot CPU; slot `s` ≥ 1 uses stacks `s`. A CPU that was given up on keeps its
+/// slot for good (it may still arrive and park on those stacks); only a slot whose CPU_ON was
+/// refused is given to the next CPU.
 static PERCPU: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
 /// Dense index → slot, valid below [`ONLINE`].
 static SLOT_OF: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
@@ -181,7 +171,8 @@ static SLOT_OF: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CP
 static ONLINE: AtomicUsize = AtomicUsize::new(1);
 static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// Words the secondary reads with its MMU off, one cache line per CPU ([`hv_secondary_entry`]).
+/// Words the secondary reads with its MMU off ([`hv_secondary_entry`]): 128 bytes per CPU,
+/// aligned so that cleaning one CPU's block touches no other data.
 #[repr(C, align(128))]
 struct StartBlock([AtomicU64; START_WORDS]);
 
@@ -258,6 +249,12 @@ global_asm!(
     "    bl      {main}",
     "9:  wfe",
     "    b       9b",
+    // The `smp-park=MPIDR` test knob starts that CPU here: it never arrives in Rust.
+    ".global hv_secondary_park",
+    "hv_secondary_park:",
+    "    msr     daifset, #0xf",
+    "10: wfe",
+    "    b       10b",
     ".popsection",
     hcr = const word::HCR * 8,
     cptr = const word::CPTR * 8,
@@ -277,6 +274,7 @@ global_asm!(
 
 unsafe extern "C" {
     fn hv_secondary_entry();
+    fn hv_secondary_park();
 }
 
 macro_rules! read_sysreg {
@@ -298,7 +296,7 @@ pub(super) fn init_boot_cpu() {
         read_sysreg!("mpidr_el1") & MPIDR_AFFINITY_MASK,
         Ordering::Relaxed,
     );
-    me.state.store(RUNNING, Ordering::Relaxed);
+    me.mailbox.set_running();
     me.gic_ok.store(false, Ordering::Relaxed);
     let tpidr = me as *const PerCpu as u64;
     // SAFETY: TPIDR_EL2 is a software thread-ID register; the vectors and the world switch
@@ -357,15 +355,11 @@ pub fn launch(cpu: usize, f: fn(usize), arg: usize) -> Result<(), SmpError> {
     if cpu == 0 {
         return Err(SmpError::Busy);
     }
-    // Acquire: a previous work's effects (published by the CPU's Release of IDLE) happen
-    // before this launch; the CAS also makes this launcher the only writer of the slot.
-    pc.state
-        .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+    // The mailbox's CAS lets one launcher in; its Release store of POSTED publishes the slot
+    // and everything the caller wrote before `launch` to the CPU.
+    pc.mailbox
+        .post(f as *const () as usize, arg)
         .map_err(|_| SmpError::Busy)?;
-    *pc.work.lock() = Some((f, arg));
-    // Release: the slot and everything the caller wrote before `launch` are visible to the CPU
-    // once it Acquire-loads POSTED.
-    pc.state.store(POSTED, Ordering::Release);
     wake_all();
     Ok(())
 }
@@ -373,8 +367,8 @@ pub fn launch(cpu: usize, f: fn(usize), arg: usize) -> Result<(), SmpError> {
 /// Whether `cpu` finished its last launched work (true for an idle online CPU; false for the
 /// boot CPU, which is never idle, and for CPUs that are not online).
 pub fn is_idle(cpu: usize) -> bool {
-    // Acquire pairs with the CPU's Release of IDLE after the work returned.
-    percpu_of(cpu).is_ok_and(|pc| cpu != 0 && pc.state.load(Ordering::Acquire) == IDLE)
+    // Acquire (in the mailbox) pairs with the CPU's Release of IDLE after the work returned.
+    percpu_of(cpu).is_ok_and(|pc| cpu != 0 && pc.mailbox.is_idle())
 }
 
 /// DSB then SEV: the state store is visible before any CPU waiting in WFE wakes to look.
@@ -424,32 +418,28 @@ extern "C" fn secondary_main(slot: usize) -> ! {
     let Some(me) = PERCPU.get(slot) else {
         super::halt()
     };
-    // Claim arrival first: if the boot CPU already gave up on us (ABANDONED), our index may
+    // Claim arrival first: if the boot CPU already gave up on us (abandoned), our index may
     // belong to another CPU by now, so touch nothing and park.
-    if me
-        .state
-        .compare_exchange(STARTING, ARRIVED, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    if !me.mailbox.arrive() {
         super::halt()
     }
     me.gic_ok
         .store(super::preempt::init_this_cpu().is_ok(), Ordering::Relaxed);
-    // Release: the GIC setup and `gic_ok` are visible to the boot CPU once it sees IDLE.
-    me.state.store(IDLE, Ordering::Release);
+    // Release: the GIC setup and `gic_ok` are visible to the boot CPU once it sees us up.
+    me.mailbox.ready();
     wake_all();
     loop {
-        // Acquire pairs with `launch`'s Release of POSTED.
-        while me.state.load(Ordering::Acquire) != POSTED {
+        // Acquire (in `take`) pairs with `launch`'s Release of the posted work.
+        let Some((func, arg)) = me.mailbox.take() else {
             wait_for_event();
-        }
-        let work = me.work.lock().take();
-        me.state.store(RUNNING, Ordering::Relaxed);
-        if let Some((f, arg)) = work {
-            f(arg);
-        }
-        // Release: the work's effects are visible to whoever Acquire-loads IDLE (`is_idle`).
-        me.state.store(IDLE, Ordering::Release);
+            continue;
+        };
+        // SAFETY: the only writer of a mailbox's function word is `launch`, which stores a
+        // `fn(usize)` converted to its address; converting it back yields that same function.
+        let f = unsafe { core::mem::transmute::<usize, fn(usize)>(func) };
+        f(arg);
+        // Release (in `finish`): the work's effects are visible to whoever sees it idle.
+        me.mailbox.finish();
         wake_all();
     }
 }
@@ -493,6 +483,31 @@ fn psci_cpu_on(function_id: u32, mpidr: u64, entry: u64, context: u64) -> i64 {
     }
     ret as i64
 }
+
+/// CPU_ON of `mpidr` with an entry that parks, as the bring-up would call it; returns the PSCI
+/// status and its name. For `scenario=smp`, which asks for CPUs that are already on or do not
+/// exist: the firmware's answers (ALREADY_ON, INVALID_PARAMETERS) must be decoded, and nothing
+/// starts.
+pub fn cpu_on_status(mpidr: u64) -> Option<(i64, &'static str)> {
+    let on = cpu_on_method()?;
+    let ret = psci_cpu_on(
+        on.function_id,
+        mpidr,
+        hv_secondary_park as *const () as u64,
+        0,
+    );
+    Some((ret, if ret == 0 { "SUCCESS" } else { psci_error(ret) }))
+}
+
+/// CPU_ON's function ID as the bring-up found it.
+fn cpu_on_method() -> Option<CpuOn> {
+    let f = CPU_ON_ID.load(Ordering::Relaxed);
+    (f != 0).then_some(CpuOn {
+        function_id: f as u32,
+    })
+}
+
+static CPU_ON_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The firmware's CPU list (MPIDR affinities) into `out`; returns how many were written, how
 /// many enabled CPUs the firmware lists (more than `MAX_CPUS` are counted, not started), and how
@@ -548,20 +563,8 @@ fn firmware_cpus(
     }
     let madt = acpi.madt.ok_or("no MADT")?;
     let madt = iommu::firmware::madt::Madt::parse(madt.bytes).map_err(|_| "MADT malformed")?;
-    let mut count = 0;
-    let mut total = 0;
-    for cpu in madt.cpus.iter().filter(|c| c.enabled) {
-        let mpidr = cpu.mpidr & MPIDR_AFFINITY_MASK;
-        if out[..count].contains(&mpidr) {
-            log::warn!("smp: MADT lists MPIDR {mpidr:#x} twice; started once");
-            continue;
-        }
-        total += 1;
-        if count < MAX_CPUS {
-            out[count] = mpidr;
-            count += 1;
-        }
-    }
+    let list = boot::aarch64::dtb::acpi_cpus(madt.cpus.iter().map(|c| (c.mpidr, c.enabled)), out);
+    let (count, total) = (list.count, list.count + list.dropped);
     Ok((
         count,
         total,
@@ -586,9 +589,15 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
         super::preempt::redistributor_state().is_some(),
         Ordering::Relaxed,
     );
+    // Test knob (`aarch64-smp-park`): start this CPU at an entry that parks at once, to show
+    // that a CPU which never arrives is reported and skipped, and that indices stay dense.
+    let park = info
+        .cmdline_value("smp-park")
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
     let mut mpidrs = [0u64; MAX_CPUS];
     let (count, total) = match firmware_cpus(info, &mut mpidrs) {
         Ok((count, total, on)) => {
+            CPU_ON_ID.store(on.function_id.into(), Ordering::Relaxed);
             let me = PERCPU[0].mpidr.load(Ordering::Relaxed);
             let mut next_slot = 1;
             for &mpidr in mpidrs[..count].iter().filter(|&&m| m != me) {
@@ -598,7 +607,7 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
                     );
                     break;
                 }
-                match start_one(next_slot, mpidr, &on) {
+                match start_one(next_slot, mpidr, &on, park == Some(mpidr)) {
                     // CPU_ON refused: the slot was never used; try the next CPU in it.
                     Err(StartError::Skipped) => {}
                     Ok(()) | Err(StartError::SlotLost) => next_slot += 1,
@@ -629,12 +638,12 @@ enum StartError {
     Stop,
 }
 
-fn start_one(slot: usize, mpidr: u64, on: &CpuOn) -> Result<(), StartError> {
+fn start_one(slot: usize, mpidr: u64, on: &CpuOn, park: bool) -> Result<(), StartError> {
     let pc = &PERCPU[slot];
     let index = online();
     pc.index.store(index, Ordering::Relaxed);
     pc.mpidr.store(mpidr, Ordering::Relaxed);
-    pc.state.store(STARTING, Ordering::Relaxed);
+    pc.mailbox.prepare_start();
     let stacks = stacks_base(slot);
     let block = &START[slot].0;
     let set = |w: usize, v: u64| block[w].store(v, Ordering::Relaxed);
@@ -662,28 +671,27 @@ fn start_one(slot: usize, mpidr: u64, on: &CpuOn) -> Result<(), StartError> {
     // secondary reads it with its MMU and caches off, from memory (see the module comment).
     // The DSB inside `clean` also orders the PerCpu stores before CPU_ON.
     unsafe { super::cache::clean(block.as_ptr().cast(), size_of::<StartBlock>()) };
-    let entry = hv_secondary_entry as *const () as u64;
+    let entry = if park {
+        hv_secondary_park as *const () as u64
+    } else {
+        hv_secondary_entry as *const () as u64
+    };
     let ret = psci_cpu_on(on.function_id, mpidr, entry, block_pa);
     if ret != 0 {
-        pc.state.store(OFFLINE, Ordering::Relaxed);
+        pc.mailbox.reset();
         log::warn!(
             "smp: CPU_ON of MPIDR {mpidr:#x} failed: {} ({ret}); skipped",
             psci_error(ret)
         );
         return Err(StartError::Skipped);
     }
-    let arrived = wait_until(ARRIVAL_MS, || pc.state.load(Ordering::Acquire) != STARTING);
-    if !arrived
-        && pc
-            .state
-            .compare_exchange(STARTING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    {
+    let arrived = wait_until(ARRIVAL_MS, || pc.mailbox.left_starting());
+    if !arrived && pc.mailbox.abandon() {
         log::warn!("smp: MPIDR {mpidr:#x} did not come up within {ARRIVAL_MS} ms; skipped");
         return Err(StartError::SlotLost);
     }
     // Arrived: its GIC setup is bounded (the GIC driver's polls are), so this wait is too.
-    if !wait_until(ARRIVAL_MS, || pc.state.load(Ordering::Acquire) == IDLE) {
+    if !wait_until(ARRIVAL_MS, || pc.mailbox.is_up()) {
         log::error!(
             "smp: MPIDR {mpidr:#x} arrived but did not finish its setup; no further CPUs are started"
         );

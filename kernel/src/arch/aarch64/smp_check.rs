@@ -13,6 +13,8 @@
 //!   increments of one counter all land;
 //! - `launch` refuses a busy CPU, the boot CPU, an index past the online CPUs and one past
 //!   `MAX_CPUS`;
+//! - the firmware's CPU_ON refusals are decoded: ALREADY_ON for an online CPU,
+//!   INVALID_PARAMETERS for an MPIDR no CPU has (QEMU target/arm/arm-powerctl.c);
 //! - the guard page under each secondary stack is unmapped in the EL2 tables (an `AT S1E2R`
 //!   walk faults) while the stack page above it is mapped Normal.
 //!
@@ -233,6 +235,20 @@ pub fn run(info: &boot::BootInfo) -> u32 {
         || !done
     {
         fail(format_args!("launch refusals"));
+    }
+
+    // The firmware's refusals, decoded: CPU_ON of a CPU that is on, and of an MPIDR no CPU has
+    // (Aff2 = 0xff). Neither starts anything (the entry would park anyway).
+    let cpu1 = smp::mpidr_of(1).unwrap_or(0);
+    let again = smp::cpu_on_status(cpu1);
+    let nobody = smp::cpu_on_status(0xff_0000);
+    crate::println!(
+        "smp: CPU_ON of MPIDR {cpu1:#x} (online): {:?}; of MPIDR 0xff0000 (absent): {:?}",
+        again.map_or("no CPU_ON", |r| r.1),
+        nobody.map_or("no CPU_ON", |r| r.1)
+    );
+    if again.map(|r| r.0) != Some(-4) || nobody.map(|r| r.0) != Some(-2) {
+        fail(format_args!("PSCI refusals"));
     }
 
     // Guard pages, by the MMU's own walk of the live EL2 tables.
