@@ -167,6 +167,33 @@ pub fn this_cpu_ticks() -> u64 {
     PER_CPU[cpu_index()].ticks.load(Ordering::Relaxed)
 }
 
+/// Which secondary CPU's guard page holds `cr2` or `rsp` (the exception report's "stack
+/// overflow" line): (CPU index, stack name, guard address).
+pub fn guard_hit(cr2: u64, rsp: u64) -> Option<(usize, &'static str, u64)> {
+    const NAMES: [&str; 4] = ["main", "IST1 (#DF)", "IST2 (NMI)", "IST3 (#MC)"];
+    (1..MAX_CPUS).find_map(|cpu| {
+        PER_CPU[cpu]
+            .guards
+            .iter()
+            .zip(NAMES)
+            .map(|(g, name)| (g.load(Ordering::Relaxed), name))
+            .find(|&(g, _)| {
+                g != 0 && ((g..g + PAGE).contains(&cr2) || (g..g + PAGE).contains(&rsp))
+            })
+            .map(|(g, name)| (cpu, name, g))
+    })
+}
+
+/// Which of the calling secondary CPU's IST stacks (1-3) holds `addr`, for the exception report.
+pub fn this_cpu_ist(addr: u64) -> Option<u8> {
+    let cpu = &PER_CPU[cpu_index()];
+    (1u8..)
+        .zip(&cpu.ist_tops)
+        .map(|(n, top)| (n, top.load(Ordering::Relaxed)))
+        .find(|&(_, top)| top != 0 && (top - PAGE * IST_STACK_PAGES..top).contains(&addr))
+        .map(|(n, _)| n)
+}
+
 /// CPUs online, the boot CPU included.
 pub fn online() -> usize {
     ONLINE.load(Ordering::Acquire)
@@ -622,6 +649,23 @@ fn observe(arg: usize) {
     );
 }
 
+/// `scenario=smp smp-test=stack-overflow`: recursion on cpu1 until its main stack runs into its
+/// guard page; the #PF cannot be delivered on that stack, so cpu1 takes #DF on its own IST1,
+/// whose report names the guard and ends the run with a failure status. Returning here means
+/// the overflow went unnoticed.
+fn overflow_on_cpu1() -> u32 {
+    fn overflow(_: usize) {
+        core::hint::black_box(super::super::overflow_stack(0));
+    }
+    if let Err(e) = launch(1, overflow, 0) {
+        println!("smp: FAILED: launch on cpu1: {e:?}");
+        return crate::EXIT_FAILURE;
+    }
+    wait_idle(1);
+    println!("smp: FAILED: cpu1 overflowed its stack without a fault");
+    crate::EXIT_FAILURE
+}
+
 /// Work that holds its CPU until `RELEASE` is set (for the Busy check).
 static RELEASE: AtomicBool = AtomicBool::new(false);
 fn hold(_: usize) {
@@ -645,8 +689,11 @@ fn wait_idle(cpu: usize) -> bool {
 /// its own CPU against what bring-up set up for it (APIC ID from the MADT, the index it was
 /// launched on, SVM with a host save area distinct per CPU, its main stack's guard page not
 /// present in the page tables); then the launch errors. Returns the exit status.
-pub fn scenario() -> u32 {
+pub fn scenario(info: &BootInfo) -> u32 {
     let n = online();
+    if info.cmdline_value("smp-test") == Some("stack-overflow") {
+        return overflow_on_cpu1();
+    }
     let mut failed = 0;
     let mut fail = |what: core::fmt::Arguments<'_>| {
         println!("smp: FAILED: {what}");
