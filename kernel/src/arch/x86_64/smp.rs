@@ -70,6 +70,8 @@ pub struct PerCpu {
     svm: AtomicU8,
     /// Local APIC brought up in the boot CPU's mode.
     apic_ok: AtomicBool,
+    /// Set by the CPU itself on entering Rust code (its slot's GDT/TSS may then be in use).
+    entered: AtomicBool,
     /// Set (Release) by the CPU itself once its setup is complete; read with Acquire.
     online: AtomicBool,
     /// Main stack top and the four guard pages (main, #DF, NMI, #MC), physical = identity.
@@ -87,6 +89,7 @@ impl PerCpu {
             apic_id: AtomicU32::new(0),
             svm: AtomicU8::new(0),
             apic_ok: AtomicBool::new(false),
+            entered: AtomicBool::new(false),
             online: AtomicBool::new(false),
             stack_top: AtomicU64::new(0),
             guards: [const { AtomicU64::new(0) }; 4],
@@ -471,7 +474,7 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
     };
     let bsp_listed = cpus.ids().contains(&bsp_id);
     let listed = cpus.enabled() + usize::from(!bsp_listed);
-    let mut aps = cpus.ids().iter().copied().filter(|&id| id != bsp_id);
+    let aps = cpus.ids().iter().copied().filter(|&id| id != bsp_id);
     if cpus.hotplug > 0 {
         log::info!("smp: {} hot-pluggable CPUs not started", cpus.hotplug);
     }
@@ -493,10 +496,15 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
         println!("smp: 1 of {listed} CPUs online (trampoline does not fit or CR3 above 4 GiB)");
         return 1;
     }
-    for id in aps.by_ref() {
+    // `smp-test=silent-cpu`: the first secondary is told to expect another APIC ID, so it parks
+    // in the trampoline and never answers (the timeout path, and the ID check itself).
+    let mut silence_next = info.cmdline_value("smp-test") == Some("silent-cpu");
+    let mut beyond = cpus.dropped;
+    for id in aps {
         let index = online();
         if index == MAX_CPUS {
-            break;
+            beyond += 1;
+            continue;
         }
         let cpu = &PER_CPU[index];
         if let Err(e) = prepare_stacks(cpu) {
@@ -504,7 +512,12 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
             continue;
         }
         cpu.apic_id.store(id, Ordering::Relaxed);
-        put(page, D_APIC_ID, &id.to_le_bytes());
+        let expected = if core::mem::take(&mut silence_next) {
+            id ^ 0x8000_0000
+        } else {
+            id
+        };
+        put(page, D_APIC_ID, &expected.to_le_bytes());
         put(
             page,
             D_STACK,
@@ -533,11 +546,16 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
             let _ = apic::send_init(id);
             let why = started.err().unwrap_or("did not answer within 1 s");
             println!("smp: CPU with APIC ID {id} skipped: {why}");
+            if cpu.entered.load(Ordering::Acquire) {
+                // It got as far as its slot's GDT/TSS (loaded once per slot): the slot cannot
+                // be given to another CPU, and indices stay dense, so stop here.
+                println!("smp: it had entered the hypervisor; no further CPUs started");
+                break;
+            }
         }
     }
     // The trampoline's ID check stops anything that still wakes up.
     put(page, D_APIC_ID, &u32::MAX.to_le_bytes());
-    let beyond = aps.count() + cpus.dropped;
     if beyond > 0 {
         println!("smp: {beyond} more CPUs not started (MAX_CPUS = {MAX_CPUS})");
     }
@@ -560,6 +578,7 @@ extern "C" fn x86_64_ap_entry(index: usize) -> ! {
         super::halt()
     };
     set_gs_base(cpu);
+    cpu.entered.store(true, Ordering::Release);
     let ist = [
         cpu.ist_tops[0].load(Ordering::Relaxed),
         cpu.ist_tops[1].load(Ordering::Relaxed),
@@ -606,6 +625,7 @@ struct Observed {
     hsave: AtomicU64,
     guard_mapped: AtomicBool,
     stack_mapped: AtomicBool,
+    ticks: AtomicU64,
 }
 
 static OBSERVED: [Observed; MAX_CPUS] = [const {
@@ -617,6 +637,7 @@ static OBSERVED: [Observed; MAX_CPUS] = [const {
         hsave: AtomicU64::new(0),
         guard_mapped: AtomicBool::new(true),
         stack_mapped: AtomicBool::new(false),
+        ticks: AtomicU64::new(0),
     }
 }; MAX_CPUS];
 
@@ -633,6 +654,19 @@ fn observe(arg: usize) {
             .store(rdmsr(IA32_EFER) & EFER_SVME != 0, Ordering::Relaxed);
         o.hsave.store(rdmsr(VM_HSAVE_PA), Ordering::Relaxed);
     }
+    // This CPU's own local APIC timer, through the shared IDT, counted in its own PerCpu.
+    let before = this_cpu_ticks();
+    apic::arm_timer(100_000);
+    ::x86_64::instructions::interrupts::enable();
+    for _ in 0..10_000_000 {
+        if this_cpu_ticks() != before {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    ::x86_64::instructions::interrupts::disable();
+    apic::arm_timer(0);
+    o.ticks.store(this_cpu_ticks() - before, Ordering::Relaxed);
     let guard = PER_CPU[index].guards[0].load(Ordering::Relaxed);
     o.guard_mapped
         .store(paging::is_mapped(guard), Ordering::Relaxed);
@@ -699,6 +733,7 @@ pub fn scenario(info: &BootInfo) -> u32 {
         println!("smp: FAILED: {what}");
         failed += 1;
     };
+    let boot_ticks = this_cpu_ticks();
     for cpu in 1..n {
         if let Err(e) = launch(cpu, observe, 0x5a00 + cpu) {
             fail(format_args!("launch on cpu{cpu}: {e:?}"));
@@ -737,6 +772,12 @@ pub fn scenario(info: &BootInfo) -> u32 {
                 ));
             }
         }
+        let ticks = o.ticks.load(Ordering::Relaxed);
+        if ticks > 0 {
+            println!("smp: cpu{cpu} took {ticks} timer interrupt(s) from its own local APIC");
+        } else {
+            fail(format_args!("cpu{cpu}: no timer interrupt"));
+        }
         let guard = PER_CPU[cpu].guards[0].load(Ordering::Relaxed);
         if !o.guard_mapped.load(Ordering::Relaxed) && o.stack_mapped.load(Ordering::Relaxed) {
             println!(
@@ -747,6 +788,11 @@ pub fn scenario(info: &BootInfo) -> u32 {
                 "cpu{cpu}: stack guard {guard:#x} mapped, or stack not"
             ));
         }
+    }
+    if this_cpu_ticks() != boot_ticks {
+        fail(format_args!(
+            "the boot CPU counted the secondaries' timer interrupts"
+        ));
     }
     if n > 1 {
         RELEASE.store(false, Ordering::Release);
