@@ -78,7 +78,7 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "vtd" => scenarios::vtd::run(info, platform),
         "abi" => scenarios::abi::run(info, platform),
         #[cfg(target_arch = "x86_64")]
-        "smp" => arch::smp::scenario(),
+        "smp" => arch::smp::scenario(info),
         "guests" => guest::run(info, platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, platform),

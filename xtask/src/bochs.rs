@@ -70,7 +70,7 @@ pub fn command(s: &Scenario, image: &Image, model: &str) -> Result<Run> {
     let megs = memory_megs(&s.memory)?;
     let rc = format!(
         "megs: {megs}\n\
-         cpu: model={model}, count=1, ips=100000000\n\
+         cpu: model={model}, count={count}, ips=100000000\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
          ata0-master: type=cdrom, path={iso}, status=inserted\n\
@@ -81,6 +81,7 @@ pub fn command(s: &Scenario, image: &Image, model: &str) -> Result<Run> {
          panic: action=fatal\n\
          clock: sync=none, time0=local\n\
          speaker: enabled=0\n",
+        count = s.bochs_cpus.clamp(1, 16),
         iso = iso.display(),
         serial = serial.display(),
         log = dir.join("bochs.log").display(),

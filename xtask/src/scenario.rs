@@ -86,6 +86,13 @@ pub struct Scenario {
     /// Run under Bochs instead of QEMU with this `cpu: model=` (`bochs.rs`): VMX needs
     /// `corei7_haswell_4770`. `machine`, `devices` and `qemu_args` do not apply there.
     pub bochs_cpu: Option<String>,
+    /// Bochs `cpu: count=` (logical CPUs; default 1). QEMU scenarios pass `-smp` in `qemu_args`.
+    #[serde(default = "default_bochs_cpus")]
+    pub bochs_cpus: u32,
+}
+
+fn default_bochs_cpus() -> u32 {
+    1
 }
 
 fn default_memory() -> String {
@@ -118,6 +125,7 @@ impl Scenario {
             status: 0,
             guests: Vec::new(),
             bochs_cpu: None,
+            bochs_cpus: default_bochs_cpus(),
         }
     }
 }

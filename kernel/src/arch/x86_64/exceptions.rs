@@ -301,10 +301,14 @@ fn report(f: &TrapFrame) {
     let vector = f.vector as usize;
     let name = NAMES.get(vector).copied().unwrap_or("unknown vector");
     out!(
-        "\n*** x86_64 exception {vector} ({name}), error code {:#x}{}\n",
+        "\n*** x86_64 exception {vector} ({name}), error code {:#x}{}",
         f.error_code,
         ErrorCode(f)
     );
+    match super::smp::cpu_index() {
+        0 => out!("\n"),
+        cpu => out!(" on cpu{cpu}\n"),
+    }
     out!(
         "    RIP {:#018x}  CS {:#06x}  RFLAGS {:#010x}  RSP {:#018x}  SS {:#06x}\n",
         f.rip,
@@ -321,9 +325,11 @@ fn report(f: &TrapFrame) {
     }
     out!("CR3 {:#018x}", cr3.start_address().as_u64());
     let here = f as *const TrapFrame as u64;
-    if let Some((n, _, _)) = super::gdt::ist_stacks()
+    if let Some(n) = super::gdt::ist_stacks()
         .into_iter()
         .find(|&(_, lo, hi)| (lo..hi).contains(&here))
+        .map(|(n, _, _)| n)
+        .or_else(|| super::smp::this_cpu_ist(here))
     {
         out!("  (handler on IST{n})");
     }
@@ -339,6 +345,10 @@ fn report(f: &TrapFrame) {
         if let Some((stack, g)) = guard {
             out!(
                 "*** stack overflow: the {stack} stack ran into its guard page at {g:#x} (CR2 {cr2:#x})\n"
+            );
+        } else if let Some((cpu, stack, g)) = super::smp::guard_hit(cr2, f.rsp) {
+            out!(
+                "*** stack overflow: cpu{cpu}'s {stack} stack ran into its guard page at {g:#x} (CR2 {cr2:#x})\n"
             );
         }
     }

@@ -70,6 +70,8 @@ pub struct PerCpu {
     svm: AtomicU8,
     /// Local APIC brought up in the boot CPU's mode.
     apic_ok: AtomicBool,
+    /// Set by the CPU itself on entering Rust code (its slot's GDT/TSS may then be in use).
+    entered: AtomicBool,
     /// Set (Release) by the CPU itself once its setup is complete; read with Acquire.
     online: AtomicBool,
     /// Main stack top and the four guard pages (main, #DF, NMI, #MC), physical = identity.
@@ -87,6 +89,7 @@ impl PerCpu {
             apic_id: AtomicU32::new(0),
             svm: AtomicU8::new(0),
             apic_ok: AtomicBool::new(false),
+            entered: AtomicBool::new(false),
             online: AtomicBool::new(false),
             stack_top: AtomicU64::new(0),
             guards: [const { AtomicU64::new(0) }; 4],
@@ -165,6 +168,33 @@ pub fn cpu_index() -> usize {
 /// Timer ticks of the calling CPU.
 pub fn this_cpu_ticks() -> u64 {
     PER_CPU[cpu_index()].ticks.load(Ordering::Relaxed)
+}
+
+/// Which secondary CPU's guard page holds `cr2` or `rsp` (the exception report's "stack
+/// overflow" line): (CPU index, stack name, guard address).
+pub fn guard_hit(cr2: u64, rsp: u64) -> Option<(usize, &'static str, u64)> {
+    const NAMES: [&str; 4] = ["main", "IST1 (#DF)", "IST2 (NMI)", "IST3 (#MC)"];
+    (1..MAX_CPUS).find_map(|cpu| {
+        PER_CPU[cpu]
+            .guards
+            .iter()
+            .zip(NAMES)
+            .map(|(g, name)| (g.load(Ordering::Relaxed), name))
+            .find(|&(g, _)| {
+                g != 0 && ((g..g + PAGE).contains(&cr2) || (g..g + PAGE).contains(&rsp))
+            })
+            .map(|(g, name)| (cpu, name, g))
+    })
+}
+
+/// Which of the calling secondary CPU's IST stacks (1-3) holds `addr`, for the exception report.
+pub fn this_cpu_ist(addr: u64) -> Option<u8> {
+    let cpu = &PER_CPU[cpu_index()];
+    (1u8..)
+        .zip(&cpu.ist_tops)
+        .map(|(n, top)| (n, top.load(Ordering::Relaxed)))
+        .find(|&(_, top)| top != 0 && (top - PAGE * IST_STACK_PAGES..top).contains(&addr))
+        .map(|(n, _)| n)
 }
 
 /// CPUs online, the boot CPU included.
@@ -444,7 +474,7 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
     };
     let bsp_listed = cpus.ids().contains(&bsp_id);
     let listed = cpus.enabled() + usize::from(!bsp_listed);
-    let mut aps = cpus.ids().iter().copied().filter(|&id| id != bsp_id);
+    let aps = cpus.ids().iter().copied().filter(|&id| id != bsp_id);
     if cpus.hotplug > 0 {
         log::info!("smp: {} hot-pluggable CPUs not started", cpus.hotplug);
     }
@@ -466,10 +496,15 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
         println!("smp: 1 of {listed} CPUs online (trampoline does not fit or CR3 above 4 GiB)");
         return 1;
     }
-    for id in aps.by_ref() {
+    // `smp-test=silent-cpu`: the first secondary is told to expect another APIC ID, so it parks
+    // in the trampoline and never answers (the timeout path, and the ID check itself).
+    let mut silence_next = info.cmdline_value("smp-test") == Some("silent-cpu");
+    let mut beyond = cpus.dropped;
+    for id in aps {
         let index = online();
         if index == MAX_CPUS {
-            break;
+            beyond += 1;
+            continue;
         }
         let cpu = &PER_CPU[index];
         if let Err(e) = prepare_stacks(cpu) {
@@ -477,7 +512,12 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
             continue;
         }
         cpu.apic_id.store(id, Ordering::Relaxed);
-        put(page, D_APIC_ID, &id.to_le_bytes());
+        let expected = if core::mem::take(&mut silence_next) {
+            id ^ 0x8000_0000
+        } else {
+            id
+        };
+        put(page, D_APIC_ID, &expected.to_le_bytes());
         put(
             page,
             D_STACK,
@@ -506,11 +546,16 @@ pub fn start_secondaries(info: &'static BootInfo) -> usize {
             let _ = apic::send_init(id);
             let why = started.err().unwrap_or("did not answer within 1 s");
             println!("smp: CPU with APIC ID {id} skipped: {why}");
+            if cpu.entered.load(Ordering::Acquire) {
+                // It got as far as its slot's GDT/TSS (loaded once per slot): the slot cannot
+                // be given to another CPU, and indices stay dense, so stop here.
+                println!("smp: it had entered the hypervisor; no further CPUs started");
+                break;
+            }
         }
     }
     // The trampoline's ID check stops anything that still wakes up.
     put(page, D_APIC_ID, &u32::MAX.to_le_bytes());
-    let beyond = aps.count() + cpus.dropped;
     if beyond > 0 {
         println!("smp: {beyond} more CPUs not started (MAX_CPUS = {MAX_CPUS})");
     }
@@ -533,6 +578,7 @@ extern "C" fn x86_64_ap_entry(index: usize) -> ! {
         super::halt()
     };
     set_gs_base(cpu);
+    cpu.entered.store(true, Ordering::Release);
     let ist = [
         cpu.ist_tops[0].load(Ordering::Relaxed),
         cpu.ist_tops[1].load(Ordering::Relaxed),
@@ -579,6 +625,7 @@ struct Observed {
     hsave: AtomicU64,
     guard_mapped: AtomicBool,
     stack_mapped: AtomicBool,
+    ticks: AtomicU64,
 }
 
 static OBSERVED: [Observed; MAX_CPUS] = [const {
@@ -590,6 +637,7 @@ static OBSERVED: [Observed; MAX_CPUS] = [const {
         hsave: AtomicU64::new(0),
         guard_mapped: AtomicBool::new(true),
         stack_mapped: AtomicBool::new(false),
+        ticks: AtomicU64::new(0),
     }
 }; MAX_CPUS];
 
@@ -606,6 +654,19 @@ fn observe(arg: usize) {
             .store(rdmsr(IA32_EFER) & EFER_SVME != 0, Ordering::Relaxed);
         o.hsave.store(rdmsr(VM_HSAVE_PA), Ordering::Relaxed);
     }
+    // This CPU's own local APIC timer, through the shared IDT, counted in its own PerCpu.
+    let before = this_cpu_ticks();
+    apic::arm_timer(100_000);
+    ::x86_64::instructions::interrupts::enable();
+    for _ in 0..10_000_000 {
+        if this_cpu_ticks() != before {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    ::x86_64::instructions::interrupts::disable();
+    apic::arm_timer(0);
+    o.ticks.store(this_cpu_ticks() - before, Ordering::Relaxed);
     let guard = PER_CPU[index].guards[0].load(Ordering::Relaxed);
     o.guard_mapped
         .store(paging::is_mapped(guard), Ordering::Relaxed);
@@ -620,6 +681,23 @@ fn observe(arg: usize) {
             "xAPIC ID register"
         }
     );
+}
+
+/// `scenario=smp smp-test=stack-overflow`: recursion on cpu1 until its main stack runs into its
+/// guard page; the #PF cannot be delivered on that stack, so cpu1 takes #DF on its own IST1,
+/// whose report names the guard and ends the run with a failure status. Returning here means
+/// the overflow went unnoticed.
+fn overflow_on_cpu1() -> u32 {
+    fn overflow(_: usize) {
+        core::hint::black_box(super::super::overflow_stack(0));
+    }
+    if let Err(e) = launch(1, overflow, 0) {
+        println!("smp: FAILED: launch on cpu1: {e:?}");
+        return crate::EXIT_FAILURE;
+    }
+    wait_idle(1);
+    println!("smp: FAILED: cpu1 overflowed its stack without a fault");
+    crate::EXIT_FAILURE
 }
 
 /// Work that holds its CPU until `RELEASE` is set (for the Busy check).
@@ -645,13 +723,17 @@ fn wait_idle(cpu: usize) -> bool {
 /// its own CPU against what bring-up set up for it (APIC ID from the MADT, the index it was
 /// launched on, SVM with a host save area distinct per CPU, its main stack's guard page not
 /// present in the page tables); then the launch errors. Returns the exit status.
-pub fn scenario() -> u32 {
+pub fn scenario(info: &BootInfo) -> u32 {
     let n = online();
+    if info.cmdline_value("smp-test") == Some("stack-overflow") {
+        return overflow_on_cpu1();
+    }
     let mut failed = 0;
     let mut fail = |what: core::fmt::Arguments<'_>| {
         println!("smp: FAILED: {what}");
         failed += 1;
     };
+    let boot_ticks = this_cpu_ticks();
     for cpu in 1..n {
         if let Err(e) = launch(cpu, observe, 0x5a00 + cpu) {
             fail(format_args!("launch on cpu{cpu}: {e:?}"));
@@ -690,6 +772,12 @@ pub fn scenario() -> u32 {
                 ));
             }
         }
+        let ticks = o.ticks.load(Ordering::Relaxed);
+        if ticks > 0 {
+            println!("smp: cpu{cpu} took {ticks} timer interrupt(s) from its own local APIC");
+        } else {
+            fail(format_args!("cpu{cpu}: no timer interrupt"));
+        }
         let guard = PER_CPU[cpu].guards[0].load(Ordering::Relaxed);
         if !o.guard_mapped.load(Ordering::Relaxed) && o.stack_mapped.load(Ordering::Relaxed) {
             println!(
@@ -700,6 +788,11 @@ pub fn scenario() -> u32 {
                 "cpu{cpu}: stack guard {guard:#x} mapped, or stack not"
             ));
         }
+    }
+    if this_cpu_ticks() != boot_ticks {
+        fail(format_args!(
+            "the boot CPU counted the secondaries' timer interrupts"
+        ));
     }
     if n > 1 {
         RELEASE.store(false, Ordering::Release);
