@@ -712,6 +712,15 @@ pub fn selftest() -> Result<(), &'static str> {
             return Err("an MMIO window over firmware data was granted");
         }
     }
+    // The secondary-CPU start page, when carved out: neither firmware data nor registers.
+    #[cfg(target_arch = "x86_64")]
+    if LEDGER.lock().trampoline.is_some()
+        && (firmware_bytes(TRAMPOLINE_PA, 16).is_ok()
+            || firmware_bytes(0, 0x10_0000).is_ok()
+            || MmioRegion::new(TRAMPOLINE_PA, PAGE_SIZE).is_ok())
+    {
+        return Err("a view over the secondary-CPU trampoline page was granted");
+    }
     // The console's registers (claimed at `init`): never firmware.
     if let Some((base, _)) = arch::console_mmio()
         && firmware_bytes(base, 16).is_ok()

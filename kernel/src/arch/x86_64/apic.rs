@@ -8,6 +8,10 @@
 //! IA32_APIC_BASE, SDM §11.4.1), which Bochs's `ryzen` model needs. The xAPIC page is claimed
 //! through the direct map's MMIO ledger like any device's registers.
 //!
+//! Every CPU runs its own local APIC the same way: [`init_timer`] chooses the interface on the
+//! boot CPU, [`init_secondary`] repeats the setup on each secondary CPU (`smp`), and
+//! [`arm_timer`] / [`ticks`] act on the calling CPU (the tick count lives in its `PerCpu`).
+//!
 //! Everything else that could interrupt is masked: the legacy 8259 PICs (whose firmware-default
 //! vectors 8-15 would look like exceptions) and LVT LINT0 (ExtINT), so an INTR exit always means
 //! the time slice ended.

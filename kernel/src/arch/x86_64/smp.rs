@@ -62,7 +62,9 @@ const PAGE: u64 = 4096;
 pub struct PerCpu {
     /// Dense index (0 = boot CPU), read by [`cpu_index`] at GS:[INDEX_OFFSET].
     index: AtomicUsize,
-    /// Timer interrupts taken on this CPU; the timer ISR increments GS:[TICKS_OFFSET].
+    /// Timer interrupts taken on this CPU; the timer ISR increments GS:[TICKS_OFFSET] with a
+    /// plain aligned 8-byte `inc` (only this CPU writes it, and an aligned quadword access is
+    /// single-copy atomic, SDM §9.1.1, so atomic loads elsewhere never see a torn value).
     ticks: AtomicU64,
     /// Local APIC ID (from the MADT; the CPU checks it against its own in the trampoline).
     apic_id: AtomicU32,

@@ -98,14 +98,19 @@ static PER_CPU: [Once<SvmEnabled>; crate::arch::smp::MAX_CPUS] =
 /// Switches SVM on for the calling CPU (once; later calls on the same CPU return the same
 /// proof): CPUID checks, then EFER.SVME and this CPU's own host save area ([`asm::enable`]).
 /// Every CPU that runs guests calls it; `arch::smp` calls it on each secondary CPU at bring-up.
+/// After the first call it is one GS-relative load and an atomic check (no CPUID, which exits
+/// when the hypervisor itself runs virtualized), so vCPU code may call it before every run.
 pub fn enable_this_cpu() -> Result<&'static SvmEnabled, &'static str> {
+    let slot = PER_CPU
+        .get(crate::arch::smp::cpu_index())
+        .ok_or("CPU index out of range")?;
+    if let Some(cpu) = slot.get() {
+        return Ok(cpu);
+    }
     let max_ext = __cpuid(0x8000_0000).eax;
     if max_ext < 0x8000_0001 || __cpuid(0x8000_0001).ecx & (1 << 2) == 0 {
         return Err("CPU has no SVM (CPUID 8000_0001h ECX.SVM = 0)");
     }
-    let slot = PER_CPU
-        .get(crate::arch::smp::cpu_index())
-        .ok_or("CPU index out of range")?;
     slot.try_call_once(|| {
         let no_mem = "out of memory for SVM structures";
         let hsave = HostSaveArea::new().ok_or(no_mem)?;
