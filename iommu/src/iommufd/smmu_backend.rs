@@ -47,10 +47,10 @@ use super::hw::{
 };
 use crate::hw::Mmio;
 use crate::pgtable::format::arm_bits;
-use crate::pgtable::{MapError, Prot, TableMemory};
+use crate::pgtable::{Gather, MapError, Prot, TableMemory};
 use crate::smmuv3::domain::Kind;
 use crate::smmuv3::ste::StreamConfig;
-use crate::smmuv3::{Domain, SmmuError, SmmuUnit};
+use crate::smmuv3::{Domain, InvalidationRound, SmmuError, SmmuUnit};
 
 pub use super::vtd_backend::with_reserved;
 
@@ -186,6 +186,7 @@ where
 {
     type Id = u32;
     type Domain = Domain;
+    type Round = InvalidationRound;
     // One-CD tables: no substreams.
     const PASIDS: bool = false;
     const SWITCHES_BLOCKED_AT_PREPARE: bool = false;
@@ -241,10 +242,35 @@ where
             .map_err(err)
     }
 
-    fn unmap(&mut self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
+    fn unmap(
+        &self,
+        x: &DomainSlot<Domain>,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, HwError> {
         self.unit(x.unit)?
-            .unmap(self.mem, &x.domain, iova, len)
+            .unmap_deferred(self.mem, &x.domain, iova, len, gather)
             .map_err(err)
+    }
+
+    fn plan_flush(&self, x: &DomainSlot<Domain>, gather: &Gather, round: &mut InvalidationRound) {
+        if let Ok(unit) = self.unit(x.unit) {
+            unit.plan_invalidation(&x.domain, gather, round);
+        }
+    }
+
+    /// Every TLBI command, then one CMD_SYNC (SMMUv3 §4.7).
+    fn run_flush(&self, unit: usize, round: &InvalidationRound) -> Result<(), HwError> {
+        self.unit(unit)?.flush_round(self.mem, round).map_err(err)
+    }
+
+    fn complete(&self, x: &DomainSlot<Domain>, gather: &mut Gather) {
+        if let Ok(unit) = self.unit(x.unit) {
+            unit.complete(self.mem, &x.domain, gather);
+        } else {
+            gather.leak();
+        }
     }
 
     fn translate(&self, x: &DomainSlot<Domain>, iova: u64) -> Option<HwTranslation> {

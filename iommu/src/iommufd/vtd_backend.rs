@@ -36,13 +36,13 @@ use super::hw::{
 };
 use crate::hw::Mmio;
 use crate::pgtable::format::vtd_bits;
-use crate::pgtable::{MapError, Prot};
+use crate::pgtable::{Gather, MapError, Prot};
 use crate::vtd::domain::Table;
 use crate::vtd::regs::LargePages;
 use crate::vtd::tables::{
     ContextEntry, PasidEntry, Pgtt, RootEntry, ScalableContextEntry, TranslationType,
 };
-use crate::vtd::{Domain, TranslationMode, VtdError, VtdMemory, VtdUnit};
+use crate::vtd::{Domain, InvalidationRound, TranslationMode, VtdError, VtdMemory, VtdUnit};
 
 /// One device behind a unit.
 #[derive(Clone, Copy, Debug)]
@@ -201,6 +201,7 @@ impl<M: Mmio, T: VtdMemory> VtdOps<'_, M, T> {
 impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
     type Id = u16;
     type Domain = Domain;
+    type Round = InvalidationRound;
     const PASIDS: bool = true;
     // The driver's `attach` of a blocked requester ID allocates (context table, PASID
     // directory and table) and writes the entry in one call.
@@ -263,10 +264,32 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
             .map_err(err)
     }
 
-    fn unmap(&mut self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
+    fn unmap(
+        &self,
+        x: &DomainSlot<Domain>,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, HwError> {
         self.unit(x.unit)?
-            .unmap(self.mem, &x.domain, iova, len)
+            .unmap_deferred(self.mem, &x.domain, iova, len, gather)
             .map_err(err)
+    }
+
+    fn plan_flush(&self, x: &DomainSlot<Domain>, gather: &Gather, round: &mut InvalidationRound) {
+        if let Ok(unit) = self.unit(x.unit) {
+            unit.plan_invalidation(&x.domain, gather, round);
+        }
+    }
+
+    /// One batch of descriptors and one wait on the unit's queue (VT-d 4.1 §6.5.2.8);
+    /// register-based, one command per planned invalidation.
+    fn run_flush(&self, unit: usize, round: &InvalidationRound) -> Result<(), HwError> {
+        self.unit(unit)?.flush_round(self.mem, round).map_err(err)
+    }
+
+    fn complete(&self, _: &DomainSlot<Domain>, gather: &mut Gather) {
+        gather.complete(self.mem);
     }
 
     fn translate(&self, x: &DomainSlot<Domain>, iova: u64) -> Option<HwTranslation> {
