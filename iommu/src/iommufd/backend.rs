@@ -31,10 +31,10 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use super::hw::HwInvalidation;
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwTranslation, IommuHw,
 };
-use super::hw::{HwInvalidation, PendingRange};
 use crate::pgtable::{Gather, Prot};
 
 /// IDs (the device's own and its DMA aliases) one device can have.
@@ -456,19 +456,10 @@ impl<D: DriverOps> IommuHw for Backend<D> {
                 }
             }
             let r = self.drv.run_flush(unit, &round);
-            inv.drain_unit(
-                unit,
-                |PendingRange {
-                     domain, mut gather, ..
-                 }| {
-                    match (r, self.slot(domain)) {
-                        (Ok(()), Some(dom)) if dom.unit == unit => {
-                            self.drv.complete(dom, &mut gather)
-                        }
-                        _ => gather.leak(),
-                    }
-                },
-            );
+            inv.drain_unit(unit, |mut p| match (r, self.slot(p.domain)) {
+                (Ok(()), Some(dom)) if dom.unit == unit => self.drv.complete(dom, &mut p.gather),
+                _ => p.gather.leak(),
+            });
             if first.is_ok() {
                 first = r;
             }
