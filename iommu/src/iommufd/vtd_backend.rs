@@ -995,6 +995,46 @@ mod batch_tests {
         assert_eq!(mem.frees.get(), frees);
     }
 
+    /// More distinct domains than a batch has records (never through the object model, which
+    /// has at most 8 HWPTs per IOAS): the documented degrade is one early round, so
+    /// ceil(domains / `MAX_PENDING_RANGES`) rounds in all, each covering its domains.
+    #[test]
+    fn more_domains_than_records_flush_early() {
+        let mem = FakeMem::new(256);
+        let hw = FakeVtd::new(&mem, CAP, ECAP);
+        let u = unit(&hw, &mem);
+        let dev = VtdDevice {
+            info: device_info(&u, 0x08, 1, 0),
+            unit: 0,
+            sid: 0x08,
+        };
+        let mut be = VtdBackend::new(vec![u], &mem, vec![dev]);
+        let n = super::super::hw::MAX_PENDING_RANGES + 1;
+        let doms: Vec<_> = (0..n)
+            .map(|_| be.domain_alloc(0, Default::default()).unwrap())
+            .collect();
+        for &d in &doms {
+            be.map(d, 0x10_0000, 0x8000_0000, PG, Prot::READ).unwrap();
+        }
+        hw.take_processed();
+        let mut inv = HwInvalidation::new();
+        for &d in &doms {
+            assert_eq!(be.unmap(d, 0x10_0000, PG, &mut inv), Ok(PG));
+        }
+        assert_eq!(inv.early_flushes(), 1);
+        be.flush(&mut inv).unwrap();
+        let r = rounds(&hw.take_processed());
+        assert_eq!(r.len(), 2, "{r:x?}");
+        assert_eq!((r[0].len(), r[1].len()), (n - 1, 1));
+        for (i, &d) in doms.iter().enumerate() {
+            let did = be.domain(d).unwrap().did();
+            assert!(covers(&r[usize::from(i == n - 1)], did, 0x10_0000, PG));
+        }
+        for d in doms {
+            be.domain_free(d);
+        }
+    }
+
     /// The skeleton's record rule: adjacent ranges of a domain share a record, disjoint ones
     /// get their own until the batch is full, then merge into the nearest one.
     #[test]
