@@ -995,6 +995,36 @@ mod batch_tests {
         assert_eq!(mem.frees.get(), frees);
     }
 
+    /// IOAS_UNMAP_BATCH whose one round fails: EIO at the last entry, every entry's mapping gone
+    /// (`out_done` counts them all), and the unlinked table leaked.
+    #[test]
+    fn failed_round_of_an_unmap_batch_is_eio_at_the_last_entry() {
+        use hvabi::UnmapEntry;
+        let mem = FakeMem::new(256);
+        let hw = FakeVtd::new(&mem, CAP, ECAP);
+        let (mut fd, g, ids) = fd(vec![unit(&hw, &mem)], &mem, &[(0x08, 0)]);
+        let gm = VecGuestMemory::standard();
+        let mut c = Client::new(&mut fd, g, &gm, SCRATCH);
+        let ioas = c.ioas_alloc().unwrap();
+        c.attach(ids[0], ioas).unwrap();
+        const M2: u64 = 0x20_0000;
+        let entries = [M2, 4 * M2, 8 * M2].map(|iova| UnmapEntry { iova, length: M2 });
+        for e in &entries {
+            c.map_fixed(ioas, e.iova, 0x1000, M2).unwrap();
+        }
+        let (retires, frees) = (mem.retires.get(), mem.frees.get());
+        hw.take_processed();
+        hw.s.borrow_mut().stall = true;
+        let (err, done, _) = c.unmap_batch(ioas, 0, &entries);
+        hw.unstall();
+        assert_eq!((err, done), (hvabi::errno::EIO, 3));
+        let le = c.last_error();
+        assert_eq!((le.out_errno, le.out_index), (hvabi::errno::EIO, 2));
+        assert_eq!((mem.retires.get(), mem.frees.get()), (retires, frees));
+        // Nothing left mapped in the IOAS.
+        assert_eq!(c.unmap(ioas, 0, u64::MAX), Ok(0));
+    }
+
     /// More distinct domains than a batch has records (never through the object model, which
     /// has at most 8 HWPTs per IOAS): the documented degrade is one early round, so
     /// ceil(domains / `MAX_PENDING_RANGES`) rounds in all, each covering its domains.
