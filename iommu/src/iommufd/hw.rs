@@ -221,8 +221,8 @@ pub struct PendingRange {
 /// every record is taken does [`IommuHw::unmap`] flush early (one extra round per unit), which
 /// the object model cannot cause (see [`MAX_PENDING_RANGES`]).
 ///
-/// Dropping a value that still holds records leaks their table pages (safe, never reused);
-/// callers always flush.
+/// Dropping a value that still holds records leaks their table pages (safe: never reused
+/// without an invalidation) and is a debug assertion failure: callers always flush.
 #[derive(Debug)]
 #[must_use = "recorded invalidations must be flushed"]
 pub struct HwInvalidation {
@@ -234,6 +234,16 @@ pub struct HwInvalidation {
 impl Default for HwInvalidation {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Drop for HwInvalidation {
+    fn drop(&mut self) {
+        let unflushed = !self.is_empty();
+        for p in self.pending.iter_mut().flatten() {
+            p.gather.leak();
+        }
+        debug_assert!(!unflushed, "HwInvalidation dropped without flush");
     }
 }
 
