@@ -31,10 +31,11 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use super::hw::HwInvalidation;
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwTranslation, IommuHw,
 };
-use crate::pgtable::Prot;
+use crate::pgtable::{Gather, Prot};
 
 /// IDs (the device's own and its DMA aliases) one device can have.
 pub const MAX_IDS_PER_DEVICE: usize = 8;
@@ -119,6 +120,9 @@ pub trait DriverOps {
     type Id: Copy + Default + PartialEq + core::fmt::Debug;
     /// The driver's domain.
     type Domain;
+    /// The invalidations of one round on one unit, collected before it runs (fixed
+    /// capacity: it lives on the stack of the unmap path).
+    type Round: Default;
     /// The driver can switch PASIDs (substreams) separately; when `false` every PASID switch
     /// is [`HwError::Unsupported`] whatever the device record says.
     const PASIDS: bool;
@@ -147,12 +151,20 @@ pub trait DriverOps {
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError>;
+    /// Unmaps into `gather` (range, leaf size, unlinked table pages); invalidates nothing.
     fn unmap(
-        &mut self,
+        &self,
         dom: &DomainSlot<Self::Domain>,
         iova: u64,
         len: u64,
+        gather: &mut Gather,
     ) -> Result<u64, HwError>;
+    /// Adds to `round` (the invalidations of one round on `dom.unit`) what `gather` owes.
+    fn plan_flush(&self, dom: &DomainSlot<Self::Domain>, gather: &Gather, round: &mut Self::Round);
+    /// Runs one round on `unit`: every invalidation planned, then one completion wait.
+    fn run_flush(&self, unit: usize, round: &Self::Round) -> Result<(), HwError>;
+    /// After the round covering `gather` completed: retires its table pages.
+    fn complete(&self, dom: &DomainSlot<Self::Domain>, gather: &mut Gather);
     fn translate(&self, dom: &DomainSlot<Self::Domain>, iova: u64) -> Option<HwTranslation>;
     fn mapped_bytes(&self, dom: &DomainSlot<Self::Domain>) -> u64;
     /// The table root the hardware's entries hold for `dom` (what [`Self::programmed`]
@@ -406,13 +418,53 @@ impl<D: DriverOps> IommuHw for Backend<D> {
         self.drv.map(dom, iova, pa, len, prot)
     }
 
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
-        let dom = self
-            .domains
-            .get(d.0 as usize)
-            .and_then(Option::as_ref)
-            .ok_or(HwError::Invalid)?;
-        self.drv.unmap(dom, iova, len)
+    fn unmap(
+        &self,
+        d: HwDomain,
+        iova: u64,
+        len: u64,
+        inv: &mut HwInvalidation,
+    ) -> Result<u64, HwError> {
+        let dom = self.slot(d).ok_or(HwError::Invalid)?;
+        let end = iova.saturating_add(len);
+        let i = match inv.record_index(dom.unit, d, iova, end) {
+            Some(i) => i,
+            None => {
+                // Full, and no record of this domain to merge into: run the rounds now.
+                inv.note_early_flush();
+                self.flush(inv)?;
+                inv.record_index(dom.unit, d, iova, end)
+                    .ok_or(HwError::Invalid)?
+            }
+        };
+        self.drv
+            .unmap(dom, iova, len, inv.gather_at(i, dom.unit, d))
+    }
+
+    /// Unit by unit: plan every record of the unit into one round, run it, then complete (or,
+    /// if the round failed, leak) each record's table pages. A record whose domain is gone
+    /// (freed before the flush, which the object model never does) is leaked: freeing the
+    /// domain invalidated it, but its table pages may belong to a format-specific allocator
+    /// only the domain knows.
+    fn flush(&self, inv: &mut HwInvalidation) -> Result<(), HwError> {
+        let mut first = Ok(());
+        while let Some(unit) = inv.next_unit() {
+            let mut round = D::Round::default();
+            for p in inv.of_unit(unit) {
+                if let Some(dom) = self.slot(p.domain) {
+                    self.drv.plan_flush(dom, &p.gather, &mut round);
+                }
+            }
+            let r = self.drv.run_flush(unit, &round);
+            inv.drain_unit(unit, |mut p| match (r, self.slot(p.domain)) {
+                (Ok(()), Some(dom)) if dom.unit == unit => self.drv.complete(dom, &mut p.gather),
+                _ => p.gather.leak(),
+            });
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     fn prepare(

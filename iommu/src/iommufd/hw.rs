@@ -28,8 +28,20 @@
 //!
 //! A token must be committed or aborted before the next call that changes attachments.
 //! Tokens of different devices of one group are independent.
+//!
+//! # Unmap and invalidation: record, then flush once
+//!
+//! [`IommuHw::unmap`] clears the page-table entries and *records* what the IOTLBs owe in an
+//! [`HwInvalidation`] the caller keeps on its stack (one per hypercall, so two vCPUs' unmaps
+//! build separate batches); [`IommuHw::flush`] then runs **one invalidation round per IOMMU
+//! unit** for everything recorded: VT-d, every IOTLB (and device-TLB) descriptor followed by
+//! one invalidation wait descriptor (VT-d 4.1 §6.5.2.8); SMMUv3, every TLBI command followed
+//! by one CMD_SYNC (SMMUv3 §4.4, §4.7). Table pages an unmap unlinked are retired only after
+//! the round of their unit completed, and leaked (never reused) if it failed. Until the flush
+//! returns, a device may still hit stale IOTLB entries of the unmapped ranges: the object
+//! model flushes before the hypercall returns and before any freed memory can be reused.
 
-use crate::pgtable::Prot;
+use crate::pgtable::{Gather, Prot};
 
 /// A device, as the index of [`IommuHw::device_info`] (0 .. [`IommuHw::device_count`]).
 pub type HwDev = u32;
@@ -179,6 +191,163 @@ pub enum HwError {
     Fault,
 }
 
+/// Ranges one [`HwInvalidation`] records separately. One hypercall touches at most
+/// [`MAX_HWPTS_PER_IOAS`](super::MAX_HWPTS_PER_IOAS) domains (8), so a batch always has a
+/// record of each touched domain to merge into and never needs an early round; the extra
+/// records keep disjoint ranges of one domain apart (precise page-selective invalidations).
+pub const MAX_PENDING_RANGES: usize = 16;
+
+/// One domain's unmapped range waiting for its unit's invalidation round, with the table pages
+/// unlinked from that domain.
+#[derive(Debug)]
+pub struct PendingRange {
+    /// The backend's unit index of the domain.
+    pub unit: usize,
+    pub domain: HwDomain,
+    /// The range (hull) unmapped, the smallest leaf, whether tables were unlinked, and the
+    /// unlinked table pages.
+    pub gather: Gather,
+}
+
+/// The invalidations one call owes, recorded by [`IommuHw::unmap`] and carried out by
+/// [`IommuHw::flush`]: a fixed-capacity value (no heap allocation on the unmap path), kept on
+/// the caller's stack.
+///
+/// Recording `[start, end)` of a domain: into the domain's record whose range it touches
+/// (overlaps or is adjacent to), else into a free record, else — all
+/// [`MAX_PENDING_RANGES`] taken — into the domain's record whose hull grows least (an
+/// over-invalidation, never an under-invalidation: the drivers then pick a wider
+/// page-selective or a domain-wide invalidation). Only when no record of the domain exists and
+/// every record is taken does [`IommuHw::unmap`] flush early (one extra round per unit), which
+/// the object model cannot cause (see [`MAX_PENDING_RANGES`]).
+///
+/// Dropping a value that still holds records leaks their table pages (safe: never reused
+/// without an invalidation) and is a debug assertion failure: callers always flush.
+#[derive(Debug)]
+#[must_use = "recorded invalidations must be flushed"]
+pub struct HwInvalidation {
+    pending: [Option<PendingRange>; MAX_PENDING_RANGES],
+    /// Rounds run before `flush` because the batch was full.
+    early_flushes: u32,
+}
+
+impl Default for HwInvalidation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HwInvalidation {
+    fn drop(&mut self) {
+        let unflushed = !self.is_empty();
+        for p in self.pending.iter_mut().flatten() {
+            p.gather.leak();
+        }
+        debug_assert!(!unflushed, "HwInvalidation dropped without flush");
+    }
+}
+
+impl HwInvalidation {
+    pub fn new() -> Self {
+        HwInvalidation {
+            pending: core::array::from_fn(|_| None),
+            early_flushes: 0,
+        }
+    }
+
+    /// Nothing recorded.
+    pub fn is_empty(&self) -> bool {
+        self.pending.iter().all(Option::is_none)
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.pending.iter().flatten().count()
+    }
+
+    /// Rounds that ran early because the batch was full (0 through the object model).
+    pub fn early_flushes(&self) -> u32 {
+        self.early_flushes
+    }
+
+    /// The record `[start, end)` of `domain` on `unit` goes into (see the type's docs), or
+    /// `None` when the batch must be flushed first.
+    pub fn record_index(
+        &self,
+        unit: usize,
+        domain: HwDomain,
+        start: u64,
+        end: u64,
+    ) -> Option<usize> {
+        let mine = |p: &PendingRange| p.unit == unit && p.domain == domain;
+        let mut free = None;
+        let mut best: Option<(usize, u64)> = None;
+        for (i, slot) in self.pending.iter().enumerate() {
+            let Some(p) = slot else {
+                free.get_or_insert(i);
+                continue;
+            };
+            if !mine(p) {
+                continue;
+            }
+            let Some(r) = p.gather.range() else {
+                // Only tables unlinked so far: any range fits (the round covers the domain).
+                return Some(i);
+            };
+            if start <= r.end && r.start <= end {
+                return Some(i);
+            }
+            let growth = r.start.saturating_sub(start) + end.saturating_sub(r.end);
+            if best.is_none_or(|(_, g)| growth < g) {
+                best = Some((i, growth));
+            }
+        }
+        free.or(best.map(|(i, _)| i))
+    }
+
+    /// The gather of record `i` (from [`record_index`](Self::record_index)), created for
+    /// `unit`/`domain` if the slot is free.
+    pub fn gather_at(&mut self, i: usize, unit: usize, domain: HwDomain) -> &mut Gather {
+        &mut self.pending[i]
+            .get_or_insert_with(|| PendingRange {
+                unit,
+                domain,
+                gather: Gather::new(),
+            })
+            .gather
+    }
+
+    /// Counts a round run early (backends call it when [`record_index`](Self::record_index)
+    /// says the batch is full).
+    pub fn note_early_flush(&mut self) {
+        self.early_flushes += 1;
+    }
+
+    /// The unit of some record, if any.
+    pub fn next_unit(&self) -> Option<usize> {
+        self.pending.iter().flatten().map(|p| p.unit).next()
+    }
+
+    /// The records of `unit`.
+    pub fn of_unit(&self, unit: usize) -> impl Iterator<Item = &PendingRange> {
+        self.pending
+            .iter()
+            .flatten()
+            .filter(move |p| p.unit == unit)
+    }
+
+    /// Takes the records of `unit` out, one at a time, into `f`.
+    pub fn drain_unit(&mut self, unit: usize, mut f: impl FnMut(PendingRange)) {
+        for slot in &mut self.pending {
+            if slot.as_ref().is_some_and(|p| p.unit == unit)
+                && let Some(p) = slot.take()
+            {
+                f(p);
+            }
+        }
+    }
+}
+
 /// The IOMMU hardware, as the object model sees it. See the module docs for the attach
 /// protocol.
 pub trait IommuHw {
@@ -208,9 +377,30 @@ pub trait IommuHw {
     /// hardware needs (caching mode, write buffers).
     fn map(&mut self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot)
     -> Result<(), HwError>;
-    /// Unmaps `[iova, iova + len)` (whole mappings only), invalidates the IOTLB, and returns
-    /// the bytes unmapped.
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError>;
+    /// Unmaps `[iova, iova + len)` (whole mappings only) and returns the bytes unmapped. The
+    /// IOTLB invalidation is only recorded in `inv`: call [`flush`](Self::flush) with it before
+    /// relying on the range being gone (module docs). Bytes cleared before an error are
+    /// recorded too. `Err(Fault)` only from an early round (a full `inv`).
+    fn unmap(
+        &self,
+        d: HwDomain,
+        iova: u64,
+        len: u64,
+        inv: &mut HwInvalidation,
+    ) -> Result<u64, HwError>;
+    /// Runs one invalidation round per unit for everything `inv` recorded, then retires the
+    /// unlinked table pages of each unit whose round completed (leaking those of a unit whose
+    /// round failed). `inv` is empty afterwards, on error too. `Err(Fault)`: some unit's round
+    /// failed (time-out, queue error); the others still ran.
+    fn flush(&self, inv: &mut HwInvalidation) -> Result<(), HwError>;
+    /// [`unmap`](Self::unmap) and [`flush`](Self::flush) of its own round: for rollbacks and
+    /// one-off calls. A flush failure wins over the unmap's result.
+    fn unmap_now(&self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
+        let mut inv = HwInvalidation::new();
+        let r = self.unmap(d, iova, len, &mut inv);
+        self.flush(&mut inv)?;
+        r
+    }
 
     /// Step 1 of a switch of `dev` (`pasid`: `None` for the requester ID itself) to `d`.
     fn prepare(

@@ -20,7 +20,7 @@ use hvabi::{
     kind, reason,
 };
 
-use super::hw::{HwDeviceInfo, HwDomain, Span};
+use super::hw::{HwDeviceInfo, HwDomain, HwInvalidation, Span};
 use super::marshal::{owns_array, read_struct, reserved_nonzero, unknown_flags, write_struct};
 use super::object::{Guest, Object};
 use super::{
@@ -345,7 +345,7 @@ pub(crate) fn hw_map_range<H: IommuHw>(
             Ok(n) => off += n,
             Err(e) => {
                 if off > 0 {
-                    let _ = hw.unmap(d, iova, off);
+                    let _ = hw.unmap_now(d, iova, off);
                 }
                 return Err(e);
             }
@@ -492,9 +492,11 @@ impl<H: IommuHw> Cx<'_, H> {
         let (doms, n) = ioas_domains(self.g, ioas)?;
         for (i, &d) in doms[..n].iter().enumerate() {
             if let Err(e) = hw_map_range(self.hw, mem, d, iova, gpa, len, hw_prot(prot)) {
+                let mut inv = HwInvalidation::new();
                 for &done in &doms[..i] {
-                    let _ = self.hw.unmap(done, iova, len);
+                    let _ = self.hw.unmap(done, iova, len, &mut inv);
                 }
+                let _ = self.hw.flush(&mut inv);
                 return Err(e);
             }
         }
@@ -507,9 +509,11 @@ impl<H: IommuHw> Cx<'_, H> {
         };
         let r = self.g.ioas_mut(ioas_id).and_then(|i| i.insert(area));
         if r.is_err() {
+            let mut inv = HwInvalidation::new();
             for &d in &doms[..n] {
-                let _ = self.hw.unmap(d, iova, len);
+                let _ = self.hw.unmap(d, iova, len, &mut inv);
             }
+            let _ = self.hw.flush(&mut inv);
         }
         r
     }
@@ -570,15 +574,22 @@ impl<H: IommuHw> Cx<'_, H> {
         Ok(UnmapPlan { i0, i1, bytes })
     }
 
-    /// Carries out a plan: unmaps every area from every HWPT, then forgets them. Only a
-    /// hardware malfunction can fail it (EIO, after the areas are gone from the IOAS).
-    pub(crate) fn commit_unmap(&mut self, ioas_id: u32, p: UnmapPlan) -> Result<u64, Error> {
+    /// Carries out a plan: unmaps every area from every HWPT, then forgets them. The IOTLB
+    /// invalidations are recorded in `inv`, for the caller's one flush
+    /// ([`flush_unmapped`](Self::flush_unmapped)). Only a hardware malfunction can fail it
+    /// (EIO, after the areas are gone from the IOAS).
+    pub(crate) fn commit_unmap(
+        &mut self,
+        ioas_id: u32,
+        p: UnmapPlan,
+        inv: &mut HwInvalidation,
+    ) -> Result<u64, Error> {
         let ioas = self.g.ioas(ioas_id)?;
         let (doms, n) = ioas_domains(self.g, ioas)?;
         let mut failed = false;
         for a in &ioas.areas[p.i0..p.i1] {
             for &d in &doms[..n] {
-                match self.hw.unmap(d, a.iova, a.len) {
+                match self.hw.unmap(d, a.iova, a.len, inv) {
                     Ok(b) if b == a.len => {}
                     _ => failed = true,
                 }
@@ -591,10 +602,36 @@ impl<H: IommuHw> Cx<'_, H> {
         Ok(p.bytes)
     }
 
-    /// IOAS_UNMAP (and one batch entry).
+    /// IOAS_UNMAP: every area and HWPT unmapped, then one invalidation round per IOMMU unit.
     pub(crate) fn unmap(&mut self, ioas_id: u32, iova: u64, len: u64) -> Result<u64, Error> {
+        let mut inv = HwInvalidation::new();
+        let r = self.unmap_recorded(ioas_id, iova, len, &mut inv);
+        self.flush_unmapped(&mut inv, r)
+    }
+
+    /// One unmap (or batch entry) whose invalidations are recorded in `inv`.
+    pub(crate) fn unmap_recorded(
+        &mut self,
+        ioas_id: u32,
+        iova: u64,
+        len: u64,
+        inv: &mut HwInvalidation,
+    ) -> Result<u64, Error> {
         let plan = self.plan_unmap(ioas_id, iova, len)?;
-        self.commit_unmap(ioas_id, plan)
+        self.commit_unmap(ioas_id, plan, inv)
+    }
+
+    /// Runs the invalidation rounds `inv` recorded (one per unit); a failed round turns `r`
+    /// into EIO (the areas are gone from the IOAS either way).
+    pub(crate) fn flush_unmapped<T>(
+        &mut self,
+        inv: &mut HwInvalidation,
+        r: Result<T, Error>,
+    ) -> Result<T, Error> {
+        match self.hw.flush(inv) {
+            Ok(()) => r,
+            Err(_) => Err(Error::new(errno::EIO, reason::HW_FAULT)),
+        }
     }
 
     /// IOAS_MAP_BATCH. `a.out_done` is meaningful on error too.
@@ -642,9 +679,11 @@ impl<H: IommuHw> Cx<'_, H> {
                 }
                 Err(e) => {
                     if atomic {
+                        let mut inv = HwInvalidation::new();
                         for &(iova, len) in done[..i].iter().rev() {
-                            let _ = self.unmap(a.ioas_id, iova, len);
+                            let _ = self.unmap_recorded(a.ioas_id, iova, len, &mut inv);
                         }
+                        let _ = self.flush_unmapped(&mut inv, Ok(()));
                         a.out_done = 0;
                     }
                     return Err(e.index(i as u32));
@@ -697,9 +736,15 @@ impl<H: IommuHw> Cx<'_, H> {
                 spans[i] = s;
             }
         }
+        // Every entry's invalidations go into one batch: one round per IOMMU unit for the
+        // whole call, run before returning (on an entry's error too). A failed round is EIO
+        // at the last entry processed; `out_done` still counts the entries whose areas are
+        // gone.
+        let mut inv = HwInvalidation::new();
+        let mut r = Ok(());
         for i in 0..n {
-            let r = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
-                let bytes = self.unmap(a.ioas_id, e.iova, e.length)?;
+            let one = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
+                let bytes = self.unmap_recorded(a.ioas_id, e.iova, e.length, &mut inv)?;
                 write_struct(
                     mem,
                     entry_at(i),
@@ -709,12 +754,19 @@ impl<H: IommuHw> Cx<'_, H> {
                     },
                 )
             });
-            match r {
+            match one {
                 Ok(()) => a.out_done = i as u32 + 1,
-                Err(e) => return Err(e.index(i as u32)),
+                Err(e) => {
+                    r = Err(e.index(i as u32));
+                    break;
+                }
             }
         }
-        Ok(())
+        let last = a.out_done.min(a.num_entries.saturating_sub(1));
+        match self.hw.flush(&mut inv) {
+            Ok(()) => r,
+            Err(_) => Err(Error::new(errno::EIO, reason::HW_FAULT).index(last)),
+        }
     }
 
     /// IOAS_COPY.

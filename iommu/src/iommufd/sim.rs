@@ -289,6 +289,7 @@ impl DriverOps for SimOps {
     /// A requester ID.
     type Id = u32;
     type Domain = SimDomain;
+    type Round = ();
     const PASIDS: bool = true;
     const SWITCHES_BLOCKED_AT_PREPARE: bool = false;
 
@@ -360,11 +361,28 @@ impl DriverOps for SimOps {
             })
     }
 
-    fn unmap(&mut self, x: &DomainSlot<SimDomain>, iova: u64, len: u64) -> Result<u64, HwError> {
-        let mut g = Gather::new();
-        let r = x.domain.pt.unmap(&self.mem, iova, len, &mut g);
-        g.complete(&self.mem);
-        r.map_err(|_| HwError::Invalid)
+    fn unmap(
+        &self,
+        x: &DomainSlot<SimDomain>,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, HwError> {
+        x.domain
+            .pt
+            .unmap(&self.mem, iova, len, gather)
+            .map_err(|_| HwError::Invalid)
+    }
+
+    /// The model caches no translations: nothing to invalidate.
+    fn plan_flush(&self, _: &DomainSlot<SimDomain>, _: &Gather, _: &mut ()) {}
+
+    fn run_flush(&self, _unit: usize, _: &()) -> Result<(), HwError> {
+        Ok(())
+    }
+
+    fn complete(&self, _: &DomainSlot<SimDomain>, gather: &mut Gather) {
+        gather.complete(&self.mem);
     }
 
     fn translate(&self, x: &DomainSlot<SimDomain>, iova: u64) -> Option<HwTranslation> {

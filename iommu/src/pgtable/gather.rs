@@ -113,6 +113,15 @@ impl Gather {
         *self = Gather::new();
     }
 
+    /// Call when the invalidation of [`range`](Self::range) failed: forgets the gathered table
+    /// pages (the hardware may still walk them, so they are leaked, never reused) and resets
+    /// the gather.
+    pub fn leak(&mut self) {
+        // The chain is dropped unread: its pages stay out of every allocator.
+        self.tables = 0;
+        *self = Gather::new();
+    }
+
     pub(crate) fn add_range(&mut self, start: u64, end: u64) {
         if start >= end {
             return;

@@ -28,4 +28,4 @@ pub use error::SmmuError;
 pub use eventq::{Event, EventPoll, EventType, FaultClass};
 pub use ste::{Ste, StreamConfig};
 pub use stream_table::Layout;
-pub use unit::{Counters, SmmuUnit, UnitConfig};
+pub use unit::{Counters, InvalidationRound, SmmuUnit, UnitConfig};

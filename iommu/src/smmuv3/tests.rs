@@ -22,7 +22,7 @@ use super::regs::{AccessAttrs, Gerror, offset};
 use super::ste::{S2Fields, STE_WORDS, Ste, Step, StreamConfig, plan_update};
 use super::*;
 use crate::hw::Mmio;
-use crate::pgtable::{MapError, Prot};
+use crate::pgtable::{Gather, MapError, Prot};
 
 type Unit<'a> = SmmuUnit<'a, &'a FakeSmmu<'a>, Word>;
 
@@ -1520,6 +1520,58 @@ fn nested_invalidation_uses_the_parent_vmid_and_parents_drop_combined_entries() 
         [op::TLBI_S2_IPA, op::SYNC, op::TLBI_NH_ALL, op::SYNC]
     );
     assert_eq!(cmds[2], Command::tlbi_nh_all(vmid));
+}
+
+/// Two ranges of a nested parent and one of its nested child in one round: every TLBI, then
+/// the nested-parent step (CMD_SYNC, `CMD_TLBI_NH_ALL` of the parent's VMID) once, then the
+/// closing CMD_SYNC. Before the flush nothing is issued.
+#[test]
+fn one_round_over_a_nested_parent_and_its_child() {
+    let mem = new_mem();
+    let hw = FakeSmmu::qemu(&mem);
+    let mut unit = up(&hw, &mem, cfg());
+    let parent = unit.create_domain(&mem, DomainConfig::stage2(44)).unwrap();
+    let vmid = parent.vmid();
+    let n = unit.create_nested_domain(&mem, &parent, 48).unwrap();
+    for iova in [0x300_0000, 0x500_0000] {
+        unit.map(&mem, &parent, iova, BUF, K4, RW).unwrap();
+    }
+    unit.map(&mem, &n, 0x1000, 0x300_0000, K4, RW).unwrap();
+    hw.take_commands();
+    let mut g = [Gather::new(), Gather::new(), Gather::new()];
+    let [g0, g1, g2] = &mut g;
+    unit.unmap_deferred(&mem, &parent, 0x300_0000, K4, g0)
+        .unwrap();
+    unit.unmap_deferred(&mem, &parent, 0x500_0000, K4, g1)
+        .unwrap();
+    unit.unmap_deferred(&mem, &n, 0x1000, K4, g2).unwrap();
+    assert!(
+        hw.take_commands().is_empty(),
+        "deferred: nothing issued yet"
+    );
+    unit.flush_batch(&mem, &mut [(&parent, g0), (&parent, g1), (&n, g2)])
+        .unwrap();
+    let cmds = hw.take_commands();
+    assert_eq!(
+        opcodes(&cmds),
+        [
+            op::TLBI_S2_IPA,
+            op::TLBI_S2_IPA,
+            op::TLBI_NH_VA,
+            op::SYNC,
+            op::TLBI_NH_ALL,
+            op::SYNC
+        ]
+    );
+    // VMID in bits 47:32 of every TLBI; IPA/VA in bits 115:76 (the second word's 51:12).
+    assert!(
+        cmds.iter()
+            .filter(|c| c.opcode() != op::SYNC)
+            .all(|c| (c.0[0] >> 32) as u16 == vmid)
+    );
+    assert_eq!(cmds[0].0[1] & 0x000f_ffff_ffff_f000, 0x300_0000);
+    assert_eq!(cmds[1].0[1] & 0x000f_ffff_ffff_f000, 0x500_0000);
+    assert_eq!(cmds[2].0[1] & !0xfff, 0x1000);
 }
 
 #[test]

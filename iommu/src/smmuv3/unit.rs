@@ -185,6 +185,93 @@ impl Cmds {
     }
 }
 
+/// The TLB invalidations of one round on one SMMU, collected from any number of unmaps of any
+/// of its domains ([`SmmuUnit::plan_invalidation`]) and issued by [`SmmuUnit::flush_round`] as
+/// one batch closed by **one** CMD_SYNC (SMMUv3 §4.4, §4.7): every `CMD_TLBI_NH_VA` /
+/// `CMD_TLBI_S2_IPA` (range commands with IDR3.RIL), then, if a touched stage-2 domain is a
+/// nested parent, a CMD_SYNC and `CMD_TLBI_NH_ALL` of each such VMID (`CMD_TLBI_S2_IPA` need
+/// not reach combined stage-1+2 entries, §4.4.13), then the closing CMD_SYNC.
+///
+/// Fixed capacity, on the caller's stack; identical commands are issued once. A domain whose
+/// commands do not fit any more gets its domain-wide command instead (`CMD_TLBI_NH_ASID`,
+/// `CMD_TLBI_S12_VMALL`); when not even that fits, or the nested-parent list is full, the
+/// round degrades to one `CMD_TLBI_NSNH_ALL` (every non-secure non-hyp entry). Still one
+/// round.
+#[derive(Clone, Debug)]
+pub struct InvalidationRound {
+    cmds: [Command; InvalidationRound::CAPACITY],
+    n: usize,
+    nested: [u16; InvalidationRound::NESTED_CAPACITY],
+    n_nested: usize,
+    planned: bool,
+    everything: bool,
+}
+
+impl Default for InvalidationRound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InvalidationRound {
+    /// TLBI commands per round.
+    pub const CAPACITY: usize = 64;
+    /// Nested-parent VMIDs per round.
+    pub const NESTED_CAPACITY: usize = 8;
+
+    pub const fn new() -> Self {
+        InvalidationRound {
+            cmds: [Command::sync(); Self::CAPACITY],
+            n: 0,
+            nested: [0; Self::NESTED_CAPACITY],
+            n_nested: 0,
+            planned: false,
+            everything: false,
+        }
+    }
+
+    /// Nothing planned: the round would not touch the hardware.
+    pub fn is_empty(&self) -> bool {
+        !self.planned
+    }
+
+    /// The round degraded to `CMD_TLBI_NSNH_ALL`.
+    pub fn is_global(&self) -> bool {
+        self.everything
+    }
+
+    /// Appends `cmds` (skipping commands already planned) if they all fit.
+    fn append(&mut self, cmds: &[Command]) -> bool {
+        let planned = &self.cmds[..self.n];
+        let new = cmds
+            .iter()
+            .filter(|c| !planned.iter().any(|p| p.0 == c.0))
+            .count();
+        if self.n + new > Self::CAPACITY {
+            return false;
+        }
+        for c in cmds {
+            if !self.cmds[..self.n].iter().any(|p| p.0 == c.0) {
+                self.cmds[self.n] = *c;
+                self.n += 1;
+            }
+        }
+        true
+    }
+
+    fn add_nested(&mut self, vmid: u16) {
+        if self.nested[..self.n_nested].contains(&vmid) {
+            return;
+        }
+        if self.n_nested == Self::NESTED_CAPACITY {
+            self.everything = true;
+        } else {
+            self.nested[self.n_nested] = vmid;
+            self.n_nested += 1;
+        }
+    }
+}
+
 /// The smallest PA-size encoding (IDR5.OAS, STE.S2PS, CD.IPS) covering `bits` bits.
 const fn pa_size_encoding(bits: u32) -> u8 {
     match bits {
@@ -762,7 +849,9 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
     }
 
     /// Unmaps exactly `[iova, iova + len)` and returns the bytes unmapped, then invalidates the
-    /// TLBs for the gathered range in one batch closed by one CMD_SYNC:
+    /// TLBs for the gathered range in one round closed by one CMD_SYNC
+    /// ([`unmap_deferred`](Self::unmap_deferred), then [`flush_batch`](Self::flush_batch) of
+    /// that one gather):
     ///
     /// * with IDR3.RIL, one range command (`CMD_TLBI_NH_VA` for stage 1 and nested, with the
     ///   domain's ASID and VMID; `CMD_TLBI_S2_IPA` for stage 2) covering the range;
@@ -782,33 +871,95 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         iova: u64,
         len: u64,
     ) -> Result<u64, SmmuError> {
-        d.check_unit(self.strtab.base)?;
         let mut gather = Gather::new();
-        let result = d.unmap(mem, iova, len, &mut gather);
+        let result = self.unmap_deferred(mem, d, iova, len, &mut gather);
+        self.flush_batch(mem, &mut [(d, &mut gather)])?;
+        result
+    }
+
+    /// Unmaps exactly `[iova, iova + len)` into `gather` and returns the bytes unmapped;
+    /// invalidates nothing. Whatever was cleared (on error too) is in `gather`, which the
+    /// caller must flush ([`flush_batch`](Self::flush_batch), or
+    /// [`plan_invalidation`](Self::plan_invalidation) + [`flush_round`](Self::flush_round) and
+    /// then [`complete`](Self::complete), or `gather.leak()` if the round failed).
+    pub fn unmap_deferred<T: TableMemory<Entry = E>>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, SmmuError> {
+        d.check_unit(self.strtab.base)?;
+        d.unmap(mem, iova, len, gather).map_err(SmmuError::Unmap)
+    }
+
+    /// Adds to `round` the TLB invalidations `gather` (filled by
+    /// [`unmap_deferred`](Self::unmap_deferred) of `d`, a domain of this SMMU) owes (see
+    /// [`unmap`](Self::unmap)); domain-wide when only tables were unlinked.
+    pub fn plan_invalidation(&self, d: &Domain, gather: &Gather, round: &mut InvalidationRound) {
         if gather.is_empty() {
-            d.complete(mem, &mut gather);
-            return result.map_err(SmmuError::Unmap);
+            return;
         }
-        let flushed = match gather.range() {
-            Some(r) => self.flush_range(
+        round.planned = true;
+        match gather.range() {
+            Some(r) => self.plan_range(
                 d,
                 r.start,
                 r.end,
                 !gather.frees_tables(),
                 gather.min_leaf_size(),
+                round,
             ),
-            None => self.flush_domain(d),
-        };
-        match flushed {
-            Ok(()) => {
-                d.complete(mem, &mut gather);
-                result.map_err(SmmuError::Unmap)
+            None => self.plan_domain(d, round),
+        }
+    }
+
+    /// Issues `round` (see [`InvalidationRound`]) and waits for its closing CMD_SYNC. An empty
+    /// round does nothing.
+    pub fn flush_round<T: TableMemory<Entry = E>>(
+        &self,
+        _mem: &T,
+        round: &InvalidationRound,
+    ) -> Result<(), SmmuError> {
+        if round.is_empty() {
+            return Ok(());
+        }
+        self.run_round(round)
+    }
+
+    /// Retires the table pages of `gather` (filled from `d`) after the round covering it
+    /// completed.
+    pub fn complete<T: TableMemory<Entry = E>>(&self, mem: &T, d: &Domain, gather: &mut Gather) {
+        d.complete(mem, gather);
+    }
+
+    /// One round for every `(domain, gather)` of `batch` (all of this SMMU), then every
+    /// gather completed (table pages retired) if it succeeded, or leaked if it failed.
+    pub fn flush_batch<T: TableMemory<Entry = E>>(
+        &self,
+        mem: &T,
+        batch: &mut [(&Domain, &mut Gather)],
+    ) -> Result<(), SmmuError> {
+        let mut round = InvalidationRound::new();
+        let mut result = Ok(());
+        for (d, g) in batch.iter() {
+            if let Err(e) = d.check_unit(self.strtab.base) {
+                result = Err(e);
             }
-            Err(e) => {
-                core::mem::forget(gather);
-                Err(e)
+            self.plan_invalidation(d, g, &mut round);
+        }
+        if result.is_ok() {
+            result = self.flush_round(mem, &round);
+        }
+        for (d, g) in batch.iter_mut() {
+            if result.is_ok() {
+                d.complete(mem, g);
+            } else {
+                g.leak();
             }
         }
+        result
     }
 
     /// What `iova` translates to in `d`'s own table: the PA (stage 1, stage 2) or the IPA
@@ -1177,20 +1328,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         self.flush_range(d, rolled_back.start, rolled_back.end, false, None)
     }
 
-    /// Invalidates everything cached for `d`.
-    fn flush_domain(&self, d: &Domain) -> Result<(), SmmuError> {
-        let mut cmds = Cmds::new();
-        match &d.kind {
-            Kind::S1 { asid, .. } => cmds.push(Command::tlbi_nh_asid(0, *asid)),
-            Kind::Nested { asid, parent, .. } => {
-                cmds.push(Command::tlbi_nh_asid(parent.vmid, *asid))
-            }
-            Kind::S2 { s2, .. } => cmds.push(Command::tlbi_s12_vmall(s2.vmid)),
-        }
-        self.submit(&cmds)
-    }
-
-    /// Invalidates `[start, end)` of `d` (see [`unmap`](Self::unmap)).
+    /// Invalidates `[start, end)` of `d` (see [`unmap`](Self::unmap)), in a round of its own.
     fn flush_range(
         &self,
         d: &Domain,
@@ -1199,6 +1337,37 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         leaf_only: bool,
         min_leaf: Option<u64>,
     ) -> Result<(), SmmuError> {
+        let mut round = InvalidationRound::new();
+        self.plan_range(d, start, end, leaf_only, min_leaf, &mut round);
+        self.run_round(&round)
+    }
+
+    /// The command invalidating everything cached for `d`.
+    fn domain_command(d: &Domain) -> Command {
+        match &d.kind {
+            Kind::S1 { asid, .. } => Command::tlbi_nh_asid(0, *asid),
+            Kind::Nested { asid, parent, .. } => Command::tlbi_nh_asid(parent.vmid, *asid),
+            Kind::S2 { s2, .. } => Command::tlbi_s12_vmall(s2.vmid),
+        }
+    }
+
+    /// Adds the domain-wide invalidation of `d` to `round`.
+    fn plan_domain(&self, d: &Domain, round: &mut InvalidationRound) {
+        if !round.append(&[Self::domain_command(d)]) {
+            round.everything = true;
+        }
+    }
+
+    /// Adds the invalidation of `[start, end)` of `d` to `round`.
+    fn plan_range(
+        &self,
+        d: &Domain,
+        start: u64,
+        end: u64,
+        leaf_only: bool,
+        min_leaf: Option<u64>,
+        round: &mut InvalidationRound,
+    ) {
         let ril = self.ids.idr3.ril();
         // Without a leaf (only tables unlinked), step by the granule: every table's span is
         // then touched.
@@ -1206,6 +1375,8 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         let first = start & !(stride - 1);
         let steps = (end.max(first + 1) - first).div_ceil(stride);
         let mut cmds = Cmds::new();
+        let mut whole = false;
+        let mut nested_vmid = None;
         match &d.kind {
             Kind::S1 { asid, .. } | Kind::Nested { asid, .. } => {
                 let vmid = d.vmid();
@@ -1231,7 +1402,6 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                 s2, nested_parent, ..
             } => {
                 let vmid = s2.vmid;
-                let mut whole = false;
                 if ril {
                     let (addr, r) = TlbiRange::covering(start, end, 12);
                     cmds.push(Command::tlbi_s2_ipa(vmid, addr, leaf_only, r));
@@ -1244,15 +1414,57 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                     cmds.push(Command::tlbi_s12_vmall(vmid));
                     whole = true;
                 }
-                if !whole && nested_parent.load(Ordering::Relaxed) {
-                    // Combined entries cached from this VMID's nested streams: after the
-                    // stage-2 invalidation has completed, drop the VMID's stage-1 entries.
-                    cmds.push(Command::sync());
-                    cmds.push(Command::tlbi_nh_all(vmid));
+                if nested_parent.load(Ordering::Relaxed) {
+                    nested_vmid = Some(vmid);
                 }
             }
         }
-        self.submit(&cmds)
+        if !round.append(cmds.as_slice()) {
+            // No room for the range: the domain-wide command (for stage 2, S12_VMALL also
+            // drops combined entries, so no nested step).
+            if !round.append(&[Self::domain_command(d)]) {
+                round.everything = true;
+            }
+            whole = matches!(d.kind, Kind::S2 { .. });
+        }
+        if let Some(vmid) = nested_vmid
+            && !whole
+        {
+            round.add_nested(vmid);
+        }
+    }
+
+    /// Issues `round` and waits for its closing CMD_SYNC (see [`InvalidationRound`]).
+    fn run_round(&self, round: &InvalidationRound) -> Result<(), SmmuError> {
+        let mut cmds =
+            [Command::sync(); InvalidationRound::CAPACITY + 1 + InvalidationRound::NESTED_CAPACITY];
+        let mut n = 0;
+        let mut push = |c: Command| {
+            if n < cmds.len() {
+                cmds[n] = c;
+                n += 1;
+            }
+        };
+        if round.everything {
+            push(Command::tlbi_nsnh_all());
+        } else {
+            for &c in &round.cmds[..round.n] {
+                push(c);
+            }
+            if round.n_nested != 0 {
+                // Combined entries cached from these VMIDs' nested streams: after the stage-2
+                // invalidations have completed, drop the VMIDs' stage-1 entries.
+                push(Command::sync());
+                for &vmid in &round.nested[..round.n_nested] {
+                    push(Command::tlbi_nh_all(vmid));
+                }
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.cmdq
+            .submit(&self.mmio, self.mem, &cmds[..n], &self.stats)
     }
 }
 

@@ -25,4 +25,4 @@ pub use mem::VtdMemory;
 pub use rmrr::{
     IdentityRange, RmrrDevice, RmrrIssue, RmrrIssueKind, RmrrPlan, RmrrReport, UnitRmrrPlan,
 };
-pub use unit::{AttachOptions, Counters, TranslationMode, UnitConfig, VtdUnit};
+pub use unit::{AttachOptions, Counters, InvalidationRound, TranslationMode, UnitConfig, VtdUnit};

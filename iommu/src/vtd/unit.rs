@@ -223,6 +223,92 @@ impl Ops {
     }
 }
 
+/// The invalidations of one round on one unit, collected from any number of unmaps of any of
+/// the unit's domains ([`VtdUnit::plan_invalidation`]) and carried out by
+/// [`VtdUnit::flush_round`] as one batch closed by **one** invalidation wait descriptor
+/// (VT-d 4.1 §6.5.2.8): every IOTLB / PASID-based IOTLB descriptor first, then, if any
+/// device has a device TLB on a touched domain, one fenced wait and the device-TLB
+/// descriptors (a device must not refill its TLB from a stale IOTLB entry, §6.5.2.5).
+///
+/// Fixed capacity, kept on the caller's stack. Identical descriptors are issued once. When a
+/// list is full the round degrades to invalidating everything: one global IOTLB invalidation
+/// and, after the fence, a whole-range device-TLB invalidation of every device TLB of the
+/// unit; still one round. At most 32 + 1 + 32 descriptors plus the wait: always fewer than
+/// the 128 slots of the smallest queue the driver sets up, so a round never waits for the
+/// hardware to make room.
+#[derive(Clone, Debug)]
+pub struct InvalidationRound {
+    iotlb: [Op; InvalidationRound::IOTLB_CAPACITY],
+    n_iotlb: usize,
+    device: [Op; InvalidationRound::DEVICE_TLB_CAPACITY],
+    n_device: usize,
+    /// Something was unmapped: the round runs (the write buffer is flushed even when the
+    /// domain caches nothing, a pass-through domain).
+    planned: bool,
+    /// A list overflowed.
+    everything: bool,
+}
+
+impl Default for InvalidationRound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InvalidationRound {
+    /// IOTLB and PASID-based IOTLB descriptors per round.
+    pub const IOTLB_CAPACITY: usize = 32;
+    /// Device-TLB descriptors per round.
+    pub const DEVICE_TLB_CAPACITY: usize = 32;
+    /// Every descriptor a round can issue, the fence included (the wait comes on top).
+    const OPS: usize = Self::IOTLB_CAPACITY + 1 + Self::DEVICE_TLB_CAPACITY;
+
+    pub const fn new() -> Self {
+        InvalidationRound {
+            iotlb: [Op::IotlbGlobal; Self::IOTLB_CAPACITY],
+            n_iotlb: 0,
+            device: [Op::Fence; Self::DEVICE_TLB_CAPACITY],
+            n_device: 0,
+            planned: false,
+            everything: false,
+        }
+    }
+
+    /// Nothing planned: the round would not touch the hardware.
+    pub fn is_empty(&self) -> bool {
+        !self.planned
+    }
+
+    /// The round degraded to a global invalidation (a list overflowed).
+    pub fn is_global(&self) -> bool {
+        self.everything
+    }
+
+    fn push_iotlb(&mut self, op: Op) {
+        if self.iotlb[..self.n_iotlb].contains(&op) {
+            return;
+        }
+        if self.n_iotlb == Self::IOTLB_CAPACITY {
+            self.everything = true;
+        } else {
+            self.iotlb[self.n_iotlb] = op;
+            self.n_iotlb += 1;
+        }
+    }
+
+    fn push_device(&mut self, op: Op) {
+        if self.device[..self.n_device].contains(&op) {
+            return;
+        }
+        if self.n_device == Self::DEVICE_TLB_CAPACITY {
+            self.everything = true;
+        } else {
+            self.device[self.n_device] = op;
+            self.n_device += 1;
+        }
+    }
+}
+
 /// How to attach a device ([`VtdUnit::attach_with`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AttachOptions {
@@ -705,12 +791,13 @@ impl<M: Mmio> VtdUnit<M> {
         }
     }
 
-    /// Unmaps exactly `[iova, iova + len)` and returns the bytes unmapped. Then invalidates the
-    /// IOTLB for the gathered range with O(1) descriptors: one page-selective invalidation
-    /// whose address mask covers the range rounded out to a naturally aligned power of two,
-    /// when that mask is within CAP.MAMV and CAP.PSI is set, else one domain-selective one
-    /// (first-stage domains: one PASID-based invalidation per attached PASID). Waits for
-    /// completion, then hands unlinked table pages back to `mem`.
+    /// Unmaps exactly `[iova, iova + len)` and returns the bytes unmapped, then runs one
+    /// invalidation round for it ([`unmap_deferred`](Self::unmap_deferred) followed by
+    /// [`flush_batch`](Self::flush_batch) of that one gather): one page-selective
+    /// invalidation whose address mask covers the range rounded out to a naturally aligned
+    /// power of two, when that mask is within CAP.MAMV and CAP.PSI is set, else one
+    /// domain-selective one (first-stage domains: one PASID-based invalidation per attached
+    /// PASID), then one wait; then hands unlinked table pages back to `mem`.
     ///
     /// If the invalidation fails, the unlinked table pages are leaked rather than reused: the
     /// hardware may still walk them.
@@ -721,30 +808,89 @@ impl<M: Mmio> VtdUnit<M> {
         iova: u64,
         len: u64,
     ) -> Result<u64, VtdError> {
-        d.check_unit(self.root)?;
-        let table = d.table()?;
         let mut gather = Gather::new();
-        let result = table.unmap(mem, iova, len, &mut gather);
+        let result = self.unmap_deferred(mem, d, iova, len, &mut gather);
+        self.flush_batch(mem, &mut [(d, &mut gather)])?;
+        result
+    }
+
+    /// Unmaps exactly `[iova, iova + len)` into `gather` and returns the bytes unmapped;
+    /// invalidates nothing. Whatever was cleared (on error too) is in `gather`, which the
+    /// caller must flush ([`flush_batch`](Self::flush_batch), or
+    /// [`plan_invalidation`](Self::plan_invalidation) + [`flush_round`](Self::flush_round) and
+    /// then `gather.complete(mem)` or, if the round failed, `gather.leak()`).
+    pub fn unmap_deferred<T: VtdMemory>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, VtdError> {
+        d.check_unit(self.root)?;
+        d.table()?
+            .unmap(mem, iova, len, gather)
+            .map_err(VtdError::Unmap)
+    }
+
+    /// Adds to `round` what `gather` (filled by [`unmap_deferred`](Self::unmap_deferred) of
+    /// `d`, a domain of this unit) owes: for the gathered range, page-selective when the mask
+    /// rule allows it (see [`unmap`](Self::unmap)), IH set when no table page was unlinked;
+    /// domain-wide when only tables were unlinked.
+    pub fn plan_invalidation(&self, d: &Domain, gather: &Gather, round: &mut InvalidationRound) {
         if gather.is_empty() {
-            gather.complete(mem);
-            return result.map_err(VtdError::Unmap);
+            return;
         }
-        let flushed = self
-            .flush_write_buffer()
-            .and_then(|()| match gather.range() {
-                Some(r) => self.flush_range(mem, d, r.start, r.end, !gather.frees_tables()),
-                None => self.flush_domain(mem, d),
-            });
-        match flushed {
-            Ok(()) => {
-                gather.complete(mem);
-                result.map_err(VtdError::Unmap)
+        round.planned = true;
+        match gather.range() {
+            Some(r) => self.plan_range(d, r.start, r.end, !gather.frees_tables(), round),
+            None => self.plan_range(d, 0, u64::MAX, false, round),
+        }
+    }
+
+    /// Runs `round`: with CAP.RWBF the write buffer is flushed first (so the hardware sees the
+    /// cleared entries), then every planned descriptor and one wait (queued invalidation).
+    /// Register-based invalidation (no ECAP.QI) has no batch: each planned invalidation is
+    /// one IOTLB-register command polled to completion, in order, as before batching. An
+    /// empty round does nothing.
+    pub fn flush_round<T: VtdMemory>(
+        &self,
+        mem: &T,
+        round: &InvalidationRound,
+    ) -> Result<(), VtdError> {
+        if round.is_empty() {
+            return Ok(());
+        }
+        self.flush_write_buffer()?;
+        self.run_round(mem, round)
+    }
+
+    /// One round for every `(domain, gather)` of `batch` (all of this unit), then every
+    /// gather completed (table pages retired) if it succeeded, or leaked if it failed.
+    pub fn flush_batch<T: VtdMemory>(
+        &self,
+        mem: &T,
+        batch: &mut [(&Domain, &mut Gather)],
+    ) -> Result<(), VtdError> {
+        let mut round = InvalidationRound::new();
+        let mut result = Ok(());
+        for (d, g) in batch.iter() {
+            if let Err(e) = d.check_unit(self.root) {
+                result = Err(e);
             }
-            Err(e) => {
-                core::mem::forget(gather);
-                Err(e)
+            self.plan_invalidation(d, g, &mut round);
+        }
+        if result.is_ok() {
+            result = self.flush_round(mem, &round);
+        }
+        for (_, g) in batch.iter_mut() {
+            if result.is_ok() {
+                g.complete(mem);
+            } else {
+                g.leak();
             }
         }
+        result
     }
 
     /// The physical address `iova` translates to in `d`, if mapped (a pass-through domain:
@@ -1377,7 +1523,8 @@ impl<M: Mmio> VtdUnit<M> {
         self.inv.run(&self.mmio, mem, ops.as_slice(), &self.stats)
     }
 
-    /// Invalidates the IOTLB for `[start, end)` of `d` (see [`unmap`](Self::unmap)).
+    /// Invalidates the IOTLB for `[start, end)` of `d` (see [`unmap`](Self::unmap)), in a
+    /// round of its own.
     fn flush_range<T: VtdMemory>(
         &self,
         mem: &T,
@@ -1386,12 +1533,25 @@ impl<M: Mmio> VtdUnit<M> {
         end: u64,
         leaf_only: bool,
     ) -> Result<(), VtdError> {
+        let mut round = InvalidationRound::new();
+        self.plan_range(d, start, end, leaf_only, &mut round);
+        self.run_round(mem, &round)
+    }
+
+    /// Adds the invalidations of `[start, end)` of `d` to `round`.
+    fn plan_range(
+        &self,
+        d: &Domain,
+        start: u64,
+        end: u64,
+        leaf_only: bool,
+        round: &mut InvalidationRound,
+    ) {
         let cap = self.ids.cap;
         let (addr, am) = psi_block(start, end);
         let psi = am <= cap.mamv();
-        let mut ops = Ops::new();
         match d.stage() {
-            Stage::Second => ops.push(if psi && cap.psi() {
+            Stage::Second => round.push_iotlb(if psi && cap.psi() {
                 Op::IotlbPages {
                     did: d.did,
                     addr,
@@ -1405,10 +1565,10 @@ impl<M: Mmio> VtdUnit<M> {
             Stage::PassThrough => {}
             Stage::First => {
                 if self.fs_pasids.overflow != 0 {
-                    ops.push(Op::IotlbGlobal);
+                    round.push_iotlb(Op::IotlbGlobal);
                 } else {
                     for pasid in self.fs_pasids.iter() {
-                        ops.push(if psi {
+                        round.push_iotlb(if psi {
                             Op::PasidIotlbPages {
                                 did: d.did,
                                 pasid,
@@ -1423,20 +1583,47 @@ impl<M: Mmio> VtdUnit<M> {
                 }
             }
         }
-        // Device TLBs refill from the IOTLB: only after the IOTLB invalidation has completed.
-        let mut devices = self.ats.for_domain(d.did).peekable();
-        if devices.peek().is_some() {
-            ops.push(Op::Fence);
-            for slot in devices {
-                ops.push(device_tlb_op(slot, addr, am));
-            }
+        for slot in self.ats.for_domain(d.did) {
+            round.push_device(device_tlb_op(slot, addr, am));
         }
-        self.invalidate(mem, &ops)
     }
 
-    /// Invalidates everything cached for `d`.
-    fn flush_domain<T: VtdMemory>(&self, mem: &T, d: &Domain) -> Result<(), VtdError> {
-        self.flush_range(mem, d, 0, u64::MAX, false)
+    /// Issues `round` as one batch: IOTLB descriptors, a fence and the device-TLB
+    /// descriptors if any, one wait (see [`InvalidationRound`]).
+    fn run_round<T: VtdMemory>(&self, mem: &T, round: &InvalidationRound) -> Result<(), VtdError> {
+        let mut ops = [Op::Fence; InvalidationRound::OPS];
+        let mut n = 0;
+        let mut push = |op: Op| {
+            if n < ops.len() {
+                ops[n] = op;
+                n += 1;
+            }
+        };
+        if round.everything {
+            push(Op::IotlbGlobal);
+            let mut devices = self.ats.slots.iter().flatten().peekable();
+            if devices.peek().is_some() {
+                push(Op::Fence);
+                for &slot in devices {
+                    push(device_tlb_op(slot, 0, DEVICE_TLB_ALL));
+                }
+            }
+        } else {
+            for &op in &round.iotlb[..round.n_iotlb] {
+                push(op);
+            }
+            if round.n_device != 0 {
+                push(Op::Fence);
+                for &op in &round.device[..round.n_device] {
+                    push(op);
+                }
+            }
+        }
+        self.invalidate_ops(mem, &ops[..n])
+    }
+
+    fn invalidate_ops<T: VtdMemory>(&self, mem: &T, ops: &[Op]) -> Result<(), VtdError> {
+        self.inv.run(&self.mmio, mem, ops, &self.stats)
     }
 
     // -----------------------------------------------------------------------------------------
