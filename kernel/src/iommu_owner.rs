@@ -304,10 +304,11 @@ fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, Str
 }
 
 #[cfg(target_arch = "aarch64")]
-fn build(_info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, String> {
+fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, String> {
     use iommu::iommufd::smmu_backend::{self, SmmuBackend};
     use iommu::smmuv3::{SmmuUnit, UnitConfig};
 
+    crate::smmu_irq::parse_options(info)?;
     let mut units = Vec::new();
     let mut owned = Vec::new();
     for u in &platform.units {
@@ -315,8 +316,17 @@ fn build(_info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, St
             continue;
         };
         let mmio = MmioRegion::new(*base, SMMU_REGS).map_err(|e| format!("{name}: {e}"))?;
-        let unit = SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
-            .map_err(|e| format!("{name}: {e}"))?;
+        // Fault interrupts (smmu_irq.rs): the wired event queue and GERROR SPIs, else polling.
+        let irqs = crate::smmu_irq::irq_bring_up(info, platform, units.len(), name, *base);
+        let unit = SmmuUnit::new(
+            mmio,
+            &IOMMU_MEMORY,
+            UnitConfig {
+                irqs,
+                ..UnitConfig::default()
+            },
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
         units.push(unit);
         owned.push(OwnedUnit { name: name.clone() });
     }

@@ -15,6 +15,8 @@ mod mem;
 mod panic;
 mod pci;
 mod scenarios;
+#[cfg(target_arch = "aarch64")]
+mod smmu_irq;
 mod vcpu;
 
 use boot::BootInfo;

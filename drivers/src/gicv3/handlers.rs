@@ -201,7 +201,10 @@ mod tests {
     #[test]
     fn registration_refuses_duplicates_special_ids_and_a_full_table() {
         let t: HandlerTable<2> = HandlerTable::new();
-        assert_eq!(t.register(1023, other, 0), Err(RegisterError::Special(1023)));
+        assert_eq!(
+            t.register(1023, other, 0),
+            Err(RegisterError::Special(1023))
+        );
         t.register(106, other, 0).unwrap();
         assert_eq!(t.register(106, record, 1), Err(RegisterError::Taken(106)));
         t.register(109, other, 0).unwrap();

@@ -208,14 +208,8 @@ mod tests {
 
     #[test]
     fn mapd_refuses_misaligned_or_wide_itt_and_bad_sizes() {
-        assert_eq!(
-            mapd(1, 0x1080, 4),
-            Err(EncodeError::IttAddress(0x1080))
-        );
-        assert_eq!(
-            mapd(1, 1 << 52, 4),
-            Err(EncodeError::IttAddress(1 << 52))
-        );
+        assert_eq!(mapd(1, 0x1080, 4), Err(EncodeError::IttAddress(0x1080)));
+        assert_eq!(mapd(1, 1 << 52, 4), Err(EncodeError::IttAddress(1 << 52)));
         assert_eq!(mapd(1, 0x1000, 0), Err(EncodeError::EventIdBits(0)));
         assert_eq!(mapd(1, 0x1000, 33), Err(EncodeError::EventIdBits(33)));
         assert!(mapd(u32::MAX, 0xf_ffff_ffff_ff00, 32).is_ok());

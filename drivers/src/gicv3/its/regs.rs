@@ -168,7 +168,10 @@ mod tests {
         assert_eq!(t.device_id_bits(), 16);
         assert!(!t.pta());
         assert_eq!(t.collection_id_bits(), 16);
-        assert_eq!(ItsTyper(1 << 36 | 7 << 32 | 1 << 19).collection_id_bits(), 8);
+        assert_eq!(
+            ItsTyper(1 << 36 | 7 << 32 | 1 << 19).collection_id_bits(),
+            8
+        );
         assert!(ItsTyper(1 << 19).pta());
     }
 
