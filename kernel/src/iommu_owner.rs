@@ -336,7 +336,16 @@ fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, Str
     let devices = assignable(platform, &owned);
     let mut hw = Vec::new();
     for d in &devices {
-        let info = smmu_backend::device_info(&units[d.unit], d.ids[0], d.group, 0);
+        let mut info = smmu_backend::device_info(&units[d.unit], d.ids[0], d.group, 0);
+        // The ITS doorbell window (its.rs): a device's MSIs are writes to GITS_TRANSLATER
+        // through its SMMU translation, at this IOVA; no guest mapping may take it.
+        let window = iommu::iommufd::Span::new(
+            crate::its::MSI_IOVA_BASE,
+            crate::its::MSI_IOVA_BASE + crate::its::MSI_IOVA_SIZE - 1,
+        );
+        if !iommu::iommufd::vtd_backend::with_reserved(&mut info, window, hvabi::resv::MSI) {
+            return Err(format!("{}: reserved-range table full", d.bdf));
+        }
         hw.push(BackendDevice {
             info,
             unit: d.unit,

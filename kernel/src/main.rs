@@ -11,6 +11,8 @@ mod discovery;
 mod firmware;
 mod guest;
 mod iommu_owner;
+#[cfg(target_arch = "aarch64")]
+mod its;
 mod mem;
 mod panic;
 mod pci;
@@ -69,6 +71,11 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     let platform = discovery::discover_and_report(info);
     // The one owner of the IOMMUs: every unit brought up once, for the life of the system.
     iommu_owner::bring_up(info, &platform);
+    // LPIs and the MSI doorbell (its.rs); without an ITS, device MSIs stay off.
+    #[cfg(target_arch = "aarch64")]
+    if let Err(e) = its::init(info) {
+        println!("report: gicv3 its none ({e})");
+    }
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
@@ -78,6 +85,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "guests" => guest::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, &platform),
+        #[cfg(target_arch = "aarch64")]
+        "its-msi" => scenarios::msi::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
         "smp" => arch::smp_check::run(info),
         other => {

@@ -121,7 +121,7 @@ impl Baser {
             0x1_0000 => 2,
             _ => return None,
         };
-        if pa % page_size != 0 || pa >= 1 << 48 || !(1..=256).contains(&pages) {
+        if !pa.is_multiple_of(page_size) || pa >= 1 << 48 || !(1..=256).contains(&pages) {
             return None;
         }
         let keep = self.0 & (0x7 << 56 | 0x1f << 48);

@@ -1,0 +1,312 @@
+//! `scenario=its-msi`: device MSIs through the SMMU to the GICv3 ITS, and forged ones.
+//!
+//! edu's MSI capability is programmed with the doorbell's IOVA (GITS_TRANSLATER's page mapped at
+//! `its::MSI_IOVA_BASE` in edu's stage-2 domain) and EventID 0, which MAPTI maps to an LPI. Every
+//! count below is the number of times the LPI was taken by the EL2 interrupt path (the handler
+//! table's counter, and the handler's own), against what the device was asked to do:
+//!
+//! - `lpi-int-command`: the ITS INT command for (DeviceID, 0) delivers exactly one LPI;
+//! - `msi-raise-irq`: three writes to edu's raise-IRQ register (0x60), three LPIs;
+//! - `msi-dma-done`: a DMA with the completion interrupt, one LPI;
+//! - `forged-unmapped-eventid`: edu DMA-writes EventID 7 (never mapped) to the doorbell: the
+//!   ITS drops it: no LPI at all, no SMMU event; a probe mapping shows the write does reach the
+//!   ITS, and DISCARD removes it again;
+//! - `forged-without-doorbell`: edu attached to a domain that does not map the doorbell raises
+//!   its MSI: the SMMU blocks the write (F_TRANSLATION at the doorbell's IOVA page, write, edu's
+//!   StreamID, attributed to edu) and no LPI arrives.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use boot::BootInfo;
+use drivers::pci::ConfigSpace;
+use iommu::pgtable::Prot;
+use iommu::smmuv3::{DomainConfig, Event, EventType};
+
+use super::{Checks, buffer, dma_from_device, dma_to_device, find_edu, record_observed};
+use crate::arch::irq::{HANDLERS, interrupt_window};
+use crate::discovery::Platform;
+use crate::its::{self, MSI_IOVA_BASE};
+use crate::mem::frame::PAGE_SIZE;
+use crate::mem::iommu_mem::IOMMU_MEMORY;
+use crate::println;
+
+const IOVA_BUF: u64 = 0x0010_0000;
+const FORGED_EVENT: u32 = 7;
+
+static SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn on_probe(_intid: u32, _context: usize) {}
+
+/// The LPI's handler: counts (its own count, beside the table's).
+fn on_lpi(_intid: u32, _context: usize) {
+    SEEN.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn run(info: &BootInfo, platform: &Platform) -> u32 {
+    let mut checks = Checks::default();
+    if let Err(why) = suite(info, platform, &mut checks) {
+        checks.record("its-msi setup", Err(why));
+    }
+    checks.status()
+}
+
+/// Opens interrupt windows until `lpi` has been taken `want` times in total (or a bound).
+fn wait_lpis(lpi: u32, want: u64) -> u64 {
+    for _ in 0..200_000 {
+        interrupt_window();
+        if HANDLERS.count(lpi) >= want {
+            break;
+        }
+    }
+    // A few more windows: anything beyond `want` would show up now.
+    for _ in 0..1000 {
+        interrupt_window();
+    }
+    HANDLERS.count(lpi)
+}
+
+fn expect_count(lpi: u32, before: u64, delta: u64, what: &str) -> Result<String, String> {
+    let got = wait_lpis(lpi, before + delta) - before;
+    let (unhandled, last) = HANDLERS.unhandled();
+    if got != delta || SEEN.load(Ordering::Relaxed) != HANDLERS.count(lpi) || unhandled != 0 {
+        return Err(format!(
+            "{what}: LPI {lpi} taken {got} times (handler saw {}), expected {delta}; {unhandled} unhandled INTIDs (last {last})",
+            SEEN.load(Ordering::Relaxed)
+        ));
+    }
+    Ok(format!("{what}: LPI {lpi} taken exactly {delta} time(s)"))
+}
+
+fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<(), String> {
+    let dev = find_edu(platform, (1 << 28) - 1)?;
+    let rid = u32::from(dev.bdf.rid());
+    let sid = platform
+        .devices
+        .iter()
+        .find(|d| d.segment == dev.segment && d.bdf == dev.bdf)
+        .and_then(|d| d.translation.as_ref())
+        .map(|t| t.id)
+        .ok_or("edu is not behind an SMMU")?;
+    // DeviceID from the host bridge's msi-map (RID -> DeviceID), which also names the ITS.
+    let fdt = crate::firmware::devicetree::fdt(info).ok_or("its-msi needs the device tree")?;
+    let bridge = iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(dev.segment))
+        .map_err(|e| format!("pcie node: {e:?}"))?;
+    let device_id = bridge
+        .msi_map
+        .as_ref()
+        .and_then(|m| m.resolve(rid))
+        .map(|(_its_phandle, id)| id)
+        .ok_or("the pcie node's msi-map does not map edu's RID")?;
+    let segment = platform
+        .segments
+        .iter()
+        .find(|s| s.segment == dev.segment)
+        .ok_or("edu's segment vanished")?;
+    let msi = segment
+        .devices
+        .get(dev.bdf)
+        .and_then(|f| f.caps.msi)
+        .ok_or("edu has no MSI capability")?;
+
+    let mut its_guard = its::lock();
+    let its = its_guard.as_mut().ok_or("no ITS (see the boot report)")?;
+    let translater = its.translater();
+    let doorbell_iova = MSI_IOVA_BASE + (translater & (PAGE_SIZE - 1));
+    println!(
+        "its-msi: edu {} RID {rid:#x} -> DeviceID {device_id:#x} (msi-map), StreamID {sid:#x}; GITS_TRANSLATER {translater:#x} at IOVA {doorbell_iova:#x}",
+        dev.bdf
+    );
+    let lpi = its.map_event(device_id, 0, on_lpi, 0)?;
+
+    let mem = &IOMMU_MEMORY;
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner.as_mut().ok_or("no IOMMU owner")?;
+    let d = o
+        .devices
+        .iter()
+        .find(|d| d.segment == dev.segment && d.bdf == dev.bdf)
+        .ok_or("the IOMMU owner does not hold edu")?;
+    let (index, sids) = (d.unit, d.ids.clone());
+    let unit = &mut o.fd.hw_mut().units_mut()[index];
+    let e = |err: iommu::smmuv3::SmmuError| format!("{err}");
+
+    // edu's domain: one RAM page and the doorbell page (Device memory, write only is enough
+    // but stage 2 needs read for... nothing: the ITS is written only).
+    let buf = buffer(PAGE_SIZE, PAGE_SIZE)?;
+    let with_doorbell = unit
+        .create_domain(mem, DomainConfig::stage2(48))
+        .map_err(e)?;
+    unit.map(
+        mem,
+        &with_doorbell,
+        IOVA_BUF,
+        buf.pa,
+        PAGE_SIZE,
+        Prot::READ | Prot::WRITE,
+    )
+    .map_err(e)?;
+    unit.map(
+        mem,
+        &with_doorbell,
+        MSI_IOVA_BASE,
+        translater & !(PAGE_SIZE - 1),
+        PAGE_SIZE,
+        Prot::WRITE | Prot::DEVICE,
+    )
+    .map_err(e)?;
+    unit.attach_streams(mem, &sids, &with_doorbell).map_err(e)?;
+
+    // 1. LPIs without a device: the ITS's INT command.
+    let before = HANDLERS.count(lpi);
+    its.trigger(device_id, 0)?;
+    record_observed(
+        checks,
+        "lpi-int-command",
+        expect_count(lpi, before, 1, "INT (DeviceID, EventID 0)"),
+    );
+
+    // 2. edu's MSI: address = the doorbell IOVA, data = EventID 0 (PCI 3.0 §6.8.1: Message
+    //    Control +2, Address +4 (+8 high), Data +8 or +0xC), then MSI Enable.
+    let cfg = &segment.ecam;
+    let cap = u16::from(msi.offset);
+    cfg.write32(dev.bdf, cap + 4, doorbell_iova as u32);
+    let data_off = if msi.addr64 {
+        cfg.write32(dev.bdf, cap + 8, (doorbell_iova >> 32) as u32);
+        cap + 0xc
+    } else {
+        cap + 8
+    };
+    cfg.write16(dev.bdf, data_off, 0);
+    let control = cfg.read16(dev.bdf, cap + 2);
+    cfg.write16(dev.bdf, cap + 2, (control & !(0b111 << 4)) | 1);
+    // An LPI's pending state is one bit (IHI 0069 §5.1.2): MSIs written before the CPU takes
+    // the LPI merge. Each raise is therefore waited for before the next.
+    let before = HANDLERS.count(lpi);
+    for i in 1..=3 {
+        dev.edu.raise_irq(1);
+        dev.edu.ack_irq(1);
+        wait_lpis(lpi, before + i);
+    }
+    record_observed(
+        checks,
+        "msi-raise-irq",
+        expect_count(lpi, before, 3, "3 writes to edu's raise-IRQ register"),
+    );
+
+    let before = HANDLERS.count(lpi);
+    dev.edu
+        .start_dma(drivers::edu::DmaDirection::ToDevice, IOVA_BUF, 0, 64, true)
+        .map_err(|e| format!("edu: {e:?}"))?;
+    dev.edu
+        .wait_dma(super::DMA_POLLS)
+        .map_err(|e| format!("edu: {e:?}"))?;
+    dev.edu.ack_irq(drivers::edu::regs::IRQ_DMA);
+    record_observed(
+        checks,
+        "msi-dma-done",
+        expect_count(lpi, before, 1, "a DMA with its completion interrupt"),
+    );
+
+    // 3. Forged: edu's DMA engine writes EventID 7 to the doorbell itself; (edu's DeviceID, 7)
+    //    is never mapped, so the ITS must drop it. To show the write does reach the ITS (and
+    //    that no LPI is the ITS's decision, not a lost write), a probe LPI is then mapped for
+    //    the DeviceID QEMU gives such a write: its edu DMA goes out without a requester ID
+    //    (MEMTXATTRS_UNSPECIFIED), which the ITS reads as DeviceID 0, unlike its MSIs. Finally
+    //    DISCARD removes the probe mapping and the same write is dropped again.
+    record_observed(checks, "forged-unmapped-eventid", {
+        (|| {
+            for (i, b) in FORGED_EVENT.to_le_bytes().iter().enumerate() {
+                buf.write_u8(i, *b);
+            }
+            dma_to_device(&dev, IOVA_BUF, 4)?;
+            let forge = |probe: Option<u32>| -> Result<(u64, u64), String> {
+                let (l0, p0) = (HANDLERS.count(lpi), probe.map_or(0, |p| HANDLERS.count(p)));
+                dma_from_device(&dev, doorbell_iova, 4)?;
+                let p = probe.map_or(0, |p| wait_lpis(p, p0 + 1) - p0);
+                let l = wait_lpis(lpi, l0 + 1) - l0;
+                Ok((l, p))
+            };
+            let (dropped, _) = forge(None)?;
+            let probe = its.map_event(0, FORGED_EVENT, on_probe, 0)?;
+            let (edu_lpi, probed) = forge(Some(probe))?;
+            its.discard(0, FORGED_EVENT)?;
+            let (edu_lpi2, after_discard) = forge(Some(probe))?;
+            let (unhandled, last) = HANDLERS.unhandled();
+            let mut events: Vec<Event> = Vec::new();
+            unit.poll_events(&mut |ev| events.push(*ev));
+            if dropped != 0
+                || edu_lpi != 0
+                || edu_lpi2 != 0
+                || probed != 1
+                || after_discard != 0
+                || unhandled != 0
+                || !events.is_empty()
+            {
+                return Err(format!(
+                    "DMA write of EventID {FORGED_EVENT}: {dropped} LPI(s) (expected 0); with the probe mapped: probe {probed} (expected 1), edu's LPI {edu_lpi}; after DISCARD: probe {after_discard}, edu's LPI {edu_lpi2} (expected 0); {unhandled} unhandled INTIDs (last {last}); {} SMMU event(s)",
+                    events.len()
+                ));
+            }
+            Ok(format!(
+                "edu's DMA write of unmapped EventID {FORGED_EVENT} to the doorbell: no LPI (dropped by the ITS); it does reach the ITS (as DeviceID 0: a probe LPI {probe} mapped there fired once), and after DISCARD it is dropped again; no other INTID, no SMMU event"
+            ))
+        })()
+    });
+
+    // 4. Forged: a domain without the doorbell. The MSI write is translated like any DMA and
+    //    faults in the SMMU.
+    record_observed(checks, "forged-without-doorbell", {
+        (|| {
+            let without = unit
+                .create_domain(mem, DomainConfig::stage2(48))
+                .map_err(e)?;
+            unit.map(
+                mem,
+                &without,
+                IOVA_BUF,
+                buf.pa,
+                PAGE_SIZE,
+                Prot::READ | Prot::WRITE,
+            )
+            .map_err(e)?;
+            unit.attach_streams(mem, &sids, &without).map_err(e)?;
+            let before = HANDLERS.count(lpi);
+            dev.edu.raise_irq(1);
+            dev.edu.ack_irq(1);
+            let got = wait_lpis(lpi, before + 1) - before;
+            let mut events: Vec<Event> = Vec::new();
+            crate::smmu_irq::drain(index, unit, &mut |ev| events.push(*ev));
+            let ev = events
+                .iter()
+                .find(|ev| ev.input_addr & !(PAGE_SIZE - 1) == MSI_IOVA_BASE)
+                .ok_or_else(|| {
+                    format!(
+                        "no SMMU event at the doorbell IOVA ({} events)",
+                        events.len()
+                    )
+                })?;
+            let owner = unit.owner_of(ev.stream_id);
+            println!(
+                "dma fault: edu {} (sid {:#06x}) {} at iova page {:#x}: {}",
+                dev.bdf,
+                ev.stream_id,
+                if ev.read { "read" } else { "write" },
+                ev.input_addr & !(PAGE_SIZE - 1),
+                ev.kind.name()
+            );
+            if got != 0 || ev.kind != EventType::Translation || ev.read || owner != sid {
+                return Err(format!(
+                    "{got} LPI(s); event {ev} attributed to StreamID {owner:#x} (edu is {sid:#x})"
+                ));
+            }
+            Ok(format!(
+                "the MSI write faulted in the SMMU (F_TRANSLATION, write, iova page {MSI_IOVA_BASE:#x}, StreamID {:#x} = edu), no LPI",
+                ev.stream_id
+            ))
+        })()
+    });
+    Ok(())
+}
