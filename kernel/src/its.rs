@@ -36,9 +36,10 @@ use spin::Mutex;
 use crate::arch::irq::{DEVICE_PRIORITY, HANDLERS};
 use crate::mem::phys::{Frames, MmioRegion};
 
-/// The IOVA window reserved for MSIs in every device's SMMU translation (1 MiB, below edu's
-/// default 28-bit DMA mask).
-pub const MSI_IOVA_BASE: u64 = 0x0800_0000;
+/// The IOVA window reserved for MSIs in every device's SMMU translation: 1 MiB at 256 MiB, just
+/// above the 28-bit IOVA space a default edu can DMA to (and the ABI self-test's window), so it
+/// takes nothing from such devices; an MSI address is not limited by a DMA mask.
+pub const MSI_IOVA_BASE: u64 = 0x1000_0000;
 pub const MSI_IOVA_SIZE: u64 = 0x10_0000;
 
 /// ITS register frames: ITS_base (control) and the translation frame, 64 KiB each.

@@ -81,7 +81,13 @@ fn expect_count(lpi: u32, before: u64, delta: u64, what: &str) -> Result<String,
 }
 
 fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<(), String> {
-    let dev = find_edu(platform, (1 << 28) - 1)?;
+    // The forged DMA aims at the doorbell window at 256 MiB: edu needs a DMA mask that wide
+    // (`-device edu,dma_mask=...` and `edu-dma-bits=`).
+    let bits: u32 = info
+        .cmdline_value("edu-dma-bits")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(28);
+    let dev = find_edu(platform, (1u64 << bits.min(63)) - 1)?;
     let rid = u32::from(dev.bdf.rid());
     let sid = platform
         .devices
