@@ -5,6 +5,9 @@
 //! count below is the number of times the LPI was taken by the EL2 interrupt path (the handler
 //! table's counter, and the handler's own), against what the device was asked to do:
 //!
+//! - `msi-window-reserved`: DEVICE_RESERVED_RANGES (ABI v1, through the owner's object model as
+//!   a guest would call it) reports the doorbell window for edu as `RESV_MSI`, and an
+//!   IOAS_MAP at a fixed IOVA inside it is refused with EADDRINUSE;
 //! - `lpi-int-command`: the ITS INT command for (DeviceID, 0) delivers exactly one LPI;
 //! - `msi-raise-irq`: three writes to edu's raise-IRQ register (0x60), three LPIs;
 //! - `msi-dma-done`: a DMA with the completion interrupt, one LPI;
@@ -116,6 +119,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         .get(dev.bdf)
         .and_then(|f| f.caps.msi)
         .ok_or("edu has no MSI capability")?;
+
+    record_observed(checks, "msi-window-reserved", window_reserved(&dev, sid));
 
     let mut its_guard = its::lock();
     let its = its_guard.as_mut().ok_or("no ITS (see the boot report)")?;
@@ -315,4 +320,79 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         })()
     });
     Ok(())
+}
+
+/// The ABI's view of the doorbell window for edu (see the module comment), from a throwaway
+/// in-hypervisor guest that owns edu for the duration.
+fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
+    use hvabi::{MAP_FIXED_IOVA, MAP_READABLE, errno, resv};
+    use iommu::iommufd::client::Client;
+    use iommu::iommufd::selftest::{FLOW_MEMORY, FlowMemory};
+
+    let mut owner = crate::iommu_owner::lock();
+    let o = owner.as_mut().ok_or("no IOMMU owner")?;
+    let hw = o
+        .device_index(dev.segment, dev.bdf)
+        .ok_or("the IOMMU owner does not hold edu")?;
+    let fd = &mut o.fd;
+    let g = fd
+        .create_guest()
+        .map_err(|e| format!("create_guest: {e:?}"))?;
+    let buf = match buffer(FLOW_MEMORY, PAGE_SIZE) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = fd.destroy_guest(g);
+            return Err(e);
+        }
+    };
+    let r = (|| {
+        fd.assign_device(g, hw as iommu::iommufd::HwDev)
+            .map_err(|e| format!("assign_device: {e:?}"))?;
+        let gm = crate::mem::dma::DmaGuestMemory::new(&buf);
+        let base = gm.gpa();
+        let mut c = Client::new(fd, g, gm.as_guest_memory(), base);
+        let dev_id = c
+            .devices()
+            .map_err(|e| format!("DEVICE_LIST: errno {e}"))?
+            .iter()
+            .find(|d| d.hw_id == u64::from(sid))
+            .ok_or("edu not in DEVICE_LIST")?
+            .dev_id;
+        let ranges = c
+            .reserved_ranges(dev_id)
+            .map_err(|e| format!("DEVICE_RESERVED_RANGES: errno {e}"))?;
+        let last = MSI_IOVA_BASE + its::MSI_IOVA_SIZE - 1;
+        if !ranges
+            .iter()
+            .any(|r| r.kind == resv::MSI && r.start == MSI_IOVA_BASE && r.last == last)
+        {
+            return Err(format!(
+                "DEVICE_RESERVED_RANGES has no RESV_MSI {MSI_IOVA_BASE:#x}..={last:#x}: {ranges:x?}"
+            ));
+        }
+        let ioas = c
+            .ioas_alloc()
+            .map_err(|e| format!("IOAS_ALLOC: errno {e}"))?;
+        c.attach(dev_id, ioas)
+            .map_err(|e| format!("DEVICE_ATTACH: errno {e}"))?;
+        match c.map(
+            ioas,
+            base + 0x10000,
+            PAGE_SIZE,
+            MAP_READABLE | MAP_FIXED_IOVA,
+            MSI_IOVA_BASE,
+        ) {
+            Err(e) if e == errno::EADDRINUSE => Ok(format!(
+                "DEVICE_RESERVED_RANGES reports RESV_MSI {MSI_IOVA_BASE:#x}..={last:#x} for edu; IOAS_MAP at {MSI_IOVA_BASE:#x} refused with EADDRINUSE"
+            )),
+            other => Err(format!(
+                "IOAS_MAP inside the MSI window returned {other:?}, expected EADDRINUSE"
+            )),
+        }
+    })();
+    let d = fd
+        .destroy_guest(g)
+        .map_err(|e| format!("destroy_guest: {e:?}"));
+    buf.free();
+    r.and_then(|ok| d.map(|()| ok))
 }
