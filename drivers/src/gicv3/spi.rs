@@ -4,7 +4,7 @@
 //!
 //! The hypervisor's SPIs (the SMMUv3's wired event queue and GERROR interrupts) are Group 1
 //! Non-secure, edge-triggered, routed to one CPU by affinity (GICD_IROUTER.Interrupt_Routing_Mode
-//! = 0: "1 of N" routing is optional and QEMU does not implement it).
+//! = 0; "1 of N" routing is optional in the architecture and not relied on).
 
 use iommu::hw::Mmio;
 

@@ -193,7 +193,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     cfg.write16(dev.bdf, data_off, 0);
     let control = cfg.read16(dev.bdf, cap + 2);
     cfg.write16(dev.bdf, cap + 2, (control & !(0b111 << 4)) | 1);
-    // An LPI's pending state is one bit (IHI 0069 §5.1.2): MSIs written before the CPU takes
+    // An LPI's pending state is one bit (the LPI pending table, IHI 0069 ch. 5): MSIs written before the CPU takes
     // the LPI merge. Each raise is therefore waited for before the next.
     let before = HANDLERS.count(lpi);
     for i in 1..=3 {
@@ -224,8 +224,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     // 3. Forged: edu's DMA engine writes EventID 7 to the doorbell itself; (edu's DeviceID, 7)
     //    is never mapped, so the ITS must drop it. To show the write does reach the ITS (and
     //    that no LPI is the ITS's decision, not a lost write), a probe LPI is then mapped for
-    //    the DeviceID QEMU gives such a write: its edu DMA goes out without a requester ID
-    //    (MEMTXATTRS_UNSPECIFIED), which the ITS reads as DeviceID 0, unlike its MSIs. Finally
+    //    the DeviceID QEMU 10's ITS gives such a write: 0 (observed: edu's plain DMA reaches the
+    //    ITS without its requester ID, unlike its MSIs, which carry its RID). Finally
     //    DISCARD removes the probe mapping and the same write is dropped again.
     record_observed(checks, "forged-unmapped-eventid", {
         (|| {

@@ -159,8 +159,8 @@ mod tests {
 
     #[test]
     fn typer_fields_of_qemus_its() {
-        // QEMU 10 hw/intc/arm_gicv3_its.c: Physical, ITT_entry_size 12 (field 0xb), IDbits 16
-        // (field 15), Devbits 16 (field 15), PTA 0, CIL 0.
+        // As QEMU 10's ITS reports it (boot report of arm-its-msi): Physical, ITT_entry_size 12
+        // (field 0xb), IDbits 16 (field 15), Devbits 16 (field 15), PTA 0, CIL 0.
         let t = ItsTyper(1 | 0xb << 4 | 15 << 8 | 15 << 13);
         assert!(t.physical());
         assert_eq!(t.itt_entry_size(), 12);
