@@ -109,7 +109,7 @@ pub fn init(info: &BootInfo) -> Result<(), String> {
     let (gicd, gicd_typer, _) =
         crate::arch::preempt::distributor().ok_or("GIC distributor not up")?;
     let _ = gicd;
-    // GICD_TYPER.LPIS (bit 17) and IDbits (bits 23:19, INTID bits - 1) (IHI 0069 §12.9.38).
+    // GICD_TYPER.LPIS (bit 17) and IDbits (bits 23:19, INTID bits - 1) (IHI 0069 §12.9).
     if gicd_typer & (1 << 17) == 0 || ((gicd_typer >> 19) & 0x1f) + 1 < LPI_ID_BITS {
         return Err("the distributor has no LPIs (GICD_TYPER.LPIS/IDbits)".into());
     }
@@ -123,7 +123,7 @@ pub fn init(info: &BootInfo) -> Result<(), String> {
     if !typer.physical() {
         return Err("the ITS does not translate physical LPIs (GITS_TYPER.Physical)".into());
     }
-    // The ITS must be disabled and quiescent before its tables change (§12.19.4).
+    // The ITS must be disabled and quiescent before its tables change (§12.19).
     let ctlr = regs.read32(gits::CTLR);
     regs.write32(gits::CTLR, ctlr & !gits::CTLR_ENABLED);
     if !(0..POLL_LIMIT).any(|_| regs.read32(gits::CTLR) & gits::CTLR_QUIESCENT != 0) {
@@ -144,7 +144,7 @@ pub fn init(info: &BootInfo) -> Result<(), String> {
             .ok_or("ITS table outside GITS_BASER's address range")?;
         regs.write64(off, value);
         let back = Baser(regs.read64(off));
-        // Page_Size may be fixed (§12.19.1: writes of an unsupported size read back another):
+        // Page_Size may be fixed (§12.19: writes of an unsupported size read back another):
         // this driver only builds 4 KiB pages.
         if back.page_size() != 0x1000 || back.0 & Baser::VALID == 0 {
             return Err(alloc::format!(
@@ -161,7 +161,7 @@ pub fn init(info: &BootInfo) -> Result<(), String> {
     );
     regs.write64(gits::CWRITER, 0);
     // LPI tables of the boot CPU's redistributor: EnableLPIs must be 0 while they are set
-    // (§12.11.2: PROPBASER/PENDBASER are UNPREDICTABLE to change with LPIs enabled).
+    // (§12.11: PROPBASER/PENDBASER are UNPREDICTABLE to change with LPIs enabled).
     let ctlr_off = rd + drivers::gicv3::gicr::CTLR;
     if gicr.read32(ctlr_off) & gicr_lpi::CTLR_ENABLE_LPIS != 0 {
         return Err("LPIs already enabled on the boot CPU (firmware left them on)".into());

@@ -1,5 +1,6 @@
-//! SMMUv3 fault interrupts (SMMUv3 §7.2, §6.3.17-6.3.19): the event queue and GERROR wired
-//! interrupts of each unit the IOMMU owner brought up, instead of polling.
+//! SMMUv3 fault interrupts (SMMUv3 §7.2; registers IRQ_CTRL, IRQ_CTRLACK, GERROR, GERRORN):
+//! the event queue and GERROR wired interrupts of each unit the IOMMU owner brought up, instead
+//! of polling.
 //!
 //! - Bring-up ([`find_interrupts`], [`install`]): the `eventq` and `gerror` interrupts come from
 //!   the device tree's smmuv3 node (`interrupts` / `interrupt-names`) or the IORT SMMUv3 node's
@@ -149,7 +150,7 @@ pub fn find_interrupts(info: &BootInfo, platform: &Platform, base: u64) -> Optio
     let iort = platform.acpi.as_ref()?.iort.as_ref()?;
     let iort = Iort::parse(iort.bytes).ok()?;
     iort.nodes().find_map(|n| match n.kind() {
-        // The IORT's SMMUv3 GSIVs are edge-triggered SPIs (IORT E.f §3.1.1.2); 0 = not wired.
+        // The IORT's SMMUv3 GSIVs are edge-triggered SPIs (as Linux registers them from the IORT); 0 = not wired.
         NodeKind::SmmuV3(s)
             if n.smmu_base() == Some(base) && s.event_gsiv >= 32 && s.gerr_gsiv >= 32 =>
         {
@@ -235,7 +236,7 @@ fn take(flag: &AtomicBool, intid: u32, remote: &AtomicU64) -> bool {
     false
 }
 
-/// Writes IRQ_CTRL and waits (bounded) for IRQ_CTRLACK to match (SMMUv3 §6.3.17-18).
+/// Writes IRQ_CTRL and waits (bounded) for IRQ_CTRLACK to match (SMMUv3 §6.3).
 fn set_irq_ctrl(mmio: &MmioRegion, bits: IrqCtrl) -> bool {
     mmio.write32(offset::IRQ_CTRL, bits.bits());
     (0..1_000_000).any(|_| mmio.read32(offset::IRQ_CTRLACK) == bits.bits())

@@ -51,7 +51,7 @@ fn bit(intid: u32) -> (usize, u32) {
     (4 * (intid as usize / 32), 1 << (intid % 32))
 }
 
-/// Affinity in GICD_IROUTER's layout (IHI 0069 §12.9.22): Aff3 at bits 39:32, Aff2.Aff1.Aff0
+/// Affinity in GICD_IROUTER's layout (IHI 0069 §12.9): Aff3 at bits 39:32, Aff2.Aff1.Aff0
 /// at bits 23:0, from the packed Aff3.Aff2.Aff1.Aff0 form GICR_TYPER uses.
 pub fn irouter_value(affinity: u32) -> u64 {
     u64::from(affinity >> 24) << 32 | u64::from(affinity & 0x00ff_ffff)
@@ -70,15 +70,15 @@ pub fn configure(
 ) -> Result<(), GicError> {
     check(typer, intid)?;
     let (word, mask) = bit(intid);
-    // Changing the configuration of an enabled interrupt is UNPREDICTABLE (§12.9.7 ICFGR), so
+    // Changing the configuration of an enabled interrupt is UNPREDICTABLE (§12.9 ICFGR), so
     // disable it first; ICENABLER is write-1-to-clear, other bits are unaffected.
     gicd.write32(reg::ICENABLER + word, mask);
     let group = gicd.read32(reg::IGROUPR + word);
     gicd.write32(reg::IGROUPR + word, group | mask);
-    // IGRPMODR = 0 with IGROUPR = 1: Non-secure Group 1 (§12.9.15; RAZ/WI with DS = 1).
+    // IGRPMODR = 0 with IGROUPR = 1: Non-secure Group 1 (§12.9; RAZ/WI with DS = 1).
     let modr = gicd.read32(reg::IGRPMODR + word);
     gicd.write32(reg::IGRPMODR + word, modr & !mask);
-    // GICD_ICFGR<n>: two bits per INTID, bit 1 of the pair = edge-triggered (§12.9.9).
+    // GICD_ICFGR<n>: two bits per INTID, bit 1 of the pair = edge-triggered (§12.9).
     let cfg_word = reg::ICFGR + 4 * (intid as usize / 16);
     let shift = 2 * (intid % 16);
     let cfg = gicd.read32(cfg_word) & !(0b11 << shift);

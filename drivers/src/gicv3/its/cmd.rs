@@ -40,7 +40,7 @@ pub enum EncodeError {
     NotLpi(u32),
 }
 
-/// Where a collection's interrupts go (§5.3.7 RDbase): GITS_TYPER.PTA says which form the ITS
+/// Where a collection's interrupts go (§5.3 RDbase): GITS_TYPER.PTA says which form the ITS
 /// takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -67,7 +67,7 @@ fn op(code: u8, device: u32) -> u64 {
     u64::from(code) | u64::from(device) << 32
 }
 
-/// MAPD (§5.3.8): DW0 63:32 DeviceID; DW1 4:0 Size (EventID bits - 1); DW2 51:8 ITT_addr,
+/// MAPD (§5.3): DW0 63:32 DeviceID; DW1 4:0 Size (EventID bits - 1); DW2 51:8 ITT_addr,
 /// bit 63 V. Maps `device` to its interrupt translation table at `itt` with `event_bits` of
 /// EventID.
 pub fn mapd(device: u32, itt: u64, event_bits: u32) -> Result<Command, EncodeError> {
@@ -90,7 +90,7 @@ pub fn unmapd(device: u32) -> Command {
     Command([op(opcode::MAPD, device), 0, 0, 0])
 }
 
-/// MAPC (§5.3.7): DW2 15:0 ICID, 50:16 RDbase, bit 63 V.
+/// MAPC (§5.3): DW2 15:0 ICID, 50:16 RDbase, bit 63 V.
 pub fn mapc(icid: u16, target: Target) -> Result<Command, EncodeError> {
     Ok(Command([
         u64::from(opcode::MAPC),
@@ -100,7 +100,7 @@ pub fn mapc(icid: u16, target: Target) -> Result<Command, EncodeError> {
     ]))
 }
 
-/// MAPTI (§5.3.10): DW0 63:32 DeviceID; DW1 31:0 EventID, 63:32 pINTID; DW2 15:0 ICID.
+/// MAPTI (§5.3): DW0 63:32 DeviceID; DW1 31:0 EventID, 63:32 pINTID; DW2 15:0 ICID.
 pub fn mapti(device: u32, event: u32, lpi: u32, icid: u16) -> Result<Command, EncodeError> {
     if lpi < 8192 {
         return Err(EncodeError::NotLpi(lpi));
@@ -113,7 +113,7 @@ pub fn mapti(device: u32, event: u32, lpi: u32, icid: u16) -> Result<Command, En
     ]))
 }
 
-/// MAPI (§5.3.9): MAPTI with pINTID = EventID; DW0 63:32 DeviceID, DW1 31:0 EventID, DW2
+/// MAPI (§5.3): MAPTI with pINTID = EventID; DW0 63:32 DeviceID, DW1 31:0 EventID, DW2
 /// 15:0 ICID.
 pub fn mapi(device: u32, event: u32, icid: u16) -> Result<Command, EncodeError> {
     if event < 8192 {
@@ -127,35 +127,35 @@ pub fn mapi(device: u32, event: u32, icid: u16) -> Result<Command, EncodeError> 
     ]))
 }
 
-/// INV (§5.3.12): DW0 63:32 DeviceID, DW1 31:0 EventID: reload the LPI's configuration.
+/// INV (§5.3): DW0 63:32 DeviceID, DW1 31:0 EventID: reload the LPI's configuration.
 pub fn inv(device: u32, event: u32) -> Command {
     Command([op(opcode::INV, device), u64::from(event), 0, 0])
 }
 
-/// INVALL (§5.3.13): DW2 15:0 ICID: reload the configuration of every LPI of the collection.
+/// INVALL (§5.3): DW2 15:0 ICID: reload the configuration of every LPI of the collection.
 pub fn invall(icid: u16) -> Command {
     Command([u64::from(opcode::INVALL), 0, u64::from(icid), 0])
 }
 
-/// SYNC (§5.3.20): DW2 50:16 RDbase: every earlier command's effects on that redistributor
+/// SYNC (§5.3): DW2 50:16 RDbase: every earlier command's effects on that redistributor
 /// are visible once the ITS has consumed this one.
 pub fn sync(target: Target) -> Result<Command, EncodeError> {
     Ok(Command([u64::from(opcode::SYNC), 0, target.field()?, 0]))
 }
 
-/// DISCARD (§5.3.4): DW0 63:32 DeviceID, DW1 31:0 EventID: removes the mapping (and any
+/// DISCARD (§5.3): DW0 63:32 DeviceID, DW1 31:0 EventID: removes the mapping (and any
 /// pending state of its LPI).
 pub fn discard(device: u32, event: u32) -> Command {
     Command([op(opcode::DISCARD, device), u64::from(event), 0, 0])
 }
 
-/// INT (§5.3.5): DW0 63:32 DeviceID, DW1 31:0 EventID: makes the ITS behave as if the device
+/// INT (§5.3): DW0 63:32 DeviceID, DW1 31:0 EventID: makes the ITS behave as if the device
 /// had written EventID to GITS_TRANSLATER.
 pub fn int(device: u32, event: u32) -> Command {
     Command([op(opcode::INT, device), u64::from(event), 0, 0])
 }
 
-/// CLEAR (§5.3.2): same fields as INT; clears the LPI's pending state.
+/// CLEAR (§5.3): same fields as INT; clears the LPI's pending state.
 pub fn clear(device: u32, event: u32) -> Command {
     Command([op(opcode::CLEAR, device), u64::from(event), 0, 0])
 }

@@ -37,7 +37,7 @@ pub mod gicr_lpi {
     pub const PENDBASER_PTZ: u64 = 1 << 62;
 }
 
-/// GITS_TYPER (§12.19.16).
+/// GITS_TYPER (§12.19).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ItsTyper(pub u64);
 
@@ -72,7 +72,7 @@ impl ItsTyper {
     }
 }
 
-/// GITS_BASER<n>.Type (bits 58:56, §12.19.1).
+/// GITS_BASER<n>.Type (bits 58:56, §12.19).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableType {
     Unimplemented,
@@ -82,7 +82,7 @@ pub enum TableType {
     Reserved(u8),
 }
 
-/// GITS_BASER<n> (§12.19.1).
+/// GITS_BASER<n> (§12.19).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Baser(pub u64);
 
@@ -148,7 +148,7 @@ pub fn pendbaser(pa: u64) -> u64 {
     pa | gicr_lpi::ATTR_IS_WB | gicr_lpi::PENDBASER_PTZ
 }
 
-/// One LPI configuration table byte (§5.1.1): priority in bits 7:2, bit 1 RES1, Enable bit 0.
+/// One LPI configuration table byte (§5.1): priority in bits 7:2, bit 1 RES1, Enable bit 0.
 pub fn lpi_config(priority: u8, enable: bool) -> u8 {
     (priority & 0xfc) | 0b10 | u8::from(enable)
 }

@@ -13,7 +13,7 @@
 //! [`el2_irq`].
 //!
 //! EOImode: `ICC_CTLR_EL1.EOImode` stays 0, so the single ICC_EOIR1_EL1 write both drops the
-//! running priority and deactivates the INTID (IHI 0069 §4.1.1): handlers only record, so
+//! running priority and deactivates the INTID (IHI 0069, "Priority drop and interrupt deactivation"): handlers only record, so
 //! there is nothing to gain from a split drop/deactivate. INTIDs 1020-1023 (1023 = spurious)
 //! are never completed (§2.2.1).
 
@@ -85,7 +85,7 @@ pub(super) extern "C" fn el2_irq() {
 /// (see the module comment). Handlers run inside, on this CPU. Safe to call with any lock held,
 /// since handlers take none.
 pub fn interrupt_window() {
-    // SAFETY: HCR_EL2.IMO (bit 4) makes physical IRQs target EL2 (DDI 0487 D1.3.6) and is
+    // SAFETY: HCR_EL2.IMO (bit 4) makes physical IRQs target EL2 (DDI 0487, asynchronous exception routing) and is
     // restored below; PMR limits what is signalled to the device priority; clearing PSTATE.I
     // lets a pending IRQ be taken at the vectors' "current EL, IRQ" entries, whose handler
     // preserves every register of this code (exception.rs) and returns with ERET; the ISBs make
