@@ -16,7 +16,9 @@
 //!   ITS, and DISCARD removes it again;
 //! - `forged-without-doorbell`: edu attached to a domain that does not map the doorbell raises
 //!   its MSI: the SMMU blocks the write (F_TRANSLATION at the doorbell's IOVA page, write, edu's
-//!   StreamID, attributed to edu) and no LPI arrives.
+//!   StreamID, attributed to edu) and no LPI arrives;
+//! - `gerror-interrupt`: a full event queue makes QEMU's SMMU raise GERROR.EVENTQ_ABT_ERR and
+//!   the GERROR interrupt, which the drain reports and acknowledges (GERRORN = GERROR after).
 
 use alloc::format;
 use alloc::string::String;
@@ -316,6 +318,46 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             Ok(format!(
                 "the MSI write faulted in the SMMU (F_TRANSLATION, write, iova page {MSI_IOVA_BASE:#x}, StreamID {:#x} = edu), no LPI",
                 ev.stream_id
+            ))
+        })()
+    });
+
+    // 5. GERROR through its interrupt: faulting DMAs without a drain fill the event queue; QEMU
+    //    reports the record it cannot write as GERROR.EVENTQ_ABT_ERR and raises the GERROR
+    //    interrupt (INTID 109). The drain reports and acknowledges it; GERRORN then equals GERROR
+    //    in the registers.
+    record_observed(checks, "gerror-interrupt", {
+        (|| {
+            use iommu::hw::Mmio;
+            use iommu::smmuv3::regs::{Gerror, offset};
+            let entries = 1u64 << (unit.mmio().read32(offset::EVENTQ_BASE) & 0x1f);
+            let before = crate::smmu_irq::stats(index);
+            let lost_before = unit.events_lost();
+            for i in 0..entries + 16 {
+                dma_from_device(&dev, 0x20_0000 + (i % 16) * PAGE_SIZE, 4)?;
+            }
+            let mut drained = 0u64;
+            let poll = crate::smmu_irq::drain(index, unit, &mut |_| drained += 1)
+                .ok_or("no interrupt flagged after a full event queue")?;
+            let after = crate::smmu_irq::stats(index);
+            let (gerror, gerrorn) = (
+                unit.mmio().read32(offset::GERROR),
+                unit.mmio().read32(offset::GERRORN),
+            );
+            let aborted =
+                Gerror::from_bits_retain(poll.global_errors).contains(Gerror::EVENTQ_ABT_ERR);
+            let taken = after.gerror_taken - before.gerror_taken;
+            if !aborted || taken == 0 || gerror != gerrorn || unit.events_lost() == lost_before {
+                return Err(format!(
+                    "{} faulting DMAs into a {entries}-entry queue: GERROR bits {:#x} drained (EVENTQ_ABT_ERR expected), GERROR interrupt taken {taken} times, GERROR {gerror:#x} GERRORN {gerrorn:#x} after, {} loss(es) counted",
+                    entries + 16,
+                    poll.global_errors,
+                    unit.events_lost() - lost_before
+                ));
+            }
+            Ok(format!(
+                "{} faulting DMAs into a {entries}-entry queue: {drained} records drained, GERROR.EVENTQ_ABT_ERR raised the GERROR interrupt (taken {taken} time(s)), acknowledged: GERRORN = GERROR = {gerror:#x}",
+                entries + 16
             ))
         })()
     });

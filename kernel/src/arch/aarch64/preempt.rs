@@ -2,10 +2,12 @@
 //! interrupt is PPI 10 = INTID 26, Arm BSA/SBSA "PPI assignments") delivered through the GICv3
 //! (`drivers::gicv3` for the distributor and redistributor, the `ICC_*` system registers here).
 //!
-//! The interrupt is never taken at EL2 itself: the hypervisor keeps PSTATE.I set, and while a
-//! guest runs HCR_EL2.IMO routes physical IRQs to EL2, so the timer ends the guest's slice with a
-//! lower-EL IRQ exception; the vCPU backend then calls [`take_interrupt`], which acknowledges it
-//! at the CPU interface. `ICC_CTLR_EL1.EOImode` stays 0, so the EOI write both drops the
+//! The timer's interrupt is never taken at EL2 itself: the hypervisor keeps PSTATE.I set, and
+//! while a guest runs HCR_EL2.IMO routes physical IRQs to EL2, so the timer ends the guest's slice
+//! with a lower-EL IRQ exception; the vCPU backend then calls [`take_interrupt`], which
+//! acknowledges it at the CPU interface (and hands any device interrupt to `irq`'s handler
+//! table). The device interrupts' windows at EL2 (`irq::interrupt_window`) mask the timer's
+//! priority with ICC_PMR_EL1. `ICC_CTLR_EL1.EOImode` stays 0, so the EOI write both drops the
 //! priority and deactivates (IHI 0069 §4.1.1). CNTHP is level-triggered: the handler stops the
 //! timer before the EOI so the line is low when the interrupt is deactivated.
 //!
