@@ -85,6 +85,11 @@ pub(super) extern "C" fn el2_irq() {
 /// (see the module comment). Handlers run inside, on this CPU. Safe to call with any lock held,
 /// since handlers take none.
 pub fn interrupt_window() {
+    // Without this CPU's GIC CPU interface up (ICC_SRE_EL2.SRE), the ICC_* accesses below would
+    // be UNDEFINED; there is nothing to take then anyway.
+    if super::preempt::this_redistributor().is_none() {
+        return;
+    }
     // SAFETY: HCR_EL2.IMO (bit 4) makes physical IRQs target EL2 (DDI 0487, asynchronous exception routing) and is
     // restored below; PMR limits what is signalled to the device priority; clearing PSTATE.I
     // lets a pending IRQ be taken at the vectors' "current EL, IRQ" entries, whose handler
