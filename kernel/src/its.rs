@@ -221,6 +221,14 @@ impl Its {
     /// Writes `cmds` to the queue and waits (bounded) until the ITS has consumed them.
     pub fn submit(&mut self, cmds: &[Command]) -> Result<(), String> {
         let queue_len = self.queue.len();
+        // The queue is empty between calls (each waits for CREADR); one slot stays free so that
+        // CWRITER == CREADR always means empty (IHI 0069, the ITS command queue).
+        if cmds.len() as u64 >= queue_len / COMMAND_BYTES as u64 {
+            return Err(alloc::format!(
+                "{} ITS commands do not fit the queue",
+                cmds.len()
+            ));
+        }
         for c in cmds {
             let words = self.queue.words();
             let first = (self.write / 8) as usize;
