@@ -17,6 +17,9 @@
 //! - `forged-without-doorbell`: edu attached to a domain that does not map the doorbell raises
 //!   its MSI: the SMMU blocks the write (F_TRANSLATION at the doorbell's IOVA page, write, edu's
 //!   StreamID, attributed to edu) and no LPI arrives;
+//! - `drain-on-another-cpu` (`-smp 2`): CPU 1 makes edu fault and drains while the boot CPU, which
+//!   the event SPI is routed to, waits with interrupts masked: the SPI's pending state at the
+//!   distributor is the signal, the boot CPU's handler never runs;
 //! - `gerror-interrupt`: a full event queue makes QEMU's SMMU raise GERROR.EVENTQ_ABT_ERR and
 //!   the GERROR interrupt, which the drain reports and acknowledges (GERRORN = GERROR after).
 
@@ -52,10 +55,75 @@ fn on_lpi(_intid: u32, _context: usize) {
 
 pub fn run(info: &BootInfo, platform: &Platform) -> u32 {
     let mut checks = Checks::default();
-    if let Err(why) = suite(info, platform, &mut checks) {
-        checks.record("its-msi setup", Err(why));
+    match suite(info, platform, &mut checks) {
+        Ok(job) => record_observed(&mut checks, "drain-on-another-cpu", remote_drain(job)),
+        Err(why) => checks.record("its-msi setup", Err(why)),
     }
     checks.status()
+}
+
+/// What CPU 1 needs to make edu fault and drain the unit: the device, its unit's index and its
+/// StreamIDs.
+struct RemoteJob {
+    dev: super::EduDevice,
+    unit: usize,
+    sids: Vec<u32>,
+}
+
+static JOB: spin::Mutex<Option<RemoteJob>> = spin::Mutex::new(None);
+/// CPU 1's result: (the drain read the queue, records drained, all of edu's StreamIDs, the CPU
+/// that ran it).
+type RemoteResult = Result<(bool, u32, bool, usize), String>;
+static RESULT: spin::Mutex<Option<RemoteResult>> = spin::Mutex::new(None);
+
+/// Runs on CPU 1: one faulting edu DMA (edu's domain maps nothing at 0x200000), then the
+/// interrupt-driven drain of the unit from this CPU.
+fn remote_fault(_: usize) {
+    let r = (|| {
+        let job = JOB.lock().take().ok_or("no job posted")?;
+        dma_from_device(&job.dev, 0x20_0000, 4)?;
+        let mut owner = crate::iommu_owner::lock();
+        let o = owner.as_mut().ok_or("no IOMMU owner")?;
+        let unit = &mut o.fd.hw_mut().units_mut()[job.unit];
+        let (mut n, mut ours) = (0u32, true);
+        let read = crate::smmu_irq::drain(job.unit, unit, &mut |ev| {
+            n += 1;
+            ours &= job.sids.contains(&ev.stream_id);
+        })
+        .is_some();
+        Ok((read, n, ours, crate::arch::smp::cpu_index()))
+    })();
+    *RESULT.lock() = Some(r);
+}
+
+/// The event SPI is routed to the boot CPU, which waits here with interrupts masked while CPU 1
+/// makes edu fault and drains: CPU 1 finds the interrupt pending at the distributor, takes it
+/// from there (clearing it) and reads the queue; the boot CPU's handler never runs for it.
+fn remote_drain(job: Option<RemoteJob>) -> Result<String, String> {
+    use crate::arch::smp;
+    let job = job.ok_or("the suite left no job")?;
+    if smp::online() < 2 {
+        return Err("needs a second CPU (-smp 2)".into());
+    }
+    let unit = job.unit;
+    let before = crate::smmu_irq::stats(unit);
+    *JOB.lock() = Some(job);
+    smp::launch(1, remote_fault, 0).map_err(|e| format!("launch on CPU 1: {e:?}"))?;
+    if !smp::wait_until(20_000, || smp::is_idle(1)) {
+        return Err("CPU 1 did not finish".into());
+    }
+    let after = crate::smmu_irq::stats(unit);
+    let (read, n, ours, cpu) = RESULT.lock().take().ok_or("CPU 1 left no result")??;
+    let remote = after.eventq_remote - before.eventq_remote;
+    let local = after.eventq_taken - before.eventq_taken;
+    if !read || n != 1 || !ours || cpu != 1 || remote != 1 || local != 0 {
+        return Err(format!(
+            "on CPU {cpu}: queue read {read}, {n} record(s) (edu's: {ours}); event interrupt seen pending at the distributor {remote} time(s), taken by a handler {local} time(s); expected 1 record, 1 and 0"
+        ));
+    }
+    Ok(
+        "CPU 1 drained edu's 1 fault record after finding the event SPI (routed to the busy boot CPU) pending at the distributor; the boot CPU's handler never ran for it".into(),
+    )
 }
 
 /// Opens interrupt windows until `lpi` has been taken `want` times in total (or a bound).
@@ -85,7 +153,11 @@ fn expect_count(lpi: u32, before: u64, delta: u64, what: &str) -> Result<String,
     Ok(format!("{what}: LPI {lpi} taken exactly {delta} time(s)"))
 }
 
-fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<(), String> {
+fn suite(
+    info: &BootInfo,
+    platform: &Platform,
+    checks: &mut Checks,
+) -> Result<Option<RemoteJob>, String> {
     // The forged DMA aims at the doorbell window at 256 MiB: edu needs a DMA mask that wide
     // (`-device edu,dma_mask=...` and `edu-dma-bits=`).
     let bits: u32 = info
@@ -361,7 +433,12 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             ))
         })()
     });
-    Ok(())
+    drop(its_guard);
+    Ok(Some(RemoteJob {
+        dev,
+        unit: index,
+        sids,
+    }))
 }
 
 /// The ABI's view of the doorbell window for edu (see the module comment), from a throwaway
