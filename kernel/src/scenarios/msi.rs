@@ -173,16 +173,9 @@ fn suite(
         .and_then(|d| d.translation.as_ref())
         .map(|t| t.id)
         .ok_or("edu is not behind an SMMU")?;
-    // DeviceID from the host bridge's msi-map (RID -> DeviceID), which also names the ITS.
-    let fdt = crate::firmware::devicetree::fdt(info).ok_or("its-msi needs the device tree")?;
-    let bridge = iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(dev.segment))
-        .map_err(|e| format!("pcie node: {e:?}"))?;
-    let device_id = bridge
-        .msi_map
-        .as_ref()
-        .and_then(|m| m.resolve(rid))
-        .map(|(_its_phandle, id)| id)
-        .ok_or("the pcie node's msi-map does not map edu's RID")?;
+    // DeviceID from the host bridge's msi-map (RID -> DeviceID) and/or the IORT (root complex
+    // -> ITS group); both must agree when both exist.
+    let (device_id, id_source) = device_id(info, platform, dev.segment, rid)?;
     let segment = platform
         .segments
         .iter()
@@ -201,7 +194,7 @@ fn suite(
     let translater = its.translater();
     let doorbell_iova = MSI_IOVA_BASE + (translater & (PAGE_SIZE - 1));
     println!(
-        "its-msi: edu {} RID {rid:#x} -> DeviceID {device_id:#x} (msi-map), StreamID {sid:#x}; GITS_TRANSLATER {translater:#x} at IOVA {doorbell_iova:#x}",
+        "its-msi: edu {} RID {rid:#x} -> DeviceID {device_id:#x} ({id_source}), StreamID {sid:#x}; GITS_TRANSLATER {translater:#x} at IOVA {doorbell_iova:#x}",
         dev.bdf
     );
     let lpi = its.map_event(device_id, 0, on_lpi, 0)?;
@@ -514,4 +507,40 @@ fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
         .map_err(|e| format!("destroy_guest: {e:?}"));
     buf.free();
     r.and_then(|ok| d.map(|()| ok))
+}
+
+/// edu's ITS DeviceID: the device tree's `msi-map` on its host bridge, the IORT's root complex
+/// mapping to an ITS group, or both (then they must agree).
+fn device_id(
+    info: &BootInfo,
+    platform: &Platform,
+    segment: u16,
+    rid: u32,
+) -> Result<(u32, &'static str), String> {
+    let dt = crate::firmware::devicetree::fdt(info).and_then(|fdt| {
+        iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(segment))
+            .ok()?
+            .msi_map
+            .as_ref()?
+            .resolve(rid)
+            .map(|(_its_phandle, id)| id)
+    });
+    let iort = platform
+        .acpi
+        .as_ref()
+        .and_then(|a| a.iort.as_ref())
+        .and_then(|t| iommu::firmware::iort::Iort::parse(t.bytes).ok())
+        .and_then(|i| i.resolve_msi(segment, rid).ok())
+        .map(|r| r.device_id);
+    match (dt, iort) {
+        (Some(a), Some(b)) if a != b => Err(format!(
+            "msi-map gives DeviceID {a:#x}, the IORT {b:#x} for RID {rid:#x}"
+        )),
+        (Some(a), Some(_)) => Ok((a, "msi-map and IORT agree")),
+        (Some(a), None) => Ok((a, "msi-map")),
+        (None, Some(b)) => Ok((b, "IORT")),
+        (None, None) => Err(format!(
+            "neither an msi-map nor an IORT ITS mapping covers RID {rid:#x}"
+        )),
+    }
 }
