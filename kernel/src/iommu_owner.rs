@@ -304,10 +304,11 @@ fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, Str
 }
 
 #[cfg(target_arch = "aarch64")]
-fn build(_info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, String> {
+fn build(info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, String> {
     use iommu::iommufd::smmu_backend::{self, SmmuBackend};
     use iommu::smmuv3::{SmmuUnit, UnitConfig};
 
+    crate::smmu_irq::parse_options(info)?;
     let mut units = Vec::new();
     let mut owned = Vec::new();
     for u in &platform.units {
@@ -315,8 +316,17 @@ fn build(_info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, St
             continue;
         };
         let mmio = MmioRegion::new(*base, SMMU_REGS).map_err(|e| format!("{name}: {e}"))?;
-        let unit = SmmuUnit::new(mmio, &IOMMU_MEMORY, UnitConfig::default())
-            .map_err(|e| format!("{name}: {e}"))?;
+        // Fault interrupts (smmu_irq.rs): the wired event queue and GERROR SPIs, else polling.
+        let irqs = crate::smmu_irq::irq_bring_up(info, platform, units.len(), name, *base);
+        let unit = SmmuUnit::new(
+            mmio,
+            &IOMMU_MEMORY,
+            UnitConfig {
+                irqs,
+                ..UnitConfig::default()
+            },
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
         units.push(unit);
         owned.push(OwnedUnit { name: name.clone() });
     }
@@ -326,7 +336,16 @@ fn build(_info: &BootInfo, platform: &Platform) -> Result<Option<IommuOwner>, St
     let devices = assignable(platform, &owned);
     let mut hw = Vec::new();
     for d in &devices {
-        let info = smmu_backend::device_info(&units[d.unit], d.ids[0], d.group, 0);
+        let mut info = smmu_backend::device_info(&units[d.unit], d.ids[0], d.group, 0);
+        // The ITS doorbell window (its.rs): a device's MSIs are writes to GITS_TRANSLATER
+        // through its SMMU translation, at this IOVA; no guest mapping may take it.
+        let window = iommu::iommufd::Span::new(
+            crate::its::MSI_IOVA_BASE,
+            crate::its::MSI_IOVA_BASE + crate::its::MSI_IOVA_SIZE - 1,
+        );
+        if !iommu::iommufd::vtd_backend::with_reserved(&mut info, window, hvabi::resv::MSI) {
+            return Err(format!("{}: reserved-range table full", d.bdf));
+        }
         hw.push(BackendDevice {
             info,
             unit: d.unit,

@@ -11,10 +11,14 @@ mod discovery;
 mod firmware;
 mod guest;
 mod iommu_owner;
+#[cfg(target_arch = "aarch64")]
+mod its;
 mod mem;
 mod panic;
 mod pci;
 mod scenarios;
+#[cfg(target_arch = "aarch64")]
+mod smmu_irq;
 mod vcpu;
 
 use boot::BootInfo;
@@ -71,6 +75,11 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         alloc::boxed::Box::leak(alloc::boxed::Box::new(discovery::discover_and_report(info)));
     // The one owner of the IOMMUs: every unit brought up once, for the life of the system.
     iommu_owner::bring_up(info, platform);
+    // LPIs and the MSI doorbell (its.rs); without an ITS, device MSIs stay off.
+    #[cfg(target_arch = "aarch64")]
+    if let Err(e) = its::init(info) {
+        println!("report: gicv3 its none ({e})");
+    }
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
@@ -82,6 +91,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "guests" => guest::run(info, platform),
         #[cfg(target_arch = "aarch64")]
         "smmu" => scenarios::smmu::run(info, platform),
+        #[cfg(target_arch = "aarch64")]
+        "its-msi" => scenarios::msi::run(info, platform),
         #[cfg(target_arch = "aarch64")]
         "smp" => arch::smp_check::run(info),
         other => {

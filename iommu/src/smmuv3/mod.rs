@@ -11,6 +11,7 @@ pub mod cmdq;
 pub mod domain;
 pub mod error;
 pub mod eventq;
+pub mod irq;
 pub mod ste;
 pub mod stream_table;
 pub mod unit;

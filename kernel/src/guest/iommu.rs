@@ -150,7 +150,7 @@ impl GuestIommu {
         }
     }
 
-    /// Drains every unit's event queue (SMMUv3 §7.3) and hands each fault record to `sink`,
+    /// Drains every unit's event queue (SMMUv3 §7.3) that signalled events (or is polled) and hands each fault record to `sink`,
     /// attributed by (unit, StreamID, or one of its DMA aliases) to the assigned device that
     /// raised it. QEMU's SMMU records one event per faulting transaction (a 256-byte edu DMA is
     /// dozens), so consecutive identical records (same StreamID, page, type and direction) are
@@ -169,7 +169,8 @@ impl GuestIommu {
         for (u, unit) in o.fd.hw_mut().units_mut().iter_mut().enumerate() {
             let mut last = None;
             let mut repeats = 0u64;
-            let _ = unit.poll_events(&mut |e| {
+            // Reads the queue only when the unit's interrupt said so (smmu_irq.rs).
+            let _ = crate::smmu_irq::drain(u, unit, &mut |e| {
                 let key = (e.stream_id, e.input_addr & !0xfff, e.kind.code(), e.read);
                 if last == Some(key) {
                     repeats += 1;

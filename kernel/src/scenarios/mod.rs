@@ -5,6 +5,8 @@
 
 pub mod abi;
 #[cfg(target_arch = "aarch64")]
+pub mod msi;
+#[cfg(target_arch = "aarch64")]
 pub mod smmu;
 #[cfg(target_arch = "x86_64")]
 pub mod vtd;

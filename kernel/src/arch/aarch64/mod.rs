@@ -13,6 +13,7 @@
 
 pub mod cache;
 mod exception;
+pub mod irq;
 mod mmio;
 mod mmu;
 mod power;

@@ -2,10 +2,12 @@
 //! interrupt is PPI 10 = INTID 26, Arm BSA/SBSA "PPI assignments") delivered through the GICv3
 //! (`drivers::gicv3` for the distributor and redistributor, the `ICC_*` system registers here).
 //!
-//! The interrupt is never taken at EL2 itself: the hypervisor keeps PSTATE.I set, and while a
-//! guest runs HCR_EL2.IMO routes physical IRQs to EL2, so the timer ends the guest's slice with a
-//! lower-EL IRQ exception; the vCPU backend then calls [`take_interrupt`], which acknowledges it
-//! at the CPU interface. `ICC_CTLR_EL1.EOImode` stays 0, so the EOI write both drops the
+//! The timer's interrupt is never taken at EL2 itself: the hypervisor keeps PSTATE.I set, and
+//! while a guest runs HCR_EL2.IMO routes physical IRQs to EL2, so the timer ends the guest's slice
+//! with a lower-EL IRQ exception; the vCPU backend then calls [`take_interrupt`], which
+//! acknowledges it at the CPU interface (and hands any device interrupt to `irq`'s handler
+//! table). The device interrupts' windows at EL2 (`irq::interrupt_window`) mask the timer's
+//! priority with ICC_PMR_EL1. `ICC_CTLR_EL1.EOImode` stays 0, so the EOI write both drops the
 //! priority and deactivates (IHI 0069 §4.1.1). CNTHP is level-triggered: the handler stops the
 //! timer before the EOI so the line is low when the interrupt is deactivated.
 //!
@@ -26,14 +28,14 @@ use crate::mem::phys::MmioRegion;
 /// INTID of the EL2 physical timer (the fourth `interrupts` entry of the DT `arm,armv8-timer`
 /// node on QEMU virt: PPI 10).
 pub const HYP_TIMER_INTID: u32 = 26;
-/// The GIC returns this INTID when nothing is pending (IHI 0069 §2.2.1).
-const SPURIOUS: u32 = 1023;
 /// GICD frame size (IHI 0069 §12.9: 64 KiB).
 const GICD_SIZE: u64 = 0x1_0000;
 
 /// The GIC as the boot CPU found it: the distributor is up and this is the redistributor
 /// region, shared by every CPU (each finds its own frame in it by affinity).
 static GICR: spin::Once<(MmioRegion, usize)> = spin::Once::new();
+/// The distributor, its GICD_TYPER and the boot CPU's affinity (where SPIs are routed).
+static GICD: spin::Once<(MmioRegion, u32, u32)> = spin::Once::new();
 static FREQ: AtomicU64 = AtomicU64::new(0);
 
 /// Per CPU (indexed by `smp::cpu_index`): whether its redistributor and CPU interface are up,
@@ -76,6 +78,7 @@ pub fn init_timer(info: &BootInfo) -> Result<(), &'static str> {
         let typer = gicv3::init_distributor(&gicd).map_err(gic_error)?;
         FREQ.store(read_cntfrq().max(1), Relaxed);
         GICR.call_once(|| (region, gicr_len));
+        GICD.call_once(|| (gicd, typer, mpidr_affinity()));
         log::info!(
             "gicv3: distributor {:#x} (GICD_TYPER {typer:#x}), redistributors {:#x}+{gicr_len:#x}, EL2 timer INTID {HYP_TIMER_INTID}, CNTFRQ {} Hz",
             gicd.phys,
@@ -124,6 +127,22 @@ pub fn init_this_cpu() -> Result<(), &'static str> {
     READY[cpu].store(true, Relaxed);
     log::debug!("gicv3: cpu {cpu} redistributor at +{rd:#x}");
     Ok(())
+}
+
+/// The distributor (after [`init_timer`]), its GICD_TYPER, and the affinity of the boot CPU,
+/// which brought it up and takes the hypervisor's SPIs.
+pub fn distributor() -> Option<(MmioRegion, u32, u32)> {
+    GICD.get().copied()
+}
+
+/// The redistributor region and the calling CPU's RD_base offset in it, once this CPU's
+/// redistributor is up.
+pub fn this_redistributor() -> Option<(MmioRegion, usize)> {
+    let cpu = super::smp::cpu_index();
+    if !READY[cpu].load(Relaxed) {
+        return None;
+    }
+    GICR.get().map(|&(r, _)| (r, RD_OFFSET[cpu].load(Relaxed)))
 }
 
 /// The calling CPU's redistributor as the GIC reports it: (GICR_WAKER, GICR_ISENABLER0), read
@@ -200,6 +219,7 @@ fn gic_error(e: gicv3::GicError) -> &'static str {
         gicv3::GicError::NoRedistributor { .. } => "no GICv3 redistributor for this CPU",
         gicv3::GicError::Timeout(_) => "GICv3 did not respond",
         gicv3::GicError::NotPpi(_) => "timer interrupt is not a PPI",
+        gicv3::GicError::NotSpi(_) => "interrupt is not an SPI of this GIC",
     }
 }
 
@@ -225,25 +245,29 @@ pub fn arm_timer(nanos: u32) {
     }
 }
 
-/// Acknowledges the highest-priority pending interrupt at the CPU interface; returns its INTID,
-/// or `None` if there was none (spurious). The timer's interrupt stops the timer and counts a
-/// tick; any other INTID (none is enabled today) is simply completed.
+/// Acknowledges the highest-priority pending interrupt at the CPU interface (a guest exit for
+/// an IRQ, or a poll). Returns `Some(HYP_TIMER_INTID)` for the timer, which it stops and counts
+/// as a tick; any other INTID is a host device interrupt (an SMMU's, an LPI), dispatched to its
+/// registered handler (`irq::HANDLERS`) and completed, and returns `None` like a spurious
+/// acknowledge: it is no reason to end a guest's slice.
 pub fn take_interrupt() -> Option<u32> {
-    let iar: u64;
-    // SAFETY: reading ICC_IAR1_EL1 acknowledges a Group 1 interrupt (it becomes active); it is
-    // completed below with the EOI of the same INTID.
-    unsafe { asm!("mrs {}, icc_iar1_el1", out(reg) iar, options(nostack, preserves_flags)) };
+    let iar = super::irq::acknowledge();
     let intid = (iar & 0xff_ffff) as u32;
-    if intid == SPURIOUS {
-        return None;
-    }
     if intid == HYP_TIMER_INTID {
-        TICKS[super::smp::cpu_index()].fetch_add(1, Relaxed);
-        arm_timer(0);
+        timer_interrupt_taken();
+        super::irq::complete(iar);
+        return Some(intid);
     }
-    // SAFETY: EOImode = 0: priority drop and deactivation of the INTID acknowledged above.
-    unsafe { asm!("msr icc_eoir1_el1, {}", "isb", in(reg) iar, options(nostack, preserves_flags)) };
-    Some(intid)
+    // Special INTIDs (1023: nothing pending) are counted, never completed.
+    super::irq::dispatch_and_complete(iar);
+    None
+}
+
+/// The timer's interrupt was acknowledged on this CPU: count a tick and stop the timer, so the
+/// level-triggered line is low before the EOI deactivates it.
+pub(super) fn timer_interrupt_taken() {
+    TICKS[super::smp::cpu_index()].fetch_add(1, Relaxed);
+    arm_timer(0);
 }
 
 /// Timer interrupts taken so far on the calling CPU (each CPU runs its own slices).

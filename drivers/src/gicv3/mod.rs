@@ -1,6 +1,8 @@
 //! Arm GICv3 distributor and redistributor (Arm IHI 0069, "GIC architecture specification"),
-//! the memory-mapped half of the interrupt controller: just enough for the hypervisor to take one
-//! private peripheral interrupt (its EL2 timer) on the boot CPU. The CPU interface is system
+//! the memory-mapped half of the interrupt controller: the private peripheral interrupt of the
+//! EL2 timer on every CPU, shared peripheral interrupts ([`spi`]: the SMMUv3's wired
+//! interrupts), the registered-handler table the EL2 interrupt path dispatches through
+//! ([`handlers`]), and the ITS with LPIs ([`its`]). The CPU interface is system
 //! registers (`ICC_*_EL1`), which the kernel programs itself; this module is register logic over
 //! [`Mmio`] only, so it is tested on the host against the register layout.
 //!
@@ -10,6 +12,10 @@
 //! way the interrupts it uses are Group 1 (Non-secure Group 1 when security is on).
 
 use iommu::hw::Mmio;
+
+pub mod handlers;
+pub mod its;
+pub mod spi;
 
 /// Distributor registers (IHI 0069 §12.9).
 pub mod gicd {
@@ -60,6 +66,8 @@ pub enum GicError {
     Timeout(&'static str),
     /// The interrupt is not a PPI (INTIDs 16-31).
     NotPpi(u32),
+    /// The interrupt is not an SPI this distributor implements (32 to GICD_TYPER's limit).
+    NotSpi(u32),
 }
 
 impl core::fmt::Display for GicError {
@@ -73,6 +81,7 @@ impl core::fmt::Display for GicError {
             }
             GicError::Timeout(what) => write!(f, "{what} did not settle"),
             GicError::NotPpi(id) => write!(f, "INTID {id} is not a PPI"),
+            GicError::NotSpi(id) => write!(f, "INTID {id} is not an SPI of this distributor"),
         }
     }
 }
