@@ -308,7 +308,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             }
             let syncs = unit.counters().syncs - before.syncs;
             for iova in [IOVA_BATCH_A, IOVA_BATCH_B] {
-                expect_event(unit, &dev, sid, iova, false, EventType::Translation)
+                expect_event(index, unit, &dev, sid, iova, false, EventType::Translation)
                     .and_then(|ev| stage2_at(&ev, iova))?;
             }
             Ok(format!("2 ranges in one round: {syncs} CMD_SYNC"))
