@@ -11,6 +11,8 @@ mod discovery;
 mod firmware;
 mod guest;
 mod iommu_owner;
+#[cfg(target_arch = "x86_64")]
+mod irq;
 mod mem;
 mod panic;
 mod pci;
@@ -69,6 +71,9 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     let platform = discovery::discover_and_report(info);
     // The one owner of the IOMMUs: every unit brought up once, for the life of the system.
     iommu_owner::bring_up(info, &platform);
+    // Interrupt remapping before any MSI is programmed; fault events before any DMA.
+    #[cfg(target_arch = "x86_64")]
+    irq::init(info);
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
@@ -85,6 +90,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
             EXIT_FAILURE
         }
     };
+    #[cfg(target_arch = "x86_64")]
+    irq::report();
     println!("report: done");
     finish(status)
 }
