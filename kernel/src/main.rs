@@ -81,6 +81,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
         "vtd" => scenarios::vtd::run(info, &platform),
         "abi" => scenarios::abi::run(info, &platform),
         #[cfg(target_arch = "x86_64")]
+        "irq" => scenarios::irq::run(info, &platform),
+        #[cfg(target_arch = "x86_64")]
         "smp" => arch::smp::scenario(),
         "guests" => guest::run(info, &platform),
         #[cfg(target_arch = "aarch64")]
