@@ -668,13 +668,33 @@ fn schedule<B: Backend>(
         current = i + 1;
         let g = &mut guests[i];
         native::arm_timer(SLICE_TICKS);
+        #[cfg(target_arch = "x86_64")]
+        let slice_start = native::ticks();
         while let (Some(vm), Some(vcpu)) = (g.vm.as_ref(), g.vcpu.as_mut()) {
+            #[cfg(target_arch = "x86_64")]
+            let device_irqs = crate::irq::taken();
             let exit = cx.backend.run(vm, vcpu);
+            // A device interrupt (an IOMMU fault event) exits like the timer; only the timer
+            // ends the slice.
+            #[cfg(target_arch = "x86_64")]
+            if matches!(exit.event, Event::Preempted)
+                && native::ticks() == slice_start
+                && crate::irq::taken() != device_irqs
+            {
+                report_dma_faults(cx, owners, g);
+                continue;
+            }
             let next = handle(cx, g, exit);
             report_dma_faults(cx, owners, g);
             match next {
                 Next::Resume => {}
                 Next::Reschedule => break,
+            }
+            // The slice's timer may also fire while the hypervisor has interrupts open (the
+            // fault drain's window): the slice is over then too.
+            #[cfg(target_arch = "x86_64")]
+            if native::ticks() != slice_start {
+                break;
             }
         }
         if matches!(guests[i].state, State::Done) {

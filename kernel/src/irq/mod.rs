@@ -54,8 +54,18 @@ impl Handler {
 /// is corrupt; counted, not acted on).
 static UNKNOWN: AtomicU64 = AtomicU64::new(0);
 
+/// Device interrupts taken (every vector of the device range, claimed or not).
+static TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Device interrupts taken so far: the guest scheduler tells a device interrupt's exit from
+/// the end of a time slice with it.
+pub fn taken() -> u64 {
+    TAKEN.load(Ordering::Relaxed)
+}
+
 /// The interrupt path, from the architecture's stub (interrupts closed; EOI follows).
 pub fn dispatch(vector: u8) {
+    TAKEN.fetch_add(1, Ordering::Relaxed);
     match VECTORS.dispatch(vector).map(Handler::from_token) {
         Some(Some(Handler::VtdFault(unit))) => vtd::on_fault_event(usize::from(unit)),
         Some(Some(Handler::Count(_))) | None => {}
