@@ -65,6 +65,8 @@ pub fn io_apics<const N: usize>(
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
     use std::vec::Vec;
 
