@@ -74,20 +74,30 @@ impl SourceValidation {
     /// - No alias: SVT = 01b, SQ = 00b, SID = the device's requester ID: only the device itself
     ///   can use its entries.
     /// - With aliases (the device sits behind a PCIe-to-PCI/PCI-X bridge, which may forward the
-    ///   device's own ID or replace it with its own (secondary bus, 00.0) ID, PCIe-to-PCI
-    ///   bridge spec §2.3): SVT = 10b over the buses those IDs use. An exact SID check on
-    ///   either ID would reject the other form, and every requester that can match the bus
-    ///   range sits behind the same bridge, so the IOMMU cannot tell them apart for DMA
-    ///   either: they are one IOMMU group, owned together.
+    ///   device's own ID or replace it with (secondary bus, 00.0), PCIe-to-PCI bridge spec
+    ///   §2.3): SVT = 10b over the buses from the lowest such (bus, 00.0) alias down to the
+    ///   device's own bus (its own bus alone if there is none). An exact SID check on either
+    ///   form would reject the other, and every requester the range admits sits behind the
+    ///   same bridge, where the IOMMU cannot tell devices apart for DMA either: one IOMMU group.
+    ///   A bridge's *own* ID in the list (a conventional bridge may tag forwarded requests with
+    ///   it) lies on the bridge's upstream bus, which holds other groups' devices; it is left out
+    ///   of the range, so such a request is blocked with a fault rather than admitting that bus.
     pub fn for_device(ids: &[u16]) -> Option<Self> {
         let (&own, aliases) = ids.split_first()?;
         if aliases.iter().all(|&a| a == own) {
             return Some(SourceValidation::RequesterId { sid: own, sq: 0 });
         }
-        let buses = ids.iter().map(|&id| (id >> 8) as u8);
-        let start_bus = buses.clone().min()?;
-        let end_bus = buses.max()?;
-        Some(SourceValidation::BusRange { start_bus, end_bus })
+        let own_bus = (own >> 8) as u8;
+        let start_bus = aliases
+            .iter()
+            .filter(|&&a| a & 0xff == 0 && (a >> 8) as u8 <= own_bus)
+            .map(|&a| (a >> 8) as u8)
+            .min()
+            .unwrap_or(own_bus);
+        Some(SourceValidation::BusRange {
+            start_bus,
+            end_bus: own_bus,
+        })
     }
 
     /// Whether a request carrying requester ID `rid` passes this check (what the unit does,
@@ -588,8 +598,10 @@ mod tests {
         assert!(any_fn.accepts(0x001f) && !any_fn.accepts(0x0020));
         let sq1 = SourceValidation::RequesterId { sid: 0x0018, sq: 1 };
         assert!(sq1.accepts(0x001c) && !sq1.accepts(0x001a));
-        // Behind a PCIe-to-PCI bridge with secondary bus 2: own ID 02:01.0, alias 02:00.0.
-        let behind = SourceValidation::for_device(&[0x0208, 0x0200]).unwrap();
+        // Behind a PCIe-to-PCI bridge (00:1e.0) with secondary bus 2: own ID 02:01.0, alias
+        // 02:00.0, and the bridge's own ID, which stays out of the range (bus 0 is not the
+        // group's).
+        let behind = SourceValidation::for_device(&[0x0208, 0x0200, 0x00f0]).unwrap();
         assert_eq!(
             behind,
             SourceValidation::BusRange {
@@ -598,7 +610,16 @@ mod tests {
             }
         );
         assert!(behind.accepts(0x0208) && behind.accepts(0x0200));
-        assert!(!behind.accepts(0x0108) && !behind.accepts(0x0308));
+        assert!(!behind.accepts(0x0108) && !behind.accepts(0x0308) && !behind.accepts(0x00f0));
+        // Nested: device 03:00.0 behind a PCI bridge on bus 2, behind a PCIe-to-PCI bridge with
+        // secondary bus 2: alias 02:00.0 -> buses 2..=3.
+        assert_eq!(
+            SourceValidation::for_device(&[0x0300, 0x0200]),
+            Some(SourceValidation::BusRange {
+                start_bus: 2,
+                end_bus: 3
+            })
+        );
         assert_eq!(SourceValidation::for_device(&[]), None);
         // Encoding of the bus range: SVT 10b, SID 15:8 start bus, 7:0 end bus.
         assert_eq!(

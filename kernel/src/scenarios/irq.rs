@@ -335,7 +335,11 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
     checks.record(
         "remappable-msi-foreign-entry-blocked",
         (|| {
-            let other = sid ^ 0x08;
+            // Another device number on edu's bus that is none of edu's DMA IDs.
+            let other = (1..32u16)
+                .map(|d| sid ^ (d << 3))
+                .find(|o| !cx.sids.contains(o))
+                .ok_or("no foreign requester ID")?;
             let foreign = install(
                 cx.index,
                 cx.unit,
@@ -407,6 +411,10 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "remapped-msi-delivered",
         (|| {
             let entry = install_msi(cx.index, cx.unit, &cx.sids, GOOD_VECTOR)?;
+            println!(
+                "irq: edu's IRTE {entry}: source check {:?}",
+                SourceValidation::for_device(&cx.sids)
+            );
             let (good0, forged0) = counts();
             msi.program(intremap::remappable_msi(entry));
             for _ in 0..RAISES {
