@@ -112,6 +112,9 @@ pub fn init(info: &BootInfo) {
             continue;
         }
         remapping_on(name, i, unit);
+        // Polled until (unless) the event is set up below: no interrupt from a previous
+        // owner's FEDATA/FEADDR.
+        unit.mmio().write32(offset::FECTL, FECTL_IM);
         match (poll, apic) {
             (true, _) => println!("{name}: fault events polled (vtd-faults=poll)"),
             (false, None) => println!("{name}: fault events polled (no local APIC)"),
