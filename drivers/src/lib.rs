@@ -11,3 +11,4 @@ pub mod gicv3;
 pub mod pci;
 pub mod pl011;
 pub mod uart16550;
+pub mod vectors;

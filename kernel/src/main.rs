@@ -13,6 +13,8 @@ mod guest;
 mod iommu_owner;
 #[cfg(target_arch = "aarch64")]
 mod its;
+#[cfg(target_arch = "x86_64")]
+mod irq;
 mod mem;
 mod panic;
 mod pci;
@@ -80,12 +82,17 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     if let Err(e) = its::init(info) {
         println!("report: gicv3 its none ({e})");
     }
+    // Interrupt remapping before any MSI is programmed; fault events before any DMA.
+    #[cfg(target_arch = "x86_64")]
+    irq::init(info);
     guest::report_backend();
     let status = match scenario {
         "boot-report" => EXIT_SUCCESS,
         #[cfg(target_arch = "x86_64")]
         "vtd" => scenarios::vtd::run(info, platform),
         "abi" => scenarios::abi::run(info, platform),
+        #[cfg(target_arch = "x86_64")]
+        "irq" => scenarios::irq::run(info, platform),
         #[cfg(target_arch = "x86_64")]
         "smp" => arch::smp::scenario(info),
         "guests" => guest::run(info, platform),
@@ -100,6 +107,8 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
             EXIT_FAILURE
         }
     };
+    #[cfg(target_arch = "x86_64")]
+    irq::report();
     println!("report: done");
     finish(status)
 }

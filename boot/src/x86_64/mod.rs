@@ -11,6 +11,7 @@
 //! record it in [`BootNotes`], which the hypervisor prints.
 
 pub mod madt;
+pub mod madt_ioapic;
 pub mod multiboot2;
 pub mod pvh;
 mod rsdp;

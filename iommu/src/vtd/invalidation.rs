@@ -297,6 +297,12 @@ pub(crate) enum Op {
         addr: u64,
         am: u8,
     },
+    /// Interrupt-entry-cache invalidation (0x4, §6.5.2.7): every entry (`None`), or the
+    /// 2^`mask` entries from `index` (`Some((index, mask))`). Queue only: there is no
+    /// register-based form, and a unit with IR has QI.
+    InterruptEntryCache {
+        index: Option<(u16, u8)>,
+    },
     /// PASID-based device-TLB invalidation (0x8) of `pasid` from `sid`, same range rules.
     PasidDeviceTlb {
         sid: u16,
@@ -498,6 +504,10 @@ impl Invalidator {
                 let (addr, size) = ats_range(addr, am);
                 Descriptor::pasid_device_tlb(sid, sid, 0, pasid, addr, size, false)
             }
+            Op::InterruptEntryCache { index: None } => Descriptor::iec_global(),
+            Op::InterruptEntryCache {
+                index: Some((index, mask)),
+            } => Descriptor::iec_index(index, mask),
             Op::Fence => Descriptor::wait(q.status_page + SCRATCH_OFFSET, 0, true),
         }
     }
@@ -751,6 +761,7 @@ impl Invalidator {
             | Op::PasidIotlbAll { .. }
             | Op::PasidIotlbPages { .. } => Err(VtdError::ModeUnsupported),
             Op::DeviceTlb { .. } | Op::PasidDeviceTlb { .. } => Err(VtdError::DeviceTlbUnsupported),
+            Op::InterruptEntryCache { .. } => Err(VtdError::ModeUnsupported),
         }
     }
 
@@ -785,7 +796,7 @@ fn count(op: &Op, s: &Stats) {
         Op::PasidCacheGlobal | Op::PasidCachePasid { .. } => bump(&s.pasid_cache_invalidations),
         Op::PasidIotlbAll { .. } | Op::PasidIotlbPages { .. } => bump(&s.pasid_iotlb_invalidations),
         Op::DeviceTlb { .. } | Op::PasidDeviceTlb { .. } => bump(&s.device_tlb_invalidations),
-        Op::Fence => {}
+        Op::Fence | Op::InterruptEntryCache { .. } => {}
     }
 }
 

@@ -5,6 +5,8 @@ pub mod regs;
 pub mod domain;
 pub mod error;
 pub mod fault;
+pub mod fault_events;
+pub mod intremap;
 pub mod invalidation;
 pub mod mem;
 pub mod rmrr;

@@ -1519,6 +1519,19 @@ impl<M: Mmio> VtdUnit<M> {
         self.one_shot(GlobalCommand::WBF, GlobalStatus::WBFS, false, "GSTS.WBFS")
     }
 
+    /// Invalidates the interrupt entry cache (VT-d 4.1 §6.5.2.7) through the invalidation
+    /// queue: every entry (`None`), or the 2^`mask` entries from `index`. Interrupt remapping
+    /// (`vtd::intremap`) calls it after changing IRTEs.
+    pub fn invalidate_interrupt_entries<T: VtdMemory>(
+        &self,
+        mem: &T,
+        index: Option<(u16, u8)>,
+    ) -> Result<(), VtdError> {
+        let mut ops = Ops::new();
+        ops.push(Op::InterruptEntryCache { index });
+        self.invalidate(mem, &ops)
+    }
+
     fn invalidate<T: VtdMemory>(&self, mem: &T, ops: &Ops) -> Result<(), VtdError> {
         self.inv.run(&self.mmio, mem, ops.as_slice(), &self.stats)
     }

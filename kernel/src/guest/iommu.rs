@@ -135,7 +135,7 @@ impl GuestIommu {
             .map(|&d| (o.devices[d].unit, o.devices[d].ids.clone()))
             .collect();
         for (u, unit) in o.fd.hw_mut().units_mut().iter_mut().enumerate() {
-            unit.poll_faults(&mut |r| {
+            crate::irq::vtd::drain(u, unit, &mut |r| {
                 sink(&DmaFault {
                     device: ids.iter().position(|(unit, sids)| {
                         *unit == u && sids.contains(&u32::from(r.source_id))

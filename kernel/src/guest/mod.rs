@@ -896,21 +896,41 @@ fn run_slice<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) -> boo
     let (Some(r), Some(state)) = (res.as_ref(), v.state.as_mut()) else {
         return true;
     };
+    #[cfg(target_arch = "x86_64")]
+    let slice_start = native::ticks();
     loop {
         // Acquire: pairs with the Release of `stop`; checked before every entry, so a vCPU of
         // a guest another CPU has stopped never runs for more than the slice it is in.
         if g.stopping.load(Ordering::Acquire) {
             return true;
         }
+        #[cfg(target_arch = "x86_64")]
+        let device_irqs = crate::irq::taken();
         let exit = backend.run(&r.vm, state);
         v.exits += 1;
         v.ran_on |= 1 << (this_cpu() % 64);
+        // A device interrupt (an IOMMU fault event) exits like the timer; only the timer ends
+        // the slice.
+        #[cfg(target_arch = "x86_64")]
+        if matches!(exit.event, Event::Preempted)
+            && native::ticks() == slice_start
+            && crate::irq::taken() != device_irqs
+        {
+            report_dma_faults(c, g);
+            continue;
+        }
         let next = handle(backend, c, g, r, v.index, state, exit);
         report_dma_faults(c, g);
         match next {
             Next::Resume => {}
             Next::Reschedule => return false,
             Next::Leave => return true,
+        }
+        // The slice's timer may also fire while the hypervisor has interrupts open (the fault
+        // drain's window): the slice is over then too.
+        #[cfg(target_arch = "x86_64")]
+        if native::ticks() != slice_start {
+            return false;
         }
     }
 }

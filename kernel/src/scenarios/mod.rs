@@ -4,6 +4,8 @@
 //! the exit status.
 
 pub mod abi;
+#[cfg(target_arch = "x86_64")]
+pub mod irq;
 #[cfg(target_arch = "aarch64")]
 pub mod msi;
 #[cfg(target_arch = "aarch64")]

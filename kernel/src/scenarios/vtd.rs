@@ -130,12 +130,12 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             Ok(())
         })(),
     );
-    drain_faults(unit);
+    drain_faults(index, unit);
 
     // 2. DMA to an unmapped IOVA faults with the right source ID, address and type.
     checks.record(
         "unmapped-iova-faults",
-        expect_fault(unit, &dev, sid, IOVA_UNMAPPED, true),
+        expect_fault(index, unit, &dev, sid, IOVA_UNMAPPED, true),
     );
 
     // 3. A read-only mapping makes a device write fault, and not one byte of the page changes.
@@ -146,14 +146,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         .map_err(e)?;
     checks.record(
         "read-only-write-faults",
-        expect_fault(unit, &dev, sid, IOVA_RO, true).and_then(|()| {
+        expect_fault(index, unit, &dev, sid, IOVA_RO, true).and_then(|()| {
             whole_buffer_eq(&b, &untouched)
                 .map_err(|d| format!("the write reached read-only memory: {d}"))
         }),
     );
     checks.record(
         "read-only-read-works",
-        dma_to_device(&dev, IOVA_RO, 64).and_then(|()| no_new_fault(unit)),
+        dma_to_device(&dev, IOVA_RO, 64).and_then(|()| no_new_fault(index, unit)),
     );
 
     // 4. Unmap, then DMA to the same IOVA faults: QEMU caches translations in its IOTLB, so this
@@ -162,7 +162,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "unmap-invalidates",
         (|| {
             dma_to_device(&dev, IOVA_RW, 64)?;
-            no_new_fault(unit)?;
+            no_new_fault(index, unit)?;
             let before = unit.counters();
             let n = unit.unmap(mem, &d1, IOVA_RW, PAGE_SIZE).map_err(e)?;
             if n != PAGE_SIZE {
@@ -173,7 +173,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 "vtd: unmap issued {} invalidation descriptors",
                 after.qi_descriptors - before.qi_descriptors
             );
-            expect_fault(unit, &dev, sid, IOVA_RW, false)
+            expect_fault(index, unit, &dev, sid, IOVA_RW, false)
         })(),
     );
 
@@ -192,7 +192,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                     .map_err(e)?;
                 dma_to_device(&dev, iova, 64)?; // prime the IOTLB
             }
-            no_new_fault(unit)?;
+            no_new_fault(index, unit)?;
             let before = unit.counters();
             let (mut ga, mut gb) = (Gather::new(), Gather::new());
             let ra = unit.unmap_deferred(mem, &d1, IOVA_BATCH_A, PAGE_SIZE, &mut ga);
@@ -205,8 +205,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             let after = unit.counters();
             let descriptors = after.qi_descriptors - before.qi_descriptors;
             let waits = after.qi_waits - before.qi_waits;
-            expect_fault(unit, &dev, sid, IOVA_BATCH_A, false)?;
-            expect_fault(unit, &dev, sid, IOVA_BATCH_B, false)?;
+            expect_fault(index, unit, &dev, sid, IOVA_BATCH_A, false)?;
+            expect_fault(index, unit, &dev, sid, IOVA_BATCH_B, false)?;
             Ok(format!(
                 "2 ranges in one round: {descriptors} descriptors, {waits} wait"
             ))
@@ -262,7 +262,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if !big.same(end, off as usize, 128) {
                 return Err("superpage DMA did not land where expected".into());
             }
-            no_new_fault(unit)?;
+            no_new_fault(index, unit)?;
             let n = unit.unmap(mem, &d1, IOVA_SUPER, M2).map_err(e)?;
             if n != M2 {
                 return Err(format!("unmap of the superpage returned {n:#x}"));
@@ -285,7 +285,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             c.fill_pattern(0..64, 0x42);
             dma_to_device(&dev, IOVA_RW, 64)?;
             dma_from_device(&dev, IOVA_RW + 0x100, 64)?;
-            no_new_fault(unit)?;
+            no_new_fault(index, unit)?;
             if !c.same(0x100, 0, 64) {
                 return Err("DMA did not land in the new domain".into());
             }
@@ -404,7 +404,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             for i in 0..1000u64 {
                 let page = IOVA_UNMAPPED + (i % 16) * PAGE_SIZE;
                 dma_from_device(&dev, page, 8)?;
-                unit.poll_faults(&mut |r| {
+                crate::irq::vtd::drain(index, unit, &mut |r| {
                     // Behind a PCIe-to-PCI bridge the record carries the alias the bridge
                     // used; it must still be one of the edu's (and `fault_count` below, which
                     // counts by owner, proves the attribution).
@@ -427,7 +427,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 dma_from_device(&dev, IOVA_UNMAPPED + i * PAGE_SIZE, 8)?;
             }
             let mut first = None;
-            let poll = unit.poll_faults(&mut |r| {
+            let poll = crate::irq::vtd::drain(index, unit, &mut |r| {
                 first.get_or_insert(*r);
             });
             let recorded = unit.fault_count(sid) - base;
@@ -448,7 +448,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             }
             // The unit still works after the storm.
             dma_to_device(&dev, IOVA_RW, 16)?;
-            no_new_fault(unit)?;
+            no_new_fault(index, unit)?;
             Ok(format!(
                 "1000 of 1000 faults recorded while draining after each, 0 lost; 50 undrained: exactly 1 record (the first), 0 PFO (NFR={nfr})"
             ))
@@ -470,19 +470,19 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
         "detach",
         unit.detach_aliases(mem, &sids, None)
             .map_err(e)
-            .and_then(|()| expect_fault(unit, &dev, sid, IOVA_RW, false)),
+            .and_then(|()| expect_fault(index, unit, &dev, sid, IOVA_RW, false)),
     );
     Ok(())
 }
 
 /// Drains pending fault records so the next check starts clean.
-fn drain_faults(unit: &mut VtdUnit<MmioRegion>) {
-    unit.poll_faults(&mut |_| {});
+fn drain_faults(index: usize, unit: &mut VtdUnit<MmioRegion>) {
+    crate::irq::vtd::drain(index, unit, &mut |_| {});
 }
 
-fn no_new_fault(unit: &mut VtdUnit<MmioRegion>) -> Result<(), String> {
+fn no_new_fault(index: usize, unit: &mut VtdUnit<MmioRegion>) -> Result<(), String> {
     let mut seen = None;
-    unit.poll_faults(&mut |r| seen = Some(format!("{r}")));
+    crate::irq::vtd::drain(index, unit, &mut |r| seen = Some(format!("{r}")));
     match seen {
         None => Ok(()),
         Some(r) => Err(format!("unexpected fault: {r}")),
@@ -492,6 +492,7 @@ fn no_new_fault(unit: &mut VtdUnit<MmioRegion>) -> Result<(), String> {
 /// Makes edu write (`write = true`, device → memory) or read `iova` and expects exactly the
 /// fault the VT-d model must record: our source ID, the page of `iova`, the access type.
 fn expect_fault(
+    index: usize,
     unit: &mut VtdUnit<MmioRegion>,
     dev: &EduDevice,
     sid: u16,
@@ -505,7 +506,7 @@ fn expect_fault(
         dma_to_device(dev, iova, 64)?;
     }
     let mut records = alloc::vec::Vec::new();
-    unit.poll_faults(&mut |r| records.push(*r));
+    crate::irq::vtd::drain(index, unit, &mut |r| records.push(*r));
     let r = records
         .first()
         .ok_or_else(|| format!("no fault recorded for a DMA to {iova:#x}"))?;

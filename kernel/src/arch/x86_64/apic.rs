@@ -319,6 +319,14 @@ pub fn arm_timer(ticks: u32) {
     }
 }
 
+/// End of interrupt for the interrupt being handled on this CPU (SDM §11.8.5): a write of 0 to
+/// the EOI register. Device interrupt handlers call it last (`irq`).
+pub fn eoi() {
+    if let Some(apic) = INTERFACE.get() {
+        apic.write(reg::EOI, 0);
+    }
+}
+
 /// Timer interrupts taken by the calling CPU since it started.
 pub fn ticks() -> u64 {
     super::smp::this_cpu_ticks()

@@ -209,8 +209,9 @@ fn ist_for(vector: usize) -> u8 {
     }
 }
 
-/// Builds the IDT (vectors 0-31; 32-255 not present, so a stray interrupt raises #NP, which is
-/// reported with the vector in its error code) and loads it on the calling CPU.
+/// Builds the IDT (vectors 0-31, the device range of `irq`, the APIC timer and spurious vectors;
+/// the rest not present, so a stray interrupt there raises #NP, which is reported with the vector
+/// in its error code) and loads it on the calling CPU.
 pub fn init(cs: SegmentSelector) {
     let idt = IDT.call_once(|| {
         let mut gates = [Gate::MISSING; 256];
@@ -218,6 +219,9 @@ pub fn init(cs: SegmentSelector) {
         let stubs = unsafe { &x86_64_isr_table };
         for (vector, (gate, &stub)) in gates.iter_mut().zip(stubs.iter()).enumerate() {
             *gate = Gate::interrupt(stub, cs, ist_for(vector));
+        }
+        for (vector, stub) in super::irq::gates() {
+            gates[usize::from(vector)] = Gate::interrupt(stub, cs, 0);
         }
         for (vector, stub) in super::apic::interrupt_gates() {
             gates[usize::from(vector)] = Gate::interrupt(stub, cs, 0);

@@ -13,6 +13,7 @@ pub mod apic;
 pub mod cache;
 mod exceptions;
 mod gdt;
+pub mod irq;
 mod paging;
 pub mod pio;
 mod selftest;
