@@ -30,7 +30,7 @@ use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
 use asm::{GuestGprs, SvmEnabled};
-use vmcb::{HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
+use vmcb::{ExitState, HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 
 /// Exit codes (APM vol 2 Appendix C).
 mod exit {
@@ -118,6 +118,11 @@ pub struct SvmVcpu {
     vmcb: Vmcb,
     gprs: GuestGprs,
     first_run: bool,
+    /// TLB_CONTROL is 1 (flush this ASID) in the VMCB: set for the first run, cleared before
+    /// the second; the ASID word is not written on the runs after that.
+    flush_set: bool,
+    /// The exit fields of the last `#VMEXIT`, read once per exit.
+    exit: ExitState,
 }
 
 impl Svm {
@@ -165,13 +170,12 @@ impl Svm {
     /// Moves the guest past the instruction that exited: to nRIP with NRIPS, else `len` bytes
     /// on (the instruction's length without prefixes, known from the exit code; a guest that
     /// prefixes it on a CPU without NRIPS lands inside its own instruction, its problem alone).
-    fn skip_instruction(&self, vcpu: &mut SvmVcpu, len: u64) {
-        let next = if self.nrips {
-            vcpu.vmcb.next_rip()
+    fn next_rip(&self, vcpu: &SvmVcpu, len: u64) -> u64 {
+        if self.nrips {
+            vcpu.exit.next_rip
         } else {
-            vcpu.vmcb.rip().wrapping_add(len)
-        };
-        vcpu.vmcb.set_rip(next);
+            vcpu.exit.rip.wrapping_add(len)
+        }
     }
 
     fn alloc_asid(&mut self) -> Option<u32> {
@@ -190,7 +194,7 @@ impl Svm {
     /// CPUID as the guest sees it: the host's, with the hypervisor-present bit set and the
     /// features the guest cannot use hidden (SVM and VMX, x2APIC: its MSRs all exit).
     fn emulate_cpuid(&self, vcpu: &mut SvmVcpu) {
-        let leaf = vcpu.vmcb.rax() as u32;
+        let leaf = vcpu.exit.rax as u32;
         let sub = vcpu.gprs.rcx as u32;
         let mut r = if (0x4000_0000..0x5000_0000).contains(&leaf) {
             core::arch::x86_64::CpuidResult {
@@ -215,23 +219,22 @@ impl Svm {
             }
             _ => {}
         }
-        vcpu.vmcb.set_rax(r.eax.into());
         vcpu.gprs.rbx = r.ebx.into();
         vcpu.gprs.rcx = r.ecx.into();
         vcpu.gprs.rdx = r.edx.into();
         // CPUID is 0F A2.
-        self.skip_instruction(vcpu, 2);
+        let next = self.next_rip(vcpu, 2);
+        vcpu.vmcb.set_rax_rip(r.eax.into(), next);
     }
 
     fn decode(vcpu: &SvmVcpu) -> Event {
-        let v = &vcpu.vmcb;
-        let code = v.exit_code();
-        let (info1, info2) = (v.exit_info1(), v.exit_info2());
+        let v = &vcpu.exit;
+        let (code, info1, info2) = (v.code, v.info1, v.info2);
         let forbidden = |what| Event::Forbidden { what, detail: 0 };
         match code {
             exit::INTR | exit::NMI => Event::Preempted,
             exit::VMMCALL => Event::Hypercall(HypercallRegs {
-                op: v.rax(),
+                op: v.rax,
                 args: [vcpu.gprs.rbx, vcpu.gprs.rcx, vcpu.gprs.rdx],
             }),
             // String and REP forms would need the hypervisor to read or write guest memory
@@ -255,7 +258,7 @@ impl Svm {
                     port: (info1 >> ioio::PORT_SHIFT) as u16,
                     size,
                     write: info1 & ioio::IN == 0,
-                    value: (v.rax() & mask) as u32,
+                    value: (v.rax & mask) as u32,
                 }
             }
             // EXITINFO1 = the #PF-style error code (§15.25.6): bit 1 write, bit 4 fetch.
@@ -432,15 +435,22 @@ impl Backend for Svm {
                 ..GuestGprs::default()
             },
             first_run: true,
+            flush_set: false,
+            exit: ExitState::default(),
         })
     }
 
     fn run(&mut self, vm: &SvmVm, vcpu: &mut SvmVcpu) -> Exit {
         loop {
-            vcpu.vmcb.set_asid(vm.asid, vcpu.first_run);
-            vcpu.first_run = false;
+            // The ASID word only changes twice: TLB_CONTROL = 1 for the first run, 0 after.
+            if vcpu.first_run || vcpu.flush_set {
+                vcpu.vmcb.set_asid(vm.asid, vcpu.first_run);
+                vcpu.flush_set = vcpu.first_run;
+                vcpu.first_run = false;
+            }
             asm::vmrun(&self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
-            if vcpu.vmcb.exit_code() == exit::CPUID {
+            vcpu.exit = vcpu.vmcb.exit_state();
+            if vcpu.exit.code == exit::CPUID {
                 self.emulate_cpuid(vcpu);
                 continue;
             }
@@ -450,20 +460,20 @@ impl Backend for Svm {
             // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared so an
             // event is never injected twice. (QEMU does not inject the error code, §15.20's
             // EV bit: svm_helper.c in QEMU 10.)
-            let pending = vcpu.vmcb.exit_int_info();
+            let pending = vcpu.exit.int_info;
             vcpu.vmcb
                 .set_event_injection(if pending & (1 << 31) != 0 { pending } else { 0 });
             return Exit {
-                pc: vcpu.vmcb.rip(),
+                pc: vcpu.exit.rip,
                 event: Self::decode(vcpu),
             };
         }
     }
 
     fn complete_hypercall(&mut self, vcpu: &mut SvmVcpu, result: u64) {
-        vcpu.vmcb.set_rax(result);
         // VMMCALL is 0F 01 D9.
-        self.skip_instruction(vcpu, 3);
+        let next = self.next_rip(vcpu, 3);
+        vcpu.vmcb.set_rax_rip(result, next);
     }
 
     fn complete_mmio(&mut self, _vcpu: &mut SvmVcpu, _value: Option<u64>) {
@@ -472,23 +482,21 @@ impl Backend for Svm {
     }
 
     fn complete_port_io(&mut self, vcpu: &mut SvmVcpu, size: u8, value: Option<u32>) {
-        if let Some(v) = value {
-            // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).
-            let rax = vcpu.vmcb.rax();
-            let new = match size {
-                1 => (rax & !0xff) | u64::from(v & 0xff),
-                2 => (rax & !0xffff) | u64::from(v & 0xffff),
-                _ => u64::from(v),
-            };
-            vcpu.vmcb.set_rax(new);
-        }
+        // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).
+        let rax = vcpu.exit.rax;
+        let rax = match (value, size) {
+            (None, _) => rax,
+            (Some(v), 1) => (rax & !0xff) | u64::from(v & 0xff),
+            (Some(v), 2) => (rax & !0xffff) | u64::from(v & 0xffff),
+            (Some(v), _) => u64::from(v),
+        };
         // Without NRIPS, EXITINFO2 of an IOIO intercept is the next RIP (APM vol 2 §15.10.2).
         let next = if self.nrips {
-            vcpu.vmcb.next_rip()
+            vcpu.exit.next_rip
         } else {
-            vcpu.vmcb.exit_info2()
+            vcpu.exit.info2
         };
-        vcpu.vmcb.set_rip(next);
+        vcpu.vmcb.set_rax_rip(rax, next);
     }
 
     fn destroy_vm(&mut self, vm: SvmVm) {
