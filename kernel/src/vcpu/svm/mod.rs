@@ -123,6 +123,9 @@ pub struct SvmVcpu {
     flush_set: bool,
     /// The exit fields of the last `#VMEXIT`, read once per exit.
     exit: ExitState,
+    /// EVENTINJ may hold a non-zero event this backend wrote: it must be rewritten after the
+    /// next exit (re-injected or cleared). While it is known to be 0, the store is skipped.
+    injecting: bool,
 }
 
 impl Svm {
@@ -437,6 +440,8 @@ impl Backend for Svm {
             first_run: true,
             flush_set: false,
             exit: ExitState::default(),
+            // A fresh VMCB is zero: EVENTINJ is 0.
+            injecting: false,
         })
     }
 
@@ -457,12 +462,15 @@ impl Backend for Svm {
             // An exit in the middle of delivering an event to the guest (an exception or a
             // software interrupt through its IDT) leaves the event in EXITINTINFO; it is lost
             // unless re-injected at the next VMRUN (APM vol 2 §15.7.2). EXITINTINFO has
-            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared so an
-            // event is never injected twice. (QEMU does not inject the error code, §15.20's
-            // EV bit: svm_helper.c in QEMU 10.)
+            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared if this
+            // backend left an event there, so an event is never injected twice. (QEMU does not
+            // inject the error code, §15.20's EV bit: svm_helper.c in QEMU 10.)
             let pending = vcpu.exit.int_info;
-            vcpu.vmcb
-                .set_event_injection(if pending & (1 << 31) != 0 { pending } else { 0 });
+            let inject = pending & (1 << 31) != 0;
+            if inject || vcpu.injecting {
+                vcpu.vmcb.set_event_injection(if inject { pending } else { 0 });
+                vcpu.injecting = inject;
+            }
             return Exit {
                 pc: vcpu.exit.rip,
                 event: Self::decode(vcpu),
