@@ -112,7 +112,11 @@ pub fn parse_peer_results(text: &str) -> Result<PeerTable> {
 
 /// The rows set side by side: our row, the peer's row label prefix, what is compared.
 const COMPARE: [(&str, &str, &str); 9] = [
-    ("null-hypercall", "ref: null syscall", "null hypercall / getppid()"),
+    (
+        "null-hypercall",
+        "ref: null syscall",
+        "null hypercall / getppid()",
+    ),
     ("map-unmap-4k", "(a) map+unmap 4 KiB", "4 KiB map+unmap"),
     ("ioas-map-4k", "(a)   map 4 KiB", "4 KiB map"),
     ("ioas-unmap-4k", "(a)   unmap 4 KiB", "4 KiB unmap"),
@@ -196,7 +200,11 @@ fn run_peer(arch: Arch) -> Result<PeerTable> {
             script.display()
         ));
     }
-    eprintln!("xtask: {} {} (about 2 minutes)", script.display(), arch.name());
+    eprintln!(
+        "xtask: {} {} (about 2 minutes)",
+        script.display(),
+        arch.name()
+    );
     crate::util::run(Command::new("bash").arg(&script).arg(arch.name()))?;
     read_peer(&peer_results_path(arch))
 }
@@ -228,14 +236,18 @@ pub fn hypercall(peer: bool) -> Result<ExitCode> {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    println!("\n## In-guest hypercall costs, -icount shift=0 (instructions per call; commit {commit})\n");
+    println!(
+        "\n## In-guest hypercall costs, -icount shift=0 (instructions per call; commit {commit})\n"
+    );
     println!("| call | x86_64 (SVM + VT-d) | aarch64 (EL1 + SMMUv3) |");
     println!("| --- | ---: | ---: |");
     for r in &icount[0] {
         let arm = row(&icount[1], &r.name).map_or("-".into(), |a| a.median.to_string());
         println!("| {} | {} | {arm} |", r.name, r.median);
     }
-    println!("\n## Without icount (MTTCG, -smp 2): medians of 9 interleaved rounds, guest clock ticks per call\n");
+    println!(
+        "\n## Without icount (MTTCG, -smp 2): medians of 9 interleaved rounds, guest clock ticks per call\n"
+    );
     println!("| call | x86_64 (TSC ticks) | min..max | aarch64 (CNTVCT, ns) | min..max |");
     println!("| --- | ---: | --- | ---: | --- |");
     for r in &mttcg[0] {

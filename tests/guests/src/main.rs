@@ -882,11 +882,12 @@ fn bench(start_info: u64, mem: u64, rounds: usize, only: Option<&str>) -> u32 {
         return 1;
     }
     let mut b = Bench::new(ioas);
-    let mut samples = [[0u64; BENCH_MAX_ROUNDS]; Row::ALL.len()];
-    for round in 0..rounds {
-        for (k, &row) in Row::ALL.iter().enumerate() {
+    // Ticks per call, by round and row.
+    let mut samples = [[0u64; Row::ALL.len()]; BENCH_MAX_ROUNDS];
+    for round in samples.iter_mut().take(rounds) {
+        for (sample, &row) in round.iter_mut().zip(Row::ALL.iter()) {
             if only.is_none_or(|o| o == row.name()) {
-                samples[k][round] = b.run(row) / row.calls();
+                *sample = b.run(row) / row.calls();
             }
         }
     }
@@ -898,7 +899,11 @@ fn bench(start_info: u64, mem: u64, rounds: usize, only: Option<&str>) -> u32 {
         if only.is_some_and(|o| o != row.name()) {
             continue;
         }
-        let s = &mut samples[k][..rounds];
+        let mut column = [0u64; BENCH_MAX_ROUNDS];
+        for (c, round) in column.iter_mut().zip(&samples[..rounds]) {
+            *c = round[k];
+        }
+        let s = &mut column[..rounds];
         s.sort_unstable();
         println!(
             "bench: {} {} calls x {rounds} rounds, median {} min {} max {} {} ticks each",

@@ -468,7 +468,8 @@ impl Backend for Svm {
             let pending = vcpu.exit.int_info;
             let inject = pending & (1 << 31) != 0;
             if inject || vcpu.injecting {
-                vcpu.vmcb.set_event_injection(if inject { pending } else { 0 });
+                vcpu.vmcb
+                    .set_event_injection(if inject { pending } else { 0 });
                 vcpu.injecting = inject;
             }
             return Exit {

@@ -145,8 +145,9 @@ impl Vmcb {
     /// control byte (0 = nothing, 1 = flush everything on this VMRUN).
     pub fn set_asid(&mut self, asid: u32, flush_all: bool) {
         // ASID (0x58, 4 bytes), TLB_CONTROL (0x5C, 1 byte) and three reserved zero bytes share
-        // one 8-aligned word: one store, on every VMRUN.
-        const _: () = assert!(ctl::GUEST_ASID % 8 == 0 && ctl::TLB_CONTROL == ctl::GUEST_ASID + 4);
+        // one 8-aligned word: one store.
+        const _: () =
+            assert!(ctl::GUEST_ASID.is_multiple_of(8) && ctl::TLB_CONTROL == ctl::GUEST_ASID + 4);
         self.w64(
             ctl::GUEST_ASID,
             u64::from(asid) | u64::from(flush_all) << 32,
