@@ -455,6 +455,9 @@ impl Backend for Svm {
             }
             asm::vmrun(&self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
             vcpu.exit = vcpu.vmcb.exit_state();
+            if vcpu.exit.code == exit::INTR {
+                asm::take_interrupt(&self.cpu);
+            }
             if vcpu.exit.code == exit::CPUID {
                 self.emulate_cpuid(vcpu);
                 continue;
