@@ -28,19 +28,24 @@ pub struct GuestIommu {
     model: Option<Iommufd<SimHw>>,
     /// ABI calls answered since the units were last polled for faults ([`GuestIommu::call`]
     /// counts, [`GuestIommu::poll_faults`] resets); see [`POLL_EVERY_CALLS`].
+    #[cfg(target_arch = "aarch64")]
     calls_unpolled: u32,
     /// The last exit was an ABI call.
+    #[cfg(target_arch = "aarch64")]
     after_call: bool,
 }
 
-/// After an exit that was an ABI v1 call, the fault registers are polled only every this many
-/// calls; after every other exit (console writes, GUARD, EXIT, preemption, faults, port I/O)
-/// always. Polling every unit costs a quarter of a hypercall on SMMUv3 (reading PROD/CONS
-/// through the queue's table memory) and a fifth on VT-d. A fault is never lost by the delay:
-/// the units hold their records until drained (VT-d's fault recording registers, SMMUv3's
-/// event queue), which is what a guest's DMA between two exits already relies on, and the
-/// next console write, preemption or end of the guest drains them before any accounting is
-/// printed or checked. The interrupt-driven version (fault interrupts) is a later issue.
+/// SMMUv3 only: after an exit that was an ABI v1 call, the event queues are drained only every
+/// this many calls; after every other exit (console writes, GUARD, EXIT, preemption, faults)
+/// always. Draining costs a quarter of a hypercall there (PROD/CONS through the queue's table
+/// memory). The queue keeps 128 records (`eventq_log2` = 7) until drained, so the delay loses
+/// nothing unless a guest makes more than 128 faulting transactions within 16 calls, which it
+/// can as well between two exits without any call; the next console write, preemption or end
+/// of the guest drains it before any accounting is printed or checked. VT-d is drained after
+/// every exit: QEMU's unit has one fault recording register (NFR = 1), and a second fault
+/// before the drain would be lost (VT-d 4.1 §7.2.1), so a longer interval would lose faults a
+/// guest makes between two calls. The interrupt-driven version is a later issue.
+#[cfg(target_arch = "aarch64")]
 pub const POLL_EVERY_CALLS: u32 = 16;
 
 /// Table pages of the software model's pool: enough for the domains of a few IOASes (no device
@@ -92,7 +97,9 @@ impl GuestIommu {
             mode: "SMMUv3 unit(s)",
             devices: indices,
             model: None,
+            #[cfg(target_arch = "aarch64")]
             calls_unpolled: 0,
+            #[cfg(target_arch = "aarch64")]
             after_call: false,
         }))
     }
@@ -106,7 +113,9 @@ impl GuestIommu {
             mode: "software IOMMU model(s)",
             devices: Vec::new(),
             model: Some(fd),
+            #[cfg(target_arch = "aarch64")]
             calls_unpolled: 0,
+            #[cfg(target_arch = "aarch64")]
             after_call: false,
         })
     }
@@ -140,9 +149,8 @@ impl GuestIommu {
     /// fault to `sink`, attributed by (unit, source ID) to the assigned device that raised it.
     #[cfg(target_arch = "x86_64")]
     pub fn poll_faults(&mut self, sink: &mut dyn FnMut(&DmaFault)) {
-        if self.model.is_some() || self.skip_poll() {
-            // The software model makes no DMA; after ABI calls, see `POLL_EVERY_CALLS`.
-            return;
+        if self.model.is_some() {
+            return; // the software model makes no DMA
         }
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
@@ -211,6 +219,7 @@ impl GuestIommu {
     }
 
     /// Whether this poll (after an exit) may be skipped ([`POLL_EVERY_CALLS`]); counts it.
+    #[cfg(target_arch = "aarch64")]
     fn skip_poll(&mut self) -> bool {
         let skip = core::mem::take(&mut self.after_call) && self.calls_unpolled < POLL_EVERY_CALLS;
         if !skip {
@@ -221,8 +230,11 @@ impl GuestIommu {
 
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.
     pub fn call(&mut self, guest: GuestId, mem: &GuestMemory, op: u32, args_gpa: u64) -> i64 {
-        self.after_call = true;
-        self.calls_unpolled += 1;
+        #[cfg(target_arch = "aarch64")]
+        {
+            self.after_call = true;
+            self.calls_unpolled = self.calls_unpolled.saturating_add(1);
+        }
         if let Some(fd) = &mut self.model {
             return dispatch(fd, guest, mem, op, args_gpa);
         }
