@@ -3,6 +3,7 @@
 //! Every subcommand has `--help`. `run` and `test` call `setup` first when a prerequisite is
 //! missing, so a fresh machine needs nothing but Rust and this repository.
 
+mod bench;
 mod bochs;
 mod build;
 mod decode;
@@ -136,10 +137,13 @@ enum Command {
         #[arg(long)]
         miri: bool,
     },
-    /// Benchmarks (see docs/perf.md): `pgtable` (host), `hypercall` (inside a guest under QEMU).
+    /// Benchmarks (see docs/perf.md): `pgtable` (host), `hypercall` (inside guests under QEMU,
+    /// both architectures; `--peer` also runs the Linux iommufd peer and prints the ratios).
     Bench {
         #[arg(default_value = "pgtable")]
         suite: String,
+        #[arg(long)]
+        peer: bool,
     },
 }
 
@@ -169,7 +173,7 @@ fn main() -> ExitCode {
         Command::Verify { miri } => util::verify(miri),
         Command::Fuzz { target, seconds } => util::fuzz(&target, seconds),
         Command::DecodeTable { files } => Ok(decode::decode_tables(&files)),
-        Command::Bench { suite } => util::bench(&suite),
+        Command::Bench { suite, peer } => util::bench(&suite, peer),
     };
     match result {
         Ok(code) => code,

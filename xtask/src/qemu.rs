@@ -64,7 +64,20 @@ pub fn command(s: &Scenario, image: &Image, gdb: bool, extra: &[String]) -> Resu
     for backend in &s.serial {
         cmd.args(["-serial", backend]);
     }
-    cmd.args(["-icount", "shift=10,sleep=off"]);
+    // One virtual microsecond per instruction unless the scenario asks otherwise: edu DMA
+    // completes on a virtual-clock timer, and the runs are reproducible.
+    match s.icount.as_deref() {
+        Some("off") => {}
+        Some(v) => {
+            cmd.args(["-icount", v]);
+        }
+        None => {
+            cmd.args(["-icount", "shift=10,sleep=off"]);
+        }
+    }
+    if let Some(n) = s.smp {
+        cmd.args(["-smp", &n.to_string()]);
+    }
     cmd.args(s.devices.clone().unwrap_or_else(|| default_devices(s.arch)));
     cmd.args(expand_qemu_args(&s.qemu_args)?);
     if s.firmware == Firmware::Uefi {

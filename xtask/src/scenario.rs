@@ -63,6 +63,11 @@ pub struct Scenario {
     /// is `stdio`. Default: COM1 (the PL011 on aarch64) on stdio.
     #[serde(default)]
     pub serial: Vec<String>,
+    /// QEMU's `-icount` value: default `shift=10,sleep=off` (see `qemu.rs`); `off` runs
+    /// without icount (multi-threaded TCG, the guest clock follows host time).
+    pub icount: Option<String>,
+    /// `-smp` value; default: QEMU's (one CPU).
+    pub smp: Option<u32>,
     /// The hypervisor command line (xtask adds `exit=qemu` / `semihosting`).
     #[serde(default)]
     pub cmdline: String,
@@ -116,6 +121,8 @@ impl Scenario {
             machine: None,
             devices: None,
             qemu_args: Vec::new(),
+            icount: None,
+            smp: None,
             serial: Vec::new(),
             cmdline: String::new(),
             memory: default_memory(),

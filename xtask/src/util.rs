@@ -94,21 +94,18 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `cargo xtask bench SUITE`: host benchmarks, results explained in docs/perf.md.
-pub fn bench(suite: &str) -> Result<ExitCode> {
+/// `cargo xtask bench SUITE [--peer]`: results explained in docs/perf.md.
+pub fn bench(suite: &str, peer: bool) -> Result<ExitCode> {
+    if peer && suite != "hypercall" {
+        return Err("--peer is for `bench hypercall` only".into());
+    }
     match suite {
         "pgtable" => {
             run(cargo().args(["bench", "-p", "iommu", "--bench", "pgtable"]))?;
             Ok(ExitCode::SUCCESS)
         }
-        // Timed inside a guest with the TSC (tests/guests `bench`), printed by the scenario.
-        "hypercall" => crate::qemu::run_command(
-            crate::Arch::X86_64,
-            true,
-            false,
-            Some("x86-guest-bench"),
-            &[],
-        ),
+        // Timed inside guests with the TSC / CNTVCT (tests/guests `bench`), both architectures.
+        "hypercall" => crate::bench::hypercall(peer),
         other => Err(format!(
             "unknown bench suite {other:?}; known: pgtable, hypercall"
         )),

@@ -345,6 +345,10 @@ core::arch::global_asm!(
     // Each stack sits directly above a guard page that the kernel's map leaves unmapped
     // (`stack_guards`), so running off its end faults instead of overwriting what lies below.
     ".pushsection .bss.boot_stack, \"aw\", %nobits",
+    // Global: `stack_guards` names them from Rust, which a release build may place in another
+    // object file than this block.
+    ".global __boot_stack_guard",
+    ".global __exception_stack_guard",
     ".balign 4096",
     "__boot_stack_guard:",
     "    .space  4096",

@@ -66,11 +66,59 @@ impl Frames {
         }
     }
 
-    /// Copies `out.len()` bytes from offset `off` (bounds checked by the caller).
+    /// The 64-bit words at byte offsets `offs` (8-aligned, inside the run: a caller's constant,
+    /// such as a VMCB field offset), with one lookup of the frames for all of them: the exit
+    /// path reads its fields this way.
+    #[cfg_attr(
+        target_arch = "aarch64",
+        allow(dead_code, reason = "SVM VMCB fields only")
+    )]
+    pub fn load_u64s<const N: usize>(&self, offs: [usize; N]) -> [u64; N] {
+        let words = self.words();
+        let mut out = [0; N];
+        for (v, off) in out.iter_mut().zip(offs) {
+            debug_assert!(off.is_multiple_of(8));
+            *v = words[off / 8].load(Relaxed);
+        }
+        out
+    }
+
+    /// Stores `(offset, value)` words (offsets as in [`Frames::load_u64s`]) with one lookup.
+    #[cfg_attr(
+        target_arch = "aarch64",
+        allow(dead_code, reason = "SVM VMCB fields only")
+    )]
+    pub fn store_u64s<const N: usize>(&self, stores: [(usize, u64); N]) {
+        let words = self.words();
+        for (off, v) in stores {
+            debug_assert!(off.is_multiple_of(8));
+            words[off / 8].store(v, Relaxed);
+        }
+    }
+
+    /// Copies `out.len()` bytes from offset `off` (bounds checked by the caller): the bytes of
+    /// a partial first word, then one word load per 8 bytes, then a partial last word. The
+    /// hypercall path copies every argument struct and batch array through here (a load per
+    /// byte was a fifth of a hypercall's instructions).
     pub fn read(&self, off: usize, out: &mut [u8]) {
-        for (i, b) in out.iter_mut().enumerate() {
-            let at = off + i;
-            *b = (self.words()[at / 8].load(Relaxed) >> (8 * (at % 8))) as u8;
+        let words = self.words();
+        // Little-endian: byte k of guest memory is bits 8k.. of its word.
+        let head = ((8 - off % 8) % 8).min(out.len());
+        let (first, rest) = out.split_at_mut(head);
+        if !first.is_empty() {
+            let b = words[off / 8].load(Relaxed).to_le_bytes();
+            first.copy_from_slice(&b[off % 8..off % 8 + head]);
+        }
+        let base = (off + head) / 8;
+        let whole = rest.len() / 8;
+        let mut chunks = rest.chunks_exact_mut(8);
+        for (k, chunk) in (&mut chunks).enumerate() {
+            chunk.copy_from_slice(&words[base + k].load(Relaxed).to_le_bytes());
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let b = words[base + whole].load(Relaxed).to_le_bytes();
+            tail.copy_from_slice(&b[..tail.len()]);
         }
     }
 
@@ -78,26 +126,29 @@ impl Frames {
     /// partial words are merged with compare-and-swap so that a concurrent writer of the other
     /// bytes of the word is never undone.
     pub fn write(&self, off: usize, data: &[u8]) {
-        let mut i = 0;
-        while i < data.len() {
-            let at = off + i;
-            let (word, shift) = (at / 8, at % 8);
-            let n = (8 - shift).min(data.len() - i);
-            if n == 8 {
-                let mut v = [0u8; 8];
-                v.copy_from_slice(&data[i..i + 8]);
-                self.words()[word].store(u64::from_le_bytes(v), Relaxed);
-            } else {
-                let mut mask = 0u64;
-                let mut bits = 0u64;
-                for k in 0..n {
-                    mask |= 0xff << (8 * (shift + k));
-                    bits |= u64::from(data[i + k]) << (8 * (shift + k));
-                }
-                let _ = self.words()[word]
-                    .fetch_update(Relaxed, Relaxed, |old| Some(old & !mask | bits));
-            }
-            i += n;
+        let words = self.words();
+        let merge = |word: usize, shift: usize, bytes: &[u8]| {
+            let mut v = [0u8; 8];
+            v[shift..shift + bytes.len()].copy_from_slice(bytes);
+            let bits = u64::from_le_bytes(v);
+            let mask = (u64::MAX >> (64 - 8 * bytes.len() as u32)) << (8 * shift as u32);
+            let _ = words[word].fetch_update(Relaxed, Relaxed, |old| Some(old & !mask | bits));
+        };
+        let head = ((8 - off % 8) % 8).min(data.len());
+        let (first, rest) = data.split_at(head);
+        if !first.is_empty() {
+            merge(off / 8, off % 8, first);
+        }
+        let base = (off + head) / 8;
+        let mut chunks = rest.chunks_exact(8);
+        for (k, chunk) in (&mut chunks).enumerate() {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(chunk);
+            words[base + k].store(u64::from_le_bytes(v), Relaxed);
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            merge(base + rest.len() / 8, 0, tail);
         }
     }
 }

@@ -90,9 +90,11 @@ pub struct GuestGprs {
 // Host IF is set (`sti`) while GIF is still clear, so VMRUN saves RFLAGS.IF = 1 as the host's
 // interrupt flag: with V_INTR_MASKING = 1 that host IF is what lets a physical interrupt reach
 // the INTR intercept while the guest runs (§15.21.1). After the exit GIF is clear again; the
-// host state is completed with VMLOAD, then `stgi` with IF = 1 takes the interrupt that caused
-// an INTR exit through the hypervisor's IDT (its handler only sends EOI), and `cli` returns to
-// the hypervisor's normal interrupts-off state.
+// host state is completed with VMLOAD, then `cli` before `stgi` returns to the hypervisor's
+// normal interrupts-off state without taking any interrupt. An interrupt that arrived after
+// an exit for another reason (a VMMCALL, say) stays pending in the local APIC and makes the
+// next VMRUN exit with INTR at once, so a preemption tick is never lost; only after an INTR
+// exit does the runner take it ([`take_interrupt`]).
 global_asm!(
     r#"
     .pushsection .text.svm_vmrun, "ax"
@@ -147,8 +149,8 @@ svm_vmrun:
     mov [rax + 104], r15
     mov rax, [rsp + 16]
     vmload rax
-    stgi
     cli
+    stgi
     add rsp, 24
     pop r15
     pop r14
@@ -163,6 +165,19 @@ svm_vmrun:
 
 unsafe extern "C" {
     fn svm_vmrun(guest_vmcb: u64, gprs: *mut GuestGprs, host_block: u64);
+}
+
+/// Takes the pending physical interrupt that caused an INTR exit through the hypervisor's IDT
+/// (its handler only sends EOI): without that it would stay pending and end every later VMRUN
+/// at once.
+pub fn take_interrupt(_cpu: &SvmEnabled) {
+    // SAFETY: GIF is set (`svm_vmrun` ends with `stgi`); IF is open for the one instruction after
+    // `sti`'s shadow, during which the hypervisor's IDT handles the interrupt (the timer and
+    // spurious handlers send EOI and return); `cli` restores the interrupts-off state. No
+    // memory or register of this code is touched.
+    unsafe {
+        asm!("sti", "nop", "cli", options(nomem, nostack));
+    }
 }
 
 /// Runs the guest described by `vmcb` until the next `#VMEXIT`. The exit code and the guest

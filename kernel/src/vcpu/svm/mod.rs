@@ -34,7 +34,7 @@ use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
 use asm::{GuestGprs, SvmEnabled};
 use spin::Once;
-use vmcb::{HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
+use vmcb::{ExitState, HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 
 /// Exit codes (APM vol 2 Appendix C).
 mod exit {
@@ -156,6 +156,14 @@ pub struct SvmVcpu {
     vmcb: Vmcb,
     gprs: GuestGprs,
     first_run: bool,
+    /// TLB_CONTROL is 1 (flush this ASID) in the VMCB: set for the first run, cleared before
+    /// the second; the ASID word is not written on the runs after that.
+    flush_set: bool,
+    /// The exit fields of the last `#VMEXIT`, read once per exit.
+    exit: ExitState,
+    /// EVENTINJ may hold a non-zero event this backend wrote: it must be rewritten after the
+    /// next exit (re-injected or cleared). While it is known to be 0, the store is skipped.
+    injecting: bool,
 }
 
 impl Svm {
@@ -201,13 +209,12 @@ impl Svm {
     /// Moves the guest past the instruction that exited: to nRIP with NRIPS, else `len` bytes
     /// on (the instruction's length without prefixes, known from the exit code; a guest that
     /// prefixes it on a CPU without NRIPS lands inside its own instruction, its problem alone).
-    fn skip_instruction(&self, vcpu: &mut SvmVcpu, len: u64) {
-        let next = if self.nrips {
-            vcpu.vmcb.next_rip()
+    fn next_rip(&self, vcpu: &SvmVcpu, len: u64) -> u64 {
+        if self.nrips {
+            vcpu.exit.next_rip
         } else {
-            vcpu.vmcb.rip().wrapping_add(len)
-        };
-        vcpu.vmcb.set_rip(next);
+            vcpu.exit.rip.wrapping_add(len)
+        }
     }
 
     fn alloc_asid(&mut self) -> Option<u32> {
@@ -221,7 +228,7 @@ impl Svm {
     /// CPUID as the guest sees it: the host's, with the hypervisor-present bit set and the
     /// features the guest cannot use hidden (SVM and VMX, x2APIC: its MSRs all exit).
     fn emulate_cpuid(&self, vcpu: &mut SvmVcpu) {
-        let leaf = vcpu.vmcb.rax() as u32;
+        let leaf = vcpu.exit.rax as u32;
         let sub = vcpu.gprs.rcx as u32;
         let mut r = if (0x4000_0000..0x5000_0000).contains(&leaf) {
             core::arch::x86_64::CpuidResult {
@@ -246,23 +253,22 @@ impl Svm {
             }
             _ => {}
         }
-        vcpu.vmcb.set_rax(r.eax.into());
         vcpu.gprs.rbx = r.ebx.into();
         vcpu.gprs.rcx = r.ecx.into();
         vcpu.gprs.rdx = r.edx.into();
         // CPUID is 0F A2.
-        self.skip_instruction(vcpu, 2);
+        let next = self.next_rip(vcpu, 2);
+        vcpu.vmcb.set_rax_rip(r.eax.into(), next);
     }
 
     fn decode(vcpu: &SvmVcpu) -> Event {
-        let v = &vcpu.vmcb;
-        let code = v.exit_code();
-        let (info1, info2) = (v.exit_info1(), v.exit_info2());
+        let v = &vcpu.exit;
+        let (code, info1, info2) = (v.code, v.info1, v.info2);
         let forbidden = |what| Event::Forbidden { what, detail: 0 };
         match code {
             exit::INTR | exit::NMI => Event::Preempted,
             exit::VMMCALL => Event::Hypercall(HypercallRegs {
-                op: v.rax(),
+                op: v.rax,
                 args: [vcpu.gprs.rbx, vcpu.gprs.rcx, vcpu.gprs.rdx],
             }),
             // String and REP forms would need the hypervisor to read or write guest memory
@@ -286,7 +292,7 @@ impl Svm {
                     port: (info1 >> ioio::PORT_SHIFT) as u16,
                     size,
                     write: info1 & ioio::IN == 0,
-                    value: (v.rax() & mask) as u32,
+                    value: (v.rax & mask) as u32,
                 }
             }
             // EXITINFO1 = the #PF-style error code (§15.25.6): bit 1 write, bit 4 fetch.
@@ -472,6 +478,10 @@ impl Backend for Svm {
                 ..GuestGprs::default()
             },
             first_run: true,
+            flush_set: false,
+            exit: ExitState::default(),
+            // A fresh VMCB is zero: EVENTINJ is 0.
+            injecting: false,
         })
     }
 
@@ -479,39 +489,52 @@ impl Backend for Svm {
         loop {
             // Another vCPU of this VM ran here since this one did: its guest-linear
             // translations carry the same ASID, so they go (QEMU implements only TLB_CONTROL
-            // 0 and 1, so this is the whole-TLB flush, as at a first run).
+            // 0 and 1, so this is the whole-TLB flush, as at a first run). The ASID word is
+            // written only when TLB_CONTROL changes.
             let pa = vcpu.vmcb.pa();
             let switched = self
                 .last_vcpu
                 .get_mut(vm.asid as usize)
                 .is_some_and(|last| core::mem::replace(last, pa) != pa);
-            vcpu.vmcb.set_asid(vm.asid, vcpu.first_run || switched);
-            vcpu.first_run = false;
+            let flush = vcpu.first_run || switched;
+            if flush || vcpu.flush_set {
+                vcpu.vmcb.set_asid(vm.asid, flush);
+                vcpu.flush_set = flush;
+                vcpu.first_run = false;
+            }
             asm::vmrun(self.cpu, &mut vcpu.vmcb, &mut vcpu.gprs);
-            if vcpu.vmcb.exit_code() == exit::CPUID {
+            vcpu.exit = vcpu.vmcb.exit_state();
+            if vcpu.exit.code == exit::INTR {
+                asm::take_interrupt(self.cpu);
+            }
+            if vcpu.exit.code == exit::CPUID {
                 self.emulate_cpuid(vcpu);
                 continue;
             }
             // An exit in the middle of delivering an event to the guest (an exception or a
             // software interrupt through its IDT) leaves the event in EXITINTINFO; it is lost
             // unless re-injected at the next VMRUN (APM vol 2 §15.7.2). EXITINTINFO has
-            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared so an
-            // event is never injected twice. (QEMU does not inject the error code, §15.20's
-            // EV bit: svm_helper.c in QEMU 10.)
-            let pending = vcpu.vmcb.exit_int_info();
-            vcpu.vmcb
-                .set_event_injection(if pending & (1 << 31) != 0 { pending } else { 0 });
+            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared if this
+            // backend left an event there, so an event is never injected twice. (QEMU does not
+            // inject the error code, §15.20's EV bit: svm_helper.c in QEMU 10.)
+            let pending = vcpu.exit.int_info;
+            let inject = pending & (1 << 31) != 0;
+            if inject || vcpu.injecting {
+                vcpu.vmcb
+                    .set_event_injection(if inject { pending } else { 0 });
+                vcpu.injecting = inject;
+            }
             return Exit {
-                pc: vcpu.vmcb.rip(),
+                pc: vcpu.exit.rip,
                 event: Self::decode(vcpu),
             };
         }
     }
 
     fn complete_hypercall(&mut self, vcpu: &mut SvmVcpu, result: u64) {
-        vcpu.vmcb.set_rax(result);
         // VMMCALL is 0F 01 D9.
-        self.skip_instruction(vcpu, 3);
+        let next = self.next_rip(vcpu, 3);
+        vcpu.vmcb.set_rax_rip(result, next);
     }
 
     fn complete_mmio(&mut self, _vcpu: &mut SvmVcpu, _value: Option<u64>) {
@@ -520,23 +543,21 @@ impl Backend for Svm {
     }
 
     fn complete_port_io(&mut self, vcpu: &mut SvmVcpu, size: u8, value: Option<u32>) {
-        if let Some(v) = value {
-            // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).
-            let rax = vcpu.vmcb.rax();
-            let new = match size {
-                1 => (rax & !0xff) | u64::from(v & 0xff),
-                2 => (rax & !0xffff) | u64::from(v & 0xffff),
-                _ => u64::from(v),
-            };
-            vcpu.vmcb.set_rax(new);
-        }
+        // IN to AL/AX keeps the rest of RAX; IN to EAX zero-extends into RAX (64-bit mode).
+        let rax = vcpu.exit.rax;
+        let rax = match (value, size) {
+            (None, _) => rax,
+            (Some(v), 1) => (rax & !0xff) | u64::from(v & 0xff),
+            (Some(v), 2) => (rax & !0xffff) | u64::from(v & 0xffff),
+            (Some(v), _) => u64::from(v),
+        };
         // Without NRIPS, EXITINFO2 of an IOIO intercept is the next RIP (APM vol 2 §15.10.2).
         let next = if self.nrips {
-            vcpu.vmcb.next_rip()
+            vcpu.exit.next_rip
         } else {
-            vcpu.vmcb.exit_info2()
+            vcpu.exit.info2
         };
-        vcpu.vmcb.set_rip(next);
+        vcpu.vmcb.set_rax_rip(rax, next);
     }
 
     fn destroy_vm(&mut self, vm: SvmVm) {

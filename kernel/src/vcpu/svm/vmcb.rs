@@ -87,6 +87,19 @@ pub struct Segment {
     pub base: u64,
 }
 
+/// The exit fields of a VMCB after `#VMEXIT` (Table B-1 EXITCODE, EXITINFO1/2, EXITINTINFO,
+/// nRIP; Table B-2 RIP, RAX).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitState {
+    pub code: u64,
+    pub info1: u64,
+    pub info2: u64,
+    pub int_info: u64,
+    pub next_rip: u64,
+    pub rip: u64,
+    pub rax: u64,
+}
+
 /// One VMCB page.
 pub struct Vmcb {
     page: Frames,
@@ -104,14 +117,9 @@ impl Vmcb {
         self.page.pa()
     }
 
-    fn r64(&self, off: usize) -> u64 {
-        let mut b = [0u8; 8];
-        self.page.read(off, &mut b);
-        u64::from_le_bytes(b)
-    }
-
+    // Every 64-bit field of Appendix B is 8-aligned: one store each.
     fn w64(&mut self, off: usize, v: u64) {
-        self.page.write(off, &v.to_le_bytes());
+        self.page.store_u64s([(off, v)]);
     }
 
     fn w32(&mut self, off: usize, v: u32) {
@@ -136,8 +144,14 @@ impl Vmcb {
     /// Guest ASID (never 0: ASID 0 is the host's and VMRUN rejects it, §15.16) and the TLB
     /// control byte (0 = nothing, 1 = flush everything on this VMRUN).
     pub fn set_asid(&mut self, asid: u32, flush_all: bool) {
-        self.w32(ctl::GUEST_ASID, asid);
-        self.page.write(ctl::TLB_CONTROL, &[u8::from(flush_all)]);
+        // ASID (0x58, 4 bytes), TLB_CONTROL (0x5C, 1 byte) and three reserved zero bytes share
+        // one 8-aligned word: one store.
+        const _: () =
+            assert!(ctl::GUEST_ASID.is_multiple_of(8) && ctl::TLB_CONTROL == ctl::GUEST_ASID + 4);
+        self.w64(
+            ctl::GUEST_ASID,
+            u64::from(asid) | u64::from(flush_all) << 32,
+        );
     }
 
     /// V_INTR_MASKING (bit 24 of offset 0x60): physical interrupts are masked by the host's
@@ -153,22 +167,32 @@ impl Vmcb {
         self.w64(ctl::N_CR3, table.root());
     }
 
-    pub fn exit_code(&self) -> u64 {
-        self.r64(ctl::EXITCODE)
+    /// What an exit handler reads, loaded together (one lookup of the page instead of one per
+    /// field).
+    pub fn exit_state(&self) -> ExitState {
+        let [code, info1, info2, int_info, next_rip, rip, rax] = self.page.load_u64s([
+            ctl::EXITCODE,
+            ctl::EXITINFO1,
+            ctl::EXITINFO2,
+            ctl::EXITINTINFO,
+            ctl::NRIP,
+            save::RIP,
+            save::RAX,
+        ]);
+        ExitState {
+            code,
+            info1,
+            info2,
+            int_info,
+            next_rip,
+            rip,
+            rax,
+        }
     }
-    pub fn exit_info1(&self) -> u64 {
-        self.r64(ctl::EXITINFO1)
-    }
-    pub fn exit_info2(&self) -> u64 {
-        self.r64(ctl::EXITINFO2)
-    }
-    pub fn exit_int_info(&self) -> u64 {
-        self.r64(ctl::EXITINTINFO)
-    }
-    /// nRIP (APM vol 2 §15.7.1): the RIP after the intercepted instruction, written on
-    /// instruction intercepts only by CPUs with NRIPS (CPUID 8000_000Ah EDX bit 3).
-    pub fn next_rip(&self) -> u64 {
-        self.r64(ctl::NRIP)
+
+    /// Completes an emulated instruction: RAX and RIP in one go.
+    pub fn set_rax_rip(&mut self, rax: u64, rip: u64) {
+        self.page.store_u64s([(save::RAX, rax), (save::RIP, rip)]);
     }
 
     /// EVENTINJ (§15.20): an event to deliver to the guest at the next VMRUN (bit 31 valid).
@@ -239,17 +263,11 @@ impl Vmcb {
         self.w64(save::G_PAT, pat);
     }
 
-    pub fn rip(&self) -> u64 {
-        self.r64(save::RIP)
-    }
     pub fn set_rip(&mut self, v: u64) {
         self.w64(save::RIP, v);
     }
     pub fn set_rsp(&mut self, v: u64) {
         self.w64(save::RSP, v);
-    }
-    pub fn rax(&self) -> u64 {
-        self.r64(save::RAX)
     }
     pub fn set_rax(&mut self, v: u64) {
         self.w64(save::RAX, v);
