@@ -140,19 +140,14 @@ pub trait DriverOps {
     fn domain_free(&mut self, unit: usize, domain: Self::Domain, in_use: bool);
     fn domain_info(&self, dom: &DomainSlot<Self::Domain>) -> Option<DomainInfo>;
     fn map(
-        &mut self,
+        &self,
         dom: &DomainSlot<Self::Domain>,
         iova: u64,
         pa: u64,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError>;
-    fn unmap(
-        &mut self,
-        dom: &DomainSlot<Self::Domain>,
-        iova: u64,
-        len: u64,
-    ) -> Result<u64, HwError>;
+    fn unmap(&self, dom: &DomainSlot<Self::Domain>, iova: u64, len: u64) -> Result<u64, HwError>;
     fn translate(&self, dom: &DomainSlot<Self::Domain>, iova: u64) -> Option<HwTranslation>;
     fn mapped_bytes(&self, dom: &DomainSlot<Self::Domain>) -> u64;
     /// The table root the hardware's entries hold for `dom` (what [`Self::programmed`]
@@ -390,14 +385,7 @@ impl<D: DriverOps> IommuHw for Backend<D> {
         self.check(dev, None, d).map(|_| ())
     }
 
-    fn map(
-        &mut self,
-        d: HwDomain,
-        iova: u64,
-        pa: u64,
-        len: u64,
-        prot: Prot,
-    ) -> Result<(), HwError> {
+    fn map(&self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), HwError> {
         let dom = self
             .domains
             .get(d.0 as usize)
@@ -406,7 +394,7 @@ impl<D: DriverOps> IommuHw for Backend<D> {
         self.drv.map(dom, iova, pa, len, prot)
     }
 
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
+    fn unmap(&self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError> {
         let dom = self
             .domains
             .get(d.0 as usize)

@@ -206,11 +206,14 @@ pub trait IommuHw {
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)`, all or nothing; invalidates what the
     /// hardware needs (caching mode, write buffers).
-    fn map(&mut self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot)
-    -> Result<(), HwError>;
+    ///
+    /// Takes `&self`: the object model calls it from several CPUs at once, on disjoint ranges
+    /// (the page-table engine's contract), while no control operation changes the domain set.
+    fn map(&self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), HwError>;
     /// Unmaps `[iova, iova + len)` (whole mappings only), invalidates the IOTLB, and returns
     /// the bytes unmapped.
-    fn unmap(&mut self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError>;
+    /// `&self`, concurrently on disjoint ranges, as [`map`](Self::map).
+    fn unmap(&self, d: HwDomain, iova: u64, len: u64) -> Result<u64, HwError>;
 
     /// Step 1 of a switch of `dev` (`pasid`: `None` for the requester ID itself) to `d`.
     fn prepare(

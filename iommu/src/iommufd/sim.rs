@@ -339,7 +339,7 @@ impl DriverOps for SimOps {
     }
 
     fn map(
-        &mut self,
+        &self,
         x: &DomainSlot<SimDomain>,
         iova: u64,
         pa: u64,
@@ -360,7 +360,7 @@ impl DriverOps for SimOps {
             })
     }
 
-    fn unmap(&mut self, x: &DomainSlot<SimDomain>, iova: u64, len: u64) -> Result<u64, HwError> {
+    fn unmap(&self, x: &DomainSlot<SimDomain>, iova: u64, len: u64) -> Result<u64, HwError> {
         let mut g = Gather::new();
         let r = x.domain.pt.unmap(&self.mem, iova, len, &mut g);
         g.complete(&self.mem);

@@ -229,7 +229,7 @@ where
     }
 
     fn map(
-        &mut self,
+        &self,
         x: &DomainSlot<Domain>,
         iova: u64,
         pa: u64,
@@ -241,7 +241,7 @@ where
             .map_err(err)
     }
 
-    fn unmap(&mut self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
+    fn unmap(&self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
         self.unit(x.unit)?
             .unmap(self.mem, &x.domain, iova, len)
             .map_err(err)

@@ -251,7 +251,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
     }
 
     fn map(
-        &mut self,
+        &self,
         x: &DomainSlot<Domain>,
         iova: u64,
         pa: u64,
@@ -263,7 +263,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
             .map_err(err)
     }
 
-    fn unmap(&mut self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
+    fn unmap(&self, x: &DomainSlot<Domain>, iova: u64, len: u64) -> Result<u64, HwError> {
         self.unit(x.unit)?
             .unmap(self.mem, &x.domain, iova, len)
             .map_err(err)
