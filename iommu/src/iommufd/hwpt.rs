@@ -135,11 +135,8 @@ impl<H: IommuHw> Cx<'_, H> {
             .domain_info(d)
             .ok_or(Error::new(errno::EIO, reason::HW_FAULT))?;
         let ioas = self.g.ioas(ioas_id)?;
-        if let Some(a) = ioas
-            .areas
-            .iter()
-            .find(|a| !info.aperture.contains(&a.span()))
-        {
+        let areas = ioas.areas.lock();
+        if let Some(a) = areas.iter().find(|a| !info.aperture.contains(&a.span())) {
             return Err(Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(a.iova));
         }
         // The HWPT reserves the IOVA below and above its aperture; report the start of the
@@ -153,7 +150,7 @@ impl<H: IommuHw> Cx<'_, H> {
                 return Err(Error::new(errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED).at(r.start));
             }
         }
-        for a in &ioas.areas {
+        for a in areas.iter() {
             hw_map_range(self.hw, mem, d, a.iova, a.gpa, a.len, a.hw_prot())?;
         }
         Ok(info.aperture)
@@ -316,7 +313,7 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         self.g
             .ioas(h.ioas)?
-            .covered(span, |_, _, _| Ok(()))
+            .covered(span, |_, _| Ok(()))
             .map_err(|e| Error {
                 errno: errno::EINVAL,
                 ..e

@@ -196,10 +196,10 @@ impl GuestIommu {
     /// One ABI v1 call of `guest` (docs/abi.md §2): 0 or `-errno`.
     pub fn call(&mut self, guest: GuestId, mem: &GuestMemory, op: u32, args_gpa: u64) -> i64 {
         if let Some(fd) = &mut self.model {
-            return dispatch(fd, guest, mem, op, args_gpa);
+            return dispatch(fd, guest, 0, mem, op, args_gpa);
         }
         match iommu_owner::lock().as_mut() {
-            Some(o) => dispatch(&mut o.fd, guest, mem, op, args_gpa),
+            Some(o) => dispatch(&o.fd, guest, 0, mem, op, args_gpa),
             None => -i64::from(hvabi::errno::EOPNOTSUPP),
         }
     }
