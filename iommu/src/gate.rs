@@ -78,11 +78,14 @@ impl<T> Gate<T> {
     /// Enters as reader `slot` if no writer is in or entering; never waits.
     pub fn try_read(&self, slot: usize) -> Result<ReadGuard<'_, T>, ReadError> {
         let flag = &self.readers.get(slot).ok_or(ReadError::NoSuchSlot)?.0;
-        // SeqCst on both sides (this swap and the load of `writer` below; the writer's store of
-        // `writer` and its loads of the flags) is what excludes the writer: in the single total
-        // order of SeqCst operations either this swap comes before the writer's load of the flag
-        // (the writer sees it set and waits), or the writer's store comes before our load of
-        // `writer` (we see it set and withdraw). Both cannot miss each other (Dekker).
+        // The handshake with a writer (which raises `writer`, then reads our flag with a
+        // read-modify-write) needs no total order, only the modification order of our flag: a
+        // writer's RMW of the flag either comes after this swap (it reads `true` and waits for
+        // us), or before it. In that case this swap (Acquire) reads the value that RMW
+        // (Release) wrote, so the writer's raising of `writer` happens-before our load below,
+        // which therefore sees it and withdraws. Because it is an RMW on both sides (not a
+        // plain load on the writer's), this holds without relying on SeqCst's total order, and
+        // loom (which models SeqCst as AcqRel) checks it as written.
         if flag.swap(true, SeqCst) {
             return Err(ReadError::SlotBusy);
         }
@@ -119,12 +122,16 @@ impl<T> Gate<T> {
         {
             spin();
         }
-        // SeqCst: see `try_read`.
+        // See `try_read`: sequenced before the RMWs of the flags below, whose Release half
+        // carries it to a reader whose swap reads from them.
         self.writer.store(true, SeqCst);
         for r in self.readers.iter() {
-            // A reader leaves with a Release store of `false`; this SeqCst (so at least Acquire)
-            // load that reads it makes everything that reader did happen-before our access.
-            while r.0.load(SeqCst) {
+            // A compare-and-swap of `false` to `false`: while the flag is set it fails (a load:
+            // the reader is in, wait); once it succeeds it is an RMW, ordered with the reader's
+            // swap by the flag's modification order (see `try_read`). A reader leaves with a
+            // Release store of `false`; reading it (Acquire) makes everything that reader did
+            // happen-before our access.
+            while r.0.compare_exchange(false, false, SeqCst, SeqCst).is_err() {
                 spin();
             }
         }
