@@ -26,7 +26,7 @@ use hvabi::{
 use super::marshal::reserved_nonzero;
 use super::object::{Guest, Object};
 use super::{
-    Cx, Error, GuestCell, GuestId, GuestMemory, IommuHw, Iommufd, MAX_ALLOWED_IOVAS,
+    Cx, Error, GuestCell, GuestId, GuestMemory, HwRef, IommuHw, Iommufd, MAX_ALLOWED_IOVAS,
     MAX_HWPTS_PER_IOAS, MAX_PASIDS_PER_DEVICE, PAGE, Rx, inval,
 };
 use crate::gate::{ReadError, ReadGuard};
@@ -54,6 +54,23 @@ fn fast_path(op: u32) -> bool {
     matches!(
         op,
         op::IOAS_MAP | op::IOAS_UNMAP | op::IOAS_MAP_BATCH | op::IOAS_UNMAP_BATCH
+    )
+}
+
+/// The control ops that change domains or attachments (shared by every guest): they hold the
+/// hardware's gate as the writer. The other control ops hold it as a reader, so they do not
+/// pause other guests.
+fn changes_hardware(op: u32) -> bool {
+    matches!(
+        op,
+        op::DESTROY
+            | op::HWPT_ALLOC
+            | op::HWPT_CLONE
+            | op::HWPT_SET_DIRTY_TRACKING
+            | op::HWPT_GET_DIRTY_BITMAP
+            | op::DEVICE_ATTACH
+            | op::DEVICE_REPLACE
+            | op::DEVICE_DETACH
     )
 }
 
@@ -115,6 +132,7 @@ impl<H: IommuHw> Iommufd<H> {
         if vcpu >= self.limits.max_vcpus {
             return Err(inval(reason::NONE));
         }
+        let hw_slot = guest as usize * self.limits.max_vcpus as usize + vcpu as usize;
         let r = match read_args(mem, op, args_gpa) {
             Err(e) => Err(e),
             Ok((buf, v1)) if op == op::GET_LAST_ERROR => with(
@@ -146,17 +164,29 @@ impl<H: IommuHw> Iommufd<H> {
             }
             Ok((buf, v1)) => {
                 // Lock order: the guest's gate, then the hardware's (fast paths never wait while
-                // holding either).
+                // holding either; a shared entry below never waits holding its slot).
                 let mut g = cell.gate.write();
-                let mut hw = self.hw.write();
-                let mut cx = Cx {
-                    hw: &mut *hw,
-                    g: &mut g,
-                    limits: &self.limits,
-                    fail: self.fail.as_deref(),
-                    vcpu,
-                };
-                cx.run(mem, op, args_gpa, &buf[..v1])
+                if changes_hardware(op) {
+                    let mut hw = self.hw.write();
+                    let mut cx = Cx {
+                        hw: HwRef::Excl(&mut *hw),
+                        g: &mut g,
+                        limits: &self.limits,
+                        fail: self.fail.as_deref(),
+                        vcpu,
+                    };
+                    cx.run(mem, op, args_gpa, &buf[..v1])
+                } else {
+                    let hw = self.hw.read(hw_slot).map_err(slot_error)?;
+                    let mut cx = Cx {
+                        hw: HwRef::Shared(&*hw),
+                        g: &mut g,
+                        limits: &self.limits,
+                        fail: self.fail.as_deref(),
+                        vcpu,
+                    };
+                    cx.run(mem, op, args_gpa, &buf[..v1])
+                }
             }
         };
         if let Err(e) = r

@@ -37,10 +37,13 @@
 //!   section (`ioas.rs`): a map claims its range there (overlap arbitration), writes the page
 //!   tables with no lock held, then publishes the area; an unmap claims the areas (marking them
 //!   dying), clears the page tables with no lock held, then forgets them.
-//! * Every other operation is a control operation: it enters the guest's gate and the
-//!   hardware's gate as the writer (so it waits for the fast paths in flight and holds off new
-//!   ones, of every guest, while it changes domains and attachments), and gets `&mut Guest`
-//!   and `&mut H`. GET_LAST_ERROR and the error record take a per-guest spin lock only.
+//! * Every other operation is a control operation: it enters the guest's gate as the writer
+//!   (it waits for the guest's fast paths in flight and holds off new ones) and gets
+//!   `&mut Guest`. Those that change domains or attachments, which all guests share (DESTROY,
+//!   HWPT_*, DEVICE_ATTACH/REPLACE/DETACH), also enter the hardware's gate as the writer
+//!   (`&mut H`: they pause every guest's fast path while they run); the others (IOAS_ALLOC,
+//!   IOAS_COPY, IOAS_ALLOW_IOVAS, the queries) enter it as a reader and pause only their own
+//!   guest. GET_LAST_ERROR and the error record take a per-guest spin lock only.
 //! * The hypervisor's own calls (`create_guest`, `assign_device`, ACCESS DMA, ...) take
 //!   `&mut Iommufd`.
 //!
@@ -293,9 +296,38 @@ pub struct Iommufd<H: IommuHw> {
     pub(crate) fail: Option<Arc<FailNth>>,
 }
 
-/// A control operation's context: the hardware and one guest, both exclusively.
+/// How a control operation holds the hardware: shared (operations that only map, unmap or
+/// read it: they let other guests' fast paths run) or exclusively (operations that change
+/// domains or attachments).
+pub(crate) enum HwRef<'a, H> {
+    Shared(&'a H),
+    Excl(&'a mut H),
+}
+
+impl<H> core::ops::Deref for HwRef<'_, H> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        match self {
+            HwRef::Shared(h) => h,
+            HwRef::Excl(h) => h,
+        }
+    }
+}
+
+impl<H> HwRef<'_, H> {
+    /// The hardware for a change. `dispatch` takes the hardware exclusively for every op that
+    /// gets here; EIO rather than a panic if that classification is ever wrong.
+    pub(crate) fn excl(&mut self) -> Result<&mut H, Error> {
+        match self {
+            HwRef::Excl(h) => Ok(h),
+            HwRef::Shared(_) => Err(Error::new(errno::EIO, reason::HW_FAULT)),
+        }
+    }
+}
+
+/// A control operation's context: the hardware and one guest (exclusively).
 pub(crate) struct Cx<'a, H: IommuHw> {
-    pub hw: &'a mut H,
+    pub hw: HwRef<'a, H>,
     pub g: &'a mut Guest,
     pub limits: &'a Limits,
     pub fail: Option<&'a FailNth>,
@@ -315,7 +347,7 @@ impl<H: IommuHw> Cx<'_, H> {
     /// The fast-path view of this context (for control operations that map or unmap).
     pub(crate) fn rx(&self) -> Rx<'_, H> {
         Rx {
-            hw: self.hw,
+            hw: &self.hw,
             g: self.g,
             vcpu: self.vcpu,
         }
@@ -380,7 +412,7 @@ impl<H: IommuHw> Iommufd<H> {
             .and_then(Option::as_mut)
             .ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?;
         Ok(Cx {
-            hw: self.hw.get_mut(),
+            hw: HwRef::Excl(self.hw.get_mut()),
             g: g.gate.get_mut(),
             limits: &self.limits,
             fail: self.fail.as_deref(),
