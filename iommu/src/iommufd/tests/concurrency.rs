@@ -135,7 +135,8 @@ impl Vcpu<'_> {
 }
 
 /// vCPUs mapping and unmapping in one IOAS (with a HWPT), while another vCPU allocates,
-/// attaches, maps into, detaches and destroys other IOASes.
+/// attaches, maps into, detaches and destroys other IOASes, and a second guest maps and
+/// unmaps in its own IOAS.
 #[test]
 fn vcpus_map_and_unmap_in_parallel() {
     const VCPUS: u32 = 3;
@@ -149,6 +150,8 @@ fn vcpus_map_and_unmap_in_parallel() {
         c.attach(a, ioas).unwrap();
         (ioas, a, b)
     };
+    let other_ioas = env.c2().ioas_alloc().unwrap();
+    let g2 = env.g2;
     let g = env.g;
     let fd = &env.fd;
     let barrier = SpinBarrier::new(VCPUS);
@@ -184,6 +187,23 @@ fn vcpus_map_and_unmap_in_parallel() {
                     ..Default::default()
                 };
                 v.call(op::DESTROY, &d).unwrap();
+                n += 1;
+            }
+        });
+        // Another guest mapping and unmapping at the same time (its own gates).
+        let other_guest = s.spawn(|| {
+            let v = Vcpu {
+                fd,
+                g: g2,
+                vcpu: 0,
+                mem: VecGuestMemory::standard(),
+                scratch: SCRATCH,
+            };
+            let mut n = 0u64;
+            while !stop.load(Relaxed) || n < 3 {
+                let iova = 0x10_0000 + (n % 64) * 0x1_0000;
+                assert_eq!(v.map(other_ioas, iova, 0x20_0000, 4 * PG), Ok(iova));
+                assert_eq!(v.unmap(other_ioas, iova, 4 * PG), Ok(4 * PG));
                 n += 1;
             }
         });
@@ -280,6 +300,7 @@ fn vcpus_map_and_unmap_in_parallel() {
         let r: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
         stop.store(true, Relaxed);
         control.join().unwrap();
+        other_guest.join().unwrap();
         r.into_iter().map(|w| w.unwrap()).collect()
     });
     for r in 0..ROUNDS as usize {
