@@ -9,10 +9,11 @@
 //! unit, all its DMA aliases known, not a bridge, not an RMRR device) and each device's DMA
 //! alias IDs and IOMMU group from discovery, and keeps it for the life of the system.
 //!
-//! Everything that touches an IOMMU afterwards goes through [`lock`]: guests' hypercalls
-//! (`guest/iommu.rs`), the ABI scenario, and the driver suites, which borrow a unit from the
-//! owner instead of creating one. The lock is a `spin::Mutex`: calls are serialised (docs/abi.md
-//! §2), and only the boot CPU runs the hypervisor today.
+//! Everything that touches an IOMMU afterwards goes through the owner: guests' hypercalls
+//! (`guest/iommu.rs`) hold it shared ([`read`]) while `dispatch` orders the calls of every
+//! vCPU itself (docs/abi.md §2); guest creation and teardown, fault draining, the ABI scenario
+//! and the driver suites (which borrow a unit from the owner instead of creating one) hold it
+//! exclusively ([`lock`]).
 
 use alloc::format;
 use alloc::string::String;
@@ -21,7 +22,7 @@ use alloc::vec::Vec;
 use boot::BootInfo;
 use iommu::iommufd::backend::{BackendDevice, Ids};
 use iommu::iommufd::{Iommufd, Limits};
-use spin::{Mutex, MutexGuard};
+use spin::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::discovery::{Platform, Unit};
 use crate::mem::iommu_mem::{IOMMU_MEMORY, IommuMemory};
@@ -80,7 +81,7 @@ pub struct IommuOwner {
     pub address_width: u32,
 }
 
-static OWNER: Mutex<Option<IommuOwner>> = Mutex::new(None);
+static OWNER: RwLock<Option<IommuOwner>> = RwLock::new(None);
 /// Why bring-up was refused, if it was: users that need an IOMMU refuse to run without one
 /// rather than run uncontained.
 static REFUSED: Mutex<Option<String>> = Mutex::new(None);
@@ -93,8 +94,16 @@ pub fn refusal() -> Option<String> {
 
 /// The owner, locked; `None` inside when the machine has no IOMMU (or bring-up failed: the boot
 /// report says why).
-pub fn lock() -> MutexGuard<'static, Option<IommuOwner>> {
-    OWNER.lock()
+pub fn lock() -> RwLockWriteGuard<'static, Option<IommuOwner>> {
+    OWNER.write()
+}
+
+/// The owner, shared: what guests' hypercalls hold while `dispatch` runs (it takes `&Iommufd`
+/// and orders the calls of every vCPU itself, docs/abi.md §2), so several CPUs dispatch at
+/// once. Taking it is one atomic add on the lock word, which every CPU's calls share; the
+/// writers (bring-up, guest creation and teardown, fault draining) exclude them.
+pub fn read() -> RwLockReadGuard<'static, Option<IommuOwner>> {
+    OWNER.read()
 }
 
 impl IommuOwner {
@@ -123,7 +132,7 @@ impl IommuOwner {
 /// boot report. A failure is reported and leaves the machine without an owner (no unit is
 /// half-owned: the units brought up so far stay blocking DMA, which is the safe state).
 pub fn bring_up(info: &BootInfo, platform: &Platform) {
-    let mut owner = OWNER.lock();
+    let mut owner = OWNER.write();
     if owner.is_some() {
         return;
     }

@@ -11,10 +11,10 @@ mod discovery;
 mod firmware;
 mod guest;
 mod iommu_owner;
-#[cfg(target_arch = "aarch64")]
-mod its;
 #[cfg(target_arch = "x86_64")]
 mod irq;
+#[cfg(target_arch = "aarch64")]
+mod its;
 mod mem;
 mod panic;
 mod pci;

@@ -113,7 +113,7 @@ enum Command {
         /// Skip the host unit tests (and the loom models).
         #[arg(long)]
         no_host: bool,
-        /// Skip the loom models of the page-table engine (about two minutes).
+        /// Skip the loom models (page-table engine and dispatch gate; about two minutes).
         #[arg(long)]
         no_loom: bool,
         /// Build the hypervisor in release mode for the scenarios.

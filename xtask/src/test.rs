@@ -88,25 +88,29 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
     run_libtest(cmd, "host unit tests", tally)
 }
 
-/// The loom models of the page-table engine's lock-free protocols (exhaustive interleavings;
-/// each prints how many executions it explored). A separate target directory keeps the
+/// The loom models of the lock-free protocols: the page-table engine's, and the reader/writer
+/// gate `dispatch` runs behind (exhaustive interleavings, within each model's bound; each
+/// prints how many executions it explored). A separate target directory keeps the
 /// `--cfg loom` build from invalidating the normal one.
 pub fn loom_models(tally: &mut Tally) -> Result<()> {
-    println!("== loom models (iommu/tests/pgtable_loom.rs) ==");
-    let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "iommu",
-        "--release",
-        "--test",
-        "pgtable_loom",
-        "--",
-        "--nocapture",
-    ])
-    .env("RUSTFLAGS", "--cfg loom")
-    .env("CARGO_TARGET_DIR", crate::build::target_dir().join("loom"));
-    run_libtest(cmd, "loom models", tally)
+    for test in ["pgtable_loom", "gate_loom"] {
+        println!("== loom models (iommu/tests/{test}.rs) ==");
+        let mut cmd = cargo();
+        cmd.args([
+            "test",
+            "-p",
+            "iommu",
+            "--release",
+            "--test",
+            test,
+            "--",
+            "--nocapture",
+        ])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", crate::build::target_dir().join("loom"));
+        run_libtest(cmd, "loom models", tally)?;
+    }
+    Ok(())
 }
 
 /// Runs a libtest-based command, echoing its output and adding its counts to `tally`.

@@ -254,7 +254,7 @@ fn run(data: &[u8]) {
                     let flags = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
                     partial_ok = flags & BATCH_ATOMIC == 0;
                 }
-                let r = iommu::iommufd::dispatch(&mut fd, gid, mem, op, SCRATCH);
+                let r = iommu::iommufd::dispatch(&fd, gid, 0, mem, op, SCRATCH);
                 assert!(r <= 0);
                 assert!(KNOWN.contains(&((-r) as u32)), "op {op:#x} returned {r}");
                 if r == 0 { Ok(()) } else { Err((-r) as u32) }
@@ -274,7 +274,7 @@ fn run(data: &[u8]) {
                 }
                 let _ = mem.write(SCRATCH, &buf);
                 partial_ok = op == op::IOAS_MAP_BATCH || op == op::IOAS_UNMAP_BATCH;
-                let r = iommu::iommufd::dispatch(&mut fd, gid, mem, op, SCRATCH);
+                let r = iommu::iommufd::dispatch(&fd, gid, 0, mem, op, SCRATCH);
                 assert!(KNOWN.contains(&((-r) as u32)));
                 if r == 0 { Ok(()) } else { Err((-r) as u32) }
             }

@@ -16,7 +16,7 @@
 use hvabi::{errno, kind, reason};
 
 use super::hw::Span;
-use super::ioas::{PROT_READ, PROT_WRITE};
+use super::ioas::{PROT_READ, PROT_WRITE, first_from};
 use super::object::Object;
 use super::{Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_PINS_PER_ACCESS, PAGE, inval};
 
@@ -107,13 +107,13 @@ impl<H: IommuHw> Cx<'_, H> {
         let span =
             Span::from_len(iova, len).ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))?;
         let ioas = self.g.ioas(ioas_id)?;
-        ioas.covered(span, |_, a, _| {
+        ioas.covered(span, |a, _| {
             if a.prot & prot != prot {
                 return Err(Error::new(errno::EPERM, reason::NO_PROT).at(a.iova));
             }
             Ok(())
         })?;
-        ioas.covered(span, |_, a, piece| {
+        ioas.covered(span, |a, piece| {
             f(
                 a.gpa + (piece.start - a.iova),
                 piece.start - iova,
@@ -135,9 +135,9 @@ impl<H: IommuHw> Cx<'_, H> {
             .ok_or(Error::new(errno::ENOSPC, reason::TOO_MANY))?;
         let ioas_id = a.ioas.ok_or(inval(reason::NOT_ATTACHED))?;
         let span = Span::new(iova, iova + (len - 1));
-        let ioas = self.g.ioas_mut(ioas_id)?;
-        let i0 = ioas.first_from(span.start);
-        for area in ioas.areas[i0..].iter_mut() {
+        let areas = self.g.ioas_mut(ioas_id)?.areas.get_mut();
+        let i0 = first_from(areas, span.start);
+        for area in areas[i0..].iter_mut() {
             if area.iova > span.last {
                 break;
             }
@@ -156,9 +156,9 @@ impl<H: IommuHw> Cx<'_, H> {
             .position(|p| *p == Some(span))
             .ok_or(inval(reason::NOT_MAPPED))?;
         let ioas_id = a.ioas.ok_or(inval(reason::NOT_ATTACHED))?;
-        let ioas = self.g.ioas_mut(ioas_id)?;
-        let i0 = ioas.first_from(span.start);
-        for area in ioas.areas[i0..].iter_mut() {
+        let areas = self.g.ioas_mut(ioas_id)?.areas.get_mut();
+        let i0 = first_from(areas, span.start);
+        for area in areas[i0..].iter_mut() {
             if area.iova > span.last {
                 break;
             }

@@ -144,7 +144,7 @@ pub trait DriverOps {
     fn domain_free(&mut self, unit: usize, domain: Self::Domain, in_use: bool);
     fn domain_info(&self, dom: &DomainSlot<Self::Domain>) -> Option<DomainInfo>;
     fn map(
-        &mut self,
+        &self,
         dom: &DomainSlot<Self::Domain>,
         iova: u64,
         pa: u64,
@@ -402,14 +402,7 @@ impl<D: DriverOps> IommuHw for Backend<D> {
         self.check(dev, None, d).map(|_| ())
     }
 
-    fn map(
-        &mut self,
-        d: HwDomain,
-        iova: u64,
-        pa: u64,
-        len: u64,
-        prot: Prot,
-    ) -> Result<(), HwError> {
+    fn map(&self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), HwError> {
         let dom = self
             .domains
             .get(d.0 as usize)

@@ -24,7 +24,7 @@
 
 use alloc::vec::Vec;
 
-use super::ioas::{PROT_READ, PROT_WRITE, ResvBuf, ioas_reserved};
+use super::ioas::{AreaState, PROT_READ, PROT_WRITE, ResvBuf, first_overlap, ioas_reserved};
 use super::object::{Guest, Object};
 use super::{GuestId, GuestMemory, IommuHw, Iommufd, PAGE};
 
@@ -52,11 +52,18 @@ pub fn check<H: IommuHw>(
     fd: &Iommufd<H>,
     mems: &[(GuestId, &dyn GuestMemory)],
 ) -> Result<(), Violation> {
-    let hw = &fd.hw;
+    // Every guest's gate, then the hardware's: the order control operations take them in.
+    let guests: Vec<_> = fd
+        .guests
+        .iter()
+        .map(|g| g.as_ref().map(|g| g.gate.write()))
+        .collect();
+    let hw = fd.hw.write();
+    let hw = &*hw;
     let mut hwpts_total = 0u32;
     let mut domains = Vec::new();
-    for (gid, g) in fd.guests.iter().enumerate() {
-        let Some(g) = g else { continue };
+    for (gid, g) in guests.iter().enumerate() {
+        let Some(g) = g.as_deref() else { continue };
         let gid = gid as GuestId;
         let mem = mems.iter().find(|(id, _)| *id == gid).map(|(_, m)| *m);
         let mut owned = 0u32;
@@ -116,11 +123,16 @@ pub fn check<H: IommuHw>(
 
 fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     let ioas = g.ioas(id).map_err(|_| v("ioas lookup", gid, id, 0))?;
-    if ioas.areas.len() > ioas.area_cap {
-        return Err(v("areas over capacity", gid, id, ioas.areas.len() as u64));
+    let areas = ioas.areas.lock();
+    if areas.len() > ioas.area_cap {
+        return Err(v("areas over capacity", gid, id, areas.len() as u64));
     }
     let mut prev: Option<u64> = None;
-    for a in &ioas.areas {
+    for a in areas.iter() {
+        if a.state != AreaState::Live {
+            // Every MAP/UNMAP has finished: a claim left behind is a leak of IOVA space.
+            return Err(v("area left claimed", gid, id, a.iova));
+        }
         if a.len == 0 || a.iova % PAGE != 0 || a.len % PAGE != 0 || a.gpa % PAGE != 0 {
             return Err(v("area misaligned or empty", gid, id, a.iova));
         }
@@ -173,7 +185,7 @@ fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     if accesses != ioas.accesses {
         return Err(v("IOAS access count", gid, id, ioas.accesses as u64));
     }
-    for a in &ioas.areas {
+    for a in areas.iter() {
         let mut pins = 0;
         for (_, o) in g.objs.iter() {
             if let Object::Access(x) = o
@@ -189,7 +201,7 @@ fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     let mut resv = ResvBuf::new();
     ioas_reserved(g, id, &[], &mut resv).map_err(|_| v("reserved set overflow", gid, id, 0))?;
     for r in resv.spans() {
-        if let Some(a) = ioas.first_overlap(*r) {
+        if let Some(a) = first_overlap(&areas, *r) {
             return Err(v("mapping inside the reserved set", gid, id, a.iova));
         }
         if let Some(al) = ioas.allowed.iter().find(|al| al.overlaps(r)) {
@@ -235,12 +247,13 @@ fn check_hwpt<H: IommuHw>(
     if info.aperture != h.aperture {
         return Err(v("HWPT aperture", gid, id, info.aperture.last));
     }
-    let total: u64 = ioas.areas.iter().map(|a| a.len).sum();
+    let areas = ioas.areas.lock();
+    let total: u64 = areas.iter().map(|a| a.len).sum();
     let mapped = hw.mapped_bytes(h.domain);
     if mapped != total {
         return Err(v("domain maps other bytes than the IOAS", gid, id, mapped));
     }
-    for a in &ioas.areas {
+    for a in areas.iter() {
         let mut cursor = a.iova;
         for _ in 0..=a.len / PAGE {
             if cursor > a.last() {
@@ -381,9 +394,15 @@ fn check_device<H: IommuHw>(hw: &H, g: &Guest, gid: GuestId, id: u32) -> Result<
 /// The logical state, serialised: equal snapshots mean nothing observable changed.
 pub fn snapshot<H: IommuHw>(fd: &Iommufd<H>) -> Vec<u64> {
     let mut s = Vec::new();
-    let hw = &fd.hw;
-    for (gid, g) in fd.guests.iter().enumerate() {
-        let Some(g) = g else { continue };
+    let guests: Vec<_> = fd
+        .guests
+        .iter()
+        .map(|g| g.as_ref().map(|g| g.gate.write()))
+        .collect();
+    let hw = fd.hw.write();
+    let hw = &*hw;
+    for (gid, g) in guests.iter().enumerate() {
+        let Some(g) = g.as_deref() else { continue };
         s.push(0xa000_0000 | gid as u64);
         for (i, gen_) in g.objs.generations().enumerate() {
             if gen_ != 0 {
@@ -394,7 +413,7 @@ pub fn snapshot<H: IommuHw>(fd: &Iommufd<H>) -> Vec<u64> {
             s.extend([0xc000_0000, id as u64, o.kind() as u64]);
             match o {
                 Object::Ioas(x) => {
-                    for a in &x.areas {
+                    for a in x.areas.lock().iter() {
                         s.extend([a.iova, a.len, a.gpa, a.prot as u64, a.pins as u64]);
                     }
                     s.push(0xd1);

@@ -28,6 +28,8 @@ pub struct Client<'a, H: IommuHw> {
     pub guest: GuestId,
     pub mem: &'a dyn GuestMemory,
     pub scratch: u64,
+    /// The vCPU the calls claim to come from.
+    pub vcpu: u32,
 }
 
 /// A failed call: the errno and the struct as the hypervisor left it.
@@ -45,6 +47,7 @@ impl<'a, H: IommuHw> Client<'a, H> {
             guest,
             mem,
             scratch,
+            vcpu: 0,
         }
     }
 
@@ -55,7 +58,7 @@ impl<'a, H: IommuHw> Client<'a, H> {
 
     /// A raw hypercall.
     pub fn raw(&mut self, op: u32, gpa: u64) -> i64 {
-        dispatch(self.fd, self.guest, self.mem, op, gpa)
+        dispatch(self.fd, self.guest, self.vcpu, self.mem, op, gpa)
     }
 
     /// Writes `a` (with `size` set to its v1 size) to the scratch struct, calls `op`, reads the

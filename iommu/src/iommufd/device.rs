@@ -254,7 +254,7 @@ impl<H: IommuHw> Cx<'_, H> {
                 let Some(old) = dev.pasids[slot] else {
                     return Ok(());
                 };
-                fault |= self.hw.detach(hw, Some(p)).is_err();
+                fault |= self.hw.excl()?.detach(hw, Some(p)).is_err();
                 self.g.device_mut(a.dev_id)?.pasids[slot] = None;
                 self.hwpt_users(old.hwpt, -1);
                 self.release_if_auto(old.hwpt);
@@ -276,7 +276,7 @@ impl<H: IommuHw> Cx<'_, H> {
                     gr.rid = None;
                     for &m in &members[..n] {
                         if let Ok(d) = self.g.device(m) {
-                            fault |= self.hw.detach(d.hw, None).is_err();
+                            fault |= self.hw.excl()?.detach(d.hw, None).is_err();
                         }
                     }
                 }

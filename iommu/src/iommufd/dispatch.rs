@@ -1,5 +1,8 @@
-//! The hypercall entry: `dispatch(fd, guest, mem, op, args_gpa)`, used by the hypervisor's
-//! hypercall handler on every architecture and by host tests.
+//! The hypercall entry: `dispatch(fd, guest, vcpu, mem, op, args_gpa)`, used by the
+//! hypervisor's hypercall handler on every architecture and by host tests. It takes `&Iommufd`:
+//! the fast path (IOAS_MAP/UNMAP and their batches) runs on several vCPUs at once, every other
+//! op is a control operation that has the guest and the hardware to itself (module docs of
+//! `iommufd`).
 //!
 //! Argument handling, for every op (`hvabi` crate docs):
 //!
@@ -23,39 +26,173 @@ use hvabi::{
 use super::marshal::reserved_nonzero;
 use super::object::{Guest, Object};
 use super::{
-    Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS,
-    MAX_PASIDS_PER_DEVICE, PAGE,
+    Cx, Error, GuestCell, GuestId, GuestMemory, HwRef, IommuHw, Iommufd, MAX_ALLOWED_IOVAS,
+    MAX_HWPTS_PER_IOAS, MAX_PASIDS_PER_DEVICE, PAGE, Rx, inval,
 };
+use crate::gate::{ReadError, ReadGuard};
 
-/// Runs one hypercall for `guest`: returns 0 or a negated `hvabi::errno`.
+/// Runs one hypercall of vCPU `vcpu` of `guest`: returns 0 or a negated `hvabi::errno`.
+///
+/// Calls may run concurrently, each with its own `vcpu`; two concurrent calls with the same
+/// `guest` and `vcpu` are a caller bug, refused with EBUSY (never undefined behaviour).
 pub fn dispatch<H: IommuHw>(
-    fd: &mut Iommufd<H>,
+    fd: &Iommufd<H>,
     guest: GuestId,
+    vcpu: u32,
     mem: &dyn GuestMemory,
     op: u32,
     args_gpa: u64,
 ) -> i64 {
-    match fd.call(guest, mem, op, args_gpa) {
+    match fd.call(guest, vcpu, mem, op, args_gpa) {
         Ok(()) => 0,
         Err(e) => -(e.errno as i64),
     }
 }
 
+/// The ops that run as readers of the gates (module docs of `iommufd`).
+fn fast_path(op: u32) -> bool {
+    matches!(
+        op,
+        op::IOAS_MAP | op::IOAS_UNMAP | op::IOAS_MAP_BATCH | op::IOAS_UNMAP_BATCH
+    )
+}
+
+/// The control ops that change domains or attachments (shared by every guest): they hold the
+/// hardware's gate as the writer. The other control ops hold it as a reader, so they do not
+/// pause other guests.
+fn changes_hardware(op: u32) -> bool {
+    matches!(
+        op,
+        op::DESTROY
+            | op::HWPT_ALLOC
+            | op::HWPT_CLONE
+            | op::HWPT_SET_DIRTY_TRACKING
+            | op::HWPT_GET_DIRTY_BITMAP
+            | op::DEVICE_ATTACH
+            | op::DEVICE_REPLACE
+            | op::DEVICE_DETACH
+    )
+}
+
+fn slot_error(e: ReadError) -> Error {
+    match e {
+        ReadError::SlotBusy => Error::new(errno::EBUSY, reason::BUSY),
+        _ => inval(reason::NONE),
+    }
+}
+
 impl<H: IommuHw> Iommufd<H> {
+    fn guest_cell(&self, guest: GuestId) -> Result<&GuestCell, Error> {
+        self.guests
+            .get(guest as usize)
+            .and_then(Option::as_ref)
+            .ok_or(Error::new(errno::ENOENT, reason::BAD_ID))
+    }
+
+    /// Enters the hardware's and the guest's gates as reader `vcpu`. Never waits while holding
+    /// a slot: if either gate has a writer, both slots are released and it spins, so a writer
+    /// that holds the guest's gate and waits for the hardware's readers always gets them.
+    fn enter_fast<'a>(
+        &'a self,
+        cell: &'a GuestCell,
+        guest: GuestId,
+        vcpu: u32,
+    ) -> Result<(ReadGuard<'a, H>, ReadGuard<'a, Guest>), Error> {
+        let hw_slot = guest as usize * self.limits.max_vcpus as usize + vcpu as usize;
+        loop {
+            let hw = match self.hw.try_read(hw_slot) {
+                Ok(h) => h,
+                Err(ReadError::Writer) => {
+                    core::hint::spin_loop();
+                    continue;
+                }
+                Err(e) => return Err(slot_error(e)),
+            };
+            match cell.gate.try_read(vcpu as usize) {
+                Ok(g) => return Ok((hw, g)),
+                Err(ReadError::Writer) => {
+                    drop(hw);
+                    core::hint::spin_loop();
+                }
+                Err(e) => return Err(slot_error(e)),
+            }
+        }
+    }
+
     /// [`dispatch`], with the typed error.
     pub fn call(
-        &mut self,
+        &self,
         guest: GuestId,
+        vcpu: u32,
         mem: &dyn GuestMemory,
         op: u32,
         args_gpa: u64,
     ) -> Result<(), Error> {
-        let mut cx = self.cx(guest)?;
-        let r = cx.run(mem, op, args_gpa);
+        let cell = self.guest_cell(guest)?;
+        if vcpu >= self.limits.max_vcpus {
+            return Err(inval(reason::NONE));
+        }
+        let hw_slot = guest as usize * self.limits.max_vcpus as usize + vcpu as usize;
+        let r = match read_args(mem, op, args_gpa) {
+            Err(e) => Err(e),
+            Ok((buf, v1)) if op == op::GET_LAST_ERROR => with(
+                &mut (),
+                mem,
+                args_gpa,
+                &buf[..v1],
+                never,
+                |_, a: &mut LastError| {
+                    if a.flags != 0 {
+                        return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
+                    }
+                    *a = LastError {
+                        size: a.size,
+                        flags: 0,
+                        ..*cell.last_error.lock()
+                    };
+                    Ok(())
+                },
+            ),
+            Ok((buf, v1)) if fast_path(op) => {
+                let (hw, g) = self.enter_fast(cell, guest, vcpu)?;
+                let mut rx = Rx {
+                    hw: &*hw,
+                    g: &g,
+                    vcpu,
+                };
+                rx.run(mem, op, args_gpa, &buf[..v1])
+            }
+            Ok((buf, v1)) => {
+                // Lock order: the guest's gate, then the hardware's (fast paths never wait while
+                // holding either; a shared entry below never waits holding its slot).
+                let mut g = cell.gate.write();
+                if changes_hardware(op) {
+                    let mut hw = self.hw.write();
+                    let mut cx = Cx {
+                        hw: HwRef::Excl(&mut *hw),
+                        g: &mut g,
+                        limits: &self.limits,
+                        fail: self.fail.as_deref(),
+                        vcpu,
+                    };
+                    cx.run(mem, op, args_gpa, &buf[..v1])
+                } else {
+                    let hw = self.hw.read(hw_slot).map_err(slot_error)?;
+                    let mut cx = Cx {
+                        hw: HwRef::Shared(&*hw),
+                        g: &mut g,
+                        limits: &self.limits,
+                        fail: self.fail.as_deref(),
+                        vcpu,
+                    };
+                    cx.run(mem, op, args_gpa, &buf[..v1])
+                }
+            }
+        };
         if let Err(e) = r
             && op != op::GET_LAST_ERROR
         {
-            cx.g.last_error = LastError {
+            *cell.last_error.lock() = LastError {
                 size: 0,
                 flags: 0,
                 out_op: op,
@@ -72,7 +209,7 @@ impl<H: IommuHw> Iommufd<H> {
 
     /// The last error recorded for `guest`.
     pub fn last_error(&mut self, guest: GuestId) -> Option<LastError> {
-        Some(self.cx(guest).ok()?.g.last_error)
+        Some(*self.guest_cell(guest).ok()?.last_error.lock())
     }
 }
 
@@ -93,88 +230,80 @@ fn never(_: &Error) -> bool {
     false
 }
 
-impl<H: IommuHw> Cx<'_, H> {
-    fn run(&mut self, mem: &dyn GuestMemory, op: u32, gpa: u64) -> Result<(), Error> {
-        let Some(v1) = op::arg_size(op) else {
-            return Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP));
-        };
-        let mut size = [0u8; 4];
-        if !mem.owns(gpa, 4, true) {
-            return Err(fault());
-        }
-        mem.read(gpa, &mut size).map_err(|_| fault())?;
-        let size = u32::from_le_bytes(size);
-        if (size as usize) < v1 {
-            return Err(Error::new(errno::EINVAL, reason::ARG_TOO_SHORT));
-        }
-        if size > MAX_ARG_SIZE {
+/// Steps 1-5 of the module docs: the v1 bytes of the argument struct, and its size.
+fn read_args(mem: &dyn GuestMemory, op: u32, gpa: u64) -> Result<([u8; BUF], usize), Error> {
+    let Some(v1) = op::arg_size(op) else {
+        return Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP));
+    };
+    let mut size = [0u8; 4];
+    if !mem.owns(gpa, 4, true) {
+        return Err(fault());
+    }
+    mem.read(gpa, &mut size).map_err(|_| fault())?;
+    let size = u32::from_le_bytes(size);
+    if (size as usize) < v1 {
+        return Err(Error::new(errno::EINVAL, reason::ARG_TOO_SHORT));
+    }
+    if size > MAX_ARG_SIZE {
+        return Err(Error::new(errno::E2BIG, reason::ARG_TRAILING_NONZERO));
+    }
+    if gpa.checked_add(size as u64).is_none() || !mem.owns(gpa, size as u64, true) {
+        return Err(fault());
+    }
+    let mut buf = [0u8; BUF];
+    mem.read(gpa, &mut buf[..v1]).map_err(|_| fault())?;
+    let mut off = v1 as u64;
+    // At most MAX_ARG_SIZE / BUF chunks.
+    while off < size as u64 {
+        let n = (size as u64 - off).min(BUF as u64) as usize;
+        let mut tail = [0u8; BUF];
+        mem.read(gpa + off, &mut tail[..n]).map_err(|_| fault())?;
+        if tail[..n].iter().any(|&b| b != 0) {
             return Err(Error::new(errno::E2BIG, reason::ARG_TRAILING_NONZERO));
         }
-        if gpa.checked_add(size as u64).is_none() || !mem.owns(gpa, size as u64, true) {
-            return Err(fault());
-        }
-        let mut buf = [0u8; BUF];
-        mem.read(gpa, &mut buf[..v1]).map_err(|_| fault())?;
-        let mut off = v1 as u64;
-        // At most MAX_ARG_SIZE / BUF chunks.
-        while off < size as u64 {
-            let n = (size as u64 - off).min(BUF as u64) as usize;
-            let mut tail = [0u8; BUF];
-            mem.read(gpa + off, &mut tail[..n]).map_err(|_| fault())?;
-            if tail[..n].iter().any(|&b| b != 0) {
-                return Err(Error::new(errno::E2BIG, reason::ARG_TRAILING_NONZERO));
-            }
-            off += n as u64;
-        }
-        let b = &buf[..v1];
+        off += n as u64;
+    }
+    Ok((buf, v1))
+}
+
+/// Decodes `T`, runs `f`, writes `T` back on success (and on the errors `write_on_err`
+/// selects).
+fn with<C, T: AbiStruct>(
+    cx: &mut C,
+    mem: &dyn GuestMemory,
+    gpa: u64,
+    bytes: &[u8],
+    write_on_err: fn(&Error) -> bool,
+    f: impl FnOnce(&mut C, &mut T) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut a = T::decode(bytes);
+    let r = f(cx, &mut a);
+    let write = match &r {
+        Ok(()) => true,
+        Err(e) => write_on_err(e),
+    };
+    if write {
+        let mut out = [0u8; BUF];
+        let out = &mut out[..T::SIZE.min(BUF)];
+        a.encode(out);
+        // The range was checked writable before the call.
+        mem.write(gpa, out).map_err(|_| fault())?;
+    }
+    r
+}
+
+impl<H: IommuHw> Rx<'_, H> {
+    /// The fast-path ops.
+    fn run(&mut self, mem: &dyn GuestMemory, op: u32, gpa: u64, b: &[u8]) -> Result<(), Error> {
         match op {
-            op::GET_INFO => self.with(mem, gpa, b, never, |cx, a: &mut GetInfo| cx.get_info(a)),
-            op::DESTROY => self.with(
-                mem,
-                gpa,
-                b,
-                |e| e.errno == errno::EBUSY,
-                |cx, a| cx.destroy(a),
-            ),
-            op::GET_LAST_ERROR => self.with(mem, gpa, b, never, |cx, a: &mut LastError| {
-                if a.flags != 0 {
-                    return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
-                }
-                *a = LastError {
-                    size: a.size,
-                    flags: 0,
-                    ..cx.g.last_error
-                };
-                Ok(())
-            }),
-            op::DEVICE_LIST => self.with(mem, gpa, b, on_array_error, |cx, a: &mut DeviceList| {
-                cx.device_list(mem, a)
-            }),
-            op::DEVICE_RESERVED_RANGES => self.with(
-                mem,
-                gpa,
-                b,
-                on_array_error,
-                |cx, a: &mut DeviceReservedRanges| cx.device_reserved_ranges(mem, a),
-            ),
-            op::IOAS_ALLOC => self.with(mem, gpa, b, never, |cx, a: &mut IoasAlloc| {
-                if a.flags != 0 {
-                    return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
-                }
-                if a.reserved != 0 {
-                    return Err(reserved_nonzero());
-                }
-                a.out_ioas_id = cx.ioas_alloc()?;
-                Ok(())
-            }),
-            op::IOAS_MAP => self.with(mem, gpa, b, never, |cx, a: &mut IoasMap| {
+            op::IOAS_MAP => with(self, mem, gpa, b, never, |cx, a: &mut IoasMap| {
                 if a.reserved != 0 {
                     return Err(reserved_nonzero());
                 }
                 a.iova = cx.map(mem, a.ioas_id, a.flags, a.gpa, a.length, a.iova)?;
                 Ok(())
             }),
-            op::IOAS_UNMAP => self.with(mem, gpa, b, never, |cx, a: &mut IoasUnmap| {
+            op::IOAS_UNMAP => with(self, mem, gpa, b, never, |cx, a: &mut IoasUnmap| {
                 if a.flags != 0 {
                     return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
                 }
@@ -184,74 +313,107 @@ impl<H: IommuHw> Cx<'_, H> {
                 a.length = cx.unmap(a.ioas_id, a.iova, a.length)?;
                 Ok(())
             }),
-            op::IOAS_MAP_BATCH => self.with(mem, gpa, b, always, |cx, a: &mut IoasMapBatch| {
+            op::IOAS_MAP_BATCH => with(self, mem, gpa, b, always, |cx, a: &mut IoasMapBatch| {
                 cx.map_batch(mem, a)
             }),
-            op::IOAS_UNMAP_BATCH => self.with(mem, gpa, b, always, |cx, a: &mut IoasUnmapBatch| {
-                cx.unmap_batch(mem, a)
-            }),
-            op::IOAS_COPY => self.with(mem, gpa, b, never, |cx, a: &mut IoasCopy| cx.copy(mem, a)),
-            op::IOAS_IOVA_RANGES => {
-                self.with(mem, gpa, b, on_array_error, |cx, a: &mut IoasIovaRanges| {
-                    cx.iova_ranges(mem, a)
+            op::IOAS_UNMAP_BATCH => {
+                with(self, mem, gpa, b, always, |cx, a: &mut IoasUnmapBatch| {
+                    cx.unmap_batch(mem, a)
                 })
             }
-            op::IOAS_ALLOW_IOVAS => self.with(mem, gpa, b, never, |cx, a: &mut IoasAllowIovas| {
+            _ => Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP)),
+        }
+    }
+}
+
+impl<H: IommuHw> Cx<'_, H> {
+    /// The control ops.
+    fn run(&mut self, mem: &dyn GuestMemory, op: u32, gpa: u64, b: &[u8]) -> Result<(), Error> {
+        match op {
+            op::GET_INFO => with(self, mem, gpa, b, never, |cx, a: &mut GetInfo| {
+                cx.get_info(a)
+            }),
+            op::DESTROY => with(
+                self,
+                mem,
+                gpa,
+                b,
+                |e| e.errno == errno::EBUSY,
+                |cx, a| cx.destroy(a),
+            ),
+            op::DEVICE_LIST => with(
+                self,
+                mem,
+                gpa,
+                b,
+                on_array_error,
+                |cx, a: &mut DeviceList| cx.device_list(mem, a),
+            ),
+            op::DEVICE_RESERVED_RANGES => with(
+                self,
+                mem,
+                gpa,
+                b,
+                on_array_error,
+                |cx, a: &mut DeviceReservedRanges| cx.device_reserved_ranges(mem, a),
+            ),
+            op::IOAS_ALLOC => with(self, mem, gpa, b, never, |cx, a: &mut IoasAlloc| {
+                if a.flags != 0 {
+                    return Err(Error::new(errno::EOPNOTSUPP, reason::ARG_UNKNOWN_FLAGS));
+                }
+                if a.reserved != 0 {
+                    return Err(reserved_nonzero());
+                }
+                a.out_ioas_id = cx.ioas_alloc()?;
+                Ok(())
+            }),
+            op::IOAS_COPY => with(self, mem, gpa, b, never, |cx, a: &mut IoasCopy| {
+                cx.copy(mem, a)
+            }),
+            op::IOAS_IOVA_RANGES => with(
+                self,
+                mem,
+                gpa,
+                b,
+                on_array_error,
+                |cx, a: &mut IoasIovaRanges| cx.iova_ranges(mem, a),
+            ),
+            op::IOAS_ALLOW_IOVAS => with(self, mem, gpa, b, never, |cx, a: &mut IoasAllowIovas| {
                 cx.allow_iovas(mem, a)
             }),
-            op::HWPT_ALLOC => self.with(mem, gpa, b, never, |cx, a: &mut HwptAlloc| {
+            op::HWPT_ALLOC => with(self, mem, gpa, b, never, |cx, a: &mut HwptAlloc| {
                 cx.hwpt_alloc(mem, a)
             }),
-            op::HWPT_CLONE => self.with(mem, gpa, b, never, |cx, a: &mut HwptClone| {
+            op::HWPT_CLONE => with(self, mem, gpa, b, never, |cx, a: &mut HwptClone| {
                 cx.hwpt_clone(mem, a)
             }),
-            op::HWPT_SET_DIRTY_TRACKING => {
-                self.with(mem, gpa, b, never, |cx, a: &mut HwptSetDirtyTracking| {
-                    cx.set_dirty_tracking(a)
-                })
-            }
-            op::HWPT_GET_DIRTY_BITMAP => {
-                self.with(mem, gpa, b, never, |cx, a: &mut HwptGetDirtyBitmap| {
-                    cx.get_dirty_bitmap(mem, a)
-                })
-            }
-            op::DEVICE_ATTACH => self.with(mem, gpa, b, never, |cx, a: &mut DeviceAttach| {
+            op::HWPT_SET_DIRTY_TRACKING => with(
+                self,
+                mem,
+                gpa,
+                b,
+                never,
+                |cx, a: &mut HwptSetDirtyTracking| cx.set_dirty_tracking(a),
+            ),
+            op::HWPT_GET_DIRTY_BITMAP => with(
+                self,
+                mem,
+                gpa,
+                b,
+                never,
+                |cx, a: &mut HwptGetDirtyBitmap| cx.get_dirty_bitmap(mem, a),
+            ),
+            op::DEVICE_ATTACH => with(self, mem, gpa, b, never, |cx, a: &mut DeviceAttach| {
                 cx.device_attach(mem, a, false)
             }),
-            op::DEVICE_REPLACE => self.with(mem, gpa, b, never, |cx, a: &mut DeviceAttach| {
+            op::DEVICE_REPLACE => with(self, mem, gpa, b, never, |cx, a: &mut DeviceAttach| {
                 cx.device_attach(mem, a, true)
             }),
-            op::DEVICE_DETACH => self.with(mem, gpa, b, never, |cx, a: &mut DeviceDetach| {
+            op::DEVICE_DETACH => with(self, mem, gpa, b, never, |cx, a: &mut DeviceDetach| {
                 cx.device_detach(a)
             }),
             _ => Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP)),
         }
-    }
-
-    /// Decodes `T`, runs `f`, writes `T` back on success (and on the errors `write_on_err`
-    /// selects).
-    fn with<T: AbiStruct>(
-        &mut self,
-        mem: &dyn GuestMemory,
-        gpa: u64,
-        bytes: &[u8],
-        write_on_err: fn(&Error) -> bool,
-        f: impl FnOnce(&mut Self, &mut T) -> Result<(), Error>,
-    ) -> Result<(), Error> {
-        let mut a = T::decode(bytes);
-        let r = f(self, &mut a);
-        let write = match &r {
-            Ok(()) => true,
-            Err(e) => write_on_err(e),
-        };
-        if write {
-            let mut out = [0u8; BUF];
-            let out = &mut out[..T::SIZE.min(BUF)];
-            a.encode(out);
-            // The range was checked writable before the call.
-            mem.write(gpa, out).map_err(|_| fault())?;
-        }
-        r
     }
 
     fn get_info(&mut self, a: &mut GetInfo) -> Result<(), Error> {

@@ -246,12 +246,14 @@ impl<H: IommuHw> Cx<'_, H> {
     ) -> Result<bool, Error> {
         let mut prepared: [Option<H::Prepared>; MAX_GROUP_MEMBERS] = core::array::from_fn(|_| None);
         for (i, &dev) in hws.iter().enumerate() {
-            match self.hw.prepare(dev, pasid, d) {
+            match self.hw.excl()?.prepare(dev, pasid, d) {
                 Ok(p) => prepared[i] = Some(p),
                 Err(e) => {
                     for p in prepared.iter_mut() {
-                        if let Some(p) = p.take() {
-                            self.hw.abort(p);
+                        if let Some(p) = p.take()
+                            && let Ok(hw) = self.hw.excl()
+                        {
+                            hw.abort(p);
                         }
                     }
                     return Err(hw_err(e).obj(kind::DEVICE, members[i]));
@@ -261,7 +263,7 @@ impl<H: IommuHw> Cx<'_, H> {
         let mut fault = false;
         for p in prepared.iter_mut() {
             if let Some(p) = p.take() {
-                fault |= self.hw.commit(p).is_err();
+                fault |= self.hw.excl()?.commit(p).is_err();
             }
         }
         Ok(fault)

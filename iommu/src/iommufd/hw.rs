@@ -375,11 +375,14 @@ pub trait IommuHw {
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)`, all or nothing; invalidates what the
     /// hardware needs (caching mode, write buffers).
-    fn map(&mut self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot)
-    -> Result<(), HwError>;
+    ///
+    /// Takes `&self`: the object model calls it from several CPUs at once, on disjoint ranges
+    /// (the page-table engine's contract), while no control operation changes the domain set.
+    fn map(&self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), HwError>;
     /// Unmaps `[iova, iova + len)` (whole mappings only) and returns the bytes unmapped. The
     /// IOTLB invalidation is only recorded in `inv`: call [`flush`](Self::flush) with it before
-    /// relying on the range being gone (module docs). Bytes cleared before an error are
+    /// relying on the range being gone (module docs). `&self`, concurrently on disjoint
+    /// ranges, as [`map`](Self::map); each caller records into its own `inv`. Bytes cleared before an error are
     /// recorded too. `Err(Fault)` only from an early round (a full `inv`).
     fn unmap(
         &self,

@@ -95,12 +95,14 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         let fail = self.fail;
         let slot = self.g.objs.reserve(|| !fail.is_some_and(|f| f.hit()))?;
-        let d = self.hw.domain_alloc(dev, cfg).map_err(hw_err)?;
+        let d = self.hw.excl()?.domain_alloc(dev, cfg).map_err(hw_err)?;
         let r = self.fill(mem, ioas_id, d);
         let aperture = match r {
             Ok(a) => a,
             Err(e) => {
-                self.hw.domain_free(d);
+                if let Ok(hw) = self.hw.excl() {
+                    hw.domain_free(d);
+                }
                 return Err(e);
             }
         };
@@ -120,7 +122,9 @@ impl<H: IommuHw> Cx<'_, H> {
             Ok(ioas) => ioas.hwpts.push(id),
             Err(e) => {
                 self.g.objs.unpublish(id);
-                self.hw.domain_free(d);
+                if let Ok(hw) = self.hw.excl() {
+                    hw.domain_free(d);
+                }
                 return Err(e);
             }
         }
@@ -135,11 +139,8 @@ impl<H: IommuHw> Cx<'_, H> {
             .domain_info(d)
             .ok_or(Error::new(errno::EIO, reason::HW_FAULT))?;
         let ioas = self.g.ioas(ioas_id)?;
-        if let Some(a) = ioas
-            .areas
-            .iter()
-            .find(|a| !info.aperture.contains(&a.span()))
-        {
+        let areas = ioas.areas.lock();
+        if let Some(a) = areas.iter().find(|a| !info.aperture.contains(&a.span())) {
             return Err(Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(a.iova));
         }
         // The HWPT reserves the IOVA below and above its aperture; report the start of the
@@ -153,8 +154,8 @@ impl<H: IommuHw> Cx<'_, H> {
                 return Err(Error::new(errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED).at(r.start));
             }
         }
-        for a in &ioas.areas {
-            hw_map_range(self.hw, mem, d, a.iova, a.gpa, a.len, a.hw_prot())?;
+        for a in areas.iter() {
+            hw_map_range(&*self.hw, mem, d, a.iova, a.gpa, a.len, a.hw_prot())?;
         }
         Ok(info.aperture)
     }
@@ -163,7 +164,9 @@ impl<H: IommuHw> Cx<'_, H> {
     pub(crate) fn discard_hwpt(&mut self, id: u32) {
         if let Some(Object::Hwpt(h)) = self.g.objs.unpublish(id) {
             self.unlink(h.ioas, id);
-            self.hw.domain_free(h.domain);
+            if let Ok(hw) = self.hw.excl() {
+                hw.domain_free(h.domain);
+            }
         }
     }
 
@@ -171,7 +174,9 @@ impl<H: IommuHw> Cx<'_, H> {
     pub(crate) fn destroy_hwpt(&mut self, id: u32) {
         if let Some(Object::Hwpt(h)) = self.g.objs.remove(id) {
             self.unlink(h.ioas, id);
-            self.hw.domain_free(h.domain);
+            if let Ok(hw) = self.hw.excl() {
+                hw.domain_free(h.domain);
+            }
         }
     }
 
@@ -273,6 +278,7 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         let enable = a.flags & DIRTY_TRACKING_ENABLE != 0;
         self.hw
+            .excl()?
             .set_dirty_tracking(h.domain, enable)
             .map_err(hw_err)?;
         self.g.hwpt_mut(a.hwpt_id)?.dirty_enabled = enable;
@@ -316,7 +322,7 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         self.g
             .ioas(h.ioas)?
-            .covered(span, |_, _, _| Ok(()))
+            .covered(span, |_, _| Ok(()))
             .map_err(|e| Error {
                 errno: errno::EINVAL,
                 ..e
@@ -348,6 +354,7 @@ impl<H: IommuHw> Cx<'_, H> {
                 }
             };
             self.hw
+                .excl()?
                 .read_dirty(d, start, nbits * ps, clear, &mut report)
                 .map_err(hw_err)?;
             let n = nbits.div_ceil(8) as usize;

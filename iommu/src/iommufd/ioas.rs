@@ -11,6 +11,31 @@
 //!   guest-physical address (capped at 1 GiB), so large leaves stay possible.
 //! * UNMAP is all or nothing: every mapping in the range is checked (whole, not pinned) before
 //!   the first is removed, and the exact byte count is returned.
+//!
+//! # Concurrency
+//!
+//! MAP and UNMAP (single and batched) run on several vCPUs at once with shared access to the
+//! guest (`Rx`); everything else runs alone (`Cx`, see the `iommufd` module docs). The area
+//! table is behind a per-IOAS spin lock, held only for bookkeeping, never while page tables
+//! are written:
+//!
+//! 1. MAP *claims* its range: under the lock it checks capacity, the reserved set and overlap
+//!    with every area (whatever its state), picks the IOVA if automatic, and inserts the area
+//!    as `Mapping(vcpu)`. Of two racing overlapping maps exactly one claims; the other gets
+//!    EEXIST. Then, unlocked, it writes every HWPT's page table (the engine's CAS; the ranges
+//!    of claimed areas are disjoint, which is the engine's contract). Then, under the lock, it
+//!    marks the area `Live` (the linearisation point of a successful MAP) or, if the hardware
+//!    refused, removes it again.
+//! 2. UNMAP *claims* the areas in its range: under the lock it checks them (whole, not pinned),
+//!    ignoring areas that are not `Live` (a map in flight has not happened yet, an unmap in
+//!    flight has already happened), and marks them `Unmapping(vcpu)`: the linearisation
+//!    point. Of two racing unmaps of one range exactly one claims the areas; the other finds
+//!    nothing (ENOENT) or only the rest. Then, unlocked, it clears every HWPT's page table,
+//!    and under the lock removes the areas. An atomic UNMAP_BATCH claims every entry in one
+//!    hold of the lock, so it too is all or nothing against concurrent calls.
+//! 3. A claimed area keeps its range reserved: no map overlaps it until it is removed.
+//!
+//! Control operations see no claimed area: they run only when no MAP/UNMAP is in flight.
 
 use alloc::vec::Vec;
 
@@ -24,9 +49,10 @@ use super::hw::{HwDeviceInfo, HwDomain, HwInvalidation, Span};
 use super::marshal::{owns_array, read_struct, reserved_nonzero, unknown_flags, write_struct};
 use super::object::{Guest, Object};
 use super::{
-    Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, hw_err, inval,
-    try_vec,
+    Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx, hw_err,
+    inval, try_vec,
 };
+use crate::gate::SpinLock;
 use crate::pgtable::Prot;
 
 /// Internal protection bits of an area.
@@ -42,6 +68,19 @@ pub struct Area {
     pub prot: u8,
     /// ACCESS pins covering (part of) the area.
     pub pins: u32,
+    /// Whether a MAP or UNMAP in flight has claimed it (module docs).
+    pub(crate) state: AreaState,
+}
+
+/// Where an area is in its life (module docs, "Concurrency").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AreaState {
+    /// Mapped in every HWPT; what every other operation sees.
+    Live,
+    /// Claimed by a MAP of this vCPU that is writing the page tables.
+    Mapping(u32),
+    /// Claimed by an UNMAP of this vCPU that is clearing the page tables.
+    Unmapping(u32),
 }
 
 impl Area {
@@ -69,7 +108,7 @@ pub(crate) fn hw_prot(p: u8) -> Prot {
 
 pub struct Ioas {
     /// Sorted by IOVA, disjoint; never longer than `area_cap`.
-    pub(crate) areas: Vec<Area>,
+    pub(crate) areas: SpinLock<Vec<Area>>,
     pub(crate) area_cap: usize,
     /// Sorted, disjoint; empty = everything allowed.
     pub(crate) allowed: Vec<Span>,
@@ -82,7 +121,7 @@ pub struct Ioas {
 impl Ioas {
     pub(crate) fn new(area_cap: usize, alloc_ok: &mut dyn FnMut() -> bool) -> Result<Self, Error> {
         Ok(Ioas {
-            areas: try_vec(area_cap, alloc_ok())?,
+            areas: SpinLock::new(try_vec(area_cap, alloc_ok())?),
             area_cap,
             allowed: try_vec(MAX_ALLOWED_IOVAS, alloc_ok())?,
             hwpts: try_vec(MAX_HWPTS_PER_IOAS, alloc_ok())?,
@@ -90,8 +129,9 @@ impl Ioas {
         })
     }
 
-    pub fn areas(&self) -> &[Area] {
-        &self.areas
+    /// The areas (`&mut self`: nothing is in flight).
+    pub fn areas(&mut self) -> &[Area] {
+        self.areas.get_mut()
     }
 
     pub fn allowed(&self) -> &[Span] {
@@ -106,53 +146,59 @@ impl Ioas {
         self.accesses
     }
 
-    /// Index of the first area whose last byte is at or after `iova`.
-    pub(crate) fn first_from(&self, iova: u64) -> usize {
-        self.areas.partition_point(|a| a.last() < iova)
+    /// The first area overlapping `s` (a copy).
+    pub(crate) fn first_overlap(&self, s: Span) -> Option<Area> {
+        first_overlap(&self.areas.lock(), s).copied()
     }
 
-    /// The first area overlapping `s`.
-    pub(crate) fn first_overlap(&self, s: Span) -> Option<&Area> {
-        self.areas
-            .get(self.first_from(s.start))
-            .filter(|a| a.iova <= s.last)
-    }
-
-    pub(crate) fn insert(&mut self, a: Area) -> Result<(), Error> {
-        if self.areas.len() >= self.area_cap || self.areas.len() == self.areas.capacity() {
-            return Err(Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL));
-        }
-        let pos = self.areas.partition_point(|x| x.iova < a.iova);
-        self.areas.insert(pos, a);
-        Ok(())
-    }
-
-    /// Walks the contiguous mappings covering `s` piece by piece: `f(area index, piece)`.
-    /// ENOENT (NOT_COVERED, at the first uncovered address) if there is a hole.
+    /// Walks the contiguous mappings covering `s` piece by piece: `f(area, piece)`, with the
+    /// area table locked (`f` must not reach this IOAS's areas). ENOENT (NOT_COVERED, at the
+    /// first uncovered address) if there is a hole.
     pub(crate) fn covered(
         &self,
         s: Span,
-        mut f: impl FnMut(usize, &Area, Span) -> Result<(), Error>,
+        f: impl FnMut(&Area, Span) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        let mut cursor = s.start;
-        // Each step consumes one area.
-        for _ in 0..=self.areas.len() {
-            let i = self.first_from(cursor);
-            let a = match self.areas.get(i) {
-                Some(a) if a.iova <= cursor => a,
-                _ => {
-                    return Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor));
-                }
-            };
-            let last = a.last().min(s.last);
-            f(i, a, Span::new(cursor, last))?;
-            if last == s.last {
-                return Ok(());
-            }
-            cursor = last + 1;
-        }
-        Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor))
+        covered(&self.areas.lock(), s, f)
     }
+}
+
+/// Index of the first area whose last byte is at or after `iova`.
+pub(crate) fn first_from(areas: &[Area], iova: u64) -> usize {
+    areas.partition_point(|a| a.last() < iova)
+}
+
+/// The first area overlapping `s`, whatever its state.
+pub(crate) fn first_overlap(areas: &[Area], s: Span) -> Option<&Area> {
+    areas
+        .get(first_from(areas, s.start))
+        .filter(|a| a.iova <= s.last)
+}
+
+/// See [`Ioas::covered`].
+fn covered(
+    areas: &[Area],
+    s: Span,
+    mut f: impl FnMut(&Area, Span) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut cursor = s.start;
+    // Each step consumes one area.
+    for _ in 0..=areas.len() {
+        let i = first_from(areas, cursor);
+        let a = match areas.get(i) {
+            Some(a) if a.iova <= cursor => a,
+            _ => {
+                return Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor));
+            }
+        };
+        let last = a.last().min(s.last);
+        f(a, Span::new(cursor, last))?;
+        if last == s.last {
+            return Ok(());
+        }
+        cursor = last + 1;
+    }
+    Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor))
 }
 
 /// A sorted, merged set of reserved ranges on the stack.
@@ -243,16 +289,22 @@ pub(crate) fn auto_align(gpa: u64, len: u64) -> u64 {
     by_len.min(by_gpa).clamp(PAGE, 1 << 30)
 }
 
-/// First fit of `len` bytes aligned to `align` in `ioas`, outside `resv`, inside the allowed
-/// list (or `[PAGE, 2^64 - PAGE)`), never at 0.
-pub(crate) fn alloc_iova(ioas: &Ioas, resv: &ResvBuf, len: u64, align: u64) -> Option<u64> {
+/// First fit of `len` bytes aligned to `align` among `areas` (every state counts as taken),
+/// outside `resv`, inside the `allowed` list (or `[PAGE, 2^64 - PAGE)`), never at 0.
+pub(crate) fn alloc_iova(
+    allowed: &[Span],
+    areas: &[Area],
+    resv: &ResvBuf,
+    len: u64,
+    align: u64,
+) -> Option<u64> {
     let everything = [Span::new(PAGE, u64::MAX - PAGE)];
-    let spaces: &[Span] = if ioas.allowed.is_empty() {
+    let spaces: &[Span] = if allowed.is_empty() {
         &everything
     } else {
-        &ioas.allowed
+        allowed
     };
-    let steps = resv.spans().len() + ioas.areas.len() + 2;
+    let steps = resv.spans().len() + areas.len() + 2;
     for space in spaces {
         let Some(mut x) = align_up(space.start.max(PAGE), align) else {
             continue;
@@ -267,7 +319,7 @@ pub(crate) fn alloc_iova(ioas: &Ioas, resv: &ResvBuf, len: u64, align: u64) -> O
             let s = Span::new(x, last);
             let next = if let Some(r) = resv.first_overlap(s) {
                 r.last.checked_add(1)
-            } else if let Some(a) = ioas.first_overlap(s) {
+            } else if let Some(a) = first_overlap(areas, s) {
                 a.last().checked_add(1)
             } else {
                 return Some(x);
@@ -316,7 +368,7 @@ fn check_range(base: u64, len: u64, addrs: &[u64]) -> Result<Span, Error> {
 /// Maps `[gpa, gpa + len)` into domain `d` at `iova`, one host-contiguous run at a time. On
 /// failure nothing of it stays mapped.
 pub(crate) fn hw_map_range<H: IommuHw>(
-    hw: &mut H,
+    hw: &H,
     mem: &dyn GuestMemory,
     d: HwDomain,
     iova: u64,
@@ -420,12 +472,19 @@ fn pinner(g: &Guest, ioas_id: u32, s: Span) -> u32 {
     0
 }
 
-/// What an unmap of `[iova, iova + len)` would remove: areas `i0..i1`, `bytes` in total.
-pub(crate) struct UnmapPlan {
-    i0: usize,
-    i1: usize,
-    bytes: u64,
+/// The span an UNMAP names (`iova == 0 && len == u64::MAX`: everything).
+fn unmap_span(iova: u64, len: u64) -> Result<Span, Error> {
+    if iova == 0 && len == u64::MAX {
+        return Ok(Span::FULL);
+    }
+    if len == 0 {
+        return Err(inval(reason::ZERO_LENGTH));
+    }
+    Span::from_len(iova, len).ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))
 }
+
+/// Areas one step of an unmap copies out of the lock before clearing their page tables.
+const UNMAP_CHUNK: usize = 16;
 
 impl<H: IommuHw> Cx<'_, H> {
     pub(crate) fn ioas_alloc(&mut self) -> Result<u32, Error> {
@@ -435,49 +494,104 @@ impl<H: IommuHw> Cx<'_, H> {
         let ioas = Ioas::new(self.limits.max_areas_per_ioas as usize, &mut ok)?;
         Ok(self.g.objs.publish(slot, Object::Ioas(ioas)))
     }
+}
 
-    /// Validates a map request and picks its IOVA; changes nothing.
-    fn plan_map(
+impl<H: IommuHw> Rx<'_, H> {
+    /// Step 1 of a MAP (module docs): under the area lock, checks capacity, the reserved set
+    /// and overlap, picks the IOVA and inserts the area as `Mapping(vcpu)`.
+    fn claim_map(
         &self,
-        mem: &dyn GuestMemory,
-        ioas_id: u32,
+        ioas: &Ioas,
+        resv: &ResvBuf,
         fixed: Option<u64>,
         gpa: u64,
         len: u64,
         prot: u8,
     ) -> Result<u64, Error> {
-        match fixed {
-            Some(iova) => check_range(iova, len, &[gpa, iova])?,
-            None => check_range(gpa, len, &[gpa])?,
-        };
-        let ioas = self.g.ioas(ioas_id)?;
-        if !mem.owns(gpa, len, prot & PROT_WRITE != 0) {
-            return Err(Error::new(errno::EPERM, reason::GPA_NOT_OWNED).at(gpa));
-        }
-        if ioas.areas.len() >= ioas.area_cap {
+        let mut areas = ioas.areas.lock();
+        if areas.len() >= ioas.area_cap || areas.len() == areas.capacity() {
             return Err(Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL));
         }
-        let mut resv = ResvBuf::new();
-        ioas_reserved(self.g, ioas_id, &[], &mut resv)?;
-        match fixed {
+        let iova = match fixed {
             Some(iova) => {
                 let s = Span::new(iova, iova + (len - 1));
                 if let Some(r) = resv.first_overlap(s) {
                     return Err(Error::new(errno::EADDRINUSE, reason::IOVA_RESERVED).at(r.start));
                 }
-                if let Some(a) = ioas.first_overlap(s) {
+                if let Some(a) = first_overlap(&areas, s) {
                     return Err(Error::new(errno::EEXIST, reason::IOVA_IN_USE).at(a.iova));
                 }
-                Ok(iova)
+                iova
             }
-            None => alloc_iova(ioas, &resv, len, auto_align(gpa, len))
-                .ok_or(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE)),
+            None => alloc_iova(&ioas.allowed, &areas, resv, len, auto_align(gpa, len))
+                .ok_or(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE))?,
+        };
+        let pos = areas.partition_point(|x| x.iova < iova);
+        // Within the capacity checked above: no allocation.
+        areas.insert(
+            pos,
+            Area {
+                iova,
+                len,
+                gpa,
+                prot,
+                pins: 0,
+                state: AreaState::Mapping(self.vcpu),
+            },
+        );
+        Ok(iova)
+    }
+
+    /// Steps 2 and 3 of a MAP: writes every HWPT's page table, then publishes the area (or
+    /// withdraws it, and what was written, on failure).
+    fn finish_map(
+        &self,
+        mem: &dyn GuestMemory,
+        ioas: &Ioas,
+        iova: u64,
+        len: u64,
+        gpa: u64,
+        prot: u8,
+    ) -> Result<(), Error> {
+        let mut r = ioas_domains(self.g, ioas);
+        if let Ok((doms, n)) = &r {
+            for (i, &d) in doms[..*n].iter().enumerate() {
+                if let Err(e) = hw_map_range(self.hw, mem, d, iova, gpa, len, hw_prot(prot)) {
+                    // One invalidation round for the whole rollback.
+                    let mut inv = HwInvalidation::new();
+                    for &done in &doms[..i] {
+                        let _ = self.hw.unmap(done, iova, len, &mut inv);
+                    }
+                    let _ = self.hw.flush(&mut inv);
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
+        let mut areas = ioas.areas.lock();
+        let i = first_from(&areas, iova);
+        let mine = areas
+            .get(i)
+            .is_some_and(|a| a.iova == iova && a.state == AreaState::Mapping(self.vcpu));
+        if !mine {
+            // Nobody else touches an area this call claimed.
+            return Err(Error::new(errno::EIO, reason::HW_FAULT));
+        }
+        match r {
+            Ok(_) => {
+                areas[i].state = AreaState::Live;
+                Ok(())
+            }
+            Err(e) => {
+                areas.remove(i);
+                Err(e)
+            }
         }
     }
 
     /// Maps a validated range into every HWPT of the IOAS and records it.
     pub(crate) fn install(
-        &mut self,
+        &self,
         mem: &dyn GuestMemory,
         ioas_id: u32,
         iova: u64,
@@ -486,41 +600,13 @@ impl<H: IommuHw> Cx<'_, H> {
         prot: u8,
     ) -> Result<(), Error> {
         let ioas = self.g.ioas(ioas_id)?;
-        if ioas.areas.len() >= ioas.area_cap {
-            return Err(Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL));
-        }
-        let (doms, n) = ioas_domains(self.g, ioas)?;
-        for (i, &d) in doms[..n].iter().enumerate() {
-            if let Err(e) = hw_map_range(self.hw, mem, d, iova, gpa, len, hw_prot(prot)) {
-                let mut inv = HwInvalidation::new();
-                for &done in &doms[..i] {
-                    let _ = self.hw.unmap(done, iova, len, &mut inv);
-                }
-                let _ = self.hw.flush(&mut inv);
-                return Err(e);
-            }
-        }
-        let area = Area {
-            iova,
-            len,
-            gpa,
-            prot,
-            pins: 0,
-        };
-        let r = self.g.ioas_mut(ioas_id).and_then(|i| i.insert(area));
-        if r.is_err() {
-            let mut inv = HwInvalidation::new();
-            for &d in &doms[..n] {
-                let _ = self.hw.unmap(d, iova, len, &mut inv);
-            }
-            let _ = self.hw.flush(&mut inv);
-        }
-        r
+        self.claim_map(ioas, &ResvBuf::new(), Some(iova), gpa, len, prot)?;
+        self.finish_map(mem, ioas, iova, len, gpa, prot)
     }
 
     /// IOAS_MAP (and one batch entry).
     pub(crate) fn map(
-        &mut self,
+        &self,
         mem: &dyn GuestMemory,
         ioas_id: u32,
         flags: u32,
@@ -533,28 +619,36 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         let prot = check_prot(flags)?;
         let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(iova);
-        let iova = self.plan_map(mem, ioas_id, fixed, gpa, len, prot)?;
-        self.install(mem, ioas_id, iova, gpa, len, prot)?;
+        match fixed {
+            Some(iova) => check_range(iova, len, &[gpa, iova])?,
+            None => check_range(gpa, len, &[gpa])?,
+        };
+        let ioas = self.g.ioas(ioas_id)?;
+        if !mem.owns(gpa, len, prot & PROT_WRITE != 0) {
+            return Err(Error::new(errno::EPERM, reason::GPA_NOT_OWNED).at(gpa));
+        }
+        let mut resv = ResvBuf::new();
+        ioas_reserved(self.g, ioas_id, &[], &mut resv)?;
+        let iova = self.claim_map(ioas, &resv, fixed, gpa, len, prot)?;
+        self.finish_map(mem, ioas, iova, len, gpa, prot)?;
         Ok(iova)
     }
 
-    /// Checks an unmap; changes nothing.
-    pub(crate) fn plan_unmap(&self, ioas_id: u32, iova: u64, len: u64) -> Result<UnmapPlan, Error> {
-        let ioas = self.g.ioas(ioas_id)?;
-        let s = if iova == 0 && len == u64::MAX {
-            Span::FULL
-        } else {
-            if len == 0 {
-                return Err(inval(reason::ZERO_LENGTH));
-            }
-            Span::from_len(iova, len).ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))?
-        };
-        let i0 = ioas.first_from(s.start);
-        let mut i1 = i0;
+    /// Step 1 of an UNMAP of `s` with the area lock held: checks every `Live` area in `s`
+    /// (whole, not pinned) and marks them `Unmapping(vcpu)`. Returns the bytes claimed.
+    /// Changes nothing on error.
+    fn claim_unmap(&self, areas: &mut [Area], ioas_id: u32, s: Span) -> Result<u64, Error> {
+        let i0 = first_from(areas, s.start);
         let mut bytes = 0u64;
-        while let Some(a) = ioas.areas.get(i1) {
+        let mut i1 = i0;
+        for a in &areas[i0..] {
             if a.iova > s.last {
                 break;
+            }
+            i1 += 1;
+            // A map in flight has not happened yet; an unmap in flight already has.
+            if a.state != AreaState::Live {
+                continue;
             }
             if a.iova < s.start || a.last() > s.last {
                 return Err(Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova));
@@ -566,77 +660,103 @@ impl<H: IommuHw> Cx<'_, H> {
                     .at(a.iova));
             }
             bytes += a.len;
-            i1 += 1;
         }
-        if i1 == i0 && s != Span::FULL {
+        if bytes == 0 && s != Span::FULL {
             return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED));
         }
-        Ok(UnmapPlan { i0, i1, bytes })
-    }
-
-    /// Carries out a plan: unmaps every area from every HWPT, then forgets them. The IOTLB
-    /// invalidations are recorded in `inv`, for the caller's one flush
-    /// ([`flush_unmapped`](Self::flush_unmapped)). Only a hardware malfunction can fail it
-    /// (EIO, after the areas are gone from the IOAS).
-    pub(crate) fn commit_unmap(
-        &mut self,
-        ioas_id: u32,
-        p: UnmapPlan,
-        inv: &mut HwInvalidation,
-    ) -> Result<u64, Error> {
-        let ioas = self.g.ioas(ioas_id)?;
-        let (doms, n) = ioas_domains(self.g, ioas)?;
-        let mut failed = false;
-        for a in &ioas.areas[p.i0..p.i1] {
-            for &d in &doms[..n] {
-                match self.hw.unmap(d, a.iova, a.len, inv) {
-                    Ok(b) if b == a.len => {}
-                    _ => failed = true,
-                }
+        for a in &mut areas[i0..i1] {
+            if a.state == AreaState::Live {
+                a.state = AreaState::Unmapping(self.vcpu);
             }
         }
-        self.g.ioas_mut(ioas_id)?.areas.drain(p.i0..p.i1);
-        if failed {
+        Ok(bytes)
+    }
+
+    /// Puts back every area this call claimed for unmapping (an atomic batch that failed).
+    fn unclaim(&self, areas: &mut [Area]) {
+        for a in areas.iter_mut() {
+            if a.state == AreaState::Unmapping(self.vcpu) {
+                a.state = AreaState::Live;
+            }
+        }
+    }
+
+    /// Step 2 of an UNMAP of `s`: clears every HWPT's page table for the areas this call
+    /// claimed in `s`, recording the IOTLB invalidations in `inv` (the caller runs one round
+    /// per unit for the whole call, then [`forget_claimed`](Self::forget_claimed)). `true` if
+    /// the hardware malfunctioned.
+    fn unmap_claimed(&self, ioas: &Ioas, s: Span, inv: &mut HwInvalidation) -> bool {
+        let mine = AreaState::Unmapping(self.vcpu);
+        let doms = ioas_domains(self.g, ioas);
+        let mut failed = doms.is_err();
+        let (doms, n) = doms.unwrap_or(([HwDomain(0); MAX_HWPTS_PER_IOAS], 0));
+        let mut cursor = s.start;
+        // Each round handles at least one area (or ends the walk).
+        for _ in 0..=ioas.area_cap {
+            let mut chunk = [(0u64, 0u64); UNMAP_CHUNK];
+            let mut k = 0;
+            {
+                let areas = ioas.areas.lock();
+                let i0 = first_from(&areas, cursor);
+                for a in areas[i0..].iter().take_while(|a| a.iova <= s.last) {
+                    if a.state == mine {
+                        chunk[k] = (a.iova, a.len);
+                        k += 1;
+                        if k == UNMAP_CHUNK {
+                            break;
+                        }
+                    }
+                }
+            }
+            for &(iova, len) in &chunk[..k] {
+                for &d in &doms[..n] {
+                    match self.hw.unmap(d, iova, len, inv) {
+                        Ok(b) if b == len => {}
+                        _ => failed = true,
+                    }
+                }
+            }
+            match chunk[..k].last() {
+                Some(&(iova, len)) if k == UNMAP_CHUNK => match iova.checked_add(len) {
+                    Some(next) if next - 1 < s.last => cursor = next,
+                    _ => break,
+                },
+                _ => break,
+            }
+        }
+        failed
+    }
+
+    /// Step 3 of an UNMAP of `s`, after the invalidation round: forgets the areas this call
+    /// claimed in `s`. Only now may another map reuse their IOVAs, so a device never
+    /// translates a new mapping through a stale IOTLB entry of the old one.
+    fn forget_claimed(&self, ioas: &Ioas, s: Span) {
+        let mine = AreaState::Unmapping(self.vcpu);
+        ioas.areas
+            .lock()
+            .retain(|a| !(a.state == mine && a.iova >= s.start && a.iova <= s.last));
+    }
+
+    /// IOAS_UNMAP: the areas claimed, unmapped from every HWPT, one invalidation round per
+    /// IOMMU unit, then forgotten. EIO (the areas gone either way) if the hardware
+    /// malfunctioned.
+    pub(crate) fn unmap(&self, ioas_id: u32, iova: u64, len: u64) -> Result<u64, Error> {
+        let ioas = self.g.ioas(ioas_id)?;
+        let s = unmap_span(iova, len)?;
+        let bytes = self.claim_unmap(&mut ioas.areas.lock(), ioas_id, s)?;
+        let mut inv = HwInvalidation::new();
+        let failed = self.unmap_claimed(ioas, s, &mut inv);
+        let flushed = self.hw.flush(&mut inv).is_ok();
+        self.forget_claimed(ioas, s);
+        if failed || !flushed {
             return Err(Error::new(errno::EIO, reason::HW_FAULT));
         }
-        Ok(p.bytes)
-    }
-
-    /// IOAS_UNMAP: every area and HWPT unmapped, then one invalidation round per IOMMU unit.
-    pub(crate) fn unmap(&mut self, ioas_id: u32, iova: u64, len: u64) -> Result<u64, Error> {
-        let mut inv = HwInvalidation::new();
-        let r = self.unmap_recorded(ioas_id, iova, len, &mut inv);
-        self.flush_unmapped(&mut inv, r)
-    }
-
-    /// One unmap (or batch entry) whose invalidations are recorded in `inv`.
-    pub(crate) fn unmap_recorded(
-        &mut self,
-        ioas_id: u32,
-        iova: u64,
-        len: u64,
-        inv: &mut HwInvalidation,
-    ) -> Result<u64, Error> {
-        let plan = self.plan_unmap(ioas_id, iova, len)?;
-        self.commit_unmap(ioas_id, plan, inv)
-    }
-
-    /// Runs the invalidation rounds `inv` recorded (one per unit); a failed round turns `r`
-    /// into EIO (the areas are gone from the IOAS either way).
-    pub(crate) fn flush_unmapped<T>(
-        &mut self,
-        inv: &mut HwInvalidation,
-        r: Result<T, Error>,
-    ) -> Result<T, Error> {
-        match self.hw.flush(inv) {
-            Ok(()) => r,
-            Err(_) => Err(Error::new(errno::EIO, reason::HW_FAULT)),
-        }
+        Ok(bytes)
     }
 
     /// IOAS_MAP_BATCH. `a.out_done` is meaningful on error too.
     pub(crate) fn map_batch(
-        &mut self,
+        &self,
         mem: &dyn GuestMemory,
         a: &mut IoasMapBatch,
     ) -> Result<(), Error> {
@@ -679,11 +799,9 @@ impl<H: IommuHw> Cx<'_, H> {
                 }
                 Err(e) => {
                     if atomic {
-                        let mut inv = HwInvalidation::new();
                         for &(iova, len) in done[..i].iter().rev() {
-                            let _ = self.unmap_recorded(a.ioas_id, iova, len, &mut inv);
+                            let _ = self.unmap(a.ioas_id, iova, len);
                         }
-                        let _ = self.flush_unmapped(&mut inv, Ok(()));
                         a.out_done = 0;
                     }
                     return Err(e.index(i as u32));
@@ -695,7 +813,7 @@ impl<H: IommuHw> Cx<'_, H> {
 
     /// IOAS_UNMAP_BATCH.
     pub(crate) fn unmap_batch(
-        &mut self,
+        &self,
         mem: &dyn GuestMemory,
         a: &mut IoasUnmapBatch,
     ) -> Result<(), Error> {
@@ -709,7 +827,7 @@ impl<H: IommuHw> Cx<'_, H> {
         if a.num_entries > MAX_BATCH {
             return Err(inval(reason::TOO_MANY));
         }
-        self.g.ioas(a.ioas_id)?;
+        let ioas = self.g.ioas(a.ioas_id)?;
         let n = a.num_entries as usize;
         let bytes = (n * UnmapEntry::SIZE) as u64;
         if n != 0 && !owns_array(mem, a.entries_gpa, bytes) {
@@ -717,58 +835,124 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         let entry_at = |i: usize| a.entries_gpa + (i * UnmapEntry::SIZE) as u64;
         if a.flags & BATCH_ATOMIC != 0 {
-            // Validate everything first: each entry against the IOAS, and the entries against
-            // each other (disjoint), so that no entry's unmap can change another's outcome.
+            // Read every entry, then validate and claim them all in one hold of the area lock
+            // (the entries disjoint, so that no entry's unmap can change another's outcome):
+            // concurrent calls see all of the batch's unmaps or none.
             let mut spans = [Span::default(); MAX_BATCH as usize];
-            for i in 0..n {
-                let e =
-                    read_struct::<UnmapEntry>(mem, entry_at(i)).map_err(|e| e.index(i as u32))?;
-                self.plan_unmap(a.ioas_id, e.iova, e.length)
-                    .map_err(|e| e.index(i as u32))?;
-                let s = if e.iova == 0 && e.length == u64::MAX {
-                    Span::FULL
-                } else {
-                    Span::from_len(e.iova, e.length).unwrap_or(Span::FULL)
-                };
-                if spans[..i].iter().any(|o| o.overlaps(&s)) {
-                    return Err(inval(reason::RANGES_OVERLAP).index(i as u32));
+            let mut claimed = [0u64; MAX_BATCH as usize];
+            let mut read_err = None;
+            let mut m = n;
+            for (i, span) in spans[..n].iter_mut().enumerate() {
+                match read_struct::<UnmapEntry>(mem, entry_at(i))
+                    .and_then(|e| unmap_span(e.iova, e.length))
+                {
+                    Ok(s) => *span = s,
+                    Err(e) => {
+                        read_err = Some(e.index(i as u32));
+                        m = i;
+                        break;
+                    }
                 }
-                spans[i] = s;
             }
-        }
-        // Every entry's invalidations go into one batch: one round per IOMMU unit for the
-        // whole call, run before returning (on an entry's error too). A failed round is EIO
-        // at the last entry processed; `out_done` still counts the entries whose areas are
-        // gone.
-        let mut inv = HwInvalidation::new();
-        let mut r = Ok(());
-        for i in 0..n {
-            let one = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
-                let bytes = self.unmap_recorded(a.ioas_id, e.iova, e.length, &mut inv)?;
-                write_struct(
-                    mem,
-                    entry_at(i),
-                    &UnmapEntry {
-                        iova: e.iova,
-                        length: bytes,
-                    },
-                )
-            });
-            match one {
-                Ok(()) => a.out_done = i as u32 + 1,
-                Err(e) => {
-                    r = Err(e.index(i as u32));
+            {
+                let mut areas = ioas.areas.lock();
+                for i in 0..m {
+                    let s = spans[i];
+                    let r = if spans[..i].iter().any(|o| o.overlaps(&s)) {
+                        Err(inval(reason::RANGES_OVERLAP))
+                    } else {
+                        self.claim_unmap(&mut areas, a.ioas_id, s)
+                    };
+                    match r {
+                        Ok(b) => claimed[i] = b,
+                        Err(e) => {
+                            self.unclaim(&mut areas);
+                            return Err(e.index(i as u32));
+                        }
+                    }
+                }
+                if let Some(e) = read_err {
+                    self.unclaim(&mut areas);
+                    return Err(e);
+                }
+            }
+            // Every entry's invalidations go into one batch: one round per IOMMU unit for the
+            // whole call. A malfunction stops the batch at that entry, as a non-atomic one
+            // would: the entries after it are put back untouched.
+            let mut inv = HwInvalidation::new();
+            let mut done = n;
+            for (i, &s) in spans[..n].iter().enumerate() {
+                if self.unmap_claimed(ioas, s, &mut inv) {
+                    done = i + 1;
                     break;
                 }
             }
+            let flushed = self.hw.flush(&mut inv).is_ok();
+            for &s in &spans[..done] {
+                self.forget_claimed(ioas, s);
+            }
+            if done < n {
+                self.unclaim(&mut ioas.areas.lock());
+            }
+            for i in 0..done {
+                let e = UnmapEntry {
+                    iova: spans[i].start,
+                    length: claimed[i],
+                };
+                write_struct(mem, entry_at(i), &e).map_err(|e| e.index(i as u32))?;
+                a.out_done = i as u32 + 1;
+            }
+            if done < n || !flushed {
+                let last = (done as u32).saturating_sub(1);
+                return Err(Error::new(errno::EIO, reason::HW_FAULT).index(last));
+            }
+            return Ok(());
         }
-        let last = a.out_done.min(a.num_entries.saturating_sub(1));
-        match self.hw.flush(&mut inv) {
-            Ok(()) => r,
-            Err(_) => Err(Error::new(errno::EIO, reason::HW_FAULT).index(last)),
+        // Non-atomic: entry by entry, claimed and unmapped from the HWPTs, every entry's
+        // invalidations in one batch; then one round per IOMMU unit for the whole call, run on
+        // an entry's error too, and the areas forgotten. A failed round is EIO at the last
+        // entry processed; `out_done` still counts the entries whose areas are gone.
+        let mut inv = HwInvalidation::new();
+        let mut spans = [(Span::default(), 0u64); MAX_BATCH as usize];
+        let mut done = 0;
+        let mut r = Ok(());
+        for i in 0..n {
+            let one = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
+                let s = unmap_span(e.iova, e.length)?;
+                let bytes = self.claim_unmap(&mut ioas.areas.lock(), a.ioas_id, s)?;
+                spans[i] = (s, bytes);
+                done = i + 1;
+                if self.unmap_claimed(ioas, s, &mut inv) {
+                    return Err(Error::new(errno::EIO, reason::HW_FAULT));
+                }
+                Ok(())
+            });
+            if let Err(e) = one {
+                r = Err(e.index(i as u32));
+                break;
+            }
         }
+        let flushed = self.hw.flush(&mut inv).is_ok();
+        for &(s, _) in &spans[..done] {
+            self.forget_claimed(ioas, s);
+        }
+        for (i, &(s, bytes)) in spans[..done].iter().enumerate() {
+            let e = UnmapEntry {
+                iova: s.start,
+                length: bytes,
+            };
+            write_struct(mem, entry_at(i), &e).map_err(|e| e.index(i as u32))?;
+            a.out_done = i as u32 + 1;
+        }
+        if !flushed {
+            let last = a.out_done.min(a.num_entries.saturating_sub(1));
+            return Err(Error::new(errno::EIO, reason::HW_FAULT).index(last));
+        }
+        r
     }
+}
 
+impl<H: IommuHw> Cx<'_, H> {
     /// IOAS_COPY.
     pub(crate) fn copy(&mut self, mem: &dyn GuestMemory, a: &mut IoasCopy) -> Result<(), Error> {
         if a.flags & !MAP_FLAGS != 0 {
@@ -787,7 +971,7 @@ impl<H: IommuHw> Cx<'_, H> {
         // the guest's, with the requested access.
         let mut pieces = 0usize;
         let mut first_gpa = None;
-        src.covered(src_span, |_, area, piece| {
+        src.covered(src_span, |area, piece| {
             let gpa = area.gpa + (piece.start - area.iova);
             if !mem.owns(gpa, piece.len(), prot & PROT_WRITE != 0) {
                 return Err(Error::new(errno::EPERM, reason::GPA_NOT_OWNED).at(gpa));
@@ -796,7 +980,7 @@ impl<H: IommuHw> Cx<'_, H> {
             pieces += 1;
             Ok(())
         })?;
-        if dst.areas.len() + pieces > dst.area_cap {
+        if dst.areas.lock().len() + pieces > dst.area_cap {
             return Err(Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL));
         }
         let mut resv = ResvBuf::new();
@@ -812,7 +996,7 @@ impl<H: IommuHw> Cx<'_, H> {
             a.dst_iova
         } else {
             let align = auto_align(first_gpa.unwrap_or(0), a.length);
-            alloc_iova(dst, &resv, a.length, align)
+            alloc_iova(&dst.allowed, &dst.areas.lock(), &resv, a.length, align)
                 .ok_or(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE))?
         };
         // Piece by piece; the source is looked up again each time (it may be the destination,
@@ -826,7 +1010,8 @@ impl<H: IommuHw> Cx<'_, H> {
             let piece = {
                 let src = self.g.ioas(a.src_ioas_id)?;
                 let cur = a.src_iova + off;
-                match src.areas.get(src.first_from(cur)) {
+                let areas = src.areas.lock();
+                match areas.get(first_from(&areas, cur)) {
                     Some(x) if x.iova <= cur => {
                         let n = (x.last() - cur + 1).min(a.length - off);
                         Some((x.gpa + (cur - x.iova), n))
@@ -838,7 +1023,10 @@ impl<H: IommuHw> Cx<'_, H> {
                 result = Err(Error::new(errno::ENOENT, reason::NOT_COVERED));
                 break;
             };
-            if let Err(e) = self.install(mem, a.dst_ioas_id, dst_iova + off, gpa, n, prot) {
+            if let Err(e) = self
+                .rx()
+                .install(mem, a.dst_ioas_id, dst_iova + off, gpa, n, prot)
+            {
                 result = Err(e);
                 break;
             }
@@ -846,7 +1034,7 @@ impl<H: IommuHw> Cx<'_, H> {
         }
         if let Err(e) = result {
             if off > 0 {
-                let _ = self.unmap(a.dst_ioas_id, dst_iova, off);
+                let _ = self.rx().unmap(a.dst_ioas_id, dst_iova, off);
             }
             return Err(e);
         }

@@ -26,10 +26,29 @@
 //!
 //! # Concurrency
 //!
-//! Every operation takes `&mut Iommufd`: the hypervisor serialises calls (one lock, or one
-//! `Iommufd` per IOMMU domain of ownership). An ACCESS's IOAS is switched by one assignment
-//! inside such a call, so an emulated device's DMA (which goes through the same lock) sees the
-//! old IOAS or the new one, never none.
+//! [`dispatch`] takes `&Iommufd` and a vCPU index: several CPUs call it at once.
+//!
+//! * Every guest has a [`Gate`] (a big-reader lock, `gate.rs`) around its objects, with one
+//!   reader slot per vCPU; the hardware (`H`) has one around it too, with one reader slot per
+//!   vCPU of every guest. A reader writes only its own (cache-padded) slot.
+//! * The fast path (IOAS_MAP, IOAS_UNMAP, IOAS_MAP_BATCH, IOAS_UNMAP_BATCH) enters both gates as
+//!   a reader: fast paths of different guests, and of different vCPUs of one guest, never write
+//!   a common word to get in. Inside, an IOAS's area table is a short spin-locked critical
+//!   section (`ioas.rs`): a map claims its range there (overlap arbitration), writes the page
+//!   tables with no lock held, then publishes the area; an unmap claims the areas (marking them
+//!   dying), clears the page tables with no lock held, then forgets them.
+//! * Every other operation is a control operation: it enters the guest's gate as the writer
+//!   (it waits for the guest's fast paths in flight and holds off new ones) and gets
+//!   `&mut Guest`. Those that change domains or attachments, which all guests share (DESTROY,
+//!   HWPT_*, DEVICE_ATTACH/REPLACE/DETACH), also enter the hardware's gate as the writer
+//!   (`&mut H`: they pause every guest's fast path while they run); the others (IOAS_ALLOC,
+//!   IOAS_COPY, IOAS_ALLOW_IOVAS, the queries) enter it as a reader and pause only their own
+//!   guest. GET_LAST_ERROR and the error record take a per-guest spin lock only.
+//! * The hypervisor's own calls (`create_guest`, `assign_device`, ACCESS DMA, ...) take
+//!   `&mut Iommufd`.
+//!
+//! An ACCESS's IOAS is switched by one assignment inside a control operation, so an emulated
+//! device's DMA (which takes `&mut Iommufd`) sees the old IOAS or the new one, never none.
 
 pub mod access;
 pub mod backend;
@@ -64,13 +83,14 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use hvabi::{errno, kind, reason};
+use hvabi::{LastError, errno, kind, reason};
 
 pub use dispatch::dispatch;
 /// The ABI crate, re-exported for users of this crate (the fuzzer, the hypervisor).
 pub use hvabi as abi;
 pub use hw::{HwDev, HwDeviceInfo, HwDomain, HwError, IommuHw, Span};
 
+use crate::gate::{Gate, SpinLock};
 use object::{Guest, Object};
 use table::Table;
 
@@ -191,6 +211,8 @@ pub struct Limits {
     pub max_areas_per_ioas: u32,
     /// Guests.
     pub max_guests: u32,
+    /// vCPUs per guest: the reader slots of the gates (`dispatch`'s `vcpu` is below this).
+    pub max_vcpus: u32,
 }
 
 impl Default for Limits {
@@ -199,6 +221,7 @@ impl Default for Limits {
             max_objects: 1024,
             max_areas_per_ioas: 512,
             max_guests: 16,
+            max_vcpus: 8,
         }
     }
 }
@@ -256,21 +279,79 @@ pub(crate) struct DevSlot {
     pub owner: Option<GuestId>,
 }
 
+/// One guest: its objects behind its gate, and its last error.
+pub(crate) struct GuestCell {
+    pub gate: Gate<Guest>,
+    /// Written by failing calls of every kind (fast path included): a lock of its own.
+    pub last_error: SpinLock<LastError>,
+}
+
 /// The object model: the hardware, the assigned devices and every guest's objects.
 pub struct Iommufd<H: IommuHw> {
-    pub(crate) hw: H,
+    /// Reader slot of vCPU `v` of guest `g`: `g * max_vcpus + v`.
+    pub(crate) hw: Gate<H>,
     pub(crate) devs: Vec<DevSlot>,
-    pub(crate) guests: Vec<Option<Guest>>,
+    pub(crate) guests: Vec<Option<GuestCell>>,
     pub(crate) limits: Limits,
     pub(crate) fail: Option<Arc<FailNth>>,
 }
 
-/// One call's context: the hardware and one guest.
+/// How a control operation holds the hardware: shared (operations that only map, unmap or
+/// read it: they let other guests' fast paths run) or exclusively (operations that change
+/// domains or attachments).
+pub(crate) enum HwRef<'a, H> {
+    Shared(&'a H),
+    Excl(&'a mut H),
+}
+
+impl<H> core::ops::Deref for HwRef<'_, H> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        match self {
+            HwRef::Shared(h) => h,
+            HwRef::Excl(h) => h,
+        }
+    }
+}
+
+impl<H> HwRef<'_, H> {
+    /// The hardware for a change. `dispatch` takes the hardware exclusively for every op that
+    /// gets here; EIO rather than a panic if that classification is ever wrong.
+    pub(crate) fn excl(&mut self) -> Result<&mut H, Error> {
+        match self {
+            HwRef::Excl(h) => Ok(h),
+            HwRef::Shared(_) => Err(Error::new(errno::EIO, reason::HW_FAULT)),
+        }
+    }
+}
+
+/// A control operation's context: the hardware and one guest (exclusively).
 pub(crate) struct Cx<'a, H: IommuHw> {
-    pub hw: &'a mut H,
+    pub hw: HwRef<'a, H>,
     pub g: &'a mut Guest,
     pub limits: &'a Limits,
     pub fail: Option<&'a FailNth>,
+    /// The vCPU making the call (0 for the hypervisor's own calls).
+    pub vcpu: u32,
+}
+
+/// A fast-path context: the hardware and one guest, shared with other vCPUs' fast paths.
+pub(crate) struct Rx<'a, H: IommuHw> {
+    pub hw: &'a H,
+    pub g: &'a Guest,
+    /// The vCPU making the call: tags the areas it is mapping or unmapping.
+    pub vcpu: u32,
+}
+
+impl<H: IommuHw> Cx<'_, H> {
+    /// The fast-path view of this context (for control operations that map or unmap).
+    pub(crate) fn rx(&self) -> Rx<'_, H> {
+        Rx {
+            hw: &self.hw,
+            g: self.g,
+            vcpu: self.vcpu,
+        }
+    }
 }
 
 /// Makes a vector with room for exactly `n` elements, fallibly.
@@ -294,6 +375,8 @@ impl<H: IommuHw> Iommufd<H> {
                 .ok_or(Error::new(errno::EIO, reason::HW_FAULT))?;
             devs.push(DevSlot { info, owner: None });
         }
+        let slots = limits.max_guests as usize * limits.max_vcpus as usize;
+        let hw = Gate::new(hw, slots).ok_or(Error::nomem())?;
         Ok(Iommufd {
             hw,
             devs,
@@ -308,13 +391,14 @@ impl<H: IommuHw> Iommufd<H> {
         self.fail = f;
     }
 
-    pub fn hw(&self) -> &H {
-        &self.hw
+    /// The hardware (`&mut self`: no call is in flight).
+    pub fn hw(&mut self) -> &H {
+        self.hw.get_mut()
     }
 
     /// The hardware, for tests that inject faults or inspect the model.
     pub fn hw_mut(&mut self) -> &mut H {
-        &mut self.hw
+        self.hw.get_mut()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -328,10 +412,11 @@ impl<H: IommuHw> Iommufd<H> {
             .and_then(Option::as_mut)
             .ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?;
         Ok(Cx {
-            hw: &mut self.hw,
-            g,
+            hw: HwRef::Excl(self.hw.get_mut()),
+            g: g.gate.get_mut(),
             limits: &self.limits,
             fail: self.fail.as_deref(),
+            vcpu: 0,
         })
     }
 
@@ -339,7 +424,10 @@ impl<H: IommuHw> Iommufd<H> {
     pub fn create_guest(&mut self) -> Result<GuestId, Error> {
         let g = Guest {
             objs: Table::new(self.limits.max_objects),
-            last_error: hvabi::LastError::default(),
+        };
+        let g = GuestCell {
+            gate: Gate::new(g, self.limits.max_vcpus as usize).ok_or(Error::nomem())?,
+            last_error: SpinLock::new(LastError::default()),
         };
         if let Some(i) = self.guests.iter().position(Option::is_none) {
             self.guests[i] = Some(g);
@@ -359,19 +447,22 @@ impl<H: IommuHw> Iommufd<H> {
         let Some(g) = self.guests.get_mut(gid as usize).and_then(Option::take) else {
             return Err(Error::new(errno::ENOENT, reason::BAD_ID));
         };
+        let mut g = g.gate;
+        let g = g.get_mut();
+        let hw = self.hw.get_mut();
         let mut hw_failed = false;
         for (_, o) in g.objs.iter() {
             match o {
                 Object::Group(gr) if gr.rid.is_some() => {
                     for &m in gr.members() {
                         if let Ok(d) = g.device(m) {
-                            hw_failed |= self.hw.detach(d.hw, None).is_err();
+                            hw_failed |= hw.detach(d.hw, None).is_err();
                         }
                     }
                 }
                 Object::Device(d) => {
                     for p in d.pasids.iter().flatten() {
-                        hw_failed |= self.hw.detach(d.hw, Some(p.pasid)).is_err();
+                        hw_failed |= hw.detach(d.hw, Some(p.pasid)).is_err();
                     }
                 }
                 _ => {}
@@ -379,7 +470,7 @@ impl<H: IommuHw> Iommufd<H> {
         }
         for (_, o) in g.objs.iter() {
             if let Object::Hwpt(h) = o {
-                self.hw.domain_free(h.domain);
+                hw.domain_free(h.domain);
             }
         }
         for d in self.devs.iter_mut() {

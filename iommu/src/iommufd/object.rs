@@ -30,10 +30,9 @@ impl Object {
     }
 }
 
-/// One guest's view: its objects and its last error.
+/// One guest's objects.
 pub(crate) struct Guest {
     pub objs: Table,
-    pub last_error: hvabi::LastError,
 }
 
 fn missing(id: u32) -> Error {

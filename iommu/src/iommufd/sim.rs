@@ -13,7 +13,7 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::{Cell, RefCell};
+use core::cell::RefCell;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::backend::{Backend, BackendDevice, DomainSlot, DriverOps, Ids, Programmed};
@@ -22,6 +22,7 @@ use super::hw::{
     MAX_RESERVED_PER_DEVICE, Span,
 };
 use super::{FailNth, GuestMemory, HostRun, MemFault, PAGE};
+use crate::gate::SpinLock;
 use crate::pgtable::format::vtd_bits;
 use crate::pgtable::{
     Config, Gather, MapError, PageTable, PhysAddr, Prot, TableMemory, VtdSecondStage,
@@ -33,39 +34,49 @@ const POOL_BASE: u64 = 0x1000;
 /// A pool of 4 KiB table pages at fake physical addresses.
 pub struct SimMem {
     storage: Box<[AtomicU64]>,
-    live: RefCell<Vec<bool>>,
-    free: RefCell<Vec<u32>>,
-    in_use: Cell<usize>,
+    frames: usize,
+    /// The allocator's state: one short lock (the model is used from several threads by the
+    /// concurrency tests; the hypervisor's pools are per-CPU instead).
+    pool: SpinLock<Pool>,
     fail: Option<Arc<FailNth>>,
+}
+
+struct Pool {
+    live: Vec<bool>,
+    free: Vec<u32>,
+    in_use: usize,
 }
 
 impl SimMem {
     pub fn new(frames: usize, fail: Option<Arc<FailNth>>) -> Self {
         SimMem {
             storage: (0..frames * 512).map(|_| AtomicU64::new(0)).collect(),
-            live: RefCell::new(vec![false; frames]),
-            free: RefCell::new((0..frames as u32).rev().collect()),
-            in_use: Cell::new(0),
+            frames,
+            pool: SpinLock::new(Pool {
+                live: vec![false; frames],
+                free: (0..frames as u32).rev().collect(),
+                in_use: 0,
+            }),
             fail,
         }
     }
 
     pub fn frames_in_use(&self) -> usize {
-        self.in_use.get()
+        self.pool.lock().in_use
     }
 
     fn index(&self, pa: PhysAddr) -> Option<usize> {
         let i = (pa.checked_sub(POOL_BASE)? / 4096) as usize;
-        (pa.is_multiple_of(4096) && i < self.live.borrow().len()).then_some(i)
+        (pa.is_multiple_of(4096) && i < self.frames).then_some(i)
     }
 
     fn release(&self, pa: PhysAddr) {
         if let Some(i) = self.index(pa) {
-            let mut live = self.live.borrow_mut();
-            if live[i] {
-                live[i] = false;
-                self.free.borrow_mut().push(i as u32);
-                self.in_use.set(self.in_use.get() - 1);
+            let mut p = self.pool.lock();
+            if p.live[i] {
+                p.live[i] = false;
+                p.free.push(i as u32);
+                p.in_use -= 1;
             }
         }
     }
@@ -78,9 +89,13 @@ impl TableMemory for SimMem {
         if bytes != 4096 || self.fail.as_ref().is_some_and(|f| f.hit()) {
             return None;
         }
-        let i = self.free.borrow_mut().pop()? as usize;
-        self.live.borrow_mut()[i] = true;
-        self.in_use.set(self.in_use.get() + 1);
+        let i = {
+            let mut p = self.pool.lock();
+            let i = p.free.pop()? as usize;
+            p.live[i] = true;
+            p.in_use += 1;
+            i
+        };
         for e in &self.storage[i * 512..(i + 1) * 512] {
             e.store(0, Relaxed);
         }
@@ -340,7 +355,7 @@ impl DriverOps for SimOps {
     }
 
     fn map(
-        &mut self,
+        &self,
         x: &DomainSlot<SimDomain>,
         iova: u64,
         pa: u64,

@@ -230,7 +230,7 @@ where
     }
 
     fn map(
-        &mut self,
+        &self,
         x: &DomainSlot<Domain>,
         iova: u64,
         pa: u64,
@@ -445,7 +445,7 @@ mod tests {
         (fd, g)
     }
 
-    fn ste(fd: &Iommufd<Backend<'_>>, sid: u32) -> Option<Ste> {
+    fn ste(fd: &mut Iommufd<Backend<'_>>, sid: u32) -> Option<Ste> {
         let b = fd.hw();
         b.units()[0].ste(b.mem(), sid)
     }
@@ -605,7 +605,7 @@ mod tests {
         assert_eq!(lines, 5);
         check(&fd, &[(g, &gm)]).unwrap();
         // Detached: abort STE, DMA blocked.
-        assert_eq!(ste(&fd, 0x10).unwrap().config(), StreamConfig::Abort);
+        assert_eq!(ste(&mut fd, 0x10).unwrap().config(), StreamConfig::Abort);
         assert_eq!(walk(&hw, &mem, 0x10, 0x10_0000, false), Err("abort"));
         // The two-stream group: the flow moves both streams.
         let mut dma = Walker { sid: 0x1008, ..dma };
@@ -692,16 +692,16 @@ mod tests {
         let hwpt = c
             .hwpt_alloc(dev0, ioas, HWPT_ENFORCE_CACHE_COHERENCY)
             .unwrap();
-        let ste08 = ste(&fd, 0x08).unwrap();
-        assert!(ste(&fd, 0x1008).is_none());
+        let ste08 = ste(&mut fd, 0x08).unwrap();
+        assert!(ste(&mut fd, 0x1008).is_none());
         mem.fail_allocs
             .store(true, core::sync::atomic::Ordering::Relaxed);
         let mut c = Client::new(&mut fd, g, &gm, super::super::tests::SCRATCH);
         assert_eq!(c.attach(dev0, hwpt).unwrap_err(), errno::ENOMEM);
         mem.fail_allocs
             .store(false, core::sync::atomic::Ordering::Relaxed);
-        assert_eq!(ste(&fd, 0x08).unwrap().0, ste08.0);
-        assert!(ste(&fd, 0x1008).is_none());
+        assert_eq!(ste(&mut fd, 0x08).unwrap().0, ste08.0);
+        assert!(ste(&mut fd, 0x1008).is_none());
         assert_eq!(fd.hw().device_domain(0, None), None);
         assert_eq!(fd.hw().device_domain(1, None), None);
         assert_eq!(fd.hw().outstanding_prepared(), Some(0));
@@ -712,7 +712,7 @@ mod tests {
         let d = fd.hwpt_domain(g, hwpt).unwrap();
         assert_eq!(fd.hw().device_domain(0, None), Some(d));
         assert_eq!(fd.hw().device_domain(1, None), Some(d));
-        assert_eq!(ste(&fd, 0x1008).unwrap().config(), StreamConfig::S2);
+        assert_eq!(ste(&mut fd, 0x1008).unwrap().config(), StreamConfig::S2);
         check(&fd, &[(g, &gm)]).unwrap();
         fd.destroy_guest(g).unwrap();
         assert_eq!(fd.hw().live_domains(), Some(0));

@@ -252,7 +252,7 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
     }
 
     fn map(
-        &mut self,
+        &self,
         x: &DomainSlot<Domain>,
         iova: u64,
         pa: u64,

@@ -25,9 +25,8 @@ pub struct GuestIommu {
     /// With no IOMMU hardware and `guest-iommu=model` (Bochs): the ABI v1 calls run on the
     /// software IOMMU model instead of the owner's object model, page tables in heap memory;
     /// no device can be assigned then (nothing would contain its DMA).
-    model: Option<spin::Mutex<Iommufd<SimHw>>>,
+    model: Option<spin::RwLock<Iommufd<SimHw>>>,
 }
-
 
 /// Table pages of the software model's pool: enough for the domains of a few IOASes (no device
 /// is ever attached, so none is allocated today).
@@ -89,7 +88,7 @@ impl GuestIommu {
             units: 0,
             mode: "software IOMMU model(s)",
             devices: Vec::new(),
-            model: Some(spin::Mutex::new(fd)),
+            model: Some(spin::RwLock::new(fd)),
         })
     }
 
@@ -103,7 +102,7 @@ impl GuestIommu {
 
     pub fn create_guest(&self) -> Result<GuestId, String> {
         if let Some(fd) = &self.model {
-            return fd.lock().create_guest().map_err(model_err);
+            return fd.write().create_guest().map_err(model_err);
         }
         owned(|o| o.fd.create_guest().map_err(model_err))
     }
@@ -190,7 +189,9 @@ impl GuestIommu {
     }
 
     /// One ABI v1 call of `guest` (docs/abi.md §2) made by its vCPU `vcpu` (the index the
-    /// guest's vCPU got at entry): 0 or `-errno`.
+    /// guest's vCPU got at entry): 0 or `-errno`. Calls of several vCPUs run at once: the
+    /// owner is only read here, and `dispatch` keeps per-vCPU reader slots (EINVAL for a vCPU
+    /// index beyond `Limits::max_vcpus`).
     pub fn call(
         &self,
         guest: GuestId,
@@ -199,14 +200,11 @@ impl GuestIommu {
         args_gpa: u64,
         vcpu: u32,
     ) -> i64 {
-        // The calling vCPU, for the dispatch that keeps per-vCPU state (issue 11); today's
-        // `dispatch` serialises every call under the owner's lock and needs no index.
-        let _calling_vcpu = vcpu;
         if let Some(fd) = &self.model {
-            return dispatch(&mut fd.lock(), guest, mem, op, args_gpa);
+            return dispatch(&fd.read(), guest, vcpu, mem, op, args_gpa);
         }
-        match iommu_owner::lock().as_mut() {
-            Some(o) => dispatch(&mut o.fd, guest, mem, op, args_gpa),
+        match iommu_owner::read().as_ref() {
+            Some(o) => dispatch(&o.fd, guest, vcpu, mem, op, args_gpa),
             None => -i64::from(hvabi::errno::EOPNOTSUPP),
         }
     }
@@ -215,7 +213,7 @@ impl GuestIommu {
     /// freed.
     pub fn destroy_guest(&self, guest: GuestId) -> Result<(), String> {
         if let Some(fd) = &self.model {
-            return fd.lock().destroy_guest(guest).map_err(model_err);
+            return fd.write().destroy_guest(guest).map_err(model_err);
         }
         owned(|o| o.fd.destroy_guest(guest).map_err(model_err))
     }

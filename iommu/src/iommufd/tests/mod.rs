@@ -9,6 +9,7 @@ mod abi;
 mod abi_rules;
 mod access;
 mod alias;
+mod concurrency;
 mod fail_nth;
 mod group;
 mod hwpt;

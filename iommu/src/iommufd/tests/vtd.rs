@@ -164,7 +164,7 @@ impl VEnv {
     }
     /// The context entry of `sid` as the hardware finds it from the root-table pointer it
     /// latched: (SLPTPTR, DID), if present.
-    fn context(&self, sid: u16) -> Option<(u64, u16)> {
+    fn context(&mut self, sid: u16) -> Option<(u64, u16)> {
         let word = sim_word(self.fd.hw().mem());
         let root = self.regs.translating_root().expect("translation enabled") & !0xfff;
         let re = word(root + (sid >> 8) as u64 * 16);
