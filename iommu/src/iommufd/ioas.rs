@@ -916,11 +916,11 @@ impl<H: IommuHw> Rx<'_, H> {
         let mut spans = [(Span::default(), 0u64); MAX_BATCH as usize];
         let mut done = 0;
         let mut r = Ok(());
-        for i in 0..n {
+        for (i, slot) in spans[..n].iter_mut().enumerate() {
             let one = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
                 let s = unmap_span(e.iova, e.length)?;
                 let bytes = self.claim_unmap(&mut ioas.areas.lock(), a.ioas_id, s)?;
-                spans[i] = (s, bytes);
+                *slot = (s, bytes);
                 done = i + 1;
                 if self.unmap_claimed(ioas, s, &mut inv) {
                     return Err(Error::new(errno::EIO, reason::HW_FAULT));

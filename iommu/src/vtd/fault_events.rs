@@ -104,6 +104,12 @@ impl FaultEvents {
         announced || self.throttled.load(Ordering::Acquire)
     }
 
+    /// Whether a drain would read the records now ([`take_pending`](Self::take_pending)
+    /// without clearing the mark): lets a caller skip taking the unit at all.
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire) || self.throttled.load(Ordering::Acquire)
+    }
+
     /// The drain, after reading the records: ends a throttle whose window has passed at `now`.
     /// True when the caller must clear FECTL.IM again.
     pub fn try_release(&self, now: u64) -> bool {

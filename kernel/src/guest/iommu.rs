@@ -124,6 +124,10 @@ impl GuestIommu {
         if self.model.is_some() {
             return; // the software model makes no DMA
         }
+        // Most exits have nothing to drain: then the owner is not taken at all.
+        if !crate::irq::vtd::may_have_faults(self.units) {
+            return;
+        }
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
             return;

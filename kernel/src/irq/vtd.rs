@@ -194,6 +194,20 @@ fn remapping_on(name: &str, i: usize, unit: &mut VtdUnit<MmioRegion>) {
     }
 }
 
+/// Whether any of the first `units` units may have fault records to drain: a polled unit
+/// always may; one with a fault interrupt only when the interrupt announced records or its
+/// limiter holds it masked. Opens an interrupt window first, so a pending event is taken. The
+/// guests' fault drain after every exit checks this before taking the IOMMU owner exclusively,
+/// so exits of vCPUs on several CPUs do not serialise on the owner when there is nothing to do.
+pub fn may_have_faults(units: usize) -> bool {
+    window();
+    units > UNITS.len()
+        || UNITS
+            .iter()
+            .take(units)
+            .any(|s| s.vector.load(Ordering::Acquire) == 0 || s.events.is_pending())
+}
+
 /// Reads unit `i`'s fault records into `sink` if its fault event announced some (or the unit
 /// is polled or throttled); first opens an interrupt window so a pending event is taken.
 pub fn drain(
