@@ -11,7 +11,8 @@
 //! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
 //! - `intruder`: beside a `dma` guest, tries to see, name, map and DMA into what is not its own;
 //! - `bench [rounds=N] [row=NAME]`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB, 256 × 4 KiB
-//!   (contiguous and scattered) and 2 MiB with the TSC / CNTVCT, its edu attached;
+//!   (contiguous and scattered) and 2 MiB with the TSC / CNTVCT, its edu attached; with 2 vCPUs
+//!   also 1 vs 2 vCPUs mapping disjoint ranges of its IOAS at once (`row=scaling`: only that);
 //! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
 //!   ones that must fail; exits with the number of failed checks;
@@ -219,7 +220,7 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
                 }
                 only = only.or(w.strip_prefix("row="));
             }
-            exit(bench(start_info, mem, rounds, only))
+            exit(bench(start_info, mem, vcpus, rounds, only))
         }
         "hostile" => {
             let free = u64_at(&page, si::OFF_FREE_START);
@@ -867,7 +868,7 @@ impl Row {
 /// round, the rows interleaved round by round (so slow phases of the host spread over all rows
 /// when the clock is real time), and prints per row the median, minimum and maximum over the
 /// rounds of the ticks per call. Under `-icount shift=0` a tick is one instruction.
-fn bench(start_info: u64, mem: u64, rounds: usize, only: Option<&str>) -> u32 {
+fn bench(start_info: u64, mem: u64, vcpus: u32, rounds: usize, only: Option<&str>) -> u32 {
     use hvabi::*;
     let rounds = rounds.clamp(1, BENCH_MAX_ROUNDS);
     if mem < BENCH_GPA_1M + (2 << 20) + (1 << 20) {
@@ -936,6 +937,10 @@ fn bench(start_info: u64, mem: u64, rounds: usize, only: Option<&str>) -> u32 {
             s[rounds - 1],
             arch::TIMESTAMP_NAME
         );
+    }
+    // With 2 vCPUs (`row=scaling` alone, or every row): the 1 vs 2 vCPU scaling rows.
+    if only.is_none_or(|o| o == "scaling") {
+        b.errors += crate::smp::bench_scaling(ioas, vcpus, rounds);
     }
     println!("bench: {} calls failed", b.errors);
     b.errors

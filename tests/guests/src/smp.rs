@@ -49,6 +49,7 @@ pub fn secondary(variant: &str, vcpu: u32, vcpus: u32, free: u64) -> ! {
             map_unmap(vcpu, vcpus, free);
             park()
         }
+        "bench" if vcpu == 1 => bench_worker(vcpu),
         "smp-wild" => {
             // Only once vCPU 0 is surely running: the stop must take a running vCPU with it.
             while !SPINNING.load(Ordering::Acquire) {
@@ -213,4 +214,237 @@ pub fn map_unmap(vcpu: u32, vcpus: u32, free: u64) -> u32 {
         "testguest: smp-map: {vcpus} vCPUs, {total} map+unmap pairs (want {want}), {failed} failed: {verdict}"
     );
     u32::from(verdict != "ok")
+}
+
+/// `bench` with several vCPUs: the 1 vs 2 vCPU scaling rows (docs/perf.md). IOVA window of
+/// vCPU i: `SCALE_IOVA + i * SCALE_WINDOW`, disjoint from each other and from the one-vCPU rows'
+/// IOVAs (and above the aarch64 MSI doorbell window at 256 MiB).
+const SCALE_IOVA: u64 = 0x5000_0000;
+const SCALE_WINDOW: u64 = 0x1000_0000;
+
+/// The bench's IOAS (its edu attached), published by vCPU 0 with `SCALE_IOAS_READY`.
+static SCALE_IOAS: AtomicU32 = AtomicU32::new(0);
+static SCALE_IOAS_READY: AtomicBool = AtomicBool::new(false);
+/// vCPU 1 has encoded its arguments and spins on `SCALE_GO`.
+static SCALE_WORKER_READY: AtomicBool = AtomicBool::new(false);
+/// The barrier: vCPU 0 stores `generation << 1 | row` to start vCPU 1 on one run of `row`;
+/// vCPU 1 stores the generation in `SCALE_DONE` when it has finished it.
+static SCALE_GO: AtomicU32 = AtomicU32::new(0);
+static SCALE_DONE: AtomicU32 = AtomicU32::new(0);
+/// Calls of vCPU 1 that did not return 0.
+static SCALE_ERRORS: AtomicU32 = AtomicU32::new(0);
+
+/// The two scaling rows: N pairs of IOAS_MAP + IOAS_UNMAP of one 4 KiB page, or of 256
+/// contiguous 4 KiB pages (1 MiB) in one call.
+#[derive(Clone, Copy)]
+enum ScaleRow {
+    Pair4k,
+    Pair1mContig,
+}
+
+impl ScaleRow {
+    const ALL: [ScaleRow; 2] = [ScaleRow::Pair4k, ScaleRow::Pair1mContig];
+
+    fn name(self) -> &'static str {
+        match self {
+            ScaleRow::Pair4k => "map-unmap-4k",
+            ScaleRow::Pair1mContig => "map-unmap-256x4k-contiguous",
+        }
+    }
+
+    /// Pairs each vCPU makes per run: a few tens of milliseconds of host time without icount.
+    fn calls(self) -> u64 {
+        match self {
+            ScaleRow::Pair4k => 400,
+            ScaleRow::Pair1mContig => 20,
+        }
+    }
+}
+
+/// One vCPU's pre-encoded arguments: 64 slots of one page each in its own IOVA window, and one
+/// 1 MiB range after them; its own guest pages (`BENCH_GPA_1M`, 1 MiB per vCPU).
+struct Pairs {
+    map_4k: [[u8; IoasMap::SIZE]; 64],
+    unmap_4k: [[u8; IoasUnmap::SIZE]; 64],
+    map_1m: [u8; IoasMap::SIZE],
+    unmap_1m: [u8; IoasUnmap::SIZE],
+}
+
+impl Pairs {
+    fn new(ioas_id: u32, vcpu: u32) -> Pairs {
+        use hvabi::AbiStruct;
+        let base = SCALE_IOVA + u64::from(vcpu) * SCALE_WINDOW;
+        let gpa = crate::BENCH_GPA_1M + u64::from(vcpu) * (1 << 20);
+        let map = |gpa, length, iova| {
+            let mut b = [0u8; IoasMap::SIZE];
+            IoasMap {
+                size: IoasMap::SIZE as u32,
+                flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+                ioas_id,
+                reserved: 0,
+                gpa,
+                length,
+                iova,
+            }
+            .encode(&mut b);
+            b
+        };
+        let unmap = |iova, length| {
+            let mut b = [0u8; IoasUnmap::SIZE];
+            IoasUnmap {
+                size: IoasUnmap::SIZE as u32,
+                flags: 0,
+                ioas_id,
+                reserved: 0,
+                iova,
+                length,
+            }
+            .encode(&mut b);
+            b
+        };
+        let iova_1m = base + (1 << 20);
+        let mut p = Pairs {
+            map_4k: [[0; IoasMap::SIZE]; 64],
+            unmap_4k: [[0; IoasUnmap::SIZE]; 64],
+            map_1m: map(gpa, 1 << 20, iova_1m),
+            unmap_1m: unmap(iova_1m, 1 << 20),
+        };
+        for i in 0..64u64 {
+            p.map_4k[i as usize] = map(gpa, PAGE_SIZE, base + i * PAGE_SIZE);
+            p.unmap_4k[i as usize] = unmap(base + i * PAGE_SIZE, PAGE_SIZE);
+        }
+        p
+    }
+
+    /// `row.calls()` pairs; returns the calls that did not return 0.
+    fn run(&self, row: ScaleRow) -> u32 {
+        let mut errors = 0;
+        for i in 0..row.calls() as usize {
+            let (m, u) = match row {
+                ScaleRow::Pair4k => (&self.map_4k[i % 64], &self.unmap_4k[i % 64]),
+                ScaleRow::Pair1mContig => (&self.map_1m, &self.unmap_1m),
+            };
+            errors += u32::from(arch::hypercall(op::IOAS_MAP, m.as_ptr() as u64, 0, 0) != 0);
+            errors += u32::from(arch::hypercall(op::IOAS_UNMAP, u.as_ptr() as u64, 0, 0) != 0);
+        }
+        errors
+    }
+}
+
+/// `bench` on vCPU 1: waits for the bench's IOAS, then runs each row vCPU 0 starts through
+/// the barrier, on its own IOVA window, until the guest ends. It never prints: vCPU 0 prints
+/// everything, so no line of vCPU 1's lands in the middle of one of vCPU 0's.
+fn bench_worker(vcpu: u32) -> ! {
+    while !SCALE_IOAS_READY.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    let pairs = Pairs::new(SCALE_IOAS.load(Ordering::Relaxed), vcpu);
+    SCALE_WORKER_READY.store(true, Ordering::Release);
+    let mut seen = 0;
+    loop {
+        let go = SCALE_GO.load(Ordering::Acquire);
+        if go >> 1 == seen {
+            core::hint::spin_loop();
+            continue;
+        }
+        seen = go >> 1;
+        let row = ScaleRow::ALL[(go & 1) as usize];
+        let errors = pairs.run(row);
+        SCALE_ERRORS.fetch_add(errors, Ordering::Relaxed);
+        // Release: the error count is visible to vCPU 0 once it sees the generation.
+        SCALE_DONE.store(seen, Ordering::Release);
+    }
+}
+
+/// `bench` with 2 or more vCPUs, on vCPU 0 (vCPUs past 1 stay parked): per row and round,
+/// (a) vCPU 0 alone runs N pairs on its window of `ioas`, timed by its clock; (b) vCPU 0
+/// releases vCPU 1 through the barrier and both run N pairs on their own windows at once,
+/// timed from the release until both are done. The rounds alternate (a) and (b), so slow
+/// phases of the host fall on both; the rows are the medians over the rounds of the ticks per
+/// pair (for (b): of the whole run, so 2N pairs took that times N). Throughput ratio =
+/// (2N / time(b)) / (N / time(a)). Meaningless under -icount, where QEMU runs the vCPUs one
+/// after another. Returns the calls that failed on either vCPU.
+pub fn bench_scaling(ioas: u32, vcpus: u32, rounds: usize) -> u32 {
+    if vcpus < 2 {
+        return 0;
+    }
+    SCALE_IOAS.store(ioas, Ordering::Relaxed);
+    // Release: the id is visible to whoever sees the flag.
+    SCALE_IOAS_READY.store(true, Ordering::Release);
+    let mine = Pairs::new(ioas, 0);
+    while !SCALE_WORKER_READY.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    let mut errors = 0;
+    let mut generation = 0u32;
+    let mut both = |row: ScaleRow, errors: &mut u32| -> u64 {
+        generation += 1;
+        let t = arch::timestamp();
+        SCALE_GO.store(generation << 1 | row as u32, Ordering::Release);
+        *errors += mine.run(row);
+        while SCALE_DONE.load(Ordering::Acquire) != generation {
+            core::hint::spin_loop();
+        }
+        arch::timestamp() - t
+    };
+    let rounds = rounds.min(crate::BENCH_MAX_ROUNDS);
+    // Ticks of (a) and (b) by row and round.
+    let mut samples = [[[0u64; 2]; crate::BENCH_MAX_ROUNDS]; ScaleRow::ALL.len()];
+    for (k, &row) in ScaleRow::ALL.iter().enumerate() {
+        // One untimed run of both: each window's page-table levels exist before timing.
+        both(row, &mut errors);
+        for round in samples[k].iter_mut().take(rounds) {
+            let t = arch::timestamp();
+            errors += mine.run(row);
+            round[0] = arch::timestamp() - t;
+            round[1] = both(row, &mut errors);
+        }
+    }
+    let unit = arch::TIMESTAMP_NAME;
+    for (k, &row) in ScaleRow::ALL.iter().enumerate() {
+        let n = row.calls();
+        for (r, s) in samples[k][..rounds].iter().enumerate() {
+            // Short enough for one console line: ticks of N pairs alone, of 2 x N at once.
+            println!(
+                "bench: scaling {} round {r}: 1 vCPU {}, 2 vCPUs {} {unit} ticks: {}",
+                row.name(),
+                s[0],
+                s[1],
+                Ratio(2 * s[0], s[1])
+            );
+        }
+        let mut medians = [0u64; 2];
+        for (side, suffix) in ["1vcpu", "2vcpu"].iter().enumerate() {
+            let mut column = [0u64; crate::BENCH_MAX_ROUNDS];
+            for (c, s) in column.iter_mut().zip(&samples[k][..rounds]) {
+                *c = s[side] / n;
+            }
+            let c = &mut column[..rounds];
+            c.sort_unstable();
+            medians[side] = c[rounds / 2];
+            println!(
+                "bench: {}-{suffix} {n} calls x {rounds} rounds, median {} min {} max {} {unit} ticks each",
+                row.name(),
+                c[rounds / 2],
+                c[0],
+                c[rounds - 1],
+            );
+        }
+        println!(
+            "bench: {} 1 vs 2 vCPUs: throughput {} (medians of {rounds} alternating rounds)",
+            row.name(),
+            Ratio(2 * medians[0], medians[1])
+        );
+    }
+    errors + SCALE_ERRORS.load(Ordering::Acquire)
+}
+
+/// `a / b` with two decimals and an `x`, without floating point.
+struct Ratio(u64, u64);
+
+impl core::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        let hundredths = (self.0 * 100).checked_div(self.1).unwrap_or(0);
+        write!(f, "{}.{:02}x", hundredths / 100, hundredths % 100)
+    }
 }
