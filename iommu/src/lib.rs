@@ -12,6 +12,12 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod area_slots;
+/// The atomics `area_slots` is written against; `tests/area_slots_loom.rs` compiles
+/// `area_slots.rs` against loom's instead.
+mod area_sync {
+    pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64};
+}
 pub mod firmware;
 pub mod gate;
 /// The atomics `gate` is written against; `tests/gate_loom.rs` compiles `gate.rs` against
