@@ -1,37 +1,50 @@
-//! The work mailbox between the boot CPU and an idle secondary CPU (architecture-neutral; the
-//! x86_64 and aarch64 `arch::smp` modules use it). Safe code over atomics; host-tested.
+//! The per-CPU state word and work slot of the SMP layers (`kernel::arch::{x86_64,aarch64}::smp`):
+//! the bring-up handshake between the boot CPU and a CPU it starts (aarch64: PSCI CPU_ON;
+//! x86_64 marks its CPUs ready once they are online, its INIT-SIPI-SIPI time-out having its own
+//! bookkeeping), then the work hand-off between any launcher and that CPU. Plain atomics, so
+//! the protocol runs in host tests with real threads (below and `boot/tests/smp_mailbox.rs`).
 //!
-//! One mailbox per secondary CPU. Its state moves only forward around one cycle:
+//! States and who moves them:
 //!
 //! ```text
-//!   IDLE --post (CAS, one poster wins)--> CLAIMED --(work written)--> POSTED
-//!     ^                                                                 |
-//!     |                                                       take (owner CPU)
-//!     +------------------- finish (owner CPU) <------- RUNNING <--------+
+//!  OFFLINE --prepare_start (boot)--> STARTING --arrive (CPU, CAS)--> ARRIVED --ready (CPU)--> IDLE
+//!                                        \--abandon (boot, CAS)--> ABANDONED (the CPU parks if it ever arrives)
+//!  IDLE --post: CAS (launcher)--> CLAIMED --post: store--> POSTED --take (CPU)--> RUNNING --finish (CPU)--> IDLE
 //! ```
 //!
-//! Memory ordering: the poster writes the work words (Relaxed) and then stores POSTED with
-//! **Release**; the owner's **Acquire** load that sees POSTED therefore sees the work words
-//! (and everything the poster wrote before posting). When the work is done, the owner stores
-//! IDLE with **Release**; a caller whose **Acquire** load (`is_idle`) sees IDLE sees everything
-//! the work wrote. The CAS IDLE -> CLAIMED is Acquire so a new poster also sees the previous
-//! work's effects before overwriting the words. Only the owner CPU calls `take` and `finish`.
+//! Orderings (each pair publishes the data written before the Release to the thread whose
+//! Acquire load sees the value):
+//! - `ready` Release / `is_up` Acquire: the CPU's setup (its GIC, its per-CPU fields) is
+//!   visible to the boot CPU once it sees the CPU up;
+//! - `post`'s CAS IDLE→CLAIMED Acquire: the launcher sees the previous work's effects, and the
+//!   CAS makes it the slot's only writer; the slot is then written Relaxed and published by the
+//!   store of POSTED with Release;
+//! - `take`'s load of POSTED with Acquire pairs with it: the CPU reads the slot and everything
+//!   the launcher wrote before posting;
+//! - `finish`'s store of IDLE with Release / `is_idle`'s Acquire load: the work's effects are
+//!   visible to whoever sees it finished;
+//! - `arrive` and `abandon` are CASes on STARTING: exactly one of them succeeds, so a CPU the
+//!   boot CPU gave up on can never be counted online, and a CPU that arrived is never given up.
 
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-const IDLE: u32 = 0;
-const CLAIMED: u32 = 1;
-const POSTED: u32 = 2;
-const RUNNING: u32 = 3;
+const OFFLINE: u8 = 0;
+const STARTING: u8 = 1;
+const ARRIVED: u8 = 2;
+const IDLE: u8 = 3;
+const CLAIMED: u8 = 4;
+const POSTED: u8 = 5;
+const RUNNING: u8 = 6;
+const ABANDONED: u8 = 7;
 
-/// Why [`Mailbox::post`] refused.
+/// [`Mailbox::post`] refused: the CPU is not idle (running or being posted work, or not up).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Busy;
 
-/// Two words of work (a function address and its argument) and the state above.
-#[derive(Debug)]
+/// One CPU's state word and its one-entry work slot (two words: a function address and its
+/// argument, as the kernel's `launch` gives them).
 pub struct Mailbox {
-    state: AtomicU32,
+    state: AtomicU8,
     func: AtomicUsize,
     arg: AtomicUsize,
 }
@@ -44,31 +57,75 @@ impl Default for Mailbox {
 
 impl Mailbox {
     pub const fn new() -> Self {
-        Self {
-            state: AtomicU32::new(IDLE),
+        Mailbox {
+            state: AtomicU8::new(OFFLINE),
             func: AtomicUsize::new(0),
             arg: AtomicUsize::new(0),
         }
     }
 
-    /// Posts `(func, arg)` if the owner is idle; at most one of several concurrent posters wins.
+    /// The boot CPU's own mailbox: permanently running (it never takes posted work).
+    pub fn set_running(&self) {
+        self.state.store(RUNNING, Ordering::Relaxed);
+    }
+
+    /// Boot CPU, before CPU_ON. Relaxed: what the CPU needs before it arrives reaches it through
+    /// the cache clean and DSB before the firmware call, not through this word.
+    pub fn prepare_start(&self) {
+        self.state.store(STARTING, Ordering::Relaxed);
+    }
+
+    /// Boot CPU, after CPU_ON failed: the CPU will never come.
+    pub fn reset(&self) {
+        self.state.store(OFFLINE, Ordering::Relaxed);
+    }
+
+    /// The started CPU, first thing in Rust. `false`: the boot CPU gave up on it; park.
+    pub fn arrive(&self) -> bool {
+        self.state
+            .compare_exchange(STARTING, ARRIVED, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Boot CPU, when the arrival wait timed out. `true`: given up for good (the CPU's
+    /// `arrive` will fail); `false`: the CPU arrived after all.
+    pub fn abandon(&self) -> bool {
+        self.state
+            .compare_exchange(STARTING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Boot CPU: whether the CPU has left STARTING (arrived, or abandoned).
+    pub fn left_starting(&self) -> bool {
+        self.state.load(Ordering::Acquire) != STARTING
+    }
+
+    /// The started CPU, once its setup is done: idle, ready for work.
+    pub fn ready(&self) {
+        self.state.store(IDLE, Ordering::Release);
+    }
+
+    /// Whether the CPU is up (has called [`ready`](Self::ready)) — idle or working.
+    pub fn is_up(&self) -> bool {
+        matches!(
+            self.state.load(Ordering::Acquire),
+            IDLE | CLAIMED | POSTED | RUNNING
+        )
+    }
+
+    /// Posts `(func, arg)` if the CPU is idle; of several concurrent posters at most one wins.
     pub fn post(&self, func: usize, arg: usize) -> Result<(), Busy> {
-        // Acquire: pairs with `finish`'s Release, so the previous work is over before its words
-        // are overwritten.
         self.state
             .compare_exchange(IDLE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
             .map_err(|_| Busy)?;
-        // Only the CLAIMED holder writes the words; the owner does not read them before POSTED.
         self.func.store(func, Ordering::Relaxed);
         self.arg.store(arg, Ordering::Relaxed);
-        // Release: publishes the two words (and the poster's earlier writes) to `take`.
         self.state.store(POSTED, Ordering::Release);
         Ok(())
     }
 
-    /// The owner CPU: the posted work, if any, which is now RUNNING until [`finish`](Self::finish).
+    /// The CPU: the posted work, if any; it is then RUNNING until [`finish`](Self::finish).
     pub fn take(&self) -> Option<(usize, usize)> {
-        // Acquire: pairs with `post`'s Release store of POSTED.
         if self.state.load(Ordering::Acquire) != POSTED {
             return None;
         }
@@ -76,18 +133,17 @@ impl Mailbox {
             self.func.load(Ordering::Relaxed),
             self.arg.load(Ordering::Relaxed),
         );
-        // Only the owner moves POSTED -> RUNNING; nobody else writes the state until IDLE.
+        // Only the owner CPU moves POSTED on, so this cannot race with another store.
         self.state.store(RUNNING, Ordering::Relaxed);
         Some(work)
     }
 
-    /// The owner CPU: the work taken last has returned.
+    /// The CPU: the work it took has returned.
     pub fn finish(&self) {
-        // Release: publishes everything the work wrote to `is_idle`'s and `post`'s Acquire.
         self.state.store(IDLE, Ordering::Release);
     }
 
-    /// Whether no work is posted or running (the last posted work has finished).
+    /// Whether the CPU is idle: up, with no work posted or running.
     pub fn is_idle(&self) -> bool {
         self.state.load(Ordering::Acquire) == IDLE
     }
@@ -97,12 +153,15 @@ impl Mailbox {
 mod tests {
     extern crate std;
     use super::*;
+    use core::sync::atomic::AtomicU32;
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
 
     #[test]
     fn one_cycle() {
         let m = Mailbox::new();
+        assert!(!m.is_idle(), "offline until its CPU says ready");
+        m.ready();
         assert!(m.is_idle());
         assert_eq!(m.take(), None);
         m.post(10, 20).unwrap();
@@ -124,6 +183,7 @@ mod tests {
     #[test]
     fn racing_posters_each_accepted_post_runs_once() {
         let m = Arc::new(Mailbox::new());
+        m.ready();
         let sum = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicU32::new(0));
         let owner = {

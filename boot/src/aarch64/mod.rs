@@ -15,7 +15,6 @@
 
 pub mod dtb;
 pub mod efi_map;
-pub mod mailbox;
 pub mod map;
 pub use crate::spcr;
 

@@ -18,7 +18,7 @@
 //! In Rust ([`secondary_main`]) it wakes its GIC redistributor and CPU interface and enables its
 //! EL2 timer PPI (`preempt::init_this_cpu`), announces itself, and waits for work with WFE.
 //!
-//! Work hand-off, per CPU: a [`Mailbox`] (`boot::aarch64::mailbox`, host-tested with threads),
+//! Work hand-off, per CPU: a [`Mailbox`] (`boot::smp`, host-tested with threads),
 //! a state word and a one-entry slot:
 //! - [`launch`] claims an idle CPU by CAS (so two launchers cannot both post), writes the slot,
 //!   then publishes it with a **Release** store of POSTED, and wakes the CPU (DSB + SEV);
@@ -40,7 +40,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use boot::BootInfo;
 use boot::aarch64::dtb::{Conduit, MPIDR_AFFINITY_MASK, PSCI_CPU_ON_64};
-use boot::aarch64::mailbox::Mailbox;
+use boot::smp::Mailbox;
 
 pub const MAX_CPUS: usize = 16;
 
@@ -140,7 +140,7 @@ pub struct PerCpu {
     index: AtomicUsize,
     /// MPIDR affinity fields, as the firmware listed the CPU.
     mpidr: AtomicU64,
-    /// Bring-up handshake and work hand-off (`boot::aarch64::mailbox`, which documents the
+    /// Bring-up handshake and work hand-off (`boot::smp`, which documents the
     /// orderings and is host-tested with threads).
     mailbox: Mailbox,
     /// Whether `preempt::init_this_cpu` succeeded on this CPU.

@@ -599,6 +599,8 @@ extern "C" fn x86_64_ap_entry(index: usize) -> ! {
         Err(_) => 2,
     };
     cpu.svm.store(svm, Ordering::Relaxed);
+    // The mailbox takes work from now on (its Release store of IDLE).
+    cpu.mailbox.ready();
     // Release: everything above is visible to the boot CPU's Acquire in `wait_online`.
     cpu.online.store(true, Ordering::Release);
     loop {

@@ -1,7 +1,7 @@
-//! The aarch64 SMP mailbox (`boot::aarch64::mailbox`) with real threads: the bring-up handshake
+//! The SMP mailbox (`boot::smp`) with real threads: the bring-up handshake
 //! and the work hand-off, including races between launchers and between arrival and time-out.
 
-use boot::aarch64::mailbox::{Busy, Mailbox};
+use boot::smp::{Busy, Mailbox};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
