@@ -1013,10 +1013,10 @@ fn main() {
     }
     println!("\nns per call (group), medians of {n} interleaved rounds; every call checked\n");
     println!(
-        "| {:<40} | {:>10} | {:>10} | {:>10} |",
+        "| {:<48} | {:>10} | {:>10} | {:>10} |",
         "row", "map", "unmap", "map+unmap"
     );
-    println!("|{:-<42}|{:-<12}|{:-<12}|{:-<12}|", "", "", "", "");
+    println!("|{:-<50}|{:-<12}|{:-<12}|{:-<12}|", "", "", "", "");
     for (i, (row, name)) in ROWS.iter().enumerate() {
         let (a, b) = (median(&mut samples[i].0), median(&mut samples[i].1));
         let pairs: Vec<f64> = samples[i]
@@ -1033,9 +1033,9 @@ fn main() {
             _ => name.to_string(),
         };
         if *row == Row::Null {
-            println!("| {label:<40} | {a:>10.0} | {:>10} | {:>10} |", "", "");
+            println!("| {label:<48} | {a:>10.0} | {:>10} | {:>10} |", "", "");
         } else {
-            println!("| {label:<40} | {a:>10.0} | {b:>10.0} | {p:>10.0} |");
+            println!("| {label:<48} | {a:>10.0} | {b:>10.0} | {p:>10.0} |");
         }
     }
 
@@ -1114,7 +1114,10 @@ fn callgrind(m: &Machine, row: &str) {
     };
     round(&v, row, true); // builds the tables (the timed rows run with them present)
     let base = m.vtd.counts();
-    let rounds = 20;
+    let rounds: u64 = std::env::var("DISPATCH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
     COLLECT.store(true, Relaxed);
     for _ in 0..rounds {
         round(&v, row, false);
