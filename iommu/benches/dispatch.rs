@@ -1048,7 +1048,7 @@ fn main() {
         },
     )
     .unwrap();
-    let rounds = if q { 3 } else { 9 };
+    let rounds = if q { 5 } else { 15 };
     println!(
         "\nThroughput, map+unmap pairs per microsecond (higher is better), disjoint IOVA ranges;\nmedians of {rounds} alternating 1- and 2-thread rounds; peer: the engine's map/unmap alone\n"
     );
