@@ -886,7 +886,7 @@ fn throughput(
     threads: u32,
     pages: u64,
     pairs: u64,
-) -> f64 {
+) -> Rate {
     // Thread `t` is vCPU `t` of guest A, or vCPU 0 of guest `t`.
     let who = |t: u32| match load {
         Load::TwoGuests => (t as usize, 0),
@@ -903,7 +903,7 @@ fn throughput(
             let (iova, pa) = (iova_base(t) + OFF_CONTIG, HPA_BASE + GPA_CONTIG);
             let mem = m.vtd.mem;
             barrier.wait();
-            start = Instant::now();
+            start = (Instant::now(), on_cpu_ns());
             for _ in 0..pairs {
                 bad += pt
                     .map(mem, iova, pa, len, Prot::READ | Prot::WRITE)
@@ -918,17 +918,17 @@ fn throughput(
             let v = Vcpu::new(m, guest, vcpu);
             let iova = v.base + OFF_CONTIG;
             barrier.wait();
-            start = Instant::now();
+            start = (Instant::now(), on_cpu_ns());
             for _ in 0..pairs {
                 bad += (v.map(iova, GPA_CONTIG, len) != 0) as u64;
                 bad += (v.unmap(iova, len) != 0) as u64;
             }
         }
-        let end = Instant::now();
+        let end = (Instant::now(), on_cpu_ns());
         failures.fetch_add(bad, SeqCst);
-        (start, end)
+        (start.0, end.0, end.1.saturating_sub(start.1))
     };
-    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+    let spans: Vec<(Instant, Instant, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let worker = &worker;
@@ -940,6 +940,7 @@ fn throughput(
     let first = spans.iter().map(|s| s.0).min().unwrap();
     let last = spans.iter().map(|s| s.1).max().unwrap();
     let us = (last - first).as_secs_f64() * 1e6;
+    let cpu_us = spans.iter().map(|s| s.2).sum::<u64>() as f64 / 1e3;
     assert_eq!(failures.load(SeqCst), 0, "{load:?}: a call failed");
     if load == Load::Engine {
         for t in 0..threads {
@@ -957,7 +958,36 @@ fn throughput(
             "{load:?}: one invalidation round per unmap call"
         );
     }
-    (threads as u64 * pairs) as f64 / us
+    let done = (threads as u64 * pairs) as f64;
+    Rate {
+        wall: done / us,
+        cpu: done / cpu_us.max(1e-3),
+        busy: cpu_us / us,
+    }
+}
+
+/// Pairs per microsecond of wall time (first start to last end) and per microsecond of the
+/// threads' own time on a CPU; how many threads were on a CPU on average over the run.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    wall: f64,
+    cpu: f64,
+    busy: f64,
+}
+
+/// Nanoseconds the calling thread has spent on a CPU (`CLOCK_THREAD_CPUTIME_ID`). Time spent
+/// spinning on a lock counts; time the thread waited for a CPU while other processes ran does
+/// not.
+fn on_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call, and
+    // CLOCK_THREAD_CPUTIME_ID is a clock every Linux kernel the bench runs on provides.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1053,12 +1083,20 @@ fn main() {
         "\nThroughput, map+unmap pairs per microsecond (higher is better), disjoint IOVA ranges;\nmedians of {rounds} alternating 1- and 2-thread rounds; peer: the engine's map/unmap alone\n"
     );
     println!(
-        "| {:<44} | {:>9} | {:>9} | {:>8} | {:>8} | {:>11} |",
-        "workload", "1 thread", "2 threads", "scaling", "peer", "vs peer"
+        "| {:<44} | {:>9} | {:>9} | {:>8} | {:>8} | {:>8} | {:>6} | {:>7} | {:>7} |",
+        "workload",
+        "1 thread",
+        "2 threads",
+        "scaling",
+        "peer",
+        "vs peer",
+        "busy",
+        "CPU eff",
+        "peer eff"
     );
     println!(
-        "|{:-<46}|{:-<11}|{:-<11}|{:-<10}|{:-<10}|{:-<13}|",
-        "", "", "", "", "", ""
+        "|{:-<46}|{:-<11}|{:-<11}|{:-<10}|{:-<10}|{:-<10}|{:-<8}|{:-<9}|{:-<9}|",
+        "", "", "", "", "", "", "", "", ""
     );
     for (name, load, pages) in [
         ("4 KiB, one guest, 2 vCPUs on one IOAS", Load::OneGuest, 1),
@@ -1080,29 +1118,45 @@ fn main() {
         } else {
             (pairs, peer_pairs)
         };
-        let (mut one, mut two, mut p1, mut p2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut r: [Vec<Rate>; 4] = Default::default();
         for _ in 0..rounds {
-            one.push(throughput(&m, &pool_pt, load, 1, pages, pairs));
-            p1.push(throughput(&m, &pool_pt, Load::Engine, 1, pages, peer_pairs));
-            two.push(throughput(&m, &pool_pt, load, 2, pages, pairs));
-            p2.push(throughput(&m, &pool_pt, Load::Engine, 2, pages, peer_pairs));
+            r[0].push(throughput(&m, &pool_pt, load, 1, pages, pairs));
+            r[1].push(throughput(&m, &pool_pt, Load::Engine, 1, pages, peer_pairs));
+            r[2].push(throughput(&m, &pool_pt, load, 2, pages, pairs));
+            r[3].push(throughput(&m, &pool_pt, Load::Engine, 2, pages, peer_pairs));
         }
-        let (o, t) = (median(&mut one), median(&mut two));
-        let (po, pt2) = (median(&mut p1), median(&mut p2));
-        let (s, ps) = (t / o, pt2 / po);
+        let wall = |v: &[Rate]| median(&mut v.iter().map(|x| x.wall).collect::<Vec<_>>());
+        let cpu = |v: &[Rate]| median(&mut v.iter().map(|x| x.cpu).collect::<Vec<_>>());
+        let (o, t) = (wall(&r[0]), wall(&r[2]));
+        let (s, ps) = (t / o, wall(&r[3]) / wall(&r[1]));
+        let (e, pe) = (cpu(&r[2]) / cpu(&r[0]), cpu(&r[3]) / cpu(&r[1]));
+        let busy = median(&mut r[2].iter().map(|x| x.busy).collect::<Vec<_>>());
         println!(
-            "| {name:<44} | {o:>9.3} | {t:>9.3} | {s:>7.2}x | {ps:>7.2}x | {:>10.2}x |",
+            "| {name:<44} | {o:>9.3} | {t:>9.3} | {s:>7.2}x | {ps:>7.2}x | {:>7.2}x | {busy:>6.2} | {e:>7.2} | {pe:>7.2} |",
             s / ps
         );
-        println!("bench-scaling: {name} | {o:.4} | {t:.4} | {s:.3} | {ps:.3}");
     }
     println!(
         "\n(peer = the page-table engine's map + unmap + Gather::complete of the same pages on the same"
     );
     println!(
-        " threads, measured in alternation with each row; vs peer = our scaling / the peer's scaling)"
+        " threads, measured in alternation with each workload; vs peer = our scaling / the peer's;"
     );
-    println!("\nbench: every call checked, 0 calls failed");
+    println!(
+        " busy = threads on a CPU on average during the 2-thread runs (their CPU time / wall time): 2.00"
+    );
+    println!(
+        " when both ran the whole time, 1.00 when they took turns; CPU eff = pairs per microsecond of the"
+    );
+    println!(
+        " threads' own CPU time (CLOCK_THREAD_CPUTIME_ID), 2 threads over 1: 1.00 = a pair costs the same"
+    );
+    println!(
+        " CPU time with two threads as with one; spinning on a lock or bouncing cache lines lowers it,"
+    );
+    println!(
+        " other processes taking the CPU do not. It measures contention only when busy is near 2)"
+    );
 }
 
 /// One row in a loop for callgrind: every `dispatch` is inside `cg_dispatch`; prints the units
