@@ -11,13 +11,13 @@
 //! map writes hardware page tables and every unmap ends in an invalidation round.
 //!
 //! The bench checks what it measures, independently of the driver's bookkeeping: every call's
-//! return code (and an unmap's `length` out); after each timed block every IOVA it mapped is
+//! return code (and an unmap's `length` out, a batch's `out_done`); after each timed block every IOVA it mapped is
 //! translated by the fake's own walk (root table latched by SRTP → root entry → context entry →
 //! four levels of second-stage entries, hand-decoded VT-d 4.1 §9.1, §9.3, §9.8 layouts) to the
 //! expected host address, and after the unmaps not at all; the fake counts the IQT writes
 //! (rounds) and the descriptors it executed, and each map must make no round and each unmap call
-//! exactly one (one unit). A first untimed pass also checks that each unmap's page-selective
-//! invalidations cover the unmapped range with the domain's id.
+//! exactly one with one wait (one unit). A first untimed pass also checks that each unmap's IOTLB
+//! invalidations cover the unmapped range, with the domain id of the device's context entry.
 //!
 //! Rows (one guest, one vCPU, edu-like device 00:01.0 attached to the IOAS):
 //! * `null`: an unknown op (ENOTTY), the null hypercall;
@@ -32,10 +32,13 @@
 //! rounds: two vCPUs of one guest on disjoint IOVA ranges of one IOAS; two guests (each its own
 //! IOAS and device, one VT-d unit); and as the peer, in the same run on the same threads, the
 //! page-table engine's own `map`/`unmap` + `Gather::complete` on disjoint ranges of one table.
+//! With each thread's CPU time, to tell a busy host (the threads took turns) from contention
+//! (a pair costs more CPU time with two threads).
 //!
 //! Environment / arguments: `--quick` (or `DISPATCH_BENCH_QUICK=1`) runs fewer rounds;
 //! `DISPATCH_BENCH_ONLY=<row>` runs one row in a loop with every `dispatch` inside
-//! `cg_dispatch` and prints `callgrind: ROW UNITS` (for `valgrind --tool=callgrind
+//! `cg_dispatch` (`DISPATCH_BENCH_ROUNDS` rounds, default 20) and prints `callgrind: ROW N units,
+//! ...` (for `valgrind --tool=callgrind
 //! --toggle-collect='*cg_dispatch*'`, see docs/perf.md).
 #![allow(clippy::unwrap_used)]
 
