@@ -544,6 +544,8 @@ pub fn dispatch(quick: bool, valgrind: bool) -> Result<ExitCode> {
             "bench",
             "-p",
             "iommu",
+            "--features",
+            "testing",
             "--bench",
             "dispatch",
             "--no-run",
