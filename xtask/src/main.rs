@@ -202,3 +202,42 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(args: &[&str]) -> (String, bool, bool, bool) {
+        let cli = Cli::try_parse_from(args).unwrap();
+        match cli.command {
+            Command::Bench {
+                suite,
+                peer,
+                quick,
+                no_valgrind,
+            } => (suite, peer, quick, no_valgrind),
+            _ => panic!("not the bench subcommand"),
+        }
+    }
+
+    #[test]
+    fn bench_dispatch_takes_quick_and_no_valgrind() {
+        assert_eq!(
+            bench_args(&["xtask", "bench", "dispatch", "--quick", "--no-valgrind"]),
+            ("dispatch".into(), false, true, true)
+        );
+        assert_eq!(
+            bench_args(&["xtask", "bench", "dispatch"]),
+            ("dispatch".into(), false, false, false)
+        );
+        // The other suites parse as before.
+        assert_eq!(
+            bench_args(&["xtask", "bench", "hypercall", "--peer"]),
+            ("hypercall".into(), true, false, false)
+        );
+        assert_eq!(
+            bench_args(&["xtask", "bench"]),
+            ("pgtable".into(), false, false, false)
+        );
+    }
+}
