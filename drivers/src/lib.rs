@@ -12,3 +12,4 @@ pub mod pci;
 pub mod pl011;
 pub mod uart16550;
 pub mod vectors;
+pub mod x86_msi;
