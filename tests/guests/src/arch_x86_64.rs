@@ -389,6 +389,11 @@ pub fn timer_arm(ticks: u64) {
     wrmsr(0x838, (ticks / 16).clamp(1, u64::from(u32::MAX)));
 }
 
+/// A fixed interrupt to itself (the x2APIC SELF IPI register, SDM vol 3 §11.12.11).
+pub fn self_ipi(vector: u32) {
+    wrmsr(0x83f, u64::from(vector & 0xff));
+}
+
 pub fn timer_stop() {
     wrmsr(0x838, 0);
 }

@@ -69,6 +69,17 @@ mod exit {
 /// tables), so the guest runner can check that every nested table page came back.
 pub static NPT_MEMORY: IommuMemory = IommuMemory::new();
 
+/// Virtual interrupts injected through EVENTINJ, and VINTR exits (a V_IRQ the guest became
+/// able to take), over every vCPU: the end-of-run report.
+static INJECTED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static VINTR_EXITS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `(injected, VINTR exits)` so far.
+pub fn interrupt_counts() -> (u64, u64) {
+    use core::sync::atomic::Ordering::Relaxed;
+    (INJECTED.load(Relaxed), VINTR_EXITS.load(Relaxed))
+}
+
 /// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
 const EXCEPTION_INTERCEPTS: u32 = 1 << 1 | 1 << 17 | 1 << 18;
 
@@ -298,6 +309,7 @@ impl Svm {
             // Type 0 (external interrupt), valid (bit 31).
             vcpu.vmcb.set_event_injection(u64::from(v) | 1 << 31);
             vcpu.injecting = true;
+            INJECTED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             vcpu.vmcb.set_virtual_irq(None);
         } else {
             vcpu.vmcb.set_virtual_irq(Some(v));
@@ -629,7 +641,10 @@ impl Backend for Svm {
             if vcpu.apic.is_some() {
                 match vcpu.exit.code {
                     // The guest can take the virtual interrupt now: injected at the entry.
-                    exit::VINTR => continue,
+                    exit::VINTR => {
+                        VINTR_EXITS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
                     exit::MSR => match self.apic_msr(vcpu) {
                         Ok(true) => continue,
                         Ok(false) => {}
