@@ -15,6 +15,9 @@
 //!    3 and 200, which it does not own) into the MSI window: no interrupt may reach it;
 //! 6. with `linger=K`: waits K timer periods, counting any interrupt it did not ask for.
 //!
+//! With `bad-msi`, step 1 first programs a message the hypervisor must refuse (remappable
+//! format): no interrupt follows a raise; then the normal flow.
+//!
 //! Every wait is bounded by the timer: a timeout is a failed check, never a hang.
 
 use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -103,7 +106,7 @@ fn dma_idle(bar: u64) -> bool {
 
 pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &str>) -> u32 {
     use hvabi::*;
-    let (mut raises, mut forge, mut linger) = (5u32, false, 0u32);
+    let (mut raises, mut forge, mut linger, mut bad) = (5u32, false, 0u32, false);
     for w in words {
         if let Some(n) = w.strip_prefix("raises=").and_then(|n| n.parse().ok()) {
             raises = n;
@@ -112,6 +115,7 @@ pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &s
             linger = n;
         }
         forge |= w == "forge";
+        bad |= w == "bad-msi";
     }
     let mut n = [0u8; 4];
     arch::read_bytes(start_info + si::OFF_DEVICE_COUNT as u64, &mut n);
@@ -148,6 +152,24 @@ pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &s
     let addr64 = control & 1 << 7 != 0;
     let data_off = if addr64 { cap + 12 } else { cap + 8 };
     let (address, data) = arch::msi_message(apic_id, MSI_VECTOR);
+    if bad {
+        // A message the hypervisor must refuse (a remappable-format address naming IRTE 0,
+        // as if the guest owned an interrupt remapping table): the device's MSI stays off
+        // and a raised interrupt reaches no one.
+        let (forged, _) = arch::forged_msi(0);
+        arch::pci_config_write(me(cap + 4), forged as u32);
+        if addr64 {
+            arch::pci_config_write(me(cap + 8), 0);
+        }
+        arch::pci_config_write(me(data_off), data);
+        arch::pci_config_write16(me(cap), 2, (control as u16 & !(0b111 << 4)) | 1);
+        let before = count(MSI_VECTOR);
+        mmio_write32(bar + edu::IRQ_RAISE, 1);
+        let got = wait_for(|| count(MSI_VECTOR) != before, 50_000_000);
+        mmio_write32(bar + edu::IRQ_ACK, 1);
+        failed += check("refused-msi-no-interrupt", got.into(), 0);
+        arch::pci_config_write16(me(cap), 2, control as u16 & !(0b111 << 4 | 1));
+    }
     arch::pci_config_write(me(cap + 4), address as u32);
     if addr64 {
         arch::pci_config_write(me(cap + 8), (address >> 32) as u32);
