@@ -15,6 +15,9 @@
 //!    3 and 200, which it does not own) into the MSI window: no interrupt may reach it;
 //! 6. with `linger=K`: waits K timer periods, counting any interrupt it did not ask for.
 //!
+//! With `abandon`, it then starts a DMA with its completion interrupt and reads memory that is
+//! not its own, so the hypervisor stops it with its MSI route live.
+//!
 //! With `bad-msi`, step 1 first programs a message the hypervisor must refuse (remappable
 //! format): no interrupt follows a raise; then the normal flow.
 //!
@@ -106,7 +109,8 @@ fn dma_idle(bar: u64) -> bool {
 
 pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &str>) -> u32 {
     use hvabi::*;
-    let (mut raises, mut forge, mut linger, mut bad) = (5u32, false, 0u32, false);
+    let (mut raises, mut forge, mut linger, mut bad, mut abandon) =
+        (5u32, false, 0u32, false, false);
     for w in words {
         if let Some(n) = w.strip_prefix("raises=").and_then(|n| n.parse().ok()) {
             raises = n;
@@ -116,6 +120,7 @@ pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &s
         }
         forge |= w == "forge";
         bad |= w == "bad-msi";
+        abandon |= w == "abandon";
     }
     let mut n = [0u8; 4];
     arch::read_bytes(start_info + si::OFF_DEVICE_COUNT as u64, &mut n);
@@ -299,6 +304,23 @@ pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &s
         failed += check("no-unexpected-interrupt", extra.into(), 0);
     }
     println!("testguest: irq checks: {failed} failed");
+    if abandon {
+        // Stopped with its MSI route live and a DMA whose completion interrupt comes after
+        // the hypervisor has torn it down: that interrupt must reach no one.
+        println!("testguest: starting a DMA with its completion interrupt and abandoning it");
+        dma_start(bar, 0x40000, IOVA, 256, true, true);
+        let mem = u64_at(
+            &{
+                let mut p = [0u8; 16];
+                arch::read_bytes(start_info, &mut p);
+                p
+            },
+            si::OFF_MEM_BYTES,
+        );
+        let v = arch::wild_read(mem + 0x10_0000);
+        println!("testguest: read {v:#x}: the hypervisor let a wild read through");
+        return failed + 1;
+    }
     failed
 }
 
