@@ -10,5 +10,8 @@ pub mod fw_cfg;
 pub mod gicv3;
 pub mod pci;
 pub mod pl011;
+pub mod posted;
 pub mod uart16550;
 pub mod vectors;
+pub mod vlapic;
+pub mod x86_msi;
