@@ -164,6 +164,13 @@ impl GuestIommu {
     /// reported once and the rest counted in the log.
     #[cfg(target_arch = "aarch64")]
     pub fn poll_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
+        if self.model.is_some() {
+            return; // the software model makes no DMA
+        }
+        // Most exits have nothing to drain: then the owner is not taken at all.
+        if !crate::smmu_irq::may_have_events(self.units) {
+            return;
+        }
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
             return;
