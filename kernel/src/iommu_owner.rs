@@ -28,9 +28,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use boot::BootInfo;
+use iommu::gate::{Gate, ReadError, ReadGuard, WriteGuard};
 use iommu::iommufd::backend::{BackendDevice, Ids};
 use iommu::iommufd::{Iommufd, Limits};
-use iommu::gate::{Gate, ReadError, ReadGuard, WriteGuard};
 use spin::{Mutex, Once};
 
 use crate::discovery::{Platform, Unit};
