@@ -378,6 +378,8 @@ pub trait AbiStruct: Sized + Copy + Default {
     fn decode(bytes: &[u8]) -> Self;
 }
 
+/// Byte-wise store of `bytes` at `off`, dropping what falls beyond `out` (the slow path of
+/// `encode` for a short output).
 fn put(out: &mut [u8], off: usize, bytes: &[u8]) {
     for (i, &b) in bytes.iter().enumerate() {
         if let Some(o) = out.get_mut(off + i) {
@@ -386,6 +388,8 @@ fn put(out: &mut [u8], off: usize, bytes: &[u8]) {
     }
 }
 
+/// Byte-wise load of `N` bytes at `off`, zero beyond `b` (the slow path of `decode` for a
+/// short input).
 fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
     let mut a = [0u8; N];
     for (i, x) in a.iter_mut().enumerate() {
@@ -393,6 +397,15 @@ fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
             *x = v;
         }
     }
+    a
+}
+
+/// `N` bytes at the constant offset `off` of a whole struct's bytes: with `S` and `off`
+/// known at compile time the range check folds away, so a field is one load.
+#[inline(always)]
+fn field<const N: usize, const S: usize>(b: &[u8; S], off: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[off..off + N]);
     a
 }
 
@@ -411,9 +424,24 @@ macro_rules! abi_struct {
         impl AbiStruct for $name {
             const SIZE: usize = core::mem::size_of::<$name>();
             fn encode(&self, out: &mut [u8]) {
+                // The whole struct fits (every caller but a short output): one store per field.
+                if let Some(w) = out.first_chunk_mut::<{ core::mem::size_of::<$name>() }>() {
+                    $(
+                        let off = core::mem::offset_of!($name, $f);
+                        w[off..off + core::mem::size_of::<$t>()]
+                            .copy_from_slice(&self.$f.to_le_bytes());
+                    )*
+                    return;
+                }
                 $( put(out, core::mem::offset_of!($name, $f), &self.$f.to_le_bytes()); )*
             }
             fn decode(b: &[u8]) -> Self {
+                // The whole struct is there (every caller but a short input): one load per field.
+                if let Some(w) = b.first_chunk::<{ core::mem::size_of::<$name>() }>() {
+                    return $name {
+                        $( $f: <$t>::from_le_bytes(field(w, core::mem::offset_of!($name, $f))), )*
+                    };
+                }
                 $name { $( $f: <$t>::from_le_bytes(get(b, core::mem::offset_of!($name, $f))), )* }
             }
         }
@@ -954,6 +982,33 @@ mod tests {
         let mut short = [0u8; 5];
         m.encode(&mut short);
         assert_eq!(short, [40, 0, 0, 0, 4]);
+    }
+
+    #[test]
+    fn every_prefix_decodes_as_the_zero_padded_struct() {
+        // `decode` of a whole struct loads fields directly; of a shorter input it goes byte
+        // by byte. Both must agree with the spec rule "fields beyond the input read as zero",
+        // checked against hand-padded bytes; `encode` writes exactly the struct's bytes.
+        let bytes: [u8; 48] = core::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0x5a);
+        for n in 0..=bytes.len() {
+            let mut padded = [0u8; IoasMap::SIZE];
+            let k = n.min(IoasMap::SIZE);
+            padded[..k].copy_from_slice(&bytes[..k]);
+            let want = IoasMap {
+                size: u32::from_le_bytes(padded[0..4].try_into().unwrap()),
+                flags: u32::from_le_bytes(padded[4..8].try_into().unwrap()),
+                ioas_id: u32::from_le_bytes(padded[8..12].try_into().unwrap()),
+                reserved: u32::from_le_bytes(padded[12..16].try_into().unwrap()),
+                gpa: u64::from_le_bytes(padded[16..24].try_into().unwrap()),
+                length: u64::from_le_bytes(padded[24..32].try_into().unwrap()),
+                iova: u64::from_le_bytes(padded[32..40].try_into().unwrap()),
+            };
+            assert_eq!(IoasMap::decode(&bytes[..n]), want, "prefix of {n} bytes");
+            let mut out = [0xeeu8; 48];
+            want.encode(&mut out[..n]);
+            assert_eq!(&out[..k], &padded[..k], "encode into {n} bytes");
+            assert!(out[k..].iter().all(|&b| b == 0xee), "encode into {n} bytes");
+        }
     }
 
     #[test]
