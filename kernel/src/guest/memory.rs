@@ -237,10 +237,11 @@ impl GuestMemory {
         self.locate(gpa, len).is_some()
     }
 
-    fn locate(&self, gpa: u64, len: u64) -> Option<(usize, usize)> {
+    /// The frames holding `[gpa, gpa + len)` and the offset of `gpa` in them.
+    fn locate(&self, gpa: u64, len: u64) -> Option<(&Frames, usize)> {
         let end = gpa.checked_add(len)?;
-        self.regions.iter().enumerate().find_map(|(i, r)| {
-            (gpa >= r.gpa && end <= r.gpa + r.len()).then(|| (i, (gpa - r.gpa) as usize))
+        self.regions.iter().find_map(|r| {
+            (gpa >= r.gpa && end <= r.gpa + r.len()).then(|| (&r.frames, (gpa - r.gpa) as usize))
         })
     }
 
@@ -255,8 +256,8 @@ impl GuestMemory {
             gpa,
             len: out.len() as u64,
         };
-        let (i, off) = self.locate(gpa, out.len() as u64).ok_or(err)?;
-        self.regions[i].frames.read(off, out);
+        let (frames, off) = self.locate(gpa, out.len() as u64).ok_or(err)?;
+        frames.read(off, out);
         Ok(())
     }
 
@@ -266,8 +267,8 @@ impl GuestMemory {
             gpa,
             len: data.len() as u64,
         };
-        let (i, off) = self.locate(gpa, data.len() as u64).ok_or(err)?;
-        self.regions[i].frames.write(off, data);
+        let (frames, off) = self.locate(gpa, data.len() as u64).ok_or(err)?;
+        frames.write(off, data);
         Ok(())
     }
 
