@@ -29,7 +29,9 @@
 //! [`IoasMapBatch::out_done`]).
 //!
 //! Use [`AbiStruct::encode`] and [`AbiStruct::decode`] to move structs to and from guest
-//! memory; they are exact, endian-independent and never panic.
+//! memory; they are exact, endian-independent and never panic. [`AbiStruct::encode_words`]
+//! and [`AbiStruct::decode_words`] give the same bytes as little-endian 64-bit words, for
+//! memory that is read a word at a time (the hypervisor's view of guest RAM).
 #![no_std]
 #![forbid(unsafe_code)]
 
