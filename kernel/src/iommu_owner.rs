@@ -14,15 +14,24 @@
 //! vCPU itself (docs/abi.md §2); guest creation and teardown, fault draining, the ABI scenario
 //! and the driver suites (which borrow a unit from the owner instead of creating one) hold it
 //! exclusively ([`lock`]).
+//!
+//! The owner sits behind a big-reader lock ([`iommu::gate::Gate`], loom-checked in
+//! `iommu/tests/gate_loom.rs`) with one reader slot per physical CPU: a hypercall entering it
+//! writes only its own CPU's cache-padded flag, so vCPUs calling on different CPUs never write
+//! a common word to get in (a `spin::RwLock`'s counter was one cache line every CPU's calls
+//! bounced). The price is on the writer's side, which is rare (bring-up, guest creation and
+//! teardown, a fault drain that has records to read): it raises its flag and waits for every
+//! CPU's reader to leave.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use boot::BootInfo;
+use iommu::gate::{Gate, ReadError, ReadGuard, WriteGuard};
 use iommu::iommufd::backend::{BackendDevice, Ids};
 use iommu::iommufd::{Iommufd, Limits};
-use spin::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use spin::{Mutex, Once};
 
 use crate::discovery::{Platform, Unit};
 use crate::mem::iommu_mem::{IOMMU_MEMORY, IommuMemory};
@@ -81,7 +90,9 @@ pub struct IommuOwner {
     pub address_width: u32,
 }
 
-static OWNER: RwLock<Option<IommuOwner>> = RwLock::new(None);
+/// Reader slot `c` belongs to CPU `c` (`arch::smp::cpu_index`): only code running on that CPU
+/// enters it, and a CPU runs one hypercall at a time.
+static OWNER: Once<Gate<Option<IommuOwner>>> = Once::new();
 /// Why bring-up was refused, if it was: users that need an IOMMU refuse to run without one
 /// rather than run uncontained.
 static REFUSED: Mutex<Option<String>> = Mutex::new(None);
@@ -92,18 +103,28 @@ pub fn refusal() -> Option<String> {
     REFUSED.lock().clone()
 }
 
+fn gate() -> &'static Gate<Option<IommuOwner>> {
+    // Built on first use (bring-up, before any guest or CPU other than the boot CPU runs); the
+    // slots are 16 cache-padded flags from the heap, which exists by then.
+    OWNER.call_once(|| {
+        Gate::new(None, crate::arch::smp::MAX_CPUS).expect("heap for the IOMMU owner's gate")
+    })
+}
+
 /// The owner, locked; `None` inside when the machine has no IOMMU (or bring-up failed: the boot
-/// report says why).
-pub fn lock() -> RwLockWriteGuard<'static, Option<IommuOwner>> {
-    OWNER.write()
+/// report says why). Waits for every CPU's reader to leave; must not be called by a CPU that
+/// holds [`read`].
+pub fn lock() -> WriteGuard<'static, Option<IommuOwner>> {
+    gate().write()
 }
 
 /// The owner, shared: what guests' hypercalls hold while `dispatch` runs (it takes `&Iommufd`
 /// and orders the calls of every vCPU itself, docs/abi.md §2), so several CPUs dispatch at
-/// once. Taking it is one atomic add on the lock word, which every CPU's calls share; the
-/// writers (bring-up, guest creation and teardown, fault draining) exclude them.
-pub fn read() -> RwLockReadGuard<'static, Option<IommuOwner>> {
-    OWNER.read()
+/// once. Taking it writes only this CPU's reader flag; it spins while a writer (bring-up, guest
+/// creation and teardown, a fault drain) is in. `Err(SlotBusy)` if this CPU already holds it
+/// (the owner is never entered twice on one CPU: a nested entry is refused, not a deadlock).
+pub fn read() -> Result<ReadGuard<'static, Option<IommuOwner>>, ReadError> {
+    gate().read(crate::arch::smp::cpu_index())
 }
 
 impl IommuOwner {
@@ -132,7 +153,7 @@ impl IommuOwner {
 /// boot report. A failure is reported and leaves the machine without an owner (no unit is
 /// half-owned: the units brought up so far stay blocking DMA, which is the safe state).
 pub fn bring_up(info: &BootInfo, platform: &Platform) {
-    let mut owner = OWNER.write();
+    let mut owner = lock();
     if owner.is_some() {
         return;
     }

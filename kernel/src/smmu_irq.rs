@@ -69,6 +69,9 @@ struct UnitIrqState {
     /// EVENTQ_IRQEN as last written.
     eventq_enabled: AtomicBool,
     limiter: Mutex<EventRateLimiter>,
+    /// `limiter.limited()` as the last drain left it, for [`may_have_events`], which must not
+    /// take the limiter's lock (a shared write per guest exit).
+    limited: AtomicBool,
 }
 
 impl UnitIrqState {
@@ -83,6 +86,7 @@ impl UnitIrqState {
             drains: AtomicU64::new(0),
             eventq_enabled: AtomicBool::new(false),
             limiter: Mutex::new(EventRateLimiter::new(DEFAULT_LIMIT, 1)),
+            limited: AtomicBool::new(false),
         }
     }
 }
@@ -236,6 +240,55 @@ fn take(flag: &AtomicBool, intid: u32, remote: &AtomicU64) -> bool {
     false
 }
 
+/// Whether any of the first `units` units may have events or global errors to drain, read
+/// without the IOMMU owner and without writing any shared word: a polled unit always may; one
+/// on interrupts only when its event queue or GERROR interrupt was taken (the handler's flag),
+/// is still pending at the distributor, or its rate limiter holds the event interrupt off (the
+/// queue is then drained on every exit). Opens an interrupt window first, so an SPI pending for
+/// this CPU is taken. The guests' fault drain after every exit asks this before taking the
+/// owner exclusively (as x86_64 asks `irq::vtd::may_have_faults`), so exits of vCPUs on
+/// several CPUs do not serialise on the owner when there is nothing to do.
+///
+/// The SPIs target the boot CPU (`install`): there the window takes a pending one, so the flags
+/// say everything. Any other CPU also reads the SPIs' pending state at the distributor: the
+/// boot CPU may be running a guest or idle with interrupts masked, and then only the pending
+/// state shows the interrupt (`drain` clears it there and counts it as remote).
+pub fn may_have_events(units: usize) -> bool {
+    if units > MAX_UNITS {
+        return true;
+    }
+    interrupt_window();
+    // The window takes nothing on a CPU whose GIC CPU interface is not up: then the pending
+    // state is read as on any other CPU.
+    let boot_cpu =
+        crate::arch::smp::cpu_index() == 0 && crate::arch::preempt::this_redistributor().is_some();
+    UNITS.iter().take(units).any(|s| {
+        let (eventq, gerror) = (
+            s.eventq.load(Ordering::Relaxed),
+            s.gerror.load(Ordering::Relaxed),
+        );
+        if eventq == NO_INTID {
+            return true;
+        }
+        // Acquire, as in `take`: the records behind a flag are visible to the drain.
+        if s.event_pending.load(Ordering::Acquire)
+            || s.gerror_pending.load(Ordering::Acquire)
+            || s.limited.load(Ordering::Relaxed)
+        {
+            return true;
+        }
+        if boot_cpu {
+            return false;
+        }
+        let Some((gicd, typer, _)) = crate::arch::preempt::distributor() else {
+            return false;
+        };
+        [eventq, gerror]
+            .into_iter()
+            .any(|intid| spi::is_pending(&gicd, typer, intid).unwrap_or(false))
+    })
+}
+
 /// Writes IRQ_CTRL and waits (bounded) for IRQ_CTRLACK to match (SMMUv3 §6.3).
 fn set_irq_ctrl(mmio: &MmioRegion, bits: IrqCtrl) -> bool {
     mmio.write32(offset::IRQ_CTRL, bits.bits());
@@ -317,6 +370,7 @@ pub fn drain(
             limiter.after_drain(now, u64::from(again.recorded));
         }
     }
+    state.limited.store(limiter.limited(), Ordering::Relaxed);
     Some(poll)
 }
 

@@ -29,7 +29,9 @@
 //! [`IoasMapBatch::out_done`]).
 //!
 //! Use [`AbiStruct::encode`] and [`AbiStruct::decode`] to move structs to and from guest
-//! memory; they are exact, endian-independent and never panic.
+//! memory; they are exact, endian-independent and never panic. [`AbiStruct::encode_words`]
+//! and [`AbiStruct::decode_words`] give the same bytes as little-endian 64-bit words, for
+//! memory that is read a word at a time (the hypervisor's view of guest RAM).
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -376,8 +378,19 @@ pub trait AbiStruct: Sized + Copy + Default {
     fn encode(&self, out: &mut [u8]);
     /// Decodes from `bytes`; fields (or parts) beyond `bytes.len()` read as zero.
     fn decode(bytes: &[u8]) -> Self;
+    /// Encodes into little-endian 64-bit words (word `k` holds bytes `8k..8k + 8` of the
+    /// encoding, byte `8k + i` in bits `8i..8i + 8`); words beyond `out.len()` are dropped.
+    /// The same bytes as [`encode`](Self::encode), without byte-wise stores: on a target that
+    /// may not access memory unaligned (aarch64-unknown-none), a byte buffer is copied and
+    /// decoded one byte at a time.
+    fn encode_words(&self, out: &mut [u64]);
+    /// Decodes from little-endian 64-bit words (as [`encode_words`](Self::encode_words) lays
+    /// them out); words beyond `words.len()` read as zero.
+    fn decode_words(words: &[u64]) -> Self;
 }
 
+/// Byte-wise store of `bytes` at `off`, dropping what falls beyond `out` (the slow path of
+/// `encode` for a short output).
 fn put(out: &mut [u8], off: usize, bytes: &[u8]) {
     for (i, &b) in bytes.iter().enumerate() {
         if let Some(o) = out.get_mut(off + i) {
@@ -386,6 +399,8 @@ fn put(out: &mut [u8], off: usize, bytes: &[u8]) {
     }
 }
 
+/// Byte-wise load of `N` bytes at `off`, zero beyond `b` (the slow path of `decode` for a
+/// short input).
 fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
     let mut a = [0u8; N];
     for (i, x) in a.iter_mut().enumerate() {
@@ -393,6 +408,15 @@ fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
             *x = v;
         }
     }
+    a
+}
+
+/// `N` bytes at the constant offset `off` of a whole struct's bytes: with `S` and `off`
+/// known at compile time the range check folds away, so a field is one load.
+#[inline(always)]
+fn field<const N: usize, const S: usize>(b: &[u8; S], off: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[off..off + N]);
     a
 }
 
@@ -411,10 +435,62 @@ macro_rules! abi_struct {
         impl AbiStruct for $name {
             const SIZE: usize = core::mem::size_of::<$name>();
             fn encode(&self, out: &mut [u8]) {
+                // The whole struct fits (every caller but a short output): one store per field.
+                if let Some(w) = out.first_chunk_mut::<{ core::mem::size_of::<$name>() }>() {
+                    $(
+                        let off = core::mem::offset_of!($name, $f);
+                        w[off..off + core::mem::size_of::<$t>()]
+                            .copy_from_slice(&self.$f.to_le_bytes());
+                    )*
+                    return;
+                }
                 $( put(out, core::mem::offset_of!($name, $f), &self.$f.to_le_bytes()); )*
             }
             fn decode(b: &[u8]) -> Self {
+                // The whole struct is there (every caller but a short input): one load per field.
+                if let Some(w) = b.first_chunk::<{ core::mem::size_of::<$name>() }>() {
+                    return $name {
+                        $( $f: <$t>::from_le_bytes(field(w, core::mem::offset_of!($name, $f))), )*
+                    };
+                }
                 $name { $( $f: <$t>::from_le_bytes(get(b, core::mem::offset_of!($name, $f))), )* }
+            }
+            fn encode_words(&self, out: &mut [u64]) {
+                const WORDS: usize = core::mem::size_of::<$name>() / 8;
+                let mut w = [0u64; WORDS];
+                $(
+                    // A field never straddles two words (natural alignment): its bytes are
+                    // bits 8i.. of word off / 8, i = off % 8. Folded to a shift and an or.
+                    let off = core::mem::offset_of!($name, $f);
+                    let mut b = w[off / 8].to_le_bytes();
+                    b[off % 8..off % 8 + core::mem::size_of::<$t>()]
+                        .copy_from_slice(&self.$f.to_le_bytes());
+                    w[off / 8] = u64::from_le_bytes(b);
+                )*
+                match out.first_chunk_mut::<WORDS>() {
+                    Some(o) => *o = w,
+                    None => {
+                        let n = out.len();
+                        out.copy_from_slice(&w[..n]);
+                    }
+                }
+            }
+            fn decode_words(words: &[u64]) -> Self {
+                const WORDS: usize = core::mem::size_of::<$name>() / 8;
+                let mut padded = [0u64; WORDS];
+                let w = match words.first_chunk::<WORDS>() {
+                    Some(w) => w,
+                    None => {
+                        padded[..words.len()].copy_from_slice(words);
+                        &padded
+                    }
+                };
+                $name {
+                    $( $f: <$t>::from_le_bytes(field(
+                        &w[core::mem::offset_of!($name, $f) / 8].to_le_bytes(),
+                        core::mem::offset_of!($name, $f) % 8,
+                    )), )*
+                }
             }
         }
 
@@ -954,6 +1030,71 @@ mod tests {
         let mut short = [0u8; 5];
         m.encode(&mut short);
         assert_eq!(short, [40, 0, 0, 0, 4]);
+    }
+
+    #[test]
+    fn every_prefix_decodes_as_the_zero_padded_struct() {
+        // `decode` of a whole struct loads fields directly; of a shorter input it goes byte
+        // by byte. Both must agree with the spec rule "fields beyond the input read as zero",
+        // checked against hand-padded bytes; `encode` writes exactly the struct's bytes.
+        let bytes: [u8; 48] = core::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0x5a);
+        for n in 0..=bytes.len() {
+            let mut padded = [0u8; IoasMap::SIZE];
+            let k = n.min(IoasMap::SIZE);
+            padded[..k].copy_from_slice(&bytes[..k]);
+            let want = IoasMap {
+                size: u32::from_le_bytes(padded[0..4].try_into().unwrap()),
+                flags: u32::from_le_bytes(padded[4..8].try_into().unwrap()),
+                ioas_id: u32::from_le_bytes(padded[8..12].try_into().unwrap()),
+                reserved: u32::from_le_bytes(padded[12..16].try_into().unwrap()),
+                gpa: u64::from_le_bytes(padded[16..24].try_into().unwrap()),
+                length: u64::from_le_bytes(padded[24..32].try_into().unwrap()),
+                iova: u64::from_le_bytes(padded[32..40].try_into().unwrap()),
+            };
+            assert_eq!(IoasMap::decode(&bytes[..n]), want, "prefix of {n} bytes");
+            let mut out = [0xeeu8; 48];
+            want.encode(&mut out[..n]);
+            assert_eq!(&out[..k], &padded[..k], "encode into {n} bytes");
+            assert!(out[k..].iter().all(|&b| b == 0xee), "encode into {n} bytes");
+        }
+    }
+
+    #[test]
+    fn words_are_the_little_endian_bytes() {
+        // The word codec must give exactly the byte codec's bytes, word k = bytes 8k..8k+8
+        // little-endian, for whole, short and long word buffers.
+        let m = IoasMap {
+            size: 40,
+            flags: 0x8000_0003,
+            ioas_id: 0x0102_0304,
+            reserved: 0xdead_beef,
+            gpa: 0x1122_3344_5566_7788,
+            length: 0x1000,
+            iova: u64::MAX - 1,
+        };
+        let mut b = [0u8; IoasMap::SIZE];
+        m.encode(&mut b);
+        let want: [u64; 5] =
+            core::array::from_fn(|k| u64::from_le_bytes(b[8 * k..8 * k + 8].try_into().unwrap()));
+        assert_eq!(want[0], 0x8000_0003_0000_0028);
+        assert_eq!(want[1], 0xdead_beef_0102_0304);
+        for n in 0..=7 {
+            let mut out = [0xeeee_eeee_eeee_eeeeu64; 7];
+            m.encode_words(&mut out[..n]);
+            let k = n.min(5);
+            assert_eq!(&out[..k], &want[..k], "encode into {n} words");
+            assert!(out[k..].iter().all(|&w| w == 0xeeee_eeee_eeee_eeee));
+            let mut bytes = [0u8; 56];
+            for (i, w) in out[..n].iter().enumerate() {
+                bytes[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            assert_eq!(
+                IoasMap::decode_words(&out[..n]),
+                IoasMap::decode(&bytes[..8 * k]),
+                "decode of {n} words"
+            );
+        }
+        assert_eq!(IoasMap::decode_words(&want), m);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use hvabi::{
     MAX_ARG_SIZE, MAX_BATCH, cap, errno, kind, op, reason,
 };
 
-use super::marshal::reserved_nonzero;
+use super::marshal::{owns_array, reserved_nonzero};
 use super::object::{Guest, Object};
 use super::{
     Cx, Error, GuestCell, GuestId, GuestMemory, HwRef, IommuHw, Iommufd, MAX_ALLOWED_IOVAS,
@@ -135,11 +135,11 @@ impl<H: IommuHw> Iommufd<H> {
         let hw_slot = guest as usize * self.limits.max_vcpus as usize + vcpu as usize;
         let r = match read_args(mem, op, args_gpa) {
             Err(e) => Err(e),
-            Ok((buf, v1)) if op == op::GET_LAST_ERROR => with(
+            Ok(mut buf) if op == op::GET_LAST_ERROR => with(
                 &mut (),
                 mem,
                 args_gpa,
-                &buf[..v1],
+                &mut buf,
                 never,
                 |_, a: &mut LastError| {
                     if a.flags != 0 {
@@ -153,16 +153,16 @@ impl<H: IommuHw> Iommufd<H> {
                     Ok(())
                 },
             ),
-            Ok((buf, v1)) if fast_path(op) => {
+            Ok(mut buf) if fast_path(op) => {
                 let (hw, g) = self.enter_fast(cell, guest, vcpu)?;
                 let mut rx = Rx {
                     hw: &*hw,
                     g: &g,
                     vcpu,
                 };
-                rx.run(mem, op, args_gpa, &buf[..v1])
+                rx.run(mem, op, args_gpa, &mut buf)
             }
-            Ok((buf, v1)) => {
+            Ok(mut buf) => {
                 // Lock order: the guest's gate, then the hardware's (fast paths never wait while
                 // holding either; a shared entry below never waits holding its slot).
                 let mut g = cell.gate.write();
@@ -175,7 +175,7 @@ impl<H: IommuHw> Iommufd<H> {
                         fail: self.fail.as_deref(),
                         vcpu,
                     };
-                    cx.run(mem, op, args_gpa, &buf[..v1])
+                    cx.run(mem, op, args_gpa, &mut buf)
                 } else {
                     let hw = self.hw.read(hw_slot).map_err(slot_error)?;
                     let mut cx = Cx {
@@ -185,7 +185,7 @@ impl<H: IommuHw> Iommufd<H> {
                         fail: self.fail.as_deref(),
                         vcpu,
                     };
-                    cx.run(mem, op, args_gpa, &buf[..v1])
+                    cx.run(mem, op, args_gpa, &mut buf)
                 }
             }
         };
@@ -230,28 +230,52 @@ fn never(_: &Error) -> bool {
     false
 }
 
-/// Steps 1-5 of the module docs: the v1 bytes of the argument struct, and its size.
-fn read_args(mem: &dyn GuestMemory, op: u32, gpa: u64) -> Result<([u8; BUF], usize), Error> {
+/// The argument struct, as little-endian 64-bit words (every v1 size is a multiple of 8):
+/// read into the front, decoded, and encoded back from there (no second buffer). Words, not
+/// bytes: on aarch64-unknown-none (strict alignment) a byte buffer is copied and decoded one
+/// byte at a time.
+type ArgBuf = [u64; BUF / 8];
+
+/// Steps 1-5 of the module docs: the v1 bytes of the argument struct (at the front).
+///
+/// One guest-memory read in the common case: when the whole v1 struct is writable guest
+/// memory, `size` and the struct come from one copy (a single snapshot, too, of memory another
+/// vCPU may be writing). Otherwise the steps run one by one, so every error is the one the
+/// rules name (a `size` word that is guest memory but a struct that is not: EINVAL if `size`
+/// is short, EFAULT if not).
+fn read_args(mem: &dyn GuestMemory, op: u32, gpa: u64) -> Result<ArgBuf, Error> {
     let Some(v1) = op::arg_size(op) else {
         return Err(Error::new(errno::ENOTTY, reason::UNKNOWN_OP));
     };
-    let mut size = [0u8; 4];
-    if !mem.owns(gpa, 4, true) {
-        return Err(fault());
-    }
-    mem.read(gpa, &mut size).map_err(|_| fault())?;
-    let size = u32::from_le_bytes(size);
+    let mut buf = [0u64; BUF / 8];
+    let whole = owns_array(mem, gpa, v1 as u64);
+    let size = if whole {
+        mem.read_words(gpa, &mut buf[..v1 / 8])
+            .map_err(|_| fault())?;
+        // `size` is the first four bytes: the low half of the first word.
+        buf[0] as u32
+    } else {
+        let mut size = [0u8; 4];
+        if !mem.owns(gpa, 4, true) {
+            return Err(fault());
+        }
+        mem.read(gpa, &mut size).map_err(|_| fault())?;
+        u32::from_le_bytes(size)
+    };
     if (size as usize) < v1 {
         return Err(Error::new(errno::EINVAL, reason::ARG_TOO_SHORT));
     }
     if size > MAX_ARG_SIZE {
         return Err(Error::new(errno::E2BIG, reason::ARG_TRAILING_NONZERO));
     }
-    if gpa.checked_add(size as u64).is_none() || !mem.owns(gpa, size as u64, true) {
+    // `[gpa, gpa + v1)` was checked above when `whole`; a longer struct needs the rest too.
+    if (!whole || size as usize > v1) && !owns_array(mem, gpa, size as u64) {
         return Err(fault());
     }
-    let mut buf = [0u8; BUF];
-    mem.read(gpa, &mut buf[..v1]).map_err(|_| fault())?;
+    if !whole {
+        mem.read_words(gpa, &mut buf[..v1 / 8])
+            .map_err(|_| fault())?;
+    }
     let mut off = v1 as u64;
     // At most MAX_ARG_SIZE / BUF chunks.
     while off < size as u64 {
@@ -263,38 +287,43 @@ fn read_args(mem: &dyn GuestMemory, op: u32, gpa: u64) -> Result<([u8; BUF], usi
         }
         off += n as u64;
     }
-    Ok((buf, v1))
+    Ok(buf)
 }
 
-/// Decodes `T`, runs `f`, writes `T` back on success (and on the errors `write_on_err`
-/// selects).
+/// Decodes `T` from `buf`, runs `f`, writes `T` back on success (and on the errors
+/// `write_on_err` selects), encoded into the same buffer.
 fn with<C, T: AbiStruct>(
     cx: &mut C,
     mem: &dyn GuestMemory,
     gpa: u64,
-    bytes: &[u8],
+    buf: &mut ArgBuf,
     write_on_err: fn(&Error) -> bool,
     f: impl FnOnce(&mut C, &mut T) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let mut a = T::decode(bytes);
+    let words = &mut buf[..T::SIZE.min(BUF) / 8];
+    let mut a = T::decode_words(words);
     let r = f(cx, &mut a);
     let write = match &r {
         Ok(()) => true,
         Err(e) => write_on_err(e),
     };
     if write {
-        let mut out = [0u8; BUF];
-        let out = &mut out[..T::SIZE.min(BUF)];
-        a.encode(out);
+        a.encode_words(words);
         // The range was checked writable before the call.
-        mem.write(gpa, out).map_err(|_| fault())?;
+        mem.write_words(gpa, words).map_err(|_| fault())?;
     }
     r
 }
 
 impl<H: IommuHw> Rx<'_, H> {
     /// The fast-path ops.
-    fn run(&mut self, mem: &dyn GuestMemory, op: u32, gpa: u64, b: &[u8]) -> Result<(), Error> {
+    fn run(
+        &mut self,
+        mem: &dyn GuestMemory,
+        op: u32,
+        gpa: u64,
+        b: &mut ArgBuf,
+    ) -> Result<(), Error> {
         match op {
             op::IOAS_MAP => with(self, mem, gpa, b, never, |cx, a: &mut IoasMap| {
                 if a.reserved != 0 {
@@ -328,7 +357,13 @@ impl<H: IommuHw> Rx<'_, H> {
 
 impl<H: IommuHw> Cx<'_, H> {
     /// The control ops.
-    fn run(&mut self, mem: &dyn GuestMemory, op: u32, gpa: u64, b: &[u8]) -> Result<(), Error> {
+    fn run(
+        &mut self,
+        mem: &dyn GuestMemory,
+        op: u32,
+        gpa: u64,
+        b: &mut ArgBuf,
+    ) -> Result<(), Error> {
         match op {
             op::GET_INFO => with(self, mem, gpa, b, never, |cx, a: &mut GetInfo| {
                 cx.get_info(a)

@@ -23,12 +23,13 @@ pub(crate) fn owns_array(mem: &dyn GuestMemory, gpa: u64, bytes: u64) -> bool {
 }
 
 /// Reads an array element or other fixed-size struct from guest memory.
+/// In 64-bit words (every ABI struct is a multiple of 8 bytes): see `dispatch::ArgBuf`.
 pub(crate) fn read_struct<T: AbiStruct>(mem: &dyn GuestMemory, gpa: u64) -> Result<T, Error> {
-    let mut buf = [0u8; 64];
-    let b = &mut buf[..T::SIZE.min(64)];
-    mem.read(gpa, b)
+    let mut buf = [0u64; 8];
+    let w = &mut buf[..T::SIZE.min(64) / 8];
+    mem.read_words(gpa, w)
         .map_err(|_| Error::new(errno::EFAULT, reason::ARRAY_FAULT))?;
-    Ok(T::decode(b))
+    Ok(T::decode_words(w))
 }
 
 /// Writes an array element or other fixed-size struct to guest memory.
@@ -37,9 +38,9 @@ pub(crate) fn write_struct<T: AbiStruct>(
     gpa: u64,
     v: &T,
 ) -> Result<(), Error> {
-    let mut buf = [0u8; 64];
-    let b = &mut buf[..T::SIZE.min(64)];
-    v.encode(b);
-    mem.write(gpa, b)
+    let mut buf = [0u64; 8];
+    let w = &mut buf[..T::SIZE.min(64) / 8];
+    v.encode_words(w);
+    mem.write_words(gpa, w)
         .map_err(|_| Error::new(errno::EFAULT, reason::ARRAY_FAULT))
 }

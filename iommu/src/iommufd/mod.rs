@@ -200,6 +200,42 @@ pub trait GuestMemory {
     /// The host-physical address of `gpa` and how many bytes from `gpa` on are contiguous in
     /// host memory (at least to the end of `gpa`'s page).
     fn translate(&self, gpa: u64) -> Option<HostRun>;
+
+    /// Reads `buf.len()` little-endian 64-bit words from `gpa` (any alignment): the bytes
+    /// `read` would give, word `k` from bytes `8k..8k + 8`. What the argument structs are read
+    /// with (`hvabi::AbiStruct::decode_words`); a backend whose memory is words (the
+    /// hypervisor's) copies them without going through bytes.
+    fn read_words(&self, gpa: u64, buf: &mut [u64]) -> Result<(), MemFault> {
+        // Eight words (one struct) per `read`, so a range that is not all guest memory fails
+        // as one access, as `read` of the bytes would.
+        let mut bytes = [0u8; 64];
+        for (k, chunk) in buf.chunks_mut(8).enumerate() {
+            let at = gpa.checked_add(64 * k as u64).ok_or(MemFault)?;
+            let b = &mut bytes[..8 * chunk.len()];
+            self.read(at, b)?;
+            for (w, c) in chunk.iter_mut().zip(b.chunks_exact(8)) {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(c);
+                *w = u64::from_le_bytes(x);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` as little-endian 64-bit words at `gpa` (any alignment), as
+    /// [`read_words`](Self::read_words) reads them; up to eight words (one struct) are one
+    /// `write`, all or nothing.
+    fn write_words(&self, gpa: u64, buf: &[u64]) -> Result<(), MemFault> {
+        let mut bytes = [0u8; 64];
+        for (k, chunk) in buf.chunks(8).enumerate() {
+            let at = gpa.checked_add(64 * k as u64).ok_or(MemFault)?;
+            for (w, c) in chunk.iter().zip(bytes.chunks_exact_mut(8)) {
+                c.copy_from_slice(&w.to_le_bytes());
+            }
+            self.write(at, &bytes[..8 * chunk.len()])?;
+        }
+        Ok(())
+    }
 }
 
 /// Limits of one object model instance.

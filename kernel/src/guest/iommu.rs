@@ -10,6 +10,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use iommu::gate::Gate;
 use iommu::iommufd::sim::SimHw;
 use iommu::iommufd::{GuestId, Iommufd, Limits, dispatch};
 
@@ -24,8 +25,9 @@ pub struct GuestIommu {
     devices: Vec<usize>,
     /// With no IOMMU hardware and `guest-iommu=model` (Bochs): the ABI v1 calls run on the
     /// software IOMMU model instead of the owner's object model, page tables in heap memory;
-    /// no device can be assigned then (nothing would contain its DMA).
-    model: Option<spin::RwLock<Iommufd<SimHw>>>,
+    /// no device can be assigned then (nothing would contain its DMA). Behind a big-reader
+    /// gate with one slot per physical CPU, as the owner is (`iommu_owner.rs`).
+    model: Option<Gate<Iommufd<SimHw>>>,
 }
 
 /// Table pages of the software model's pool: enough for the domains of a few IOASes (no device
@@ -88,7 +90,10 @@ impl GuestIommu {
             units: 0,
             mode: "software IOMMU model(s)",
             devices: Vec::new(),
-            model: Some(spin::RwLock::new(fd)),
+            model: Some(
+                Gate::new(fd, crate::arch::smp::MAX_CPUS)
+                    .ok_or("out of heap for the software model's gate")?,
+            ),
         })
     }
 
@@ -159,6 +164,13 @@ impl GuestIommu {
     /// reported once and the rest counted in the log.
     #[cfg(target_arch = "aarch64")]
     pub fn poll_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
+        if self.model.is_some() {
+            return; // the software model makes no DMA
+        }
+        // Most exits have nothing to drain: then the owner is not taken at all.
+        if !crate::smmu_irq::may_have_events(self.units) {
+            return;
+        }
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
             return;
@@ -205,11 +217,17 @@ impl GuestIommu {
         vcpu: u32,
     ) -> i64 {
         if let Some(fd) = &self.model {
-            return dispatch(&fd.read(), guest, vcpu, mem, op, args_gpa);
+            return match fd.read(crate::arch::smp::cpu_index()) {
+                Ok(fd) => dispatch(&fd, guest, vcpu, mem, op, args_gpa),
+                Err(_) => -i64::from(hvabi::errno::EBUSY),
+            };
         }
-        match iommu_owner::read().as_ref() {
-            Some(o) => dispatch(&o.fd, guest, vcpu, mem, op, args_gpa),
-            None => -i64::from(hvabi::errno::EOPNOTSUPP),
+        match iommu_owner::read().as_deref() {
+            Ok(Some(o)) => dispatch(&o.fd, guest, vcpu, mem, op, args_gpa),
+            Ok(None) => -i64::from(hvabi::errno::EOPNOTSUPP),
+            // This CPU is already inside the owner (never on the exit path): refused, as
+            // `dispatch` refuses a vCPU slot entered twice.
+            Err(_) => -i64::from(hvabi::errno::EBUSY),
         }
     }
 

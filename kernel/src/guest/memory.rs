@@ -122,6 +122,39 @@ impl Frames {
         }
     }
 
+    /// Loads `out.len()` little-endian words from offset `off` (bounds checked by the caller):
+    /// one atomic load each when `off` is 8-aligned (argument structs are, in practice),
+    /// through [`Frames::read`] otherwise.
+    pub fn read_words(&self, off: usize, out: &mut [u64]) {
+        if !off.is_multiple_of(8) {
+            let mut b = [0u8; 8];
+            for (k, w) in out.iter_mut().enumerate() {
+                self.read(off + 8 * k, &mut b);
+                *w = u64::from_le_bytes(b);
+            }
+            return;
+        }
+        let words = &self.words()[off / 8..off / 8 + out.len()];
+        for (w, src) in out.iter_mut().zip(words) {
+            *w = src.load(Relaxed);
+        }
+    }
+
+    /// Stores little-endian words at offset `off` (bounds checked by the caller): one atomic
+    /// store each when `off` is 8-aligned, through [`Frames::write`] otherwise.
+    pub fn write_words(&self, off: usize, data: &[u64]) {
+        if !off.is_multiple_of(8) {
+            for (k, w) in data.iter().enumerate() {
+                self.write(off + 8 * k, &w.to_le_bytes());
+            }
+            return;
+        }
+        let words = &self.words()[off / 8..off / 8 + data.len()];
+        for (dst, &w) in words.iter().zip(data) {
+            dst.store(w, Relaxed);
+        }
+    }
+
     /// Copies `data` to offset `off` (bounds checked by the caller). Whole words are stored;
     /// partial words are merged with compare-and-swap so that a concurrent writer of the other
     /// bytes of the word is never undone.
@@ -237,10 +270,11 @@ impl GuestMemory {
         self.locate(gpa, len).is_some()
     }
 
-    fn locate(&self, gpa: u64, len: u64) -> Option<(usize, usize)> {
+    /// The frames holding `[gpa, gpa + len)` and the offset of `gpa` in them.
+    fn locate(&self, gpa: u64, len: u64) -> Option<(&Frames, usize)> {
         let end = gpa.checked_add(len)?;
-        self.regions.iter().enumerate().find_map(|(i, r)| {
-            (gpa >= r.gpa && end <= r.gpa + r.len()).then(|| (i, (gpa - r.gpa) as usize))
+        self.regions.iter().find_map(|r| {
+            (gpa >= r.gpa && end <= r.gpa + r.len()).then(|| (&r.frames, (gpa - r.gpa) as usize))
         })
     }
 
@@ -255,8 +289,8 @@ impl GuestMemory {
             gpa,
             len: out.len() as u64,
         };
-        let (i, off) = self.locate(gpa, out.len() as u64).ok_or(err)?;
-        self.regions[i].frames.read(off, out);
+        let (frames, off) = self.locate(gpa, out.len() as u64).ok_or(err)?;
+        frames.read(off, out);
         Ok(())
     }
 
@@ -266,8 +300,8 @@ impl GuestMemory {
             gpa,
             len: data.len() as u64,
         };
-        let (i, off) = self.locate(gpa, data.len() as u64).ok_or(err)?;
-        self.regions[i].frames.write(off, data);
+        let (frames, off) = self.locate(gpa, data.len() as u64).ok_or(err)?;
+        frames.write(off, data);
         Ok(())
     }
 
@@ -286,6 +320,22 @@ impl iommu::iommufd::GuestMemory for GuestMemory {
 
     fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), iommu::iommufd::MemFault> {
         GuestMemory::write(self, gpa, buf).map_err(|_| iommu::iommufd::MemFault)
+    }
+
+    fn read_words(&self, gpa: u64, buf: &mut [u64]) -> Result<(), iommu::iommufd::MemFault> {
+        let (frames, off) = self
+            .locate(gpa, 8 * buf.len() as u64)
+            .ok_or(iommu::iommufd::MemFault)?;
+        frames.read_words(off, buf);
+        Ok(())
+    }
+
+    fn write_words(&self, gpa: u64, buf: &[u64]) -> Result<(), iommu::iommufd::MemFault> {
+        let (frames, off) = self
+            .locate(gpa, 8 * buf.len() as u64)
+            .ok_or(iommu::iommufd::MemFault)?;
+        frames.write_words(off, buf);
+        Ok(())
     }
 
     fn owns(&self, gpa: u64, len: u64, _write: bool) -> bool {

@@ -1097,7 +1097,7 @@ fn handle<B: Backend>(
                 }
                 // ABI v1 (docs/abi.md): the guest's own objects, its own memory. Without an
                 // IOMMU on the machine a valid op is EOPNOTSUPP; an unknown op is ENOTTY.
-                o if op::ALL.contains(&o) => match (c.iommu.as_ref(), r.iommu_guest) {
+                o if op::arg_size(o).is_some() => match (c.iommu.as_ref(), r.iommu_guest) {
                     (Some(fd), Some(id)) => fd.call(id, &r.memory, o, regs.args[0], vcpu) as u64,
                     _ => errno_result(errno::EOPNOTSUPP),
                 },

@@ -98,6 +98,12 @@ fn cmd_ex_fail() {
     env.mem.write(end_of_ram, &bytes).unwrap();
     let mut c = env.c();
     assert_eq!(c.raw(op::IOAS_ALLOC, end_of_ram), -(errno::EFAULT as i64));
+    // There, a `size` word in RAM that is too short is EINVAL even though the v1 struct would
+    // run past RAM: the size is checked before the range it claims (steps 2-4).
+    env.mem.write(end_of_ram, &8u32.to_le_bytes()).unwrap();
+    let mut c = env.c();
+    assert_eq!(c.raw(op::IOAS_ALLOC, end_of_ram), -(errno::EINVAL as i64));
+    assert_eq!(c.last_error().out_reason, reason::ARG_TOO_SHORT);
     // Reserved fields and unknown flags.
     let a = IoasAlloc {
         reserved: 1,
