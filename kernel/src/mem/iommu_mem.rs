@@ -19,10 +19,14 @@
 //! device; that comes from `Mmio::dma_rmb` after the register that announces the write.
 //!
 //! Reclamation: [`TableMemory::retire_table`] must delay reuse until no CPU can still be inside
-//! an engine call that saw the table. Today exactly one CPU runs IOMMU code (the boot CPU; vCPUs
-//! arrive with the guest issue), so once the caller's invalidation has completed no walker
-//! remains and the frame goes straight back to the free list. When secondary CPUs exist this
-//! becomes a per-CPU deferred list released at each CPU's next quiescent point (VM entry).
+//! an engine call that saw the table. Several CPUs run IOMMU code (guests' vCPUs call
+//! IOAS_MAP/UNMAP at once), but the engine only walks an unlinked table when two calls race on
+//! overlapping ranges of one page table, and no caller can: the hypervisor's own domains change
+//! under the IOMMU owner exclusively, and guests reach a table only through an IOAS whose area
+//! claims fail an overlapping MAP/UNMAP before it reaches the engine (docs/abi.md §2). So once
+//! the caller's invalidation has completed no walker remains and the frame goes straight back to
+//! the free list. A caller that could race on overlapping ranges would need a deferred list
+//! released at each CPU's next quiescent point (VM entry).
 
 use super::frame::{FrameAllocator, PAGE_SIZE};
 use super::phys::{self, Frames};
@@ -100,7 +104,12 @@ impl TableMemory for IommuMemory {
     }
 
     fn retire_table(&self, pa: PhysAddr, bytes: usize) {
-        // One CPU runs IOMMU code (see the module docs): the grace period has already elapsed.
+        // No grace period is needed: every engine call on a table comes either from the
+        // hypervisor's own domains (control paths, under the IOMMU owner exclusively) or through
+        // an IOAS, whose area claims admit concurrent MAP/UNMAP calls only on disjoint IOVA
+        // ranges (docs/abi.md §2; overlapping calls fail before they reach the engine). Under the
+        // engine's disjoint-range contract no CPU can be walking a table that was unlinked
+        // (`TableMemory::retire_table`), so the area may be reused at once.
         self.free_table(pa, bytes);
     }
 
