@@ -12,3 +12,12 @@ pub mod pci;
 pub mod pl011;
 pub mod uart16550;
 pub mod vectors;
+/// The atomics `vectors` is written against; `tests/vectors_loom.rs` compiles `vectors.rs`
+/// against loom's instead.
+mod vectors_sync {
+    pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, fence};
+    #[inline(always)]
+    pub(crate) fn spin() {
+        core::hint::spin_loop();
+    }
+}
