@@ -46,6 +46,7 @@ mod fault_events_sync {
                     self.0.swap(v, order);
                 }
 
+                #[allow(dead_code)] // AtomicU32 has no swap caller
                 pub fn swap(&self, v: $t, order: Ordering) -> $t {
                     self.0.swap(v, order)
                 }

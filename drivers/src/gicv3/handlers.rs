@@ -81,7 +81,6 @@ pub struct HandlerTable<const N: usize> {
     spurious: AtomicU64,
 }
 
-#[cfg(not(loom))]
 impl<const N: usize> Default for HandlerTable<N> {
     fn default() -> Self {
         Self::new()
