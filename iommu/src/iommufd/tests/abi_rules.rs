@@ -69,6 +69,14 @@ fn dirty_bits_survive_disable() {
     env.teardown();
 }
 
+/// `got` failed with `err` and GET_LAST_ERROR names `why` with `value`.
+#[track_caller]
+fn failed_with(got: Result<u32, u32>, c: &mut Client<'_, SimHw>, err: u32, why: u32, value: u64) {
+    assert_eq!(got, Err(err));
+    let le = c.last_error();
+    assert_eq!((le.out_reason, le.out_value), (why, value));
+}
+
 /// RESERVED_IN_ALLOWED names the reserved range (here: the IOVA above device I's 39-bit
 /// aperture, from 2^39), not the allowed range it would cover, on the HWPT path as on the
 /// attach path.
@@ -80,18 +88,10 @@ fn reserved_in_allowed_reports_the_reserved_start() {
     let ioas = c.ioas_alloc().unwrap();
     c.allow_iovas(ioas, &[(1 << 40, (1 << 40) + PG - 1)])
         .unwrap();
-    assert_eq!(c.hwpt_alloc(di, ioas, 0), Err(errno::EADDRINUSE));
-    let le = c.last_error();
-    assert_eq!(
-        (le.out_reason, le.out_value),
-        (reason::RESERVED_IN_ALLOWED, 1 << 39)
-    );
-    assert_eq!(c.attach(di, ioas), Err(errno::EADDRINUSE));
-    let le = c.last_error();
-    assert_eq!(
-        (le.out_reason, le.out_value),
-        (reason::RESERVED_IN_ALLOWED, 1 << 39)
-    );
+    // Each call's LAST_ERROR is read before the next call replaces it.
+    let (e, r) = (errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED);
+    failed_with(c.hwpt_alloc(di, ioas, 0), &mut c, e, r, 1 << 39);
+    failed_with(c.attach(di, ioas), &mut c, e, r, 1 << 39);
     env.teardown();
 }
 
@@ -107,11 +107,12 @@ fn mapping_outside_aperture_is_eaddrinuse() {
     c.map_fixed(ioas, 1 << 40, 0, PG).unwrap();
     let before = env.snapshot();
     let mut c = env.c();
-    assert_eq!(c.hwpt_alloc(di, ioas, 0), Err(errno::EADDRINUSE));
-    let le = c.last_error();
-    assert_eq!(
-        (le.out_reason, le.out_value),
-        (reason::MAPPING_OUTSIDE_APERTURE, 1 << 40)
+    failed_with(
+        c.hwpt_alloc(di, ioas, 0),
+        &mut c,
+        errno::EADDRINUSE,
+        reason::MAPPING_OUTSIDE_APERTURE,
+        1 << 40,
     );
     assert_eq!(c.attach(di, ioas), Err(errno::EADDRINUSE));
     let le = c.last_error();
