@@ -9,7 +9,13 @@
 //! slot's INTID is published, and the models check that a dispatch never finds a published slot
 //! without its entry. Each model prints how many executions loom explored and fails below its
 //! floor (`FLOOR_*`, about half the count observed when the floor was set).
+//!
+//! Unbounded (no preemption bound) these models also pass, exhaustively, in under a second
+//! (executions: two registrations 36, register vs dispatch 9).
 #![cfg(loom)]
+
+#[path = "../../iommu/tests/loom_support/mod.rs"]
+mod loom_support;
 
 #[allow(dead_code)]
 #[path = "../src/gicv3/handlers.rs"]
@@ -34,34 +40,13 @@ mod handlers_sync {
 use handlers::{HandlerTable, RegisterError};
 use loom::sync::Arc;
 use loom::thread;
+use loom_support::model;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// Observed 46: two registrations of one INTID and a dispatch of it.
 const FLOOR_TWO_REGISTRATIONS: usize = 23;
 /// Observed 16: a registration against dispatches of it and of a registered INTID.
 const FLOOR_REGISTER_DISPATCH: usize = 8;
-
-fn model(name: &str, min_executions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let iterations = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = iterations.clone();
-    let mut b = loom::model::Builder::new();
-    // Bounded: every interleaving with at most three preemptions, which keeps `cargo xtask
-    // test` fast as the models grow. With no bound these models also pass, exhaustively, in
-    // under a second (executions then: two registrations 36,
-    // register vs dispatch 9).
-    b.preemption_bound = Some(3);
-    b.max_branches = 100_000;
-    b.check(move || {
-        counter.fetch_add(1, Relaxed);
-        f();
-    });
-    let n = iterations.load(Relaxed);
-    println!("loom model {name}: {n} executions explored");
-    assert!(
-        n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}"
-    );
-}
 
 /// loom runs a model's threads on one OS thread, so these plain atomics are a per-model log
 /// of what the handlers did (each model has its own and resets it per execution).

@@ -10,7 +10,13 @@
 //! `fault_events_sync` module below replaces the library's facade). Each model prints how many
 //! executions loom explored and fails below its floor (`FLOOR_*`, about half the count
 //! observed when the floor was set).
+//!
+//! Unbounded (no preemption bound) these models also pass, exhaustively, in under a second
+//! (executions: pending mark 8, throttle vs release 29).
 #![cfg(loom)]
+
+#[path = "loom_support/mod.rs"]
+mod loom_support;
 
 #[allow(dead_code)]
 #[path = "../src/vtd/fault_events.rs"]
@@ -69,34 +75,13 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicU32};
 // The model's own flags use plain loom atomics (stores only, or swaps nothing stores against).
 use loom::thread;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use loom_support::model;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Observed 7: two fault events (record, then handler) against one drain.
 const FLOOR_NO_LOST_ANNOUNCEMENT: usize = 3;
 /// Observed 21: a handler throttling against a drain releasing the throttle.
 const FLOOR_MASK_RELEASE: usize = 10;
-
-fn model(name: &str, min_executions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let iterations = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = iterations.clone();
-    let mut b = loom::model::Builder::new();
-    // Bounded: every interleaving with at most three preemptions, which keeps `cargo xtask
-    // test` fast as the models grow. With no bound these models also pass, exhaustively, in
-    // under a second (executions then: pending mark 8,
-    // throttle vs release 29).
-    b.preemption_bound = Some(3);
-    b.max_branches = 100_000;
-    b.check(move || {
-        counter.fetch_add(1, Relaxed);
-        f();
-    });
-    let n = iterations.load(Relaxed);
-    println!("loom model {name}: {n} executions explored");
-    assert!(
-        n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}"
-    );
-}
 
 /// A unit: its fault-event state, FECTL.IM, and fault records not yet read (the count of F bits
 /// set in its FRCD registers).

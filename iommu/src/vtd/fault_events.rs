@@ -63,13 +63,12 @@ impl Default for FaultEvents {
     }
 }
 
-impl FaultEvents {
-    /// At most `burst` interrupts per `window` time units (the caller's clock).
-    #[cfg(not(loom))]
-    pub const fn new(burst: u32, window: u64) -> Self {
+/// The initial state, for the const constructor and loom's non-const one.
+macro_rules! fault_events {
+    ($burst:expr, $window:expr) => {
         FaultEvents {
-            window: AtomicU64::new(window),
-            burst: AtomicU32::new(burst),
+            window: AtomicU64::new($window),
+            burst: AtomicU32::new($burst),
             pending: AtomicBool::new(false),
             interrupts: AtomicU64::new(0),
             window_start: AtomicU64::new(0),
@@ -78,22 +77,20 @@ impl FaultEvents {
             reported: AtomicBool::new(false),
             engaged: AtomicU64::new(0),
         }
+    };
+}
+
+impl FaultEvents {
+    /// At most `burst` interrupts per `window` time units (the caller's clock).
+    #[cfg(not(loom))]
+    pub const fn new(burst: u32, window: u64) -> Self {
+        fault_events!(burst, window)
     }
 
     /// loom's atomics have no const constructor.
     #[cfg(loom)]
     pub fn new(burst: u32, window: u64) -> Self {
-        FaultEvents {
-            window: AtomicU64::new(window),
-            burst: AtomicU32::new(burst),
-            pending: AtomicBool::new(false),
-            interrupts: AtomicU64::new(0),
-            window_start: AtomicU64::new(0),
-            in_window: AtomicU32::new(0),
-            throttled: AtomicBool::new(false),
-            reported: AtomicBool::new(false),
-            engaged: AtomicU64::new(0),
-        }
+        fault_events!(burst, window)
     }
 
     /// Sets the limits (before the unit's interrupt is unmasked).
