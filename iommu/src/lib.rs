@@ -29,6 +29,11 @@ mod gate_sync {
         core::hint::spin_loop();
     }
 }
+/// The atomics `vtd::fault_events` is written against; `tests/fault_events_loom.rs` compiles
+/// `fault_events.rs` against loom's instead.
+mod fault_events_sync {
+    pub(crate) use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+}
 pub mod hw;
 pub mod iommufd;
 pub mod pgtable;

@@ -89,18 +89,27 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
 }
 
 /// The loom models of the lock-free protocols: the page-table engine's, the reader/writer
-/// gate `dispatch` runs behind, and the lock-free area slots (exhaustive interleavings, within each model's bound; each
-/// prints how many executions it explored). A separate target directory keeps the
-/// `--cfg loom` build from invalidating the normal one.
+/// gate `dispatch` runs behind, the lock-free area slots, VT-d fault-event bookkeeping against
+/// its drain, and the interrupt tables (x86 vectors, GICv3 handlers). Exhaustive interleavings
+/// within each model's bound; each prints how many executions it explored. A separate target
+/// directory keeps the `--cfg loom` build from invalidating the normal one. The interrupt
+/// models take seconds once built (preemption bound 3).
 pub fn loom_models(tally: &mut Tally) -> Result<()> {
-    for test in ["pgtable_loom", "gate_loom", "area_slots_loom"] {
-        println!("== loom models (iommu/tests/{test}.rs) ==");
+    for (krate, test) in [
+        ("iommu", "pgtable_loom"),
+        ("iommu", "gate_loom"),
+        ("iommu", "area_slots_loom"),
+        ("iommu", "fault_events_loom"),
+        ("drivers", "vectors_loom"),
+        ("drivers", "gic_handlers_loom"),
+    ] {
+        println!("== loom models ({krate}/tests/{test}.rs) ==");
         let mut cmd = cargo();
         cmd.args([
             "test",
-            "-p",
-            "iommu",
             "--release",
+            "-p",
+            krate,
             "--test",
             test,
             "--",

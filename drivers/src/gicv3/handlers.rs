@@ -3,12 +3,21 @@
 //!
 //! Handlers run in interrupt context, with PSTATE.I set, possibly on a CPU that holds any lock
 //! of the interrupted code: a handler must take no lock and do no more than record what
-//! happened (set a flag, count) for normal-context code to act on. The table itself takes no
-//! lock on the dispatch path: registration claims a free slot with a compare-and-swap and
-//! publishes it through `spin::Once` (Release on completion, Acquire in `get`), so a dispatch
-//! on another CPU sees either no handler or the complete one.
+//! happened (set a flag, count) for normal-context code to act on. The dispatch path takes no
+//! lock: a slot's entry is written once (`spin::Once`) and then published by storing its INTID
+//! with Release; the dispatch finds a slot by loading INTIDs with Acquire, so a dispatch on
+//! another CPU sees either no handler or the complete one.
+//!
+//! Registration (normal context only, never from a handler) is serialised by a lock: checking
+//! that the INTID has no handler yet and publishing the new one must be one step, or two
+//! racing registrations of one INTID could each find it free and take two slots (the table
+//! had that race until `drivers/tests/gic_handlers_loom.rs` showed it). The interrupt path never
+//! takes the lock, so an interrupt arriving on the registering CPU cannot deadlock on it.
+//! Slots are never freed: the hypervisor's handlers live as long as it does.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
+
+use crate::handlers_sync::{AtomicU32, AtomicU64, RegisterLock};
 
 /// A handler: called with the INTID and the context word given at registration (e.g. the index
 /// of the unit whose interrupt this is).
@@ -33,16 +42,30 @@ pub enum RegisterError {
     Special(u32),
 }
 
+/// The INTID of a slot that holds no handler (not an INTID the GIC delivers).
+const FREE: u32 = u32::MAX;
+
 struct Slot {
-    claimed: AtomicBool,
-    entry: spin::Once<(u32, HandlerFn, usize)>,
+    /// The INTID this slot handles, [`FREE`] until its entry is complete.
+    intid: AtomicU32,
+    entry: spin::Once<(HandlerFn, usize)>,
     count: AtomicU64,
 }
 
 impl Slot {
+    #[cfg(not(loom))]
     const fn new() -> Self {
         Slot {
-            claimed: AtomicBool::new(false),
+            intid: AtomicU32::new(FREE),
+            entry: spin::Once::new(),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    #[cfg(loom)]
+    fn new() -> Self {
+        Slot {
+            intid: AtomicU32::new(FREE),
             entry: spin::Once::new(),
             count: AtomicU64::new(0),
         }
@@ -52,6 +75,7 @@ impl Slot {
 /// `N` handlers at most.
 pub struct HandlerTable<const N: usize> {
     slots: [Slot; N],
+    register: RegisterLock,
     unhandled: AtomicU64,
     last_unhandled: AtomicU32,
     spurious: AtomicU64,
@@ -64,9 +88,23 @@ impl<const N: usize> Default for HandlerTable<N> {
 }
 
 impl<const N: usize> HandlerTable<N> {
+    #[cfg(not(loom))]
     pub const fn new() -> Self {
         HandlerTable {
             slots: [const { Slot::new() }; N],
+            register: RegisterLock::new(),
+            unhandled: AtomicU64::new(0),
+            last_unhandled: AtomicU32::new(SPURIOUS),
+            spurious: AtomicU64::new(0),
+        }
+    }
+
+    /// loom's atomics and lock have no const constructor.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        HandlerTable {
+            slots: core::array::from_fn(|_| Slot::new()),
+            register: RegisterLock::new(),
             unhandled: AtomicU64::new(0),
             last_unhandled: AtomicU32::new(SPURIOUS),
             spurious: AtomicU64::new(0),
@@ -74,36 +112,38 @@ impl<const N: usize> HandlerTable<N> {
     }
 
     fn find(&self, intid: u32) -> Option<&Slot> {
+        // Acquire: pairs with the Release that published the slot, so its entry is complete.
         self.slots
             .iter()
-            .find(|s| s.entry.get().is_some_and(|&(id, _, _)| id == intid))
+            .find(|s| s.intid.load(Ordering::Acquire) == intid)
     }
 
-    /// Registers `handler` for `intid`. Registrations of one INTID must not race each other
-    /// (the kernel registers at bring-up, before the interrupt is enabled).
+    /// Registers `handler` for `intid`, from normal context (never from a handler). Of two
+    /// racing registrations of one INTID exactly one succeeds; the other gets
+    /// [`RegisterError::Taken`].
     pub fn register(
         &self,
         intid: u32,
         handler: HandlerFn,
         context: usize,
     ) -> Result<(), RegisterError> {
-        if is_special(intid) {
+        if is_special(intid) || intid == FREE {
             return Err(RegisterError::Special(intid));
         }
+        let _serialised = self.register.lock();
         if self.find(intid).is_some() {
             return Err(RegisterError::Taken(intid));
         }
-        // Claiming with AcqRel: exactly one registrant wins each slot.
+        // Under the lock, a slot whose INTID is FREE has no entry and nobody else is filling it
+        // (Relaxed: the lock orders this with every earlier registration).
         let slot = self
             .slots
             .iter()
-            .find(|s| {
-                s.claimed
-                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            })
+            .find(|s| s.intid.load(Ordering::Relaxed) == FREE)
             .ok_or(RegisterError::Full)?;
-        slot.entry.call_once(|| (intid, handler, context));
+        slot.entry.call_once(|| (handler, context));
+        // Release: a dispatch that loads this INTID (Acquire, `find`) sees the entry.
+        slot.intid.store(intid, Ordering::Release);
         Ok(())
     }
 
@@ -113,13 +153,14 @@ impl<const N: usize> HandlerTable<N> {
     /// for the special INTIDs, which are never completed.
     pub fn dispatch(&self, intid: u32) -> bool {
         if is_special(intid) {
+            // Relaxed, as every counter here: a statistic; the RMW never loses a count.
             self.spurious.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         match self.find(intid) {
             Some(slot) => {
                 slot.count.fetch_add(1, Ordering::Relaxed);
-                if let Some(&(_, handler, context)) = slot.entry.get() {
+                if let Some(&(handler, context)) = slot.entry.get() {
                     handler(intid, context);
                 }
                 true
@@ -157,7 +198,7 @@ impl<const N: usize> HandlerTable<N> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;

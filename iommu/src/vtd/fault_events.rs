@@ -10,11 +10,18 @@
 //!
 //! A device can fault as fast as it issues requests. Like Linux's DMAR fault handler, which
 //! rate-limits its reports, this caps the interrupts: more than `burst` events within one
-//! window of `window` time units and the handler leaves FECTL.IM set, so the unit stops
-//! interrupting; the drain then runs on every timer tick (unconditionally) until the window
-//! has passed, and unmasks. No fault is lost meanwhile: records stay in the FRCD registers (the
-//! hardware sets FECTL.IP and raises the event once IM is cleared, §7.3.1), and the
-//! tick-driven drain reads them.
+//! window of `window` time units and the unit is throttled: the drain sets FECTL.IM before it
+//! clears the records (so clearing them raises no new event), then drains on every timer tick
+//! (unconditionally) until the window has passed, and unmasks. No fault is lost meanwhile:
+//! records stay in the FRCD registers (the hardware sets FECTL.IP and raises the event once IM
+//! is cleared, §7.3.1), and the tick-driven drain reads them.
+//!
+//! Only the drain writes FECTL.IM (drains of one unit are serialised by its owner): if the
+//! handler masked, a handler that decided to throttle just before a drain on another CPU
+//! released the throttle could write IM after the drain's unmask, leaving the unit masked with
+//! `throttled` clear, so nothing would interrupt or poll it again
+//! (`iommu/tests/fault_events_loom.rs` finds that interleaving). Between the handler's
+//! decision and the drain's mask the unit raises nothing new: PPF stays set until the drain.
 //!
 //! Concurrency: the interrupt path ([`FaultEvents::on_interrupt`]) runs on the one CPU the
 //! unit's FEADDR names; the drain runs with that CPU's interrupts closed or on another CPU.
@@ -24,14 +31,16 @@
 //! at most lets one extra event through or starts one window early: the cap stays a bound
 //! on interrupts, never on faults recorded.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
-/// What the handler must do with the unit after an event.
+use crate::fault_events_sync::{AtomicBool, AtomicU32, AtomicU64};
+
+/// What an event did to the limiter (the drain acts on it; the handler need not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Leave FECTL.IM clear: the next event may interrupt.
+    /// Within the burst: FECTL.IM stays clear, the next event may interrupt.
     Deliver,
-    /// Set FECTL.IM: too many events in this window; the drain polls until it ends.
+    /// Too many events in this window: throttled, the drain masks and polls until it ends.
     Throttle,
 }
 
@@ -54,12 +63,12 @@ impl Default for FaultEvents {
     }
 }
 
-impl FaultEvents {
-    /// At most `burst` interrupts per `window` time units (the caller's clock).
-    pub const fn new(burst: u32, window: u64) -> Self {
+/// The initial state, for the const constructor and loom's non-const one.
+macro_rules! fault_events {
+    ($burst:expr, $window:expr) => {
         FaultEvents {
-            window: AtomicU64::new(window),
-            burst: AtomicU32::new(burst),
+            window: AtomicU64::new($window),
+            burst: AtomicU32::new($burst),
             pending: AtomicBool::new(false),
             interrupts: AtomicU64::new(0),
             window_start: AtomicU64::new(0),
@@ -68,17 +77,36 @@ impl FaultEvents {
             reported: AtomicBool::new(false),
             engaged: AtomicU64::new(0),
         }
+    };
+}
+
+impl FaultEvents {
+    /// At most `burst` interrupts per `window` time units (the caller's clock).
+    #[cfg(not(loom))]
+    pub const fn new(burst: u32, window: u64) -> Self {
+        fault_events!(burst, window)
+    }
+
+    /// loom's atomics have no const constructor.
+    #[cfg(loom)]
+    pub fn new(burst: u32, window: u64) -> Self {
+        fault_events!(burst, window)
     }
 
     /// Sets the limits (before the unit's interrupt is unmasked).
     pub fn configure(&self, burst: u32, window: u64) {
+        // Relaxed: written before the unit's FECTL unmask, which orders them before any event.
         self.burst.store(burst.max(1), Ordering::Relaxed);
         self.window.store(window.max(1), Ordering::Relaxed);
     }
 
     /// The interrupt path: one fault event at time `now`. Marks the unit pending.
     pub fn on_interrupt(&self, now: u64) -> Verdict {
+        // Relaxed: a statistic; the RMW never loses a count.
         self.interrupts.fetch_add(1, Ordering::Relaxed);
+        // Relaxed, the window fields: the limiter's estimate of the rate. A race with
+        // `try_release` at most lets one extra event through (module doc), and nothing else is
+        // published through them.
         let window = self.window.load(Ordering::Relaxed);
         if now.wrapping_sub(self.window_start.load(Ordering::Relaxed)) >= window {
             self.window_start.store(now, Ordering::Relaxed);
@@ -88,6 +116,8 @@ impl FaultEvents {
         // Release: the drain that sees the mark also sees the counters above.
         self.pending.store(true, Ordering::Release);
         if n > self.burst.load(Ordering::Relaxed) {
+            // AcqRel: a swap, so of a handler and a release racing on it one sees the other;
+            // Release publishes the window fields above to the drain that sees `throttled`.
             if !self.throttled.swap(true, Ordering::AcqRel) {
                 self.engaged.fetch_add(1, Ordering::Relaxed);
             }
@@ -100,6 +130,9 @@ impl FaultEvents {
     /// The drain: whether the records must be read now (an event was announced since the last
     /// call, or the unit is throttled and drained on every tick). Clears the mark.
     pub fn take_pending(&self) -> bool {
+        // A swap, not a load and a store: a mark set after it is left for the next drain, so
+        // no announcement is lost (`tests/fault_events_loom.rs`). Acquire pairs with the
+        // handler's Release.
         let announced = self.pending.swap(false, Ordering::Acquire);
         announced || self.throttled.load(Ordering::Acquire)
     }
@@ -107,11 +140,13 @@ impl FaultEvents {
     /// Whether a drain would read the records now ([`take_pending`](Self::take_pending)
     /// without clearing the mark): lets a caller skip taking the unit at all.
     pub fn is_pending(&self) -> bool {
+        // Acquire, as `take_pending`; a stale false only delays the read to the next exit.
         self.pending.load(Ordering::Acquire) || self.throttled.load(Ordering::Acquire)
     }
 
     /// The drain, after reading the records: ends a throttle whose window has passed at `now`.
-    /// True when the caller must clear FECTL.IM again.
+    /// True when the caller must clear FECTL.IM again. While throttled, the drain sets
+    /// FECTL.IM before reading (see the module doc: only the drain writes it).
     pub fn try_release(&self, now: u64) -> bool {
         if !self.throttled.load(Ordering::Acquire) {
             return false;
@@ -123,12 +158,16 @@ impl FaultEvents {
         self.window_start.store(now, Ordering::Relaxed);
         self.in_window.store(0, Ordering::Relaxed);
         self.reported.store(false, Ordering::Relaxed);
+        // Release: the new window is visible to a handler that sees the throttle ended. A
+        // handler's throttle swapped in since the load above is cleared too: the unit is then
+        // unmasked and its next events count in the new window (at most `burst` more).
         self.throttled.store(false, Ordering::Release);
         true
     }
 
     /// True once per throttled window: the caller reports the throttle.
     pub fn take_report(&self) -> bool {
+        // A swap: once per window even if two drains ask.
         self.throttled.load(Ordering::Acquire) && !self.reported.swap(true, Ordering::AcqRel)
     }
 
@@ -136,7 +175,7 @@ impl FaultEvents {
         self.throttled.load(Ordering::Acquire)
     }
 
-    /// Fault-event interrupts taken.
+    /// Fault-event interrupts taken (Relaxed, as the other statistics below).
     pub fn interrupts(&self) -> u64 {
         self.interrupts.load(Ordering::Relaxed)
     }
@@ -155,7 +194,7 @@ impl FaultEvents {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -70,14 +70,16 @@ pub fn taken() -> u64 {
 /// The interrupt path, from the architecture's stub (interrupts closed; EOI follows).
 pub fn dispatch(vector: u8) {
     TAKEN.fetch_add(1, Ordering::Relaxed);
-    match VECTORS.dispatch(vector).map(Handler::from_token) {
-        Some(Some(Handler::VtdFault(unit))) => vtd::on_fault_event(usize::from(unit)),
-        Some(Some(Handler::GuestMsi(route))) => crate::guest::msi::on_interrupt(route),
-        Some(Some(Handler::Count(_))) | None => {}
-        Some(None) => {
+    // The handler runs inside the table's dispatch, so an `unregister` that returned has
+    // waited for it.
+    VECTORS.dispatch(vector, |token| match Handler::from_token(token) {
+        Some(Handler::VtdFault(unit)) => vtd::on_fault_event(usize::from(unit)),
+        Some(Handler::GuestMsi(route)) => crate::guest::msi::on_interrupt(route),
+        Some(Handler::Count(_)) => {}
+        None => {
             UNKNOWN.fetch_add(1, Ordering::Relaxed);
         }
-    }
+    });
 }
 
 /// Brings up host interrupts, after the IOMMU owner: the boot CPU's local APIC (x2APIC, else

@@ -19,7 +19,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use boot::BootInfo;
 use iommu::hw::Mmio;
-use iommu::vtd::fault_events::{FaultEvents, Verdict};
+use iommu::vtd::fault_events::FaultEvents;
 use iommu::vtd::intremap::{self, DestinationFormat, IrTable, Irte, SourceValidation};
 use iommu::vtd::regs::{FaultRecord, offset};
 use iommu::vtd::{FaultPoll, VtdUnit};
@@ -69,11 +69,9 @@ pub fn on_fault_event(u: usize) {
     let Some(unit) = UNITS.get(u) else {
         return;
     };
-    if unit.events.on_interrupt(now()) == Verdict::Throttle
-        && let Some(regs) = unit.regs.get()
-    {
-        regs.write32(offset::FECTL, FECTL_IM);
-    }
+    // Marks and counts only: FECTL.IM is the drain's to write (see `fault_events`), so a
+    // throttle decided here cannot land after a drain's unmask and leave the unit masked.
+    let _ = unit.events.on_interrupt(now());
 }
 
 fn parse<T: core::str::FromStr>(info: &BootInfo, key: &str, default: T) -> T {
@@ -229,6 +227,13 @@ pub fn drain(
         return FaultPoll::default();
     }
     state.drains.fetch_add(1, Ordering::Relaxed);
+    // Throttled: mask before clearing the records, whose clearing would let the unit raise
+    // the next event at once.
+    if state.events.is_throttled()
+        && let Some(regs) = state.regs.get()
+    {
+        regs.write32(offset::FECTL, FECTL_IM);
+    }
     let poll = unit.poll_faults(sink);
     if state.events.take_report() {
         println!(

@@ -145,6 +145,27 @@ fn write_dword(page: &Buffer, value: u32) {
     }
 }
 
+/// A blocked MSI's fault record names the IRTE index edu used, and no interrupt arrived since
+/// `before` ([`counts`]).
+fn blocked_as(
+    r: &FaultRecord,
+    index: u16,
+    edu_did: &str,
+    before: (u64, u64),
+) -> Result<(), String> {
+    let named = intremap::fault_index(r.fault_info);
+    if named != index {
+        return Err(format!("fault names index {named}, edu {edu_did} {index}"));
+    }
+    if counts() != before {
+        return Err(format!(
+            "an interrupt arrived: {before:?} -> {:?}",
+            counts()
+        ));
+    }
+    Ok(())
+}
+
 fn counts() -> (u64, u64) {
     (VECTORS.count(GOOD_VECTOR), VECTORS.count(FORGED_VECTOR))
 }
@@ -313,19 +334,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             msi.enable(false);
             let r = cx.expect_one(0x22, "MSI naming a not-present IRTE")?;
             cx.attributed(&r)?;
-            if intremap::fault_index(r.fault_info) != ABSENT_INDEX {
-                return Err(format!(
-                    "fault names index {}, edu named {ABSENT_INDEX}",
-                    intremap::fault_index(r.fault_info)
-                ));
-            }
-            if counts() != before {
-                return Err(format!(
-                    "an interrupt arrived: {before:?} -> {:?}",
-                    counts()
-                ));
-            }
-            Ok(())
+            blocked_as(&r, ABSENT_INDEX, "named", before)
         })(),
     );
 
@@ -354,19 +363,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             remove(cx.index, cx.unit, foreign)?;
             let r = r?;
             cx.attributed(&r)?;
-            if intremap::fault_index(r.fault_info) != foreign {
-                return Err(format!(
-                    "fault names index {}, edu named {foreign}",
-                    intremap::fault_index(r.fault_info)
-                ));
-            }
-            if counts() != before {
-                return Err(format!(
-                    "an interrupt arrived: {before:?} -> {:?}",
-                    counts()
-                ));
-            }
-            Ok(())
+            blocked_as(&r, foreign, "named", before)
         })(),
     );
 
@@ -388,19 +385,7 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             if r.source_id != 0xffff {
                 cx.attributed(&r)?;
             }
-            if intremap::fault_index(r.fault_info) != ABSENT_INDEX {
-                return Err(format!(
-                    "fault names index {}, edu wrote {ABSENT_INDEX}",
-                    intremap::fault_index(r.fault_info)
-                ));
-            }
-            if counts() != before {
-                return Err(format!(
-                    "an interrupt arrived: {before:?} -> {:?}",
-                    counts()
-                ));
-            }
-            Ok(())
+            blocked_as(&r, ABSENT_INDEX, "wrote", before)
         })(),
     );
 

@@ -463,7 +463,8 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
             let mut strays = 0u32;
             let mut global_errors = 0u32;
             let irq_before = crate::smmu_irq::stats(index);
-            let mut drain = |unit: &mut SmmuUnit<'static, MmioRegion>| {
+            let mut drain = |unit: &mut SmmuUnit<'static, MmioRegion>| -> u64 {
+                let start = seen;
                 let mut on_event = |ev: &Event| {
                     let page = IOVA_UNMAPPED + (seen % 16) * PAGE_SIZE;
                     if ev.kind != EventType::Translation
@@ -480,14 +481,33 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 if let Some(poll) = crate::smmu_irq::drain(index, unit, &mut on_event) {
                     global_errors |= poll.global_errors;
                 }
+                seen - start
+            };
+            // Events read by each drain, split by whether the event interrupt was taken since
+            // the previous drain (announced) or not (the limiter held it off in IRQ_CTRL: the
+            // announcement was suppressed and the drain read them anyway).
+            let taken = || {
+                let s = crate::smmu_irq::stats(index);
+                s.eventq_taken + s.eventq_remote
+            };
+            let (mut announced, mut suppressed) = (0u64, 0u64);
+            let mut mark = taken();
+            let mut account = |read: u64| {
+                let now = taken();
+                if now != mark {
+                    announced += read;
+                } else {
+                    suppressed += read;
+                }
+                mark = now;
             };
             for i in 0..1000u64 {
                 dma_from_device(&dev, IOVA_UNMAPPED + (i % 16) * PAGE_SIZE, 4)?;
                 if i % 100 == 99 {
-                    drain(unit);
+                    account(drain(unit));
                 }
             }
-            drain(unit);
+            account(drain(unit));
             // Whatever the interrupt path left behind is found by reading the queue directly:
             // nothing may be left.
             let mut leftover = 0u32;
@@ -503,6 +523,14 @@ fn suite(info: &BootInfo, platform: &Platform, checks: &mut Checks) -> Result<()
                 if irqs == 0 || leftover != 0 {
                     return Err(format!(
                         "event interrupt taken {irqs} times, {leftover} records left in the queue after the interrupt-driven drains"
+                    ));
+                }
+                println!(
+                    "smmu: fault storm: {announced} event(s) drained after an event interrupt, {suppressed} with the interrupt held off by the limiter (limiter engaged in {limited} window(s))"
+                );
+                if announced + suppressed != 1000 || (limited > 0) != (suppressed > 0) {
+                    return Err(format!(
+                        "{announced} announced + {suppressed} suppressed events for 1000 faults, limiter engaged in {limited} window(s)"
                     ));
                 }
                 format!(

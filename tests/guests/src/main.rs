@@ -196,7 +196,7 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
             if abandon {
                 abandon_dma(start_info, free, mem)
             }
-            let mut failed = dma_checks(start_info, free, fault);
+            let (mut failed, edu) = dma_checks(start_info, free, fault);
             if guard {
                 // Its DMA buffer is final: the hypervisor hashes it now and again when the
                 // neighbour ends (platform call GUARD); this guest never touches it again.
@@ -209,8 +209,28 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
                 // null hypercalls, whose cost fell about sixfold with issue 11's exit path while
                 // the neighbour's edu DMAs still wait on the virtual clock: scaled to match.
                 let rounds = if guard { 80_000 } else { 20_000 };
-                for _ in 0..rounds {
+                // With `guard` (the storm scenarios' victim), its DMA keeps being checked while
+                // it lingers, through a second page: the neighbour's storm falls in this time.
+                let trips = match edu {
+                    Some(e) if guard => Some(LingerDma::new(e, free + hvabi::PAGE_SIZE)),
+                    _ => None,
+                };
+                let (mut ok, mut bad) = (0u32, 0u32);
+                for k in 0..rounds {
+                    if let Some(t) = trips.as_ref().filter(|_| k % 2_000 == 0) {
+                        if t.round_trip(k / 2_000) {
+                            ok += 1;
+                        } else {
+                            bad += 1;
+                        }
+                    }
                     let _ = arch::hypercall(0x7777, 0, 0, 0);
+                }
+                if trips.is_some() {
+                    println!(
+                        "testguest: linger: {ok} DMA round trips through a second page, every byte checked, {bad} failed"
+                    );
+                    failed += check("dma-during-linger", i64::from(bad), 0);
                 }
                 println!("testguest: done lingering");
             }
@@ -433,13 +453,74 @@ fn edu_dma(bar: u64, src: u64, dst: u64, len: u64, to_ram: bool) -> bool {
     false
 }
 
+/// What the `dma` variant's linger needs of its edu: BAR, IOAS and the byte-pattern seed.
+#[derive(Clone, Copy)]
+struct EduIoas {
+    bar: u64,
+    ioas: u32,
+    seed: u8,
+}
+
+/// DMA round trips through one more page of the guest's own RAM, mapped at [`LINGER_IOVA`].
+struct LingerDma {
+    edu: EduIoas,
+    page: u64,
+    mapped: bool,
+}
+
+const LINGER_IOVA: u64 = 0x10_1000;
+
+impl LingerDma {
+    fn new(edu: EduIoas, page: u64) -> Self {
+        use hvabi::*;
+        let (r, _) = call(
+            op::IOAS_MAP,
+            IoasMap {
+                size: IoasMap::SIZE as u32,
+                flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+                ioas_id: edu.ioas,
+                reserved: 0,
+                gpa: page,
+                length: PAGE_SIZE,
+                iova: LINGER_IOVA,
+            },
+        );
+        LingerDma {
+            edu,
+            page,
+            mapped: check("linger-map", r, 0) == 0,
+        }
+    }
+
+    /// RAM -> edu -> RAM, 256 bytes whose pattern changes with `round`; every byte checked.
+    fn round_trip(&self, round: u32) -> bool {
+        if !self.mapped {
+            return false;
+        }
+        let buf = self.page as *mut u8;
+        let byte = |i: usize| (i as u8).wrapping_mul(13) ^ self.edu.seed ^ round as u8;
+        for i in 0..256usize {
+            // SAFETY: the page after `free` in this guest's own RAM, identity-mapped, used by
+            // nothing else.
+            unsafe { buf.add(i).write_volatile(byte(i)) };
+            // SAFETY: as above; the second half receives the copy.
+            unsafe { buf.add(0x800 + i).write_volatile(!byte(i)) };
+        }
+        let bar = self.edu.bar;
+        edu_dma(bar, LINGER_IOVA, edu::BUFFER, 256, false)
+            && edu_dma(bar, edu::BUFFER, LINGER_IOVA + 0x800, 256, true)
+            // SAFETY: as above.
+            && (0..256usize).all(|i| unsafe { buf.add(0x800 + i).read_volatile() } == byte(i))
+    }
+}
+
 /// The `dma` variant: finds its edu in the start-info device list, checks its registers through
 /// the mapped BAR, lists its devices, attaches the edu to a fresh IOAS, maps one page of its RAM
 /// and makes the edu copy 256 bytes RAM -> device -> RAM through the IOMMU; every byte checked.
 ///
 /// With `fault`: then unmaps the page and aims one more device-to-RAM DMA at it, which the IOMMU
 /// must block (the hypervisor reports the fault) and which must leave the page unchanged.
-fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
+fn dma_checks(start_info: u64, free: u64, fault: bool) -> (u32, Option<EduIoas>) {
     use hvabi::*;
     let mut failed = 0;
     let mut count = [0u8; 4];
@@ -471,7 +552,7 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
     // write the same bytes: a DMA that reached the other guest's page would fail its check.
     let Some((dev_id, bar, seed)) = found else {
         println!("testguest: check edu-present: FAILED (no edu in the start-info page)");
-        return 1;
+        return (1, None);
     };
     failed += check(
         "edu-id-register",
@@ -575,7 +656,12 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> u32 {
         failed += check("dma-after-unmap-blocked", changed, 0);
     }
     println!("testguest: dma checks: {failed} failed");
-    failed
+    let edu = EduIoas {
+        bar,
+        ioas: ioas.out_ioas_id,
+        seed,
+    };
+    (failed, Some(edu))
 }
 
 fn cfg_address(bus: u8, dev: u8, func: u8, offset: u8) -> u32 {
@@ -788,7 +874,7 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
     failed += check("foreign-ids-enoent", named, 0);
     // Last, while the other guest lingers with its finished buffer guarded by the hypervisor:
     // more DMAs at its IOVA, spread out in time, each of which must be blocked.
-    for _ in 0..8 {
+    for _ in 0..AIMED_AGAIN {
         for _ in 0..400 {
             let _ = arch::hypercall(0x7777, 0, 0, 0);
         }
@@ -798,9 +884,18 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
             1,
         );
     }
+    // The guest's own count of what it caused, for the scenario to compare with the faults the
+    // hypervisor attributes to it.
+    println!(
+        "testguest: intruder: {} DMAs of 256 bytes aimed at the other guest's IOVA",
+        1 + AIMED_AGAIN
+    );
     println!("testguest: intruder checks: {failed} failed");
     failed
 }
+
+/// DMAs the intruder aims at the other guest's IOVA after its first one.
+const AIMED_AGAIN: u32 = 8;
 
 /// Rounds of the `bench` variant unless its command line says `rounds=N`.
 const BENCH_ROUNDS: usize = 3;

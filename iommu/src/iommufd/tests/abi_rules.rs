@@ -6,9 +6,9 @@
 //! and which error wins.
 
 use hvabi::{
-    DeviceAttach, DeviceDetach, DeviceList, DeviceReservedRanges, HWPT_DIRTY_TRACKING, HwptAlloc,
-    HwptClone, HwptGetDirtyBitmap, HwptSetDirtyTracking, IoasAllowIovas, IoasCopy, IoasIovaRanges,
-    IoasMap, IoasMapBatch, IoasUnmap, MAP_FIXED_IOVA, errno, kind, op, reason,
+    AbiStruct, DeviceAttach, DeviceDetach, DeviceList, DeviceReservedRanges, HWPT_DIRTY_TRACKING,
+    HwptAlloc, HwptClone, HwptGetDirtyBitmap, HwptSetDirtyTracking, IoasAllowIovas, IoasCopy,
+    IoasIovaRanges, IoasMap, IoasMapBatch, IoasUnmap, MAP_FIXED_IOVA, errno, kind, op, reason,
 };
 
 use super::super::Limits;
@@ -69,6 +69,14 @@ fn dirty_bits_survive_disable() {
     env.teardown();
 }
 
+/// `got` failed with `err` and GET_LAST_ERROR names `why` with `value`.
+#[track_caller]
+fn failed_with(got: Result<u32, u32>, c: &mut Client<'_, SimHw>, err: u32, why: u32, value: u64) {
+    assert_eq!(got, Err(err));
+    let le = c.last_error();
+    assert_eq!((le.out_reason, le.out_value), (why, value));
+}
+
 /// RESERVED_IN_ALLOWED names the reserved range (here: the IOVA above device I's 39-bit
 /// aperture, from 2^39), not the allowed range it would cover, on the HWPT path as on the
 /// attach path.
@@ -80,18 +88,10 @@ fn reserved_in_allowed_reports_the_reserved_start() {
     let ioas = c.ioas_alloc().unwrap();
     c.allow_iovas(ioas, &[(1 << 40, (1 << 40) + PG - 1)])
         .unwrap();
-    assert_eq!(c.hwpt_alloc(di, ioas, 0), Err(errno::EADDRINUSE));
-    let le = c.last_error();
-    assert_eq!(
-        (le.out_reason, le.out_value),
-        (reason::RESERVED_IN_ALLOWED, 1 << 39)
-    );
-    assert_eq!(c.attach(di, ioas), Err(errno::EADDRINUSE));
-    let le = c.last_error();
-    assert_eq!(
-        (le.out_reason, le.out_value),
-        (reason::RESERVED_IN_ALLOWED, 1 << 39)
-    );
+    // Each call's LAST_ERROR is read before the next call replaces it.
+    let (e, r) = (errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED);
+    failed_with(c.hwpt_alloc(di, ioas, 0), &mut c, e, r, 1 << 39);
+    failed_with(c.attach(di, ioas), &mut c, e, r, 1 << 39);
     env.teardown();
 }
 
@@ -107,11 +107,12 @@ fn mapping_outside_aperture_is_eaddrinuse() {
     c.map_fixed(ioas, 1 << 40, 0, PG).unwrap();
     let before = env.snapshot();
     let mut c = env.c();
-    assert_eq!(c.hwpt_alloc(di, ioas, 0), Err(errno::EADDRINUSE));
-    let le = c.last_error();
-    assert_eq!(
-        (le.out_reason, le.out_value),
-        (reason::MAPPING_OUTSIDE_APERTURE, 1 << 40)
+    failed_with(
+        c.hwpt_alloc(di, ioas, 0),
+        &mut c,
+        errno::EADDRINUSE,
+        reason::MAPPING_OUTSIDE_APERTURE,
+        1 << 40,
     );
     assert_eq!(c.attach(di, ioas), Err(errno::EADDRINUSE));
     let le = c.last_error();
@@ -288,6 +289,19 @@ fn access_attach_returns_the_ioas() {
     env.teardown();
 }
 
+/// One call of `unknown_flags_win`: refused with EOPNOTSUPP, the reason naming its flags or
+/// reserved fields.
+#[track_caller]
+fn refused_for_flags<T: AbiStruct>(c: &mut Client<'_, SimHw>, op: u32, a: &T) {
+    let e = c.call(op, a).map(|_| ()).map_err(|e| e.0);
+    assert_eq!(e, Err(errno::EOPNOTSUPP), "op {op:#x}");
+    let le = c.last_error();
+    assert!(
+        [reason::ARG_UNKNOWN_FLAGS, reason::ARG_RESERVED_NONZERO].contains(&le.out_reason),
+        "op {op:#x}: {le:?}"
+    );
+}
+
 /// Unknown flags and non-zero reserved fields are reported before anything that looks at an
 /// ID, a value or the state (here every ID is bogus and every value wrong as well).
 #[test]
@@ -295,199 +309,149 @@ fn unknown_flags_win() {
     let mut env = Env::new();
     let mut c = env.c();
     let bad = 0xdead;
-    let r = |c: &mut Client<'_, SimHw>, e: Result<(), u32>| {
-        assert_eq!(e, Err(errno::EOPNOTSUPP));
-        let le = c.last_error();
-        assert!(
-            [reason::ARG_UNKNOWN_FLAGS, reason::ARG_RESERVED_NONZERO].contains(&le.out_reason),
-            "{le:?}"
-        );
-    };
-    let e = c
-        .call(
-            op::IOAS_MAP,
-            &IoasMap {
-                flags: MAP_FIXED_IOVA | 1 << 9,
-                ioas_id: bad,
-                iova: 1,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::IOAS_UNMAP,
-            &IoasUnmap {
-                flags: 1,
-                ioas_id: bad,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::IOAS_COPY,
-            &IoasCopy {
-                flags: 1 << 9,
-                dst_ioas_id: bad,
-                src_ioas_id: bad,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::HWPT_ALLOC,
-            &HwptAlloc {
+    refused_for_flags(
+        &mut c,
+        op::IOAS_MAP,
+        &IoasMap {
+            flags: MAP_FIXED_IOVA | 1 << 9,
+            ioas_id: bad,
+            iova: 1,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::IOAS_UNMAP,
+        &IoasUnmap {
+            flags: 1,
+            ioas_id: bad,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::IOAS_COPY,
+        &IoasCopy {
+            flags: 1 << 9,
+            dst_ioas_id: bad,
+            src_ioas_id: bad,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::HWPT_ALLOC,
+        &HwptAlloc {
+            flags: 1 << 9,
+            dev_id: bad,
+            pt_id: bad,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::HWPT_SET_DIRTY_TRACKING,
+        &HwptSetDirtyTracking {
+            flags: 1 << 9,
+            hwpt_id: bad,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::HWPT_GET_DIRTY_BITMAP,
+        &HwptGetDirtyBitmap {
+            flags: 1 << 9,
+            hwpt_id: bad,
+            ..Default::default()
+        },
+    );
+    for o in [op::DEVICE_ATTACH, op::DEVICE_REPLACE] {
+        refused_for_flags(
+            &mut c,
+            o,
+            &DeviceAttach {
                 flags: 1 << 9,
                 dev_id: bad,
                 pt_id: bad,
                 ..Default::default()
             },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::HWPT_SET_DIRTY_TRACKING,
-            &HwptSetDirtyTracking {
-                flags: 1 << 9,
-                hwpt_id: bad,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::HWPT_GET_DIRTY_BITMAP,
-            &HwptGetDirtyBitmap {
-                flags: 1 << 9,
-                hwpt_id: bad,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    for o in [op::DEVICE_ATTACH, op::DEVICE_REPLACE] {
-        let e = c
-            .call(
-                o,
-                &DeviceAttach {
-                    flags: 1 << 9,
-                    dev_id: bad,
-                    pt_id: bad,
-                    ..Default::default()
-                },
-            )
-            .map(|_| ())
-            .map_err(|e| e.0);
-        r(&mut c, e);
+        );
     }
-    let e = c
-        .call(
-            op::DEVICE_DETACH,
-            &DeviceDetach {
-                flags: 1 << 9,
-                dev_id: bad,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::HWPT_CLONE,
-            &HwptClone {
-                flags: 1 << 9,
-                src_hwpt_id: bad,
-                dev_id: bad,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
+    refused_for_flags(
+        &mut c,
+        op::DEVICE_DETACH,
+        &DeviceDetach {
+            flags: 1 << 9,
+            dev_id: bad,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::HWPT_CLONE,
+        &HwptClone {
+            flags: 1 << 9,
+            src_hwpt_id: bad,
+            dev_id: bad,
+            ..Default::default()
+        },
+    );
     for o in [op::IOAS_MAP_BATCH, op::IOAS_UNMAP_BATCH] {
-        let e = c
-            .call(
-                o,
-                &IoasMapBatch {
-                    flags: 1 << 9,
-                    ioas_id: bad,
-                    num_entries: 1000,
-                    entries_gpa: u64::MAX,
-                    ..Default::default()
-                },
-            )
-            .map(|_| ())
-            .map_err(|e| e.0);
-        r(&mut c, e);
+        refused_for_flags(
+            &mut c,
+            o,
+            &IoasMapBatch {
+                flags: 1 << 9,
+                ioas_id: bad,
+                num_entries: 1000,
+                entries_gpa: u64::MAX,
+                ..Default::default()
+            },
+        );
     }
-    let e = c
-        .call(
-            op::IOAS_ALLOW_IOVAS,
-            &IoasAllowIovas {
-                ioas_id: bad,
-                num_iovas: 1000,
-                reserved: 1,
-                ranges_gpa: u64::MAX,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::IOAS_IOVA_RANGES,
-            &IoasIovaRanges {
-                ioas_id: bad,
-                num_iovas: 1000,
-                reserved: 1,
-                ranges_gpa: u64::MAX,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::DEVICE_RESERVED_RANGES,
-            &DeviceReservedRanges {
-                dev_id: bad,
-                num_ranges: 1000,
-                flags: 1,
-                ranges_gpa: u64::MAX,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
-    let e = c
-        .call(
-            op::DEVICE_LIST,
-            &DeviceList {
-                flags: 1,
-                num_devices: 1000,
-                devices_gpa: u64::MAX,
-                ..Default::default()
-            },
-        )
-        .map(|_| ())
-        .map_err(|e| e.0);
-    r(&mut c, e);
+    refused_for_flags(
+        &mut c,
+        op::IOAS_ALLOW_IOVAS,
+        &IoasAllowIovas {
+            ioas_id: bad,
+            num_iovas: 1000,
+            reserved: 1,
+            ranges_gpa: u64::MAX,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::IOAS_IOVA_RANGES,
+        &IoasIovaRanges {
+            ioas_id: bad,
+            num_iovas: 1000,
+            reserved: 1,
+            ranges_gpa: u64::MAX,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::DEVICE_RESERVED_RANGES,
+        &DeviceReservedRanges {
+            dev_id: bad,
+            num_ranges: 1000,
+            flags: 1,
+            ranges_gpa: u64::MAX,
+            ..Default::default()
+        },
+    );
+    refused_for_flags(
+        &mut c,
+        op::DEVICE_LIST,
+        &DeviceList {
+            flags: 1,
+            num_devices: 1000,
+            devices_gpa: u64::MAX,
+            ..Default::default()
+        },
+    );
     env.teardown();
 }
