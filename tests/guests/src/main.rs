@@ -234,6 +234,19 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
             exit(failed)
         }
         #[cfg(target_arch = "aarch64")]
+        "timer" => {
+            let (mut rounds, mut ms) = (3, 2);
+            for w in words {
+                if let Some(r) = w.strip_prefix("rounds=").and_then(parse_u64) {
+                    rounds = r as u32;
+                }
+                if let Some(m) = w.strip_prefix("ms=").and_then(parse_u64) {
+                    ms = m;
+                }
+            }
+            exit(arch::timer_checks(rounds, ms))
+        }
+        #[cfg(target_arch = "aarch64")]
         "aarch32" => {
             println!("testguest: spinning at EL0 in AArch32 state");
             arch::spin_in_aarch32_el0()

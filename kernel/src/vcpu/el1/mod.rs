@@ -28,13 +28,35 @@
 //!   is reported with its ESR.
 
 pub mod asm;
+pub mod virq;
 
 use iommu::pgtable::{ArmStage2, Config, PageTable, Prot};
 
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
-use asm::{Context, El1Regs, El2Ready};
+use asm::{Context, El1Regs, El2Ready, VgicRegs};
+use drivers::gicv3::vgic::{self, LrState};
+use virq::SlotId;
+
+/// Priority of the virtual interrupts the hypervisor injects (the timer and MSIs): the middle
+/// of the range, whatever the number of priority bits (ICH_VTR_EL2.PRIbits keeps the upper
+/// ones), so a guest's PMR of 0xff lets them in and one of 0x80 masks them.
+const VIRQ_PRIORITY: u8 = 0xa0;
+/// The guest's virtual timer: virtual INTID 27, linked to physical PPI 27 (the HW bit).
+const VTIMER: u32 = crate::arch::irq::VTIMER_INTID;
+
+/// How this backend puts a virtual INTID into a list register: the timer with the HW bit
+/// (pINTID 27: the guest's deactivation deactivates the physical PPI, which stays active
+/// meanwhile so the still-asserted timer is not taken again), everything else as a pure
+/// virtual interrupt.
+struct Lrs;
+
+impl vgic::Encoding for Lrs {
+    fn encode(&self, vintid: u32) -> Option<u64> {
+        vgic::encode(vintid, VIRQ_PRIORITY, (vintid == VTIMER).then_some(VTIMER))
+    }
+}
 
 /// Where stage-2 tables come from: their own frame source, so the runner can check that every
 /// table page of a destroyed VM went back (none may be left when all guests are gone).
@@ -86,12 +108,31 @@ pub struct El1 {
     oas: u32,
     /// By VMID, the vCPU (its context's address) that ran last with it on this CPU.
     last_vcpu: [usize; 256],
+    /// This CPU's list registers (ICH_VTR_EL2), 0 until the first run sets the virtual
+    /// interface up here.
+    nr_lrs: usize,
+    /// Whether this CPU's physical PPI 27 was left active for a vCPU's in-flight timer.
+    vtimer_active: bool,
 }
 
 /// A VM: its stage-2 table and VMID.
 pub struct El1Vm {
     stage2: PageTable<ArmStage2<12>>,
     vmid: u16,
+    /// By vCPU index, the virtual-interrupt slot of each vCPU once it exists (what an MSI
+    /// route of the guest's devices targets).
+    irq_slots: spin::Mutex<[Option<SlotId>; 8]>,
+}
+
+impl El1Vm {
+    /// The virtual-interrupt slot of vCPU `index`, if it has been created.
+    #[allow(
+        dead_code,
+        reason = "the MSI routes of assigned devices (guest::msi) use it"
+    )]
+    pub fn irq_slot(&self, index: u32) -> Option<SlotId> {
+        self.irq_slots.lock().get(index as usize).copied().flatten()
+    }
 }
 
 /// A data access the guest made to an IPA it has no mapping for, as ESR_EL2.ISS describes it
@@ -118,6 +159,13 @@ pub struct El1Vcpu {
     el1: El1Regs,
     /// The last stage-2 data abort with a valid syndrome (for MMIO emulation).
     pub last_mmio: Option<MmioAccess>,
+    /// The virtual CPU interface, saved and restored around each run.
+    vgic: VgicRegs,
+    /// Where interrupt context leaves virtual interrupts for this vCPU.
+    irq_slot: SlotId,
+    /// The virtual timer was injected and the guest has not deactivated it yet: physical PPI
+    /// 27 must be active whenever this vCPU runs.
+    vtimer_inflight: bool,
 }
 
 impl El1 {
@@ -150,6 +198,8 @@ impl El1 {
             shape: (ri.arm_t0sz(), ri.levels, ri.granule_shift),
             oas: pa_bits,
             last_vcpu: [0; 256],
+            nr_lrs: 0,
+            vtimer_active: false,
         })
     }
 
@@ -202,12 +252,23 @@ impl El1 {
         })
     }
 
-    fn decode(vcpu: &mut El1Vcpu) -> Option<Event> {
+    fn decode(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
         let c = &vcpu.ctx;
         match c.vector {
             vector::IRQ | vector::FIQ => {
-                // Acknowledge at the GIC; a spurious interrupt just resumes the guest.
-                return crate::arch::preempt::take_interrupt().map(|_| Event::Preempted);
+                // Acknowledge at the GIC: the EL2 timer ends the slice; the guest's timer is
+                // injected; a maintenance interrupt only asks for the refill the next entry
+                // does anyway; a device interrupt went to its handler (which may have raised
+                // a virtual interrupt for a vCPU); spurious just resumes.
+                use crate::arch::irq::GuestIrq;
+                return match crate::arch::irq::take_guest_interrupt() {
+                    GuestIrq::SliceEnd => Some(Event::Preempted),
+                    GuestIrq::VirtualTimer => {
+                        self.inject_vtimer(vcpu);
+                        None
+                    }
+                    GuestIrq::Maintenance | GuestIrq::Other => None,
+                };
             }
             vector::SYNC => {}
             _ => {
@@ -287,7 +348,7 @@ impl El1 {
                 // preferred return is the instruction itself: step over it.
                 vcpu.ctx.pc = vcpu.ctx.pc.wrapping_add(4);
                 if iss & 1 == 0 {
-                    Event::Halt
+                    return self.wait_for_interrupt(vcpu);
                 } else {
                     // WFE is a hint that the guest waits for another CPU: end its slice.
                     Event::Preempted
@@ -299,6 +360,111 @@ impl El1 {
             },
             _ => Event::Invalid(esr),
         })
+    }
+}
+
+impl El1 {
+    /// Sets the virtual CPU interface up on this CPU the first time a vCPU runs here: the
+    /// number of list registers, the guest PPIs at this CPU's redistributor.
+    fn vgic_this_cpu(&mut self) -> bool {
+        if self.nr_lrs == 0 {
+            if let Err(e) = crate::arch::irq::enable_guest_ppis() {
+                log::error!("el1: {e}");
+                return false;
+            }
+            self.nr_lrs = vgic::list_registers(asm::ich_vtr()).min(16);
+        }
+        true
+    }
+
+    /// Before an entry: the physical timer PPI's active state as this vCPU needs it, and the
+    /// list registers refilled from its pending set (UIE while some do not fit, so the
+    /// guest's completions bring it back through the maintenance interrupt).
+    fn prepare_entry(&mut self, vcpu: &mut El1Vcpu) {
+        if self.vtimer_active != vcpu.vtimer_inflight {
+            crate::arch::irq::set_ppi_active(VTIMER, vcpu.vtimer_inflight);
+            self.vtimer_active = vcpu.vtimer_inflight;
+        }
+        let nr = self.nr_lrs;
+        let mut hcr = vgic::hcr::EN;
+        if let Some(slot) = virq::slot(vcpu.irq_slot.index) {
+            vgic::refill(&mut vcpu.vgic.lrs[..nr], &slot.pending, &Lrs);
+            if !slot.pending.is_empty() {
+                hcr |= vgic::hcr::UIE;
+            }
+        }
+        vcpu.vgic.hcr = hcr;
+    }
+
+    /// After an exit: a timer the guest has deactivated (no list register holds it any more)
+    /// is no longer in flight, and the GIC deactivated physical PPI 27 with it (HW bit).
+    fn after_exit(&mut self, vcpu: &mut El1Vcpu) {
+        if !vcpu.vtimer_inflight {
+            return;
+        }
+        let in_lr = vcpu.vgic.lrs[..self.nr_lrs]
+            .iter()
+            .any(|&l| vgic::state(l) != LrState::Invalid && vgic::vintid(l) == VTIMER);
+        let queued = virq::slot(vcpu.irq_slot.index).is_some_and(|s| s.pending.contains(VTIMER));
+        if !in_lr && !queued {
+            vcpu.vtimer_inflight = false;
+            self.vtimer_active = false;
+        }
+    }
+
+    /// The guest's timer fired (PPI 27 acknowledged and completed): keep the physical PPI
+    /// active until the guest deactivates the virtual one, and make virtual INTID 27 pending.
+    fn inject_vtimer(&mut self, vcpu: &mut El1Vcpu) {
+        crate::arch::irq::set_ppi_active(VTIMER, true);
+        self.vtimer_active = true;
+        vcpu.vtimer_inflight = true;
+        virq::raise(vcpu.irq_slot, VTIMER);
+    }
+
+    /// A trapped WFI (HCR_EL2.TWI): resume at once if a virtual interrupt is pending; stop the
+    /// guest (`Event::Halt`) if nothing could ever wake it (its timer is off or masked and no
+    /// MSI is routed to it); otherwise wait here, with the guest's timer loaded so its PPI
+    /// wakes the CPU, until the timer fires (injected), a virtual interrupt is raised for this
+    /// vCPU (an LPI taken here), or the slice ends (`Event::Preempted`; the guest resumes after
+    /// its WFI next time, which the architecture allows: WFI may complete spuriously).
+    fn wait_for_interrupt(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
+        use crate::arch::irq::GuestIrq;
+        let Some(slot) = virq::slot(vcpu.irq_slot.index) else {
+            return Some(Event::Halt);
+        };
+        let lr_pending = vcpu.vgic.lrs[..self.nr_lrs]
+            .iter()
+            .any(|&l| matches!(vgic::state(l), LrState::Pending | LrState::PendingActive));
+        if lr_pending || !slot.pending.is_empty() {
+            return None;
+        }
+        let (ctl, cval) = (vcpu.el1.cntv_ctl, vcpu.el1.cntv_cval);
+        // CNTV_CTL_EL0: ENABLE (bit 0), IMASK (bit 1). A timer already in flight fires again
+        // only after the guest deactivates it, which it cannot do while it waits.
+        let armed = ctl & 1 != 0 && ctl & 2 == 0 && !vcpu.vtimer_inflight;
+        if !armed && slot.sources.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+            return Some(Event::Halt);
+        }
+        if armed {
+            asm::set_vtimer(1, cval);
+        }
+
+        let result = loop {
+            if !slot.pending.is_empty() || (armed && asm::virtual_count() >= cval) {
+                break None;
+            }
+            asm::wait_for_interrupt();
+            match crate::arch::irq::take_guest_interrupt() {
+                GuestIrq::SliceEnd => break Some(Event::Preempted),
+                GuestIrq::VirtualTimer => {
+                    self.inject_vtimer(vcpu);
+                    break None;
+                }
+                GuestIrq::Maintenance | GuestIrq::Other => {}
+            }
+        };
+        asm::set_vtimer(0, cval);
+        result
     }
 }
 
@@ -346,7 +512,11 @@ impl Backend for El1 {
             stage2.destroy(&STAGE2_MEMORY);
             return Err(VcpuError::NoAsid);
         };
-        let vm = El1Vm { stage2, vmid };
+        let vm = El1Vm {
+            stage2,
+            vmid,
+            irq_slots: spin::Mutex::new([None; 8]),
+        };
         asm::flush_vmid(&self.el2, &vm.stage2, vm.vmid);
         Ok(vm)
     }
@@ -406,7 +576,11 @@ impl Backend for El1 {
         // complete.
     }
 
-    fn create_vcpu(&mut self, _vm: &El1Vm, s: &EntryState) -> Result<El1Vcpu, VcpuError> {
+    fn create_vcpu(&mut self, vm: &El1Vm, s: &EntryState) -> Result<El1Vcpu, VcpuError> {
+        let irq_slot = virq::claim().ok_or(VcpuError::NoMemory)?;
+        if let Some(e) = vm.irq_slots.lock().get_mut(s.vcpu as usize) {
+            *e = Some(irq_slot);
+        }
         let mut ctx = alloc::boxed::Box::new(Context::new(s.entry, GUEST_PSTATE, s.arg));
         ctx.x[1] = s.vcpu.into();
         // MPIDR_EL1: bit 31 RES1; U (bit 30) = uniprocessor only when the VM has one vCPU;
@@ -429,6 +603,9 @@ impl Backend for El1 {
                 ..El1Regs::default()
             },
             last_mmio: None,
+            vgic: VgicRegs::default(),
+            irq_slot,
+            vtimer_inflight: false,
         })
     }
 
@@ -442,8 +619,24 @@ impl Backend for El1 {
         {
             asm::flush_vmid_stage1_local(&self.el2, &vm.stage2, vm.vmid);
         }
+        if !self.vgic_this_cpu() {
+            return Exit {
+                pc: vcpu.ctx.pc,
+                event: Event::Invalid(0),
+            };
+        }
         loop {
-            if !asm::run(&self.el2, &vm.stage2, vm.vmid, &mut vcpu.el1, &mut vcpu.ctx) {
+            self.prepare_entry(vcpu);
+            let ran = asm::run(
+                &self.el2,
+                &vm.stage2,
+                vm.vmid,
+                &mut vcpu.el1,
+                &mut vcpu.vgic,
+                self.nr_lrs,
+                &mut vcpu.ctx,
+            );
+            if !ran {
                 // A table of another shape than VTCR_EL2 describes: never entered.
                 return Exit {
                     pc: vcpu.ctx.pc,
@@ -452,7 +645,11 @@ impl Backend for El1 {
             }
             // ELR_EL2 at the exit: the faulting or trapped instruction (after the HVC).
             let pc = vcpu.ctx.pc;
-            if let Some(event) = Self::decode(vcpu) {
+            self.after_exit(vcpu);
+            if let Some(event) = self.decode(vcpu) {
+                // The vCPU leaves the CPU (the scheduler may run another one here): its timer,
+                // saved in `el1`, must not assert PPI 27 meanwhile.
+                asm::set_vtimer(0, vcpu.el1.cntv_cval);
                 return Exit { pc, event };
             }
         }
@@ -470,6 +667,12 @@ impl Backend for El1 {
     }
 
     fn destroy_vcpu(&mut self, vcpu: El1Vcpu) {
+        // Its timer's physical PPI must not stay active for the next vCPU here.
+        if vcpu.vtimer_inflight && self.vtimer_active {
+            crate::arch::irq::set_ppi_active(VTIMER, false);
+            self.vtimer_active = false;
+        }
+        virq::release(vcpu.irq_slot);
         drop(vcpu);
     }
 }
