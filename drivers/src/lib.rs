@@ -12,3 +12,5 @@ pub mod pci;
 pub mod pl011;
 pub mod uart16550;
 pub mod vectors;
+pub mod vlapic;
+pub mod x86_msi;

@@ -40,6 +40,7 @@ mod caps;
 mod config;
 mod enumerate;
 mod idmap;
+mod msi_shadow;
 mod topology;
 
 #[cfg(test)]
@@ -64,6 +65,7 @@ pub use enumerate::{
     PciErrorKind, PciFunction, enumerate,
 };
 pub use idmap::{IdAgreement, IommuTarget};
+pub use msi_shadow::{MsiChange, MsiMessage, MsiShadow};
 pub use topology::{
     ALIAS_QUIRKS, AliasQuirk, DmaAliases, GroupReasons, IncompleteGroup, MAX_ALIASES, QuirkKind,
     Topology, enable_acs,

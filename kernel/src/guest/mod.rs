@@ -25,6 +25,7 @@ mod guard;
 mod iommu;
 pub mod loader;
 pub mod memory;
+pub mod msi;
 mod pci;
 
 use alloc::boxed::Box;
@@ -436,7 +437,8 @@ fn run_on<B: Backend + 'static>(
                         cpu_list(c.cpus())
                     );
                 }
-                for (k, s) in states.into_iter().enumerate() {
+                for (k, mut s) in states.into_iter().enumerate() {
+                    bind_interrupts(&mut backend, &mut s, i, k);
                     vcpus.push(Vcpu {
                         guest: i,
                         index: k as u32,
@@ -582,6 +584,7 @@ fn create<B: Backend>(
                 shared: Mutex::new(Shared {
                     guard: None,
                     pci: pci::GuestPci::new(
+                        index,
                         &assigned
                             .iter()
                             .filter(|a| a.guest == index)
@@ -946,6 +949,9 @@ fn leave<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) {
     let Some(state) = v.state.take() else {
         return;
     };
+    if let Some(slot) = msi::slot(v.guest, v.index as usize) {
+        msi::bind(slot, false);
+    }
     backend.destroy_vcpu(state);
     let g = &c.guests[v.guest];
     if g.vcpu_count > 1 || v.cpu != 0 {
@@ -969,6 +975,8 @@ fn leave<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) {
         return;
     }
     check_guard(c, g, "at its own end");
+    // No vCPU of it is left to hold the guest's lock against the IOMMU owner's.
+    g.shared.lock().pci.release(c.platform);
     teardown(backend, c.iommu.as_ref(), g, true);
     // Guest g has just ended: whatever it did is done, so every range another guest guards
     // must still hash as it did when the guard was set.
@@ -1126,6 +1134,7 @@ fn handle<B: Backend>(
                         .ecam_access(c.platform, off, size, write, value as u32)
                 });
             if let Some(read) = emulated {
+                settle_msi(c, g);
                 backend.complete_mmio(state, read.map(u64::from));
                 return Next::Resume;
             }
@@ -1143,6 +1152,7 @@ fn handle<B: Backend>(
                 .pci
                 .access(c.platform, port, size, write, value);
             if let pci::Access::Done(read) = access {
+                settle_msi(c, g);
                 backend.complete_port_io(state, size, read);
                 return Next::Resume;
             }
@@ -1198,6 +1208,30 @@ fn handle<B: Backend>(
             );
             Next::Leave
         }
+    }
+}
+
+/// Makes the MSI routes the guest's configuration writes asked for (pci.rs): each one with
+/// the guest's lock released, since routing takes the IOMMU owner and the fault drain takes
+/// the two in the other order.
+fn settle_msi<B: Backend>(c: &Common<B>, g: &Guest<B>) {
+    while let Some(work) = g.shared.lock().pci.take_msi_work() {
+        let result = work.run();
+        let mut s = g.shared.lock();
+        if let Some(e) = s.pci.finish_msi_work(c.platform, work, result) {
+            flush_line(g.name, &mut s);
+            println!("guest {}: MSI not routed: {e}", g.name);
+        }
+    }
+}
+
+/// Lets vCPU `k` of guest `i` take the virtual interrupts its MSI routes post, if the backend
+/// delivers any.
+fn bind_interrupts<B: Backend>(backend: &mut B, state: &mut B::Vcpu, i: usize, k: usize) {
+    if let Some(slot) = msi::slot(i, k)
+        && backend.bind_interrupts(state, slot)
+    {
+        msi::bind(slot, true);
     }
 }
 

@@ -8,14 +8,21 @@
 //!   reads 0 (no ROM is mapped);
 //! - writes: COMMAND may change Memory Space, Bus Master and INTx Disable only; a BAR accepts
 //!   only the sizing pattern and its own current address (it cannot be moved, so it can never
-//!   overlap memory the guest does not own); everything else is ignored for now (MSI and the
-//!   other capabilities come with interrupt delivery).
+//!   overlap memory the guest does not own); everything else is ignored, MSI-X included;
+//! - the MSI capability (cap ID 0x05) is a shadow ([`drivers::pci::MsiShadow`]): the guest
+//!   reads back its own address/data/enable, never the host's; when its effective MSI changes
+//!   the device's MSI is disabled at once, and [`GuestPci::take_msi_work`] /
+//!   [`GuestPci::finish_msi_work`] route it through `guest::msi` with the guest's lock released
+//!   (routing takes the IOMMU owner, which the fault drain holds while it takes the guest's
+//!   lock) and program the device with the host message.
 //!
 //! Only segment 0 is reachable this way (the mechanism has no segment field).
 
 use alloc::vec::Vec;
 
-use drivers::pci::{Bdf, ConfigSpace, reg};
+use drivers::pci::{Bdf, ConfigSpace, MsiChange, MsiMessage, MsiShadow, reg};
+
+use super::msi::{self, GuestMsi, HostMsi};
 
 use crate::discovery::Platform;
 
@@ -30,11 +37,49 @@ struct Function {
     bar_sizes: [u64; 6],
     /// The guest wrote all ones to this BAR register and has not written anything else since.
     sizing: [bool; 6],
+    segment: u16,
+    /// The MSI shadow: `None` until the first access looks the capability up, then
+    /// `Some(None)` for a function without MSI.
+    msi: Option<Option<MsiShadow>>,
+    /// A route for this message is being made with the lock released.
+    msi_busy: bool,
+    /// The last message the route refused (not asked again until the guest changes it).
+    msi_refused: Option<MsiMessage>,
+}
+
+/// A route to make or remove with the guest's lock released ([`GuestPci::take_msi_work`]).
+pub struct MsiWork {
+    function: usize,
+    pub device: msi::Device,
+    /// `Some`: route this message; `None`: remove the route.
+    pub want: Option<MsiMessage>,
+}
+
+impl MsiWork {
+    /// Makes or removes the route (takes the IOMMU owner: call with the guest's lock
+    /// released).
+    pub fn run(&self) -> Option<Result<HostMsi, alloc::string::String>> {
+        match self.want {
+            Some(m) => Some(msi::route(
+                self.device,
+                GuestMsi {
+                    address: m.address,
+                    data: m.data,
+                },
+            )),
+            None => {
+                msi::unroute(self.device);
+                None
+            }
+        }
+    }
 }
 
 /// The guest's configuration-space state: the address latch and its functions.
 pub struct GuestPci {
     latch: u32,
+    /// The owning guest's index (what its MSI routes are recorded against).
+    guest: usize,
     functions: Vec<Function>,
 }
 
@@ -49,16 +94,21 @@ pub enum Access {
 impl GuestPci {
     /// `functions`: (segment, BDF, BAR sizes) of the guest's devices. Functions outside segment 0
     /// are unreachable through this mechanism.
-    pub fn new(functions: &[(u16, Bdf, [u64; 6])]) -> GuestPci {
+    pub fn new(guest: usize, functions: &[(u16, Bdf, [u64; 6])]) -> GuestPci {
         GuestPci {
             latch: 0,
+            guest,
             functions: functions
                 .iter()
                 .filter(|(seg, _, _)| *seg == 0)
-                .map(|&(_, bdf, bar_sizes)| Function {
+                .map(|&(segment, bdf, bar_sizes)| Function {
                     bdf,
                     bar_sizes,
                     sizing: [false; 6],
+                    segment,
+                    msi: None,
+                    msi_busy: false,
+                    msi_refused: None,
                 })
                 .collect(),
         }
@@ -105,6 +155,14 @@ impl GuestPci {
             // Not the guest's: absent.
             return Access::Done((!write).then_some(mask));
         };
+        if f.msi.is_none() {
+            f.msi = Some(
+                seg.devices
+                    .get(bdf)
+                    .and_then(|d| d.caps.msi)
+                    .map(MsiShadow::new),
+            );
+        }
         let current = read(f, &seg.ecam, offset);
         if !write {
             return Access::Done(Some((current >> (8 * byte)) & mask));
@@ -170,6 +228,11 @@ fn read(f: &Function, cfg: &impl ConfigSpace, offset: u16) -> u32 {
     if offset == EXPANSION_ROM {
         return 0;
     }
+    if let Some(Some(m)) = &f.msi
+        && m.covers(offset)
+    {
+        return m.read(offset, cfg.read32(f.bdf, offset));
+    }
     if let Some(i) = bar_index(offset)
         && f.sizing[i]
     {
@@ -205,8 +268,127 @@ fn write_reg(f: &mut Function, cfg: &impl ConfigSpace, offset: u16, value: u32, 
         }
         return;
     }
+    if let Some(Some(m)) = &mut f.msi
+        && m.covers(offset)
+    {
+        let change = m.write(offset, value, written);
+        let (control, _, _, _, mask) = m.registers();
+        match change {
+            MsiChange::None => {}
+            // The device stops using its old message now; the new route is made with the
+            // guest's lock released (take_msi_work) and only then is MSI enabled again.
+            MsiChange::Route(_) | MsiChange::Unroute => {
+                let c = cfg.read16(f.bdf, control);
+                cfg.write16(f.bdf, control, c & !1);
+            }
+            MsiChange::Mask(on) => {
+                if let Some(mask) = mask {
+                    let v = cfg.read32(f.bdf, mask);
+                    cfg.write32(f.bdf, mask, (v & !1) | u32::from(on));
+                }
+            }
+        }
+        return;
+    }
     if let Some(i) = bar_index(offset) {
         // All ones starts sizing; anything else ends it. The register itself never changes.
         f.sizing[i] = value == u32::MAX;
+    }
+}
+
+impl GuestPci {
+    /// The next MSI route to make or remove, if a function's effective MSI differs from what
+    /// its device carries and no other vCPU is already on it. Call with the guest's lock held,
+    /// then [`MsiWork::run`] without it, then [`finish_msi_work`](Self::finish_msi_work).
+    pub fn take_msi_work(&mut self) -> Option<MsiWork> {
+        let guest = self.guest;
+        for (i, f) in self.functions.iter_mut().enumerate() {
+            let Some(Some(m)) = &f.msi else {
+                continue;
+            };
+            let want = m.message();
+            if f.msi_busy || want == m.routed() || (want.is_some() && want == f.msi_refused) {
+                continue;
+            }
+            f.msi_busy = true;
+            return Some(MsiWork {
+                function: i,
+                device: msi::Device {
+                    guest,
+                    segment: f.segment,
+                    bdf: f.bdf,
+                },
+                want,
+            });
+        }
+        None
+    }
+
+    /// Records what [`MsiWork::run`] did and programs the device: with a route, the host's
+    /// address and data, one vector (MME = 0), then MSI Enable, if the guest still wants that
+    /// message (else the next [`take_msi_work`](Self::take_msi_work) re-routes); a refusal is
+    /// returned for the caller to report, and the device's MSI stays disabled.
+    pub fn finish_msi_work(
+        &mut self,
+        platform: &Platform,
+        work: MsiWork,
+        result: Option<Result<HostMsi, alloc::string::String>>,
+    ) -> Option<alloc::string::String> {
+        let f = self.functions.get_mut(work.function)?;
+        f.msi_busy = false;
+        let seg = platform.segments.iter().find(|s| s.segment == 0)?;
+        let Some(Some(m)) = &mut f.msi else {
+            return None;
+        };
+        match result {
+            None => {
+                m.set_routed(None);
+                None
+            }
+            Some(Err(e)) => {
+                m.set_routed(None);
+                f.msi_refused = work.want;
+                Some(e)
+            }
+            Some(Ok(host)) => {
+                m.set_routed(work.want);
+                f.msi_refused = None;
+                let (control, lo, hi, data, _) = m.registers();
+                let cfg = &seg.ecam;
+                let c = cfg.read16(f.bdf, control) & !(1 | 0b111 << 4);
+                cfg.write16(f.bdf, control, c);
+                cfg.write32(f.bdf, lo, host.address as u32);
+                if let Some(hi) = hi {
+                    cfg.write32(f.bdf, hi, (host.address >> 32) as u32);
+                }
+                cfg.write16(f.bdf, data, host.data as u16);
+                if m.message() == work.want {
+                    cfg.write16(f.bdf, control, c | 1);
+                }
+                None
+            }
+        }
+    }
+
+    /// The guest is going away: every function's MSI disabled on the device and its route
+    /// removed (the IRTE cleared and invalidated), so the device can interrupt no one.
+    pub fn release(&mut self, platform: &Platform) {
+        let Some(seg) = platform.segments.iter().find(|s| s.segment == 0) else {
+            return;
+        };
+        for f in &mut self.functions {
+            let Some(Some(m)) = &mut f.msi else {
+                continue;
+            };
+            let (control, _, _, _, _) = m.registers();
+            let c = seg.ecam.read16(f.bdf, control);
+            seg.ecam.write16(f.bdf, control, c & !1);
+            msi::unroute(msi::Device {
+                guest: self.guest,
+                segment: f.segment,
+                bdf: f.bdf,
+            });
+            m.set_routed(None);
+        }
     }
 }

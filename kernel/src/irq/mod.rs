@@ -29,6 +29,8 @@ pub enum Handler {
     VtdFault(u16),
     /// Count only: the vector's counter is the record (the MSI scenarios' vectors).
     Count(u16),
+    /// A guest's MSI route (`guest::msi`): posts the guest's virtual vector.
+    GuestMsi(u16),
 }
 
 impl Handler {
@@ -36,6 +38,7 @@ impl Handler {
         let (kind, arg) = match self {
             Handler::VtdFault(n) => (1u32, n),
             Handler::Count(n) => (2, n),
+            Handler::GuestMsi(n) => (3, n),
         };
         NonZeroU32::new(kind << 16 | u32::from(arg)).unwrap_or(NonZeroU32::MIN)
     }
@@ -45,6 +48,7 @@ impl Handler {
         match t.get() >> 16 {
             1 => Some(Handler::VtdFault(arg)),
             2 => Some(Handler::Count(arg)),
+            3 => Some(Handler::GuestMsi(arg)),
             _ => None,
         }
     }
@@ -68,6 +72,7 @@ pub fn dispatch(vector: u8) {
     TAKEN.fetch_add(1, Ordering::Relaxed);
     match VECTORS.dispatch(vector).map(Handler::from_token) {
         Some(Some(Handler::VtdFault(unit))) => vtd::on_fault_event(usize::from(unit)),
+        Some(Some(Handler::GuestMsi(route))) => crate::guest::msi::on_interrupt(route),
         Some(Some(Handler::Count(_))) | None => {}
         Some(None) => {
             UNKNOWN.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +176,7 @@ fn mask_io_apics(info: &BootInfo) {
 /// The end-of-run report: fault events per unit and interrupts no handler claimed.
 pub fn report() {
     vtd::report();
+    crate::guest::msi::report();
     println!(
         "report: irq: {} interrupt(s) on vectors without a handler, {} unknown",
         VECTORS.unclaimed(),

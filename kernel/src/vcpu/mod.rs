@@ -274,4 +274,11 @@ pub trait Backend {
 
     /// Frees the vCPU's control structures.
     fn destroy_vcpu(&mut self, vcpu: Self::Vcpu);
+
+    /// Makes the vCPU take the virtual interrupts posted to `slot` (`guest::msi`), before each
+    /// entry. `false`: this backend delivers no interrupts to guests (MSI routes to the vCPU
+    /// are then refused).
+    fn bind_interrupts(&mut self, _vcpu: &mut Self::Vcpu, _slot: usize) -> bool {
+        false
+    }
 }

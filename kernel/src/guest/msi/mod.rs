@@ -1,0 +1,128 @@
+//! Assigned devices' MSIs delivered to their guest (docs/interrupts.md, "Guests").
+//!
+//! The guest programs its function's MSI capability with guest values; `pci.rs` keeps them in
+//! a shadow ([`drivers::pci::MsiShadow`]) and, when the guest's effective MSI changes, asks
+//! this module for a **route**: a host interrupt the device may raise, which the hypervisor
+//! owns (on x86_64 a remappable-format handle of an IRTE in its interrupt remapping table)
+//! and whose handler marks the guest's virtual vector pending on the guest's vCPU. `pci.rs`
+//! then programs the device with the [`HostMsi`] returned, never with the guest's values.
+//!
+//! Arch-neutral here: the request and answer types, the per-vCPU posted bitmaps the host
+//! handlers set and the vCPU backends take, and which vCPU slots a backend can deliver to.
+//! The arch module (`x86_64.rs`; `aarch64.rs` refuses until its delivery exists) decodes the
+//! guest's message and owns the host side.
+//!
+//! A vCPU slot is `guest index * MAX_VCPUS + vCPU index`: fixed for the run, so a handler
+//! needs no lock to find the vCPU a route feeds.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use alloc::string::String;
+use drivers::pci::Bdf;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+use aarch64 as arch;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+use x86_64 as arch;
+
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{on_interrupt, report};
+
+/// vCPUs per guest (`vcpus=` allows 1-8).
+pub const MAX_VCPUS: usize = 8;
+/// Every vCPU slot of every guest.
+pub const SLOTS: usize = super::MAX_GUESTS * MAX_VCPUS;
+
+/// The message the guest programmed (its own address and data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestMsi {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// What the device is programmed with instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostMsi {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// The assigned function a route is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// The owning guest's index (its position in the configuration).
+    pub guest: usize,
+    pub segment: u16,
+    pub bdf: Bdf,
+}
+
+/// Routes `dev`'s MSI, as the guest programmed it, to the guest; replaces the function's
+/// previous route if any. On error nothing is routed (the previous route is gone too) and
+/// the caller leaves the device's MSI disabled.
+pub fn route(dev: Device, msi: GuestMsi) -> Result<HostMsi, String> {
+    arch::route(dev, msi)
+}
+
+/// Removes `dev`'s route, if any: the device can no longer raise the host interrupt.
+pub fn unroute(dev: Device) {
+    arch::unroute(dev)
+}
+
+/// Posted virtual interrupts, one 256-bit bitmap per vCPU slot: set by host interrupt
+/// handlers (any CPU), taken by the vCPU's backend before it enters the guest.
+static POSTED: [[AtomicU64; 4]; SLOTS] = [const { [const { AtomicU64::new(0) }; 4] }; SLOTS];
+
+/// Slots whose backend takes posted interrupts (set when the vCPU is bound, cleared when it
+/// leaves). A route to a slot that is not bound is refused: its backend would never deliver.
+static BOUND: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
+
+pub fn slot(guest: usize, vcpu: usize) -> Option<usize> {
+    (guest < super::MAX_GUESTS && vcpu < MAX_VCPUS).then_some(guest * MAX_VCPUS + vcpu)
+}
+
+/// Marks `vector` pending on `slot`. Release: whatever the handler recorded before (the
+/// route's delivery count) is visible to the vCPU that takes the bit with Acquire.
+#[cfg_attr(
+    target_arch = "aarch64",
+    allow(dead_code, reason = "no aarch64 route posts yet")
+)]
+pub fn post(slot: usize, vector: u8) {
+    if let Some(words) = POSTED.get(slot) {
+        words[usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::Release);
+    }
+}
+
+/// Takes every vector posted to `slot` since the last call (each bit exactly once: the swap
+/// is atomic, so a bit set concurrently lands either in this take or in the next).
+pub fn take_posted(slot: usize) -> [u64; 4] {
+    let mut out = [0; 4];
+    if let Some(words) = POSTED.get(slot) {
+        for (o, w) in out.iter_mut().zip(words) {
+            *o = w.swap(0, Ordering::Acquire);
+        }
+    }
+    out
+}
+
+/// A backend that delivers posted interrupts binds its vCPU's slot (or unbinds it when the
+/// vCPU leaves, dropping what was posted).
+pub fn bind(slot: usize, bound: bool) {
+    if let Some(b) = BOUND.get(slot) {
+        if !bound {
+            take_posted(slot);
+        }
+        b.store(bound, Ordering::Release);
+    }
+}
+
+#[cfg_attr(
+    target_arch = "aarch64",
+    allow(dead_code, reason = "no aarch64 route posts yet")
+)]
+pub fn is_bound(slot: usize) -> bool {
+    BOUND.get(slot).is_some_and(|b| b.load(Ordering::Acquire))
+}
