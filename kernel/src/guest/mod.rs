@@ -1215,7 +1215,11 @@ fn handle<B: Backend>(
 /// the guest's lock released, since routing takes the IOMMU owner and the fault drain takes
 /// the two in the other order.
 fn settle_msi<B: Backend>(c: &Common<B>, g: &Guest<B>) {
-    while let Some(work) = g.shared.lock().pci.take_msi_work() {
+    loop {
+        // The guard must be gone before the body: `while let` would keep it for the body.
+        let Some(work) = g.shared.lock().pci.take_msi_work() else {
+            break;
+        };
         let result = work.run();
         let mut s = g.shared.lock();
         if let Some(e) = s.pci.finish_msi_work(c.platform, work, result) {

@@ -96,6 +96,8 @@ fn parse_u64(s: &str) -> Option<u64> {
 }
 
 mod smp;
+#[cfg(target_arch = "aarch64")]
+mod msi_arm;
 
 /// Entered from `guest_entry` (arch_*.rs) as `guest_main(start_info, vcpu)` per docs/guests.md:
 /// 64-bit mode, paging on, on this vCPU's stack.
@@ -232,6 +234,20 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
             let free = u64_at(&page, si::OFF_FREE_START);
             let failed = abi_checks(mem, free);
             exit(failed)
+        }
+        #[cfg(target_arch = "aarch64")]
+        "msi" => {
+            let mut raises = 5;
+            for w in words {
+                if let Some(r) = w.strip_prefix("raises=").and_then(parse_u64) {
+                    raises = r as u32;
+                }
+            }
+            exit(msi_arm::msi_checks(
+                start_info,
+                u64_at(&page, si::OFF_FREE_START),
+                raises,
+            ))
         }
         #[cfg(target_arch = "aarch64")]
         "timer" => {

@@ -29,6 +29,8 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 use x86_64 as arch;
 
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::routes_to;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{on_interrupt, report};
 
@@ -86,10 +88,6 @@ pub fn slot(guest: usize, vcpu: usize) -> Option<usize> {
 
 /// Marks `vector` pending on `slot`. Release: whatever the handler recorded before (the
 /// route's delivery count) is visible to the vCPU that takes the bit with Acquire.
-#[cfg_attr(
-    target_arch = "aarch64",
-    allow(dead_code, reason = "no aarch64 route posts yet")
-)]
 pub fn post(slot: usize, vector: u8) {
     if let Some(words) = POSTED.get(slot) {
         words[usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::Release);
@@ -119,10 +117,6 @@ pub fn bind(slot: usize, bound: bool) {
     }
 }
 
-#[cfg_attr(
-    target_arch = "aarch64",
-    allow(dead_code, reason = "no aarch64 route posts yet")
-)]
 pub fn is_bound(slot: usize) -> bool {
     BOUND.get(slot).is_some_and(|b| b.load(Ordering::Acquire))
 }

@@ -28,7 +28,6 @@
 //!   is reported with its ESR.
 
 pub mod asm;
-pub mod virq;
 
 use iommu::pgtable::{ArmStage2, Config, PageTable, Prot};
 
@@ -36,8 +35,7 @@ use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
 use asm::{Context, El1Regs, El2Ready, VgicRegs};
-use drivers::gicv3::vgic::{self, LrState};
-use virq::SlotId;
+use drivers::gicv3::vgic::{self, LrState, PendingSet};
 
 /// Priority of the virtual interrupts the hypervisor injects (the timer and MSIs): the middle
 /// of the range, whatever the number of priority bits (ICH_VTR_EL2.PRIbits keeps the upper
@@ -119,20 +117,6 @@ pub struct El1 {
 pub struct El1Vm {
     stage2: PageTable<ArmStage2<12>>,
     vmid: u16,
-    /// By vCPU index, the virtual-interrupt slot of each vCPU once it exists (what an MSI
-    /// route of the guest's devices targets).
-    irq_slots: spin::Mutex<[Option<SlotId>; 8]>,
-}
-
-impl El1Vm {
-    /// The virtual-interrupt slot of vCPU `index`, if it has been created.
-    #[allow(
-        dead_code,
-        reason = "the MSI routes of assigned devices (guest::msi) use it"
-    )]
-    pub fn irq_slot(&self, index: u32) -> Option<SlotId> {
-        self.irq_slots.lock().get(index as usize).copied().flatten()
-    }
 }
 
 /// A data access the guest made to an IPA it has no mapping for, as ESR_EL2.ISS describes it
@@ -161,8 +145,11 @@ pub struct El1Vcpu {
     pub last_mmio: Option<MmioAccess>,
     /// The virtual CPU interface, saved and restored around each run.
     vgic: VgicRegs,
-    /// Where interrupt context leaves virtual interrupts for this vCPU.
-    irq_slot: SlotId,
+    /// Virtual INTIDs waiting for a list register (the timer, what MSI routes posted).
+    pending: PendingSet,
+    /// The `guest::msi` slot whose posted interrupts (assigned devices' MSIs, posted by LPI
+    /// handlers on any CPU) this vCPU takes before each entry.
+    msi_slot: Option<usize>,
     /// The virtual timer was injected and the guest has not deactivated it yet: physical PPI
     /// 27 must be active whenever this vCPU runs.
     vtimer_inflight: bool,
@@ -385,15 +372,31 @@ impl El1 {
             crate::arch::irq::set_ppi_active(VTIMER, vcpu.vtimer_inflight);
             self.vtimer_active = vcpu.vtimer_inflight;
         }
+        Self::collect_posted(vcpu);
         let nr = self.nr_lrs;
         let mut hcr = vgic::hcr::EN;
-        if let Some(slot) = virq::slot(vcpu.irq_slot.index) {
-            vgic::refill(&mut vcpu.vgic.lrs[..nr], &slot.pending, &Lrs);
-            if !slot.pending.is_empty() {
-                hcr |= vgic::hcr::UIE;
-            }
+        vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
+        if !vcpu.pending.is_empty() {
+            hcr |= vgic::hcr::UIE;
         }
         vcpu.vgic.hcr = hcr;
+    }
+
+    /// Moves what MSI routes posted to this vCPU into its pending set (each posted bit is
+    /// taken exactly once: `msi::take_posted` swaps the words).
+    fn collect_posted(vcpu: &mut El1Vcpu) {
+        let Some(slot) = vcpu.msi_slot else {
+            return;
+        };
+        for (w, bits) in crate::guest::msi::take_posted(slot).into_iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let bit = b.trailing_zeros();
+                b &= b - 1;
+                // Routes only post virtual INTIDs the pending set holds (msi/aarch64.rs).
+                vcpu.pending.raise(w as u32 * 64 + bit);
+            }
+        }
     }
 
     /// After an exit: a timer the guest has deactivated (no list register holds it any more)
@@ -405,7 +408,7 @@ impl El1 {
         let in_lr = vcpu.vgic.lrs[..self.nr_lrs]
             .iter()
             .any(|&l| vgic::state(l) != LrState::Invalid && vgic::vintid(l) == VTIMER);
-        let queued = virq::slot(vcpu.irq_slot.index).is_some_and(|s| s.pending.contains(VTIMER));
+        let queued = vcpu.pending.contains(VTIMER);
         if !in_lr && !queued {
             vcpu.vtimer_inflight = false;
             self.vtimer_active = false;
@@ -418,7 +421,7 @@ impl El1 {
         crate::arch::irq::set_ppi_active(VTIMER, true);
         self.vtimer_active = true;
         vcpu.vtimer_inflight = true;
-        virq::raise(vcpu.irq_slot, VTIMER);
+        vcpu.pending.raise(VTIMER);
     }
 
     /// A trapped WFI (HCR_EL2.TWI): resume at once if a virtual interrupt is pending; stop the
@@ -429,20 +432,21 @@ impl El1 {
     /// its WFI next time, which the architecture allows: WFI may complete spuriously).
     fn wait_for_interrupt(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
         use crate::arch::irq::GuestIrq;
-        let Some(slot) = virq::slot(vcpu.irq_slot.index) else {
-            return Some(Event::Halt);
-        };
+        Self::collect_posted(vcpu);
         let lr_pending = vcpu.vgic.lrs[..self.nr_lrs]
             .iter()
             .any(|&l| matches!(vgic::state(l), LrState::Pending | LrState::PendingActive));
-        if lr_pending || !slot.pending.is_empty() {
+        if lr_pending || !vcpu.pending.is_empty() {
             return None;
         }
         let (ctl, cval) = (vcpu.el1.cntv_ctl, vcpu.el1.cntv_cval);
         // CNTV_CTL_EL0: ENABLE (bit 0), IMASK (bit 1). A timer already in flight fires again
         // only after the guest deactivates it, which it cannot do while it waits.
         let armed = ctl & 1 != 0 && ctl & 2 == 0 && !vcpu.vtimer_inflight;
-        if !armed && slot.sources.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+        let routed = vcpu
+            .msi_slot
+            .is_some_and(|s| crate::guest::msi::routes_to(s) != 0);
+        if !armed && !routed {
             return Some(Event::Halt);
         }
         if armed {
@@ -450,7 +454,8 @@ impl El1 {
         }
 
         let result = loop {
-            if !slot.pending.is_empty() || (armed && asm::virtual_count() >= cval) {
+            Self::collect_posted(vcpu);
+            if !vcpu.pending.is_empty() || (armed && asm::virtual_count() >= cval) {
                 break None;
             }
             asm::wait_for_interrupt();
@@ -512,11 +517,7 @@ impl Backend for El1 {
             stage2.destroy(&STAGE2_MEMORY);
             return Err(VcpuError::NoAsid);
         };
-        let vm = El1Vm {
-            stage2,
-            vmid,
-            irq_slots: spin::Mutex::new([None; 8]),
-        };
+        let vm = El1Vm { stage2, vmid };
         asm::flush_vmid(&self.el2, &vm.stage2, vm.vmid);
         Ok(vm)
     }
@@ -576,11 +577,7 @@ impl Backend for El1 {
         // complete.
     }
 
-    fn create_vcpu(&mut self, vm: &El1Vm, s: &EntryState) -> Result<El1Vcpu, VcpuError> {
-        let irq_slot = virq::claim().ok_or(VcpuError::NoMemory)?;
-        if let Some(e) = vm.irq_slots.lock().get_mut(s.vcpu as usize) {
-            *e = Some(irq_slot);
-        }
+    fn create_vcpu(&mut self, _vm: &El1Vm, s: &EntryState) -> Result<El1Vcpu, VcpuError> {
         let mut ctx = alloc::boxed::Box::new(Context::new(s.entry, GUEST_PSTATE, s.arg));
         ctx.x[1] = s.vcpu.into();
         // MPIDR_EL1: bit 31 RES1; U (bit 30) = uniprocessor only when the VM has one vCPU;
@@ -604,7 +601,8 @@ impl Backend for El1 {
             },
             last_mmio: None,
             vgic: VgicRegs::default(),
-            irq_slot,
+            pending: PendingSet::new(),
+            msi_slot: None,
             vtimer_inflight: false,
         })
     }
@@ -672,7 +670,11 @@ impl Backend for El1 {
             crate::arch::irq::set_ppi_active(VTIMER, false);
             self.vtimer_active = false;
         }
-        virq::release(vcpu.irq_slot);
         drop(vcpu);
+    }
+
+    fn bind_interrupts(&mut self, vcpu: &mut El1Vcpu, slot: usize) -> bool {
+        vcpu.msi_slot = Some(slot);
+        true
     }
 }
