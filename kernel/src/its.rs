@@ -70,8 +70,10 @@ pub struct Its {
     /// Collection 0 is the boot CPU's, mapped at bring-up; the others are mapped the first
     /// time an LPI is routed to a CPU ([`Its::collection_for_this_cpu`]).
     collections: [bool; crate::arch::smp::MAX_CPUS],
-    /// The other CPUs' LPI pending tables (one per redistributor, IHI 0069 §5.1.2).
+    /// The other CPUs' LPI pending tables (one per redistributor, IHI 0069 §5.1.2): in use,
+    /// and not yet used (allocated at bring-up for every other online CPU).
     other_pending: Vec<Frames>,
+    pending_pool: Vec<Frames>,
 }
 
 static ITS: Mutex<Option<Its>> = Mutex::new(None);
@@ -206,7 +208,14 @@ pub fn init(info: &'static BootInfo) -> Result<(), String> {
         _pending: pending,
         collections: [false; crate::arch::smp::MAX_CPUS],
         other_pending: Vec::new(),
+        pending_pool: Vec::new(),
     };
+    for _ in 1..crate::arch::smp::online() {
+        its.pending_pool.push(zeroed(
+            ((1u64 << LPI_ID_BITS) / 8).div_ceil(4096),
+            0x1_0000,
+        )?);
+    }
     its.collections[crate::arch::smp::cpu_index()] = true;
     let mapc = cmd::mapc(0, target).map_err(|e| alloc::format!("MAPC: {e:?}"))?;
     its.submit(&[mapc])?;
@@ -316,7 +325,12 @@ impl Its {
         if gicr.read32(ctlr_off) & gicr_lpi::CTLR_ENABLE_LPIS == 0 {
             // Every redistributor shares one configuration table (§5.1.1: GICR_PROPBASER
             // should be the same everywhere); the pending table is per redistributor.
-            let pending = zeroed(((1u64 << LPI_ID_BITS) / 8).div_ceil(4096), 0x1_0000)?;
+            // From the pool made at bring-up (one per other online CPU): taken here, kept for
+            // good, so routing at run time allocates nothing.
+            let pending = self
+                .pending_pool
+                .pop()
+                .ok_or_else(|| alloc::format!("CPU {cpu}: no LPI pending table left"))?;
             gicr.write64(
                 rd + gicr_lpi::PROPBASER,
                 propbaser(self.lpi_config.pa(), LPI_ID_BITS),

@@ -95,9 +95,9 @@ fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
-mod smp;
 #[cfg(target_arch = "aarch64")]
 mod msi_arm;
+mod smp;
 
 /// Entered from `guest_entry` (arch_*.rs) as `guest_main(start_info, vcpu)` per docs/guests.md:
 /// 64-bit mode, paging on, on this vCPU's stack.

@@ -38,6 +38,8 @@ const MAX_ROUTES: usize = 8;
 struct Published {
     target: AtomicU32,
     delivered: AtomicU64,
+    /// The CPUs the LPI was taken on (bit per CPU index), measured in the handler.
+    taken_on: AtomicU64,
 }
 
 /// The control side of a route, kept after removal so the same device reuses its LPI.
@@ -54,6 +56,7 @@ static PUBLISHED: [Published; MAX_ROUTES] = [const {
     Published {
         target: AtomicU32::new(0),
         delivered: AtomicU64::new(0),
+        taken_on: AtomicU64::new(0),
     }
 }; MAX_ROUTES];
 static CONTROL: Mutex<[Option<Route>; MAX_ROUTES]> = Mutex::new([None; MAX_ROUTES]);
@@ -72,6 +75,8 @@ fn on_lpi(_intid: u32, r: usize) {
     }
     // Counted before it is posted: the vCPU that takes the bit (Acquire) sees the count.
     p.delivered.fetch_add(1, Ordering::Relaxed);
+    p.taken_on
+        .fetch_or(1 << (crate::arch::smp::cpu_index() % 64), Ordering::Relaxed);
     super::post(((t >> 8) & 0xffff) as usize, t as u8);
 }
 
@@ -121,6 +126,7 @@ pub fn route(dev: Device, msi: GuestMsi) -> Result<HostMsi, String> {
     let event = r as u32;
     // Published before the ITS maps the event: the first LPI finds its target.
     PUBLISHED[r].delivered.store(0, Ordering::Relaxed);
+    PUBLISHED[r].taken_on.store(0, Ordering::Relaxed);
     PUBLISHED[r]
         .target
         .store(1 << 31 | (slot as u32) << 8 | vintid, Ordering::Release);
@@ -181,13 +187,14 @@ pub fn unroute(dev: Device) {
             println!("msi: unmapping DeviceID {device_id:#x}: {e}");
         }
         println!(
-            "msi: guest {} {:04x}:{} MSI route removed (LPI {}, EventID {} discarded): {} interrupt(s) delivered, {} for removed routes so far",
+            "msi: guest {} {:04x}:{} MSI route removed (LPI {}, EventID {} discarded): {} interrupt(s) delivered, taken on CPU mask {:#x}, {} for removed routes so far",
             dev.guest,
             dev.segment,
             dev.bdf,
             route.lpi,
             route.event,
             PUBLISHED[r].delivered.load(Ordering::Relaxed),
+            PUBLISHED[r].taken_on.load(Ordering::Relaxed),
             STALE.load(Ordering::Relaxed)
         );
     }
