@@ -237,16 +237,18 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
         }
         #[cfg(target_arch = "aarch64")]
         "msi" => {
-            let mut raises = 5;
+            let (mut raises, mut forge) = (5, false);
             for w in words {
                 if let Some(r) = w.strip_prefix("raises=").and_then(parse_u64) {
                     raises = r as u32;
                 }
+                forge |= w == "forge";
             }
             exit(msi_arm::msi_checks(
                 start_info,
                 u64_at(&page, si::OFF_FREE_START),
                 raises,
+                forge,
             ))
         }
         #[cfg(target_arch = "aarch64")]

@@ -33,7 +33,7 @@ fn wait_for(want: u32) -> u64 {
     wfis
 }
 
-pub fn msi_checks(start_info: u64, free: u64, raises: u32) -> u32 {
+pub fn msi_checks(start_info: u64, free: u64, raises: u32, forge: bool) -> u32 {
     let mut failed = 0;
     let mut e = [0u8; si::DEVICE_ENTRY];
     arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
@@ -158,6 +158,56 @@ pub fn msi_checks(start_info: u64, free: u64, raises: u32) -> u32 {
     let ok = after_raises == raises && total == raises + 1 && others == 0;
     println!(
         "testguest: msi: {raises} raise-IRQ + 1 DMA-done asked, {total} taken as vINTID {VINTID} in WFI ({wfis} WFIs), {others} other: {}",
+        if ok { "ok" } else { "FAILED" }
+    );
+    failed += u32::from(!ok);
+    if forge {
+        failed += forged(bar, free, doorbell, IOVA, total);
+    }
+    failed
+}
+
+/// The `forge` word: the guest makes its edu's DMA engine write to the MSI window itself, as
+/// a device under a hostile guest could: EventID 7 (no route of its own) and EventID 0 (its own
+/// route's) to the doorbell at its usual offset (GITS_TRANSLATER is at +0x40 of the ITS page),
+/// then one write past the doorbell page, which the SMMU must block. No interrupt may follow.
+fn forged(bar: u64, free: u64, window: u64, iova: u64, before: u32) -> u32 {
+    let mut failed = 0;
+    let page = free as *mut u32;
+    for event in [7u32, 0] {
+        // SAFETY: `free` is this guest's own page, mapped for edu at `iova`.
+        unsafe { page.write_volatile(event) };
+        let ok = crate::edu_dma(bar, iova, edu::BUFFER, 4, false);
+        failed += check("forge-load-eventid", i64::from(ok), 1);
+        println!(
+            "testguest: edu DMA-writes EventID {event} to {:#x}",
+            window + 0x40
+        );
+        let ok = crate::edu_dma(bar, edu::BUFFER, window + 0x40, 4, true);
+        failed += check("forge-doorbell-dma-completes", i64::from(ok), 1);
+    }
+    println!(
+        "testguest: edu DMA-writes past the doorbell page, {:#x}",
+        window + 0x1000
+    );
+    let ok = crate::edu_dma(bar, edu::BUFFER, window + 0x1000, 4, true);
+    failed += check("forge-past-doorbell-completes", i64::from(ok), 1);
+    let t0 = arch::timestamp();
+    while arch::timestamp() - t0 < arch::counter_frequency() / 50 {
+        core::hint::spin_loop();
+    }
+    let total = IRQ_COUNTS[VINTID as usize].load(Relaxed);
+    let others: u32 = IRQ_COUNTS
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != VINTID as usize)
+        .map(|(_, c)| c.load(Relaxed))
+        .sum::<u32>()
+        + IRQ_OTHER.load(Relaxed);
+    let ok = total == before && others == 0;
+    println!(
+        "testguest: msi forged: {} more vINTID {VINTID}, {others} other after the forged writes: {}",
+        total - before,
         if ok { "ok" } else { "FAILED" }
     );
     failed + u32::from(!ok)
