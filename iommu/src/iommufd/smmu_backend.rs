@@ -651,6 +651,32 @@ mod tests {
     }
 
     #[test]
+    fn smmu_msi_doorbell_in_every_domain() {
+        let mem = FakeMem::new(2048);
+        let hw = FakeSmmu::qemu(&mem);
+        let mut b = backend(&hw, &mem);
+        // Before the doorbell is known: nothing at the window.
+        let plain = b.domain_alloc(0, DomainConfig::default()).unwrap();
+        b.set_msi_doorbell(0x1000_0000, 0x0809_0040);
+        let d = b.domain_alloc(0, DomainConfig::default()).unwrap();
+        b.map(d, 0x10_0000, 0x8000_0000, PG, Prot::READ).unwrap();
+        let p = b.prepare(2, None, d).unwrap();
+        b.commit(p).unwrap();
+        // Walked from the fake's stream table and stage-2 tables: the doorbell page at the
+        // window, writable, not readable; the IOAS page as mapped; nothing past the doorbell.
+        assert_eq!(walk(&hw, &mem, 0x10, 0x1000_0040, true), Ok(0x0809_0040));
+        assert!(walk(&hw, &mem, 0x10, 0x1000_0040, false).is_err());
+        assert!(walk(&hw, &mem, 0x10, 0x1000_1000, true).is_err());
+        assert_eq!(walk(&hw, &mem, 0x10, 0x10_0000, false), Ok(0x8000_0000));
+        // The doorbell is the backend's: only the IOAS's page counts as mapped bytes.
+        assert_eq!(b.mapped_bytes(d), PG);
+        let p = b.prepare(2, None, plain).unwrap();
+        b.commit(p).unwrap();
+        assert!(walk(&hw, &mem, 0x10, 0x1000_0040, true).is_err());
+        assert_eq!(b.mapped_bytes(plain), 0);
+    }
+
+    #[test]
     fn smmu_prepare_abort_leaves_stes() {
         let mem = FakeMem::new(2048);
         let hw = FakeSmmu::qemu(&mem);
