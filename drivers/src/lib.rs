@@ -10,6 +10,7 @@ pub mod fw_cfg;
 pub mod gicv3;
 pub mod pci;
 pub mod pl011;
+pub mod posted;
 pub mod uart16550;
 pub mod vectors;
 pub mod vlapic;

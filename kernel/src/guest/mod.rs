@@ -1216,9 +1216,10 @@ fn handle<B: Backend>(
 /// the two in the other order.
 fn settle_msi<B: Backend>(c: &Common<B>, g: &Guest<B>) {
     loop {
-        // The guard must be gone before the body: `while let` would keep it for the body.
-        let Some(work) = g.shared.lock().pci.take_msi_work() else {
-            break;
+        // Its own statement: the guard is dropped before the route is made.
+        let work = g.shared.lock().pci.take_msi_work();
+        let Some(work) = work else {
+            return;
         };
         let result = work.run();
         let mut s = g.shared.lock();

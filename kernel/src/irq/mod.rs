@@ -177,6 +177,10 @@ fn mask_io_apics(info: &BootInfo) {
 pub fn report() {
     vtd::report();
     crate::guest::msi::report();
+    let (injected, vintr) = crate::vcpu::svm::interrupt_counts();
+    println!(
+        "report: svm guest interrupts: {injected} injected by EVENTINJ, {vintr} VINTR exit(s) (V_IRQ taken at an interrupt window)"
+    );
     println!(
         "report: irq: {} interrupt(s) on vectors without a handler, {} unknown",
         VECTORS.unclaimed(),

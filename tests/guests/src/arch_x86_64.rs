@@ -1,5 +1,6 @@
-//! The x86_64 shim: the hypercall instruction and the two things only `triple` needs. The
-//! aarch64 build replaces this file with an HVC shim (docs/abi.md §2).
+//! The x86_64 shim: the hypercall instruction, the two things only `triple` needs, and the
+//! interrupt hooks of `interrupts.rs` (an IDT, the x2APIC, HLT). The aarch64 build replaces
+//! this file with an HVC shim (docs/abi.md §2).
 
 use core::arch::{asm, global_asm};
 
@@ -246,4 +247,153 @@ pub fn timestamp() -> u64 {
         asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
     };
     u64::from(hi) << 32 | u64::from(lo)
+}
+
+// Interrupts (`interrupts.rs`): one 16-byte stub per vector 32-255 pushes its vector and jumps
+// to a common path that saves the caller-saved registers, calls `testguest_irq(vector)` on a
+// 16-byte-aligned stack and returns with IRETQ. Exceptions (0-31) have no gate: one would end
+// the guest as a triple fault, which the hypervisor reports.
+global_asm!(
+    r#"
+    .pushsection .text.testguest_irq_stubs, "ax"
+    .balign 16
+    .global testguest_irq_stubs
+testguest_irq_stubs:
+    .set irq_vec, 32
+    .rept 224
+    .balign 16
+    push irq_vec
+    jmp testguest_irq_common
+    .set irq_vec, irq_vec + 1
+    .endr
+    .balign 16
+testguest_irq_common:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    mov rdi, [rsp + 72]
+    sub rsp, 8
+    cld
+    call testguest_irq
+    add rsp, 8
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    add rsp, 8
+    iretq
+    .popsection
+"#
+);
+
+unsafe extern "C" {
+    fn testguest_irq_stubs();
+}
+
+/// The IDT: 256 16-byte gates (SDM vol 3 §6.14.1).
+static mut IDT: [[u64; 2]; 256] = [[0; 2]; 256];
+
+#[unsafe(no_mangle)]
+extern "C" fn testguest_irq(vector: u64) {
+    crate::interrupts::on_interrupt(vector as u32);
+    irq_eoi();
+}
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads an x2APIC register the hypervisor's virtual APIC emulates (the only MSRs
+    // this guest reads); no memory is touched.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: as in `rdmsr`, a write.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nomem, nostack))
+    };
+}
+
+/// The timer's vector.
+pub const TIMER_VECTOR: u32 = 0xec;
+
+/// Interrupts off, the IDT loaded, the x2APIC (CPUID 1 ECX.21) software-enabled with
+/// spurious vector 0xFF and TPR 0. Its APIC ID is returned.
+pub fn irq_setup() -> Result<u32, &'static str> {
+    // SAFETY: CLI only clears RFLAGS.IF.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+    if core::arch::x86_64::__cpuid(1).ecx & 1 << 21 == 0 {
+        return Err("no x2APIC in CPUID (this hypervisor backend delivers no interrupts)");
+    }
+    let base = testguest_irq_stubs as *const () as u64;
+    // SAFETY: interrupts are off and only vCPU 0 runs this variant: nothing else uses IDT.
+    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    for (k, gate) in idt.iter_mut().skip(32).enumerate() {
+        let stub = base + 16 * k as u64;
+        // Offset 15:0, selector 0x08, type 0xE (64-bit interrupt gate) present DPL 0,
+        // offset 31:16; then offset 63:32.
+        gate[0] = (stub & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | (stub >> 16 & 0xffff) << 48;
+        gate[1] = stub >> 32;
+    }
+    let mut idtr = [0u8; 10];
+    idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..].copy_from_slice(&(idt.as_ptr() as u64).to_le_bytes());
+    // SAFETY: the IDT is a static that lives as long as the guest; every gate points at a stub.
+    unsafe { asm!("lidt [{}]", in(reg) idtr.as_ptr(), options(nostack)) };
+    wrmsr(0x808, 0); // TPR
+    wrmsr(0x80f, 0x1ff); // SVR: APIC software enable, spurious vector 0xFF
+    Ok(rdmsr(0x802) as u32)
+}
+
+/// Enables interrupts and waits for one (STI's shadow makes the pair atomic: an interrupt
+/// pending before the HLT still wakes it), then disables them again.
+pub fn irq_wait() {
+    // SAFETY: only RFLAGS.IF changes; every vector the guest can get has a gate.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+pub fn irq_eoi() {
+    wrmsr(0x80b, 0);
+}
+
+/// The MSI message that targets this vCPU's APIC with `vector` (SDM vol 3 §11.11: fixed,
+/// edge, physical destination).
+pub fn msi_message(apic_id: u32, vector: u32) -> (u64, u32) {
+    (0xfee0_0000 | u64::from(apic_id & 0xff) << 12, vector & 0xff)
+}
+
+/// What a device writes for a remappable-format MSI naming IRTE `handle` (VT-d 4.1
+/// §5.1.2.2: address bit 4 = 1, handle 14:0 in bits 19:5, handle 15 in bit 2; data = 0):
+/// the forged message of the `irq-forge` variant.
+pub fn forged_msi(handle: u16) -> (u64, u32) {
+    let h = u64::from(handle);
+    (0xfee0_0000 | (h & 0x7fff) << 5 | 1 << 4 | (h >> 15) << 2, 0)
+}
+
+/// One-shot timer in `ticks` of the TSC (the virtual APIC timer counts the TSC, divided by
+/// 16 here so that about 2^36 ticks fit the 32-bit count).
+pub fn timer_arm(ticks: u64) {
+    wrmsr(0x83e, 0b0011); // divide by 16
+    wrmsr(0x832, u64::from(TIMER_VECTOR)); // one-shot, unmasked
+    wrmsr(0x838, (ticks / 16).clamp(1, u64::from(u32::MAX)));
+}
+
+/// A fixed interrupt to itself (the x2APIC SELF IPI register, SDM vol 3 §11.12.11).
+pub fn self_ipi(vector: u32) {
+    wrmsr(0x83f, u64::from(vector & 0xff));
+}
+
+pub fn timer_stop() {
+    wrmsr(0x838, 0);
 }

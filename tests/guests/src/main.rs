@@ -9,6 +9,8 @@
 //!   keeps its objects a while before exiting; `dma,abandon` starts a DMA and gets itself stopped
 //!   before it completes);
 //! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
+//! - `irq[,raises=N][,forge][,linger=K]`: its edu's MSI and its timer as interrupts, waited for
+//!   by HLT (`interrupts.rs`);
 //! - `intruder`: beside a `dma` guest, tries to see, name, map and DMA into what is not its own;
 //! - `bench [rounds=N] [row=NAME]`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB, 256 × 4 KiB
 //!   (contiguous and scattered) and 2 MiB with the TSC / CNTVCT, its edu attached; with 2 vCPUs
@@ -98,6 +100,10 @@ fn parse_u64(s: &str) -> Option<u64> {
 #[cfg(target_arch = "aarch64")]
 mod msi_arm;
 mod smp;
+
+// Interrupt delivery to the guest; the aarch64 shim gets the same hooks with its own delivery.
+#[cfg(target_arch = "x86_64")]
+mod interrupts;
 
 /// Entered from `guest_entry` (arch_*.rs) as `guest_main(start_info, vcpu)` per docs/guests.md:
 /// 64-bit mode, paging on, on this vCPU's stack.
@@ -213,6 +219,12 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
             exit(failed)
         }
         "pci" => exit(pci_checks(start_info)),
+        #[cfg(target_arch = "x86_64")]
+        "irq" => exit(interrupts::irq_checks(
+            start_info,
+            u64_at(&page, si::OFF_FREE_START),
+            &mut words,
+        )),
         "intruder" => exit(intruder(start_info, mem)),
         "bench" => {
             let (mut rounds, mut only) = (BENCH_ROUNDS, None);

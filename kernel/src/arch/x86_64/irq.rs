@@ -115,3 +115,15 @@ pub fn window() {
         asm!("sti", "nop", "nop", "cli", options(nomem, nostack));
     }
 }
+
+/// Sleeps until the next interrupt reaches this CPU (a device's, or the preemption timer's,
+/// which is always armed while guests run), takes it through the IDT and closes interrupts
+/// again: a halted vCPU's wait. STI's one-instruction shadow makes `sti; hlt` atomic, so an
+/// interrupt that becomes pending between the caller's last check and the HLT still wakes it.
+pub fn wait_for_interrupt() {
+    // SAFETY: as for `window`: only RFLAGS.IF changes and is cleared again; HLT at CPL 0
+    // returns at the next interrupt, which every vector's gate handles.
+    unsafe {
+        asm!("sti", "hlt", "cli", options(nomem, nostack));
+    }
+}

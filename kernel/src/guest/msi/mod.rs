@@ -9,16 +9,17 @@
 //!
 //! Arch-neutral here: the request and answer types, the per-vCPU posted bitmaps the host
 //! handlers set and the vCPU backends take, and which vCPU slots a backend can deliver to.
-//! The arch module (`x86_64.rs`; `aarch64.rs` refuses until its delivery exists) decodes the
+//! The arch module (`x86_64.rs`, `aarch64.rs`) decodes the
 //! guest's message and owns the host side.
 //!
 //! A vCPU slot is `guest index * MAX_VCPUS + vCPU index`: fixed for the run, so a handler
 //! needs no lock to find the vCPU a route feeds.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use alloc::string::String;
 use drivers::pci::Bdf;
+use drivers::posted::PostedVectors;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
@@ -74,9 +75,10 @@ pub fn unroute(dev: Device) {
     arch::unroute(dev)
 }
 
-/// Posted virtual interrupts, one 256-bit bitmap per vCPU slot: set by host interrupt
-/// handlers (any CPU), taken by the vCPU's backend before it enters the guest.
-static POSTED: [[AtomicU64; 4]; SLOTS] = [const { [const { AtomicU64::new(0) }; 4] }; SLOTS];
+/// Posted virtual interrupts, one 256-bit set per vCPU slot (`drivers::posted`: Release on
+/// post, Acquire on take, each bit taken exactly once): set by host interrupt handlers (any
+/// CPU), taken by the vCPU's backend before it enters the guest.
+static POSTED: [PostedVectors; SLOTS] = [const { PostedVectors::new() }; SLOTS];
 
 /// Slots whose backend takes posted interrupts (set when the vCPU is bound, cleared when it
 /// leaves). A route to a slot that is not bound is refused: its backend would never deliver.
@@ -86,24 +88,17 @@ pub fn slot(guest: usize, vcpu: usize) -> Option<usize> {
     (guest < super::MAX_GUESTS && vcpu < MAX_VCPUS).then_some(guest * MAX_VCPUS + vcpu)
 }
 
-/// Marks `vector` pending on `slot`. Release: whatever the handler recorded before (the
-/// route's delivery count) is visible to the vCPU that takes the bit with Acquire.
+/// Marks `vector` pending on `slot` (what the route's handler recorded before is visible to
+/// the vCPU that takes the bit).
 pub fn post(slot: usize, vector: u8) {
-    if let Some(words) = POSTED.get(slot) {
-        words[usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::Release);
+    if let Some(p) = POSTED.get(slot) {
+        p.post(vector);
     }
 }
 
-/// Takes every vector posted to `slot` since the last call (each bit exactly once: the swap
-/// is atomic, so a bit set concurrently lands either in this take or in the next).
+/// Takes every vector posted to `slot` since the last call.
 pub fn take_posted(slot: usize) -> [u64; 4] {
-    let mut out = [0; 4];
-    if let Some(words) = POSTED.get(slot) {
-        for (o, w) in out.iter_mut().zip(words) {
-            *o = w.swap(0, Ordering::Acquire);
-        }
-    }
-    out
+    POSTED.get(slot).map_or([0; 4], PostedVectors::take)
 }
 
 /// A backend that delivers posted interrupts binds its vCPU's slot (or unbinds it when the

@@ -133,8 +133,14 @@ pub fn route(dev: Device, msi: GuestMsi) -> Result<HostMsi, String> {
         irte,
     });
     println!(
-        "msi: guest {} {:04x}:{} MSI routed: vCPU {} vector {:#x} <- host vector {:#x}, IRTE {irte} (remappable handle, source check of the device)",
-        dev.guest, dev.segment, dev.bdf, target.apic_id, target.vector, host_vector
+        "msi: guest {} {:04x}:{} MSI routed: vCPU {} vector {:#x} <- host vector {:#x}, IRTE {irte} to APIC ID {} (remappable handle, source check of the device)",
+        dev.guest,
+        dev.segment,
+        dev.bdf,
+        target.apic_id,
+        target.vector,
+        host_vector,
+        crate::arch::apic::id().unwrap_or(0)
     );
     let (address, data) = intremap::remappable_msi(irte);
     Ok(HostMsi { address, data })

@@ -33,6 +33,7 @@ use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
 use asm::{GuestGprs, SvmEnabled};
+use drivers::vlapic::{ApicError, VirtualLapic};
 use spin::Once;
 use vmcb::{ExitState, HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 
@@ -40,6 +41,7 @@ use vmcb::{ExitState, HostSaveArea, PermissionMaps, Segment, Vmcb, intercept};
 mod exit {
     pub const EXCP_BASE: u64 = 0x40;
     pub const INTR: u64 = 0x60;
+    pub const VINTR: u64 = 0x64;
     pub const NMI: u64 = 0x61;
     pub const CPUID: u64 = 0x72;
     pub const INVD: u64 = 0x76;
@@ -66,6 +68,17 @@ mod exit {
 /// Frames of the nested page tables: a source of their own (frame-backed like the IOMMU
 /// tables), so the guest runner can check that every nested table page came back.
 pub static NPT_MEMORY: IommuMemory = IommuMemory::new();
+
+/// Virtual interrupts injected through EVENTINJ, and VINTR exits (a V_IRQ the guest became
+/// able to take), over every vCPU: the end-of-run report.
+static INJECTED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static VINTR_EXITS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `(injected, VINTR exits)` so far.
+pub fn interrupt_counts() -> (u64, u64) {
+    use core::sync::atomic::Ordering::Relaxed;
+    (INJECTED.load(Relaxed), VINTR_EXITS.load(Relaxed))
+}
 
 /// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
 const EXCEPTION_INTERCEPTS: u32 = 1 << 1 | 1 << 17 | 1 << 18;
@@ -164,6 +177,13 @@ pub struct SvmVcpu {
     /// EVENTINJ may hold a non-zero event this backend wrote: it must be rewritten after the
     /// next exit (re-injected or cleared). While it is known to be 0, the store is skipped.
     injecting: bool,
+    /// Its index in the guest (the virtual APIC ID).
+    index: u32,
+    /// Its virtual local APIC and posted-interrupt slot, once bound (`bind_interrupts`).
+    apic: Option<(VirtualLapic, usize)>,
+    /// It executed HLT with its virtual APIC enabled and IF = 1: it runs again when an
+    /// interrupt is deliverable.
+    halted: bool,
 }
 
 impl Svm {
@@ -228,6 +248,7 @@ impl Svm {
     /// CPUID as the guest sees it: the host's, with the hypervisor-present bit set and the
     /// features the guest cannot use hidden (SVM and VMX, x2APIC: its MSRs all exit).
     fn emulate_cpuid(&self, vcpu: &mut SvmVcpu) {
+        let x2apic = vcpu.apic.is_some();
         let leaf = vcpu.exit.rax as u32;
         let sub = vcpu.gprs.rcx as u32;
         let mut r = if (0x4000_0000..0x5000_0000).contains(&leaf) {
@@ -241,6 +262,12 @@ impl Svm {
             __cpuid_count(leaf, sub)
         };
         match leaf {
+            // With a virtual local APIC, x2APIC (ECX.21) is shown; TSC-deadline (ECX.24) never
+            // is: the virtual APIC has no such mode. EBX 31:24 is the initial APIC ID.
+            1 if x2apic => {
+                r.ecx = (r.ecx | 1 << 31 | 1 << 21) & !(1 << 5 | 1 << 24);
+                r.ebx = (r.ebx & 0x00ff_ffff) | (vcpu.index & 0xff) << 24;
+            }
             1 => r.ecx = (r.ecx | 1 << 31) & !(1 << 5 | 1 << 21),
             0x8000_0001 => r.ecx &= !(1 << 2),
             0x8000_000a => {
@@ -259,6 +286,88 @@ impl Svm {
         // CPUID is 0F A2.
         let next = self.next_rip(vcpu, 2);
         vcpu.vmcb.set_rax_rip(r.eax.into(), next);
+    }
+
+    /// Before an entry: merges what host handlers posted into the virtual APIC, fires its
+    /// timer if due, and injects the highest deliverable vector: through EVENTINJ when the
+    /// guest can take it now (RFLAGS.IF = 1, no interrupt shadow; APM vol 2 §15.20), else as
+    /// V_IRQ with the VINTR intercept, so that the guest exits at its next interrupt window
+    /// and the vector is injected then (§15.21.4). Nothing is injected while an interrupted
+    /// event is re-delivered.
+    fn prepare_interrupts(vcpu: &mut SvmVcpu) {
+        let Some((apic, slot)) = vcpu.apic.as_mut() else {
+            return;
+        };
+        apic.request_bits(crate::guest::msi::take_posted(*slot));
+        apic.tick(crate::arch::irq::now());
+        let Some(v) = apic.pending() else {
+            vcpu.vmcb.set_virtual_irq(None);
+            return;
+        };
+        if !vcpu.injecting && vcpu.vmcb.interruptible() {
+            apic.accept(v);
+            // Type 0 (external interrupt), valid (bit 31).
+            vcpu.vmcb.set_event_injection(u64::from(v) | 1 << 31);
+            vcpu.injecting = true;
+            INJECTED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            vcpu.vmcb.set_virtual_irq(None);
+        } else {
+            vcpu.vmcb.set_virtual_irq(Some(v));
+        }
+    }
+
+    /// A halted vCPU waits here until its virtual APIC has a deliverable vector (`true`) or
+    /// the time slice that began at `ticks` ends (`false`). It sleeps in HLT with interrupts
+    /// open: an MSI routed to this CPU, or the preemption timer, wakes it. While its virtual
+    /// timer is armed it polls the TSC instead, so it wakes at the deadline and not at the
+    /// slice's end.
+    fn wait_while_halted(vcpu: &mut SvmVcpu, ticks: u64) -> bool {
+        let Some((apic, slot)) = vcpu.apic.as_mut() else {
+            vcpu.halted = false;
+            return true;
+        };
+        loop {
+            apic.request_bits(crate::guest::msi::take_posted(*slot));
+            apic.tick(crate::arch::irq::now());
+            if apic.pending().is_some() {
+                vcpu.halted = false;
+                return true;
+            }
+            if crate::arch::apic::ticks() != ticks {
+                return false;
+            }
+            if apic.deadline().is_some() {
+                crate::arch::irq::window();
+                core::hint::spin_loop();
+            } else {
+                crate::arch::irq::wait_for_interrupt();
+            }
+        }
+    }
+
+    /// RDMSR/WRMSR of an x2APIC register (0x800-0x8FF, Intel SDM vol 3 §11.12.1.2) by a vCPU
+    /// with a virtual APIC: emulated (`Ok(true)`, RIP advanced over the 2-byte instruction).
+    /// `Ok(false)`: not an APIC register, the exit is surfaced (the MSR is forbidden).
+    fn apic_msr(&self, vcpu: &mut SvmVcpu) -> Result<bool, ApicError> {
+        let m = vcpu.gprs.rcx as u32;
+        let next = self.next_rip(vcpu, 2);
+        let Some((apic, _)) = vcpu.apic.as_mut() else {
+            return Ok(false);
+        };
+        if !(0x800..=0x8ff).contains(&m) {
+            return Ok(false);
+        }
+        let now = crate::arch::irq::now();
+        if vcpu.exit.info1 & 1 == 0 {
+            let v = apic.read_msr(m, now)?;
+            vcpu.gprs.rdx = v >> 32;
+            vcpu.vmcb.set_rax_rip(v & 0xffff_ffff, next);
+        } else {
+            let v = (vcpu.gprs.rdx & 0xffff_ffff) << 32 | (vcpu.exit.rax & 0xffff_ffff);
+            apic.write_msr(m, v, now)?;
+            vcpu.vmcb.set_rax_rip(vcpu.exit.rax, next);
+        }
+        Ok(true)
     }
 
     fn decode(vcpu: &SvmVcpu) -> Event {
@@ -482,15 +591,23 @@ impl Backend for Svm {
             exit: ExitState::default(),
             // A fresh VMCB is zero: EVENTINJ is 0.
             injecting: false,
+            index: s.vcpu,
+            apic: None,
+            halted: false,
         })
     }
 
     fn run(&mut self, vm: &SvmVm, vcpu: &mut SvmVcpu) -> Exit {
+        let ticks = crate::arch::apic::ticks();
         loop {
-            // Another vCPU of this VM ran here since this one did: its guest-linear
-            // translations carry the same ASID, so they go (QEMU implements only TLB_CONTROL
-            // 0 and 1, so this is the whole-TLB flush, as at a first run). The ASID word is
-            // written only when TLB_CONTROL changes.
+            if vcpu.halted && !Self::wait_while_halted(vcpu, ticks) {
+                // The time slice ended while it waited: the scheduler decides what runs next.
+                return Exit {
+                    pc: vcpu.exit.rip,
+                    event: Event::Preempted,
+                };
+            }
+            Self::prepare_interrupts(vcpu);
             let pa = vcpu.vmcb.pa();
             let switched = self
                 .last_vcpu
@@ -507,16 +624,9 @@ impl Backend for Svm {
             if vcpu.exit.code == exit::INTR {
                 asm::take_interrupt(self.cpu);
             }
-            if vcpu.exit.code == exit::CPUID {
-                self.emulate_cpuid(vcpu);
-                continue;
-            }
-            // An exit in the middle of delivering an event to the guest (an exception or a
-            // software interrupt through its IDT) leaves the event in EXITINTINFO; it is lost
-            // unless re-injected at the next VMRUN (APM vol 2 §15.7.2). EXITINTINFO has
-            // EVENTINJ's format, so it is copied as is; without it, EVENTINJ is cleared if this
-            // backend left an event there, so an event is never injected twice. (QEMU does not
-            // inject the error code, §15.20's EV bit: svm_helper.c in QEMU 10.)
+            // An event being delivered when the exit happened is delivered again at the next
+            // entry (APM vol 2 §15.7.2, EXITINTINFO); prepare_interrupts injects nothing else
+            // meanwhile.
             let pending = vcpu.exit.int_info;
             let inject = pending & (1 << 31) != 0;
             if inject || vcpu.injecting {
@@ -524,11 +634,61 @@ impl Backend for Svm {
                     .set_event_injection(if inject { pending } else { 0 });
                 vcpu.injecting = inject;
             }
+            if vcpu.exit.code == exit::CPUID {
+                self.emulate_cpuid(vcpu);
+                continue;
+            }
+            if vcpu.apic.is_some() {
+                match vcpu.exit.code {
+                    // The guest can take the virtual interrupt now: injected at the entry.
+                    exit::VINTR => {
+                        VINTR_EXITS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    exit::MSR => match self.apic_msr(vcpu) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            return Exit {
+                                pc: vcpu.exit.rip,
+                                event: Event::Forbidden {
+                                    what: match e {
+                                        ApicError::Unknown(_) => "x2apic register access",
+                                        ApicError::ReadOnly(_) => {
+                                            "write to a read-only x2apic register"
+                                        }
+                                        ApicError::Ipi(_) => "ipi to another cpu",
+                                    },
+                                    detail: vcpu.gprs.rcx & 0xffff_ffff,
+                                },
+                            };
+                        }
+                    },
+                    // HLT with the virtual APIC enabled and IF = 1: wait for its next
+                    // interrupt. With IF = 0, or the APIC off, nothing can wake it: surfaced.
+                    exit::HLT
+                        if vcpu.vmcb.interrupts_enabled()
+                            && vcpu.apic.as_ref().is_some_and(|(a, _)| a.enabled()) =>
+                    {
+                        let next = self.next_rip(vcpu, 1);
+                        vcpu.vmcb.set_rax_rip(vcpu.exit.rax, next);
+                        vcpu.vmcb.clear_interrupt_shadow();
+                        vcpu.halted = true;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             return Exit {
                 pc: vcpu.exit.rip,
                 event: Self::decode(vcpu),
             };
         }
+    }
+
+    fn bind_interrupts(&mut self, vcpu: &mut SvmVcpu, slot: usize) -> bool {
+        vcpu.apic = Some((VirtualLapic::new(vcpu.index), slot));
+        true
     }
 
     fn complete_hypercall(&mut self, vcpu: &mut SvmVcpu, result: u64) {

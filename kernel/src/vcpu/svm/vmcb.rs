@@ -17,6 +17,10 @@ mod ctl {
     pub const GUEST_ASID: usize = 0x058;
     pub const TLB_CONTROL: usize = 0x05c;
     pub const VINTR: usize = 0x060;
+    /// V_INTR_VECTOR, bits 7:0 (APM vol 2 Table B-1).
+    pub const VINTR_VECTOR: usize = 0x064;
+    /// Bit 0: the guest is in an interrupt shadow (after STI / MOV SS).
+    pub const INTERRUPT_SHADOW: usize = 0x068;
     pub const EXITCODE: usize = 0x070;
     pub const EXITINFO1: usize = 0x078;
     pub const EXITINFO2: usize = 0x080;
@@ -55,6 +59,8 @@ mod save {
 /// Intercept bits, vector 3 (offset 0x00C) and vector 4 (offset 0x010), APM Table B-1.
 pub mod intercept {
     pub const INTR: u32 = 1 << 0;
+    /// Virtual interrupt taken (V_IRQ delivered to a guest that can take it), APM §15.21.4.
+    pub const VINTR: u32 = 1 << 4;
     pub const CPUID: u32 = 1 << 18;
     pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;
@@ -158,6 +164,47 @@ impl Vmcb {
     /// RFLAGS.IF, never by the guest's, so a guest with IF = 0 is still preempted (§15.21.1).
     pub fn set_virtual_interrupt_masking(&mut self) {
         self.w32(ctl::VINTR, 1 << 24);
+    }
+
+    /// V_IRQ (APM vol 2 §15.21.4): `Some(vector)` asks for a virtual interrupt of that
+    /// vector's priority, with V_IGN_TPR (the virtual APIC's own TPR already allowed it), and
+    /// sets the VINTR intercept so that the guest exits as soon as it can take it (RFLAGS.IF
+    /// = 1, no interrupt shadow) instead of taking it through its IDT; `None` clears both.
+    /// V_INTR_MASKING stays set; V_TPR is kept.
+    pub fn set_virtual_irq(&mut self, vector: Option<u8>) {
+        let [vintr, misc] = self.page.load_u64s([ctl::VINTR, ctl::INTERCEPT_EXCEPTIONS]);
+        let tpr = vintr & 0xff;
+        let misc1 = (misc >> 32) as u32;
+        let (vintr, misc1) = match vector {
+            Some(v) => (
+                tpr | 1 << 8 | u64::from(v >> 4) << 16 | 1 << 20 | 1 << 24 | u64::from(v) << 32,
+                misc1 | intercept::VINTR,
+            ),
+            None => (tpr | 1 << 24, misc1 & !intercept::VINTR),
+        };
+        // VINTR (0x60) and V_INTR_VECTOR (0x64) share one 8-aligned word.
+        const _: () = assert!(ctl::VINTR.is_multiple_of(8) && ctl::VINTR_VECTOR == ctl::VINTR + 4);
+        self.w64(ctl::VINTR, vintr);
+        self.w32(ctl::INTERCEPT_MISC1, misc1);
+    }
+
+    /// Whether the guest can take an external interrupt now: RFLAGS.IF = 1 and no
+    /// interrupt shadow (APM vol 2 §15.20).
+    pub fn interruptible(&self) -> bool {
+        let [rflags, shadow] = self.page.load_u64s([save::RFLAGS, ctl::INTERRUPT_SHADOW]);
+        rflags & 1 << 9 != 0 && shadow & 1 == 0
+    }
+
+    /// Ends an interrupt shadow: the instruction after STI / MOV SS was an intercepted one
+    /// the backend completed (HLT in `sti; hlt`), so the shadow is over (as KVM does when it
+    /// skips an emulated instruction).
+    pub fn clear_interrupt_shadow(&mut self) {
+        self.w64(ctl::INTERRUPT_SHADOW, 0);
+    }
+
+    /// The guest's RFLAGS.IF.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.page.load_u64s([save::RFLAGS])[0] & 1 << 9 != 0
     }
 
     /// Nested paging on with `table` as nCR3 (§15.25.3). Takes the table itself, not an address,
