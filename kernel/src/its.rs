@@ -66,9 +66,19 @@ pub struct Its {
     lpi_config: Frames,
     _tables: Vec<Frames>,
     _pending: Frames,
+    /// By CPU index: whether collection `cpu` is mapped to that CPU's redistributor (MAPC).
+    /// Collection 0 is the boot CPU's, mapped at bring-up; the others are mapped the first
+    /// time an LPI is routed to a CPU ([`Its::collection_for_this_cpu`]).
+    collections: [bool; crate::arch::smp::MAX_CPUS],
+    /// The other CPUs' LPI pending tables (one per redistributor, IHI 0069 §5.1.2): in use,
+    /// and not yet used (allocated at bring-up for every other online CPU).
+    other_pending: Vec<Frames>,
+    pending_pool: Vec<Frames>,
 }
 
 static ITS: Mutex<Option<Its>> = Mutex::new(None);
+/// What [`init`] was given: where [`device_id`] looks for `msi-map` and the IORT.
+static BOOT_INFO: spin::Once<&'static BootInfo> = spin::Once::new();
 static NEXT_LPI: AtomicU32 = AtomicU32::new(FIRST_LPI);
 
 /// The ITS, once [`init`] has brought it up.
@@ -99,7 +109,8 @@ fn find(info: &BootInfo) -> Option<u64> {
 
 /// Brings the ITS up (see the module comment); prints its report line. An error leaves LPIs
 /// off; nothing else depends on them.
-pub fn init(info: &BootInfo) -> Result<(), String> {
+pub fn init(info: &'static BootInfo) -> Result<(), String> {
+    BOOT_INFO.call_once(|| info);
     let mut slot = ITS.lock();
     if slot.is_some() {
         return Ok(());
@@ -195,7 +206,17 @@ pub fn init(info: &BootInfo) -> Result<(), String> {
         lpi_config,
         _tables: tables,
         _pending: pending,
+        collections: [false; crate::arch::smp::MAX_CPUS],
+        other_pending: Vec::new(),
+        pending_pool: Vec::new(),
     };
+    for _ in 1..crate::arch::smp::online() {
+        its.pending_pool.push(zeroed(
+            ((1u64 << LPI_ID_BITS) / 8).div_ceil(4096),
+            0x1_0000,
+        )?);
+    }
+    its.collections[crate::arch::smp::cpu_index()] = true;
     let mapc = cmd::mapc(0, target).map_err(|e| alloc::format!("MAPC: {e:?}"))?;
     its.submit(&[mapc])?;
     its.sync()?;
@@ -208,7 +229,14 @@ pub fn init(info: &BootInfo) -> Result<(), String> {
         FIRST_LPI,
         (1u32 << LPI_ID_BITS) - 1,
     );
+    let translater = its.translater();
     *slot = Some(its);
+    drop(slot);
+    // Every SMMU domain the object model creates from now on (guests' HWPTs) maps the doorbell
+    // at its reserved IOVA, so an assigned device can raise the MSIs its guest routes.
+    if let Some(o) = crate::iommu_owner::lock().as_mut() {
+        o.fd.hw_mut().set_msi_doorbell(MSI_IOVA_BASE, translater);
+    }
     Ok(())
 }
 
@@ -264,11 +292,74 @@ impl Its {
     }
 
     /// Maps (DeviceID `device`, EventID `event`) to a fresh LPI whose handler is `handler`;
-    /// returns the LPI. The device gets its ITT (MAPD) the first time.
+    /// returns the LPI. The device gets its ITT (MAPD) the first time. The LPI goes to
+    /// collection 0 (the boot CPU).
     pub fn map_event(
         &mut self,
         device: u32,
         event: u32,
+        handler: drivers::gicv3::handlers::HandlerFn,
+        context: usize,
+    ) -> Result<u32, String> {
+        self.map_event_to(device, event, 0, handler, context)
+    }
+
+    /// The calling CPU's collection (its CPU index), mapped on first use: the CPU's
+    /// redistributor gets the shared LPI configuration table and its own pending table
+    /// (GICR_PROPBASER/PENDBASER while EnableLPIs is 0, then EnableLPIs), then MAPC + SYNC
+    /// (IHI 0069 §5.3.9). An LPI routed to the collection is taken by this CPU.
+    pub fn collection_for_this_cpu(&mut self) -> Result<u16, String> {
+        let cpu = crate::arch::smp::cpu_index();
+        if self.collections.get(cpu).copied().unwrap_or(false) {
+            return Ok(cpu as u16);
+        }
+        let (gicr, rd) = crate::arch::preempt::this_redistributor()
+            .ok_or("this CPU's redistributor is not up")?;
+        let gicr_typer = gicr.read64(rd + drivers::gicv3::gicr::TYPER);
+        if gicr_typer & gicr_lpi::TYPER_PLPIS == 0 {
+            return Err(alloc::format!(
+                "CPU {cpu}: no physical LPIs (GICR_TYPER.PLPIS)"
+            ));
+        }
+        let ctlr_off = rd + drivers::gicv3::gicr::CTLR;
+        if gicr.read32(ctlr_off) & gicr_lpi::CTLR_ENABLE_LPIS == 0 {
+            // Every redistributor shares one configuration table (§5.1.1: GICR_PROPBASER
+            // should be the same everywhere); the pending table is per redistributor.
+            // From the pool made at bring-up (one per other online CPU): taken here, kept for
+            // good, so routing at run time allocates nothing.
+            let pending = self
+                .pending_pool
+                .pop()
+                .ok_or_else(|| alloc::format!("CPU {cpu}: no LPI pending table left"))?;
+            gicr.write64(
+                rd + gicr_lpi::PROPBASER,
+                propbaser(self.lpi_config.pa(), LPI_ID_BITS),
+            );
+            gicr.write64(rd + gicr_lpi::PENDBASER, pendbaser(pending.pa()));
+            gicr.write32(ctlr_off, gicr_lpi::CTLR_ENABLE_LPIS);
+            self.other_pending.push(pending);
+        }
+        let target = if self.typer.pta() {
+            Target::Address(gicr.phys + rd as u64)
+        } else {
+            Target::ProcessorNumber(((gicr_typer >> 8) & 0xffff) as u32)
+        };
+        let icid = cpu as u16;
+        let mapc = cmd::mapc(icid, target).map_err(|e| alloc::format!("MAPC: {e:?}"))?;
+        self.submit(&[mapc])?;
+        let sync = cmd::sync(target).map_err(|e| alloc::format!("SYNC: {e:?}"))?;
+        self.submit(&[sync])?;
+        self.collections[cpu] = true;
+        crate::println!("its: collection {icid} mapped to CPU {cpu} ({target:?})");
+        Ok(icid)
+    }
+
+    /// As [`Its::map_event`], to collection `icid` (the CPU that takes the LPI).
+    pub fn map_event_to(
+        &mut self,
+        device: u32,
+        event: u32,
+        icid: u16,
         handler: drivers::gicv3::handlers::HandlerFn,
         context: usize,
     ) -> Result<u32, String> {
@@ -295,6 +386,38 @@ impl Its {
         self.lpi_config
             .write_volatile(index, lpi_config(DEVICE_PRIORITY, true));
         let mut cmds = Vec::new();
+        self.ensure_device(device, &mut cmds)?;
+        cmds.push(
+            cmd::mapti(device, event, lpi, icid).map_err(|e| alloc::format!("MAPTI: {e:?}"))?,
+        );
+        cmds.push(cmd::inv(device, event));
+        core::sync::atomic::fence(Ordering::SeqCst);
+        self.submit(&cmds)?;
+        self.sync()?;
+        Ok(lpi)
+    }
+
+    /// Maps (DeviceID, EventID) again to an LPI it had before (after [`Its::discard`]), in
+    /// collection `icid`: MAPTI, INV, SYNC. The LPI keeps its handler.
+    pub fn remap_event(
+        &mut self,
+        device: u32,
+        event: u32,
+        lpi: u32,
+        icid: u16,
+    ) -> Result<(), String> {
+        let mut cmds = Vec::new();
+        self.ensure_device(device, &mut cmds)?;
+        cmds.push(
+            cmd::mapti(device, event, lpi, icid).map_err(|e| alloc::format!("MAPTI: {e:?}"))?,
+        );
+        cmds.push(cmd::inv(device, event));
+        self.submit(&cmds)?;
+        self.sync()
+    }
+
+    /// Gives `device` its ITT (a MAPD into `cmds`) unless it has one.
+    fn ensure_device(&mut self, device: u32, cmds: &mut Vec<Command>) -> Result<(), String> {
         if !self.devices.iter().any(|(d, _)| *d == device) {
             let itt_bytes = (1u64 << EVENT_BITS) * u64::from(self.typer.itt_entry_size());
             let itt = zeroed(itt_bytes.div_ceil(4096), 0x1000)?;
@@ -304,12 +427,21 @@ impl Its {
             );
             self.devices.push((device, itt));
         }
-        cmds.push(cmd::mapti(device, event, lpi, 0).map_err(|e| alloc::format!("MAPTI: {e:?}"))?);
-        cmds.push(cmd::inv(device, event));
-        core::sync::atomic::fence(Ordering::SeqCst);
-        self.submit(&cmds)?;
+        Ok(())
+    }
+
+    /// Unmaps `device` (MAPD with V = 0, then SYNC: every event of it is dropped from then on)
+    /// and frees its ITT once the ITS no longer uses it.
+    pub fn unmap_device(&mut self, device: u32) -> Result<(), String> {
+        let Some(i) = self.devices.iter().position(|(d, _)| *d == device) else {
+            return Ok(());
+        };
+        self.submit(&[cmd::unmapd(device)])?;
         self.sync()?;
-        Ok(lpi)
+        // Dropping a `Frames` would leak it: give the ITT back.
+        let (_, itt) = self.devices.swap_remove(i);
+        itt.free();
+        Ok(())
     }
 
     /// Removes (DeviceID, EventID)'s mapping (DISCARD): its writes are then dropped.
@@ -322,5 +454,38 @@ impl Its {
     pub fn trigger(&mut self, device: u32, event: u32) -> Result<(), String> {
         self.submit(&[cmd::int(device, event)])?;
         self.sync()
+    }
+}
+
+/// A device's ITS DeviceID from its requester ID: the device tree's `msi-map` on its host
+/// bridge, the IORT's root complex mapping to an ITS group, or both (then they must agree).
+/// Needs [`init`] (the boot information it keeps).
+pub fn device_id(segment: u16, rid: u32) -> Result<(u32, &'static str), String> {
+    let info = BOOT_INFO.get().ok_or("no ITS")?;
+    let dt = crate::firmware::devicetree::fdt(info).and_then(|fdt| {
+        iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(segment))
+            .ok()?
+            .msi_map
+            .as_ref()?
+            .resolve(rid)
+            .map(|(_its_phandle, id)| id)
+    });
+    let iort = info
+        .rsdp
+        .and_then(|r| crate::firmware::acpi::discover(r).ok())
+        .and_then(|a| a.iort)
+        .and_then(|t| iommu::firmware::iort::Iort::parse(t.bytes).ok())
+        .and_then(|i| i.resolve_msi(segment, rid).ok())
+        .map(|r| r.device_id);
+    match (dt, iort) {
+        (Some(a), Some(b)) if a != b => Err(alloc::format!(
+            "msi-map gives DeviceID {a:#x}, the IORT {b:#x} for RID {rid:#x}"
+        )),
+        (Some(a), Some(_)) => Ok((a, "msi-map and IORT agree")),
+        (Some(a), None) => Ok((a, "msi-map")),
+        (None, Some(b)) => Ok((b, "IORT")),
+        (None, None) => Err(alloc::format!(
+            "neither an msi-map nor an IORT ITS mapping covers RID {rid:#x}"
+        )),
     }
 }

@@ -16,6 +16,7 @@ use iommu::hw::Mmio;
 pub mod handlers;
 pub mod its;
 pub mod spi;
+pub mod vgic;
 
 /// Distributor registers (IHI 0069 §12.9).
 pub mod gicd {
@@ -48,6 +49,9 @@ pub mod gicr {
     pub const ISENABLER0: usize = SGI_FRAME + 0x0100;
     pub const ICENABLER0: usize = SGI_FRAME + 0x0180;
     pub const ICPENDR0: usize = SGI_FRAME + 0x0280;
+    /// GICR_ISACTIVER0 / GICR_ICACTIVER0: set / clear the active state of SGIs and PPIs.
+    pub const ISACTIVER0: usize = SGI_FRAME + 0x0300;
+    pub const ICACTIVER0: usize = SGI_FRAME + 0x0380;
     pub const IPRIORITYR: usize = SGI_FRAME + 0x0400;
     pub const ICFGR1: usize = SGI_FRAME + 0x0c04;
     /// Size of one redistributor: two frames (GICv3) or four (GICv4 with VLPIS).

@@ -109,6 +109,9 @@ where
 {
     units: Vec<SmmuUnit<'m, M, T::Entry>>,
     mem: &'m T,
+    /// The MSI doorbell every domain maps (IOVA page, physical page): see
+    /// [`Backend::set_msi_doorbell`].
+    msi_doorbell: Option<(u64, u64)>,
 }
 
 /// The SMMUv3 backend.
@@ -151,7 +154,24 @@ where
         devices: Vec<X>,
     ) -> Self {
         let devices = devices.into_iter().map(Into::into).collect();
-        Backend::with_driver(SmmuOps { units, mem }, devices)
+        Backend::with_driver(
+            SmmuOps {
+                units,
+                mem,
+                msi_doorbell: None,
+            },
+            devices,
+        )
+    }
+
+    /// Every domain created from now on maps the 4 KiB page `pa` (the GICv3 ITS's
+    /// GITS_TRANSLATER page) at `iova`, write-only, Device memory, for its whole life, so the
+    /// devices attached to it can raise their MSIs (a write to the doorbell, translated like
+    /// any DMA). `iova` must lie in a window every device reserves (`RESV_MSI`: no IOAS can map
+    /// it), so the page never collides with an IOAS mapping; it is not counted as IOAS bytes
+    /// (`mapped_bytes`). Which EventIDs a device may raise is the ITS's business (its ITT).
+    pub fn set_msi_doorbell(&mut self, iova: u64, pa: u64) {
+        self.drv.msi_doorbell = Some((iova & !0xfff, pa & !0xfff));
     }
 
     pub fn units(&self) -> &[SmmuUnit<'m, M, T::Entry>] {
@@ -209,7 +229,15 @@ where
             return Err(HwError::Unsupported);
         }
         let dc = crate::smmuv3::DomainConfig::stage2(domain_width(unit));
-        unit.create_domain(mem, dc).map_err(err)
+        let domain = unit.create_domain(mem, dc).map_err(err)?;
+        if let Some((iova, pa)) = self.msi_doorbell {
+            let unit = self.unit_mut(rec.unit)?;
+            if let Err(e) = unit.map(mem, &domain, iova, pa, 0x1000, Prot::WRITE | Prot::DEVICE) {
+                let _ = unit.destroy_domain(mem, domain);
+                return Err(err(e));
+            }
+        }
+        Ok(domain)
     }
 
     fn domain_free(&mut self, unit: usize, domain: Domain, _in_use: bool) {
@@ -285,10 +313,16 @@ where
     }
 
     fn mapped_bytes(&self, x: &DomainSlot<Domain>) -> u64 {
-        match &x.domain.kind {
+        let mapped = match &x.domain.kind {
             Kind::S2 { table, .. } => table.census(self.mem).mapped,
             _ => 0,
-        }
+        };
+        // The MSI doorbell page is the backend's, not the IOAS's.
+        let doorbell = self
+            .msi_doorbell
+            .filter(|&(iova, _)| self.translate(x, iova).is_some())
+            .map_or(0, |_| 0x1000);
+        mapped - doorbell
     }
 
     fn domain_root(&self, x: &DomainSlot<Domain>) -> u64 {
@@ -614,6 +648,32 @@ mod tests {
         assert_eq!(fd.hw().live_domains(), Some(0));
         assert_eq!(fd.hw().outstanding_prepared(), Some(0));
         fd.destroy_guest(g).unwrap();
+    }
+
+    #[test]
+    fn smmu_msi_doorbell_in_every_domain() {
+        let mem = FakeMem::new(2048);
+        let hw = FakeSmmu::qemu(&mem);
+        let mut b = backend(&hw, &mem);
+        // Before the doorbell is known: nothing at the window.
+        let plain = b.domain_alloc(0, DomainConfig::default()).unwrap();
+        b.set_msi_doorbell(0x1000_0000, 0x0809_0040);
+        let d = b.domain_alloc(0, DomainConfig::default()).unwrap();
+        b.map(d, 0x10_0000, 0x8000_0000, PG, Prot::READ).unwrap();
+        let p = b.prepare(2, None, d).unwrap();
+        b.commit(p).unwrap();
+        // Walked from the fake's stream table and stage-2 tables: the doorbell page at the
+        // window, writable, not readable; the IOAS page as mapped; nothing past the doorbell.
+        assert_eq!(walk(&hw, &mem, 0x10, 0x1000_0040, true), Ok(0x0809_0040));
+        assert!(walk(&hw, &mem, 0x10, 0x1000_0040, false).is_err());
+        assert!(walk(&hw, &mem, 0x10, 0x1000_1000, true).is_err());
+        assert_eq!(walk(&hw, &mem, 0x10, 0x10_0000, false), Ok(0x8000_0000));
+        // The doorbell is the backend's: only the IOAS's page counts as mapped bytes.
+        assert_eq!(b.mapped_bytes(d), PG);
+        let p = b.prepare(2, None, plain).unwrap();
+        b.commit(p).unwrap();
+        assert!(walk(&hw, &mem, 0x10, 0x1000_0040, true).is_err());
+        assert_eq!(b.mapped_bytes(plain), 0);
     }
 
     #[test]

@@ -270,3 +270,244 @@ pub fn spin_in_aarch32_el0() -> ! {
         );
     }
 }
+
+/// `println!` of the crate root, which is defined after this module is declared.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut l = crate::Line { buf: [0; 200], len: 0 };
+        let _ = core::fmt::Write::write_fmt(&mut l, format_args!($($arg)*));
+        let _ = core::fmt::Write::write_str(&mut l, "\n");
+        crate::print(core::str::from_utf8(&l.buf[..l.len]).unwrap_or("?\n"));
+    }};
+}
+
+// Interrupts (docs/guests.md "Interrupts (aarch64)"): the guest's GIC is the virtual CPU
+// interface, reached through the ICC_* system registers (the hypervisor's HCR_EL2.IMO/FMO make
+// them ICV_*); there is no distributor. The vector table handles only "current EL with SP_ELx,
+// IRQ" (offset 0x280); every other vector ends the guest with its syndrome.
+global_asm!(
+    r#"
+    .pushsection .text.testguest_vectors, "ax"
+    .balign 2048
+    .global testguest_vectors
+testguest_vectors:
+    .set i, 0
+    .rept 16
+    .balign 0x80
+    .if i == 5
+    b testguest_irq_entry
+    .else
+    mov x2, #i
+    b testguest_unexpected
+    .endif
+    .set i, i + 1
+    .endr
+
+testguest_unexpected:
+    mrs x0, esr_el1
+    mrs x1, elr_el1
+    b guest_unexpected_exception
+
+testguest_irq_entry:
+    sub sp, sp, #544
+    stp x0, x1, [sp, #0]
+    stp x2, x3, [sp, #16]
+    stp x4, x5, [sp, #32]
+    stp x6, x7, [sp, #48]
+    stp x8, x9, [sp, #64]
+    stp x10, x11, [sp, #80]
+    stp x12, x13, [sp, #96]
+    stp x14, x15, [sp, #112]
+    stp x16, x17, [sp, #128]
+    stp x18, x30, [sp, #144]
+    add x0, sp, #160
+    stp q0, q1, [x0, #0]
+    stp q2, q3, [x0, #32]
+    stp q4, q5, [x0, #64]
+    stp q6, q7, [x0, #96]
+    stp q16, q17, [x0, #128]
+    stp q18, q19, [x0, #160]
+    stp q20, q21, [x0, #192]
+    stp q22, q23, [x0, #224]
+    stp q24, q25, [x0, #256]
+    stp q26, q27, [x0, #288]
+    stp q28, q29, [x0, #320]
+    stp q30, q31, [x0, #352]
+    bl guest_irq
+    add x0, sp, #160
+    ldp q0, q1, [x0, #0]
+    ldp q2, q3, [x0, #32]
+    ldp q4, q5, [x0, #64]
+    ldp q6, q7, [x0, #96]
+    ldp q16, q17, [x0, #128]
+    ldp q18, q19, [x0, #160]
+    ldp q20, q21, [x0, #192]
+    ldp q22, q23, [x0, #224]
+    ldp q24, q25, [x0, #256]
+    ldp q26, q27, [x0, #288]
+    ldp q28, q29, [x0, #320]
+    ldp q30, q31, [x0, #352]
+    ldp x0, x1, [sp, #0]
+    ldp x2, x3, [sp, #16]
+    ldp x4, x5, [sp, #32]
+    ldp x6, x7, [sp, #48]
+    ldp x8, x9, [sp, #64]
+    ldp x10, x11, [sp, #80]
+    ldp x12, x13, [sp, #96]
+    ldp x14, x15, [sp, #112]
+    ldp x16, x17, [sp, #128]
+    ldp x18, x30, [sp, #144]
+    add sp, sp, #544
+    eret
+    .popsection
+"#
+);
+
+/// Interrupts taken per INTID (0-127), counted by [`guest_irq`] from what ICC_IAR1_EL1 returned.
+pub static IRQ_COUNTS: [core::sync::atomic::AtomicU32; 128] =
+    [const { core::sync::atomic::AtomicU32::new(0) }; 128];
+/// INTIDs outside 0-127 that were acknowledged (none should be).
+pub static IRQ_OTHER: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// INTID of the EL1 virtual timer (PPI 11).
+pub const VTIMER_INTID: u32 = 27;
+
+/// The IRQ vector's body: acknowledges (ICC_IAR1_EL1) until nothing is pending, counts each
+/// INTID, stops the one-shot virtual timer when it is the timer (its line is a level), and
+/// completes it (ICC_EOIR1_EL1; EOImode 0: drop and deactivate).
+#[unsafe(no_mangle)]
+extern "C" fn guest_irq() {
+    use core::sync::atomic::Ordering::Relaxed;
+    loop {
+        let iar: u64;
+        // SAFETY: acknowledging at the (virtual) CPU interface; completed below.
+        unsafe { asm!("mrs {}, icc_iar1_el1", out(reg) iar, options(nostack)) };
+        let intid = (iar & 0xff_ffff) as u32;
+        if (1020..=1023).contains(&intid) {
+            return;
+        }
+        if intid == VTIMER_INTID {
+            // SAFETY: CNTV_CTL_EL0 = 0 stops this guest's own virtual timer.
+            unsafe { asm!("msr cntv_ctl_el0, xzr", "isb", options(nostack)) };
+        }
+        match IRQ_COUNTS.get(intid as usize) {
+            Some(c) => c.fetch_add(1, Relaxed),
+            None => IRQ_OTHER.fetch_add(1, Relaxed),
+        };
+        // SAFETY: completes the INTID acknowledged above.
+        unsafe { asm!("msr icc_eoir1_el1, {}", "isb", in(reg) iar, options(nostack)) };
+    }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn guest_unexpected_exception(esr: u64, elr: u64, vector: u64) -> ! {
+    say!("testguest: unexpected exception vector {vector}, esr {esr:#x}, elr {elr:#x}");
+    crate::exit(97)
+}
+
+unsafe extern "C" {
+    static testguest_vectors: u8;
+}
+
+/// Installs the vectors and enables interrupts at the virtual CPU interface: PMR 0xff (every
+/// priority), Group 1 enabled, PSTATE.I cleared.
+pub fn irq_init() {
+    // SAFETY: the vector table is this image's; the ICC_* writes configure only this guest's
+    // virtual CPU interface.
+    unsafe {
+        asm!(
+            "msr vbar_el1, {v}",
+            "isb",
+            "mov {t}, #0xff",
+            "msr icc_pmr_el1, {t}",
+            "mov {t}, #1",
+            "msr icc_igrpen1_el1, {t}",
+            "isb",
+            "msr daifclr, #2",
+            "isb",
+            v = in(reg) core::ptr::addr_of!(testguest_vectors) as u64,
+            t = out(reg) _,
+            options(nostack),
+        );
+    }
+}
+
+/// WFI: the hypervisor traps it and resumes the guest when an interrupt is due.
+pub fn wait_for_interrupt() {
+    // SAFETY: WFI only waits.
+    unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
+}
+
+/// The counter frequency (CNTFRQ_EL0).
+pub fn counter_frequency() -> u64 {
+    let f: u64;
+    // SAFETY: reading CNTFRQ_EL0 has no side effects.
+    unsafe { asm!("mrs {}, cntfrq_el0", out(reg) f, options(nomem, nostack, preserves_flags)) };
+    f
+}
+
+/// Arms the one-shot virtual timer at virtual count `cval` (ENABLE, not masked).
+pub fn arm_vtimer(cval: u64) {
+    // SAFETY: the virtual timer is this guest's own.
+    unsafe {
+        asm!(
+            "msr cntv_cval_el0, {c}",
+            "mov {t}, #1",
+            "msr cntv_ctl_el0, {t}",
+            "isb",
+            c = in(reg) cval,
+            t = out(reg) _,
+            options(nostack),
+        )
+    };
+}
+
+/// The timer check (`timer` variant): `rounds` one-shot timers of `ms` milliseconds, each
+/// waited for in WFI (not polling), each interrupt counted by the IRQ vector; the wait must
+/// last at least the programmed time, exactly one timer interrupt per round must arrive, and
+/// no other INTID. Returns the number of failed checks.
+pub fn timer_checks(rounds: u32, ms: u64) -> u32 {
+    use core::sync::atomic::Ordering::Relaxed;
+    irq_init();
+    let delay = counter_frequency() / 1000 * ms;
+    let mut failed = 0;
+    let mut wfis = 0u64;
+    for round in 0..rounds {
+        let before = IRQ_COUNTS[VTIMER_INTID as usize].load(Relaxed);
+        let t0 = timestamp();
+        arm_vtimer(t0 + delay);
+        let mut n = 0u64;
+        while IRQ_COUNTS[VTIMER_INTID as usize].load(Relaxed) == before && n < 100_000 {
+            wait_for_interrupt();
+            n += 1;
+        }
+        wfis += n;
+        let elapsed = timestamp() - t0;
+        let got = IRQ_COUNTS[VTIMER_INTID as usize].load(Relaxed) - before;
+        if got != 1 || elapsed < delay {
+            say!(
+                "testguest: timer round {round}: {got} interrupts after {elapsed} ticks (want 1 after >= {delay}): FAILED"
+            );
+            failed += 1;
+        }
+    }
+    // Nothing more may arrive: the handler stopped the one-shot timer each time.
+    let t0 = timestamp();
+    while timestamp() - t0 < delay {
+        core::hint::spin_loop();
+    }
+    let total = IRQ_COUNTS[VTIMER_INTID as usize].load(Relaxed);
+    let others: u32 = IRQ_COUNTS
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != VTIMER_INTID as usize)
+        .map(|(_, c)| c.load(Relaxed))
+        .sum::<u32>()
+        + IRQ_OTHER.load(Relaxed);
+    let ok = total == rounds && others == 0 && failed == 0;
+    say!(
+        "testguest: timer: {total} interrupts (INTID 27) for {rounds} timers of {ms} ms, waited in WFI ({wfis} WFIs), {others} other: {}",
+        if ok { "ok" } else { "FAILED" }
+    );
+    u32::from(!ok) + failed
+}

@@ -97,6 +97,8 @@ fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod msi_arm;
 mod smp;
 
 // Interrupt delivery to the guest; the aarch64 shim gets the same hooks with its own delivery.
@@ -264,6 +266,35 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
             let free = u64_at(&page, si::OFF_FREE_START);
             let failed = abi_checks(mem, free);
             exit(failed)
+        }
+        #[cfg(target_arch = "aarch64")]
+        "msi" => {
+            let (mut raises, mut forge) = (5, false);
+            for w in words {
+                if let Some(r) = w.strip_prefix("raises=").and_then(parse_u64) {
+                    raises = r as u32;
+                }
+                forge |= w == "forge";
+            }
+            exit(msi_arm::msi_checks(
+                start_info,
+                u64_at(&page, si::OFF_FREE_START),
+                raises,
+                forge,
+            ))
+        }
+        #[cfg(target_arch = "aarch64")]
+        "timer" => {
+            let (mut rounds, mut ms) = (3, 2);
+            for w in words {
+                if let Some(r) = w.strip_prefix("rounds=").and_then(parse_u64) {
+                    rounds = r as u32;
+                }
+                if let Some(m) = w.strip_prefix("ms=").and_then(parse_u64) {
+                    ms = m;
+                }
+            }
+            exit(arch::timer_checks(rounds, ms))
         }
         #[cfg(target_arch = "aarch64")]
         "aarch32" => {

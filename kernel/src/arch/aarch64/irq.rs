@@ -140,3 +140,84 @@ pub fn counter() -> (u64, u64) {
     };
     (now, freq.max(1))
 }
+
+/// The GIC maintenance interrupt (PPI 9, INTID 25): the virtual CPU interface asks for a
+/// list-register refill (ICH_HCR_EL2.UIE, IHI 0069 §6.5 "Maintenance interrupts").
+pub const MAINTENANCE_INTID: u32 = 25;
+/// The EL1 virtual timer (CNTV, PPI 11, INTID 27): a guest's timer, injected into it.
+pub const VTIMER_INTID: u32 = 27;
+/// Priority of the guests' PPIs at the physical GIC: that of the EL2 timer, so the hypervisor's
+/// own interrupt windows (PMR 0x80) leave them pending for the vCPU backend.
+const GUEST_PPI_PRIORITY: u8 = 0x80;
+
+/// What a physical interrupt taken on a guest exit was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestIrq {
+    /// The EL2 timer: the slice is over (counted, timer stopped, completed).
+    SliceEnd,
+    /// The running guest's virtual timer fired (completed; the caller injects it).
+    VirtualTimer,
+    /// The maintenance interrupt (completed; the caller refills the list registers).
+    Maintenance,
+    /// A host device interrupt (dispatched to its handler and completed), or nothing.
+    Other,
+}
+
+/// Acknowledges and completes one pending interrupt on a guest exit (or while a vCPU waits in
+/// WFI) and says what it was; host device interrupts go to their handlers as in
+/// `preempt::take_interrupt`.
+pub fn take_guest_interrupt() -> GuestIrq {
+    let iar = acknowledge();
+    let intid = (iar & 0xff_ffff) as u32;
+    match intid {
+        super::preempt::HYP_TIMER_INTID => {
+            super::preempt::timer_interrupt_taken();
+            complete(iar);
+            GuestIrq::SliceEnd
+        }
+        VTIMER_INTID => {
+            complete(iar);
+            GuestIrq::VirtualTimer
+        }
+        MAINTENANCE_INTID => {
+            complete(iar);
+            GuestIrq::Maintenance
+        }
+        _ => {
+            dispatch_and_complete(iar);
+            GuestIrq::Other
+        }
+    }
+}
+
+/// Enables the guests' PPIs (virtual timer, maintenance) at the calling CPU's redistributor:
+/// Group 1, level, [`GUEST_PPI_PRIORITY`]. Called by the vCPU backend on each CPU that runs
+/// guests, before the first entry.
+pub fn enable_guest_ppis() -> Result<(), &'static str> {
+    let (gicr, rd) = super::preempt::this_redistributor().ok_or("redistributor not up")?;
+    for intid in [MAINTENANCE_INTID, VTIMER_INTID] {
+        drivers::gicv3::enable_ppi(&gicr, rd, intid, GUEST_PPI_PRIORITY)
+            .map_err(|_| "cannot enable a guest PPI")?;
+    }
+    Ok(())
+}
+
+/// Sets (`true`) or clears the active state of PPI `intid` at the calling CPU's
+/// redistributor (GICR_ISACTIVER0 / GICR_ICACTIVER0). An active PPI is not signalled again
+/// until it is deactivated: the virtual timer's physical PPI stays active while its virtual
+/// INTID, linked to it by a list register's HW bit, is in the guest's hands.
+pub fn set_ppi_active(intid: u32, active: bool) {
+    use iommu::hw::Mmio;
+    let Some((gicr, rd)) = super::preempt::this_redistributor() else {
+        return;
+    };
+    if !(16..32).contains(&intid) {
+        return;
+    }
+    let reg = if active {
+        drivers::gicv3::gicr::ISACTIVER0
+    } else {
+        drivers::gicv3::gicr::ICACTIVER0
+    };
+    gicr.write32(rd + reg, 1 << intid);
+}

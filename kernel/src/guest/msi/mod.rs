@@ -9,7 +9,7 @@
 //!
 //! Arch-neutral here: the request and answer types, the per-vCPU posted bitmaps the host
 //! handlers set and the vCPU backends take, and which vCPU slots a backend can deliver to.
-//! The arch module (`x86_64.rs`; `aarch64.rs` refuses until its delivery exists) decodes the
+//! The arch module (`x86_64.rs`, `aarch64.rs`) decodes the
 //! guest's message and owns the host side.
 //!
 //! A vCPU slot is `guest index * MAX_VCPUS + vCPU index`: fixed for the run, so a handler
@@ -30,6 +30,8 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 use x86_64 as arch;
 
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::routes_to;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{on_interrupt, report};
 
@@ -88,10 +90,6 @@ pub fn slot(guest: usize, vcpu: usize) -> Option<usize> {
 
 /// Marks `vector` pending on `slot` (what the route's handler recorded before is visible to
 /// the vCPU that takes the bit).
-#[cfg_attr(
-    target_arch = "aarch64",
-    allow(dead_code, reason = "no aarch64 route posts yet")
-)]
 pub fn post(slot: usize, vector: u8) {
     if let Some(p) = POSTED.get(slot) {
         p.post(vector);
@@ -114,10 +112,6 @@ pub fn bind(slot: usize, bound: bool) {
     }
 }
 
-#[cfg_attr(
-    target_arch = "aarch64",
-    allow(dead_code, reason = "no aarch64 route posts yet")
-)]
 pub fn is_bound(slot: usize) -> bool {
     BOUND.get(slot).is_some_and(|b| b.load(Ordering::Acquire))
 }

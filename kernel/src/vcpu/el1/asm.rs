@@ -517,6 +517,8 @@ pub fn run(
     table: &Stage2,
     vmid: u16,
     el1: &mut El1Regs,
+    vgic: &mut VgicRegs,
+    nr_lrs: usize,
     ctx: &mut Context,
 ) -> bool {
     if shape(&table.root_info()) != ready.shape {
@@ -534,6 +536,7 @@ pub fn run(
     }
     let hcr = GUEST_HCR;
     load_el1(el1);
+    load_vgic(vgic, nr_lrs);
     // SAFETY: `vttbr` names a stage-2 table the page-table engine built, of the shape VTCR_EL2
     // describes, so the walker reads it as the engine wrote it; HCR_EL2 has VM = 1 and RW = 1
     // with the traps above, and SPSR_EL2 names EL1 or EL0, so the guest runs below EL2 with
@@ -558,5 +561,144 @@ pub fn run(
         );
     }
     save_el1(el1);
+    save_vgic(vgic, nr_lrs);
+    // The guest's timer stays loaded: if it is why the guest exited, its PPI must still be
+    // pending when the backend acknowledges it. The backend unloads it (`set_vtimer(0, ..)`)
+    // when the vCPU leaves the CPU.
     true
+}
+
+/// A vCPU's GICv3 virtual CPU interface (IHI 0069 §12.4): the list registers, the virtual
+/// machine control register (the guest's PMR, BPR, group enables: what it wrote to its ICC_*
+/// registers, which reach ICV_* with HCR_EL2.IMO/FMO set), the active-priority registers, and
+/// the ICH_HCR_EL2 to run with (En, UIE).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VgicRegs {
+    pub lrs: [u64; 16],
+    pub vmcr: u64,
+    pub ap0r0: u64,
+    pub ap1r0: u64,
+    pub hcr: u64,
+}
+
+/// ICH_VTR_EL2 (the number of list registers, priority bits). Needs ICC_SRE_EL2.SRE, which
+/// `arch::preempt` sets on every CPU that runs guests.
+pub fn ich_vtr() -> u64 {
+    let v: u64;
+    // SAFETY: ICH_VTR_EL2 is read-only.
+    unsafe { asm!("mrs {}, ich_vtr_el2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+macro_rules! lr_access {
+    ($($n:literal),*) => {
+        fn write_lr(n: usize, v: u64) {
+            match n {
+                $(
+                    // SAFETY: list register `n` exists (n < ICH_VTR_EL2.ListRegs + 1, checked by
+                    // the caller); it only affects the virtual CPU interface of the guest.
+                    $n => unsafe {
+                        asm!(concat!("msr ich_lr", $n, "_el2, {}"), in(reg) v, options(nomem, nostack, preserves_flags))
+                    },
+                )*
+                _ => {}
+            }
+        }
+
+        fn read_lr(n: usize) -> u64 {
+            let v: u64;
+            match n {
+                $(
+                    // SAFETY: as in `write_lr`; reading has no side effects.
+                    $n => unsafe {
+                        asm!(concat!("mrs {}, ich_lr", $n, "_el2"), out(reg) v, options(nomem, nostack, preserves_flags))
+                    },
+                )*
+                _ => v = 0,
+            }
+            v
+        }
+    };
+}
+
+lr_access!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+
+/// Loads the vCPU's virtual CPU interface (`nr` list registers) before it runs.
+pub fn load_vgic(r: &VgicRegs, nr: usize) {
+    for (n, &lr) in r.lrs.iter().enumerate().take(nr.min(16)) {
+        write_lr(n, lr);
+    }
+    // SAFETY: the ICH_* registers configure the virtual CPU interface, which only a guest at
+    // EL1 with HCR_EL2.IMO/FMO sees; the hypervisor's own ICC_* accesses at EL2 are unaffected.
+    unsafe {
+        asm!(
+            "msr ich_vmcr_el2, {vmcr}",
+            "msr ich_ap0r0_el2, {ap0}",
+            "msr ich_ap1r0_el2, {ap1}",
+            "msr ich_hcr_el2, {hcr}",
+            "isb",
+            vmcr = in(reg) r.vmcr,
+            ap0 = in(reg) r.ap0r0,
+            ap1 = in(reg) r.ap1r0,
+            hcr = in(reg) r.hcr,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+}
+
+/// Saves the vCPU's virtual CPU interface after it exits and turns the interface off
+/// (ICH_HCR_EL2 = 0: no virtual interrupt and no maintenance interrupt while the host runs or
+/// another vCPU's state is loaded).
+pub fn save_vgic(r: &mut VgicRegs, nr: usize) {
+    for n in 0..nr.min(16) {
+        r.lrs[n] = read_lr(n);
+    }
+    // SAFETY: as in `load_vgic`; clearing ICH_HCR_EL2.En only disables the virtual interface.
+    unsafe {
+        asm!(
+            "mrs {vmcr}, ich_vmcr_el2",
+            "mrs {ap0}, ich_ap0r0_el2",
+            "mrs {ap1}, ich_ap1r0_el2",
+            "msr ich_hcr_el2, xzr",
+            "isb",
+            vmcr = out(reg) r.vmcr,
+            ap0 = out(reg) r.ap0r0,
+            ap1 = out(reg) r.ap1r0,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+}
+
+/// Programs the EL1 virtual timer in the hardware (CNTV_CVAL_EL0, then CNTV_CTL_EL0): the
+/// guest's own values while it runs or waits in WFI, `ctl = 0` when it is not loaded, so a
+/// descheduled guest's timer never asserts PPI 27 under another vCPU.
+pub fn set_vtimer(ctl: u64, cval: u64) {
+    // SAFETY: the virtual timer is the guest's; the hypervisor does not use it at EL2.
+    unsafe {
+        asm!(
+            "msr cntv_cval_el0, {cval}",
+            "msr cntv_ctl_el0, {ctl}",
+            "isb",
+            cval = in(reg) cval,
+            ctl = in(reg) ctl,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+}
+
+/// The virtual count (CNTVCT_EL0; CNTVOFF_EL2 = 0, so the physical count).
+pub fn virtual_count() -> u64 {
+    let t: u64;
+    // SAFETY: reading the counter has no side effects; the ISB orders it after prior code.
+    unsafe {
+        asm!("isb", "mrs {}, cntvct_el0", out(reg) t, options(nomem, nostack, preserves_flags))
+    };
+    t
+}
+
+/// Waits for an interrupt at EL2 with PSTATE.I set: WFI completes when one is pending at this
+/// CPU interface, masked or not (DDI 0487, "Wait for Interrupt"); the caller acknowledges it.
+pub fn wait_for_interrupt() {
+    // SAFETY: WFI only suspends execution; no state changes.
+    unsafe { asm!("dsb sy", "wfi", options(nomem, nostack, preserves_flags)) };
 }

@@ -34,7 +34,27 @@ use iommu::pgtable::{ArmStage2, Config, PageTable, Prot};
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
-use asm::{Context, El1Regs, El2Ready};
+use asm::{Context, El1Regs, El2Ready, VgicRegs};
+use drivers::gicv3::vgic::{self, LrState, PendingSet};
+
+/// Priority of the virtual interrupts the hypervisor injects (the timer and MSIs): the middle
+/// of the range, whatever the number of priority bits (ICH_VTR_EL2.PRIbits keeps the upper
+/// ones), so a guest's PMR of 0xff lets them in and one of 0x80 masks them.
+const VIRQ_PRIORITY: u8 = 0xa0;
+/// The guest's virtual timer: virtual INTID 27, linked to physical PPI 27 (the HW bit).
+const VTIMER: u32 = crate::arch::irq::VTIMER_INTID;
+
+/// How this backend puts a virtual INTID into a list register: the timer with the HW bit
+/// (pINTID 27: the guest's deactivation deactivates the physical PPI, which stays active
+/// meanwhile so the still-asserted timer is not taken again), everything else as a pure
+/// virtual interrupt.
+struct Lrs;
+
+impl vgic::Encoding for Lrs {
+    fn encode(&self, vintid: u32) -> Option<u64> {
+        vgic::encode(vintid, VIRQ_PRIORITY, (vintid == VTIMER).then_some(VTIMER))
+    }
+}
 
 /// Where stage-2 tables come from: their own frame source, so the runner can check that every
 /// table page of a destroyed VM went back (none may be left when all guests are gone).
@@ -86,6 +106,11 @@ pub struct El1 {
     oas: u32,
     /// By VMID, the vCPU (its context's address) that ran last with it on this CPU.
     last_vcpu: [usize; 256],
+    /// This CPU's list registers (ICH_VTR_EL2), 0 until the first run sets the virtual
+    /// interface up here.
+    nr_lrs: usize,
+    /// Whether this CPU's physical PPI 27 was left active for a vCPU's in-flight timer.
+    vtimer_active: bool,
 }
 
 /// A VM: its stage-2 table and VMID.
@@ -118,6 +143,16 @@ pub struct El1Vcpu {
     el1: El1Regs,
     /// The last stage-2 data abort with a valid syndrome (for MMIO emulation).
     pub last_mmio: Option<MmioAccess>,
+    /// The virtual CPU interface, saved and restored around each run.
+    vgic: VgicRegs,
+    /// Virtual INTIDs waiting for a list register (the timer, what MSI routes posted).
+    pending: PendingSet,
+    /// The `guest::msi` slot whose posted interrupts (assigned devices' MSIs, posted by LPI
+    /// handlers on any CPU) this vCPU takes before each entry.
+    msi_slot: Option<usize>,
+    /// The virtual timer was injected and the guest has not deactivated it yet: physical PPI
+    /// 27 must be active whenever this vCPU runs.
+    vtimer_inflight: bool,
 }
 
 impl El1 {
@@ -150,6 +185,8 @@ impl El1 {
             shape: (ri.arm_t0sz(), ri.levels, ri.granule_shift),
             oas: pa_bits,
             last_vcpu: [0; 256],
+            nr_lrs: 0,
+            vtimer_active: false,
         })
     }
 
@@ -202,12 +239,23 @@ impl El1 {
         })
     }
 
-    fn decode(vcpu: &mut El1Vcpu) -> Option<Event> {
+    fn decode(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
         let c = &vcpu.ctx;
         match c.vector {
             vector::IRQ | vector::FIQ => {
-                // Acknowledge at the GIC; a spurious interrupt just resumes the guest.
-                return crate::arch::preempt::take_interrupt().map(|_| Event::Preempted);
+                // Acknowledge at the GIC: the EL2 timer ends the slice; the guest's timer is
+                // injected; a maintenance interrupt only asks for the refill the next entry
+                // does anyway; a device interrupt went to its handler (which may have raised
+                // a virtual interrupt for a vCPU); spurious just resumes.
+                use crate::arch::irq::GuestIrq;
+                return match crate::arch::irq::take_guest_interrupt() {
+                    GuestIrq::SliceEnd => Some(Event::Preempted),
+                    GuestIrq::VirtualTimer => {
+                        self.inject_vtimer(vcpu);
+                        None
+                    }
+                    GuestIrq::Maintenance | GuestIrq::Other => None,
+                };
             }
             vector::SYNC => {}
             _ => {
@@ -287,7 +335,7 @@ impl El1 {
                 // preferred return is the instruction itself: step over it.
                 vcpu.ctx.pc = vcpu.ctx.pc.wrapping_add(4);
                 if iss & 1 == 0 {
-                    Event::Halt
+                    return self.wait_for_interrupt(vcpu);
                 } else {
                     // WFE is a hint that the guest waits for another CPU: end its slice.
                     Event::Preempted
@@ -299,6 +347,129 @@ impl El1 {
             },
             _ => Event::Invalid(esr),
         })
+    }
+}
+
+impl El1 {
+    /// Sets the virtual CPU interface up on this CPU the first time a vCPU runs here: the
+    /// number of list registers, the guest PPIs at this CPU's redistributor.
+    fn vgic_this_cpu(&mut self) -> bool {
+        if self.nr_lrs == 0 {
+            if let Err(e) = crate::arch::irq::enable_guest_ppis() {
+                log::error!("el1: {e}");
+                return false;
+            }
+            self.nr_lrs = vgic::list_registers(asm::ich_vtr()).min(16);
+        }
+        true
+    }
+
+    /// Before an entry: the physical timer PPI's active state as this vCPU needs it, and the
+    /// list registers refilled from its pending set (UIE while some do not fit, so the
+    /// guest's completions bring it back through the maintenance interrupt).
+    fn prepare_entry(&mut self, vcpu: &mut El1Vcpu) {
+        if self.vtimer_active != vcpu.vtimer_inflight {
+            crate::arch::irq::set_ppi_active(VTIMER, vcpu.vtimer_inflight);
+            self.vtimer_active = vcpu.vtimer_inflight;
+        }
+        Self::collect_posted(vcpu);
+        let nr = self.nr_lrs;
+        let mut hcr = vgic::hcr::EN;
+        vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
+        if !vcpu.pending.is_empty() {
+            hcr |= vgic::hcr::UIE;
+        }
+        vcpu.vgic.hcr = hcr;
+    }
+
+    /// Moves what MSI routes posted to this vCPU into its pending set (each posted bit is
+    /// taken exactly once: `msi::take_posted` swaps the words).
+    fn collect_posted(vcpu: &mut El1Vcpu) {
+        let Some(slot) = vcpu.msi_slot else {
+            return;
+        };
+        for (w, bits) in crate::guest::msi::take_posted(slot).into_iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let bit = b.trailing_zeros();
+                b &= b - 1;
+                // Routes only post virtual INTIDs the pending set holds (msi/aarch64.rs).
+                vcpu.pending.raise(w as u32 * 64 + bit);
+            }
+        }
+    }
+
+    /// After an exit: a timer the guest has deactivated (no list register holds it any more)
+    /// is no longer in flight, and the GIC deactivated physical PPI 27 with it (HW bit).
+    fn after_exit(&mut self, vcpu: &mut El1Vcpu) {
+        if !vcpu.vtimer_inflight {
+            return;
+        }
+        let in_lr = vcpu.vgic.lrs[..self.nr_lrs]
+            .iter()
+            .any(|&l| vgic::state(l) != LrState::Invalid && vgic::vintid(l) == VTIMER);
+        let queued = vcpu.pending.contains(VTIMER);
+        if !in_lr && !queued {
+            vcpu.vtimer_inflight = false;
+            self.vtimer_active = false;
+        }
+    }
+
+    /// The guest's timer fired (PPI 27 acknowledged and completed): keep the physical PPI
+    /// active until the guest deactivates the virtual one, and make virtual INTID 27 pending.
+    fn inject_vtimer(&mut self, vcpu: &mut El1Vcpu) {
+        crate::arch::irq::set_ppi_active(VTIMER, true);
+        self.vtimer_active = true;
+        vcpu.vtimer_inflight = true;
+        vcpu.pending.raise(VTIMER);
+    }
+
+    /// A trapped WFI (HCR_EL2.TWI): resume at once if a virtual interrupt is pending; stop the
+    /// guest (`Event::Halt`) if nothing could ever wake it (its timer is off or masked and no
+    /// MSI is routed to it); otherwise wait here, with the guest's timer loaded so its PPI
+    /// wakes the CPU, until the timer fires (injected), a virtual interrupt is raised for this
+    /// vCPU (an LPI taken here), or the slice ends (`Event::Preempted`; the guest resumes after
+    /// its WFI next time, which the architecture allows: WFI may complete spuriously).
+    fn wait_for_interrupt(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
+        use crate::arch::irq::GuestIrq;
+        Self::collect_posted(vcpu);
+        let lr_pending = vcpu.vgic.lrs[..self.nr_lrs]
+            .iter()
+            .any(|&l| matches!(vgic::state(l), LrState::Pending | LrState::PendingActive));
+        if lr_pending || !vcpu.pending.is_empty() {
+            return None;
+        }
+        let (ctl, cval) = (vcpu.el1.cntv_ctl, vcpu.el1.cntv_cval);
+        // CNTV_CTL_EL0: ENABLE (bit 0), IMASK (bit 1). A timer already in flight fires again
+        // only after the guest deactivates it, which it cannot do while it waits.
+        let armed = ctl & 1 != 0 && ctl & 2 == 0 && !vcpu.vtimer_inflight;
+        let routed = vcpu
+            .msi_slot
+            .is_some_and(|s| crate::guest::msi::routes_to(s) != 0);
+        if !armed && !routed {
+            return Some(Event::Halt);
+        }
+        if armed {
+            asm::set_vtimer(1, cval);
+        }
+
+        let result = loop {
+            Self::collect_posted(vcpu);
+            if !vcpu.pending.is_empty() || (armed && asm::virtual_count() >= cval) {
+                break None;
+            }
+            asm::wait_for_interrupt();
+            match crate::arch::irq::take_guest_interrupt() {
+                GuestIrq::SliceEnd => break Some(Event::Preempted),
+                GuestIrq::VirtualTimer => {
+                    self.inject_vtimer(vcpu);
+                    break None;
+                }
+                GuestIrq::Maintenance | GuestIrq::Other => {}
+            }
+        };
+        asm::set_vtimer(0, cval);
+        result
     }
 }
 
@@ -429,6 +600,10 @@ impl Backend for El1 {
                 ..El1Regs::default()
             },
             last_mmio: None,
+            vgic: VgicRegs::default(),
+            pending: PendingSet::new(),
+            msi_slot: None,
+            vtimer_inflight: false,
         })
     }
 
@@ -442,8 +617,24 @@ impl Backend for El1 {
         {
             asm::flush_vmid_stage1_local(&self.el2, &vm.stage2, vm.vmid);
         }
+        if !self.vgic_this_cpu() {
+            return Exit {
+                pc: vcpu.ctx.pc,
+                event: Event::Invalid(0),
+            };
+        }
         loop {
-            if !asm::run(&self.el2, &vm.stage2, vm.vmid, &mut vcpu.el1, &mut vcpu.ctx) {
+            self.prepare_entry(vcpu);
+            let ran = asm::run(
+                &self.el2,
+                &vm.stage2,
+                vm.vmid,
+                &mut vcpu.el1,
+                &mut vcpu.vgic,
+                self.nr_lrs,
+                &mut vcpu.ctx,
+            );
+            if !ran {
                 // A table of another shape than VTCR_EL2 describes: never entered.
                 return Exit {
                     pc: vcpu.ctx.pc,
@@ -452,7 +643,11 @@ impl Backend for El1 {
             }
             // ELR_EL2 at the exit: the faulting or trapped instruction (after the HVC).
             let pc = vcpu.ctx.pc;
-            if let Some(event) = Self::decode(vcpu) {
+            self.after_exit(vcpu);
+            if let Some(event) = self.decode(vcpu) {
+                // The vCPU leaves the CPU (the scheduler may run another one here): its timer,
+                // saved in `el1`, must not assert PPI 27 meanwhile.
+                asm::set_vtimer(0, vcpu.el1.cntv_cval);
                 return Exit { pc, event };
             }
         }
@@ -470,6 +665,16 @@ impl Backend for El1 {
     }
 
     fn destroy_vcpu(&mut self, vcpu: El1Vcpu) {
+        // Its timer's physical PPI must not stay active for the next vCPU here.
+        if vcpu.vtimer_inflight && self.vtimer_active {
+            crate::arch::irq::set_ppi_active(VTIMER, false);
+            self.vtimer_active = false;
+        }
         drop(vcpu);
+    }
+
+    fn bind_interrupts(&mut self, vcpu: &mut El1Vcpu, slot: usize) -> bool {
+        vcpu.msi_slot = Some(slot);
+        true
     }
 }
