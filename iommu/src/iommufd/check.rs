@@ -123,7 +123,7 @@ pub fn check<H: IommuHw>(
 
 fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     let ioas = g.ioas(id).map_err(|_| v("ioas lookup", gid, id, 0))?;
-    let areas = ioas.areas.lock();
+    let areas = ioas.areas();
     if areas.len() > ioas.area_cap {
         return Err(v("areas over capacity", gid, id, areas.len() as u64));
     }
@@ -247,7 +247,7 @@ fn check_hwpt<H: IommuHw>(
     if info.aperture != h.aperture {
         return Err(v("HWPT aperture", gid, id, info.aperture.last));
     }
-    let areas = ioas.areas.lock();
+    let areas = ioas.areas();
     let total: u64 = areas.iter().map(|a| a.len).sum();
     let mapped = hw.mapped_bytes(h.domain);
     if mapped != total {
@@ -413,7 +413,7 @@ pub fn snapshot<H: IommuHw>(fd: &Iommufd<H>) -> Vec<u64> {
             s.extend([0xc000_0000, id as u64, o.kind() as u64]);
             match o {
                 Object::Ioas(x) => {
-                    for a in x.areas.lock().iter() {
+                    for a in x.areas().iter() {
                         s.extend([a.iova, a.len, a.gpa, a.prot as u64, a.pins as u64]);
                     }
                     s.push(0xd1);
