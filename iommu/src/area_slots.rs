@@ -408,9 +408,11 @@ impl AreaSlots {
     /// or may not be seen.
     pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
         for (w, bits) in self.free.iter().enumerate() {
-            // Relaxed: a slot taken before the caller's SC fence (rule 1) is seen as taken
-            // here; one taken after is the taker's to arbitrate.
-            let mut used = !bits.load(Relaxed);
+            // A slot taken before the caller's SC fence is seen as taken here (rule 1); one
+            // taken after is the taker's to arbitrate. Acquire: a bit set by `free` (Release)
+            // brings everything its owner did before, such as the invalidation round of an
+            // unmap, so a map that finds the range free comes after that round.
+            let mut used = !bits.load(Acquire);
             if w + 1 == self.free.len() && !self.slots.len().is_multiple_of(64) {
                 used &= (1u64 << (self.slots.len() % 64)) - 1;
             }

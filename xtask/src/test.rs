@@ -93,7 +93,7 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
 /// prints how many executions it explored). A separate target directory keeps the
 /// `--cfg loom` build from invalidating the normal one.
 pub fn loom_models(tally: &mut Tally) -> Result<()> {
-    for test in ["pgtable_loom", "gate_loom", "area_slots_loom"] {
+    for test in ["pgtable_loom", "gate_loom", "ioas_loom"] {
         println!("== loom models (iommu/tests/{test}.rs) ==");
         let mut cmd = cargo();
         cmd.args([

@@ -265,11 +265,13 @@ impl Ioas {
 }
 
 /// Index of the first area whose last byte is at or after `iova` (in a sorted copy).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn first_from(areas: &[Area], iova: u64) -> usize {
     areas.partition_point(|a| a.last() < iova)
 }
 
 /// The first area of a sorted copy overlapping `s`, whatever its state.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn first_overlap(areas: &[Area], s: Span) -> Option<&Area> {
     areas
         .get(first_from(areas, s.start))
