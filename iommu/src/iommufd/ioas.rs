@@ -1,7 +1,7 @@
 //! IOAS: an IOVA → guest-physical map, mirrored into every HWPT built on it.
 //!
-//! * Mappings ("areas") live in a table sorted by IOVA whose capacity is fixed at
-//!   IOAS_ALLOC: MAP never allocates from the heap.
+//! * Mappings ("areas") live in a fixed array of slots (`crate::area_slots`) whose capacity is
+//!   set at IOAS_ALLOC: MAP never allocates from the heap.
 //! * The reserved set is computed, never stored: outside the aperture of every HWPT on the
 //!   IOAS, plus the reserved regions and apertures of every device attached to them (all
 //!   members of an attached group). MAP never lands there; attach refuses a group whose
@@ -15,27 +15,36 @@
 //! # Concurrency
 //!
 //! MAP and UNMAP (single and batched) run on several vCPUs at once with shared access to the
-//! guest (`Rx`); everything else runs alone (`Cx`, see the `iommufd` module docs). The area
-//! table is behind a per-IOAS spin lock, held only for bookkeeping, never while page tables
-//! are written:
+//! guest (`Rx`); everything else runs alone (`Cx`, see the `iommufd` module docs), so the
+//! HWPT list, the allowed list, the reserved set and the pin counts do not change under a
+//! MAP/UNMAP. The area table takes no lock: each area is one slot with a state word
+//! (`area_slots.rs` has the protocol and the orderings, `tests/ioas_loom.rs` the models). A
+//! MAP writes only its own slot (and a bit of the free-slot bitmap word its vCPU starts at);
+//! an UNMAP writes only the slots of the areas it removes; both read the other slots in use.
 //!
-//! 1. MAP *claims* its range: under the lock it checks capacity, the reserved set and overlap
-//!    with every area (whatever its state), picks the IOVA if automatic, and inserts the area
-//!    as `Mapping(vcpu)`. Of two racing overlapping maps exactly one claims; the other gets
-//!    EEXIST. Then, unlocked, it writes every HWPT's page table (the engine's CAS; the ranges
-//!    of claimed areas are disjoint, which is the engine's contract). Then, under the lock, it
-//!    marks the area `Live` (the linearisation point of a successful MAP) or, if the hardware
-//!    refused, removes it again.
-//! 2. UNMAP *claims* the areas in its range: under the lock it checks them (whole, not pinned),
-//!    ignoring areas that are not `Live` (a map in flight has not happened yet, an unmap in
-//!    flight has already happened), and marks them `Unmapping(vcpu)`: the linearisation
-//!    point. Of two racing unmaps of one range exactly one claims the areas; the other finds
-//!    nothing (ENOENT) or only the rest. Then, unlocked, it clears every HWPT's page table,
-//!    and under the lock removes the areas. An atomic UNMAP_BATCH claims every entry in one
-//!    hold of the lock, so it too is all or nothing against concurrent calls.
-//! 3. A claimed area keeps its range reserved: no map overlaps it until it is removed.
+//! 1. MAP *claims* its range: it takes a free slot, fills it, announces it (PENDING), and after
+//!    a sequentially consistent fence scans the slots in use. An overlapping range claimed,
+//!    live or dying makes it fail (EEXIST); of two announced overlapping maps the one in the
+//!    lower slot kills the other (compare-and-swap on the other's state word), so exactly one
+//!    of two racing overlapping maps claims. The claim is the compare-and-swap PENDING →
+//!    CLAIMED of its own slot. An automatic IOVA is a first fit over the same scan, claimed
+//!    the same way (and searched again if a racing map took it). Then it writes every HWPT's
+//!    page table (the engine's CAS; claimed ranges are disjoint, the engine's contract), and
+//!    publishes the area (CLAIMED → LIVE, Release): the linearisation point of a successful
+//!    MAP. If the hardware refused, the slot is freed again.
+//! 2. UNMAP checks the live areas in its range (whole, not pinned), then *retires* each one
+//!    lying whole in the range: compare-and-swap LIVE → DYING(vcpu), the linearisation point
+//!    of that area's removal. Of two racing unmaps of one area exactly one retires it, so every
+//!    page is counted once. Areas not live are ignored: a map in flight has not happened yet,
+//!    an unmap in flight already has. It then clears every HWPT's page table for its areas,
+//!    runs one invalidation round per IOMMU unit, and only then frees the slots: a dying area
+//!    keeps its range taken (step 1), so an IOVA is never reused under a stale IOTLB entry.
+//! 3. An atomic UNMAP_BATCH checks every entry before retiring any; an entry left with nothing
+//!    after retiring (a racing unmap took its areas) puts back every area the batch retired
+//!    and fails, so the batch removes all or nothing.
 //!
-//! Control operations see no claimed area: they run only when no MAP/UNMAP is in flight.
+//! Control operations see no claimed or dying area: they run only when no MAP/UNMAP is in
+//! flight.
 
 use alloc::vec::Vec;
 
