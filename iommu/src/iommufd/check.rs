@@ -200,6 +200,9 @@ fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     }
     let mut resv = ResvBuf::new();
     ioas_reserved(g, id, &[], &mut resv).map_err(|_| v("reserved set overflow", gid, id, 0))?;
+    if ioas.reserved() != Ok(&resv) {
+        return Err(v("cached reserved set stale", gid, id, 0));
+    }
     for r in resv.spans() {
         if let Some(a) = first_overlap(&areas, *r) {
             return Err(v("mapping inside the reserved set", gid, id, a.iova));

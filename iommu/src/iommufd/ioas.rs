@@ -125,6 +125,11 @@ pub struct Ioas {
     pub(crate) hwpts: Vec<u32>,
     /// ACCESS objects attached (each holds a reference).
     pub(crate) accesses: u32,
+    /// The reserved set (one element, on the heap), recomputed at the end of every control
+    /// operation (`Drop for Cx`), which is the only thing that changes it: MAP reads it
+    /// instead of walking the guest's objects. `resv_ok` is the error computing it gave.
+    resv: Vec<ResvBuf>,
+    resv_ok: Result<(), Error>,
 }
 
 /// An area as a scan of the slots saw it.
@@ -155,7 +160,21 @@ impl Ioas {
             allowed: try_vec(MAX_ALLOWED_IOVAS, alloc_ok())?,
             hwpts: try_vec(MAX_HWPTS_PER_IOAS, alloc_ok())?,
             accesses: 0,
+            resv: {
+                let mut v = try_vec(1, alloc_ok())?;
+                // Within the capacity just reserved: no allocation.
+                v.push(ResvBuf::new());
+                v
+            },
+            // No HWPT yet: nothing reserved.
+            resv_ok: Ok(()),
         })
+    }
+
+    /// The cached reserved set (see `resv`).
+    pub(crate) fn reserved(&self) -> Result<&ResvBuf, Error> {
+        self.resv_ok?;
+        self.resv.first().ok_or(Error::nomem())
     }
 
     /// Every area, sorted by IOVA (a copy, from the heap: for control operations' reports and
@@ -287,6 +306,7 @@ pub(crate) fn first_overlap(areas: &[Area], s: Span) -> Option<&Area> {
         .filter(|a| a.iova <= s.last)
 }
 /// A sorted, merged set of reserved ranges on the stack.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct ResvBuf {
     r: [Span; ResvBuf::CAP],
     n: usize,
@@ -542,6 +562,41 @@ pub(crate) fn ioas_reserved(
     Ok(())
 }
 
+/// Recomputes the cached reserved set of every IOAS of `g`.
+fn refresh_reserved(g: &mut Guest) {
+    // The k-th IOAS each time: the table is borrowed again to store each result.
+    for k in 0..g.objs.max() as usize {
+        let next = g
+            .objs
+            .iter()
+            .filter(|(_, o)| matches!(o, Object::Ioas(_)))
+            .map(|(id, _)| id)
+            .nth(k);
+        let Some(id) = next else {
+            break;
+        };
+        let mut buf = ResvBuf::new();
+        let r = ioas_reserved(g, id, &[], &mut buf);
+        if let Ok(ioas) = g.ioas_mut(id) {
+            ioas.resv_ok = r;
+            if let Some(c) = ioas.resv.first_mut()
+                && r.is_ok()
+            {
+                *c = buf;
+            }
+        }
+    }
+}
+
+/// Every control operation ends here, with nothing in flight: the reserved sets it may have
+/// changed (DEVICE_ATTACH/REPLACE/DETACH, HWPT_ALLOC, DESTROY, a group assigned or taken
+/// back) are recomputed, so that MAP reads its IOAS's cached set.
+impl<H: IommuHw> Drop for Cx<'_, H> {
+    fn drop(&mut self) {
+        refresh_reserved(self.g);
+    }
+}
+
 /// The ACCESS that pins something in `s` of IOAS `ioas_id`.
 fn pinner(g: &Guest, ioas_id: u32, s: Span) -> u32 {
     for (id, o) in g.objs.iter() {
@@ -705,9 +760,7 @@ impl<H: IommuHw> Rx<'_, H> {
         if !mem.owns(gpa, len, prot & PROT_WRITE != 0) {
             return Err(Error::new(errno::EPERM, reason::GPA_NOT_OWNED).at(gpa));
         }
-        let mut resv = ResvBuf::new();
-        ioas_reserved(self.g, ioas_id, &[], &mut resv)?;
-        let (slot, iova) = self.claim_map(ioas, &resv, fixed, gpa, len, prot)?;
+        let (slot, iova) = self.claim_map(ioas, ioas.reserved()?, fixed, gpa, len, prot)?;
         self.finish_map(mem, ioas, slot, iova, len, gpa, prot)?;
         Ok(iova)
     }

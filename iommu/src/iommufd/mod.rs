@@ -514,8 +514,9 @@ impl<H: IommuHw> Iommufd<H> {
             .info;
         match self.devs[dev as usize].owner {
             Some(o) if o == gid => {
-                let g = self.cx(gid)?.g;
-                return device::find_device(g, dev).ok_or(Error::new(errno::EIO, reason::HW_FAULT));
+                let cx = self.cx(gid)?;
+                return device::find_device(cx.g, dev)
+                    .ok_or(Error::new(errno::EIO, reason::HW_FAULT));
             }
             Some(_) => return Err(Error::new(errno::EBUSY, reason::BUSY)),
             None => {}
