@@ -1,50 +1,72 @@
-//! A fixed array of area slots with lock-free claim, publish, retire and free: the building
-//! block for an IOAS area table in which two disjoint IOAS_MAP/UNMAP calls write no common
-//! word (issue 11). Not yet used by `iommufd::ioas` (whose area table is still behind a
-//! `SpinLock`): overlap arbitration needs an IOVA index on top (see the report of the
-//! `lockfree` branch), this file provides the per-area half.
+//! The area table of an IOAS without a lock: a fixed array of area slots in which IOAS_MAP
+//! claims a range, publishes it and withdraws it, and IOAS_UNMAP retires, revives and frees
+//! areas, all with compare-and-swap on the slots concerned (issue 11). Two calls on disjoint
+//! IOVA ranges write no common word, except the free-bitmap word both may take a slot from
+//! when one vCPU's word is exhausted (below).
 //!
-//! * Capacity is fixed at construction (IOAS_ALLOC's `area_cap`); claiming, publishing and
-//!   freeing never allocate.
+//! * Capacity is fixed at construction (IOAS_ALLOC's `max_areas_per_ioas`); nothing here
+//!   allocates after [`AreaSlots::new`].
 //! * Free slots are bits of a bitmap of 64-bit words. A caller starts its search at a word
-//!   chosen from its vCPU index ([`AreaSlots::claim`]), so vCPUs claim bits in different
-//!   words and two claims only share a word when one vCPU's word is exhausted.
-//! * Each slot has a state word `gen << 34 | vcpu << 2 | tag` (tag FREE / CLAIMED / LIVE /
-//!   DYING; `vcpu` = the claimer of CLAIMED/DYING). The generation is bumped on every claim,
-//!   so a stale [`SlotRef`] (a slot freed and claimed again) never matches a compare-exchange
-//!   (no ABA; the generation has 30 bits, so a stale reference would need 2^30 claims of one
-//!   slot between its load and its compare-exchange).
-//! * The fields (iova, len, gpa, prot) are atomics written only by the claimer while the slot
-//!   is CLAIMED and read by others only after they observed LIVE or DYING with `Acquire`.
+//!   chosen from its vCPU index, so vCPUs take bits in different words and two claims only
+//!   share a word when one vCPU's word is exhausted. The bitmap also lets a scan skip free
+//!   slots: a scan costs the number of slots in use, not the capacity.
+//! * Each slot has a state word `gen << 35 | vcpu << 3 | tag`. Tags: FREE, FILLING (fields
+//!   being written), PENDING (range announced, contending), KILLED (lost to a PENDING of
+//!   higher priority), CLAIMED (range won, page tables being written), LIVE, DYING (being
+//!   unmapped by `vcpu`; the range stays taken until the invalidation round is over). The
+//!   generation is bumped on every claim of the slot, so a stale word never matches a
+//!   compare-exchange (no ABA; 29 bits: a stale word would need 2^29 claims of one slot
+//!   between its load and its compare-exchange).
+//! * The fields (iova, len, gpa, prot) are written only in FILLING. A reader validates them
+//!   like a sequence lock: state (Acquire), fields, `fence(Acquire)`, state again; the same
+//!   generation means the fields are the ones of that generation (the writer's
+//!   `fence(Release)` between FILLING and the field stores makes a field read of a newer
+//!   generation imply a newer state read). A slot whose generation changed under the reader
+//!   was freed and claimed again by a newer call, which is left to arbitrate (rule 1).
+//! * `pins` is written only by control operations (ACCESS pin/unpin), which run with no
+//!   MAP/UNMAP in flight (the guest's gate orders them).
 //!
-//! Orderings (each justified where it is used):
-//! 1. claim: the bitmap bit is taken with an `AcqRel` compare-exchange, which synchronises with
-//!    the `Release` that set it when the previous owner freed the slot: the new owner's writes
-//!    of the state and fields come after every access of the previous owner.
-//! 2. publish: CLAIMED→LIVE is a `Release` store; whoever loads LIVE with `Acquire` sees the
-//!    fields (the linearisation point of a MAP).
-//! 3. retire: LIVE→DYING(vcpu) is an `AcqRel` compare-exchange on the state word: of two
-//!    racing retirers exactly one wins (racing unmaps count each area once); the winner owns
-//!    the slot like a claimer. [`AreaSlots::revive`] puts it back (an all-or-nothing unmap that
-//!    failed later).
-//! 4. free: the owner stores FREE (`Release`), then sets the bitmap bit (`Release`).
+//! # Rules (each justified where it is implemented)
 //!
-//! The loom model `tests/area_slots_loom.rs` compiles this file against loom's atomics
-//! through the `area_sync` facade.
+//! 1. **Overlapping maps: exactly one claims.** [`AreaSlots::reserve`] stores PENDING, then a
+//!    `fence(SeqCst)`, then scans every slot in use. Of two maps whose ranges overlap, the SC
+//!    fences order one before the other, and the later one's scan sees the earlier one's
+//!    PENDING (or what followed it): at least one sees the other. A map that sees an
+//!    overlapping CLAIMED, LIVE or DYING range loses. One that sees an overlapping PENDING
+//!    of a slot with a higher index kills it (CAS PENDING→KILLED); of a lower index, loses
+//!    itself. It then wins only if its own CAS PENDING→CLAIMED succeeds, which fails if it
+//!    was killed. So the lower index of two maps that see each other survives, and of two
+//!    maps where only one sees the other, the CAS on the unseen one's state word decides.
+//!    Nobody waits for anybody: each call decides in one scan.
+//! 2. **Publish.** CLAIMED→LIVE is a `Release` store after the page tables were written: the
+//!    linearisation point of a MAP. A map the hardware refused goes CLAIMED→FREE.
+//! 3. **Unmap.** LIVE→DYING(vcpu) is an `AcqRel` compare-exchange: of two racing unmaps of
+//!    one area exactly one wins, so each page is counted once. The winner owns the slot;
+//!    [`AreaSlots::revive`] puts it back (an all-or-nothing batch that lost an entry), and
+//!    [`AreaSlots::free`] forgets it, which the caller does only after the invalidation round
+//!    (a DYING range still makes maps lose, rule 1).
+//! 4. **Free.** The owner stores FREE (`Release`), then sets the bitmap bit (`Release`); the
+//!    next claimer's `AcqRel` on the bitmap word sees every access of the previous owner.
+//!
+//! The loom model `tests/ioas_loom.rs` compiles this file against loom's atomics through
+//! the `area_sync` facade.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
-use crate::area_sync::{AtomicU32, AtomicU64};
+use crate::area_sync::{AtomicU32, AtomicU64, fence};
 
-const TAG_MASK: u64 = 3;
+const TAG_MASK: u64 = 7;
 const FREE: u64 = 0;
-const CLAIMED: u64 = 1;
-const LIVE: u64 = 2;
-const DYING: u64 = 3;
-const VCPU_SHIFT: u32 = 2;
-const GEN_SHIFT: u32 = 34;
+const FILLING: u64 = 1;
+const PENDING: u64 = 2;
+const KILLED: u64 = 3;
+const CLAIMED: u64 = 4;
+const LIVE: u64 = 5;
+const DYING: u64 = 6;
+const VCPU_SHIFT: u32 = 3;
+const GEN_SHIFT: u32 = 35;
 
 fn word(gen_: u64, vcpu: u32, tag: u64) -> u64 {
     (gen_ << GEN_SHIFT) | (u64::from(vcpu) << VCPU_SHIFT) | tag
@@ -54,26 +76,32 @@ fn gen_of(w: u64) -> u64 {
     w >> GEN_SHIFT
 }
 
-/// Where a slot is in its life.
+fn vcpu_of(w: u64) -> u32 {
+    // The vCPU field is 32 bits wide by construction (`word`).
+    ((w >> VCPU_SHIFT) & u64::from(u32::MAX)) as u32
+}
+
+/// Where a slot in use is in its life, as a scan reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotState {
-    Free,
-    /// Being filled by a MAP of this vCPU.
+    /// Range announced by a MAP of this vCPU, not yet decided.
+    Pending(u32),
+    /// Range won by a MAP of this vCPU, which is writing the page tables.
     Claimed(u32),
     /// Published: what every other operation sees.
     Live,
-    /// Being retired by an UNMAP of this vCPU.
+    /// Being unmapped by this vCPU.
     Dying(u32),
 }
 
-fn state_of(w: u64) -> SlotState {
-    // The vCPU field is 32 bits wide by construction (`word`).
-    let vcpu = ((w >> VCPU_SHIFT) & u64::from(u32::MAX)) as u32;
+fn state_of(w: u64) -> Option<SlotState> {
+    let v = vcpu_of(w);
     match w & TAG_MASK {
-        FREE => SlotState::Free,
-        CLAIMED => SlotState::Claimed(vcpu),
-        LIVE => SlotState::Live,
-        _ => SlotState::Dying(vcpu),
+        PENDING => Some(SlotState::Pending(v)),
+        CLAIMED => Some(SlotState::Claimed(v)),
+        LIVE => Some(SlotState::Live),
+        DYING => Some(SlotState::Dying(v)),
+        _ => None,
     }
 }
 
@@ -86,11 +114,44 @@ pub struct SlotArea {
     pub prot: u32,
 }
 
-/// A slot owned by the caller (claimed, or retired by it), with the generation it was owned at.
+impl SlotArea {
+    /// The last byte (`len` is never 0).
+    pub fn last(&self) -> u64 {
+        self.iova + (self.len - 1)
+    }
+
+    /// Whether `[start, last]` overlaps the area.
+    pub fn overlaps(&self, start: u64, last: u64) -> bool {
+        self.iova <= last && start <= self.last()
+    }
+}
+
+/// A slot in use, with the generation it was seen at. Compare-exchanges made with it fail if
+/// the slot was freed and claimed again meanwhile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotRef {
     pub index: usize,
     gen_: u64,
+}
+
+/// One slot seen by a scan: its state and fields at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub slot: SlotRef,
+    pub state: SlotState,
+    pub area: SlotArea,
+    pub pins: u32,
+    word: u64,
+}
+
+/// Why [`AreaSlots::reserve`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Every slot is in use.
+    Full,
+    /// The range overlaps one claimed, live or dying (`iova`: its start), or a racing map's
+    /// of higher priority (`iova`: the start of the refused range).
+    Overlap { iova: u64 },
 }
 
 /// One slot, on a cache line of its own: two vCPUs filling two slots never share a line.
@@ -101,6 +162,7 @@ struct Slot {
     len: AtomicU64,
     gpa: AtomicU64,
     prot: AtomicU32,
+    pins: AtomicU32,
 }
 
 /// The slot array and its free bitmap. See the module docs.
@@ -128,6 +190,7 @@ impl AreaSlots {
             len: AtomicU64::new(0),
             gpa: AtomicU64::new(0),
             prot: AtomicU32::new(0),
+            pins: AtomicU32::new(0),
         })?;
         let free = try_boxed(cap.div_ceil(64), |w| {
             let bits = (cap - w * 64).min(64);
@@ -144,9 +207,15 @@ impl AreaSlots {
         self.slots.len()
     }
 
-    /// Claims a free slot for `vcpu`'s MAP, searching the bitmap from the word `vcpu` picks.
-    /// `None` when every slot is taken (ENOSPC for the caller).
-    pub fn claim(&self, vcpu: u32) -> Option<SlotRef> {
+    /// Whether every slot is in use (a hint under concurrency: [`reserve`](Self::reserve)
+    /// decides).
+    pub fn is_full(&self) -> bool {
+        self.free.iter().all(|w| w.load(Relaxed) == 0)
+    }
+
+    /// Takes a free slot for `vcpu`, searching the bitmap from the word `vcpu` picks, and
+    /// marks it FILLING with a new generation.
+    fn take(&self, vcpu: u32) -> Option<SlotRef> {
         let words = self.free.len();
         if words == 0 {
             return None;
@@ -156,13 +225,12 @@ impl AreaSlots {
             let w = (start + k) % words;
             let mut cur = self.free[w].load(Relaxed);
             // Each failed compare-exchange means another claimer took (or a freer returned) a
-            // bit of this word; at most 64 bits can be taken before the word is empty, and a
-            // free in between only makes progress possible, so the loop is bounded by the
-            // other callers' progress (lock-free).
+            // bit of this word; at most 64 bits can be taken before the word is empty, so the
+            // loop is bounded by the other callers' progress (lock-free).
             while cur != 0 {
                 let bit = cur.trailing_zeros();
                 // AcqRel: synchronises with the Release in `free` of the previous owner
-                // (ordering 1 of the module docs).
+                // (rule 4 of the module docs).
                 match self.free[w].compare_exchange(cur, cur & !(1 << bit), AcqRel, Relaxed) {
                     Ok(_) => {
                         let index = w * 64 + bit as usize;
@@ -170,7 +238,11 @@ impl AreaSlots {
                         // Only the owner of the bit writes the state of a FREE slot.
                         let g = gen_of(slot.state.load(Relaxed)).wrapping_add(1)
                             & (u64::MAX >> GEN_SHIFT);
-                        slot.state.store(word(g, vcpu, CLAIMED), Relaxed);
+                        slot.state.store(word(g, vcpu, FILLING), Relaxed);
+                        // Release fence: a reader that sees any field store below sees this
+                        // generation (or a later one) when it reads the state again after
+                        // its Acquire fence (the sequence-lock check of `seen`).
+                        fence(Release);
                         return Some(SlotRef { index, gen_: g });
                     }
                     Err(now) => cur = now,
@@ -180,48 +252,115 @@ impl AreaSlots {
         None
     }
 
-    /// Writes the fields of a slot the caller claimed (they become visible with `publish`).
-    pub fn fill(&self, s: SlotRef, a: SlotArea) {
-        let slot = &self.slots[s.index];
-        // Relaxed: published by the Release in `publish` (ordering 2).
+    /// Claims `a`'s range for a MAP of `vcpu` (rule 1): `Ok` when no overlapping range is
+    /// claimed, live or dying, and no racing map of higher priority overlaps it. The slot is
+    /// then CLAIMED: [`publish`](Self::publish) or [`withdraw`](Self::withdraw) it.
+    pub fn reserve(&self, vcpu: u32, a: SlotArea) -> Result<SlotRef, Refused> {
+        let me = self.take(vcpu).ok_or(Refused::Full)?;
+        let slot = &self.slots[me.index];
         slot.iova.store(a.iova, Relaxed);
         slot.len.store(a.len, Relaxed);
         slot.gpa.store(a.gpa, Relaxed);
         slot.prot.store(a.prot, Relaxed);
+        slot.pins.store(0, Relaxed);
+        let pending = word(me.gen_, vcpu, PENDING);
+        // Release: a reader that loads PENDING with Acquire sees the fields.
+        slot.state.store(pending, Release);
+        // SeqCst fence between announcing and scanning (rule 1): of two overlapping maps'
+        // fences, the later one's scan sees the earlier one's PENDING or a later state.
+        fence(SeqCst);
+        let mut lost = None;
+        self.scan(|o| {
+            if o.slot.index == me.index || !o.area.overlaps(a.iova, a.last()) {
+                return true;
+            }
+            match o.state {
+                SlotState::Pending(_) if o.slot.index > me.index => {
+                    // We have priority: kill it, unless it decided first.
+                    let killed = word(o.slot.gen_, vcpu_of(o.word), KILLED);
+                    match self.slots[o.slot.index]
+                        .state
+                        .compare_exchange(o.word, killed, AcqRel, Acquire)
+                    {
+                        Ok(_) => true,
+                        Err(now) if gen_of(now) != o.slot.gen_ => true,
+                        Err(now) => match now & TAG_MASK {
+                            CLAIMED | LIVE | DYING => {
+                                lost = Some(o.area.iova);
+                                false
+                            }
+                            // KILLED by someone else, or withdrawn.
+                            _ => true,
+                        },
+                    }
+                }
+                SlotState::Pending(_) => {
+                    lost = Some(a.iova);
+                    false
+                }
+                _ => {
+                    lost = Some(o.area.iova);
+                    false
+                }
+            }
+        });
+        // The decision: PENDING→CLAIMED fails if a map of higher priority killed us.
+        // AcqRel: pairs with the killer's, so a kill is seen here.
+        let won = lost.is_none()
+            && slot
+                .state
+                .compare_exchange(pending, word(me.gen_, vcpu, CLAIMED), AcqRel, Relaxed)
+                .is_ok();
+        if won {
+            return Ok(me);
+        }
+        // Stop others from arbitrating against us before giving the slot back (a killer's
+        // compare-exchange of our PENDING fails on the FREE below either way).
+        let _ = slot
+            .state
+            .compare_exchange(pending, word(me.gen_, vcpu, KILLED), AcqRel, Relaxed);
+        self.free(me);
+        Err(Refused::Overlap {
+            iova: lost.unwrap_or(a.iova),
+        })
     }
 
-    /// CLAIMED → LIVE: the linearisation point of a MAP (ordering 2).
+    /// CLAIMED → LIVE: the linearisation point of a MAP (rule 2). Release: whoever loads LIVE
+    /// with Acquire sees the fields.
     pub fn publish(&self, s: SlotRef) {
         self.slots[s.index]
             .state
             .store(word(s.gen_, 0, LIVE), Release);
     }
 
-    /// LIVE → DYING(vcpu) (ordering 3): `Some` (the area, and the slot now owned by the caller)
-    /// if this call won; `None` if the slot is not LIVE (free, being mapped, or retired by
-    /// someone else).
-    pub fn retire(&self, index: usize, vcpu: u32) -> Option<(SlotRef, SlotArea)> {
-        let slot = self.slots.get(index)?;
-        // Acquire: pairs with `publish`'s Release, so the fields read below are the published ones.
-        let cur = slot.state.load(Acquire);
-        if cur & TAG_MASK != LIVE {
-            return None;
-        }
-        let g = gen_of(cur);
-        slot.state
-            .compare_exchange(cur, word(g, vcpu, DYING), AcqRel, Relaxed)
-            .ok()?;
-        Some((SlotRef { index, gen_: g }, self.fields(slot)))
+    /// Gives back a slot the caller reserved and never published.
+    pub fn withdraw(&self, s: SlotRef) {
+        self.free(s);
     }
 
-    /// DYING → LIVE for a slot the caller retired (an all-or-nothing unmap that gave up).
+    /// LIVE → DYING(vcpu) for a slot a scan saw LIVE (rule 3): `true` if this call won. The
+    /// compare-exchange is on the word the scan saw, so a slot freed and reused since fails.
+    pub fn retire(&self, seen: &Seen, vcpu: u32) -> bool {
+        seen.state == SlotState::Live
+            && self.slots[seen.slot.index]
+                .state
+                .compare_exchange(
+                    seen.word,
+                    word(seen.slot.gen_, vcpu, DYING),
+                    AcqRel,
+                    Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// DYING → LIVE for a slot the caller retired.
     pub fn revive(&self, s: SlotRef) {
         self.slots[s.index]
             .state
             .store(word(s.gen_, 0, LIVE), Release);
     }
 
-    /// Returns a slot the caller owns (claimed or retired) to the free set (ordering 4).
+    /// Returns a slot the caller owns (reserved, or retired by it) to the free set (rule 4).
     pub fn free(&self, s: SlotRef) {
         self.slots[s.index]
             .state
@@ -230,26 +369,80 @@ impl AreaSlots {
         self.free[s.index / 64].fetch_or(1 << (s.index % 64), Release);
     }
 
-    /// The state of slot `index` and, if LIVE or DYING, its area. The area is exact when no
-    /// other caller can free and reclaim the slot meanwhile (its owner, or a control operation
-    /// that runs with no MAP/UNMAP in flight); otherwise a racing reader must confirm with
-    /// [`retire`](Self::retire), whose compare-exchange checks the generation.
-    pub fn get(&self, index: usize) -> Option<(SlotState, Option<SlotArea>)> {
-        let slot = self.slots.get(index)?;
-        // Acquire: pairs with `publish`'s Release (fields of a LIVE slot are complete).
-        let w = slot.state.load(Acquire);
-        let st = state_of(w);
-        let area = matches!(st, SlotState::Live | SlotState::Dying(_)).then(|| self.fields(slot));
-        Some((st, area))
-    }
-
-    fn fields(&self, slot: &Slot) -> SlotArea {
-        SlotArea {
+    /// Slot `index` as a validated snapshot, `None` if it is not in use (free, being filled,
+    /// or killed) or was reused while being read.
+    fn seen(&self, index: usize) -> Option<Seen> {
+        let slot = &self.slots[index];
+        // Acquire: pairs with the Release store of PENDING, so the fields are complete.
+        let w1 = slot.state.load(Acquire);
+        state_of(w1)?;
+        let area = SlotArea {
             iova: slot.iova.load(Relaxed),
             len: slot.len.load(Relaxed),
             gpa: slot.gpa.load(Relaxed),
             prot: slot.prot.load(Relaxed),
+        };
+        let pins = slot.pins.load(Relaxed);
+        // Acquire fence, then the state again (sequence-lock check, module docs): if any
+        // field read above returned a newer generation's store, this load returns that
+        // generation's state or later.
+        fence(Acquire);
+        let w2 = slot.state.load(Relaxed);
+        if gen_of(w2) != gen_of(w1) {
+            return None;
         }
+        Some(Seen {
+            slot: SlotRef {
+                index,
+                gen_: gen_of(w2),
+            },
+            state: state_of(w2)?,
+            area,
+            pins,
+            word: w2,
+        })
+    }
+
+    /// Calls `f` on every slot in use (bitmap order) until it returns `false`. Under
+    /// concurrent calls each slot is seen at one instant; slots claimed during the scan may
+    /// or may not be seen.
+    pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
+        for (w, bits) in self.free.iter().enumerate() {
+            // A slot taken before the caller's SC fence is seen as taken here (rule 1); one
+            // taken after is the taker's to arbitrate. Acquire: a bit set by `free` (Release)
+            // brings everything its owner did before, such as the invalidation round of an
+            // unmap, so a map that finds the range free comes after that round.
+            let mut used = !bits.load(Acquire);
+            if w + 1 == self.free.len() && !self.slots.len().is_multiple_of(64) {
+                used &= (1u64 << (self.slots.len() % 64)) - 1;
+            }
+            while used != 0 {
+                let bit = used.trailing_zeros();
+                used &= used - 1;
+                if let Some(s) = self.seen(w * 64 + bit as usize)
+                    && !f(&s)
+                {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The slot `s` names, if it is still in the generation `s` was taken at.
+    pub fn get(&self, s: SlotRef) -> Option<Seen> {
+        self.seen(s.index).filter(|x| x.slot == s)
+    }
+
+    /// Adds `delta` to the pin count of every area overlapping `[start, last]`. Control
+    /// operations only (no MAP/UNMAP in flight): the gate orders this with the fast path.
+    pub fn add_pins(&self, start: u64, last: u64, delta: i32) {
+        self.scan(|s| {
+            if s.area.overlaps(start, last) {
+                let p = &self.slots[s.slot.index].pins;
+                p.store(p.load(Relaxed).saturating_add_signed(delta), Relaxed);
+            }
+            true
+        });
     }
 }
 
@@ -257,78 +450,124 @@ impl AreaSlots {
 mod tests {
     use super::*;
 
-    fn area(iova: u64) -> SlotArea {
+    fn area(iova: u64, pages: u64) -> SlotArea {
         SlotArea {
-            iova,
-            len: 0x1000,
+            iova: iova << 12,
+            len: pages << 12,
             gpa: 0x8000,
             prot: 3,
         }
     }
 
+    fn all(s: &AreaSlots) -> Vec<Seen> {
+        let mut v = Vec::new();
+        s.scan(|x| {
+            v.push(*x);
+            true
+        });
+        v
+    }
+
     #[test]
-    fn claims_every_slot_once_then_refuses() {
+    fn fills_every_slot_once_then_refuses() {
         let s = AreaSlots::new(70).unwrap();
         let mut seen = [false; 70];
         for i in 0..70 {
-            let r = s.claim(i % 3).unwrap();
+            let r = s.reserve(i as u32 % 3, area(i, 1)).unwrap();
             assert!(!seen[r.index]);
             seen[r.index] = true;
+            s.publish(r);
         }
-        assert_eq!(s.claim(0), None);
-        assert_eq!(AreaSlots::new(0).unwrap().claim(0), None);
+        assert_eq!(s.reserve(0, area(100, 1)), Err(Refused::Full));
+        assert_eq!(all(&s).len(), 70);
+        assert_eq!(
+            AreaSlots::new(0).unwrap().reserve(0, area(1, 1)),
+            Err(Refused::Full)
+        );
     }
 
     #[test]
     fn vcpus_start_in_different_words() {
         let s = AreaSlots::new(128).unwrap();
-        assert_eq!(s.claim(0).unwrap().index / 64, 0);
-        assert_eq!(s.claim(1).unwrap().index / 64, 1);
+        assert_eq!(s.reserve(0, area(1, 1)).unwrap().index / 64, 0);
+        assert_eq!(s.reserve(1, area(2, 1)).unwrap().index / 64, 1);
     }
 
     #[test]
-    fn life_of_a_slot() {
-        let s = AreaSlots::new(4).unwrap();
-        let r = s.claim(2).unwrap();
-        assert_eq!(s.get(r.index), Some((SlotState::Claimed(2), None)));
-        s.fill(r, area(0x1000));
-        assert_eq!(s.retire(r.index, 1), None, "a claimed slot is not LIVE");
+    fn overlap_refused_in_every_state() {
+        let s = AreaSlots::new(8).unwrap();
+        let r = s.reserve(0, area(4, 4)).unwrap();
+        // Claimed (not yet published), live, dying: all keep the range.
+        assert_eq!(
+            s.reserve(1, area(7, 2)),
+            Err(Refused::Overlap { iova: 4 << 12 })
+        );
         s.publish(r);
-        assert_eq!(s.get(r.index), Some((SlotState::Live, Some(area(0x1000)))));
-        let (d, a) = s.retire(r.index, 1).unwrap();
-        assert_eq!(a, area(0x1000));
-        assert_eq!(s.retire(r.index, 0), None, "retired once");
-        assert_eq!(s.get(r.index).unwrap().0, SlotState::Dying(1));
-        s.revive(d);
-        let (d, _) = s.retire(r.index, 0).unwrap();
-        s.free(d);
-        assert_eq!(s.get(r.index), Some((SlotState::Free, None)));
-        assert_eq!(s.retire(9, 0), None);
-        // Freed slots are claimed again, with a new generation.
-        let again: Vec<_> = (0..4).map(|_| s.claim(0).unwrap()).collect();
-        let re = again.iter().find(|x| x.index == r.index).unwrap();
-        assert_ne!(re.gen_, r.gen_);
+        assert!(s.reserve(1, area(2, 3)).is_err());
+        let live = s.get(r).unwrap();
+        assert!(s.retire(&live, 2));
+        assert!(!s.retire(&live, 3), "retired once");
+        assert_eq!(s.get(r).unwrap().state, SlotState::Dying(2));
+        assert!(s.reserve(1, area(4, 1)).is_err());
+        s.revive(r);
+        let live = s.get(r).unwrap();
+        assert!(s.retire(&live, 1));
+        s.free(r);
+        assert_eq!(s.get(r), None);
+        // Forgotten: the range is free again; neighbours never conflicted.
+        assert!(s.reserve(1, area(8, 1)).is_ok());
+        let again = s.reserve(1, area(4, 4)).unwrap();
+        assert_ne!(again.gen_, r.gen_);
+        assert!(
+            !s.retire(&live, 1),
+            "a stale snapshot cannot retire the new area"
+        );
+        assert_eq!(all(&s).len(), 2);
     }
 
     #[test]
-    fn two_threads_claim_disjoint_slots() {
+    fn pins_follow_control_operations() {
+        let s = AreaSlots::new(4).unwrap();
+        let r = s.reserve(0, area(4, 4)).unwrap();
+        s.publish(r);
+        s.add_pins(5 << 12, 5 << 12, 1);
+        assert_eq!(s.get(r).unwrap().pins, 1);
+        s.add_pins(0, 3 << 12, 1);
+        assert_eq!(s.get(r).unwrap().pins, 1);
+        s.add_pins(0, u64::MAX, -1);
+        assert_eq!(s.get(r).unwrap().pins, 0);
+    }
+
+    #[test]
+    fn two_threads_map_disjoint_then_overlapping() {
         let s = std::sync::Arc::new(AreaSlots::new(256).unwrap());
         let hs: Vec<_> = (0..2u32)
             .map(|v| {
                 let s = s.clone();
                 std::thread::spawn(move || {
-                    let mut mine = Vec::new();
-                    while let Some(r) = s.claim(v) {
-                        s.fill(r, area(r.index as u64));
-                        s.publish(r);
-                        mine.push(r.index);
+                    let mut won = 0u64;
+                    // Even pages are contested by both threads, odd pages are each thread's.
+                    for i in 0..100u64 {
+                        let page = if i % 2 == 0 {
+                            i
+                        } else {
+                            1000 * (u64::from(v) + 1) + i
+                        };
+                        if let Ok(r) = s.reserve(v, area(page, 1)) {
+                            s.publish(r);
+                            won += 1;
+                        }
                     }
-                    mine
+                    won
                 })
             })
             .collect();
-        let mut all: Vec<usize> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..256).collect::<Vec<_>>());
+        let won: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+        // Every odd page of both threads, each contested page exactly once.
+        assert_eq!(won, 150);
+        let mut seen = all(&s);
+        assert_eq!(seen.len() as u64, won);
+        seen.sort_by_key(|x| x.area.iova);
+        assert!(seen.windows(2).all(|w| w[0].area.last() < w[1].area.iova));
     }
 }

@@ -13,10 +13,10 @@ extern crate alloc;
 extern crate std;
 
 pub mod area_slots;
-/// The atomics `area_slots` is written against; `tests/area_slots_loom.rs` compiles
+/// The atomics `area_slots` is written against; `tests/ioas_loom.rs` compiles
 /// `area_slots.rs` against loom's instead.
 mod area_sync {
-    pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64};
+    pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, fence};
 }
 pub mod firmware;
 pub mod gate;

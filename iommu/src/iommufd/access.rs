@@ -16,7 +16,7 @@
 use hvabi::{errno, kind, reason};
 
 use super::hw::Span;
-use super::ioas::{PROT_READ, PROT_WRITE, first_from};
+use super::ioas::{PROT_READ, PROT_WRITE};
 use super::object::Object;
 use super::{Cx, Error, GuestId, GuestMemory, IommuHw, Iommufd, MAX_PINS_PER_ACCESS, PAGE, inval};
 
@@ -135,14 +135,7 @@ impl<H: IommuHw> Cx<'_, H> {
             .ok_or(Error::new(errno::ENOSPC, reason::TOO_MANY))?;
         let ioas_id = a.ioas.ok_or(inval(reason::NOT_ATTACHED))?;
         let span = Span::new(iova, iova + (len - 1));
-        let areas = self.g.ioas_mut(ioas_id)?.areas.get_mut();
-        let i0 = first_from(areas, span.start);
-        for area in areas[i0..].iter_mut() {
-            if area.iova > span.last {
-                break;
-            }
-            area.pins += 1;
-        }
+        self.g.ioas_mut(ioas_id)?.add_pins(span, 1);
         self.g.access_mut(id)?.pins[slot] = Some(span);
         Ok(())
     }
@@ -156,14 +149,7 @@ impl<H: IommuHw> Cx<'_, H> {
             .position(|p| *p == Some(span))
             .ok_or(inval(reason::NOT_MAPPED))?;
         let ioas_id = a.ioas.ok_or(inval(reason::NOT_ATTACHED))?;
-        let areas = self.g.ioas_mut(ioas_id)?.areas.get_mut();
-        let i0 = first_from(areas, span.start);
-        for area in areas[i0..].iter_mut() {
-            if area.iova > span.last {
-                break;
-            }
-            area.pins = area.pins.saturating_sub(1);
-        }
+        self.g.ioas_mut(ioas_id)?.add_pins(span, -1);
         self.g.access_mut(id)?.pins[slot] = None;
         Ok(())
     }

@@ -123,7 +123,7 @@ pub fn check<H: IommuHw>(
 
 fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     let ioas = g.ioas(id).map_err(|_| v("ioas lookup", gid, id, 0))?;
-    let areas = ioas.areas.lock();
+    let areas = ioas.areas();
     if areas.len() > ioas.area_cap {
         return Err(v("areas over capacity", gid, id, areas.len() as u64));
     }
@@ -200,6 +200,9 @@ fn check_ioas(g: &Guest, gid: GuestId, id: u32) -> Result<(), Violation> {
     }
     let mut resv = ResvBuf::new();
     ioas_reserved(g, id, &[], &mut resv).map_err(|_| v("reserved set overflow", gid, id, 0))?;
+    if ioas.reserved() != Ok(&resv) {
+        return Err(v("cached reserved set stale", gid, id, 0));
+    }
     for r in resv.spans() {
         if let Some(a) = first_overlap(&areas, *r) {
             return Err(v("mapping inside the reserved set", gid, id, a.iova));
@@ -247,7 +250,7 @@ fn check_hwpt<H: IommuHw>(
     if info.aperture != h.aperture {
         return Err(v("HWPT aperture", gid, id, info.aperture.last));
     }
-    let areas = ioas.areas.lock();
+    let areas = ioas.areas();
     let total: u64 = areas.iter().map(|a| a.len).sum();
     let mapped = hw.mapped_bytes(h.domain);
     if mapped != total {
@@ -413,7 +416,7 @@ pub fn snapshot<H: IommuHw>(fd: &Iommufd<H>) -> Vec<u64> {
             s.extend([0xc000_0000, id as u64, o.kind() as u64]);
             match o {
                 Object::Ioas(x) => {
-                    for a in x.areas.lock().iter() {
+                    for a in x.areas().iter() {
                         s.extend([a.iova, a.len, a.gpa, a.prot as u64, a.pins as u64]);
                     }
                     s.push(0xd1);

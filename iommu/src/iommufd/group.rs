@@ -87,7 +87,7 @@ pub(crate) fn create_group<H: IommuHw>(
 ) -> Result<[u32; MAX_GROUP_MEMBERS], Error> {
     let n = hw_members.len().min(MAX_GROUP_MEMBERS);
     let fail = cx.fail;
-    let g = cx.g;
+    let g = &mut *cx.g;
     let slot = g.objs.reserve(|| !fail.is_some_and(|f| f.hit()))?;
     let gid = g.objs.publish(
         slot,
@@ -133,7 +133,7 @@ pub(crate) fn destroy_group<H: IommuHw>(
     cx: Cx<'_, H>,
     hw_dev: HwDev,
 ) -> Result<[Option<HwDev>; MAX_GROUP_MEMBERS], Error> {
-    let g = cx.g;
+    let g = &mut *cx.g;
     let dev_id =
         super::device::find_device(g, hw_dev).ok_or(Error::new(errno::ENOENT, reason::BAD_ID))?;
     let gid = g.device(dev_id)?.group;

@@ -139,9 +139,16 @@ impl<H: IommuHw> Cx<'_, H> {
             .domain_info(d)
             .ok_or(Error::new(errno::EIO, reason::HW_FAULT))?;
         let ioas = self.g.ioas(ioas_id)?;
-        let areas = ioas.areas.lock();
-        if let Some(a) = areas.iter().find(|a| !info.aperture.contains(&a.span())) {
-            return Err(Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(a.iova));
+        // The lowest area outside the aperture.
+        let mut outside: Option<u64> = None;
+        ioas.each_area(|a| {
+            if !info.aperture.contains(&a.span()) && outside.is_none_or(|o| a.iova < o) {
+                outside = Some(a.iova);
+            }
+            Ok(())
+        })?;
+        if let Some(iova) = outside {
+            return Err(Error::new(errno::EADDRINUSE, reason::MAPPING_OUTSIDE_APERTURE).at(iova));
         }
         // The HWPT reserves the IOVA below and above its aperture; report the start of the
         // reserved range an allowed range falls in (hvabi `RESERVED_IN_ALLOWED`), not the
@@ -154,9 +161,7 @@ impl<H: IommuHw> Cx<'_, H> {
                 return Err(Error::new(errno::EADDRINUSE, reason::RESERVED_IN_ALLOWED).at(r.start));
             }
         }
-        for a in areas.iter() {
-            hw_map_range(&*self.hw, mem, d, a.iova, a.gpa, a.len, a.hw_prot())?;
-        }
+        ioas.each_area(|a| hw_map_range(&*self.hw, mem, d, a.iova, a.gpa, a.len, a.hw_prot()))?;
         Ok(info.aperture)
     }
 

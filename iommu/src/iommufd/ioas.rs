@@ -1,7 +1,7 @@
 //! IOAS: an IOVA → guest-physical map, mirrored into every HWPT built on it.
 //!
-//! * Mappings ("areas") live in a table sorted by IOVA whose capacity is fixed at
-//!   IOAS_ALLOC: MAP never allocates from the heap.
+//! * Mappings ("areas") live in a fixed array of slots (`crate::area_slots`) whose capacity is
+//!   set at IOAS_ALLOC: MAP never allocates from the heap.
 //! * The reserved set is computed, never stored: outside the aperture of every HWPT on the
 //!   IOAS, plus the reserved regions and apertures of every device attached to them (all
 //!   members of an attached group). MAP never lands there; attach refuses a group whose
@@ -15,27 +15,36 @@
 //! # Concurrency
 //!
 //! MAP and UNMAP (single and batched) run on several vCPUs at once with shared access to the
-//! guest (`Rx`); everything else runs alone (`Cx`, see the `iommufd` module docs). The area
-//! table is behind a per-IOAS spin lock, held only for bookkeeping, never while page tables
-//! are written:
+//! guest (`Rx`); everything else runs alone (`Cx`, see the `iommufd` module docs), so the
+//! HWPT list, the allowed list, the reserved set and the pin counts do not change under a
+//! MAP/UNMAP. The area table takes no lock: each area is one slot with a state word
+//! (`area_slots.rs` has the protocol and the orderings, `tests/ioas_loom.rs` the models). A
+//! MAP writes only its own slot (and a bit of the free-slot bitmap word its vCPU starts at);
+//! an UNMAP writes only the slots of the areas it removes; both read the other slots in use.
 //!
-//! 1. MAP *claims* its range: under the lock it checks capacity, the reserved set and overlap
-//!    with every area (whatever its state), picks the IOVA if automatic, and inserts the area
-//!    as `Mapping(vcpu)`. Of two racing overlapping maps exactly one claims; the other gets
-//!    EEXIST. Then, unlocked, it writes every HWPT's page table (the engine's CAS; the ranges
-//!    of claimed areas are disjoint, which is the engine's contract). Then, under the lock, it
-//!    marks the area `Live` (the linearisation point of a successful MAP) or, if the hardware
-//!    refused, removes it again.
-//! 2. UNMAP *claims* the areas in its range: under the lock it checks them (whole, not pinned),
-//!    ignoring areas that are not `Live` (a map in flight has not happened yet, an unmap in
-//!    flight has already happened), and marks them `Unmapping(vcpu)`: the linearisation
-//!    point. Of two racing unmaps of one range exactly one claims the areas; the other finds
-//!    nothing (ENOENT) or only the rest. Then, unlocked, it clears every HWPT's page table,
-//!    and under the lock removes the areas. An atomic UNMAP_BATCH claims every entry in one
-//!    hold of the lock, so it too is all or nothing against concurrent calls.
-//! 3. A claimed area keeps its range reserved: no map overlaps it until it is removed.
+//! 1. MAP *claims* its range: it takes a free slot, fills it, announces it (PENDING), and after
+//!    a sequentially consistent fence scans the slots in use. An overlapping range claimed,
+//!    live or dying makes it fail (EEXIST); of two announced overlapping maps the one in the
+//!    lower slot kills the other (compare-and-swap on the other's state word), so exactly one
+//!    of two racing overlapping maps claims. The claim is the compare-and-swap PENDING →
+//!    CLAIMED of its own slot. An automatic IOVA is a first fit over the same scan, claimed
+//!    the same way (and searched again if a racing map took it). Then it writes every HWPT's
+//!    page table (the engine's CAS; claimed ranges are disjoint, the engine's contract), and
+//!    publishes the area (CLAIMED → LIVE, Release): the linearisation point of a successful
+//!    MAP. If the hardware refused, the slot is freed again.
+//! 2. UNMAP checks the live areas in its range (whole, not pinned), then *retires* each one
+//!    lying whole in the range: compare-and-swap LIVE → DYING(vcpu), the linearisation point
+//!    of that area's removal. Of two racing unmaps of one area exactly one retires it, so every
+//!    page is counted once. Areas not live are ignored: a map in flight has not happened yet,
+//!    an unmap in flight already has. It then clears every HWPT's page table for its areas,
+//!    runs one invalidation round per IOMMU unit, and only then frees the slots: a dying area
+//!    keeps its range taken (step 1), so an IOVA is never reused under a stale IOTLB entry.
+//! 3. An atomic UNMAP_BATCH checks every entry before retiring any; an entry left with nothing
+//!    after retiring (a racing unmap took its areas) puts back every area the batch retired
+//!    and fails, so the batch removes all or nothing.
 //!
-//! Control operations see no claimed area: they run only when no MAP/UNMAP is in flight.
+//! Control operations see no claimed or dying area: they run only when no MAP/UNMAP is in
+//! flight.
 
 use alloc::vec::Vec;
 
@@ -52,7 +61,7 @@ use super::{
     Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx, hw_err,
     inval, try_vec,
 };
-use crate::gate::SpinLock;
+use crate::area_slots::{AreaSlots, Refused, Seen, SlotArea, SlotRef, SlotState};
 use crate::pgtable::Prot;
 
 /// Internal protection bits of an area.
@@ -107,8 +116,8 @@ pub(crate) fn hw_prot(p: u8) -> Prot {
 }
 
 pub struct Ioas {
-    /// Sorted by IOVA, disjoint; never longer than `area_cap`.
-    pub(crate) areas: SpinLock<Vec<Area>>,
+    /// The areas, in lock-free slots (module docs); `area_cap` of them.
+    pub(crate) areas: AreaSlots,
     pub(crate) area_cap: usize,
     /// Sorted, disjoint; empty = everything allowed.
     pub(crate) allowed: Vec<Span>,
@@ -116,22 +125,91 @@ pub struct Ioas {
     pub(crate) hwpts: Vec<u32>,
     /// ACCESS objects attached (each holds a reference).
     pub(crate) accesses: u32,
+    /// The reserved set (one element, on the heap), recomputed at the end of every control
+    /// operation (`Drop for Cx`), which is the only thing that changes it: MAP reads it
+    /// instead of walking the guest's objects. `resv_ok` is the error computing it gave.
+    resv: Vec<ResvBuf>,
+    resv_ok: Result<(), Error>,
+}
+
+/// An area as a scan of the slots saw it.
+fn area_of(x: &Seen) -> Area {
+    Area {
+        iova: x.area.iova,
+        len: x.area.len,
+        gpa: x.area.gpa,
+        // Written from a `u8` by `reserve_area`.
+        prot: x.area.prot as u8,
+        pins: x.pins,
+        state: match x.state {
+            SlotState::Live => AreaState::Live,
+            SlotState::Pending(v) | SlotState::Claimed(v) => AreaState::Mapping(v),
+            SlotState::Dying(v) => AreaState::Unmapping(v),
+        },
+    }
 }
 
 impl Ioas {
     pub(crate) fn new(area_cap: usize, alloc_ok: &mut dyn FnMut() -> bool) -> Result<Self, Error> {
+        if !alloc_ok() {
+            return Err(Error::nomem());
+        }
         Ok(Ioas {
-            areas: SpinLock::new(try_vec(area_cap, alloc_ok())?),
+            areas: AreaSlots::new(area_cap).ok_or(Error::nomem())?,
             area_cap,
             allowed: try_vec(MAX_ALLOWED_IOVAS, alloc_ok())?,
             hwpts: try_vec(MAX_HWPTS_PER_IOAS, alloc_ok())?,
             accesses: 0,
+            resv: {
+                let mut v = try_vec(1, alloc_ok())?;
+                // Within the capacity just reserved: no allocation.
+                v.push(ResvBuf::new());
+                v
+            },
+            // No HWPT yet: nothing reserved.
+            resv_ok: Ok(()),
         })
     }
 
-    /// The areas (`&mut self`: nothing is in flight).
-    pub fn areas(&mut self) -> &[Area] {
-        self.areas.get_mut()
+    /// The cached reserved set (see `resv`).
+    pub(crate) fn reserved(&self) -> Result<&ResvBuf, Error> {
+        self.resv_ok?;
+        self.resv.first().ok_or(Error::nomem())
+    }
+
+    /// Every area, sorted by IOVA (a copy, from the heap: for control operations' reports and
+    /// the consistency checker). With MAP/UNMAP in flight each area is seen at one instant.
+    pub fn areas(&self) -> Vec<Area> {
+        let mut v = Vec::new();
+        self.areas.scan(|x| {
+            v.push(area_of(x));
+            true
+        });
+        v.sort_unstable_by_key(|a| a.iova);
+        v
+    }
+
+    /// Calls `f` on every area (in slot order, not by IOVA) until it fails.
+    pub(crate) fn each_area(
+        &self,
+        mut f: impl FnMut(&Area) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut r = Ok(());
+        self.areas.scan(|x| {
+            r = f(&area_of(x));
+            r.is_ok()
+        });
+        r
+    }
+
+    /// How many slots are in use.
+    pub(crate) fn area_count(&self) -> usize {
+        let mut n = 0;
+        self.areas.scan(|_| {
+            n += 1;
+            true
+        });
+        n
     }
 
     pub fn allowed(&self) -> &[Span] {
@@ -146,62 +224,89 @@ impl Ioas {
         self.accesses
     }
 
-    /// The first area overlapping `s` (a copy).
+    /// The lowest area overlapping `s` (a copy), whatever its state.
     pub(crate) fn first_overlap(&self, s: Span) -> Option<Area> {
-        first_overlap(&self.areas.lock(), s).copied()
+        let mut best: Option<Area> = None;
+        self.areas.scan(|x| {
+            if x.area.overlaps(s.start, s.last) && best.is_none_or(|b| x.area.iova < b.iova) {
+                best = Some(area_of(x));
+            }
+            true
+        });
+        best
     }
 
-    /// Walks the contiguous mappings covering `s` piece by piece: `f(area, piece)`, with the
-    /// area table locked (`f` must not reach this IOAS's areas). ENOENT (NOT_COVERED, at the
-    /// first uncovered address) if there is a hole.
+    /// The largest last byte of the areas overlapping `s`, whatever their state (first fit
+    /// continues after it).
+    fn overlap_end(&self, s: Span) -> Option<u64> {
+        let mut end = None;
+        self.areas.scan(|x| {
+            if x.area.overlaps(s.start, s.last) {
+                end = end.max(Some(x.area.last()));
+            }
+            true
+        });
+        end
+    }
+
+    /// The area containing `iova`, whatever its state.
+    fn area_at(&self, iova: u64) -> Option<Area> {
+        let mut hit = None;
+        self.areas.scan(|x| {
+            if x.area.overlaps(iova, iova) {
+                hit = Some(area_of(x));
+            }
+            hit.is_none()
+        });
+        hit
+    }
+
+    /// Walks the contiguous mappings covering `s` piece by piece: `f(area, piece)`. ENOENT
+    /// (NOT_COVERED, at the first uncovered address) if there is a hole. For control
+    /// operations (a scan per piece).
     pub(crate) fn covered(
         &self,
         s: Span,
-        f: impl FnMut(&Area, Span) -> Result<(), Error>,
+        mut f: impl FnMut(&Area, Span) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        covered(&self.areas.lock(), s, f)
+        let mut cursor = s.start;
+        // Each step consumes one area.
+        for _ in 0..=self.area_cap {
+            let Some(a) = self.area_at(cursor) else {
+                break;
+            };
+            let last = a.last().min(s.last);
+            f(&a, Span::new(cursor, last))?;
+            if last == s.last {
+                return Ok(());
+            }
+            cursor = last + 1;
+        }
+        Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor))
+    }
+
+    /// Adds `delta` to the pin count of every area overlapping `s` (ACCESS pin/unpin: a
+    /// control operation, `&mut self`).
+    pub(crate) fn add_pins(&mut self, s: Span, delta: i32) {
+        self.areas.add_pins(s.start, s.last, delta);
     }
 }
 
-/// Index of the first area whose last byte is at or after `iova`.
+/// Index of the first area whose last byte is at or after `iova` (in a sorted copy).
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn first_from(areas: &[Area], iova: u64) -> usize {
     areas.partition_point(|a| a.last() < iova)
 }
 
-/// The first area overlapping `s`, whatever its state.
+/// The first area of a sorted copy overlapping `s`, whatever its state.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn first_overlap(areas: &[Area], s: Span) -> Option<&Area> {
     areas
         .get(first_from(areas, s.start))
         .filter(|a| a.iova <= s.last)
 }
-
-/// See [`Ioas::covered`].
-fn covered(
-    areas: &[Area],
-    s: Span,
-    mut f: impl FnMut(&Area, Span) -> Result<(), Error>,
-) -> Result<(), Error> {
-    let mut cursor = s.start;
-    // Each step consumes one area.
-    for _ in 0..=areas.len() {
-        let i = first_from(areas, cursor);
-        let a = match areas.get(i) {
-            Some(a) if a.iova <= cursor => a,
-            _ => {
-                return Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor));
-            }
-        };
-        let last = a.last().min(s.last);
-        f(a, Span::new(cursor, last))?;
-        if last == s.last {
-            return Ok(());
-        }
-        cursor = last + 1;
-    }
-    Err(Error::new(errno::ENOENT, reason::NOT_COVERED).at(cursor))
-}
-
 /// A sorted, merged set of reserved ranges on the stack.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct ResvBuf {
     r: [Span; ResvBuf::CAP],
     n: usize,
@@ -289,22 +394,20 @@ pub(crate) fn auto_align(gpa: u64, len: u64) -> u64 {
     by_len.min(by_gpa).clamp(PAGE, 1 << 30)
 }
 
-/// First fit of `len` bytes aligned to `align` among `areas` (every state counts as taken),
-/// outside `resv`, inside the `allowed` list (or `[PAGE, 2^64 - PAGE)`), never at 0.
-pub(crate) fn alloc_iova(
-    allowed: &[Span],
-    areas: &[Area],
-    resv: &ResvBuf,
-    len: u64,
-    align: u64,
-) -> Option<u64> {
+/// First fit of `len` bytes aligned to `align` among the areas of `ioas` (every state counts
+/// as taken), outside `resv`, inside the `allowed` list (or `[PAGE, 2^64 - PAGE)`), never at
+/// 0. Under concurrent maps the answer may be taken by the time it is claimed: the caller
+/// claims it (`AreaSlots::reserve`) and asks again if it lost.
+pub(crate) fn alloc_iova(ioas: &Ioas, resv: &ResvBuf, len: u64, align: u64) -> Option<u64> {
     let everything = [Span::new(PAGE, u64::MAX - PAGE)];
-    let spaces: &[Span] = if allowed.is_empty() {
+    let spaces: &[Span] = if ioas.allowed.is_empty() {
         &everything
     } else {
-        allowed
+        &ioas.allowed
     };
-    let steps = resv.spans().len() + areas.len() + 2;
+    // Each step moves past one reserved range or one area, and at most `area_cap` areas
+    // exist at a time; twice that leaves room for areas replaced during the search.
+    let steps = resv.spans().len() + 2 * ioas.area_cap + 2;
     for space in spaces {
         let Some(mut x) = align_up(space.start.max(PAGE), align) else {
             continue;
@@ -319,8 +422,8 @@ pub(crate) fn alloc_iova(
             let s = Span::new(x, last);
             let next = if let Some(r) = resv.first_overlap(s) {
                 r.last.checked_add(1)
-            } else if let Some(a) = first_overlap(areas, s) {
-                a.last().checked_add(1)
+            } else if let Some(end) = ioas.overlap_end(s) {
+                end.checked_add(1)
             } else {
                 return Some(x);
             };
@@ -459,6 +562,41 @@ pub(crate) fn ioas_reserved(
     Ok(())
 }
 
+/// Recomputes the cached reserved set of every IOAS of `g`.
+fn refresh_reserved(g: &mut Guest) {
+    // The k-th IOAS each time: the table is borrowed again to store each result.
+    for k in 0..g.objs.max() as usize {
+        let next = g
+            .objs
+            .iter()
+            .filter(|(_, o)| matches!(o, Object::Ioas(_)))
+            .map(|(id, _)| id)
+            .nth(k);
+        let Some(id) = next else {
+            break;
+        };
+        let mut buf = ResvBuf::new();
+        let r = ioas_reserved(g, id, &[], &mut buf);
+        if let Ok(ioas) = g.ioas_mut(id) {
+            ioas.resv_ok = r;
+            if let Some(c) = ioas.resv.first_mut()
+                && r.is_ok()
+            {
+                *c = buf;
+            }
+        }
+    }
+}
+
+/// Every control operation ends here, with nothing in flight: the reserved sets it may have
+/// changed (DEVICE_ATTACH/REPLACE/DETACH, HWPT_ALLOC, DESTROY, a group assigned or taken
+/// back) are recomputed, so that MAP reads its IOAS's cached set.
+impl<H: IommuHw> Drop for Cx<'_, H> {
+    fn drop(&mut self) {
+        refresh_reserved(self.g);
+    }
+}
+
 /// The ACCESS that pins something in `s` of IOAS `ioas_id`.
 fn pinner(g: &Guest, ioas_id: u32, s: Span) -> u32 {
     for (id, o) in g.objs.iter() {
@@ -483,9 +621,6 @@ fn unmap_span(iova: u64, len: u64) -> Result<Span, Error> {
     Span::from_len(iova, len).ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))
 }
 
-/// Areas one step of an unmap copies out of the lock before clearing their page tables.
-const UNMAP_CHUNK: usize = 16;
-
 impl<H: IommuHw> Cx<'_, H> {
     pub(crate) fn ioas_alloc(&mut self) -> Result<u32, Error> {
         let fail = self.fail;
@@ -497,8 +632,8 @@ impl<H: IommuHw> Cx<'_, H> {
 }
 
 impl<H: IommuHw> Rx<'_, H> {
-    /// Step 1 of a MAP (module docs): under the area lock, checks capacity, the reserved set
-    /// and overlap, picks the IOVA and inserts the area as `Mapping(vcpu)`.
+    /// Step 1 of a MAP (module docs): checks the reserved set, picks the IOVA if automatic and
+    /// claims the range in the area slots. Of two racing overlapping maps at most one claims.
     fn claim_map(
         &self,
         ioas: &Ioas,
@@ -507,47 +642,53 @@ impl<H: IommuHw> Rx<'_, H> {
         gpa: u64,
         len: u64,
         prot: u8,
-    ) -> Result<u64, Error> {
-        let mut areas = ioas.areas.lock();
-        if areas.len() >= ioas.area_cap || areas.len() == areas.capacity() {
-            return Err(Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL));
+    ) -> Result<(SlotRef, u64), Error> {
+        let full = Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL);
+        if ioas.areas.is_full() {
+            return Err(full);
         }
-        let iova = match fixed {
-            Some(iova) => {
-                let s = Span::new(iova, iova + (len - 1));
-                if let Some(r) = resv.first_overlap(s) {
-                    return Err(Error::new(errno::EADDRINUSE, reason::IOVA_RESERVED).at(r.start));
-                }
-                if let Some(a) = first_overlap(&areas, s) {
-                    return Err(Error::new(errno::EEXIST, reason::IOVA_IN_USE).at(a.iova));
-                }
-                iova
-            }
-            None => alloc_iova(&ioas.allowed, &areas, resv, len, auto_align(gpa, len))
-                .ok_or(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE))?,
+        let want = |iova| SlotArea {
+            iova,
+            len,
+            gpa,
+            prot: u32::from(prot),
         };
-        let pos = areas.partition_point(|x| x.iova < iova);
-        // Within the capacity checked above: no allocation.
-        areas.insert(
-            pos,
-            Area {
-                iova,
-                len,
-                gpa,
-                prot,
-                pins: 0,
-                state: AreaState::Mapping(self.vcpu),
-            },
-        );
-        Ok(iova)
+        if let Some(iova) = fixed {
+            let s = Span::new(iova, iova + (len - 1));
+            if let Some(r) = resv.first_overlap(s) {
+                return Err(Error::new(errno::EADDRINUSE, reason::IOVA_RESERVED).at(r.start));
+            }
+            return match ioas.areas.reserve(self.vcpu, want(iova)) {
+                Ok(slot) => Ok((slot, iova)),
+                Err(Refused::Full) => Err(full),
+                Err(Refused::Overlap { iova }) => {
+                    Err(Error::new(errno::EEXIST, reason::IOVA_IN_USE).at(iova))
+                }
+            };
+        }
+        let align = auto_align(gpa, len);
+        // A refusal means a racing map took (part of) the space found first; each one is a
+        // map that claimed, so this is bounded by the capacity.
+        for _ in 0..=ioas.area_cap {
+            let iova = alloc_iova(ioas, resv, len, align)
+                .ok_or(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE))?;
+            match ioas.areas.reserve(self.vcpu, want(iova)) {
+                Ok(slot) => return Ok((slot, iova)),
+                Err(Refused::Full) => return Err(full),
+                Err(Refused::Overlap { .. }) => {}
+            }
+        }
+        Err(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE))
     }
 
     /// Steps 2 and 3 of a MAP: writes every HWPT's page table, then publishes the area (or
     /// withdraws it, and what was written, on failure).
+    #[allow(clippy::too_many_arguments)]
     fn finish_map(
         &self,
         mem: &dyn GuestMemory,
         ioas: &Ioas,
+        slot: SlotRef,
         iova: u64,
         len: u64,
         gpa: u64,
@@ -557,7 +698,8 @@ impl<H: IommuHw> Rx<'_, H> {
         if let Ok((doms, n)) = &r {
             for (i, &d) in doms[..*n].iter().enumerate() {
                 if let Err(e) = hw_map_range(self.hw, mem, d, iova, gpa, len, hw_prot(prot)) {
-                    // One invalidation round for the whole rollback.
+                    // One invalidation round for the whole rollback, before the range is
+                    // given back (forget after flush).
                     let mut inv = HwInvalidation::new();
                     for &done in &doms[..i] {
                         let _ = self.hw.unmap(done, iova, len, &mut inv);
@@ -568,22 +710,13 @@ impl<H: IommuHw> Rx<'_, H> {
                 }
             }
         }
-        let mut areas = ioas.areas.lock();
-        let i = first_from(&areas, iova);
-        let mine = areas
-            .get(i)
-            .is_some_and(|a| a.iova == iova && a.state == AreaState::Mapping(self.vcpu));
-        if !mine {
-            // Nobody else touches an area this call claimed.
-            return Err(Error::new(errno::EIO, reason::HW_FAULT));
-        }
         match r {
             Ok(_) => {
-                areas[i].state = AreaState::Live;
+                ioas.areas.publish(slot);
                 Ok(())
             }
             Err(e) => {
-                areas.remove(i);
+                ioas.areas.withdraw(slot);
                 Err(e)
             }
         }
@@ -600,8 +733,8 @@ impl<H: IommuHw> Rx<'_, H> {
         prot: u8,
     ) -> Result<(), Error> {
         let ioas = self.g.ioas(ioas_id)?;
-        self.claim_map(ioas, &ResvBuf::new(), Some(iova), gpa, len, prot)?;
-        self.finish_map(mem, ioas, iova, len, gpa, prot)
+        let (slot, _) = self.claim_map(ioas, &ResvBuf::new(), Some(iova), gpa, len, prot)?;
+        self.finish_map(mem, ioas, slot, iova, len, gpa, prot)
     }
 
     /// IOAS_MAP (and one batch entry).
@@ -627,114 +760,114 @@ impl<H: IommuHw> Rx<'_, H> {
         if !mem.owns(gpa, len, prot & PROT_WRITE != 0) {
             return Err(Error::new(errno::EPERM, reason::GPA_NOT_OWNED).at(gpa));
         }
-        let mut resv = ResvBuf::new();
-        ioas_reserved(self.g, ioas_id, &[], &mut resv)?;
-        let iova = self.claim_map(ioas, &resv, fixed, gpa, len, prot)?;
-        self.finish_map(mem, ioas, iova, len, gpa, prot)?;
+        let (slot, iova) = self.claim_map(ioas, ioas.reserved()?, fixed, gpa, len, prot)?;
+        self.finish_map(mem, ioas, slot, iova, len, gpa, prot)?;
         Ok(iova)
     }
 
-    /// Step 1 of an UNMAP of `s` with the area lock held: checks every `Live` area in `s`
-    /// (whole, not pinned) and marks them `Unmapping(vcpu)`. Returns the bytes claimed.
-    /// Changes nothing on error.
-    fn claim_unmap(&self, areas: &mut [Area], ioas_id: u32, s: Span) -> Result<u64, Error> {
-        let i0 = first_from(areas, s.start);
-        let mut bytes = 0u64;
-        let mut i1 = i0;
-        for a in &areas[i0..] {
-            if a.iova > s.last {
-                break;
+    /// Checks an UNMAP of `s` against the live areas: each one in `s` must lie whole inside
+    /// it and not be pinned. The error is the one of the lowest such area, as for a sorted
+    /// walk. Changes nothing.
+    fn check_unmap(&self, ioas: &Ioas, ioas_id: u32, s: Span) -> Result<(), Error> {
+        let mut worst: Option<(u64, Error)> = None;
+        ioas.areas.scan(|x| {
+            let a = x.area;
+            if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
+                return true;
             }
-            i1 += 1;
-            // A map in flight has not happened yet; an unmap in flight already has.
-            if a.state != AreaState::Live {
-                continue;
-            }
-            if a.iova < s.start || a.last() > s.last {
-                return Err(Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova));
-            }
-            if a.pins != 0 {
-                let who = pinner(self.g, ioas_id, a.span());
-                return Err(Error::new(errno::EBUSY, reason::PINNED)
+            let e = if a.iova < s.start || a.last() > s.last {
+                Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova)
+            } else if x.pins != 0 {
+                let who = pinner(self.g, ioas_id, Span::new(a.iova, a.last()));
+                Error::new(errno::EBUSY, reason::PINNED)
                     .obj(kind::ACCESS, who)
-                    .at(a.iova));
+                    .at(a.iova)
+            } else {
+                return true;
+            };
+            if worst.is_none_or(|(w, _)| a.iova < w) {
+                worst = Some((a.iova, e));
             }
-            bytes += a.len;
+            true
+        });
+        match worst {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
         }
-        if bytes == 0 && s != Span::FULL {
-            return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED));
-        }
-        for a in &mut areas[i0..i1] {
-            if a.state == AreaState::Live {
-                a.state = AreaState::Unmapping(self.vcpu);
-            }
-        }
-        Ok(bytes)
     }
 
-    /// Puts back every area this call claimed for unmapping (an atomic batch that failed).
-    fn unclaim(&self, areas: &mut [Area]) {
-        for a in areas.iter_mut() {
-            if a.state == AreaState::Unmapping(self.vcpu) {
-                a.state = AreaState::Live;
-            }
+    /// Step 1 of an UNMAP of `s` (module docs): checks the live areas in `s` (whole, not
+    /// pinned), then retires them. Returns the bytes this call retired. Changes nothing on
+    /// error.
+    fn claim_unmap(&self, ioas: &Ioas, ioas_id: u32, s: Span) -> Result<u64, Error> {
+        self.check_unmap(ioas, ioas_id, s)?;
+        match self.retire_in(ioas, s) {
+            0 if s != Span::FULL => Err(Error::new(errno::ENOENT, reason::NOT_MAPPED)),
+            bytes => Ok(bytes),
         }
+    }
+
+    /// Retires every live area lying whole in `s` (LIVE → DYING(vcpu), one compare-exchange
+    /// per area: the linearisation point of its removal). Returns the bytes this call
+    /// retired; an area a racing unmap retired first is not counted, so racing unmaps count
+    /// each page once.
+    fn retire_in(&self, ioas: &Ioas, s: Span) -> u64 {
+        let mut bytes = 0u64;
+        ioas.areas.scan(|x| {
+            let a = x.area;
+            // An area published since the check that does not fit is a later map's: left.
+            if a.iova >= s.start
+                && a.last() <= s.last
+                && x.pins == 0
+                && ioas.areas.retire(x, self.vcpu)
+            {
+                bytes += a.len;
+            }
+            true
+        });
+        bytes
+    }
+
+    /// Calls `f` on every slot this call retired in `s`. Only this call changes their state
+    /// (the vCPU has one call in flight), so the snapshot stays exact.
+    fn each_claimed(&self, ioas: &Ioas, s: Span, mut f: impl FnMut(&Seen)) {
+        ioas.areas.scan(|x| {
+            if x.state == SlotState::Dying(self.vcpu) && x.area.overlaps(s.start, s.last) {
+                f(x);
+            }
+            true
+        });
+    }
+
+    /// Puts back every area this call retired (an atomic batch that failed).
+    fn unclaim(&self, ioas: &Ioas) {
+        self.each_claimed(ioas, Span::FULL, |x| ioas.areas.revive(x.slot));
     }
 
     /// Step 2 of an UNMAP of `s`: clears every HWPT's page table for the areas this call
-    /// claimed in `s`, recording the IOTLB invalidations in `inv` (the caller runs one round
+    /// retired in `s`, recording the IOTLB invalidations in `inv` (the caller runs one round
     /// per unit for the whole call, then [`forget_claimed`](Self::forget_claimed)). `true` if
     /// the hardware malfunctioned.
     fn unmap_claimed(&self, ioas: &Ioas, s: Span, inv: &mut HwInvalidation) -> bool {
-        let mine = AreaState::Unmapping(self.vcpu);
         let doms = ioas_domains(self.g, ioas);
         let mut failed = doms.is_err();
         let (doms, n) = doms.unwrap_or(([HwDomain(0); MAX_HWPTS_PER_IOAS], 0));
-        let mut cursor = s.start;
-        // Each round handles at least one area (or ends the walk).
-        for _ in 0..=ioas.area_cap {
-            let mut chunk = [(0u64, 0u64); UNMAP_CHUNK];
-            let mut k = 0;
-            {
-                let areas = ioas.areas.lock();
-                let i0 = first_from(&areas, cursor);
-                for a in areas[i0..].iter().take_while(|a| a.iova <= s.last) {
-                    if a.state == mine {
-                        chunk[k] = (a.iova, a.len);
-                        k += 1;
-                        if k == UNMAP_CHUNK {
-                            break;
-                        }
-                    }
+        self.each_claimed(ioas, s, |x| {
+            for &d in &doms[..n] {
+                match self.hw.unmap(d, x.area.iova, x.area.len, inv) {
+                    Ok(b) if b == x.area.len => {}
+                    _ => failed = true,
                 }
             }
-            for &(iova, len) in &chunk[..k] {
-                for &d in &doms[..n] {
-                    match self.hw.unmap(d, iova, len, inv) {
-                        Ok(b) if b == len => {}
-                        _ => failed = true,
-                    }
-                }
-            }
-            match chunk[..k].last() {
-                Some(&(iova, len)) if k == UNMAP_CHUNK => match iova.checked_add(len) {
-                    Some(next) if next - 1 < s.last => cursor = next,
-                    _ => break,
-                },
-                _ => break,
-            }
-        }
+        });
         failed
     }
 
-    /// Step 3 of an UNMAP of `s`, after the invalidation round: forgets the areas this call
-    /// claimed in `s`. Only now may another map reuse their IOVAs, so a device never
+    /// Step 3 of an UNMAP of `s`, after the invalidation round: frees the slots this call
+    /// retired in `s`. Only now may another map reuse their IOVAs, so a device never
     /// translates a new mapping through a stale IOTLB entry of the old one.
     fn forget_claimed(&self, ioas: &Ioas, s: Span) {
-        let mine = AreaState::Unmapping(self.vcpu);
-        ioas.areas
-            .lock()
-            .retain(|a| !(a.state == mine && a.iova >= s.start && a.iova <= s.last));
+        self.each_claimed(ioas, s, |x| ioas.areas.free(x.slot));
     }
 
     /// IOAS_UNMAP: the areas claimed, unmapped from every HWPT, one invalidation round per
@@ -743,7 +876,7 @@ impl<H: IommuHw> Rx<'_, H> {
     pub(crate) fn unmap(&self, ioas_id: u32, iova: u64, len: u64) -> Result<u64, Error> {
         let ioas = self.g.ioas(ioas_id)?;
         let s = unmap_span(iova, len)?;
-        let bytes = self.claim_unmap(&mut ioas.areas.lock(), ioas_id, s)?;
+        let bytes = self.claim_unmap(ioas, ioas_id, s)?;
         let mut inv = HwInvalidation::new();
         let failed = self.unmap_claimed(ioas, s, &mut inv);
         let flushed = self.hw.flush(&mut inv).is_ok();
@@ -835,9 +968,11 @@ impl<H: IommuHw> Rx<'_, H> {
         }
         let entry_at = |i: usize| a.entries_gpa + (i * UnmapEntry::SIZE) as u64;
         if a.flags & BATCH_ATOMIC != 0 {
-            // Read every entry, then validate and claim them all in one hold of the area lock
-            // (the entries disjoint, so that no entry's unmap can change another's outcome):
-            // concurrent calls see all of the batch's unmaps or none.
+            // Read and check every entry first, then retire them all: a check that fails
+            // changes nothing. Retiring can only lose to a racing unmap (the entries are
+            // disjoint, so no entry's unmap changes another's check); an entry left with
+            // nothing puts every retired area back and fails, so the batch stays all or
+            // nothing.
             let mut spans = [Span::default(); MAX_BATCH as usize];
             let mut claimed = [0u64; MAX_BATCH as usize];
             let mut read_err = None;
@@ -854,26 +989,22 @@ impl<H: IommuHw> Rx<'_, H> {
                     }
                 }
             }
-            {
-                let mut areas = ioas.areas.lock();
-                for i in 0..m {
-                    let s = spans[i];
-                    let r = if spans[..i].iter().any(|o| o.overlaps(&s)) {
-                        Err(inval(reason::RANGES_OVERLAP))
-                    } else {
-                        self.claim_unmap(&mut areas, a.ioas_id, s)
-                    };
-                    match r {
-                        Ok(b) => claimed[i] = b,
-                        Err(e) => {
-                            self.unclaim(&mut areas);
-                            return Err(e.index(i as u32));
-                        }
-                    }
+            for i in 0..m {
+                let s = spans[i];
+                if spans[..i].iter().any(|o| o.overlaps(&s)) {
+                    return Err(inval(reason::RANGES_OVERLAP).index(i as u32));
                 }
-                if let Some(e) = read_err {
-                    self.unclaim(&mut areas);
-                    return Err(e);
+                self.check_unmap(ioas, a.ioas_id, s)
+                    .map_err(|e| e.index(i as u32))?;
+            }
+            if let Some(e) = read_err {
+                return Err(e);
+            }
+            for i in 0..n {
+                claimed[i] = self.retire_in(ioas, spans[i]);
+                if claimed[i] == 0 && spans[i] != Span::FULL {
+                    self.unclaim(ioas);
+                    return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED).index(i as u32));
                 }
             }
             // Every entry's invalidations go into one batch: one round per IOMMU unit for the
@@ -892,7 +1023,7 @@ impl<H: IommuHw> Rx<'_, H> {
                 self.forget_claimed(ioas, s);
             }
             if done < n {
-                self.unclaim(&mut ioas.areas.lock());
+                self.unclaim(ioas);
             }
             for i in 0..done {
                 let e = UnmapEntry {
@@ -919,7 +1050,7 @@ impl<H: IommuHw> Rx<'_, H> {
         for (i, slot) in spans[..n].iter_mut().enumerate() {
             let one = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
                 let s = unmap_span(e.iova, e.length)?;
-                let bytes = self.claim_unmap(&mut ioas.areas.lock(), a.ioas_id, s)?;
+                let bytes = self.claim_unmap(ioas, a.ioas_id, s)?;
                 *slot = (s, bytes);
                 done = i + 1;
                 if self.unmap_claimed(ioas, s, &mut inv) {
@@ -980,7 +1111,7 @@ impl<H: IommuHw> Cx<'_, H> {
             pieces += 1;
             Ok(())
         })?;
-        if dst.areas.lock().len() + pieces > dst.area_cap {
+        if dst.area_count() + pieces > dst.area_cap {
             return Err(Error::new(errno::ENOSPC, reason::AREA_TABLE_FULL));
         }
         let mut resv = ResvBuf::new();
@@ -996,7 +1127,7 @@ impl<H: IommuHw> Cx<'_, H> {
             a.dst_iova
         } else {
             let align = auto_align(first_gpa.unwrap_or(0), a.length);
-            alloc_iova(&dst.allowed, &dst.areas.lock(), &resv, a.length, align)
+            alloc_iova(dst, &resv, a.length, align)
                 .ok_or(Error::new(errno::ENOSPC, reason::NO_IOVA_SPACE))?
         };
         // Piece by piece; the source is looked up again each time (it may be the destination,
@@ -1010,9 +1141,8 @@ impl<H: IommuHw> Cx<'_, H> {
             let piece = {
                 let src = self.g.ioas(a.src_ioas_id)?;
                 let cur = a.src_iova + off;
-                let areas = src.areas.lock();
-                match areas.get(first_from(&areas, cur)) {
-                    Some(x) if x.iova <= cur => {
+                match src.area_at(cur) {
+                    Some(x) => {
                         let n = (x.last() - cur + 1).min(a.length - off);
                         Some((x.gpa + (cur - x.iova), n))
                     }

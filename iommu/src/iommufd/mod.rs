@@ -33,10 +33,11 @@
 //!   vCPU of every guest. A reader writes only its own (cache-padded) slot.
 //! * The fast path (IOAS_MAP, IOAS_UNMAP, IOAS_MAP_BATCH, IOAS_UNMAP_BATCH) enters both gates as
 //!   a reader: fast paths of different guests, and of different vCPUs of one guest, never write
-//!   a common word to get in. Inside, an IOAS's area table is a short spin-locked critical
-//!   section (`ioas.rs`): a map claims its range there (overlap arbitration), writes the page
-//!   tables with no lock held, then publishes the area; an unmap claims the areas (marking them
-//!   dying), clears the page tables with no lock held, then forgets them.
+//!   a common word to get in. Inside, an IOAS's area table takes no lock (`ioas.rs`,
+//!   `area_slots.rs`): a map claims its range by compare-and-swap on its own area slot
+//!   (overlap arbitration), writes the page tables, then publishes the area; an unmap retires
+//!   the areas (compare-and-swap, marking them dying), clears the page tables, and frees them
+//!   after the invalidation round.
 //! * Every other operation is a control operation: it enters the guest's gate as the writer
 //!   (it waits for the guest's fast paths in flight and holds off new ones) and gets
 //!   `&mut Guest`. Those that change domains or attachments, which all guests share (DESTROY,
@@ -549,8 +550,9 @@ impl<H: IommuHw> Iommufd<H> {
             .info;
         match self.devs[dev as usize].owner {
             Some(o) if o == gid => {
-                let g = self.cx(gid)?.g;
-                return device::find_device(g, dev).ok_or(Error::new(errno::EIO, reason::HW_FAULT));
+                let cx = self.cx(gid)?;
+                return device::find_device(cx.g, dev)
+                    .ok_or(Error::new(errno::EIO, reason::HW_FAULT));
             }
             Some(_) => return Err(Error::new(errno::EBUSY, reason::BUSY)),
             None => {}
