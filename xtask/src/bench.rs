@@ -441,6 +441,160 @@ pub fn hypercall(peer: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+// ------------------------------------------------------------------------------------------
+// `cargo xtask bench dispatch`: the host benchmark of `iommufd::dispatch` itself
+// ------------------------------------------------------------------------------------------
+
+/// The single-thread rows of `iommu/benches/dispatch.rs` counted under callgrind, with what one
+/// unit (what the instruction count is per) is.
+pub const DISPATCH_ROWS: [(&str, &str); 5] = [
+    ("null", "call (unknown op, ENOTTY)"),
+    ("4k", "IOAS_MAP + IOAS_UNMAP of 4 KiB"),
+    (
+        "256x4k-contiguous",
+        "IOAS_MAP + IOAS_UNMAP of 1 MiB, contiguous pages",
+    ),
+    (
+        "256x4k-scattered",
+        "4 x IOAS_MAP_BATCH of 64 pages + IOAS_UNMAP of 1 MiB",
+    ),
+    ("2m", "IOAS_MAP + IOAS_UNMAP of 2 MiB (one 2 MiB leaf)"),
+];
+
+/// The executable cargo built for bench target `name`, from `--message-format=json` output
+/// (the `compiler-artifact` line of that target, its `"executable"` field).
+pub fn bench_executable(json: &str, name: &str) -> Option<PathBuf> {
+    let target = format!("\"name\":\"{name}\"");
+    json.lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&target))
+        .filter(|l| l.contains("\"kind\":[\"bench\"]"))
+        .find_map(|l| {
+            let rest = l.split("\"executable\":\"").nth(1)?;
+            let path = &rest[..rest.find('"')?];
+            Some(PathBuf::from(path.replace("\\\\", "\\")))
+        })
+}
+
+/// The `totals:` (or, failing that, `summary:`) line of a callgrind output file: instructions
+/// collected.
+pub fn callgrind_totals(text: &str) -> Option<u64> {
+    let find = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    find("totals:").or_else(|| find("summary:"))
+}
+
+/// The bench's `callgrind: ROW N units, ...` line: how many units the collected instructions
+/// cover.
+pub fn callgrind_units(stdout: &str, row: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        let rest = l.strip_prefix("callgrind: ")?.strip_prefix(row)?;
+        let mut w = rest.split_whitespace();
+        let n = w.next()?.parse().ok()?;
+        (w.next()? == "units,").then_some(n)
+    })
+}
+
+/// Instructions per unit from two runs of `rounds` and `2 * rounds`: the difference is exactly
+/// the instructions of the extra units, whatever a run collects once.
+pub fn per_unit(small: (u64, u64), large: (u64, u64)) -> Option<f64> {
+    let (i1, u1) = small;
+    let (i2, u2) = large;
+    (u2 > u1 && i2 >= i1).then(|| (i2 - i1) as f64 / (u2 - u1) as f64)
+}
+
+/// One callgrind run of `row`: (instructions collected, units).
+fn callgrind_row(exe: &Path, row: &str, rounds: u64, out: &Path) -> Result<(u64, u64)> {
+    let file = out.join(format!("callgrind.{row}.{rounds}"));
+    let o = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", file.display()))
+        .arg("--toggle-collect=*cg_dispatch*")
+        .arg(exe)
+        .env("DISPATCH_BENCH_ONLY", row)
+        .env("DISPATCH_BENCH_ROUNDS", rounds.to_string())
+        .current_dir(crate::util::root())
+        .output()
+        .map_err(|e| format!("cannot start valgrind: {e}"))?;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    if !o.status.success() {
+        return Err(format!(
+            "valgrind run of row {row} failed ({}):\n{stdout}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let units = callgrind_units(&stdout, row)
+        .ok_or_else(|| format!("row {row}: no `callgrind: {row} N units` line in:\n{stdout}"))?;
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let ir =
+        callgrind_totals(&text).ok_or_else(|| format!("{}: no totals line", file.display()))?;
+    Ok((ir, units))
+}
+
+/// `cargo xtask bench dispatch [--quick] [--no-valgrind]`: builds and runs
+/// `iommu/benches/dispatch.rs` (ns per call, 1 vs 2 threads), then counts the instructions of
+/// each single-thread row under callgrind.
+pub fn dispatch(quick: bool, valgrind: bool) -> Result<ExitCode> {
+    let o = crate::util::cargo()
+        .args([
+            "bench",
+            "-p",
+            "iommu",
+            "--features",
+            "testing",
+            "--bench",
+            "dispatch",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start cargo: {e}"))?;
+    if !o.status.success() {
+        return Err("building iommu/benches/dispatch.rs failed".into());
+    }
+    let exe = bench_executable(&String::from_utf8_lossy(&o.stdout), "dispatch")
+        .ok_or("cargo reported no executable for the dispatch bench")?;
+    let mut run = Command::new(&exe);
+    run.current_dir(crate::util::root());
+    if quick {
+        run.arg("--quick");
+    }
+    eprintln!("xtask: {}", exe.display());
+    crate::util::run(&mut run)?;
+    if !valgrind {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !crate::util::have("valgrind") {
+        return Err("valgrind not found (apt-get install valgrind), or use --no-valgrind".into());
+    }
+    let out = crate::build::target_dir().join("bench-dispatch");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let rounds = if quick { 4 } else { 10 };
+    println!(
+        "\nInstructions per unit (callgrind, --toggle-collect='*cg_dispatch*': dispatch and what it calls,\n\
+         the backend, the VT-d driver and the register model included; runs of {rounds} and {} rounds, difference)\n",
+        2 * rounds
+    );
+    println!(
+        "| {:<20} | {:<55} | {:>12} |",
+        "row", "unit", "instructions"
+    );
+    println!("|{:-<22}|{:-<57}|{:-<14}|", "", "", "");
+    for (row, unit) in DISPATCH_ROWS {
+        let small = callgrind_row(&exe, row, rounds, &out)?;
+        let large = callgrind_row(&exe, row, 2 * rounds, &out)?;
+        let n = per_unit(small, large)
+            .ok_or_else(|| format!("row {row}: inconsistent callgrind runs {small:?} {large:?}"))?;
+        println!("| {row:<20} | {unit:<55} | {n:>12.0} |");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,5 +683,58 @@ mod tests {
             parse_guest_line("guest bench: testguest: bench, 8192 KiB of RAM"),
             None
         );
+    }
+
+    #[test]
+    fn bench_executable_is_the_bench_targets_artifact() {
+        let json = concat!(
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"iommu"},"executable":null}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["bench"],"crate_types":["bin"],"name":"pgtable"},"executable":"/t/release/deps/pgtable-1"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["bench"],"crate_types":["bin"],"name":"dispatch"},"profile":{},"executable":"/t/release/deps/dispatch-2","fresh":true}"#,
+            "\n",
+            r#"{"reason":"build-finished","success":true}"#,
+        );
+        assert_eq!(
+            bench_executable(json, "dispatch"),
+            Some(PathBuf::from("/t/release/deps/dispatch-2"))
+        );
+        assert_eq!(
+            bench_executable(json, "pgtable"),
+            Some(PathBuf::from("/t/release/deps/pgtable-1"))
+        );
+        assert_eq!(bench_executable(json, "iommu"), None);
+        assert_eq!(bench_executable(json, "other"), None);
+    }
+
+    #[test]
+    fn callgrind_totals_and_units_are_parsed() {
+        let out = "# callgrind format\nversion: 1\nevents: Ir\nfl=(1) a.rs\nfn=(1) f\n3 5\nsummary: 5757610\n\n\ntotals: 5757610\n";
+        assert_eq!(callgrind_totals(out), Some(5_757_610));
+        assert_eq!(callgrind_totals("summary: 12\n"), Some(12));
+        assert_eq!(callgrind_totals("events: Ir\n"), None);
+        let stdout =
+            "callgrind: 4k 640 units, 640 invalidation rounds, 640 page-selective invalidations\n";
+        assert_eq!(callgrind_units(stdout, "4k"), Some(640));
+        assert_eq!(callgrind_units(stdout, "2m"), None);
+        // A row whose name is a prefix of another's is not confused with it.
+        let s = "callgrind: 256x4k-scattered 10 units, 10 invalidation rounds\n";
+        assert_eq!(callgrind_units(s, "256x4k-scattered"), Some(10));
+        assert_eq!(callgrind_units(s, "256x4k"), None);
+    }
+
+    #[test]
+    fn instructions_per_unit_are_the_difference_of_two_runs() {
+        // 5,757,610 for 640 pairs and 11,515,220 for 1,280: 8,996.3 per pair.
+        let n = per_unit((5_757_610, 640), (11_515_220, 1280)).unwrap();
+        assert!((n - 8996.265625).abs() < 1e-9);
+        // A fixed cost collected once (here 1,000) cancels out.
+        assert_eq!(
+            per_unit((1_000 + 640 * 10, 640), (1_000 + 1280 * 10, 1280)),
+            Some(10.0)
+        );
+        assert_eq!(per_unit((10, 5), (20, 5)), None);
+        assert_eq!(per_unit((30, 5), (20, 10)), None);
     }
 }

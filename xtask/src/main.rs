@@ -138,12 +138,21 @@ enum Command {
         miri: bool,
     },
     /// Benchmarks (see docs/perf.md): `pgtable` (host), `hypercall` (inside guests under QEMU,
-    /// both architectures; `--peer` also runs the Linux iommufd peer and prints the ratios).
+    /// both architectures; `--peer` also runs the Linux iommufd peer and prints the ratios),
+    /// `dispatch` (host: `iommufd::dispatch` over the VT-d backend, ns per call and 1 vs 2
+    /// threads, then instructions per call under valgrind's callgrind).
     Bench {
         #[arg(default_value = "pgtable")]
         suite: String,
+        /// `hypercall` only: also run the Linux iommufd peer.
         #[arg(long)]
         peer: bool,
+        /// `dispatch` only: fewer rounds (about a second instead of a minute).
+        #[arg(long)]
+        quick: bool,
+        /// `dispatch` only: skip the instruction counts under callgrind.
+        #[arg(long)]
+        no_valgrind: bool,
     },
 }
 
@@ -173,7 +182,17 @@ fn main() -> ExitCode {
         Command::Verify { miri } => util::verify(miri),
         Command::Fuzz { target, seconds } => util::fuzz(&target, seconds),
         Command::DecodeTable { files } => Ok(decode::decode_tables(&files)),
-        Command::Bench { suite, peer } => util::bench(&suite, peer),
+        Command::Bench {
+            suite,
+            quick,
+            no_valgrind,
+            ..
+        } if suite == "dispatch" => bench::dispatch(quick, !no_valgrind),
+        Command::Bench { quick: true, .. }
+        | Command::Bench {
+            no_valgrind: true, ..
+        } => Err("--quick and --no-valgrind are for `bench dispatch` only".into()),
+        Command::Bench { suite, peer, .. } => util::bench(&suite, peer),
     };
     match result {
         Ok(code) => code,
@@ -181,5 +200,44 @@ fn main() -> ExitCode {
             eprintln!("xtask: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(args: &[&str]) -> (String, bool, bool, bool) {
+        let cli = Cli::try_parse_from(args).unwrap();
+        match cli.command {
+            Command::Bench {
+                suite,
+                peer,
+                quick,
+                no_valgrind,
+            } => (suite, peer, quick, no_valgrind),
+            _ => panic!("not the bench subcommand"),
+        }
+    }
+
+    #[test]
+    fn bench_dispatch_takes_quick_and_no_valgrind() {
+        assert_eq!(
+            bench_args(&["xtask", "bench", "dispatch", "--quick", "--no-valgrind"]),
+            ("dispatch".into(), false, true, true)
+        );
+        assert_eq!(
+            bench_args(&["xtask", "bench", "dispatch"]),
+            ("dispatch".into(), false, false, false)
+        );
+        // The other suites parse as before.
+        assert_eq!(
+            bench_args(&["xtask", "bench", "hypercall", "--peer"]),
+            ("hypercall".into(), true, false, false)
+        );
+        assert_eq!(
+            bench_args(&["xtask", "bench"]),
+            ("pgtable".into(), false, false, false)
+        );
     }
 }

@@ -107,7 +107,7 @@ pub fn bench(suite: &str, peer: bool) -> Result<ExitCode> {
         // Timed inside guests with the TSC / CNTVCT (tests/guests `bench`), both architectures.
         "hypercall" => crate::bench::hypercall(peer),
         other => Err(format!(
-            "unknown bench suite {other:?}; known: pgtable, hypercall"
+            "unknown bench suite {other:?}; known: pgtable, hypercall, dispatch"
         )),
     }
 }
