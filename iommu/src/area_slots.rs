@@ -23,15 +23,21 @@
 //!   `fence(Release)` between FILLING and the field stores makes a field read of a newer
 //!   generation imply a newer state read). A slot whose generation changed under the reader
 //!   was freed and claimed again by a newer call, which is left to arbitrate (rule 1).
+//! * The IOVA index (`iova_index.rs`) says which slots may hold a range overlapping a given
+//!   one: a MAP announces its slot there before its SC fence and withdraws it when the slot
+//!   is freed, so a range lookup ([`AreaSlots::scan_range`]) visits the slots near the
+//!   range, not every slot in use (a lookup too wide for the index scans every slot in use).
 //! * `pins` is written only by control operations (ACCESS pin/unpin), which run with no
 //!   MAP/UNMAP in flight (the guest's gate orders them).
 //!
 //! # Rules (each justified where it is implemented)
 //!
-//! 1. **Overlapping maps: exactly one claims.** [`AreaSlots::reserve`] stores PENDING, then a
-//!    `fence(SeqCst)`, then scans every slot in use. Of two maps whose ranges overlap, the SC
-//!    fences order one before the other, and the later one's scan sees the earlier one's
-//!    PENDING (or what followed it): at least one sees the other. A map that sees an
+//! 1. **Overlapping maps: exactly one claims.** [`AreaSlots::reserve`] announces its slot in
+//!    the IOVA index and stores PENDING, then a `fence(SeqCst)`, then looks up the slots the
+//!    index gives for its range. Of two maps whose ranges overlap, the SC fences order one
+//!    before the other, and the later one's lookup finds the earlier one's slot (its index
+//!    bits, and the free-bitmap bit of the fallback scan, were written before that fence) and
+//!    sees its PENDING (or what followed it): at least one sees the other. A map that sees an
 //!    overlapping CLAIMED, LIVE or DYING range loses. One that sees an overlapping PENDING
 //!    of a slot with a higher index kills it (CAS PENDING→KILLED); of a lower index, loses
 //!    itself. It then wins only if its own CAS PENDING→CLAIMED succeeds, which fails if it
@@ -45,17 +51,20 @@
 //!    [`AreaSlots::revive`] puts it back (an all-or-nothing batch that lost an entry), and
 //!    [`AreaSlots::free`] forgets it, which the caller does only after the invalidation round
 //!    (a DYING range still makes maps lose, rule 1).
-//! 4. **Free.** The owner stores FREE (`Release`), then sets the bitmap bit (`Release`); the
-//!    next claimer's `AcqRel` on the bitmap word sees every access of the previous owner.
+//! 4. **Free.** The owner stores FREE (`Release`), withdraws the slot from the IOVA index
+//!    (`Release`), then sets the bitmap bit (`Release`); the next claimer's `AcqRel` on the
+//!    bitmap word sees every access of the previous owner, and a lookup that misses the slot
+//!    in the index (`Acquire`) comes after the owner's invalidation round.
 //!
-//! The loom model `tests/ioas_loom.rs` compiles this file against loom's atomics through
-//! the `area_sync` facade.
+//! The loom models `tests/ioas_loom.rs` and `tests/iova_index_loom.rs` compile this file (and
+//! `iova_index.rs`) against loom's atomics through the `area_sync` facade.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 use crate::area_sync::{AtomicU32, AtomicU64, fence};
+use crate::iova_index::IovaIndex;
 
 const TAG_MASK: u64 = 7;
 const FREE: u64 = 0;
@@ -170,6 +179,8 @@ pub struct AreaSlots {
     slots: Box<[Slot]>,
     /// Bit `i % 64` of word `i / 64` set = slot `i` free.
     free: Box<[AtomicU64]>,
+    /// Which slots may hold a range overlapping a given one (module docs).
+    index: IovaIndex,
 }
 
 fn try_boxed<T>(n: usize, mut f: impl FnMut(usize) -> T) -> Option<Box<[T]>> {
@@ -200,7 +211,8 @@ impl AreaSlots {
                 (1 << bits) - 1
             })
         })?;
-        Some(AreaSlots { slots, free })
+        let index = IovaIndex::new(cap)?;
+        Some(AreaSlots { slots, free, index })
     }
 
     pub fn capacity(&self) -> usize {
@@ -263,6 +275,8 @@ impl AreaSlots {
         slot.gpa.store(a.gpa, Relaxed);
         slot.prot.store(a.prot, Relaxed);
         slot.pins.store(0, Relaxed);
+        // Before the SC fence below (rule 1; `iova_index` module docs).
+        self.index.insert(me.index, a.iova, a.last());
         let pending = word(me.gen_, vcpu, PENDING);
         // Release: a reader that loads PENDING with Acquire sees the fields.
         slot.state.store(pending, Release);
@@ -270,7 +284,7 @@ impl AreaSlots {
         // fences, the later one's scan sees the earlier one's PENDING or a later state.
         fence(SeqCst);
         let mut lost = None;
-        self.scan(|o| {
+        self.scan_range(a.iova, a.last(), |o| {
             if o.slot.index == me.index || !o.area.overlaps(a.iova, a.last()) {
                 return true;
             }
@@ -362,9 +376,14 @@ impl AreaSlots {
 
     /// Returns a slot the caller owns (reserved, or retired by it) to the free set (rule 4).
     pub fn free(&self, s: SlotRef) {
-        self.slots[s.index]
-            .state
-            .store(word(s.gen_, 0, FREE), Release);
+        let slot = &self.slots[s.index];
+        // The fields were written by the map that took the slot: by this caller (reserve), or
+        // before the LIVE state this caller's retiring compare-exchange read (Acquire).
+        let (iova, len) = (slot.iova.load(Relaxed), slot.len.load(Relaxed));
+        slot.state.store(word(s.gen_, 0, FREE), Release);
+        // Release (in `remove`): a lookup that misses the slot comes after everything the
+        // owner did, such as the invalidation round of an unmap (rule 4).
+        self.index.remove(s.index, iova, iova + (len - 1));
         // Release: the next claimer (AcqRel on this word) sees every access of ours.
         self.free[s.index / 64].fetch_or(1 << (s.index % 64), Release);
     }
@@ -428,6 +447,32 @@ impl AreaSlots {
         }
     }
 
+    /// Calls `f` on every slot in use whose range may overlap `[start, last]` (`last >=
+    /// start`), until it returns `false`: the slots the IOVA index gives, or every slot in
+    /// use when the range is too wide for it. Every slot whose range overlaps and that was
+    /// announced before the caller's last SC fence (or that happens-before the call) is seen,
+    /// at one instant; others may or may not be, and `f` tests the overlap itself.
+    pub fn scan_range(&self, start: u64, last: u64, mut f: impl FnMut(&Seen) -> bool) {
+        let Some(q) = self.index.query(start, last) else {
+            return self.scan(f);
+        };
+        if q.is_empty() {
+            return;
+        }
+        for w in 0..self.index.words() {
+            let mut cand = q.word(&self.index, w);
+            while cand != 0 {
+                let bit = cand.trailing_zeros();
+                cand &= cand - 1;
+                if let Some(s) = self.seen(w * 64 + bit as usize)
+                    && !f(&s)
+                {
+                    return;
+                }
+            }
+        }
+    }
+
     /// The slot `s` names, if it is still in the generation `s` was taken at.
     pub fn get(&self, s: SlotRef) -> Option<Seen> {
         self.seen(s.index).filter(|x| x.slot == s)
@@ -436,7 +481,7 @@ impl AreaSlots {
     /// Adds `delta` to the pin count of every area overlapping `[start, last]`. Control
     /// operations only (no MAP/UNMAP in flight): the gate orders this with the fast path.
     pub fn add_pins(&self, start: u64, last: u64, delta: i32) {
-        self.scan(|s| {
+        self.scan_range(start, last, |s| {
             if s.area.overlaps(start, last) {
                 let p = &self.slots[s.slot.index].pins;
                 p.store(p.load(Relaxed).saturating_add_signed(delta), Relaxed);
@@ -536,6 +581,59 @@ mod tests {
         assert_eq!(s.get(r).unwrap().pins, 1);
         s.add_pins(0, u64::MAX, -1);
         assert_eq!(s.get(r).unwrap().pins, 0);
+    }
+
+    /// The range lookup finds overlapping areas of every size class, and the scattered and
+    /// colliding ones it must not miss, as the full scan does.
+    #[test]
+    fn range_lookup_agrees_with_the_full_scan() {
+        let s = AreaSlots::new(200).unwrap();
+        let areas = [
+            (1u64, 1u64),
+            (65, 1),  // same level-0 bucket as page 1
+            (511, 2), // across a 2 MiB line
+            (514, 510),
+            (0x4_0000, 0x4_0000),
+            (0x100_0000, 1),
+        ];
+        for (i, &(p, n)) in areas.iter().enumerate() {
+            let r = s.reserve(i as u32, area(p, n)).unwrap();
+            s.publish(r);
+        }
+        let probes = [
+            (0u64, 1u64),
+            (1, 1),
+            (2, 63),
+            (64, 2),
+            (512, 1),
+            (1023, 1),
+            (0x4_0000 + 77, 1),
+            (0, 0x200_0000),
+            (0xff_ffff, 2),
+        ];
+        for &(p, n) in &probes {
+            let (start, last) = (p << 12, ((p + n) << 12) - 1);
+            let mut want: Vec<u64> = all(&s)
+                .iter()
+                .filter(|x| x.area.overlaps(start, last))
+                .map(|x| x.area.iova)
+                .collect();
+            let mut got = Vec::new();
+            s.scan_range(start, last, |x| {
+                if x.area.overlaps(start, last) {
+                    got.push(x.area.iova);
+                }
+                true
+            });
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "pages {p:#x}+{n}");
+            let r = s.reserve(9, area(p, n));
+            assert_eq!(r.is_ok(), want.is_empty(), "map of pages {p:#x}+{n}");
+            if let Ok(r) = r {
+                s.withdraw(r);
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,10 @@ extern crate alloc;
 #[path = "../src/area_slots.rs"]
 mod area_slots;
 
+#[allow(dead_code)]
+#[path = "../src/iova_index.rs"]
+mod iova_index;
+
 mod area_sync {
     pub use loom::sync::atomic::{AtomicU32, AtomicU64, fence};
 }

@@ -19,19 +19,24 @@
 //! HWPT list, the allowed list, the reserved set and the pin counts do not change under a
 //! MAP/UNMAP. The area table takes no lock: each area is one slot with a state word
 //! (`area_slots.rs` has the protocol and the orderings, `tests/ioas_loom.rs` the models). A
-//! MAP writes only its own slot (and a bit of the free-slot bitmap word its vCPU starts at);
-//! an UNMAP writes only the slots of the areas it removes; both read the other slots in use.
+//! MAP writes only its own slot, a bit of the free-slot bitmap word its vCPU starts at, and
+//! its slot's bits in the IOVA index (`iova_index.rs`: buckets of IOVA granules, shared by
+//! two disjoint maps only when their granules collide); an UNMAP writes only the slots of the
+//! areas it removes (and withdraws them from the index). Both read only the slots the index
+//! gives for their range (every slot in use for a range too wide for it): the cost of a call
+//! is the areas near its range, not the areas of the IOAS.
 //!
-//! 1. MAP *claims* its range: it takes a free slot, fills it, announces it (PENDING), and after
-//!    a sequentially consistent fence scans the slots in use. An overlapping range claimed,
-//!    live or dying makes it fail (EEXIST); of two announced overlapping maps the one in the
-//!    lower slot kills the other (compare-and-swap on the other's state word), so exactly one
-//!    of two racing overlapping maps claims. The claim is the compare-and-swap PENDING →
-//!    CLAIMED of its own slot. An automatic IOVA is a first fit over the same scan, claimed
-//!    the same way (and searched again if a racing map took it). Then it writes every HWPT's
-//!    page table (the engine's CAS; claimed ranges are disjoint, the engine's contract), and
-//!    publishes the area (CLAIMED → LIVE, Release): the linearisation point of a successful
-//!    MAP. If the hardware refused, the slot is freed again.
+//! 1. MAP *claims* its range: it takes a free slot, fills it, announces it (in the IOVA index,
+//!    then PENDING), and after a sequentially consistent fence looks up the slots the index
+//!    gives for its range. An overlapping range claimed, live or dying makes it fail
+//!    (EEXIST); of two announced overlapping maps the one in the lower slot kills the other
+//!    (compare-and-swap on the other's state word), so exactly one of two racing overlapping
+//!    maps claims. The claim is the compare-and-swap PENDING → CLAIMED of its own slot. An
+//!    automatic IOVA is a first fit over the same lookups, claimed the same way (and searched
+//!    again if a racing map took it). Then it writes every HWPT's page table (the engine's
+//!    CAS; claimed ranges are disjoint, the engine's contract), and publishes the area
+//!    (CLAIMED → LIVE, Release): the linearisation point of a successful MAP. If the hardware
+//!    refused, the slot is freed again.
 //! 2. UNMAP checks the live areas in its range (whole, not pinned), then *retires* each one
 //!    lying whole in the range: compare-and-swap LIVE → DYING(vcpu), the linearisation point
 //!    of that area's removal. Of two racing unmaps of one area exactly one retires it, so every
@@ -227,7 +232,7 @@ impl Ioas {
     /// The lowest area overlapping `s` (a copy), whatever its state.
     pub(crate) fn first_overlap(&self, s: Span) -> Option<Area> {
         let mut best: Option<Area> = None;
-        self.areas.scan(|x| {
+        self.areas.scan_range(s.start, s.last, |x| {
             if x.area.overlaps(s.start, s.last) && best.is_none_or(|b| x.area.iova < b.iova) {
                 best = Some(area_of(x));
             }
@@ -240,7 +245,7 @@ impl Ioas {
     /// continues after it).
     fn overlap_end(&self, s: Span) -> Option<u64> {
         let mut end = None;
-        self.areas.scan(|x| {
+        self.areas.scan_range(s.start, s.last, |x| {
             if x.area.overlaps(s.start, s.last) {
                 end = end.max(Some(x.area.last()));
             }
@@ -252,7 +257,7 @@ impl Ioas {
     /// The area containing `iova`, whatever its state.
     fn area_at(&self, iova: u64) -> Option<Area> {
         let mut hit = None;
-        self.areas.scan(|x| {
+        self.areas.scan_range(iova, iova, |x| {
             if x.area.overlaps(iova, iova) {
                 hit = Some(area_of(x));
             }
@@ -770,7 +775,7 @@ impl<H: IommuHw> Rx<'_, H> {
     /// walk. Changes nothing.
     fn check_unmap(&self, ioas: &Ioas, ioas_id: u32, s: Span) -> Result<(), Error> {
         let mut worst: Option<(u64, Error)> = None;
-        ioas.areas.scan(|x| {
+        ioas.areas.scan_range(s.start, s.last, |x| {
             let a = x.area;
             if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
                 return true;
@@ -813,7 +818,7 @@ impl<H: IommuHw> Rx<'_, H> {
     /// each page once.
     fn retire_in(&self, ioas: &Ioas, s: Span) -> u64 {
         let mut bytes = 0u64;
-        ioas.areas.scan(|x| {
+        ioas.areas.scan_range(s.start, s.last, |x| {
             let a = x.area;
             // An area published since the check that does not fit is a later map's: left.
             if a.iova >= s.start
@@ -831,7 +836,7 @@ impl<H: IommuHw> Rx<'_, H> {
     /// Calls `f` on every slot this call retired in `s`. Only this call changes their state
     /// (the vCPU has one call in flight), so the snapshot stays exact.
     fn each_claimed(&self, ioas: &Ioas, s: Span, mut f: impl FnMut(&Seen)) {
-        ioas.areas.scan(|x| {
+        ioas.areas.scan_range(s.start, s.last, |x| {
             if x.state == SlotState::Dying(self.vcpu) && x.area.overlaps(s.start, s.last) {
                 f(x);
             }
