@@ -89,11 +89,12 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
 }
 
 /// The loom models of the lock-free protocols: the page-table engine's, the reader/writer
-/// gate `dispatch` runs behind, and the lock-free area slots (exhaustive interleavings, within each model's bound; each
+/// gate `dispatch` runs behind, the lock-free area slots and their IOVA index (exhaustive
+/// interleavings, within each model's bound; each
 /// prints how many executions it explored). A separate target directory keeps the
 /// `--cfg loom` build from invalidating the normal one.
 pub fn loom_models(tally: &mut Tally) -> Result<()> {
-    for test in ["pgtable_loom", "gate_loom", "ioas_loom"] {
+    for test in ["pgtable_loom", "gate_loom", "ioas_loom", "iova_index_loom"] {
         println!("== loom models (iommu/tests/{test}.rs) ==");
         let mut cmd = cargo();
         cmd.args([
