@@ -636,6 +636,78 @@ mod tests {
         }
     }
 
+    /// Random maps and unmaps of every size class (and probes of every width): the range
+    /// lookup always finds what the full scan finds, and a map succeeds exactly when the full
+    /// scan shows no overlapping area.
+    #[test]
+    fn range_lookup_agrees_with_the_full_scan_at_random() {
+        let s = AreaSlots::new(100).unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Lengths of every level, and across granule lines; IOVAs in a space 64 times the
+        // length, so that ranges of every size collide now and then, plus a few far away.
+        let span = |r: u64, r2: u64| {
+            let len = match r % 6 {
+                0 => 1u64 << 12,
+                1 => (1 + r2 % 600) << 12,
+                2 => 2 << 20,
+                3 => (1 + r2 % 3) << 30,
+                4 => 1 << 40,
+                _ => (1 + r2 % 20) << 12,
+            };
+            let base = if r2.is_multiple_of(17) { 1 << 50 } else { 0 };
+            let iova = base + (((r2 >> 8) % ((64 * len) >> 12)) << 12);
+            (iova, len)
+        };
+        for round in 0..3000 {
+            let (r, r2) = (rnd(), rnd());
+            let (iova, len) = span(r, r2);
+            let (start, last) = (iova, iova + len - 1);
+            let mut want: Vec<usize> = all(&s)
+                .iter()
+                .filter(|x| x.area.overlaps(start, last))
+                .map(|x| x.slot.index)
+                .collect();
+            let mut got = Vec::new();
+            s.scan_range(start, last, |x| {
+                if x.area.overlaps(start, last) {
+                    got.push(x.slot.index);
+                }
+                true
+            });
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "round {round}: {iova:#x}+{len:#x}");
+            if r % 5 == 0 {
+                // Unmap: every area overlapping the probe.
+                for x in all(&s).iter().filter(|x| x.area.overlaps(start, last)) {
+                    assert!(s.retire(x, 1));
+                    s.free(x.slot);
+                }
+            } else {
+                let a = SlotArea {
+                    iova,
+                    len,
+                    gpa: 0,
+                    prot: 3,
+                };
+                match s.reserve((r % 4) as u32, a) {
+                    Ok(m) => {
+                        assert!(want.is_empty(), "round {round}: overlap missed");
+                        s.publish(m);
+                    }
+                    Err(Refused::Full) => assert_eq!(all(&s).len(), 100),
+                    Err(Refused::Overlap { .. }) => assert!(!want.is_empty()),
+                }
+            }
+        }
+    }
+
     #[test]
     fn two_threads_map_disjoint_then_overlapping() {
         let s = std::sync::Arc::new(AreaSlots::new(256).unwrap());
