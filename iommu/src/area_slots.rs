@@ -453,6 +453,9 @@ impl AreaSlots {
     /// announced before the caller's last SC fence (or that happens-before the call) is seen,
     /// at one instant; others may or may not be, and `f` tests the overlap itself.
     pub fn scan_range(&self, start: u64, last: u64, mut f: impl FnMut(&Seen) -> bool) {
+        if last < start {
+            return;
+        }
         let Some(q) = self.index.query(start, last) else {
             return self.scan(f);
         };

@@ -87,8 +87,9 @@ fn level_of(len: u64) -> usize {
 /// The granules `[start, last]` touches at `level`: the first and how many.
 fn granules(level: usize, start: u64, last: u64) -> (u64, u64) {
     let (g0, g1) = (start >> SHIFTS[level], last >> SHIFTS[level]);
-    // `last >= start`, so `g1 >= g0`; at most 2^52 granules, no overflow.
-    (g0, g1 - g0 + 1)
+    // At most 2^52 granules, no overflow (`last < start`, which no caller passes, counts as
+    // one granule).
+    (g0, g1.saturating_sub(g0) + 1)
 }
 
 /// The bucket of granule `g`: Fibonacci hashing, so that consecutive granules spread over
@@ -181,7 +182,7 @@ impl IovaIndex {
     /// Announces slot `slot` for `[start, last]` (`last >= start`). The caller owns the slot
     /// and issues an SC fence before its lookup (module docs, first point).
     pub fn insert(&self, slot: usize, start: u64, last: u64) {
-        let level = level_of(last - start + 1);
+        let level = level_of(last.saturating_sub(start).saturating_add(1));
         let (w, bit) = (slot / 64, 1u64 << (slot % 64));
         // Relaxed: ordered for lookups by the caller's SC fence (module docs).
         self.words[self.level_bits(level) + w].fetch_or(bit, Relaxed);
@@ -195,7 +196,7 @@ impl IovaIndex {
     /// lookup that no longer sees the slot comes after everything the owner did before
     /// (module docs, second point).
     pub fn remove(&self, slot: usize, start: u64, last: u64) {
-        let level = level_of(last - start + 1);
+        let level = level_of(last.saturating_sub(start).saturating_add(1));
         let (w, bit) = (slot / 64, 1u64 << (slot % 64));
         self.each_bucket(level, start, last, |at| {
             self.words[at + 1 + w].fetch_and(!bit, Release);
@@ -328,6 +329,10 @@ mod tests {
     fn a_wide_lookup_reads_the_level_bitmap_or_gives_up() {
         let ix = IovaIndex::new(64).unwrap();
         assert!(ix.query(0, 0xfff).unwrap().is_empty());
+        // Whole space and reversed bounds: no overflow.
+        ix.insert(1, 0, u64::MAX);
+        ix.remove(1, 0, u64::MAX);
+        assert!(ix.query(5, 4).unwrap().is_empty());
         // Wide at every level: the six level bitmaps.
         assert_eq!(ix.query(0, u64::MAX).unwrap().n, LEVELS);
         // 256 granules of level 0: its bitmap; one granule of the others, all empty.
