@@ -76,6 +76,8 @@ const LIVE: u64 = 5;
 const DYING: u64 = 6;
 const VCPU_SHIFT: u32 = 3;
 const GEN_SHIFT: u32 = 35;
+/// 64-bit words per cache line (64 bytes): words `LINE` apart never share a line.
+pub(crate) const LINE: usize = 8;
 
 fn word(gen_: u64, vcpu: u32, tag: u64) -> u64 {
     (gen_ << GEN_SHIFT) | (u64::from(vcpu) << VCPU_SHIFT) | tag
@@ -177,7 +179,9 @@ struct Slot {
 /// The slot array and its free bitmap. See the module docs.
 pub struct AreaSlots {
     slots: Box<[Slot]>,
-    /// Bit `i % 64` of word `i / 64` set = slot `i` free.
+    /// Bit `i % 64` of word `i / 64` set = slot `i` free. Word `w` is `free[w * LINE]`: one
+    /// per cache line, so two vCPUs taking and freeing slots in their own words never write
+    /// a common line.
     free: Box<[AtomicU64]>,
     /// Which slots may hold a range overlapping a given one (module docs).
     index: IovaIndex,
@@ -203,8 +207,13 @@ impl AreaSlots {
             prot: AtomicU32::new(0),
             pins: AtomicU32::new(0),
         })?;
-        let free = try_boxed(cap.div_ceil(64), |w| {
-            let bits = (cap - w * 64).min(64);
+        let free = try_boxed(cap.div_ceil(64).checked_mul(LINE)?, |i| {
+            let w = i / LINE;
+            let bits = if i % LINE == 0 {
+                (cap - w * 64).min(64)
+            } else {
+                0
+            };
             AtomicU64::new(if bits == 64 {
                 u64::MAX
             } else {
@@ -222,20 +231,20 @@ impl AreaSlots {
     /// Whether every slot is in use (a hint under concurrency: [`reserve`](Self::reserve)
     /// decides).
     pub fn is_full(&self) -> bool {
-        self.free.iter().all(|w| w.load(Relaxed) == 0)
+        self.free.iter().step_by(LINE).all(|w| w.load(Relaxed) == 0)
     }
 
     /// Takes a free slot for `vcpu`, searching the bitmap from the word `vcpu` picks, and
     /// marks it FILLING with a new generation.
     fn take(&self, vcpu: u32) -> Option<SlotRef> {
-        let words = self.free.len();
+        let words = self.free.len() / LINE;
         if words == 0 {
             return None;
         }
         let start = vcpu as usize % words;
         for k in 0..words {
             let w = (start + k) % words;
-            let mut cur = self.free[w].load(Relaxed);
+            let mut cur = self.free[w * LINE].load(Relaxed);
             // Each failed compare-exchange means another claimer took (or a freer returned) a
             // bit of this word; at most 64 bits can be taken before the word is empty, so the
             // loop is bounded by the other callers' progress (lock-free).
@@ -243,7 +252,8 @@ impl AreaSlots {
                 let bit = cur.trailing_zeros();
                 // AcqRel: synchronises with the Release in `free` of the previous owner
                 // (rule 4 of the module docs).
-                match self.free[w].compare_exchange(cur, cur & !(1 << bit), AcqRel, Relaxed) {
+                match self.free[w * LINE].compare_exchange(cur, cur & !(1 << bit), AcqRel, Relaxed)
+                {
                     Ok(_) => {
                         let index = w * 64 + bit as usize;
                         let slot = &self.slots[index];
@@ -385,7 +395,7 @@ impl AreaSlots {
         // owner did, such as the invalidation round of an unmap (rule 4).
         self.index.remove(s.index, iova, iova + (len - 1));
         // Release: the next claimer (AcqRel on this word) sees every access of ours.
-        self.free[s.index / 64].fetch_or(1 << (s.index % 64), Release);
+        self.free[s.index / 64 * LINE].fetch_or(1 << (s.index % 64), Release);
     }
 
     /// Slot `index` as a validated snapshot, `None` if it is not in use (free, being filled,
@@ -426,13 +436,14 @@ impl AreaSlots {
     /// concurrent calls each slot is seen at one instant; slots claimed during the scan may
     /// or may not be seen.
     pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
-        for (w, bits) in self.free.iter().enumerate() {
+        let words = self.free.len() / LINE;
+        for (w, bits) in self.free.iter().step_by(LINE).enumerate() {
             // A slot taken before the caller's SC fence is seen as taken here (rule 1); one
             // taken after is the taker's to arbitrate. Acquire: a bit set by `free` (Release)
             // brings everything its owner did before, such as the invalidation round of an
             // unmap, so a map that finds the range free comes after that round.
             let mut used = !bits.load(Acquire);
-            if w + 1 == self.free.len() && !self.slots.len().is_multiple_of(64) {
+            if w + 1 == words && !self.slots.len().is_multiple_of(64) {
                 used &= (1u64 << (self.slots.len() % 64)) - 1;
             }
             while used != 0 {

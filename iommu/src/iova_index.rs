@@ -29,8 +29,8 @@
 //! buckets its page falls in; a 2 MiB aligned area is one bucket of level 1. An UNMAP of a
 //! large range reads the bitmap of the levels it spans widely: the areas of those size
 //! classes, which for the areas it removes is their own number. Memory:
-//! `LEVELS * (BUCKETS * (1 + cap / 64) + cap / 64)` words, fixed at construction (IOAS_ALLOC):
-//! nothing here allocates afterwards.
+//! `LEVELS * (BUCKETS * (1 + cap / 64) + 8 * cap / 64)` words (30 KiB for 512 slots), fixed
+//! at construction (IOAS_ALLOC): nothing here allocates afterwards.
 //!
 //! # Orderings (the rules of `area_slots.rs` they serve)
 //!
@@ -62,6 +62,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
+use crate::area_slots::LINE;
 use crate::area_sync::AtomicU64;
 
 /// log2 of each level's granule: the levels of a 4 KiB-granule page table.
@@ -102,17 +103,17 @@ fn bucket_of(g: u64) -> usize {
 
 /// The bit arrays a lookup reads: at most [`MAX_QUERY`].
 pub struct Query {
-    /// Word offsets of the arrays' first bit words.
-    at: [usize; MAX_QUERY],
+    /// Word offsets of the arrays' first bit words, and the distance between their words.
+    at: [(usize, usize); MAX_QUERY],
     n: usize,
 }
 
 impl Query {
     /// The union of the arrays' `w`-th bit words (`Acquire`: module docs, second point).
     pub fn word(&self, ix: &IovaIndex, w: usize) -> u64 {
-        self.at[..self.n]
-            .iter()
-            .fold(0, |acc, &at| acc | ix.words[at + w].load(Acquire))
+        self.at[..self.n].iter().fold(0, |acc, &(at, stride)| {
+            acc | ix.words[at + w * stride].load(Acquire)
+        })
     }
 
     /// Whether no bucket the range touches has an announced slot.
@@ -120,7 +121,7 @@ impl Query {
         self.n == 0
     }
 
-    fn push(&mut self, at: usize) -> Option<()> {
+    fn push(&mut self, at: (usize, usize)) -> Option<()> {
         if self.at[..self.n].contains(&at) {
             return Some(());
         }
@@ -135,7 +136,9 @@ pub struct IovaIndex {
     /// Bit words per bit array (`cap` bits).
     per_bucket: usize,
     /// `LEVELS * BUCKETS` buckets of `1 + per_bucket` words (the counter, then the bits), then
-    /// `LEVELS` level bitmaps of `per_bucket` words.
+    /// `LEVELS` level bitmaps of `per_bucket` words, one per cache line (`LINE` apart): slots
+    /// of different vCPUs are in different words (`area_slots.rs`), so their maps at one
+    /// level do not write a common line.
     words: Box<[AtomicU64]>,
 }
 
@@ -146,7 +149,7 @@ impl IovaIndex {
         let n = LEVELS
             .checked_mul(BUCKETS)?
             .checked_mul(per_bucket.checked_add(1)?)?
-            .checked_add(LEVELS.checked_mul(per_bucket)?)?;
+            .checked_add(LEVELS.checked_mul(per_bucket)?.checked_mul(LINE)?)?;
         let mut v = Vec::new();
         v.try_reserve_exact(n).ok()?;
         for _ in 0..n {
@@ -165,7 +168,7 @@ impl IovaIndex {
 
     /// Word offset of the slot bitmap of `level`.
     fn level_bits(&self, level: usize) -> usize {
-        LEVELS * BUCKETS * (1 + self.per_bucket) + level * self.per_bucket
+        LEVELS * BUCKETS * (1 + self.per_bucket) + level * self.per_bucket * LINE
     }
 
     /// Calls `f` with the bucket of every granule `[start, last]` touches at `level` (every
@@ -185,7 +188,7 @@ impl IovaIndex {
         let level = level_of(last.saturating_sub(start).saturating_add(1));
         let (w, bit) = (slot / 64, 1u64 << (slot % 64));
         // Relaxed: ordered for lookups by the caller's SC fence (module docs).
-        self.words[self.level_bits(level) + w].fetch_or(bit, Relaxed);
+        self.words[self.level_bits(level) + w * LINE].fetch_or(bit, Relaxed);
         self.each_bucket(level, start, last, |at| {
             self.words[at].fetch_add(1, Relaxed);
             self.words[at + 1 + w].fetch_or(bit, Relaxed);
@@ -202,7 +205,7 @@ impl IovaIndex {
             self.words[at + 1 + w].fetch_and(!bit, Release);
             self.words[at].fetch_sub(1, Release);
         });
-        self.words[self.level_bits(level) + w].fetch_and(!bit, Release);
+        self.words[self.level_bits(level) + w * LINE].fetch_and(!bit, Release);
     }
 
     /// The bit arrays that hold every slot announced for a range overlapping `[start, last]`
@@ -211,20 +214,20 @@ impl IovaIndex {
     /// that is more than [`MAX_QUERY`] arrays (the caller scans every slot instead).
     pub fn query(&self, start: u64, last: u64) -> Option<Query> {
         let mut q = Query {
-            at: [0; MAX_QUERY],
+            at: [(0, 0); MAX_QUERY],
             n: 0,
         };
         for level in 0..LEVELS {
             let (g0, n) = granules(level, start, last);
             if n > WIDE {
-                q.push(self.level_bits(level))?;
+                q.push((self.level_bits(level), LINE))?;
                 continue;
             }
             for g in g0..g0 + n {
                 let at = self.bucket(level, bucket_of(g));
                 // Acquire: module docs (a count of 0 left by a removal comes after it).
                 if self.words[at].load(Acquire) != 0 {
-                    q.push(at + 1)?;
+                    q.push((at + 1, 1))?;
                 }
             }
         }

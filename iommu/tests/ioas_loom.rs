@@ -189,7 +189,8 @@ fn a_map_never_waits_for_an_unmap_of_its_neighbour() {
 fn an_unmapped_range_is_reused_only_after_its_invalidation_round() {
     model("ioas forget after flush", FLOOR_FORGET_AFTER_FLUSH, || {
         // 65 slots = two bitmap words: the mapper (vCPU 1) takes its slot from the second
-        // word, so its only way to learn that the old area is gone is the scan of the first.
+        // word, so its only way to learn that the old area is gone is its lookup (the IOVA
+        // index's bucket of the page).
         let s = Arc::new(AreaSlots::new(65).unwrap());
         let r = s.reserve(0, area(0, 1)).unwrap();
         s.publish(r);
