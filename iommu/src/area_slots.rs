@@ -64,7 +64,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 use crate::area_sync::{AtomicU32, AtomicU64, fence};
-use crate::iova_index::IovaIndex;
+use crate::iova_index::{IovaIndex, Query};
 
 const TAG_MASK: u64 = 7;
 const FREE: u64 = 0;
@@ -163,6 +163,38 @@ pub enum Refused {
     /// The range overlaps one claimed, live or dying (`iova`: its start), or a racing map's
     /// of higher priority (`iova`: the start of the refused range).
     Overlap { iova: u64 },
+}
+
+/// A range lookup planned once, scanned by [`Lookup::scan`] (see [`AreaSlots::lookup`]).
+pub struct Lookup<'a> {
+    slots: &'a AreaSlots,
+    q: Option<Query>,
+}
+
+impl Lookup<'_> {
+    /// Calls `f` on every slot in use the plan names (see [`AreaSlots::scan_range`]) until it
+    /// returns `false`.
+    pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
+        let s = self.slots;
+        let Some(q) = &self.q else {
+            return s.scan(f);
+        };
+        if q.is_empty() {
+            return;
+        }
+        for w in 0..s.index.words() {
+            let mut cand = q.word(&s.index, w);
+            while cand != 0 {
+                let bit = cand.trailing_zeros();
+                cand &= cand - 1;
+                if let Some(x) = s.seen(w * 64 + bit as usize)
+                    && !f(&x)
+                {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// One slot, on a cache line of its own: two vCPUs filling two slots never share a line.
@@ -463,27 +495,25 @@ impl AreaSlots {
     /// use when the range is too wide for it. Every slot whose range overlaps and that was
     /// announced before the caller's last SC fence (or that happens-before the call) is seen,
     /// at one instant; others may or may not be, and `f` tests the overlap itself.
-    pub fn scan_range(&self, start: u64, last: u64, mut f: impl FnMut(&Seen) -> bool) {
-        if last < start {
-            return;
-        }
-        let Some(q) = self.index.query(start, last) else {
-            return self.scan(f);
-        };
-        if q.is_empty() {
-            return;
-        }
-        for w in 0..self.index.words() {
-            let mut cand = q.word(&self.index, w);
-            while cand != 0 {
-                let bit = cand.trailing_zeros();
-                cand &= cand - 1;
-                if let Some(s) = self.seen(w * 64 + bit as usize)
-                    && !f(&s)
-                {
-                    return;
-                }
-            }
+    pub fn scan_range(&self, start: u64, last: u64, f: impl FnMut(&Seen) -> bool) {
+        self.lookup(start, last).scan(f)
+    }
+
+    /// The plan of [`scan_range`](Self::scan_range) for `[start, last]`: which bit arrays of
+    /// the IOVA index to read (or every slot in use). It can be scanned several times: each
+    /// scan reads the arrays afresh. A slot announced after the plan was made in a bucket
+    /// that was then empty is missed: a plan serves steps of one call (an UNMAP's check,
+    /// retire, page-table and free steps), for which such a slot belongs to a map that had
+    /// not returned when the call started.
+    pub fn lookup(&self, start: u64, last: u64) -> Lookup<'_> {
+        Lookup {
+            slots: self,
+            // `None` (every slot) for a range too wide for the index; nothing for an empty one.
+            q: if last < start {
+                Some(Query::EMPTY)
+            } else {
+                self.index.query(start, last)
+            },
         }
     }
 

@@ -109,6 +109,12 @@ pub struct Query {
 }
 
 impl Query {
+    /// Reads nothing.
+    pub const EMPTY: Query = Query {
+        at: [(0, 0); MAX_QUERY],
+        n: 0,
+    };
+
     /// The union of the arrays' `w`-th bit words (`Acquire`: module docs, second point).
     pub fn word(&self, ix: &IovaIndex, w: usize) -> u64 {
         self.at[..self.n].iter().fold(0, |acc, &(at, stride)| {
@@ -213,10 +219,7 @@ impl IovaIndex {
     /// touches, or the level's slot bitmap if that is more than [`WIDE`] granules. `None` if
     /// that is more than [`MAX_QUERY`] arrays (the caller scans every slot instead).
     pub fn query(&self, start: u64, last: u64) -> Option<Query> {
-        let mut q = Query {
-            at: [(0, 0); MAX_QUERY],
-            n: 0,
-        };
+        let mut q = Query::EMPTY;
         for level in 0..LEVELS {
             let (g0, n) = granules(level, start, last);
             if n > WIDE {
