@@ -1,7 +1,8 @@
 //! IOAS: an IOVA → guest-physical map, mirrored into every HWPT built on it.
 //!
-//! * Mappings ("areas") live in a fixed array of slots (`crate::area_slots`) whose capacity is
-//!   set at IOAS_ALLOC: MAP never allocates from the heap.
+//! * Mappings ("areas") live in a fixed array of slots (`crate::area_slots`), found by IOVA
+//!   through an index of the slots (`crate::iova_index`); both are sized at IOAS_ALLOC
+//!   (`max_areas_per_ioas`): MAP never allocates from the heap.
 //! * The reserved set is computed, never stored: outside the aperture of every HWPT on the
 //!   IOAS, plus the reserved regions and apertures of every device attached to them (all
 //!   members of an attached group). MAP never lands there; attach refuses a group whose
