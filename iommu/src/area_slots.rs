@@ -23,15 +23,21 @@
 //!   `fence(Release)` between FILLING and the field stores makes a field read of a newer
 //!   generation imply a newer state read). A slot whose generation changed under the reader
 //!   was freed and claimed again by a newer call, which is left to arbitrate (rule 1).
+//! * The IOVA index (`iova_index.rs`) says which slots may hold a range overlapping a given
+//!   one: a MAP announces its slot there before its SC fence and withdraws it when the slot
+//!   is freed, so a range lookup ([`AreaSlots::scan_range`]) visits the slots near the
+//!   range, not every slot in use (a lookup too wide for the index scans every slot in use).
 //! * `pins` is written only by control operations (ACCESS pin/unpin), which run with no
 //!   MAP/UNMAP in flight (the guest's gate orders them).
 //!
 //! # Rules (each justified where it is implemented)
 //!
-//! 1. **Overlapping maps: exactly one claims.** [`AreaSlots::reserve`] stores PENDING, then a
-//!    `fence(SeqCst)`, then scans every slot in use. Of two maps whose ranges overlap, the SC
-//!    fences order one before the other, and the later one's scan sees the earlier one's
-//!    PENDING (or what followed it): at least one sees the other. A map that sees an
+//! 1. **Overlapping maps: exactly one claims.** [`AreaSlots::reserve`] announces its slot in
+//!    the IOVA index and stores PENDING, then a `fence(SeqCst)`, then looks up the slots the
+//!    index gives for its range. Of two maps whose ranges overlap, the SC fences order one
+//!    before the other, and the later one's lookup finds the earlier one's slot (its index
+//!    bits, and the free-bitmap bit of the fallback scan, were written before that fence) and
+//!    sees its PENDING (or what followed it): at least one sees the other. A map that sees an
 //!    overlapping CLAIMED, LIVE or DYING range loses. One that sees an overlapping PENDING
 //!    of a slot with a higher index kills it (CAS PENDING→KILLED); of a lower index, loses
 //!    itself. It then wins only if its own CAS PENDING→CLAIMED succeeds, which fails if it
@@ -45,17 +51,20 @@
 //!    [`AreaSlots::revive`] puts it back (an all-or-nothing batch that lost an entry), and
 //!    [`AreaSlots::free`] forgets it, which the caller does only after the invalidation round
 //!    (a DYING range still makes maps lose, rule 1).
-//! 4. **Free.** The owner stores FREE (`Release`), then sets the bitmap bit (`Release`); the
-//!    next claimer's `AcqRel` on the bitmap word sees every access of the previous owner.
+//! 4. **Free.** The owner stores FREE (`Release`), withdraws the slot from the IOVA index
+//!    (`Release`), then sets the bitmap bit (`Release`); the next claimer's `AcqRel` on the
+//!    bitmap word sees every access of the previous owner, and a lookup that misses the slot
+//!    in the index (`Acquire`) comes after the owner's invalidation round.
 //!
-//! The loom model `tests/ioas_loom.rs` compiles this file against loom's atomics through
-//! the `area_sync` facade.
+//! The loom models `tests/ioas_loom.rs` and `tests/iova_index_loom.rs` compile this file (and
+//! `iova_index.rs`) against loom's atomics through the `area_sync` facade.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 use crate::area_sync::{AtomicU32, AtomicU64, fence};
+use crate::iova_index::{IovaIndex, Query};
 
 const TAG_MASK: u64 = 7;
 const FREE: u64 = 0;
@@ -67,6 +76,8 @@ const LIVE: u64 = 5;
 const DYING: u64 = 6;
 const VCPU_SHIFT: u32 = 3;
 const GEN_SHIFT: u32 = 35;
+/// 64-bit words per cache line (64 bytes): words `LINE` apart never share a line.
+pub(crate) const LINE: usize = 8;
 
 fn word(gen_: u64, vcpu: u32, tag: u64) -> u64 {
     (gen_ << GEN_SHIFT) | (u64::from(vcpu) << VCPU_SHIFT) | tag
@@ -154,6 +165,38 @@ pub enum Refused {
     Overlap { iova: u64 },
 }
 
+/// A range lookup planned once, scanned by [`Lookup::scan`] (see [`AreaSlots::lookup`]).
+pub struct Lookup<'a> {
+    slots: &'a AreaSlots,
+    q: Option<Query>,
+}
+
+impl Lookup<'_> {
+    /// Calls `f` on every slot in use the plan names (see [`AreaSlots::scan_range`]) until it
+    /// returns `false`.
+    pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
+        let s = self.slots;
+        let Some(q) = &self.q else {
+            return s.scan(f);
+        };
+        if q.is_empty() {
+            return;
+        }
+        for w in 0..s.index.words() {
+            let mut cand = q.word(&s.index, w);
+            while cand != 0 {
+                let bit = cand.trailing_zeros();
+                cand &= cand - 1;
+                if let Some(x) = s.seen(w * 64 + bit as usize)
+                    && !f(&x)
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// One slot, on a cache line of its own: two vCPUs filling two slots never share a line.
 #[repr(align(64))]
 struct Slot {
@@ -168,8 +211,12 @@ struct Slot {
 /// The slot array and its free bitmap. See the module docs.
 pub struct AreaSlots {
     slots: Box<[Slot]>,
-    /// Bit `i % 64` of word `i / 64` set = slot `i` free.
+    /// Bit `i % 64` of word `i / 64` set = slot `i` free. Word `w` is `free[w * LINE]`: one
+    /// per cache line, so two vCPUs taking and freeing slots in their own words never write
+    /// a common line.
     free: Box<[AtomicU64]>,
+    /// Which slots may hold a range overlapping a given one (module docs).
+    index: IovaIndex,
 }
 
 fn try_boxed<T>(n: usize, mut f: impl FnMut(usize) -> T) -> Option<Box<[T]>> {
@@ -192,15 +239,21 @@ impl AreaSlots {
             prot: AtomicU32::new(0),
             pins: AtomicU32::new(0),
         })?;
-        let free = try_boxed(cap.div_ceil(64), |w| {
-            let bits = (cap - w * 64).min(64);
+        let free = try_boxed(cap.div_ceil(64).checked_mul(LINE)?, |i| {
+            let w = i / LINE;
+            let bits = if i % LINE == 0 {
+                (cap - w * 64).min(64)
+            } else {
+                0
+            };
             AtomicU64::new(if bits == 64 {
                 u64::MAX
             } else {
                 (1 << bits) - 1
             })
         })?;
-        Some(AreaSlots { slots, free })
+        let index = IovaIndex::new(cap)?;
+        Some(AreaSlots { slots, free, index })
     }
 
     pub fn capacity(&self) -> usize {
@@ -210,20 +263,20 @@ impl AreaSlots {
     /// Whether every slot is in use (a hint under concurrency: [`reserve`](Self::reserve)
     /// decides).
     pub fn is_full(&self) -> bool {
-        self.free.iter().all(|w| w.load(Relaxed) == 0)
+        self.free.iter().step_by(LINE).all(|w| w.load(Relaxed) == 0)
     }
 
     /// Takes a free slot for `vcpu`, searching the bitmap from the word `vcpu` picks, and
     /// marks it FILLING with a new generation.
     fn take(&self, vcpu: u32) -> Option<SlotRef> {
-        let words = self.free.len();
+        let words = self.free.len() / LINE;
         if words == 0 {
             return None;
         }
         let start = vcpu as usize % words;
         for k in 0..words {
             let w = (start + k) % words;
-            let mut cur = self.free[w].load(Relaxed);
+            let mut cur = self.free[w * LINE].load(Relaxed);
             // Each failed compare-exchange means another claimer took (or a freer returned) a
             // bit of this word; at most 64 bits can be taken before the word is empty, so the
             // loop is bounded by the other callers' progress (lock-free).
@@ -231,7 +284,8 @@ impl AreaSlots {
                 let bit = cur.trailing_zeros();
                 // AcqRel: synchronises with the Release in `free` of the previous owner
                 // (rule 4 of the module docs).
-                match self.free[w].compare_exchange(cur, cur & !(1 << bit), AcqRel, Relaxed) {
+                match self.free[w * LINE].compare_exchange(cur, cur & !(1 << bit), AcqRel, Relaxed)
+                {
                     Ok(_) => {
                         let index = w * 64 + bit as usize;
                         let slot = &self.slots[index];
@@ -263,6 +317,8 @@ impl AreaSlots {
         slot.gpa.store(a.gpa, Relaxed);
         slot.prot.store(a.prot, Relaxed);
         slot.pins.store(0, Relaxed);
+        // Before the SC fence below (rule 1; `iova_index` module docs).
+        self.index.insert(me.index, a.iova, a.last());
         let pending = word(me.gen_, vcpu, PENDING);
         // Release: a reader that loads PENDING with Acquire sees the fields.
         slot.state.store(pending, Release);
@@ -270,7 +326,7 @@ impl AreaSlots {
         // fences, the later one's scan sees the earlier one's PENDING or a later state.
         fence(SeqCst);
         let mut lost = None;
-        self.scan(|o| {
+        self.scan_range(a.iova, a.last(), |o| {
             if o.slot.index == me.index || !o.area.overlaps(a.iova, a.last()) {
                 return true;
             }
@@ -362,11 +418,16 @@ impl AreaSlots {
 
     /// Returns a slot the caller owns (reserved, or retired by it) to the free set (rule 4).
     pub fn free(&self, s: SlotRef) {
-        self.slots[s.index]
-            .state
-            .store(word(s.gen_, 0, FREE), Release);
+        let slot = &self.slots[s.index];
+        // The fields were written by the map that took the slot: by this caller (reserve), or
+        // before the LIVE state this caller's retiring compare-exchange read (Acquire).
+        let (iova, len) = (slot.iova.load(Relaxed), slot.len.load(Relaxed));
+        slot.state.store(word(s.gen_, 0, FREE), Release);
+        // Release (in `remove`): a lookup that misses the slot comes after everything the
+        // owner did, such as the invalidation round of an unmap (rule 4).
+        self.index.remove(s.index, iova, iova + (len - 1));
         // Release: the next claimer (AcqRel on this word) sees every access of ours.
-        self.free[s.index / 64].fetch_or(1 << (s.index % 64), Release);
+        self.free[s.index / 64 * LINE].fetch_or(1 << (s.index % 64), Release);
     }
 
     /// Slot `index` as a validated snapshot, `None` if it is not in use (free, being filled,
@@ -407,13 +468,14 @@ impl AreaSlots {
     /// concurrent calls each slot is seen at one instant; slots claimed during the scan may
     /// or may not be seen.
     pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
-        for (w, bits) in self.free.iter().enumerate() {
+        let words = self.free.len() / LINE;
+        for (w, bits) in self.free.iter().step_by(LINE).enumerate() {
             // A slot taken before the caller's SC fence is seen as taken here (rule 1); one
             // taken after is the taker's to arbitrate. Acquire: a bit set by `free` (Release)
             // brings everything its owner did before, such as the invalidation round of an
             // unmap, so a map that finds the range free comes after that round.
             let mut used = !bits.load(Acquire);
-            if w + 1 == self.free.len() && !self.slots.len().is_multiple_of(64) {
+            if w + 1 == words && !self.slots.len().is_multiple_of(64) {
                 used &= (1u64 << (self.slots.len() % 64)) - 1;
             }
             while used != 0 {
@@ -428,6 +490,33 @@ impl AreaSlots {
         }
     }
 
+    /// Calls `f` on every slot in use whose range may overlap `[start, last]` (`last >=
+    /// start`), until it returns `false`: the slots the IOVA index gives, or every slot in
+    /// use when the range is too wide for it. Every slot whose range overlaps and that was
+    /// announced before the caller's last SC fence (or that happens-before the call) is seen,
+    /// at one instant; others may or may not be, and `f` tests the overlap itself.
+    pub fn scan_range(&self, start: u64, last: u64, f: impl FnMut(&Seen) -> bool) {
+        self.lookup(start, last).scan(f)
+    }
+
+    /// The plan of [`scan_range`](Self::scan_range) for `[start, last]`: which bit arrays of
+    /// the IOVA index to read (or every slot in use). It can be scanned several times: each
+    /// scan reads the arrays afresh. A slot announced after the plan was made in a bucket
+    /// that was then empty is missed: a plan serves steps of one call (an UNMAP's check,
+    /// retire, page-table and free steps), for which such a slot belongs to a map that had
+    /// not returned when the call started.
+    pub fn lookup(&self, start: u64, last: u64) -> Lookup<'_> {
+        Lookup {
+            slots: self,
+            // `None` (every slot) for a range too wide for the index; nothing for an empty one.
+            q: if last < start {
+                Some(Query::EMPTY)
+            } else {
+                self.index.query(start, last)
+            },
+        }
+    }
+
     /// The slot `s` names, if it is still in the generation `s` was taken at.
     pub fn get(&self, s: SlotRef) -> Option<Seen> {
         self.seen(s.index).filter(|x| x.slot == s)
@@ -436,7 +525,7 @@ impl AreaSlots {
     /// Adds `delta` to the pin count of every area overlapping `[start, last]`. Control
     /// operations only (no MAP/UNMAP in flight): the gate orders this with the fast path.
     pub fn add_pins(&self, start: u64, last: u64, delta: i32) {
-        self.scan(|s| {
+        self.scan_range(start, last, |s| {
             if s.area.overlaps(start, last) {
                 let p = &self.slots[s.slot.index].pins;
                 p.store(p.load(Relaxed).saturating_add_signed(delta), Relaxed);
@@ -536,6 +625,131 @@ mod tests {
         assert_eq!(s.get(r).unwrap().pins, 1);
         s.add_pins(0, u64::MAX, -1);
         assert_eq!(s.get(r).unwrap().pins, 0);
+    }
+
+    /// The range lookup finds overlapping areas of every size class, and the scattered and
+    /// colliding ones it must not miss, as the full scan does.
+    #[test]
+    fn range_lookup_agrees_with_the_full_scan() {
+        let s = AreaSlots::new(200).unwrap();
+        let areas = [
+            (1u64, 1u64),
+            (65, 1),  // same level-0 bucket as page 1
+            (511, 2), // across a 2 MiB line
+            (514, 510),
+            (0x4_0000, 0x4_0000),
+            (0x100_0000, 1),
+        ];
+        for (i, &(p, n)) in areas.iter().enumerate() {
+            let r = s.reserve(i as u32, area(p, n)).unwrap();
+            s.publish(r);
+        }
+        let probes = [
+            (0u64, 1u64),
+            (1, 1),
+            (2, 63),
+            (64, 2),
+            (512, 1),
+            (1023, 1),
+            (0x4_0000 + 77, 1),
+            (0, 0x200_0000),
+            (0xff_ffff, 2),
+        ];
+        for &(p, n) in &probes {
+            let (start, last) = (p << 12, ((p + n) << 12) - 1);
+            let mut want: Vec<u64> = all(&s)
+                .iter()
+                .filter(|x| x.area.overlaps(start, last))
+                .map(|x| x.area.iova)
+                .collect();
+            let mut got = Vec::new();
+            s.scan_range(start, last, |x| {
+                if x.area.overlaps(start, last) {
+                    got.push(x.area.iova);
+                }
+                true
+            });
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "pages {p:#x}+{n}");
+            let r = s.reserve(9, area(p, n));
+            assert_eq!(r.is_ok(), want.is_empty(), "map of pages {p:#x}+{n}");
+            if let Ok(r) = r {
+                s.withdraw(r);
+            }
+        }
+    }
+
+    /// Random maps and unmaps of every size class (and probes of every width): the range
+    /// lookup always finds what the full scan finds, and a map succeeds exactly when the full
+    /// scan shows no overlapping area.
+    #[test]
+    fn range_lookup_agrees_with_the_full_scan_at_random() {
+        let s = AreaSlots::new(100).unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Lengths of every level, and across granule lines; IOVAs in a space 64 times the
+        // length, so that ranges of every size collide now and then, plus a few far away.
+        let span = |r: u64, r2: u64| {
+            let len = match r % 6 {
+                0 => 1u64 << 12,
+                1 => (1 + r2 % 600) << 12,
+                2 => 2 << 20,
+                3 => (1 + r2 % 3) << 30,
+                4 => 1 << 40,
+                _ => (1 + r2 % 20) << 12,
+            };
+            let base = if r2.is_multiple_of(17) { 1 << 50 } else { 0 };
+            let iova = base + (((r2 >> 8) % ((64 * len) >> 12)) << 12);
+            (iova, len)
+        };
+        for round in 0..3000 {
+            let (r, r2) = (rnd(), rnd());
+            let (iova, len) = span(r, r2);
+            let (start, last) = (iova, iova + len - 1);
+            let mut want: Vec<usize> = all(&s)
+                .iter()
+                .filter(|x| x.area.overlaps(start, last))
+                .map(|x| x.slot.index)
+                .collect();
+            let mut got = Vec::new();
+            s.scan_range(start, last, |x| {
+                if x.area.overlaps(start, last) {
+                    got.push(x.slot.index);
+                }
+                true
+            });
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "round {round}: {iova:#x}+{len:#x}");
+            if r % 5 == 0 {
+                // Unmap: every area overlapping the probe.
+                for x in all(&s).iter().filter(|x| x.area.overlaps(start, last)) {
+                    assert!(s.retire(x, 1));
+                    s.free(x.slot);
+                }
+            } else {
+                let a = SlotArea {
+                    iova,
+                    len,
+                    gpa: 0,
+                    prot: 3,
+                };
+                match s.reserve((r % 4) as u32, a) {
+                    Ok(m) => {
+                        assert!(want.is_empty(), "round {round}: overlap missed");
+                        s.publish(m);
+                    }
+                    Err(Refused::Full) => assert_eq!(all(&s).len(), 100),
+                    Err(Refused::Overlap { .. }) => assert!(!want.is_empty()),
+                }
+            }
+        }
     }
 
     #[test]

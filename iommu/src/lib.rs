@@ -13,13 +13,14 @@ extern crate alloc;
 extern crate std;
 
 pub mod area_slots;
-/// The atomics `area_slots` is written against; `tests/ioas_loom.rs` compiles
-/// `area_slots.rs` against loom's instead.
+/// The atomics `area_slots` and `iova_index` are written against; `tests/ioas_loom.rs` and
+/// `tests/iova_index_loom.rs` compile them against loom's instead.
 mod area_sync {
     pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, fence};
 }
 pub mod firmware;
 pub mod gate;
+pub mod iova_index;
 /// The atomics `gate` is written against; `tests/gate_loom.rs` compiles `gate.rs` against
 /// loom's instead.
 mod gate_sync {

@@ -89,7 +89,7 @@ fn host_tests(filter: Option<&str>, tally: &mut Tally) -> Result<()> {
 }
 
 /// The loom models of the lock-free protocols: the page-table engine's, the reader/writer
-/// gate `dispatch` runs behind, the lock-free IOAS area slots, VT-d fault-event bookkeeping against
+/// gate `dispatch` runs behind, the lock-free IOAS area slots and their IOVA index, VT-d fault-event bookkeeping against
 /// its drain, and the interrupt tables (x86 vectors, GICv3 handlers). Exhaustive interleavings
 /// within each model's bound; each prints how many executions it explored. A separate target
 /// directory keeps the `--cfg loom` build from invalidating the normal one. The interrupt
@@ -99,6 +99,7 @@ pub fn loom_models(tally: &mut Tally) -> Result<()> {
         ("iommu", "pgtable_loom"),
         ("iommu", "gate_loom"),
         ("iommu", "ioas_loom"),
+        ("iommu", "iova_index_loom"),
         ("iommu", "fault_events_loom"),
         ("drivers", "vectors_loom"),
         ("drivers", "gic_handlers_loom"),

@@ -1,7 +1,8 @@
 //! IOAS: an IOVA → guest-physical map, mirrored into every HWPT built on it.
 //!
-//! * Mappings ("areas") live in a fixed array of slots (`crate::area_slots`) whose capacity is
-//!   set at IOAS_ALLOC: MAP never allocates from the heap.
+//! * Mappings ("areas") live in a fixed array of slots (`crate::area_slots`), found by IOVA
+//!   through an index of the slots (`crate::iova_index`); both are sized at IOAS_ALLOC
+//!   (`max_areas_per_ioas`): MAP never allocates from the heap.
 //! * The reserved set is computed, never stored: outside the aperture of every HWPT on the
 //!   IOAS, plus the reserved regions and apertures of every device attached to them (all
 //!   members of an attached group). MAP never lands there; attach refuses a group whose
@@ -19,19 +20,24 @@
 //! HWPT list, the allowed list, the reserved set and the pin counts do not change under a
 //! MAP/UNMAP. The area table takes no lock: each area is one slot with a state word
 //! (`area_slots.rs` has the protocol and the orderings, `tests/ioas_loom.rs` the models). A
-//! MAP writes only its own slot (and a bit of the free-slot bitmap word its vCPU starts at);
-//! an UNMAP writes only the slots of the areas it removes; both read the other slots in use.
+//! MAP writes only its own slot, a bit of the free-slot bitmap word its vCPU starts at, and
+//! its slot's bits in the IOVA index (`iova_index.rs`: buckets of IOVA granules, shared by
+//! two disjoint maps only when their granules collide); an UNMAP writes only the slots of the
+//! areas it removes (and withdraws them from the index). Both read only the slots the index
+//! gives for their range (every slot in use for a range too wide for it): the cost of a call
+//! is the areas near its range, not the areas of the IOAS.
 //!
-//! 1. MAP *claims* its range: it takes a free slot, fills it, announces it (PENDING), and after
-//!    a sequentially consistent fence scans the slots in use. An overlapping range claimed,
-//!    live or dying makes it fail (EEXIST); of two announced overlapping maps the one in the
-//!    lower slot kills the other (compare-and-swap on the other's state word), so exactly one
-//!    of two racing overlapping maps claims. The claim is the compare-and-swap PENDING →
-//!    CLAIMED of its own slot. An automatic IOVA is a first fit over the same scan, claimed
-//!    the same way (and searched again if a racing map took it). Then it writes every HWPT's
-//!    page table (the engine's CAS; claimed ranges are disjoint, the engine's contract), and
-//!    publishes the area (CLAIMED → LIVE, Release): the linearisation point of a successful
-//!    MAP. If the hardware refused, the slot is freed again.
+//! 1. MAP *claims* its range: it takes a free slot, fills it, announces it (in the IOVA index,
+//!    then PENDING), and after a sequentially consistent fence looks up the slots the index
+//!    gives for its range. An overlapping range claimed, live or dying makes it fail
+//!    (EEXIST); of two announced overlapping maps the one in the lower slot kills the other
+//!    (compare-and-swap on the other's state word), so exactly one of two racing overlapping
+//!    maps claims. The claim is the compare-and-swap PENDING → CLAIMED of its own slot. An
+//!    automatic IOVA is a first fit over the same lookups, claimed the same way (and searched
+//!    again if a racing map took it). Then it writes every HWPT's page table (the engine's
+//!    CAS; claimed ranges are disjoint, the engine's contract), and publishes the area
+//!    (CLAIMED → LIVE, Release): the linearisation point of a successful MAP. If the hardware
+//!    refused, the slot is freed again.
 //! 2. UNMAP checks the live areas in its range (whole, not pinned), then *retires* each one
 //!    lying whole in the range: compare-and-swap LIVE → DYING(vcpu), the linearisation point
 //!    of that area's removal. Of two racing unmaps of one area exactly one retires it, so every
@@ -61,7 +67,7 @@ use super::{
     Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx, hw_err,
     inval, try_vec,
 };
-use crate::area_slots::{AreaSlots, Refused, Seen, SlotArea, SlotRef, SlotState};
+use crate::area_slots::{AreaSlots, Lookup, Refused, Seen, SlotArea, SlotRef, SlotState};
 use crate::pgtable::Prot;
 
 /// Internal protection bits of an area.
@@ -227,7 +233,7 @@ impl Ioas {
     /// The lowest area overlapping `s` (a copy), whatever its state.
     pub(crate) fn first_overlap(&self, s: Span) -> Option<Area> {
         let mut best: Option<Area> = None;
-        self.areas.scan(|x| {
+        self.areas.scan_range(s.start, s.last, |x| {
             if x.area.overlaps(s.start, s.last) && best.is_none_or(|b| x.area.iova < b.iova) {
                 best = Some(area_of(x));
             }
@@ -240,7 +246,7 @@ impl Ioas {
     /// continues after it).
     fn overlap_end(&self, s: Span) -> Option<u64> {
         let mut end = None;
-        self.areas.scan(|x| {
+        self.areas.scan_range(s.start, s.last, |x| {
             if x.area.overlaps(s.start, s.last) {
                 end = end.max(Some(x.area.last()));
             }
@@ -252,7 +258,7 @@ impl Ioas {
     /// The area containing `iova`, whatever its state.
     fn area_at(&self, iova: u64) -> Option<Area> {
         let mut hit = None;
-        self.areas.scan(|x| {
+        self.areas.scan_range(iova, iova, |x| {
             if x.area.overlaps(iova, iova) {
                 hit = Some(area_of(x));
             }
@@ -610,6 +616,22 @@ fn pinner(g: &Guest, ioas_id: u32, s: Span) -> u32 {
     0
 }
 
+/// An UNMAP's span with its lookup plan in the area slots, made once for the steps of one
+/// call (`AreaSlots::lookup`).
+struct Planned<'a> {
+    s: Span,
+    look: Lookup<'a>,
+}
+
+impl<'a> Planned<'a> {
+    fn new(ioas: &'a Ioas, s: Span) -> Self {
+        Planned {
+            s,
+            look: ioas.areas.lookup(s.start, s.last),
+        }
+    }
+}
+
 /// The span an UNMAP names (`iova == 0 && len == u64::MAX`: everything).
 fn unmap_span(iova: u64, len: u64) -> Result<Span, Error> {
     if iova == 0 && len == u64::MAX {
@@ -768,9 +790,10 @@ impl<H: IommuHw> Rx<'_, H> {
     /// Checks an UNMAP of `s` against the live areas: each one in `s` must lie whole inside
     /// it and not be pinned. The error is the one of the lowest such area, as for a sorted
     /// walk. Changes nothing.
-    fn check_unmap(&self, ioas: &Ioas, ioas_id: u32, s: Span) -> Result<(), Error> {
+    fn check_unmap(&self, ioas_id: u32, r: &Planned) -> Result<(), Error> {
+        let s = r.s;
         let mut worst: Option<(u64, Error)> = None;
-        ioas.areas.scan(|x| {
+        r.look.scan(|x| {
             let a = x.area;
             if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
                 return true;
@@ -799,10 +822,10 @@ impl<H: IommuHw> Rx<'_, H> {
     /// Step 1 of an UNMAP of `s` (module docs): checks the live areas in `s` (whole, not
     /// pinned), then retires them. Returns the bytes this call retired. Changes nothing on
     /// error.
-    fn claim_unmap(&self, ioas: &Ioas, ioas_id: u32, s: Span) -> Result<u64, Error> {
-        self.check_unmap(ioas, ioas_id, s)?;
-        match self.retire_in(ioas, s) {
-            0 if s != Span::FULL => Err(Error::new(errno::ENOENT, reason::NOT_MAPPED)),
+    fn claim_unmap(&self, ioas: &Ioas, ioas_id: u32, r: &Planned) -> Result<u64, Error> {
+        self.check_unmap(ioas_id, r)?;
+        match self.retire_in(ioas, r) {
+            0 if r.s != Span::FULL => Err(Error::new(errno::ENOENT, reason::NOT_MAPPED)),
             bytes => Ok(bytes),
         }
     }
@@ -811,9 +834,10 @@ impl<H: IommuHw> Rx<'_, H> {
     /// per area: the linearisation point of its removal). Returns the bytes this call
     /// retired; an area a racing unmap retired first is not counted, so racing unmaps count
     /// each page once.
-    fn retire_in(&self, ioas: &Ioas, s: Span) -> u64 {
+    fn retire_in(&self, ioas: &Ioas, r: &Planned) -> u64 {
+        let s = r.s;
         let mut bytes = 0u64;
-        ioas.areas.scan(|x| {
+        r.look.scan(|x| {
             let a = x.area;
             // An area published since the check that does not fit is a later map's: left.
             if a.iova >= s.start
@@ -830,8 +854,9 @@ impl<H: IommuHw> Rx<'_, H> {
 
     /// Calls `f` on every slot this call retired in `s`. Only this call changes their state
     /// (the vCPU has one call in flight), so the snapshot stays exact.
-    fn each_claimed(&self, ioas: &Ioas, s: Span, mut f: impl FnMut(&Seen)) {
-        ioas.areas.scan(|x| {
+    fn each_claimed(&self, r: &Planned, mut f: impl FnMut(&Seen)) {
+        let s = r.s;
+        r.look.scan(|x| {
             if x.state == SlotState::Dying(self.vcpu) && x.area.overlaps(s.start, s.last) {
                 f(x);
             }
@@ -841,18 +866,19 @@ impl<H: IommuHw> Rx<'_, H> {
 
     /// Puts back every area this call retired (an atomic batch that failed).
     fn unclaim(&self, ioas: &Ioas) {
-        self.each_claimed(ioas, Span::FULL, |x| ioas.areas.revive(x.slot));
+        let all = Planned::new(ioas, Span::FULL);
+        self.each_claimed(&all, |x| ioas.areas.revive(x.slot));
     }
 
     /// Step 2 of an UNMAP of `s`: clears every HWPT's page table for the areas this call
     /// retired in `s`, recording the IOTLB invalidations in `inv` (the caller runs one round
     /// per unit for the whole call, then [`forget_claimed`](Self::forget_claimed)). `true` if
     /// the hardware malfunctioned.
-    fn unmap_claimed(&self, ioas: &Ioas, s: Span, inv: &mut HwInvalidation) -> bool {
+    fn unmap_claimed(&self, ioas: &Ioas, r: &Planned, inv: &mut HwInvalidation) -> bool {
         let doms = ioas_domains(self.g, ioas);
         let mut failed = doms.is_err();
         let (doms, n) = doms.unwrap_or(([HwDomain(0); MAX_HWPTS_PER_IOAS], 0));
-        self.each_claimed(ioas, s, |x| {
+        self.each_claimed(r, |x| {
             for &d in &doms[..n] {
                 match self.hw.unmap(d, x.area.iova, x.area.len, inv) {
                     Ok(b) if b == x.area.len => {}
@@ -866,8 +892,8 @@ impl<H: IommuHw> Rx<'_, H> {
     /// Step 3 of an UNMAP of `s`, after the invalidation round: frees the slots this call
     /// retired in `s`. Only now may another map reuse their IOVAs, so a device never
     /// translates a new mapping through a stale IOTLB entry of the old one.
-    fn forget_claimed(&self, ioas: &Ioas, s: Span) {
-        self.each_claimed(ioas, s, |x| ioas.areas.free(x.slot));
+    fn forget_claimed(&self, ioas: &Ioas, r: &Planned) {
+        self.each_claimed(r, |x| ioas.areas.free(x.slot));
     }
 
     /// IOAS_UNMAP: the areas claimed, unmapped from every HWPT, one invalidation round per
@@ -876,11 +902,13 @@ impl<H: IommuHw> Rx<'_, H> {
     pub(crate) fn unmap(&self, ioas_id: u32, iova: u64, len: u64) -> Result<u64, Error> {
         let ioas = self.g.ioas(ioas_id)?;
         let s = unmap_span(iova, len)?;
-        let bytes = self.claim_unmap(ioas, ioas_id, s)?;
+        // One lookup plan for every step of the call (`AreaSlots::lookup`).
+        let r = Planned::new(ioas, s);
+        let bytes = self.claim_unmap(ioas, ioas_id, &r)?;
         let mut inv = HwInvalidation::new();
-        let failed = self.unmap_claimed(ioas, s, &mut inv);
+        let failed = self.unmap_claimed(ioas, &r, &mut inv);
         let flushed = self.hw.flush(&mut inv).is_ok();
-        self.forget_claimed(ioas, s);
+        self.forget_claimed(ioas, &r);
         if failed || !flushed {
             return Err(Error::new(errno::EIO, reason::HW_FAULT));
         }
@@ -994,14 +1022,14 @@ impl<H: IommuHw> Rx<'_, H> {
                 if spans[..i].iter().any(|o| o.overlaps(&s)) {
                     return Err(inval(reason::RANGES_OVERLAP).index(i as u32));
                 }
-                self.check_unmap(ioas, a.ioas_id, s)
+                self.check_unmap(a.ioas_id, &Planned::new(ioas, s))
                     .map_err(|e| e.index(i as u32))?;
             }
             if let Some(e) = read_err {
                 return Err(e);
             }
             for i in 0..n {
-                claimed[i] = self.retire_in(ioas, spans[i]);
+                claimed[i] = self.retire_in(ioas, &Planned::new(ioas, spans[i]));
                 if claimed[i] == 0 && spans[i] != Span::FULL {
                     self.unclaim(ioas);
                     return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED).index(i as u32));
@@ -1013,14 +1041,14 @@ impl<H: IommuHw> Rx<'_, H> {
             let mut inv = HwInvalidation::new();
             let mut done = n;
             for (i, &s) in spans[..n].iter().enumerate() {
-                if self.unmap_claimed(ioas, s, &mut inv) {
+                if self.unmap_claimed(ioas, &Planned::new(ioas, s), &mut inv) {
                     done = i + 1;
                     break;
                 }
             }
             let flushed = self.hw.flush(&mut inv).is_ok();
             for &s in &spans[..done] {
-                self.forget_claimed(ioas, s);
+                self.forget_claimed(ioas, &Planned::new(ioas, s));
             }
             if done < n {
                 self.unclaim(ioas);
@@ -1050,10 +1078,11 @@ impl<H: IommuHw> Rx<'_, H> {
         for (i, slot) in spans[..n].iter_mut().enumerate() {
             let one = read_struct::<UnmapEntry>(mem, entry_at(i)).and_then(|e| {
                 let s = unmap_span(e.iova, e.length)?;
-                let bytes = self.claim_unmap(ioas, a.ioas_id, s)?;
+                let r = Planned::new(ioas, s);
+                let bytes = self.claim_unmap(ioas, a.ioas_id, &r)?;
                 *slot = (s, bytes);
                 done = i + 1;
-                if self.unmap_claimed(ioas, s, &mut inv) {
+                if self.unmap_claimed(ioas, &r, &mut inv) {
                     return Err(Error::new(errno::EIO, reason::HW_FAULT));
                 }
                 Ok(())
@@ -1065,7 +1094,7 @@ impl<H: IommuHw> Rx<'_, H> {
         }
         let flushed = self.hw.flush(&mut inv).is_ok();
         for &(s, _) in &spans[..done] {
-            self.forget_claimed(ioas, s);
+            self.forget_claimed(ioas, &Planned::new(ioas, s));
         }
         for (i, &(s, bytes)) in spans[..done].iter().enumerate() {
             let e = UnmapEntry {
