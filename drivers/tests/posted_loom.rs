@@ -70,7 +70,7 @@ fn every_post_is_taken_exactly_once_with_its_payload() {
             })
             .collect();
         let mut seen = [0u32; 3];
-        let mut take = |seen: &mut [u32; 3]| {
+        let take = |seen: &mut [u32; 3]| {
             let t = p.take();
             for (i, v) in [A, B, C].into_iter().enumerate() {
                 if has(&t, v) {
@@ -116,7 +116,7 @@ fn coalesced_posts_carry_every_posters_payload() {
             .collect();
         let mut takes = 0;
         let mut covered = [false; 2];
-        let mut take = |takes: &mut u32, covered: &mut [bool; 2]| {
+        let take = |takes: &mut u32, covered: &mut [bool; 2]| {
             if has(&p.take(), A) {
                 *takes += 1;
                 for (c, pl) in covered.iter_mut().zip(payload.iter()) {
