@@ -29,6 +29,11 @@ mod handlers_sync {
 pub mod pci;
 pub mod pl011;
 pub mod posted;
+/// The atomic `posted` is written against; `tests/posted_loom.rs` compiles `posted.rs` against
+/// loom's instead.
+mod posted_sync {
+    pub(crate) use core::sync::atomic::AtomicU64;
+}
 pub mod uart16550;
 pub mod vectors;
 /// The atomics `vectors` is written against; `tests/vectors_loom.rs` compiles `vectors.rs`

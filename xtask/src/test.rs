@@ -103,6 +103,8 @@ pub fn loom_models(tally: &mut Tally) -> Result<()> {
         ("iommu", "fault_events_loom"),
         ("drivers", "vectors_loom"),
         ("drivers", "gic_handlers_loom"),
+        ("drivers", "posted_loom"),
+        ("drivers", "msi_route_loom"),
     ] {
         println!("== loom models ({krate}/tests/{test}.rs) ==");
         let mut cmd = cargo();
