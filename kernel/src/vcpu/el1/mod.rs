@@ -34,7 +34,7 @@ use iommu::pgtable::{ArmStage2, Config, PageTable, Prot};
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
-use asm::{Context, El1Regs, El2Ready, VgicRegs};
+use asm::{Context, El1Regs, El2Ready, VgicHw, VgicRegs};
 use drivers::gicv3::vgic::{self, LrState, PendingSet};
 
 /// Priority of the virtual interrupts the hypervisor injects (the timer and MSIs): the middle
@@ -111,6 +111,12 @@ pub struct El1 {
     nr_lrs: usize,
     /// Whether this CPU's physical PPI 27 was left active for a vCPU's in-flight timer.
     vtimer_active: bool,
+    /// The vCPU (its context's address) whose virtual CPU interface this CPU holds, 0 for none.
+    vgic_owner: usize,
+    /// This CPU's index (a vCPU records where its interface was last loaded).
+    cpu: usize,
+    /// What this CPU's virtual CPU interface was last given.
+    vgic_hw: VgicHw,
 }
 
 /// A VM: its stage-2 table and VMID.
@@ -153,6 +159,9 @@ pub struct El1Vcpu {
     /// The virtual timer was injected and the guest has not deactivated it yet: physical PPI
     /// 27 must be active whenever this vCPU runs.
     vtimer_inflight: bool,
+    /// The CPU whose virtual CPU interface was last loaded with this vCPU's state (`usize::MAX`
+    /// before the first run): if it ran elsewhere since, that CPU's copy is stale.
+    vgic_cpu: usize,
 }
 
 impl El1 {
@@ -187,6 +196,9 @@ impl El1 {
             last_vcpu: [0; 256],
             nr_lrs: 0,
             vtimer_active: false,
+            vgic_owner: 0,
+            cpu: crate::arch::smp::cpu_index(),
+            vgic_hw: VgicHw::default(),
         })
     }
 
@@ -375,7 +387,10 @@ impl El1 {
         Self::collect_posted(vcpu);
         let nr = self.nr_lrs;
         let mut hcr = vgic::hcr::EN;
-        vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
+        if !vcpu.pending.is_empty() {
+            vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
+            vcpu.vgic.rewritten(nr);
+        }
         if !vcpu.pending.is_empty() {
             hcr |= vgic::hcr::UIE;
         }
@@ -604,6 +619,7 @@ impl Backend for El1 {
             pending: PendingSet::new(),
             msi_slot: None,
             vtimer_inflight: false,
+            vgic_cpu: usize::MAX,
         })
     }
 
@@ -623,6 +639,11 @@ impl Backend for El1 {
                 event: Event::Invalid(0),
             };
         }
+        // This CPU's virtual CPU interface still holds this vCPU's state (it was the last one
+        // loaded here and has not run elsewhere since): only what changed is written.
+        let mut vgic_full = self.vgic_owner != me || vcpu.vgic_cpu != self.cpu;
+        self.vgic_owner = me;
+        vcpu.vgic_cpu = self.cpu;
         loop {
             self.prepare_entry(vcpu);
             let ran = asm::run(
@@ -630,12 +651,18 @@ impl Backend for El1 {
                 &vm.stage2,
                 vm.vmid,
                 &mut vcpu.el1,
-                &mut vcpu.vgic,
-                self.nr_lrs,
+                asm::VgicRun {
+                    regs: &mut vcpu.vgic,
+                    hw: &mut self.vgic_hw,
+                    nr: self.nr_lrs,
+                    full: core::mem::replace(&mut vgic_full, false),
+                },
                 &mut vcpu.ctx,
             );
             if !ran {
-                // A table of another shape than VTCR_EL2 describes: never entered.
+                // A table of another shape than VTCR_EL2 describes: never entered (nor was
+                // the virtual CPU interface loaded).
+                self.vgic_owner = 0;
                 return Exit {
                     pc: vcpu.ctx.pc,
                     event: Event::Invalid(0),
@@ -669,6 +696,10 @@ impl Backend for El1 {
         if vcpu.vtimer_inflight && self.vtimer_active {
             crate::arch::irq::set_ppi_active(VTIMER, false);
             self.vtimer_active = false;
+        }
+        // A later vCPU may be allocated at the same address: it must not count as the owner.
+        if self.vgic_owner == core::ptr::from_ref::<Context>(&vcpu.ctx).addr() {
+            self.vgic_owner = 0;
         }
         drop(vcpu);
     }
