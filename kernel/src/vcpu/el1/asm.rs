@@ -524,8 +524,11 @@ pub fn run(
         return false;
     }
     // A CPU other than the one `prepare_el2` ran on programs its own EL2 guest controls once.
+    let mut vgic = vgic;
     if PROGRAMMED[crate::arch::smp::cpu_index()].load(Ordering::Relaxed) != ready.vtcr {
         program_el2(ready.vtcr);
+        // It wrote VMPIDR_EL2: the vCPU's own must be loaded again.
+        vgic.full = true;
     }
     let vttbr = table.root() | u64::from(vmid) << 48;
     // The guest returns to EL1 or EL0, never to EL2: an AArch64 SPSR naming EL2 or EL3 (M[4] = 0,
@@ -534,7 +537,12 @@ pub fn run(
         ctx.pstate = (ctx.pstate & !0xf) | 0x5;
     }
     let hcr = GUEST_HCR;
-    load_el1(el1);
+    // The CPU still holds this vCPU's EL1 registers as `save_el1` left them when it was the
+    // last to run here (the hypervisor at non-VHE EL2 writes none of them; the virtual timer,
+    // which it does write, is reloaded by the backend then): only another vCPU's need replacing.
+    if vgic.full {
+        load_el1(el1);
+    }
     load_vgic(vgic.regs, vgic.nr, vgic.full, vgic.hw);
     // SAFETY: `vttbr` names a stage-2 table the page-table engine built, of the shape VTCR_EL2
     // describes, so the walker reads it as the engine wrote it; HCR_EL2 has VM = 1 and RW = 1
@@ -606,7 +614,8 @@ impl VgicRegs {
 }
 
 /// What [`run`] switches of the virtual CPU interface: the vCPU's state, this CPU's, the
-/// number of list registers and whether the interface holds another vCPU's state (`full`).
+/// number of list registers and whether the CPU holds another vCPU's state (`full`: then the
+/// EL1 registers and the whole interface are loaded).
 pub struct VgicRun<'a> {
     pub regs: &'a mut VgicRegs,
     pub hw: &'a mut VgicHw,

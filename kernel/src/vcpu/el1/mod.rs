@@ -117,6 +117,9 @@ pub struct El1 {
     cpu: usize,
     /// What this CPU's virtual CPU interface was last given.
     vgic_hw: VgicHw,
+    /// The virtual timer registers hold something else than the owner's saved CNTV_CTL/CVAL
+    /// (`set_vtimer` unloaded or armed it): the next entry writes them again.
+    vtimer_stale: bool,
 }
 
 /// A VM: its stage-2 table and VMID.
@@ -199,6 +202,7 @@ impl El1 {
             vgic_owner: 0,
             cpu: crate::arch::smp::cpu_index(),
             vgic_hw: VgicHw::default(),
+            vtimer_stale: false,
         })
     }
 
@@ -466,6 +470,7 @@ impl El1 {
         }
         if armed {
             asm::set_vtimer(1, cval);
+            self.vtimer_stale = true;
         }
 
         let result = loop {
@@ -645,6 +650,11 @@ impl Backend for El1 {
         self.vgic_owner = me;
         vcpu.vgic_cpu = self.cpu;
         loop {
+            if core::mem::replace(&mut self.vtimer_stale, false) && !vgic_full {
+                // A WFI wait or an unload changed the timer; a full entry (`asm::run` loads
+                // every EL1 register) restores it anyway.
+                asm::set_vtimer(vcpu.el1.cntv_ctl, vcpu.el1.cntv_cval);
+            }
             self.prepare_entry(vcpu);
             let ran = asm::run(
                 &self.el2,
@@ -674,7 +684,14 @@ impl Backend for El1 {
             if let Some(event) = self.decode(vcpu) {
                 // The vCPU leaves the CPU (the scheduler may run another one here): its timer,
                 // saved in `el1`, must not assert PPI 27 meanwhile.
-                asm::set_vtimer(0, vcpu.el1.cntv_cval);
+                // A hypercall or an emulated access is handled and the vCPU resumes (or leaves
+                // through `destroy_vcpu`, which unloads it) with no other vCPU in between
+                // (guest::run_slice): its timer can stay loaded; PPI 27 that fires meanwhile
+                // stays pending under the hypervisor's PMR and is taken at the next entry.
+                if !matches!(event, Event::Hypercall(_) | Event::MmioAccess { .. }) {
+                    asm::set_vtimer(0, vcpu.el1.cntv_cval);
+                    self.vtimer_stale = true;
+                }
                 return Exit { pc, event };
             }
         }
@@ -698,8 +715,11 @@ impl Backend for El1 {
             self.vtimer_active = false;
         }
         // A later vCPU may be allocated at the same address: it must not count as the owner.
+        // Its timer may still be loaded (it left after a hypercall): it must not assert PPI
+        // 27 under the next vCPU.
         if self.vgic_owner == core::ptr::from_ref::<Context>(&vcpu.ctx).addr() {
             self.vgic_owner = 0;
+            asm::set_vtimer(0, vcpu.el1.cntv_cval);
         }
         drop(vcpu);
     }
