@@ -402,12 +402,16 @@ impl El1 {
     }
 
     /// Moves what MSI routes posted to this vCPU into its pending set (each posted bit is
-    /// taken exactly once: `msi::take_posted` swaps the words).
+    /// taken exactly once: `msi::take_posted` swaps the words; its summary flag skips them when
+    /// nothing was posted).
     fn collect_posted(vcpu: &mut El1Vcpu) {
         let Some(slot) = vcpu.msi_slot else {
             return;
         };
-        for (w, bits) in crate::guest::msi::take_posted(slot).into_iter().enumerate() {
+        let Some(posted) = crate::guest::msi::take_posted_if_any(slot) else {
+            return;
+        };
+        for (w, bits) in posted.into_iter().enumerate() {
             let mut b = bits;
             while b != 0 {
                 let bit = b.trailing_zeros();
