@@ -391,12 +391,13 @@ impl El1 {
         Self::collect_posted(vcpu);
         let nr = self.nr_lrs;
         let mut hcr = vgic::hcr::EN;
+        // Nothing pending (the common exit): the list registers are as the guest left them.
         if !vcpu.pending.is_empty() {
             vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
             vcpu.vgic.rewritten(nr);
-        }
-        if !vcpu.pending.is_empty() {
-            hcr |= vgic::hcr::UIE;
+            if !vcpu.pending.is_empty() {
+                hcr |= vgic::hcr::UIE;
+            }
         }
         vcpu.vgic.hcr = hcr;
     }
