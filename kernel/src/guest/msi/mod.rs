@@ -31,7 +31,7 @@ mod x86_64;
 use x86_64 as arch;
 
 #[cfg(target_arch = "aarch64")]
-pub use aarch64::routes_to;
+pub use aarch64::{routes_to, take_posted_if_any};
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{on_interrupt, report};
 

@@ -517,16 +517,18 @@ pub fn run(
     table: &Stage2,
     vmid: u16,
     el1: &mut El1Regs,
-    vgic: &mut VgicRegs,
-    nr_lrs: usize,
+    vgic: VgicRun<'_>,
     ctx: &mut Context,
 ) -> bool {
     if shape(&table.root_info()) != ready.shape {
         return false;
     }
     // A CPU other than the one `prepare_el2` ran on programs its own EL2 guest controls once.
+    let mut vgic = vgic;
     if PROGRAMMED[crate::arch::smp::cpu_index()].load(Ordering::Relaxed) != ready.vtcr {
         program_el2(ready.vtcr);
+        // It wrote VMPIDR_EL2: the vCPU's own must be loaded again.
+        vgic.full = true;
     }
     let vttbr = table.root() | u64::from(vmid) << 48;
     // The guest returns to EL1 or EL0, never to EL2: an AArch64 SPSR naming EL2 or EL3 (M[4] = 0,
@@ -535,8 +537,13 @@ pub fn run(
         ctx.pstate = (ctx.pstate & !0xf) | 0x5;
     }
     let hcr = GUEST_HCR;
-    load_el1(el1);
-    load_vgic(vgic, nr_lrs);
+    // The CPU still holds this vCPU's EL1 registers as `save_el1` left them when it was the
+    // last to run here (the hypervisor at non-VHE EL2 writes none of them; the virtual timer,
+    // which it does write, is reloaded by the backend then): only another vCPU's need replacing.
+    if vgic.full {
+        load_el1(el1);
+    }
+    load_vgic(vgic.regs, vgic.nr, vgic.full, vgic.hw);
     // SAFETY: `vttbr` names a stage-2 table the page-table engine built, of the shape VTCR_EL2
     // describes, so the walker reads it as the engine wrote it; HCR_EL2 has VM = 1 and RW = 1
     // with the traps above, and SPSR_EL2 names EL1 or EL0, so the guest runs below EL2 with
@@ -561,7 +568,7 @@ pub fn run(
         );
     }
     save_el1(el1);
-    save_vgic(vgic, nr_lrs);
+    save_vgic(vgic.regs, vgic.nr, vgic.hw);
     // The guest's timer stays loaded: if it is why the guest exited, its PPI must still be
     // pending when the backend acknowledges it. The backend unloads it (`set_vtimer(0, ..)`)
     // when the vCPU leaves the CPU.
@@ -572,12 +579,64 @@ pub fn run(
 /// machine control register (the guest's PMR, BPR, group enables: what it wrote to its ICC_*
 /// registers, which reach ICV_* with HCR_EL2.IMO/FMO set), the active-priority registers, and
 /// the ICH_HCR_EL2 to run with (En, UIE).
+///
+/// `live` and `dirty` keep the common exit cheap (every ICH_* access is a system-register
+/// access, slow on hardware): an invalid list register never becomes valid by itself (only a
+/// write does, §12.4.6: the guest's acknowledge and deactivate only move a valid entry towards
+/// invalid), so only the registers loaded valid (`live`) need reading back, and only those the
+/// backend changed since (`dirty`) need writing while the hardware still holds the rest.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VgicRegs {
     pub lrs: [u64; 16],
     pub vmcr: u64,
     pub ap0r0: u64,
     pub ap1r0: u64,
+    pub hcr: u64,
+    /// List registers (bit n: ICH_LR<n>_EL2) whose image in `lrs` is not invalid.
+    pub live: u16,
+    /// List registers whose image in `lrs` differs from what the hardware was last given.
+    pub dirty: u16,
+}
+
+impl VgicRegs {
+    /// Records that the backend rewrote the images of `lrs[..nr]` (a refill): each may differ
+    /// from the hardware now, and `live` follows the new states.
+    pub fn rewritten(&mut self, nr: usize) {
+        let mut live = 0u16;
+        for (n, &l) in self.lrs.iter().enumerate().take(nr.min(16)) {
+            if l & LR_STATE_MASK != 0 {
+                live |= 1 << n;
+            }
+        }
+        self.live = live;
+        self.dirty = all_lrs(nr);
+    }
+}
+
+/// What [`run`] switches of the virtual CPU interface: the vCPU's state, this CPU's, the
+/// number of list registers and whether the CPU holds another vCPU's state (`full`: then the
+/// EL1 registers and the whole interface are loaded).
+pub struct VgicRun<'a> {
+    pub regs: &'a mut VgicRegs,
+    pub hw: &'a mut VgicHw,
+    pub nr: usize,
+    pub full: bool,
+}
+
+/// ICH_LR<n>_EL2.State (bits 63:62, IHI 0069 §12.4.6).
+const LR_STATE_MASK: u64 = 0b11 << 62;
+/// ICH_HCR_EL2.UIE (bit 1, IHI 0069 §12.4.3).
+const HCR_UIE: u64 = 1 << 1;
+
+fn all_lrs(nr: usize) -> u16 {
+    ((1u32 << nr.min(16)) - 1) as u16
+}
+
+/// What this CPU's virtual CPU interface holds between runs, so that an entry of the vCPU
+/// that ran last writes only what changed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VgicHw {
+    /// ICH_HCR_EL2 as last written.
     pub hcr: u64,
 }
 
@@ -623,49 +682,97 @@ macro_rules! lr_access {
 
 lr_access!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 
-/// Loads the vCPU's virtual CPU interface (`nr` list registers) before it runs.
-pub fn load_vgic(r: &VgicRegs, nr: usize) {
-    for (n, &lr) in r.lrs.iter().enumerate().take(nr.min(16)) {
-        write_lr(n, lr);
+/// Loads the vCPU's virtual CPU interface (`nr` list registers) before it runs. `full`: the
+/// interface holds another vCPU's state (or none yet): every list register, ICH_VMCR_EL2 and
+/// the active priorities are written. Otherwise the hardware still holds this vCPU's state as
+/// [`save_vgic`] left it, and only the list registers the backend changed since are written.
+/// No ISB here: `run` synchronizes its own EL2 writes before the ERET, which is itself a
+/// context synchronization event.
+pub fn load_vgic(r: &mut VgicRegs, nr: usize, full: bool, hw: &mut VgicHw) {
+    let mut write = if full {
+        all_lrs(nr)
+    } else {
+        r.dirty & all_lrs(nr)
+    };
+    r.dirty = 0;
+    while write != 0 {
+        let n = write.trailing_zeros() as usize;
+        write &= write - 1;
+        write_lr(n, r.lrs[n]);
     }
-    // SAFETY: the ICH_* registers configure the virtual CPU interface, which only a guest at
-    // EL1 with HCR_EL2.IMO/FMO sees; the hypervisor's own ICC_* accesses at EL2 are unaffected.
-    unsafe {
-        asm!(
-            "msr ich_vmcr_el2, {vmcr}",
-            "msr ich_ap0r0_el2, {ap0}",
-            "msr ich_ap1r0_el2, {ap1}",
-            "msr ich_hcr_el2, {hcr}",
-            "isb",
-            vmcr = in(reg) r.vmcr,
-            ap0 = in(reg) r.ap0r0,
-            ap1 = in(reg) r.ap1r0,
-            hcr = in(reg) r.hcr,
-            options(nomem, nostack, preserves_flags),
-        );
+    if full {
+        // SAFETY: the ICH_* registers configure the virtual CPU interface, which only a guest
+        // at EL1 with HCR_EL2.IMO/FMO sees; the hypervisor's own ICC_* accesses at EL2 are
+        // unaffected.
+        unsafe {
+            asm!(
+                "msr ich_vmcr_el2, {vmcr}",
+                "msr ich_ap0r0_el2, {ap0}",
+                "msr ich_ap1r0_el2, {ap1}",
+                vmcr = in(reg) r.vmcr,
+                ap0 = in(reg) r.ap0r0,
+                ap1 = in(reg) r.ap1r0,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+    if full || r.hcr != hw.hcr {
+        // SAFETY: as above.
+        unsafe {
+            asm!("msr ich_hcr_el2, {}", in(reg) r.hcr, options(nomem, nostack, preserves_flags));
+        }
+        hw.hcr = r.hcr;
     }
 }
 
-/// Saves the vCPU's virtual CPU interface after it exits and turns the interface off
-/// (ICH_HCR_EL2 = 0: no virtual interrupt and no maintenance interrupt while the host runs or
-/// another vCPU's state is loaded).
-pub fn save_vgic(r: &mut VgicRegs, nr: usize) {
-    for n in 0..nr.min(16) {
-        r.lrs[n] = read_lr(n);
+/// Saves the vCPU's virtual CPU interface after it exits: the list registers it was given
+/// valid (the others are still invalid), ICH_VMCR_EL2 (the guest writes it through ICV_PMR,
+/// ICV_BPR, ICV_IGRPEN), and the active priorities only if a list register was valid (a bit
+/// is set only by acknowledging one, §6.2; with none the guest cannot have changed them).
+/// ICH_HCR_EL2.UIE is cleared so no maintenance interrupt reaches the host while it runs; En
+/// stays set (it only enables virtual interrupts towards EL1, which nothing runs at now).
+pub fn save_vgic(r: &mut VgicRegs, nr: usize, hw: &mut VgicHw) {
+    let loaded = r.live & all_lrs(nr);
+    let mut read = loaded;
+    let mut live = 0u16;
+    while read != 0 {
+        let n = read.trailing_zeros() as usize;
+        read &= read - 1;
+        let l = read_lr(n);
+        r.lrs[n] = l;
+        if l & LR_STATE_MASK != 0 {
+            live |= 1 << n;
+        }
     }
-    // SAFETY: as in `load_vgic`; clearing ICH_HCR_EL2.En only disables the virtual interface.
+    r.live = live;
+    // SAFETY: as in `load_vgic`; reading has no side effects.
     unsafe {
-        asm!(
-            "mrs {vmcr}, ich_vmcr_el2",
-            "mrs {ap0}, ich_ap0r0_el2",
-            "mrs {ap1}, ich_ap1r0_el2",
-            "msr ich_hcr_el2, xzr",
-            "isb",
-            vmcr = out(reg) r.vmcr,
-            ap0 = out(reg) r.ap0r0,
-            ap1 = out(reg) r.ap1r0,
-            options(nomem, nostack, preserves_flags),
-        );
+        asm!("mrs {}, ich_vmcr_el2", out(reg) r.vmcr, options(nomem, nostack, preserves_flags));
+    }
+    if loaded != 0 || r.ap0r0 | r.ap1r0 != 0 {
+        // SAFETY: as above.
+        unsafe {
+            asm!(
+                "mrs {ap0}, ich_ap0r0_el2",
+                "mrs {ap1}, ich_ap1r0_el2",
+                ap0 = out(reg) r.ap0r0,
+                ap1 = out(reg) r.ap1r0,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+    if hw.hcr & HCR_UIE != 0 {
+        let hcr = hw.hcr & !HCR_UIE;
+        // SAFETY: clearing UIE only stops the underflow maintenance interrupt (§12.4.3).
+        unsafe {
+            asm!(
+                "msr ich_hcr_el2, {}",
+                "isb",
+                in(reg) hcr,
+                options(nomem, nostack, preserves_flags)
+            );
+        }
+        hw.hcr = hcr;
     }
 }
 

@@ -34,7 +34,7 @@ use iommu::pgtable::{ArmStage2, Config, PageTable, Prot};
 use super::{Backend, EntryState, Event, Exit, HypercallRegs, VcpuError};
 use crate::guest::memory::GuestMemory;
 use crate::mem::iommu_mem::IommuMemory;
-use asm::{Context, El1Regs, El2Ready, VgicRegs};
+use asm::{Context, El1Regs, El2Ready, VgicHw, VgicRegs};
 use drivers::gicv3::vgic::{self, LrState, PendingSet};
 
 /// Priority of the virtual interrupts the hypervisor injects (the timer and MSIs): the middle
@@ -111,6 +111,15 @@ pub struct El1 {
     nr_lrs: usize,
     /// Whether this CPU's physical PPI 27 was left active for a vCPU's in-flight timer.
     vtimer_active: bool,
+    /// The vCPU (its context's address) whose virtual CPU interface this CPU holds, 0 for none.
+    vgic_owner: usize,
+    /// This CPU's index (a vCPU records where its interface was last loaded).
+    cpu: usize,
+    /// What this CPU's virtual CPU interface was last given.
+    vgic_hw: VgicHw,
+    /// The virtual timer registers hold something else than the owner's saved CNTV_CTL/CVAL
+    /// (`set_vtimer` unloaded or armed it): the next entry writes them again.
+    vtimer_stale: bool,
 }
 
 /// A VM: its stage-2 table and VMID.
@@ -153,6 +162,9 @@ pub struct El1Vcpu {
     /// The virtual timer was injected and the guest has not deactivated it yet: physical PPI
     /// 27 must be active whenever this vCPU runs.
     vtimer_inflight: bool,
+    /// The CPU whose virtual CPU interface was last loaded with this vCPU's state (`usize::MAX`
+    /// before the first run): if it ran elsewhere since, that CPU's copy is stale.
+    vgic_cpu: usize,
 }
 
 impl El1 {
@@ -187,6 +199,10 @@ impl El1 {
             last_vcpu: [0; 256],
             nr_lrs: 0,
             vtimer_active: false,
+            vgic_owner: 0,
+            cpu: crate::arch::smp::cpu_index(),
+            vgic_hw: VgicHw::default(),
+            vtimer_stale: false,
         })
     }
 
@@ -375,20 +391,28 @@ impl El1 {
         Self::collect_posted(vcpu);
         let nr = self.nr_lrs;
         let mut hcr = vgic::hcr::EN;
-        vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
+        // Nothing pending (the common exit): the list registers are as the guest left them.
         if !vcpu.pending.is_empty() {
-            hcr |= vgic::hcr::UIE;
+            vgic::refill(&mut vcpu.vgic.lrs[..nr], &vcpu.pending, &Lrs);
+            vcpu.vgic.rewritten(nr);
+            if !vcpu.pending.is_empty() {
+                hcr |= vgic::hcr::UIE;
+            }
         }
         vcpu.vgic.hcr = hcr;
     }
 
     /// Moves what MSI routes posted to this vCPU into its pending set (each posted bit is
-    /// taken exactly once: `msi::take_posted` swaps the words).
+    /// taken exactly once: `msi::take_posted` swaps the words; its summary flag skips them when
+    /// nothing was posted).
     fn collect_posted(vcpu: &mut El1Vcpu) {
         let Some(slot) = vcpu.msi_slot else {
             return;
         };
-        for (w, bits) in crate::guest::msi::take_posted(slot).into_iter().enumerate() {
+        let Some(posted) = crate::guest::msi::take_posted_if_any(slot) else {
+            return;
+        };
+        for (w, bits) in posted.into_iter().enumerate() {
             let mut b = bits;
             while b != 0 {
                 let bit = b.trailing_zeros();
@@ -451,6 +475,7 @@ impl El1 {
         }
         if armed {
             asm::set_vtimer(1, cval);
+            self.vtimer_stale = true;
         }
 
         let result = loop {
@@ -604,6 +629,7 @@ impl Backend for El1 {
             pending: PendingSet::new(),
             msi_slot: None,
             vtimer_inflight: false,
+            vgic_cpu: usize::MAX,
         })
     }
 
@@ -623,19 +649,35 @@ impl Backend for El1 {
                 event: Event::Invalid(0),
             };
         }
+        // This CPU's virtual CPU interface still holds this vCPU's state (it was the last one
+        // loaded here and has not run elsewhere since): only what changed is written.
+        let mut vgic_full = self.vgic_owner != me || vcpu.vgic_cpu != self.cpu;
+        self.vgic_owner = me;
+        vcpu.vgic_cpu = self.cpu;
         loop {
+            if core::mem::replace(&mut self.vtimer_stale, false) && !vgic_full {
+                // A WFI wait or an unload changed the timer; a full entry (`asm::run` loads
+                // every EL1 register) restores it anyway.
+                asm::set_vtimer(vcpu.el1.cntv_ctl, vcpu.el1.cntv_cval);
+            }
             self.prepare_entry(vcpu);
             let ran = asm::run(
                 &self.el2,
                 &vm.stage2,
                 vm.vmid,
                 &mut vcpu.el1,
-                &mut vcpu.vgic,
-                self.nr_lrs,
+                asm::VgicRun {
+                    regs: &mut vcpu.vgic,
+                    hw: &mut self.vgic_hw,
+                    nr: self.nr_lrs,
+                    full: core::mem::replace(&mut vgic_full, false),
+                },
                 &mut vcpu.ctx,
             );
             if !ran {
-                // A table of another shape than VTCR_EL2 describes: never entered.
+                // A table of another shape than VTCR_EL2 describes: never entered (nor was
+                // the virtual CPU interface loaded).
+                self.vgic_owner = 0;
                 return Exit {
                     pc: vcpu.ctx.pc,
                     event: Event::Invalid(0),
@@ -647,7 +689,14 @@ impl Backend for El1 {
             if let Some(event) = self.decode(vcpu) {
                 // The vCPU leaves the CPU (the scheduler may run another one here): its timer,
                 // saved in `el1`, must not assert PPI 27 meanwhile.
-                asm::set_vtimer(0, vcpu.el1.cntv_cval);
+                // A hypercall or an emulated access is handled and the vCPU resumes (or leaves
+                // through `destroy_vcpu`, which unloads it) with no other vCPU in between
+                // (guest::run_slice): its timer can stay loaded; PPI 27 that fires meanwhile
+                // stays pending under the hypervisor's PMR and is taken at the next entry.
+                if !matches!(event, Event::Hypercall(_) | Event::MmioAccess { .. }) {
+                    asm::set_vtimer(0, vcpu.el1.cntv_cval);
+                    self.vtimer_stale = true;
+                }
                 return Exit { pc, event };
             }
         }
@@ -669,6 +718,13 @@ impl Backend for El1 {
         if vcpu.vtimer_inflight && self.vtimer_active {
             crate::arch::irq::set_ppi_active(VTIMER, false);
             self.vtimer_active = false;
+        }
+        // A later vCPU may be allocated at the same address: it must not count as the owner.
+        // Its timer may still be loaded (it left after a hypercall): it must not assert PPI
+        // 27 under the next vCPU.
+        if self.vgic_owner == core::ptr::from_ref::<Context>(&vcpu.ctx).addr() {
+            self.vgic_owner = 0;
+            asm::set_vtimer(0, vcpu.el1.cntv_cval);
         }
         drop(vcpu);
     }
