@@ -21,7 +21,7 @@
 
 use alloc::format;
 use alloc::string::String;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use drivers::gicv3::vgic::{FIRST_MSI_VINTID, MAX_VINTID};
 use spin::Mutex;
@@ -79,35 +79,6 @@ fn on_lpi(_intid: u32, r: usize) {
         .fetch_or(1 << (crate::arch::smp::cpu_index() % 64), Ordering::Relaxed);
     let slot = ((t >> 8) & 0xffff) as usize;
     super::post(slot, t as u8);
-    // After the bit (program order; Release): a vCPU that takes this flag (Acquire) sees it.
-    // A read-modify-write, not a store: each handler's flag write then continues the release
-    // sequence of the ones before it, so a taker that reads the last one synchronizes with
-    // every handler whose flag write came earlier, not only the last.
-    if let Some(f) = ANY_POSTED.get(slot) {
-        f.swap(true, Ordering::Release);
-    }
-}
-
-/// Per vCPU slot: something may have been posted since its backend last took the set, so an
-/// entry with nothing posted costs one load instead of four word swaps.
-static ANY_POSTED: [AtomicBool; super::SLOTS] = [const { AtomicBool::new(false) }; super::SLOTS];
-
-/// Takes what was posted to `slot` (as `msi::take_posted`), or `None` when nothing was.
-///
-/// Orderings: the handler sets its bit, then the flag with a Release swap; this clears the
-/// flag with an Acquire swap *before* taking the words. A swap that reads `true` synchronizes
-/// with every handler whose flag swap preceded it (one release sequence of RMWs), so their
-/// bits are in the take that follows. A handler whose
-/// flag store comes after the swap leaves the flag set, so its bit is taken now or next time
-/// (an empty take then at worst); no bit is left behind with the flag clear. The Relaxed load
-/// first only skips the swap while the flag is clear: a post it misses is one that happened
-/// after this entry's check, delivered at the next.
-pub fn take_posted_if_any(slot: usize) -> Option<[u64; 4]> {
-    let f = ANY_POSTED.get(slot)?;
-    if !f.load(Ordering::Relaxed) || !f.swap(false, Ordering::Acquire) {
-        return None;
-    }
-    Some(super::take_posted(slot))
 }
 
 /// How many live routes post to vCPU slot `slot` (a vCPU waiting in WFI with none and no

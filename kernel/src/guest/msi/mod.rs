@@ -31,7 +31,7 @@ mod x86_64;
 use x86_64 as arch;
 
 #[cfg(target_arch = "aarch64")]
-pub use aarch64::{routes_to, take_posted_if_any};
+pub use aarch64::routes_to;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{on_interrupt, report};
 
@@ -119,9 +119,7 @@ pub fn take_posted(slot: usize) -> [u64; 4] {
 static ANY_POSTED: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
 
 /// [`take_posted`] behind the summary flag: `None`, after one load, when nothing was posted
-/// to `slot` since the last take through this function (the SVM entry path).
-// The aarch64 EL1 backend still takes with `take_posted` (its exit path is another change).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// to `slot` since the last take through this function (the SVM and EL1 entry paths).
 pub fn take_posted_if_any(slot: usize) -> Option<[u64; 4]> {
     let (p, any) = (POSTED.get(slot)?, ANY_POSTED.get(slot)?);
     // Relaxed is enough for the check: a true seen here is re-read by the Acquire swap, and a
