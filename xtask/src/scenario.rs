@@ -81,6 +81,11 @@ pub struct Scenario {
     /// Regular expressions that must match no console line.
     #[serde(default)]
     pub reject: Vec<String>,
+    /// An open bug this scenario is known to hit intermittently (what and where it is tracked).
+    /// A failure is then printed in full as `KNOWN-BUG` and counted apart, not as a pass and
+    /// not as a failure; a run that passes is a normal `PASS`.
+    #[serde(default)]
+    pub known_bug: Option<String>,
     /// The hypervisor's expected exit status.
     #[serde(default)]
     pub status: u32,
@@ -129,6 +134,7 @@ impl Scenario {
             timeout_secs: default_timeout(),
             expect: Vec::new(),
             reject: Vec::new(),
+            known_bug: None,
             status: 0,
             guests: Vec::new(),
             bochs_cpu: None,
