@@ -119,10 +119,7 @@ pub fn take_posted(slot: usize) -> [u64; 4] {
 static ANY_POSTED: [AtomicBool; SLOTS] = [const { AtomicBool::new(false) }; SLOTS];
 
 /// [`take_posted`] behind the summary flag: `None`, after one load, when nothing was posted
-/// to `slot` since the last take through this function (the EL1 entry path; the SVM entry
-/// path still takes with [`take_posted`]: its fast path made x86-guest-irq-smp inject one
-/// interrupt twice and was taken back, docs/interrupts.md "Known bug").
-#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+/// to `slot` since the last take through this function (the SVM and EL1 entry paths).
 pub fn take_posted_if_any(slot: usize) -> Option<[u64; 4]> {
     let (p, any) = (POSTED.get(slot)?, ANY_POSTED.get(slot)?);
     // Relaxed is enough for the check: a true seen here is re-read by the Acquire swap, and a

@@ -184,6 +184,9 @@ pub struct SvmVcpu {
     /// It executed HLT with its virtual APIC enabled and IF = 1: it runs again when an
     /// interrupt is deliverable.
     halted: bool,
+    /// V_IRQ (and the VINTR intercept) may be set in the VMCB: rewritten before the next
+    /// entry. While it is known to be clear, the VMCB is not touched (`set_virtual_irq`).
+    virq_set: bool,
 }
 
 impl Svm {
@@ -294,14 +297,24 @@ impl Svm {
     /// V_IRQ with the VINTR intercept, so that the guest exits at its next interrupt window
     /// and the vector is injected then (§15.21.4). Nothing is injected while an interrupted
     /// event is re-delivered.
+    ///
+    /// Every exit pays this, so the common case (nothing posted, no virtual timer armed,
+    /// nothing requested, no V_IRQ left in the VMCB) is a few loads and branches: one summary
+    /// flag instead of four atomic swaps (`msi::take_posted_if_any`), no RDTSC unless the
+    /// timer is armed, and no VMCB access at all when V_IRQ is already clear.
     fn prepare_interrupts(vcpu: &mut SvmVcpu) {
         let Some((apic, slot)) = vcpu.apic.as_mut() else {
             return;
         };
-        apic.request_bits(crate::guest::msi::take_posted(*slot));
-        apic.tick(crate::arch::irq::now());
+        if let Some(posted) = crate::guest::msi::take_posted_if_any(*slot) {
+            apic.request_bits(posted);
+        }
+        // `tick` does nothing without a deadline: skip the TSC read.
+        if apic.deadline().is_some() {
+            apic.tick(crate::arch::irq::now());
+        }
         let Some(v) = apic.pending() else {
-            vcpu.vmcb.set_virtual_irq(None);
+            Self::set_virtual_irq(&mut vcpu.vmcb, &mut vcpu.virq_set, None);
             return;
         };
         if !vcpu.injecting && vcpu.vmcb.interruptible() {
@@ -310,10 +323,23 @@ impl Svm {
             vcpu.vmcb.set_event_injection(u64::from(v) | 1 << 31);
             vcpu.injecting = true;
             INJECTED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            vcpu.vmcb.set_virtual_irq(None);
+            Self::set_virtual_irq(&mut vcpu.vmcb, &mut vcpu.virq_set, None);
         } else {
-            vcpu.vmcb.set_virtual_irq(Some(v));
+            Self::set_virtual_irq(&mut vcpu.vmcb, &mut vcpu.virq_set, Some(v));
         }
+    }
+
+    /// V_IRQ and the VINTR intercept as `vector` asks, skipping the VMCB when both are known
+    /// to be clear already (`virq_set` false: this backend last wrote `None`, or never wrote
+    /// it). The processor sets V_IRQ only for a virtual interrupt the VMM requested
+    /// (APM vol 2 §15.21.4), so a clear V_IRQ stays clear across VMRUN/#VMEXIT. A requested one
+    /// is always rewritten: the exit may have changed it.
+    fn set_virtual_irq(vmcb: &mut Vmcb, virq_set: &mut bool, vector: Option<u8>) {
+        if vector.is_none() && !*virq_set {
+            return;
+        }
+        vmcb.set_virtual_irq(vector);
+        *virq_set = vector.is_some();
     }
 
     /// A halted vCPU waits here until its virtual APIC has a deliverable vector (`true`) or
@@ -327,8 +353,12 @@ impl Svm {
             return true;
         };
         loop {
-            apic.request_bits(crate::guest::msi::take_posted(*slot));
-            apic.tick(crate::arch::irq::now());
+            if let Some(posted) = crate::guest::msi::take_posted_if_any(*slot) {
+                apic.request_bits(posted);
+            }
+            if apic.deadline().is_some() {
+                apic.tick(crate::arch::irq::now());
+            }
             if apic.pending().is_some() {
                 vcpu.halted = false;
                 return true;
@@ -594,6 +624,8 @@ impl Backend for Svm {
             index: s.vcpu,
             apic: None,
             halted: false,
+            // `set_virtual_interrupt_masking` left V_IRQ clear, and no VINTR intercept.
+            virq_set: false,
         })
     }
 
