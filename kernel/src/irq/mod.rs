@@ -179,9 +179,10 @@ fn mask_io_apics(info: &BootInfo) {
 pub fn report() {
     vtd::report();
     crate::guest::msi::report();
-    let (injected, vintr) = crate::vcpu::svm::interrupt_counts();
+    let c = crate::vcpu::svm::interrupt_counts();
     println!(
-        "report: svm guest interrupts: {injected} injected by EVENTINJ, {vintr} VINTR exit(s) (V_IRQ taken at an interrupt window)"
+        "report: svm guest interrupts: {} injected by EVENTINJ, {} taken through V_IRQ, {} VINTR exit(s), {} re-injected (delivery cut short by an exit)",
+        c.injected, c.taken, c.vintr_exits, c.reinjected
     );
     println!(
         "report: irq: {} interrupt(s) on vectors without a handler, {} unknown",

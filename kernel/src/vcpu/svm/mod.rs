@@ -69,15 +69,91 @@ mod exit {
 /// tables), so the guest runner can check that every nested table page came back.
 pub static NPT_MEMORY: IommuMemory = IommuMemory::new();
 
-/// Virtual interrupts injected through EVENTINJ, and VINTR exits (a V_IRQ the guest became
-/// able to take), over every vCPU: the end-of-run report.
+/// Over every vCPU, for the end-of-run report: virtual interrupts injected through EVENTINJ,
+/// taken by the guest itself through V_IRQ, VINTR exits (a V_IRQ the guest became able to
+/// take, in [`Delivery::EventInjection`]), and events re-injected after an exit cut their
+/// delivery short.
 static INJECTED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static TAKEN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static VINTR_EXITS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static REINJECTED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
-/// `(injected, VINTR exits)` so far.
-pub fn interrupt_counts() -> (u64, u64) {
+/// What the end-of-run report prints about SVM guest interrupts.
+pub struct InterruptCounts {
+    pub injected: u64,
+    pub taken: u64,
+    pub vintr_exits: u64,
+    pub reinjected: u64,
+}
+
+pub fn interrupt_counts() -> InterruptCounts {
     use core::sync::atomic::Ordering::Relaxed;
-    (INJECTED.load(Relaxed), VINTR_EXITS.load(Relaxed))
+    InterruptCounts {
+        injected: INJECTED.load(Relaxed),
+        taken: TAKEN.load(Relaxed),
+        vintr_exits: VINTR_EXITS.load(Relaxed),
+        reinjected: REINJECTED.load(Relaxed),
+    }
+}
+
+/// How a virtual interrupt reaches a guest that can take it at the entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The usual way (APM vol 2 §15.20, as KVM and Xen do): EVENTINJ when the guest can take
+    /// the interrupt at the entry, else V_IRQ with the VINTR intercept, so that the guest exits
+    /// at its next interrupt window and the vector is injected then (§15.21.4).
+    EventInjection,
+    /// V_IRQ without the VINTR intercept (§15.21.4): the guest takes the interrupt itself,
+    /// at the entry or whenever its RFLAGS.IF and interrupt shadow allow, and the exit after
+    /// that finds V_IRQ cleared. Used under QEMU's TCG: its SVM model delivers an external
+    /// interrupt injected by EVENTINJ during VMRUN but leaves the vector behind as the CPU's
+    /// pending exception, and delivers it a second time (even with RFLAGS.IF = 0) when its
+    /// execution loop is next left for an exit request instead of a #VMEXIT (an icount slice
+    /// ending, a kick from another CPU): a guest counted one raise-IRQ twice
+    /// (docs/interrupts.md, "EVENTINJ under QEMU"). Its V_IRQ path does not leave that behind.
+    /// Not used elsewhere: Bochs 2.7 re-evaluates V_IRQ's masking only when RFLAGS.IF changes,
+    /// so it never delivers a V_IRQ to a guest that has IF = 1 at VMRUN.
+    VirtualIrq,
+}
+
+impl Delivery {
+    /// [`Delivery::VirtualIrq`] under QEMU's TCG, which names itself in the hypervisor CPUID
+    /// leaf 4000_0000h ("TCGTCGTCGTCG"); [`Delivery::EventInjection`] on anything else.
+    pub fn for_this_cpu() -> Delivery {
+        let l = __cpuid(0x4000_0000);
+        let mut name = [0u8; 12];
+        for (chunk, word) in name.chunks_exact_mut(4).zip([l.ebx, l.ecx, l.edx]) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        if &name == b"TCGTCGTCGTCG" {
+            Delivery::VirtualIrq
+        } else {
+            Delivery::EventInjection
+        }
+    }
+}
+
+/// EXITINTINFO / EVENTINJ fields (APM vol 2 §15.20, Figure 15-3): vector 7:0, type 10:8,
+/// valid bit 31.
+mod event {
+    pub const VALID: u64 = 1 << 31;
+    pub const TYPE_MASK: u64 = 0b111 << 8;
+    /// Type 0: external (maskable) interrupt.
+    pub const TYPE_INTR: u64 = 0;
+    /// Type 3: exception. QEMU reports a virtual interrupt whose delivery an exit cut short
+    /// with this type (its vector is then >= 32, which no exception has).
+    pub const TYPE_EXCEPTION: u64 = 3 << 8;
+}
+
+/// Whether the event in EXITINTINFO is an external interrupt (type 0, or QEMU's type 3 with
+/// a vector no exception has), and which vector.
+fn external_interrupt(info: u64) -> Option<u8> {
+    let vector = (info & 0xff) as u8;
+    match info & event::TYPE_MASK {
+        event::TYPE_INTR => Some(vector),
+        event::TYPE_EXCEPTION if vector >= 32 => Some(vector),
+        _ => None,
+    }
 }
 
 /// Exceptions intercepted: #DB (1), #AC (17), #MC (18).
@@ -156,6 +232,8 @@ pub struct Svm {
     nrips: bool,
     /// By ASID, the VMCB (physical address) of the vCPU that ran last with it on this CPU.
     last_vcpu: [u64; MAX_ASIDS as usize],
+    /// How guests take their virtual interrupts on this CPU.
+    delivery: Delivery,
 }
 
 /// A VM: its nested page table and ASID.
@@ -184,9 +262,9 @@ pub struct SvmVcpu {
     /// It executed HLT with its virtual APIC enabled and IF = 1: it runs again when an
     /// interrupt is deliverable.
     halted: bool,
-    /// V_IRQ (and the VINTR intercept) may be set in the VMCB: rewritten before the next
-    /// entry. While it is known to be clear, the VMCB is not touched (`set_virtual_irq`).
-    virq_set: bool,
+    /// The vector this backend left in V_IRQ for the guest to take (`None`: V_IRQ is clear).
+    /// After an exit a clear V_IRQ bit says the guest took it.
+    virq: Option<u8>,
 }
 
 impl Svm {
@@ -221,6 +299,7 @@ impl Svm {
             phys_bits,
             nrips: has_nrips(),
             last_vcpu: [0; MAX_ASIDS as usize],
+            delivery: Delivery::for_this_cpu(),
         })
     }
 
@@ -292,17 +371,19 @@ impl Svm {
     }
 
     /// Before an entry: merges what host handlers posted into the virtual APIC, fires its
-    /// timer if due, and injects the highest deliverable vector: through EVENTINJ when the
-    /// guest can take it now (RFLAGS.IF = 1, no interrupt shadow; APM vol 2 §15.20), else as
-    /// V_IRQ with the VINTR intercept, so that the guest exits at its next interrupt window
-    /// and the vector is injected then (§15.21.4). Nothing is injected while an interrupted
-    /// event is re-delivered.
+    /// timer if due, and delivers the highest deliverable vector as `delivery` says: through
+    /// EVENTINJ if the guest can take it now (RFLAGS.IF = 1, no interrupt shadow) and no
+    /// interrupted event is being re-delivered, else offered in V_IRQ (with V_IGN_TPR: the
+    /// virtual APIC's own priority check already allowed it); with the VINTR intercept in
+    /// [`Delivery::EventInjection`], without it in [`Delivery::VirtualIrq`].
     ///
     /// Every exit pays this, so the common case (nothing posted, no virtual timer armed,
-    /// nothing requested, no V_IRQ left in the VMCB) is a few loads and branches: one summary
+    /// nothing requested, V_IRQ already as wanted) is a few loads and branches: one summary
     /// flag instead of four atomic swaps (`msi::take_posted_if_any`), no RDTSC unless the
-    /// timer is armed, and no VMCB access at all when V_IRQ is already clear.
-    fn prepare_interrupts(vcpu: &mut SvmVcpu) {
+    /// timer is armed, and no VMCB store when V_IRQ already holds what it should (a V_IRQ not
+    /// taken is still set after the exit: the processor clears it only when the guest takes
+    /// it, and with the VINTR intercept the guest exits before it does).
+    fn prepare_interrupts(vcpu: &mut SvmVcpu, delivery: Delivery) {
         let Some((apic, slot)) = vcpu.apic.as_mut() else {
             return;
         };
@@ -313,33 +394,61 @@ impl Svm {
         if apic.deadline().is_some() {
             apic.tick(crate::arch::irq::now());
         }
-        let Some(v) = apic.pending() else {
-            Self::set_virtual_irq(&mut vcpu.vmcb, &mut vcpu.virq_set, None);
-            return;
-        };
-        if !vcpu.injecting && vcpu.vmcb.interruptible() {
+        let mut want = apic.pending();
+        if let Some(v) = want
+            && delivery == Delivery::EventInjection
+            && !vcpu.injecting
+            && vcpu.vmcb.interruptible()
+        {
             apic.accept(v);
-            // Type 0 (external interrupt), valid (bit 31).
-            vcpu.vmcb.set_event_injection(u64::from(v) | 1 << 31);
+            vcpu.vmcb
+                .set_event_injection(u64::from(v) | event::TYPE_INTR | event::VALID);
             vcpu.injecting = true;
             INJECTED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            Self::set_virtual_irq(&mut vcpu.vmcb, &mut vcpu.virq_set, None);
-        } else {
-            Self::set_virtual_irq(&mut vcpu.vmcb, &mut vcpu.virq_set, Some(v));
+            want = None;
+        }
+        if want != vcpu.virq {
+            vcpu.vmcb
+                .set_virtual_irq(want, delivery == Delivery::EventInjection);
+            vcpu.virq = want;
         }
     }
 
-    /// V_IRQ and the VINTR intercept as `vector` asks, skipping the VMCB when both are known
-    /// to be clear already (`virq_set` false: this backend last wrote `None`, or never wrote
-    /// it). The processor sets V_IRQ only for a virtual interrupt the VMM requested
-    /// (APM vol 2 §15.21.4), so a clear V_IRQ stays clear across VMRUN/#VMEXIT. A requested one
-    /// is always rewritten: the exit may have changed it.
-    fn set_virtual_irq(vmcb: &mut Vmcb, virq_set: &mut bool, vector: Option<u8>) {
-        if vector.is_none() && !*virq_set {
-            return;
+    /// After an exit: if the guest took the vector offered in V_IRQ (the processor cleared
+    /// the bit), it is in service now: IRR to ISR in the virtual APIC. Then EXITINTINFO: an
+    /// event whose delivery the exit interrupted is delivered again at the next entry through
+    /// EVENTINJ (§15.7.2), except the offered virtual interrupt while V_IRQ is still set (QEMU
+    /// clears V_IRQ only once the delivery completed): V_IRQ delivers that one again itself.
+    fn sync_virtual_irq(vcpu: &mut SvmVcpu) {
+        let mut taken = None;
+        if let Some(v) = vcpu.virq
+            && vcpu.exit.int_ctl & vmcb::V_IRQ == 0
+        {
+            if let Some((apic, _)) = vcpu.apic.as_mut() {
+                apic.accept(v);
+            }
+            TAKEN.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            vcpu.virq = None;
+            taken = Some(v);
         }
-        vmcb.set_virtual_irq(vector);
-        *virq_set = vector.is_some();
+        let info = vcpu.exit.int_info;
+        let mut reinject = 0;
+        if info & event::VALID != 0 {
+            match external_interrupt(info) {
+                // Still offered in V_IRQ: it comes again by itself.
+                Some(v) if taken.is_none() && vcpu.virq == Some(v) => {}
+                // An external interrupt is re-delivered as type 0 whatever type QEMU reported.
+                Some(v) => reinject = u64::from(v) | event::TYPE_INTR | event::VALID,
+                None => reinject = info,
+            }
+        }
+        if reinject != 0 {
+            REINJECTED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        }
+        if reinject != 0 || vcpu.injecting {
+            vcpu.vmcb.set_event_injection(reinject);
+            vcpu.injecting = reinject != 0;
+        }
     }
 
     /// A halted vCPU waits here until its virtual APIC has a deliverable vector (`true`) or
@@ -624,8 +733,8 @@ impl Backend for Svm {
             index: s.vcpu,
             apic: None,
             halted: false,
-            // `set_virtual_interrupt_masking` left V_IRQ clear, and no VINTR intercept.
-            virq_set: false,
+            // `set_virtual_interrupt_masking` left V_IRQ clear.
+            virq: None,
         })
     }
 
@@ -639,7 +748,7 @@ impl Backend for Svm {
                     event: Event::Preempted,
                 };
             }
-            Self::prepare_interrupts(vcpu);
+            Self::prepare_interrupts(vcpu, self.delivery);
             let pa = vcpu.vmcb.pa();
             let switched = self
                 .last_vcpu
@@ -656,23 +765,15 @@ impl Backend for Svm {
             if vcpu.exit.code == exit::INTR {
                 asm::take_interrupt(self.cpu);
             }
-            // An event being delivered when the exit happened is delivered again at the next
-            // entry (APM vol 2 §15.7.2, EXITINTINFO); prepare_interrupts injects nothing else
-            // meanwhile.
-            let pending = vcpu.exit.int_info;
-            let inject = pending & (1 << 31) != 0;
-            if inject || vcpu.injecting {
-                vcpu.vmcb
-                    .set_event_injection(if inject { pending } else { 0 });
-                vcpu.injecting = inject;
-            }
+            Self::sync_virtual_irq(vcpu);
             if vcpu.exit.code == exit::CPUID {
                 self.emulate_cpuid(vcpu);
                 continue;
             }
             if vcpu.apic.is_some() {
                 match vcpu.exit.code {
-                    // The guest can take the virtual interrupt now: injected at the entry.
+                    // Delivery::EventInjection: the guest can take the offered V_IRQ now; it
+                    // is injected at the entry.
                     exit::VINTR => {
                         VINTR_EXITS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
                         continue;
@@ -720,6 +821,9 @@ impl Backend for Svm {
 
     fn bind_interrupts(&mut self, vcpu: &mut SvmVcpu, slot: usize) -> bool {
         vcpu.apic = Some((VirtualLapic::new(vcpu.index), slot));
+        if vcpu.virq.take().is_some() {
+            vcpu.vmcb.set_virtual_irq(None, false);
+        }
         true
     }
 

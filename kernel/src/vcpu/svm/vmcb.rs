@@ -93,6 +93,10 @@ pub struct Segment {
     pub base: u64,
 }
 
+/// V_IRQ, bit 8 of the word at offset 0x60 (APM Table B-1): a virtual interrupt is offered;
+/// the processor clears it when the guest takes the interrupt.
+pub const V_IRQ: u64 = 1 << 8;
+
 /// The exit fields of a VMCB after `#VMEXIT` (Table B-1 EXITCODE, EXITINFO1/2, EXITINTINFO,
 /// nRIP; Table B-2 RIP, RAX).
 #[derive(Clone, Copy, Debug, Default)]
@@ -101,6 +105,8 @@ pub struct ExitState {
     pub info1: u64,
     pub info2: u64,
     pub int_info: u64,
+    /// The V_TPR / V_IRQ / V_INTR_VECTOR word (offset 0x60), as the processor wrote it back.
+    pub int_ctl: u64,
     pub next_rip: u64,
     pub rip: u64,
     pub rax: u64,
@@ -166,26 +172,34 @@ impl Vmcb {
         self.w32(ctl::VINTR, 1 << 24);
     }
 
-    /// V_IRQ (APM vol 2 §15.21.4): `Some(vector)` asks for a virtual interrupt of that
-    /// vector's priority, with V_IGN_TPR (the virtual APIC's own TPR already allowed it), and
-    /// sets the VINTR intercept so that the guest exits as soon as it can take it (RFLAGS.IF
-    /// = 1, no interrupt shadow) instead of taking it through its IDT; `None` clears both.
-    /// V_INTR_MASKING stays set; V_TPR is kept.
-    pub fn set_virtual_irq(&mut self, vector: Option<u8>) {
+    /// V_IRQ (APM vol 2 §15.21.4): `Some(vector)` offers the guest a virtual interrupt of
+    /// that vector, with V_IGN_TPR (the virtual APIC's own priority check already allowed it).
+    /// With `intercept` the VINTR intercept is set too, so that the guest exits as soon as it
+    /// can take it (RFLAGS.IF = 1, no interrupt shadow) instead of taking it; without, it takes
+    /// it through its IDT and the processor clears V_IRQ (read back as
+    /// [`ExitState::int_ctl`]). `None` withdraws the offer and the intercept. V_INTR_MASKING
+    /// stays set; V_TPR is kept.
+    pub fn set_virtual_irq(&mut self, vector: Option<u8>, intercept: bool) {
         let [vintr, misc] = self.page.load_u64s([ctl::VINTR, ctl::INTERCEPT_EXCEPTIONS]);
         let tpr = vintr & 0xff;
         let misc1 = (misc >> 32) as u32;
         let (vintr, misc1) = match vector {
             Some(v) => (
-                tpr | 1 << 8 | u64::from(v >> 4) << 16 | 1 << 20 | 1 << 24 | u64::from(v) << 32,
-                misc1 | intercept::VINTR,
+                tpr | V_IRQ | u64::from(v >> 4) << 16 | 1 << 20 | 1 << 24 | u64::from(v) << 32,
+                if intercept {
+                    misc1 | intercept::VINTR
+                } else {
+                    misc1 & !intercept::VINTR
+                },
             ),
             None => (tpr | 1 << 24, misc1 & !intercept::VINTR),
         };
         // VINTR (0x60) and V_INTR_VECTOR (0x64) share one 8-aligned word.
         const _: () = assert!(ctl::VINTR.is_multiple_of(8) && ctl::VINTR_VECTOR == ctl::VINTR + 4);
         self.w64(ctl::VINTR, vintr);
-        self.w32(ctl::INTERCEPT_MISC1, misc1);
+        if misc1 != (misc >> 32) as u32 {
+            self.w32(ctl::INTERCEPT_MISC1, misc1);
+        }
     }
 
     /// Whether the guest can take an external interrupt now: RFLAGS.IF = 1 and no
@@ -217,11 +231,12 @@ impl Vmcb {
     /// What an exit handler reads, loaded together (one lookup of the page instead of one per
     /// field).
     pub fn exit_state(&self) -> ExitState {
-        let [code, info1, info2, int_info, next_rip, rip, rax] = self.page.load_u64s([
+        let [code, info1, info2, int_info, int_ctl, next_rip, rip, rax] = self.page.load_u64s([
             ctl::EXITCODE,
             ctl::EXITINFO1,
             ctl::EXITINFO2,
             ctl::EXITINTINFO,
+            ctl::VINTR,
             ctl::NRIP,
             save::RIP,
             save::RAX,
@@ -231,6 +246,7 @@ impl Vmcb {
             info1,
             info2,
             int_info,
+            int_ctl,
             next_rip,
             rip,
             rax,
