@@ -318,8 +318,10 @@ macro_rules! sysregs {
             )*
         }
 
-        /// Stores the CPU's EL1 state into `r`.
-        fn save_el1(r: &mut El1Regs) {
+        /// Stores the CPU's EL1 state into `r`. Not part of [`run`]: the backend calls it
+        /// when the vCPU's saved image is needed (another vCPU may run on the CPU next, a WFI
+        /// wait reads the timer), not after each exit (see `El1Vcpu::el1_saved`).
+        pub fn save_el1(r: &mut El1Regs) {
             $(
                 // SAFETY: reading EL1 system registers at EL2 has no side effects.
                 unsafe {
@@ -509,8 +511,9 @@ pub fn flush_vmid_stage1_local(_: &El2Ready, table: &Stage2, vmid: u16) {
     }
 }
 
-/// Runs the guest: loads its stage 2 (`table`, `vmid`), the traps and its EL1 registers, enters
-/// it, and saves its state when it exits; the exit syndrome is in `ctx`. Returns `false`
+/// Runs the guest: loads its stage 2 (`table`, `vmid`), the traps and (with `vgic.full`) its EL1
+/// registers, enters it, and saves its general-purpose, SIMD&FP and GIC state when it exits (its
+/// EL1 registers stay in the CPU until [`save_el1`]); the exit syndrome is in `ctx`. Returns `false`
 /// without entering when `table` is not of the shape VTCR_EL2 describes.
 pub fn run(
     ready: &El2Ready,
@@ -567,7 +570,9 @@ pub fn run(
             options(nostack, preserves_flags)
         );
     }
-    save_el1(el1);
+    // The EL1 registers stay in the CPU: the hypervisor at non-VHE EL2 writes none of them
+    // but the virtual timer, so the backend saves them ([`save_el1`]) only when it needs the
+    // image, instead of 27 system-register reads on every exit.
     save_vgic(vgic.regs, vgic.nr, vgic.hw);
     // The guest's timer stays loaded: if it is why the guest exited, its PPI must still be
     // pending when the backend acknowledges it. The backend unloads it (`set_vtimer(0, ..)`)
