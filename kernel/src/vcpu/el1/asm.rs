@@ -14,9 +14,11 @@
 //! returns from [`enter`]. PSTATE.{D,A,I,F} are all set by the exception, as they were when the
 //! host called [`enter`].
 //!
-//! The guest's EL1 system registers are switched in Rust around the call ([`El1Regs`]): the
-//! hypervisor at non-VHE EL2 never uses EL1 state (ARM DDI 0487, D1.3: EL2's own regime is
-//! TTBR0_EL2/TCR_EL2/SCTLR_EL2), so nothing can observe the guest's values in between.
+//! The guest's EL1 system registers are switched in Rust ([`El1Regs`]): loaded before the call
+//! when the CPU holds another vCPU's, saved by the backend ([`save_el1`]) only when this vCPU
+//! leaves the CPU. The hypervisor at non-VHE EL2 never uses EL1 state (ARM DDI 0487, D1.3: EL2's
+//! own regime is TTBR0_EL2/TCR_EL2/SCTLR_EL2), so nothing can observe or change the guest's
+//! values in between, except the virtual timer the backend itself programs.
 
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
