@@ -257,11 +257,9 @@ pub fn may_have_events(units: usize) -> bool {
     if units > MAX_UNITS {
         return true;
     }
-    interrupt_window();
     // The window takes nothing on a CPU whose GIC CPU interface is not up: then the pending
     // state is read as on any other CPU.
-    let boot_cpu =
-        crate::arch::smp::cpu_index() == 0 && crate::arch::preempt::this_redistributor().is_some();
+    let boot_cpu = interrupt_window() && crate::arch::smp::cpu_index() == 0;
     UNITS.iter().take(units).any(|s| {
         let (eventq, gerror) = (
             s.eventq.load(Ordering::Relaxed),

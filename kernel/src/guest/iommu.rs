@@ -124,7 +124,11 @@ impl GuestIommu {
 
     /// Drains every unit's fault recording registers (VT-d 4.1 §7.2.1) and hands each DMA
     /// fault to `sink`, attributed by (unit, source ID) to the assigned device that raised it.
+    ///
+    /// Inlined into the exit path: most exits have nothing to drain, and then this is the
+    /// check alone, without the drain's frame.
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     pub fn poll_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
         if self.model.is_some() {
             return; // the software model makes no DMA
@@ -133,6 +137,12 @@ impl GuestIommu {
         if !crate::irq::vtd::may_have_faults(self.units) {
             return;
         }
+        self.drain_faults(sink);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    fn drain_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
             return;
@@ -162,7 +172,10 @@ impl GuestIommu {
     /// raised it. QEMU's SMMU records one event per faulting transaction (a 256-byte edu DMA is
     /// dozens), so consecutive identical records (same StreamID, page, type and direction) are
     /// reported once and the rest counted in the log.
+    ///
+    /// Inlined into the exit path, as on x86_64: usually only the check runs.
     #[cfg(target_arch = "aarch64")]
+    #[inline]
     pub fn poll_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
         if self.model.is_some() {
             return; // the software model makes no DMA
@@ -171,6 +184,12 @@ impl GuestIommu {
         if !crate::smmu_irq::may_have_events(self.units) {
             return;
         }
+        self.drain_faults(sink);
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(never)]
+    fn drain_faults(&self, sink: &mut dyn FnMut(&DmaFault)) {
         let mut owner = iommu_owner::lock();
         let Some(o) = owner.as_mut() else {
             return;

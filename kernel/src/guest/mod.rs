@@ -901,6 +901,9 @@ fn run_slice<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) -> boo
     };
     #[cfg(target_arch = "x86_64")]
     let slice_start = native::ticks();
+    // The whole slice runs on this CPU: its bit in `ran_on`, looked up once per slice rather
+    // than once per exit.
+    let this_cpu_bit = 1 << (this_cpu() % 64);
     loop {
         // Acquire: pairs with the Release of `stop`; checked before every entry, so a vCPU of
         // a guest another CPU has stopped never runs for more than the slice it is in.
@@ -911,7 +914,7 @@ fn run_slice<B: Backend>(backend: &mut B, c: &Common<B>, v: &mut Vcpu<B>) -> boo
         let device_irqs = crate::irq::taken();
         let exit = backend.run(&r.vm, state);
         v.exits += 1;
-        v.ran_on |= 1 << (this_cpu() % 64);
+        v.ran_on |= this_cpu_bit;
         // A device interrupt (an IOMMU fault event) exits like the timer; only the timer ends
         // the slice.
         #[cfg(target_arch = "x86_64")]

@@ -197,6 +197,7 @@ fn remapping_on(name: &str, i: usize, unit: &mut VtdUnit<MmioRegion>) {
 /// limiter holds it masked. Opens an interrupt window first, so a pending event is taken. The
 /// guests' fault drain after every exit checks this before taking the IOMMU owner exclusively,
 /// so exits of vCPUs on several CPUs do not serialise on the owner when there is nothing to do.
+#[inline(always)]
 pub fn may_have_faults(units: usize) -> bool {
     window();
     units > UNITS.len()

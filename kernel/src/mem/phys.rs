@@ -384,6 +384,10 @@ pub fn firmware_bytes(pa: u64, len: u64) -> Result<&'static [u8], PhysError> {
 pub struct Frames {
     pa: u64,
     pages: u64,
+    /// Where the direct map shows the frames, computed and checked once by `alloc`: every
+    /// access through the token (each VMCB field, each guest-memory copy of the hypercall
+    /// path) used to repeat the direct-map lookup and its bounds checks.
+    va: usize,
 }
 
 impl Frames {
@@ -392,12 +396,13 @@ impl Frames {
     pub fn alloc(pages: u64, align: u64, limit: u64) -> Option<Frames> {
         use super::frame::{FRAMES, PAGE_SIZE};
         let pa = FRAMES.lock().alloc(pages, align, limit)?;
-        let frames = Frames { pa, pages };
-        if virt(pa, pages * PAGE_SIZE).is_err() {
-            frames.free();
-            return None;
+        match virt(pa, pages * PAGE_SIZE) {
+            Ok(va) => Some(Frames { pa, pages, va }),
+            Err(_) => {
+                FRAMES.lock().free(pa, pages);
+                None
+            }
         }
-        Some(frames)
     }
 
     pub fn pa(&self) -> u64 {
@@ -409,8 +414,8 @@ impl Frames {
     }
 
     fn va(&self) -> usize {
-        // Checked in `alloc`; the direct map never shrinks.
-        virt(self.pa, self.len()).expect("allocated frames outside the direct map")
+        // Checked in `alloc` (the only constructor); the direct map never shrinks or moves.
+        self.va
     }
 
     /// The frames' bytes, for as long as the token is borrowed.

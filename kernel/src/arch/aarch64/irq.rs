@@ -83,12 +83,13 @@ pub(super) extern "C" fn el2_irq() {
 
 /// Lets the hypervisor's device interrupts that are pending at this CPU interface be taken now
 /// (see the module comment). Handlers run inside, on this CPU. Safe to call with any lock held,
-/// since handlers take none.
-pub fn interrupt_window() {
+/// since handlers take none. `false`: this CPU's GIC CPU interface is not up, so there was no
+/// window (the caller need not ask `preempt::this_redistributor` again).
+pub fn interrupt_window() -> bool {
     // Without this CPU's GIC CPU interface up (ICC_SRE_EL2.SRE), the ICC_* accesses below would
     // be UNDEFINED; there is nothing to take then anyway.
     if super::preempt::this_redistributor().is_none() {
-        return;
+        return false;
     }
     // SAFETY: HCR_EL2.IMO (bit 4) makes physical IRQs target EL2 (DDI 0487, asynchronous exception routing) and is
     // restored below; PMR limits what is signalled to the device priority; clearing PSTATE.I
@@ -122,6 +123,7 @@ pub fn interrupt_window() {
             options(nostack, preserves_flags),
         );
     }
+    true
 }
 
 /// The generic counter (CNTPCT_EL0) and its frequency, for rate windows.

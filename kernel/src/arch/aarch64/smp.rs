@@ -323,7 +323,9 @@ pub fn online() -> usize {
     ONLINE.load(Ordering::Acquire)
 }
 
-/// The calling CPU's index: 0 = boot CPU; dense indices in bring-up order.
+/// The calling CPU's index: 0 = boot CPU; dense indices in bring-up order. Inlined: the exit
+/// path asks for it several times per exit.
+#[inline]
 pub fn cpu_index() -> usize {
     PERCPU[this_slot()].index.load(Ordering::Relaxed)
 }

@@ -328,6 +328,7 @@ pub fn eoi() {
 }
 
 /// Timer interrupts taken by the calling CPU since it started.
+#[inline]
 pub fn ticks() -> u64 {
     super::smp::this_cpu_ticks()
 }

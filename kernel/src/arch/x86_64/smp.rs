@@ -152,6 +152,7 @@ pub fn init_boot_cpu() {
 }
 
 /// The calling CPU's index: 0 = boot CPU; secondaries dense, in bring-up order.
+#[inline]
 pub fn cpu_index() -> usize {
     if !GS_READY.load(Ordering::Acquire) {
         return 0;
@@ -168,6 +169,7 @@ pub fn cpu_index() -> usize {
 }
 
 /// Timer ticks of the calling CPU.
+#[inline]
 pub fn this_cpu_ticks() -> u64 {
     PER_CPU[cpu_index()].ticks.load(Ordering::Relaxed)
 }

@@ -14,9 +14,11 @@
 //! returns from [`enter`]. PSTATE.{D,A,I,F} are all set by the exception, as they were when the
 //! host called [`enter`].
 //!
-//! The guest's EL1 system registers are switched in Rust around the call ([`El1Regs`]): the
-//! hypervisor at non-VHE EL2 never uses EL1 state (ARM DDI 0487, D1.3: EL2's own regime is
-//! TTBR0_EL2/TCR_EL2/SCTLR_EL2), so nothing can observe the guest's values in between.
+//! The guest's EL1 system registers are switched in Rust ([`El1Regs`]): loaded before the call
+//! when the CPU holds another vCPU's, saved by the backend ([`save_el1`]) only when this vCPU
+//! leaves the CPU. The hypervisor at non-VHE EL2 never uses EL1 state (ARM DDI 0487, D1.3: EL2's
+//! own regime is TTBR0_EL2/TCR_EL2/SCTLR_EL2), so nothing can observe or change the guest's
+//! values in between, except the virtual timer the backend itself programs.
 
 use core::arch::{asm, global_asm};
 use core::mem::offset_of;
@@ -318,8 +320,10 @@ macro_rules! sysregs {
             )*
         }
 
-        /// Stores the CPU's EL1 state into `r`.
-        fn save_el1(r: &mut El1Regs) {
+        /// Stores the CPU's EL1 state into `r`. Not part of [`run`]: the backend calls it
+        /// when the vCPU's saved image is needed (another vCPU may run on the CPU next, a WFI
+        /// wait reads the timer), not after each exit (see `El1Vcpu::el1_saved`).
+        pub fn save_el1(r: &mut El1Regs) {
             $(
                 // SAFETY: reading EL1 system registers at EL2 has no side effects.
                 unsafe {
@@ -509,8 +513,9 @@ pub fn flush_vmid_stage1_local(_: &El2Ready, table: &Stage2, vmid: u16) {
     }
 }
 
-/// Runs the guest: loads its stage 2 (`table`, `vmid`), the traps and its EL1 registers, enters
-/// it, and saves its state when it exits; the exit syndrome is in `ctx`. Returns `false`
+/// Runs the guest: loads its stage 2 (`table`, `vmid`), the traps and (with `vgic.full`) its EL1
+/// registers, enters it, and saves its general-purpose, SIMD&FP and GIC state when it exits (its
+/// EL1 registers stay in the CPU until [`save_el1`]); the exit syndrome is in `ctx`. Returns `false`
 /// without entering when `table` is not of the shape VTCR_EL2 describes.
 pub fn run(
     ready: &El2Ready,
@@ -567,7 +572,9 @@ pub fn run(
             options(nostack, preserves_flags)
         );
     }
-    save_el1(el1);
+    // The EL1 registers stay in the CPU: the hypervisor at non-VHE EL2 writes none of them
+    // but the virtual timer, so the backend saves them ([`save_el1`]) only when it needs the
+    // image, instead of 27 system-register reads on every exit.
     save_vgic(vgic.regs, vgic.nr, vgic.hw);
     // The guest's timer stays loaded: if it is why the guest exited, its PPI must still be
     // pending when the backend acknowledges it. The backend unloads it (`set_vtimer(0, ..)`)

@@ -165,6 +165,13 @@ pub struct El1Vcpu {
     /// The CPU whose virtual CPU interface was last loaded with this vCPU's state (`usize::MAX`
     /// before the first run): if it ran elsewhere since, that CPU's copy is stale.
     vgic_cpu: usize,
+    /// `el1` holds what the guest left in the EL1 registers at its last exit. After an exit
+    /// the registers stay in the CPU unsaved ([`asm::run`] does not read them back): a
+    /// hypercall or emulated access resumes the same vCPU with nothing in between, so the
+    /// image is saved ([`El1::save_el1`]) only when it is needed: before the vCPU leaves the
+    /// CPU at any other exit (the scheduler may run another vCPU here, whose entry loads its
+    /// own image over them) and before a WFI wait reads or rewrites the timer.
+    el1_saved: bool,
 }
 
 impl El1 {
@@ -244,15 +251,28 @@ impl El1 {
     /// and everything that is not this service. Returns `Some(x0..x3)` if handled here, `None`
     /// for an ABI or platform call.
     fn smccc_builtin(x0: u64, imm: u16) -> Option<[u64; 4]> {
+        match hvabi::smccc::classify(x0, imm) {
+            hvabi::smccc::Call::Op(_) => None,
+            other => Some(Self::smccc_answer(other)),
+        }
+    }
+
+    /// The answer to a query or a call of another service. Out of line and cold: its constant
+    /// answers were materialised on the stack at every `run` (16 instructions per hypercall)
+    /// when inlined into the exit path.
+    #[cold]
+    #[inline(never)]
+    fn smccc_answer(call: hvabi::smccc::Call) -> [u64; 4] {
         use hvabi::smccc::{self, Call};
-        Some(match smccc::classify(x0, imm) {
-            Call::Op(_) => return None,
+        match call {
+            // Never passed: `smccc_builtin` leaves ABI ops to the dispatcher.
+            Call::Op(_) => [smccc::NOT_SUPPORTED as u64, 0, 0, 0],
             Call::CallUid => smccc::UID.map(u64::from),
             Call::Revision => [smccc::REVISION.0.into(), smccc::REVISION.1.into(), 0, 0],
             // The ABI ops, the two platform calls and the three queries.
             Call::CallCount => [(hvabi::op::ALL.len() + 5) as u64, 0, 0, 0],
             Call::NotSupported => [smccc::NOT_SUPPORTED as u64, 0, 0, 0],
-        })
+        }
     }
 
     fn decode(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
@@ -423,6 +443,14 @@ impl El1 {
         }
     }
 
+    /// Saves the guest's EL1 registers from the CPU into `vcpu.el1`, once per exit (a second
+    /// save would read what the backend wrote since, e.g. the timer a WFI wait unloaded).
+    fn save_el1(vcpu: &mut El1Vcpu) {
+        if !core::mem::replace(&mut vcpu.el1_saved, true) {
+            asm::save_el1(&mut vcpu.el1);
+        }
+    }
+
     /// After an exit: a timer the guest has deactivated (no list register holds it any more)
     /// is no longer in flight, and the GIC deactivated physical PPI 27 with it (HW bit).
     fn after_exit(&mut self, vcpu: &mut El1Vcpu) {
@@ -456,6 +484,8 @@ impl El1 {
     /// its WFI next time, which the architecture allows: WFI may complete spuriously).
     fn wait_for_interrupt(&mut self, vcpu: &mut El1Vcpu) -> Option<Event> {
         use crate::arch::irq::GuestIrq;
+        // The timer is read below and rewritten while it waits: the guest's image first.
+        Self::save_el1(vcpu);
         Self::collect_posted(vcpu);
         let lr_pending = vcpu.vgic.lrs[..self.nr_lrs]
             .iter()
@@ -630,6 +660,7 @@ impl Backend for El1 {
             msi_slot: None,
             vtimer_inflight: false,
             vgic_cpu: usize::MAX,
+            el1_saved: true,
         })
     }
 
@@ -652,6 +683,8 @@ impl Backend for El1 {
         // This CPU's virtual CPU interface still holds this vCPU's state (it was the last one
         // loaded here and has not run elsewhere since): only what changed is written.
         let mut vgic_full = self.vgic_owner != me || vcpu.vgic_cpu != self.cpu;
+        // Another vCPU's state may be in the CPU only if this one's was saved when it left.
+        debug_assert!(vcpu.el1_saved || !vgic_full);
         self.vgic_owner = me;
         vcpu.vgic_cpu = self.cpu;
         loop {
@@ -683,6 +716,7 @@ impl Backend for El1 {
                     event: Event::Invalid(0),
                 };
             }
+            vcpu.el1_saved = false;
             // ELR_EL2 at the exit: the faulting or trapped instruction (after the HVC).
             let pc = vcpu.ctx.pc;
             self.after_exit(vcpu);
@@ -693,7 +727,9 @@ impl Backend for El1 {
                 // through `destroy_vcpu`, which unloads it) with no other vCPU in between
                 // (guest::run_slice): its timer can stay loaded; PPI 27 that fires meanwhile
                 // stays pending under the hypervisor's PMR and is taken at the next entry.
+                // Its EL1 registers likewise (`El1Vcpu::el1_saved`): saved only when it leaves.
                 if !matches!(event, Event::Hypercall(_) | Event::MmioAccess { .. }) {
+                    Self::save_el1(vcpu);
                     asm::set_vtimer(0, vcpu.el1.cntv_cval);
                     self.vtimer_stale = true;
                 }
