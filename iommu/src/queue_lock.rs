@@ -153,7 +153,7 @@ mod tests {
             assert!(waiter.join().unwrap(), "taken once the holder let go");
         });
         let after = contention();
-        assert!(after.taken >= before.taken + 1);
+        assert!(after.taken > before.taken);
         assert!(
             after.contended > before.contended,
             "the waiter's take waited"
