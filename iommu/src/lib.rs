@@ -38,7 +38,7 @@ mod fault_events_sync {
 pub mod hw;
 pub mod iommufd;
 pub mod pgtable;
-mod queue_lock;
+pub mod queue_lock;
 mod regmap;
 pub mod smmuv3;
 pub mod vtd;

@@ -109,6 +109,7 @@ pub fn hv_main(info: &'static BootInfo) -> ! {
     };
     #[cfg(target_arch = "x86_64")]
     irq::report();
+    mem::iommu_mem::report();
     println!("report: done");
     finish(status)
 }

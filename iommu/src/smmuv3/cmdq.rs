@@ -579,6 +579,7 @@ impl CommandQueue {
                 return Ok(());
             }
             self.check_error(mmio, mem, b, stats);
+            crate::queue_lock::count_wait_poll();
             spin_loop();
         }
         Err(SmmuError::Timeout { what: "CMD_SYNC" })

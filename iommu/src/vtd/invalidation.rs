@@ -624,6 +624,7 @@ impl Invalidator {
             if fsts.intersects(QUEUE_ERRORS) {
                 return Err(self.recover(q, mmio, mem, stats));
             }
+            crate::queue_lock::count_wait_poll();
             spin_loop();
         }
         Err(VtdError::Timeout {

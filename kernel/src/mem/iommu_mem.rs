@@ -30,6 +30,7 @@
 
 use super::frame::{FrameAllocator, PAGE_SIZE};
 use super::phys::{self, Frames};
+use crate::println;
 use core::sync::atomic::{AtomicU64, Ordering};
 use iommu::pgtable::{PhysAddr, TableMemory};
 use spin::Mutex;
@@ -40,6 +41,21 @@ pub struct IommuMemory {
     live: AtomicU64,
     /// Atomic-only frames freed by the IOMMU code, reused before new frames are converted.
     free: Mutex<FrameAllocator>,
+    /// Tables handed out and given back, and pool-lock takes that found the lock held (with
+    /// the failed attempts they spun through): evidence for the scaling rows (docs/perf.md).
+    allocs: AtomicU64,
+    frees: AtomicU64,
+    contended: AtomicU64,
+    spins: AtomicU64,
+}
+
+/// A snapshot of one [`IommuMemory`]'s traffic counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolTraffic {
+    pub allocs: u64,
+    pub frees: u64,
+    pub contended: u64,
+    pub spins: u64,
 }
 
 impl IommuMemory {
@@ -47,6 +63,37 @@ impl IommuMemory {
         Self {
             live: AtomicU64::new(0),
             free: Mutex::new(FrameAllocator::new()),
+            allocs: AtomicU64::new(0),
+            frees: AtomicU64::new(0),
+            contended: AtomicU64::new(0),
+            spins: AtomicU64::new(0),
+        }
+    }
+
+    /// The traffic counters so far.
+    pub fn traffic(&self) -> PoolTraffic {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PoolTraffic {
+            allocs: get(&self.allocs),
+            frees: get(&self.frees),
+            contended: get(&self.contended),
+            spins: get(&self.spins),
+        }
+    }
+
+    /// The free list, counting a take that had to wait.
+    fn pool(&self) -> spin::MutexGuard<'_, FrameAllocator> {
+        let mut tried = 0u64;
+        loop {
+            if let Some(g) = self.free.try_lock() {
+                if tried > 0 {
+                    self.contended.fetch_add(1, Ordering::Relaxed);
+                    self.spins.fetch_add(tried, Ordering::Relaxed);
+                }
+                return g;
+            }
+            tried += 1;
+            core::hint::spin_loop();
         }
     }
 
@@ -83,7 +130,8 @@ impl TableMemory for IommuMemory {
         if !bytes.is_power_of_two() {
             return None;
         }
-        let reused = self.free.lock().alloc(bytes / PAGE_SIZE, bytes, u64::MAX);
+        self.allocs.fetch_add(1, Ordering::Relaxed);
+        let reused = self.pool().alloc(bytes / PAGE_SIZE, bytes, u64::MAX);
         let pa = match reused {
             Some(pa) => {
                 Self::zero(pa, bytes)?;
@@ -100,7 +148,8 @@ impl TableMemory for IommuMemory {
     fn free_table(&self, pa: PhysAddr, bytes: usize) {
         let bytes = (bytes as u64).max(PAGE_SIZE);
         self.live.fetch_sub(bytes, Ordering::Relaxed);
-        self.free.lock().free(pa, bytes / PAGE_SIZE);
+        self.frees.fetch_add(1, Ordering::Relaxed);
+        self.pool().free(pa, bytes / PAGE_SIZE);
     }
 
     fn retire_table(&self, pa: PhysAddr, bytes: usize) {
@@ -131,3 +180,14 @@ impl iommu::vtd::VtdMemory for IommuMemory {
 
 /// The one instance (frames are global; per-CPU caches come with secondary CPUs).
 pub static IOMMU_MEMORY: IommuMemory = IommuMemory::new();
+
+/// `report: iommu queue locks: ...`: the queue-lock and table-pool counters at the end of a run
+/// (every scenario; the `*-guest-bench-smp` ones check the line).
+pub fn report() {
+    let q = iommu::queue_lock::contention();
+    let t = IOMMU_MEMORY.traffic();
+    println!(
+        "report: iommu queue locks: {} taken, {} contended ({} spins), {} completion polls; table pool: {} allocs, {} frees, {} contended ({} spins)",
+        q.taken, q.contended, q.spins, q.wait_polls, t.allocs, t.frees, t.contended, t.spins
+    );
+}

@@ -252,11 +252,16 @@ impl ScaleRow {
         }
     }
 
-    /// Pairs each vCPU makes per run: a few tens of milliseconds of host time without icount.
+    /// Pairs each vCPU makes per run: a few tens of milliseconds of host time without icount,
+    /// for both rows. The window must be long against the host's scheduling slices (a few ms
+    /// when other jobs share its cores): a run of 1-2 ms measures vCPU 0 alone inside one slice
+    /// of a whole core, but the two-vCPU run waits for the second vCPU's host thread to be
+    /// scheduled, and the ratio says more about the host than about the hypervisor (20 pairs of
+    /// 1 MiB gave 0.44x where 400 give 1.3-1.8x on the same loaded host, docs/perf.md "Session 4").
     fn calls(self) -> u64 {
         match self {
             ScaleRow::Pair4k => 400,
-            ScaleRow::Pair1mContig => 20,
+            ScaleRow::Pair1mContig => 400,
         }
     }
 }
