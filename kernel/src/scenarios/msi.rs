@@ -175,7 +175,12 @@ fn suite(
         .ok_or("edu is not behind an SMMU")?;
     // DeviceID from the host bridge's msi-map (RID -> DeviceID) and/or the IORT (root complex
     // -> ITS group); both must agree when both exist.
-    let (device_id, id_source) = device_id(info, platform, dev.segment, rid)?;
+    let iort = platform
+        .acpi
+        .as_ref()
+        .and_then(|a| a.iort.as_ref())
+        .map(|t| t.bytes);
+    let (device_id, id_source) = its::device_id_in(info, iort, dev.segment, rid)?;
     let segment = platform
         .segments
         .iter()
@@ -507,40 +512,4 @@ fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
         .map_err(|e| format!("destroy_guest: {e:?}"));
     buf.free();
     r.and_then(|ok| d.map(|()| ok))
-}
-
-/// edu's ITS DeviceID: the device tree's `msi-map` on its host bridge, the IORT's root complex
-/// mapping to an ITS group, or both (then they must agree).
-fn device_id(
-    info: &BootInfo,
-    platform: &Platform,
-    segment: u16,
-    rid: u32,
-) -> Result<(u32, &'static str), String> {
-    let dt = crate::firmware::devicetree::fdt(info).and_then(|fdt| {
-        iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(segment))
-            .ok()?
-            .msi_map
-            .as_ref()?
-            .resolve(rid)
-            .map(|(_its_phandle, id)| id)
-    });
-    let iort = platform
-        .acpi
-        .as_ref()
-        .and_then(|a| a.iort.as_ref())
-        .and_then(|t| iommu::firmware::iort::Iort::parse(t.bytes).ok())
-        .and_then(|i| i.resolve_msi(segment, rid).ok())
-        .map(|r| r.device_id);
-    match (dt, iort) {
-        (Some(a), Some(b)) if a != b => Err(format!(
-            "msi-map gives DeviceID {a:#x}, the IORT {b:#x} for RID {rid:#x}"
-        )),
-        (Some(a), Some(_)) => Ok((a, "msi-map and IORT agree")),
-        (Some(a), None) => Ok((a, "msi-map")),
-        (None, Some(b)) => Ok((b, "IORT")),
-        (None, None) => Err(format!(
-            "neither an msi-map nor an IORT ITS mapping covers RID {rid:#x}"
-        )),
-    }
 }
