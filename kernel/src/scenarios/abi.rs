@@ -4,7 +4,7 @@
 //! ALLOW_IOVAS, DEVICE_ATTACH, IOAS_MAP, DMA, DEVICE_REPLACE to a second IOAS, DMA again,
 //! UNMAP, DETACH, DESTROY — and at the end no object is left.
 
-use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu};
+use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu, in_throwaway_guest};
 use crate::discovery::{Platform, Unit};
 use crate::mem::dma::DmaGuestMemory;
 use crate::mem::frame::PAGE_SIZE;
@@ -117,34 +117,15 @@ fn run_flow(dev: &EduDevice, hw_id: u64) -> Result<(), String> {
     let mut owner = crate::iommu_owner::lock();
     let o = owner.as_mut().ok_or("no IOMMU owner")?;
     let hw = owned_indices(o, core::slice::from_ref(dev))?[0];
-    let fd = &mut o.fd;
-    let g = fd
-        .create_guest()
-        .map_err(|e| format!("create_guest: {e:?}"))?;
-    let buf = match buffer(FLOW_MEMORY, PAGE_SIZE) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = fd.destroy_guest(g);
-            return Err(e);
-        }
-    };
-    let r = (|| {
-        fd.assign_device(g, hw as iommu::iommufd::HwDev)
-            .map_err(|e| format!("assign_device: {e:?}"))?;
+    in_throwaway_guest(&mut o.fd, hw, |fd, g, buf| {
         // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this
         // buffer, which edu writes by DMA, so it is reached only through volatile accessors.
-        let gm = DmaGuestMemory::new(&buf);
+        let gm = DmaGuestMemory::new(buf);
         dma_flow(fd, g, &gm, hw_id, &mut EduDma(dev), &mut |l| {
             println!("{l}")
         })
         .map_err(|e| format!("step {:?} failed with errno {}", e.step, e.errno))
-    })();
-    // Its objects leave the hardware before the buffer is freed, whatever the flow did.
-    let d = fd
-        .destroy_guest(g)
-        .map_err(|e| format!("destroy_guest: {e:?}"));
-    buf.free();
-    r.and(d)
+    })
 }
 
 /// The first edu's own ID as the unit sees it: the flow finds the device by it.

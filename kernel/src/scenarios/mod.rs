@@ -100,6 +100,44 @@ pub fn buffer(len: u64, align: u64) -> Result<Buffer, String> {
     Buffer::alloc(len, align).ok_or_else(|| "out of frames".into())
 }
 
+/// Runs `f` in a throwaway in-hypervisor guest of the owner's `fd`: created, given owned device
+/// `hw` and a frame-backed buffer of [`FLOW_MEMORY`](iommu::iommufd::selftest::FLOW_MEMORY)
+/// bytes as its memory, then destroyed whatever `f` returned: its objects leave the hardware
+/// before the buffer is freed.
+pub fn in_throwaway_guest<T>(
+    fd: &mut iommu::iommufd::Iommufd<crate::iommu_owner::Backend>,
+    hw: usize,
+    f: impl FnOnce(
+        &mut iommu::iommufd::Iommufd<crate::iommu_owner::Backend>,
+        iommu::iommufd::GuestId,
+        &Buffer,
+    ) -> Result<T, String>,
+) -> Result<T, String> {
+    use alloc::format;
+    let g = fd
+        .create_guest()
+        .map_err(|e| format!("create_guest: {e:?}"))?;
+    let buf = match buffer(
+        iommu::iommufd::selftest::FLOW_MEMORY,
+        crate::mem::frame::PAGE_SIZE,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = fd.destroy_guest(g);
+            return Err(e);
+        }
+    };
+    let r = fd
+        .assign_device(g, hw as iommu::iommufd::HwDev)
+        .map_err(|e| format!("assign_device: {e:?}"))
+        .and_then(|_| f(fd, g, &buf));
+    let d = fd
+        .destroy_guest(g)
+        .map_err(|e| format!("destroy_guest: {e:?}"));
+    buf.free();
+    r.and_then(|ok| d.map(|()| ok))
+}
+
 /// A recognisable byte pattern, different per seed, into ordinary memory (DMA buffers have
 /// [`Buffer::fill_pattern`], which writes the same bytes).
 #[allow(dead_code, reason = "for scenarios that fill plain memory")]

@@ -444,28 +444,15 @@ fn suite(
 fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
     use hvabi::{MAP_FIXED_IOVA, MAP_READABLE, errno, resv};
     use iommu::iommufd::client::Client;
-    use iommu::iommufd::selftest::{FLOW_MEMORY, FlowMemory};
+    use iommu::iommufd::selftest::FlowMemory;
 
     let mut owner = crate::iommu_owner::lock();
     let o = owner.as_mut().ok_or("no IOMMU owner")?;
     let hw = o
         .device_index(dev.segment, dev.bdf)
         .ok_or("the IOMMU owner does not hold edu")?;
-    let fd = &mut o.fd;
-    let g = fd
-        .create_guest()
-        .map_err(|e| format!("create_guest: {e:?}"))?;
-    let buf = match buffer(FLOW_MEMORY, PAGE_SIZE) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = fd.destroy_guest(g);
-            return Err(e);
-        }
-    };
-    let r = (|| {
-        fd.assign_device(g, hw as iommu::iommufd::HwDev)
-            .map_err(|e| format!("assign_device: {e:?}"))?;
-        let gm = crate::mem::dma::DmaGuestMemory::new(&buf);
+    super::in_throwaway_guest(&mut o.fd, hw, |fd, g, buf| {
+        let gm = crate::mem::dma::DmaGuestMemory::new(buf);
         let base = gm.gpa();
         let mut c = Client::new(fd, g, gm.as_guest_memory(), base);
         let dev_id = c
@@ -506,10 +493,5 @@ fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
                 "IOAS_MAP inside the MSI window returned {other:?}, expected EADDRINUSE"
             )),
         }
-    })();
-    let d = fd
-        .destroy_guest(g)
-        .map_err(|e| format!("destroy_guest: {e:?}"));
-    buf.free();
-    r.and_then(|ok| d.map(|()| ok))
+    })
 }
