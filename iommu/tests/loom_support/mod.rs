@@ -1,8 +1,9 @@
-//! The runner the loom models share (`iommu/tests/{fault_events,ioas,iova_index,gate}_loom.rs`,
-//! `drivers/tests/{vectors,gic_handlers,posted,msi_route}_loom.rs`, which include this file by
-//! path): runs one model within its preemption bound, prints how many executions loom explored
-//! and fails below the model's floor (about half the count observed when the floor was set), so
-//! a model that stopped racing fails instead of passing vacuously.
+//! The runner the loom models share (`iommu/tests/{pgtable,gate,ioas,iova_index,
+//! fault_events}_loom.rs`, `drivers/tests/{vectors,gic_handlers,posted,msi_route}_loom.rs`,
+//! which include this file by path): runs one model within its preemption bound, prints how
+//! many executions loom explored and fails below the model's floor (about half the count
+//! observed when the floor was set), so a model that stopped racing fails instead of passing
+//! vacuously.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -53,6 +54,7 @@ pub fn model_with(
     println!("loom model {name}: {n} executions explored");
     assert!(
         n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}"
+        "{name} explored {n} executions, below its floor of {min_executions}: \
+         the threads no longer race as the model intends"
     );
 }
