@@ -8,7 +8,6 @@ use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu, in_throwaway_guest};
 use crate::discovery::{Platform, Unit};
 use crate::mem::dma::DmaGuestMemory;
 use crate::mem::frame::PAGE_SIZE;
-use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
@@ -141,32 +140,7 @@ fn flow(platform: &Platform) -> Result<(), String> {
 
 /// Every edu with a live BAR0, bus mastering on (like [`find_edu`], for all of them).
 fn find_edus(platform: &Platform) -> Result<alloc::vec::Vec<EduDevice>, String> {
-    use drivers::edu::Edu;
-    let mut out = vec![];
-    for s in &platform.segments {
-        for f in s
-            .devices
-            .find(drivers::edu::VENDOR_ID, drivers::edu::DEVICE_ID)
-        {
-            let Some(bar) = f.bars.first().copied().flatten().filter(|b| b.is_live()) else {
-                continue;
-            };
-            let mmio = MmioRegion::new(bar.base, drivers::edu::BAR0_SIZE)
-                .map_err(|e| format!("edu BAR0: {e}"))?;
-            if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
-                return Err(format!("edu {}: cannot enable bus mastering", f.bdf));
-            }
-            let edu = Edu::probe(mmio)
-                .map_err(|e| format!("edu {}: {e:?}", f.bdf))?
-                .with_dma_mask(drivers::edu::DEFAULT_DMA_MASK);
-            out.push(EduDevice {
-                segment: s.segment,
-                bdf: f.bdf,
-                edu,
-            });
-        }
-    }
-    Ok(out)
+    super::edus(platform, drivers::edu::DEFAULT_DMA_MASK).collect()
 }
 
 /// `abi-flow=group`: two edu that the topology put in one IOMMU group (behind one PCIe-to-PCI
