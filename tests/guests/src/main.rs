@@ -350,12 +350,8 @@ fn check(name: &str, got: i64, want: i64) -> u32 {
     }
 }
 
-/// The setup every edu DMA variant starts with: IOAS_ALLOC, DEVICE_ATTACH of `dev_id` to the
-/// new IOAS, IOAS_MAP of the page at `gpa` (read/write) at the fixed `iova`. `status` sees each
-/// call's result as it returns (0: IOAS_ALLOC, 1: DEVICE_ATTACH, 2: IOAS_MAP), before the next
-/// call is made; every call is made whatever the ones before returned. Returns the IOAS's ID (as
-/// IOAS_ALLOC wrote it back).
-fn ioas_with_page(dev_id: u32, gpa: u64, iova: u64, mut status: impl FnMut(usize, i64)) -> u32 {
+/// IOAS_ALLOC: its result and the new IOAS's ID (as written back).
+fn ioas_alloc() -> (i64, u32) {
     use hvabi::*;
     let (r, ioas) = call(
         op::IOAS_ALLOC,
@@ -364,23 +360,40 @@ fn ioas_with_page(dev_id: u32, gpa: u64, iova: u64, mut status: impl FnMut(usize
             ..IoasAlloc::default()
         },
     );
-    status(0, r);
-    let (r, _) = call(
+    (r, ioas.out_ioas_id)
+}
+
+/// DEVICE_ATTACH of device `dev_id` to IOAS (or HWPT) `pt_id`: its result.
+fn device_attach(dev_id: u32, pt_id: u32) -> i64 {
+    use hvabi::*;
+    call(
         op::DEVICE_ATTACH,
         DeviceAttach {
             size: DeviceAttach::SIZE as u32,
             dev_id,
-            pt_id: ioas.out_ioas_id,
+            pt_id,
             ..DeviceAttach::default()
         },
-    );
-    status(1, r);
+    )
+    .0
+}
+
+/// The setup every edu DMA variant starts with: IOAS_ALLOC, DEVICE_ATTACH of `dev_id` to the
+/// new IOAS, IOAS_MAP of the page at `gpa` (read/write) at the fixed `iova`. `status` sees each
+/// call's result as it returns (0: IOAS_ALLOC, 1: DEVICE_ATTACH, 2: IOAS_MAP), before the next
+/// call is made; every call is made whatever the ones before returned. Returns the IOAS's ID (as
+/// IOAS_ALLOC wrote it back).
+fn ioas_with_page(dev_id: u32, gpa: u64, iova: u64, mut status: impl FnMut(usize, i64)) -> u32 {
+    use hvabi::*;
+    let (r, ioas) = ioas_alloc();
+    status(0, r);
+    status(1, device_attach(dev_id, ioas));
     let (r, _) = call(
         op::IOAS_MAP,
         IoasMap {
             size: IoasMap::SIZE as u32,
             flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
+            ioas_id: ioas,
             reserved: 0,
             gpa,
             length: PAGE_SIZE,
@@ -388,7 +401,7 @@ fn ioas_with_page(dev_id: u32, gpa: u64, iova: u64, mut status: impl FnMut(usize
         },
     );
     status(2, r);
-    ioas.out_ioas_id
+    ioas
 }
 
 /// [`ioas_with_page`] with each call checked to succeed, under the check names `names` (IOAS_ALLOC,
@@ -421,15 +434,8 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
         ABI_VERSION.into(),
     );
     failed += check("no-devices", info.out_num_devices.into(), 0);
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
+    let (r, id) = ioas_alloc();
     failed += check("ioas-alloc", r, 0);
-    let id = ioas.out_ioas_id;
     let map = |gpa: u64, iova: u64| IoasMap {
         size: IoasMap::SIZE as u32,
         flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
@@ -467,18 +473,12 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
     let (r, _) = call(op::DESTROY, destroy);
     failed += check("destroy-again-enoent", r, -i64::from(errno::ENOENT));
     // Left behind on purpose: the hypervisor must destroy it when the guest exits.
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
+    let (r, ioas) = ioas_alloc();
     failed += check("ioas-alloc-2", r, 0);
     let (r, _) = call(
         op::IOAS_MAP,
         IoasMap {
-            ioas_id: ioas.out_ioas_id,
+            ioas_id: ioas,
             ..map(free, 0x30_0000)
         },
     );
@@ -832,24 +832,9 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
     failed += check("device-list-only-own", list.num_devices.into(), 1);
     // First (while the other guest is still setting up and using its IOVA): its own edu,
     // attached to its own empty IOAS, aims a DMA at the IOVA the other guest maps.
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
+    let (r, ioas) = ioas_alloc();
     failed += check("ioas-alloc", r, 0);
-    let (r, _) = call(
-        op::DEVICE_ATTACH,
-        DeviceAttach {
-            size: DeviceAttach::SIZE as u32,
-            dev_id,
-            pt_id: ioas.out_ioas_id,
-            ..DeviceAttach::default()
-        },
-    );
-    failed += check("attach-own", r, 0);
+    failed += check("attach-own", device_attach(dev_id, ioas), 0);
     println!("testguest: aiming a DMA at iova 0x100800, the other guest's IOVA");
     let done = edu_dma(bar, edu::BUFFER, 0x10_0800, 256, true);
     failed += check("aimed-dma-completes", i64::from(done), 1);
@@ -858,7 +843,7 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
         IoasMap {
             size: IoasMap::SIZE as u32,
             flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
+            ioas_id: ioas,
             reserved: 0,
             gpa: mem,
             length: PAGE_SIZE,
@@ -876,7 +861,7 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
     // Object IDs it never created: the other guest's are among these numbers in its own table.
     let mut named = 0;
     for id in 1..=64u32 {
-        if id == dev_id || id == ioas.out_ioas_id {
+        if id == dev_id || id == ioas {
             continue;
         }
         let (r, _) = call(
