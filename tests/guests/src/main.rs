@@ -378,29 +378,34 @@ fn device_attach(dev_id: u32, pt_id: u32) -> i64 {
     .0
 }
 
+/// IOAS_MAP of the page at `gpa`, read/write, at the fixed `iova` in IOAS `ioas_id`: its result.
+fn map_page(ioas_id: u32, gpa: u64, iova: u64) -> i64 {
+    use hvabi::*;
+    call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id,
+            reserved: 0,
+            gpa,
+            length: PAGE_SIZE,
+            iova,
+        },
+    )
+    .0
+}
+
 /// The setup every edu DMA variant starts with: IOAS_ALLOC, DEVICE_ATTACH of `dev_id` to the
 /// new IOAS, IOAS_MAP of the page at `gpa` (read/write) at the fixed `iova`. `status` sees each
 /// call's result as it returns (0: IOAS_ALLOC, 1: DEVICE_ATTACH, 2: IOAS_MAP), before the next
 /// call is made; every call is made whatever the ones before returned. Returns the IOAS's ID (as
 /// IOAS_ALLOC wrote it back).
 fn ioas_with_page(dev_id: u32, gpa: u64, iova: u64, mut status: impl FnMut(usize, i64)) -> u32 {
-    use hvabi::*;
     let (r, ioas) = ioas_alloc();
     status(0, r);
     status(1, device_attach(dev_id, ioas));
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas,
-            reserved: 0,
-            gpa,
-            length: PAGE_SIZE,
-            iova,
-        },
-    );
-    status(2, r);
+    status(2, map_page(ioas, gpa, iova));
     ioas
 }
 
@@ -436,18 +441,8 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
     failed += check("no-devices", info.out_num_devices.into(), 0);
     let (r, id) = ioas_alloc();
     failed += check("ioas-alloc", r, 0);
-    let map = |gpa: u64, iova: u64| IoasMap {
-        size: IoasMap::SIZE as u32,
-        flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-        ioas_id: id,
-        reserved: 0,
-        gpa,
-        length: PAGE_SIZE,
-        iova,
-    };
-    let (r, _) = call(op::IOAS_MAP, map(free, 0x10_0000));
-    failed += check("map-own-page", r, 0);
-    let (r, _) = call(op::IOAS_MAP, map(mem, 0x20_0000));
+    failed += check("map-own-page", map_page(id, free, 0x10_0000), 0);
+    let r = map_page(id, mem, 0x20_0000);
     failed += check("map-beyond-ram-eperm", r, -i64::from(errno::EPERM));
     let r = arch::hypercall(op::IOAS_MAP, mem + PAGE_SIZE, 0, 0);
     failed += check("args-beyond-ram-efault", r, -i64::from(errno::EFAULT));
@@ -475,14 +470,7 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
     // Left behind on purpose: the hypervisor must destroy it when the guest exits.
     let (r, ioas) = ioas_alloc();
     failed += check("ioas-alloc-2", r, 0);
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            ioas_id: ioas,
-            ..map(free, 0x30_0000)
-        },
-    );
-    failed += check("map-left-behind", r, 0);
+    failed += check("map-left-behind", map_page(ioas, free, 0x30_0000), 0);
     println!("testguest: abi checks: {failed} failed");
     failed
 }
@@ -554,19 +542,7 @@ const LINGER_IOVA: u64 = 0x10_1000;
 
 impl LingerDma {
     fn new(edu: EduIoas, page: u64) -> Self {
-        use hvabi::*;
-        let (r, _) = call(
-            op::IOAS_MAP,
-            IoasMap {
-                size: IoasMap::SIZE as u32,
-                flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-                ioas_id: edu.ioas,
-                reserved: 0,
-                gpa: page,
-                length: PAGE_SIZE,
-                iova: LINGER_IOVA,
-            },
-        );
+        let r = map_page(edu.ioas, page, LINGER_IOVA);
         LingerDma {
             edu,
             page,
@@ -838,18 +814,7 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
     println!("testguest: aiming a DMA at iova 0x100800, the other guest's IOVA");
     let done = edu_dma(bar, edu::BUFFER, 0x10_0800, 256, true);
     failed += check("aimed-dma-completes", i64::from(done), 1);
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas,
-            reserved: 0,
-            gpa: mem,
-            length: PAGE_SIZE,
-            iova: 0x20_0000,
-        },
-    );
+    let r = map_page(ioas, mem, 0x20_0000);
     failed += check("map-beyond-own-ram-eperm", r, -i64::from(errno::EPERM));
     let mut visible = 0;
     for d in 0..32u8 {
