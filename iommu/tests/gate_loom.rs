@@ -20,6 +20,9 @@
 
 extern crate alloc;
 
+#[path = "loom_support/mod.rs"]
+mod loom_support;
+
 #[allow(dead_code)]
 #[path = "../src/gate.rs"]
 mod gate;
@@ -35,7 +38,7 @@ use gate::{Gate, ReadError, SpinLock};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use loom_support::Preemptions;
 
 /// Observed 105: one reader (waiting while the writer is in) and the writer.
 const FLOOR_READER_WRITER: usize = 50;
@@ -54,22 +57,9 @@ unsafe impl Sync for Cell2 {}
 // SAFETY: as above.
 unsafe impl Send for Cell2 {}
 
+/// No preemption bound (the four models take about two seconds in all).
 fn model(name: &str, min_executions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let iterations = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = iterations.clone();
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = None;
-    b.max_branches = 100_000;
-    b.check(move || {
-        counter.fetch_add(1, Relaxed);
-        f();
-    });
-    let n = iterations.load(Relaxed);
-    println!("loom model {name}: {n} executions explored");
-    assert!(
-        n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}"
-    );
+    loom_support::model_with(name, min_executions, Preemptions::Unbounded, f);
 }
 
 #[test]

@@ -14,6 +14,9 @@
 
 extern crate alloc;
 
+#[path = "loom_support/mod.rs"]
+mod loom_support;
+
 #[allow(dead_code)]
 #[path = "../src/area_slots.rs"]
 mod area_slots;
@@ -30,7 +33,8 @@ use area_slots::{AreaSlots, Refused, SlotArea, SlotState};
 use loom::sync::Arc;
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use loom_support::Preemptions;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Observed 4640: two maps of overlapping ranges, each announcing, scanning and deciding.
 const FLOOR_OVERLAPPING_MAPS: usize = 2300;
@@ -43,26 +47,10 @@ const FLOOR_NEIGHBOURS: usize = 420;
 /// Observed 6438: a map of the page of an area being unmapped, with its invalidation round.
 const FLOOR_FORGET_AFTER_FLUSH: usize = 3200;
 
+/// The bound: `LOOM_MAX_PREEMPTIONS` when set, else 3 (the models are exhaustive within the
+/// bound; 3 preemptions find the interleavings of two callers' steps).
 fn model(name: &str, min_executions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let iterations = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = iterations.clone();
-    let mut b = loom::model::Builder::new();
-    // Builder::new reads LOOM_MAX_PREEMPTIONS; bound it when unset (the models are exhaustive
-    // within the bound; 3 preemptions find the interleavings of two callers' steps).
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
-    }
-    b.max_branches = 100_000;
-    b.check(move || {
-        counter.fetch_add(1, Relaxed);
-        f();
-    });
-    let n = iterations.load(Relaxed);
-    println!("loom model {name}: {n} executions explored");
-    assert!(
-        n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}"
-    );
+    loom_support::model_with(name, min_executions, Preemptions::EnvOr(3), f);
 }
 
 /// Pages `[first, first + pages)`.

@@ -15,6 +15,9 @@
 
 extern crate alloc;
 
+#[path = "loom_support/mod.rs"]
+mod loom_support;
+
 #[allow(dead_code)]
 #[path = "../src/area_slots.rs"]
 mod area_slots;
@@ -31,7 +34,8 @@ use area_slots::{AreaSlots, Refused, SlotArea, SlotState};
 use loom::sync::Arc;
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use loom_support::Preemptions;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Observed 6335: a 4 KiB map and a 2 MiB map holding it.
 const FLOOR_LEVELS_MEET: usize = 3100;
@@ -42,26 +46,10 @@ const FLOOR_REMOVE_VS_MAP: usize = 2100;
 /// Observed 3226: two unmaps of one 2 MiB area.
 const FLOOR_REMOVE_VS_UNMAP: usize = 1600;
 
+/// The bound: `LOOM_MAX_PREEMPTIONS` when set, else 3 (the models are exhaustive within the
+/// bound; 3 preemptions find the interleavings of two callers' steps).
 fn model(name: &str, min_executions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let iterations = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = iterations.clone();
-    let mut b = loom::model::Builder::new();
-    // Builder::new reads LOOM_MAX_PREEMPTIONS; bound it when unset (the models are exhaustive
-    // within the bound; 3 preemptions find the interleavings of two callers' steps).
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
-    }
-    b.max_branches = 100_000;
-    b.check(move || {
-        counter.fetch_add(1, Relaxed);
-        f();
-    });
-    let n = iterations.load(Relaxed);
-    println!("loom model {name}: {n} executions explored");
-    assert!(
-        n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}"
-    );
+    loom_support::model_with(name, min_executions, Preemptions::EnvOr(3), f);
 }
 
 /// `[iova, iova + len)`.

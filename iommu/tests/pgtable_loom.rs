@@ -10,6 +10,8 @@
 //! and fails if that is below its documented floor (`FLOOR_*`).
 #![cfg(loom)]
 
+#[path = "loom_support/mod.rs"]
+mod loom_support;
 #[path = "pgtable_support/mod.rs"]
 mod support;
 
@@ -17,8 +19,8 @@ use iommu::pgtable::{
     Config, Gather, IovaRange, MapError, Narrow, PageTable, Prot, VtdSecondStage,
 };
 use loom::thread;
+use loom_support::Preemptions;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use support::HostPool;
 
 type Tiny = Narrow<VtdSecondStage<4>, 2, 3>;
@@ -68,22 +70,7 @@ fn setup() -> Arc<(HostPool, PageTable<Tiny>)> {
 /// disjoint tables, a preemption bound creeping back in) collapses to a handful of executions
 /// and fails here instead of passing vacuously.
 fn model(name: &str, min_executions: usize, f: impl Fn() + Sync + Send + 'static) {
-    let iterations = Arc::new(AtomicUsize::new(0));
-    let counter = iterations.clone();
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = None;
-    b.max_branches = 100_000;
-    b.check(move || {
-        counter.fetch_add(1, Relaxed);
-        f();
-    });
-    let n = iterations.load(Relaxed);
-    println!("loom model {name}: {n} executions explored");
-    assert!(
-        n >= min_executions,
-        "{name} explored {n} executions, below its floor of {min_executions}: \
-         the threads no longer race as the model intends"
-    );
+    loom_support::model_with(name, min_executions, Preemptions::Unbounded, f);
 }
 
 fn teardown(s: Arc<(HostPool, PageTable<Tiny>)>) {

@@ -462,6 +462,22 @@ impl Its {
 /// Needs [`init`] (the boot information it keeps).
 pub fn device_id(segment: u16, rid: u32) -> Result<(u32, &'static str), String> {
     let info = BOOT_INFO.get().ok_or("no ITS")?;
+    let iort = info
+        .rsdp
+        .and_then(|r| crate::firmware::acpi::discover(r).ok())
+        .and_then(|a| a.iort);
+    device_id_in(info, iort.map(|t| t.bytes), segment, rid)
+}
+
+/// [`device_id`] from `info`'s device tree and the IORT `iort` (its bytes, when the firmware
+/// has one), for a caller that has found the IORT already. Returns the DeviceID and which
+/// table(s) gave it.
+pub fn device_id_in(
+    info: &BootInfo,
+    iort: Option<&[u8]>,
+    segment: u16,
+    rid: u32,
+) -> Result<(u32, &'static str), String> {
     let dt = crate::firmware::devicetree::fdt(info).and_then(|fdt| {
         iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(segment))
             .ok()?
@@ -470,11 +486,8 @@ pub fn device_id(segment: u16, rid: u32) -> Result<(u32, &'static str), String> 
             .resolve(rid)
             .map(|(_its_phandle, id)| id)
     });
-    let iort = info
-        .rsdp
-        .and_then(|r| crate::firmware::acpi::discover(r).ok())
-        .and_then(|a| a.iort)
-        .and_then(|t| iommu::firmware::iort::Iort::parse(t.bytes).ok())
+    let iort = iort
+        .and_then(|t| iommu::firmware::iort::Iort::parse(t).ok())
         .and_then(|i| i.resolve_msi(segment, rid).ok())
         .map(|r| r.device_id);
     match (dt, iort) {

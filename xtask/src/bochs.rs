@@ -15,7 +15,7 @@
 //! console line `hypervisor: exit status N` alone, and only together with that exit code.
 
 use crate::build::{Image, target_dir};
-use crate::qemu::{Outcome, execute, grub_iso};
+use crate::qemu::{Outcome, execute, grub_iso, printed_status};
 use crate::scenario::{Boot, Scenario};
 use crate::util::Result;
 use std::path::PathBuf;
@@ -145,17 +145,7 @@ pub fn hypervisor_status(
     o: &Outcome,
     timeout: Option<Duration>,
 ) -> std::result::Result<u32, String> {
-    if o.timed_out {
-        return Err(format!(
-            "timed out after {} s",
-            timeout.map_or(0, |t| t.as_secs())
-        ));
-    }
-    let printed = o.lines.iter().rev().find_map(|l| {
-        l.trim()
-            .strip_prefix("hypervisor: exit status ")
-            .and_then(|v| v.trim().parse::<u32>().ok())
-    });
+    let printed = printed_status(o, timeout)?;
     let rc = o.qemu_rc.ok_or("Bochs was killed by a signal")?;
     match printed {
         Some(st) if rc == BOCHS_SHUTDOWN_RC => Ok(st),

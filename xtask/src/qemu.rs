@@ -256,19 +256,27 @@ fn arm_grub_iso(name: &str, raw: &Path, cmdline: &str) -> Result<PathBuf> {
     std::fs::write(grub_dir.join("grub.cfg"), arm_grub_cfg(cmdline))
         .map_err(|e| format!("grub.cfg: {e}"))?;
     let iso = dir.join("hypervisor.iso");
+    mkrescue(&["-d", GRUB_ARM64_MODULES], &iso, &iso_root, " (arm64-efi)")?;
+    Ok(iso)
+}
+
+/// Runs `grub-mkrescue` with `args` first, writing the ISO `iso` from the tree `iso_root`;
+/// `flavour` follows the command's name in the error if it fails.
+fn mkrescue(args: &[&str], iso: &Path, iso_root: &Path, flavour: &str) -> Result<()> {
     let out = Command::new("grub-mkrescue")
-        .args(["-d", GRUB_ARM64_MODULES, "-o"])
-        .arg(&iso)
-        .arg(&iso_root)
+        .args(args)
+        .arg("-o")
+        .arg(iso)
+        .arg(iso_root)
         .output()
         .map_err(|e| format!("grub-mkrescue: {e} (run `cargo xtask setup`)"))?;
     if !out.status.success() {
         return Err(format!(
-            "grub-mkrescue (arm64-efi) failed: {}",
+            "grub-mkrescue{flavour} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(iso)
+    Ok(())
 }
 
 /// Builds a GRUB rescue ISO whose only entry loads the ELF with `multiboot2`, the way a test
@@ -297,18 +305,7 @@ pub fn grub_iso(
     );
     std::fs::write(grub_dir.join("grub.cfg"), cfg).map_err(|e| format!("grub.cfg: {e}"))?;
     let iso = dir.join("hypervisor.iso");
-    let out = Command::new("grub-mkrescue")
-        .arg("-o")
-        .arg(&iso)
-        .arg(&iso_root)
-        .output()
-        .map_err(|e| format!("grub-mkrescue: {e} (run `cargo xtask setup`)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "grub-mkrescue failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    mkrescue(&[], &iso, &iso_root, "")?;
     Ok(iso)
 }
 
@@ -392,6 +389,26 @@ pub fn execute(mut cmd: Command, timeout: Option<Duration>, echo: bool) -> Resul
     })
 }
 
+/// The status in the hypervisor's last `hypervisor: exit status N` console line, if it printed
+/// one; an error if the run timed out (`timeout`: the limit it had). What the emulator's exit
+/// code must agree with (`hypervisor_status` here and in `bochs.rs`).
+pub fn printed_status(
+    o: &Outcome,
+    timeout: Option<Duration>,
+) -> std::result::Result<Option<u32>, String> {
+    if o.timed_out {
+        return Err(format!(
+            "timed out after {} s",
+            timeout.map_or(0, |t| t.as_secs())
+        ));
+    }
+    Ok(o.lines.iter().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix("hypervisor: exit status ")
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    }))
+}
+
 /// The status the hypervisor reported: its console line `hypervisor: exit status N` and QEMU's
 /// exit code must agree, so neither a crash that happens to exit 0 nor a stray line passes.
 pub fn hypervisor_status(
@@ -399,17 +416,7 @@ pub fn hypervisor_status(
     o: &Outcome,
     timeout: Option<Duration>,
 ) -> std::result::Result<u32, String> {
-    if o.timed_out {
-        return Err(format!(
-            "timed out after {} s",
-            timeout.map_or(0, |t| t.as_secs())
-        ));
-    }
-    let printed = o.lines.iter().rev().find_map(|l| {
-        l.trim()
-            .strip_prefix("hypervisor: exit status ")
-            .and_then(|v| v.trim().parse::<u32>().ok())
-    });
+    let printed = printed_status(o, timeout)?;
     let rc = o.qemu_rc.ok_or("QEMU was killed by a signal")?;
     let from_rc = match arch {
         Arch::X86_64 if rc >= (X86_EXIT_BIAS << 1) | 1 && rc % 2 == 1 => {

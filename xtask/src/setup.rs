@@ -344,6 +344,28 @@ fn qemu(todo: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// Runs the `apt-get install` command line `cmd` (retried once after `apt-get update`, for a
+/// machine whose package lists are stale or missing); without root, adds it to `todo` as a
+/// `sudo` line for the user instead.
+fn apt_install(cmd: &[String], todo: &mut Vec<String>) -> Result<()> {
+    if !is_root() {
+        todo.push(format!("sudo {}", cmd.join(" ")));
+        return Ok(());
+    }
+    eprintln!("xtask setup: {}", cmd.join(" "));
+    if run(Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .is_err()
+    {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
 fn grub(todo: &mut Vec<String>) -> Result<()> {
     let have_all = have("grub-mkrescue")
         && have("xorriso")
@@ -365,22 +387,7 @@ fn grub(todo: &mut Vec<String>) -> Result<()> {
         "--no-install-recommends".into(),
     ];
     cmd.extend(GRUB_PACKAGES.iter().map(|s| s.to_string()));
-    if !is_root() {
-        todo.push(format!("sudo {}", cmd.join(" ")));
-        return Ok(());
-    }
-    eprintln!("xtask setup: {}", cmd.join(" "));
-    if run(Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .is_err()
-    {
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    Ok(())
+    apt_install(&cmd, todo)
 }
 
 /// True once arm64 GRUB's modules are unpacked: `linux.mod` (the command the scenario uses) and
@@ -490,22 +497,7 @@ fn bochs(todo: &mut Vec<String>) -> Result<()> {
     }
     let mut cmd = vec!["apt-get".to_string(), "install".into(), "-y".into()];
     cmd.extend(BOCHS_PACKAGES.iter().map(|s| s.to_string()));
-    if !is_root() {
-        todo.push(format!("sudo {}", cmd.join(" ")));
-        return Ok(());
-    }
-    eprintln!("xtask setup: {}", cmd.join(" "));
-    if run(Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .is_err()
-    {
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    Ok(())
+    apt_install(&cmd, todo)
 }
 
 fn fuzz(_todo: &mut Vec<String>) -> Result<()> {

@@ -4,11 +4,10 @@
 //! ALLOW_IOVAS, DEVICE_ATTACH, IOAS_MAP, DMA, DEVICE_REPLACE to a second IOAS, DMA again,
 //! UNMAP, DETACH, DESTROY — and at the end no object is left.
 
-use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu};
+use super::{Checks, DMA_POLLS, EduDevice, buffer, find_edu, in_throwaway_guest};
 use crate::discovery::{Platform, Unit};
 use crate::mem::dma::DmaGuestMemory;
 use crate::mem::frame::PAGE_SIZE;
-use crate::mem::phys::MmioRegion;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
@@ -117,34 +116,15 @@ fn run_flow(dev: &EduDevice, hw_id: u64) -> Result<(), String> {
     let mut owner = crate::iommu_owner::lock();
     let o = owner.as_mut().ok_or("no IOMMU owner")?;
     let hw = owned_indices(o, core::slice::from_ref(dev))?[0];
-    let fd = &mut o.fd;
-    let g = fd
-        .create_guest()
-        .map_err(|e| format!("create_guest: {e:?}"))?;
-    let buf = match buffer(FLOW_MEMORY, PAGE_SIZE) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = fd.destroy_guest(g);
-            return Err(e);
-        }
-    };
-    let r = (|| {
-        fd.assign_device(g, hw as iommu::iommufd::HwDev)
-            .map_err(|e| format!("assign_device: {e:?}"))?;
+    in_throwaway_guest(&mut o.fd, hw, |fd, g, buf| {
         // Guest-physical == host-physical for this in-hypervisor "guest": it owns exactly this
         // buffer, which edu writes by DMA, so it is reached only through volatile accessors.
-        let gm = DmaGuestMemory::new(&buf);
+        let gm = DmaGuestMemory::new(buf);
         dma_flow(fd, g, &gm, hw_id, &mut EduDma(dev), &mut |l| {
             println!("{l}")
         })
         .map_err(|e| format!("step {:?} failed with errno {}", e.step, e.errno))
-    })();
-    // Its objects leave the hardware before the buffer is freed, whatever the flow did.
-    let d = fd
-        .destroy_guest(g)
-        .map_err(|e| format!("destroy_guest: {e:?}"));
-    buf.free();
-    r.and(d)
+    })
 }
 
 /// The first edu's own ID as the unit sees it: the flow finds the device by it.
@@ -160,32 +140,7 @@ fn flow(platform: &Platform) -> Result<(), String> {
 
 /// Every edu with a live BAR0, bus mastering on (like [`find_edu`], for all of them).
 fn find_edus(platform: &Platform) -> Result<alloc::vec::Vec<EduDevice>, String> {
-    use drivers::edu::Edu;
-    let mut out = vec![];
-    for s in &platform.segments {
-        for f in s
-            .devices
-            .find(drivers::edu::VENDOR_ID, drivers::edu::DEVICE_ID)
-        {
-            let Some(bar) = f.bars.first().copied().flatten().filter(|b| b.is_live()) else {
-                continue;
-            };
-            let mmio = MmioRegion::new(bar.base, drivers::edu::BAR0_SIZE)
-                .map_err(|e| format!("edu BAR0: {e}"))?;
-            if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
-                return Err(format!("edu {}: cannot enable bus mastering", f.bdf));
-            }
-            let edu = Edu::probe(mmio)
-                .map_err(|e| format!("edu {}: {e:?}", f.bdf))?
-                .with_dma_mask(drivers::edu::DEFAULT_DMA_MASK);
-            out.push(EduDevice {
-                segment: s.segment,
-                bdf: f.bdf,
-                edu,
-            });
-        }
-    }
-    Ok(out)
+    super::edus(platform, drivers::edu::DEFAULT_DMA_MASK).collect()
 }
 
 /// `abi-flow=group`: two edu that the topology put in one IOMMU group (behind one PCIe-to-PCI

@@ -58,34 +58,44 @@ pub struct EduDevice {
     pub edu: Edu<MmioRegion>,
 }
 
-/// `dma_mask` must match the QEMU device's `dma_mask` property (28 bits by default): the
-/// driver cannot read it from the device.
+/// The first edu with a live BAR0 (see [`edus`]). `dma_mask` must match the QEMU device's
+/// `dma_mask` property (28 bits by default): the driver cannot read it from the device.
 pub fn find_edu(platform: &Platform, dma_mask: u64) -> Result<EduDevice, String> {
+    edus(platform, dma_mask)
+        .next()
+        .unwrap_or_else(|| Err("no edu device with an assigned BAR0 (add -device edu)".into()))
+}
+
+/// Every edu with a live BAR0, in segment and enumeration order, each with bus mastering
+/// enabled and probed as the iterator reaches it (a caller that stops early leaves the others
+/// untouched). `dma_mask` as for [`find_edu`].
+pub fn edus(
+    platform: &Platform,
+    dma_mask: u64,
+) -> impl Iterator<Item = Result<EduDevice, String>> + '_ {
     use alloc::format;
-    for s in &platform.segments {
-        for f in s
-            .devices
+    platform.segments.iter().flat_map(move |s| {
+        s.devices
             .find(drivers::edu::VENDOR_ID, drivers::edu::DEVICE_ID)
-        {
-            let Some(bar) = f.bars.first().copied().flatten().filter(|b| b.is_live()) else {
-                continue;
-            };
-            let mmio = MmioRegion::new(bar.base, drivers::edu::BAR0_SIZE)
-                .map_err(|e| format!("edu BAR0: {e}"))?;
-            if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
-                return Err(alloc::format!("edu {}: cannot enable bus mastering", f.bdf));
-            }
-            let edu = Edu::probe(mmio)
-                .map_err(|e| format!("edu {}: {e:?}", f.bdf))?
-                .with_dma_mask(dma_mask);
-            return Ok(EduDevice {
-                segment: s.segment,
-                bdf: f.bdf,
-                edu,
-            });
-        }
-    }
-    Err("no edu device with an assigned BAR0 (add -device edu)".into())
+            .filter_map(move |f| {
+                let bar = f.bars.first().copied().flatten().filter(|b| b.is_live())?;
+                Some((|| {
+                    let mmio = MmioRegion::new(bar.base, drivers::edu::BAR0_SIZE)
+                        .map_err(|e| format!("edu BAR0: {e}"))?;
+                    if !drivers::pci::enable_bus_master(&s.ecam, &s.devices, f.bdf) {
+                        return Err(format!("edu {}: cannot enable bus mastering", f.bdf));
+                    }
+                    let edu = Edu::probe(mmio)
+                        .map_err(|e| format!("edu {}: {e:?}", f.bdf))?
+                        .with_dma_mask(dma_mask);
+                    Ok(EduDevice {
+                        segment: s.segment,
+                        bdf: f.bdf,
+                        edu,
+                    })
+                })())
+            })
+    })
 }
 
 /// Polls for a DMA to finish: edu completes on a QEMU virtual-clock timer (100 ms virtual, a
@@ -98,6 +108,44 @@ pub type Buffer = crate::mem::dma::DmaBuffer;
 
 pub fn buffer(len: u64, align: u64) -> Result<Buffer, String> {
     Buffer::alloc(len, align).ok_or_else(|| "out of frames".into())
+}
+
+/// Runs `f` in a throwaway in-hypervisor guest of the owner's `fd`: created, given owned device
+/// `hw` and a frame-backed buffer of [`FLOW_MEMORY`](iommu::iommufd::selftest::FLOW_MEMORY)
+/// bytes as its memory, then destroyed whatever `f` returned: its objects leave the hardware
+/// before the buffer is freed.
+pub fn in_throwaway_guest<T>(
+    fd: &mut iommu::iommufd::Iommufd<crate::iommu_owner::Backend>,
+    hw: usize,
+    f: impl FnOnce(
+        &mut iommu::iommufd::Iommufd<crate::iommu_owner::Backend>,
+        iommu::iommufd::GuestId,
+        &Buffer,
+    ) -> Result<T, String>,
+) -> Result<T, String> {
+    use alloc::format;
+    let g = fd
+        .create_guest()
+        .map_err(|e| format!("create_guest: {e:?}"))?;
+    let buf = match buffer(
+        iommu::iommufd::selftest::FLOW_MEMORY,
+        crate::mem::frame::PAGE_SIZE,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = fd.destroy_guest(g);
+            return Err(e);
+        }
+    };
+    let r = fd
+        .assign_device(g, hw as iommu::iommufd::HwDev)
+        .map_err(|e| format!("assign_device: {e:?}"))
+        .and_then(|_| f(fd, g, &buf));
+    let d = fd
+        .destroy_guest(g)
+        .map_err(|e| format!("destroy_guest: {e:?}"));
+    buf.free();
+    r.and_then(|ok| d.map(|()| ok))
 }
 
 /// A recognisable byte pattern, different per seed, into ordinary memory (DMA buffers have

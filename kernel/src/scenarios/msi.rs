@@ -175,7 +175,12 @@ fn suite(
         .ok_or("edu is not behind an SMMU")?;
     // DeviceID from the host bridge's msi-map (RID -> DeviceID) and/or the IORT (root complex
     // -> ITS group); both must agree when both exist.
-    let (device_id, id_source) = device_id(info, platform, dev.segment, rid)?;
+    let iort = platform
+        .acpi
+        .as_ref()
+        .and_then(|a| a.iort.as_ref())
+        .map(|t| t.bytes);
+    let (device_id, id_source) = its::device_id_in(info, iort, dev.segment, rid)?;
     let segment = platform
         .segments
         .iter()
@@ -439,28 +444,15 @@ fn suite(
 fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
     use hvabi::{MAP_FIXED_IOVA, MAP_READABLE, errno, resv};
     use iommu::iommufd::client::Client;
-    use iommu::iommufd::selftest::{FLOW_MEMORY, FlowMemory};
+    use iommu::iommufd::selftest::FlowMemory;
 
     let mut owner = crate::iommu_owner::lock();
     let o = owner.as_mut().ok_or("no IOMMU owner")?;
     let hw = o
         .device_index(dev.segment, dev.bdf)
         .ok_or("the IOMMU owner does not hold edu")?;
-    let fd = &mut o.fd;
-    let g = fd
-        .create_guest()
-        .map_err(|e| format!("create_guest: {e:?}"))?;
-    let buf = match buffer(FLOW_MEMORY, PAGE_SIZE) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = fd.destroy_guest(g);
-            return Err(e);
-        }
-    };
-    let r = (|| {
-        fd.assign_device(g, hw as iommu::iommufd::HwDev)
-            .map_err(|e| format!("assign_device: {e:?}"))?;
-        let gm = crate::mem::dma::DmaGuestMemory::new(&buf);
+    super::in_throwaway_guest(&mut o.fd, hw, |fd, g, buf| {
+        let gm = crate::mem::dma::DmaGuestMemory::new(buf);
         let base = gm.gpa();
         let mut c = Client::new(fd, g, gm.as_guest_memory(), base);
         let dev_id = c
@@ -501,46 +493,5 @@ fn window_reserved(dev: &super::EduDevice, sid: u32) -> Result<String, String> {
                 "IOAS_MAP inside the MSI window returned {other:?}, expected EADDRINUSE"
             )),
         }
-    })();
-    let d = fd
-        .destroy_guest(g)
-        .map_err(|e| format!("destroy_guest: {e:?}"));
-    buf.free();
-    r.and_then(|ok| d.map(|()| ok))
-}
-
-/// edu's ITS DeviceID: the device tree's `msi-map` on its host bridge, the IORT's root complex
-/// mapping to an ITS group, or both (then they must agree).
-fn device_id(
-    info: &BootInfo,
-    platform: &Platform,
-    segment: u16,
-    rid: u32,
-) -> Result<(u32, &'static str), String> {
-    let dt = crate::firmware::devicetree::fdt(info).and_then(|fdt| {
-        iommu::firmware::devicetree::pci_host_bridge(&fdt, u32::from(segment))
-            .ok()?
-            .msi_map
-            .as_ref()?
-            .resolve(rid)
-            .map(|(_its_phandle, id)| id)
-    });
-    let iort = platform
-        .acpi
-        .as_ref()
-        .and_then(|a| a.iort.as_ref())
-        .and_then(|t| iommu::firmware::iort::Iort::parse(t.bytes).ok())
-        .and_then(|i| i.resolve_msi(segment, rid).ok())
-        .map(|r| r.device_id);
-    match (dt, iort) {
-        (Some(a), Some(b)) if a != b => Err(format!(
-            "msi-map gives DeviceID {a:#x}, the IORT {b:#x} for RID {rid:#x}"
-        )),
-        (Some(a), Some(_)) => Ok((a, "msi-map and IORT agree")),
-        (Some(a), None) => Ok((a, "msi-map")),
-        (None, Some(b)) => Ok((b, "IORT")),
-        (None, None) => Err(format!(
-            "neither an msi-map nor an IORT ITS mapping covers RID {rid:#x}"
-        )),
-    }
+    })
 }

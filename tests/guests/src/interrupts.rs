@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use hvabi::start_info as si;
 
-use crate::{arch, call, cfg_address, check, u64_at};
+use crate::{arch, cfg_address, check, checked_ioas_with_page, u64_at};
 
 static COUNT: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
 /// The first vectors taken, in order (the priority check reads it).
@@ -108,7 +108,6 @@ fn dma_idle(bar: u64) -> bool {
 }
 
 pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &str>) -> u32 {
-    use hvabi::*;
     let (mut raises, mut forge, mut linger, mut bad, mut abandon) =
         (5u32, false, 0u32, false, false);
     for w in words {
@@ -198,38 +197,9 @@ pub fn irq_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item = &s
     );
     // Bus master and memory space for DMA; a page of its RAM at IOVA 1 MiB.
     arch::pci_config_write16(me(0x04), 0, 0b110);
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
-    failed += check("ioas-alloc", r, 0);
-    let (r, _) = call(
-        op::DEVICE_ATTACH,
-        DeviceAttach {
-            size: DeviceAttach::SIZE as u32,
-            dev_id,
-            pt_id: ioas.out_ioas_id,
-            ..DeviceAttach::default()
-        },
-    );
-    failed += check("attach", r, 0);
     const IOVA: u64 = 0x10_0000;
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
-            reserved: 0,
-            gpa: free,
-            length: PAGE_SIZE,
-            iova: IOVA,
-        },
-    );
-    failed += check("map", r, 0);
+    let names = ["ioas-alloc", "attach", "map"];
+    failed += checked_ioas_with_page(dev_id, free, IOVA, names).0;
 
     // 2. Raise-IRQ, one at a time: an edge MSI pending twice before it is taken is one.
     let mut timeouts = 0;

@@ -350,6 +350,75 @@ fn check(name: &str, got: i64, want: i64) -> u32 {
     }
 }
 
+/// IOAS_ALLOC: its result and the new IOAS's ID (as written back).
+fn ioas_alloc() -> (i64, u32) {
+    use hvabi::*;
+    let (r, ioas) = call(
+        op::IOAS_ALLOC,
+        IoasAlloc {
+            size: IoasAlloc::SIZE as u32,
+            ..IoasAlloc::default()
+        },
+    );
+    (r, ioas.out_ioas_id)
+}
+
+/// DEVICE_ATTACH of device `dev_id` to IOAS (or HWPT) `pt_id`: its result.
+fn device_attach(dev_id: u32, pt_id: u32) -> i64 {
+    use hvabi::*;
+    call(
+        op::DEVICE_ATTACH,
+        DeviceAttach {
+            size: DeviceAttach::SIZE as u32,
+            dev_id,
+            pt_id,
+            ..DeviceAttach::default()
+        },
+    )
+    .0
+}
+
+/// IOAS_MAP of the page at `gpa`, read/write, at the fixed `iova` in IOAS `ioas_id`: its result.
+fn map_page(ioas_id: u32, gpa: u64, iova: u64) -> i64 {
+    use hvabi::*;
+    call(
+        op::IOAS_MAP,
+        IoasMap {
+            size: IoasMap::SIZE as u32,
+            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+            ioas_id,
+            reserved: 0,
+            gpa,
+            length: PAGE_SIZE,
+            iova,
+        },
+    )
+    .0
+}
+
+/// The setup every edu DMA variant starts with: IOAS_ALLOC, DEVICE_ATTACH of `dev_id` to the
+/// new IOAS, IOAS_MAP of the page at `gpa` (read/write) at the fixed `iova`. `status` sees each
+/// call's result as it returns (0: IOAS_ALLOC, 1: DEVICE_ATTACH, 2: IOAS_MAP), before the next
+/// call is made; every call is made whatever the ones before returned. Returns the IOAS's ID (as
+/// IOAS_ALLOC wrote it back).
+fn ioas_with_page(dev_id: u32, gpa: u64, iova: u64, mut status: impl FnMut(usize, i64)) -> u32 {
+    let (r, ioas) = ioas_alloc();
+    status(0, r);
+    status(1, device_attach(dev_id, ioas));
+    status(2, map_page(ioas, gpa, iova));
+    ioas
+}
+
+/// [`ioas_with_page`] with each call checked to succeed, under the check names `names` (IOAS_ALLOC,
+/// DEVICE_ATTACH, IOAS_MAP). Returns the number of failed checks and the IOAS's ID.
+fn checked_ioas_with_page(dev_id: u32, gpa: u64, iova: u64, names: [&str; 3]) -> (u32, u32) {
+    let mut failed = 0;
+    let ioas = ioas_with_page(dev_id, gpa, iova, |step, r| {
+        failed += check(names[step], r, 0);
+    });
+    (failed, ioas)
+}
+
 /// The `abi` variant: ABI v1 calls on the guest's own memory and objects, and the calls that must
 /// fail: memory that is not the guest's, an argument struct outside its RAM, a destroyed object.
 /// Leaves one IOAS with a mapping behind for the hypervisor to clean up at exit.
@@ -370,27 +439,10 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
         ABI_VERSION.into(),
     );
     failed += check("no-devices", info.out_num_devices.into(), 0);
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
+    let (r, id) = ioas_alloc();
     failed += check("ioas-alloc", r, 0);
-    let id = ioas.out_ioas_id;
-    let map = |gpa: u64, iova: u64| IoasMap {
-        size: IoasMap::SIZE as u32,
-        flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-        ioas_id: id,
-        reserved: 0,
-        gpa,
-        length: PAGE_SIZE,
-        iova,
-    };
-    let (r, _) = call(op::IOAS_MAP, map(free, 0x10_0000));
-    failed += check("map-own-page", r, 0);
-    let (r, _) = call(op::IOAS_MAP, map(mem, 0x20_0000));
+    failed += check("map-own-page", map_page(id, free, 0x10_0000), 0);
+    let r = map_page(id, mem, 0x20_0000);
     failed += check("map-beyond-ram-eperm", r, -i64::from(errno::EPERM));
     let r = arch::hypercall(op::IOAS_MAP, mem + PAGE_SIZE, 0, 0);
     failed += check("args-beyond-ram-efault", r, -i64::from(errno::EFAULT));
@@ -416,22 +468,9 @@ fn abi_checks(mem: u64, free: u64) -> u32 {
     let (r, _) = call(op::DESTROY, destroy);
     failed += check("destroy-again-enoent", r, -i64::from(errno::ENOENT));
     // Left behind on purpose: the hypervisor must destroy it when the guest exits.
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
+    let (r, ioas) = ioas_alloc();
     failed += check("ioas-alloc-2", r, 0);
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            ioas_id: ioas.out_ioas_id,
-            ..map(free, 0x30_0000)
-        },
-    );
-    failed += check("map-left-behind", r, 0);
+    failed += check("map-left-behind", map_page(ioas, free, 0x30_0000), 0);
     println!("testguest: abi checks: {failed} failed");
     failed
 }
@@ -503,19 +542,7 @@ const LINGER_IOVA: u64 = 0x10_1000;
 
 impl LingerDma {
     fn new(edu: EduIoas, page: u64) -> Self {
-        use hvabi::*;
-        let (r, _) = call(
-            op::IOAS_MAP,
-            IoasMap {
-                size: IoasMap::SIZE as u32,
-                flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-                ioas_id: edu.ioas,
-                reserved: 0,
-                gpa: page,
-                length: PAGE_SIZE,
-                iova: LINGER_IOVA,
-            },
-        );
+        let r = map_page(edu.ioas, page, LINGER_IOVA);
         LingerDma {
             edu,
             page,
@@ -604,38 +631,10 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> (u32, Option<EduIoas>)
     failed += check("device-list-count", list.num_devices.into(), n as i64);
     let first = DeviceEntry::decode(&entries[..DeviceEntry::SIZE]);
     failed += check("device-list-dev-id", first.dev_id.into(), dev_id.into());
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
-    failed += check("ioas-alloc", r, 0);
-    let (r, _) = call(
-        op::DEVICE_ATTACH,
-        DeviceAttach {
-            size: DeviceAttach::SIZE as u32,
-            dev_id,
-            pt_id: ioas.out_ioas_id,
-            ..DeviceAttach::default()
-        },
-    );
-    failed += check("attach", r, 0);
     const IOVA: u64 = 0x10_0000;
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
-            reserved: 0,
-            gpa: free,
-            length: PAGE_SIZE,
-            iova: IOVA,
-        },
-    );
-    failed += check("map", r, 0);
+    let (setup_failed, ioas) =
+        checked_ioas_with_page(dev_id, free, IOVA, ["ioas-alloc", "attach", "map"]);
+    failed += setup_failed;
     let buf = free as *mut u8;
     for i in 0..256usize {
         // SAFETY: `free` is the first page after the image in this guest's own RAM (start-info
@@ -663,7 +662,7 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> (u32, Option<EduIoas>)
             IoasUnmap {
                 size: IoasUnmap::SIZE as u32,
                 flags: 0,
-                ioas_id: ioas.out_ioas_id,
+                ioas_id: ioas,
                 reserved: 0,
                 iova: IOVA,
                 length: PAGE_SIZE,
@@ -687,11 +686,7 @@ fn dma_checks(start_info: u64, free: u64, fault: bool) -> (u32, Option<EduIoas>)
         failed += check("dma-after-unmap-blocked", changed, 0);
     }
     println!("testguest: dma checks: {failed} failed");
-    let edu = EduIoas {
-        bar,
-        ioas: ioas.out_ioas_id,
-        seed,
-    };
+    let edu = EduIoas { bar, ioas, seed };
     (failed, Some(edu))
 }
 
@@ -770,39 +765,13 @@ fn pci_checks(start_info: u64) -> u32 {
 /// is reported as this guest's fault): a stopped guest's device cannot write memory that is no
 /// longer its own.
 fn abandon_dma(start_info: u64, free: u64, mem: u64) -> ! {
-    use hvabi::*;
     let mut e = [0u8; si::DEVICE_ENTRY];
     arch::read_bytes(start_info + si::OFF_DEVICES as u64, &mut e);
     let dev_id = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
     let bar = u64_at(&e, 16);
-    let (_, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
-    let (r1, _) = call(
-        op::DEVICE_ATTACH,
-        DeviceAttach {
-            size: DeviceAttach::SIZE as u32,
-            dev_id,
-            pt_id: ioas.out_ioas_id,
-            ..DeviceAttach::default()
-        },
-    );
-    let (r2, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
-            reserved: 0,
-            gpa: free,
-            length: PAGE_SIZE,
-            iova: 0x10_0000,
-        },
-    );
+    let mut results = [0; 3];
+    ioas_with_page(dev_id, free, 0x10_0000, |step, r| results[step] = r);
+    let [_, r1, r2] = results;
     println!("testguest: attach {r1}, map {r2}; starting a DMA and abandoning it");
     mmio_write(bar + edu::DMA_SRC, edu::BUFFER);
     mmio_write(bar + edu::DMA_DST, 0x10_0000);
@@ -839,39 +808,13 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
     failed += check("device-list-only-own", list.num_devices.into(), 1);
     // First (while the other guest is still setting up and using its IOVA): its own edu,
     // attached to its own empty IOAS, aims a DMA at the IOVA the other guest maps.
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
+    let (r, ioas) = ioas_alloc();
     failed += check("ioas-alloc", r, 0);
-    let (r, _) = call(
-        op::DEVICE_ATTACH,
-        DeviceAttach {
-            size: DeviceAttach::SIZE as u32,
-            dev_id,
-            pt_id: ioas.out_ioas_id,
-            ..DeviceAttach::default()
-        },
-    );
-    failed += check("attach-own", r, 0);
+    failed += check("attach-own", device_attach(dev_id, ioas), 0);
     println!("testguest: aiming a DMA at iova 0x100800, the other guest's IOVA");
     let done = edu_dma(bar, edu::BUFFER, 0x10_0800, 256, true);
     failed += check("aimed-dma-completes", i64::from(done), 1);
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
-            reserved: 0,
-            gpa: mem,
-            length: PAGE_SIZE,
-            iova: 0x20_0000,
-        },
-    );
+    let r = map_page(ioas, mem, 0x20_0000);
     failed += check("map-beyond-own-ram-eperm", r, -i64::from(errno::EPERM));
     let mut visible = 0;
     for d in 0..32u8 {
@@ -883,7 +826,7 @@ fn intruder(start_info: u64, mem: u64) -> u32 {
     // Object IDs it never created: the other guest's are among these numbers in its own table.
     let mut named = 0;
     for id in 1..=64u32 {
-        if id == dev_id || id == ioas.out_ioas_id {
+        if id == dev_id || id == ioas {
             continue;
         }
         let (r, _) = call(

@@ -5,7 +5,7 @@
 //! the virtual CPU interface acknowledged.
 
 use crate::arch::{self, IRQ_COUNTS, IRQ_OTHER};
-use crate::{call, check, edu, mmio_read, mmio_write, u64_at};
+use crate::{call, check, checked_ioas_with_page, edu, mmio_read, mmio_write, u64_at};
 use core::sync::atomic::Ordering::Relaxed;
 use hvabi::start_info as si;
 use hvabi::*;
@@ -31,6 +31,24 @@ fn wait_for(want: u32) -> u64 {
         wfis += 1;
     }
     wfis
+}
+
+/// Spins for 1/`fraction` of a second, time for any interrupt still on its way to arrive;
+/// returns how many times INTID `VINTID` has been taken in all, and how many other interrupts.
+fn settle(fraction: u64) -> (u32, u32) {
+    let t0 = arch::timestamp();
+    while arch::timestamp() - t0 < arch::counter_frequency() / fraction {
+        core::hint::spin_loop();
+    }
+    let total = IRQ_COUNTS[VINTID as usize].load(Relaxed);
+    let others: u32 = IRQ_COUNTS
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != VINTID as usize)
+        .map(|(_, c)| c.load(Relaxed))
+        .sum::<u32>()
+        + IRQ_OTHER.load(Relaxed);
+    (total, others)
 }
 
 pub fn msi_checks(start_info: u64, free: u64, raises: u32, forge: bool) -> u32 {
@@ -66,38 +84,9 @@ pub fn msi_checks(start_info: u64, free: u64, raises: u32, forge: bool) -> u32 {
         return failed + 1;
     };
     println!("testguest: msi window at {doorbell:#x} (RESV_MSI), vINTID {VINTID}");
-    let (r, ioas) = call(
-        op::IOAS_ALLOC,
-        IoasAlloc {
-            size: IoasAlloc::SIZE as u32,
-            ..IoasAlloc::default()
-        },
-    );
-    failed += check("msi-ioas-alloc", r, 0);
-    let (r, _) = call(
-        op::DEVICE_ATTACH,
-        DeviceAttach {
-            size: DeviceAttach::SIZE as u32,
-            dev_id,
-            pt_id: ioas.out_ioas_id,
-            ..DeviceAttach::default()
-        },
-    );
-    failed += check("msi-attach", r, 0);
     const IOVA: u64 = 0x10_0000;
-    let (r, _) = call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id: ioas.out_ioas_id,
-            reserved: 0,
-            gpa: free,
-            length: PAGE_SIZE,
-            iova: IOVA,
-        },
-    );
-    failed += check("msi-map", r, 0);
+    let names = ["msi-ioas-alloc", "msi-attach", "msi-map"];
+    failed += checked_ioas_with_page(dev_id, free, IOVA, names).0;
     arch::irq_init();
     // edu's MSI capability (PCI 3.0 §6.8.1): message control at +2 (bit 7: 64-bit address,
     // bit 0: enable), address at +4 (+8 high), data at +12 (64-bit) or +8.
@@ -143,18 +132,7 @@ pub fn msi_checks(start_info: u64, free: u64, raises: u32, forge: bool) -> u32 {
     failed += check("msi-dma-done-before-interrupt", i64::from(done), 1);
     write32(bar + EDU_IRQ_ACK, 0x100);
     // Nothing more may arrive.
-    let t0 = arch::timestamp();
-    while arch::timestamp() - t0 < arch::counter_frequency() / 100 {
-        core::hint::spin_loop();
-    }
-    let total = IRQ_COUNTS[VINTID as usize].load(Relaxed);
-    let others: u32 = IRQ_COUNTS
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != VINTID as usize)
-        .map(|(_, c)| c.load(Relaxed))
-        .sum::<u32>()
-        + IRQ_OTHER.load(Relaxed);
+    let (total, others) = settle(100);
     let ok = after_raises == raises && total == raises + 1 && others == 0;
     println!(
         "testguest: msi: {raises} raise-IRQ + 1 DMA-done asked, {total} taken as vINTID {VINTID} in WFI ({wfis} WFIs), {others} other: {}",
@@ -192,18 +170,7 @@ fn forged(bar: u64, free: u64, window: u64, iova: u64, before: u32) -> u32 {
     );
     let ok = crate::edu_dma(bar, edu::BUFFER, window + 0x1000, 4, true);
     failed += check("forge-past-doorbell-completes", i64::from(ok), 1);
-    let t0 = arch::timestamp();
-    while arch::timestamp() - t0 < arch::counter_frequency() / 50 {
-        core::hint::spin_loop();
-    }
-    let total = IRQ_COUNTS[VINTID as usize].load(Relaxed);
-    let others: u32 = IRQ_COUNTS
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != VINTID as usize)
-        .map(|(_, c)| c.load(Relaxed))
-        .sum::<u32>()
-        + IRQ_OTHER.load(Relaxed);
+    let (total, others) = settle(50);
     let ok = total == before && others == 0;
     println!(
         "testguest: msi forged: {} more vINTID {VINTID}, {others} other after the forged writes: {}",
