@@ -67,7 +67,9 @@ use super::{
     Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx, hw_err,
     inval, try_vec,
 };
-use crate::area_slots::{AreaSlots, Lookup, Refused, Seen, SlotArea, SlotRef, SlotState};
+use crate::area_slots::{
+    AreaSlots, Lookup, NEAR, Near, Refused, Seen, SlotArea, SlotRef, SlotState,
+};
 use crate::pgtable::Prot;
 
 /// Internal protection bits of an area.
@@ -791,32 +793,45 @@ impl<H: IommuHw> Rx<'_, H> {
     /// it and not be pinned. The error is the one of the lowest such area, as for a sorted
     /// walk. Changes nothing.
     fn check_unmap(&self, ioas_id: u32, r: &Planned) -> Result<(), Error> {
-        let s = r.s;
         let mut worst: Option<(u64, Error)> = None;
         r.look.scan(|x| {
-            let a = x.area;
-            if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
-                return true;
-            }
-            let e = if a.iova < s.start || a.last() > s.last {
-                Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova)
-            } else if x.pins != 0 {
-                let who = pinner(self.g, ioas_id, Span::new(a.iova, a.last()));
-                Error::new(errno::EBUSY, reason::PINNED)
-                    .obj(kind::ACCESS, who)
-                    .at(a.iova)
-            } else {
-                return true;
-            };
-            if worst.is_none_or(|(w, _)| a.iova < w) {
-                worst = Some((a.iova, e));
-            }
+            self.check_one(ioas_id, r.s, x, &mut worst);
             true
         });
         match worst {
             Some((_, e)) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// [`check_unmap`](Self::check_unmap) of one slot: records its error in `worst` if it is
+    /// the lowest so far.
+    fn check_one(&self, ioas_id: u32, s: Span, x: &Seen, worst: &mut Option<(u64, Error)>) {
+        let a = x.area;
+        if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
+            return;
+        }
+        let e = if a.iova < s.start || a.last() > s.last {
+            Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova)
+        } else if x.pins != 0 {
+            let who = pinner(self.g, ioas_id, Span::new(a.iova, a.last()));
+            Error::new(errno::EBUSY, reason::PINNED)
+                .obj(kind::ACCESS, who)
+                .at(a.iova)
+        } else {
+            return;
+        };
+        if worst.is_none_or(|(w, _)| a.iova < w) {
+            *worst = Some((a.iova, e));
+        }
+    }
+
+    /// Whether [`retire_in`](Self::retire_in) takes the slot `x` for an UNMAP of `s`, and
+    /// takes it (LIVE → DYING(vcpu)).
+    fn retire_one(&self, ioas: &Ioas, s: Span, x: &Seen) -> bool {
+        let a = x.area;
+        // An area published since the check that does not fit is a later map's: left.
+        a.iova >= s.start && a.last() <= s.last && x.pins == 0 && ioas.areas.retire(x, self.vcpu)
     }
 
     /// Step 1 of an UNMAP of `s` (module docs): checks the live areas in `s` (whole, not
@@ -835,17 +850,10 @@ impl<H: IommuHw> Rx<'_, H> {
     /// retired; an area a racing unmap retired first is not counted, so racing unmaps count
     /// each page once.
     fn retire_in(&self, ioas: &Ioas, r: &Planned) -> u64 {
-        let s = r.s;
         let mut bytes = 0u64;
         r.look.scan(|x| {
-            let a = x.area;
-            // An area published since the check that does not fit is a later map's: left.
-            if a.iova >= s.start
-                && a.last() <= s.last
-                && x.pins == 0
-                && ioas.areas.retire(x, self.vcpu)
-            {
-                bytes += a.len;
+            if self.retire_one(ioas, r.s, x) {
+                bytes += x.area.len;
             }
             true
         });
@@ -904,11 +912,69 @@ impl<H: IommuHw> Rx<'_, H> {
         let s = unmap_span(iova, len)?;
         // One lookup plan for every step of the call (`AreaSlots::lookup`).
         let r = Planned::new(ioas, s);
+        let mut near = Near::new();
+        if r.look.near(s.start, s.last, &mut near) {
+            return self.unmap_near(ioas, ioas_id, s, &near);
+        }
         let bytes = self.claim_unmap(ioas, ioas_id, &r)?;
         let mut inv = HwInvalidation::new();
         let failed = self.unmap_claimed(ioas, &r, &mut inv);
         let flushed = self.hw.flush(&mut inv).is_ok();
         self.forget_claimed(ioas, &r);
+        if failed || !flushed {
+            return Err(Error::new(errno::EIO, reason::HW_FAULT));
+        }
+        Ok(bytes)
+    }
+
+    /// [`unmap`](Self::unmap) of a range with at most `NEAR` areas in it: the same steps,
+    /// taken from one scan of the slots instead of one scan per step. The check reads the
+    /// snapshot; each retire is a compare-exchange on the state word the snapshot saw, so it
+    /// fails if the slot changed since (a racing unmap took it: not counted, as in
+    /// [`retire_in`](Self::retire_in)). An area that was not live in the snapshot belongs to
+    /// a MAP that had not returned when this call started (a MAP that had returned published
+    /// LIVE, Release, before the call's Acquire loads of the scan): it is not there for this
+    /// call (docs/abi.md §2). Only this call changes the state of the slots it retired (its
+    /// vCPU has one call in flight), so the page-table and free steps work on the retired
+    /// entries without reading the slots again; the free still comes after the invalidation
+    /// round (rule 4 of `area_slots.rs`).
+    fn unmap_near(&self, ioas: &Ioas, ioas_id: u32, s: Span, near: &Near) -> Result<u64, Error> {
+        let mut worst = None;
+        for x in near.items() {
+            self.check_one(ioas_id, s, x, &mut worst);
+        }
+        if let Some((_, e)) = worst {
+            return Err(e);
+        }
+        let mut mine = [false; NEAR];
+        let mut bytes = 0u64;
+        for (x, m) in near.items().iter().zip(&mut mine) {
+            if self.retire_one(ioas, s, x) {
+                *m = true;
+                bytes += x.area.len;
+            }
+        }
+        if bytes == 0 && s != Span::FULL {
+            return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED));
+        }
+        let retired = || near.items().iter().zip(&mine).filter(|(_, m)| **m);
+        let mut inv = HwInvalidation::new();
+        let doms = ioas_domains(self.g, ioas);
+        let mut failed = doms.is_err();
+        let (doms, n) = doms.unwrap_or(([HwDomain(0); MAX_HWPTS_PER_IOAS], 0));
+        for (x, _) in retired() {
+            for &d in &doms[..n] {
+                match self.hw.unmap(d, x.area.iova, x.area.len, &mut inv) {
+                    Ok(b) if b == x.area.len => {}
+                    _ => failed = true,
+                }
+            }
+        }
+        let flushed = self.hw.flush(&mut inv).is_ok();
+        // After the round: forget after flush.
+        for (x, _) in retired() {
+            ioas.areas.free(x.slot);
+        }
         if failed || !flushed {
             return Err(Error::new(errno::EIO, reason::HW_FAULT));
         }
