@@ -36,9 +36,9 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 const FLOOR_OVERLAPPING_MAPS: usize = 2300;
 /// Observed 27646: two unmaps of one range of two areas, retiring and freeing.
 const FLOOR_RACING_UNMAPS: usize = 13800;
-/// Observed (set below): two unmaps of one range of two areas taking their steps from one
-/// snapshot each (`Lookup::near`).
-const FLOOR_RACING_SNAPSHOT_UNMAPS: usize = 1;
+/// Observed 14446: two unmaps of one range of two areas taking their steps from one snapshot
+/// each (`Lookup::near`), then two maps and a third that finds no free slot.
+const FLOOR_RACING_SNAPSHOT_UNMAPS: usize = 7200;
 /// Observed 855: a map of the page next to an area being unmapped (3217 before the IOVA
 /// index, when the map's lookup visited the unmapper's slot; now they meet only in the
 /// free-slot bitmap and the level's slot bitmap).
