@@ -479,6 +479,25 @@ impl AreaSlots {
                 .is_ok()
     }
 
+    /// The slot a [`retire`](Self::retire) of this caller took, and its area, read without
+    /// a snapshot: only the caller changes the state of a slot it retired (until it frees or
+    /// revives it), and the fields were written before the LIVE state its retiring
+    /// compare-exchange read (Acquire), so plain loads see them.
+    pub fn retired(&self, index: usize) -> (SlotRef, SlotArea) {
+        let slot = &self.slots[index];
+        let s = SlotRef {
+            index,
+            gen_: gen_of(slot.state.load(Relaxed)),
+        };
+        let area = SlotArea {
+            iova: slot.iova.load(Relaxed),
+            len: slot.len.load(Relaxed),
+            gpa: slot.gpa.load(Relaxed),
+            prot: slot.prot.load(Relaxed),
+        };
+        (s, area)
+    }
+
     /// DYING → LIVE for a slot the caller retired.
     pub fn revive(&self, s: SlotRef) {
         self.slots[s.index]
