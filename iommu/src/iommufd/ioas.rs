@@ -45,6 +45,11 @@
 //!    an unmap in flight already has. It then clears every HWPT's page table for its areas,
 //!    runs one invalidation round per IOMMU unit, and only then frees the slots: a dying area
 //!    keeps its range taken (step 1), so an IOVA is never reused under a stale IOTLB entry.
+//!    An unmap of at most `area_slots::NEAR` areas takes its check, retire, page-table and
+//!    free steps from one scan of the slots the IOVA index gives (each retire a
+//!    compare-and-swap on the state word the scan saw, so it acts on the slot as seen or not
+//!    at all); a wider one scans for the check and for the retire, and remembers the slots it
+//!    retired (a bitmap on the stack) for the rest.
 //! 3. An atomic UNMAP_BATCH checks every entry before retiring any; an entry left with nothing
 //!    after retiring (a racing unmap took its areas) puts back every area the batch retired
 //!    and fails, so the batch removes all or nothing.
