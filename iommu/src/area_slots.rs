@@ -176,6 +176,12 @@ pub struct Near {
     n: usize,
 }
 
+impl Default for Near {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Near {
     /// Empty; filled by [`Lookup::near`].
     pub const fn new() -> Self {
