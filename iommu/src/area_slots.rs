@@ -165,6 +165,51 @@ pub enum Refused {
     Overlap { iova: u64 },
 }
 
+/// At most this many slots in a [`Near`] snapshot: an UNMAP of one mapping (or a few) takes
+/// its steps from one snapshot; a wider one scans once per step (`iommufd::ioas`).
+pub const NEAR: usize = 8;
+
+/// The slots in use whose range overlaps a given one, as one scan saw them (each at one
+/// instant, like every scan): see [`Lookup::near`].
+pub struct Near {
+    items: [Seen; NEAR],
+    n: usize,
+}
+
+impl Default for Near {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Near {
+    /// Empty; filled by [`Lookup::near`].
+    pub const fn new() -> Self {
+        Near {
+            items: [NO_SLOT; NEAR],
+            n: 0,
+        }
+    }
+
+    pub fn items(&self) -> &[Seen] {
+        &self.items[..self.n]
+    }
+}
+
+/// A placeholder for the unused entries of a [`Near`] (never read).
+const NO_SLOT: Seen = Seen {
+    slot: SlotRef { index: 0, gen_: 0 },
+    state: SlotState::Live,
+    area: SlotArea {
+        iova: 0,
+        len: 0,
+        gpa: 0,
+        prot: 0,
+    },
+    pins: 0,
+    word: 0,
+};
+
 /// A range lookup planned once, scanned by [`Lookup::scan`] (see [`AreaSlots::lookup`]).
 pub struct Lookup<'a> {
     slots: &'a AreaSlots,
@@ -172,6 +217,37 @@ pub struct Lookup<'a> {
 }
 
 impl Lookup<'_> {
+    /// One scan of the plan, keeping the slots whose range overlaps `[start, last]`, unless
+    /// there are more than [`NEAR`]. What the scan guarantees holds for the snapshot: every
+    /// overlapping slot announced before the caller's last SC fence, or that happens-before
+    /// the call (a MAP that returned before it started), is in it. A compare-exchange made
+    /// with an entry ([`AreaSlots::retire`]) fails if its slot changed since, so steps taken
+    /// from the snapshot act on the slots as they were seen or not at all.
+    ///
+    /// Fills `near` (the caller's, so that the snapshot is not copied) and returns `true`, or
+    /// `false` when the range holds more.
+    pub fn near(&self, start: u64, last: u64, near: &mut Near) -> bool {
+        near.n = 0;
+        let mut over = false;
+        self.scan(|x| {
+            if !x.area.overlaps(start, last) {
+                return true;
+            }
+            match near.items.get_mut(near.n) {
+                Some(e) => {
+                    *e = *x;
+                    near.n += 1;
+                    true
+                }
+                None => {
+                    over = true;
+                    false
+                }
+            }
+        });
+        !over
+    }
+
     /// Calls `f` on every slot in use the plan names (see [`AreaSlots::scan_range`]) until it
     /// returns `false`.
     pub fn scan(&self, mut f: impl FnMut(&Seen) -> bool) {
@@ -407,6 +483,25 @@ impl AreaSlots {
                     Relaxed,
                 )
                 .is_ok()
+    }
+
+    /// The slot a [`retire`](Self::retire) of this caller took, and its area, read without
+    /// a snapshot: only the caller changes the state of a slot it retired (until it frees or
+    /// revives it), and the fields were written before the LIVE state its retiring
+    /// compare-exchange read (Acquire), so plain loads see them.
+    pub fn retired(&self, index: usize) -> (SlotRef, SlotArea) {
+        let slot = &self.slots[index];
+        let s = SlotRef {
+            index,
+            gen_: gen_of(slot.state.load(Relaxed)),
+        };
+        let area = SlotArea {
+            iova: slot.iova.load(Relaxed),
+            len: slot.len.load(Relaxed),
+            gpa: slot.gpa.load(Relaxed),
+            prot: slot.prot.load(Relaxed),
+        };
+        (s, area)
     }
 
     /// DYING → LIVE for a slot the caller retired.

@@ -103,8 +103,10 @@ fn bucket_of(g: u64) -> usize {
 
 /// The bit arrays a lookup reads: at most [`MAX_QUERY`].
 pub struct Query {
-    /// Word offsets of the arrays' first bit words, and the distance between their words.
-    at: [(usize, usize); MAX_QUERY],
+    /// Word offsets of the arrays' first bit words, and the distance between their words
+    /// (1 or `LINE`). 32 bits each (an index of `u32::MAX` words would be 32 GiB): the plan is
+    /// built and copied on every MAP and UNMAP, so it is kept small.
+    at: [(u32, u32); MAX_QUERY],
     n: usize,
 }
 
@@ -118,7 +120,7 @@ impl Query {
     /// The union of the arrays' `w`-th bit words (`Acquire`: module docs, second point).
     pub fn word(&self, ix: &IovaIndex, w: usize) -> u64 {
         self.at[..self.n].iter().fold(0, |acc, &(at, stride)| {
-            acc | ix.words[at + w * stride].load(Acquire)
+            acc | ix.words[at as usize + w * stride as usize].load(Acquire)
         })
     }
 
@@ -127,7 +129,9 @@ impl Query {
         self.n == 0
     }
 
-    fn push(&mut self, at: (usize, usize)) -> Option<()> {
+    fn push(&mut self, at: usize, stride: usize) -> Option<()> {
+        // Both fit: `IovaIndex::new` refuses an index of more than `u32::MAX` words.
+        let at = (at as u32, stride as u32);
         if self.at[..self.n].contains(&at) {
             return Some(());
         }
@@ -156,6 +160,10 @@ impl IovaIndex {
             .checked_mul(BUCKETS)?
             .checked_mul(per_bucket.checked_add(1)?)?
             .checked_add(LEVELS.checked_mul(per_bucket)?.checked_mul(LINE)?)?;
+        // Word offsets are kept in 32 bits (`Query`).
+        if u32::try_from(n).is_err() {
+            return None;
+        }
         let mut v = Vec::new();
         v.try_reserve_exact(n).ok()?;
         for _ in 0..n {
@@ -223,14 +231,14 @@ impl IovaIndex {
         for level in 0..LEVELS {
             let (g0, n) = granules(level, start, last);
             if n > WIDE {
-                q.push((self.level_bits(level), LINE))?;
+                q.push(self.level_bits(level), LINE)?;
                 continue;
             }
             for g in g0..g0 + n {
                 let at = self.bucket(level, bucket_of(g));
                 // Acquire: module docs (a count of 0 left by a removal comes after it).
                 if self.words[at].load(Acquire) != 0 {
-                    q.push((at + 1, 1))?;
+                    q.push(at + 1, 1)?;
                 }
             }
         }

@@ -29,7 +29,7 @@ mod area_sync {
     pub use loom::sync::atomic::{AtomicU32, AtomicU64, fence};
 }
 
-use area_slots::{AreaSlots, Refused, SlotArea, SlotState};
+use area_slots::{AreaSlots, Near, Refused, SlotArea, SlotState};
 use loom::sync::Arc;
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
@@ -40,6 +40,9 @@ use std::sync::atomic::Ordering::Relaxed;
 const FLOOR_OVERLAPPING_MAPS: usize = 2300;
 /// Observed 27646: two unmaps of one range of two areas, retiring and freeing.
 const FLOOR_RACING_UNMAPS: usize = 13800;
+/// Observed 14446: two unmaps of one range of two areas taking their steps from one snapshot
+/// each (`Lookup::near`), then two maps and a third that finds no free slot.
+const FLOOR_RACING_SNAPSHOT_UNMAPS: usize = 7200;
 /// Observed 855: a map of the page next to an area being unmapped (3217 before the IOVA
 /// index, when the map's lookup visited the unmapper's slot; now they meet only in the
 /// free-slot bitmap and the level's slot bitmap).
@@ -75,6 +78,30 @@ fn retire_range(s: &AreaSlots, vcpu: u32, first: u64, pages: u64) -> u64 {
         true
     });
     bytes
+}
+
+/// An UNMAP of pages `[first, first + pages)` by `vcpu` as `ioas::unmap_near` runs it: one
+/// scan of the range's lookup plan (`Lookup::near`), the retires taken from that snapshot,
+/// then (after the invalidation round) the retired slots freed without scanning again.
+/// Returns the bytes it retired.
+fn unmap_from_snapshot(s: &AreaSlots, vcpu: u32, first: u64, pages: u64) -> u64 {
+    let (start, last) = (first << 12, ((first + pages) << 12) - 1);
+    let mut near = Near::new();
+    assert!(
+        s.lookup(start, last).near(start, last, &mut near),
+        "at most NEAR areas"
+    );
+    let mut mine = Vec::new();
+    for x in near.items() {
+        if x.area.iova >= start && x.area.last() <= last && s.retire(x, vcpu) {
+            mine.push((x.slot, x.area.len));
+        }
+    }
+    // (the invalidation round would run here)
+    for &(slot, _) in &mine {
+        s.free(slot);
+    }
+    mine.iter().map(|&(_, len)| len).sum()
 }
 
 /// Frees every slot `vcpu` retired (after its invalidation round).
@@ -147,6 +174,43 @@ fn racing_unmaps_count_each_page_once() {
         });
         assert_eq!(left, 0);
     });
+}
+
+/// The same race with the one-scan UNMAP (`ioas::unmap_near`): every page counted once, every
+/// slot freed once (a slot freed twice would set its free bit twice and `reserve` below would
+/// hand out more slots than there are).
+#[test]
+fn racing_snapshot_unmaps_count_each_page_once() {
+    model(
+        "ioas racing snapshot unmaps",
+        FLOOR_RACING_SNAPSHOT_UNMAPS,
+        || {
+            let s = Arc::new(AreaSlots::new(2).unwrap());
+            for first in [0, 1] {
+                let r = s.reserve(0, area(first, 1)).unwrap();
+                s.publish(r);
+            }
+            let hs: Vec<_> = (1..=2u32)
+                .map(|v| {
+                    let s = s.clone();
+                    thread::spawn(move || unmap_from_snapshot(&s, v, 0, 2))
+                })
+                .collect();
+            let bytes: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+            assert_eq!(bytes, 2 << 12);
+            let mut left = 0;
+            s.scan(|_| {
+                left += 1;
+                true
+            });
+            assert_eq!(left, 0);
+            // Both slots are free exactly once: two maps get them, a third finds none.
+            for first in [4, 5] {
+                assert!(s.reserve(0, area(first, 1)).is_ok());
+            }
+            assert_eq!(s.reserve(0, area(6, 1)), Err(Refused::Full));
+        },
+    );
 }
 
 #[test]

@@ -226,7 +226,11 @@ pub struct PendingRange {
 #[derive(Debug)]
 #[must_use = "recorded invalidations must be flushed"]
 pub struct HwInvalidation {
+    /// The records are `pending[..used]`, in the order they were made (every `Some`; the
+    /// rest `None`): the sweeps of every unmap and flush stop at `used` instead of visiting
+    /// every record.
     pending: [Option<PendingRange>; MAX_PENDING_RANGES],
+    used: usize,
     /// Rounds run before `flush` because the batch was full.
     early_flushes: u32,
 }
@@ -240,7 +244,7 @@ impl Default for HwInvalidation {
 impl Drop for HwInvalidation {
     fn drop(&mut self) {
         let unflushed = !self.is_empty();
-        for p in self.pending.iter_mut().flatten() {
+        for p in self.pending[..self.used].iter_mut().flatten() {
             p.gather.leak();
         }
         debug_assert!(!unflushed, "HwInvalidation dropped without flush");
@@ -251,18 +255,19 @@ impl HwInvalidation {
     pub fn new() -> Self {
         HwInvalidation {
             pending: core::array::from_fn(|_| None),
+            used: 0,
             early_flushes: 0,
         }
     }
 
     /// Nothing recorded.
     pub fn is_empty(&self) -> bool {
-        self.pending.iter().all(Option::is_none)
+        self.used == 0
     }
 
     /// Records held.
     pub fn len(&self) -> usize {
-        self.pending.iter().flatten().count()
+        self.used
     }
 
     /// Rounds that ran early because the batch was full (0 through the object model).
@@ -280,11 +285,11 @@ impl HwInvalidation {
         end: u64,
     ) -> Option<usize> {
         let mine = |p: &PendingRange| p.unit == unit && p.domain == domain;
-        let mut free = None;
+        // The first free record: the one after the last in use.
+        let free = (self.used < MAX_PENDING_RANGES).then_some(self.used);
         let mut best: Option<(usize, u64)> = None;
-        for (i, slot) in self.pending.iter().enumerate() {
+        for (i, slot) in self.pending[..self.used].iter().enumerate() {
             let Some(p) = slot else {
-                free.get_or_insert(i);
                 continue;
             };
             if !mine(p) {
@@ -308,6 +313,12 @@ impl HwInvalidation {
     /// The gather of record `i` (from [`record_index`](Self::record_index)), created for
     /// `unit`/`domain` if the slot is free.
     pub fn gather_at(&mut self, i: usize, unit: usize, domain: HwDomain) -> &mut Gather {
+        // `i` is a record in use or the first free one (`record_index`); anything else would
+        // leave a hole, so it is taken as the first free one.
+        let i = i.min(self.used);
+        if i == self.used {
+            self.used += 1;
+        }
         &mut self.pending[i]
             .get_or_insert_with(|| PendingRange {
                 unit,
@@ -325,12 +336,16 @@ impl HwInvalidation {
 
     /// The unit of some record, if any.
     pub fn next_unit(&self) -> Option<usize> {
-        self.pending.iter().flatten().map(|p| p.unit).next()
+        self.pending[..self.used]
+            .iter()
+            .flatten()
+            .map(|p| p.unit)
+            .next()
     }
 
     /// The records of `unit`.
     pub fn of_unit(&self, unit: usize) -> impl Iterator<Item = &PendingRange> {
-        self.pending
+        self.pending[..self.used]
             .iter()
             .flatten()
             .filter(move |p| p.unit == unit)
@@ -338,13 +353,19 @@ impl HwInvalidation {
 
     /// Takes the records of `unit` out, one at a time, into `f`.
     pub fn drain_unit(&mut self, unit: usize, mut f: impl FnMut(PendingRange)) {
-        for slot in &mut self.pending {
-            if slot.as_ref().is_some_and(|p| p.unit == unit)
-                && let Some(p) = slot.take()
-            {
-                f(p);
+        // The other units' records move down, in order, so they stay `pending[..used]`.
+        let mut kept = 0;
+        for i in 0..self.used {
+            match self.pending[i].take() {
+                Some(p) if p.unit == unit => f(p),
+                Some(p) => {
+                    self.pending[kept] = Some(p);
+                    kept += 1;
+                }
+                None => {}
             }
         }
+        self.used = kept;
     }
 }
 
@@ -458,5 +479,68 @@ pub trait IommuHw {
     /// Prepared switches neither committed nor aborted, if the backend counts them.
     fn outstanding_prepared(&self) -> Option<u32> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(inv: &mut HwInvalidation, unit: usize, d: u32, start: u64, end: u64) -> usize {
+        let i = inv.record_index(unit, HwDomain(d), start, end).unwrap();
+        inv.gather_at(i, unit, HwDomain(d)).add_range(start, end);
+        i
+    }
+
+    /// The records stay `pending[..used]` through recording and draining: a touching range
+    /// joins its domain's record, a disjoint one or another domain's takes the next free one,
+    /// draining a unit keeps the others' records in order, and a full batch merges into the
+    /// domain's record that grows least.
+    #[test]
+    fn records_are_merged_drained_and_reused_in_order() {
+        let mut inv = HwInvalidation::new();
+        assert!(inv.is_empty() && inv.next_unit().is_none());
+        assert_eq!(record(&mut inv, 0, 1, 0x1000, 0x2000), 0);
+        assert_eq!(record(&mut inv, 1, 2, 0x1000, 0x2000), 1);
+        assert_eq!(
+            record(&mut inv, 0, 1, 0x2000, 0x3000),
+            0,
+            "adjacent: merged"
+        );
+        assert_eq!(
+            record(&mut inv, 0, 1, 0x9000, 0xa000),
+            2,
+            "disjoint: its own"
+        );
+        assert_eq!(inv.len(), 3);
+        let mut drained = alloc::vec::Vec::new();
+        inv.drain_unit(0, |mut p| {
+            drained.push(p.gather.range().unwrap());
+            p.gather.leak();
+        });
+        assert_eq!(drained.len(), 2);
+        assert_eq!((drained[0].start, drained[0].end), (0x1000, 0x3000));
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv.next_unit(), Some(1));
+        assert_eq!(inv.of_unit(1).count(), 1);
+        // The next record goes right after the one left.
+        assert_eq!(record(&mut inv, 0, 1, 0x5000, 0x6000), 1);
+        // Fill the batch with disjoint ranges of domain 1 on unit 0, then one more: merged
+        // into the record whose hull grows least (the last one).
+        for k in 2..MAX_PENDING_RANGES as u64 {
+            let at = 0x10_0000 * k;
+            assert_eq!(record(&mut inv, 0, 1, at, at + 0x1000), k as usize);
+        }
+        let last = 0x10_0000 * (MAX_PENDING_RANGES as u64 - 1);
+        assert_eq!(
+            inv.record_index(0, HwDomain(1), last + 0x8000, last + 0x9000),
+            Some(MAX_PENDING_RANGES - 1)
+        );
+        // A domain with no record in a full batch: flush first.
+        assert_eq!(inv.record_index(0, HwDomain(7), 0, 0x1000), None);
+        for u in [0, 1] {
+            inv.drain_unit(u, |mut p| p.gather.leak());
+        }
+        assert!(inv.is_empty());
     }
 }

@@ -45,6 +45,11 @@
 //!    an unmap in flight already has. It then clears every HWPT's page table for its areas,
 //!    runs one invalidation round per IOMMU unit, and only then frees the slots: a dying area
 //!    keeps its range taken (step 1), so an IOVA is never reused under a stale IOTLB entry.
+//!    An unmap of at most `area_slots::NEAR` areas takes its check, retire, page-table and
+//!    free steps from one scan of the slots the IOVA index gives (each retire a
+//!    compare-and-swap on the state word the scan saw, so it acts on the slot as seen or not
+//!    at all); a wider one scans for the check and for the retire, and remembers the slots it
+//!    retired (a bitmap on the stack) for the rest.
 //! 3. An atomic UNMAP_BATCH checks every entry before retiring any; an entry left with nothing
 //!    after retiring (a racing unmap took its areas) puts back every area the batch retired
 //!    and fails, so the batch removes all or nothing.
@@ -67,7 +72,9 @@ use super::{
     Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx, hw_err,
     inval, try_vec,
 };
-use crate::area_slots::{AreaSlots, Lookup, Refused, Seen, SlotArea, SlotRef, SlotState};
+use crate::area_slots::{
+    AreaSlots, Lookup, NEAR, Near, Refused, Seen, SlotArea, SlotRef, SlotState,
+};
 use crate::pgtable::Prot;
 
 /// Internal protection bits of an area.
@@ -616,6 +623,10 @@ fn pinner(g: &Guest, ioas_id: u32, s: Span) -> u32 {
     0
 }
 
+/// Slots an UNMAP records in a bitmap on its stack (`Rx::unmap_wide`): IOASes of at most this
+/// many slots (the default `max_areas_per_ioas`) unmap a wide range in two scans instead of four.
+const RETIRED_BITS: usize = 512;
+
 /// An UNMAP's span with its lookup plan in the area slots, made once for the steps of one
 /// call (`AreaSlots::lookup`).
 struct Planned<'a> {
@@ -791,32 +802,45 @@ impl<H: IommuHw> Rx<'_, H> {
     /// it and not be pinned. The error is the one of the lowest such area, as for a sorted
     /// walk. Changes nothing.
     fn check_unmap(&self, ioas_id: u32, r: &Planned) -> Result<(), Error> {
-        let s = r.s;
         let mut worst: Option<(u64, Error)> = None;
         r.look.scan(|x| {
-            let a = x.area;
-            if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
-                return true;
-            }
-            let e = if a.iova < s.start || a.last() > s.last {
-                Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova)
-            } else if x.pins != 0 {
-                let who = pinner(self.g, ioas_id, Span::new(a.iova, a.last()));
-                Error::new(errno::EBUSY, reason::PINNED)
-                    .obj(kind::ACCESS, who)
-                    .at(a.iova)
-            } else {
-                return true;
-            };
-            if worst.is_none_or(|(w, _)| a.iova < w) {
-                worst = Some((a.iova, e));
-            }
+            self.check_one(ioas_id, r.s, x, &mut worst);
             true
         });
         match worst {
             Some((_, e)) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// [`check_unmap`](Self::check_unmap) of one slot: records its error in `worst` if it is
+    /// the lowest so far.
+    fn check_one(&self, ioas_id: u32, s: Span, x: &Seen, worst: &mut Option<(u64, Error)>) {
+        let a = x.area;
+        if x.state != SlotState::Live || !a.overlaps(s.start, s.last) {
+            return;
+        }
+        let e = if a.iova < s.start || a.last() > s.last {
+            Error::new(errno::ENOENT, reason::SPLITS_MAPPING).at(a.iova)
+        } else if x.pins != 0 {
+            let who = pinner(self.g, ioas_id, Span::new(a.iova, a.last()));
+            Error::new(errno::EBUSY, reason::PINNED)
+                .obj(kind::ACCESS, who)
+                .at(a.iova)
+        } else {
+            return;
+        };
+        if worst.is_none_or(|(w, _)| a.iova < w) {
+            *worst = Some((a.iova, e));
+        }
+    }
+
+    /// Whether [`retire_in`](Self::retire_in) takes the slot `x` for an UNMAP of `s`, and
+    /// takes it (LIVE → DYING(vcpu)).
+    fn retire_one(&self, ioas: &Ioas, s: Span, x: &Seen) -> bool {
+        let a = x.area;
+        // An area published since the check that does not fit is a later map's: left.
+        a.iova >= s.start && a.last() <= s.last && x.pins == 0 && ioas.areas.retire(x, self.vcpu)
     }
 
     /// Step 1 of an UNMAP of `s` (module docs): checks the live areas in `s` (whole, not
@@ -835,17 +859,10 @@ impl<H: IommuHw> Rx<'_, H> {
     /// retired; an area a racing unmap retired first is not counted, so racing unmaps count
     /// each page once.
     fn retire_in(&self, ioas: &Ioas, r: &Planned) -> u64 {
-        let s = r.s;
         let mut bytes = 0u64;
         r.look.scan(|x| {
-            let a = x.area;
-            // An area published since the check that does not fit is a later map's: left.
-            if a.iova >= s.start
-                && a.last() <= s.last
-                && x.pins == 0
-                && ioas.areas.retire(x, self.vcpu)
-            {
-                bytes += a.len;
+            if self.retire_one(ioas, r.s, x) {
+                bytes += x.area.len;
             }
             true
         });
@@ -904,11 +921,146 @@ impl<H: IommuHw> Rx<'_, H> {
         let s = unmap_span(iova, len)?;
         // One lookup plan for every step of the call (`AreaSlots::lookup`).
         let r = Planned::new(ioas, s);
+        let mut near = Near::new();
+        if r.look.near(s.start, s.last, &mut near) {
+            return self.unmap_near(ioas, ioas_id, s, &near);
+        }
+        if ioas.areas.capacity() <= RETIRED_BITS {
+            return self.unmap_wide(ioas, ioas_id, &r);
+        }
         let bytes = self.claim_unmap(ioas, ioas_id, &r)?;
         let mut inv = HwInvalidation::new();
         let failed = self.unmap_claimed(ioas, &r, &mut inv);
         let flushed = self.hw.flush(&mut inv).is_ok();
         self.forget_claimed(ioas, &r);
+        if failed || !flushed {
+            return Err(Error::new(errno::EIO, reason::HW_FAULT));
+        }
+        Ok(bytes)
+    }
+
+    /// [`unmap`](Self::unmap) of a range with at most `NEAR` areas in it: the same steps,
+    /// taken from one scan of the slots instead of one scan per step. The check reads the
+    /// snapshot; each retire is a compare-exchange on the state word the snapshot saw, so it
+    /// fails if the slot changed since (a racing unmap took it: not counted, as in
+    /// [`retire_in`](Self::retire_in)). An area that was not live in the snapshot belongs to
+    /// a MAP that had not returned when this call started (a MAP that had returned published
+    /// LIVE, Release, before the call's Acquire loads of the scan): it is not there for this
+    /// call (docs/abi.md §2). Only this call changes the state of the slots it retired (its
+    /// vCPU has one call in flight), so the page-table and free steps work on the retired
+    /// entries without reading the slots again; the free still comes after the invalidation
+    /// round (rule 4 of `area_slots.rs`).
+    fn unmap_near(&self, ioas: &Ioas, ioas_id: u32, s: Span, near: &Near) -> Result<u64, Error> {
+        let mut worst = None;
+        for x in near.items() {
+            self.check_one(ioas_id, s, x, &mut worst);
+        }
+        if let Some((_, e)) = worst {
+            return Err(e);
+        }
+        let mut mine = [false; NEAR];
+        let mut bytes = 0u64;
+        for (x, m) in near.items().iter().zip(&mut mine) {
+            if self.retire_one(ioas, s, x) {
+                *m = true;
+                bytes += x.area.len;
+            }
+        }
+        if bytes == 0 && s != Span::FULL {
+            return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED));
+        }
+        let retired = || near.items().iter().zip(&mine).filter(|(_, m)| **m);
+        let mut inv = HwInvalidation::new();
+        let doms = ioas_domains(self.g, ioas);
+        let mut failed = doms.is_err();
+        let (doms, n) = doms.unwrap_or(([HwDomain(0); MAX_HWPTS_PER_IOAS], 0));
+        for (x, _) in retired() {
+            for &d in &doms[..n] {
+                match self.hw.unmap(d, x.area.iova, x.area.len, &mut inv) {
+                    Ok(b) if b == x.area.len => {}
+                    _ => failed = true,
+                }
+            }
+        }
+        let flushed = self.hw.flush(&mut inv).is_ok();
+        // After the round: forget after flush.
+        for (x, _) in retired() {
+            ioas.areas.free(x.slot);
+        }
+        if failed || !flushed {
+            return Err(Error::new(errno::EIO, reason::HW_FAULT));
+        }
+        Ok(bytes)
+    }
+
+    /// [`unmap`](Self::unmap) of a range with more than `NEAR` areas in an IOAS of at most
+    /// [`RETIRED_BITS`] slots: the check and the retire scan the range's slots as in the
+    /// general case, and the retire records the slots it took in a bitmap, so the page-table
+    /// and free steps read only those slots instead of scanning the range twice more. Only
+    /// this call changes the state of the slots it retired, and their fields were written
+    /// before the LIVE its compare-exchange read (`AreaSlots::retired`); the free still comes
+    /// after the invalidation round (rule 4 of `area_slots.rs`).
+    fn unmap_wide(&self, ioas: &Ioas, ioas_id: u32, r: &Planned) -> Result<u64, Error> {
+        self.check_unmap(ioas_id, r)?;
+        let mut mine = [0u64; RETIRED_BITS / 64];
+        let mut bytes = 0u64;
+        r.look.scan(|x| {
+            if self.retire_one(ioas, r.s, x) {
+                // `index < capacity <= RETIRED_BITS`.
+                mine[x.slot.index / 64] |= 1 << (x.slot.index % 64);
+                bytes += x.area.len;
+            }
+            true
+        });
+        if bytes == 0 && r.s != Span::FULL {
+            return Err(Error::new(errno::ENOENT, reason::NOT_MAPPED));
+        }
+        let each = |f: &mut dyn FnMut(SlotRef, SlotArea)| {
+            for (w, &bits) in mine.iter().enumerate() {
+                let mut b = bits;
+                while b != 0 {
+                    let (slot, area) = ioas.areas.retired(w * 64 + b.trailing_zeros() as usize);
+                    b &= b - 1;
+                    f(slot, area);
+                }
+            }
+        };
+        let mut inv = HwInvalidation::new();
+        let doms = ioas_domains(self.g, ioas);
+        let mut failed = doms.is_err();
+        let (doms, n) = doms.unwrap_or(([HwDomain(0); MAX_HWPTS_PER_IOAS], 0));
+        // Areas whose IOVAs follow each other (a batch's entries, taken in slot order) are
+        // cleared as one range per domain: one table walk instead of one per area. The range
+        // holds only areas this call retired, so it clears no one else's leaves.
+        let mut clear = |iova: u64, len: u64| {
+            for &d in &doms[..n] {
+                match self.hw.unmap(d, iova, len, &mut inv) {
+                    Ok(b) if b == len => {}
+                    _ => failed = true,
+                }
+            }
+        };
+        let mut run: Option<(u64, u64)> = None;
+        each(&mut |_, a| match run {
+            // Checked: an area may end at the top of the IOVA space.
+            Some((start, len))
+                if start.checked_add(len) == Some(a.iova) && len.checked_add(a.len).is_some() =>
+            {
+                run = Some((start, len + a.len))
+            }
+            _ => {
+                if let Some((start, len)) = run {
+                    clear(start, len);
+                }
+                run = Some((a.iova, a.len));
+            }
+        });
+        if let Some((start, len)) = run {
+            clear(start, len);
+        }
+        let flushed = self.hw.flush(&mut inv).is_ok();
+        // After the round: forget after flush.
+        each(&mut |slot, _| ioas.areas.free(slot));
         if failed || !flushed {
             return Err(Error::new(errno::EIO, reason::HW_FAULT));
         }

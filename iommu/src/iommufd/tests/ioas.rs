@@ -525,3 +525,40 @@ fn unmap_batch() {
     assert_eq!(c.unmap(ioas, 0, u64::MAX), Ok(0));
     env.teardown();
 }
+
+/// An UNMAP of more areas than one snapshot holds (`area_slots::NEAR`): runs of IOVA-adjacent
+/// areas (cleared as one range) and gaps between them, every page translated before and none
+/// after, the exact byte count; a split area anywhere in the range fails it first and leaves
+/// every area mapped.
+#[test]
+fn unmap_of_many_areas_with_runs_and_gaps() {
+    let mut env = Env::new();
+    let a = env.id(dev::A);
+    let mut c = env.c();
+    let ioas = c.ioas_alloc().unwrap();
+    c.attach(a, ioas).unwrap();
+    let base = 0x80_0000u64;
+    // Pages 0..12 one area each, 13..16 one area, 20..30 one area each: 23 areas.
+    let mut pages = std::vec::Vec::new();
+    for i in (0..12).chain(20..30) {
+        c.map_fixed(ioas, base + i * PG, 2 * i * PG, PG).unwrap();
+        pages.push(i);
+    }
+    c.map_fixed(ioas, base + 13 * PG, 100 * PG, 4 * PG).unwrap();
+    pages.extend(13..17);
+    // An area across the end of the range: the unmap fails and changes nothing.
+    c.map_fixed(ioas, base + 31 * PG, 200 * PG, 2 * PG).unwrap();
+    assert_eq!(c.unmap(ioas, base, 32 * PG), Err(errno::ENOENT));
+    assert_eq!(c.last_error().out_reason, reason::SPLITS_MAPPING);
+    for &i in &pages {
+        assert!(env.dma(dev::A, base + i * PG).is_some(), "page {i}");
+    }
+    let mut c = env.c();
+    assert_eq!(c.unmap(ioas, base, 31 * PG), Ok(26 * PG));
+    for i in 0..31 {
+        assert_eq!(env.dma(dev::A, base + i * PG), None, "page {i}");
+    }
+    assert!(env.dma(dev::A, base + 31 * PG).is_some());
+    env.check();
+    env.teardown();
+}
