@@ -36,9 +36,11 @@ use loom::thread;
 use loom_support::Preemptions;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// Observed 12672 (4640 when the floor was set): two maps of overlapping ranges, each announcing, scanning and deciding.
+/// Observed 12672 (4640 when the floor was set): two maps of overlapping ranges, each
+/// announcing, scanning and deciding.
 const FLOOR_OVERLAPPING_MAPS: usize = 2300;
-/// Observed 27726 (27646 when the floor was set): two unmaps of one range of two areas, retiring and freeing.
+/// Observed 27726 (27646 when the floor was set): two unmaps of one range of two areas,
+/// retiring and freeing.
 const FLOOR_RACING_UNMAPS: usize = 13800;
 /// Observed 14446: two unmaps of one range of two areas taking their steps from one snapshot
 /// each (`Lookup::near`), then two maps and a third that finds no free slot.
@@ -47,7 +49,8 @@ const FLOOR_RACING_SNAPSHOT_UNMAPS: usize = 7200;
 /// index, when the map's lookup visited the unmapper's slot; now they meet only in the
 /// free-slot bitmap and the level's slot bitmap).
 const FLOOR_NEIGHBOURS: usize = 420;
-/// Observed 19563 (6438 when the floor was set): a map of the page of an area being unmapped, with its invalidation round.
+/// Observed 19563 (6438 when the floor was set): a map of the page of an area being
+/// unmapped, with its invalidation round.
 const FLOOR_FORGET_AFTER_FLUSH: usize = 3200;
 
 /// The bound: `LOOM_MAX_PREEMPTIONS` when set, else 3 (the models are exhaustive within the

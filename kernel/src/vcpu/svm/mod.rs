@@ -387,13 +387,7 @@ impl Svm {
         let Some((apic, slot)) = vcpu.apic.as_mut() else {
             return;
         };
-        if let Some(posted) = crate::guest::msi::take_posted_if_any(*slot) {
-            apic.request_bits(posted);
-        }
-        // `tick` does nothing without a deadline: skip the TSC read.
-        if apic.deadline().is_some() {
-            apic.tick(crate::arch::irq::now());
-        }
+        Self::refresh(apic, *slot);
         let mut want = apic.pending();
         if let Some(v) = want
             && delivery == Delivery::EventInjection
@@ -414,14 +408,30 @@ impl Svm {
         }
     }
 
+    /// Merges what host handlers posted to `slot` into the virtual APIC and fires its timer if
+    /// due: one summary-flag load when nothing was posted (`msi::take_posted_if_any`), and no
+    /// TSC read unless the timer is armed (`tick` does nothing without a deadline).
+    fn refresh(apic: &mut VirtualLapic, slot: usize) {
+        if let Some(posted) = crate::guest::msi::take_posted_if_any(slot) {
+            apic.request_bits(posted);
+        }
+        if apic.deadline().is_some() {
+            apic.tick(crate::arch::irq::now());
+        }
+    }
+
     /// After an exit: if the guest took the vector offered in V_IRQ (the processor cleared
     /// the bit), it is in service now: IRR to ISR in the virtual APIC. Then EXITINTINFO: an
     /// event whose delivery the exit interrupted is delivered again at the next entry through
     /// EVENTINJ (§15.7.2), except the offered virtual interrupt while V_IRQ is still set (QEMU
     /// clears V_IRQ only once the delivery completed): V_IRQ delivers that one again itself.
-    fn sync_virtual_irq(vcpu: &mut SvmVcpu) {
+    ///
+    /// Only in [`Delivery::VirtualIrq`]: with the VINTR intercept the guest exits before it
+    /// can take the offer, so there a clear V_IRQ never means "taken".
+    fn sync_virtual_irq(vcpu: &mut SvmVcpu, delivery: Delivery) {
         let mut taken = None;
         if let Some(v) = vcpu.virq
+            && delivery == Delivery::VirtualIrq
             && vcpu.exit.int_ctl & vmcb::V_IRQ == 0
         {
             if let Some((apic, _)) = vcpu.apic.as_mut() {
@@ -462,12 +472,7 @@ impl Svm {
             return true;
         };
         loop {
-            if let Some(posted) = crate::guest::msi::take_posted_if_any(*slot) {
-                apic.request_bits(posted);
-            }
-            if apic.deadline().is_some() {
-                apic.tick(crate::arch::irq::now());
-            }
+            Self::refresh(apic, *slot);
             if apic.pending().is_some() {
                 vcpu.halted = false;
                 return true;
@@ -765,7 +770,7 @@ impl Backend for Svm {
             if vcpu.exit.code == exit::INTR {
                 asm::take_interrupt(self.cpu);
             }
-            Self::sync_virtual_irq(vcpu);
+            Self::sync_virtual_irq(vcpu, self.delivery);
             if vcpu.exit.code == exit::CPUID {
                 self.emulate_cpuid(vcpu);
                 continue;
