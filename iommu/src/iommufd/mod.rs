@@ -201,6 +201,15 @@ pub trait GuestMemory {
     /// The host-physical address of `gpa` and how many bytes from `gpa` on are contiguous in
     /// host memory (at least to the end of `gpa`'s page).
     fn translate(&self, gpa: u64) -> Option<HostRun>;
+    /// [`translate`](Self::translate) for a caller walking a range upwards run by run (a map of
+    /// memory whose host pages are scattered): `cursor` is the backend's own position state,
+    /// 0 for the first call of a walk and passed back unchanged for the next run, so a backend
+    /// with many runs finds the next one without searching from the start. Must return what
+    /// `translate(gpa)` returns, whatever `cursor` holds.
+    fn translate_next(&self, gpa: u64, cursor: &mut usize) -> Option<HostRun> {
+        let _ = cursor;
+        self.translate(gpa)
+    }
 
     /// Reads `buf.len()` little-endian 64-bit words from `gpa` (any alignment): the bytes
     /// `read` would give, word `k` from bytes `8k..8k + 8`. What the argument structs are read
