@@ -377,6 +377,16 @@ pub fn hypercall(peer: bool) -> Result<ExitCode> {
             );
         }
     }
+    // No target: the same exits as the 4 KiB row without the IOMMU work, which separates
+    // how far the world switch scales from how far the calls do.
+    for (arch, rows) in arches.iter().zip(&mttcg) {
+        if let Some(v) = scaling(rows, "null-exit-pair") {
+            println!(
+                "info {}: null-exit-pair (two null hypercalls, no IOMMU) 1 vs 2 vCPUs: {v:.2}x",
+                arch.name()
+            );
+        }
+    }
     // Our own target, peer or not: 256 x 4 KiB in one call at most 4x our 4 KiB pair.
     println!();
     for (arch, rows) in arches.iter().zip(&icount) {

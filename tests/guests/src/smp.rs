@@ -227,28 +227,32 @@ static SCALE_IOAS: AtomicU32 = AtomicU32::new(0);
 static SCALE_IOAS_READY: AtomicBool = AtomicBool::new(false);
 /// vCPU 1 has encoded its arguments and spins on `SCALE_GO`.
 static SCALE_WORKER_READY: AtomicBool = AtomicBool::new(false);
-/// The barrier: vCPU 0 stores `generation << 1 | row` to start vCPU 1 on one run of `row`;
+/// The barrier: vCPU 0 stores `generation << 2 | row` to start vCPU 1 on one run of `row`;
 /// vCPU 1 stores the generation in `SCALE_DONE` when it has finished it.
 static SCALE_GO: AtomicU32 = AtomicU32::new(0);
 static SCALE_DONE: AtomicU32 = AtomicU32::new(0);
 /// Calls of vCPU 1 that did not return 0.
 static SCALE_ERRORS: AtomicU32 = AtomicU32::new(0);
 
-/// The two scaling rows: N pairs of IOAS_MAP + IOAS_UNMAP of one 4 KiB page, or of 256
-/// contiguous 4 KiB pages (1 MiB) in one call.
+/// The scaling rows: N pairs of IOAS_MAP + IOAS_UNMAP of one 4 KiB page, or of 256
+/// contiguous 4 KiB pages (1 MiB) in one call; and N pairs of null hypercalls, the same exits
+/// as the 4 KiB row without the IOMMU work, which tells how far the world switch alone scales
+/// (informational: no target, no Linux counterpart).
 #[derive(Clone, Copy)]
 enum ScaleRow {
     Pair4k,
     Pair1mContig,
+    NullPair,
 }
 
 impl ScaleRow {
-    const ALL: [ScaleRow; 2] = [ScaleRow::Pair4k, ScaleRow::Pair1mContig];
+    const ALL: [ScaleRow; 3] = [ScaleRow::Pair4k, ScaleRow::Pair1mContig, ScaleRow::NullPair];
 
     fn name(self) -> &'static str {
         match self {
             ScaleRow::Pair4k => "map-unmap-4k",
             ScaleRow::Pair1mContig => "map-unmap-256x4k-contiguous",
+            ScaleRow::NullPair => "null-exit-pair",
         }
     }
 
@@ -262,9 +266,13 @@ impl ScaleRow {
         match self {
             ScaleRow::Pair4k => 400,
             ScaleRow::Pair1mContig => 400,
+            ScaleRow::NullPair => 400,
         }
     }
 }
+
+/// The null hypercall of the `null-hypercall` row of `bench`: no ABI op has this number.
+const NULL_OP: u32 = 0x7777;
 
 /// One vCPU's pre-encoded arguments: 64 slots of one page each in its own IOVA window, and one
 /// 1 MiB range after them; its own guest pages (`BENCH_GPA_1M`, 1 MiB per vCPU).
@@ -328,6 +336,12 @@ impl Pairs {
             let (m, u) = match row {
                 ScaleRow::Pair4k => (&self.map_4k[i % 64], &self.unmap_4k[i % 64]),
                 ScaleRow::Pair1mContig => (&self.map_1m, &self.unmap_1m),
+                ScaleRow::NullPair => {
+                    // Not an op: one exit and ENOSYS each, no IOMMU, nothing to count.
+                    let _ = arch::hypercall(NULL_OP, 0, 0, 0);
+                    let _ = arch::hypercall(NULL_OP, 0, 0, 0);
+                    continue;
+                }
             };
             errors += u32::from(arch::hypercall(op::IOAS_MAP, m.as_ptr() as u64, 0, 0) != 0);
             errors += u32::from(arch::hypercall(op::IOAS_UNMAP, u.as_ptr() as u64, 0, 0) != 0);
@@ -348,12 +362,12 @@ fn bench_worker(vcpu: u32) -> ! {
     let mut seen = 0;
     loop {
         let go = SCALE_GO.load(Ordering::Acquire);
-        if go >> 1 == seen {
+        if go >> 2 == seen {
             core::hint::spin_loop();
             continue;
         }
-        seen = go >> 1;
-        let row = ScaleRow::ALL[(go & 1) as usize];
+        seen = go >> 2;
+        let row = ScaleRow::ALL[(go & 3) as usize];
         let errors = pairs.run(row);
         SCALE_ERRORS.fetch_add(errors, Ordering::Relaxed);
         // Release: the error count is visible to vCPU 0 once it sees the generation.
@@ -385,7 +399,7 @@ pub fn bench_scaling(ioas: u32, vcpus: u32, rounds: usize) -> u32 {
     let mut both = |row: ScaleRow, errors: &mut u32| -> u64 {
         generation += 1;
         let t = arch::timestamp();
-        SCALE_GO.store(generation << 1 | row as u32, Ordering::Release);
+        SCALE_GO.store(generation << 2 | row as u32, Ordering::Release);
         *errors += mine.run(row);
         while SCALE_DONE.load(Ordering::Acquire) != generation {
             core::hint::spin_loop();
