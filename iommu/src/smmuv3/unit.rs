@@ -1436,6 +1436,15 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
 
     /// Issues `round` and waits for its closing CMD_SYNC (see [`InvalidationRound`]).
     fn run_round(&self, round: &InvalidationRound) -> Result<(), SmmuError> {
+        if !round.everything && round.n_nested == 0 {
+            // The common case: the planned commands as they are (`submit` adds the CMD_SYNC).
+            if round.n == 0 {
+                return Ok(());
+            }
+            return self
+                .cmdq
+                .submit(&self.mmio, self.mem, &round.cmds[..round.n], &self.stats);
+        }
         let mut cmds =
             [Command::sync(); InvalidationRound::CAPACITY + 1 + InvalidationRound::NESTED_CAPACITY];
         let mut n = 0;
