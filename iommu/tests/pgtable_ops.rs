@@ -182,6 +182,66 @@ mod pgtable {
         finish(&pool, pt2);
     }
 
+    /// A level-0 unmap over several contiguous runs whose ends are single pages (the engine
+    /// clears whole runs inside the request without a per-entry split check, and checks only
+    /// the edges): the runs and the edge pages all go, exactly the request is gathered, and a
+    /// request whose first or last run is cut changes nothing. Checked against the reference
+    /// walker, by both concurrency modes.
+    #[test]
+    fn unmap_of_runs_with_single_page_edges() {
+        for mode in modes() {
+            let pool = HostPool::new(64);
+            let cfg = Config {
+                concurrency: mode,
+                ..Config::new(48, 48)
+            };
+            let pt = PageTable::<ArmStage2<12>>::new(&pool, cfg).unwrap();
+            // [3 pages before K64, 3 runs, 5 pages after): pages 13..16 and 64..69 (in K4)
+            // are single leaves, [K64, 4 * K64) three runs of 16.
+            let (start, end) = (K64 - 3 * K4, 4 * K64 + 5 * K4);
+            pt.map(&pool, start, 0x40_0000 + start, end - start, rw())
+                .unwrap();
+            assert_eq!(pt.census(&pool).contiguous[0], 48);
+            let regime = refwalk::ArmRegime::stage2(12, 48, 48, pt.root_info().arm_sl0().unwrap());
+            for a in (start..end).step_by(K4 as usize) {
+                let w = refwalk::arm(&pool, pt.root(), &regime, a).unwrap();
+                assert_eq!(w.pa, 0x40_0000 + a);
+                assert_eq!(w.contiguous, (K64..4 * K64).contains(&a), "{a:#x}");
+            }
+            let before = snapshot(&pt, &pool, 0, 8 * K64);
+            let mut g = Gather::new();
+            // The first run cut by the request's start; then the last by its end.
+            for (iova, stop, leaf) in [
+                (K64 + K4, 4 * K64, r(K64, 2 * K64)),
+                (start, 4 * K64 - K4, r(3 * K64, 4 * K64)),
+                (2 * K64 + 7 * K4, end, r(2 * K64, 3 * K64)),
+            ] {
+                assert_eq!(
+                    pt.unmap(&pool, iova, stop - iova, &mut g),
+                    Err(UnmapError::SplitsLeaf { leaf, unmapped: 0 }),
+                    "unmap [{iova:#x}, {stop:#x})"
+                );
+                assert!(g.is_empty());
+                assert_eq!(snapshot(&pt, &pool, 0, 8 * K64), before);
+            }
+            // Everything, with a page of hole on each side.
+            assert_eq!(
+                pt.unmap(&pool, start - K4, end - start + 2 * K4, &mut g),
+                Ok(end - start)
+            );
+            assert_eq!(g.range(), Some(r(start, end)));
+            for a in (0..8 * K64).step_by(K4 as usize) {
+                assert!(
+                    refwalk::arm(&pool, pt.root(), &regime, a).is_err(),
+                    "{a:#x} still mapped"
+                );
+            }
+            assert_eq!(pt.census(&pool).mapped, 0);
+            g.complete(&pool);
+            finish(&pool, pt);
+        }
+    }
+
     #[test]
     fn overlapping_map_fails_rolls_back_and_changes_nothing() {
         for mode in modes() {

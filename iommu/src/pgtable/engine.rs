@@ -941,19 +941,65 @@ impl<F: Format> PageTable<F> {
         st: &mut UnmapState,
         table: PhysAddr,
         level: u32,
-        mut iova: u64,
+        iova: u64,
         end: u64,
         g: &mut Gather,
     ) -> Result<(), IovaRange> {
         let tbl = self.table(mem, table, level);
         let shift = Self::shift(level);
+        let first = self.index(iova, level);
+        if level == 0 {
+            let last = first + ((end - iova) >> shift) as usize;
+            if self.cont_levels & 1 == 0 || st.rollback {
+                // No contiguous runs at level 0, or a rollback (no split check): nothing to
+                // decide per entry.
+                self.unmap_run0(mem, st, table, tbl, first, last, iova);
+                return Ok(());
+            }
+            // Contiguous runs are aligned to their span (Arm ARM D8.6.1), so a run can be cut
+            // by the request only where it starts or ends off a run boundary: only the entries
+            // of [iova, end) outside [start rounded up, end rounded down) need the per-entry
+            // split check. Those edges go through the general loop, the first one first so a
+            // cut there is still found before anything changes (the cut at the request's end
+            // was looked up by `unmap` before the walk).
+            let run = (F::contiguous_entries(0) as u64) << shift;
+            let lo = st.start.next_multiple_of(run).clamp(iova, end);
+            let hi = (st.end & !(run - 1)).clamp(lo, end);
+            if lo < hi {
+                if iova < lo {
+                    self.unmap_entries(mem, st, table, tbl, 0, iova, lo, g)?;
+                }
+                let (a, b) = (
+                    self.index(lo, 0),
+                    self.index(lo, 0) + ((hi - lo) >> shift) as usize,
+                );
+                self.unmap_run0(mem, st, table, tbl, a, b, lo);
+                if hi < end {
+                    self.unmap_entries(mem, st, table, tbl, 0, hi, end, g)?;
+                }
+                return Ok(());
+            }
+        }
+        self.unmap_entries(mem, st, table, tbl, level, iova, end, g)
+    }
+
+    /// The general loop of [`unmap_level`](Self::unmap_level) over the entries of `tbl` (at
+    /// `level`, at `table`) covering `[iova, end)`, which lies within the table's span.
+    #[allow(clippy::too_many_arguments)]
+    fn unmap_entries<M: TableMemory>(
+        &self,
+        mem: &M,
+        st: &mut UnmapState,
+        table: PhysAddr,
+        tbl: &[M::Entry],
+        level: u32,
+        mut iova: u64,
+        end: u64,
+        g: &mut Gather,
+    ) -> Result<(), IovaRange> {
+        let shift = Self::shift(level);
         let size = 1u64 << shift;
         let first = self.index(iova, level);
-        if level == 0 && self.cont_levels & 1 == 0 {
-            let last = first + ((end - iova) >> shift) as usize;
-            self.unmap_run0(mem, st, table, tbl, first, last, iova);
-            return Ok(());
-        }
         let mut i = first;
         let mut changed = false;
         let mut result = Ok(());

@@ -29,7 +29,11 @@ pub struct Gather {
     end: u64,
     gaps: bool,
     leaf_entries: u64,
-    min_leaf_shift: u32,
+    /// Shift of the smallest leaf cleared, plus one; 0 while none was. With this and the empty
+    /// range kept as `start == end == 0`, a new gather is all zeroes, which the compiler
+    /// builds with zero stores instead of copying a constant holding `u64::MAX` / `u32::MAX`
+    /// markers.
+    min_leaf_shift_p1: u32,
     head: PhysAddr,
     tables: usize,
     table_bytes: usize,
@@ -47,11 +51,11 @@ const LINK_ADDR: u64 = 0x000f_ffff_ffff_f000;
 impl Gather {
     pub const fn new() -> Self {
         Gather {
-            start: u64::MAX,
+            start: 0,
             end: 0,
             gaps: false,
             leaf_entries: 0,
-            min_leaf_shift: u32::MAX,
+            min_leaf_shift_p1: 0,
             head: 0,
             tables: 0,
             table_bytes: 0,
@@ -84,7 +88,7 @@ impl Gather {
     /// Size of the smallest leaf cleared: the invalidation granule hint (VT-d address mask, SMMU
     /// TG/TTL), or `None` if only tables were unlinked.
     pub fn min_leaf_size(&self) -> Option<u64> {
-        (self.min_leaf_shift != u32::MAX).then(|| 1u64 << self.min_leaf_shift)
+        (self.min_leaf_shift_p1 != 0).then(|| 1u64 << (self.min_leaf_shift_p1 - 1))
     }
 
     /// Table pages unlinked and waiting for `complete`.
@@ -126,7 +130,13 @@ impl Gather {
         if start >= end {
             return;
         }
-        if self.start < self.end && (end < self.start || start > self.end) {
+        if self.start >= self.end {
+            // The first range.
+            self.start = start;
+            self.end = end;
+            return;
+        }
+        if end < self.start || start > self.end {
             self.gaps = true;
         }
         self.start = self.start.min(start);
@@ -135,7 +145,10 @@ impl Gather {
 
     pub(crate) fn add_leaves(&mut self, entries: u64, shift: u32) {
         self.leaf_entries += entries;
-        self.min_leaf_shift = self.min_leaf_shift.min(shift);
+        // `shift` < 64, so `shift + 1` never wraps to the "none" value.
+        if self.min_leaf_shift_p1 == 0 || shift < self.min_leaf_shift_p1 - 1 {
+            self.min_leaf_shift_p1 = shift + 1;
+        }
     }
 
     /// Chains an unlinked table page.

@@ -375,22 +375,60 @@ pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-fn count(cmd: &Command, s: &Stats) {
-    bump(&s.commands);
-    match cmd.opcode() {
-        op::SYNC => bump(&s.syncs),
-        op::TLBI_NH_VA | op::TLBI_NH_VAA | op::TLBI_EL2_VA | op::TLBI_EL2_VAA | op::TLBI_S2_IPA => {
-            if cmd.range().tg != 0 {
-                bump(&s.tlbi_range)
-            } else {
-                bump(&s.tlbi_va)
+/// The [`Stats`] of one batch, added to the unit's counters once at its end: one atomic
+/// add per kind of command the batch had, instead of two per command.
+#[derive(Default)]
+struct Tally {
+    commands: u64,
+    syncs: u64,
+    tlbi_range: u64,
+    tlbi_va: u64,
+    tlbi_asid: u64,
+    tlbi_vmid: u64,
+    tlbi_all: u64,
+    cfgi: u64,
+}
+
+impl Tally {
+    fn count(&mut self, cmd: &Command) {
+        self.commands += 1;
+        match cmd.opcode() {
+            op::SYNC => self.syncs += 1,
+            op::TLBI_NH_VA
+            | op::TLBI_NH_VAA
+            | op::TLBI_EL2_VA
+            | op::TLBI_EL2_VAA
+            | op::TLBI_S2_IPA => {
+                if cmd.range().tg != 0 {
+                    self.tlbi_range += 1
+                } else {
+                    self.tlbi_va += 1
+                }
+            }
+            op::TLBI_NH_ASID | op::TLBI_EL2_ASID => self.tlbi_asid += 1,
+            op::TLBI_S12_VMALL | op::TLBI_NH_ALL => self.tlbi_vmid += 1,
+            op::TLBI_NSNH_ALL | op::TLBI_EL2_ALL | op::TLBI_EL3_ALL => self.tlbi_all += 1,
+            op::CFGI_STE | op::CFGI_STE_RANGE | op::CFGI_CD | op::CFGI_CD_ALL => self.cfgi += 1,
+            _ => {}
+        }
+    }
+
+    fn add_to(&self, s: &Stats) {
+        for (n, c) in [
+            (self.commands, &s.commands),
+            (self.syncs, &s.syncs),
+            (self.tlbi_range, &s.tlbi_range),
+            (self.tlbi_va, &s.tlbi_va),
+            (self.tlbi_asid, &s.tlbi_asid),
+            (self.tlbi_vmid, &s.tlbi_vmid),
+            (self.tlbi_all, &s.tlbi_all),
+            (self.cfgi, &s.cfgi),
+        ] {
+            if n != 0 {
+                // Relaxed: statistics.
+                c.fetch_add(n, Ordering::Relaxed);
             }
         }
-        op::TLBI_NH_ASID | op::TLBI_EL2_ASID => bump(&s.tlbi_asid),
-        op::TLBI_S12_VMALL | op::TLBI_NH_ALL => bump(&s.tlbi_vmid),
-        op::TLBI_NSNH_ALL | op::TLBI_EL2_ALL | op::TLBI_EL3_ALL => bump(&s.tlbi_all),
-        op::CFGI_STE | op::CFGI_STE_RANGE | op::CFGI_CD | op::CFGI_CD_ALL => bump(&s.cfgi),
-        _ => {}
     }
 }
 
@@ -453,8 +491,17 @@ impl CommandQueue {
     }
 
     fn write_slot<T: TableMemory + ?Sized>(&self, mem: &T, counter: u32, cmd: Command) {
+        self.put_slot(
+            mem.table(self.base, self.entries() as usize * 2),
+            counter,
+            cmd,
+        );
+    }
+
+    /// [`write_slot`](Self::write_slot) into the queue's words `q` (from `mem.table(base,
+    /// 2 * entries)`, looked up once per batch).
+    fn put_slot<E: PteAtomic>(&self, q: &[E], counter: u32, cmd: Command) {
         let index = (counter & (self.entries() - 1)) as usize;
-        let q = mem.table(self.base, self.entries() as usize * 2);
         // The SMMU reads a slot only after the CMDQ_PROD write that hands it over, which is
         // ordered after these stores (fence in `publish`): the words need no ordering of their own.
         q[2 * index].store(cmd.0[0], Ordering::Relaxed);
@@ -524,12 +571,31 @@ impl CommandQueue {
             Some(c) if c.opcode() == op::SYNC => None,
             _ => Some(Command::sync()),
         };
+        let q = mem.table(self.base, self.entries() as usize * 2);
+        // Free slots known from the last CMDQ_CONS read. They only grow while we hold the lock
+        // (the SMMU consumes, nobody else produces), so one read covers the whole batch when
+        // it fits, which it does on the idle queue every batch starts with (the previous
+        // holder waited for its closing CMD_SYNC).
+        let mut room = 0;
+        let mut tally = Tally::default();
+        let mut written = Ok(());
         for cmd in cmds.iter().chain(closing.iter()) {
-            self.wait_space(mmio, mem, &mut b, stats)?;
-            self.write_slot(mem, b.prod, *cmd);
+            if room == 0 {
+                match self.wait_space(mmio, mem, &mut b, stats) {
+                    Ok(free) => room = free,
+                    Err(e) => {
+                        written = Err(e);
+                        break;
+                    }
+                }
+            }
+            self.put_slot(q, b.prod, *cmd);
             b.prod = (b.prod + 1) & self.counter_mask();
-            count(cmd, stats);
+            room -= 1;
+            tally.count(cmd);
         }
+        tally.add_to(stats);
+        written?;
         self.publish(mmio, mem, &mut b);
         self.wait_drained(mmio, mem, &mut b, stats)?;
         match b.first_error {
@@ -538,22 +604,22 @@ impl CommandQueue {
         }
     }
 
-    /// Waits for one free slot, publishing what is written so far so that the SMMU can make
-    /// room.
+    /// Waits for at least one free slot, publishing what is written so far so that the SMMU
+    /// can make room; returns how many slots are free.
     fn wait_space<M: Mmio, T: TableMemory + ?Sized>(
         &self,
         mmio: &M,
         mem: &T,
         b: &mut Batch,
         stats: &Stats,
-    ) -> Result<(), SmmuError> {
+    ) -> Result<u32, SmmuError> {
         for _ in 0..self.budget {
             let (cons, _) = self.cons(mmio);
             // PROD − CONS in counter arithmetic; a hostile CONS beyond PROD reads as "full"
             // (more than `entries` in use), and the wait ends in a timeout, not in an overwrite.
             let used = b.prod.wrapping_sub(cons) & self.counter_mask();
             if used < self.entries() {
-                return Ok(());
+                return Ok(self.entries() - used);
             }
             self.publish(mmio, mem, b);
             self.check_error(mmio, mem, b, stats);

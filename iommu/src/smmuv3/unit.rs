@@ -1374,7 +1374,10 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         let stride = min_leaf.unwrap_or(4096).max(4096);
         let first = start & !(stride - 1);
         let steps = (end.max(first + 1) - first).div_ceil(stride);
-        let mut cmds = Cmds::new();
+        // One command (a range, or domain-wide) in most cases; the page-by-page list, which
+        // needs a buffer of MAX_PAGE_TLBIS commands zeroed first, only without IDR3.RIL.
+        let mut one = None;
+        let mut pages: Option<Cmds> = None;
         let mut whole = false;
         let mut nested_vmid = None;
         match &d.kind {
@@ -1382,8 +1385,9 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                 let vmid = d.vmid();
                 if ril {
                     let (addr, r) = TlbiRange::covering(start, end, 12);
-                    cmds.push(Command::tlbi_nh_va(vmid, *asid, addr, leaf_only, r));
+                    one = Some(Command::tlbi_nh_va(vmid, *asid, addr, leaf_only, r));
                 } else if steps <= MAX_PAGE_TLBIS {
+                    let cmds = pages.insert(Cmds::new());
                     for i in 0..steps {
                         let addr = first + i * stride;
                         cmds.push(Command::tlbi_nh_va(
@@ -1395,7 +1399,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                         ));
                     }
                 } else {
-                    cmds.push(Command::tlbi_nh_asid(vmid, *asid));
+                    one = Some(Command::tlbi_nh_asid(vmid, *asid));
                 }
             }
             Kind::S2 {
@@ -1404,14 +1408,15 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                 let vmid = s2.vmid;
                 if ril {
                     let (addr, r) = TlbiRange::covering(start, end, 12);
-                    cmds.push(Command::tlbi_s2_ipa(vmid, addr, leaf_only, r));
+                    one = Some(Command::tlbi_s2_ipa(vmid, addr, leaf_only, r));
                 } else if steps <= MAX_PAGE_TLBIS {
+                    let cmds = pages.insert(Cmds::new());
                     for i in 0..steps {
                         let addr = first + i * stride;
                         cmds.push(Command::tlbi_s2_ipa(vmid, addr, leaf_only, TlbiRange::NONE));
                     }
                 } else {
-                    cmds.push(Command::tlbi_s12_vmall(vmid));
+                    one = Some(Command::tlbi_s12_vmall(vmid));
                     whole = true;
                 }
                 if nested_parent.load(Ordering::Relaxed) {
@@ -1419,7 +1424,12 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
                 }
             }
         }
-        if !round.append(cmds.as_slice()) {
+        let planned = match (&one, &pages) {
+            (Some(c), _) => core::slice::from_ref(c),
+            (None, Some(cmds)) => cmds.as_slice(),
+            (None, None) => &[],
+        };
+        if !round.append(planned) {
             // No room for the range: the domain-wide command (for stage 2, S12_VMALL also
             // drops combined entries, so no nested step).
             if !round.append(&[Self::domain_command(d)]) {
@@ -1436,6 +1446,15 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
 
     /// Issues `round` and waits for its closing CMD_SYNC (see [`InvalidationRound`]).
     fn run_round(&self, round: &InvalidationRound) -> Result<(), SmmuError> {
+        if !round.everything && round.n_nested == 0 {
+            // The common case: the planned commands as they are (`submit` adds the CMD_SYNC).
+            if round.n == 0 {
+                return Ok(());
+            }
+            return self
+                .cmdq
+                .submit(&self.mmio, self.mem, &round.cmds[..round.n], &self.stats);
+        }
         let mut cmds =
             [Command::sync(); InvalidationRound::CAPACITY + 1 + InvalidationRound::NESTED_CAPACITY];
         let mut n = 0;

@@ -9,7 +9,7 @@ use core::hint::spin_loop;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::error::{QueueError, VtdError};
-use super::mem::{VtdMemory, load64};
+use super::mem::VtdMemory;
 use super::regs::{
     ContextCommand, FaultStatus, InvQueueError, IotlbCommand, iq_index, iq_pointer, iva_value,
     offset,
@@ -517,8 +517,14 @@ impl Invalidator {
     // -----------------------------------------------------------------------------------------
 
     fn write_desc<T: VtdMemory>(&self, q: &Queue, mem: &T, index: u32, d: Descriptor) {
+        Self::put_desc(q, mem.table(q.base, 512), index, d);
+    }
+
+    /// [`write_desc`](Self::write_desc) into the queue page `queue` (from `mem.table(q.base,
+    /// 512)`, looked up once per batch).
+    fn put_desc(q: &Queue, queue: &[AtomicU64], index: u32, d: Descriptor) {
         let slot = (q.slot_pa(index) - q.base) as usize / 8;
-        let page = &mem.table(q.base, 512)[slot..];
+        let page = &queue[slot..];
         // The hardware reads a slot only after the IQT write that hands it over, which is
         // ordered after these stores (fence in `submit`): no atomicity or ordering is needed
         // between the words of one descriptor.
@@ -547,31 +553,26 @@ impl Invalidator {
         (iq_index(mmio.read64(offset::IQH), q.wide) as u32) % q.entries
     }
 
-    /// Waits until `needed` slots are free after `tail`.
+    /// Waits until `needed` slots are free after `tail`; returns how many are.
     fn wait_space<M: Mmio>(
         &self,
         q: &Queue,
         mmio: &M,
         tail: u32,
         needed: u32,
-    ) -> Result<(), VtdError> {
+    ) -> Result<u32, VtdError> {
         for _ in 0..self.budget.max(1) {
             let head = self.hw_head(q, mmio);
             // One slot stays empty: head == tail means empty, never full.
             let free = (head + q.entries - tail - 1) % q.entries;
             if free >= needed {
-                return Ok(());
+                return Ok(free);
             }
             spin_loop();
         }
         Err(VtdError::Timeout {
             what: "invalidation queue space",
         })
-    }
-
-    fn status<T: VtdMemory>(&self, q: &Queue, mem: &T) -> u32 {
-        // The hardware writes the dword at offset 0, the low half of the first word.
-        load64(mem, q.status_page + STATUS_OFFSET) as u32
     }
 
     fn submit<M: Mmio, T: VtdMemory>(
@@ -586,14 +587,27 @@ impl Invalidator {
         let first = q.tail.load(Ordering::Relaxed) % q.entries;
         let mut tail = first;
         let mut written = 0;
+        // The queue page, looked up once for the batch.
+        let queue = mem.table(q.base, 512);
+        // Free slots known from the last IQH read. They only grow while we hold the lock (the
+        // hardware consumes, nobody else produces), so one read covers the whole batch when it
+        // fits, which it does on the idle queue every batch starts with (the previous holder
+        // waited for its batch to complete).
+        let mut room = 0;
         for op in ops {
             // Room for this descriptor and the closing wait.
-            self.wait_space(q, mmio, tail, 2)?;
-            self.write_desc(q, mem, tail, self.descriptor(q, *op));
+            if room < 2 {
+                room = self.wait_space(q, mmio, tail, 2)?;
+            }
+            Self::put_desc(q, queue, tail, self.descriptor(q, *op));
             tail = (tail + 1) % q.entries;
             written += 1;
-            bump(&stats.qi_descriptors);
+            room -= 1;
         }
+        // Relaxed: a statistic.
+        stats
+            .qi_descriptors
+            .fetch_add(written as u64, Ordering::Relaxed);
         // A fresh, non-zero status value per batch: a late write from an earlier, timed-out
         // wait can never be mistaken for this one's.
         let mut seq = q.seq.load(Ordering::Relaxed).wrapping_add(1);
@@ -601,9 +615,11 @@ impl Invalidator {
             seq = 1;
         }
         q.seq.store(seq, Ordering::Relaxed);
-        self.wait_space(q, mmio, tail, 1)?;
+        if room < 1 {
+            self.wait_space(q, mmio, tail, 1)?;
+        }
         let status_pa = q.status_page + STATUS_OFFSET;
-        self.write_desc(q, mem, tail, Descriptor::wait(status_pa, seq, false));
+        Self::put_desc(q, queue, tail, Descriptor::wait(status_pa, seq, false));
         tail = (tail + 1) % q.entries;
         written += 1;
         self.clean_slots(q, mem, first, written);
@@ -613,8 +629,12 @@ impl Invalidator {
         mmio.write64(offset::IQT, iq_pointer(tail as usize, q.wide));
         bump(&stats.qi_waits);
 
+        // The status word, looked up once for the poll. The hardware writes the dword at
+        // offset 0, the low half of the first word.
+        let status = &mem.table(q.status_page, 512)[(STATUS_OFFSET / 8) as usize];
         for _ in 0..self.budget.max(1) {
-            if self.status(q, mem) == seq {
+            // Acquire: as `load64`; the `dma_rmb` below orders what the caller reads next.
+            if status.load(Ordering::Acquire) as u32 == seq {
                 // The status write is the device's last write for this batch; whatever the
                 // caller reads next that the hardware wrote (or stopped writing) is read after it.
                 mmio.dma_rmb();

@@ -333,6 +333,9 @@ struct AtsSlot {
 /// invalidations to when a domain's mappings or a device's entry change.
 struct AtsTable {
     slots: [Option<AtsSlot>; AtsTable::CAPACITY],
+    /// Slots in use: with none (no device TLB on this unit, the usual case), an unmap's plan
+    /// skips the scan.
+    used: usize,
 }
 
 impl AtsTable {
@@ -341,6 +344,7 @@ impl AtsTable {
     const fn new() -> Self {
         AtsTable {
             slots: [None; Self::CAPACITY],
+            used: 0,
         }
     }
 
@@ -362,6 +366,7 @@ impl AtsTable {
     fn insert(&mut self, slot: AtsSlot) {
         if let Some(free) = self.slots.iter_mut().find(|s| s.is_none()) {
             *free = Some(slot);
+            self.used += 1;
         }
     }
 
@@ -374,11 +379,13 @@ impl AtsTable {
     fn remove(&mut self, sid: u16, pasid: u32) {
         if let Some(i) = self.position(sid, pasid) {
             self.slots[i] = None;
+            self.used -= 1;
         }
     }
 
     fn for_domain(&self, did: u16) -> impl Iterator<Item = AtsSlot> + '_ {
-        self.slots
+        let scan = if self.used == 0 { 0 } else { Self::CAPACITY };
+        self.slots[..scan]
             .iter()
             .flatten()
             .copied()
@@ -1604,6 +1611,10 @@ impl<M: Mmio> VtdUnit<M> {
     /// Issues `round` as one batch: IOTLB descriptors, a fence and the device-TLB
     /// descriptors if any, one wait (see [`InvalidationRound`]).
     fn run_round<T: VtdMemory>(&self, mem: &T, round: &InvalidationRound) -> Result<(), VtdError> {
+        if !round.everything && round.n_device == 0 {
+            // The common case: the IOTLB descriptors as they are (the queue adds the wait).
+            return self.invalidate_ops(mem, &round.iotlb[..round.n_iotlb]);
+        }
         let mut ops = [Op::Fence; InvalidationRound::OPS];
         let mut n = 0;
         let mut push = |op: Op| {
