@@ -431,9 +431,8 @@ impl GuestMemory {
     }
 
     /// The frames holding `[gpa, gpa + len)` and the offset of `gpa` in them, when one region
-    /// holds all of it. Region 0 (GPA 0, where a guest's argument structs normally are, and
-    /// all of RAM without `scatter=`) is checked before any search: this is every hypercall's
-    /// argument read.
+    /// holds all of it. This is every hypercall's argument read: region 0 (all of RAM without
+    /// `scatter=`) is checked inline, anything else through [`GuestMemory::find`].
     fn locate(&self, gpa: u64, len: u64) -> Option<(&Frames, usize)> {
         let end = gpa.checked_add(len)?;
         let r0 = self.regions.first()?;
@@ -449,8 +448,18 @@ impl GuestMemory {
         Some((self.frames_of(r), r.off + (gpa - r.gpa) as usize))
     }
 
-    /// The index of the region holding `gpa`: binary search over the sorted regions.
+    /// The index of the region holding `gpa`. The first and the last region are checked before
+    /// the binary search over all of them: with `scatter=`, what a guest hands the hypervisor
+    /// outside the window is in one of those two (its image is low, its stack at the top of
+    /// RAM, docs/guests.md "Entry state"), and a lookup there stays as cheap as without.
     fn find(&self, gpa: u64) -> Option<usize> {
+        let last = self.regions.len().checked_sub(1)?;
+        if self.regions[0].holds(gpa) {
+            return Some(0);
+        }
+        if self.regions[last].holds(gpa) {
+            return Some(last);
+        }
         let i = self
             .regions
             .partition_point(|r| r.gpa <= gpa)
