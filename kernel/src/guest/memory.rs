@@ -272,8 +272,9 @@ pub struct ScatterLayout {
 /// block's bytes under the window stay allocated (scrubbed on drop like the rest) and unused,
 /// so the block's regions keep their 2 MiB-aligned host addresses for the second stage.
 pub struct GuestMemory {
-    /// Every region, sorted by GPA. Region 0 starts at GPA 0: the argument structs of
-    /// hypercalls normally live there, and [`GuestMemory::locate`] checks it first.
+    /// Every region, sorted by GPA. Region 0 starts at GPA 0 and the last one ends at the top
+    /// of RAM: a guest's image and stack, where the argument structs of hypercalls normally
+    /// live, are in those two, and [`GuestMemory::locate`] checks them before any search.
     regions: alloc::vec::Vec<RamRegion>,
     /// The host-contiguous block of `mem=` bytes behind the block's regions.
     block: Frames,
@@ -426,40 +427,47 @@ impl GuestMemory {
         self.locate(gpa, len).is_some() || self.covered(gpa, len).is_some()
     }
 
+    #[inline(always)]
     fn frames_of<'a>(&'a self, r: &'a RamRegion) -> &'a Frames {
         r.own.as_ref().unwrap_or(&self.block)
     }
 
     /// The frames holding `[gpa, gpa + len)` and the offset of `gpa` in them, when one region
     /// holds all of it. This is every hypercall's argument read: region 0 (all of RAM without
-    /// `scatter=`) is checked inline, anything else through [`GuestMemory::find`].
+    /// `scatter=`) and the last region (with it, the guest's stack at the top of RAM,
+    /// docs/guests.md "Entry state") are checked inline, as the one region was before there
+    /// could be several; the binary search over the others is out of line.
+    #[inline(always)]
     fn locate(&self, gpa: u64, len: u64) -> Option<(&Frames, usize)> {
         let end = gpa.checked_add(len)?;
-        let r0 = self.regions.first()?;
-        let r = if gpa >= r0.gpa && end <= r0.end() {
-            r0
-        } else {
-            let r = &self.regions[self.find(gpa)?];
-            if end > r.end() {
-                return None;
-            }
-            r
+        let inside = |r: &RamRegion| gpa >= r.gpa && end <= r.end();
+        let r = match (self.regions.first()?, self.regions.last()?) {
+            (r0, _) if inside(r0) => r0,
+            (_, last) if inside(last) => last,
+            _ => &self.regions[self.search(gpa)?],
         };
-        Some((self.frames_of(r), r.off + (gpa - r.gpa) as usize))
+        (end <= r.end()).then(|| (self.frames_of(r), r.off + (gpa - r.gpa) as usize))
     }
 
-    /// The index of the region holding `gpa`. The first and the last region are checked before
-    /// the binary search over all of them: with `scatter=`, what a guest hands the hypervisor
-    /// outside the window is in one of those two (its image is low, its stack at the top of
-    /// RAM, docs/guests.md "Entry state"), and a lookup there stays as cheap as without.
+    /// The index of the region holding `gpa`: the first and the last region inline (all of
+    /// RAM without `scatter=`; with it, where a guest's image and stack are, so what it hands
+    /// the hypervisor outside the window is found as cheaply as without), the others by
+    /// [`GuestMemory::search`].
+    #[inline(always)]
     fn find(&self, gpa: u64) -> Option<usize> {
         let last = self.regions.len().checked_sub(1)?;
         if self.regions[0].holds(gpa) {
-            return Some(0);
+            Some(0)
+        } else if self.regions[last].holds(gpa) {
+            Some(last)
+        } else {
+            self.search(gpa)
         }
-        if self.regions[last].holds(gpa) {
-            return Some(last);
-        }
+    }
+
+    /// Binary search over the regions (sorted by GPA) for the one holding `gpa`.
+    #[inline(never)]
+    fn search(&self, gpa: u64) -> Option<usize> {
         let i = self
             .regions
             .partition_point(|r| r.gpa <= gpa)
@@ -554,6 +562,7 @@ impl GuestMemory {
     }
 
     /// The host run at `gpa` in region `i` (which holds it).
+    #[inline(always)]
     fn run_at(&self, i: usize, gpa: u64) -> iommu::iommufd::HostRun {
         let r = &self.regions[i];
         let off = gpa - r.gpa;
