@@ -380,31 +380,47 @@ impl GuestMemory {
             block,
             scatter: None,
         };
-        m.scatter = Some(m.layout(w.gpa, w.size));
+        m.scatter = Some(m.layout(w.gpa, w.size).map_err(scat)?);
         Ok(m)
     }
 
-    /// The host layout of the window `[gpa, gpa + size)`, from the regions' host addresses.
-    fn layout(&self, gpa: u64, size: u64) -> ScatterLayout {
-        let window: alloc::vec::Vec<&RamRegion> = self
+    /// The host layout of the window `[gpa, gpa + size)`. The runs are counted by walking the
+    /// window as IOAS_MAP does, with `translate_next` (each answer checked against
+    /// `translate`, which must agree whatever the cursor), merging runs that happen to follow
+    /// each other in host memory; the adjacent pairs from the frames' host addresses sorted.
+    fn layout(&self, gpa: u64, size: u64) -> Result<ScatterLayout, &'static str> {
+        use iommu::iommufd::GuestMemory as _;
+        let end = gpa + size;
+        let (mut at, mut cursor, mut host_runs) = (gpa, 0, 0u64);
+        let mut prev_end = None;
+        while at < end {
+            let run = self
+                .translate_next(at, &mut cursor)
+                .ok_or("a page has no host run")?;
+            if self.translate(at) != Some(run) {
+                return Err("translate_next and translate disagree");
+            }
+            if prev_end != Some(run.hpa) {
+                host_runs += 1;
+            }
+            let n = run.len.min(end - at);
+            prev_end = Some(run.hpa + n);
+            at += n;
+        }
+        let mut pas: alloc::vec::Vec<(u64, u64)> = self
             .regions
             .iter()
-            .filter(|r| r.gpa >= gpa && r.end() <= gpa + size)
+            .filter(|r| r.gpa >= gpa && r.end() <= end)
+            .map(|r| (r.pa, r.len))
             .collect();
-        let host_runs = window
-            .iter()
-            .enumerate()
-            .filter(|&(k, r)| k == 0 || window[k - 1].pa + window[k - 1].len != r.pa)
-            .count() as u64;
-        let mut pas: alloc::vec::Vec<(u64, u64)> = window.iter().map(|r| (r.pa, r.len)).collect();
         pas.sort_unstable();
         let adjacent_pairs = pas.windows(2).filter(|p| p[0].0 + p[0].1 == p[1].0).count() as u64;
-        ScatterLayout {
+        Ok(ScatterLayout {
             gpa,
             size,
             host_runs,
             adjacent_pairs,
-        }
+        })
     }
 
     /// The `scatter=` window's host layout, if the guest has one.
