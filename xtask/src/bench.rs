@@ -160,7 +160,51 @@ fn scaling(rows: &[GuestRow], name: &str) -> Option<f64> {
     (two.median > 0).then(|| 2.0 * one.median as f64 / two.median as f64)
 }
 
-/// The rows set side by side: our row, the peer's row label prefix, what is compared.
+/// Every row the bench guest prints under icount (tests/guests `bench`, in its order), with what
+/// one call of it is; the icount table prints this beside the numbers.
+pub const ROWS: [(&str, &str); 12] = [
+    (
+        "null-hypercall",
+        "an unknown op: exit, decode, -ENOTTY, entry",
+    ),
+    ("ioas-map-4k", "IOAS_MAP of 4 KiB"),
+    ("ioas-unmap-4k", "IOAS_UNMAP of 4 KiB"),
+    ("map-unmap-4k", "IOAS_MAP + IOAS_UNMAP of 4 KiB"),
+    (
+        "ioas-map-256x4k-contiguous",
+        "IOAS_MAP of 1 MiB of host-contiguous pages",
+    ),
+    (
+        "ioas-unmap-256x4k-contiguous",
+        "IOAS_UNMAP of 1 MiB of host-contiguous pages",
+    ),
+    (
+        "map-unmap-256x4k-contiguous",
+        "IOAS_MAP + IOAS_UNMAP of 1 MiB of host-contiguous pages",
+    ),
+    (
+        "map-unmap-256x4k-scattered",
+        "IOAS_MAP + IOAS_UNMAP of 1 MiB GPA-contiguous over 256 scattered host pages (scatter=), as Linux's (b)",
+    ),
+    (
+        "map-unmap-256x4k-separate",
+        "256 separate 4 KiB mappings in 4 IOAS_MAP_BATCH calls + IOAS_UNMAP of 1 MiB (informational, no Linux counterpart)",
+    ),
+    ("ioas-map-2m", "IOAS_MAP of 2 MiB (one 2 MiB leaf)"),
+    ("ioas-unmap-2m", "IOAS_UNMAP of 2 MiB"),
+    ("map-unmap-2m", "IOAS_MAP + IOAS_UNMAP of 2 MiB"),
+];
+
+/// What one call of row `name` is (empty for a row [`ROWS`] does not know).
+fn what(name: &str) -> &'static str {
+    ROWS.iter()
+        .find(|(n, _)| *n == name)
+        .map_or("", |&(_, w)| w)
+}
+
+/// The rows set side by side: our row, the peer's row label prefix, what is compared. The
+/// separate row has no counterpart: Linux's one IOMMU_IOAS_MAP makes one mapping, and 256
+/// mappings would be 256 system calls.
 const COMPARE: [(&str, &str, &str); 9] = [
     (
         "null-hypercall",
@@ -173,7 +217,7 @@ const COMPARE: [(&str, &str, &str); 9] = [
     (
         "map-unmap-256x4k-scattered",
         "(b) map+unmap 1 MiB",
-        "256 x 4 KiB scattered / (b) 1 MiB scattered",
+        "1 MiB over 256 scattered host pages, one map / (b) 1 MiB scattered",
     ),
     (
         "map-unmap-256x4k-contiguous",
@@ -301,11 +345,11 @@ pub fn hypercall(peer: bool) -> Result<ExitCode> {
     println!(
         "\n## In-guest hypercall costs, -icount shift=0 (instructions per call; commit {commit})\n"
     );
-    println!("| call | x86_64 (SVM + VT-d) | aarch64 (EL1 + SMMUv3) |");
-    println!("| --- | ---: | ---: |");
+    println!("| call | x86_64 (SVM + VT-d) | aarch64 (EL1 + SMMUv3) | one call is |");
+    println!("| --- | ---: | ---: | --- |");
     for r in &icount[0] {
         let arm = row(&icount[1], &r.name).map_or("-".into(), |a| a.median.to_string());
-        println!("| {} | {} | {arm} |", r.name, r.median);
+        println!("| {} | {} | {arm} | {} |", r.name, r.median, what(&r.name));
     }
     println!(
         "\n## Without icount (MTTCG, -smp 2): medians of 9 interleaved rounds, guest clock ticks per call\n"
@@ -387,7 +431,8 @@ pub fn hypercall(peer: bool) -> Result<ExitCode> {
             );
         }
     }
-    // Our own target, peer or not: 256 x 4 KiB in one call at most 4x our 4 KiB pair.
+    // Our own target, peer or not: 256 x 4 KiB in one call at most 4x our 4 KiB pair (the
+    // separate row is 5 calls: informational).
     println!();
     for (arch, rows) in arches.iter().zip(&icount) {
         let pair = row(rows, "map-unmap-4k").map_or(0, |r| r.median);
@@ -654,6 +699,35 @@ mod tests {
             ]
         );
         assert!(parse_peer_scaling(&PEER_X86.replace(", noicount", ", other")).is_empty());
+    }
+
+    #[test]
+    fn row_lists_match_the_bench_scenarios() {
+        // Every row the icount scenarios expect the guest to print is in ROWS, in order, and
+        // every row COMPARE, SCALING and the targets name is one of them.
+        for file in ["x86-guest-bench.toml", "arm-guest-bench.toml"] {
+            let path = crate::util::root().join("tests/scenarios").join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let expected: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.split("bench: bench: ").nth(1))
+                .filter_map(|l| l.split(' ').next())
+                .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                .filter(|n| n.contains('-'))
+                .collect();
+            let ours: Vec<&str> = ROWS.iter().map(|&(n, _)| n).collect();
+            assert_eq!(expected, ours, "{file}");
+        }
+        for name in COMPARE
+            .iter()
+            .map(|c| c.0)
+            .chain(SCALING.iter().map(|s| s.0))
+        {
+            assert!(!what(name).is_empty(), "{name}");
+        }
+        assert!(what("map-unmap-256x4k-separate").contains("no Linux counterpart"));
+        assert!(COMPARE.iter().all(|c| c.0 != "map-unmap-256x4k-separate"));
+        assert_eq!(what("no-such-row"), "");
     }
 
     #[test]

@@ -662,7 +662,18 @@ fn build<B: Backend>(
             bars: a.bars,
         });
     }
-    let memory = GuestMemory::new(c.mem).map_err(|e| format!("mem: {e}"))?;
+    let memory = GuestMemory::new(c.mem, c.scatter).map_err(|e| format!("{e}"))?;
+    if let Some(w) = memory.scatter() {
+        // Computed from the frames the window got, not from what was asked for.
+        let adjacent = match w.adjacent_pairs {
+            0 => alloc::string::String::from("none adjacent"),
+            n => format!("{n} pairs adjacent"),
+        };
+        println!(
+            "report: guest {}: scatter {:#x}+{:#x}: {} host runs, {adjacent}",
+            c.name, w.gpa, w.size, w.host_runs
+        );
+    }
     if assigned
         .iter()
         .filter(|a| a.guest == index)

@@ -9,11 +9,15 @@
 //!   keeps its objects a while before exiting; `dma,abandon` starts a DMA and gets itself stopped
 //!   before it completes);
 //! - `pci`: what configuration space shows it (its edu only, sizing, BARs that do not move);
+//! - `scatter gpa=ADDR size=BYTES`: with `scatter=ADDR+BYTES` on its guest item, ONE IOAS_MAP
+//!   of that window of separate host pages, checked by edu DMA across its page boundaries, and
+//!   a page left out of the map that edu cannot reach (`scatter.rs`);
 //! - `irq[,raises=N][,forge][,linger=K]`: its edu's MSI and its timer as interrupts, waited for
 //!   by HLT (`interrupts.rs`);
 //! - `intruder`: beside a `dma` guest, tries to see, name, map and DMA into what is not its own;
 //! - `bench [rounds=N] [row=NAME]`: times null hypercalls and IOAS_MAP/UNMAP of 4 KiB, 256 × 4 KiB
-//!   (contiguous and scattered) and 2 MiB with the TSC / CNTVCT, its edu attached; with 2 vCPUs
+//!   (one map of host-contiguous pages, one map of a `scatter=` window of separate host pages,
+//!   and 256 separate mappings in 4 batches) and 2 MiB with the TSC / CNTVCT, its edu attached; with 2 vCPUs
 //!   also 1 vs 2 vCPUs mapping disjoint ranges of its IOAS at once (`row=scaling`: only that);
 //! - `hostile`: thousands of random hypercalls, then a read of unmapped memory;
 //! - `abi`: ABI v1 calls (GET_INFO, IOAS_ALLOC/MAP/UNMAP, DESTROY) on its own memory, and the
@@ -99,6 +103,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 
 #[cfg(target_arch = "aarch64")]
 mod msi_arm;
+mod scatter;
 mod smp;
 
 // Interrupt delivery to the guest; the aarch64 shim gets the same hooks with its own delivery.
@@ -239,6 +244,11 @@ pub extern "C" fn guest_main(start_info: u64, vcpu: u64) -> ! {
             exit(failed)
         }
         "pci" => exit(pci_checks(start_info)),
+        "scatter" => exit(scatter::scatter_checks(
+            start_info,
+            u64_at(&page, si::OFF_FREE_START),
+            &mut words,
+        )),
         #[cfg(target_arch = "x86_64")]
         "irq" => exit(interrupts::irq_checks(
             start_info,
@@ -875,10 +885,14 @@ const AIMED_AGAIN: u32 = 8;
 const BENCH_ROUNDS: usize = 3;
 /// Most rounds a `bench` run takes (the per-row sample arrays live on the stack).
 const BENCH_MAX_ROUNDS: usize = 15;
-/// Guest-physical layout of the `bench` variant (needs `mem=8M`): the 2 MiB row maps the
-/// 2 MiB-aligned `[2 MiB, 4 MiB)`; the 1 MiB rows use pages of `[4 MiB, 6 MiB)`.
+/// Guest-physical layout of the `bench` variant (needs `mem=8M,scatter=4M+1M`): the 2 MiB row
+/// maps the 2 MiB-aligned `[2 MiB, 4 MiB)`, and the separate row every other page of it; the
+/// scattered row maps `[4 MiB, 5 MiB)`, the `scatter=` window (separate host pages, no two
+/// adjacent); the 4 KiB rows and the contiguous row map `[5 MiB, 6 MiB)`, host-contiguous like
+/// all RAM outside the window (the 2-vCPU scaling rows: 1 MiB per vCPU from there).
 const BENCH_GPA_2M: u64 = 2 << 20;
 const BENCH_GPA_1M: u64 = 4 << 20;
+const BENCH_GPA_CONTIG: u64 = 5 << 20;
 /// IOVAs of the rows: 4 KiB pages cycle through 64 slots at `IOVA_4K` (above the aarch64 MSI
 /// doorbell window at 256 MiB, which DEVICE_RESERVED_RANGES reports); 1 MiB at `IOVA_1M`; the
 /// 2 MiB row at a 2 MiB-aligned IOVA, so the engine may use one 2 MiB leaf.
@@ -898,13 +912,14 @@ enum Row {
     Unmap1mContig,
     Pair1mContig,
     Pair1mScattered,
+    Pair1mSeparate,
     Map2m,
     Unmap2m,
     Pair2m,
 }
 
 impl Row {
-    const ALL: [Row; 11] = [
+    const ALL: [Row; 12] = [
         Row::Null,
         Row::Map4k,
         Row::Unmap4k,
@@ -913,6 +928,7 @@ impl Row {
         Row::Unmap1mContig,
         Row::Pair1mContig,
         Row::Pair1mScattered,
+        Row::Pair1mSeparate,
         Row::Map2m,
         Row::Unmap2m,
         Row::Pair2m,
@@ -928,6 +944,7 @@ impl Row {
             Row::Unmap1mContig => "ioas-unmap-256x4k-contiguous",
             Row::Pair1mContig => "map-unmap-256x4k-contiguous",
             Row::Pair1mScattered => "map-unmap-256x4k-scattered",
+            Row::Pair1mSeparate => "map-unmap-256x4k-separate",
             Row::Map2m => "ioas-map-2m",
             Row::Unmap2m => "ioas-unmap-2m",
             Row::Pair2m => "map-unmap-2m",
@@ -952,7 +969,7 @@ impl Row {
 fn bench(start_info: u64, mem: u64, vcpus: u32, rounds: usize, only: Option<&str>) -> u32 {
     use hvabi::*;
     let rounds = rounds.clamp(1, BENCH_MAX_ROUNDS);
-    if mem < BENCH_GPA_1M + (2 << 20) + (1 << 20) {
+    if mem < BENCH_GPA_CONTIG + (2 << 20) {
         println!("bench: needs mem=8M (has {} KiB)", mem >> 10);
         return 1;
     }
@@ -1053,13 +1070,16 @@ struct Bench {
     /// Map / unmap of one page at each of the 64 4 KiB IOVA slots.
     map_4k: [[u8; hvabi::IoasMap::SIZE]; 64],
     unmap_4k: [[u8; hvabi::IoasUnmap::SIZE]; 64],
+    /// The contiguous row: 1 MiB of host-contiguous RAM.
     map_1m: [u8; hvabi::IoasMap::SIZE],
     unmap_1m: [u8; hvabi::IoasUnmap::SIZE],
+    /// The scattered row: the 1 MiB `scatter=` window, 256 host runs, in one map.
+    map_1m_scattered: [u8; hvabi::IoasMap::SIZE],
     map_2m: [u8; hvabi::IoasMap::SIZE],
     unmap_2m: [u8; hvabi::IoasUnmap::SIZE],
-    /// 256 one-page entries, IOVAs contiguous from `IOVA_1M`, guest pages (and so host
-    /// pages: guest RAM is one host-contiguous run) every other page, so no two are adjacent;
-    /// `MAX_BATCH` entries per call.
+    /// The separate row: 256 one-page entries, IOVAs contiguous from `IOVA_1M`, guest pages
+    /// (and so host pages: RAM outside the window is one host-contiguous block) every other
+    /// page of `[2 MiB, 4 MiB)`, so no two are adjacent; `MAX_BATCH` entries per call.
     batch_entries: [[u8; hvabi::MapEntry::SIZE]; 256],
     batch: [[u8; hvabi::IoasMapBatch::SIZE]; 256 / hvabi::MAX_BATCH as usize],
 }
@@ -1099,8 +1119,9 @@ impl Bench {
             errors: 0,
             map_4k: [[0; IoasMap::SIZE]; 64],
             unmap_4k: [[0; IoasUnmap::SIZE]; 64],
-            map_1m: map(BENCH_GPA_1M, 1 << 20, BENCH_IOVA_1M),
+            map_1m: map(BENCH_GPA_CONTIG, 1 << 20, BENCH_IOVA_1M),
             unmap_1m: unmap(BENCH_IOVA_1M, 1 << 20),
+            map_1m_scattered: map(BENCH_GPA_1M, 1 << 20, BENCH_IOVA_1M),
             map_2m: map(BENCH_GPA_2M, 2 << 20, BENCH_IOVA_2M),
             unmap_2m: unmap(BENCH_IOVA_2M, 2 << 20),
             batch_entries: [[0; MapEntry::SIZE]; 256],
@@ -1108,14 +1129,14 @@ impl Bench {
         };
         for i in 0..64u64 {
             let iova = BENCH_IOVA_4K + i * PAGE_SIZE;
-            b.map_4k[i as usize] = map(BENCH_GPA_1M, PAGE_SIZE, iova);
+            b.map_4k[i as usize] = map(BENCH_GPA_CONTIG, PAGE_SIZE, iova);
             b.unmap_4k[i as usize] = unmap(iova, PAGE_SIZE);
         }
         for (i, e) in b.batch_entries.iter_mut().enumerate() {
             MapEntry {
                 flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
                 reserved: 0,
-                gpa: BENCH_GPA_1M + 2 * i as u64 * PAGE_SIZE,
+                gpa: BENCH_GPA_2M + 2 * i as u64 * PAGE_SIZE,
                 length: PAGE_SIZE,
                 iova: BENCH_IOVA_1M + i as u64 * PAGE_SIZE,
             }
@@ -1129,8 +1150,8 @@ impl Bench {
         self.errors += u32::from(r != 0);
     }
 
-    /// The scattered map: `256 / MAX_BATCH` IOAS_MAP_BATCH calls (the ABI's batch limit).
-    fn map_scattered(&mut self) {
+    /// The separate row's map: `256 / MAX_BATCH` IOAS_MAP_BATCH calls (the ABI's batch limit).
+    fn map_separate(&mut self) {
         use hvabi::*;
         let per = MAX_BATCH as usize;
         for c in 0..self.batch.len() {
@@ -1161,6 +1182,7 @@ impl Bench {
             let slot = (i % 64) as usize;
             let (m4, u4) = (self.map_4k[slot], self.unmap_4k[slot]);
             let (m1, u1, m2, u2) = (self.map_1m, self.unmap_1m, self.map_2m, self.unmap_2m);
+            let m1s = self.map_1m_scattered;
             match row {
                 Row::Null => {
                     let t = arch::timestamp();
@@ -1204,7 +1226,13 @@ impl Bench {
                 }
                 Row::Pair1mScattered => {
                     let t = arch::timestamp();
-                    self.map_scattered();
+                    self.call(IOAS_MAP, &m1s);
+                    self.call(IOAS_UNMAP, &u1);
+                    ticks += arch::timestamp() - t;
+                }
+                Row::Pair1mSeparate => {
+                    let t = arch::timestamp();
+                    self.map_separate();
                     self.call(IOAS_UNMAP, &u1);
                     ticks += arch::timestamp() - t;
                 }

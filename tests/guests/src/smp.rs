@@ -275,7 +275,8 @@ impl ScaleRow {
 const NULL_OP: u32 = 0x7777;
 
 /// One vCPU's pre-encoded arguments: 64 slots of one page each in its own IOVA window, and one
-/// 1 MiB range after them; its own guest pages (`BENCH_GPA_1M`, 1 MiB per vCPU).
+/// 1 MiB range after them; its own guest pages (`BENCH_GPA_CONTIG`, host-contiguous, 1 MiB per
+/// vCPU).
 struct Pairs {
     map_4k: [[u8; IoasMap::SIZE]; 64],
     unmap_4k: [[u8; IoasUnmap::SIZE]; 64],
@@ -287,7 +288,7 @@ impl Pairs {
     fn new(ioas_id: u32, vcpu: u32) -> Pairs {
         use hvabi::AbiStruct;
         let base = SCALE_IOVA + u64::from(vcpu) * SCALE_WINDOW;
-        let gpa = crate::BENCH_GPA_1M + u64::from(vcpu) * (1 << 20);
+        let gpa = crate::BENCH_GPA_CONTIG + u64::from(vcpu) * (1 << 20);
         let map = |gpa, length, iova| {
             let mut b = [0u8; IoasMap::SIZE];
             IoasMap {
