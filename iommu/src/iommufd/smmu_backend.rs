@@ -47,7 +47,7 @@ use super::hw::{
 };
 use crate::hw::Mmio;
 use crate::pgtable::format::arm_bits;
-use crate::pgtable::{Gather, MapError, Prot, TableMemory};
+use crate::pgtable::{Gather, MapError, MapOutput, Prot, TableMemory};
 use crate::smmuv3::domain::Kind;
 use crate::smmuv3::ste::StreamConfig;
 use crate::smmuv3::{Domain, InvalidationRound, SmmuError, SmmuUnit};
@@ -257,16 +257,16 @@ where
         })
     }
 
-    fn map(
+    fn map<O: MapOutput>(
         &self,
         x: &DomainSlot<Domain>,
         iova: u64,
-        pa: u64,
+        out: O,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError> {
         self.unit(x.unit)?
-            .map(self.mem, &x.domain, iova, pa, len, prot)
+            .map_to(self.mem, &x.domain, iova, out, len, prot)
             .map_err(err)
     }
 

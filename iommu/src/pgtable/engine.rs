@@ -967,8 +967,12 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), (usize, u64)> {
         match self.cfg.concurrency {
             Concurrency::Untrusted => {
+                // The output address as an induction variable (one add per entry, not a shift
+                // and an add of the index).
+                let mut e_pa = pa;
                 for (k, slot) in slots.iter().enumerate() {
-                    let v = tmpl | F::oa_bits(pa + ((k as u64) << shift));
+                    let v = tmpl | F::oa_bits(e_pa);
+                    e_pa += 1 << shift;
                     // Success Relaxed: a leaf carries no CPU-side payload (nothing a reader then
                     // dereferences), and the CAS's atomicity is what makes "fails on an occupied
                     // entry" hold against a racing caller. Failure Acquire: the occupant may be a
