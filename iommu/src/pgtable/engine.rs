@@ -286,6 +286,7 @@ impl<S: RunSource + ?Sized> Runs<'_, S> {
     }
 
     /// Fetches and checks the run starting at `iova`.
+    #[inline(always)]
     fn next(&mut self, iova: u64) -> Result<(), Fail> {
         let bad = Fail {
             at: iova,
