@@ -14,7 +14,7 @@ mod fail_nth;
 mod group;
 mod hwpt;
 mod ioas;
-mod scatter;
+pub(crate) mod scatter;
 mod vtd;
 
 use std::sync::Arc;

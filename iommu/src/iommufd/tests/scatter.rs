@@ -1,7 +1,9 @@
 //! IOAS_MAP of guest ranges whose host pages are scattered (one `map_runs` walk): every page
 //! translates, through the software IOMMU's own table walk (emulated DMA), to what the guest
 //! memory's own translation says; a bad host run or a failed table allocation anywhere in the
-//! range leaves nothing mapped; the consistency checker agrees after each step.
+//! range leaves nothing mapped; the consistency checker agrees after each step. The same guest
+//! memory maps through the real VT-d and SMMUv3 backends in `tests/vtd.rs` and
+//! `smmu_backend.rs`, checked there by their hand-written hardware walks.
 
 use alloc::vec;
 
@@ -14,14 +16,14 @@ use super::{Env, MB, PG, dev};
 
 const M2: u64 = 2 * MB;
 /// 256 single host pages, none adjacent, in descending host order.
-const SCATTERED: u64 = 16 * MB;
+pub(crate) const SCATTERED: u64 = 16 * MB;
 /// Pages, a run up to a 2 MiB boundary, a 2 MiB-aligned 2 MiB run, 64 KiB, a page.
-const MIXED: u64 = 18 * MB;
-const MIXED_LEN: u64 = 2 * M2 + 64 * 1024 + PG;
+pub(crate) const MIXED: u64 = 18 * MB;
+pub(crate) const MIXED_LEN: u64 = 2 * M2 + 64 * 1024 + PG;
 
 /// The standard guest's RAM `[0, 256 MiB)` with `[16 MiB, 22 MiB)` scattered over host memory;
 /// `spoil`: the scattered page with this index gets a host address that is not page-aligned.
-fn scattered_memory(spoil: Option<u64>) -> VecGuestMemory {
+pub(crate) fn scattered_memory(spoil: Option<u64>) -> VecGuestMemory {
     let ram = |gpa: u64, len: u64| Region {
         gpa,
         len,
