@@ -27,6 +27,9 @@
 //! * `256x4k-contiguous`: one IOAS_MAP of 1 MiB of contiguous guest pages, one IOAS_UNMAP;
 //! * `256x4k-scattered`: four IOAS_MAP_BATCH of 64 entries (`MAX_BATCH`), every other guest page
 //!   to consecutive IOVAs, then one IOAS_UNMAP of the 1 MiB;
+//! * `1m-host-scattered`: one IOAS_MAP of 1 MiB of contiguous guest pages whose host pages are
+//!   scattered (256 host runs of one page, none adjacent, in descending order: see `BenchMem`),
+//!   one IOAS_UNMAP; the Linux peer's row (b);
 //! * `2m`: IOAS_MAP of a 2 MiB-aligned guest range at a 2 MiB-aligned IOVA (one 2 MiB leaf,
 //!   checked by the walk), IOAS_UNMAP.
 //!
@@ -367,9 +370,13 @@ impl Mmio for FakeVtd {
 // Guest memory
 // ------------------------------------------------------------------------------------------
 
-/// Guest RAM `[0, RAM)` is host-contiguous at `HPA_BASE`.
+/// Guest RAM `[0, RAM)` is host-contiguous at `HPA_BASE`, except `[GPA_HOST_SCATTERED, +1 MiB)`:
+/// guest page `k` of it is the host page `HPA_SCATTERED + (255 - k) · 8 KiB` (256 runs of one
+/// page, none adjacent to another).
 const RAM: u64 = 64 << 20;
 const HPA_BASE: u64 = 0x1_0000_0000;
+const GPA_HOST_SCATTERED: u64 = 0xc0_0000;
+const HPA_SCATTERED: u64 = 0x2_0000_0000;
 /// Each vCPU's argument window: the struct at its start, a batch array at +`ARRAY`.
 const WINDOW: u64 = 0x0300_0000;
 const WINDOW_LEN: u64 = 0x4000;
@@ -430,9 +437,17 @@ impl GuestMemory for BenchMem {
         gpa.checked_add(len).is_some_and(|end| end <= RAM)
     }
     fn translate(&self, gpa: u64) -> Option<HostRun> {
+        let s = GPA_HOST_SCATTERED;
+        if gpa.wrapping_sub(s) < M1 {
+            let k = (gpa - s) / K4;
+            return Some(HostRun {
+                hpa: HPA_SCATTERED + (255 - k) * 2 * K4 + gpa % K4,
+                len: K4 - gpa % K4,
+            });
+        }
         (gpa < RAM).then(|| HostRun {
             hpa: HPA_BASE + gpa,
-            len: RAM - gpa,
+            len: if gpa < s { s - gpa } else { RAM - gpa },
         })
     }
 }
@@ -560,6 +575,7 @@ const GPA_SCATTER: u64 = 0x80_0000;
 const OFF_CONTIG: u64 = 0x100_0000;
 const OFF_SCATTER: u64 = 0x200_0000;
 const OFF_2M: u64 = 0x400_0000;
+const OFF_HOST_SCATTERED: u64 = 0x300_0000;
 /// 4 KiB slots per block of the `4k` row.
 const SLOTS: u64 = 64;
 
@@ -696,7 +712,9 @@ impl<'a> Vcpu<'a> {
     fn check_mapped(&self, iova: u64, gpa: u64, len: u64, leaf: u64, what: &str) {
         for k in 0..len / K4 {
             let got = self.m.vtd.walk(self.sid, iova + k * K4);
-            let want = Some((HPA_BASE + gpa + k * K4, leaf, true, true));
+            // The guest memory's own translation of the page.
+            let hpa = self.mem.translate(gpa + k * K4).unwrap().hpa;
+            let want = Some((hpa, leaf, true, true));
             assert_eq!(got, want, "{what}: IOVA {:#x} after map", iova + k * K4);
         }
     }
@@ -732,14 +750,16 @@ enum Row {
     Map4k,
     Contig,
     Scatter,
+    HostScatter,
     Map2m,
 }
 
-const ROWS: [(Row, &str); 5] = [
+const ROWS: [(Row, &str); 6] = [
     (Row::Null, "null"),
     (Row::Map4k, "4k"),
     (Row::Contig, "256x4k-contiguous"),
     (Row::Scatter, "256x4k-scattered"),
+    (Row::HostScatter, "1m-host-scattered"),
     (Row::Map2m, "2m"),
 ];
 
@@ -773,6 +793,14 @@ fn round(v: &Vcpu<'_>, row: Row, check_psi: bool) -> (f64, f64) {
             "256x4k-scattered",
             v.base + OFF_SCATTER,
             GPA_SCATTER,
+            M1,
+            K4,
+            1,
+        ),
+        Row::HostScatter => (
+            "1m-host-scattered",
+            v.base + OFF_HOST_SCATTERED,
+            GPA_HOST_SCATTERED,
             M1,
             K4,
             1,
@@ -1065,6 +1093,7 @@ fn main() {
         let label = match row {
             Row::Null => "null (unknown op, ENOTTY)".to_string(),
             Row::Scatter => format!("{name} (4 MAP_BATCH of 64 + 1 UNMAP)"),
+            Row::HostScatter => format!("{name} (256 host runs, 1 MAP + 1 UNMAP)"),
             _ => name.to_string(),
         };
         if *row == Row::Null {
@@ -1179,7 +1208,9 @@ fn main() {
 fn callgrind(m: &Machine, row: &str) {
     let v = Vcpu::new(m, 0, 0);
     let Some(&(row, name)) = ROWS.iter().find(|(_, n)| *n == row) else {
-        panic!("unknown row {row:?}; rows: null, 4k, 256x4k-contiguous, 256x4k-scattered, 2m");
+        panic!(
+            "unknown row {row:?}; rows: null, 4k, 256x4k-contiguous, 256x4k-scattered, 1m-host-scattered, 2m"
+        );
     };
     round(&v, row, true); // builds the tables (the timed rows run with them present)
     let base = m.vtd.counts();

@@ -16,7 +16,7 @@ mod loom_support;
 mod support;
 
 use iommu::pgtable::{
-    Config, Gather, IovaRange, MapError, Narrow, PageTable, Prot, VtdSecondStage,
+    Config, Gather, IovaRange, MapError, Narrow, PageTable, Prot, RunSource, VtdSecondStage,
 };
 use loom::thread;
 use loom_support::Preemptions;
@@ -37,6 +37,9 @@ const RW: Prot = Prot::READ.union(Prot::WRITE);
 const FLOOR_INSTALL: usize = 8_000;
 /// Observed 420,091 (two CPUs without the walker: 220).
 const FLOOR_PUBLISH: usize = 200_000;
+/// Observed 220: the publish race on `map_runs`, two CPUs, no walker (as the two-CPU version of
+/// `FLOOR_PUBLISH`).
+const FLOOR_PUBLISH_RUNS: usize = 110;
 /// Observed 23,479 (two CPUs: 40).
 const FLOOR_NEIGHBOURS: usize = 11_000;
 /// Observed 240,120 (two CPUs: 121).
@@ -139,6 +142,69 @@ fn two_cpus_race_to_publish_private_subtrees() {
             let (pool, pt) = (&s.0, &s.1);
             assert_eq!(pt.iova_to_phys(pool, K4), Some(0x20_1000));
             assert_eq!(pt.iova_to_phys(pool, 3 * K4), Some(0x10_2000));
+            assert_eq!(pt.table_pages(), 3);
+            assert_eq!(
+                pool.frames_in_use(),
+                3,
+                "the loser returned its private subtree"
+            );
+            teardown(s);
+        },
+    );
+}
+
+/// Single-page runs at scattered addresses, recording the offsets asked for.
+struct Scattered {
+    pages: [u64; 2],
+    asked: Vec<u64>,
+}
+
+impl RunSource for Scattered {
+    fn run_at(&mut self, off: u64) -> Option<(u64, u64)> {
+        self.asked.push(off);
+        Some((*self.pages.get((off / K4) as usize)?, K4))
+    }
+}
+
+/// The publish race of `two_cpus_race_to_publish_private_subtrees` on the many-run path: each
+/// CPU maps two pages whose host addresses are not adjacent (two runs) with `map_runs`. Both
+/// build private subtrees reading their runs; the loser frees its subtree and maps its range
+/// again in the winner's tables from the output position it had before building (the runs it
+/// read for the lost subtree are read again, not skipped). Both ranges end up mapped to their
+/// own runs, each range's runs asked for in order, and the loser's pages go back to the pool.
+#[test]
+fn two_cpus_race_to_publish_private_subtrees_of_runs() {
+    model(
+        "two_cpus_race_to_publish_private_subtrees_of_runs",
+        FLOOR_PUBLISH_RUNS,
+        || {
+            let s = setup();
+            let t = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    let mut src = Scattered {
+                        pages: [0x10_3000, 0x10_1000],
+                        asked: Vec::new(),
+                    };
+                    s.1.map_runs(&s.0, 2 * K4, 2 * K4, &mut src, RW).unwrap();
+                    src.asked
+                })
+            };
+            let mut src = Scattered {
+                pages: [0x20_5000, 0x20_0000],
+                asked: Vec::new(),
+            };
+            s.1.map_runs(&s.0, 0, 2 * K4, &mut src, RW).unwrap();
+            let asked = [src.asked, t.join().unwrap()];
+            let (pool, pt) = (&s.0, &s.1);
+            assert_eq!(pt.iova_to_phys(pool, 0), Some(0x20_5000));
+            assert_eq!(pt.iova_to_phys(pool, K4), Some(0x20_0000));
+            assert_eq!(pt.iova_to_phys(pool, 2 * K4), Some(0x10_3000));
+            assert_eq!(pt.iova_to_phys(pool, 3 * K4), Some(0x10_1000));
+            for a in &asked {
+                // [0, K4] for a winner; a loser may ask again for the run it read privately.
+                assert!(a == &[0, K4] || a == &[0, K4, K4], "asked {a:?}");
+            }
             assert_eq!(pt.table_pages(), 3);
             assert_eq!(
                 pool.frames_in_use(),

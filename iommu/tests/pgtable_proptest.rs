@@ -20,7 +20,7 @@ mod pgtable {
     use super::support::{HostPool, refwalk};
     use iommu::pgtable::{
         ArmStage2, Concurrency, Config, Format, Gather, IovaRange, MapError, PageTable, Prot,
-        UnmapError, VtdSecondStage, X86FirstStage,
+        RunSource, UnmapError, VtdSecondStage, X86FirstStage,
     };
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -47,6 +47,13 @@ mod pgtable {
             iova: u64,
             len: u64,
         },
+        /// `map_runs` over runs `(len, pa)` back to back; `bad`: the run that is refused.
+        MapRuns {
+            iova: u64,
+            runs: Vec<(u64, u64)>,
+            bad: Option<usize>,
+            write: bool,
+        },
     }
 
     fn aligned_iova() -> impl Strategy<Value = u64> {
@@ -66,6 +73,67 @@ mod pgtable {
         ]
     }
 
+    /// Runs of a scattered output: pages, short runs, 64 KiB and 2 MiB runs, at addresses that
+    /// keep or break superpage / contiguous alignment, each far from the others.
+    fn map_runs() -> impl Strategy<Value = Op> {
+        let run = (
+            prop_oneof![
+                Just(K4),
+                (2..=5u64).prop_map(|n| n * K4),
+                Just(K64),
+                Just(M2)
+            ],
+            prop_oneof![Just(0u64), Just(0x1000), Just(0x1_0000)],
+        );
+        (
+            aligned_iova(),
+            proptest::collection::vec(run, 1..10),
+            proptest::option::weighted(0.3, 0..10usize),
+            any::<bool>(),
+        )
+            .prop_map(|(iova, runs, bad, write)| {
+                let mut left = BASE + WINDOW - iova;
+                let runs: Vec<(u64, u64)> = runs
+                    .into_iter()
+                    .enumerate()
+                    .map_while(|(k, (len, off))| {
+                        let len = len.min(left);
+                        left -= len;
+                        (len != 0).then_some((len, 0x2_0000_0000 + k as u64 * (8 << 20) + off))
+                    })
+                    .collect();
+                let bad = bad.filter(|&b| b < runs.len());
+                Op::MapRuns {
+                    iova,
+                    runs,
+                    bad,
+                    write,
+                }
+            })
+    }
+
+    /// The runs of an `Op::MapRuns` as a source, recording the offsets asked for.
+    struct Src<'a> {
+        runs: &'a [(u64, u64)],
+        bad: Option<usize>,
+        asked: Vec<u64>,
+    }
+
+    impl RunSource for Src<'_> {
+        fn run_at(&mut self, off: u64) -> Option<(u64, u64)> {
+            self.asked.push(off);
+            let mut start = 0;
+            for (k, &(len, pa)) in self.runs.iter().enumerate() {
+                if off < start + len {
+                    return (self.bad != Some(k))
+                        .then_some((pa + (off - start), len - (off - start)));
+                }
+                start += len;
+            }
+            None
+        }
+    }
+
     fn op() -> impl Strategy<Value = Op> {
         // Output offsets: keep superpage/contiguous alignment, or break it.
         let pa_off = prop_oneof![
@@ -81,6 +149,7 @@ mod pgtable {
                 iova,
                 len: len.min(BASE + WINDOW - iova),
             }),
+            2 => map_runs(),
         ]
     }
 
@@ -175,6 +244,82 @@ mod pgtable {
                             m.extents.push(IovaRange { start: iova, end });
                         }
                     }
+                    check_range(&pt, &pool, &m, iova, end);
+                }
+                Op::MapRuns {
+                    ref runs,
+                    iova,
+                    bad,
+                    write,
+                } => {
+                    let prot = if write {
+                        Prot::READ | Prot::WRITE
+                    } else {
+                        Prot::READ
+                    };
+                    let starts: Vec<u64> = runs
+                        .iter()
+                        .scan(0, |off, &(len, _)| {
+                            *off += len;
+                            Some(*off - len)
+                        })
+                        .collect();
+                    let len: u64 = runs.iter().map(|r| r.0).sum();
+                    let end = iova + len;
+                    let first_mapped = m.pages.range(iova..end).next().map(|(k, _)| *k);
+                    let bad_at = bad.map(|b| iova + starts[b]);
+                    let mut src = Src {
+                        runs,
+                        bad,
+                        asked: Vec::new(),
+                    };
+                    let r = pt.map_runs(&pool, iova, len, &mut src, prot);
+                    // The walk meets the first problem in IOVA order, and asks for each run once,
+                    // in order, up to the run it stops in.
+                    let stop = match (first_mapped, bad_at) {
+                        (Some(at), b) if b.is_none_or(|b| at < b) => {
+                            assert_eq!(
+                                r,
+                                Err(MapError::Overlap {
+                                    iova: at,
+                                    rolled_back: IovaRange {
+                                        start: iova,
+                                        end: at
+                                    }
+                                }),
+                                "{op:?}"
+                            );
+                            at
+                        }
+                        (_, Some(b)) => {
+                            match r {
+                                Err(MapError::BadRun {
+                                    iova: x,
+                                    rolled_back,
+                                }) if x == b
+                                    && rolled_back.start == iova
+                                    && rolled_back.end <= b => {}
+                                _ => panic!("{op:?}: {r:?}"),
+                            }
+                            b
+                        }
+                        _ => {
+                            assert_eq!(r, Ok(()), "{op:?}");
+                            for (&(rlen, pa), &s) in runs.iter().zip(&starts) {
+                                for k in 0..rlen / K4 {
+                                    m.pages.insert(iova + s + k * K4, pa + k * K4);
+                                }
+                            }
+                            m.extents.push(IovaRange { start: iova, end });
+                            end - 1
+                        }
+                    };
+                    let want: Vec<u64> = starts
+                        .iter()
+                        .copied()
+                        .filter(|&s| iova + s <= stop)
+                        .collect();
+                    assert_eq!(src.asked, want, "{op:?}");
                     check_range(&pt, &pool, &m, iova, end);
                 }
                 Op::Unmap { iova, len } => {
@@ -283,6 +428,11 @@ mod pgtable {
                         let mut g = Gather::new();
                         let _ = pt.unmap(&pool, iova, len, &mut g);
                         g.complete(&pool);
+                    }
+                    Op::MapRuns { iova, ref runs, bad, .. } => {
+                        let len = runs.iter().map(|r| r.0).sum();
+                        let mut src = Src { runs, bad, asked: Vec::new() };
+                        let _ = pt.map_runs(&pool, iova, len, &mut src, Prot::READ | Prot::WRITE);
                     }
                 }
             }

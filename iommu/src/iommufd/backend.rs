@@ -35,7 +35,7 @@ use super::hw::HwInvalidation;
 use super::hw::{
     DomainConfig, DomainInfo, HwDev, HwDeviceInfo, HwDomain, HwError, HwTranslation, IommuHw,
 };
-use crate::pgtable::{Gather, Prot};
+use crate::pgtable::{Gather, MapOutput, Prot, RunSource};
 
 /// IDs (the device's own and its DMA aliases) one device can have.
 pub const MAX_IDS_PER_DEVICE: usize = 8;
@@ -143,11 +143,13 @@ pub trait DriverOps {
     /// (never, through the object model).
     fn domain_free(&mut self, unit: usize, domain: Self::Domain, in_use: bool);
     fn domain_info(&self, dom: &DomainSlot<Self::Domain>) -> Option<DomainInfo>;
-    fn map(
+    /// Maps `[iova, iova + len)` to `out`: one physical range ([`IommuHw::map`]) or the runs
+    /// of a [`RunSource`] ([`IommuHw::map_runs`]), in one page-table walk either way.
+    fn map<O: MapOutput>(
         &self,
         dom: &DomainSlot<Self::Domain>,
         iova: u64,
-        pa: u64,
+        out: O,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError>;
@@ -403,12 +405,20 @@ impl<D: DriverOps> IommuHw for Backend<D> {
     }
 
     fn map(&self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), HwError> {
-        let dom = self
-            .domains
-            .get(d.0 as usize)
-            .and_then(Option::as_ref)
-            .ok_or(HwError::Invalid)?;
+        let dom = self.slot(d).ok_or(HwError::Invalid)?;
         self.drv.map(dom, iova, pa, len, prot)
+    }
+
+    fn map_runs(
+        &self,
+        d: HwDomain,
+        iova: u64,
+        len: u64,
+        runs: &mut dyn RunSource,
+        prot: Prot,
+    ) -> Result<(), HwError> {
+        let dom = self.slot(d).ok_or(HwError::Invalid)?;
+        self.drv.map(dom, iova, runs, len, prot)
     }
 
     fn unmap(

@@ -41,7 +41,7 @@
 //! returns, a device may still hit stale IOTLB entries of the unmapped ranges: the object
 //! model flushes before the hypercall returns and before any freed memory can be reused.
 
-use crate::pgtable::{Gather, Prot};
+use crate::pgtable::{Gather, Prot, RunSource};
 
 /// A device, as the index of [`IommuHw::device_info`] (0 .. [`IommuHw::device_count`]).
 pub type HwDev = u32;
@@ -400,6 +400,18 @@ pub trait IommuHw {
     /// Takes `&self`: the object model calls it from several CPUs at once, on disjoint ranges
     /// (the page-table engine's contract), while no control operation changes the domain set.
     fn map(&self, d: HwDomain, iova: u64, pa: u64, len: u64, prot: Prot) -> Result<(), HwError>;
+    /// [`map`](Self::map) of `[iova, iova + len)` to the physical runs `runs` gives (memory
+    /// whose host pages are scattered), in one page-table walk: all or nothing, as `map`. A run
+    /// `runs` refuses (or that is misaligned, shorter than a page, out of range) fails the call
+    /// with [`HwError::Invalid`] after removing what it mapped; the caller's source knows why.
+    fn map_runs(
+        &self,
+        d: HwDomain,
+        iova: u64,
+        len: u64,
+        runs: &mut dyn RunSource,
+        prot: Prot,
+    ) -> Result<(), HwError>;
     /// Unmaps `[iova, iova + len)` (whole mappings only) and returns the bytes unmapped. The
     /// IOTLB invalidation is only recorded in `inv`: call [`flush`](Self::flush) with it before
     /// relying on the range being gone (module docs). `&self`, concurrently on disjoint

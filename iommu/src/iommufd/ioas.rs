@@ -69,13 +69,13 @@ use super::hw::{HwDeviceInfo, HwDomain, HwInvalidation, Span};
 use super::marshal::{owns_array, read_struct, reserved_nonzero, unknown_flags, write_struct};
 use super::object::{Guest, Object};
 use super::{
-    Cx, Error, GuestMemory, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx, hw_err,
-    inval, try_vec,
+    Cx, Error, GuestMemory, HostRun, IommuHw, MAX_ALLOWED_IOVAS, MAX_HWPTS_PER_IOAS, PAGE, Rx,
+    hw_err, inval, try_vec,
 };
 use crate::area_slots::{
     AreaSlots, Lookup, NEAR, Near, Refused, Seen, SlotArea, SlotRef, SlotState,
 };
-use crate::pgtable::Prot;
+use crate::pgtable::{Prot, RunSource};
 
 /// Internal protection bits of an area.
 pub const PROT_READ: u8 = 1;
@@ -481,8 +481,13 @@ fn check_range(base: u64, len: u64, addrs: &[u64]) -> Result<Span, Error> {
     Span::from_len(base, len).ok_or(Error::new(errno::EOVERFLOW, reason::OVERFLOW))
 }
 
-/// Maps `[gpa, gpa + len)` into domain `d` at `iova`, one host-contiguous run at a time. On
-/// failure nothing of it stays mapped.
+/// Maps `[gpa, gpa + len)` into domain `d` at `iova`. On failure nothing of it stays mapped.
+///
+/// Every host run is checked (translated, page-aligned, at least a page) before any of it is
+/// mapped; the first one that is not fails the call with EFAULT at its GPA. A range in one host
+/// run is one `hw.map`; a range over several is one `hw.map_runs`, whose single page-table walk
+/// asks [`GuestRuns`] for each run as it gets there (memory whose host pages are scattered costs
+/// about one leaf entry per page, not one walk from the root).
 pub(crate) fn hw_map_range<H: IommuHw>(
     hw: &H,
     mem: &dyn GuestMemory,
@@ -493,33 +498,50 @@ pub(crate) fn hw_map_range<H: IommuHw>(
     prot: Prot,
 ) -> Result<(), Error> {
     let fault = Error::new(errno::EFAULT, reason::GPA_NOT_OWNED);
-    let mut off = 0;
-    // Each run is at least a page.
-    for _ in 0..=len / PAGE {
-        if off >= len {
-            return Ok(());
-        }
-        let r = match mem.translate(gpa + off) {
-            Some(r) if r.hpa % PAGE == 0 && r.len >= PAGE => Ok(r),
-            _ => Err(fault.at(gpa + off)),
-        };
-        let r = r.and_then(|r| {
-            let n = (r.len & !(PAGE - 1)).min(len - off);
-            hw.map(d, iova + off, r.hpa, n, prot)
-                .map(|()| n)
-                .map_err(hw_err)
-        });
-        match r {
-            Ok(n) => off += n,
-            Err(e) => {
-                if off > 0 {
-                    let _ = hw.unmap_now(d, iova, off);
-                }
-                return Err(e);
-            }
-        }
+    let (hpa, first) = usable(mem.translate(gpa)).ok_or(fault.at(gpa))?;
+    if first >= len {
+        return hw.map(d, iova, hpa, len, prot).map_err(hw_err);
     }
-    Ok(())
+    let mut runs = GuestRuns {
+        mem,
+        gpa,
+        cursor: 0,
+        fault: None,
+    };
+    hw.map_runs(d, iova, len, &mut runs, prot)
+        .map_err(|e| match runs.fault {
+            // The walk stopped at a run the guest memory refused: that, not the walk's error.
+            Some(at) => fault.at(at),
+            None => hw_err(e),
+        })
+}
+
+/// The host runs behind a guest-physical range, for a page-table walk: each checked as
+/// [`hw_map_range`] requires, found with one [`GuestMemory::translate_next`] cursor.
+struct GuestRuns<'a> {
+    mem: &'a dyn GuestMemory,
+    gpa: u64,
+    cursor: usize,
+    /// The GPA of the run that was refused, if one was.
+    fault: Option<u64>,
+}
+
+impl RunSource for GuestRuns<'_> {
+    fn run_at(&mut self, off: u64) -> Option<(u64, u64)> {
+        let at = self.gpa.wrapping_add(off);
+        let run = usable(self.mem.translate_next(at, &mut self.cursor));
+        if run.is_none() {
+            self.fault = Some(at);
+        }
+        run
+    }
+}
+
+/// A host run `hw_map_range` may map: page-aligned, at least a page (its whole pages).
+#[inline(always)]
+fn usable(r: Option<HostRun>) -> Option<(u64, u64)> {
+    r.filter(|r| r.hpa.is_multiple_of(PAGE) && r.len >= PAGE)
+        .map(|r| (r.hpa, r.len & !(PAGE - 1)))
 }
 
 /// The domains of every HWPT on an IOAS.

@@ -25,7 +25,7 @@ use super::{FailNth, GuestMemory, HostRun, MemFault, PAGE};
 use crate::gate::SpinLock;
 use crate::pgtable::format::vtd_bits;
 use crate::pgtable::{
-    Config, Gather, MapError, PageTable, PhysAddr, Prot, TableMemory, VtdSecondStage,
+    Config, Gather, MapError, MapOutput, PageTable, PhysAddr, Prot, TableMemory, VtdSecondStage,
 };
 
 /// Fake physical address of frame 0 of the table pool.
@@ -354,11 +354,11 @@ impl DriverOps for SimOps {
         })
     }
 
-    fn map(
+    fn map<O: MapOutput>(
         &self,
         x: &DomainSlot<SimDomain>,
         iova: u64,
-        pa: u64,
+        out: O,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError> {
@@ -367,9 +367,7 @@ impl DriverOps for SimOps {
         } else {
             prot
         };
-        x.domain
-            .pt
-            .map(&self.mem, iova, pa, len, prot)
+        out.map_into(&x.domain.pt, &self.mem, iova, len, prot)
             .map_err(|e| match e {
                 MapError::NoMemory { .. } => HwError::NoMemory,
                 _ => HwError::Invalid,
@@ -783,6 +781,32 @@ impl GuestMemory for VecGuestMemory {
 
     fn translate(&self, gpa: u64) -> Option<HostRun> {
         let r = self.region(gpa)?;
+        Some(HostRun {
+            hpa: r.hpa + (gpa - r.gpa),
+            len: r.len - (gpa - r.gpa),
+        })
+    }
+
+    /// `cursor`: the index of the region the last run was in. A walk upwards finds the next
+    /// run there or in the next region (the regions are sorted); anything else searches.
+    fn translate_next(&self, gpa: u64, cursor: &mut usize) -> Option<HostRun> {
+        let hit = |i: usize| {
+            self.regions
+                .get(i)
+                .filter(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+        };
+        let i = [*cursor, *cursor + 1]
+            .into_iter()
+            .find(|&i| hit(i).is_some())
+            .or_else(|| {
+                let i = self
+                    .regions
+                    .partition_point(|r| r.gpa <= gpa)
+                    .checked_sub(1)?;
+                hit(i).map(|_| i)
+            })?;
+        *cursor = i;
+        let r = &self.regions[i];
         Some(HostRun {
             hpa: r.hpa + (gpa - r.gpa),
             len: r.len - (gpa - r.gpa),

@@ -36,7 +36,7 @@ use super::hw::{
 };
 use crate::hw::Mmio;
 use crate::pgtable::format::vtd_bits;
-use crate::pgtable::{Gather, MapError, Prot};
+use crate::pgtable::{Gather, MapError, MapOutput, Prot};
 use crate::vtd::domain::Table;
 use crate::vtd::regs::LargePages;
 use crate::vtd::tables::{
@@ -251,16 +251,16 @@ impl<M: Mmio, T: VtdMemory> DriverOps for VtdOps<'_, M, T> {
         })
     }
 
-    fn map(
+    fn map<O: MapOutput>(
         &self,
         x: &DomainSlot<Domain>,
         iova: u64,
-        pa: u64,
+        out: O,
         len: u64,
         prot: Prot,
     ) -> Result<(), HwError> {
         self.unit(x.unit)?
-            .map(self.mem, &x.domain, iova, pa, len, prot)
+            .map_to(self.mem, &x.domain, iova, out, len, prot)
             .map_err(err)
     }
 

@@ -129,9 +129,12 @@ struct Templates {
 enum FailKind {
     Overlap,
     NoMemory,
+    /// The run source failed at this IOVA (which, inside a private subtree, is not `Fail::at`).
+    BadRun(u64),
 }
 
 /// A map stopped at `at`: everything in `[start, at)` was installed by this call.
+#[derive(Clone, Copy)]
 struct Fail {
     at: u64,
     kind: FailKind,
@@ -182,6 +185,124 @@ impl UnmapState {
             g.add_leaves(self.leaves, self.min_shift);
         }
         self.bytes
+    }
+}
+
+/// Where [`PageTable::map_runs`] takes its output addresses from: the physical runs behind
+/// `[iova, iova + len)`, in order (a guest range whose host pages are scattered).
+pub trait RunSource {
+    /// The run that maps the call's range from byte `off` on: `Some((pa, bytes))` says
+    /// `[iova + off, iova + off + bytes)` goes to `[pa, pa + bytes)` (`bytes` may reach past the
+    /// range's end; the engine stops there). `None` stops the map with [`MapError::BadRun`].
+    ///
+    /// The engine asks at increasing offsets, each one where the previous run ended, except
+    /// after losing a race to publish a new table, when it asks again from an earlier offset:
+    /// the same offset must get the same answer.
+    fn run_at(&mut self, off: u64) -> Option<(PhysAddr, u64)>;
+}
+
+/// What a map writes the range to: one physical range (`PhysAddr`, [`PageTable::map`]) or a
+/// [`RunSource`] ([`PageTable::map_runs`]). Lets a driver's map take either without writing its
+/// per-format dispatch twice; the one-range case compiles to a plain `map`.
+pub trait MapOutput {
+    fn map_into<F: Format, M: TableMemory>(
+        self,
+        table: &PageTable<F>,
+        mem: &M,
+        iova: u64,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), MapError>;
+}
+
+impl MapOutput for PhysAddr {
+    #[inline(always)]
+    fn map_into<F: Format, M: TableMemory>(
+        self,
+        table: &PageTable<F>,
+        mem: &M,
+        iova: u64,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        table.map(mem, iova, self, len, prot)
+    }
+}
+
+impl<S: RunSource + ?Sized> MapOutput for &mut S {
+    #[inline(always)]
+    fn map_into<F: Format, M: TableMemory>(
+        self,
+        table: &PageTable<F>,
+        mem: &M,
+        iova: u64,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        table.map_runs(mem, iova, len, self, prot)
+    }
+}
+
+/// One physical range as a run source: what [`PageTable::map`] walks with.
+struct OneRun {
+    pa: PhysAddr,
+    len: u64,
+}
+
+impl RunSource for OneRun {
+    #[inline(always)]
+    fn run_at(&mut self, off: u64) -> Option<(PhysAddr, u64)> {
+        Some((self.pa + off, self.len - off))
+    }
+}
+
+/// A map walk's position in its output: the run under the walk's current IOVA.
+///
+/// Every level of the walk shares one `Runs`, so a run ending inside a leaf table is followed
+/// by the next one in the same table, with no new walk from the root.
+struct Runs<'s, S: ?Sized> {
+    src: &'s mut S,
+    /// The call's first IOVA (offsets for `src` count from here) and end.
+    base: u64,
+    end: u64,
+    granule_mask: u64,
+    /// Output addresses must stay below this (the output size).
+    oa_limit: u64,
+    /// Output address of the walk's current IOVA.
+    pa: PhysAddr,
+    /// Where the current run ends; the walk fetches the next run when it gets there.
+    run_end: u64,
+}
+
+impl<S: RunSource + ?Sized> Runs<'_, S> {
+    /// Makes `pa` valid for `iova`, fetching the next run if the current one ended there.
+    #[inline(always)]
+    fn at(&mut self, iova: u64) -> Result<(), Fail> {
+        if iova == self.run_end {
+            self.next(iova)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Fetches and checks the run starting at `iova`.
+    #[inline(always)]
+    fn next(&mut self, iova: u64) -> Result<(), Fail> {
+        let bad = Fail {
+            at: iova,
+            kind: FailKind::BadRun(iova),
+        };
+        let (pa, bytes) = self.src.run_at(iova - self.base).ok_or(bad)?;
+        let bytes = bytes.min(self.end - iova);
+        if bytes == 0
+            || (pa | bytes) & self.granule_mask != 0
+            || pa.checked_add(bytes).is_none_or(|e| e > self.oa_limit)
+        {
+            return Err(bad);
+        }
+        self.pa = pa;
+        self.run_end = iova + bytes;
+        Ok(())
     }
 }
 
@@ -339,6 +460,78 @@ impl<F: Format> PageTable<F> {
         if len == granule_mask + 1 {
             return self.map_one(mem, iova, pa, prot);
         }
+        // One run, checked above: the walk never asks for another.
+        let mut one = OneRun { pa, len };
+        let mut runs = self.runs(&mut one, iova, end);
+        runs.pa = pa;
+        runs.run_end = end;
+        self.map_walk(mem, iova, end, &mut runs, prot)
+    }
+
+    /// Maps `[iova, iova + len)` with `prot` to the physical runs `src` gives (see
+    /// [`RunSource`]), in one walk: as [`map`](Self::map) does for one run, each point gets the
+    /// largest leaf the alignment of `iova` and of the run's address and the run's remaining
+    /// length allow (a 2 MiB-aligned run of 2 MiB still gets a 2 MiB leaf), and a run that ends
+    /// inside a leaf table is followed by the next one in the same table, with no new walk from
+    /// the root. Runs of single granules cost one leaf entry each plus the call to `src`.
+    ///
+    /// Fails as `map` does, and with [`MapError::BadRun`] at the first run `src` refuses or that
+    /// is unusable; a failure removes everything this call installed (its `rolled_back`).
+    pub fn map_runs<M: TableMemory, S: RunSource + ?Sized>(
+        &self,
+        mem: &M,
+        iova: u64,
+        len: u64,
+        src: &mut S,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let granule_mask = (1u64 << F::GRANULE_SHIFT) - 1;
+        if len == 0 || (iova | len) & granule_mask != 0 {
+            return Err(MapError::Misaligned);
+        }
+        let end = iova
+            .checked_add(len)
+            .filter(|&e| e <= self.input_limit())
+            .ok_or(MapError::OutOfRange)?;
+        let mut runs = self.runs(src, iova, end);
+        if runs.next(iova).is_err() {
+            return Err(MapError::BadRun {
+                iova,
+                rolled_back: IovaRange {
+                    start: iova,
+                    end: iova,
+                },
+            });
+        }
+        if len == granule_mask + 1 {
+            return self.map_one(mem, iova, runs.pa, prot);
+        }
+        self.map_walk(mem, iova, end, &mut runs, prot)
+    }
+
+    /// A cursor over `src` for a map of `[iova, end)`, before its first run.
+    #[inline(always)]
+    fn runs<'s, S: ?Sized>(&self, src: &'s mut S, iova: u64, end: u64) -> Runs<'s, S> {
+        Runs {
+            src,
+            base: iova,
+            end,
+            granule_mask: (1u64 << F::GRANULE_SHIFT) - 1,
+            oa_limit: 1u64 << self.geo.oas,
+            pa: 0,
+            run_end: iova,
+        }
+    }
+
+    /// The recursive walk of `map` and `map_runs`, and the rollback of a failed one.
+    fn map_walk<M: TableMemory, S: RunSource + ?Sized>(
+        &self,
+        mem: &M,
+        iova: u64,
+        end: u64,
+        runs: &mut Runs<'_, S>,
+        prot: Prot,
+    ) -> Result<(), MapError> {
         let t = Templates {
             page: F::leaf_template(prot, &self.cfg, false)?,
             block: if self.leaf_levels > 1 {
@@ -347,7 +540,7 @@ impl<F: Format> PageTable<F> {
                 0
             },
         };
-        match self.map_level(mem, &t, self.root, self.top(), iova, end, pa, false) {
+        match self.map_level(mem, &t, self.root, self.top(), iova, end, runs, false) {
             Ok(_) => Ok(()),
             Err(fail) => {
                 let rolled_back = IovaRange {
@@ -363,11 +556,14 @@ impl<F: Format> PageTable<F> {
                         rolled_back,
                     },
                     FailKind::NoMemory => MapError::NoMemory { rolled_back },
+                    FailKind::BadRun(at) => MapError::BadRun {
+                        iova: at,
+                        rolled_back,
+                    },
                 })
             }
         }
     }
-
     /// One granule: the hypercall-sized case, walked iteratively with no per-level call frame.
     #[inline]
     fn map_one<M: TableMemory>(
@@ -394,7 +590,10 @@ impl<F: Format> PageTable<F> {
                         iova,
                         rolled_back: none,
                     },
-                    FailKind::NoMemory => MapError::NoMemory { rolled_back: none },
+                    // `child_for_map` takes no run.
+                    FailKind::NoMemory | FailKind::BadRun(_) => {
+                        MapError::NoMemory { rolled_back: none }
+                    }
                 })?;
             level -= 1;
         }
@@ -412,13 +611,14 @@ impl<F: Format> PageTable<F> {
         }
     }
 
-    /// Maps `[iova, end)` → `pa..` within the table at `table` (level `level`).
+    /// Maps `[iova, end)` → the output `runs` stands at, within the table at `table` (level
+    /// `level`); `runs` moves along (fetching runs as it reaches their ends).
     ///
     /// `private`: the table is not published yet (this call allocated it and nobody else can
     /// reach it), so its entries are written with plain stores and nothing can race. Returns the
     /// number of private tables created below `table` and not yet counted in `self.tables`.
     #[allow(clippy::too_many_arguments)]
-    fn map_level<M: TableMemory>(
+    fn map_level<M: TableMemory, S: RunSource + ?Sized>(
         &self,
         mem: &M,
         t: &Templates,
@@ -426,7 +626,7 @@ impl<F: Format> PageTable<F> {
         level: u32,
         mut iova: u64,
         end: u64,
-        mut pa: PhysAddr,
+        runs: &mut Runs<'_, S>,
         private: bool,
     ) -> Result<usize, Fail> {
         let tbl = self.table(mem, table, level);
@@ -436,29 +636,50 @@ impl<F: Format> PageTable<F> {
         let leaf_ok = self.leaf_levels & (1 << level) != 0;
         let mut i = self.index(iova, level);
         let mut new_tables = 0;
-        while iova < end {
+        // Leaves `dirty..i` of a published table are written and not cleaned yet: cleaned in one
+        // call per stretch (before a descent, and at the end), so many short runs side by side
+        // cost one clean per cache line, not one per run.
+        let mut dirty = i;
+        let result = loop {
+            if iova >= end {
+                break Ok(());
+            }
+            if let Err(f) = runs.at(iova) {
+                break Err(f);
+            }
             let entry_end = (iova | (size - 1)) + 1;
-            if leaf_ok && (iova | pa) & (size - 1) == 0 && end >= entry_end {
-                // A run of whole entries, all of which can be leaves: `pa` advances by `size`
-                // along with `iova`, so the alignment holds for every one of them.
-                let count = (((end - iova) >> shift) as usize).min(n - i);
-                self.install_leaves(mem, t, table, tbl, level, i, count, iova, pa, private)?;
-                let bytes = (count as u64) << shift;
+            let run_end = runs.run_end.min(end);
+            if leaf_ok && (iova | runs.pa) & (size - 1) == 0 && run_end >= entry_end {
+                // Whole entries of one run, all of which can be leaves: the output advances by
+                // `size` along with `iova`, so the alignment holds for every one of them.
+                let count = (((run_end - iova) >> shift) as usize).min(n - i);
+                let r = self.install_leaves(mem, t, tbl, level, i, count, iova, runs, private);
                 i += count;
-                iova += bytes;
-                pa += bytes;
+                if let Err(f) = r {
+                    break Err(f);
+                }
+                iova += (count as u64) << shift;
             } else {
-                // Level 0 always takes the branch above: `map` checked granule alignment.
+                // Level 0 always takes the branch above: runs are granule-aligned.
                 debug_assert!(level > 0);
+                if !private {
+                    self.clean_entries(mem, table, dirty, i - dirty);
+                }
                 let chunk_end = end.min(entry_end);
-                new_tables +=
-                    self.map_below(mem, t, table, tbl, level, i, iova, chunk_end, pa, private)?;
-                pa += chunk_end - iova;
+                match self.map_below(mem, t, table, tbl, level, i, iova, chunk_end, runs, private) {
+                    Ok(k) => new_tables += k,
+                    Err(f) => break Err(f),
+                }
                 iova = chunk_end;
                 i += 1;
+                dirty = i;
             }
+        };
+        if !private {
+            // On failure too: the rollback clears these entries, the walker must not keep them.
+            self.clean_entries(mem, table, dirty, i - dirty);
         }
-        Ok(new_tables)
+        result.map(|()| new_tables)
     }
 
     /// Maps `[iova, end)`, which lies inside the span of entry `i`, one level down.
@@ -467,7 +688,7 @@ impl<F: Format> PageTable<F> {
     /// nobody else can see it) and published with one compare-and-swap. A present table is
     /// descended into; anything else is an overlap.
     #[allow(clippy::too_many_arguments)]
-    fn map_below<M: TableMemory>(
+    fn map_below<M: TableMemory, S: RunSource + ?Sized>(
         &self,
         mem: &M,
         t: &Templates,
@@ -477,12 +698,12 @@ impl<F: Format> PageTable<F> {
         i: usize,
         iova: u64,
         end: u64,
-        pa: PhysAddr,
+        runs: &mut Runs<'_, S>,
         private: bool,
     ) -> Result<usize, Fail> {
         if private {
             // Our own unpublished table: the slot is empty.
-            let (child, n) = self.private_subtree(mem, t, level - 1, iova, end, pa)?;
+            let (child, n) = self.private_subtree(mem, t, level - 1, iova, end, runs)?;
             // Relaxed: the table holding this slot is published (if ever) by a Release CAS,
             // which orders this store too.
             tbl[i].store(F::table_entry(child, &self.cfg), Relaxed);
@@ -493,7 +714,9 @@ impl<F: Format> PageTable<F> {
         // visible. Pairs with the Release of the publishing CAS below, on whichever CPU won it.
         let cur = slot.load(Acquire);
         let child = if cur == 0 {
-            let (child, n) = self.private_subtree(mem, t, level - 1, iova, end, pa)?;
+            // Where the output stood: a lost race maps the span again from here.
+            let (pa, run_end) = (runs.pa, runs.run_end);
+            let (child, n) = self.private_subtree(mem, t, level - 1, iova, end, runs)?;
             // Success Release: the whole private subtree (zeroes, leaves, lower tables) is
             // visible before the pointer that publishes it, to every CPU that reads the pointer
             // with Acquire (and, on Arm, to the coherent walker, which observes stores in order
@@ -507,8 +730,11 @@ impl<F: Format> PageTable<F> {
                 }
                 Err(won) => {
                     // Lost the race to a neighbour: nobody ever saw our subtree, so its pages
-                    // may be reused at once. Redo the span in the winner's table.
+                    // may be reused at once. Redo the span in the winner's table, from the same
+                    // output position (the run source answers an offset the same way twice).
                     self.free_private(mem, child, level - 1);
+                    runs.pa = pa;
+                    runs.run_end = run_end;
                     won
                 }
             }
@@ -531,7 +757,7 @@ impl<F: Format> PageTable<F> {
             level - 1,
             iova,
             end,
-            pa,
+            runs,
             false,
         )
     }
@@ -539,21 +765,21 @@ impl<F: Format> PageTable<F> {
     /// Allocates a table at `level` and maps `[iova, end)` into it, privately. Returns the table
     /// and the number of tables in the new subtree. On failure nothing was published: the subtree
     /// is freed and the failure is reported at `iova`.
-    fn private_subtree<M: TableMemory>(
+    fn private_subtree<M: TableMemory, S: RunSource + ?Sized>(
         &self,
         mem: &M,
         t: &Templates,
         level: u32,
         iova: u64,
         end: u64,
-        pa: PhysAddr,
+        runs: &mut Runs<'_, S>,
     ) -> Result<(PhysAddr, usize), Fail> {
         let bytes = self.geo.table_bytes;
         let table = mem.alloc_table(bytes).ok_or(Fail {
             at: iova,
             kind: FailKind::NoMemory,
         })?;
-        match self.map_level(mem, t, table, level, iova, end, pa, true) {
+        match self.map_level(mem, t, table, level, iova, end, runs, true) {
             Ok(n) => {
                 if !self.cfg.coherent {
                     // Children were cleaned before they were linked here; now this table, before
@@ -568,7 +794,6 @@ impl<F: Format> PageTable<F> {
             }
         }
     }
-
     /// Frees a subtree that was never published.
     fn free_private<M: TableMemory>(&self, mem: &M, table: PhysAddr, level: u32) {
         if level > 0 {
@@ -649,21 +874,22 @@ impl<F: Format> PageTable<F> {
         }
     }
 
-    /// Installs `count` leaves at entries `first..` of `tbl` (level `level`), grouping them into
-    /// contiguous runs where the hint is enabled and alignment allows.
+    /// Installs `count` leaves at entries `first..` of `tbl` (level `level`), mapping `iova..` to
+    /// the output `runs` stands at (one run covers them all), grouping them into contiguous runs
+    /// where the hint is enabled and alignment allows. Moves `runs` past them. Cleans nothing:
+    /// the caller cleans the entries of a published table.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn install_leaves<M: TableMemory>(
+    fn install_leaves<M: TableMemory, S: RunSource + ?Sized>(
         &self,
         mem: &M,
         t: &Templates,
-        table: PhysAddr,
         tbl: &[M::Entry],
         level: u32,
         first: usize,
         count: usize,
         iova: u64,
-        pa: PhysAddr,
+        runs: &mut Runs<'_, S>,
         private: bool,
     ) -> Result<(), Fail> {
         let shift = Self::shift(level);
@@ -673,12 +899,10 @@ impl<F: Format> PageTable<F> {
         } else {
             0
         };
+        let pa = runs.pa;
         let end = first + count;
         let mut i = first;
-        let result = loop {
-            if i == end {
-                break Ok(());
-            }
+        while i < end {
             let off = ((i - first) as u64) << shift;
             let (e_iova, e_pa) = (iova + off, pa + off);
             // How many entries go in one sweep, and whether they form a contiguous run.
@@ -713,31 +937,25 @@ impl<F: Format> PageTable<F> {
                     i += k;
                     let at = e_iova + ((k as u64) << shift);
                     if hint == 0 && F::is_table(cur, level) {
-                        // An empty table left by a partial unmap: map this entry's span inside it.
-                        let e_pa = e_pa + ((k as u64) << shift);
+                        // An empty table left by a partial unmap: map this entry's span inside it
+                        // (within the current run, so `runs` fetches nothing there).
+                        runs.pa = e_pa + ((k as u64) << shift);
                         let child = F::entry_addr(cur);
                         let span = at + (1 << shift);
-                        if let Err(f) =
-                            self.map_level(mem, t, child, level - 1, at, span, e_pa, false)
-                        {
-                            break Err(f);
-                        }
+                        self.map_level(mem, t, child, level - 1, at, span, runs, false)?;
                         i += 1;
                     } else {
-                        break Err(Fail {
+                        return Err(Fail {
                             at,
                             kind: FailKind::Overlap,
                         });
                     }
                 }
             }
-        };
-        if !private {
-            self.clean_entries(mem, table, first, i - first);
         }
-        result
+        runs.pa = pa + ((count as u64) << shift);
+        Ok(())
     }
-
     /// Writes leaves `tmpl | oa(pa + k·size)` into `slots`, each only if the slot is empty.
     /// Returns the index and current value of the first occupied slot.
     #[inline(always)]
@@ -750,8 +968,12 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), (usize, u64)> {
         match self.cfg.concurrency {
             Concurrency::Untrusted => {
+                // The output address as an induction variable (one add per entry, not a shift
+                // and an add of the index).
+                let mut e_pa = pa;
                 for (k, slot) in slots.iter().enumerate() {
-                    let v = tmpl | F::oa_bits(pa + ((k as u64) << shift));
+                    let v = tmpl | F::oa_bits(e_pa);
+                    e_pa += 1 << shift;
                     // Success Relaxed: a leaf carries no CPU-side payload (nothing a reader then
                     // dereferences), and the CAS's atomicity is what makes "fails on an occupied
                     // entry" hold against a racing caller. Failure Acquire: the occupant may be a

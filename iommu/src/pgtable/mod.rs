@@ -14,6 +14,8 @@
 //!   per-CPU frame cache); the engine never uses the heap.
 //! * [`PageTable::map`] picks the largest leaf the format and the hardware allow at each point
 //!   (1 GiB / 2 MiB / 4 KiB and their Arm analogues, plus the Arm contiguous hint);
+//!   [`PageTable::map_runs`] does the same for an output scattered over many physical runs
+//!   (a [`RunSource`]), in one walk: `map` is its one-run case;
 //!   [`PageTable::unmap`] returns the bytes it unmapped and records the range and the unlinked
 //!   table pages in a [`Gather`], so the caller invalidates once per batch.
 //!
@@ -70,7 +72,7 @@ mod gather;
 mod mem;
 pub mod sync;
 
-pub use engine::{Census, PageTable, RootInfo, Translation};
+pub use engine::{Census, MapOutput, PageTable, RootInfo, RunSource, Translation};
 pub use format::{
     ArmStage1, ArmStage2, Concurrency, Config, Format, Geometry, Narrow, VtdSecondStage,
     X86FirstStage,
@@ -142,6 +144,21 @@ pub enum MapError {
     Overlap { iova: u64, rolled_back: IovaRange },
     /// The `TableMemory` had no page for a needed table.
     NoMemory { rolled_back: IovaRange },
+    /// [`PageTable::map_runs`]: the [`RunSource`] had no run for `iova`, or gave one that is
+    /// not granule-aligned, is shorter than a granule or ends beyond the output size.
+    BadRun { iova: u64, rolled_back: IovaRange },
+}
+
+impl MapError {
+    /// The range this call installed and removed again (empty when nothing was installed).
+    pub fn rolled_back(&self) -> IovaRange {
+        match *self {
+            MapError::Overlap { rolled_back, .. }
+            | MapError::NoMemory { rolled_back }
+            | MapError::BadRun { rolled_back, .. } => rolled_back,
+            _ => IovaRange::default(),
+        }
+    }
 }
 
 /// Why an unmap (or a dirty-bit harvest) failed.
@@ -179,6 +196,7 @@ impl core::fmt::Display for MapError {
             MapError::Unsupported => f.write_str("attribute not supported by this IOMMU"),
             MapError::Overlap { iova, .. } => write!(f, "iova {iova:#x} is already mapped"),
             MapError::NoMemory { .. } => f.write_str("out of page-table memory"),
+            MapError::BadRun { iova, .. } => write!(f, "no usable output run for iova {iova:#x}"),
         }
     }
 }

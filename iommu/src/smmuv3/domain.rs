@@ -25,8 +25,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::ste::S2Fields;
 use crate::pgtable::sync::PteAtomic;
 use crate::pgtable::{
-    ArmStage1, ArmStage2, Gather, MapError, PageTable, PhysAddr, Prot, TableMemory, Translation,
-    UnmapError,
+    ArmStage1, ArmStage2, Gather, MapError, MapOutput, PageTable, PhysAddr, Prot, TableMemory,
+    Translation, UnmapError,
 };
 
 /// Which translation a domain provides.
@@ -316,11 +316,13 @@ impl Domain {
         }
     }
 
-    pub(crate) fn map<T: TableMemory>(
+    /// Maps `[iova, iova + len)` to `out`: one physical range, or the runs of a
+    /// [`RunSource`](crate::pgtable::RunSource).
+    pub(crate) fn map<T: TableMemory, O: MapOutput>(
         &self,
         mem: &T,
         iova: u64,
-        pa: PhysAddr,
+        out: O,
         len: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
@@ -328,15 +330,15 @@ impl Domain {
         // does not reach global entries.
         let s1prot = prot - Prot::GLOBAL;
         match &self.kind {
-            Kind::S1 { table, .. } => table.map(mem, iova, pa, len, s1prot),
+            Kind::S1 { table, .. } => out.map_into(table, mem, iova, len, s1prot),
             Kind::Nested { table, window, .. } => {
                 let wm = WindowMem {
                     mem,
                     window: *window,
                 };
-                table.map(&wm, iova, pa, len, s1prot)
+                out.map_into(table, &wm, iova, len, s1prot)
             }
-            Kind::S2 { table, .. } => table.map(mem, iova, pa, len, prot),
+            Kind::S2 { table, .. } => out.map_into(table, mem, iova, len, prot),
         }
     }
 

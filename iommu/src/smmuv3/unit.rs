@@ -14,7 +14,9 @@ use alloc::collections::BTreeMap;
 use crate::hw::Mmio;
 use crate::pgtable::format::ARM_S1_MAIR;
 use crate::pgtable::sync::PteAtomic;
-use crate::pgtable::{Config, ConfigError, Gather, MapError, PhysAddr, Prot, TableMemory};
+use crate::pgtable::{
+    Config, ConfigError, Gather, MapError, MapOutput, PhysAddr, Prot, TableMemory,
+};
 
 use super::cd::{CD_BYTES, Cd, CdFields};
 use super::cmdq::{Command, CommandQueue, Stats, TlbiRange};
@@ -834,8 +836,22 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         len: u64,
         prot: Prot,
     ) -> Result<(), SmmuError> {
+        self.map_to(mem, d, iova, pa, len, prot)
+    }
+
+    /// [`map`](Self::map) to one physical range or to the runs of a
+    /// [`RunSource`](crate::pgtable::RunSource) (one page-table walk for all of them).
+    pub fn map_to<T: TableMemory<Entry = E>, O: MapOutput>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+        out: O,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), SmmuError> {
         d.check_unit(self.strtab.base)?;
-        match d.map(mem, iova, pa, len, prot) {
+        match d.map(mem, iova, out, len, prot) {
             Ok(()) => {
                 // The new entries are in memory before the caller tells a device to use them.
                 fence(Ordering::SeqCst);
@@ -1316,12 +1332,7 @@ impl<'m, M: Mmio, E: PteAtomic + 'static> SmmuUnit<'m, M, E> {
         d: &Domain,
         e: &MapError,
     ) -> Result<(), SmmuError> {
-        let rolled_back = match *e {
-            MapError::Overlap { rolled_back, .. } | MapError::NoMemory { rolled_back } => {
-                rolled_back
-            }
-            _ => return Ok(()),
-        };
+        let rolled_back = e.rolled_back();
         if rolled_back.is_empty() {
             return Ok(());
         }

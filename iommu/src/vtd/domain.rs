@@ -1,8 +1,8 @@
 //! Domains: one IO address space (a page table) with a domain id on one remapping unit.
 
 use crate::pgtable::{
-    Config, ConfigError, Gather, MapError, PageTable, PhysAddr, Prot, Translation, UnmapError,
-    VtdSecondStage, X86FirstStage,
+    Config, ConfigError, Gather, MapError, MapOutput, PageTable, PhysAddr, Prot, Translation,
+    UnmapError, VtdSecondStage, X86FirstStage,
 };
 
 use super::error::VtdError;
@@ -132,15 +132,17 @@ impl Table {
         with_table!(self, t => t.geometry().ias)
     }
 
-    pub fn map<T: VtdMemory>(
+    /// Maps `[iova, iova + len)` to `out`: one physical range, or the runs of a
+    /// [`RunSource`](crate::pgtable::RunSource).
+    pub fn map<T: VtdMemory, O: MapOutput>(
         &self,
         mem: &T,
         iova: u64,
-        pa: PhysAddr,
+        out: O,
         len: u64,
         prot: Prot,
     ) -> Result<(), MapError> {
-        with_table!(self, t => t.map(mem, iova, pa, len, prot))
+        with_table!(self, t => out.map_into(t, mem, iova, len, prot))
     }
 
     pub fn unmap<T: VtdMemory>(

@@ -12,7 +12,7 @@ use core::sync::atomic::Ordering;
 use alloc::collections::BTreeMap;
 
 use crate::hw::Mmio;
-use crate::pgtable::{Config, ConfigError, Gather, PhysAddr, Prot};
+use crate::pgtable::{Config, ConfigError, Gather, MapOutput, PhysAddr, Prot};
 
 use super::domain::{Domain, DomainConfig, Stage, Table};
 use super::error::VtdError;
@@ -767,6 +767,20 @@ impl<M: Mmio> VtdUnit<M> {
         len: u64,
         prot: Prot,
     ) -> Result<(), VtdError> {
+        self.map_to(mem, d, iova, pa, len, prot)
+    }
+
+    /// [`map`](Self::map) to one physical range or to the runs of a
+    /// [`RunSource`](crate::pgtable::RunSource) (one page-table walk for all of them).
+    pub fn map_to<T: VtdMemory, O: MapOutput>(
+        &self,
+        mem: &T,
+        d: &Domain,
+        iova: u64,
+        out: O,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), VtdError> {
         d.check_unit(self.root)?;
         let table = d.table()?;
         let prot = if d.snoop_leaves {
@@ -774,7 +788,7 @@ impl<M: Mmio> VtdUnit<M> {
         } else {
             prot
         };
-        match table.map(mem, iova, pa, len, prot) {
+        match table.map(mem, iova, out, len, prot) {
             Ok(()) => {
                 self.flush_write_buffer()?;
                 if self.ids.cap.cm() {
@@ -784,11 +798,7 @@ impl<M: Mmio> VtdUnit<M> {
                 Ok(())
             }
             Err(e) => {
-                let rolled_back = match e {
-                    crate::pgtable::MapError::Overlap { rolled_back, .. }
-                    | crate::pgtable::MapError::NoMemory { rolled_back } => rolled_back,
-                    _ => Default::default(),
-                };
+                let rolled_back = e.rolled_back();
                 if !rolled_back.is_empty() {
                     self.flush_write_buffer()?;
                     self.flush_range(mem, d, rolled_back.start, rolled_back.end, false)?;

@@ -14,6 +14,7 @@ mod fail_nth;
 mod group;
 mod hwpt;
 mod ioas;
+pub(crate) mod scatter;
 mod vtd;
 
 use std::sync::Arc;
