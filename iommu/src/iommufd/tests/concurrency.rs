@@ -314,10 +314,18 @@ fn vcpus_map_and_unmap_in_parallel() {
                 );
             }
         }
+        // A loser need not overlap a winner: maps decide without waiting (area_slots.rs rule
+        // 1), so vCPU 2 may lose to vCPU 1's announced map while vCPU 1 loses to vCPU 0's, and
+        // the ABI allows it (docs/abi.md §2: EEXIST also when the racing map later fails).
+        // What always holds: the racer no other can make lose wins, so someone wins, and a
+        // loser overlapped a racing map (its neighbour).
+        assert!(!winners.is_empty(), "round {r}: every racing map lost");
         for x in round.iter().filter(|x| !x.0) {
             assert!(
-                winners.iter().any(|w| w.abs_diff(x.2) < 2 * PG),
-                "round {r}: a map lost to nothing"
+                round
+                    .iter()
+                    .any(|o| o.2 != x.2 && o.2.abs_diff(x.2) < 2 * PG),
+                "round {r}: a map lost with no racing map overlapping it"
             );
         }
         assert_eq!(
