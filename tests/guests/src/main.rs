@@ -388,22 +388,30 @@ fn device_attach(dev_id: u32, pt_id: u32) -> i64 {
     .0
 }
 
+/// The IOAS_MAP arguments every variant uses: `[gpa, gpa + length)` read/write at the fixed
+/// `iova` in IOAS `ioas_id`.
+pub(crate) fn fixed_map(ioas_id: u32, gpa: u64, length: u64, iova: u64) -> hvabi::IoasMap {
+    use hvabi::*;
+    IoasMap {
+        size: IoasMap::SIZE as u32,
+        flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
+        ioas_id,
+        reserved: 0,
+        gpa,
+        length,
+        iova,
+    }
+}
+
+/// IOAS_MAP of `[gpa, gpa + length)`, read/write, at the fixed `iova` in IOAS `ioas_id`: its
+/// result.
+pub(crate) fn map_range(ioas_id: u32, gpa: u64, length: u64, iova: u64) -> i64 {
+    call(hvabi::op::IOAS_MAP, fixed_map(ioas_id, gpa, length, iova)).0
+}
+
 /// IOAS_MAP of the page at `gpa`, read/write, at the fixed `iova` in IOAS `ioas_id`: its result.
 fn map_page(ioas_id: u32, gpa: u64, iova: u64) -> i64 {
-    use hvabi::*;
-    call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id,
-            reserved: 0,
-            gpa,
-            length: PAGE_SIZE,
-            iova,
-        },
-    )
-    .0
+    map_range(ioas_id, gpa, hvabi::PAGE_SIZE, iova)
 }
 
 /// The setup every edu DMA variant starts with: IOAS_ALLOC, DEVICE_ATTACH of `dev_id` to the
@@ -1089,16 +1097,7 @@ impl Bench {
         use hvabi::*;
         let map = |gpa, length, iova| {
             let mut b = [0u8; IoasMap::SIZE];
-            IoasMap {
-                size: IoasMap::SIZE as u32,
-                flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-                ioas_id: ioas,
-                reserved: 0,
-                gpa,
-                length,
-                iova,
-            }
-            .encode(&mut b);
+            fixed_map(ioas, gpa, length, iova).encode(&mut b);
             b
         };
         let unmap = |iova, length| {

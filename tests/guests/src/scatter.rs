@@ -41,23 +41,6 @@ fn read_byte(gpa: u64) -> u8 {
     unsafe { core::ptr::read_volatile(gpa as *const u8) }
 }
 
-fn map(ioas_id: u32, gpa: u64, length: u64, iova: u64) -> i64 {
-    use hvabi::*;
-    call(
-        op::IOAS_MAP,
-        IoasMap {
-            size: IoasMap::SIZE as u32,
-            flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-            ioas_id,
-            reserved: 0,
-            gpa,
-            length,
-            iova,
-        },
-    )
-    .0
-}
-
 fn unmap(ioas_id: u32, iova: u64, length: u64) -> i64 {
     use hvabi::*;
     call(
@@ -161,8 +144,16 @@ pub fn scatter_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item 
     let (r, ioas) = ioas_alloc();
     failed += check("ioas-alloc", r, 0);
     failed += check("attach", device_attach(dev_id, ioas), 0);
-    failed += check("map-window-one-call", map(ioas, gpa, size, IOVA_WINDOW), 0);
-    failed += check("map-dst", map(ioas, free, 2 * PAGE_SIZE, IOVA_DST), 0);
+    failed += check(
+        "map-window-one-call",
+        crate::map_range(ioas, gpa, size, IOVA_WINDOW),
+        0,
+    );
+    failed += check(
+        "map-dst",
+        crate::map_range(ioas, free, 2 * PAGE_SIZE, IOVA_DST),
+        0,
+    );
 
     // Window -> edu -> destination, 4 KiB straddling a page boundary of the window each time:
     // the first boundary, one in the middle, the last one.
@@ -222,7 +213,7 @@ pub fn scatter_checks(start_info: u64, free: u64, words: &mut dyn Iterator<Item 
     let part = size - PAGE_SIZE;
     failed += check(
         "map-all-but-last-page",
-        map(ioas, gpa, part, IOVA_WINDOW),
+        crate::map_range(ioas, gpa, part, IOVA_WINDOW),
         0,
     );
     let last = part;

@@ -4,10 +4,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use hvabi::{
-    IoasAlloc, IoasMap, IoasUnmap, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, PAGE_SIZE, errno,
-    op,
-};
+use hvabi::{IoasAlloc, IoasMap, IoasUnmap, PAGE_SIZE, errno, op};
 
 use crate::{arch, call, exit};
 
@@ -119,15 +116,7 @@ pub fn map_unmap(vcpu: u32, vcpus: u32, free: u64) -> u32 {
     let base = WINDOW * (u64::from(vcpu) + 1);
     // Each vCPU maps its own page of RAM (any page of the guest's would do).
     let gpa = free + u64::from(vcpu) * PAGE_SIZE;
-    let map = |iova: u64| IoasMap {
-        size: IoasMap::SIZE as u32,
-        flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-        ioas_id,
-        reserved: 0,
-        gpa,
-        length: PAGE_SIZE,
-        iova,
-    };
+    let map = |iova: u64| crate::fixed_map(ioas_id, gpa, PAGE_SIZE, iova);
     let unmap = |iova: u64| IoasUnmap {
         size: IoasUnmap::SIZE as u32,
         flags: 0,
@@ -291,16 +280,7 @@ impl Pairs {
         let gpa = crate::BENCH_GPA_CONTIG + u64::from(vcpu) * (1 << 20);
         let map = |gpa, length, iova| {
             let mut b = [0u8; IoasMap::SIZE];
-            IoasMap {
-                size: IoasMap::SIZE as u32,
-                flags: MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA,
-                ioas_id,
-                reserved: 0,
-                gpa,
-                length,
-                iova,
-            }
-            .encode(&mut b);
+            crate::fixed_map(ioas_id, gpa, length, iova).encode(&mut b);
             b
         };
         let unmap = |iova, length| {
